@@ -1,0 +1,27 @@
+//! Builds the eBPF object (aegis-ebpf) for bpfel-unknown-none with the same pinned
+//! toolchain as this crate, so rustc, aya-build and bpf-linker share one LLVM.
+use anyhow::{Context as _, anyhow};
+
+/// Must match rust-toolchain.toml.
+const TOOLCHAIN: &str = "nightly-2026-10-30";
+
+fn main() -> anyhow::Result<()> {
+    let cargo_metadata::Metadata { packages, .. } = cargo_metadata::MetadataCommand::new()
+        .no_deps()
+        .exec()
+        .context("MetadataCommand::exec")?;
+    let ebpf = packages
+        .into_iter()
+        .find(|p| p.name.as_str() == "aegis-ebpf")
+        .ok_or_else(|| anyhow!("aegis-ebpf package not found"))?;
+    let root = ebpf
+        .manifest_path
+        .parent()
+        .ok_or_else(|| anyhow!("no parent for {}", ebpf.manifest_path))?;
+    let package = aya_build::Package {
+        name: ebpf.name.as_str(),
+        root_dir: root.as_str(),
+        ..Default::default()
+    };
+    aya_build::build_ebpf([package], aya_build::Toolchain::Custom(TOOLCHAIN))
+}

@@ -1,0 +1,14 @@
+//! AegisPlane agent library: the stages of the data path, one module each, in the order
+//! the bytes travel (see README "Architecture").
+//!
+//! - [`capture`]: load the eBPF programs, attach them to TLS libraries, read the ring
+//!   buffer, count drops, rebuild each connection's two byte streams.
+//! - [`protocol`]: HTTP/1.1 messages, chunked bodies, content decoding, Server-Sent Events.
+//! - [`llm`]: recognise model API calls and build one [`llm::CallRecord`] per call.
+//! - [`sinks`]: where records go (stdout, JSON lines file).
+
+pub mod capture;
+pub mod config;
+pub mod llm;
+pub mod protocol;
+pub mod sinks;

@@ -1,0 +1,9 @@
+//! Model API calls: recognise them from the parsed HTTP exchange ([`detect`]), read their
+//! usage from JSON or streamed bodies ([`usage`]), and describe each as one
+//! [`CallRecord`] ([`record`]).
+
+pub mod detect;
+pub mod record;
+pub mod usage;
+
+pub use record::CallRecord;

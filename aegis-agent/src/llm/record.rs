@@ -1,0 +1,2 @@
+//! One JSON record per model API call.
+pub struct CallRecord;

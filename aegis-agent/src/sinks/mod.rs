@@ -1,0 +1,1 @@
+//! Record sinks (in progress).

@@ -1,0 +1,143 @@
+//! What the kernel side and the agent must agree on, byte for byte.
+//!
+//! Everything here is `#[repr(C)]` and free of pointers into either address space, so a
+//! struct written by an eBPF program can be read by the agent as plain bytes. Changing a
+//! layout means rebuilding both sides together (they are built in one `cargo build`).
+#![no_std]
+
+/// Bytes of plaintext carried by one ring-buffer event at most. A TLS call that moved
+/// more is split into several events with increasing [`TlsChunkHeader::offset`].
+pub const CHUNK_DATA_MAX: usize = 16 * 1024;
+
+/// Events emitted per TLS call at most. Bytes past `CHUNK_DATA_MAX * CHUNKS_PER_CALL_MAX`
+/// are not copied; they are counted under [`DropCause::OverCallCap`] and the agent marks
+/// the stream as having a gap.
+pub const CHUNKS_PER_CALL_MAX: u32 = 64;
+
+/// Which direction plaintext moved through the TLS library, seen from the process that
+/// called it.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    /// `SSL_write*`: the process sent these bytes.
+    Egress = 0,
+    /// `SSL_read*`: the process received these bytes.
+    Ingress = 1,
+}
+
+/// The library function whose return produced an event.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TlsHook {
+    SslWrite = 0,
+    SslWriteEx = 1,
+    SslRead = 2,
+    SslReadEx = 3,
+    /// `SSL_free`: the connection object is gone; no data.
+    SslFree = 4,
+}
+
+impl TlsHook {
+    pub fn from_u8(v: u8) -> Option<Self> {
+        Some(match v {
+            0 => Self::SslWrite,
+            1 => Self::SslWriteEx,
+            2 => Self::SslRead,
+            3 => Self::SslReadEx,
+            4 => Self::SslFree,
+            _ => return None,
+        })
+    }
+
+    pub fn symbol(self) -> &'static str {
+        match self {
+            Self::SslWrite => "SSL_write",
+            Self::SslWriteEx => "SSL_write_ex",
+            Self::SslRead => "SSL_read",
+            Self::SslReadEx => "SSL_read_ex",
+            Self::SslFree => "SSL_free",
+        }
+    }
+}
+
+/// Header of every ring-buffer event; for data events `data_len` bytes follow it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct TlsChunkHeader {
+    /// `bpf_ktime_get_ns` at the return of the library call (CLOCK_MONOTONIC).
+    pub timestamp_ns: u64,
+    /// Library-level connection object (`SSL *`); with the tgid it names a connection.
+    pub conn: u64,
+    /// `bpf_get_current_pid_tgid`: tgid in the upper 32 bits, tid in the lower.
+    pub pid_tgid: u64,
+    /// `bpf_get_current_uid_gid`: gid in the upper 32 bits, uid in the lower.
+    pub uid_gid: u64,
+    /// cgroup v2 id (the inode number of the cgroup directory).
+    pub cgroup_id: u64,
+    /// The attach cookie: which library (agent-side index) this probe sits in.
+    pub source: u64,
+    /// Bytes the library call moved in total.
+    pub call_len: u32,
+    /// Position of this chunk's first byte within the call.
+    pub offset: u32,
+    /// Bytes of plaintext that follow this header.
+    pub data_len: u32,
+    /// [`Direction`] as u8.
+    pub direction: u8,
+    /// [`TlsHook`] as u8.
+    pub hook: u8,
+    pub _pad: [u8; 2],
+    /// `bpf_get_current_comm` of the calling thread.
+    pub comm: [u8; 16],
+}
+
+pub const HEADER_LEN: usize = core::mem::size_of::<TlsChunkHeader>();
+
+/// Per-CPU scratch area where an event is assembled before `bpf_ringbuf_output`.
+#[repr(C)]
+pub struct ChunkScratch {
+    pub header: TlsChunkHeader,
+    pub data: [u8; CHUNK_DATA_MAX],
+}
+
+/// Why plaintext bytes did not reach user space. Index into the `DROPS` per-CPU array.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DropCause {
+    /// The ring buffer had no room (the agent fell behind).
+    RingFull = 0,
+    /// The call moved more than `CHUNK_DATA_MAX * CHUNKS_PER_CALL_MAX` bytes.
+    OverCallCap = 1,
+    /// `bpf_probe_read_user` failed (page not resident, bad pointer).
+    ReadFailed = 2,
+    /// The entry probe's argument map was full, so the return could not be matched.
+    ArgsMapFull = 3,
+}
+
+pub const DROP_CAUSES: usize = 4;
+
+/// Counters kept per drop cause: events lost and plaintext bytes lost.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct DropCounter {
+    pub events: u64,
+    pub bytes: u64,
+}
+
+/// What the entry probe remembers for the return probe of the same thread.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct PendingCall {
+    pub conn: u64,
+    pub buf: u64,
+    /// For the `_ex` variants: where the library writes the byte count. 0 otherwise.
+    pub len_out: u64,
+}
+
+#[cfg(feature = "user")]
+mod user {
+    use super::*;
+    unsafe impl aya::Pod for TlsChunkHeader {}
+    unsafe impl aya::Pod for DropCounter {}
+    unsafe impl aya::Pod for PendingCall {}
+}

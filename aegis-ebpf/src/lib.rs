@@ -1,0 +1,2 @@
+#![no_std]
+// Library target so that `cargo check --workspace` on the host has something to check.

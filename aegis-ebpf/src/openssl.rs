@@ -1,0 +1,217 @@
+//! Plaintext capture at the OpenSSL API (libssl.so.3, libssl.so.1.1, and executables such
+//! as node that link OpenSSL statically and export its symbols).
+//!
+//! Prototypes relied on (OpenSSL 1.1.1 and 3.x; BoringSSL has the same four):
+//! ```c
+//! int SSL_write(SSL *ssl, const void *buf, int num);                    // > 0: bytes written
+//! int SSL_write_ex(SSL *s, const void *buf, size_t num, size_t *written); // 1: ok
+//! int SSL_read(SSL *ssl, void *buf, int num);                            // > 0: bytes read
+//! int SSL_read_ex(SSL *ssl, void *buf, size_t num, size_t *readbytes);   // 1: ok
+//! void SSL_free(SSL *ssl);
+//! ```
+//! The entry probe remembers the arguments per thread; the return probe copies what the
+//! call actually moved. Capturing at return also hides the retries of non-blocking
+//! writers (node calls SSL_write again with the same buffer after WANT_WRITE).
+//! The attach cookie says which library the probe sits in; the agent maps it to a path.
+
+use aegis_common::{
+    CHUNK_DATA_MAX, CHUNKS_PER_CALL_MAX, ChunkScratch, DROP_CAUSES, Direction, DropCause,
+    DropCounter, HEADER_LEN, PendingCall, TlsChunkHeader, TlsHook,
+};
+use aya_ebpf::{
+    EbpfContext as _,
+    helpers::{
+        bpf_get_attach_cookie, bpf_get_current_cgroup_id, bpf_get_current_comm,
+        bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_ktime_get_ns,
+        bpf_probe_read_user, bpf_probe_read_user_buf,
+    },
+    macros::{map, uprobe, uretprobe},
+    maps::{HashMap, PerCpuArray, RingBuf},
+    programs::{ProbeContext, RetProbeContext},
+};
+
+/// Plaintext events for the agent. The size is set by the agent at load time.
+#[map]
+static TLS_EVENTS: RingBuf = RingBuf::with_byte_size(16 * 1024 * 1024, 0);
+
+/// Arguments of the library call in flight, per thread (key: pid_tgid).
+#[map]
+static TLS_PENDING: HashMap<u64, PendingCall> = HashMap::with_max_entries(16384, 0);
+
+/// Scratch area where one event is assembled (too large for the 512-byte BPF stack).
+#[map]
+static TLS_SCRATCH: PerCpuArray<ChunkScratch> = PerCpuArray::with_max_entries(1, 0);
+
+/// Lost events and bytes, per [`DropCause`].
+#[map]
+static TLS_DROPS: PerCpuArray<DropCounter> = PerCpuArray::with_max_entries(DROP_CAUSES as u32, 0);
+
+#[inline(always)]
+fn count_drop(cause: DropCause, bytes: u64) {
+    if let Some(c) = TLS_DROPS.get_ptr_mut(cause as u32) {
+        // Per-CPU slot: no other writer while this program runs on this CPU.
+        unsafe {
+            (*c).events += 1;
+            (*c).bytes += bytes;
+        }
+    }
+}
+
+#[inline(always)]
+fn remember(ctx: &ProbeContext, with_len_out: bool) -> u32 {
+    let (Some(conn), Some(buf)) = (ctx.arg::<u64>(0), ctx.arg::<u64>(1)) else {
+        return 0;
+    };
+    let len_out = if with_len_out {
+        ctx.arg::<u64>(3).unwrap_or(0)
+    } else {
+        0
+    };
+    let pending = PendingCall { conn, buf, len_out };
+    let key = bpf_get_current_pid_tgid();
+    if TLS_PENDING.insert(&key, &pending, 0).is_err() {
+        count_drop(DropCause::ArgsMapFull, 0);
+    }
+    0
+}
+
+/// `SSL_write` / `SSL_read` entry: (ssl, buf, num).
+#[uprobe]
+pub fn ssl_rw_enter(ctx: ProbeContext) -> u32 {
+    remember(&ctx, false)
+}
+
+/// `SSL_write_ex` / `SSL_read_ex` entry: (ssl, buf, num, size_t *done).
+#[uprobe]
+pub fn ssl_rw_ex_enter(ctx: ProbeContext) -> u32 {
+    remember(&ctx, true)
+}
+
+#[inline(always)]
+fn fill_header(h: &mut TlsChunkHeader, ctx_ptr: *mut core::ffi::c_void, conn: u64, hook: TlsHook, direction: Direction) {
+    h.timestamp_ns = unsafe { bpf_ktime_get_ns() };
+    h.conn = conn;
+    h.pid_tgid = bpf_get_current_pid_tgid();
+    h.uid_gid = bpf_get_current_uid_gid();
+    h.cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    h.source = unsafe { bpf_get_attach_cookie(ctx_ptr) };
+    h.direction = direction as u8;
+    h.hook = hook as u8;
+    h.comm = bpf_get_current_comm().unwrap_or([0u8; 16]);
+}
+
+#[inline(always)]
+fn emit(ctx: &RetProbeContext, hook: TlsHook, direction: Direction, ex: bool) -> u32 {
+    let key = bpf_get_current_pid_tgid();
+    let Some(pending) = (unsafe { TLS_PENDING.get(&key) }).copied() else {
+        return 0;
+    };
+    let _ = TLS_PENDING.remove(&key);
+
+    let total: u64 = if ex {
+        let ret: i32 = ctx.ret();
+        if ret != 1 || pending.len_out == 0 {
+            return 0;
+        }
+        match unsafe { bpf_probe_read_user(pending.len_out as *const u64) } {
+            Ok(n) => n,
+            Err(_) => {
+                count_drop(DropCause::ReadFailed, 0);
+                return 0;
+            }
+        }
+    } else {
+        let ret: i32 = ctx.ret();
+        if ret <= 0 {
+            return 0;
+        }
+        ret as u64
+    };
+    if total == 0 {
+        return 0;
+    }
+    let Some(scratch) = TLS_SCRATCH.get_ptr_mut(0) else {
+        return 0;
+    };
+    let scratch = unsafe { &mut *scratch };
+    fill_header(&mut scratch.header, ctx.as_ptr(), pending.conn, hook, direction);
+    let call_len = if total > u32::MAX as u64 { u32::MAX } else { total as u32 };
+    scratch.header.call_len = call_len;
+
+    let cap = (CHUNK_DATA_MAX as u64) * (CHUNKS_PER_CALL_MAX as u64);
+    if total > cap {
+        count_drop(DropCause::OverCallCap, total - cap);
+    }
+    for i in 0..CHUNKS_PER_CALL_MAX {
+        let offset = (i as u64) * (CHUNK_DATA_MAX as u64);
+        if offset >= total {
+            break;
+        }
+        let mut len = (total - offset) as usize;
+        if len > CHUNK_DATA_MAX {
+            len = CHUNK_DATA_MAX;
+        }
+        scratch.header.offset = offset as u32;
+        let src = (pending.buf + offset) as *const u8;
+        let dst = unsafe { core::slice::from_raw_parts_mut(scratch.data.as_mut_ptr(), len) };
+        if unsafe { bpf_probe_read_user_buf(src, dst) }.is_err() {
+            scratch.header.data_len = 0;
+            count_drop(DropCause::ReadFailed, len as u64);
+            // Still send the header so the agent sees the gap at the right place.
+            let head = unsafe {
+                core::slice::from_raw_parts(scratch as *const ChunkScratch as *const u8, HEADER_LEN)
+            };
+            let _ = TLS_EVENTS.output::<[u8]>(head, 0);
+            continue;
+        }
+        scratch.header.data_len = len as u32;
+        let event = unsafe {
+            core::slice::from_raw_parts(scratch as *const ChunkScratch as *const u8, HEADER_LEN + len)
+        };
+        if TLS_EVENTS.output::<[u8]>(event, 0).is_err() {
+            count_drop(DropCause::RingFull, len as u64);
+        }
+    }
+    0
+}
+
+#[uretprobe]
+pub fn ssl_write_exit(ctx: RetProbeContext) -> u32 {
+    emit(&ctx, TlsHook::SslWrite, Direction::Egress, false)
+}
+
+#[uretprobe]
+pub fn ssl_write_ex_exit(ctx: RetProbeContext) -> u32 {
+    emit(&ctx, TlsHook::SslWriteEx, Direction::Egress, true)
+}
+
+#[uretprobe]
+pub fn ssl_read_exit(ctx: RetProbeContext) -> u32 {
+    emit(&ctx, TlsHook::SslRead, Direction::Ingress, false)
+}
+
+#[uretprobe]
+pub fn ssl_read_ex_exit(ctx: RetProbeContext) -> u32 {
+    emit(&ctx, TlsHook::SslReadEx, Direction::Ingress, true)
+}
+
+/// `SSL_free` entry: the connection object ends; lets the agent close the connection's
+/// state and not confuse a reused pointer with the old connection.
+#[uprobe]
+pub fn ssl_free_enter(ctx: ProbeContext) -> u32 {
+    let Some(conn) = ctx.arg::<u64>(0) else {
+        return 0;
+    };
+    let Some(scratch) = TLS_SCRATCH.get_ptr_mut(0) else {
+        return 0;
+    };
+    let scratch = unsafe { &mut *scratch };
+    fill_header(&mut scratch.header, ctx.as_ptr(), conn, TlsHook::SslFree, Direction::Egress);
+    scratch.header.call_len = 0;
+    scratch.header.offset = 0;
+    scratch.header.data_len = 0;
+    if TLS_EVENTS.output::<TlsChunkHeader>(&scratch.header, 0).is_err() {
+        count_drop(DropCause::RingFull, 0);
+    }
+    0
+}
