@@ -1,1 +1,126 @@
-//! Agent configuration (in progress).
+//! Agent configuration: TOML, with the defaults embedded from `packaging/aegis.toml` so the
+//! agent runs with no file at all and a file only needs the keys it changes.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use serde::Deserialize;
+
+/// The default configuration shipped in `packaging/aegis.toml`.
+pub const DEFAULT_TOML: &str = include_str!("../../packaging/aegis.toml");
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub capture: CaptureConfig,
+    pub output: OutputConfig,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CaptureConfig {
+    pub ring_buffer_bytes: u32,
+    pub discover: bool,
+    pub libraries: Vec<PathBuf>,
+    pub executables: Vec<PathBuf>,
+    pub workers: usize,
+    pub max_connections: usize,
+    pub max_body_bytes: usize,
+    pub correlation_window_ms: u64,
+    pub idle_timeout_secs: u64,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutputConfig {
+    pub stdout: bool,
+    pub file: PathBuf,
+    pub stats_interval_secs: u64,
+}
+
+impl Config {
+    /// The embedded defaults.
+    pub fn defaults() -> Self {
+        Self::parse(DEFAULT_TOML).expect("embedded default config is valid")
+    }
+
+    /// Read `path`, layered over the embedded defaults.
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config file {}", path.display()))?;
+        Self::parse(&text).with_context(|| format!("invalid config file {}", path.display()))
+    }
+
+    /// Parse TOML text, layered over the embedded defaults.
+    pub fn parse(text: &str) -> anyhow::Result<Self> {
+        let mut base: toml::Table = DEFAULT_TOML.parse().expect("embedded default config is TOML");
+        let over: toml::Table = text.parse()?;
+        merge(&mut base, over);
+        let config: Config = toml::Value::Table(base).try_into()?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        let ring = self.capture.ring_buffer_bytes;
+        anyhow::ensure!(
+            ring.is_power_of_two() && ring >= 4096,
+            "capture.ring_buffer_bytes = {ring}: must be a power of two and at least 4096"
+        );
+        anyhow::ensure!(self.capture.max_connections > 0, "capture.max_connections must be > 0");
+        anyhow::ensure!(self.capture.max_body_bytes > 0, "capture.max_body_bytes must be > 0");
+        Ok(())
+    }
+
+    /// Worker threads to run.
+    pub fn workers(&self) -> usize {
+        match self.capture.workers {
+            0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
+            n => n,
+        }
+    }
+}
+
+/// Recursive table merge: keys of `over` replace those of `base`; nested tables merge.
+fn merge(base: &mut toml::Table, over: toml::Table) {
+    for (key, value) in over {
+        match (base.get_mut(&key), value) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o),
+            (_, v) => {
+                base.insert(key, v);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_parse() {
+        let c = Config::defaults();
+        assert_eq!(c.capture.ring_buffer_bytes, 16 * 1024 * 1024);
+        assert!(c.output.stdout);
+    }
+
+    #[test]
+    fn partial_file_overrides_only_its_keys() {
+        let c = Config::parse("[output]\nstdout = false\nfile = \"/tmp/x.jsonl\"\n").unwrap();
+        assert!(!c.output.stdout);
+        assert_eq!(c.output.file, PathBuf::from("/tmp/x.jsonl"));
+        assert_eq!(c.capture.max_connections, 16384);
+    }
+
+    #[test]
+    fn unknown_key_is_an_error_naming_it() {
+        let err = Config::parse("[capture]\nring_bufer_bytes = 4096\n").unwrap_err();
+        assert!(format!("{err:#}").contains("ring_bufer_bytes"), "{err:#}");
+    }
+
+    #[test]
+    fn bad_ring_size_is_rejected() {
+        let err = Config::parse("[capture]\nring_buffer_bytes = 5000\n").unwrap_err();
+        assert!(format!("{err:#}").contains("power of two"), "{err:#}");
+    }
+}

@@ -18,10 +18,12 @@ use aegis_common::{
     CHUNK_DATA_MAX, CHUNKS_PER_CALL_MAX, ChunkScratch, DROP_CAUSES, Direction, DropCause,
     DropCounter, HEADER_LEN, PendingCall, TlsChunkHeader, TlsHook,
 };
+use core::ffi::c_void;
+
 use aya_ebpf::{
     EbpfContext as _,
     helpers::{
-        bpf_get_attach_cookie, bpf_get_current_cgroup_id, bpf_get_current_comm,
+        bpf_get_attach_cookie, bpf_loop, bpf_get_current_cgroup_id, bpf_get_current_comm,
         bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_ktime_get_ns,
         bpf_probe_read_user, bpf_probe_read_user_buf,
     },
@@ -88,7 +90,7 @@ pub fn ssl_rw_ex_enter(ctx: ProbeContext) -> u32 {
 }
 
 #[inline(always)]
-fn fill_header(h: &mut TlsChunkHeader, ctx_ptr: *mut core::ffi::c_void, conn: u64, hook: TlsHook, direction: Direction) {
+fn fill_header(h: &mut TlsChunkHeader, ctx_ptr: *mut c_void, conn: u64, hook: TlsHook, direction: Direction) {
     h.timestamp_ns = unsafe { bpf_ktime_get_ns() };
     h.conn = conn;
     h.pid_tgid = bpf_get_current_pid_tgid();
@@ -142,35 +144,62 @@ fn emit(ctx: &RetProbeContext, hook: TlsHook, direction: Direction, ex: bool) ->
     if total > cap {
         count_drop(DropCause::OverCallCap, total - cap);
     }
-    for i in 0..CHUNKS_PER_CALL_MAX {
-        let offset = (i as u64) * (CHUNK_DATA_MAX as u64);
-        if offset >= total {
-            break;
+    // bpf_loop: the verifier checks the callback once instead of every unrolled
+    // iteration (a plain 64-step loop exceeds the 1M-instruction budget).
+    let mut copy = CopyCtx { buf: pending.buf, total };
+    unsafe {
+        bpf_loop(
+            CHUNKS_PER_CALL_MAX,
+            copy_chunk as *mut c_void,
+            &mut copy as *mut CopyCtx as *mut c_void,
+            0,
+        );
+    }
+    0
+}
+
+/// What [`copy_chunk`] needs; lives on the return probe's stack.
+#[repr(C)]
+struct CopyCtx {
+    buf: u64,
+    total: u64,
+}
+
+/// Send chunk `index` of the call described by `ctx` (header already in the scratch
+/// area). Returns 1 to stop the loop after the last chunk.
+#[inline(never)]
+extern "C" fn copy_chunk(index: u64, ctx: *mut c_void) -> i64 {
+    let ctx = unsafe { &*(ctx as *const CopyCtx) };
+    let offset = index * CHUNK_DATA_MAX as u64;
+    if offset >= ctx.total {
+        return 1;
+    }
+    let Some(scratch) = TLS_SCRATCH.get_ptr_mut(0) else {
+        return 1;
+    };
+    let scratch = unsafe { &mut *scratch };
+    let mut len = (ctx.total - offset) as usize;
+    if len > CHUNK_DATA_MAX {
+        len = CHUNK_DATA_MAX;
+    }
+    scratch.header.offset = offset as u32;
+    let src = (ctx.buf + offset) as *const u8;
+    let dst = unsafe { core::slice::from_raw_parts_mut(scratch.data.as_mut_ptr(), len) };
+    if unsafe { bpf_probe_read_user_buf(src, dst) }.is_err() {
+        // Send the header alone so the agent sees the gap at the right place.
+        scratch.header.data_len = 0;
+        count_drop(DropCause::ReadFailed, len as u64);
+        if TLS_EVENTS.output::<TlsChunkHeader>(&scratch.header, 0).is_err() {
+            count_drop(DropCause::RingFull, 0);
         }
-        let mut len = (total - offset) as usize;
-        if len > CHUNK_DATA_MAX {
-            len = CHUNK_DATA_MAX;
-        }
-        scratch.header.offset = offset as u32;
-        let src = (pending.buf + offset) as *const u8;
-        let dst = unsafe { core::slice::from_raw_parts_mut(scratch.data.as_mut_ptr(), len) };
-        if unsafe { bpf_probe_read_user_buf(src, dst) }.is_err() {
-            scratch.header.data_len = 0;
-            count_drop(DropCause::ReadFailed, len as u64);
-            // Still send the header so the agent sees the gap at the right place.
-            let head = unsafe {
-                core::slice::from_raw_parts(scratch as *const ChunkScratch as *const u8, HEADER_LEN)
-            };
-            let _ = TLS_EVENTS.output::<[u8]>(head, 0);
-            continue;
-        }
-        scratch.header.data_len = len as u32;
-        let event = unsafe {
-            core::slice::from_raw_parts(scratch as *const ChunkScratch as *const u8, HEADER_LEN + len)
-        };
-        if TLS_EVENTS.output::<[u8]>(event, 0).is_err() {
-            count_drop(DropCause::RingFull, len as u64);
-        }
+        return 0;
+    }
+    scratch.header.data_len = len as u32;
+    let event = unsafe {
+        core::slice::from_raw_parts(scratch as *const ChunkScratch as *const u8, HEADER_LEN + len)
+    };
+    if TLS_EVENTS.output::<[u8]>(event, 0).is_err() {
+        count_drop(DropCause::RingFull, len as u64);
     }
     0
 }

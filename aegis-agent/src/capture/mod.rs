@@ -1,1 +1,284 @@
-//! Capture stage (in progress).
+//! The capture stage and the threads that carry its output to the sinks.
+//!
+//! ```text
+//! ring buffer --reader--> per-worker bounded queues --workers--> output thread
+//!   (kernel)    decode,     (a connection always       ConnTable,   Correlator,
+//!               dispatch     goes to one worker)       exchanges    JSON lines
+//! ```
+//! The reader only decodes headers and moves events; parsing and decoding run on the
+//! workers. Queues are bounded: when workers fall behind the reader blocks, the ring
+//! buffer fills, and the kernel counts what it could not deliver (reported as drops),
+//! so nothing is lost silently.
+
+pub mod conn;
+pub mod event;
+pub mod probes;
+pub mod process;
+pub mod targets;
+
+use std::{
+    hash::{BuildHasher as _, RandomState},
+    os::fd::AsRawFd as _,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        mpsc::{Receiver, RecvTimeoutError, SyncSender, sync_channel},
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use aegis_common::{DROP_CAUSES, DropCounter};
+
+use self::{
+    conn::{ConnObservation, ConnStats, ConnTable},
+    event::TlsEvent,
+    probes::TlsProbes,
+    process::ProcessCache,
+    targets::TlsTarget,
+};
+use crate::{
+    config::Config,
+    llm::{
+        correlate::Correlator,
+        exchange::Observation,
+        record::{Endpoint, TlsSource},
+    },
+    sinks::JsonLines,
+};
+
+const WORKER_QUEUE: usize = 8192;
+const OUTPUT_QUEUE: usize = 4096;
+const TICK: Duration = Duration::from_millis(100);
+
+/// Counters shared between the pipeline threads and the reporter.
+#[derive(Default)]
+pub struct Counters {
+    pub events: AtomicU64,
+    pub bad_records: AtomicU64,
+    pub records: AtomicU64,
+    pub joined: AtomicU64,
+    pub worker_stats: Mutex<Vec<ConnStats>>,
+}
+
+/// A running capture pipeline. [`Pipeline::stop`] finishes open calls, flushes the
+/// sinks and detaches the probes.
+pub struct Pipeline {
+    stop: Arc<AtomicBool>,
+    reader: Option<JoinHandle<TlsProbes>>,
+    workers: Vec<JoinHandle<()>>,
+    output: Option<JoinHandle<()>>,
+    pub counters: Arc<Counters>,
+    /// Kernel drop counters, refreshed by the reader.
+    pub drops: Arc<Mutex<[DropCounter; DROP_CAUSES]>>,
+}
+
+impl Pipeline {
+    pub fn start(config: &Config, probes: TlsProbes, sink: JsonLines) -> anyhow::Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let counters = Arc::new(Counters::default());
+        let drops = Arc::new(Mutex::new([DropCounter::default(); DROP_CAUSES]));
+        let n = config.workers();
+        counters.worker_stats.lock().expect("fresh").resize(n, ConnStats::default());
+        let sources: Arc<Vec<TlsTarget>> = Arc::new(probes.sources.clone());
+        let processes = Arc::new(ProcessCache::new(65_536));
+
+        let (out_tx, out_rx) = sync_channel::<(Observation, Endpoint)>(OUTPUT_QUEUE);
+        let mut senders = Vec::with_capacity(n);
+        let mut workers = Vec::with_capacity(n);
+        for i in 0..n {
+            let (tx, rx) = sync_channel::<TlsEvent>(WORKER_QUEUE);
+            senders.push(tx);
+            let ctx = WorkerCtx {
+                index: i,
+                table: ConnTable::new(config.capture.max_connections.div_ceil(n), config.capture.max_body_bytes),
+                idle: Duration::from_secs(config.capture.idle_timeout_secs),
+                sources: sources.clone(),
+                processes: processes.clone(),
+                out: out_tx.clone(),
+                counters: counters.clone(),
+                stop: stop.clone(),
+            };
+            workers.push(spawn(&format!("aegis-worker-{i}"), move || ctx.run(rx))?);
+        }
+        drop(out_tx);
+
+        let window = Duration::from_millis(config.capture.correlation_window_ms);
+        let out_counters = counters.clone();
+        let output = spawn("aegis-output", move || output_loop(out_rx, sink, window, &out_counters))?;
+
+        let reader_stop = stop.clone();
+        let reader_counters = counters.clone();
+        let reader_drops = drops.clone();
+        let reader = spawn("aegis-reader", move || {
+            read_loop(probes, senders, &reader_stop, &reader_counters, &reader_drops)
+        })?;
+
+        Ok(Self { stop, reader: Some(reader), workers, output: Some(output), counters, drops })
+    }
+
+    /// Stop reading, finish what is open, flush, detach. Returns the final drop counters.
+    pub fn stop(mut self) -> [DropCounter; DROP_CAUSES] {
+        self.stop.store(true, Ordering::SeqCst);
+        let probes = self.reader.take().map(|r| r.join().expect("reader thread panicked"));
+        for w in self.workers.drain(..) {
+            let _ = w.join();
+        }
+        if let Some(o) = self.output.take() {
+            let _ = o.join();
+        }
+        let final_drops = probes.as_ref().map(TlsProbes::drops).unwrap_or_default();
+        drop(probes); // detaches every probe
+        final_drops
+    }
+}
+
+fn spawn<F, T>(name: &str, f: F) -> anyhow::Result<JoinHandle<T>>
+where
+    F: FnOnce() -> T + Send + 'static,
+    T: Send + 'static,
+{
+    Ok(std::thread::Builder::new().name(name.to_owned()).spawn(f)?)
+}
+
+/// Drain the ring buffer, dispatching each event to the worker that owns its connection.
+/// Returns the probes so that the caller detaches them after the workers finished.
+fn read_loop(
+    mut probes: TlsProbes,
+    workers: Vec<SyncSender<TlsEvent>>,
+    stop: &AtomicBool,
+    counters: &Counters,
+    drops: &Mutex<[DropCounter; DROP_CAUSES]>,
+) -> TlsProbes {
+    let hasher = RandomState::new();
+    let fd = probes.events.as_raw_fd();
+    let mut last_drops = Instant::now();
+    loop {
+        let stopping = stop.load(Ordering::SeqCst);
+        let mut workers_gone = false;
+        while let Some(item) = probes.events.next() {
+            match TlsEvent::decode(&item) {
+                Ok(ev) => {
+                    counters.events.fetch_add(1, Ordering::Relaxed);
+                    let w = (hasher.hash_one(ev.key) % workers.len() as u64) as usize;
+                    // Blocks when the worker is behind: back-pressure into the ring.
+                    if workers[w].send(ev).is_err() {
+                        workers_gone = true;
+                        break;
+                    }
+                }
+                Err(e) => {
+                    counters.bad_records.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(error = ?e, "malformed ring buffer record skipped");
+                }
+            }
+        }
+        if last_drops.elapsed() >= Duration::from_secs(1) || stopping {
+            *drops.lock().unwrap_or_else(|e| e.into_inner()) = probes.drops();
+            last_drops = Instant::now();
+        }
+        if stopping || workers_gone {
+            return probes; // dropping `workers` ends the worker loops
+        }
+        let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+        // SAFETY: one valid pollfd for the duration of the call.
+        unsafe { libc::poll(&mut pfd, 1, TICK.as_millis() as i32) };
+    }
+}
+
+struct WorkerCtx {
+    index: usize,
+    table: ConnTable,
+    idle: Duration,
+    sources: Arc<Vec<TlsTarget>>,
+    processes: Arc<ProcessCache>,
+    out: SyncSender<(Observation, Endpoint)>,
+    counters: Arc<Counters>,
+    stop: Arc<AtomicBool>,
+}
+
+impl WorkerCtx {
+    fn run(mut self, rx: Receiver<TlsEvent>) {
+        let mut found = Vec::new();
+        let mut last_sweep = Instant::now();
+        loop {
+            match rx.recv_timeout(TICK) {
+                Ok(ev) => {
+                    // Look the process up while it surely still exists (cached after).
+                    if self.table.is_empty() || ev.offset == 0 {
+                        self.processes.lookup(ev.key.tgid, &ev.comm_str(), ev.uid, ev.cgroup_id);
+                    }
+                    let now_ns = ev.timestamp_ns;
+                    self.table.on_event(ev, &mut found);
+                    if last_sweep.elapsed() >= Duration::from_secs(1) {
+                        let cutoff = now_ns.saturating_sub(self.idle.as_nanos() as u64);
+                        self.table.expire_idle(cutoff, now_ns, &mut found);
+                        last_sweep = Instant::now();
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+            self.send(&mut found);
+            if let Ok(mut s) = self.counters.worker_stats.lock() {
+                s[self.index] = self.table.stats;
+            }
+        }
+        debug_assert!(self.stop.load(Ordering::SeqCst));
+        self.table.finish_all(monotonic_ns(), &mut found);
+        self.send(&mut found);
+        if let Ok(mut s) = self.counters.worker_stats.lock() {
+            s[self.index] = self.table.stats;
+        }
+    }
+
+    fn send(&self, found: &mut Vec<ConnObservation>) {
+        for c in found.drain(..) {
+            let info = self.processes.lookup(c.key.tgid, &c.comm, c.uid, c.cgroup_id);
+            let library = self
+                .sources
+                .get(c.source as usize)
+                .map_or_else(|| format!("unknown-source-{}", c.source), |t| t.path.display().to_string());
+            let endpoint = Endpoint::new(info, c.tid, TlsSource { library, hooks: c.hooks });
+            // The output thread only ends after every worker; a send cannot fail before.
+            let _ = self.out.send((c.obs, endpoint));
+        }
+    }
+}
+
+fn output_loop(rx: Receiver<(Observation, Endpoint)>, mut sink: JsonLines, window: Duration, counters: &Counters) {
+    let mut correlator = Correlator::new(window, wall_offset_ns());
+    let mut records = Vec::new();
+    loop {
+        let wait = correlator.next_deadline().map_or(TICK, |d| d.saturating_duration_since(Instant::now()));
+        match rx.recv_timeout(wait.min(TICK)) {
+            Ok((obs, endpoint)) => correlator.push(obs, endpoint, Instant::now(), &mut records),
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => break,
+        }
+        correlator.expire(Instant::now(), &mut records);
+        for r in records.drain(..) {
+            sink.write(&r);
+            counters.records.fetch_add(1, Ordering::Relaxed);
+        }
+        counters.joined.store(correlator.joined, Ordering::Relaxed);
+    }
+    correlator.drain(&mut records);
+    for r in records.drain(..) {
+        sink.write(&r);
+        counters.records.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// CLOCK_MONOTONIC in ns: the clock of `bpf_ktime_get_ns`.
+pub fn monotonic_ns() -> u64 {
+    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).expect("CLOCK_MONOTONIC");
+    t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
+}
+
+/// Unix time minus monotonic time, in ns: added to a kernel timestamp it gives wall time.
+fn wall_offset_ns() -> i128 {
+    let real = nix::time::clock_gettime(nix::time::ClockId::CLOCK_REALTIME).expect("CLOCK_REALTIME");
+    let real_ns = real.tv_sec() as i128 * 1_000_000_000 + real.tv_nsec() as i128;
+    real_ns - monotonic_ns() as i128
+}

@@ -2,7 +2,9 @@
 //! usage from JSON or streamed bodies ([`usage`]), and describe each as one
 //! [`CallRecord`] ([`record`]).
 
+pub mod correlate;
 pub mod detect;
+pub mod exchange;
 pub mod record;
 pub mod usage;
 

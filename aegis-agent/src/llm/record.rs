@@ -1,2 +1,160 @@
-//! One JSON record per model API call.
-pub struct CallRecord;
+//! [`CallRecord`]: the one JSON line written per model API call.
+//!
+//! Secrets never enter a record: it carries no header values and no body content, only
+//! what the exchange *is* (API, model, sizes, usage) and who made it.
+
+use serde::Serialize;
+
+use super::{
+    detect::ApiKind,
+    exchange::{Observation, Side},
+};
+use crate::capture::process::ProcessInfo;
+
+/// A process at one end of a call.
+#[derive(Clone, Debug, Serialize)]
+pub struct Endpoint {
+    pub pid: u32,
+    pub tid: u32,
+    pub comm: String,
+    pub exe: Option<String>,
+    pub uid: u32,
+    pub cgroup: String,
+    pub tls: TlsSource,
+}
+
+/// Which probe saw the bytes.
+#[derive(Clone, Debug, Serialize)]
+pub struct TlsSource {
+    /// The probed file: a libssl, or an executable with OpenSSL linked in.
+    pub library: String,
+    pub hooks: Vec<&'static str>,
+}
+
+impl Endpoint {
+    pub fn new(process: ProcessInfo, tid: u32, tls: TlsSource) -> Self {
+        let ProcessInfo { pid, comm, exe, uid, cgroup } = process;
+        Self { pid, tid, comm, exe, uid, cgroup, tls }
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct CallRecord {
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub call_id: String,
+    /// Wall-clock time of the request's first byte, RFC 3339 UTC.
+    pub time: String,
+    pub provider: &'static str,
+    pub api: ApiKind,
+    pub host: Option<String>,
+    pub method: String,
+    pub path: String,
+    pub model: Option<String>,
+    pub response_model: Option<String>,
+    pub stream: bool,
+    pub status: Option<u16>,
+    pub ttfb_ms: Option<f64>,
+    pub latency_ms: Option<f64>,
+    pub request_bytes: u64,
+    pub response_bytes: u64,
+    pub input_tokens: Option<u64>,
+    pub output_tokens: Option<u64>,
+    pub finish_reason: Option<String>,
+    pub error: Option<String>,
+    /// The calling process (or the serving one, when only that end was seen: see `side`).
+    #[serde(flatten)]
+    pub process: Endpoint,
+    /// Which end `process` is.
+    pub side: Side,
+    /// The serving process, when it runs on this host and its end was seen too.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server: Option<Endpoint>,
+    pub complete: bool,
+    pub notes: Vec<String>,
+}
+
+impl CallRecord {
+    /// Build from the primary observation (client end if seen) and the other end's, if
+    /// any. `wall_offset_ns` turns monotonic timestamps into Unix time.
+    pub fn new(primary: (Observation, Endpoint), server: Option<Endpoint>, wall_offset_ns: i128) -> Self {
+        let (o, process) = primary;
+        let ms = |from: u64, to: Option<u64>| to.map(|t| t.saturating_sub(from) as f64 / 1e6);
+        let unix_ns = o.request_start_ns as i128 + wall_offset_ns;
+        let path = o.target.split('?').next().unwrap_or_default().to_owned();
+        Self {
+            kind: "llm_call",
+            call_id: call_id(process.pid, o.request_start_ns, o.fingerprint),
+            time: rfc3339(unix_ns),
+            provider: o.call.provider,
+            api: o.call.api,
+            host: o.host,
+            method: o.method,
+            path,
+            model: o.call.model,
+            response_model: o.summary.model,
+            stream: o.call.stream,
+            status: o.status,
+            ttfb_ms: ms(o.request_start_ns, o.response_first_ns),
+            latency_ms: ms(o.request_start_ns, o.response_end_ns),
+            request_bytes: o.request_bytes,
+            response_bytes: o.response_bytes,
+            input_tokens: o.summary.input_tokens,
+            output_tokens: o.summary.output_tokens,
+            finish_reason: o.summary.finish_reason,
+            error: o.summary.error,
+            process,
+            side: o.side,
+            server,
+            complete: o.complete,
+            notes: o.notes,
+        }
+    }
+}
+
+/// 16 hex digits naming the call: the caller's pid, the request's first-byte time in ns
+/// (unique per boot for one process) and the request fingerprint.
+fn call_id(pid: u32, start_ns: u64, fingerprint: u64) -> String {
+    use std::hash::{DefaultHasher, Hasher as _};
+    let mut h = DefaultHasher::new();
+    h.write_u32(pid);
+    h.write_u64(start_ns);
+    h.write_u64(fingerprint);
+    format!("{:016x}", h.finish())
+}
+
+/// Unix time in ns to "YYYY-MM-DDTHH:MM:SS.ffffffZ" (proleptic Gregorian, UTC).
+pub fn rfc3339(unix_ns: i128) -> String {
+    let secs = unix_ns.div_euclid(1_000_000_000) as i64;
+    let micros = (unix_ns.rem_euclid(1_000_000_000) / 1000) as u32;
+    let days = secs.div_euclid(86_400);
+    let sod = secs.rem_euclid(86_400);
+    // Civil-from-days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{micros:06}Z",
+        sod / 3600,
+        sod % 3600 / 60,
+        sod % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_known_instants() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000000Z");
+        assert_eq!(rfc3339(951_782_400_000_000_000), "2000-02-29T00:00:00.000000Z");
+        assert_eq!(rfc3339(1_795_795_200_123_456_789), "2026-11-26T16:00:00.123456Z");
+    }
+}

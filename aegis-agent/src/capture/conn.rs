@@ -1,0 +1,314 @@
+//! Connections rebuilt from TLS events: per (tgid, `SSL *`), the two plaintext streams,
+//! with capture gaps found and passed on, the connection's role (client or server end)
+//! recognised, and its bytes handed to an [`ExchangeTracker`].
+//!
+//! The table is bounded: past `max` connections the least recently active one is finished
+//! and evicted (counted). `SSL_free` ends a connection, so a reused `SSL *` starts afresh.
+
+use std::collections::HashMap;
+
+use aegis_common::{CHUNK_DATA_MAX, CHUNKS_PER_CALL_MAX, Direction, TlsHook};
+
+use super::event::{ConnKey, TlsEvent};
+use crate::llm::exchange::{ExchangeStats, ExchangeTracker, Observation, Side};
+
+/// Bytes of one library call the kernel copies at most.
+const CALL_CAP: u64 = CHUNK_DATA_MAX as u64 * CHUNKS_PER_CALL_MAX as u64;
+/// Library calls we look at for an HTTP/1.x start before giving up on a connection.
+const ROLE_ATTEMPTS: u8 = 16;
+
+/// A model API call seen on one connection, with what the kernel told about the caller.
+#[derive(Clone, Debug)]
+pub struct ConnObservation {
+    pub obs: Observation,
+    pub key: ConnKey,
+    /// Thread that made the last library call of the exchange.
+    pub tid: u32,
+    pub uid: u32,
+    pub cgroup_id: u64,
+    pub comm: String,
+    /// Attach cookie: which probed file.
+    pub source: u64,
+    /// Library functions that carried this connection's bytes.
+    pub hooks: Vec<&'static str>,
+}
+
+/// What the table counted.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ConnStats {
+    pub connections: u64,
+    pub evicted: u64,
+    pub idle_expired: u64,
+    /// Connections whose bytes were not HTTP/1.x (counted once each).
+    pub not_http1: u64,
+    /// Of those, HTTP/2 (recognised by its preface; not parsed yet).
+    pub http2: u64,
+    /// Bytes missing from streams (kernel drops, read failures, over-cap calls).
+    pub gap_bytes: u64,
+    pub exchange: ExchangeStats,
+}
+
+#[derive(Default)]
+struct DirState {
+    call_len: u32,
+    next_offset: u64,
+}
+
+enum Role {
+    /// Not recognised yet; attempts left.
+    Unknown(u8),
+    Http1(ExchangeTracker),
+    Ignored,
+}
+
+struct Conn {
+    role: Role,
+    last_ns: u64,
+    egress: DirState,
+    ingress: DirState,
+    hooks: u8,
+    tid: u32,
+    uid: u32,
+    cgroup_id: u64,
+    comm: [u8; 16],
+    source: u64,
+}
+
+pub struct ConnTable {
+    conns: HashMap<ConnKey, Conn>,
+    max: usize,
+    max_body: usize,
+    pub stats: ConnStats,
+    scratch: Vec<Observation>,
+}
+
+impl ConnTable {
+    pub fn new(max: usize, max_body: usize) -> Self {
+        Self { conns: HashMap::new(), max, max_body, stats: ConnStats::default(), scratch: Vec::new() }
+    }
+
+    pub fn len(&self) -> usize {
+        self.conns.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.conns.is_empty()
+    }
+
+    pub fn on_event(&mut self, ev: TlsEvent, out: &mut Vec<ConnObservation>) {
+        if ev.hook == TlsHook::SslFree {
+            if let Some(conn) = self.conns.remove(&ev.key) {
+                self.finish(ev.key, conn, ev.timestamp_ns, "closed", out);
+            }
+            return;
+        }
+        if !self.conns.contains_key(&ev.key) {
+            if self.conns.len() >= self.max {
+                self.evict_oldest(ev.timestamp_ns, out);
+            }
+            self.stats.connections += 1;
+            self.conns.insert(
+                ev.key,
+                Conn {
+                    role: Role::Unknown(ROLE_ATTEMPTS),
+                    last_ns: ev.timestamp_ns,
+                    egress: DirState::default(),
+                    ingress: DirState::default(),
+                    hooks: 0,
+                    tid: ev.tid,
+                    uid: ev.uid,
+                    cgroup_id: ev.cgroup_id,
+                    comm: ev.comm,
+                    source: ev.source,
+                },
+            );
+        }
+        let conn = self.conns.get_mut(&ev.key).expect("inserted above");
+        conn.last_ns = ev.timestamp_ns;
+        conn.hooks |= 1 << ev.hook as u8;
+        conn.tid = ev.tid;
+        conn.comm = ev.comm;
+
+        let dir = match ev.direction {
+            Direction::Egress => &mut conn.egress,
+            Direction::Ingress => &mut conn.ingress,
+        };
+        // Find bytes the kernel could not deliver: the rest of an unfinished call, or
+        // chunks skipped within a call.
+        let mut gap_before = 0u64;
+        if ev.offset == 0 || ev.call_len != dir.call_len {
+            gap_before += (dir.call_len as u64).saturating_sub(dir.next_offset);
+            gap_before += ev.offset as u64;
+            dir.call_len = ev.call_len;
+        } else if (ev.offset as u64) > dir.next_offset {
+            gap_before += ev.offset as u64 - dir.next_offset;
+        }
+        dir.next_offset = ev.offset as u64 + ev.data.len() as u64 + ev.missing as u64;
+        let mut gap_after = ev.missing as u64;
+        if dir.next_offset == CALL_CAP && ev.call_len as u64 > CALL_CAP {
+            gap_after += ev.call_len as u64 - CALL_CAP;
+            dir.next_offset = ev.call_len as u64;
+        }
+        self.stats.gap_bytes += gap_before + gap_after;
+
+        if let Role::Unknown(left) = conn.role {
+            if ev.offset != 0 || ev.data.is_empty() {
+                return;
+            }
+            conn.role = match recognise(ev.direction, &ev.data) {
+                Recognised::Http1(side) => Role::Http1(ExchangeTracker::new(side, self.max_body)),
+                Recognised::Http2 => {
+                    self.stats.not_http1 += 1;
+                    self.stats.http2 += 1;
+                    Role::Ignored
+                }
+                Recognised::Unknown if left > 1 => Role::Unknown(left - 1),
+                Recognised::Unknown => {
+                    self.stats.not_http1 += 1;
+                    Role::Ignored
+                }
+            };
+            // Bytes before the first recognised message are not a gap of the message.
+            gap_before = 0;
+        }
+        let Role::Http1(tracker) = &mut conn.role else { return };
+        let requests = matches!(
+            (tracker.side(), ev.direction),
+            (Side::Client, Direction::Egress) | (Side::Server, Direction::Ingress)
+        );
+        let obs = &mut self.scratch;
+        let ts = ev.timestamp_ns;
+        if requests {
+            if gap_before > 0 {
+                tracker.request_gap(gap_before, ts, obs);
+            }
+            tracker.request_data(&ev.data, ts, obs);
+            if gap_after > 0 {
+                tracker.request_gap(gap_after, ts, obs);
+            }
+        } else {
+            if gap_before > 0 {
+                tracker.response_gap(gap_before, ts, obs);
+            }
+            tracker.response_data(&ev.data, ts, obs);
+            if gap_after > 0 {
+                tracker.response_gap(gap_after, ts, obs);
+            }
+        }
+        if !self.scratch.is_empty() {
+            let conn = self.conns.get(&ev.key).expect("present");
+            for o in self.scratch.drain(..) {
+                out.push(describe(ev.key, conn, o));
+            }
+        }
+    }
+
+    /// Finish connections idle since before `cutoff_ns`.
+    pub fn expire_idle(&mut self, cutoff_ns: u64, now_ns: u64, out: &mut Vec<ConnObservation>) {
+        let idle: Vec<ConnKey> =
+            self.conns.iter().filter(|(_, c)| c.last_ns < cutoff_ns).map(|(k, _)| *k).collect();
+        for key in idle {
+            let conn = self.conns.remove(&key).expect("listed");
+            self.stats.idle_expired += 1;
+            self.finish(key, conn, now_ns, "idle", out);
+        }
+    }
+
+    /// Finish every connection (agent shutting down).
+    pub fn finish_all(&mut self, now_ns: u64, out: &mut Vec<ConnObservation>) {
+        let keys: Vec<ConnKey> = self.conns.keys().copied().collect();
+        for key in keys {
+            let conn = self.conns.remove(&key).expect("listed");
+            self.finish(key, conn, now_ns, "agent_stopped", out);
+        }
+    }
+
+    fn evict_oldest(&mut self, now_ns: u64, out: &mut Vec<ConnObservation>) {
+        if let Some(key) = self.conns.iter().min_by_key(|(_, c)| c.last_ns).map(|(k, _)| *k) {
+            let conn = self.conns.remove(&key).expect("found");
+            self.stats.evicted += 1;
+            self.finish(key, conn, now_ns, "evicted", out);
+        }
+    }
+
+    fn finish(&mut self, key: ConnKey, mut conn: Conn, ts: u64, reason: &str, out: &mut Vec<ConnObservation>) {
+        if let Role::Http1(tracker) = &mut conn.role {
+            tracker.finish(ts, reason, &mut self.scratch);
+            add_stats(&mut self.stats.exchange, &tracker.stats);
+        }
+        for o in self.scratch.drain(..) {
+            out.push(describe(key, &conn, o));
+        }
+    }
+}
+
+fn add_stats(total: &mut ExchangeStats, s: &ExchangeStats) {
+    total.exchanges += s.exchanges;
+    total.ignored_exchanges += s.ignored_exchanges;
+    total.parse_errors += s.parse_errors;
+    total.skipped_bytes += s.skipped_bytes;
+}
+
+fn describe(key: ConnKey, conn: &Conn, obs: Observation) -> ConnObservation {
+    let hooks = (0..4u8)
+        .filter(|h| conn.hooks & (1 << h) != 0)
+        .filter_map(TlsHook::from_u8)
+        .map(TlsHook::symbol)
+        .collect();
+    let end = conn.comm.iter().position(|&b| b == 0).unwrap_or(16);
+    ConnObservation {
+        obs,
+        key,
+        tid: conn.tid,
+        uid: conn.uid,
+        cgroup_id: conn.cgroup_id,
+        comm: String::from_utf8_lossy(&conn.comm[..end]).into_owned(),
+        source: conn.source,
+        hooks,
+    }
+}
+
+enum Recognised {
+    Http1(Side),
+    Http2,
+    Unknown,
+}
+
+/// Which end of an HTTP/1.x connection sent or received `data` (the start of a library
+/// call): a request line going out means the client end, and so on.
+fn recognise(direction: Direction, data: &[u8]) -> Recognised {
+    if data.starts_with(b"PRI * HTTP/2.0") {
+        return Recognised::Http2;
+    }
+    let request = looks_like_request_line(data);
+    let response = data.starts_with(b"HTTP/1.");
+    match (direction, request, response) {
+        (Direction::Egress, true, _) | (Direction::Ingress, _, true) => Recognised::Http1(Side::Client),
+        (Direction::Ingress, true, _) | (Direction::Egress, _, true) => Recognised::Http1(Side::Server),
+        _ => Recognised::Unknown,
+    }
+}
+
+/// "METHOD SP" with an upper-case token method, as every registered method is.
+fn looks_like_request_line(data: &[u8]) -> bool {
+    let method_len = data.iter().take(16).take_while(|b| b.is_ascii_uppercase()).count();
+    (3..=10).contains(&method_len) && data.get(method_len) == Some(&b' ')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roles_are_recognised_from_either_direction() {
+        let req = b"POST /v1/chat/completions HTTP/1.1\r\n";
+        let resp = b"HTTP/1.1 200 OK\r\n";
+        assert!(matches!(recognise(Direction::Egress, req), Recognised::Http1(Side::Client)));
+        assert!(matches!(recognise(Direction::Ingress, resp), Recognised::Http1(Side::Client)));
+        assert!(matches!(recognise(Direction::Ingress, req), Recognised::Http1(Side::Server)));
+        assert!(matches!(recognise(Direction::Egress, resp), Recognised::Http1(Side::Server)));
+        assert!(matches!(recognise(Direction::Egress, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"), Recognised::Http2));
+        assert!(matches!(recognise(Direction::Egress, b"\x16\x03\x01binary"), Recognised::Unknown));
+        assert!(matches!(recognise(Direction::Egress, b"post /x HTTP/1.1"), Recognised::Unknown));
+    }
+}

@@ -1,0 +1,134 @@
+//! Loading the eBPF object and attaching the OpenSSL probes to every [`TlsTarget`].
+//!
+//! Each target gets its index as the attach cookie, so an event names the file whose
+//! probe produced it. Uprobes on a file cover every process that maps it, including
+//! processes started later. Dropping [`TlsProbes`] detaches everything (aya closes the
+//! links with the object).
+
+use std::path::Path;
+
+use aegis_common::{DROP_CAUSES, DropCounter};
+use anyhow::Context as _;
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{MapData, PerCpuArray, RingBuf},
+    programs::{
+        UProbe,
+        uprobe::{UProbeAttachPoint, UProbeScope},
+    },
+};
+
+use super::targets::TlsTarget;
+
+/// The compiled eBPF object (built by build.rs with aya-build).
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/aegis"));
+
+/// (program, symbol) pairs: entry probes remember arguments, return probes copy data.
+const ATTACH_PLAN: [(&str, &str, Need); 9] = [
+    ("ssl_rw_enter", "SSL_write", Need::Always),
+    ("ssl_write_exit", "SSL_write", Need::Always),
+    ("ssl_rw_enter", "SSL_read", Need::Always),
+    ("ssl_read_exit", "SSL_read", Need::Always),
+    ("ssl_rw_ex_enter", "SSL_write_ex", Need::Ex),
+    ("ssl_write_ex_exit", "SSL_write_ex", Need::Ex),
+    ("ssl_rw_ex_enter", "SSL_read_ex", Need::Ex),
+    ("ssl_read_ex_exit", "SSL_read_ex", Need::Ex),
+    ("ssl_free_enter", "SSL_free", Need::Free),
+];
+
+#[derive(Clone, Copy)]
+enum Need {
+    Always,
+    Ex,
+    Free,
+}
+
+/// Loaded programs, their attachments, and the maps the agent reads.
+pub struct TlsProbes {
+    /// Owns programs and links; dropping it detaches every probe.
+    _ebpf: Ebpf,
+    pub events: RingBuf<MapData>,
+    drops: PerCpuArray<MapData, DropCounter>,
+    /// Every target tried, indexed by its cookie (a partly attached target still
+    /// labels its events correctly).
+    pub sources: Vec<TlsTarget>,
+}
+
+impl TlsProbes {
+    /// Load the programs and attach them to `targets`. A target whose attachment fails is
+    /// skipped with a warning; no attached target at all is an error.
+    pub fn attach(targets: &[TlsTarget], ring_buffer_bytes: u32) -> anyhow::Result<Self> {
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries("TLS_EVENTS", ring_buffer_bytes)
+            .load(EBPF_OBJECT)
+            .context("loading the eBPF programs into the kernel failed")?;
+        for name in ["ssl_rw_enter", "ssl_rw_ex_enter", "ssl_write_exit", "ssl_write_ex_exit", "ssl_read_exit", "ssl_read_ex_exit", "ssl_free_enter"] {
+            let prog: &mut UProbe = program(&mut ebpf, name)?;
+            prog.load().with_context(|| format!("the kernel rejected eBPF program {name}"))?;
+        }
+
+        let mut attached = 0;
+        for (cookie, target) in targets.iter().enumerate() {
+            match attach_one(&mut ebpf, target, cookie as u64) {
+                Ok(n) => {
+                    tracing::info!(path = %target.path.display(), kind = ?target.kind, probes = n, "TLS probes attached");
+                    attached += 1;
+                }
+                Err(e) => tracing::warn!(path = %target.path.display(), error = %format!("{e:#}"), "cannot attach TLS probes; skipped"),
+            }
+        }
+        anyhow::ensure!(
+            attached > 0,
+            "no TLS library could be probed: install OpenSSL's libssl (Debian: libssl3) or list \
+             the library or executable under capture.libraries / capture.executables"
+        );
+
+        let events = RingBuf::try_from(ebpf.take_map("TLS_EVENTS").context("map TLS_EVENTS missing")?)?;
+        let drops = PerCpuArray::try_from(ebpf.take_map("TLS_DROPS").context("map TLS_DROPS missing")?)?;
+        Ok(Self { _ebpf: ebpf, events, drops, sources: targets.to_vec() })
+    }
+
+    /// Events and bytes lost in the kernel so far, per cause (summed over CPUs).
+    pub fn drops(&self) -> [DropCounter; DROP_CAUSES] {
+        let mut out = [DropCounter::default(); DROP_CAUSES];
+        for (i, slot) in out.iter_mut().enumerate() {
+            if let Ok(values) = self.drops.get(&(i as u32), 0) {
+                for v in values.iter() {
+                    slot.events += v.events;
+                    slot.bytes += v.bytes;
+                }
+            }
+        }
+        out
+    }
+}
+
+fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut UProbe> {
+    ebpf.program_mut(name)
+        .with_context(|| format!("eBPF program {name} missing from the object"))?
+        .try_into()
+        .with_context(|| format!("eBPF program {name} is not a uprobe"))
+}
+
+fn attach_one(ebpf: &mut Ebpf, target: &TlsTarget, cookie: u64) -> anyhow::Result<usize> {
+    let mut n = 0;
+    for (prog_name, symbol, need) in ATTACH_PLAN {
+        let wanted = match need {
+            Need::Always => true,
+            Need::Ex => target.has_ex,
+            Need::Free => target.has_free,
+        };
+        if !wanted {
+            continue;
+        }
+        let prog = program(ebpf, prog_name)?;
+        prog.attach(
+            [UProbeAttachPoint { location: symbol.into(), cookie: Some(cookie) }],
+            Path::new(&target.path),
+            UProbeScope::AllProcesses,
+        )
+        .with_context(|| format!("attaching {prog_name} to {symbol}"))?;
+        n += 1;
+    }
+    Ok(n)
+}

@@ -1,0 +1,118 @@
+//! Who made a call: executable, command name, uid and cgroup path of a process, read from
+//! /proc the first time the process is seen and cached (bounded).
+//!
+//! A short-lived client (curl) may exit before the agent looks it up; then the fields the
+//! kernel stamped on the event (comm, uid, cgroup id) are still there, and the record says
+//! `exe: null`.
+
+use std::{
+    collections::HashMap,
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+use serde::Serialize;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ProcessInfo {
+    pub pid: u32,
+    pub comm: String,
+    pub exe: Option<String>,
+    pub uid: u32,
+    /// cgroup v2 path relative to the cgroup root ("/system.slice/foo.service"), or
+    /// "cgroup-id:N" when the process was gone before it could be read.
+    pub cgroup: String,
+}
+
+/// After this long a cached entry is read again (the pid may have been reused, or the
+/// process may have exec'd); if the process is gone, the old entry stays.
+const REFRESH: Duration = Duration::from_secs(10);
+
+/// Bounded cache keyed by tgid.
+pub struct ProcessCache {
+    entries: Mutex<HashMap<u32, (ProcessInfo, Instant)>>,
+    max: usize,
+}
+
+impl ProcessCache {
+    pub fn new(max: usize) -> Self {
+        Self { entries: Mutex::new(HashMap::new()), max }
+    }
+
+    /// Describe `tgid`; `comm`, `uid` and `cgroup_id` are what the kernel stamped on its
+    /// event, used when /proc no longer has the process.
+    pub fn lookup(&self, tgid: u32, comm: &str, uid: u32, cgroup_id: u64) -> ProcessInfo {
+        let now = Instant::now();
+        let mut map = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        let stale = match map.get(&tgid) {
+            Some((info, at)) if now.duration_since(*at) < REFRESH => return info.clone(),
+            Some((info, _)) => Some(info.clone()),
+            None => None,
+        };
+        let info = match (read_proc(tgid, uid), stale) {
+            (Some(info), _) => info,
+            (None, Some(old)) => old,
+            (None, None) => ProcessInfo {
+                pid: tgid,
+                comm: comm.to_owned(),
+                exe: None,
+                uid,
+                cgroup: format!("cgroup-id:{cgroup_id}"),
+            },
+        };
+        if map.len() >= self.max {
+            // Simple bound: start over. Lookups miss once per process per REFRESH, so
+            // re-reading /proc after a reset costs little.
+            map.clear();
+        }
+        map.insert(tgid, (info.clone(), now));
+        info
+    }
+}
+
+/// None when the process is gone.
+fn read_proc(tgid: u32, uid: u32) -> Option<ProcessInfo> {
+    let comm = std::fs::read_to_string(format!("/proc/{tgid}/comm")).ok()?;
+    let exe = std::fs::read_link(format!("/proc/{tgid}/exe"))
+        .ok()
+        .map(|p| p.to_string_lossy().trim_end_matches(" (deleted)").to_owned());
+    let cgroup = std::fs::read_to_string(format!("/proc/{tgid}/cgroup"))
+        .ok()
+        .and_then(|s| parse_cgroup_v2(&s))?;
+    Some(ProcessInfo { pid: tgid, comm: comm.trim_end().to_owned(), exe, uid, cgroup })
+}
+
+/// The unified-hierarchy line of /proc/PID/cgroup ("0::/path").
+fn parse_cgroup_v2(text: &str) -> Option<String> {
+    text.lines().find_map(|l| l.strip_prefix("0::")).map(str::to_owned)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_process_is_described() {
+        let cache = ProcessCache::new(8);
+        let me = std::process::id();
+        let info = cache.lookup(me, "test", 0, 1);
+        assert_eq!(info.pid, me);
+        assert_eq!(info.exe.as_deref(), std::env::current_exe().ok().as_deref().and_then(|p| p.to_str()));
+        assert!(info.cgroup.starts_with('/'), "{}", info.cgroup);
+    }
+
+    #[test]
+    fn gone_process_falls_back_to_kernel_fields() {
+        let cache = ProcessCache::new(8);
+        let info = cache.lookup(u32::MAX - 1, "ghost", 7, 99);
+        assert_eq!(info.exe, None);
+        assert_eq!(info.cgroup, "cgroup-id:99");
+        assert_eq!(info.uid, 7);
+    }
+
+    #[test]
+    fn cgroup_v2_line_is_found_in_hybrid_layout() {
+        let text = "12:pids:/user.slice\n1:name=systemd:/user.slice/x\n0::/user.slice/session-1.scope\n";
+        assert_eq!(parse_cgroup_v2(text).as_deref(), Some("/user.slice/session-1.scope"));
+    }
+}

@@ -1,0 +1,501 @@
+//! Request/response pairing on one connection, and the model API view of each pair.
+//!
+//! An [`ExchangeTracker`] is fed the two byte streams of one HTTP/1.1 connection, as the
+//! capture layer rebuilt them, and yields one [`Observation`] per model API call once its
+//! response has ended (or the connection did). Requests that are surely not model calls
+//! (anything but POST) keep no body and their responses are framed but not decoded, so
+//! other HTTPS traffic costs little beyond parsing heads.
+//!
+//! Both ends of a call can be on this host (a local inference server behind TLS): the
+//! tracker does not care which end it sits at; [`Side`] says, and the request
+//! [`Observation::fingerprint`] lets the correlator join the two views.
+
+use std::{
+    collections::VecDeque,
+    hash::{DefaultHasher, Hasher as _},
+};
+
+use bytes::Bytes;
+
+use super::{
+    detect::{self, ApiCall, ApiKind, RequestView},
+    usage::{ResponseSummary, UsageCollector},
+};
+use crate::protocol::{
+    encoding::BodyDecoder,
+    http1::{Http1Parser, HttpEvent, Limits, MessageHead, StreamKind},
+    sse::SseDecoder,
+};
+
+/// Which end of the connection the observing process is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Side {
+    /// It sent the request.
+    Client,
+    /// It received the request.
+    Server,
+}
+
+/// Request body bytes that enter the fingerprint.
+const FINGERPRINT_BODY_BYTES: usize = 64 * 1024;
+/// A single SSE event larger than this is dropped (counted).
+const MAX_SSE_EVENT_BYTES: usize = 1024 * 1024;
+
+/// One model API call as seen from one end of one connection.
+#[derive(Clone, Debug)]
+pub struct Observation {
+    pub side: Side,
+    pub call: ApiCall,
+    pub summary: ResponseSummary,
+    pub method: String,
+    pub target: String,
+    pub host: Option<String>,
+    pub status: Option<u16>,
+    /// Monotonic timestamps (ns) of the request's first byte, the response's first and
+    /// last byte.
+    pub request_start_ns: u64,
+    pub response_first_ns: Option<u64>,
+    pub response_end_ns: Option<u64>,
+    /// Bytes on the wire (heads and bodies as sent, before decoding).
+    pub request_bytes: u64,
+    pub response_bytes: u64,
+    /// Hash of method, target, host and the request body's first bytes: equal on both
+    /// ends of the same call.
+    pub fingerprint: u64,
+    /// False when any part was missing or cut short; `notes` says what.
+    pub complete: bool,
+    pub notes: Vec<String>,
+}
+
+/// Counters of what was skipped, for the agent's health report.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ExchangeStats {
+    pub exchanges: u64,
+    pub ignored_exchanges: u64,
+    pub parse_errors: u64,
+    pub skipped_bytes: u64,
+}
+
+struct RequestState {
+    head: MessageHead,
+    start_ns: u64,
+    wire_bytes: u64,
+    keep_body: bool,
+    decoder: Option<BodyDecoder>,
+    body: Vec<u8>,
+    body_len: u64,
+    hasher: DefaultHasher,
+    ended: bool,
+    complete: bool,
+    notes: Vec<String>,
+    /// Set at request end: the call, or None (not a model API call).
+    call: Option<ApiCall>,
+}
+
+struct ResponseState {
+    head: Option<MessageHead>,
+    first_ns: Option<u64>,
+    end_ns: Option<u64>,
+    wire_bytes: u64,
+    decoder: Option<BodyDecoder>,
+    body: Vec<u8>,
+    ended: bool,
+    complete: bool,
+    notes: Vec<String>,
+}
+
+struct Exchange {
+    req: RequestState,
+    resp: ResponseState,
+}
+
+/// Pairs requests and responses of one connection and summarises model API calls.
+pub struct ExchangeTracker {
+    side: Side,
+    max_body: usize,
+    requests: Http1Parser,
+    responses: Http1Parser,
+    /// Exchanges in request order; the front one is what responses answer.
+    queue: VecDeque<Exchange>,
+    /// The last exchange in `queue` is still receiving its request.
+    receiving: bool,
+    events: Vec<HttpEvent>,
+    pub stats: ExchangeStats,
+}
+
+impl ExchangeTracker {
+    pub fn new(side: Side, max_body: usize) -> Self {
+        Self {
+            side,
+            max_body,
+            requests: Http1Parser::new(StreamKind::Requests, Limits::default()),
+            responses: Http1Parser::new(StreamKind::Responses, Limits::default()),
+            queue: VecDeque::new(),
+            receiving: false,
+            events: Vec::new(),
+            stats: ExchangeStats::default(),
+        }
+    }
+
+    pub fn side(&self) -> Side {
+        self.side
+    }
+
+    /// Request-stream bytes at monotonic time `ts`.
+    pub fn request_data(&mut self, data: &[u8], ts: u64, out: &mut Vec<Observation>) {
+        let mut events = std::mem::take(&mut self.events);
+        self.requests.feed(data, &mut events);
+        for e in events.drain(..) {
+            self.on_request_event(e, ts);
+        }
+        self.events = events;
+        self.flush(out);
+    }
+
+    /// Response-stream bytes at monotonic time `ts`.
+    pub fn response_data(&mut self, data: &[u8], ts: u64, out: &mut Vec<Observation>) {
+        let mut events = std::mem::take(&mut self.events);
+        self.responses.feed(data, &mut events);
+        for e in events.drain(..) {
+            self.on_response_event(e, ts);
+        }
+        self.events = events;
+        self.flush(out);
+    }
+
+    /// `n` bytes of the request stream were lost in capture.
+    pub fn request_gap(&mut self, n: u64, ts: u64, out: &mut Vec<Observation>) {
+        let mut events = std::mem::take(&mut self.events);
+        self.requests.gap(n, &mut events);
+        if self.receiving
+            && let Some(x) = self.queue.back_mut()
+        {
+            x.req.notes.push(format!("request_capture_gap:{n}"));
+            x.req.complete = false;
+        }
+        for e in events.drain(..) {
+            self.on_request_event(e, ts);
+        }
+        self.events = events;
+        self.flush(out);
+    }
+
+    /// `n` bytes of the response stream were lost in capture.
+    pub fn response_gap(&mut self, n: u64, ts: u64, out: &mut Vec<Observation>) {
+        let mut events = std::mem::take(&mut self.events);
+        self.responses.gap(n, &mut events);
+        if let Some(x) = self.queue.front_mut()
+            && x.resp.head.is_some()
+        {
+            x.resp.notes.push(format!("response_capture_gap:{n}"));
+            x.resp.complete = false;
+        }
+        for e in events.drain(..) {
+            self.on_response_event(e, ts);
+        }
+        self.events = events;
+        self.flush(out);
+    }
+
+    /// The connection ended (closed, freed, or idle too long): report what is pending.
+    pub fn finish(&mut self, ts: u64, reason: &str, out: &mut Vec<Observation>) {
+        let mut events = std::mem::take(&mut self.events);
+        self.requests.finish(&mut events);
+        for e in events.drain(..) {
+            self.on_request_event(e, ts);
+        }
+        self.responses.finish(&mut events);
+        for e in events.drain(..) {
+            self.on_response_event(e, ts);
+        }
+        self.events = events;
+        self.flush(out);
+        // What remains never got a full response.
+        while let Some(mut x) = self.queue.pop_front() {
+            if !x.req.ended {
+                x.req.ended = true;
+                x.req.complete = false;
+                x.req.notes.push("request_cut_short".into());
+                self.detect(&mut x.req);
+            }
+            if !x.resp.ended {
+                x.resp.notes.push(format!("no_complete_response:{reason}"));
+                x.resp.complete = false;
+                x.resp.end_ns = x.resp.end_ns.or(x.resp.first_ns);
+            }
+            if let Some(o) = self.observe(x) {
+                out.push(o);
+            }
+        }
+    }
+
+    fn on_request_event(&mut self, event: HttpEvent, ts: u64) {
+        match event {
+            HttpEvent::Head(head) => {
+                let method = head.method.clone().unwrap_or_default();
+                let target = head.target.clone().unwrap_or_default();
+                self.responses.expect_response_to(&method);
+                let keep_body = detect::may_be_api_call(&method, &target);
+                let decoder = keep_body
+                    .then(|| BodyDecoder::new(head.header("content-encoding"), self.max_body).ok())
+                    .flatten();
+                let mut hasher = DefaultHasher::new();
+                hasher.write(method.as_bytes());
+                hasher.write(target.as_bytes());
+                hasher.write(head.header("host").unwrap_or_default());
+                let wire = head.wire_len as u64;
+                let mut notes = Vec::new();
+                if keep_body && decoder.is_none() && head.header("content-encoding").is_some() {
+                    notes.push("request_body_encoding_unsupported".into());
+                }
+                self.queue.push_back(Exchange {
+                    req: RequestState {
+                        head,
+                        start_ns: ts,
+                        wire_bytes: wire,
+                        keep_body,
+                        decoder,
+                        body: Vec::new(),
+                        body_len: 0,
+                        hasher,
+                        ended: false,
+                        complete: true,
+                        notes,
+                        call: None,
+                    },
+                    resp: ResponseState {
+                        head: None,
+                        first_ns: None,
+                        end_ns: None,
+                        wire_bytes: 0,
+                        decoder: None,
+                        body: Vec::new(),
+                        ended: false,
+                        complete: true,
+                        notes: Vec::new(),
+                    },
+                });
+                self.receiving = true;
+            }
+            HttpEvent::Body(bytes) => {
+                if !self.receiving {
+                    return;
+                }
+                let Some(x) = self.queue.back_mut() else { return };
+                let req = &mut x.req;
+                req.wire_bytes += bytes.len() as u64;
+                if req.body_len < FINGERPRINT_BODY_BYTES as u64 {
+                    let take = (FINGERPRINT_BODY_BYTES as u64 - req.body_len).min(bytes.len() as u64);
+                    req.hasher.write(&bytes[..take as usize]);
+                }
+                req.body_len += bytes.len() as u64;
+                if req.keep_body {
+                    decode_into(&mut req.decoder, &bytes, &mut req.body, &mut req.notes, "request");
+                }
+            }
+            HttpEvent::End { complete } => {
+                if !self.receiving {
+                    return;
+                }
+                self.receiving = false;
+                if let Some(mut x) = self.queue.pop_back() {
+                    x.req.ended = true;
+                    if !complete {
+                        x.req.complete = false;
+                        x.req.notes.push("request_incomplete".into());
+                    }
+                    self.detect(&mut x.req);
+                    self.queue.push_back(x);
+                }
+            }
+            HttpEvent::Error { error, skipped } => {
+                self.stats.parse_errors += 1;
+                self.stats.skipped_bytes += skipped;
+                if self.receiving
+                    && let Some(x) = self.queue.back_mut()
+                {
+                    x.req.notes.push(format!("request_parse_error:{error}"));
+                    x.req.complete = false;
+                }
+            }
+        }
+    }
+
+    fn on_response_event(&mut self, event: HttpEvent, ts: u64) {
+        // Responses answer the oldest exchange whose response has not ended.
+        let max_body = self.max_body;
+        let Some(x) = self.queue.iter_mut().find(|x| !x.resp.ended) else {
+            if let HttpEvent::Error { skipped, .. } = event {
+                self.stats.parse_errors += 1;
+                self.stats.skipped_bytes += skipped;
+            }
+            return;
+        };
+        let resp = &mut x.resp;
+        match event {
+            HttpEvent::Head(head) => {
+                // An interim 1xx response: the real one follows.
+                if head.status.is_some_and(|s| (100..200).contains(&s)) {
+                    resp.wire_bytes += head.wire_len as u64;
+                    resp.first_ns.get_or_insert(ts);
+                    return;
+                }
+                resp.first_ns.get_or_insert(ts);
+                resp.wire_bytes += head.wire_len as u64;
+                // Decode only what may be a model call (detection may still be pending).
+                if x.req.call.is_some() || (x.req.keep_body && !x.req.ended) {
+                    match BodyDecoder::new(head.header("content-encoding"), max_body) {
+                        Ok(d) => resp.decoder = Some(d),
+                        Err(e) => resp.notes.push(format!("response_body_not_decoded:{e}")),
+                    }
+                }
+                resp.head = Some(head);
+            }
+            HttpEvent::Body(bytes) => {
+                resp.wire_bytes += bytes.len() as u64;
+                if resp.decoder.is_some() {
+                    decode_into(&mut resp.decoder, &bytes, &mut resp.body, &mut resp.notes, "response");
+                }
+            }
+            HttpEvent::End { complete } => {
+                if resp.head.is_none() {
+                    // End of an interim response.
+                    return;
+                }
+                resp.ended = true;
+                resp.end_ns = Some(ts);
+                if !complete {
+                    resp.complete = false;
+                    resp.notes.push("response_incomplete".into());
+                }
+            }
+            HttpEvent::Error { error, skipped } => {
+                self.stats.parse_errors += 1;
+                self.stats.skipped_bytes += skipped;
+                resp.notes.push(format!("response_parse_error:{error}"));
+                resp.complete = false;
+            }
+        }
+    }
+
+    fn detect(&mut self, req: &mut RequestState) {
+        self.stats.exchanges += 1;
+        if !req.keep_body {
+            self.stats.ignored_exchanges += 1;
+            return;
+        }
+        // Without a decoder (unsupported or corrupt encoding) the body is not available.
+        let truncated = req.decoder.as_ref().map_or(req.body_len > 0, |d| d.over_cap() > 0);
+        let method = req.head.method.as_deref().unwrap_or_default();
+        let target = req.head.target.as_deref().unwrap_or_default();
+        let host = req.head.header("host").map(|h| String::from_utf8_lossy(h).into_owned());
+        let view = RequestView {
+            method,
+            target,
+            host: host.as_deref(),
+            content_type: req.head.header("content-type"),
+            body: &req.body,
+            body_truncated: truncated,
+        };
+        req.call = detect::detect(&view);
+        if req.call.is_none() {
+            self.stats.ignored_exchanges += 1;
+            req.body = Vec::new();
+        } else if truncated {
+            req.notes.push(format!("request_body_truncated_at:{}", req.body.len()));
+        }
+    }
+
+    /// Emit, in order, every exchange at the front whose request and response both ended.
+    fn flush(&mut self, out: &mut Vec<Observation>) {
+        while self.queue.front().is_some_and(|x| x.req.ended && x.resp.ended) {
+            let x = self.queue.pop_front().expect("front exists");
+            if let Some(o) = self.observe(x) {
+                out.push(o);
+            }
+        }
+    }
+
+    fn observe(&self, x: Exchange) -> Option<Observation> {
+        let Exchange { req, resp } = x;
+        let call = req.call?;
+        let mut summary_src = UsageCollector::new(call.api);
+        let mut notes = req.notes;
+        notes.extend(resp.notes);
+        if resp.decoder.is_some() {
+            summarise(&mut summary_src, &call, resp.head.as_ref(), &resp.body, &mut notes);
+        }
+        let head = resp.head.as_ref();
+        Some(Observation {
+            side: self.side,
+            summary: summary_src.summary().clone(),
+            method: req.head.method.clone().unwrap_or_default(),
+            target: req.head.target.clone().unwrap_or_default(),
+            host: req.head.header("host").map(|h| String::from_utf8_lossy(h).into_owned()),
+            status: head.and_then(|h| h.status),
+            request_start_ns: req.start_ns,
+            response_first_ns: resp.first_ns,
+            response_end_ns: resp.end_ns,
+            request_bytes: req.wire_bytes,
+            response_bytes: resp.wire_bytes,
+            fingerprint: {
+                let mut h = req.hasher;
+                h.write_u64(req.body_len);
+                h.finish()
+            },
+            complete: req.complete && resp.complete,
+            notes,
+            call,
+        })
+    }
+}
+
+/// Decode `bytes` into `body` (capped), noting the first decoding error.
+fn decode_into(
+    decoder: &mut Option<BodyDecoder>,
+    bytes: &Bytes,
+    body: &mut Vec<u8>,
+    notes: &mut Vec<String>,
+    what: &str,
+) {
+    let Some(d) = decoder else { return };
+    if let Err(e) = d.push(bytes, body) {
+        notes.push(format!("{what}_body_undecodable:{e}"));
+        *decoder = None;
+    }
+}
+
+/// Feed a response body to the usage collector in the form its content type says.
+fn summarise(
+    usage: &mut UsageCollector,
+    call: &ApiCall,
+    head: Option<&MessageHead>,
+    body: &[u8],
+    notes: &mut Vec<String>,
+) {
+    let content_type = head
+        .and_then(|h| h.header("content-type"))
+        .map(|v| String::from_utf8_lossy(v).to_ascii_lowercase())
+        .unwrap_or_default();
+    if content_type.starts_with("text/event-stream") {
+        let mut sse = SseDecoder::new(MAX_SSE_EVENT_BYTES);
+        let mut events = Vec::new();
+        sse.push(body, &mut events);
+        sse.finish(&mut events);
+        for e in &events {
+            usage.on_sse(e);
+        }
+        if sse.oversized_events() > 0 {
+            notes.push(format!("sse_events_over_size_cap:{}", sse.oversized_events()));
+        }
+    } else if content_type.contains("ndjson")
+        || (matches!(call.api, ApiKind::OllamaChat | ApiKind::OllamaGenerate) && call.stream)
+    {
+        for line in body.split(|&b| b == b'\n').filter(|l| !l.iter().all(u8::is_ascii_whitespace)) {
+            usage.on_json_line(line);
+        }
+    } else {
+        usage.on_body(body);
+    }
+}

@@ -1,0 +1,211 @@
+//! The agent under test as a child process, with a temporary config and output file.
+
+use crate::{TempDir, file_tail, workspace_dir};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde_json::Value;
+use std::fs::{self, File};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long the agent may take to load and attach its probes.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long the agent may take to exit after SIGINT before it is killed.
+pub const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Path of the agent binary: `$AEGIS_AGENT_BIN`, else `aegis-agent` next to the running
+/// test's profile directory (`target/<profile>/deps/<test>` → `target/<profile>/`), else
+/// `<workspace>/target/debug/aegis-agent`.
+pub fn agent_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("AEGIS_AGENT_BIN") {
+        return PathBuf::from(p);
+    }
+    let beside_test = std::env::current_exe()
+        .ok()
+        .and_then(|exe| Some(exe.parent()?.parent()?.join("aegis-agent")));
+    let candidates = beside_test.into_iter().chain([workspace_dir().join("target/debug/aegis-agent")]);
+    let tried: Vec<PathBuf> = candidates.collect();
+    tried.iter().find(|p| p.is_file()).cloned().unwrap_or_else(|| {
+        panic!(
+            "aegis-agent binary not found (tried {tried:?}); build it first with \
+             `cargo build -p aegis-agent`, or set AEGIS_AGENT_BIN"
+        )
+    })
+}
+
+/// A running agent writing JSON lines to a temporary file. Dropping it stops it (SIGINT,
+/// then SIGKILL after [`STOP_TIMEOUT`]) and, unless already panicking, asserts a clean exit.
+pub struct Agent {
+    child: Child,
+    dir: TempDir,
+    output: PathBuf,
+    status: Option<ExitStatus>,
+}
+
+impl Agent {
+    /// Starts the agent with the default test config.
+    pub fn start() -> Self {
+        Self::start_with_config("")
+    }
+
+    /// Starts the agent; `extra_toml` is appended to the generated config. Waits until the
+    /// agent creates its ready file (probes attached).
+    pub fn start_with_config(extra_toml: &str) -> Self {
+        let bin = agent_bin();
+        let dir = TempDir::new("agent");
+        let output = dir.join("calls.jsonl");
+        let config = dir.join("agent.toml");
+        let ready = dir.join("ready");
+        let toml = format!("[output]\nstdout = false\nfile = {:?}\n{extra_toml}", output.display().to_string());
+        fs::write(&config, toml).expect("writing agent config");
+        let child = Command::new(&bin)
+            .arg("run")
+            .arg("--config")
+            .arg(&config)
+            .arg("--ready-file")
+            .arg(&ready)
+            .stdin(Stdio::null())
+            .stdout(File::create(dir.join("stdout.log")).expect("creating agent stdout log"))
+            .stderr(File::create(dir.join("stderr.log")).expect("creating agent stderr log"))
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawning {}: {e}", bin.display()));
+        let mut agent = Self { child, dir, output, status: None };
+
+        let deadline = Instant::now() + READY_TIMEOUT;
+        while !ready.exists() {
+            if let Some(status) = agent.child.try_wait().expect("waiting for the agent") {
+                agent.status = Some(status);
+                panic!("agent {} exited before ready ({status}){}", bin.display(), agent.logs());
+            }
+            if Instant::now() >= deadline {
+                agent.kill();
+                panic!("agent not ready after {READY_TIMEOUT:?}{}", agent.logs());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        agent
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The JSON lines file the agent writes.
+    pub fn output_path(&self) -> &Path {
+        &self.output
+    }
+
+    /// The output file as text ("" before the first record).
+    pub fn raw_output(&self) -> String {
+        fs::read_to_string(&self.output).unwrap_or_default()
+    }
+
+    /// All complete lines of the output file, parsed. Panics on a line that is not JSON; a
+    /// last line without its newline (being written) is left for the next call.
+    pub fn records(&self) -> Vec<Value> {
+        let raw = self.raw_output();
+        let complete = match raw.rfind('\n') {
+            Some(end) => &raw[..end],
+            None => "",
+        };
+        complete
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .enumerate()
+            .map(|(i, line)| {
+                serde_json::from_str(line)
+                    .unwrap_or_else(|e| panic!("agent output line {} is not JSON ({e}): {line}{}", i + 1, self.logs()))
+            })
+            .collect()
+    }
+
+    /// Polls until at least `n` records satisfy `pred`, and returns those; panics with the
+    /// records seen and the agent's stderr after `timeout`.
+    pub fn wait_for_records(&self, pred: impl Fn(&Value) -> bool, n: usize, timeout: Duration) -> Vec<Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let matching: Vec<Value> = self.records().into_iter().filter(|r| pred(r)).collect();
+            if matching.len() >= n {
+                return matching;
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "waited {timeout:?} for {n} matching records, got {}; all records:\n{}{}",
+                    matching.len(),
+                    self.raw_output(),
+                    self.logs()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Like [`Agent::wait_for_records`] but returns false on timeout instead of panicking,
+    /// so the caller can go on to a detailed comparison.
+    pub fn wait_until(&self, pred: impl Fn(&Value) -> bool, n: usize, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while self.records().iter().filter(|r| pred(r)).count() < n {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        true
+    }
+
+    /// Stops the agent (SIGINT), asserts it exited cleanly, and returns every record it
+    /// wrote (so a test can check that nothing more came at shutdown).
+    pub fn stop(&mut self) -> Vec<Value> {
+        let status = self.terminate();
+        assert!(status.success(), "agent exited with {status} after SIGINT{}", self.logs());
+        self.records()
+    }
+
+    /// The agent's stdout/stderr tails, formatted for a panic message.
+    pub fn logs(&self) -> String {
+        format!(
+            "\n--- agent stderr (tail) ---\n{}\n--- agent stdout (tail) ---\n{}\n---",
+            file_tail(&self.dir.join("stderr.log"), 6000),
+            file_tail(&self.dir.join("stdout.log"), 2000)
+        )
+    }
+
+    /// SIGINT, wait up to STOP_TIMEOUT, then SIGKILL. Idempotent.
+    fn terminate(&mut self) -> ExitStatus {
+        if let Some(status) = self.status {
+            return status;
+        }
+        let pid = Pid::from_raw(self.child.id() as i32);
+        let _ = kill(pid, Signal::SIGINT);
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        let status = loop {
+            if let Some(status) = self.child.try_wait().expect("waiting for the agent") {
+                break status;
+            }
+            if Instant::now() >= deadline {
+                eprintln!("agent did not exit {STOP_TIMEOUT:?} after SIGINT; sending SIGKILL");
+                self.kill();
+                break self.status.expect("set by kill");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        self.status = Some(status);
+        status
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        self.status = Some(self.child.wait().expect("waiting for the killed agent"));
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let already_stopped = self.status.is_some();
+        let status = self.terminate();
+        if !already_stopped && !status.success() && !std::thread::panicking() {
+            panic!("agent exited with {status} after SIGINT{}", self.logs());
+        }
+    }
+}

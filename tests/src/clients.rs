@@ -1,0 +1,280 @@
+//! Requests, plans, and the real clients that send them: curl, python (http.client), node
+//! (fetch). Each runner spawns the client directly (no shell, no shim), so the pid it
+//! returns is the pid that makes the TLS calls.
+
+use crate::expect::{Identity, TlsExpect};
+use crate::{TempDir, comm_of, file_tail, python_exe, tests_dir, wait_with_timeout};
+use serde_json::{Value, json};
+use std::fs::{self, File};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+/// How long one client run may take.
+pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(120);
+pub const CURL: &str = "/usr/bin/curl";
+pub const NODE: &str = "/usr/bin/node";
+
+/// One HTTP request of a plan.
+#[derive(Clone, Debug)]
+pub struct Request {
+    pub method: String,
+    /// Path and query.
+    pub path: String,
+    pub headers: Vec<(String, String)>,
+    /// JSON body, sent compact (`serde_json::to_vec`, the same bytes the python and node
+    /// clients produce for ASCII bodies).
+    pub body: Option<Value>,
+    /// Ask for a gzip-compressed answer (curl `--compressed`, else `Accept-Encoding: gzip`).
+    pub gzip: bool,
+}
+
+impl Request {
+    pub fn get(path: &str) -> Self {
+        Self { method: "GET".into(), path: path.into(), headers: Vec::new(), body: None, gzip: false }
+    }
+
+    pub fn post(path: &str, body: Value) -> Self {
+        Self { method: "POST".into(), path: path.into(), headers: Vec::new(), body: Some(body), gzip: false }
+    }
+
+    pub fn header(mut self, name: &str, value: &str) -> Self {
+        self.headers.push((name.into(), value.into()));
+        self
+    }
+
+    pub fn gzip(mut self) -> Self {
+        self.gzip = true;
+        self
+    }
+
+    /// The body bytes as sent.
+    pub fn body_bytes(&self) -> Vec<u8> {
+        self.body.as_ref().map(|b| serde_json::to_vec(b).expect("serialising a body")).unwrap_or_default()
+    }
+
+    /// The status the mock answers with (see `mock_provider.py`).
+    pub fn expected_status(&self) -> u16 {
+        if let Some((_, v)) = self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case("x-mock-status")) {
+            return v.parse().expect("x-mock-status is a number");
+        }
+        let path = self.path.split('?').next().unwrap_or_default();
+        let known = match self.method.as_str() {
+            "GET" => matches!(path, "/health" | "/static/blob"),
+            "POST" => {
+                matches!(
+                    path,
+                    "/api/login"
+                        | "/v1/chat/completions"
+                        | "/v1/completions"
+                        | "/v1/responses"
+                        | "/v1/embeddings"
+                        | "/v1/messages"
+                        | "/api/chat"
+                        | "/api/generate"
+                ) || (path.starts_with("/v1beta/models/")
+                    && (path.ends_with(":generateContent") || path.ends_with(":streamGenerateContent")))
+            }
+            _ => false,
+        };
+        if known { 200 } else { 404 }
+    }
+
+    /// The plan form read by `py_client.py` / `node_client.mjs`.
+    fn to_plan_json(&self) -> Value {
+        let mut headers: serde_json::Map<String, Value> =
+            self.headers.iter().map(|(k, v)| (k.clone(), Value::String(v.clone()))).collect();
+        if self.gzip {
+            headers.insert("Accept-Encoding".into(), "gzip".into());
+        }
+        json!({"method": self.method, "path": self.path, "headers": headers, "body": self.body})
+    }
+}
+
+/// Requests grouped by connection: each inner list goes, in order, over one keep-alive
+/// connection; the lists run concurrently (one thread each in the python client).
+#[derive(Clone, Debug)]
+pub struct Plan {
+    pub connections: Vec<Vec<Request>>,
+}
+
+impl Plan {
+    /// All requests over one connection.
+    pub fn single(requests: Vec<Request>) -> Self {
+        Self { connections: vec![requests] }
+    }
+
+    pub fn requests(&self) -> impl Iterator<Item = &Request> {
+        self.connections.iter().flatten()
+    }
+
+    fn to_json(&self) -> Value {
+        let conns: Vec<Value> =
+            self.connections.iter().map(|c| Value::Array(c.iter().map(Request::to_plan_json).collect())).collect();
+        if conns.len() == 1 { conns.into_iter().next().expect("one") } else { json!({ "connections": conns }) }
+    }
+}
+
+/// One response line printed by a client.
+#[derive(Clone, Debug)]
+pub struct ClientResponse {
+    pub conn: usize,
+    pub index: usize,
+    pub status: u16,
+    pub bytes: u64,
+    /// Thread that sent it (python client only).
+    pub tid: Option<u32>,
+    /// New connections opened for it (curl only).
+    pub num_connects: Option<u64>,
+}
+
+/// A finished client run.
+#[derive(Debug)]
+pub struct ClientRun {
+    pub client: &'static str,
+    /// The process the agent should name as the caller.
+    pub identity: Identity,
+    pub responses: Vec<ClientResponse>,
+    pub stderr: String,
+}
+
+impl ClientRun {
+    pub fn pid(&self) -> u32 {
+        self.identity.pid
+    }
+
+    /// Every request of `plan` got its response, with the status the mock gives, and
+    /// each connection's requests went over a single connection where the client says so.
+    pub fn assert_responses(&self, plan: &Plan) {
+        let expected: usize = plan.connections.iter().map(Vec::len).sum();
+        assert_eq!(self.responses.len(), expected, "{} printed {} responses for {expected} requests; stderr:\n{}",
+            self.client, self.responses.len(), self.stderr);
+        for (c, reqs) in plan.connections.iter().enumerate() {
+            for (i, req) in reqs.iter().enumerate() {
+                let resp = self
+                    .responses
+                    .iter()
+                    .find(|r| r.conn == c && r.index == i)
+                    .unwrap_or_else(|| panic!("{}: no response for connection {c} request {i}", self.client));
+                assert_eq!(resp.status, req.expected_status(), "{}: status of {} {}", self.client, req.method, req.path);
+                assert!(resp.bytes > 0 || req.method == "HEAD", "{}: empty body for {}", self.client, req.path);
+                if let Some(n) = resp.num_connects {
+                    assert_eq!(n, u64::from(i == 0), "{}: request {i} ({}) did not reuse the connection", self.client, req.path);
+                }
+            }
+        }
+    }
+}
+
+fn parse_responses(client: &str, stdout: &str) -> Vec<ClientResponse> {
+    stdout
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|line| {
+            let v: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{client} printed non-JSON ({e}): {line}"));
+            let num = |k: &str| v.get(k).and_then(Value::as_u64);
+            ClientResponse {
+                conn: num("conn").unwrap_or(0) as usize,
+                index: num("i").expect("response index") as usize,
+                status: num("status").expect("response status") as u16,
+                bytes: num("bytes").expect("response bytes"),
+                tid: num("tid").map(|t| t as u32),
+                num_connects: num("num_connects"),
+            }
+        })
+        .collect()
+}
+
+/// Runs `cmd` to completion with stdout/stderr captured to files; returns (pid, stdout, stderr).
+fn run_client(client: &'static str, mut cmd: Command) -> (u32, String, String) {
+    let dir = TempDir::new(client);
+    let (out_path, err_path) = (dir.join("stdout"), dir.join("stderr"));
+    cmd.stdin(Stdio::null())
+        .stdout(File::create(&out_path).expect("client stdout file"))
+        .stderr(File::create(&err_path).expect("client stderr file"));
+    let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawning {client}: {e}"));
+    let pid = child.id();
+    let status = wait_with_timeout(&mut child, client, CLIENT_TIMEOUT);
+    let stdout = fs::read_to_string(&out_path).unwrap_or_default();
+    let stderr = file_tail(&err_path, 4000);
+    assert!(status.success(), "{client} failed ({status}); stdout:\n{stdout}\nstderr:\n{stderr}");
+    (pid, stdout, stderr)
+}
+
+fn identity(pid: u32, exe: &Path, tls: TlsExpect, single_thread: bool) -> Identity {
+    Identity { pid, comm: comm_of(exe), exe: exe.to_path_buf(), tls, single_thread }
+}
+
+fn write_plan(plan: &Plan) -> (TempDir, PathBuf) {
+    let dir = TempDir::new("plan");
+    let path = dir.join("plan.json");
+    fs::write(&path, serde_json::to_vec_pretty(&plan.to_json()).expect("plan JSON")).expect("writing plan");
+    (dir, path)
+}
+
+/// Runs `py_client.py` (real interpreter, no shim) against `127.0.0.1:port`.
+pub fn run_python(port: u16, plan: &Plan) -> ClientRun {
+    let (_dir, plan_path) = write_plan(plan);
+    let mut cmd = Command::new(python_exe());
+    cmd.arg(tests_dir().join("clients/py_client.py")).arg("--port").arg(port.to_string()).arg("--plan").arg(&plan_path);
+    let (pid, stdout, stderr) = run_client("python", cmd);
+    ClientRun {
+        client: "python",
+        identity: identity(pid, python_exe(), TlsExpect::LibSsl, plan.connections.len() == 1),
+        responses: parse_responses("python", &stdout),
+        stderr,
+    }
+}
+
+/// Runs `node_client.mjs` with `/usr/bin/node` (certificate checks off).
+pub fn run_node(port: u16, plan: &Plan) -> ClientRun {
+    let (_dir, plan_path) = write_plan(plan);
+    let mut cmd = Command::new(NODE);
+    cmd.env("NODE_TLS_REJECT_UNAUTHORIZED", "0")
+        .arg(tests_dir().join("clients/node_client.mjs"))
+        .arg("--port")
+        .arg(port.to_string())
+        .arg("--plan")
+        .arg(&plan_path);
+    let (pid, stdout, stderr) = run_client("node", cmd);
+    ClientRun {
+        client: "node",
+        identity: identity(pid, Path::new(NODE), TlsExpect::Binary(NODE.into()), true),
+        responses: parse_responses("node", &stdout),
+        stderr,
+    }
+}
+
+/// Runs ONE `curl -sk --http1.1` for all requests of a single-connection plan (`--next`
+/// between them), so they share one keep-alive connection.
+pub fn run_curl(port: u16, plan: &Plan) -> ClientRun {
+    assert_eq!(plan.connections.len(), 1, "run_curl takes a single-connection plan");
+    let mut cmd = Command::new(CURL);
+    for (i, req) in plan.connections[0].iter().enumerate() {
+        if i > 0 {
+            cmd.arg("--next");
+        }
+        let write_out = format!(
+            "{{\"i\":{i},\"status\":%{{http_code}},\"bytes\":%{{size_download}},\"num_connects\":%{{num_connects}}}}\\n"
+        );
+        cmd.args(["-sk", "--http1.1", "-o", "/dev/null", "-w", &write_out, "-X", &req.method]);
+        if req.gzip {
+            cmd.arg("--compressed");
+        }
+        for (k, v) in &req.headers {
+            cmd.arg("-H").arg(format!("{k}: {v}"));
+        }
+        if req.body.is_some() {
+            cmd.args(["-H", "Content-Type: application/json", "--data-binary"]);
+            cmd.arg(String::from_utf8(req.body_bytes()).expect("UTF-8 body"));
+        }
+        cmd.arg(format!("https://127.0.0.1:{port}{}", req.path));
+    }
+    let (pid, stdout, stderr) = run_client("curl", cmd);
+    ClientRun {
+        client: "curl",
+        identity: identity(pid, Path::new(CURL), TlsExpect::LibSsl, true),
+        responses: parse_responses("curl", &stdout),
+        stderr,
+    }
+}

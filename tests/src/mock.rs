@@ -1,0 +1,88 @@
+//! The TLS mock model provider (`tests/mock_provider.py`) as a child process.
+
+use crate::expect::{Identity, TlsExpect};
+use crate::{TempCert, TempDir, comm_of, file_tail, python_exe, tests_dir};
+use std::fs::File;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+/// A running mock provider on `127.0.0.1:<port>`; killed (by pid) on drop.
+pub struct MockProvider {
+    child: Child,
+    pub port: u16,
+    dir: TempDir,
+}
+
+impl MockProvider {
+    /// Starts the mock with `cert` and waits (up to 20 s) for its `LISTENING <port>` line.
+    pub fn start(cert: &TempCert) -> Self {
+        let dir = TempDir::new("mock");
+        let stderr = File::create(dir.join("stderr.log")).expect("creating mock stderr log");
+        let mut cmd = Command::new(python_exe());
+        cmd.arg(tests_dir().join("mock_provider.py"))
+            .arg("--cert")
+            .arg(&cert.cert)
+            .arg("--key")
+            .arg(&cert.key)
+            .args(["--port", "0"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(stderr);
+        if std::env::var_os("AEGIS_TEST_VERBOSE").is_some() {
+            cmd.arg("--verbose");
+        }
+        let mut child = cmd.spawn().expect("spawning mock_provider.py");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let line = rx.recv_timeout(Duration::from_secs(20)).unwrap_or_default();
+        let port = line.trim().strip_prefix("LISTENING ").and_then(|p| p.parse().ok());
+        let Some(port) = port else {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "mock provider did not start (first line {line:?}); stderr:\n{}",
+                file_tail(&dir.join("stderr.log"), 4000)
+            );
+        };
+        Self { child, port, dir }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// `127.0.0.1:<port>`, the Host header every client sends.
+    pub fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// The process the agent should name as the server end.
+    pub fn identity(&self) -> Identity {
+        Identity {
+            pid: self.pid(),
+            comm: comm_of(python_exe()),
+            exe: python_exe().to_path_buf(),
+            tls: TlsExpect::LibSsl,
+            single_thread: false,
+        }
+    }
+
+    /// The mock's stderr so far (tracebacks; request log with `$AEGIS_TEST_VERBOSE`).
+    pub fn stderr_tail(&self) -> String {
+        file_tail(&self.dir.join("stderr.log"), 4000)
+    }
+}
+
+impl Drop for MockProvider {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

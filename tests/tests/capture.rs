@@ -1,0 +1,127 @@
+//! Real-kernel tests: the agent attaches to OpenSSL, real clients call the TLS mock
+//! provider, and the agent must report exactly the model API calls made — right numbers,
+//! right processes on both ends, no credentials, nothing for ordinary requests.
+//!
+//! Needs root and a built agent: `cargo build -p aegis-agent && cargo test -p aegis-tests`.
+//! Tests hold `serial()`, so the default parallel test runner is safe.
+
+use aegis_tests::clients::ClientRun;
+use aegis_tests::plans::{self, SECRETS};
+use aegis_tests::{
+    Agent, MockProvider, Plan, Request, TempCert, assert_calls, assert_no_secrets, expected_calls, require_root,
+    run_curl, run_node, run_python, serial,
+};
+use serde_json::Value;
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+/// How long the agent may take to write the records of a finished client run.
+const RECORD_WAIT: Duration = Duration::from_secs(30);
+
+/// The running pieces of one test: agent first (so it sees every connection from its
+/// start), then the mock provider.
+struct Setup {
+    agent: Agent,
+    mock: MockProvider,
+    _cert: TempCert,
+}
+
+impl Setup {
+    fn start() -> Self {
+        require_root();
+        let cert = TempCert::generate();
+        let agent = Agent::start();
+        let mock = MockProvider::start(&cert);
+        Self { agent, mock, _cert: cert }
+    }
+
+    /// Runs `client` over `plan`, waits for the agent's records, stops the agent, and
+    /// asserts the records are exactly the model calls of `plan` — and hold no secret.
+    /// Returns the client run and all records.
+    fn run_and_check(&mut self, client: fn(u16, &Plan) -> ClientRun, plan: &Plan) -> (ClientRun, Vec<Value>) {
+        let run = client(self.mock.port, plan);
+        run.assert_responses(plan);
+        let expected = expected_calls(plan);
+        let (host, pid) = (self.mock.host(), u64::from(run.pid()));
+        // Don't fail here on a timeout: the comparison below says what is wrong.
+        self.agent.wait_until(|r| r["host"] == host || r["pid"].as_u64() == Some(pid), expected.len(), RECORD_WAIT);
+        let records = self.agent.stop();
+        let context = format!("{}\n--- mock stderr ---\n{}", self.agent.logs(), self.mock.stderr_tail());
+        assert_calls(&records, &expected, &host, &run.identity, &self.mock.identity(), &context);
+        assert_no_secrets(&self.agent.raw_output(), &SECRETS);
+        (run, records)
+    }
+}
+
+#[test]
+fn curl_calls_are_reported_exactly() {
+    let _serial = serial();
+    let plan = Plan::single(plans::common_requests());
+    Setup::start().run_and_check(run_curl, &plan);
+}
+
+#[test]
+fn python_calls_are_reported_exactly() {
+    let _serial = serial();
+    let mut requests = plans::common_requests();
+    requests.extend(plans::more_api_requests());
+    let plan = Plan::single(requests);
+    Setup::start().run_and_check(run_python, &plan);
+}
+
+#[test]
+fn node_calls_are_reported_exactly() {
+    let _serial = serial();
+    let plan = Plan::single(plans::common_requests());
+    Setup::start().run_and_check(run_node, &plan);
+}
+
+/// An OpenAI stream without `stream_options.include_usage` carries no usage: the tokens
+/// must be null, not guessed, and the call still complete.
+#[test]
+fn stream_without_usage_reports_null_tokens() {
+    let _serial = serial();
+    let plan = Plan::single(vec![
+        plans::openai_chat_stream("gpt-4o-mini", "Stream without usage, please.", false),
+        plans::health(),
+        Request::post("/v1/completions", serde_json::json!({"model": "gpt-3.5-turbo-instruct", "prompt": "Hi", "stream": true})),
+    ]);
+    let (_, records) = Setup::start().run_and_check(run_curl, &plan);
+    for r in &records {
+        assert!(r["input_tokens"].is_null() && r["output_tokens"].is_null(), "tokens must be null: {r}");
+    }
+}
+
+/// Error answers are still calls: reported with their status and no usage.
+#[test]
+fn error_status_is_reported() {
+    let _serial = serial();
+    let plan = Plan::single(vec![
+        plans::openai_chat("gpt-4o-mini", "This one is rate limited.").header("x-mock-status", "429"),
+        plans::health(),
+        plans::anthropic_messages("claude-3-5-haiku-latest", "And this one fails.", false)
+            .header("x-mock-status", "500"),
+        plans::openai_chat("gpt-4o-mini", "This one succeeds."),
+    ]);
+    Setup::start().run_and_check(run_python, &plan);
+}
+
+/// 8 threads x 5 calls, one connection per thread, in one python process: every record
+/// must carry its own thread's model, prompt size and thread id — nothing mixed up.
+#[test]
+fn concurrent_python_threads_do_not_mix() {
+    let _serial = serial();
+    let plan = plans::concurrent_plan(8, 5);
+    let (run, records) = Setup::start().run_and_check(run_python, &plan);
+
+    // Thread id of each connection, as the client saw it (threading.get_native_id()).
+    let conn_tid: BTreeMap<usize, u32> = run.responses.iter().map(|r| (r.conn, r.tid.expect("python prints tid"))).collect();
+    assert_eq!(conn_tid.values().collect::<BTreeSet<_>>().len(), 8, "8 distinct client threads: {conn_tid:?}");
+    for r in &records {
+        let model = r["model"].as_str().unwrap_or_default();
+        let conn: usize = model.strip_prefix("mock-model-").and_then(|n| n.parse().ok()).unwrap_or(usize::MAX);
+        let tid = conn_tid.get(&conn).unwrap_or_else(|| panic!("record of unknown model {model}: {r}"));
+        assert_eq!(r["tid"].as_u64(), Some(u64::from(*tid)), "record of {model} names the wrong thread: {r}");
+        assert_ne!(r["server"]["tid"], r["server"]["pid"], "the mock serves from handler threads: {r}");
+    }
+}
