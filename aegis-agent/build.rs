@@ -2,7 +2,8 @@
 //! toolchain as this crate, so rustc, aya-build and bpf-linker share one LLVM.
 use anyhow::{Context as _, anyhow};
 
-/// Must match rust-toolchain.toml.
+
+/// Must match xtask::TOOLCHAIN (the pinned toolchain; see xtask/src/main.rs).
 const TOOLCHAIN: &str = "nightly-2026-10-30";
 
 fn main() -> anyhow::Result<()> {

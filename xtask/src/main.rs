@@ -1,1 +1,243 @@
-fn main() {}
+//! `cargo xtask`: set-up, build, run, test and benchmarks for the AegisPlane workspace.
+//!
+//! xtask itself builds with whatever stable toolchain the machine has; everything else is
+//! built with the pinned nightly ([`TOOLCHAIN`]) that aya 0.16 needs, installed on first
+//! use together with rust-src and a bpf-linker linked against that toolchain's own LLVM
+//! (see ../shared/PLATFORM.md for why they must share one LLVM). Nothing here needs a
+//! toolchain to install itself from a rust-toolchain.toml, which fresh machines refuse.
+
+mod bench;
+
+use std::{
+    ffi::OsString,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+/// The pinned toolchain; also named in aegis-agent/build.rs.
+pub const TOOLCHAIN: &str = "nightly-2026-10-30";
+const BPF_LINKER_VERSION: &str = "0.13.0";
+/// Debian packages the tests and benchmarks use (binary, package).
+const PACKAGES: [(&str, &str); 6] = [
+    ("/usr/bin/curl", "curl"),
+    ("/usr/bin/openssl", "openssl"),
+    ("/usr/include/openssl/ssl.h", "libssl-dev"),
+    ("/usr/bin/pkg-config", "pkg-config"),
+    ("/usr/bin/node", "nodejs"),
+    ("/usr/bin/python3", "python3"),
+];
+
+#[derive(Parser)]
+#[command(about = "AegisPlane build tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what is missing: pinned toolchain, rust-src, bpf-linker, test packages.
+    Setup,
+    /// Set up, then build the agent (with its eBPF object).
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// Set up, build, and run the agent in the foreground with its embedded defaults.
+    Run {
+        #[arg(long)]
+        release: bool,
+        /// Arguments after `--` go to `aegis-agent run`.
+        #[arg(last = true)]
+        args: Vec<OsString>,
+    },
+    /// Set up, build, and run every test (unit and real-kernel integration; needs root).
+    Test {
+        /// Arguments after `--` go to `cargo test`.
+        #[arg(last = true)]
+        args: Vec<OsString>,
+    },
+    /// Clippy over the whole workspace, warnings as errors.
+    Lint,
+    /// Benchmarks; each prints its figures and ratios against a baseline from the same run.
+    Bench {
+        #[command(subcommand)]
+        which: bench::Bench,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    std::env::set_current_dir(workspace_root())?;
+    match cli.task {
+        Task::Setup => setup(),
+        Task::Build { release } => {
+            setup()?;
+            build_agent(release)
+        }
+        Task::Run { release, args } => {
+            setup()?;
+            build_agent(release)?;
+            let bin = agent_bin(release);
+            let mut cmd = Command::new(&bin);
+            cmd.arg("run").args(args);
+            run(&mut cmd)
+        }
+        Task::Test { args } => {
+            setup()?;
+            build_agent(false)?;
+            run(cargo().args(["test", "--workspace"]).args(args))
+        }
+        Task::Lint => {
+            setup()?;
+            run(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))
+        }
+        Task::Bench { which } => {
+            setup()?;
+            bench::run(which)
+        }
+    }
+}
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask is in the workspace").to_owned()
+}
+
+/// Where bpf-linker and the LLVM link farm live (outside target/, so `cargo clean`
+/// does not cost a 50 s rebuild).
+fn tools_dir() -> PathBuf {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(|| PathBuf::from("/var/cache"));
+    base.join("aegisplane").join(format!("tools-{TOOLCHAIN}"))
+}
+
+/// `cargo +TOOLCHAIN` with bpf-linker on PATH.
+pub fn cargo() -> Command {
+    let mut cmd = Command::new("cargo");
+    cmd.arg(format!("+{TOOLCHAIN}"));
+    cmd.env("PATH", path_with_tools());
+    // Set by the stable cargo that runs xtask; would confuse the nested pinned cargo.
+    for var in ["RUSTC", "RUSTDOC", "RUSTUP_TOOLCHAIN", "CARGO"] {
+        cmd.env_remove(var);
+    }
+    cmd
+}
+
+fn path_with_tools() -> OsString {
+    let mut paths = vec![tools_dir().join("bin")];
+    paths.extend(std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()));
+    std::env::join_paths(paths).expect("PATH entries are valid")
+}
+
+pub fn agent_bin(release: bool) -> PathBuf {
+    workspace_root().join("target").join(if release { "release" } else { "debug" }).join("aegis-agent")
+}
+
+pub fn build_agent(release: bool) -> anyhow::Result<()> {
+    let mut cmd = cargo();
+    cmd.args(["build", "--package", "aegis-agent"]);
+    if release {
+        cmd.arg("--release");
+    }
+    run(&mut cmd)
+}
+
+pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
+    let status = cmd.status().with_context(|| format!("cannot start {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn output(cmd: &mut Command) -> Option<String> {
+    let out = cmd.output().ok()?;
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn setup() -> anyhow::Result<()> {
+    ensure_toolchain()?;
+    ensure_bpf_linker()?;
+    ensure_packages()
+}
+
+fn ensure_toolchain() -> anyhow::Result<()> {
+    let installed = output(Command::new("rustup").args(["toolchain", "list"])).unwrap_or_default();
+    let has_src = || {
+        output(Command::new("rustc").arg(format!("+{TOOLCHAIN}")).args(["--print", "sysroot"]))
+            .map(|s| Path::new(s.trim()).join("lib/rustlib/src/rust/library/core").exists())
+            .unwrap_or(false)
+    };
+    if installed.lines().any(|l| l.starts_with(TOOLCHAIN)) && has_src() {
+        return Ok(());
+    }
+    eprintln!("xtask: installing toolchain {TOOLCHAIN} with rust-src, clippy, rustfmt");
+    // Never let rustup replace itself as a side effect.
+    let _ = Command::new("rustup").args(["set", "auto-self-update", "disable"]).status();
+    run(Command::new("rustup").args([
+        "toolchain",
+        "install",
+        TOOLCHAIN,
+        "--profile",
+        "minimal",
+        "--component",
+        "rust-src,clippy,rustfmt",
+    ]))
+}
+
+fn ensure_bpf_linker() -> anyhow::Result<()> {
+    let tools = tools_dir();
+    let linker = tools.join("bin/bpf-linker");
+    if output(Command::new(&linker).arg("--version")).is_some_and(|v| v.contains(BPF_LINKER_VERSION)) {
+        return Ok(());
+    }
+    eprintln!("xtask: building bpf-linker {BPF_LINKER_VERSION} against {TOOLCHAIN}'s LLVM (about a minute)");
+    let sysroot = output(Command::new("rustc").arg(format!("+{TOOLCHAIN}")).args(["--print", "sysroot"]))
+        .context("rustc of the pinned toolchain does not run")?;
+    let lib = Path::new(sysroot.trim()).join("lib");
+    let so = std::fs::read_dir(&lib)?
+        .flatten()
+        .map(|e| e.file_name())
+        .find(|n| n.to_string_lossy().starts_with("libLLVM.so.") && n.to_string_lossy().contains("-rust-"))
+        .with_context(|| format!("no libLLVM.so.*-rust-* in {}: is the toolchain complete?", lib.display()))?;
+    let prefix = tools.join("llvm");
+    std::fs::create_dir_all(prefix.join("lib"))?;
+    for name in [OsString::from("libLLVM.so"), so.clone()] {
+        let link = prefix.join("lib").join(&name);
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(lib.join(&so), &link)?;
+    }
+    run(cargo()
+        .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION, "--locked", "--root"])
+        .arg(&tools)
+        .env("LLVM_PREFIX", &prefix))
+}
+
+fn ensure_packages() -> anyhow::Result<()> {
+    let missing: Vec<&str> =
+        PACKAGES.iter().filter(|(file, _)| !Path::new(file).exists()).map(|(_, pkg)| *pkg).collect();
+    install_debian(&missing)
+}
+
+/// `apt-get install` the given packages (root only; otherwise say what to install).
+pub fn install_debian(packages: &[&str]) -> anyhow::Result<()> {
+    if packages.is_empty() {
+        return Ok(());
+    }
+    if !nix_is_root() {
+        bail!("missing packages {packages:?}: install them (apt-get install {})", packages.join(" "));
+    }
+    eprintln!("xtask: installing {packages:?}");
+    run(Command::new("apt-get").arg("update").arg("-q"))?;
+    run(Command::new("apt-get").args(["install", "-y", "-q", "--no-install-recommends"]).args(packages)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
+fn nix_is_root() -> bool {
+    output(Command::new("id").arg("-u")).is_some_and(|s| s.trim() == "0")
+}
