@@ -120,12 +120,7 @@ impl UsageCollector {
         set_str(&mut s.response_id, v.get("id"));
         // Null in every chunk but the last of its choice.
         set_str(&mut s.finish_reason, v.pointer("/choices/0/finish_reason"));
-        for choice in v
-            .get("choices")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-        {
+        for choice in items(v, "/choices") {
             let text = choice
                 .pointer("/message/content")
                 .or_else(|| choice.pointer("/delta/content"));
@@ -136,7 +131,7 @@ impl UsageCollector {
 
     /// Responses API: the response object, or a stream event that carries one or a delta.
     fn responses(&mut self, v: &Value) {
-        match (v.get("response"), str_at(v, "type")) {
+        match (v.get("response"), str_at(v, "/type")) {
             // response.created / in_progress / completed / failed / incomplete: the deltas
             // already carried the text.
             (Some(response), _) => {
@@ -144,7 +139,7 @@ impl UsageCollector {
                 self.response_object(response, false);
             }
             (None, Some("response.output_text.delta")) => self.text(v.get("delta")),
-            _ if str_at(v, "object") == Some("response") => self.response_object(v, true),
+            _ if str_at(v, "/object") == Some("response") => self.response_object(v, true),
             _ => {}
         }
     }
@@ -155,19 +150,9 @@ impl UsageCollector {
         set_str(&mut s.response_id, r.get("id"));
         set_str(&mut s.finish_reason, r.get("status"));
         if with_text {
-            for item in r
-                .get("output")
-                .and_then(Value::as_array)
-                .into_iter()
-                .flatten()
-            {
-                for part in item
-                    .get("content")
-                    .and_then(Value::as_array)
-                    .into_iter()
-                    .flatten()
-                {
-                    if str_at(part, "type") == Some("output_text") {
+            for item in items(r, "/output") {
+                for part in items(item, "/content") {
+                    if str_at(part, "/type") == Some("output_text") {
                         self.text(part.get("text"));
                     }
                 }
@@ -178,7 +163,7 @@ impl UsageCollector {
 
     /// Anthropic message, or one of its stream events.
     fn anthropic(&mut self, v: &Value) {
-        match str_at(v, "type") {
+        match str_at(v, "/type") {
             Some("message") => self.anthropic_message(v, true),
             Some("message_start") => {
                 if let Some(message) = v.get("message") {
@@ -192,7 +177,7 @@ impl UsageCollector {
                 );
                 self.usage(v.get("usage"));
             }
-            Some("content_block_delta") if str_at(&v["delta"], "type") == Some("text_delta") => {
+            Some("content_block_delta") if str_at(v, "/delta/type") == Some("text_delta") => {
                 self.text(v.pointer("/delta/text"));
             }
             _ => {}
@@ -205,13 +190,8 @@ impl UsageCollector {
         set_str(&mut s.response_id, m.get("id"));
         set_str(&mut s.finish_reason, m.get("stop_reason"));
         if with_text {
-            for block in m
-                .get("content")
-                .and_then(Value::as_array)
-                .into_iter()
-                .flatten()
-            {
-                if str_at(block, "type") == Some("text") {
+            for block in items(m, "/content") {
+                if str_at(block, "/type") == Some("text") {
                     self.text(block.get("text"));
                 }
             }
@@ -241,16 +221,8 @@ impl UsageCollector {
                 usage.get("cachedContentTokenCount"),
             );
         }
-        for candidate in v
-            .get("candidates")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-        {
-            let parts = candidate
-                .pointer("/content/parts")
-                .and_then(Value::as_array);
-            for part in parts.into_iter().flatten() {
+        for candidate in items(v, "/candidates") {
+            for part in items(candidate, "/content/parts") {
                 if part.get("thought") != Some(&Value::Bool(true)) {
                     self.text(part.get("text"));
                 }
@@ -304,7 +276,7 @@ impl UsageCollector {
         let described = match v.get("error") {
             Some(Value::String(message)) if !message.is_empty() => Some(clip(message)),
             Some(error @ Value::Object(_)) => describe_error(error, &["type", "status", "code"]),
-            _ if str_at(v, "type") == Some("error") => describe_error(v, &["code"]),
+            _ if str_at(v, "/type") == Some("error") => describe_error(v, &["code"]),
             _ => None,
         };
         if described.is_some() {
@@ -326,7 +298,7 @@ fn describe_error(error: &Value, kind_keys: &[&str]) -> Option<String> {
         Value::Number(code) => Some(code.to_string()),
         _ => None,
     });
-    let message = str_at(error, "message").filter(|m| !m.is_empty());
+    let message = str_at(error, "/message").filter(|m| !m.is_empty());
     let text = match (kind, message) {
         (Some(kind), Some(message)) => format!("{kind}: {message}"),
         (Some(kind), None) => kind,
@@ -336,8 +308,16 @@ fn describe_error(error: &Value, kind_keys: &[&str]) -> Option<String> {
     Some(clip(&text))
 }
 
-fn str_at<'a>(v: &'a Value, key: &str) -> Option<&'a str> {
-    v.get(key).and_then(Value::as_str)
+fn str_at<'a>(v: &'a Value, pointer: &str) -> Option<&'a str> {
+    v.pointer(pointer).and_then(Value::as_str)
+}
+
+/// The items of the array at `pointer`; none when absent or not an array.
+fn items<'a>(v: &'a Value, pointer: &str) -> std::slice::Iter<'a, Value> {
+    v.pointer(pointer)
+        .and_then(Value::as_array)
+        .map_or(&[][..], Vec::as_slice)
+        .iter()
 }
 
 /// Overwrite with a non-empty string; absent, null and empty values keep what is there
@@ -356,4 +336,639 @@ fn set_count(slot: &mut Option<u64>, value: Option<&Value>) {
 
 fn clip(text: &str) -> String {
     text.chars().take(MAX_TEXT_CHARS).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn body(api: ApiKind, body: &str) -> ResponseSummary {
+        let mut collector = UsageCollector::new(api);
+        collector.on_body(body.as_bytes());
+        collector.summary().clone()
+    }
+
+    /// Events as `(event name, data)`; an empty name means no `event:` field.
+    fn sse(api: ApiKind, events: &[(&str, &str)]) -> ResponseSummary {
+        let mut collector = UsageCollector::new(api);
+        for (event, data) in events {
+            let event = (!event.is_empty()).then(|| event.to_string());
+            collector.on_sse(&SseEvent {
+                event,
+                data: data.to_string(),
+            });
+        }
+        collector.summary().clone()
+    }
+
+    fn lines(api: ApiKind, text: &str) -> ResponseSummary {
+        let mut collector = UsageCollector::new(api);
+        text.split('\n')
+            .for_each(|line| collector.on_json_line(line.as_bytes()));
+        collector.summary().clone()
+    }
+
+    fn some(text: &str) -> Option<String> {
+        Some(text.to_owned())
+    }
+
+    #[test]
+    fn openai_chat_body() {
+        let summary = body(
+            ApiKind::ChatCompletions,
+            r#"{
+              "id": "chatcmpl-B9MBs8CjcvOU2jLn4n570S5qMJKcT",
+              "object": "chat.completion",
+              "created": 1741569952,
+              "model": "gpt-4.1-2025-04-14",
+              "choices": [{
+                "index": 0,
+                "message": {"role": "assistant", "content": "Hello! How can I assist you today?", "refusal": null, "annotations": []},
+                "logprobs": null,
+                "finish_reason": "stop"
+              }],
+              "usage": {
+                "prompt_tokens": 19, "completion_tokens": 10, "total_tokens": 29,
+                "prompt_tokens_details": {"cached_tokens": 12, "audio_tokens": 0},
+                "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0}
+              },
+              "service_tier": "default"
+            }"#,
+        );
+        let expected = ResponseSummary {
+            model: some("gpt-4.1-2025-04-14"),
+            input_tokens: Some(19),
+            output_tokens: Some(10),
+            cache_read_tokens: Some(12),
+            finish_reason: some("stop"),
+            response_id: some("chatcmpl-B9MBs8CjcvOU2jLn4n570S5qMJKcT"),
+            output_text_bytes: 34,
+            ..ResponseSummary::default()
+        };
+        assert_eq!(summary, expected);
+    }
+
+    #[test]
+    fn openai_completions_and_embeddings_bodies() {
+        let summary = body(
+            ApiKind::Completions,
+            r#"{"id":"cmpl-uqkvlQyYK7bGYrRHQ0eXlWi7","object":"text_completion","created":1589478378,
+                "model":"gpt-3.5-turbo-instruct","choices":[{"text":"\n\nThis is indeed a test","index":0,
+                "logprobs":null,"finish_reason":"length"}],"usage":{"prompt_tokens":5,"completion_tokens":7,"total_tokens":12}}"#,
+        );
+        assert_eq!(
+            (
+                summary.input_tokens,
+                summary.output_tokens,
+                summary.finish_reason.as_deref()
+            ),
+            (Some(5), Some(7), Some("length"))
+        );
+        assert_eq!(summary.output_text_bytes, 23);
+
+        let summary = body(
+            ApiKind::Embeddings,
+            r#"{"object":"list","data":[{"object":"embedding","embedding":[0.0023064255,-0.009327292],"index":0}],
+                "model":"text-embedding-3-small","usage":{"prompt_tokens":8,"total_tokens":8}}"#,
+        );
+        let expected = ResponseSummary {
+            model: some("text-embedding-3-small"),
+            input_tokens: Some(8),
+            ..ResponseSummary::default()
+        };
+        assert_eq!(summary, expected);
+    }
+
+    const CHUNK: &str = r#""object":"chat.completion.chunk","created":1694268190,"model":"gpt-4o-mini-2024-07-18","system_fingerprint":"fp_44709d6fcb""#;
+
+    fn chunk(id: &str, rest: &str) -> String {
+        format!(r#"{{"id":"{id}",{CHUNK},{rest}}}"#)
+    }
+
+    #[test]
+    fn openai_chat_stream_with_usage() {
+        let events = [
+            // Azure's content-filter preamble names no model or id.
+            r#"{"choices":[],"created":0,"id":"","model":"","object":"","prompt_filter_results":[{"prompt_index":0,"content_filter_results":{}}]}"#.to_owned(),
+            chunk("chatcmpl-123", r#""choices":[{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}],"usage":null"#),
+            chunk("chatcmpl-123", r#""choices":[{"index":0,"delta":{"content":"Hello"},"logprobs":null,"finish_reason":null}],"usage":null"#),
+            chunk("chatcmpl-123", r#""choices":[{"index":0,"delta":{"content":" there"},"logprobs":null,"finish_reason":null}],"usage":null"#),
+            chunk("chatcmpl-123", r#""choices":[{"index":0,"delta":{},"logprobs":null,"finish_reason":"stop"}],"usage":null"#),
+            chunk("chatcmpl-123", r#""choices":[],"usage":{"prompt_tokens":9,"completion_tokens":2,"total_tokens":11}"#),
+            "[DONE]".to_owned(),
+        ];
+        let events: Vec<_> = events.iter().map(|data| ("", data.as_str())).collect();
+        let expected = ResponseSummary {
+            model: some("gpt-4o-mini-2024-07-18"),
+            input_tokens: Some(9),
+            output_tokens: Some(2),
+            finish_reason: some("stop"),
+            response_id: some("chatcmpl-123"),
+            output_text_bytes: 11,
+            stream_events: 7,
+            ..ResponseSummary::default()
+        };
+        assert_eq!(sse(ApiKind::ChatCompletions, &events), expected);
+    }
+
+    #[test]
+    fn openai_chat_stream_without_usage() {
+        let events = [
+            chunk(
+                "chatcmpl-9",
+                r#""choices":[{"index":0,"delta":{"role":"assistant","content":null,"tool_calls":[{"index":0,"id":"call_1","type":"function","function":{"name":"get_weather","arguments":""}}]},"finish_reason":null}]"#,
+            ),
+            chunk(
+                "chatcmpl-9",
+                r#""choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":"{\"city\":\"Paris\"}"}}]},"finish_reason":null}]"#,
+            ),
+            chunk(
+                "chatcmpl-9",
+                r#""choices":[{"index":0,"delta":{},"finish_reason":"tool_calls"}]"#,
+            ),
+            "[DONE]".to_owned(),
+        ];
+        let events: Vec<_> = events.iter().map(|data| ("", data.as_str())).collect();
+        let summary = sse(ApiKind::ChatCompletions, &events);
+        assert_eq!((summary.input_tokens, summary.output_tokens), (None, None));
+        assert_eq!(summary.finish_reason.as_deref(), Some("tool_calls"));
+        // Tool-call arguments are not generated text.
+        assert_eq!(
+            (
+                summary.output_text_bytes,
+                summary.stream_events,
+                summary.unparsed
+            ),
+            (0, 4, 0)
+        );
+    }
+
+    #[test]
+    fn responses_body() {
+        let summary = body(
+            ApiKind::Responses,
+            r#"{
+              "id": "resp_67ccd2bed1ec8190b14f964abc0542670bb6a6b452d3795b",
+              "object": "response",
+              "created_at": 1741476542,
+              "status": "completed",
+              "error": null,
+              "incomplete_details": null,
+              "model": "gpt-4.1-2025-04-14",
+              "output": [
+                {"type": "reasoning", "id": "rs_1", "summary": [{"type": "summary_text", "text": "Thinking"}]},
+                {"type": "message", "id": "msg_67ccd2bf17f0819081ff3bb2cf6508e6", "status": "completed", "role": "assistant",
+                 "content": [{"type": "output_text", "text": "In a peaceful grove beneath a silver moon...", "annotations": []}]}
+              ],
+              "usage": {"input_tokens": 36, "input_tokens_details": {"cached_tokens": 4},
+                        "output_tokens": 87, "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 123}
+            }"#,
+        );
+        let expected = ResponseSummary {
+            model: some("gpt-4.1-2025-04-14"),
+            input_tokens: Some(36),
+            output_tokens: Some(87),
+            cache_read_tokens: Some(4),
+            finish_reason: some("completed"),
+            response_id: some("resp_67ccd2bed1ec8190b14f964abc0542670bb6a6b452d3795b"),
+            output_text_bytes: 44,
+            ..ResponseSummary::default()
+        };
+        assert_eq!(summary, expected);
+    }
+
+    #[test]
+    fn responses_stream() {
+        let summary = sse(
+            ApiKind::Responses,
+            &[
+                (
+                    "response.created",
+                    r#"{"type":"response.created","sequence_number":0,"response":{"id":"resp_67c9","object":"response","created_at":1741290958,"status":"in_progress","error":null,"model":"gpt-4.1-2025-04-14","output":[],"usage":null}}"#,
+                ),
+                (
+                    "response.output_item.added",
+                    r#"{"type":"response.output_item.added","sequence_number":2,"output_index":0,"item":{"id":"msg_1","status":"in_progress","type":"message","role":"assistant","content":[]}}"#,
+                ),
+                (
+                    "response.output_text.delta",
+                    r#"{"type":"response.output_text.delta","sequence_number":4,"item_id":"msg_1","output_index":0,"content_index":0,"delta":"Hi"}"#,
+                ),
+                (
+                    "response.output_text.delta",
+                    r#"{"type":"response.output_text.delta","sequence_number":5,"item_id":"msg_1","output_index":0,"content_index":0,"delta":" there!"}"#,
+                ),
+                (
+                    "response.output_text.done",
+                    r#"{"type":"response.output_text.done","sequence_number":6,"item_id":"msg_1","output_index":0,"content_index":0,"text":"Hi there!"}"#,
+                ),
+                (
+                    "response.completed",
+                    r#"{"type":"response.completed","sequence_number":9,"response":{"id":"resp_67c9","object":"response","status":"completed","error":null,"model":"gpt-4.1-2025-04-14","output":[{"type":"message","id":"msg_1","status":"completed","role":"assistant","content":[{"type":"output_text","text":"Hi there!","annotations":[]}]}],"usage":{"input_tokens":37,"input_tokens_details":{"cached_tokens":0},"output_tokens":11,"output_tokens_details":{"reasoning_tokens":0},"total_tokens":48}}}"#,
+                ),
+            ],
+        );
+        let expected = ResponseSummary {
+            model: some("gpt-4.1-2025-04-14"),
+            input_tokens: Some(37),
+            output_tokens: Some(11),
+            cache_read_tokens: Some(0),
+            finish_reason: some("completed"),
+            response_id: some("resp_67c9"),
+            output_text_bytes: 9,
+            stream_events: 6,
+            ..ResponseSummary::default()
+        };
+        assert_eq!(summary, expected);
+    }
+
+    #[test]
+    fn responses_stream_failures() {
+        let failed = sse(
+            ApiKind::Responses,
+            &[(
+                "response.failed",
+                r#"{"type":"response.failed","sequence_number":3,"response":{"id":"resp_1","object":"response","status":"failed","error":{"code":"server_error","message":"The model failed to generate a response."},"model":"gpt-4.1","usage":null}}"#,
+            )],
+        );
+        assert_eq!(
+            failed.error.as_deref(),
+            Some("server_error: The model failed to generate a response.")
+        );
+        assert_eq!(failed.finish_reason.as_deref(), Some("failed"));
+        let error = sse(
+            ApiKind::Responses,
+            &[(
+                "error",
+                r#"{"type":"error","code":"ERR_SOMETHING","message":"Something went wrong","param":null,"sequence_number":1}"#,
+            )],
+        );
+        assert_eq!(
+            error.error.as_deref(),
+            Some("ERR_SOMETHING: Something went wrong")
+        );
+    }
+
+    #[test]
+    fn anthropic_body_with_cache() {
+        let summary = body(
+            ApiKind::AnthropicMessages,
+            r#"{
+              "id": "msg_01XFDUDYJgAACzvnptvVoYEL",
+              "type": "message",
+              "role": "assistant",
+              "model": "claude-sonnet-4-5-20250929",
+              "content": [
+                {"type": "thinking", "thinking": "The user greets me.", "signature": "EqQB"},
+                {"type": "text", "text": "Hello!"},
+                {"type": "tool_use", "id": "toolu_01", "name": "get_weather", "input": {"city": "Paris"}}
+              ],
+              "stop_reason": "tool_use",
+              "stop_sequence": null,
+              "usage": {"input_tokens": 2095, "cache_creation_input_tokens": 1024, "cache_read_input_tokens": 4096,
+                        "output_tokens": 503, "service_tier": "standard"}
+            }"#,
+        );
+        let expected = ResponseSummary {
+            model: some("claude-sonnet-4-5-20250929"),
+            input_tokens: Some(2095),
+            output_tokens: Some(503),
+            cache_read_tokens: Some(4096),
+            cache_write_tokens: Some(1024),
+            finish_reason: some("tool_use"),
+            response_id: some("msg_01XFDUDYJgAACzvnptvVoYEL"),
+            output_text_bytes: 6,
+            ..ResponseSummary::default()
+        };
+        assert_eq!(summary, expected);
+    }
+
+    const ANTHROPIC_START: (&str, &str) = (
+        "message_start",
+        r#"{"type":"message_start","message":{"id":"msg_1nZdL29xx5MUA1yADyHTEsnR8uuvGzszyY","type":"message","role":"assistant","content":[],"model":"claude-sonnet-4-5-20250929","stop_reason":null,"stop_sequence":null,"usage":{"input_tokens":25,"cache_creation_input_tokens":0,"cache_read_input_tokens":0,"output_tokens":1}}}"#,
+    );
+
+    #[test]
+    fn anthropic_stream() {
+        let summary = sse(
+            ApiKind::AnthropicMessages,
+            &[
+                ANTHROPIC_START,
+                (
+                    "content_block_start",
+                    r#"{"type":"content_block_start","index":0,"content_block":{"type":"text","text":""}}"#,
+                ),
+                ("ping", r#"{"type": "ping"}"#),
+                (
+                    "content_block_delta",
+                    r#"{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"Hello"}}"#,
+                ),
+                (
+                    "content_block_delta",
+                    r#"{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"!"}}"#,
+                ),
+                (
+                    "content_block_stop",
+                    r#"{"type":"content_block_stop","index":0}"#,
+                ),
+                (
+                    "content_block_delta",
+                    r#"{"type":"content_block_delta","index":1,"delta":{"type":"input_json_delta","partial_json":"{\"location\": \"San Fra"}}"#,
+                ),
+                (
+                    "message_delta",
+                    r#"{"type":"message_delta","delta":{"stop_reason":"end_turn","stop_sequence":null},"usage":{"output_tokens":15}}"#,
+                ),
+                ("message_stop", r#"{"type":"message_stop"}"#),
+            ],
+        );
+        let expected = ResponseSummary {
+            model: some("claude-sonnet-4-5-20250929"),
+            input_tokens: Some(25),
+            output_tokens: Some(15),
+            cache_read_tokens: Some(0),
+            cache_write_tokens: Some(0),
+            finish_reason: some("end_turn"),
+            response_id: some("msg_1nZdL29xx5MUA1yADyHTEsnR8uuvGzszyY"),
+            output_text_bytes: 6,
+            stream_events: 9,
+            ..ResponseSummary::default()
+        };
+        assert_eq!(summary, expected);
+    }
+
+    #[test]
+    fn anthropic_stream_error() {
+        let summary = sse(
+            ApiKind::AnthropicMessages,
+            &[
+                ANTHROPIC_START,
+                (
+                    "error",
+                    r#"{"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}"#,
+                ),
+            ],
+        );
+        assert_eq!(
+            summary.error.as_deref(),
+            Some("overloaded_error: Overloaded")
+        );
+        assert_eq!(
+            (summary.input_tokens, summary.output_tokens),
+            (Some(25), Some(1))
+        );
+    }
+
+    const GEMINI_FIRST: &str = r#"{"candidates": [{"content": {"parts": [{"text": "The"}],"role": "model"},"index": 0}],"usageMetadata": {"promptTokenCount": 9,"totalTokenCount": 9},"modelVersion": "gemini-2.0-flash","responseId": "mjMfaNzRM6OVz7IPk4GM-Qo"}"#;
+    const GEMINI_LAST: &str = r#"{"candidates": [{"content": {"parts": [{"text": " sky is blue."}],"role": "model"},"finishReason": "STOP","index": 0}],"usageMetadata": {"promptTokenCount": 9,"candidatesTokenCount": 5,"totalTokenCount": 14,"cachedContentTokenCount": 2},"modelVersion": "gemini-2.0-flash","responseId": "mjMfaNzRM6OVz7IPk4GM-Qo"}"#;
+
+    fn gemini_expected(stream_events: u64) -> ResponseSummary {
+        ResponseSummary {
+            model: some("gemini-2.0-flash"),
+            input_tokens: Some(9),
+            output_tokens: Some(5),
+            cache_read_tokens: Some(2),
+            finish_reason: some("STOP"),
+            response_id: some("mjMfaNzRM6OVz7IPk4GM-Qo"),
+            output_text_bytes: 16,
+            stream_events,
+            ..ResponseSummary::default()
+        }
+    }
+
+    #[test]
+    fn gemini_body() {
+        let summary = body(
+            ApiKind::GeminiGenerateContent,
+            r#"{"candidates":[{"content":{"parts":[{"text":"Let me think.","thought":true},{"text":"AI learns patterns."}],"role":"model"},
+                "finishReason":"MAX_TOKENS","avgLogprobs":-0.12,"index":0}],
+                "usageMetadata":{"promptTokenCount":4,"candidatesTokenCount":7,"totalTokenCount":31,"thoughtsTokenCount":20,
+                "promptTokensDetails":[{"modality":"TEXT","tokenCount":4}]},
+                "modelVersion":"gemini-2.5-flash","responseId":"abc123"}"#,
+        );
+        let expected = ResponseSummary {
+            model: some("gemini-2.5-flash"),
+            input_tokens: Some(4),
+            output_tokens: Some(7),
+            finish_reason: some("MAX_TOKENS"),
+            response_id: some("abc123"),
+            output_text_bytes: 19,
+            ..ResponseSummary::default()
+        };
+        assert_eq!(summary, expected);
+    }
+
+    #[test]
+    fn gemini_streams_as_sse_and_as_json_array() {
+        let summary = sse(
+            ApiKind::GeminiGenerateContent,
+            &[("", GEMINI_FIRST), ("", GEMINI_LAST)],
+        );
+        assert_eq!(summary, gemini_expected(2));
+        let array = format!("[{GEMINI_FIRST},\r\n{GEMINI_LAST}]");
+        assert_eq!(
+            body(ApiKind::GeminiGenerateContent, &array),
+            gemini_expected(0)
+        );
+        // Without the last chunk: input known, output not.
+        let summary = sse(ApiKind::GeminiGenerateContent, &[("", GEMINI_FIRST)]);
+        assert_eq!(
+            (
+                summary.input_tokens,
+                summary.output_tokens,
+                summary.finish_reason
+            ),
+            (Some(9), None, None)
+        );
+    }
+
+    #[test]
+    fn gemini_blocked_prompt() {
+        let summary = body(
+            ApiKind::GeminiGenerateContent,
+            r#"{"promptFeedback":{"blockReason":"SAFETY","safetyRatings":[{"category":"HARM_CATEGORY_DANGEROUS_CONTENT","probability":"HIGH"}]},
+                "usageMetadata":{"promptTokenCount":8,"totalTokenCount":8},"modelVersion":"gemini-2.0-flash"}"#,
+        );
+        assert_eq!(summary.finish_reason.as_deref(), Some("SAFETY"));
+        assert_eq!(
+            (summary.input_tokens, summary.output_tokens),
+            (Some(8), None)
+        );
+    }
+
+    #[test]
+    fn ollama_body_and_streams() {
+        let summary = body(
+            ApiKind::OllamaChat,
+            r#"{"model":"llama3.2","created_at":"2023-12-12T14:13:43.416799Z","message":{"role":"assistant","content":"Hello! How are you today?"},
+                "done":true,"done_reason":"stop","total_duration":5191566416,"load_duration":2154458,"prompt_eval_count":26,
+                "prompt_eval_duration":383809000,"eval_count":298,"eval_duration":4799921000}"#,
+        );
+        let expected = ResponseSummary {
+            model: some("llama3.2"),
+            input_tokens: Some(26),
+            output_tokens: Some(298),
+            finish_reason: some("stop"),
+            output_text_bytes: 25,
+            ..ResponseSummary::default()
+        };
+        assert_eq!(summary, expected);
+
+        let chat = concat!(
+            r#"{"model":"llama3.2","created_at":"2023-08-04T08:52:19.385406455-07:00","message":{"role":"assistant","content":"The"},"done":false}"#,
+            "\n",
+            r#"{"model":"llama3.2","created_at":"2023-08-04T08:52:19.5-07:00","message":{"role":"assistant","content":" sky"},"done":false}"#,
+            "\n",
+            r#"{"model":"llama3.2","created_at":"2023-08-04T19:22:45.499127Z","message":{"role":"assistant","content":""},"done":true,"done_reason":"stop","total_duration":4883583458,"load_duration":1334875,"prompt_eval_count":26,"prompt_eval_duration":342546000,"eval_count":282,"eval_duration":4535599000}"#,
+            "\n\n",
+        );
+        let expected = ResponseSummary {
+            model: some("llama3.2"),
+            input_tokens: Some(26),
+            output_tokens: Some(282),
+            finish_reason: some("stop"),
+            output_text_bytes: 7,
+            stream_events: 3,
+            ..ResponseSummary::default()
+        };
+        assert_eq!(lines(ApiKind::OllamaChat, chat), expected);
+
+        let generate = concat!(
+            r#"{"model":"llama3.2","created_at":"2023-08-04T08:52:19.385406455-07:00","response":"The","done":false}"#,
+            "\r\n",
+            r#"{"model":"llama3.2","created_at":"2023-08-04T19:22:45.499127Z","response":"","done":true,"done_reason":"length","context":[1,2,3],"total_duration":10706818083,"prompt_eval_count":26,"eval_count":259}"#,
+        );
+        let summary = lines(ApiKind::OllamaGenerate, generate);
+        assert_eq!(
+            (summary.input_tokens, summary.output_tokens),
+            (Some(26), Some(259))
+        );
+        assert_eq!(
+            (summary.finish_reason.as_deref(), summary.output_text_bytes),
+            (Some("length"), 3)
+        );
+        // Interrupted before the final line: no counts.
+        let first_line = chat.split('\n').next().unwrap();
+        assert_eq!(lines(ApiKind::OllamaChat, first_line).output_tokens, None);
+    }
+
+    #[test]
+    fn error_bodies() {
+        let openai = body(
+            ApiKind::ChatCompletions,
+            r#"{"error":{"message":"The model `gpt-9` does not exist or you do not have access to it.","type":"invalid_request_error","param":null,"code":"model_not_found"}}"#,
+        );
+        let expected = "invalid_request_error: The model `gpt-9` does not exist or you do not have access to it.";
+        assert_eq!(openai.error.as_deref(), Some(expected));
+        assert_eq!((openai.model, openai.input_tokens), (None, None));
+
+        let anthropic = body(
+            ApiKind::AnthropicMessages,
+            r#"{"type":"error","error":{"type":"not_found_error","message":"model: claude-x"},"request_id":"req_011CSHoEeqs5C35K2UUqR7Fy"}"#,
+        );
+        assert_eq!(
+            anthropic.error.as_deref(),
+            Some("not_found_error: model: claude-x")
+        );
+
+        let gemini = body(
+            ApiKind::GeminiGenerateContent,
+            r#"{"error":{"code":400,"message":"API key not valid. Please pass a valid API key.","status":"INVALID_ARGUMENT",
+                "details":[{"@type":"type.googleapis.com/google.rpc.ErrorInfo","reason":"API_KEY_INVALID"}]}}"#,
+        );
+        assert_eq!(
+            gemini.error.as_deref(),
+            Some("INVALID_ARGUMENT: API key not valid. Please pass a valid API key.")
+        );
+
+        // Null type: the code names it. OpenRouter: a numeric code.
+        let rate = body(
+            ApiKind::ChatCompletions,
+            r#"{"error":{"message":"Rate limit reached","type":null,"code":"rate_limit_exceeded"}}"#,
+        );
+        assert_eq!(
+            rate.error.as_deref(),
+            Some("rate_limit_exceeded: Rate limit reached")
+        );
+        let openrouter = body(
+            ApiKind::ChatCompletions,
+            r#"{"error":{"code":402,"message":"Insufficient credits"}}"#,
+        );
+        assert_eq!(
+            openrouter.error.as_deref(),
+            Some("402: Insufficient credits")
+        );
+
+        let ollama = body(
+            ApiKind::OllamaChat,
+            r#"{"error":"model \"llama9\" not found, try pulling it first"}"#,
+        );
+        assert_eq!(
+            ollama.error.as_deref(),
+            Some(r#"model "llama9" not found, try pulling it first"#)
+        );
+        assert_eq!(
+            body(ApiKind::ChatCompletions, r#"{"error":{}}"#).error,
+            None
+        );
+    }
+
+    #[test]
+    fn long_error_is_clipped_on_a_char_boundary() {
+        let message = "é".repeat(300);
+        let summary = body(
+            ApiKind::ChatCompletions,
+            &format!(r#"{{"error":{{"type":"server_error","message":"{message}"}}}}"#),
+        );
+        let error = summary.error.unwrap();
+        assert_eq!(error.chars().count(), MAX_TEXT_CHARS);
+        assert!(error.starts_with("server_error: éé"));
+    }
+
+    #[test]
+    fn unparsable_documents_are_counted() {
+        let mut collector = UsageCollector::new(ApiKind::ChatCompletions);
+        // Truncated body, invalid UTF-8, SSE keep-alive with empty data, blank NDJSON line.
+        collector.on_body(
+            br#"{"id":"chatcmpl-1","model":"gpt-4o","choices":[{"message":{"content":"Hel"#,
+        );
+        collector.on_body(b"{\"model\":\"\xff\xfe\"}");
+        collector.on_body(b"");
+        collector.on_sse(&SseEvent {
+            event: None,
+            data: String::new(),
+        });
+        collector.on_sse(&SseEvent {
+            event: None,
+            data: "{not json".to_owned(),
+        });
+        collector.on_json_line(b"  \r");
+        collector.on_sse(&SseEvent {
+            event: None,
+            data: chunk("chatcmpl-2", r#""choices":[]"#),
+        });
+        let expected = ResponseSummary {
+            model: some("gpt-4o-mini-2024-07-18"),
+            response_id: some("chatcmpl-2"),
+            stream_events: 3,
+            unparsed: 3,
+            ..ResponseSummary::default()
+        };
+        assert_eq!(collector.summary(), &expected);
+    }
+
+    #[test]
+    fn non_object_documents_are_ignored() {
+        let summary = sse(
+            ApiKind::ChatCompletions,
+            &[("", "42"), ("", r#""text""#), ("", "[[1]]"), ("", "null")],
+        );
+        assert_eq!(
+            summary,
+            ResponseSummary {
+                stream_events: 4,
+                ..ResponseSummary::default()
+            }
+        );
+    }
 }
