@@ -11,6 +11,12 @@ fn main() -> anyhow::Result<()> {
         .no_deps()
         .exec()
         .context("MetadataCommand::exec")?;
+    // aya-build watches the eBPF crate's directory; the shared types live next to it.
+    if let Some(common) = packages.iter().find(|p| p.name.as_str() == "aegis-common")
+        && let Some(dir) = common.manifest_path.parent()
+    {
+        println!("cargo::rerun-if-changed={dir}");
+    }
     let ebpf = packages
         .into_iter()
         .find(|p| p.name.as_str() == "aegis-ebpf")

@@ -23,6 +23,7 @@ pub struct CaptureConfig {
     pub discover: bool,
     pub libraries: Vec<PathBuf>,
     pub executables: Vec<PathBuf>,
+    pub rediscover_secs: u64,
     pub workers: usize,
     pub max_connections: usize,
     pub max_body_bytes: usize,

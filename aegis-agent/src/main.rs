@@ -69,16 +69,23 @@ fn run(config_path: Option<&Path>, ready_file: Option<&Path>) -> anyhow::Result<
     preflight()?;
     raise_memlock();
 
-    let found = targets::find(&config.capture.libraries, &config.capture.executables, config.capture.discover);
+    let capture = &config.capture;
+    let mut discovery = targets::Discovery::default();
+    let found = discovery.scan(&capture.libraries, &capture.executables, capture.discover);
     anyhow::ensure!(
         !found.is_empty(),
         "no OpenSSL library found to probe (looked for libssl.so.3 and libssl.so.1.1 in the \
          system library directories and in running processes): install libssl3, or list the \
          library under capture.libraries in the config"
     );
-    let probes = TlsProbes::attach(&found, config.capture.ring_buffer_bytes)?;
+    let (mut probes, source) = TlsProbes::load(capture.ring_buffer_bytes)?;
+    anyhow::ensure!(
+        probes.attach(&found) > 0,
+        "no TLS library could be probed (see the warnings above): check that the kernel \
+         allows uprobes (CONFIG_UPROBE_EVENTS) and that the files are readable"
+    );
     let sink = JsonLines::open(config.output.stdout, &config.output.file)?;
-    let pipeline = Pipeline::start(&config, probes, sink)?;
+    let pipeline = Pipeline::start(&config, probes, discovery, source, sink)?;
     tracing::info!(
         targets = found.len(),
         workers = config.workers(),

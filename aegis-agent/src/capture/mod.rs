@@ -33,9 +33,9 @@ use aegis_common::{DROP_CAUSES, DropCounter};
 use self::{
     conn::{ConnObservation, ConnStats, ConnTable},
     event::TlsEvent,
-    probes::TlsProbes,
+    probes::{EventSource, Sources, TlsProbes},
     process::ProcessCache,
-    targets::TlsTarget,
+    targets::Discovery,
 };
 use crate::{
     config::Config,
@@ -61,11 +61,13 @@ pub struct Counters {
     pub worker_stats: Mutex<Vec<ConnStats>>,
 }
 
-/// A running capture pipeline. [`Pipeline::stop`] finishes open calls, flushes the
-/// sinks and detaches the probes.
+/// A running capture pipeline. [`Pipeline::stop`] detaches the probes, drains what the
+/// kernel already sent, finishes open calls and flushes the sinks.
 pub struct Pipeline {
     stop: Arc<AtomicBool>,
-    reader: Option<JoinHandle<TlsProbes>>,
+    stop_discovery: Arc<AtomicBool>,
+    discovery: Option<JoinHandle<TlsProbes>>,
+    reader: Option<JoinHandle<EventSource>>,
     workers: Vec<JoinHandle<()>>,
     output: Option<JoinHandle<()>>,
     pub counters: Arc<Counters>,
@@ -74,13 +76,22 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
-    pub fn start(config: &Config, probes: TlsProbes, sink: JsonLines) -> anyhow::Result<Self> {
+    /// `probes` are attached already; `discovery` has done its first scan and, when
+    /// `capture.rediscover_secs` is set, keeps looking for new libraries and executables.
+    pub fn start(
+        config: &Config,
+        probes: TlsProbes,
+        discovery: Discovery,
+        source: EventSource,
+        sink: JsonLines,
+    ) -> anyhow::Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
+        let stop_discovery = Arc::new(AtomicBool::new(false));
         let counters = Arc::new(Counters::default());
         let drops = Arc::new(Mutex::new([DropCounter::default(); DROP_CAUSES]));
         let n = config.workers();
         counters.worker_stats.lock().expect("fresh").resize(n, ConnStats::default());
-        let sources: Arc<Vec<TlsTarget>> = Arc::new(probes.sources.clone());
+        let sources = probes.sources.clone();
         let processes = Arc::new(ProcessCache::new(65_536));
 
         let (out_tx, out_rx) = sync_channel::<(Observation, Endpoint)>(OUTPUT_QUEUE);
@@ -111,26 +122,70 @@ impl Pipeline {
         let reader_counters = counters.clone();
         let reader_drops = drops.clone();
         let reader = spawn("aegis-reader", move || {
-            read_loop(probes, senders, &reader_stop, &reader_counters, &reader_drops)
+            read_loop(source, senders, &reader_stop, &reader_counters, &reader_drops)
         })?;
 
-        Ok(Self { stop, reader: Some(reader), workers, output: Some(output), counters, drops })
+        let every = Duration::from_secs(config.capture.rediscover_secs);
+        let capture = config.capture.clone();
+        let discovery_stop = stop_discovery.clone();
+        let discovery = spawn("aegis-discovery", move || {
+            rediscover(probes, discovery, every, &discovery_stop, |d| {
+                d.scan(&capture.libraries, &capture.executables, capture.discover)
+            })
+        })?;
+
+        Ok(Self {
+            stop,
+            stop_discovery,
+            discovery: Some(discovery),
+            reader: Some(reader),
+            workers,
+            output: Some(output),
+            counters,
+            drops,
+        })
     }
 
-    /// Stop reading, finish what is open, flush, detach. Returns the final drop counters.
+    /// Detach, drain, finish what is open, flush. Returns the final drop counters.
     pub fn stop(mut self) -> [DropCounter; DROP_CAUSES] {
+        self.stop_discovery.store(true, Ordering::SeqCst);
+        if let Some(d) = self.discovery.take() {
+            drop(d.join().expect("discovery thread panicked")); // detaches every probe
+        }
         self.stop.store(true, Ordering::SeqCst);
-        let probes = self.reader.take().map(|r| r.join().expect("reader thread panicked"));
+        let source = self.reader.take().map(|r| r.join().expect("reader thread panicked"));
         for w in self.workers.drain(..) {
             let _ = w.join();
         }
         if let Some(o) = self.output.take() {
             let _ = o.join();
         }
-        let final_drops = probes.as_ref().map(TlsProbes::drops).unwrap_or_default();
-        drop(probes); // detaches every probe
-        final_drops
+        source.as_ref().map(EventSource::drops).unwrap_or_default()
     }
+}
+
+/// Attach to what discovery finds, every `every` (never when zero), until `stop`.
+/// Returns the probes so that the caller decides when they are detached.
+fn rediscover(
+    mut probes: TlsProbes,
+    mut discovery: Discovery,
+    every: Duration,
+    stop: &AtomicBool,
+    scan: impl Fn(&mut Discovery) -> Vec<targets::TlsTarget>,
+) -> TlsProbes {
+    let mut last = Instant::now();
+    while !stop.load(Ordering::SeqCst) {
+        std::thread::sleep(TICK);
+        if every.is_zero() || last.elapsed() < every {
+            continue;
+        }
+        last = Instant::now();
+        let found = scan(&mut discovery);
+        if !found.is_empty() {
+            probes.attach(&found);
+        }
+    }
+    probes
 }
 
 fn spawn<F, T>(name: &str, f: F) -> anyhow::Result<JoinHandle<T>>
@@ -142,21 +197,21 @@ where
 }
 
 /// Drain the ring buffer, dispatching each event to the worker that owns its connection.
-/// Returns the probes so that the caller detaches them after the workers finished.
+/// At stop, drains what is left (the probes are detached by then) and returns.
 fn read_loop(
-    mut probes: TlsProbes,
+    mut source: EventSource,
     workers: Vec<SyncSender<TlsEvent>>,
     stop: &AtomicBool,
     counters: &Counters,
     drops: &Mutex<[DropCounter; DROP_CAUSES]>,
-) -> TlsProbes {
+) -> EventSource {
     let hasher = RandomState::new();
-    let fd = probes.events.as_raw_fd();
+    let fd = source.events.as_raw_fd();
     let mut last_drops = Instant::now();
     loop {
         let stopping = stop.load(Ordering::SeqCst);
         let mut workers_gone = false;
-        while let Some(item) = probes.events.next() {
+        while let Some(item) = source.events.next() {
             match TlsEvent::decode(&item) {
                 Ok(ev) => {
                     counters.events.fetch_add(1, Ordering::Relaxed);
@@ -174,11 +229,11 @@ fn read_loop(
             }
         }
         if last_drops.elapsed() >= Duration::from_secs(1) || stopping {
-            *drops.lock().unwrap_or_else(|e| e.into_inner()) = probes.drops();
+            *drops.lock().unwrap_or_else(|e| e.into_inner()) = source.drops();
             last_drops = Instant::now();
         }
         if stopping || workers_gone {
-            return probes; // dropping `workers` ends the worker loops
+            return source; // dropping `workers` ends the worker loops
         }
         let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
         // SAFETY: one valid pollfd for the duration of the call.
@@ -190,7 +245,7 @@ struct WorkerCtx {
     index: usize,
     table: ConnTable,
     idle: Duration,
-    sources: Arc<Vec<TlsTarget>>,
+    sources: Sources,
     processes: Arc<ProcessCache>,
     out: SyncSender<(Observation, Endpoint)>,
     counters: Arc<Counters>,
@@ -237,6 +292,8 @@ impl WorkerCtx {
             let info = self.processes.lookup(c.key.tgid, &c.comm, c.uid, c.cgroup_id);
             let library = self
                 .sources
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
                 .get(c.source as usize)
                 .map_or_else(|| format!("unknown-source-{}", c.source), |t| t.path.display().to_string());
             let endpoint = Endpoint::new(info, c.tid, TlsSource { library, hooks: c.hooks });

@@ -1,11 +1,15 @@
 //! Loading the eBPF object and attaching the OpenSSL probes to every [`TlsTarget`].
 //!
-//! Each target gets its index as the attach cookie, so an event names the file whose
-//! probe produced it. Uprobes on a file cover every process that maps it, including
-//! processes started later. Dropping [`TlsProbes`] detaches everything (aya closes the
-//! links with the object).
+//! Each target gets its index in [`Sources`] as the attach cookie, so an event names the
+//! file whose probe produced it. Uprobes on a file cover every process that maps it,
+//! including processes started later. Dropping [`TlsProbes`] detaches everything (aya
+//! closes the links with the object); the ring buffer, held apart in [`EventSource`],
+//! can still be drained after that.
 
-use std::path::Path;
+use std::{
+    path::Path,
+    sync::{Arc, RwLock},
+};
 
 use aegis_common::{DROP_CAUSES, DropCounter};
 use anyhow::Context as _;
@@ -22,6 +26,16 @@ use super::targets::TlsTarget;
 
 /// The compiled eBPF object (built by build.rs with aya-build).
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/aegis"));
+
+const PROGRAMS: [&str; 7] = [
+    "ssl_rw_enter",
+    "ssl_rw_ex_enter",
+    "ssl_write_exit",
+    "ssl_write_ex_exit",
+    "ssl_read_exit",
+    "ssl_read_ex_exit",
+    "ssl_free_enter",
+];
 
 /// (program, symbol) pairs: entry probes remember arguments, return probes copy data.
 const ATTACH_PLAN: [(&str, &str, Need); 9] = [
@@ -43,51 +57,65 @@ enum Need {
     Free,
 }
 
-/// Loaded programs, their attachments, and the maps the agent reads.
+/// Every target probes were attached to, indexed by cookie. Grows as discovery finds
+/// more; shared with the workers that name the library in records.
+pub type Sources = Arc<RwLock<Vec<TlsTarget>>>;
+
+/// The loaded programs and their attachments.
 pub struct TlsProbes {
-    /// Owns programs and links; dropping it detaches every probe.
-    _ebpf: Ebpf,
+    ebpf: Ebpf,
+    pub sources: Sources,
+}
+
+/// What the kernel sends: plaintext events and the drop counters.
+pub struct EventSource {
     pub events: RingBuf<MapData>,
     drops: PerCpuArray<MapData, DropCounter>,
-    /// Every target tried, indexed by its cookie (a partly attached target still
-    /// labels its events correctly).
-    pub sources: Vec<TlsTarget>,
 }
 
 impl TlsProbes {
-    /// Load the programs and attach them to `targets`. A target whose attachment fails is
-    /// skipped with a warning; no attached target at all is an error.
-    pub fn attach(targets: &[TlsTarget], ring_buffer_bytes: u32) -> anyhow::Result<Self> {
+    /// Load the programs into the kernel; nothing is attached yet.
+    pub fn load(ring_buffer_bytes: u32) -> anyhow::Result<(Self, EventSource)> {
         let mut ebpf = EbpfLoader::new()
             .map_max_entries("TLS_EVENTS", ring_buffer_bytes)
             .load(EBPF_OBJECT)
             .context("loading the eBPF programs into the kernel failed")?;
-        for name in ["ssl_rw_enter", "ssl_rw_ex_enter", "ssl_write_exit", "ssl_write_ex_exit", "ssl_read_exit", "ssl_read_ex_exit", "ssl_free_enter"] {
-            let prog: &mut UProbe = program(&mut ebpf, name)?;
-            prog.load().with_context(|| format!("the kernel rejected eBPF program {name}"))?;
+        for name in PROGRAMS {
+            program(&mut ebpf, name)?.load().with_context(|| format!("the kernel rejected eBPF program {name}"))?;
         }
+        let events = RingBuf::try_from(ebpf.take_map("TLS_EVENTS").context("map TLS_EVENTS missing")?)?;
+        let drops = PerCpuArray::try_from(ebpf.take_map("TLS_DROPS").context("map TLS_DROPS missing")?)?;
+        Ok((Self { ebpf, sources: Sources::default() }, EventSource { events, drops }))
+    }
 
+    /// Attach to each target; returns how many got their probes. A target whose
+    /// attachment fails is skipped with a warning (its cookie slot still names it, so a
+    /// partly attached target labels its events correctly).
+    pub fn attach(&mut self, targets: &[TlsTarget]) -> usize {
         let mut attached = 0;
-        for (cookie, target) in targets.iter().enumerate() {
-            match attach_one(&mut ebpf, target, cookie as u64) {
+        for target in targets {
+            let cookie = {
+                let mut sources = self.sources.write().unwrap_or_else(|e| e.into_inner());
+                sources.push(target.clone());
+                sources.len() as u64 - 1
+            };
+            match attach_one(&mut self.ebpf, target, cookie) {
                 Ok(n) => {
                     tracing::info!(path = %target.path.display(), kind = ?target.kind, probes = n, "TLS probes attached");
                     attached += 1;
                 }
-                Err(e) => tracing::warn!(path = %target.path.display(), error = %format!("{e:#}"), "cannot attach TLS probes; skipped"),
+                Err(e) => tracing::warn!(
+                    path = %target.path.display(),
+                    error = %format!("{e:#}"),
+                    "cannot attach TLS probes; skipped"
+                ),
             }
         }
-        anyhow::ensure!(
-            attached > 0,
-            "no TLS library could be probed: install OpenSSL's libssl (Debian: libssl3) or list \
-             the library or executable under capture.libraries / capture.executables"
-        );
-
-        let events = RingBuf::try_from(ebpf.take_map("TLS_EVENTS").context("map TLS_EVENTS missing")?)?;
-        let drops = PerCpuArray::try_from(ebpf.take_map("TLS_DROPS").context("map TLS_DROPS missing")?)?;
-        Ok(Self { _ebpf: ebpf, events, drops, sources: targets.to_vec() })
+        attached
     }
+}
 
+impl EventSource {
     /// Events and bytes lost in the kernel so far, per cause (summed over CPUs).
     pub fn drops(&self) -> [DropCounter; DROP_CAUSES] {
         let mut out = [DropCounter::default(); DROP_CAUSES];
@@ -121,13 +149,13 @@ fn attach_one(ebpf: &mut Ebpf, target: &TlsTarget, cookie: u64) -> anyhow::Resul
         if !wanted {
             continue;
         }
-        let prog = program(ebpf, prog_name)?;
-        prog.attach(
-            [UProbeAttachPoint { location: symbol.into(), cookie: Some(cookie) }],
-            Path::new(&target.path),
-            UProbeScope::AllProcesses,
-        )
-        .with_context(|| format!("attaching {prog_name} to {symbol}"))?;
+        program(ebpf, prog_name)?
+            .attach(
+                [UProbeAttachPoint { location: symbol.into(), cookie: Some(cookie) }],
+                Path::new(&target.path),
+                UProbeScope::AllProcesses,
+            )
+            .with_context(|| format!("attaching {prog_name} to {symbol}"))?;
         n += 1;
     }
     Ok(n)

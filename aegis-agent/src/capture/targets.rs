@@ -74,77 +74,104 @@ pub fn inspect(path: &Path, kind: TargetKind) -> anyhow::Result<Option<TlsTarget
     }))
 }
 
-/// Everything to probe: configured paths first, then (with `discover`) the standard
-/// library directories and what running processes have mapped or are executing.
-/// Problems with single candidates are logged and skipped; the caller decides whether
-/// an empty result is fatal.
-pub fn find(libraries: &[PathBuf], executables: &[PathBuf], discover: bool) -> Vec<TlsTarget> {
-    let mut candidates: Vec<(PathBuf, TargetKind, bool)> = Vec::new();
-    for p in libraries {
-        candidates.push((p.clone(), TargetKind::Library, true));
-    }
-    for p in executables {
-        candidates.push((p.clone(), TargetKind::Executable, true));
-    }
-    if discover {
-        for dir in LIBRARY_DIRS {
-            for name in LIBRARY_NAMES {
-                candidates.push((Path::new(dir).join(name), TargetKind::Library, false));
-            }
-        }
-        candidates.extend(from_processes().into_iter().map(|(p, k)| (p, k, false)));
-    }
-
-    let mut seen = HashSet::new();
-    let mut targets = Vec::new();
-    for (path, kind, configured) in candidates {
-        let Ok(real) = std::fs::canonicalize(&path) else {
-            if configured {
-                tracing::warn!(path = %path.display(), "configured TLS target does not exist; skipped");
-            }
-            continue;
-        };
-        let Ok(meta) = std::fs::metadata(&real) else { continue };
-        if !seen.insert((meta.dev(), meta.ino())) {
-            continue;
-        }
-        match inspect(&real, kind) {
-            Ok(Some(t)) => targets.push(t),
-            Ok(None) if configured => tracing::warn!(
-                path = %real.display(),
-                "configured TLS target does not export SSL_write/SSL_read; skipped"
-            ),
-            Ok(None) => {}
-            Err(e) => tracing::debug!(path = %real.display(), error = %e, "not inspectable"),
-        }
-    }
-    targets
+/// Finds targets, remembering what it already looked at so that a periodic rescan only
+/// reads new files and new processes.
+#[derive(Default)]
+pub struct Discovery {
+    /// (device, inode) of every file inspected, target or not.
+    inspected: HashSet<(u64, u64)>,
+    /// Processes whose maps were read twice (at first sight, and one round later, since
+    /// programs such as python load libssl lazily).
+    settled: HashSet<u32>,
+    /// Processes read once so far.
+    fresh: HashSet<u32>,
+    scans: u64,
 }
 
-/// libssl files mapped by running processes, and the executables of running processes
-/// (those that embed and export OpenSSL are kept by [`inspect`]).
-fn from_processes() -> Vec<(PathBuf, TargetKind)> {
-    let mut out = HashSet::new();
-    let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
-    for entry in dir.flatten() {
-        let name = entry.file_name();
-        let Some(pid) = name.to_str().filter(|s| s.bytes().all(|b| b.is_ascii_digit())) else {
-            continue;
-        };
-        if let Ok(maps) = std::fs::read_to_string(format!("/proc/{pid}/maps")) {
-            for line in maps.lines() {
-                if let Some(path) = line.split_whitespace().nth(5)
-                    && path.rsplit('/').next().is_some_and(|f| f.starts_with("libssl.so"))
-                {
-                    out.insert((PathBuf::from(path), TargetKind::Library));
+impl Discovery {
+    /// New targets among the configured paths and (with `discover`) the standard library
+    /// directories and the running processes. Problems with single candidates are logged
+    /// and skipped.
+    pub fn scan(&mut self, libraries: &[PathBuf], executables: &[PathBuf], discover: bool) -> Vec<TlsTarget> {
+        let mut candidates: Vec<(PathBuf, TargetKind, bool)> = Vec::new();
+        for p in libraries {
+            candidates.push((p.clone(), TargetKind::Library, true));
+        }
+        for p in executables {
+            candidates.push((p.clone(), TargetKind::Executable, true));
+        }
+        if discover {
+            for dir in LIBRARY_DIRS {
+                for name in LIBRARY_NAMES {
+                    candidates.push((Path::new(dir).join(name), TargetKind::Library, false));
                 }
             }
+            candidates.extend(self.from_processes().into_iter().map(|(p, k)| (p, k, false)));
         }
-        if let Ok(exe) = std::fs::read_link(format!("/proc/{pid}/exe")) {
-            out.insert((exe, TargetKind::Executable));
+        self.scans += 1;
+
+        let mut targets = Vec::new();
+        for (path, kind, configured) in candidates {
+            let Ok(meta) = std::fs::metadata(&path) else {
+                if configured && self.scans == 0 {
+                    tracing::warn!(path = %path.display(), "configured TLS target does not exist; skipped");
+                }
+                continue;
+            };
+            if !self.inspected.insert((meta.dev(), meta.ino())) {
+                continue;
+            }
+            let real = std::fs::canonicalize(&path).unwrap_or(path);
+            match inspect(&real, kind) {
+                Ok(Some(t)) => targets.push(t),
+                Ok(None) if configured => tracing::warn!(
+                    path = %real.display(),
+                    "configured TLS target does not export SSL_write/SSL_read; skipped"
+                ),
+                Ok(None) => {}
+                Err(e) => tracing::debug!(path = %real.display(), error = %e, "not inspectable"),
+            }
         }
+        targets
     }
-    out.into_iter().collect()
+
+    /// libssl files mapped by running processes, and the executables of running processes
+    /// (those that embed and export OpenSSL are kept by [`inspect`]). Each process is read
+    /// twice at most.
+    fn from_processes(&mut self) -> Vec<(PathBuf, TargetKind)> {
+        let mut out = HashSet::new();
+        let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
+        let mut alive = HashSet::new();
+        for entry in dir.flatten() {
+            let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+                continue;
+            };
+            alive.insert(pid);
+            if self.settled.contains(&pid) {
+                continue;
+            }
+            if !self.fresh.insert(pid) {
+                self.fresh.remove(&pid);
+                self.settled.insert(pid);
+            }
+            if let Ok(maps) = std::fs::read_to_string(format!("/proc/{pid}/maps")) {
+                for line in maps.lines() {
+                    if let Some(path) = line.split_whitespace().nth(5)
+                        && path.rsplit('/').next().is_some_and(|f| f.starts_with("libssl.so"))
+                    {
+                        out.insert((PathBuf::from(path), TargetKind::Library));
+                    }
+                }
+            }
+            if let Ok(exe) = std::fs::read_link(format!("/proc/{pid}/exe")) {
+                out.insert((exe, TargetKind::Executable));
+            }
+        }
+        // Forget processes that are gone, so a reused pid is looked at again.
+        self.settled.retain(|p| alive.contains(p));
+        self.fresh.retain(|p| alive.contains(p));
+        out.into_iter().collect()
+    }
 }
 
 #[cfg(test)]
@@ -153,7 +180,7 @@ mod tests {
 
     #[test]
     fn system_libssl_qualifies() {
-        let found = find(&[], &[], true);
+        let found = Discovery::default().scan(&[], &[], true);
         let lib = found
             .iter()
             .find(|t| t.kind == TargetKind::Library)
@@ -171,5 +198,14 @@ mod tests {
         // /bin/true is ELF and has no SSL symbols.
         assert!(inspect(Path::new("/bin/true"), TargetKind::Executable).unwrap().is_none());
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_rescan_reports_only_new_files() {
+        let mut d = Discovery::default();
+        let first = d.scan(&[], &[], true);
+        assert!(!first.is_empty());
+        let again = d.scan(&[], &[], true);
+        assert!(again.is_empty(), "already inspected: {again:?}");
     }
 }
