@@ -26,7 +26,8 @@ pub struct ConnObservation {
     pub tid: u32,
     pub uid: u32,
     pub cgroup_id: u64,
-    pub comm: String,
+    /// Thread name as the kernel saw it (NUL-padded).
+    pub comm: [u8; 16],
     /// Attach cookie: which probed file.
     pub source: u64,
     /// Library functions that carried this connection's bytes.
@@ -255,14 +256,13 @@ fn describe(key: ConnKey, conn: &Conn, obs: Observation) -> ConnObservation {
         .filter_map(TlsHook::from_u8)
         .map(TlsHook::symbol)
         .collect();
-    let end = conn.comm.iter().position(|&b| b == 0).unwrap_or(16);
     ConnObservation {
         obs,
         key,
         tid: conn.tid,
         uid: conn.uid,
         cgroup_id: conn.cgroup_id,
-        comm: String::from_utf8_lossy(&conn.comm[..end]).into_owned(),
+        comm: conn.comm,
         source: conn.source,
         hooks,
     }

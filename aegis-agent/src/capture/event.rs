@@ -73,11 +73,6 @@ impl TlsEvent {
             missing,
         })
     }
-
-    pub fn comm_str(&self) -> String {
-        let end = self.comm.iter().position(|&b| b == 0).unwrap_or(self.comm.len());
-        String::from_utf8_lossy(&self.comm[..end]).into_owned()
-    }
 }
 
 #[cfg(test)]
@@ -115,7 +110,7 @@ mod tests {
         assert_eq!(e.hook, TlsHook::SslReadEx);
         assert_eq!(e.direction, Direction::Ingress);
         assert_eq!(&e.data[..], b"hello");
-        assert_eq!(e.comm_str(), "curl");
+        assert_eq!(&e.comm[..5], b"curl\0");
         assert_eq!(e.missing, 0);
     }
 

@@ -121,8 +121,9 @@ impl Pipeline {
         let reader_stop = stop.clone();
         let reader_counters = counters.clone();
         let reader_drops = drops.clone();
+        let reader_processes = processes.clone();
         let reader = spawn("aegis-reader", move || {
-            read_loop(source, senders, &reader_stop, &reader_counters, &reader_drops)
+            read_loop(source, senders, &reader_processes, &reader_stop, &reader_counters, &reader_drops)
         })?;
 
         let every = Duration::from_secs(config.capture.rediscover_secs);
@@ -201,6 +202,7 @@ where
 fn read_loop(
     mut source: EventSource,
     workers: Vec<SyncSender<TlsEvent>>,
+    processes: &ProcessCache,
     stop: &AtomicBool,
     counters: &Counters,
     drops: &Mutex<[DropCounter; DROP_CAUSES]>,
@@ -215,6 +217,11 @@ fn read_loop(
             match TlsEvent::decode(&item) {
                 Ok(ev) => {
                     counters.events.fetch_add(1, Ordering::Relaxed);
+                    // Describe the process at the first sign of it, before a short-lived
+                    // client can exit (a cache hit otherwise).
+                    if ev.offset == 0 {
+                        processes.lookup(ev.key.tgid, &ev.comm, ev.uid, ev.cgroup_id);
+                    }
                     let w = (hasher.hash_one(ev.key) % workers.len() as u64) as usize;
                     // Blocks when the worker is behind: back-pressure into the ring.
                     if workers[w].send(ev).is_err() {
@@ -259,10 +266,6 @@ impl WorkerCtx {
         loop {
             match rx.recv_timeout(TICK) {
                 Ok(ev) => {
-                    // Look the process up while it surely still exists (cached after).
-                    if self.table.is_empty() || ev.offset == 0 {
-                        self.processes.lookup(ev.key.tgid, &ev.comm_str(), ev.uid, ev.cgroup_id);
-                    }
                     let now_ns = ev.timestamp_ns;
                     self.table.on_event(ev, &mut found);
                     if last_sweep.elapsed() >= Duration::from_secs(1) {

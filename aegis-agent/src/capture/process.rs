@@ -41,7 +41,7 @@ impl ProcessCache {
 
     /// Describe `tgid`; `comm`, `uid` and `cgroup_id` are what the kernel stamped on its
     /// event, used when /proc no longer has the process.
-    pub fn lookup(&self, tgid: u32, comm: &str, uid: u32, cgroup_id: u64) -> ProcessInfo {
+    pub fn lookup(&self, tgid: u32, comm: &[u8], uid: u32, cgroup_id: u64) -> ProcessInfo {
         let now = Instant::now();
         let mut map = self.entries.lock().unwrap_or_else(|e| e.into_inner());
         let stale = match map.get(&tgid) {
@@ -54,10 +54,10 @@ impl ProcessCache {
             (None, Some(old)) => old,
             (None, None) => ProcessInfo {
                 pid: tgid,
-                comm: comm.to_owned(),
+                comm: String::from_utf8_lossy(comm.split(|&b| b == 0).next().unwrap_or_default()).into_owned(),
                 exe: None,
                 uid,
-                cgroup: format!("cgroup-id:{cgroup_id}"),
+                cgroup: cgroup_path_by_id(cgroup_id).unwrap_or_else(|| format!("cgroup-id:{cgroup_id}")),
             },
         };
         if map.len() >= self.max {
@@ -82,6 +82,36 @@ fn read_proc(tgid: u32, uid: u32) -> Option<ProcessInfo> {
     Some(ProcessInfo { pid: tgid, comm: comm.trim_end().to_owned(), exe, uid, cgroup })
 }
 
+/// The path of the cgroup v2 directory whose inode number is `id` (what
+/// `bpf_get_current_cgroup_id` returns), found by walking the cgroup2 mount. Used only
+/// for processes that exited before /proc could be read.
+fn cgroup_path_by_id(id: u64) -> Option<String> {
+    use std::os::unix::fs::MetadataExt as _;
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let root = mountinfo.lines().find_map(|l| {
+        let (left, right) = l.split_once(" - ")?;
+        right.starts_with("cgroup2 ").then(|| left.split_whitespace().nth(4).map(str::to_owned))?
+    })?;
+    let root = std::path::PathBuf::from(root);
+    // Bounded breadth-first walk: cgroup trees are small, but be safe.
+    let mut queue = std::collections::VecDeque::from([root.clone()]);
+    let mut visited = 0;
+    while let Some(dir) = queue.pop_front() {
+        visited += 1;
+        if visited > 20_000 {
+            return None;
+        }
+        if std::fs::metadata(&dir).ok()?.ino() == id {
+            let rel = dir.strip_prefix(&root).ok()?;
+            return Some(format!("/{}", rel.display()));
+        }
+        if let Ok(entries) = std::fs::read_dir(&dir) {
+            queue.extend(entries.flatten().filter(|e| e.file_type().is_ok_and(|t| t.is_dir())).map(|e| e.path()));
+        }
+    }
+    None
+}
+
 /// The unified-hierarchy line of /proc/PID/cgroup ("0::/path").
 fn parse_cgroup_v2(text: &str) -> Option<String> {
     text.lines().find_map(|l| l.strip_prefix("0::")).map(str::to_owned)
@@ -95,7 +125,7 @@ mod tests {
     fn own_process_is_described() {
         let cache = ProcessCache::new(8);
         let me = std::process::id();
-        let info = cache.lookup(me, "test", 0, 1);
+        let info = cache.lookup(me, b"test", 0, 1);
         assert_eq!(info.pid, me);
         assert_eq!(info.exe.as_deref(), std::env::current_exe().ok().as_deref().and_then(|p| p.to_str()));
         assert!(info.cgroup.starts_with('/'), "{}", info.cgroup);
@@ -104,10 +134,13 @@ mod tests {
     #[test]
     fn gone_process_falls_back_to_kernel_fields() {
         let cache = ProcessCache::new(8);
-        let info = cache.lookup(u32::MAX - 1, "ghost", 7, 99);
+        let info = cache.lookup(u32::MAX - 1, b"ghost", 7, 99);
         assert_eq!(info.exe, None);
         assert_eq!(info.cgroup, "cgroup-id:99");
         assert_eq!(info.uid, 7);
+        // The root cgroup's directory is inode 1 on cgroup2.
+        let root = cache.lookup(u32::MAX - 2, b"ghost", 7, 1);
+        assert_eq!(root.cgroup, "/");
     }
 
     #[test]
