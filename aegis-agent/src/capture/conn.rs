@@ -235,7 +235,7 @@ impl ConnTable {
     fn finish(&mut self, key: ConnKey, mut conn: Conn, ts: u64, reason: &str, out: &mut Vec<ConnObservation>) {
         if let Role::Http1(tracker) = &mut conn.role {
             tracker.finish(ts, reason, &mut self.scratch);
-            add_stats(&mut self.stats.exchange, &tracker.stats);
+            add_stats(&mut self.stats.exchange, &tracker.stats());
         }
         for o in self.scratch.drain(..) {
             out.push(describe(key, &conn, o));

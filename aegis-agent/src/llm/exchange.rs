@@ -74,6 +74,7 @@ pub struct ExchangeStats {
     pub exchanges: u64,
     pub ignored_exchanges: u64,
     pub parse_errors: u64,
+    /// Bytes the HTTP parsers discarded (unparseable, or searching for the next message).
     pub skipped_bytes: u64,
 }
 
@@ -121,7 +122,7 @@ pub struct ExchangeTracker {
     /// The last exchange in `queue` is still receiving its request.
     receiving: bool,
     events: Vec<HttpEvent>,
-    pub stats: ExchangeStats,
+    stats: ExchangeStats,
 }
 
 impl ExchangeTracker {
@@ -140,6 +141,13 @@ impl ExchangeTracker {
 
     pub fn side(&self) -> Side {
         self.side
+    }
+
+    pub fn stats(&self) -> ExchangeStats {
+        ExchangeStats {
+            skipped_bytes: self.requests.skipped_bytes() + self.responses.skipped_bytes(),
+            ..self.stats
+        }
     }
 
     /// Request-stream bytes at monotonic time `ts`.
@@ -309,9 +317,8 @@ impl ExchangeTracker {
                     self.queue.push_back(x);
                 }
             }
-            HttpEvent::Error { error, skipped } => {
+            HttpEvent::Error { error, .. } => {
                 self.stats.parse_errors += 1;
-                self.stats.skipped_bytes += skipped;
                 if self.receiving
                     && let Some(x) = self.queue.back_mut()
                 {
@@ -326,9 +333,8 @@ impl ExchangeTracker {
         // Responses answer the oldest exchange whose response has not ended.
         let max_body = self.max_body;
         let Some(x) = self.queue.iter_mut().find(|x| !x.resp.ended) else {
-            if let HttpEvent::Error { skipped, .. } = event {
+            if let HttpEvent::Error { .. } = event {
                 self.stats.parse_errors += 1;
-                self.stats.skipped_bytes += skipped;
             }
             return;
         };
@@ -370,9 +376,8 @@ impl ExchangeTracker {
                     resp.notes.push("response_incomplete".into());
                 }
             }
-            HttpEvent::Error { error, skipped } => {
+            HttpEvent::Error { error, .. } => {
                 self.stats.parse_errors += 1;
-                self.stats.skipped_bytes += skipped;
                 resp.notes.push(format!("response_parse_error:{error}"));
                 resp.complete = false;
             }
@@ -423,6 +428,11 @@ impl ExchangeTracker {
         let mut summary_src = UsageCollector::new(call.api);
         let mut notes = req.notes;
         notes.extend(resp.notes);
+        if let Some(d) = &resp.decoder
+            && d.over_cap() > 0
+        {
+            notes.push(format!("response_body_truncated_at:{}", resp.body.len()));
+        }
         if resp.decoder.is_some() {
             summarise(&mut summary_src, &call, resp.head.as_ref(), &resp.body, &mut notes);
         }

@@ -127,8 +127,8 @@ pub enum HttpEvent {
     Error { error: ParseError, skipped: u64 },
 }
 /// Responses only: most request methods queued by `expect_response_to` awaiting their
-/// response; past this the oldest is dropped (responses are then framed as if they
-/// answered a GET, which is what the oldest most likely was).
+/// response; past this the oldest is dropped, so memory stays bounded when responses
+/// are never seen.
 pub const MAX_PENDING_REQUESTS: usize = 1024;
 
 /// What the request method means for its response's body.
@@ -602,23 +602,22 @@ impl Http1Parser {
         });
         let (head, framing) = match parsed {
             Ok(parsed) => parsed,
-            Err(error) => return self.fail(error, raw.len() as u64, true, out),
+            Err(error) => {
+                self.fail(error, raw.len() as u64, true, out);
+                return;
+            }
         };
         self.resyncing = false;
         self.incomplete = false;
         out.push(HttpEvent::Head(head));
         self.state = match framing {
-            Framing::Empty => {
+            Framing::Empty | Framing::Fixed(0) => {
                 out.push(HttpEvent::End { complete: true });
                 State::Head
             }
             Framing::EmptyThenTunnel => {
                 out.push(HttpEvent::End { complete: true });
                 State::Tunnel
-            }
-            Framing::Fixed(0) => {
-                out.push(HttpEvent::End { complete: true });
-                State::Head
             }
             Framing::Fixed(remaining) => State::Fixed { remaining },
             Framing::Chunked => State::ChunkSize(ChunkSize::default()),
