@@ -1,37 +1,51 @@
 //! The agent under test as a child process, with a temporary config and output file.
 
-use crate::{TempDir, file_tail, workspace_dir};
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
+use std::{
+    fs::{self, File},
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Stdio},
+    time::{Duration, Instant},
+};
+
+use nix::{
+    sys::signal::{Signal, kill},
+    unistd::Pid,
+};
 use serde_json::Value;
-use std::fs::{self, File};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::time::{Duration, Instant};
+
+use crate::{TempDir, file_tail, workspace_dir};
 
 /// How long the agent may take to load and attach its probes.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long the agent may take to exit after SIGINT before it is killed.
 pub const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Path of the agent binary: `$AEGIS_AGENT_BIN`, else `aegis-agent` next to the running
-/// test's profile directory (`target/<profile>/deps/<test>` → `target/<profile>/`), else
+/// Path of the agent binary: `$AEGIS_AGENT_BIN`, else `aegis-agent` in the nearest
+/// ancestor of the running test executable that has one (the profile directory, e.g.
+/// `target/release/` for `cargo test --release`, whatever the build-dir layout), else
 /// `<workspace>/target/debug/aegis-agent`.
 pub fn agent_bin() -> PathBuf {
     if let Some(p) = std::env::var_os("AEGIS_AGENT_BIN") {
         return PathBuf::from(p);
     }
-    let beside_test = std::env::current_exe()
-        .ok()
-        .and_then(|exe| Some(exe.parent()?.parent()?.join("aegis-agent")));
-    let candidates = beside_test.into_iter().chain([workspace_dir().join("target/debug/aegis-agent")]);
-    let tried: Vec<PathBuf> = candidates.collect();
-    tried.iter().find(|p| p.is_file()).cloned().unwrap_or_else(|| {
-        panic!(
-            "aegis-agent binary not found (tried {tried:?}); build it first with \
+    let exe = std::env::current_exe().unwrap_or_default();
+    let mut tried: Vec<PathBuf> = exe
+        .ancestors()
+        .skip(1)
+        .take(6)
+        .map(|d| d.join("aegis-agent"))
+        .collect();
+    tried.push(workspace_dir().join("target/debug/aegis-agent"));
+    tried
+        .iter()
+        .find(|p| p.is_file())
+        .cloned()
+        .unwrap_or_else(|| {
+            panic!(
+                "aegis-agent binary not found (tried {tried:?}); build it first with \
              `cargo build -p aegis-agent`, or set AEGIS_AGENT_BIN"
-        )
-    })
+            )
+        })
 }
 
 /// A running agent writing JSON lines to a temporary file. Dropping it stops it (SIGINT,
@@ -57,7 +71,10 @@ impl Agent {
         let output = dir.join("calls.jsonl");
         let config = dir.join("agent.toml");
         let ready = dir.join("ready");
-        let toml = format!("[output]\nstdout = false\nfile = {:?}\n{extra_toml}", output.display().to_string());
+        let toml = format!(
+            "[output]\nstdout = false\nfile = {:?}\n{extra_toml}",
+            output.display().to_string()
+        );
         fs::write(&config, toml).expect("writing agent config");
         let child = Command::new(&bin)
             .arg("run")
@@ -70,13 +87,22 @@ impl Agent {
             .stderr(File::create(dir.join("stderr.log")).expect("creating agent stderr log"))
             .spawn()
             .unwrap_or_else(|e| panic!("spawning {}: {e}", bin.display()));
-        let mut agent = Self { child, dir, output, status: None };
+        let mut agent = Self {
+            child,
+            dir,
+            output,
+            status: None,
+        };
 
         let deadline = Instant::now() + READY_TIMEOUT;
         while !ready.exists() {
             if let Some(status) = agent.child.try_wait().expect("waiting for the agent") {
                 agent.status = Some(status);
-                panic!("agent {} exited before ready ({status}){}", bin.display(), agent.logs());
+                panic!(
+                    "agent {} exited before ready ({status}){}",
+                    bin.display(),
+                    agent.logs()
+                );
             }
             if Instant::now() >= deadline {
                 agent.kill();
@@ -114,15 +140,25 @@ impl Agent {
             .filter(|l| !l.trim().is_empty())
             .enumerate()
             .map(|(i, line)| {
-                serde_json::from_str(line)
-                    .unwrap_or_else(|e| panic!("agent output line {} is not JSON ({e}): {line}{}", i + 1, self.logs()))
+                serde_json::from_str(line).unwrap_or_else(|e| {
+                    panic!(
+                        "agent output line {} is not JSON ({e}): {line}{}",
+                        i + 1,
+                        self.logs()
+                    )
+                })
             })
             .collect()
     }
 
     /// Polls until at least `n` records satisfy `pred`, and returns those; panics with the
     /// records seen and the agent's stderr after `timeout`.
-    pub fn wait_for_records(&self, pred: impl Fn(&Value) -> bool, n: usize, timeout: Duration) -> Vec<Value> {
+    pub fn wait_for_records(
+        &self,
+        pred: impl Fn(&Value) -> bool,
+        n: usize,
+        timeout: Duration,
+    ) -> Vec<Value> {
         let deadline = Instant::now() + timeout;
         loop {
             let matching: Vec<Value> = self.records().into_iter().filter(|r| pred(r)).collect();
@@ -158,7 +194,11 @@ impl Agent {
     /// wrote (so a test can check that nothing more came at shutdown).
     pub fn stop(&mut self) -> Vec<Value> {
         let status = self.terminate();
-        assert!(status.success(), "agent exited with {status} after SIGINT{}", self.logs());
+        assert!(
+            status.success(),
+            "agent exited with {status} after SIGINT{}",
+            self.logs()
+        );
         self.records()
     }
 

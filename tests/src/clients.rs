@@ -2,13 +2,20 @@
 //! (fetch). Each runner spawns the client directly (no shell, no shim), so the pid it
 //! returns is the pid that makes the TLS calls.
 
-use crate::expect::{Identity, TlsExpect};
-use crate::{TempDir, comm_of, file_tail, python_exe, tests_dir, wait_with_timeout};
+use std::{
+    fs::{self, File},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::Duration,
+};
+
 use serde_json::{Value, json};
-use std::fs::{self, File};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::Duration;
+
+use crate::{
+    TempDir, comm_of,
+    expect::{Identity, TlsExpect},
+    file_tail, python_exe, tests_dir, wait_with_timeout,
+};
 
 /// How long one client run may take.
 pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(120);
@@ -31,11 +38,23 @@ pub struct Request {
 
 impl Request {
     pub fn get(path: &str) -> Self {
-        Self { method: "GET".into(), path: path.into(), headers: Vec::new(), body: None, gzip: false }
+        Self {
+            method: "GET".into(),
+            path: path.into(),
+            headers: Vec::new(),
+            body: None,
+            gzip: false,
+        }
     }
 
     pub fn post(path: &str, body: Value) -> Self {
-        Self { method: "POST".into(), path: path.into(), headers: Vec::new(), body: Some(body), gzip: false }
+        Self {
+            method: "POST".into(),
+            path: path.into(),
+            headers: Vec::new(),
+            body: Some(body),
+            gzip: false,
+        }
     }
 
     pub fn header(mut self, name: &str, value: &str) -> Self {
@@ -50,12 +69,19 @@ impl Request {
 
     /// The body bytes as sent.
     pub fn body_bytes(&self) -> Vec<u8> {
-        self.body.as_ref().map(|b| serde_json::to_vec(b).expect("serialising a body")).unwrap_or_default()
+        self.body
+            .as_ref()
+            .map(|b| serde_json::to_vec(b).expect("serialising a body"))
+            .unwrap_or_default()
     }
 
     /// The status the mock answers with (see `mock_provider.py`).
     pub fn expected_status(&self) -> u16 {
-        if let Some((_, v)) = self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case("x-mock-status")) {
+        if let Some((_, v)) = self
+            .headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case("x-mock-status"))
+        {
             return v.parse().expect("x-mock-status is a number");
         }
         let path = self.path.split('?').next().unwrap_or_default();
@@ -73,7 +99,8 @@ impl Request {
                         | "/api/chat"
                         | "/api/generate"
                 ) || (path.starts_with("/v1beta/models/")
-                    && (path.ends_with(":generateContent") || path.ends_with(":streamGenerateContent")))
+                    && (path.ends_with(":generateContent")
+                        || path.ends_with(":streamGenerateContent")))
             }
             _ => false,
         };
@@ -82,8 +109,11 @@ impl Request {
 
     /// The plan form read by `py_client.py` / `node_client.mjs`.
     fn to_plan_json(&self) -> Value {
-        let mut headers: serde_json::Map<String, Value> =
-            self.headers.iter().map(|(k, v)| (k.clone(), Value::String(v.clone()))).collect();
+        let mut headers: serde_json::Map<String, Value> = self
+            .headers
+            .iter()
+            .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+            .collect();
         if self.gzip {
             headers.insert("Accept-Encoding".into(), "gzip".into());
         }
@@ -101,7 +131,9 @@ pub struct Plan {
 impl Plan {
     /// All requests over one connection.
     pub fn single(requests: Vec<Request>) -> Self {
-        Self { connections: vec![requests] }
+        Self {
+            connections: vec![requests],
+        }
     }
 
     pub fn requests(&self) -> impl Iterator<Item = &Request> {
@@ -109,9 +141,16 @@ impl Plan {
     }
 
     fn to_json(&self) -> Value {
-        let conns: Vec<Value> =
-            self.connections.iter().map(|c| Value::Array(c.iter().map(Request::to_plan_json).collect())).collect();
-        if conns.len() == 1 { conns.into_iter().next().expect("one") } else { json!({ "connections": conns }) }
+        let conns: Vec<Value> = self
+            .connections
+            .iter()
+            .map(|c| Value::Array(c.iter().map(Request::to_plan_json).collect()))
+            .collect();
+        if conns.len() == 1 {
+            conns.into_iter().next().expect("one")
+        } else {
+            json!({ "connections": conns })
+        }
     }
 }
 
@@ -126,6 +165,8 @@ pub struct ClientResponse {
     pub tid: Option<u32>,
     /// New connections opened for it (curl only).
     pub num_connects: Option<u64>,
+    /// Content-Encoding of the answer.
+    pub content_encoding: Option<String>,
 }
 
 /// A finished client run.
@@ -147,19 +188,57 @@ impl ClientRun {
     /// each connection's requests went over a single connection where the client says so.
     pub fn assert_responses(&self, plan: &Plan) {
         let expected: usize = plan.connections.iter().map(Vec::len).sum();
-        assert_eq!(self.responses.len(), expected, "{} printed {} responses for {expected} requests; stderr:\n{}",
-            self.client, self.responses.len(), self.stderr);
+        assert_eq!(
+            self.responses.len(),
+            expected,
+            "{} printed {} responses for {expected} requests; stderr:\n{}",
+            self.client,
+            self.responses.len(),
+            self.stderr
+        );
         for (c, reqs) in plan.connections.iter().enumerate() {
             for (i, req) in reqs.iter().enumerate() {
                 let resp = self
                     .responses
                     .iter()
                     .find(|r| r.conn == c && r.index == i)
-                    .unwrap_or_else(|| panic!("{}: no response for connection {c} request {i}", self.client));
-                assert_eq!(resp.status, req.expected_status(), "{}: status of {} {}", self.client, req.method, req.path);
-                assert!(resp.bytes > 0 || req.method == "HEAD", "{}: empty body for {}", self.client, req.path);
+                    .unwrap_or_else(|| {
+                        panic!(
+                            "{}: no response for connection {c} request {i}",
+                            self.client
+                        )
+                    });
+                assert_eq!(
+                    resp.status,
+                    req.expected_status(),
+                    "{}: status of {} {}",
+                    self.client,
+                    req.method,
+                    req.path
+                );
+                assert!(
+                    resp.bytes > 0 || req.method == "HEAD",
+                    "{}: empty body for {}",
+                    self.client,
+                    req.path
+                );
+                if req.gzip && resp.status == 200 {
+                    assert_eq!(
+                        resp.content_encoding.as_deref(),
+                        Some("gzip"),
+                        "{}: {} was not gzip-compressed",
+                        self.client,
+                        req.path
+                    );
+                }
                 if let Some(n) = resp.num_connects {
-                    assert_eq!(n, u64::from(i == 0), "{}: request {i} ({}) did not reuse the connection", self.client, req.path);
+                    assert_eq!(
+                        n,
+                        u64::from(i == 0),
+                        "{}: request {i} ({}) did not reuse the connection",
+                        self.client,
+                        req.path
+                    );
                 }
             }
         }
@@ -171,7 +250,8 @@ fn parse_responses(client: &str, stdout: &str) -> Vec<ClientResponse> {
         .lines()
         .filter(|l| !l.trim().is_empty())
         .map(|line| {
-            let v: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{client} printed non-JSON ({e}): {line}"));
+            let v: Value = serde_json::from_str(line)
+                .unwrap_or_else(|e| panic!("{client} printed non-JSON ({e}): {line}"));
             let num = |k: &str| v.get(k).and_then(Value::as_u64);
             ClientResponse {
                 conn: num("conn").unwrap_or(0) as usize,
@@ -180,6 +260,11 @@ fn parse_responses(client: &str, stdout: &str) -> Vec<ClientResponse> {
                 bytes: num("bytes").expect("response bytes"),
                 tid: num("tid").map(|t| t as u32),
                 num_connects: num("num_connects"),
+                content_encoding: v
+                    .get("content_encoding")
+                    .and_then(Value::as_str)
+                    .filter(|e| !e.is_empty())
+                    .map(String::from),
             }
         })
         .collect()
@@ -192,23 +277,38 @@ fn run_client(client: &'static str, mut cmd: Command) -> (u32, String, String) {
     cmd.stdin(Stdio::null())
         .stdout(File::create(&out_path).expect("client stdout file"))
         .stderr(File::create(&err_path).expect("client stderr file"));
-    let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawning {client}: {e}"));
+    let mut child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawning {client}: {e}"));
     let pid = child.id();
     let status = wait_with_timeout(&mut child, client, CLIENT_TIMEOUT);
     let stdout = fs::read_to_string(&out_path).unwrap_or_default();
     let stderr = file_tail(&err_path, 4000);
-    assert!(status.success(), "{client} failed ({status}); stdout:\n{stdout}\nstderr:\n{stderr}");
+    assert!(
+        status.success(),
+        "{client} failed ({status}); stdout:\n{stdout}\nstderr:\n{stderr}"
+    );
     (pid, stdout, stderr)
 }
 
 fn identity(pid: u32, exe: &Path, tls: TlsExpect, single_thread: bool) -> Identity {
-    Identity { pid, comm: comm_of(exe), exe: exe.to_path_buf(), tls, single_thread }
+    Identity {
+        pid,
+        comm: comm_of(exe),
+        exe: exe.to_path_buf(),
+        tls,
+        single_thread,
+    }
 }
 
 fn write_plan(plan: &Plan) -> (TempDir, PathBuf) {
     let dir = TempDir::new("plan");
     let path = dir.join("plan.json");
-    fs::write(&path, serde_json::to_vec_pretty(&plan.to_json()).expect("plan JSON")).expect("writing plan");
+    fs::write(
+        &path,
+        serde_json::to_vec_pretty(&plan.to_json()).expect("plan JSON"),
+    )
+    .expect("writing plan");
     (dir, path)
 }
 
@@ -216,11 +316,20 @@ fn write_plan(plan: &Plan) -> (TempDir, PathBuf) {
 pub fn run_python(port: u16, plan: &Plan) -> ClientRun {
     let (_dir, plan_path) = write_plan(plan);
     let mut cmd = Command::new(python_exe());
-    cmd.arg(tests_dir().join("clients/py_client.py")).arg("--port").arg(port.to_string()).arg("--plan").arg(&plan_path);
+    cmd.arg(tests_dir().join("clients/py_client.py"))
+        .arg("--port")
+        .arg(port.to_string())
+        .arg("--plan")
+        .arg(&plan_path);
     let (pid, stdout, stderr) = run_client("python", cmd);
     ClientRun {
         client: "python",
-        identity: identity(pid, python_exe(), TlsExpect::LibSsl, plan.connections.len() == 1),
+        identity: identity(
+            pid,
+            python_exe(),
+            TlsExpect::LibSsl,
+            plan.connections.len() == 1,
+        ),
         responses: parse_responses("python", &stdout),
         stderr,
     }
@@ -248,16 +357,29 @@ pub fn run_node(port: u16, plan: &Plan) -> ClientRun {
 /// Runs ONE `curl -sk --http1.1` for all requests of a single-connection plan (`--next`
 /// between them), so they share one keep-alive connection.
 pub fn run_curl(port: u16, plan: &Plan) -> ClientRun {
-    assert_eq!(plan.connections.len(), 1, "run_curl takes a single-connection plan");
+    assert_eq!(
+        plan.connections.len(),
+        1,
+        "run_curl takes a single-connection plan"
+    );
     let mut cmd = Command::new(CURL);
     for (i, req) in plan.connections[0].iter().enumerate() {
         if i > 0 {
             cmd.arg("--next");
         }
         let write_out = format!(
-            "{{\"i\":{i},\"status\":%{{http_code}},\"bytes\":%{{size_download}},\"num_connects\":%{{num_connects}}}}\\n"
+            "{{\"i\":{i},\"status\":%{{http_code}},\"bytes\":%{{size_download}},\"num_connects\":%{{num_connects}},\"content_encoding\":\"%header{{content-encoding}}\"}}\\n"
         );
-        cmd.args(["-sk", "--http1.1", "-o", "/dev/null", "-w", &write_out, "-X", &req.method]);
+        cmd.args([
+            "-sk",
+            "--http1.1",
+            "-o",
+            "/dev/null",
+            "-w",
+            &write_out,
+            "-X",
+            &req.method,
+        ]);
         if req.gzip {
             cmd.arg("--compressed");
         }

@@ -1,15 +1,26 @@
 //! What the agent should report for the requests a test made, and the record checks.
 
-use crate::clients::{Plan, Request};
+use std::{
+    collections::{BTreeMap, HashSet},
+    path::PathBuf,
+};
+
 use serde_json::Value;
-use std::collections::{BTreeMap, HashSet};
-use std::path::PathBuf;
+
+use crate::clients::{Plan, Request};
 
 /// Output tokens of every mock answer ("This is a mock reply from the AegisPlane test
 /// provider." = 10 words).
 pub const OUTPUT_TOKENS: u64 = 10;
 /// Top-level request keys whose strings count as input (mirrors `mock_provider.py`).
-pub const INPUT_KEYS: [&str; 6] = ["messages", "prompt", "input", "contents", "system", "instructions"];
+pub const INPUT_KEYS: [&str; 6] = [
+    "messages",
+    "prompt",
+    "input",
+    "contents",
+    "system",
+    "instructions",
+];
 /// Object keys whose string values do not count (mirrors `mock_provider.py`).
 pub const SKIP_KEYS: [&str; 2] = ["role", "type"];
 
@@ -25,8 +36,13 @@ pub fn expected_input_tokens(body: &Value) -> u64 {
             _ => 0,
         }
     }
-    let Some(map) = body.as_object() else { return 0 };
-    INPUT_KEYS.iter().filter_map(|k| map.get(*k).map(|v| words(v, k))).sum()
+    let Some(map) = body.as_object() else {
+        return 0;
+    };
+    INPUT_KEYS
+        .iter()
+        .filter_map(|k| map.get(*k).map(|v| words(v, k)))
+        .sum()
 }
 
 /// An expected token field.
@@ -74,13 +90,23 @@ impl ExpectedCall {
         }
         let body = req.body.clone().unwrap_or(Value::Null);
         let path = req.path.split('?').next().unwrap_or_default().to_string();
-        let body_model = || body.get("model").and_then(Value::as_str).unwrap_or("unknown").to_string();
+        let body_model = || {
+            body.get("model")
+                .and_then(Value::as_str)
+                .unwrap_or("unknown")
+                .to_string()
+        };
         let stream_flag = body.get("stream") == Some(&Value::Bool(true));
-        let include_usage = body.pointer("/stream_options/include_usage") == Some(&Value::Bool(true));
+        let include_usage =
+            body.pointer("/stream_options/include_usage") == Some(&Value::Bool(true));
         let n_in = expected_input_tokens(&body);
         let (api, model, stream, input, output, finish) = match path.as_str() {
             "/v1/chat/completions" | "/v1/completions" => {
-                let api = if path == "/v1/chat/completions" { "chat_completions" } else { "completions" };
+                let api = if path == "/v1/chat/completions" {
+                    "chat_completions"
+                } else {
+                    "completions"
+                };
                 let (i, o) = if stream_flag && !include_usage {
                     (Tokens::Null, Tokens::Null)
                 } else {
@@ -88,10 +114,22 @@ impl ExpectedCall {
                 };
                 (api, body_model(), stream_flag, i, o, Some("stop"))
             }
-            "/v1/responses" => {
-                ("responses", body_model(), stream_flag, Tokens::Exact(n_in), Tokens::Exact(OUTPUT_TOKENS), None)
-            }
-            "/v1/embeddings" => ("embeddings", body_model(), false, Tokens::Exact(n_in), Tokens::NullOrZero, None),
+            "/v1/responses" => (
+                "responses",
+                body_model(),
+                stream_flag,
+                Tokens::Exact(n_in),
+                Tokens::Exact(OUTPUT_TOKENS),
+                None,
+            ),
+            "/v1/embeddings" => (
+                "embeddings",
+                body_model(),
+                false,
+                Tokens::Exact(n_in),
+                Tokens::NullOrZero,
+                None,
+            ),
             "/v1/messages" => (
                 "anthropic_messages",
                 body_model(),
@@ -101,9 +139,20 @@ impl ExpectedCall {
                 Some("end_turn"),
             ),
             "/api/chat" | "/api/generate" => {
-                let api = if path == "/api/chat" { "ollama_chat" } else { "ollama_generate" };
+                let api = if path == "/api/chat" {
+                    "ollama_chat"
+                } else {
+                    "ollama_generate"
+                };
                 let stream = body.get("stream") != Some(&Value::Bool(false));
-                (api, body_model(), stream, Tokens::Exact(n_in), Tokens::Exact(OUTPUT_TOKENS), None)
+                (
+                    api,
+                    body_model(),
+                    stream,
+                    Tokens::Exact(n_in),
+                    Tokens::Exact(OUTPUT_TOKENS),
+                    None,
+                )
             }
             p if p.starts_with("/v1beta/models/") => {
                 let (model, method) = p["/v1beta/models/".len()..].split_once(':')?;
@@ -113,12 +162,23 @@ impl ExpectedCall {
                     _ => return None,
                 };
                 let (i, o) = (Tokens::Exact(n_in), Tokens::Exact(OUTPUT_TOKENS));
-                ("gemini_generate_content", model.to_string(), stream, i, o, None)
+                (
+                    "gemini_generate_content",
+                    model.to_string(),
+                    stream,
+                    i,
+                    o,
+                    None,
+                )
             }
             _ => return None,
         };
         let status = req.expected_status();
-        let (input, output, finish) = if status == 200 { (input, output, finish) } else { (Tokens::Null, Tokens::Null, None) };
+        let (input, output, finish) = if status == 200 {
+            (input, output, finish)
+        } else {
+            (Tokens::Null, Tokens::Null, None)
+        };
         Some(Self {
             api,
             path,
@@ -144,26 +204,58 @@ impl ExpectedCall {
                 bad.push(what);
             }
         };
-        check(r["api"] == self.api, format!("api {} != {}", r["api"], self.api));
-        check(r["status"].as_u64() == Some(u64::from(self.status)), format!("status {} != {}", r["status"], self.status));
-        check(self.input_tokens.matches(&r["input_tokens"]), format!("input_tokens {} != {:?}", r["input_tokens"], self.input_tokens));
-        check(self.output_tokens.matches(&r["output_tokens"]), format!("output_tokens {} != {:?}", r["output_tokens"], self.output_tokens));
+        check(
+            r["api"] == self.api,
+            format!("api {} != {}", r["api"], self.api),
+        );
+        check(
+            r["status"].as_u64() == Some(u64::from(self.status)),
+            format!("status {} != {}", r["status"], self.status),
+        );
+        check(
+            self.input_tokens.matches(&r["input_tokens"]),
+            format!(
+                "input_tokens {} != {:?}",
+                r["input_tokens"], self.input_tokens
+            ),
+        );
+        check(
+            self.output_tokens.matches(&r["output_tokens"]),
+            format!(
+                "output_tokens {} != {:?}",
+                r["output_tokens"], self.output_tokens
+            ),
+        );
         if let Some(f) = self.finish_reason {
-            check(r["finish_reason"] == f, format!("finish_reason {} != {f}", r["finish_reason"]));
+            check(
+                r["finish_reason"] == f,
+                format!("finish_reason {} != {f}", r["finish_reason"]),
+            );
         }
         let rm = &r["response_model"];
         if self.status == 200 {
-            check(rm.is_null() || *rm == *self.model, format!("response_model {rm} != {} (the mock echoes it)", self.model));
+            check(
+                rm.is_null() || *rm == *self.model,
+                format!("response_model {rm} != {} (the mock echoes it)", self.model),
+            );
         }
         let req_bytes = r["request_bytes"].as_u64().unwrap_or(0);
-        check(req_bytes >= self.request_body_len as u64, format!("request_bytes {req_bytes} < body length {}", self.request_body_len));
+        check(
+            req_bytes >= self.request_body_len as u64,
+            format!(
+                "request_bytes {req_bytes} < body length {}",
+                self.request_body_len
+            ),
+        );
         bad
     }
 }
 
 /// The expected calls for every request of a plan.
 pub fn expected_calls(plan: &Plan) -> Vec<ExpectedCall> {
-    plan.requests().filter_map(ExpectedCall::for_request).collect()
+    plan.requests()
+        .filter_map(ExpectedCall::for_request)
+        .collect()
 }
 
 /// How a process's TLS library should be named in `tls.library`.
@@ -193,30 +285,70 @@ impl Identity {
                 bad.push(format!("{who}: {what}"));
             }
         };
-        check(p["pid"].as_u64() == Some(u64::from(self.pid)), format!("pid {} != {}", p["pid"], self.pid));
-        check(p["comm"] == *self.comm, format!("comm {} != {:?}", p["comm"], self.comm));
-        check(p["exe"] == *self.exe.to_string_lossy(), format!("exe {} != {:?}", p["exe"], self.exe));
-        check(p["uid"].as_u64() == Some(u64::from(nix::unistd::geteuid().as_raw())), format!("uid {}", p["uid"]));
-        check(p["tid"].as_u64().is_some(), format!("tid {} is not a number", p["tid"]));
+        check(
+            p["pid"].as_u64() == Some(u64::from(self.pid)),
+            format!("pid {} != {}", p["pid"], self.pid),
+        );
+        check(
+            p["comm"] == *self.comm,
+            format!("comm {} != {:?}", p["comm"], self.comm),
+        );
+        check(
+            p["exe"] == *self.exe.to_string_lossy(),
+            format!("exe {} != {:?}", p["exe"], self.exe),
+        );
+        check(
+            p["uid"].as_u64() == Some(u64::from(nix::unistd::geteuid().as_raw())),
+            format!("uid {}", p["uid"]),
+        );
+        check(
+            p["tid"].as_u64().is_some(),
+            format!("tid {} is not a number", p["tid"]),
+        );
         if self.single_thread {
-            check(p["tid"] == p["pid"], format!("tid {} != pid {} (single-threaded client)", p["tid"], p["pid"]));
+            check(
+                p["tid"] == p["pid"],
+                format!(
+                    "tid {} != pid {} (single-threaded client)",
+                    p["tid"], p["pid"]
+                ),
+            );
         }
-        check(p["cgroup"].is_string(), format!("cgroup {} is not a string", p["cgroup"]));
+        check(
+            p["cgroup"].is_string(),
+            format!("cgroup {} is not a string", p["cgroup"]),
+        );
         let lib = p["tls"]["library"].as_str().unwrap_or_default();
         match &self.tls {
-            TlsExpect::LibSsl => check(lib.ends_with("/libssl.so.3"), format!("tls.library {lib:?} is not libssl.so.3")),
-            TlsExpect::Binary(exe) => check(lib == exe.to_string_lossy(), format!("tls.library {lib:?} != {exe:?}")),
+            TlsExpect::LibSsl => check(
+                lib.ends_with("/libssl.so.3"),
+                format!("tls.library {lib:?} is not libssl.so.3"),
+            ),
+            TlsExpect::Binary(exe) => check(
+                lib == exe.to_string_lossy(),
+                format!("tls.library {lib:?} != {exe:?}"),
+            ),
         }
-        let hooks: Vec<&str> = p["tls"]["hooks"].as_array().map(|h| h.iter().filter_map(Value::as_str).collect()).unwrap_or_default();
+        let hooks: Vec<&str> = p["tls"]["hooks"]
+            .as_array()
+            .map(|h| h.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
         check(
-            hooks.iter().any(|h| h.starts_with("SSL_write")) && hooks.iter().any(|h| h.starts_with("SSL_read")),
+            hooks.iter().any(|h| h.starts_with("SSL_write"))
+                && hooks.iter().any(|h| h.starts_with("SSL_read")),
             format!("tls.hooks {} lacks SSL_write*/SSL_read*", p["tls"]["hooks"]),
         );
     }
 }
 
 /// Checks common to every record: shape, ids, timing, who called whom.
-fn check_common(r: &Value, host: &str, client: &Identity, server: &Identity, bad: &mut Vec<String>) {
+fn check_common(
+    r: &Value,
+    host: &str,
+    client: &Identity,
+    server: &Identity,
+    bad: &mut Vec<String>,
+) {
     let mut check = |ok: bool, what: String| {
         if !ok {
             bad.push(what);
@@ -224,34 +356,61 @@ fn check_common(r: &Value, host: &str, client: &Identity, server: &Identity, bad
     };
     check(r["type"] == "llm_call", format!("type {}", r["type"]));
     let id = r["call_id"].as_str().unwrap_or_default();
-    check(id.len() == 16 && id.bytes().all(|b| b.is_ascii_hexdigit()), format!("call_id {:?} is not 16 hex digits", id));
+    check(
+        id.len() == 16 && id.bytes().all(|b| b.is_ascii_hexdigit()),
+        format!("call_id {:?} is not 16 hex digits", id),
+    );
     let t = r["time"].as_str().unwrap_or_default().as_bytes();
     check(
-        t.len() >= 20 && t[4] == b'-' && t[7] == b'-' && t[10] == b'T' && t[13] == b':' && t[16] == b':' && t.ends_with(b"Z"),
+        t.len() >= 20
+            && t[4] == b'-'
+            && t[7] == b'-'
+            && t[10] == b'T'
+            && t[13] == b':'
+            && t[16] == b':'
+            && t.ends_with(b"Z"),
         format!("time {} is not RFC 3339 UTC", r["time"]),
     );
-    check(r["provider"].as_str().is_some_and(|p| !p.is_empty()), format!("provider {}", r["provider"]));
+    check(
+        r["provider"].as_str().is_some_and(|p| !p.is_empty()),
+        format!("provider {}", r["provider"]),
+    );
     check(r["host"] == host, format!("host {} != {host}", r["host"]));
     check(r["method"] == "POST", format!("method {}", r["method"]));
     check(r["complete"] == true, format!("complete {}", r["complete"]));
-    check(r["notes"].is_array(), format!("notes {} is not an array", r["notes"]));
-    check(r["side"] == "client", format!("side {} (the caller ran on this host)", r["side"]));
+    check(
+        r["notes"].is_array(),
+        format!("notes {} is not an array", r["notes"]),
+    );
+    check(
+        r["side"] == "client",
+        format!("side {} (the caller ran on this host)", r["side"]),
+    );
     let (ttfb, latency) = (r["ttfb_ms"].as_f64(), r["latency_ms"].as_f64());
     check(
         matches!((ttfb, latency), (Some(a), Some(b)) if a >= 0.0 && a <= b && b < 60_000.0),
         format!("ttfb_ms {} / latency_ms {}", r["ttfb_ms"], r["latency_ms"]),
     );
-    check(r["response_bytes"].as_u64().is_some_and(|n| n > 0), format!("response_bytes {}", r["response_bytes"]));
+    check(
+        r["response_bytes"].as_u64().is_some_and(|n| n > 0),
+        format!("response_bytes {}", r["response_bytes"]),
+    );
     client.check("caller", r, bad);
     if r["server"].is_object() {
         server.check("server", &r["server"], bad);
     } else {
-        bad.push(format!("server {} (the mock provider ran on this host)", r["server"]));
+        bad.push(format!(
+            "server {} (the mock provider ran on this host)",
+            r["server"]
+        ));
     }
 }
 
 fn describe(r: &Value) -> String {
-    format!("{} {} model={} stream={}", r["api"], r["path"], r["model"], r["stream"])
+    format!(
+        "{} {} model={} stream={}",
+        r["api"], r["path"], r["model"], r["stream"]
+    )
 }
 
 fn record_key(r: &Value) -> (String, String, bool) {
@@ -265,7 +424,13 @@ fn record_key(r: &Value) -> (String, String, bool) {
 
 /// Problems with `records` as the report of exactly the calls `expected`, made by `client`
 /// to `server` at `host` (empty: all good). Records of other hosts/processes are ignored.
-pub fn check_calls(records: &[Value], expected: &[ExpectedCall], host: &str, client: &Identity, server: &Identity) -> Vec<String> {
+pub fn check_calls(
+    records: &[Value],
+    expected: &[ExpectedCall],
+    host: &str,
+    client: &Identity,
+    server: &Identity,
+) -> Vec<String> {
     let ours: Vec<&Value> = records
         .iter()
         .filter(|r| {
@@ -277,7 +442,11 @@ pub fn check_calls(records: &[Value], expected: &[ExpectedCall], host: &str, cli
         .collect();
     let mut bad = Vec::new();
     if ours.len() != expected.len() {
-        bad.push(format!("{} records for {} calls made", ours.len(), expected.len()));
+        bad.push(format!(
+            "{} records for {} calls made",
+            ours.len(),
+            expected.len()
+        ));
     }
     let mut ids = HashSet::new();
     for r in &ours {
@@ -286,22 +455,34 @@ pub fn check_calls(records: &[Value], expected: &[ExpectedCall], host: &str, cli
         if !ids.insert(r["call_id"].to_string()) {
             problems.push(format!("duplicate call_id {}", r["call_id"]));
         }
-        bad.extend(problems.into_iter().map(|p| format!("[{}] {p}", describe(r))));
+        bad.extend(
+            problems
+                .into_iter()
+                .map(|p| format!("[{}] {p}", describe(r))),
+        );
     }
     // Pair each expectation with an unused record of the same (path, model, stream) that
     // matches in full; report the differences from the closest one otherwise.
     let mut used = vec![false; ours.len()];
     for e in expected {
-        let same_key: Vec<usize> = (0..ours.len()).filter(|&i| !used[i] && record_key(ours[i]) == e.key()).collect();
+        let same_key: Vec<usize> = (0..ours.len())
+            .filter(|&i| !used[i] && record_key(ours[i]) == e.key())
+            .collect();
         if let Some(&i) = same_key.iter().find(|&&i| e.mismatches(ours[i]).is_empty()) {
             used[i] = true;
         } else if let Some(&i) = same_key.first() {
             used[i] = true;
             for m in e.mismatches(ours[i]) {
-                bad.push(format!("[{} {} model={} stream={}] {m}", e.api, e.path, e.model, e.stream));
+                bad.push(format!(
+                    "[{} {} model={} stream={}] {m}",
+                    e.api, e.path, e.model, e.stream
+                ));
             }
         } else {
-            bad.push(format!("missing: {} {} model={} stream={}", e.api, e.path, e.model, e.stream));
+            bad.push(format!(
+                "missing: {} {} model={} stream={}",
+                e.api, e.path, e.model, e.stream
+            ));
         }
     }
     for (i, r) in ours.iter().enumerate() {
@@ -313,7 +494,14 @@ pub fn check_calls(records: &[Value], expected: &[ExpectedCall], host: &str, cli
 }
 
 /// Panics listing every problem, the expected calls, the records, and `context` (agent logs).
-pub fn assert_calls(records: &[Value], expected: &[ExpectedCall], host: &str, client: &Identity, server: &Identity, context: &str) {
+pub fn assert_calls(
+    records: &[Value],
+    expected: &[ExpectedCall],
+    host: &str,
+    client: &Identity,
+    server: &Identity,
+    context: &str,
+) {
     let bad = check_calls(records, expected, host, client, server);
     if bad.is_empty() {
         return;
@@ -335,6 +523,9 @@ pub fn assert_calls(records: &[Value], expected: &[ExpectedCall], host: &str, cl
 /// Panics if the raw agent output contains any of `secrets`.
 pub fn assert_no_secrets(raw: &str, secrets: &[&str]) {
     for s in secrets {
-        assert!(!raw.contains(s), "agent output contains the secret {s:?}:\n{raw}");
+        assert!(
+            !raw.contains(s),
+            "agent output contains the secret {s:?}:\n{raw}"
+        );
     }
 }

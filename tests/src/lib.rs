@@ -21,19 +21,21 @@ pub mod expect;
 pub mod mock;
 pub mod plans;
 
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::{Mutex, MutexGuard, OnceLock},
+    time::{Duration, Instant},
+};
+
 pub use agent::Agent;
 pub use clients::{ClientRun, Plan, Request, run_curl, run_node, run_python};
 pub use expect::{
-    ExpectedCall, Identity, TlsExpect, Tokens, assert_calls, assert_no_secrets, check_calls, expected_calls,
-    expected_input_tokens,
+    ExpectedCall, Identity, TlsExpect, Tokens, assert_calls, assert_no_secrets, check_calls,
+    expected_calls, expected_input_tokens,
 };
 pub use mock::MockProvider;
-
-use std::fs;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Mutex, MutexGuard, OnceLock};
-use std::time::{Duration, Instant};
 
 /// Serialises the tests of one test binary: each starts its own agent, and two agents
 /// attached at once would see (and report) each other's traffic.
@@ -74,7 +76,11 @@ pub fn python_exe() -> &'static Path {
                     .args(["-c", "import sys; print(sys.executable)"])
                     .output()
                     .expect("running python3 (needed by the tests)");
-                assert!(out.status.success(), "python3 failed: {}", String::from_utf8_lossy(&out.stderr));
+                assert!(
+                    out.status.success(),
+                    "python3 failed: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
                 PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
             }
         };
@@ -85,11 +91,16 @@ pub fn python_exe() -> &'static Path {
 /// What the kernel reports as `comm` for a process exec'd from `exe`: the file name, cut
 /// to 15 bytes (TASK_COMM_LEN - 1).
 pub fn comm_of(exe: &Path) -> String {
-    let name = exe.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    name.chars().scan(0, |len, c| {
-        *len += c.len_utf8();
-        (*len <= 15).then_some(c)
-    }).collect()
+    let name = exe
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    name.chars()
+        .scan(0, |len, c| {
+            *len += c.len_utf8();
+            (*len <= 15).then_some(c)
+        })
+        .collect()
 }
 
 /// A directory under the system temp dir, removed on drop unless `$AEGIS_TEST_KEEP` is set.
@@ -137,7 +148,15 @@ impl TempCert {
         let dir = TempDir::new("cert");
         let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
         let out = Command::new("openssl")
-            .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"])
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-nodes",
+            ])
             .arg("-keyout")
             .arg(&key)
             .arg("-out")
@@ -147,8 +166,16 @@ impl TempCert {
             .stdin(Stdio::null())
             .output()
             .expect("running the openssl CLI");
-        assert!(out.status.success(), "openssl req failed: {}", String::from_utf8_lossy(&out.stderr));
-        Self { cert, key, _dir: dir }
+        assert!(
+            out.status.success(),
+            "openssl req failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Self {
+            cert,
+            key,
+            _dir: dir,
+        }
     }
 }
 
@@ -157,7 +184,11 @@ pub fn file_tail(path: &Path, max: usize) -> String {
     let data = fs::read(path).unwrap_or_default();
     let start = data.len().saturating_sub(max);
     let text = String::from_utf8_lossy(&data[start..]).into_owned();
-    if start > 0 { format!("[...]{text}") } else { text }
+    if start > 0 {
+        format!("[...]{text}")
+    } else {
+        text
+    }
 }
 
 /// Waits for a child up to `timeout`, then kills it (by its pid) and panics.
@@ -170,7 +201,10 @@ pub fn wait_with_timeout(child: &mut Child, what: &str, timeout: Duration) -> Ex
         if Instant::now() >= deadline {
             let _ = child.kill();
             let _ = child.wait();
-            panic!("{what} (pid {}) did not finish within {timeout:?}; killed", child.id());
+            panic!(
+                "{what} (pid {}) did not finish within {timeout:?}; killed",
+                child.id()
+            );
         }
         std::thread::sleep(Duration::from_millis(20));
     }

@@ -1,12 +1,18 @@
 //! The TLS mock model provider (`tests/mock_provider.py`) as a child process.
 
-use crate::expect::{Identity, TlsExpect};
-use crate::{TempCert, TempDir, comm_of, file_tail, python_exe, tests_dir};
-use std::fs::File;
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::time::Duration;
+use std::{
+    fs::File,
+    io::{BufRead, BufReader},
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    time::Duration,
+};
+
+use crate::{
+    TempCert, TempDir, comm_of,
+    expect::{Identity, TlsExpect},
+    file_tail, python_exe, tests_dir,
+};
 
 /// A running mock provider on `127.0.0.1:<port>`; killed (by pid) on drop.
 pub struct MockProvider {
@@ -42,7 +48,10 @@ impl MockProvider {
             let _ = tx.send(line);
         });
         let line = rx.recv_timeout(Duration::from_secs(20)).unwrap_or_default();
-        let port = line.trim().strip_prefix("LISTENING ").and_then(|p| p.parse().ok());
+        let port = line
+            .trim()
+            .strip_prefix("LISTENING ")
+            .and_then(|p| p.parse().ok());
         let Some(port) = port else {
             let _ = child.kill();
             let _ = child.wait();

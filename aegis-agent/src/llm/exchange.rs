@@ -390,8 +390,10 @@ impl ExchangeTracker {
             self.stats.ignored_exchanges += 1;
             return;
         }
-        // Without a decoder (unsupported or corrupt encoding) the body is not available.
-        let truncated = req.decoder.as_ref().map_or(req.body_len > 0, |d| d.over_cap() > 0);
+        // Without a decoder (unsupported or corrupt encoding) the body is not available;
+        // after a capture gap it has a hole. Detection then relies on the path and a
+        // textual scan.
+        let truncated = !req.complete || req.decoder.as_ref().map_or(req.body_len > 0, |d| d.over_cap() > 0);
         let method = req.head.method.as_deref().unwrap_or_default();
         let target = req.head.target.as_deref().unwrap_or_default();
         let host = req.head.header("host").map(|h| String::from_utf8_lossy(h).into_owned());
@@ -507,5 +509,181 @@ fn summarise(
         }
     } else {
         usage.on_body(body);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write as _;
+
+    use super::*;
+
+    const CHAT: &str = r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}"#;
+    const CHAT_RESP: &str = r#"{"id":"c1","model":"gpt-4o-mini-2024","choices":[{"finish_reason":"stop"}],"usage":{"prompt_tokens":3,"completion_tokens":5}}"#;
+
+    fn request(path: &str, body: &str) -> Vec<u8> {
+        format!(
+            "POST {path} HTTP/1.1\r\nHost: api.openai.com\r\nAuthorization: Bearer sk-secret\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .into_bytes()
+    }
+
+    fn response(body: &[u8], extra: &str) -> Vec<u8> {
+        let mut v = format!("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n{extra}Content-Length: {}\r\n\r\n", body.len())
+            .into_bytes();
+        v.extend_from_slice(body);
+        v
+    }
+
+    fn tracker() -> ExchangeTracker {
+        ExchangeTracker::new(Side::Client, 1 << 20)
+    }
+
+    #[test]
+    fn one_call_with_usage_and_timing() {
+        let mut t = tracker();
+        let mut out = Vec::new();
+        t.request_data(&request("/v1/chat/completions", CHAT), 1_000, &mut out);
+        assert!(out.is_empty());
+        t.response_data(&response(CHAT_RESP.as_bytes(), ""), 3_000_000, &mut out);
+        assert_eq!(out.len(), 1);
+        let o = &out[0];
+        assert_eq!(o.call.api, ApiKind::ChatCompletions);
+        assert_eq!(o.call.provider, "openai");
+        assert_eq!(o.call.model.as_deref(), Some("gpt-4o-mini"));
+        assert_eq!(o.summary.model.as_deref(), Some("gpt-4o-mini-2024"));
+        assert_eq!((o.summary.input_tokens, o.summary.output_tokens), (Some(3), Some(5)));
+        assert_eq!(o.status, Some(200));
+        assert_eq!((o.request_start_ns, o.response_first_ns, o.response_end_ns), (1_000, Some(3_000_000), Some(3_000_000)));
+        assert_eq!(o.request_bytes, request("/v1/chat/completions", CHAT).len() as u64);
+        assert!(o.complete, "{:?}", o.notes);
+    }
+
+    #[test]
+    fn keep_alive_mixes_calls_and_other_requests_in_order() {
+        let mut t = tracker();
+        let mut out = Vec::new();
+        let mut reqs = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n".to_vec();
+        reqs.extend(request("/v1/chat/completions", CHAT));
+        reqs.extend(request("/api/login", r#"{"user":"a","password":"b"}"#));
+        reqs.extend(request("/v1/embeddings", r#"{"model":"e-1","input":"x y"}"#));
+        // Pipelined requests in one piece, responses byte by byte.
+        t.request_data(&reqs, 1, &mut out);
+        let mut resps = response(b"{\"ok\":true}", "");
+        resps.extend(response(CHAT_RESP.as_bytes(), ""));
+        resps.extend(response(b"{\"token\":\"t\"}", ""));
+        resps.extend(response(br#"{"model":"e-1","usage":{"prompt_tokens":2,"total_tokens":2}}"#, ""));
+        for (i, b) in resps.iter().enumerate() {
+            t.response_data(&[*b], 10 + i as u64, &mut out);
+        }
+        let apis: Vec<_> = out.iter().map(|o| o.call.api).collect();
+        assert_eq!(apis, [ApiKind::ChatCompletions, ApiKind::Embeddings]);
+        assert_eq!(out[1].summary.input_tokens, Some(2));
+        assert_eq!(t.stats().exchanges, 4);
+        assert_eq!(t.stats().ignored_exchanges, 2);
+    }
+
+    #[test]
+    fn gzip_response_is_decoded() {
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        gz.write_all(CHAT_RESP.as_bytes()).unwrap();
+        let body = gz.finish().unwrap();
+        let mut t = tracker();
+        let mut out = Vec::new();
+        t.request_data(&request("/v1/chat/completions", CHAT), 1, &mut out);
+        t.response_data(&response(&body, "Content-Encoding: gzip\r\n"), 2, &mut out);
+        assert_eq!(out[0].summary.output_tokens, Some(5));
+        assert_eq!(out[0].response_bytes, response(&body, "Content-Encoding: gzip\r\n").len() as u64);
+    }
+
+    #[test]
+    fn sse_stream_usage_is_read() {
+        let body = "data: {\"id\":\"c\",\"model\":\"m\",\"choices\":[{\"delta\":{\"content\":\"Hel\"}}]}\n\n\
+                    data: {\"id\":\"c\",\"model\":\"m\",\"choices\":[{\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n\
+                    data: {\"id\":\"c\",\"model\":\"m\",\"choices\":[],\"usage\":{\"prompt_tokens\":4,\"completion_tokens\":7}}\n\n\
+                    data: [DONE]\n\n";
+        let req = r#"{"model":"m","stream":true,"stream_options":{"include_usage":true},"messages":[{"role":"user","content":"hi"}]}"#;
+        let mut chunked = String::new();
+        for piece in body.as_bytes().chunks(37) {
+            chunked.push_str(&format!("{:x}\r\n{}\r\n", piece.len(), std::str::from_utf8(piece).unwrap()));
+        }
+        chunked.push_str("0\r\n\r\n");
+        let head = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n";
+        let mut t = tracker();
+        let mut out = Vec::new();
+        t.request_data(&request("/v1/chat/completions", req), 1, &mut out);
+        t.response_data(head.as_bytes(), 2, &mut out);
+        t.response_data(chunked.as_bytes(), 9, &mut out);
+        assert_eq!(out.len(), 1);
+        let o = &out[0];
+        assert!(o.call.stream);
+        assert_eq!((o.summary.input_tokens, o.summary.output_tokens), (Some(4), Some(7)));
+        assert_eq!(o.summary.finish_reason.as_deref(), Some("stop"));
+        assert_eq!((o.response_first_ns, o.response_end_ns), (Some(2), Some(9)));
+    }
+
+    #[test]
+    fn server_side_sees_the_same_fingerprint() {
+        let req = request("/v1/chat/completions", CHAT);
+        let resp = response(CHAT_RESP.as_bytes(), "");
+        let (mut c, mut s) = (tracker(), ExchangeTracker::new(Side::Server, 1 << 20));
+        let (mut oc, mut os) = (Vec::new(), Vec::new());
+        c.request_data(&req, 1, &mut oc);
+        c.response_data(&resp, 2, &mut oc);
+        // The server reads the request in odd pieces.
+        for piece in req.chunks(7) {
+            s.request_data(piece, 1, &mut os);
+        }
+        s.response_data(&resp, 2, &mut os);
+        assert_eq!(oc[0].fingerprint, os[0].fingerprint);
+        assert_eq!(os[0].side, Side::Server);
+        // A different body gives a different fingerprint.
+        let mut other = tracker();
+        let mut oo = Vec::new();
+        other.request_data(&request("/v1/chat/completions", &CHAT.replace("hi", "ho")), 1, &mut oo);
+        other.response_data(&resp, 2, &mut oo);
+        assert_ne!(oo[0].fingerprint, oc[0].fingerprint);
+    }
+
+    #[test]
+    fn connection_end_reports_a_call_without_response() {
+        let mut t = tracker();
+        let mut out = Vec::new();
+        t.request_data(&request("/v1/messages", r#"{"model":"claude","max_tokens":5,"messages":[{"role":"user","content":"x"}]}"#), 1, &mut out);
+        t.response_data(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{\"partial", 5, &mut out);
+        assert!(out.is_empty());
+        t.finish(9, "closed", &mut out);
+        assert_eq!(out.len(), 1);
+        let o = &out[0];
+        assert_eq!(o.call.api, ApiKind::AnthropicMessages);
+        assert!(!o.complete);
+        assert!(o.notes.iter().any(|n| n == "response_incomplete"), "{:?}", o.notes);
+    }
+
+    #[test]
+    fn capture_gap_in_a_body_is_noted_and_framing_survives() {
+        let mut t = tracker();
+        let mut out = Vec::new();
+        let req = request("/v1/chat/completions", CHAT);
+        t.request_data(&req[..req.len() - 10], 1, &mut out);
+        t.request_gap(10, 2, &mut out);
+        t.response_data(&response(CHAT_RESP.as_bytes(), ""), 3, &mut out);
+        // The next exchange on the connection is still parsed.
+        t.request_data(&req, 4, &mut out);
+        t.response_data(&response(CHAT_RESP.as_bytes(), ""), 5, &mut out);
+        assert_eq!(out.len(), 2, "{out:#?}");
+        assert!(!out[0].complete);
+        assert!(out[0].notes.iter().any(|n| n.starts_with("request_capture_gap")), "{:?}", out[0].notes);
+        assert!(out[1].complete, "{:?}", out[1].notes);
+    }
+
+    #[test]
+    fn records_carry_no_header_values() {
+        let mut t = tracker();
+        let mut out = Vec::new();
+        t.request_data(&request("/v1/chat/completions", CHAT), 1, &mut out);
+        t.response_data(&response(CHAT_RESP.as_bytes(), ""), 2, &mut out);
+        assert!(!format!("{:?}", out[0]).contains("sk-secret"));
     }
 }
