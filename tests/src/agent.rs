@@ -213,18 +213,23 @@ impl Agent {
 
     /// SIGINT, wait up to STOP_TIMEOUT, then SIGKILL. Idempotent.
     fn terminate(&mut self) -> ExitStatus {
+        self.terminate_with(Signal::SIGINT)
+    }
+
+    /// `signal`, wait up to STOP_TIMEOUT, then SIGKILL. Idempotent.
+    pub fn terminate_with(&mut self, signal: Signal) -> ExitStatus {
         if let Some(status) = self.status {
             return status;
         }
         let pid = Pid::from_raw(self.child.id() as i32);
-        let _ = kill(pid, Signal::SIGINT);
+        let _ = kill(pid, signal);
         let deadline = Instant::now() + STOP_TIMEOUT;
         let status = loop {
             if let Some(status) = self.child.try_wait().expect("waiting for the agent") {
                 break status;
             }
             if Instant::now() >= deadline {
-                eprintln!("agent did not exit {STOP_TIMEOUT:?} after SIGINT; sending SIGKILL");
+                eprintln!("agent did not exit {STOP_TIMEOUT:?} after {signal}; sending SIGKILL");
                 self.kill();
                 break self.status.expect("set by kill");
             }

@@ -29,7 +29,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-pub use agent::Agent;
+pub use agent::{Agent, agent_bin};
 pub use clients::{ClientRun, Plan, Request, run_curl, run_node, run_python};
 pub use expect::{
     ExpectedCall, Identity, TlsExpect, Tokens, assert_calls, assert_no_secrets, check_calls,

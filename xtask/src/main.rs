@@ -21,13 +21,15 @@ use clap::{Parser, Subcommand};
 pub const TOOLCHAIN: &str = "nightly-2026-10-30";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Debian packages the tests and benchmarks use (binary, package).
-const PACKAGES: [(&str, &str); 6] = [
+const PACKAGES: [(&str, &str); 8] = [
     ("/usr/bin/curl", "curl"),
     ("/usr/bin/openssl", "openssl"),
     ("/usr/include/openssl/ssl.h", "libssl-dev"),
     ("/usr/bin/pkg-config", "pkg-config"),
     ("/usr/bin/node", "nodejs"),
     ("/usr/bin/python3", "python3"),
+    ("/usr/sbin/bpftool", "bpftool"),
+    ("/usr/bin/setpriv", "util-linux"),
 ];
 
 #[derive(Parser)]
