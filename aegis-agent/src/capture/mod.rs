@@ -47,7 +47,10 @@ use crate::{
     sinks::JsonLines,
 };
 
-const WORKER_QUEUE: usize = 8192;
+/// Batches queued per worker (each at most [`BATCH`] events).
+const WORKER_QUEUE: usize = 256;
+/// Events the reader hands to a worker at once: fewer wake-ups than one send per event.
+const BATCH: usize = 64;
 const OUTPUT_QUEUE: usize = 4096;
 const TICK: Duration = Duration::from_millis(100);
 
@@ -98,7 +101,7 @@ impl Pipeline {
         let mut senders = Vec::with_capacity(n);
         let mut workers = Vec::with_capacity(n);
         for i in 0..n {
-            let (tx, rx) = sync_channel::<TlsEvent>(WORKER_QUEUE);
+            let (tx, rx) = sync_channel::<Vec<TlsEvent>>(WORKER_QUEUE);
             senders.push(tx);
             let ctx = WorkerCtx {
                 index: i,
@@ -201,7 +204,7 @@ where
 /// At stop, drains what is left (the probes are detached by then) and returns.
 fn read_loop(
     mut source: EventSource,
-    workers: Vec<SyncSender<TlsEvent>>,
+    workers: Vec<SyncSender<Vec<TlsEvent>>>,
     processes: &ProcessCache,
     stop: &AtomicBool,
     counters: &Counters,
@@ -210,6 +213,12 @@ fn read_loop(
     let hasher = RandomState::new();
     let fd = source.events.as_raw_fd();
     let mut last_drops = Instant::now();
+    let mut batches: Vec<Vec<TlsEvent>> = (0..workers.len()).map(|_| Vec::with_capacity(BATCH)).collect();
+    // Blocks when the worker is behind: back-pressure into the ring.
+    let send = |w: usize, batches: &mut Vec<Vec<TlsEvent>>| {
+        let batch = std::mem::replace(&mut batches[w], Vec::with_capacity(BATCH));
+        batch.is_empty() || workers[w].send(batch).is_ok()
+    };
     loop {
         let stopping = stop.load(Ordering::SeqCst);
         let mut workers_gone = false;
@@ -223,8 +232,8 @@ fn read_loop(
                         processes.lookup(ev.key.tgid, &ev.comm, ev.uid, ev.cgroup_id);
                     }
                     let w = (hasher.hash_one(ev.key) % workers.len() as u64) as usize;
-                    // Blocks when the worker is behind: back-pressure into the ring.
-                    if workers[w].send(ev).is_err() {
+                    batches[w].push(ev);
+                    if batches[w].len() >= BATCH && !send(w, &mut batches) {
                         workers_gone = true;
                         break;
                     }
@@ -234,6 +243,9 @@ fn read_loop(
                     tracing::debug!(error = ?e, "malformed ring buffer record skipped");
                 }
             }
+        }
+        for w in 0..workers.len() {
+            workers_gone |= !send(w, &mut batches);
         }
         if last_drops.elapsed() >= Duration::from_secs(1) || stopping {
             *drops.lock().unwrap_or_else(|e| e.into_inner()) = source.drops();
@@ -260,14 +272,17 @@ struct WorkerCtx {
 }
 
 impl WorkerCtx {
-    fn run(mut self, rx: Receiver<TlsEvent>) {
+    fn run(mut self, rx: Receiver<Vec<TlsEvent>>) {
         let mut found = Vec::new();
         let mut last_sweep = Instant::now();
         loop {
             match rx.recv_timeout(TICK) {
-                Ok(ev) => {
-                    let now_ns = ev.timestamp_ns;
-                    self.table.on_event(ev, &mut found);
+                Ok(batch) => {
+                    let mut now_ns = 0;
+                    for ev in batch {
+                        now_ns = ev.timestamp_ns;
+                        self.table.on_event(ev, &mut found);
+                    }
                     if last_sweep.elapsed() >= Duration::from_secs(1) {
                         let cutoff = now_ns.saturating_sub(self.idle.as_nanos() as u64);
                         self.table.expire_idle(cutoff, now_ns, &mut found);
@@ -312,7 +327,13 @@ fn output_loop(rx: Receiver<(Observation, Endpoint)>, mut sink: JsonLines, windo
     loop {
         let wait = correlator.next_deadline().map_or(TICK, |d| d.saturating_duration_since(Instant::now()));
         match rx.recv_timeout(wait.min(TICK)) {
-            Ok((obs, endpoint)) => correlator.push(obs, endpoint, Instant::now(), &mut records),
+            Ok((obs, endpoint)) => {
+                correlator.push(obs, endpoint, Instant::now(), &mut records);
+                // Take what else is queued, so the sink flushes once per burst.
+                while let Ok((obs, endpoint)) = rx.try_recv() {
+                    correlator.push(obs, endpoint, Instant::now(), &mut records);
+                }
+            }
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => break,
         }
@@ -321,6 +342,7 @@ fn output_loop(rx: Receiver<(Observation, Endpoint)>, mut sink: JsonLines, windo
             sink.write(&r);
             counters.records.fetch_add(1, Ordering::Relaxed);
         }
+        sink.flush();
         counters.joined.store(correlator.joined, Ordering::Relaxed);
     }
     correlator.drain(&mut records);
@@ -328,6 +350,7 @@ fn output_loop(rx: Receiver<(Observation, Endpoint)>, mut sink: JsonLines, windo
         sink.write(&r);
         counters.records.fetch_add(1, Ordering::Relaxed);
     }
+    sink.flush();
 }
 
 /// CLOCK_MONOTONIC in ns: the clock of `bpf_ktime_get_ns`.

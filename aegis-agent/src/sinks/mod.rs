@@ -10,10 +10,10 @@ use std::{
 use anyhow::Context as _;
 use serde::Serialize;
 
-/// One JSON object per line, flushed per record (records are few; losing the tail of the
-/// file on a crash would lose evidence).
+/// One JSON object per line. The caller flushes after each burst of records, so a record
+/// reaches the file within one pass of the output loop.
 pub struct JsonLines {
-    stdout: bool,
+    stdout: Option<BufWriter<std::io::Stdout>>,
     file: Option<BufWriter<File>>,
     pub written: u64,
     pub write_errors: u64,
@@ -38,6 +38,7 @@ impl JsonLines {
                 .with_context(|| format!("cannot open output.file {}", file.display()))?;
             Some(BufWriter::new(f))
         };
+        let stdout = stdout.then(|| BufWriter::new(std::io::stdout()));
         Ok(Self { stdout, file, written: 0, write_errors: 0 })
     }
 
@@ -51,18 +52,31 @@ impl JsonLines {
             }
         };
         line.push(b'\n');
-        if self.stdout {
-            let mut out = std::io::stdout().lock();
-            if out.write_all(&line).and_then(|()| out.flush()).is_err() {
-                self.write_errors += 1;
-            }
+        if let Some(out) = &mut self.stdout
+            && out.write_all(&line).is_err()
+        {
+            self.write_errors += 1;
         }
         if let Some(f) = &mut self.file
-            && let Err(e) = f.write_all(&line).and_then(|()| f.flush())
+            && let Err(e) = f.write_all(&line)
         {
             self.write_errors += 1;
             tracing::error!(error = %e, "cannot write to output.file");
         }
         self.written += 1;
+    }
+
+    pub fn flush(&mut self) {
+        if let Some(out) = &mut self.stdout
+            && out.flush().is_err()
+        {
+            self.write_errors += 1;
+        }
+        if let Some(f) = &mut self.file
+            && let Err(e) = f.flush()
+        {
+            self.write_errors += 1;
+            tracing::error!(error = %e, "cannot write to output.file");
+        }
     }
 }
