@@ -10,5 +10,7 @@
 pub mod capture;
 pub mod config;
 pub mod llm;
+pub mod policy;
 pub mod protocol;
+pub mod rules;
 pub mod sinks;
