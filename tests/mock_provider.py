@@ -23,7 +23,8 @@ Endpoints (POST unless noted):
   /api/chat, /api/generate        Ollama native; NDJSON stream unless "stream": false
   GET /health, GET /static/blob, POST /api/login   non-LLM traffic
 Request header ``x-mock-status: <code>`` makes an LLM endpoint answer that status with an
-OpenAI-style error body (no usage).
+OpenAI-style error body (no usage). Request header ``x-mock-reply: <text>`` makes
+/v1/chat/completions reply <text> instead (output tokens = its words).
 
 Non-streamed JSON bodies are gzip-compressed when Accept-Encoding mentions gzip; streams
 never are. Non-stream bodies use Content-Length, streams use chunked transfer encoding.
@@ -69,9 +70,9 @@ def count_input_words(body):
     return sum(len(s.split()) for k in INPUT_KEYS if k in body for s in _strings(body[k], k))
 
 
-def reply_deltas():
+def reply_deltas(reply=REPLY):
     """The reply split into word-ish deltas: "This", " is", " a", ..."""
-    return [w if i == 0 else " " + w for i, w in enumerate(REPLY_WORDS)]
+    return [w if i == 0 else " " + w for i, w in enumerate(reply.split())]
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -228,12 +229,15 @@ class Handler(BaseHTTPRequestHandler):
     # --- OpenAI ---------------------------------------------------------------------------
     def chat(self, body, n_in):
         model = body.get("model", "unknown")
-        usage = {"prompt_tokens": n_in, "completion_tokens": OUTPUT_TOKENS,
-                 "total_tokens": n_in + OUTPUT_TOKENS}
+        # Tests of response rules choose the reply; its words are the output tokens.
+        reply = self.headers.get("x-mock-reply") or REPLY
+        n_out = len(reply.split())
+        usage = {"prompt_tokens": n_in, "completion_tokens": n_out,
+                 "total_tokens": n_in + n_out}
         if not body.get("stream"):
             self.send_body(200, {
                 "id": "chatcmpl-mock", "object": "chat.completion", "created": CREATED, "model": model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": REPLY},
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": reply},
                              "logprobs": None, "finish_reason": "stop"}],
                 "usage": usage, "system_fingerprint": "fp_mock"})
             return
@@ -249,7 +253,7 @@ class Handler(BaseHTTPRequestHandler):
 
         self.start_stream("text/event-stream")
         self.sse(chunk_obj({"role": "assistant", "content": ""}))
-        for i, d in enumerate(reply_deltas()):
+        for i, d in enumerate(reply_deltas(reply)):
             self.sse(chunk_obj({"content": d}), split=(i == 3))
         self.sse(chunk_obj({}, "stop"))
         if include_usage:

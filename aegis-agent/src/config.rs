@@ -13,7 +13,17 @@ pub const DEFAULT_TOML: &str = include_str!("../../packaging/aegis.toml");
 #[serde(deny_unknown_fields)]
 pub struct Config {
     pub capture: CaptureConfig,
+    pub rules: RulesConfig,
     pub output: OutputConfig,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RulesConfig {
+    pub enabled: bool,
+    pub packs: Vec<PathBuf>,
+    pub reload_secs: u64,
+    pub evidence_key: PathBuf,
 }
 
 #[derive(Clone, Debug, Deserialize)]

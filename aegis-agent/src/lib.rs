@@ -8,6 +8,7 @@
 //! - [`sinks`]: where records go (stdout, JSON lines file).
 
 pub mod capture;
+pub mod commands;
 pub mod config;
 pub mod llm;
 pub mod policy;

@@ -2,13 +2,18 @@
 
 use std::{
     path::{Path, PathBuf},
-    sync::atomic::Ordering,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Duration,
 };
 
 use aegis_agent::{
     capture::{Pipeline, probes::TlsProbes, targets},
     config::Config,
+    policy::{Inspector, redact::Redactor, reload},
+    rules,
     sinks::JsonLines,
 };
 use aegis_common::{DROP_CAUSES, DropCounter};
@@ -36,6 +41,46 @@ enum Command {
     },
     /// Print the embedded default configuration.
     DefaultConfig,
+    /// Scan an API body or a text with the rules; print the decision as JSON.
+    /// Exit status: 0 allow, 1 warn, 2 block, 3 error.
+    Scan {
+        /// Rulepack file (repeatable); none: the embedded default pack.
+        #[arg(long = "rulepack")]
+        rulepacks: Vec<PathBuf>,
+        /// What the input is.
+        #[arg(long = "as", value_enum, default_value = "text")]
+        scan_as: aegis_agent::commands::scan::ScanAs,
+        /// The API of a request or response body (guessed from its keys when omitted).
+        #[arg(long, value_parser = parse_api)]
+        api: Option<aegis_agent::llm::detect::ApiKind>,
+        /// Key for the evidence hashes (an ephemeral key when unreadable).
+        #[arg(long, default_value = "/var/lib/aegis/evidence.key")]
+        evidence_key: PathBuf,
+        /// Input file, or - (default) for standard input.
+        input: Option<PathBuf>,
+    },
+    /// Rulepack tools.
+    Rules {
+        #[command(subcommand)]
+        command: RulesCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum RulesCommand {
+    /// Validate the packs and run every rule's examples; exit 1 when one fails.
+    Test {
+        /// Rulepack files; none: the embedded default pack.
+        packs: Vec<PathBuf>,
+    },
+}
+
+fn parse_api(s: &str) -> Result<aegis_agent::llm::detect::ApiKind, String> {
+    serde_json::from_value(serde_json::Value::String(s.to_owned())).map_err(|_| {
+        "expected one of chat_completions, completions, responses, embeddings, anthropic_messages, \
+         gemini_generate_content, ollama_chat, ollama_generate"
+            .to_owned()
+    })
 }
 
 fn main() -> std::process::ExitCode {
@@ -50,6 +95,21 @@ fn main() -> std::process::ExitCode {
             print!("{}", aegis_agent::config::DEFAULT_TOML);
             Ok(())
         }
+        Command::Scan { rulepacks, scan_as, api, evidence_key, input } => {
+            let args = aegis_agent::commands::scan::ScanArgs { rulepacks, scan_as, api, input, evidence_key };
+            return match aegis_agent::commands::scan::run(args) {
+                Ok(code) => std::process::ExitCode::from(code),
+                Err(e) => {
+                    eprintln!("aegis-agent scan: {e:#}");
+                    std::process::ExitCode::from(3)
+                }
+            };
+        }
+        Command::Rules { command: RulesCommand::Test { packs } } => match aegis_agent::commands::rules::test(&packs) {
+            Ok(failures) if failures.is_empty() => Ok(()),
+            Ok(failures) => Err(anyhow::anyhow!("{} rule examples failed", failures.len())),
+            Err(e) => Err(e),
+        },
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -78,6 +138,16 @@ fn run(config_path: Option<&Path>, ready_file: Option<&Path>) -> anyhow::Result<
          system library directories and in running processes): install libssl3, or list the \
          library under capture.libraries in the config"
     );
+    let inspector = if config.rules.enabled {
+        let engine = rules::load_engine(&config.rules.packs).context("the configured rulepacks are invalid")?;
+        let redactor = Redactor::load_or_create(&config.rules.evidence_key)?;
+        for p in engine.packs() {
+            tracing::info!(pack = %p.name, version = %p.version, digest = %p.digest, "rulepack in force");
+        }
+        Some(Arc::new(Inspector::new(engine, redactor)))
+    } else {
+        None
+    };
     let (mut probes, source) = TlsProbes::load(capture.ring_buffer_bytes)?;
     anyhow::ensure!(
         probes.attach(&found) > 0,
@@ -85,7 +155,17 @@ fn run(config_path: Option<&Path>, ready_file: Option<&Path>) -> anyhow::Result<
          allows uprobes (CONFIG_UPROBE_EVENTS) and that the files are readable"
     );
     let sink = JsonLines::open(config.output.stdout, &config.output.file)?;
-    let pipeline = Pipeline::start(&config, probes, discovery, source, sink)?;
+    let pipeline = Pipeline::start(&config, probes, discovery, source, sink, inspector.clone())?;
+    let stop_reload = Arc::new(AtomicBool::new(false));
+    let reloader = match &inspector {
+        Some(i) if config.rules.reload_secs > 0 && !config.rules.packs.is_empty() => Some(reload::watch(
+            i.clone(),
+            config.rules.packs.clone(),
+            Duration::from_secs(config.rules.reload_secs),
+            stop_reload.clone(),
+        )?),
+        _ => None,
+    };
     tracing::info!(
         targets = found.len(),
         workers = config.workers(),
@@ -113,6 +193,10 @@ fn run(config_path: Option<&Path>, ready_file: Option<&Path>) -> anyhow::Result<
         anyhow::Ok(())
     })?;
     tracing::info!("stopping: finishing open calls and detaching probes");
+    stop_reload.store(true, Ordering::SeqCst);
+    if let Some(r) = reloader {
+        let _ = r.join();
+    }
     let counters = pipeline.counters.clone();
     let drops_handle = pipeline.drops.clone();
     let final_drops = pipeline.stop();

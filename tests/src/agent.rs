@@ -71,8 +71,15 @@ impl Agent {
         let output = dir.join("calls.jsonl");
         let config = dir.join("agent.toml");
         let ready = dir.join("ready");
+        // The evidence key lives with the test, not in /var/lib (unless the test sets
+        // its own [rules] table).
+        let rules = if extra_toml.contains("[rules]") {
+            String::new()
+        } else {
+            format!("[rules]\nevidence_key = {:?}\n", dir.join("evidence.key").display().to_string())
+        };
         let toml = format!(
-            "[output]\nstdout = false\nfile = {:?}\n{extra_toml}",
+            "{rules}[output]\nstdout = false\nfile = {:?}\n{extra_toml}",
             output.display().to_string()
         );
         fs::write(&config, toml).expect("writing agent config");

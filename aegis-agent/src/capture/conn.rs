@@ -5,12 +5,15 @@
 //! The table is bounded: past `max` connections the least recently active one is finished
 //! and evicted (counted). `SSL_free` ends a connection, so a reused `SSL *` starts afresh.
 
-use std::collections::HashMap;
+use std::{collections::HashMap, sync::Arc};
 
 use aegis_common::{CHUNK_DATA_MAX, CHUNKS_PER_CALL_MAX, Direction, TlsHook};
 
 use super::event::{ConnKey, TlsEvent};
-use crate::llm::exchange::{ExchangeStats, ExchangeTracker, Observation, Side};
+use crate::{
+    llm::exchange::{ExchangeStats, ExchangeTracker, Observation, Side},
+    policy::Inspector,
+};
 
 /// Bytes of one library call the kernel copies at most.
 const CALL_CAP: u64 = CHUNK_DATA_MAX as u64 * CHUNKS_PER_CALL_MAX as u64;
@@ -79,13 +82,15 @@ pub struct ConnTable {
     conns: HashMap<ConnKey, Conn>,
     max: usize,
     max_body: usize,
+    inspector: Option<Arc<Inspector>>,
     pub stats: ConnStats,
     scratch: Vec<Observation>,
 }
 
 impl ConnTable {
-    pub fn new(max: usize, max_body: usize) -> Self {
-        Self { conns: HashMap::new(), max, max_body, stats: ConnStats::default(), scratch: Vec::new() }
+    /// `inspector`: rules applied to every call found, if any.
+    pub fn new(max: usize, max_body: usize, inspector: Option<Arc<Inspector>>) -> Self {
+        Self { conns: HashMap::new(), max, max_body, inspector, stats: ConnStats::default(), scratch: Vec::new() }
     }
 
     pub fn len(&self) -> usize {
@@ -157,7 +162,9 @@ impl ConnTable {
                 return;
             }
             conn.role = match recognise(ev.direction, &ev.data) {
-                Recognised::Http1(side) => Role::Http1(ExchangeTracker::new(side, self.max_body)),
+                Recognised::Http1(side) => {
+                    Role::Http1(ExchangeTracker::new(side, self.max_body, self.inspector.clone()))
+                }
                 Recognised::Http2 => {
                     self.stats.not_http1 += 1;
                     self.stats.http2 += 1;

@@ -44,6 +44,7 @@ use crate::{
         exchange::Observation,
         record::{Endpoint, TlsSource},
     },
+    policy::Inspector,
     sinks::JsonLines,
 };
 
@@ -87,6 +88,7 @@ impl Pipeline {
         discovery: Discovery,
         source: EventSource,
         sink: JsonLines,
+        inspector: Option<Arc<Inspector>>,
     ) -> anyhow::Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
         let stop_discovery = Arc::new(AtomicBool::new(false));
@@ -105,7 +107,11 @@ impl Pipeline {
             senders.push(tx);
             let ctx = WorkerCtx {
                 index: i,
-                table: ConnTable::new(config.capture.max_connections.div_ceil(n), config.capture.max_body_bytes),
+                table: ConnTable::new(
+                    config.capture.max_connections.div_ceil(n),
+                    config.capture.max_body_bytes,
+                    inspector.clone(),
+                ),
                 idle: Duration::from_secs(config.capture.idle_timeout_secs),
                 sources: sources.clone(),
                 processes: processes.clone(),

@@ -28,7 +28,7 @@ use serde::{
 use serde_json::Value;
 
 /// The API spoken, independent of who serves it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ApiKind {
     /// OpenAI-compatible `POST /v1/chat/completions` (also vLLM, Ollama /v1, LiteLLM, OpenRouter).

@@ -17,14 +17,19 @@ use std::{
 
 use bytes::Bytes;
 
+use std::sync::Arc;
+
 use super::{
-    detect::{self, ApiCall, ApiKind, RequestView},
-    usage::{ResponseSummary, UsageCollector},
+    detect::{self, ApiCall, RequestView},
+    response::ResponseReader,
+    usage::ResponseSummary,
 };
-use crate::protocol::{
-    encoding::BodyDecoder,
-    http1::{Http1Parser, HttpEvent, Limits, MessageHead, StreamKind},
-    sse::SseDecoder,
+use crate::{
+    policy::{Inspector, decision::Decision, inspect::CallInspection},
+    protocol::{
+        encoding::BodyDecoder,
+        http1::{Http1Parser, HttpEvent, Limits, MessageHead, StreamKind},
+    },
 };
 
 /// Which end of the connection the observing process is.
@@ -39,8 +44,6 @@ pub enum Side {
 
 /// Request body bytes that enter the fingerprint.
 const FINGERPRINT_BODY_BYTES: usize = 64 * 1024;
-/// A single SSE event larger than this is dropped (counted).
-const MAX_SSE_EVENT_BYTES: usize = 1024 * 1024;
 
 /// One model API call as seen from one end of one connection.
 #[derive(Clone, Debug)]
@@ -66,6 +69,8 @@ pub struct Observation {
     /// False when any part was missing or cut short; `notes` says what.
     pub complete: bool,
     pub notes: Vec<String>,
+    /// What the rules found, when rules are in force.
+    pub decision: Option<Decision>,
 }
 
 /// Counters of what was skipped, for the agent's health report.
@@ -100,7 +105,10 @@ struct ResponseState {
     end_ns: Option<u64>,
     wire_bytes: u64,
     decoder: Option<BodyDecoder>,
-    body: Vec<u8>,
+    /// Reads the decoded body as it arrives, once the request is known to be a call.
+    reader: Option<ResponseReader>,
+    /// Decoded bytes that arrived before the request was recognised (capped).
+    early: Vec<u8>,
     ended: bool,
     complete: bool,
     notes: Vec<String>,
@@ -109,12 +117,17 @@ struct ResponseState {
 struct Exchange {
     req: RequestState,
     resp: ResponseState,
+    /// Rules at work on this call (set when the request is recognised).
+    inspection: Option<CallInspection>,
 }
 
 /// Pairs requests and responses of one connection and summarises model API calls.
 pub struct ExchangeTracker {
     side: Side,
     max_body: usize,
+    inspector: Option<Arc<Inspector>>,
+    /// Decoder output of one body piece (reused).
+    scratch: Vec<u8>,
     requests: Http1Parser,
     responses: Http1Parser,
     /// Exchanges in request order; the front one is what responses answer.
@@ -126,10 +139,13 @@ pub struct ExchangeTracker {
 }
 
 impl ExchangeTracker {
-    pub fn new(side: Side, max_body: usize) -> Self {
+    /// `inspector`: the rules to apply to every call, if any.
+    pub fn new(side: Side, max_body: usize, inspector: Option<Arc<Inspector>>) -> Self {
         Self {
             side,
             max_body,
+            inspector,
+            scratch: Vec::new(),
             requests: Http1Parser::new(StreamKind::Requests, Limits::default()),
             responses: Http1Parser::new(StreamKind::Responses, Limits::default()),
             queue: VecDeque::new(),
@@ -225,7 +241,7 @@ impl ExchangeTracker {
                 x.req.ended = true;
                 x.req.complete = false;
                 x.req.notes.push("request_cut_short".into());
-                self.detect(&mut x.req);
+                self.detect(&mut x);
             }
             if !x.resp.ended {
                 x.resp.notes.push(format!("no_complete_response:{reason}"));
@@ -278,11 +294,13 @@ impl ExchangeTracker {
                         end_ns: None,
                         wire_bytes: 0,
                         decoder: None,
-                        body: Vec::new(),
+                        reader: None,
+                        early: Vec::new(),
                         ended: false,
                         complete: true,
                         notes: Vec::new(),
                     },
+                    inspection: None,
                 });
                 self.receiving = true;
             }
@@ -313,7 +331,7 @@ impl ExchangeTracker {
                         x.req.complete = false;
                         x.req.notes.push("request_incomplete".into());
                     }
-                    self.detect(&mut x.req);
+                    self.detect(&mut x);
                     self.queue.push_back(x);
                 }
             }
@@ -341,14 +359,12 @@ impl ExchangeTracker {
         let resp = &mut x.resp;
         match event {
             HttpEvent::Head(head) => {
-                // An interim 1xx response: the real one follows.
-                if head.status.is_some_and(|s| (100..200).contains(&s)) {
-                    resp.wire_bytes += head.wire_len as u64;
-                    resp.first_ns.get_or_insert(ts);
-                    return;
-                }
                 resp.first_ns.get_or_insert(ts);
                 resp.wire_bytes += head.wire_len as u64;
+                // An interim 1xx response: the real one follows.
+                if head.status.is_some_and(|s| (100..200).contains(&s)) {
+                    return;
+                }
                 // Decode only what may be a model call (detection may still be pending).
                 if x.req.call.is_some() || (x.req.keep_body && !x.req.ended) {
                     match BodyDecoder::new(head.header("content-encoding"), max_body) {
@@ -356,12 +372,32 @@ impl ExchangeTracker {
                         Err(e) => resp.notes.push(format!("response_body_not_decoded:{e}")),
                     }
                 }
+                if let Some(call) = &x.req.call {
+                    resp.reader = Some(ResponseReader::new(call, &head, max_body));
+                }
                 resp.head = Some(head);
             }
             HttpEvent::Body(bytes) => {
                 resp.wire_bytes += bytes.len() as u64;
-                if resp.decoder.is_some() {
-                    decode_into(&mut resp.decoder, &bytes, &mut resp.body, &mut resp.notes, "response");
+                let Some(decoder) = &mut resp.decoder else { return };
+                self.scratch.clear();
+                if let Err(e) = decoder.push(&bytes, &mut self.scratch) {
+                    resp.notes.push(format!("response_body_undecodable:{e}"));
+                    resp.decoder = None;
+                    return;
+                }
+                match &mut resp.reader {
+                    Some(reader) => {
+                        reader.feed(&self.scratch);
+                        if let Some(inspection) = &mut x.inspection {
+                            let at_ms = ts.saturating_sub(resp.first_ns.unwrap_or(ts)) as f64 / 1e6;
+                            inspection.response_text(&reader.take_text(), at_ms);
+                        }
+                    }
+                    None => {
+                        let room = max_body.saturating_sub(resp.early.len());
+                        resp.early.extend_from_slice(&self.scratch[..room.min(self.scratch.len())]);
+                    }
                 }
             }
             HttpEvent::End { complete } => {
@@ -384,7 +420,8 @@ impl ExchangeTracker {
         }
     }
 
-    fn detect(&mut self, req: &mut RequestState) {
+    fn detect(&mut self, x: &mut Exchange) {
+        let req = &mut x.req;
         self.stats.exchanges += 1;
         if !req.keep_body {
             self.stats.ignored_exchanges += 1;
@@ -406,12 +443,26 @@ impl ExchangeTracker {
             body_truncated: truncated,
         };
         req.call = detect::detect(&view);
-        if req.call.is_none() {
+        let Some(call) = &req.call else {
             self.stats.ignored_exchanges += 1;
             req.body = Vec::new();
-        } else if truncated {
+            return;
+        };
+        if truncated {
             req.notes.push(format!("request_body_truncated_at:{}", req.body.len()));
         }
+        if let Some(inspector) = &self.inspector {
+            let mut inspection = CallInspection::new(inspector.clone());
+            inspection.request(call.api, &req.body, truncated);
+            x.inspection = Some(inspection);
+        }
+        // The response may have started before the request was complete.
+        if let Some(head) = &x.resp.head
+            && x.resp.reader.is_none()
+        {
+            x.resp.reader = Some(ResponseReader::new(call, head, self.max_body));
+        }
+        x.req.body = Vec::new();
     }
 
     /// Emit, in order, every exchange at the front whose request and response both ended.
@@ -425,23 +476,46 @@ impl ExchangeTracker {
     }
 
     fn observe(&self, x: Exchange) -> Option<Observation> {
-        let Exchange { req, resp } = x;
+        let Exchange { req, mut resp, mut inspection } = x;
         let call = req.call?;
-        let mut summary_src = UsageCollector::new(call.api);
         let mut notes = req.notes;
-        notes.extend(resp.notes);
+        notes.append(&mut resp.notes);
         if let Some(d) = &resp.decoder
             && d.over_cap() > 0
         {
-            notes.push(format!("response_body_truncated_at:{}", resp.body.len()));
+            notes.push(format!("response_body_truncated_at:{}", self.max_body));
         }
-        if resp.decoder.is_some() {
-            summarise(&mut summary_src, &call, resp.head.as_ref(), &resp.body, &mut notes);
+        // A response that started before its request was recognised is read now.
+        if resp.reader.is_none()
+            && let Some(head) = &resp.head
+            && resp.decoder.is_some()
+        {
+            let mut reader = ResponseReader::new(&call, head, self.max_body);
+            reader.feed(&std::mem::take(&mut resp.early));
+            resp.reader = Some(reader);
         }
+        let summary = match &mut resp.reader {
+            Some(reader) => {
+                reader.finish();
+                if let Some(inspection) = &mut inspection {
+                    let at_ms = resp.end_ns.zip(resp.first_ns).map_or(0.0, |(e, f)| e.saturating_sub(f) as f64 / 1e6);
+                    inspection.response_text(&reader.take_text(), at_ms);
+                }
+                notes.extend(reader.notes());
+                reader.summary().clone()
+            }
+            None => ResponseSummary::default(),
+        };
+        let decision = inspection.map(|mut i| {
+            if !(req.complete && resp.complete) || resp.head.is_some() && resp.decoder.is_none() {
+                i.not_scanned("call_not_seen_whole: see notes");
+            }
+            i.finish()
+        });
         let head = resp.head.as_ref();
         Some(Observation {
             side: self.side,
-            summary: summary_src.summary().clone(),
+            summary,
             method: req.head.method.clone().unwrap_or_default(),
             target: req.head.target.clone().unwrap_or_default(),
             host: req.head.header("host").map(|h| String::from_utf8_lossy(h).into_owned()),
@@ -458,6 +532,7 @@ impl ExchangeTracker {
             },
             complete: req.complete && resp.complete,
             notes,
+            decision,
             call,
         })
     }
@@ -475,40 +550,6 @@ fn decode_into(
     if let Err(e) = d.push(bytes, body) {
         notes.push(format!("{what}_body_undecodable:{e}"));
         *decoder = None;
-    }
-}
-
-/// Feed a response body to the usage collector in the form its content type says.
-fn summarise(
-    usage: &mut UsageCollector,
-    call: &ApiCall,
-    head: Option<&MessageHead>,
-    body: &[u8],
-    notes: &mut Vec<String>,
-) {
-    let content_type = head
-        .and_then(|h| h.header("content-type"))
-        .map(|v| String::from_utf8_lossy(v).to_ascii_lowercase())
-        .unwrap_or_default();
-    if content_type.starts_with("text/event-stream") {
-        let mut sse = SseDecoder::new(MAX_SSE_EVENT_BYTES);
-        let mut events = Vec::new();
-        sse.push(body, &mut events);
-        sse.finish(&mut events);
-        for e in &events {
-            usage.on_sse(e);
-        }
-        if sse.oversized_events() > 0 {
-            notes.push(format!("sse_events_over_size_cap:{}", sse.oversized_events()));
-        }
-    } else if content_type.contains("ndjson")
-        || (matches!(call.api, ApiKind::OllamaChat | ApiKind::OllamaGenerate) && call.stream)
-    {
-        for line in body.split(|&b| b == b'\n').filter(|l| !l.iter().all(u8::is_ascii_whitespace)) {
-            usage.on_json_line(line);
-        }
-    } else {
-        usage.on_body(body);
     }
 }
 
@@ -537,7 +578,7 @@ mod tests {
     }
 
     fn tracker() -> ExchangeTracker {
-        ExchangeTracker::new(Side::Client, 1 << 20)
+        ExchangeTracker::new(Side::Client, 1 << 20, None)
     }
 
     #[test]
@@ -627,7 +668,7 @@ mod tests {
     fn server_side_sees_the_same_fingerprint() {
         let req = request("/v1/chat/completions", CHAT);
         let resp = response(CHAT_RESP.as_bytes(), "");
-        let (mut c, mut s) = (tracker(), ExchangeTracker::new(Side::Server, 1 << 20));
+        let (mut c, mut s) = (tracker(), ExchangeTracker::new(Side::Server, 1 << 20, None));
         let (mut oc, mut os) = (Vec::new(), Vec::new());
         c.request_data(&req, 1, &mut oc);
         c.response_data(&resp, 2, &mut oc);

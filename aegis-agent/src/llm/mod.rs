@@ -2,10 +2,12 @@
 //! usage from JSON or streamed bodies ([`usage`]), and describe each as one
 //! [`CallRecord`] ([`record`]).
 
+pub mod content;
 pub mod correlate;
 pub mod detect;
 pub mod exchange;
 pub mod record;
+pub mod response;
 pub mod usage;
 
 pub use record::CallRecord;

@@ -9,7 +9,7 @@ use super::{
     detect::ApiKind,
     exchange::{Observation, Side},
 };
-use crate::capture::process::ProcessInfo;
+use crate::{capture::process::ProcessInfo, policy::decision::Decision};
 
 /// A process at one end of a call.
 #[derive(Clone, Debug, Serialize)]
@@ -72,6 +72,9 @@ pub struct CallRecord {
     pub server: Option<Endpoint>,
     pub complete: bool,
     pub notes: Vec<String>,
+    /// What the rules decided (absent when no rules are in force).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub decision: Option<Decision>,
 }
 
 impl CallRecord {
@@ -108,6 +111,7 @@ impl CallRecord {
             server,
             complete: o.complete,
             notes: o.notes,
+            decision: o.decision,
         }
     }
 }

@@ -45,6 +45,12 @@ pub struct ResponseSummary {
 pub struct UsageCollector {
     api: ApiKind,
     summary: ResponseSummary,
+    /// Generated text not yet taken by [`UsageCollector::take_text`], when capturing.
+    text: Option<String>,
+    /// Bytes of text held at most between two takes; the rest is counted, not kept.
+    text_cap: usize,
+    /// Generated text bytes not kept because of `text_cap`.
+    pub text_dropped: u64,
 }
 
 impl UsageCollector {
@@ -52,7 +58,22 @@ impl UsageCollector {
         Self {
             api,
             summary: ResponseSummary::default(),
+            text: None,
+            text_cap: 0,
+            text_dropped: 0,
         }
+    }
+
+    /// Also keep the generated text (for rules), at most `cap` bytes between takes.
+    pub fn capture_text(mut self, cap: usize) -> Self {
+        self.text = Some(String::new());
+        self.text_cap = cap;
+        self
+    }
+
+    /// The generated text seen since the last take.
+    pub fn take_text(&mut self) -> String {
+        self.text.as_mut().map(std::mem::take).unwrap_or_default()
     }
 
     /// A complete (decoded, possibly truncated) non-streamed JSON body.
@@ -287,6 +308,12 @@ impl UsageCollector {
     fn text(&mut self, text: Option<&Value>) {
         if let Some(text) = text.and_then(Value::as_str) {
             self.summary.output_text_bytes += text.len() as u64;
+            if let Some(kept) = &mut self.text {
+                let room = self.text_cap.saturating_sub(kept.len());
+                let take = text.floor_char_boundary(room.min(text.len()));
+                kept.push_str(&text[..take]);
+                self.text_dropped += (text.len() - take) as u64;
+            }
         }
     }
 }

@@ -12,3 +12,26 @@ pub mod gitleaks;
 pub mod normalize;
 pub mod pack;
 pub mod validators;
+
+use std::path::{Path, PathBuf};
+
+use self::{
+    engine::Engine,
+    normalize::NormalizeLimits,
+    pack::{PackError, Rulepack},
+};
+
+/// The default rulepack shipped in `packaging/rules/default.toml`, used when the
+/// configuration names none.
+pub const DEFAULT_PACK: &str = include_str!("../../../packaging/rules/default.toml");
+const DEFAULT_PACK_NAME: &str = "<embedded>/packaging/rules/default.toml";
+
+/// Load and compile `paths` (the embedded default pack when empty).
+pub fn load_engine(paths: &[PathBuf]) -> Result<Engine, PackError> {
+    let packs: Vec<Rulepack> = if paths.is_empty() {
+        vec![pack::parse(DEFAULT_PACK, Path::new(DEFAULT_PACK_NAME))?]
+    } else {
+        paths.iter().map(|p| pack::load(p)).collect::<Result<_, _>>()?
+    };
+    Engine::compile(packs, NormalizeLimits::default())
+}

@@ -1,0 +1,190 @@
+//! The texts of a model API call that rules inspect, each tagged with the part of the
+//! body it came from ([`Scope`]): system prompt, user, assistant and tool messages of a
+//! request, and the generated output of a response.
+//!
+//! Only the fields that carry text are taken, so a rule scoped to user messages never
+//! sees the system prompt, and JSON syntax, ids and numbers never reach the matcher.
+
+use serde_json::Value;
+
+use super::detect::ApiKind;
+use crate::rules::pack::Scope;
+
+/// Texts of a request body, by scope. None when the body is not JSON (truncated,
+/// undecodable): the caller then scans the raw body as one [`Scope::Text`].
+pub fn request_texts(api: ApiKind, body: &[u8]) -> Option<Vec<(Scope, String)>> {
+    let v: Value = serde_json::from_slice(body).ok()?;
+    let mut out = Vec::new();
+    match api {
+        ApiKind::ChatCompletions | ApiKind::OllamaChat => {
+            for m in items(&v, "messages") {
+                let scope = role_scope(m.get("role").and_then(Value::as_str));
+                push_content(&mut out, scope, m.get("content"));
+                // Tool calls the assistant made (their arguments are model output fed back).
+                for call in items(m, "tool_calls") {
+                    push_str(&mut out, Scope::Assistant, call.pointer("/function/arguments"));
+                }
+            }
+        }
+        ApiKind::Completions | ApiKind::OllamaGenerate => {
+            push_content(&mut out, Scope::User, v.get("prompt"));
+            push_str(&mut out, Scope::System, v.get("system"));
+        }
+        ApiKind::Embeddings => push_content(&mut out, Scope::User, v.get("input")),
+        ApiKind::Responses => {
+            push_str(&mut out, Scope::System, v.get("instructions"));
+            match v.get("input") {
+                Some(Value::Array(input)) => {
+                    for item in input {
+                        if let Some(role) = item.get("role").and_then(Value::as_str) {
+                            push_content(&mut out, role_scope(Some(role)), item.get("content"));
+                        } else if item.get("type").and_then(Value::as_str) == Some("function_call_output") {
+                            push_content(&mut out, Scope::Tool, item.get("output"));
+                        }
+                    }
+                }
+                other => push_content(&mut out, Scope::User, other),
+            }
+        }
+        ApiKind::AnthropicMessages => {
+            push_content(&mut out, Scope::System, v.get("system"));
+            for m in items(&v, "messages") {
+                let scope = role_scope(m.get("role").and_then(Value::as_str));
+                match m.get("content") {
+                    Some(Value::Array(blocks)) => {
+                        for b in blocks {
+                            match b.get("type").and_then(Value::as_str) {
+                                Some("tool_result") => push_content(&mut out, Scope::Tool, b.get("content")),
+                                Some("tool_use") => push_json(&mut out, Scope::Assistant, b.get("input")),
+                                _ => push_str(&mut out, scope, b.get("text")),
+                            }
+                        }
+                    }
+                    other => push_content(&mut out, scope, other),
+                }
+            }
+        }
+        ApiKind::GeminiGenerateContent => {
+            for p in items_at(&v, "/systemInstruction/parts") {
+                push_str(&mut out, Scope::System, p.get("text"));
+            }
+            for c in items(&v, "contents") {
+                let scope = match c.get("role").and_then(Value::as_str) {
+                    Some("model") => Scope::Assistant,
+                    _ => Scope::User,
+                };
+                for p in items(c, "parts") {
+                    push_str(&mut out, scope, p.get("text"));
+                    push_json(&mut out, Scope::Tool, p.pointer("/functionResponse/response"));
+                }
+            }
+        }
+    }
+    Some(out)
+}
+
+fn role_scope(role: Option<&str>) -> Scope {
+    match role {
+        Some("system" | "developer") => Scope::System,
+        Some("assistant" | "model") => Scope::Assistant,
+        Some("tool" | "function" | "ipython") => Scope::Tool,
+        _ => Scope::User,
+    }
+}
+
+fn items<'a>(v: &'a Value, key: &str) -> &'a [Value] {
+    v.get(key).and_then(Value::as_array).map_or(&[], Vec::as_slice)
+}
+
+fn items_at<'a>(v: &'a Value, pointer: &str) -> &'a [Value] {
+    v.pointer(pointer).and_then(Value::as_array).map_or(&[], Vec::as_slice)
+}
+
+fn push_str(out: &mut Vec<(Scope, String)>, scope: Scope, v: Option<&Value>) {
+    if let Some(s) = v.and_then(Value::as_str).filter(|s| !s.is_empty()) {
+        out.push((scope, s.to_owned()));
+    }
+}
+
+/// Structured tool input/output: scanned as its JSON text.
+fn push_json(out: &mut Vec<(Scope, String)>, scope: Scope, v: Option<&Value>) {
+    match v {
+        Some(Value::String(s)) => push_str(out, scope, Some(&Value::String(s.clone()))),
+        Some(v @ (Value::Object(_) | Value::Array(_))) => out.push((scope, v.to_string())),
+        _ => {}
+    }
+}
+
+/// A message content: a string, or an array of parts with text (OpenAI `text` /
+/// `input_text` / `output_text`, Anthropic text blocks), or of strings (prompt lists).
+fn push_content(out: &mut Vec<(Scope, String)>, scope: Scope, v: Option<&Value>) {
+    match v {
+        Some(Value::String(_)) => push_str(out, scope, v),
+        Some(Value::Array(parts)) => {
+            for p in parts {
+                match p {
+                    Value::String(_) => push_str(out, scope, Some(p)),
+                    Value::Object(_) => push_str(out, scope, p.get("text")),
+                    _ => {}
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn texts(api: ApiKind, body: &str) -> Vec<(Scope, String)> {
+        request_texts(api, body.as_bytes()).expect("valid JSON")
+    }
+
+    fn s(scope: Scope, t: &str) -> (Scope, String) {
+        (scope, t.to_owned())
+    }
+
+    #[test]
+    fn openai_chat_roles_and_parts() {
+        let body = r#"{"model":"m","messages":[
+            {"role":"system","content":"You are terse."},
+            {"role":"user","content":[{"type":"text","text":"hello"},{"type":"image_url","image_url":{"url":"x"}}]},
+            {"role":"assistant","content":null,"tool_calls":[{"function":{"name":"f","arguments":"{\"q\":1}"}}]},
+            {"role":"tool","content":"result text"}]}"#;
+        assert_eq!(
+            texts(ApiKind::ChatCompletions, body),
+            [s(Scope::System, "You are terse."), s(Scope::User, "hello"), s(Scope::Assistant, "{\"q\":1}"), s(Scope::Tool, "result text")]
+        );
+    }
+
+    #[test]
+    fn anthropic_system_blocks_and_tool_results() {
+        let body = r#"{"model":"c","max_tokens":5,"system":[{"type":"text","text":"sys"}],"messages":[
+            {"role":"user","content":[{"type":"text","text":"hi"},{"type":"tool_result","tool_use_id":"t","content":"tool says"}]},
+            {"role":"assistant","content":"ok"}]}"#;
+        assert_eq!(
+            texts(ApiKind::AnthropicMessages, body),
+            [s(Scope::System, "sys"), s(Scope::User, "hi"), s(Scope::Tool, "tool says"), s(Scope::Assistant, "ok")]
+        );
+    }
+
+    #[test]
+    fn gemini_responses_completions_embeddings() {
+        let gem = r#"{"systemInstruction":{"parts":[{"text":"be nice"}]},"contents":[{"role":"user","parts":[{"text":"q"}]},{"role":"model","parts":[{"text":"a"}]}]}"#;
+        assert_eq!(
+            texts(ApiKind::GeminiGenerateContent, gem),
+            [s(Scope::System, "be nice"), s(Scope::User, "q"), s(Scope::Assistant, "a")]
+        );
+        let resp = r#"{"model":"m","instructions":"rules","input":[{"role":"user","content":[{"type":"input_text","text":"x"}]},{"type":"function_call_output","output":"y"}]}"#;
+        assert_eq!(texts(ApiKind::Responses, resp), [s(Scope::System, "rules"), s(Scope::User, "x"), s(Scope::Tool, "y")]);
+        assert_eq!(texts(ApiKind::Responses, r#"{"model":"m","input":"plain"}"#), [s(Scope::User, "plain")]);
+        assert_eq!(texts(ApiKind::Completions, r#"{"model":"m","prompt":["a","b"]}"#), [s(Scope::User, "a"), s(Scope::User, "b")]);
+        assert_eq!(texts(ApiKind::Embeddings, r#"{"model":"m","input":"e"}"#), [s(Scope::User, "e")]);
+    }
+
+    #[test]
+    fn non_json_is_none() {
+        assert_eq!(request_texts(ApiKind::ChatCompletions, b"{\"model\":\"m\",\"messages\":[{\"ro"), None);
+    }
+}

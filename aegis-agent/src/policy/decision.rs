@@ -1,0 +1,177 @@
+//! A call's [`Decision`]: what its findings mean, which rule and pack decided, and the
+//! evidence of each match, redacted unless the rule asks for the text.
+
+use serde::Serialize;
+
+use super::redact::{Evidence, Redactor};
+use crate::rules::{
+    engine::{Engine, Finding, PackInfo},
+    normalize::Encoding,
+    pack::{Action, Category, EvidenceMode, Scope, Severity},
+};
+
+/// Which half of the call a match was found in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Half {
+    Request,
+    Response,
+}
+
+/// How a match is kept.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kept {
+    /// Masked, with a keyed hash.
+    Redacted(Evidence),
+    /// The matched text (rules with `evidence = "full"`).
+    Text(String),
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct MatchRecord {
+    pub rule: String,
+    pub category: Category,
+    pub action: Action,
+    pub severity: Severity,
+    pub half: Half,
+    pub scope: Scope,
+    pub rationale: String,
+    /// "name@version" of the rule's pack.
+    pub pack: String,
+    pub evidence: Kept,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub decoded_from: Option<Encoding>,
+    /// Responses: ms from the response's first byte to the chunk the match completed in.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub at_ms: Option<f64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Decision {
+    pub action: Action,
+    pub severity: Option<Severity>,
+    /// Matched rule ids, strongest first, each once.
+    pub rules: Vec<String>,
+    /// The rationale of the deciding (strongest) match.
+    pub rationale: Option<String>,
+    /// The pack of the deciding match.
+    pub decided_by: Option<PackInfo>,
+    /// Every pack in force when the call was inspected.
+    pub packs: Vec<PackInfo>,
+    pub matches: Vec<MatchRecord>,
+    /// False when some content could not be inspected; `not_scanned` says what and why.
+    pub scan_complete: bool,
+    pub not_scanned: Vec<String>,
+    /// For a response: ms from its first byte to the chunk in which the decision's
+    /// action was reached (for streams, when the offending text arrived).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub response_decided_at_ms: Option<f64>,
+}
+
+/// Matches per call kept at most (the rest are counted in `not_scanned`).
+const MAX_MATCHES: usize = 64;
+
+/// Collects the findings of one call as they are found.
+#[derive(Default)]
+pub struct DecisionBuilder {
+    matches: Vec<MatchRecord>,
+    dropped_matches: usize,
+    not_scanned: Vec<String>,
+    /// (rule, matched text) pairs already recorded: a stream rescans an overlap window.
+    seen: std::collections::HashSet<(usize, String)>,
+}
+
+impl DecisionBuilder {
+    pub fn add(
+        &mut self,
+        engine: &Engine,
+        redactor: &Redactor,
+        finding: Finding,
+        half: Half,
+        scope: Scope,
+        at_ms: Option<f64>,
+    ) {
+        if !self.seen.insert((finding.rule, finding.matched.clone())) {
+            return;
+        }
+        if self.matches.len() >= MAX_MATCHES {
+            self.dropped_matches += 1;
+            return;
+        }
+        let rule = engine.rule(finding.rule);
+        let pack = engine.rule_pack(finding.rule);
+        let evidence = match rule.evidence {
+            EvidenceMode::Redacted => Kept::Redacted(redactor.evidence(&finding.matched)),
+            EvidenceMode::Full => Kept::Text(finding.matched.clone()),
+        };
+        self.matches.push(MatchRecord {
+            rule: rule.id.clone(),
+            category: rule.category,
+            action: rule.action,
+            severity: rule.severity,
+            half,
+            scope,
+            rationale: rule.rationale.clone(),
+            pack: format!("{}@{}", pack.name, pack.version),
+            evidence,
+            decoded_from: finding.decoded_from,
+            at_ms,
+        });
+    }
+
+    /// Something of the call could not be inspected, and why.
+    pub fn not_scanned(&mut self, reason: impl Into<String>) {
+        let reason = reason.into();
+        if !self.not_scanned.contains(&reason) {
+            self.not_scanned.push(reason);
+        }
+    }
+
+    /// A policy finding that is not a content match (provider/model allowlist).
+    pub fn add_record(&mut self, record: MatchRecord) {
+        if self.matches.len() < MAX_MATCHES {
+            self.matches.push(record);
+        } else {
+            self.dropped_matches += 1;
+        }
+    }
+
+    pub fn finish(mut self, engine: &Engine) -> Decision {
+        if self.dropped_matches > 0 {
+            self.not_scanned.push(format!("matches_over_cap:{}", self.dropped_matches));
+        }
+        // Strongest first: action, then severity.
+        self.matches.sort_by(|a, b| (b.action, b.severity).cmp(&(a.action, a.severity)));
+        let top = self.matches.first();
+        let mut rules: Vec<String> = Vec::new();
+        for m in &self.matches {
+            if !rules.contains(&m.rule) {
+                rules.push(m.rule.clone());
+            }
+        }
+        let decided_by = top
+            .and_then(|m| engine.packs().iter().find(|p| format!("{}@{}", p.name, p.version) == m.pack))
+            .cloned();
+        let action = top.map_or(Action::Allow, |m| m.action);
+        // The earliest response chunk that carried a match of the deciding action.
+        let response_decided_at_ms = self
+            .matches
+            .iter()
+            .filter(|m| m.half == Half::Response && m.action == action)
+            .filter_map(|m| m.at_ms)
+            .min_by(f64::total_cmp);
+        Decision {
+            action,
+            severity: top.map(|m| m.severity),
+            rationale: top.map(|m| m.rationale.clone()),
+            rules,
+            decided_by,
+            packs: engine.packs().to_vec(),
+            scan_complete: self.not_scanned.is_empty(),
+            not_scanned: self.not_scanned,
+            response_decided_at_ms,
+            matches: self.matches,
+        }
+    }
+}

@@ -1,0 +1,112 @@
+//! One call's inspection: the request's texts by scope when the request is complete, the
+//! response's generated text chunk by chunk as it arrives, so that a stream's decision is
+//! reached in the chunk where the offending text completes, not at the end.
+
+use std::sync::Arc;
+
+use super::{
+    Inspector,
+    decision::{Decision, DecisionBuilder, Half},
+};
+use crate::{
+    llm::{content, detect::ApiKind},
+    rules::{
+        engine::{Engine, Finding, ScanStats},
+        pack::{Direction, Scope},
+    },
+};
+
+/// Text of earlier response chunks rescanned with each new chunk, so a match split
+/// across chunks (SSE deltas of a few characters) is still found. Longer matches that
+/// straddle chunks are missed: rules should match bounded markers (e.g. a key's prefix or
+/// a PEM header), not long spans.
+const STREAM_WINDOW: usize = 1024;
+
+pub struct CallInspection {
+    inspector: Arc<Inspector>,
+    engine: Arc<Engine>,
+    builder: DecisionBuilder,
+    findings: Vec<Finding>,
+    /// Last STREAM_WINDOW bytes of response text already scanned.
+    tail: String,
+}
+
+impl CallInspection {
+    pub fn new(inspector: Arc<Inspector>) -> Self {
+        let engine = inspector.engine();
+        Self { inspector, engine, builder: DecisionBuilder::default(), findings: Vec::new(), tail: String::new() }
+    }
+
+    /// Inspect a complete (decoded) request body. `truncated`: the body is shorter than
+    /// what was sent (cap, capture gap).
+    pub fn request(&mut self, api: ApiKind, body: &[u8], truncated: bool) {
+        if truncated {
+            self.builder.not_scanned("request_body_incomplete");
+        }
+        match content::request_texts(api, body) {
+            Some(texts) => {
+                for (scope, text) in texts {
+                    self.scan(text.as_bytes(), Half::Request, scope, None);
+                }
+            }
+            None => {
+                // Not JSON (cut short, or not what the API expects): every rule still
+                // sees the raw text, without the scopes.
+                self.builder.not_scanned("request_body_not_json_scanned_as_text");
+                self.scan(body, Half::Request, Scope::Text, None);
+            }
+        }
+    }
+
+    /// Inspect a plain text with every rule, whatever its direction and scope.
+    pub fn text(&mut self, text: &[u8]) {
+        let stats = self.engine.scan(text, Direction::Both, Scope::Text, &mut self.findings);
+        self.account(stats);
+        for f in self.findings.drain(..) {
+            self.builder.add(&self.engine, &self.inspector.redactor, f, Half::Request, Scope::Text, None);
+        }
+    }
+
+    /// Inspect newly generated response text, `at_ms` after the response's first byte.
+    pub fn response_text(&mut self, text: &str, at_ms: f64) {
+        if text.is_empty() {
+            return;
+        }
+        let mut window = std::mem::take(&mut self.tail);
+        window.push_str(text);
+        self.scan(window.as_bytes(), Half::Response, Scope::Output, Some(at_ms));
+        let keep_from = window.ceil_char_boundary(window.len().saturating_sub(STREAM_WINDOW));
+        window.drain(..keep_from);
+        self.tail = window;
+    }
+
+    /// Part of the call could not be inspected.
+    pub fn not_scanned(&mut self, reason: impl Into<String>) {
+        self.builder.not_scanned(reason);
+    }
+
+    fn account(&mut self, stats: ScanStats) {
+        if stats.unnormalized_bytes > 0 {
+            self.builder.not_scanned(format!("not_normalized_bytes:{}", stats.unnormalized_bytes));
+        }
+        if stats.undecoded_segments > 0 {
+            self.builder.not_scanned(format!("encoded_segments_not_decoded:{}", stats.undecoded_segments));
+        }
+    }
+
+    pub fn finish(self) -> Decision {
+        self.builder.finish(&self.engine)
+    }
+
+    fn scan(&mut self, text: &[u8], half: Half, scope: Scope, at_ms: Option<f64>) {
+        let direction = match half {
+            Half::Request => Direction::Request,
+            Half::Response => Direction::Response,
+        };
+        let stats = self.engine.scan(text, direction, scope, &mut self.findings);
+        self.account(stats);
+        for f in self.findings.drain(..) {
+            self.builder.add(&self.engine, &self.inspector.redactor, f, half, scope, at_ms);
+        }
+    }
+}

@@ -1,0 +1,61 @@
+//! Live reload of rulepacks: a changed file is loaded, validated and compiled off the hot
+//! path, then swapped in whole; calls in flight finish with the rules they started with.
+//! An invalid file is rejected with its file, line, rule and reason, and the rules in
+//! force stay.
+
+use std::{
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::JoinHandle,
+    time::{Duration, SystemTime},
+};
+
+use super::Inspector;
+use crate::rules;
+
+/// What identifies a file version cheaply: modification time and size.
+fn stamp(paths: &[PathBuf]) -> Vec<Option<(SystemTime, u64)>> {
+    paths
+        .iter()
+        .map(|p| std::fs::metadata(p).ok().and_then(|m| Some((m.modified().ok()?, m.len()))))
+        .collect()
+}
+
+/// Check `paths` every `every` until `stop`; reload when one changed.
+pub fn watch(
+    inspector: Arc<Inspector>,
+    paths: Vec<PathBuf>,
+    every: Duration,
+    stop: Arc<AtomicBool>,
+) -> std::io::Result<JoinHandle<()>> {
+    std::thread::Builder::new().name("aegis-rules".into()).spawn(move || {
+        let mut last = stamp(&paths);
+        let tick = Duration::from_millis(100).min(every);
+        let mut waited = Duration::ZERO;
+        while !stop.load(Ordering::SeqCst) {
+            std::thread::sleep(tick);
+            waited += tick;
+            if waited < every {
+                continue;
+            }
+            waited = Duration::ZERO;
+            let now = stamp(&paths);
+            if now == last {
+                continue;
+            }
+            last = now;
+            match rules::load_engine(&paths) {
+                Ok(engine) => {
+                    for p in engine.packs() {
+                        tracing::info!(pack = %p.name, version = %p.version, digest = %p.digest, "rulepack reloaded");
+                    }
+                    inspector.replace(engine);
+                }
+                Err(e) => tracing::error!(error = %e, "rulepack rejected; the rules in force stay"),
+            }
+        }
+    })
+}
