@@ -99,3 +99,79 @@ fn injected_prompt_with_a_key_is_blocked_and_clean_calls_allowed() {
     let stream_ms = leak["latency_ms"].as_f64().unwrap() - leak["ttfb_ms"].as_f64().unwrap();
     assert!(decided < stream_ms / 2.0, "decided at {decided} ms of a {stream_ms} ms stream: not incremental");
 }
+
+const PACK_V1: &str = r#"[pack]
+name = "reload-test"
+version = "1"
+
+[[rules]]
+id = "test.banana"
+category = "policy"
+direction = "request"
+keywords = ["banana"]
+action = "warn"
+severity = "SEV-3"
+rationale = "bananas are not allowed in prompts"
+"#;
+
+/// v2 adds a rule; v3 is broken (a regex that does not compile, on a known line).
+const PACK_V2_EXTRA: &str = r#"
+[[rules]]
+id = "test.cherry"
+category = "policy"
+direction = "request"
+keywords = ["cherry"]
+action = "block"
+severity = "SEV-2"
+rationale = "cherries are worse"
+"#;
+
+#[test]
+fn rulepack_reload_swaps_valid_packs_and_keeps_the_old_one_on_error() {
+    let _guard = serial();
+    require_root();
+    let cert = TempCert::generate();
+    let dir = aegis_tests::TempDir::new("reload");
+    let pack = dir.join("pack.toml");
+    std::fs::write(&pack, PACK_V1).unwrap();
+    let mut agent = Agent::start_with_config(&format!(
+        "[rules]\npacks = [{:?}]\nreload_secs = 1\nevidence_key = {:?}\n",
+        pack.display().to_string(),
+        dir.join("key").display().to_string()
+    ));
+    let mock = MockProvider::start(&cert);
+    let call = |model: &str, text: &str| {
+        let plan = Plan::single(vec![chat(model, text)]);
+        let run = run_python(mock.port, &plan);
+        run.assert_responses(&plan);
+        agent.wait_for_records(|r| r["model"] == model, 1, RECORD_WAIT).remove(0)
+    };
+    let decision_of = |r: &Value| (r["decision"]["action"].as_str().unwrap().to_owned(), r["decision"]["rules"].clone());
+
+    let r = call("m1", "a banana and a cherry");
+    assert_eq!(decision_of(&r), ("warn".into(), json!(["test.banana"])), "{r:#}");
+
+    std::fs::write(&pack, format!("{PACK_V1}{PACK_V2_EXTRA}")).unwrap();
+    wait_for_log(&agent, "rulepack reloaded", 1);
+    let r = call("m2", "a banana and a cherry");
+    assert_eq!(decision_of(&r), ("block".into(), json!(["test.cherry", "test.banana"])), "{r:#}");
+    assert_eq!(r["decision"]["decided_by"]["name"], "reload-test");
+
+    // A broken pack is rejected with file, line and rule; the rules in force stay.
+    let broken = format!("{PACK_V1}{PACK_V2_EXTRA}\n[[rules]]\nid = \"test.bad\"\ncategory = \"policy\"\nregex = \"(unclosed\"\naction = \"block\"\nseverity = \"SEV-1\"\nrationale = \"x\"\n");
+    std::fs::write(&pack, broken).unwrap();
+    wait_for_log(&agent, "rulepack rejected", 1);
+    let logs = agent.logs();
+    assert!(logs.contains("pack.toml:") && logs.contains("test.bad"), "{logs}");
+    let r = call("m3", "a cherry");
+    assert_eq!(decision_of(&r), ("block".into(), json!(["test.cherry"])), "{r:#}");
+    agent.stop();
+}
+
+fn wait_for_log(agent: &Agent, needle: &str, n: usize) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while agent.logs().matches(needle).count() < n {
+        assert!(std::time::Instant::now() < deadline, "no {needle:?} in the agent log{}", agent.logs());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

@@ -10,8 +10,9 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use clap::Subcommand;
+use serde_json::Value;
 
-use crate::{agent_bin, build_agent, cargo, install_debian, run as run_cmd, workspace_root};
+use crate::{agent_bin, build_agent, cargo, install_debian, output, run as run_cmd, workspace_root};
 
 #[derive(Subcommand)]
 pub enum Bench {
@@ -29,11 +30,32 @@ pub enum Bench {
         #[arg(long, default_value_t = 3)]
         rounds: u32,
     },
+    /// MB/s per core of the rules engine with the default rulepack over generated LLM API
+    /// traffic (requests, responses, SSE streams; clean, and with 1 % planted findings),
+    /// and of the agent's request inspection path; beside the same patterns in Hyperscan
+    /// and detect-secrets' default plugins on the same bodies. Single-threaded throughout.
+    Rules {
+        /// Seconds per measurement (at least: whole passes over the corpus; detect-secrets
+        /// stops after this long, or after one pass).
+        #[arg(long, default_value_t = 2)]
+        seconds: u64,
+        /// Bodies per corpus.
+        #[arg(long, default_value_t = 2000)]
+        bodies: u32,
+        /// Rulepack files to measure instead of the embedded default pack (paths relative
+        /// to the workspace root).
+        #[arg(long)]
+        rulepack: Vec<PathBuf>,
+        /// Keep the generated corpus and pattern file (their directory is printed).
+        #[arg(long)]
+        keep: bool,
+    },
 }
 
 pub fn run(which: Bench) -> anyhow::Result<()> {
     match which {
         Bench::Capture { seconds, connections, rounds } => capture(seconds, connections, rounds),
+        Bench::Rules { seconds, bodies, rulepack, keep } => rules(seconds, bodies, &rulepack, keep),
     }
 }
 
@@ -224,4 +246,235 @@ fn strip_ansi(s: &str) -> String {
         }
     }
     out
+}
+
+/// Targets the rules benchmark reports against (not asserted: figures on a shared VM vary).
+const TARGET_CLEAN_MBPS: f64 = 1000.0;
+const TARGET_VS_DETECT_SECRETS: f64 = 100.0;
+
+fn rules(seconds: u64, bodies: u32, rulepacks: &[PathBuf], keep: bool) -> anyhow::Result<()> {
+    let root = workspace_root();
+    let missing: Vec<&str> =
+        [("/usr/include/hs/hs.h", "libhyperscan-dev"), ("/usr/bin/gcc", "gcc"), ("/usr/include/stdio.h", "libc6-dev")]
+            .into_iter()
+            .filter(|(file, _)| !Path::new(file).exists())
+            .map(|(_, pkg)| pkg)
+            .collect();
+    install_debian(&missing)?;
+    if !Command::new("python3").args(["-c", "import detect_secrets"]).stderr(Stdio::null()).status()?.success() {
+        eprintln!("xtask: installing detect-secrets");
+        run_cmd(Command::new("python3").args(["-m", "pip", "install", "--quiet", "detect-secrets"]))?;
+    }
+    run_cmd(cargo().args(["build", "--release", "--package", "aegis-tests", "--bin", "rules_bench"]))?;
+    let hs_scan = root.join("target/hs_scan");
+    let libhs = output(Command::new("pkg-config").args(["--cflags", "--libs", "libhs"]))
+        .context("pkg-config does not know libhs (libhyperscan-dev)")?;
+    run_cmd(
+        Command::new("gcc")
+            .args(["-O2", "-Wall", "-o"])
+            .arg(&hs_scan)
+            .arg(root.join("tests/bench/hs_scan.c"))
+            .args(libhs.split_whitespace()),
+    )?;
+
+    let dir = std::env::temp_dir().join(format!("aegis-bench-rules-{}", std::process::id()));
+    let result = rules_in(&dir, &hs_scan, seconds, bodies, rulepacks);
+    if keep {
+        println!("\ncorpus and patterns kept in {}", dir.display());
+    } else {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    result
+}
+
+fn rules_in(dir: &Path, hs_scan: &Path, seconds: u64, bodies: u32, rulepacks: &[PathBuf]) -> anyhow::Result<()> {
+    let root = workspace_root();
+    let secs = seconds.to_string();
+    let mut cmd = Command::new(root.join("target/release/rules_bench"));
+    cmd.arg("--out").arg(dir).args(["--seconds", &secs, "--bodies", &bodies.to_string()]);
+    for pack in rulepacks {
+        cmd.arg("--rulepack").arg(pack);
+    }
+    let aegis = json_output(&mut cmd, "rules_bench")?;
+    let path = |key: &str| -> anyhow::Result<PathBuf> {
+        aegis[key].as_str().map(PathBuf::from).with_context(|| format!("rules_bench output has no {key}"))
+    };
+    let (patterns, clean, dirty) = (path("patterns_file")?, path("clean_dir")?, path("dirty_dir")?);
+    eprintln!("bench rules: hyperscan, clean corpus");
+    let hs_clean = json_output(Command::new(hs_scan).arg(&patterns).arg(&clean).arg(&secs), "hs_scan")?;
+    eprintln!("bench rules: hyperscan, dirty corpus");
+    let hs_dirty = json_output(Command::new(hs_scan).arg(&patterns).arg(&dirty).arg(&secs), "hs_scan")?;
+    eprintln!("bench rules: detect-secrets, clean corpus");
+    let ds = json_output(
+        Command::new("python3").arg(root.join("tests/bench/detect_secrets_bench.py")).arg(&clean).arg(&secs),
+        "detect_secrets_bench.py",
+    )?;
+    print_rules_report(&aegis, &hs_clean, &hs_dirty, &ds, seconds);
+    Ok(())
+}
+
+/// Runs `cmd` (stderr shown as it comes) and parses its stdout as one JSON value.
+fn json_output(cmd: &mut Command, what: &str) -> anyhow::Result<Value> {
+    let out = cmd.stderr(Stdio::inherit()).output().with_context(|| format!("running {what}"))?;
+    if !out.status.success() {
+        bail!("{what} failed: {}", out.status);
+    }
+    serde_json::from_slice(&out.stdout).with_context(|| format!("{what} output is not JSON"))
+}
+
+fn print_rules_report(aegis: &Value, hs_clean: &Value, hs_dirty: &Value, ds: &Value, seconds: u64) {
+    let f = |v: &Value| v.as_f64().unwrap_or(f64::NAN);
+    let n = |v: &Value| v.as_u64().unwrap_or(0);
+    let (eng_clean, eng_dirty, insp) = (&aegis["engine_clean"], &aegis["engine_dirty"], &aegis["inspection_clean"]);
+    let (hs_c, hs_d, ds_mbps) = (f(&hs_clean["mbps"]), f(&hs_dirty["mbps"]), f(&ds["mbps"]));
+
+    println!();
+    println!(
+        "rules benchmark: {} rules ({} regex, {} keyword-only) of {}; {} bodies per corpus, clean {:.1} MB, dirty {:.1} MB",
+        n(&aegis["rules"]),
+        n(&aegis["regex_rules"]),
+        n(&aegis["keyword_rules"]),
+        aegis["packs"]
+            .as_array()
+            .map(|p| p.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(", "))
+            .unwrap_or_default(),
+        n(&aegis["bodies"]),
+        f(&eng_clean["bytes"]) / 1e6,
+        f(&eng_dirty["bytes"]) / 1e6,
+    );
+    println!("one thread each, >= {seconds} s per measurement, MB = 10^6 bytes; CPU: {}", cpu_model());
+    println!();
+    println!("{:<40} {:>10} {:>13} {:>18}   findings", "scanner", "MB/s", "vs hyperscan", "vs detect-secrets");
+    let row = |name: &str, mbps: f64, hs: f64, findings: String| {
+        println!(
+            "{name:<40} {:>10} {:>13} {:>18}   {findings}",
+            sig3(mbps),
+            sig3(mbps / hs) + "x",
+            sig3(mbps / ds_mbps) + "x"
+        );
+    };
+    let engine_findings = |v: &Value| {
+        let mut s = format!("{} in {} bodies", n(&v["findings"]), n(&v["bodies_with_findings"]));
+        if n(&v["planted"]) > 0 {
+            s.push_str(&format!("; {} of {} planted bodies found", n(&v["planted_found"]), n(&v["planted"])));
+        }
+        s
+    };
+    let hs_findings = |v: &Value| format!("{} rule matches in {} bodies", n(&v["matches"]), n(&v["bodies_matched"]));
+    row("aegis engine, clean", f(&eng_clean["mbps"]), hs_c, engine_findings(eng_clean));
+    row("aegis engine, dirty", f(&eng_dirty["mbps"]), hs_d, engine_findings(eng_dirty));
+    row(
+        "aegis inspection path, clean requests",
+        f(&insp["mbps"]),
+        hs_c,
+        format!("{} of {} calls flagged", n(&insp["calls_with_findings"]), n(&insp["bodies"])),
+    );
+    row("hyperscan, clean (raw bodies)", hs_c, hs_c, hs_findings(hs_clean));
+    row("hyperscan, dirty (raw bodies)", hs_d, hs_d, hs_findings(hs_dirty));
+    row(
+        &format!("detect-secrets {}, clean", ds["version"].as_str().unwrap_or("?")),
+        ds_mbps,
+        hs_c,
+        format!("{} in {} of {} files scanned", n(&ds["secrets"]), n(&ds["files_with_secrets"]), n(&ds["files"])),
+    );
+
+    println!();
+    let by_kind: Vec<String> = eng_clean["by_kind"]
+        .as_object()
+        .map(|m| m.iter().map(|(k, v)| format!("{k} {:.0} ({:.1} MB)", f(&v["mbps"]), f(&v["bytes"]) / 1e6)).collect())
+        .unwrap_or_default();
+    println!("aegis engine, clean, MB/s by body kind: {}", by_kind.join(", "));
+    if let Some(fp) = counts(&eng_clean["rules_matched"]) {
+        println!("aegis engine findings on the clean corpus (false positives), by rule: {fp}");
+    }
+    if let Some(fp) = counts(&insp["rules_matched"]) {
+        println!("inspection path: clean calls flagged, by rule: {fp}");
+    }
+    if let Some(reasons) = counts(&insp["not_scanned"]) {
+        println!("inspection path: not scanned, by reason: {reasons}");
+    }
+    if let Some(hs) = counts(&by_rule_of_line(&hs_clean["bodies_matched_by_line"], &aegis["pattern_rules"])) {
+        println!("hyperscan matches on the clean corpus (bodies), by rule: {hs}");
+    }
+    if let Some(missed) = counts(&eng_dirty["planted_missed"]) {
+        println!("aegis engine: planted bodies without a finding, by plant: {missed}");
+    }
+    for (name, v) in [("clean", eng_clean), ("dirty", eng_dirty)] {
+        if n(&v["unnormalized_bytes"]) > 0 || n(&v["undecoded_segments"]) > 0 {
+            println!(
+                "aegis engine, {name}: {} bytes not normalised and {} encoded segments not decoded (over the engine's bounds)",
+                n(&v["unnormalized_bytes"]),
+                n(&v["undecoded_segments"])
+            );
+        }
+    }
+    println!(
+        "hyperscan {}: {} patterns compiled, {} rejected (named above); given the raw bodies: no normalisation, no decoding, \
+         no validators or allowlists, caseless matching standing in for lower-casing",
+        hs_clean["hs_version"].as_str().unwrap_or("?"),
+        n(&hs_clean["patterns"]),
+        n(&hs_clean["skipped"]),
+    );
+    println!(
+        "detect-secrets: default plugins and filters, one file per body, {} of {} clean files ({:.1} MB) in {:.1} s",
+        n(&ds["files"]),
+        n(&ds["files_total"]),
+        f(&ds["bytes"]) / 1e6,
+        f(&ds["seconds"]),
+    );
+
+    println!();
+    let met = |ok: bool| if ok { "met" } else { "NOT met" };
+    let (clean_mbps, insp_mbps) = (f(&eng_clean["mbps"]), f(&insp["mbps"]));
+    println!(
+        "target >= {TARGET_CLEAN_MBPS:.0} MB/s per core on traffic with no findings: {} (engine {clean_mbps:.0} MB/s; \
+         request inspection path {insp_mbps:.0} MB/s)",
+        met(clean_mbps >= TARGET_CLEAN_MBPS),
+    );
+    println!(
+        "target >= {TARGET_VS_DETECT_SECRETS:.0}x detect-secrets: {} (engine {:.0}x; request inspection path {:.0}x)",
+        met(clean_mbps / ds_mbps >= TARGET_VS_DETECT_SECRETS),
+        clean_mbps / ds_mbps,
+        insp_mbps / ds_mbps,
+    );
+}
+
+/// `x` with three significant digits (all integer digits from 100 up).
+fn sig3(x: f64) -> String {
+    if !x.is_finite() || x <= 0.0 {
+        return "-".into();
+    }
+    let decimals = (2 - x.log10().floor() as i32).max(0) as usize;
+    format!("{x:.decimals$}")
+}
+
+/// hs_scan's counts by pattern line, keyed by the rule of each line instead.
+fn by_rule_of_line(by_line: &Value, rules: &Value) -> Value {
+    let Some(by_line) = by_line.as_object() else { return Value::Null };
+    by_line
+        .iter()
+        .map(|(line, count)| {
+            let rule = line.parse::<usize>().ok().and_then(|l| rules.get(l.checked_sub(1)?)?.as_str());
+            (rule.map_or_else(|| format!("line {line}"), str::to_owned), count.clone())
+        })
+        .collect::<serde_json::Map<_, _>>()
+        .into()
+}
+
+/// "key ×count, ..." of a JSON object of counts; None when empty.
+fn counts(v: &Value) -> Option<String> {
+    let m = v.as_object().filter(|m| !m.is_empty())?;
+    let mut items: Vec<(&String, u64)> = m.iter().map(|(k, c)| (k, c.as_u64().unwrap_or(0))).collect();
+    items.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+    Some(items.iter().map(|(k, c)| format!("{k} ×{c}")).collect::<Vec<_>>().join(", "))
+}
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("model name").map(|r| r.trim_start_matches([' ', '\t', ':']).to_owned()))
+        })
+        .unwrap_or_else(|| "unknown".into())
 }

@@ -558,6 +558,7 @@ mod tests {
     use std::io::Write as _;
 
     use super::*;
+    use crate::llm::detect::ApiKind;
 
     const CHAT: &str = r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}"#;
     const CHAT_RESP: &str = r#"{"id":"c1","model":"gpt-4o-mini-2024","choices":[{"finish_reason":"stop"}],"usage":{"prompt_tokens":3,"completion_tokens":5}}"#;

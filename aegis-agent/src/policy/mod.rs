@@ -6,6 +6,7 @@
 //! - [`decision`]: the resulting [`decision::Decision`].
 //! - [`redact`]: masked evidence with a keyed hash.
 
+pub mod allowlist;
 pub mod decision;
 pub mod inspect;
 pub mod redact;

@@ -1,27 +1,198 @@
-//! Checks that a regex match must also pass. (STUB: interface only.)
+//! Checks that a regex match must also pass, to tell a real card number, IBAN, token or
+//! secret from text that merely has its shape.
+//!
+//! They run only on regex matches (short strings), so they favour plain code over speed, but
+//! none allocates more than its input or does more than linear work. They accept the
+//! normalised text the engine matches on: IBAN letters may be lower case. JWTs are
+//! case-sensitive base64url, so [`jwt`] needs the match as it was before lower-casing (for
+//! ASCII text the span is the same in the input and in the normalised text).
+//!
+//! base64 comes from the `base64` crate (also used by normalisation): its URL-safe engine
+//! without padding is exactly what RFC 7515 specifies for JWT parts, and it rejects
+//! non-canonical trailing bits, which a hand-rolled decoder would have to get right too.
 
-/// Luhn checksum over the digits of `s` (other characters such as spaces and dashes are
-/// ignored); false for fewer than 12 or more than 19 digits.
+use std::collections::HashMap;
+
+use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
+
+/// Luhn checksum over the ASCII digits of `s` (other characters, such as the spaces and
+/// dashes that group card numbers, are ignored); false for fewer than 12 or more than 19
+/// digits.
 pub fn luhn(s: &str) -> bool {
-    let _ = s;
-    false
+    let mut digits = 0;
+    let mut sum = 0;
+    let from_right = s.bytes().rev().filter(u8::is_ascii_digit).map(|b| u32::from(b - b'0'));
+    for (i, d) in from_right.enumerate() {
+        // Every second digit from the right is doubled, and 2d - 9 is the sum of its digits.
+        sum += match i % 2 {
+            0 => d,
+            _ if d > 4 => 2 * d - 9,
+            _ => 2 * d,
+        };
+        digits = i + 1;
+    }
+    (12..=19).contains(&digits) && sum % 10 == 0
 }
 
-/// IBAN: country code, check digits, length per country, mod-97 == 1. Spaces ignored.
+/// IBAN lengths per country, from the SWIFT IBAN registry: every SEPA country and the other
+/// registered ones.
+#[rustfmt::skip]
+const IBAN_LENGTHS: &[(&[u8; 2], usize)] = &[
+    (b"AD", 24), (b"AE", 23), (b"AL", 28), (b"AT", 20), (b"AZ", 28), (b"BA", 20), (b"BE", 16),
+    (b"BG", 22), (b"BH", 22), (b"BI", 27), (b"BR", 29), (b"BY", 28), (b"CH", 21), (b"CR", 22),
+    (b"CY", 28), (b"CZ", 24), (b"DE", 22), (b"DJ", 27), (b"DK", 18), (b"DO", 28), (b"EE", 20),
+    (b"EG", 29), (b"ES", 24), (b"FI", 18), (b"FK", 18), (b"FO", 18), (b"FR", 27), (b"GB", 22),
+    (b"GE", 22), (b"GI", 23), (b"GL", 18), (b"GR", 27), (b"GT", 28), (b"HN", 28), (b"HR", 21),
+    (b"HU", 28), (b"IE", 22), (b"IL", 23), (b"IQ", 23), (b"IS", 26), (b"IT", 27), (b"JO", 30),
+    (b"KW", 30), (b"KZ", 20), (b"LB", 28), (b"LC", 32), (b"LI", 21), (b"LT", 20), (b"LU", 20),
+    (b"LV", 21), (b"LY", 25), (b"MC", 27), (b"MD", 24), (b"ME", 22), (b"MK", 19), (b"MN", 20),
+    (b"MR", 27), (b"MT", 31), (b"MU", 30), (b"NI", 28), (b"NL", 18), (b"NO", 15), (b"OM", 23),
+    (b"PK", 24), (b"PL", 28), (b"PS", 29), (b"PT", 25), (b"QA", 29), (b"RO", 24), (b"RS", 22),
+    (b"RU", 33), (b"SA", 24), (b"SC", 31), (b"SD", 18), (b"SE", 24), (b"SI", 19), (b"SK", 24),
+    (b"SM", 27), (b"SO", 23), (b"ST", 25), (b"SV", 28), (b"TL", 23), (b"TN", 24), (b"TR", 26),
+    (b"UA", 29), (b"VA", 22), (b"VG", 24), (b"XK", 20), (b"YE", 30),
+];
+
+/// IBAN (ISO 13616): a known country code, two check digits, alphanumerics up to the
+/// country's length, and mod 97 == 1 over the rearranged number. Spaces are ignored, letters
+/// may be lower case.
 pub fn iban(s: &str) -> bool {
-    let _ = s;
-    false
+    let iban: Vec<u8> = s.bytes().filter(|&b| b != b' ').map(|b| b.to_ascii_uppercase()).collect();
+    let [c1, c2, k1, k2, ..] = iban[..] else {
+        return false;
+    };
+    let known =
+        IBAN_LENGTHS.iter().any(|&(country, len)| *country == [c1, c2] && len == iban.len());
+    if !known
+        || !k1.is_ascii_digit()
+        || !k2.is_ascii_digit()
+        || !iban.iter().all(u8::is_ascii_alphanumeric)
+    {
+        return false;
+    }
+    // The country code and check digits move to the end, letters count as 10..=35; the
+    // remainder is carried digit by digit so that no big integer is needed.
+    let remainder = iban[4..].iter().chain(&iban[..4]).fold(0u32, |r, &b| match b {
+        b'0'..=b'9' => (r * 10 + u32::from(b - b'0')) % 97,
+        _ => (r * 100 + u32::from(b - b'A') + 10) % 97,
+    });
+    remainder == 1
 }
 
-/// Shannon entropy of `s` in bits per character.
+/// Shannon entropy of `s` in bits per character (0 for the empty string).
 pub fn shannon_entropy(s: &str) -> f64 {
-    let _ = s;
-    0.0
+    let mut counts = HashMap::new();
+    for c in s.chars() {
+        *counts.entry(c).or_insert(0usize) += 1;
+    }
+    let total = counts.values().sum::<usize>() as f64;
+    // Σ p·log2(1/p): with 1/p rather than -log2(p), one symbol gives +0.0, not -0.0.
+    counts.values().fold(0.0, |h, &n| {
+        let p = n as f64 / total;
+        h + p * (1.0 / p).log2()
+    })
 }
 
-/// A JWT: three base64url parts, the first two decode to JSON objects, the header has
-/// "alg".
+/// A JWT (RFC 7519, compact JWS): three base64url parts without padding separated by '.';
+/// the first two decode to JSON objects, the header has a string "alg"; the signature may
+/// be empty only when "alg" is "none". `s` must not be lower-cased.
 pub fn jwt(s: &str) -> bool {
-    let _ = s;
-    false
+    let mut parts = s.split('.');
+    let (Some(header), Some(payload), Some(signature), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return false;
+    };
+    let Some(header) = json_object(header) else {
+        return false;
+    };
+    let Some(alg) = header.get("alg").and_then(serde_json::Value::as_str) else {
+        return false;
+    };
+    if json_object(payload).is_none() {
+        return false;
+    }
+    if signature.is_empty() { alg == "none" } else { URL_SAFE_NO_PAD.decode(signature).is_ok() }
+}
+
+fn json_object(part: &str) -> Option<serde_json::Map<String, serde_json::Value>> {
+    serde_json::from_slice(&URL_SAFE_NO_PAD.decode(part).ok()?).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn luhn_accepts_valid_card_numbers_only() {
+        assert!(luhn("4111111111111111"));
+        assert!(luhn("4111 1111 1111 1111"));
+        assert!(luhn("4111-1111-1111-1111"));
+        assert!(luhn("5555555555554444"));
+        assert!(luhn("378282246310005")); // Amex, 15 digits
+        assert!(!luhn("4111111111111112"));
+        assert!(!luhn("4111111111111121")); // another digit changed
+        // Luhn-valid, but too short or too long for a card number.
+        assert!(!luhn("00000000000")); // 11 digits
+        assert!(luhn("000000000000")); // 12 digits
+        assert!(luhn("0000000000000000000")); // 19 digits
+        assert!(!luhn("00000000000000000000")); // 20 digits
+        assert!(!luhn(""));
+    }
+
+    #[test]
+    fn iban_checks_country_length_and_mod_97() {
+        assert!(iban("GB82 WEST 1234 5698 7654 32"));
+        assert!(iban("gb82west12345698765432"));
+        assert!(iban("DE89370400440532013000"));
+        assert!(iban("NO9386011117947")); // shortest, 15
+        assert!(iban("FR1420041010050500013M02606")); // a letter in the account number
+        assert!(!iban("DE89370400440532013001")); // changed digit
+        assert!(!iban("GB82 WEST 1234 5698 7654 23")); // swapped digits
+        assert!(!iban("DE8937040044053201300")); // one character short
+        assert!(!iban("ZZ89370400440532013000")); // no such country
+        assert!(!iban("DE8X370400440532013000")); // check digits must be digits
+        assert!(!iban("DE89-3704-0044-0532-0130-00"));
+        assert!(!iban("DE8"));
+        assert!(!iban(""));
+    }
+
+    #[test]
+    fn shannon_entropy_in_bits_per_char() {
+        assert_eq!(shannon_entropy(""), 0.0);
+        assert_eq!(shannon_entropy("aaaa"), 0.0);
+        assert_eq!(shannon_entropy("ab"), 1.0);
+        assert_eq!(shannon_entropy("abcd"), 2.0);
+        assert_eq!(shannon_entropy("ééàà"), 1.0); // characters, not bytes
+        // p = 3/4, 1/4: 0.8112781244591328 bits.
+        assert!((shannon_entropy("aaab") - 0.811_278_124_459_132_8).abs() < 1e-12);
+    }
+
+    fn b64(s: &str) -> String {
+        URL_SAFE_NO_PAD.encode(s)
+    }
+
+    #[test]
+    fn jwt_needs_json_header_with_alg_and_json_payload() {
+        let header = b64(r#"{"alg":"HS256","typ":"JWT"}"#);
+        let payload = b64(r#"{"sub":"1234567890","name":"John Doe","iat":1516239022}"#);
+        let signature = URL_SAFE_NO_PAD.encode([0xA5u8; 32]);
+        assert!(jwt(&format!("{header}.{payload}.{signature}")));
+
+        // Unsigned tokens: an empty signature only with "alg":"none".
+        assert!(jwt(&format!("{}.{payload}.", b64(r#"{"alg":"none"}"#))));
+        assert!(!jwt(&format!("{header}.{payload}.")));
+
+        assert!(!jwt(&format!("{}.{payload}.{signature}", b64(r#"{"typ":"JWT"}"#))));
+        assert!(!jwt(&format!("{}.{payload}.{signature}", b64(r#"{"alg":256}"#))));
+        assert!(!jwt(&format!("{header}.{}.{signature}", b64("[1,2,3]"))));
+        assert!(!jwt(&format!("{header}.{}.{signature}", b64("not json"))));
+        assert!(!jwt(&format!("{header}.{payload}.{signature}.{signature}")));
+        assert!(!jwt(&format!("{header}.{payload}")));
+        assert!(!jwt(&format!("{header}.{payload}.{signature}=")));
+        // Lower-cased by normalisation: no longer decodes to JSON.
+        assert!(!jwt(&format!("{header}.{payload}.{signature}").to_lowercase()));
+        assert!(!jwt("eyJhbGciOiJIUzI1NiJ9.garbage.sig"));
+        assert!(!jwt(""));
+    }
 }
