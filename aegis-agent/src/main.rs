@@ -139,12 +139,12 @@ fn run(config_path: Option<&Path>, ready_file: Option<&Path>) -> anyhow::Result<
          library under capture.libraries in the config"
     );
     let inspector = if config.rules.enabled {
-        let engine = rules::load_engine(&config.rules.packs).context("the configured rulepacks are invalid")?;
+        let (engine, policies) = rules::load(&config.rules.packs).context("the configured rulepacks are invalid")?;
         let redactor = Redactor::load_or_create(&config.rules.evidence_key)?;
         for p in engine.packs() {
             tracing::info!(pack = %p.name, version = %p.version, digest = %p.digest, "rulepack in force");
         }
-        Some(Arc::new(Inspector::new(engine, redactor)))
+        Some(Arc::new(Inspector::with_policies(engine, policies, redactor)))
     } else {
         None
     };

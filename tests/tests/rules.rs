@@ -104,6 +104,15 @@ const PACK_V1: &str = r#"[pack]
 name = "reload-test"
 version = "1"
 
+[[policies]]
+id = "policy.test_models"
+tenant = "*"
+allow_providers = ["openai_compatible"]
+allow_models = ["m1", "m2", "m3"]
+action = "warn"
+severity = "SEV-2"
+rationale = "only the approved test models"
+
 [[rules]]
 id = "test.banana"
 category = "policy"
@@ -165,6 +174,11 @@ fn rulepack_reload_swaps_valid_packs_and_keeps_the_old_one_on_error() {
     assert!(logs.contains("pack.toml:") && logs.contains("test.bad"), "{logs}");
     let r = call("m3", "a cherry");
     assert_eq!(decision_of(&r), ("block".into(), json!(["test.cherry"])), "{r:#}");
+
+    // Policy drift: a model outside the tenant's allowlist is a finding.
+    let r = call("rogue-model", "hello");
+    assert_eq!(decision_of(&r), ("warn".into(), json!(["policy.test_models"])), "{r:#}");
+    assert_eq!(r["decision"]["matches"][0]["category"], "policy", "{r:#}");
     agent.stop();
 }
 

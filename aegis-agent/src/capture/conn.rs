@@ -21,7 +21,7 @@ const CALL_CAP: u64 = CHUNK_DATA_MAX as u64 * CHUNKS_PER_CALL_MAX as u64;
 const ROLE_ATTEMPTS: u8 = 16;
 
 /// A model API call seen on one connection, with what the kernel told about the caller.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct ConnObservation {
     pub obs: Observation,
     pub key: ConnKey,

@@ -320,9 +320,18 @@ impl WorkerCtx {
                 .unwrap_or_else(|e| e.into_inner())
                 .get(c.source as usize)
                 .map_or_else(|| format!("unknown-source-{}", c.source), |t| t.path.display().to_string());
+            let mut obs = c.obs;
+            // The caller is known now: check its tenant's provider allowlist, then decide.
+            if let Some(mut inspection) = obs.inspection.take() {
+                // A server end's tenant is not the caller's: only the client end is checked.
+                if obs.side == crate::llm::exchange::Side::Client {
+                        inspection.check_policies(&info.cgroup, obs.call.provider, obs.call.model.as_deref());
+                }
+                obs.decision = Some(inspection.finish());
+            }
             let endpoint = Endpoint::new(info, c.tid, TlsSource { library, hooks: c.hooks });
             // The output thread only ends after every worker; a send cannot fail before.
-            let _ = self.out.send((c.obs, endpoint));
+            let _ = self.out.send((obs, endpoint));
         }
     }
 }

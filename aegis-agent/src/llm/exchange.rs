@@ -46,7 +46,7 @@ pub enum Side {
 const FINGERPRINT_BODY_BYTES: usize = 64 * 1024;
 
 /// One model API call as seen from one end of one connection.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct Observation {
     pub side: Side,
     pub call: ApiCall,
@@ -69,7 +69,9 @@ pub struct Observation {
     /// False when any part was missing or cut short; `notes` says what.
     pub complete: bool,
     pub notes: Vec<String>,
-    /// What the rules found, when rules are in force.
+    /// The rules' inspection of the call, when rules are in force; finished (with the
+    /// tenant's provider allowlist) into `decision` once the caller is known.
+    pub inspection: Option<CallInspection>,
     pub decision: Option<Decision>,
 }
 
@@ -506,12 +508,11 @@ impl ExchangeTracker {
             }
             None => ResponseSummary::default(),
         };
-        let decision = inspection.map(|mut i| {
-            if !(req.complete && resp.complete) || resp.head.is_some() && resp.decoder.is_none() {
-                i.not_scanned("call_not_seen_whole: see notes");
-            }
-            i.finish()
-        });
+        if let Some(i) = &mut inspection
+            && (!(req.complete && resp.complete) || resp.head.is_some() && resp.decoder.is_none())
+        {
+            i.not_scanned("call_not_seen_whole: see notes");
+        }
         let head = resp.head.as_ref();
         Some(Observation {
             side: self.side,
@@ -532,7 +533,8 @@ impl ExchangeTracker {
             },
             complete: req.complete && resp.complete,
             notes,
-            decision,
+            inspection,
+            decision: None,
             call,
         })
     }

@@ -5,14 +5,15 @@
 use std::sync::Arc;
 
 use super::{
-    Inspector,
-    decision::{Decision, DecisionBuilder, Half},
+    Inspector, allowlist,
+    decision::{Decision, DecisionBuilder, Half, Kept, MatchRecord},
 };
 use crate::{
     llm::{content, detect::ApiKind},
     rules::{
         engine::{Engine, Finding, ScanStats},
-        pack::{Direction, Scope},
+        PackPolicy,
+        pack::{Category, Direction, Scope},
     },
 };
 
@@ -22,9 +23,16 @@ use crate::{
 /// a PEM header), not long spans.
 const STREAM_WINDOW: usize = 1024;
 
+impl std::fmt::Debug for CallInspection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CallInspection").finish_non_exhaustive()
+    }
+}
+
 pub struct CallInspection {
     inspector: Arc<Inspector>,
     engine: Arc<Engine>,
+    policies: Arc<[PackPolicy]>,
     builder: DecisionBuilder,
     findings: Vec<Finding>,
     /// Last STREAM_WINDOW bytes of response text already scanned.
@@ -33,8 +41,8 @@ pub struct CallInspection {
 
 impl CallInspection {
     pub fn new(inspector: Arc<Inspector>) -> Self {
-        let engine = inspector.engine();
-        Self { inspector, engine, builder: DecisionBuilder::default(), findings: Vec::new(), tail: String::new() }
+        let (engine, policies) = inspector.in_force();
+        Self { inspector, engine, policies, builder: DecisionBuilder::default(), findings: Vec::new(), tail: String::new() }
     }
 
     /// Inspect a complete (decoded) request body. `truncated`: the body is shorter than
@@ -78,6 +86,26 @@ impl CallInspection {
         let keep_from = window.ceil_char_boundary(window.len().saturating_sub(STREAM_WINDOW));
         window.drain(..keep_from);
         self.tail = window;
+    }
+
+    /// Check the call against the provider/model allowlists of its tenant (`cgroup`).
+    pub fn check_policies(&mut self, cgroup: &str, provider: &str, model: Option<&str>) {
+        for p in allowlist::violations(self.policies.iter().map(|(_, p)| p), cgroup, provider, model) {
+            let pack = self.policies.iter().find(|(_, q)| std::ptr::eq(q, p)).map(|(n, _)| n.clone()).unwrap_or_default();
+            self.builder.add_record(MatchRecord {
+                rule: p.id.clone(),
+                category: Category::Policy,
+                action: p.action,
+                severity: p.severity,
+                half: Half::Request,
+                scope: Scope::Text,
+                rationale: p.rationale.clone(),
+                pack,
+                evidence: Kept::Text(format!("provider={provider} model={} tenant={cgroup}", model.unwrap_or("?"))),
+                decoded_from: None,
+                at_ms: None,
+            });
+        }
     }
 
     /// Part of the call could not be inspected.

@@ -14,27 +14,39 @@ pub mod reload;
 
 use std::sync::{Arc, RwLock};
 
-use crate::rules::engine::Engine;
+use crate::rules::{PackPolicy, engine::Engine};
+
+/// The content rules and the provider allowlists of the packs in force, swapped together.
+type InForce = (Arc<Engine>, Arc<[PackPolicy]>);
 
 /// The rules in force and the evidence key, shared by every worker.
 pub struct Inspector {
-    engine: RwLock<Arc<Engine>>,
+    current: RwLock<InForce>,
     pub redactor: redact::Redactor,
 }
 
 impl Inspector {
     pub fn new(engine: Engine, redactor: redact::Redactor) -> Self {
-        Self { engine: RwLock::new(Arc::new(engine)), redactor }
+        Self::with_policies(engine, Vec::new(), redactor)
+    }
+
+    pub fn with_policies(engine: Engine, policies: Vec<PackPolicy>, redactor: redact::Redactor) -> Self {
+        Self { current: RwLock::new((Arc::new(engine), policies.into())), redactor }
     }
 
     /// The engine in force now. A call keeps the engine it started with, so a reload
     /// never changes the rules under a call in flight.
     pub fn engine(&self) -> Arc<Engine> {
-        self.engine.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.in_force().0
     }
 
-    /// Put `engine` in force for calls that start from now on.
-    pub fn replace(&self, engine: Engine) {
-        *self.engine.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(engine);
+    /// Engine and allowlists in force now, read together.
+    pub fn in_force(&self) -> InForce {
+        self.current.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Put new rules in force for calls that start from now on.
+    pub fn replace(&self, engine: Engine, policies: Vec<PackPolicy>) {
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = (Arc::new(engine), policies.into());
     }
 }

@@ -47,12 +47,12 @@ pub fn watch(
                 continue;
             }
             last = now;
-            match rules::load_engine(&paths) {
-                Ok(engine) => {
+            match rules::load(&paths) {
+                Ok((engine, policies)) => {
                     for p in engine.packs() {
                         tracing::info!(pack = %p.name, version = %p.version, digest = %p.digest, "rulepack reloaded");
                     }
-                    inspector.replace(engine);
+                    inspector.replace(engine, policies);
                 }
                 Err(e) => tracing::error!(error = %e, "rulepack rejected; the rules in force stay"),
             }

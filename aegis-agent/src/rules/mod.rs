@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use self::{
     engine::Engine,
     normalize::NormalizeLimits,
-    pack::{PackError, Rulepack},
+    pack::{PackError, ProviderPolicy, Rulepack},
 };
 
 /// The default rulepack shipped in `packaging/rules/default.toml`, used when the
@@ -28,10 +28,23 @@ const DEFAULT_PACK_NAME: &str = "<embedded>/packaging/rules/default.toml";
 
 /// Load and compile `paths` (the embedded default pack when empty).
 pub fn load_engine(paths: &[PathBuf]) -> Result<Engine, PackError> {
+    load(paths).map(|(engine, _)| engine)
+}
+
+/// A provider/model allowlist with the "name@version" of its pack.
+pub type PackPolicy = (String, ProviderPolicy);
+
+/// Load `paths` (the embedded default pack when empty): the compiled content rules, and
+/// the packs' provider/model allowlists.
+pub fn load(paths: &[PathBuf]) -> Result<(Engine, Vec<PackPolicy>), PackError> {
     let packs: Vec<Rulepack> = if paths.is_empty() {
         vec![pack::parse(DEFAULT_PACK, Path::new(DEFAULT_PACK_NAME))?]
     } else {
         paths.iter().map(|p| pack::load(p)).collect::<Result<_, _>>()?
     };
-    Engine::compile(packs, NormalizeLimits::default())
+    let policies = packs
+        .iter()
+        .flat_map(|p| p.policies.iter().map(|pol| (format!("{}@{}", p.name, p.version), pol.clone())))
+        .collect();
+    Ok((Engine::compile(packs, NormalizeLimits::default())?, policies))
 }
