@@ -2,36 +2,55 @@
 //!
 //! # Scan
 //!
-//! 1. Only the rules that apply to the text's direction and scope are considered; each
-//!    (direction, scope) has its own prefilter built at compile time, so a response scan
-//!    pays nothing for request-only rules, and a scope no rule looks at is not even
-//!    normalised.
+//! 1. Only the rules that apply to the text's direction and scope are considered: each
+//!    (direction, scope) gets its own prefilter at compile time, so a response scan pays
+//!    nothing for request-only rules, and a text no rule looks at is not even normalised.
 //! 2. The text is normalised ([`super::normalize`]); the normalised text and each decoded
 //!    segment are scanned alike (steps 3 to 5).
-//! 3. Prefilter: which rules may match. Rules with keywords: the keywords are reduced to a
-//!    set of *anchors* (a keyword containing another keyword is found through the shorter
-//!    one, then verified), searched in one pass per group of 16 with Teddy (SIMD; the
-//!    `aho-corasick` crate's packed searcher), 1-byte anchors with `memchr`, 2-byte ones
-//!    with `memmem`. Every occurrence is found, overlapping ones too. Rules with
-//!    `prefilter = { digits = N }`: one pass measuring the longest digit run. Regex rules
-//!    with neither get implicit keywords from their regex's required prefix or suffix
-//!    literals (at least 3 bytes each), or else run on every text
-//!    ([`Engine::unfiltered_rules`]).
-//! 4. Each candidate rule's regex runs over the text (a keyword-only rule: each keyword
-//!    occurrence is a match). The secret (the `secret_group`, or the whole match) must pass
-//!    the validators, which see it in its original case when it can be located in the input
-//!    (always for ASCII input), and must not be allowlisted or contain a stopword.
-//! 5. Findings are deduplicated per (rule, span) and capped at [`MAX_FINDINGS_PER_RULE`]
+//! 3. Prefilter: which rules may match, and where.
+//!    - Keywords are reduced to *anchors*: a keyword containing a shorter one is found
+//!      through it and then verified, so the anchor set is substring-free and a leftmost
+//!      search restarted one byte after each hit finds every occurrence, overlapping ones
+//!      included. Anchors of 4 bytes and more are searched with Teddy (SIMD, the
+//!      `aho-corasick` crate's packed searcher), one pass per group of at most
+//!      [`ANCHORS_PER_GROUP`]; up to 4 anchors of 3 bytes and every 2-byte anchor with
+//!      `memmem`, 1-byte anchors with `memchr`. Anchors with non-ASCII bytes (CJK keywords)
+//!      are searched only when the text is not ASCII.
+//!    - `prefilter = { digits = N }`: one pass finds the digit runs (a 64-byte block at a
+//!      time: SIMD compares packed into a bitmask, then only the digits are visited).
+//!    - A regex without either gets the literals every match starts (or ends) with as
+//!      implicit keywords when each is at least 3 bytes; else it runs on every text
+//!      ([`Engine::unfiltered_rules`]).
+//! 4. Each candidate rule's regex runs where a match can be: within [`DIGIT_WINDOW`] bytes
+//!    of each qualifying digit run; for a keyword rule whose regex has a bounded longest
+//!    match `L`, within `L` bytes of each keyword occurrence (up to [`MAX_SPOTS`]
+//!    occurrences); otherwise over the whole text. Look-arounds (`^`, `\b`) still see the
+//!    text around a window. A keyword-only rule's matches are the keyword occurrences.
+//! 5. Each match's secret (its `secret_group`, or the whole match) must pass the
+//!    validators, which see it in its original case when it can be located in the input
+//!    (always for ASCII input), must not be allowlisted and must not contain a stopword.
+//! 6. Findings are deduplicated per (rule, span) and capped at [`MAX_FINDINGS_PER_RULE`]
 //!    per rule and scan (a decision needs one; evidence needs a few).
+//!
+//! Regexes are parsed case-insensitively, then every small class loses its upper-case
+//! members (`lowercase_hir`): the text is lower case, and the literal prefixes become
+//! plain literals again, which the regex engine (`regex-automata`) finds with SIMD
+//! prefilters instead of running its DFA over every byte.
 //!
 //! Buffers are reused through a per-thread scratch, so a scan without findings allocates
 //! only what normalisation does.
 //!
 //! # Cost
 //!
-//! Prefilter cost grows with the number of anchor groups (one Teddy pass per 16 anchors),
-//! not with the number of rules sharing them; the regexes run only on candidate texts. A
-//! frequent keyword makes its rules' regexes run often: keep keywords selective.
+//! A DFA costs about 2 ns per byte on the reference machine, SIMD literal search well
+//! under 0.2: the design keeps DFAs off most bytes. The prefilter costs one pass per anchor
+//! group (the number of distinct anchors matters, not the number of rules sharing them);
+//! regexes run on candidate windows only. A frequent keyword makes its rules' regexes run
+//! often, a digit rule runs at every long enough number (JSON has many): keep keywords
+//! selective and digit minimums high. Measured single-threaded on the 2-core reference VM
+//! with the default pack: English prose in 8 KiB texts 0.7 GB/s as a user message
+//! (normalisation included; 1.0 GB/s without it), 1.35 GB/s as an output; generated LLM API
+//! JSON bodies scanned whole as plain text with every rule, 0.27-0.3 GB/s.
 
 use std::{
     cell::RefCell,
@@ -60,16 +79,14 @@ use super::{
 /// Findings kept per rule and scan, at most.
 pub const MAX_FINDINGS_PER_RULE: usize = 64;
 /// Anchors per Teddy pass: beyond ~16 its SIMD fingerprints stop being selective.
-const ANCHORS_PER_GROUP: usize = 16;
+pub const ANCHORS_PER_GROUP: usize = 16;
 /// A digit-prefiltered rule's regex runs only this many bytes around each qualifying run.
-pub const DIGIT_WINDOW: usize = 64;
+pub const DIGIT_WINDOW: usize = 32;
 /// A keyword-gated rule whose matches are at most N bytes long runs its regex only within
 /// N bytes of its keyword occurrences, up to this many occurrences (more: the whole text).
-const MAX_SPOTS: usize = 16;
+pub const MAX_SPOTS: usize = 16;
 /// At most this many 3-byte anchors are searched one by one with memmem.
 const MAX_SHORT_FINDERS: usize = 4;
-/// Keyword occurrences kept per scanned text for keyword-only rules.
-const MAX_LITERAL_HITS: usize = 4096;
 /// Implicit keywords: at least this long, at most this many per rule.
 const MIN_IMPLICIT_LEN: usize = 3;
 const MAX_IMPLICIT: usize = 32;
@@ -295,7 +312,11 @@ fn compile_rule(rule: &Rule) -> Result<Compiled, String> {
     check_rule(rule).map_err(|(_, m)| m)?;
     let m = &rule.matcher;
     let regex = m.regex.as_deref().map(compile_search_regex).transpose()?;
-    let reach = m.regex.as_deref().and_then(|p| search_hir(p).ok()).and_then(|h| h.properties().maximum_len());
+    let reach = m
+        .regex
+        .as_deref()
+        .and_then(|p| search_hir(p).ok())
+        .and_then(|h| h.properties().maximum_len());
     let compile_all = |list: &[String]| {
         list.iter()
             .map(|p| compile_regex(p))
@@ -378,12 +399,20 @@ const LOWERCASE_CLASS_MAX: u32 = 128;
 fn lowercase_hir(hir: Hir) -> Hir {
     match hir.into_kind() {
         HirKind::Class(Class::Unicode(class)) => {
-            let size: u32 = class.iter().map(|r| u32::from(r.end()) - u32::from(r.start()) + 1).sum();
+            let size: u32 = class
+                .iter()
+                .map(|r| u32::from(r.end()) - u32::from(r.start()) + 1)
+                .sum();
             if size > LOWERCASE_CLASS_MAX {
                 return Hir::class(Class::Unicode(class));
             }
-            let chars = class.iter().flat_map(|r| r.start()..=r.end()).filter(|&c| !c.is_uppercase() && c != LONG_S);
-            Hir::class(Class::Unicode(ClassUnicode::new(chars.map(|c| ClassUnicodeRange::new(c, c)))))
+            let chars = class
+                .iter()
+                .flat_map(|r| r.start()..=r.end())
+                .filter(|&c| !c.is_uppercase() && c != LONG_S);
+            Hir::class(Class::Unicode(ClassUnicode::new(
+                chars.map(|c| ClassUnicodeRange::new(c, c)),
+            )))
         }
         HirKind::Class(class) => Hir::class(class),
         HirKind::Repetition(mut rep) => {
@@ -395,7 +424,9 @@ fn lowercase_hir(hir: Hir) -> Hir {
             Hir::capture(cap)
         }
         HirKind::Concat(subs) => Hir::concat(subs.into_iter().map(lowercase_hir).collect()),
-        HirKind::Alternation(subs) => Hir::alternation(subs.into_iter().map(lowercase_hir).collect()),
+        HirKind::Alternation(subs) => {
+            Hir::alternation(subs.into_iter().map(lowercase_hir).collect())
+        }
         HirKind::Empty => Hir::empty(),
         HirKind::Literal(lit) => Hir::literal(lit.0),
         HirKind::Look(look) => Hir::look(look),
@@ -567,7 +598,8 @@ impl Filter {
         }
         // 3-byte anchors would make their Teddy group use 3-byte fingerprints (more false
         // candidates): a few are searched alone with memmem, more get groups of their own.
-        let (mut long, mut short, mut wide, mut wide_short) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut long, mut short, mut wide, mut wide_short) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for (a, bytes) in anchor_bytes.iter().enumerate() {
             match (bytes.len(), bytes.is_ascii()) {
                 (1, _) => f.bytes.push((bytes[0], a)),
@@ -578,10 +610,12 @@ impl Filter {
             }
         }
         let finder = |a: usize| (memmem::Finder::new(&anchor_bytes[a]).into_owned(), a);
-        for (short, finders, groups) in
-            [(short, &mut f.finders, &mut f.groups), (wide_short, &mut f.wide_finders, &mut f.wide_groups)]
-        {
-            let (two, three): (Vec<usize>, Vec<usize>) = short.into_iter().partition(|&a| anchor_bytes[a].len() == 2);
+        for (short, finders, groups) in [
+            (short, &mut f.finders, &mut f.groups),
+            (wide_short, &mut f.wide_finders, &mut f.wide_groups),
+        ] {
+            let (two, three): (Vec<usize>, Vec<usize>) =
+                short.into_iter().partition(|&a| anchor_bytes[a].len() == 2);
             finders.extend(two.into_iter().map(finder));
             if three.len() <= MAX_SHORT_FINDERS {
                 finders.extend(three.into_iter().map(finder));
@@ -601,8 +635,12 @@ impl Filter {
     /// Call `on(anchor, position)` for every anchor occurrence in `text`.
     fn each_anchor(&self, text: &[u8], mut on: impl FnMut(usize, usize)) {
         // Most traffic is ASCII, where anchors with other bytes cannot occur.
-        let wide = (!self.wide_groups.is_empty() || !self.wide_finders.is_empty()) && !text.is_ascii();
-        let groups = self.groups.iter().chain(self.wide_groups.iter().filter(|_| wide));
+        let wide =
+            (!self.wide_groups.is_empty() || !self.wide_finders.is_empty()) && !text.is_ascii();
+        let groups = self
+            .groups
+            .iter()
+            .chain(self.wide_groups.iter().filter(|_| wide));
         for (group, ids) in groups {
             let mut at = 0;
             while at < text.len() {
@@ -629,7 +667,11 @@ impl Filter {
                 _ => {}
             }
         }
-        for (finder, a) in self.finders.iter().chain(self.wide_finders.iter().filter(|_| wide)) {
+        for (finder, a) in self
+            .finders
+            .iter()
+            .chain(self.wide_finders.iter().filter(|_| wide))
+        {
             let mut at = 0;
             while let Some(i) = finder.find(&text[at..]) {
                 on(*a, at + i);
@@ -647,7 +689,9 @@ fn teddy_groups(mut anchors: Vec<usize>, bytes: &[Vec<u8>]) -> Vec<(Group, Vec<u
         return Vec::new();
     }
     anchors.sort_by(|&a, &b| bytes[a].cmp(&bytes[b]));
-    let size = anchors.len().div_ceil(anchors.len().div_ceil(ANCHORS_PER_GROUP));
+    let size = anchors
+        .len()
+        .div_ceil(anchors.len().div_ceil(ANCHORS_PER_GROUP));
     anchors
         .chunks(size)
         .map(|chunk| {
@@ -675,9 +719,27 @@ fn teddy_groups(mut anchors: Vec<usize>, bytes: &[Vec<u8>]) -> Vec<(Group, Vec<u
 type DigitRun = (usize, usize, usize);
 
 /// Bit `i` set when `block[i]` (at most 64 bytes) is an ASCII digit. Written so that it
-/// compiles to SIMD compares and a movemask.
+/// compiles to SIMD compares; each 8 flags are then packed with one multiplication.
 fn digit_mask(block: &[u8]) -> u64 {
-    block.iter().enumerate().fold(0u64, |mask, (i, &b)| mask | (u64::from(b.wrapping_sub(b'0') < 10) << i))
+    let mut padded = [b' '; 64];
+    let block: &[u8; 64] = match block.try_into() {
+        Ok(full) => full,
+        Err(_) => {
+            padded[..block.len()].copy_from_slice(block);
+            &padded
+        }
+    };
+    let mut flags = [0u8; 64];
+    for (flag, &b) in flags.iter_mut().zip(block) {
+        *flag = u8::from(b.wrapping_sub(b'0') < 10);
+    }
+    // Bytes of 0/1, times this constant, gather bit k of the result's top byte from byte
+    // k (the partial products land on distinct bits: no carries).
+    const GATHER: u64 = 0x0102_0408_1020_4080;
+    let (eights, _) = flags.as_chunks::<8>();
+    eights.iter().enumerate().fold(0u64, |mask, (j, eight)| {
+        mask | ((u64::from_le_bytes(*eight).wrapping_mul(GATHER) >> 56) << (8 * j))
+    })
 }
 
 /// Push the maximal runs of ASCII digits in `text` that have at least `min` digits,
@@ -693,7 +755,7 @@ fn digit_runs(text: &[u8], min: usize, out: &mut Vec<DigitRun>) {
         while digits != 0 {
             let i = c * BLOCK + digits.trailing_zeros() as usize;
             digits &= digits - 1;
-            if count > 0 && i - end <= 2 && text[end..i].iter().all(is_separator) {
+            if count > 0 && (i == end || (i - end <= 2 && text[end..i].iter().all(is_separator))) {
                 count += 1;
             } else {
                 if count >= min {
@@ -748,6 +810,7 @@ struct Scratch {
     runs: Vec<DigitRun>,
     /// Keyword occurrences of rules with bounded matches: (rule, start, end).
     spots: Vec<(usize, usize, usize)>,
+    /// Per rule: its `spots`, or for a keyword-only rule its `hits`.
     spot_counts: Vec<usize>,
     windows: Vec<Range<usize>>,
 }
@@ -799,7 +862,9 @@ impl Ctx<'_> {
         let f = self.filter;
         let scratch = &mut *self.scratch;
         scratch.candidates.clear();
-        scratch.candidates.resize(engine.rules.len().div_ceil(64), 0);
+        scratch
+            .candidates
+            .resize(engine.rules.len().div_ceil(64), 0);
         scratch.hits.clear();
         scratch.spots.clear();
         scratch.spot_counts.clear();
@@ -818,7 +883,11 @@ impl Ctx<'_> {
                 }
             }
         }
-        let (hits, spots, spot_counts) = (&mut scratch.hits, &mut scratch.spots, &mut scratch.spot_counts);
+        let (hits, spots, spot_counts) = (
+            &mut scratch.hits,
+            &mut scratch.spots,
+            &mut scratch.spot_counts,
+        );
         f.each_anchor(bytes, |a, pos| {
             for &(k, offset) in &f.anchors[a].keywords {
                 let kw = &f.keywords[k];
@@ -838,7 +907,10 @@ impl Ctx<'_> {
                 }
                 for &r in &kw.literal_rules {
                     set(cands, r);
-                    if hits.len() < MAX_LITERAL_HITS {
+                    // A keyword-only rule's occurrences are its matches: no more are kept
+                    // than it may have findings.
+                    if spot_counts[r] < MAX_FINDINGS_PER_RULE {
+                        spot_counts[r] += 1;
                         hits.push((r, start, end));
                     }
                 }
@@ -860,16 +932,20 @@ impl Ctx<'_> {
                 windows.clear();
                 let scratch = &*self.scratch;
                 match (&c.trigger, c.reach) {
-                    (Trigger::Digits(n), _) => windows.extend(
-                        scratch.runs.iter().filter(|run| run.2 >= *n).map(|&(s, e, _)| {
-                            s.saturating_sub(DIGIT_WINDOW)..e.saturating_add(DIGIT_WINDOW)
-                        }),
-                    ),
+                    (Trigger::Digits(n), _) => {
+                        windows.extend(scratch.runs.iter().filter(|run| run.2 >= *n).map(
+                            |&(s, e, _)| {
+                                s.saturating_sub(DIGIT_WINDOW)..e.saturating_add(DIGIT_WINDOW)
+                            },
+                        ))
+                    }
                     (Trigger::Keywords(_), Some(reach)) if scratch.spot_counts[r] <= MAX_SPOTS => {
-                        windows.extend(scratch.spots.iter().filter(|spot| spot.0 == r).map(|&(_, s, e)| {
-                            let slack = reach.saturating_sub(e - s);
-                            s.saturating_sub(slack)..e.saturating_add(slack)
-                        }))
+                        windows.extend(scratch.spots.iter().filter(|spot| spot.0 == r).map(
+                            |&(_, s, e)| {
+                                let slack = reach.saturating_sub(e - s);
+                                s.saturating_sub(slack)..e.saturating_add(slack)
+                            },
+                        ))
                     }
                     _ => windows.push(0..text.len()),
                 }
@@ -909,7 +985,9 @@ impl Ctx<'_> {
                 // Captures only for a match (most windows have none): the anchored search
                 // from its start finds the same leftmost-first match.
                 let caps = caps.get_or_insert_with(|| re.create_captures());
-                let at = regex_automata::Input::new(text).range(m.start()..range.end).anchored(Anchored::Yes);
+                let at = regex_automata::Input::new(text)
+                    .range(m.start()..range.end)
+                    .anchored(Anchored::Yes);
                 re.search_captures(&at, caps);
                 let (Some(whole), Some(secret)) = (caps.get_match(), caps.get_group(group)) else {
                     continue;
@@ -1013,6 +1091,7 @@ fn validate(v: &Validator, s: &str) -> bool {
         Validator::Luhn => validators::luhn(s),
         Validator::Iban => validators::iban(s),
         Validator::Jwt => validators::jwt(s),
+        Validator::EsDni => validators::es_dni(s),
         Validator::Entropy { min } => validators::shannon_entropy(s) >= *min,
     }
 }
@@ -1162,8 +1241,8 @@ mod tests {
             v.dedup();
             v
         };
-        assert_eq!(ids("__xabcx__"), vec!["short", "long"]);
-        assert_eq!(ids("abcdef"), vec!["short", "left", "right"]);
+        assert_eq!(ids("__xabcx__"), vec!["long", "short"]);
+        assert_eq!(ids("abcdef"), vec!["left", "right", "short"]);
         // "abcabc" is found through the anchor "abc" at two offsets: one finding per span.
         let rep: Vec<_> = scan(&e, "abcabc")
             .into_iter()
@@ -1427,6 +1506,32 @@ mod tests {
     }
 
     #[test]
+    fn digit_mask_matches_bytes() {
+        let mut x: u64 = 12345;
+        for len in [0usize, 1, 7, 8, 9, 63, 64] {
+            for _ in 0..200 {
+                let block: Vec<u8> = (0..len)
+                    .map(|_| {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        if x % 3 == 0 {
+                            b'0' + (x % 10) as u8
+                        } else {
+                            (x >> 8) as u8
+                        }
+                    })
+                    .collect();
+                let expect = block
+                    .iter()
+                    .enumerate()
+                    .fold(0u64, |m, (i, b)| m | (u64::from(b.is_ascii_digit()) << i));
+                assert_eq!(digit_mask(&block), expect, "{block:?}");
+            }
+        }
+    }
+
+    #[test]
     fn digit_runs_and_windows() {
         let runs = |t: &str| {
             let mut v = Vec::new();
@@ -1671,7 +1776,7 @@ mod tests {
         assert_eq!((s.bytes, out.len()), (10 << 20, 0));
         // Pseudo-random bytes (xorshift), invalid UTF-8 included.
         let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-        let noise: Vec<u8> = (0..(1 << 20))
+        let noise: Vec<u8> = (0..(1 << 19))
             .map(|_| {
                 x ^= x << 13;
                 x ^= x >> 7;
@@ -1679,149 +1784,15 @@ mod tests {
                 (x >> 24) as u8
             })
             .collect();
-        for (d, s) in [
-            (Direction::Request, Scope::User),
-            (Direction::Response, Scope::Output),
-            (Direction::Both, Scope::Text),
-        ] {
-            out.clear();
-            e.scan(&noise, d, s, &mut out);
-        }
+        // Every rule of both directions.
+        e.scan(&noise, Direction::Both, Scope::Text, &mut out);
         // Keyword floods: every anchor everywhere.
-        let flood = "sk-@eyj-----begin ignore previous instructions 4111 ".repeat(20_000);
+        let flood = "sk-@eyj-----begin ignore previous instructions 4111 ".repeat(4_000);
         out.clear();
         e.scan(flood.as_bytes(), Direction::Request, Scope::User, &mut out);
         assert!(out.len() <= MAX_FINDINGS_PER_RULE * e.rules().count());
         out.clear();
         e.scan(b"", Direction::Request, Scope::User, &mut out);
         assert!(out.is_empty());
-    }
-}
-#[cfg(test)]
-mod perf_tmp {
-    use super::*;
-    #[test]
-    #[ignore]
-    fn per_rule_cost() {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/rules/default.toml");
-        let pack = crate::rules::pack::load(&path).unwrap();
-        let mut bodies = Vec::new();
-        for e in std::fs::read_dir("/tmp/rb/clean").unwrap() {
-            bodies.push(std::fs::read(e.unwrap().path()).unwrap());
-        }
-        let total: usize = bodies.iter().map(Vec::len).sum();
-        let run = |e: &Engine| {
-            let mut out = Vec::new();
-            let mut best = f64::MAX;
-            let mut cands = 0;
-            for _ in 0..5 {
-                let t = std::time::Instant::now();
-                cands = 0;
-                for b in &bodies {
-                    out.clear();
-                    cands += e.scan(b, Direction::Both, Scope::Text, &mut out).candidates;
-                }
-                best = best.min(t.elapsed().as_secs_f64());
-            }
-            (best, cands)
-        };
-        let all = Engine::compile(vec![pack.clone()], NormalizeLimits::default()).unwrap();
-        run(&all);
-        let (t, c) = run(&all);
-        eprintln!("ALL: {:.0} MB/s cands {c}", total as f64 / t / 1e6);
-        let no_digits = crate::rules::pack::Rulepack { rules: pack.rules.iter().filter(|r| r.matcher.prefilter.is_none()).cloned().collect(), ..pack.clone() };
-        let e = Engine::compile(vec![no_digits], NormalizeLimits::default()).unwrap();
-        let (t, c) = run(&e);
-        eprintln!("ALL but digit rules: {:.0} MB/s cands {c}", total as f64 / t / 1e6);
-        let only_digits = crate::rules::pack::Rulepack { rules: pack.rules.iter().filter(|r| r.matcher.prefilter.is_some()).cloned().collect(), ..pack.clone() };
-        let e = Engine::compile(vec![only_digits], NormalizeLimits::default()).unwrap();
-        let (t, c) = run(&e);
-        eprintln!("only digit rules: {:.0} MB/s cands {c}", total as f64 / t / 1e6);
-        let mut best = f64::MAX;
-        for _ in 0..5 { let t = std::time::Instant::now(); for b in &bodies { std::hint::black_box(b.iter().fold(0u64, |a, &x| a.wrapping_mul(31).wrapping_add(u64::from(x)))); } best = best.min(t.elapsed().as_secs_f64()); }
-        eprintln!("calibration (scalar hash): {:.0} MB/s", total as f64 / best / 1e6);
-        let mut best = f64::MAX; let mut n = 0;
-        for _ in 0..5 { let t = std::time::Instant::now(); n = 0; for b in &bodies { n += b.chunks(32).filter(|c| c.iter().fold(0u8, |acc, &b| acc | u8::from(b.wrapping_sub(b'0') < 10)) != 0).count(); } best = best.min(t.elapsed().as_secs_f64()); }
-        eprintln!("fold check: {:.0} MB/s {n}", total as f64 / best / 1e6);
-
-        {
-            let ssn = r"(?:^|[^0-9a-z_.,-])((?:00[1-9]|0[1-9][0-9]|[1-578][0-9]{2}|6[0-57-9][0-9]|66[0-57-9])[- ](?:0[1-9]|[1-9][0-9])[- ](?:000[1-9]|00[1-9][0-9]|0[1-9][0-9]{2}|[1-9][0-9]{3}))(?:[^0-9-]|$)";
-            let re = compile_search_regex(ssn).unwrap();
-            let text = "{\"id\":\"chatcmpl-123\",\"created\":1732579200,\"score\":0.27969413054848624,\"usage\":{\"prompt_tokens\":12,\"completion_tokens\":345}}".repeat(4);
-            let n = 200_000;
-            for (name, margin) in [("150B", 64usize), ("40B", 16)] {
-                let t = std::time::Instant::now();
-                let mut hits = 0;
-                for i in 0..n { let st = (i * 7) % 200; let w = st..(st + 22 + 2 * margin).min(text.len()); hits += re.find_iter(regex_automata::Input::new(&text).range(w)).count(); }
-                eprintln!("meta find_iter per {name} window: {:.0} ns ({hits})", t.elapsed().as_nanos() as f64 / n as f64);
-                let mut cache = re.create_cache();
-                let t = std::time::Instant::now();
-                for i in 0..n { let st = (i * 7) % 200; let w = st..(st + 22 + 2 * margin).min(text.len()); hits += usize::from(re.search_with(&mut cache, &regex_automata::Input::new(&text).range(w)).is_some()); }
-                eprintln!("meta search_with per {name} window: {:.0} ns ({hits})", t.elapsed().as_nanos() as f64 / n as f64);
-                let h = regex_automata::hybrid::regex::Regex::new(ssn).unwrap();
-                let mut hc = h.create_cache();
-                let t = std::time::Instant::now();
-                for i in 0..n { let st = (i * 7) % 200; let w = st..(st + 22 + 2 * margin).min(text.len()); hits += usize::from(h.try_search(&mut hc, &regex_automata::Input::new(&text).range(w)).unwrap().is_some()); }
-                eprintln!("hybrid per {name} window: {:.0} ns ({hits})", t.elapsed().as_nanos() as f64 / n as f64);
-            }
-        }
-        let norms: Vec<String> = bodies.iter().map(|b| normalize(b, &NormalizeLimits::default()).text).collect();
-        let mut runs = Vec::new();
-        let mut best = f64::MAX; let mut nruns = 0;
-        for _ in 0..5 { let t = std::time::Instant::now(); nruns = 0; for n in &norms { runs.clear(); digit_runs(n.as_bytes(), 6, &mut runs); nruns += runs.len(); } best = best.min(t.elapsed().as_secs_f64()); }
-        eprintln!("digit_runs: {:.0} MB/s runs {nruns}", total as f64 / best / 1e6);
-        let mut best = f64::MAX;
-        for _ in 0..5 { let t = std::time::Instant::now(); for b in &bodies { std::hint::black_box(normalize(b, &NormalizeLimits::default())); } best = best.min(t.elapsed().as_secs_f64()); }
-        eprintln!("normalize: {:.0} MB/s", total as f64 / best / 1e6);
-        {
-            let mut prose = String::new();
-            for e in std::fs::read_dir("/usr/share/common-licenses").unwrap() {
-                if let Ok(t) = std::fs::read_to_string(e.unwrap().path()) { prose.push_str(&t); }
-            }
-            let prose = prose.into_bytes();
-            let chunks: Vec<&[u8]> = prose.chunks(8192).collect();
-            let mut out = Vec::new();
-            for (name, d, sc) in [("prose both/text", Direction::Both, Scope::Text), ("prose request/user", Direction::Request, Scope::User), ("prose response/output", Direction::Response, Scope::Output)] {
-                let mut best = f64::MAX; let mut cands = 0;
-                for _ in 0..5 { let t = std::time::Instant::now(); cands = 0; for c in &chunks { out.clear(); cands += all.scan(c, d, sc, &mut out).candidates; } best = best.min(t.elapsed().as_secs_f64()); }
-                eprintln!("{name}: {:.0} MB/s ({} MB) cands {cands} findings {}", prose.len() as f64 / best / 1e6, prose.len() >> 20, out.len());
-            }
-            let mut best = f64::MAX;
-            for _ in 0..5 { let t = std::time::Instant::now(); for c in &chunks { std::hint::black_box(normalize(c, &NormalizeLimits::default())); } best = best.min(t.elapsed().as_secs_f64()); }
-            eprintln!("prose normalize: {:.0} MB/s", prose.len() as f64 / best / 1e6);
-        }
-        let none = Engine::compile(vec![crate::rules::pack::Rulepack { rules: vec![pack.rules[0].clone()], ..pack.clone() }], NormalizeLimits::default()).unwrap();
-        let (t0, _) = run(&none);
-        eprintln!("one rule baseline: {:.0} MB/s", total as f64 / t0 / 1e6);
-        for r in &pack.rules {
-            let e = Engine::compile(vec![crate::rules::pack::Rulepack { rules: vec![r.clone()], ..pack.clone() }], NormalizeLimits::default()).unwrap();
-            let (t, c) = run(&e);
-            eprintln!("{:40} {:6.1} ms cands {c}", r.id, (t - t0) * 1e3);
-        }
-        let mut anchors = 0; let mut groups = 0;
-        for f in &all.filters { anchors = anchors.max(f.anchors.len()); groups = groups.max(f.groups.len()); }
-        eprintln!("anchors {anchors} groups {groups} filters {}", all.filters.len());
-        let f = &all.filters[all.filter_of[2][5]];
-        for (g, ids) in &f.groups { let _ = g; eprintln!("group: {:?}", ids.iter().map(|&a| { let (k, o) = f.anchors[a].keywords[0]; String::from_utf8_lossy(&f.keywords[k].bytes[o..]).into_owned() }).collect::<Vec<_>>()); }
-    }
-}
-#[cfg(test)]
-mod perf_prose_tmp {
-    use super::*;
-    #[test]
-    #[ignore]
-    fn prose_only() {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/rules/default.toml");
-        let all = Engine::compile(vec![crate::rules::pack::load(&path).unwrap()], NormalizeLimits::default()).unwrap();
-        let mut prose = String::new();
-        for e in std::fs::read_dir("/usr/share/common-licenses").unwrap() {
-            if let Ok(t) = std::fs::read_to_string(e.unwrap().path()) { prose.push_str(&t); }
-        }
-        let prose = prose.into_bytes();
-        let chunks: Vec<&[u8]> = prose.chunks(8192).collect();
-        let mut out = Vec::new();
-        let t = std::time::Instant::now();
-        for _ in 0..200 { for c in &chunks { out.clear(); all.scan(c, Direction::Request, Scope::User, &mut out); } }
-        eprintln!("{:.0} MB/s", 200.0 * prose.len() as f64 / t.elapsed().as_secs_f64() / 1e6);
     }
 }

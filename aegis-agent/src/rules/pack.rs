@@ -28,11 +28,11 @@
 //!                                   # Plain text (`scan --as text`) has no roles and
 //!                                   # is checked against every rule ("text" may be
 //!                                   # listed, for clarity)
-//! keywords = ["sk-"]                # literal prefilter, see below
-//! regex = '''sk-(?:proj-)?[a-z0-9_-]{20,}'''
+//! keywords = ["sk-"]                # literal prefilter; each match contains one
+//! regex = '''sk-(?:proj-)?[a-z0-9_-]{20,256}'''   # optional without keywords
 //! secret_group = 0                  # capture group holding the secret; 0 = whole match
-//! prefilter = { digits = 12 }       # instead of keywords, see below
-//! validators = ["luhn", "iban", "jwt", { entropy = { min = 3.5 } }]
+//! prefilter = { digits = 12 }       # instead of keywords, for numbers (see below)
+//! validators = ["luhn", "iban", "jwt", "es_dni", { entropy = { min = 3.5 } }]
 //! allow_regexes = ['''^sk-x+$''']   # a secret one of these matches is not a finding
 //! allow_match_regexes = []          # same, tried on the whole regex match
 //! stopwords = ["example"]           # a secret containing one of these is not a finding
@@ -63,37 +63,45 @@
 //! encoding). Consequences for authors:
 //!
 //! - Keywords, stopwords and examples are normalised the same way; write them in any case.
-//! - Regexes ([Rust `regex` syntax](https://docs.rs/regex)) are compiled case-insensitively
-//!   and run over lower-cased text: `AKIA[0-9A-Z]{16}` and `akia[0-9a-z]{16}` are the same
-//!   rule. Case-sensitive secret formats are matched by their case-folded shape, which is
-//!   enough to find them (and to hash them for evidence) but cannot tell `AbC` from `abc`.
+//! - Regexes ([Rust `regex` syntax](https://docs.rs/regex)) are case-insensitive and run
+//!   over lower-cased text: `AKIA[0-9A-Z]{16}` and `akia[0-9a-z]{16}` are the same rule.
+//!   Case-sensitive secret formats are matched by their case-folded shape, which is enough
+//!   to find them (and to hash them for evidence) but cannot tell `AbC` from `abc`; a part
+//!   made case-sensitive on purpose (`(?-i:API)`) can only match lower case.
 //! - Validators see the match as it was in the input (original case) whenever it can be
 //!   located there, which is always the case for ASCII text; otherwise the normalised text.
 //!   That is what makes `jwt` (base64url is case-sensitive) and `entropy` exact.
 //! - `\w`, `\d`, `\s` and `\b` are Unicode-aware; prefer ASCII classes (`[a-z0-9_]`) in
-//!   repeated parts: they compile smaller and run faster.
+//!   repeated parts, and `(?-u:\b)` for word boundaries: they compile smaller and run
+//!   faster.
 //!
 //! # Matching
 //!
-//! A rule is evaluated on a text only when its prefilter says it may match:
+//! A rule is evaluated on a text only when its prefilter says it may match, and only where
+//! it says:
 //!
-//! - `keywords`: at least one keyword occurs in the text (as a substring). Choose them
-//!   selective: every occurrence costs a check, and a rule whose keyword is frequent runs
-//!   its regex on most texts. Each keyword must be a substring of every match (the engine
-//!   relies on it; the examples test it).
-//! - `prefilter = { digits = N }` (exclusive with `keywords`, needs a `regex`): the text has
-//!   a run of at least N ASCII digits, where consecutive digits may be separated by at most
-//!   two of `space - . / ( ) +`. For numbers without a literal (cards, IBANs, phone
-//!   numbers, national ids): "4111 1111-1111 1111" is a run of 16, "+1 (415) 555-0100"
-//!   of 11, "DE89 3704 …" of 2 then of the rest.
+//! - `keywords`: at least one keyword occurs in the text (as a substring). **Every match
+//!   must contain one of the rule's keywords**: when the regex's longest match is bounded
+//!   (no `+`, `*` or `{n,}`), it only runs around the keyword occurrences. Write
+//!   `[a-z0-9]{20,128}` rather than `[a-z0-9]{20,}`, `\s{1,16}` rather than `\s+`, and
+//!   keep keywords that span words spelled with single spaces, as the regex around them.
+//!   Choose keywords selective: every occurrence costs a check, and a rule whose keyword
+//!   is frequent runs its regex on most texts.
+//! - `prefilter = { digits = N }` (exclusive with `keywords`, needs a `regex`), for numbers
+//!   without a literal (cards, IBANs, phone numbers, national ids): the text has a run of
+//!   at least N ASCII digits, where consecutive digits may be separated by at most two of
+//!   `space - . / ( ) +` ("4111 1111-1111 1111" is a run of 16, "+1 (415) 555-0100" of 11,
+//!   "DE89 3704 …" of 2, then of the rest). The regex runs within 32 bytes of each such
+//!   run, so every match must lie there. JSON is full of numbers: keep N as high as the
+//!   format allows.
 //! - A regex without either gets the literals every match must start (or end) with,
 //!   extracted from the regex, as implicit keywords when they are at least 3 bytes long;
-//!   failing that it runs on every text and counts in `Engine::unfiltered_rules`.
+//!   failing that it runs over every whole text and counts in `Engine::unfiltered_rules`.
 //!
-//! Then the regex runs over the whole text (a keyword-only rule: every keyword occurrence
-//! is a match); each match, or its `secret_group`, must pass every validator, must not be
-//! matched by an `allow_regexes` entry (nor the whole match by `allow_match_regexes`) and
-//! must not contain a stopword. Findings are deduplicated per rule and span.
+//! A keyword-only rule (no regex) matches every keyword occurrence. Each match, or its
+//! `secret_group`, must pass every validator, must not be matched by an `allow_regexes`
+//! entry (nor the whole match by `allow_match_regexes`) and must not contain a stopword.
+//! Findings are deduplicated per rule and span.
 //!
 //! # Validation
 //!
@@ -202,6 +210,8 @@ pub enum Validator {
     Luhn,
     Iban,
     Jwt,
+    /// Spanish national id (DNI, or NIE with an X/Y/Z prefix): the mod-23 control letter.
+    EsDni,
     /// Shannon entropy of the match (or secret group) at least `min` bits per char.
     Entropy {
         min: f64,

@@ -119,9 +119,39 @@ fn json_object(part: &str) -> Option<serde_json::Map<String, serde_json::Value>>
     serde_json::from_slice(&URL_SAFE_NO_PAD.decode(part).ok()?).ok()
 }
 
+/// Spanish DNI ("12345678Z") or NIE ("X1234567L"): eight digits (a NIE's X/Y/Z prefix
+/// stands for 0/1/2) and the control letter of their value mod 23. Spaces and dashes
+/// are ignored; case is not significant.
+pub fn es_dni(s: &str) -> bool {
+    const LETTERS: &[u8; 23] = b"TRWAGMYFPDXBNJZSQVHLCKE";
+    let chars: Vec<u8> = s.bytes().filter(|b| !matches!(b, b' ' | b'-')).map(|b| b.to_ascii_uppercase()).collect();
+    let Some((&letter, body)) = chars.split_last() else { return false };
+    let digits: Vec<u8> = match body.first() {
+        Some(p @ (b'X' | b'Y' | b'Z')) => std::iter::once(b'0' + (p - b'X')).chain(body[1..].iter().copied()).collect(),
+        _ => body.to_vec(),
+    };
+    if digits.len() != 8 || !digits.iter().all(u8::is_ascii_digit) {
+        return false;
+    }
+    let n = digits.iter().fold(0u32, |acc, d| acc * 10 + u32::from(d - b'0'));
+    LETTERS[(n % 23) as usize] == letter
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn spanish_dni_and_nie() {
+        assert!(es_dni("12345678Z"));
+        assert!(es_dni("12345678-z"));
+        assert!(es_dni("X1234567L"));
+        assert!(es_dni("y 1234567 x"));
+        assert!(!es_dni("12345678A"), "wrong control letter");
+        assert!(!es_dni("1234567Z"), "seven digits");
+        assert!(!es_dni("W1234567L"));
+        assert!(!es_dni(""));
+    }
 
     #[test]
     fn luhn_accepts_valid_card_numbers_only() {
