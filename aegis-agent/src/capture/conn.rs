@@ -61,7 +61,8 @@ struct DirState {
 enum Role {
     /// Not recognised yet; attempts left.
     Unknown(u8),
-    Http1(ExchangeTracker),
+    /// Boxed: a tracker is large, and most table entries hold one anyway.
+    Http1(Box<ExchangeTracker>),
     Ignored,
 }
 
@@ -163,7 +164,7 @@ impl ConnTable {
             }
             conn.role = match recognise(ev.direction, &ev.data) {
                 Recognised::Http1(side) => {
-                    Role::Http1(ExchangeTracker::new(side, self.max_body, self.inspector.clone()))
+                    Role::Http1(Box::new(ExchangeTracker::new(side, self.max_body, self.inspector.clone())))
                 }
                 Recognised::Http2 => {
                     self.stats.not_http1 += 1;

@@ -106,7 +106,7 @@ impl Discovery {
                     candidates.push((Path::new(dir).join(name), TargetKind::Library, false));
                 }
             }
-            candidates.extend(self.from_processes().into_iter().map(|(p, k)| (p, k, false)));
+            candidates.extend(self.scan_processes().into_iter().map(|(p, k)| (p, k, false)));
         }
         self.scans += 1;
 
@@ -138,7 +138,7 @@ impl Discovery {
     /// libssl files mapped by running processes, and the executables of running processes
     /// (those that embed and export OpenSSL are kept by [`inspect`]). Each process is read
     /// twice at most.
-    fn from_processes(&mut self) -> Vec<(PathBuf, TargetKind)> {
+    fn scan_processes(&mut self) -> Vec<(PathBuf, TargetKind)> {
         let mut out = HashSet::new();
         let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
         let mut alive = HashSet::new();

@@ -142,7 +142,7 @@ impl DecisionBuilder {
             self.not_scanned.push(format!("matches_over_cap:{}", self.dropped_matches));
         }
         // Strongest first: action, then severity.
-        self.matches.sort_by(|a, b| (b.action, b.severity).cmp(&(a.action, a.severity)));
+        self.matches.sort_by_key(|m| std::cmp::Reverse((m.action, m.severity)));
         let top = self.matches.first();
         let mut rules: Vec<String> = Vec::new();
         for m in &self.matches {

@@ -127,7 +127,7 @@ pub fn es_dni(s: &str) -> bool {
     let chars: Vec<u8> = s.bytes().filter(|b| !matches!(b, b' ' | b'-')).map(|b| b.to_ascii_uppercase()).collect();
     let Some((&letter, body)) = chars.split_last() else { return false };
     let digits: Vec<u8> = match body.first() {
-        Some(p @ (b'X' | b'Y' | b'Z')) => std::iter::once(b'0' + (p - b'X')).chain(body[1..].iter().copied()).collect(),
+        Some(p @ b'X'..=b'Z') => std::iter::once(b'0' + (p - b'X')).chain(body[1..].iter().copied()).collect(),
         _ => body.to_vec(),
     };
     if digits.len() != 8 || !digits.iter().all(u8::is_ascii_digit) {
