@@ -25,7 +25,11 @@ use super::{
     usage::ResponseSummary,
 };
 use crate::{
-    policy::{Inspector, decision::Decision, inspect::CallInspection},
+    policy::{
+        Inspector,
+        decision::{Decision, Half},
+        inspect::CallInspection,
+    },
     protocol::{
         encoding::BodyDecoder,
         http1::{Http1Parser, HttpEvent, Limits, MessageHead, StreamKind},
@@ -170,55 +174,55 @@ impl ExchangeTracker {
 
     /// Request-stream bytes at monotonic time `ts`.
     pub fn request_data(&mut self, data: &[u8], ts: u64, out: &mut Vec<Observation>) {
-        let mut events = std::mem::take(&mut self.events);
-        self.requests.feed(data, &mut events);
-        for e in events.drain(..) {
-            self.on_request_event(e, ts);
-        }
-        self.events = events;
-        self.flush(out);
+        self.parse(Half::Request, ts, out, |p, ev| p.feed(data, ev));
     }
 
     /// Response-stream bytes at monotonic time `ts`.
     pub fn response_data(&mut self, data: &[u8], ts: u64, out: &mut Vec<Observation>) {
-        let mut events = std::mem::take(&mut self.events);
-        self.responses.feed(data, &mut events);
-        for e in events.drain(..) {
-            self.on_response_event(e, ts);
-        }
-        self.events = events;
-        self.flush(out);
+        self.parse(Half::Response, ts, out, |p, ev| p.feed(data, ev));
     }
 
     /// `n` bytes of the request stream were lost in capture.
     pub fn request_gap(&mut self, n: u64, ts: u64, out: &mut Vec<Observation>) {
-        let mut events = std::mem::take(&mut self.events);
-        self.requests.gap(n, &mut events);
         if self.receiving
             && let Some(x) = self.queue.back_mut()
         {
             x.req.notes.push(format!("request_capture_gap:{n}"));
             x.req.complete = false;
         }
-        for e in events.drain(..) {
-            self.on_request_event(e, ts);
-        }
-        self.events = events;
-        self.flush(out);
+        self.parse(Half::Request, ts, out, |p, ev| p.gap(n, ev));
     }
 
     /// `n` bytes of the response stream were lost in capture.
     pub fn response_gap(&mut self, n: u64, ts: u64, out: &mut Vec<Observation>) {
-        let mut events = std::mem::take(&mut self.events);
-        self.responses.gap(n, &mut events);
-        if let Some(x) = self.queue.front_mut()
+        // The response being received is the oldest one not ended.
+        if let Some(x) = self.queue.iter_mut().find(|x| !x.resp.ended)
             && x.resp.head.is_some()
         {
             x.resp.notes.push(format!("response_capture_gap:{n}"));
             x.resp.complete = false;
         }
+        self.parse(Half::Response, ts, out, |p, ev| p.gap(n, ev));
+    }
+
+    /// Run `step` on one stream's parser and handle the events it yields.
+    fn parse(
+        &mut self,
+        half: Half,
+        ts: u64,
+        out: &mut Vec<Observation>,
+        step: impl FnOnce(&mut Http1Parser, &mut Vec<HttpEvent>),
+    ) {
+        let mut events = std::mem::take(&mut self.events);
+        match half {
+            Half::Request => step(&mut self.requests, &mut events),
+            Half::Response => step(&mut self.responses, &mut events),
+        }
         for e in events.drain(..) {
-            self.on_response_event(e, ts);
+            match half {
+                Half::Request => self.on_request_event(e, ts),
+                Half::Response => self.on_response_event(e, ts),
+            }
         }
         self.events = events;
         self.flush(out);
@@ -226,17 +230,8 @@ impl ExchangeTracker {
 
     /// The connection ended (closed, freed, or idle too long): report what is pending.
     pub fn finish(&mut self, ts: u64, reason: &str, out: &mut Vec<Observation>) {
-        let mut events = std::mem::take(&mut self.events);
-        self.requests.finish(&mut events);
-        for e in events.drain(..) {
-            self.on_request_event(e, ts);
-        }
-        self.responses.finish(&mut events);
-        for e in events.drain(..) {
-            self.on_response_event(e, ts);
-        }
-        self.events = events;
-        self.flush(out);
+        self.parse(Half::Request, ts, out, |p, ev| p.finish(ev));
+        self.parse(Half::Response, ts, out, |p, ev| p.finish(ev));
         // What remains never got a full response.
         while let Some(mut x) = self.queue.pop_front() {
             if !x.req.ended {
