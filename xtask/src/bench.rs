@@ -408,12 +408,13 @@ fn print_rules_report(aegis: &Value, hs_clean: &Value, hs_dirty: &Value, ds: &Va
             );
         }
     }
+    let skipped = n(&hs_clean["skipped"]);
     println!(
-        "hyperscan {}: {} patterns compiled, {} rejected (named above); given the raw bodies: no normalisation, no decoding, \
+        "hyperscan {}: {} patterns compiled, {skipped} rejected{}; given the raw bodies: no normalisation, no decoding, \
          no validators or allowlists, caseless matching standing in for lower-casing",
         hs_clean["hs_version"].as_str().unwrap_or("?"),
         n(&hs_clean["patterns"]),
-        n(&hs_clean["skipped"]),
+        if skipped > 0 { " (named above, not measured)" } else { "" },
     );
     println!(
         "detect-secrets: default plugins and filters, one file per body, {} of {} clean files ({:.1} MB) in {:.1} s",

@@ -270,8 +270,7 @@ fn export_patterns<'a>(engine: &'a Engine, path: &Path) -> Patterns<'a> {
         let m = &rule.matcher;
         if let Some(re) = &m.regex {
             patterns.regex_rules += 1;
-            // One pattern per line: a literal line break becomes its escape.
-            text.push_str(&re.replace('\n', "\\n").replace('\r', "\\r"));
+            text.push_str(&to_pcre(re));
         } else if !m.keywords.is_empty() {
             patterns.keyword_rules += 1;
             let alts: Vec<String> = m.keywords.iter().map(|k| escape_literal(k)).collect();
@@ -284,6 +283,64 @@ fn export_patterns<'a>(engine: &'a Engine, path: &Path) -> Patterns<'a> {
     }
     std::fs::write(path, text).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
     patterns
+}
+
+/// A rule's regex (Rust `regex` syntax) in the PCRE dialect Hyperscan parses, on one line.
+///
+/// The two differ, for what rules use, only in the `u` flag: Hyperscan has none and is
+/// always what Rust calls `(?-u)` (ASCII `\b`, `\w`...; the UTF-8 mode hs_scan turns on
+/// for non-ASCII patterns keeps those classes ASCII too), so `u` is dropped from flag
+/// groups (`(?-u:\b)` becomes `(?:\b)`). A literal line break becomes its escape.
+fn to_pcre(re: &str) -> String {
+    let mut out = String::with_capacity(re.len());
+    let mut chars = re.chars().peekable();
+    let mut in_class = false;
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => {
+                out.push(c);
+                out.extend(chars.next());
+            }
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '[' if !in_class => {
+                in_class = true;
+                out.push(c);
+                // A `]` (after an optional `^`) first in a class is a literal.
+                if chars.peek() == Some(&'^') {
+                    out.extend(chars.next());
+                }
+                if chars.peek() == Some(&']') {
+                    out.extend(chars.next());
+                }
+            }
+            ']' if in_class => {
+                in_class = false;
+                out.push(c);
+            }
+            '(' if !in_class && chars.peek() == Some(&'?') => {
+                let rest: String = chars.clone().skip(1).take_while(|c| c.is_ascii_alphabetic() || *c == '-').collect();
+                let end = chars.clone().nth(1 + rest.len());
+                if rest.contains('u') && matches!(end, Some(':' | ')')) {
+                    for _ in 0..=rest.len() {
+                        chars.next();
+                    }
+                    let flags = rest.replace('u', "");
+                    let flags = flags.trim_end_matches('-');
+                    match (chars.next(), flags.is_empty()) {
+                        (Some(':'), _) => out.push_str(&format!("(?{flags}:")),
+                        (_, false) => out.push_str(&format!("(?{flags})")),
+                        // `(?u)` / `(?-u)` alone: nothing left to say.
+                        (_, true) => {}
+                    }
+                } else {
+                    out.push(c);
+                }
+            }
+            _ => out.push(c),
+        }
+    }
+    out
 }
 
 /// `s` as a PCRE literal: ASCII punctuation and space escaped, control characters as
@@ -1016,11 +1073,18 @@ const PLANTS: &[Plant] = &[
         )
     }),
     ("jwt", |r| {
-        let b64 = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+        let payload = format!(
+            r#"{{"sub":"{}","name":"{}","iat":{}}}"#,
+            r.chars(10, DIGITS),
+            content_word(r),
+            1_700_000_000 + r.below(50_000_000)
+        );
+        let signature: Vec<u8> = (0..32).map(|_| r.next() as u8).collect();
         format!(
-            "Authorization: Bearer eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiIx{}.{}",
-            r.chars(40, b64),
-            r.chars(43, b64)
+            "Authorization: Bearer {}.{}.{}",
+            base64url(br#"{"alg":"HS256","typ":"JWT"}"#),
+            base64url(payload.as_bytes()),
+            base64url(&signature)
         )
     }),
     ("credit_card", |r| {
@@ -1057,6 +1121,19 @@ const PLANTS: &[Plant] = &[
         .to_owned()
     }),
 ];
+
+/// Unpadded base64url (RFC 4648 §5), as in JWTs.
+fn base64url(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let n = chunk.iter().enumerate().fold(0u32, |n, (i, &b)| n | u32::from(b) << (16 - 8 * i));
+        for i in 0..=chunk.len() {
+            out.push(char::from(ALPHABET[(n >> (18 - 6 * i) & 63) as usize]));
+        }
+    }
+    out
+}
 
 fn luhn_check_digit(digits: &[u32]) -> u32 {
     // Doubling starts at the rightmost digit of the payload (the check digit goes after it).
@@ -1117,5 +1194,16 @@ mod tests {
         // 4111 1111 1111 1111 is the well-known valid test card number.
         assert_eq!(luhn_check_digit(&[4, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1]), 1);
         assert_eq!(escape_literal("a.b c\n"), "a\\.b\\ c\\x0a");
+        assert_eq!(base64url(br#"{"alg":"HS256","typ":"JWT"}"#), "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9");
+        assert_eq!(base64url(&[0xfb, 0xff]), "-_8");
+    }
+
+    #[test]
+    fn regexes_are_translated_for_hyperscan() {
+        assert_eq!(to_pcre(r"(?-u:\b)sk-[a-z]{3}(?-u:\b)"), r"(?:\b)sk-[a-z]{3}(?:\b)");
+        assert_eq!(to_pcre(r"(?i-u)x(?u)y(?is-u:z)"), r"(?i)xy(?is:z)");
+        assert_eq!(to_pcre(r"\(?u[(?u)]a\[(?-u:b)"), r"\(?u[(?u)]a\[(?:b)");
+        assert_eq!(to_pcre(r"[]a(?-u:b)]"), r"[]a(?-u:b)]");
+        assert_eq!(to_pcre("a\nb(?:c)"), r"a\nb(?:c)");
     }
 }
