@@ -141,3 +141,52 @@ mod user {
     unsafe impl aya::Pod for DropCounter {}
     unsafe impl aya::Pod for PendingCall {}
 }
+
+/// Destination blocks enforced by the cgroup connect/sendmsg programs (`aegis-enforce`).
+pub mod enforce {
+    /// LPM-trie key data for IPv4: the address in network byte order.
+    pub type Ip4 = [u8; 4];
+    /// LPM-trie key data for IPv6: the address in network byte order.
+    pub type Ip6 = [u8; 16];
+
+    /// What a matching prefix blocks.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct DestBlock {
+        /// Agent-side block number, reported in denial events.
+        pub id: u32,
+        /// Destination port in host byte order; 0 blocks every port.
+        pub port: u16,
+        pub _pad: u16,
+        /// Only processes in this cgroup v2 subtree (its id), 0 for every process under the
+        /// cgroup the programs are attached to.
+        pub cgroup_id: u64,
+        /// Depth of `cgroup_id` in the hierarchy (root = 0), for the ancestor check.
+        pub cgroup_level: u32,
+        pub _pad2: u32,
+    }
+
+    /// A refused connect or sendmsg, sent to the agent.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug)]
+    pub struct ConnectDenied {
+        pub timestamp_ns: u64,
+        pub pid_tgid: u64,
+        pub cgroup_id: u64,
+        pub block_id: u32,
+        /// 4 or 6.
+        pub family: u32,
+        /// Network byte order; IPv4 in the first 4 bytes.
+        pub addr: [u8; 16],
+        /// Host byte order.
+        pub port: u16,
+        /// 1 for sendmsg (UDP), 0 for connect.
+        pub sendmsg: u8,
+        pub _pad: u8,
+        pub comm: [u8; 16],
+        pub _pad2: u32,
+    }
+
+    #[cfg(feature = "user")]
+    unsafe impl aya::Pod for DestBlock {}
+}
