@@ -10,6 +10,7 @@
 pub mod capture;
 pub mod commands;
 pub mod config;
+pub mod control;
 pub mod enforce;
 pub mod llm;
 pub mod policy;

@@ -1,0 +1,198 @@
+//! The audit log: one JSON line per change to the blocks or the emergency state, and per
+//! refused control request, appended to a file (mode 0600) and flushed to disk before the
+//! operator gets the answer. Changes are rare and the log is evidence, so every line pays
+//! for its `fsync`.
+//!
+//! ```text
+//! {"time":"2026-11-26T17:00:00.123000Z","actor":{"uid":0,"gid":0,"pid":4242,"comm":"aegis-agent","user":"root"},
+//!  "action":"block","details":{"block":{...},"report":{"killed_connections":3}},"result":"ok","message":"killed 3 connections"}
+//! ```
+//!
+//! Each line is written with one `write` on a file opened with `O_APPEND`, so lines from
+//! this process and any other writer never interleave. Everything in a line comes from
+//! validated or JSON-escaped text: a reason or a process name cannot forge a line.
+
+use std::{
+    fs::{File, OpenOptions},
+    io::Write as _,
+    os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _},
+    path::{Path, PathBuf},
+    sync::{Mutex, PoisonError},
+};
+
+use anyhow::Context as _;
+use serde::{Deserialize, Serialize};
+
+use super::blocks::{Actor, create_private_dir, now_unix_ms, rfc3339_ms};
+
+/// What an audit line records.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AuditAction {
+    Block,
+    Unblock,
+    /// A block reached its expiry (actor: the agent).
+    Expire,
+    EmergencyOn,
+    EmergencyOff,
+    /// The agent started and enforced the saved state (actor: the agent).
+    Restore,
+    /// A client that may not use the socket connected.
+    Connect,
+    /// A request that could not be read or parsed.
+    Request,
+}
+
+/// How it ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// Done.
+    Ok,
+    /// Not allowed or not understood: nothing was attempted.
+    Refused,
+    /// Attempted and failed (invalid block, state not saved, enforcement failed).
+    Failed,
+}
+
+/// One line of the audit log.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    /// RFC 3339 UTC.
+    pub time: String,
+    pub actor: Actor,
+    pub action: AuditAction,
+    pub details: serde_json::Value,
+    pub result: Outcome,
+    /// Why it was refused or failed, or the enforcement report.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// An open audit log.
+#[derive(Debug)]
+pub struct AuditLog {
+    path: PathBuf,
+    file: Mutex<File>,
+}
+
+impl AuditLog {
+    /// Open (or create) `path` for appending, mode 0600; a looser mode on an existing file
+    /// is tightened. The directory is created (0750) when missing.
+    pub fn open(path: &Path) -> anyhow::Result<Self> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            create_private_dir(dir)?;
+        }
+        let file = OpenOptions::new()
+            .append(true)
+            .create(true)
+            .mode(0o600)
+            .open(path)
+            .with_context(|| format!("cannot open the audit log {}", path.display()))?;
+        let mode = file.metadata()?.permissions().mode() & 0o777;
+        if mode != 0o600 {
+            tracing::warn!(file = %path.display(), mode = format!("{mode:o}"), "audit log mode tightened to 600");
+            file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+        }
+        Ok(Self { path: path.to_owned(), file: Mutex::new(file) })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Append `entry` as one line and flush it to disk.
+    pub fn append(&self, entry: &AuditEntry) -> std::io::Result<()> {
+        let mut line = serde_json::to_vec(entry).map_err(std::io::Error::other)?;
+        line.push(b'\n');
+        let mut file = self.file.lock().unwrap_or_else(PoisonError::into_inner);
+        file.write_all(&line)?;
+        file.sync_data()
+    }
+
+    /// Append a line stamped now.
+    pub fn record(
+        &self,
+        actor: &Actor,
+        action: AuditAction,
+        details: serde_json::Value,
+        result: Outcome,
+        message: Option<String>,
+    ) -> std::io::Result<()> {
+        self.append(&AuditEntry {
+            time: rfc3339_ms(now_unix_ms()),
+            actor: actor.clone(),
+            action,
+            details,
+            result,
+            message,
+        })
+    }
+}
+
+/// Read every line of an audit log (for tools and tests).
+pub fn read_entries(path: &Path) -> anyhow::Result<Vec<AuditEntry>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read the audit log {}", path.display()))?;
+    text.lines()
+        .enumerate()
+        .map(|(i, line)| {
+            serde_json::from_str(line).with_context(|| format!("{} line {}: not an audit entry", path.display(), i + 1))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::control::testutil::TempDir;
+
+    #[test]
+    fn lines_have_the_fields_and_the_file_is_private() {
+        let dir = TempDir::new("audit");
+        let path = dir.path().join("log/aegis/audit.jsonl");
+        let log = AuditLog::open(&path).unwrap();
+        let actor = Actor { uid: 0, gid: 0, pid: 12, comm: "bash".into(), user: Some("root".into()) };
+        log.record(
+            &actor,
+            AuditAction::Block,
+            json!({"id": "blk-1"}),
+            Outcome::Ok,
+            Some("killed 0 connections".into()),
+        )
+        .unwrap();
+        log.record(&actor, AuditAction::Connect, json!({}), Outcome::Refused, Some("evil\n{\"forged\":1}".into()))
+            .unwrap();
+        drop(log);
+        // Reopening appends.
+        let log = AuditLog::open(&path).unwrap();
+        log.record(&actor, AuditAction::EmergencyOn, json!({"cgroup": null}), Outcome::Failed, None).unwrap();
+
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(text.lines().count(), 3, "{text}");
+        let first: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+        let mut keys: Vec<_> = first.as_object().unwrap().keys().cloned().collect();
+        keys.sort();
+        assert_eq!(keys, ["action", "actor", "details", "message", "result", "time"]);
+        assert_eq!(first["actor"], json!({"uid": 0, "gid": 0, "pid": 12, "comm": "bash", "user": "root"}));
+        assert_eq!(first["action"], "block");
+        assert_eq!(first["result"], "ok");
+        assert!(first["time"].as_str().unwrap().ends_with('Z'));
+
+        let entries = read_entries(&path).unwrap();
+        assert_eq!(entries[1].result, Outcome::Refused);
+        assert_eq!(entries[1].message.as_deref(), Some("evil\n{\"forged\":1}"));
+        assert_eq!(entries[2].action, AuditAction::EmergencyOn);
+        assert_eq!(entries[2].message, None);
+
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&path), 0o600);
+        assert_eq!(mode(path.parent().unwrap()), 0o750);
+        // A loosened mode is tightened on open.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        drop(AuditLog::open(&path).unwrap());
+        assert_eq!(mode(&path), 0o600);
+    }
+}

@@ -1,0 +1,250 @@
+//! What the CLI prints: the `blocks` table (or JSON) and one-line summaries of the other
+//! replies. Pure functions of the reply and the time.
+//!
+//! Texts that came from other users (reasons, process names, cgroup paths) are printed
+//! with control characters escaped, so that a block set by one operator cannot rewrite
+//! another operator's terminal; the agent refuses such texts anyway.
+
+use std::fmt::Write as _;
+
+use super::{
+    blocks::{Block, Emergency},
+    protocol::{AgentStatus, Reply},
+};
+
+/// `secs` as `45s`, `14m 3s`, `2h 5m`, `3d 4h`.
+pub fn human_duration(secs: u64) -> String {
+    let (d, h, m, s) = (secs / 86_400, secs % 86_400 / 3600, secs % 3600 / 60, secs % 60);
+    match (d, h, m) {
+        (0, 0, 0) => format!("{s}s"),
+        (0, 0, _) if s == 0 => format!("{m}m"),
+        (0, 0, _) => format!("{m}m {s}s"),
+        (0, _, 0) => format!("{h}h"),
+        (0, _, _) => format!("{h}h {m}m"),
+        (_, 0, _) => format!("{d}d"),
+        _ => format!("{d}d {h}h"),
+    }
+}
+
+fn clean(s: &str) -> String {
+    if s.chars().any(char::is_control) { s.escape_debug().to_string() } else { s.to_owned() }
+}
+
+/// When a block ends, from `now_ms`.
+fn expires_cell(block: &Block, now_ms: u64) -> String {
+    match block.expires_unix_ms {
+        None => "never".into(),
+        Some(at) if at <= now_ms => "now".into(),
+        // Rounded up: "in 1s" until it is gone.
+        Some(at) => format!("in {}", human_duration((at - now_ms).div_ceil(1000))),
+    }
+}
+
+/// `2026-11-26T17:00:00.123000Z` → `2026-11-26 17:00:00Z`.
+fn short_time(rfc3339: &str) -> String {
+    match rfc3339.get(..19) {
+        Some(t) => format!("{}Z", t.replacen('T', " ", 1)),
+        None => clean(rfc3339),
+    }
+}
+
+/// The `blocks` table: the emergency state, then one row per active block, oldest first.
+pub fn blocks_table(blocks: &[Block], emergency: &Emergency, now_ms: u64) -> String {
+    let mut out = format!("emergency mode: {}\n", clean(&emergency.to_string()));
+    if blocks.is_empty() {
+        out.push_str("no active blocks\n");
+        return out;
+    }
+    let header = ["ID", "TARGET", "SCOPE", "EXPIRES", "SET BY", "SET AT", "REASON"].map(String::from);
+    let rows: Vec<[String; 7]> = blocks
+        .iter()
+        .map(|b| {
+            [
+                clean(&b.id),
+                clean(&b.spec.target.to_string()),
+                clean(&b.spec.scope.to_string()),
+                expires_cell(b, now_ms),
+                b.created_by.to_string(),
+                short_time(&b.created_at),
+                clean(&b.spec.reason),
+            ]
+        })
+        .collect();
+    let mut widths = [0usize; 7];
+    for row in std::iter::once(&header).chain(&rows) {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    for row in std::iter::once(&header).chain(&rows) {
+        let mut line = String::new();
+        for (i, (cell, w)) in row.iter().zip(widths).enumerate() {
+            if i + 1 == row.len() {
+                line.push_str(cell);
+            } else {
+                let _ = write!(line, "{cell:<w$}  ");
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// `blocks --json`: `{"emergency": {...}, "blocks": [...]}`, pretty-printed.
+pub fn blocks_json(blocks: &[Block], emergency: &Emergency) -> String {
+    let value = serde_json::json!({ "emergency": emergency, "blocks": blocks });
+    let mut s = serde_json::to_string_pretty(&value).expect("blocks serialize");
+    s.push('\n');
+    s
+}
+
+/// A human summary of any reply (for `blocks`, the table). For `block`, print the id
+/// alone on stdout (for scripts) and this on stderr.
+pub fn reply_text(reply: &Reply, now_ms: u64) -> String {
+    match reply {
+        Reply::Blocked { block, report } => format!(
+            "{}: blocked {} ({}), expires {}; {report}\n",
+            block.id,
+            clean(&block.spec.target.to_string()),
+            clean(&block.spec.scope.to_string()),
+            expires_cell(block, now_ms)
+        ),
+        Reply::Unblocked { block, report } => format!(
+            "{}: unblocked {} ({}); {report}\n",
+            block.id,
+            clean(&block.spec.target.to_string()),
+            clean(&block.spec.scope.to_string())
+        ),
+        Reply::Blocks { blocks, emergency } => blocks_table(blocks, emergency, now_ms),
+        Reply::Emergency { emergency, changed, report } => {
+            let mut s = format!("emergency mode {}", clean(&emergency.to_string()));
+            if *changed {
+                let _ = write!(s, "; {report}");
+            } else {
+                for note in &report.notes {
+                    let _ = write!(s, "; {note}");
+                }
+            }
+            s.push('\n');
+            s
+        }
+        Reply::Status(AgentStatus { agent_version, protocol, pid, started_at, blocks, emergency }) => format!(
+            "aegis-agent {agent_version} (pid {pid}, control protocol {protocol}) serving since {}; {blocks} active \
+             block{}; emergency mode {}\n",
+            short_time(started_at),
+            if *blocks == 1 { "" } else { "s" },
+            clean(&emergency.to_string())
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::{
+        blocks::{Actor, BlockSpec, BlockTarget, Expiry, Scope, parse_dest},
+        protocol::ApplyReport,
+    };
+
+    const NOW: u64 = 1_700_000_000_000;
+
+    fn block(id: &str, target: BlockTarget, scope: Scope, expires: Option<Expiry>, reason: &str) -> Block {
+        let spec = BlockSpec { target, scope, expires, reason: reason.into() };
+        let actor = Actor { uid: 0, gid: 0, pid: 4242, comm: "bash".into(), user: Some("root".into()) };
+        Block::new(id.into(), spec, actor, NOW).unwrap()
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(human_duration(0), "0s");
+        assert_eq!(human_duration(45), "45s");
+        assert_eq!(human_duration(900), "15m");
+        assert_eq!(human_duration(843), "14m 3s");
+        assert_eq!(human_duration(7200), "2h");
+        assert_eq!(human_duration(7500), "2h 5m");
+        assert_eq!(human_duration(86_400), "1d");
+        assert_eq!(human_duration(3 * 86_400 + 4 * 3600 + 5), "3d 4h");
+    }
+
+    #[test]
+    fn table() {
+        let blocks = [
+            block(
+                "blk-00000001",
+                BlockTarget::Provider("openai".into()),
+                Scope::Host,
+                Some(Expiry::AfterSecs(900)),
+                "incident 42",
+            ),
+            block(
+                "blk-00000002",
+                BlockTarget::Dest(parse_dest("10.0.0.0/8:443").unwrap()),
+                Scope::Cgroup("/team-a".into()),
+                None,
+                "exfil \u{1b}[2J",
+            ),
+        ];
+        let mut emergency = Emergency::default();
+        emergency.set(true, Some("/team-a"));
+        let text = blocks_table(&blocks, &emergency, NOW + 57_000);
+        assert_eq!(
+            text,
+            "emergency mode: on for cgroups /team-a\n\
+             ID            TARGET               SCOPE           EXPIRES    SET BY                       SET AT                REASON\n\
+             blk-00000001  provider openai      host            in 14m 3s  root (uid 0, pid 4242 bash)  2023-11-14 22:13:20Z  incident 42\n\
+             blk-00000002  dest 10.0.0.0/8:443  cgroup /team-a  never      root (uid 0, pid 4242 bash)  2023-11-14 22:13:20Z  exfil \\u{1b}[2J\n"
+        );
+        assert_eq!(blocks_table(&[], &Emergency::default(), NOW), "emergency mode: off\nno active blocks\n");
+
+        let json: serde_json::Value = serde_json::from_str(&blocks_json(&blocks, &emergency)).unwrap();
+        assert_eq!(json["emergency"]["cgroups"][0], "/team-a");
+        assert_eq!(json["blocks"][1]["spec"]["target"]["dest"]["prefix"], 8);
+        assert_eq!(json["blocks"][0]["created_by"]["pid"], 4242);
+        assert_eq!(json["blocks"][0]["expires_at"], "2023-11-14T22:28:20.000000Z");
+    }
+
+    #[test]
+    fn summaries() {
+        let b = block(
+            "blk-00000001",
+            BlockTarget::Model("gpt-4o".into()),
+            Scope::Exe("/usr/bin/python3".into()),
+            None,
+            "r",
+        );
+        let report = ApplyReport { killed_connections: 1, notes: vec!["2 map entries".into()] };
+        assert_eq!(
+            reply_text(&Reply::Blocked { block: b.clone(), report: report.clone() }, NOW),
+            "blk-00000001: blocked model gpt-4o (exe /usr/bin/python3), expires never; killed 1 connection; 2 map entries\n"
+        );
+        assert_eq!(
+            reply_text(&Reply::Unblocked { block: b, report: ApplyReport::default() }, NOW),
+            "blk-00000001: unblocked model gpt-4o (exe /usr/bin/python3); killed 0 connections\n"
+        );
+        let on = Emergency { host: true, ..Emergency::default() };
+        assert_eq!(
+            reply_text(&Reply::Emergency { emergency: on.clone(), changed: true, report: ApplyReport::default() }, NOW),
+            "emergency mode on host-wide; killed 0 connections\n"
+        );
+        let already =
+            ApplyReport { killed_connections: 0, notes: vec!["emergency mode was already on host-wide".into()] };
+        assert_eq!(
+            reply_text(&Reply::Emergency { emergency: on.clone(), changed: false, report: already }, NOW),
+            "emergency mode on host-wide; emergency mode was already on host-wide\n"
+        );
+        let status = AgentStatus {
+            agent_version: "0.1.0".into(),
+            protocol: 1,
+            pid: 7,
+            started_at: "2023-11-14T22:13:20.000000Z".into(),
+            blocks: 1,
+            emergency: on,
+        };
+        assert_eq!(
+            reply_text(&Reply::Status(status), NOW),
+            "aegis-agent 0.1.0 (pid 7, control protocol 1) serving since 2023-11-14 22:13:20Z; 1 active block; \
+             emergency mode on host-wide\n"
+        );
+    }
+}

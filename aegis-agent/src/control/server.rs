@@ -1,0 +1,1419 @@
+//! The control server inside the daemon: a unix stream socket, one request per
+//! connection, and the single place where the block table and the emergency state change.
+//!
+//! Runs on its own thread with its own single-threaded tokio runtime, so it neither
+//! depends on nor disturbs the daemon's runtime. Reading and writing the socket is async;
+//! everything that may block (the peer's `/proc` entries and user database, the state
+//! file, the audit log, the daemon's [`ControlHandler`]) runs on tokio's blocking pool.
+//!
+//! Order of a change, under one lock (changes are serialised):
+//! 1. apply it to a copy of the state; invalid → error, nothing changed;
+//! 2. save the copy to the state file (atomically) → error, nothing changed;
+//! 3. publish it to the [`ControlView`];
+//! 4. call [`ControlHandler::apply`] (kernel maps, killing connections). An error puts
+//!    the old state back (view and file) and the operator gets the error: what the table
+//!    lists is what the daemon enforces. Expiry is the exception: an expired block leaves
+//!    the table even if the handler fails (the failure is logged and audited, and the
+//!    kernel side reconciles with the state file).
+//! 5. append the audit line (fsync'd), then answer.
+
+use std::{
+    io,
+    os::{
+        fd::{AsRawFd as _, RawFd},
+        unix::fs::{MetadataExt as _, PermissionsExt as _},
+    },
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex, PoisonError, RwLock},
+    thread::JoinHandle,
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tokio::{
+    io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
+    net::{UnixListener, UnixStream},
+    sync::{Semaphore, watch},
+};
+
+use super::{
+    audit::{AuditAction, AuditLog, Outcome},
+    blocks::{
+        Actor, Block, BlockSpec, ControlState, Emergency, Subject, create_private_dir, now_unix_ms, parse_cgroup,
+        rfc3339_ms,
+    },
+    group_label,
+    protocol::{AgentStatus, ApplyReport, PROTOCOL_VERSION, Reply, Request, Response, decode_request, encode_response},
+};
+
+/// Default path of the control socket.
+pub const DEFAULT_SOCKET: &str = "/run/aegis/control.sock";
+/// Default path of the state file (blocks and emergency state).
+pub const DEFAULT_STATE_FILE: &str = "/var/lib/aegis/blocks.json";
+/// Default path of the audit log.
+pub const DEFAULT_AUDIT_LOG: &str = "/var/log/aegis/audit.jsonl";
+
+/// Control server settings (a `[control]` table in the agent's TOML; every key optional).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ControlConfig {
+    /// The unix socket; its directory is created (0750) when missing.
+    pub socket: PathBuf,
+    /// The group (gid) whose members may use the socket besides root: socket mode 0660
+    /// and group owner. None: root only, mode 0600. See [`resolve_group`] for names.
+    pub group: Option<u32>,
+    pub state_file: PathBuf,
+    pub audit_log: PathBuf,
+    /// Clients connected at once; more are answered with an error and closed.
+    pub max_clients: usize,
+    /// Longest request line; longer: an error and the connection closed.
+    pub max_request_bytes: usize,
+    /// Time for a client to send its whole request (and to take its response).
+    pub read_timeout_ms: u64,
+    /// How often expiry is checked.
+    pub expiry_check_ms: u64,
+    /// Active blocks at most (and cgroups in emergency mode at most).
+    pub max_blocks: usize,
+}
+
+impl Default for ControlConfig {
+    fn default() -> Self {
+        Self {
+            socket: DEFAULT_SOCKET.into(),
+            group: None,
+            state_file: DEFAULT_STATE_FILE.into(),
+            audit_log: DEFAULT_AUDIT_LOG.into(),
+            max_clients: 16,
+            max_request_bytes: 64 * 1024,
+            read_timeout_ms: 5000,
+            expiry_check_ms: 1000,
+            max_blocks: 4096,
+        }
+    }
+}
+
+impl ControlConfig {
+    fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(self.max_clients > 0, "control.max_clients must be at least 1");
+        anyhow::ensure!(self.max_request_bytes >= 1024, "control.max_request_bytes must be at least 1024");
+        anyhow::ensure!(self.read_timeout_ms > 0, "control.read_timeout_ms must be more than 0");
+        anyhow::ensure!(self.expiry_check_ms > 0, "control.expiry_check_ms must be more than 0");
+        anyhow::ensure!(self.max_blocks > 0, "control.max_blocks must be at least 1");
+        Ok(())
+    }
+
+    fn read_timeout(&self) -> Duration {
+        Duration::from_millis(self.read_timeout_ms)
+    }
+}
+
+/// A group name or number to a gid.
+pub fn resolve_group(name_or_gid: &str) -> anyhow::Result<u32> {
+    if let Ok(gid) = name_or_gid.parse() {
+        return Ok(gid);
+    }
+    nix::unistd::Group::from_name(name_or_gid)
+        .with_context(|| format!("cannot look up group {name_or_gid:?}"))?
+        .map(|g| g.gid.as_raw())
+        .with_context(|| format!("no group named {name_or_gid:?}: create it (groupadd {name_or_gid}) or give a gid"))
+}
+
+/// A change the daemon must enforce.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Change {
+    /// At start: make enforcement equal to exactly this state (kernel maps pinned from a
+    /// previous run may hold more or less).
+    Restored {
+        blocks: Vec<Block>,
+        emergency: Emergency,
+    },
+    Blocked(Block),
+    Unblocked(Block),
+    Expired(Vec<Block>),
+    /// Emergency mode turned `on`/off host-wide (`cgroup` None) or for a cgroup; `state`
+    /// is the whole emergency state after the change.
+    Emergency {
+        on: bool,
+        cgroup: Option<String>,
+        state: Emergency,
+    },
+}
+
+/// What the daemon does when the control state changes.
+pub trait ControlHandler: Send + Sync {
+    /// Enforce `change` (update kernel maps, close blocked connections) and say what was
+    /// done. Called after the table changed, one change at a time, on a blocking thread;
+    /// [`ControlView`] already shows the new state. On `Err` the change is undone (except
+    /// [`Change::Expired`] and [`Change::Restored`]), so the handler must leave enforcement
+    /// as it was when it fails.
+    fn apply(&self, change: &Change) -> Result<ApplyReport, String>;
+}
+
+/// A handler that enforces nothing (for tests, or a daemon running without enforcement).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NoopHandler;
+
+impl ControlHandler for NoopHandler {
+    fn apply(&self, _: &Change) -> Result<ApplyReport, String> {
+        Ok(ApplyReport::default())
+    }
+}
+
+/// The current blocks and emergency state, shared with the daemon's data path (cheap to
+/// clone; reads take a read lock, held briefly).
+#[derive(Clone, Debug, Default)]
+pub struct ControlView {
+    state: Arc<RwLock<ControlState>>,
+}
+
+impl ControlView {
+    fn new(state: ControlState) -> Self {
+        Self { state: Arc::new(RwLock::new(state)) }
+    }
+
+    fn read<R>(&self, f: impl FnOnce(&ControlState) -> R) -> R {
+        f(&self.state.read().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    fn replace(&self, state: ControlState) {
+        *self.state.write().unwrap_or_else(PoisonError::into_inner) = state;
+    }
+
+    pub fn snapshot(&self) -> ControlState {
+        self.read(Clone::clone)
+    }
+
+    pub fn blocks(&self) -> Vec<Block> {
+        self.read(|s| s.blocks.list().to_vec())
+    }
+
+    pub fn emergency(&self) -> Emergency {
+        self.read(|s| s.emergency.clone())
+    }
+
+    /// Whether a `warn` for a process in `cgroup` becomes a `block`.
+    pub fn emergency_applies_to(&self, cgroup: &str) -> bool {
+        self.read(|s| s.emergency.applies_to(cgroup))
+    }
+
+    /// The oldest active block that stops `subject`.
+    pub fn matching_block(&self, subject: &Subject<'_>) -> Option<Block> {
+        self.read(|s| s.blocks.matching(subject).cloned())
+    }
+}
+
+/// The control server; see [`ControlServer::start`].
+#[derive(Debug)]
+pub struct ControlServer;
+
+/// A running control server: stops (and removes its socket) on [`shutdown`](Self::shutdown)
+/// or drop.
+#[derive(Debug)]
+pub struct ServerHandle {
+    stop: watch::Sender<bool>,
+    thread: Option<JoinHandle<()>>,
+    view: ControlView,
+    socket: PathBuf,
+    socket_id: (u64, u64),
+}
+
+impl ControlServer {
+    /// Bind the socket, load the saved state, have `handler` enforce it
+    /// ([`Change::Restored`]), and serve. Errors say what to fix: a path that is not a
+    /// socket, another agent serving the socket, an unreadable or corrupt state file.
+    pub fn start(config: ControlConfig, handler: Arc<dyn ControlHandler>) -> anyhow::Result<ServerHandle> {
+        config.validate()?;
+        // The socket first: a second agent must fail before touching anything. Clients
+        // that connect now wait in the backlog until the state is restored.
+        let (listener, socket_id) = bind_socket(&config)?;
+        let socket = config.socket.clone();
+        let remove_socket = |e: anyhow::Error| {
+            let _ = std::fs::remove_file(&socket);
+            e
+        };
+        let core = Core::restore(config, handler).map_err(remove_socket)?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .enable_time()
+            .max_blocking_threads(4)
+            .thread_name("aegis-control")
+            .build()
+            .context("cannot start the control server runtime")
+            .map_err(remove_socket)?;
+        let listener = {
+            let _enter = runtime.enter();
+            listener
+                .set_nonblocking(true)
+                .and_then(|()| UnixListener::from_std(listener))
+                .context("control socket")
+                .map_err(remove_socket)?
+        };
+        let (stop, stop_rx) = watch::channel(false);
+        let view = core.view.clone();
+        let thread = std::thread::Builder::new()
+            .name("aegis-control".into())
+            .spawn(move || {
+                runtime.block_on(serve(listener, core, stop_rx));
+                runtime.shutdown_timeout(Duration::from_secs(5));
+            })
+            .context("cannot start the control server thread")
+            .map_err(remove_socket)?;
+        tracing::info!(socket = %socket.display(), "control socket ready");
+        Ok(ServerHandle { stop, thread: Some(thread), view, socket, socket_id })
+    }
+}
+
+impl ServerHandle {
+    /// The live state, for the data path.
+    pub fn view(&self) -> ControlView {
+        self.view.clone()
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// Stop accepting, let the clients in progress finish (up to the read timeout plus
+    /// 10 s), stop the thread and remove the socket.
+    pub fn shutdown(mut self) {
+        self.stop_and_join();
+    }
+
+    fn stop_and_join(&mut self) {
+        let Some(thread) = self.thread.take() else { return };
+        self.stop.send_replace(true);
+        if thread.join().is_err() {
+            tracing::error!("the control server thread panicked");
+        }
+        // Only our socket: another agent may have replaced it since.
+        if let Ok(m) = std::fs::symlink_metadata(&self.socket)
+            && (m.dev(), m.ino()) == self.socket_id
+        {
+            let _ = std::fs::remove_file(&self.socket);
+        }
+    }
+}
+
+impl Drop for ServerHandle {
+    fn drop(&mut self) {
+        self.stop_and_join();
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The socket
+
+/// Create the socket with its final mode and owner before it appears under its name:
+/// bound under a temporary name in the same directory, chmod/chown'ed, then renamed.
+fn bind_socket(config: &ControlConfig) -> anyhow::Result<(std::os::unix::net::UnixListener, (u64, u64))> {
+    let path = &config.socket;
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let name = path.file_name().with_context(|| format!("control socket path {} has no file name", path.display()))?;
+    let tmp = dir.join(format!(".{}.{}", name.to_string_lossy(), std::process::id()));
+    anyhow::ensure!(
+        tmp.as_os_str().len() < 108,
+        "control socket path {} is too long: a unix socket path has at most 107 bytes, and the agent needs {} \
+         more for a temporary name",
+        path.display(),
+        tmp.as_os_str().len() - path.as_os_str().len()
+    );
+    if create_private_dir(dir)?
+        && let Some(gid) = config.group
+    {
+        nix::unistd::chown(dir, None, Some(nix::unistd::Gid::from_raw(gid)))
+            .with_context(|| format!("cannot give {} to gid {gid}", dir.display()))?;
+    }
+    remove_stale(path)?;
+    remove_stale(&tmp)?;
+    let listener = std::os::unix::net::UnixListener::bind(&tmp)
+        .with_context(|| format!("cannot create the control socket {}", tmp.display()))?;
+    let setup = || -> anyhow::Result<(u64, u64)> {
+        if let Some(gid) = config.group {
+            nix::unistd::chown(&tmp, None, Some(nix::unistd::Gid::from_raw(gid)))
+                .with_context(|| format!("cannot give the control socket to gid {gid}"))?;
+        }
+        let mode = if config.group.is_some() { 0o660 } else { 0o600 };
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))?;
+        std::fs::rename(&tmp, path).with_context(|| format!("cannot create the control socket {}", path.display()))?;
+        let m = std::fs::symlink_metadata(path)?;
+        Ok((m.dev(), m.ino()))
+    };
+    match setup() {
+        Ok(id) => Ok((listener, id)),
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            Err(e)
+        }
+    }
+}
+
+/// Remove a socket left by an agent that is gone; refuse to remove anything else.
+fn remove_stale(path: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::FileTypeExt as _;
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e).with_context(|| format!("cannot check {}", path.display())),
+    };
+    anyhow::ensure!(
+        meta.file_type().is_socket(),
+        "{} exists and is not a socket: refusing to remove it; move it away or configure another control socket path",
+        path.display()
+    );
+    match std::os::unix::net::UnixStream::connect(path) {
+        Ok(_) => anyhow::bail!(
+            "another process is already serving the control socket {}: is another aegis-agent running? Stop it first",
+            path.display()
+        ),
+        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+            std::fs::remove_file(path).with_context(|| format!("cannot remove the stale socket {}", path.display()))?;
+            tracing::info!(socket = %path.display(), "removed a stale control socket");
+            Ok(())
+        }
+        Err(e) => Err(e).with_context(|| format!("cannot check whether {} is in use", path.display())),
+    }
+}
+
+async fn serve(listener: UnixListener, core: Arc<Core>, mut stop: watch::Receiver<bool>) {
+    let max = core.config.max_clients;
+    let permits = Arc::new(Semaphore::new(max));
+    let mut ticker = tokio::time::interval(Duration::from_millis(core.config.expiry_check_ms));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.changed() => break,
+            _ = ticker.tick() => {
+                let c = core.clone();
+                if tokio::task::spawn_blocking(move || c.expire_due(now_unix_ms())).await.is_err() {
+                    tracing::error!("the block expiry check panicked");
+                }
+            }
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => match permits.clone().try_acquire_owned() {
+                    Ok(permit) => {
+                        let c = core.clone();
+                        tokio::spawn(async move {
+                            connection(c, stream).await;
+                            drop(permit);
+                        });
+                    }
+                    Err(_) => reject_busy(&stream, max),
+                },
+                Err(e) => {
+                    // Out of descriptors, most likely: let some close.
+                    tracing::warn!(error = %e, "control socket accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+        }
+    }
+    drop(listener);
+    let drain = core.config.read_timeout() + Duration::from_secs(10);
+    let all = u32::try_from(max).unwrap_or(u32::MAX);
+    if tokio::time::timeout(drain, permits.acquire_many(all)).await.is_err() {
+        tracing::warn!("control clients still connected at shutdown; closing them");
+    }
+}
+
+fn reject_busy(stream: &UnixStream, max: usize) {
+    let message = format!("the agent is busy: {max} control clients are connected already; try again in a few seconds");
+    tracing::warn!("{message}");
+    let mut line = encode_response(&Response::error(message));
+    line.push('\n');
+    // A fresh socket's buffer is empty: this small write does not block nor fail.
+    let _ = stream.try_write(line.as_bytes());
+}
+
+enum ReadError {
+    TooLong,
+    TimedOut,
+    Io(io::Error),
+}
+
+/// One request line within `timeout`, at most `max` bytes. `None`: the client closed
+/// without sending anything. A last line without its newline counts.
+async fn read_request(stream: &mut UnixStream, max: usize, timeout: Duration) -> Result<Option<Vec<u8>>, ReadError> {
+    let mut buf = Vec::with_capacity(1024);
+    let mut reader = BufReader::new(stream).take(max as u64 + 1);
+    match tokio::time::timeout(timeout, reader.read_until(b'\n', &mut buf)).await {
+        Err(_) => return Err(ReadError::TimedOut),
+        Ok(Err(e)) => return Err(ReadError::Io(e)),
+        Ok(Ok(_)) => {}
+    }
+    if buf.last() == Some(&b'\n') {
+        buf.pop();
+        return Ok(Some(buf));
+    }
+    if buf.len() > max {
+        return Err(ReadError::TooLong);
+    }
+    Ok((!buf.is_empty()).then_some(buf))
+}
+
+async fn send(stream: &mut UnixStream, response: &Response, timeout: Duration) {
+    let mut line = encode_response(response);
+    line.push('\n');
+    let write = async {
+        stream.write_all(line.as_bytes()).await?;
+        stream.shutdown().await
+    };
+    match tokio::time::timeout(timeout, write).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::debug!(error = %e, "control client left before its response"),
+        Err(_) => tracing::debug!("control client did not take its response"),
+    }
+}
+
+async fn connection(core: Arc<Core>, mut stream: UnixStream) {
+    let timeout = core.config.read_timeout();
+    let cred = match stream.peer_cred() {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the control client's credentials");
+            return;
+        }
+    };
+    let groups = peer_groups(stream.as_raw_fd());
+    let pid = cred.pid().and_then(|p| u32::try_from(p).ok()).unwrap_or(0);
+    let (uid, gid) = (cred.uid(), cred.gid());
+    let c = core.clone();
+    let actor = match tokio::task::spawn_blocking(move || c.authorize(uid, gid, pid, groups)).await {
+        Ok(Ok(actor)) => actor,
+        Ok(Err(message)) => return send(&mut stream, &Response::error(message), timeout).await,
+        Err(_) => return,
+    };
+    let max = core.config.max_request_bytes;
+    let response = match read_request(&mut stream, max, timeout).await {
+        Ok(Some(line)) => {
+            let c = core.clone();
+            tokio::task::spawn_blocking(move || c.handle_line(&actor, &line)).await.unwrap_or_else(|_| {
+                Response::error("internal error: the request handler panicked; see the agent's log")
+            })
+        }
+        Ok(None) => return,
+        Err(ReadError::TooLong) => {
+            let message = format!("request too long: more than {max} bytes without a newline; closing the connection");
+            let (c, m) = (core.clone(), message.clone());
+            let _ = tokio::task::spawn_blocking(move || {
+                c.audit(&actor, AuditAction::Request, json!({ "max_bytes": max }), Outcome::Refused, Some(m))
+            })
+            .await;
+            Response::error(message)
+        }
+        Err(ReadError::TimedOut) => Response::error(format!(
+            "no complete request within {} ms: send one JSON object followed by a newline",
+            core.config.read_timeout_ms
+        )),
+        Err(ReadError::Io(e)) => {
+            tracing::debug!(error = %e, "control client read failed");
+            return;
+        }
+    };
+    send(&mut stream, &response, timeout).await;
+}
+
+// ---------------------------------------------------------------------------------------
+// Peer credentials
+
+/// The peer's supplementary groups as of `connect` (`SO_PEERGROUPS`, Linux 4.13+): no
+/// race with the client exiting and its pid being reused, unlike `/proc/PID/status`.
+fn peer_groups(fd: RawFd) -> io::Result<Vec<u32>> {
+    let size = std::mem::size_of::<libc::gid_t>();
+    let mut groups: Vec<libc::gid_t> = vec![0; 64];
+    loop {
+        let mut len = libc::socklen_t::try_from(groups.len() * size).map_err(io::Error::other)?;
+        // SAFETY: `groups` is valid for writes of `len` bytes, and `fd` is the open socket
+        // the caller holds for the whole call.
+        let rc = unsafe {
+            libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_PEERGROUPS, groups.as_mut_ptr().cast(), &mut len)
+        };
+        let needed = len as usize / size;
+        if rc == 0 {
+            groups.truncate(needed);
+            return Ok(groups);
+        }
+        let err = io::Error::last_os_error();
+        if err.raw_os_error() == Some(libc::ERANGE) && needed > groups.len() && needed <= 65_536 {
+            groups.resize(needed, 0);
+            continue;
+        }
+        return Err(err);
+    }
+}
+
+/// The supplementary groups of `pid` from `/proc/PID/status`, for kernels without
+/// `SO_PEERGROUPS`; refused when the process there no longer has the peer's uid.
+fn proc_groups(pid: u32, uid: u32) -> Result<Vec<u32>, String> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .map_err(|e| format!("permission denied: cannot read the groups of the client process {pid} ({e})"))?;
+    let field = |name: &str| -> Vec<u32> {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|rest| rest.split_whitespace().filter_map(|n| n.parse().ok()).collect())
+            .unwrap_or_default()
+    };
+    if field("Uid:").get(1) != Some(&uid) {
+        return Err(format!("permission denied: the client process {pid} changed identity while connecting"));
+    }
+    Ok(field("Groups:"))
+}
+
+// ---------------------------------------------------------------------------------------
+// The state machine
+
+struct Core {
+    config: ControlConfig,
+    view: ControlView,
+    /// Serialises changes (held across save, enforcement and audit).
+    ops: Mutex<()>,
+    audit: AuditLog,
+    handler: Arc<dyn ControlHandler>,
+    /// This process, the actor of expiry and restore.
+    agent: Actor,
+    started_at: String,
+}
+
+impl Core {
+    /// Open the audit log, load the state, drop what expired while the agent was down,
+    /// and have the handler enforce the rest.
+    fn restore(config: ControlConfig, handler: Arc<dyn ControlHandler>) -> anyhow::Result<Arc<Self>> {
+        let audit = AuditLog::open(&config.audit_log)?;
+        let mut state = ControlState::load(&config.state_file)?;
+        let expired = state.blocks.expire(now_unix_ms());
+        if !expired.is_empty() {
+            state.save(&config.state_file)?;
+        }
+        let core = Arc::new(Self {
+            view: ControlView::new(state.clone()),
+            config,
+            ops: Mutex::new(()),
+            audit,
+            handler,
+            agent: Actor::agent(),
+            started_at: rfc3339_ms(now_unix_ms()),
+        });
+        for block in &expired {
+            tracing::info!(id = %block.id, target = %block.spec.target, "block expired while the agent was not running");
+            core.audit(
+                &core.agent,
+                AuditAction::Expire,
+                json!({ "block": block }),
+                Outcome::Ok,
+                Some("expired while the agent was not running".into()),
+            );
+        }
+        let (blocks, emergency) = (state.blocks.list().to_vec(), state.emergency);
+        let details = json!({ "blocks": blocks.len(), "emergency": &emergency });
+        match core.apply(&Change::Restored { blocks, emergency }) {
+            Ok(report) => {
+                let mut details = details;
+                details["report"] = json!(report);
+                core.audit(&core.agent, AuditAction::Restore, details, Outcome::Ok, Some(report.to_string()));
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "the saved blocks could not be enforced");
+                core.audit(&core.agent, AuditAction::Restore, details, Outcome::Failed, Some(e));
+            }
+        }
+        Ok(core)
+    }
+
+    /// Append an audit line; a failure is logged and returned as a warning for the
+    /// operator (the change stands: stopping an incident matters more than its record).
+    fn audit(
+        &self,
+        actor: &Actor,
+        action: AuditAction,
+        details: serde_json::Value,
+        result: Outcome,
+        message: Option<String>,
+    ) -> Option<String> {
+        let e = self.audit.record(actor, action, details, result, message).err()?;
+        tracing::error!(error = %e, file = %self.audit.path().display(), "cannot write the audit log");
+        Some(format!("warning: the audit log {} could not be written: {e}", self.audit.path().display()))
+    }
+
+    /// Audit a change that succeeded; the report (and any audit warning) goes back to the
+    /// operator.
+    fn audit_ok(&self, actor: &Actor, action: AuditAction, mut details: serde_json::Value, report: &mut ApplyReport) {
+        details["report"] = json!(report);
+        if let Some(warning) = self.audit(actor, action, details, Outcome::Ok, Some(report.to_string())) {
+            report.notes.push(warning);
+        }
+    }
+
+    fn failed(&self, actor: &Actor, action: AuditAction, details: serde_json::Value, message: String) -> Response {
+        tracing::warn!(%actor, ?action, %message, "control request failed");
+        self.audit(actor, action, details, Outcome::Failed, Some(message.clone()));
+        Response::error(message)
+    }
+
+    fn authorize(&self, uid: u32, gid: u32, pid: u32, groups: io::Result<Vec<u32>>) -> Result<Actor, String> {
+        let actor = Actor::of_process(uid, gid, pid);
+        match self.permitted(&actor, groups) {
+            Ok(()) => Ok(actor),
+            Err(message) => {
+                tracing::warn!(%actor, "control client refused");
+                self.audit(&actor, AuditAction::Connect, json!({}), Outcome::Refused, Some(message.clone()));
+                Err(message)
+            }
+        }
+    }
+
+    /// Root, the agent's own user, or a member (primary or supplementary) of the group.
+    fn permitted(&self, actor: &Actor, groups: io::Result<Vec<u32>>) -> Result<(), String> {
+        if actor.uid == 0 || actor.uid == self.agent.uid {
+            return Ok(());
+        }
+        let Some(group) = self.config.group else {
+            return Err(format!(
+                "permission denied: {actor} is not root, and no control group is configured: run as root"
+            ));
+        };
+        if actor.gid == group {
+            return Ok(());
+        }
+        let groups = match groups {
+            Ok(groups) => groups,
+            Err(e) => {
+                tracing::debug!(error = %e, "SO_PEERGROUPS unavailable; reading /proc");
+                proc_groups(actor.pid, actor.uid)?
+            }
+        };
+        if groups.contains(&group) {
+            return Ok(());
+        }
+        let label = group_label(group);
+        Err(format!(
+            "permission denied: {actor} is neither root nor a member of {label}: run as root or as a member of {label}"
+        ))
+    }
+
+    fn handle_line(&self, actor: &Actor, line: &[u8]) -> Response {
+        match decode_request(line) {
+            Ok(req) => self.handle(actor, req),
+            Err(message) => {
+                tracing::warn!(%actor, %message, "control request refused");
+                self.audit(
+                    actor,
+                    AuditAction::Request,
+                    json!({ "bytes": line.len() }),
+                    Outcome::Refused,
+                    Some(message.clone()),
+                );
+                Response::error(message)
+            }
+        }
+    }
+
+    fn handle(&self, actor: &Actor, req: Request) -> Response {
+        match req {
+            Request::Block(spec) => self.block(actor, spec),
+            Request::Unblock { id } => self.unblock(actor, &id),
+            Request::List => self.view.read(|s| {
+                Response::Ok(Reply::Blocks { blocks: s.blocks.list().to_vec(), emergency: s.emergency.clone() })
+            }),
+            Request::Emergency { on, cgroup } => self.emergency(actor, on, cgroup),
+            Request::Status => self.view.read(|s| {
+                Response::Ok(Reply::Status(AgentStatus {
+                    agent_version: env!("CARGO_PKG_VERSION").into(),
+                    protocol: PROTOCOL_VERSION,
+                    pid: std::process::id(),
+                    started_at: self.started_at.clone(),
+                    blocks: s.blocks.len(),
+                    emergency: s.emergency.clone(),
+                }))
+            }),
+        }
+    }
+
+    /// Run `change` on a copy of the state; save, publish, enforce; undo on failure. The
+    /// closure returns the change to enforce (None: nothing changed) and a value.
+    fn commit<T>(
+        &self,
+        change: impl FnOnce(&mut ControlState, u64) -> Result<(Option<Change>, T), String>,
+    ) -> Result<(T, ApplyReport), String> {
+        let _ops = self.ops.lock().unwrap_or_else(PoisonError::into_inner);
+        let old = self.view.snapshot();
+        let mut new = old.clone();
+        let (change, value) = change(&mut new, now_unix_ms())?;
+        let Some(change) = change else {
+            return Ok((value, ApplyReport::default()));
+        };
+        new.save(&self.config.state_file).map_err(|e| format!("nothing changed: {e:#}"))?;
+        self.view.replace(new);
+        match self.apply(&change) {
+            Ok(report) => Ok((value, report)),
+            Err(e) => {
+                self.view.replace(old.clone());
+                if let Err(e) = old.save(&self.config.state_file) {
+                    tracing::error!(error = %format!("{e:#}"), "cannot restore the state file after a failed change");
+                }
+                Err(format!("the agent could not enforce the change, so nothing changed: {e}"))
+            }
+        }
+    }
+
+    fn apply(&self, change: &Change) -> Result<ApplyReport, String> {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.handler.apply(change)))
+            .unwrap_or_else(|_| Err("the enforcement handler panicked; see the agent's log".into()))
+    }
+
+    fn block(&self, actor: &Actor, spec: BlockSpec) -> Response {
+        let requested = json!({ "spec": &spec });
+        let max = self.config.max_blocks;
+        let result = self.commit(|state, now| {
+            let spec = spec.validated()?;
+            if state.blocks.len() >= max {
+                return Err(format!(
+                    "the block table is full ({max} active blocks): lift some with `aegis-agent unblock ID`"
+                ));
+            }
+            let block = Block::new(state.blocks.new_id(), spec, actor.clone(), now)?;
+            state.blocks.add(block.clone())?;
+            Ok((Some(Change::Blocked(block.clone())), block))
+        });
+        match result {
+            Ok((block, mut report)) => {
+                tracing::info!(id = %block.id, target = %block.spec.target, scope = %block.spec.scope, %actor, %report, "block set");
+                self.audit_ok(actor, AuditAction::Block, json!({ "block": &block }), &mut report);
+                Response::Ok(Reply::Blocked { block, report })
+            }
+            Err(message) => self.failed(actor, AuditAction::Block, requested, message),
+        }
+    }
+
+    fn unblock(&self, actor: &Actor, id: &str) -> Response {
+        if id.is_empty() || id.len() > 64 || !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+            let message = "invalid block id: expected an id as `aegis-agent blocks` lists them (blk- and 8 hex digits)";
+            return self.failed(actor, AuditAction::Unblock, json!({ "id_bytes": id.len() }), message.into());
+        }
+        let result = self.commit(|state, _| {
+            let block = state
+                .blocks
+                .remove(id)
+                .ok_or_else(|| format!("no active block {id}: `aegis-agent blocks` lists the active ones"))?;
+            Ok((Some(Change::Unblocked(block.clone())), block))
+        });
+        match result {
+            Ok((block, mut report)) => {
+                tracing::info!(id = %block.id, target = %block.spec.target, %actor, %report, "block lifted");
+                self.audit_ok(actor, AuditAction::Unblock, json!({ "block": &block }), &mut report);
+                Response::Ok(Reply::Unblocked { block, report })
+            }
+            Err(message) => self.failed(actor, AuditAction::Unblock, json!({ "id": id }), message),
+        }
+    }
+
+    fn emergency(&self, actor: &Actor, on: bool, cgroup: Option<String>) -> Response {
+        let action = if on { AuditAction::EmergencyOn } else { AuditAction::EmergencyOff };
+        let cgroup = match cgroup.as_deref().map(parse_cgroup).transpose() {
+            Ok(c) => c,
+            Err(message) => return self.failed(actor, action, json!({ "cgroup": cgroup }), message),
+        };
+        let max = self.config.max_blocks;
+        let result = self.commit(|state, _| {
+            if on && cgroup.is_some() && state.emergency.cgroups.len() >= max {
+                return Err(format!("emergency mode is on for {max} cgroups already: use it host-wide"));
+            }
+            let changed = state.emergency.set(on, cgroup.as_deref());
+            let change =
+                changed.then(|| Change::Emergency { on, cgroup: cgroup.clone(), state: state.emergency.clone() });
+            Ok((change, (state.emergency.clone(), changed)))
+        });
+        match result {
+            Ok(((emergency, changed), mut report)) => {
+                if !changed {
+                    let place = cgroup.as_deref().map_or_else(|| "host-wide".to_owned(), |c| format!("for cgroup {c}"));
+                    report.notes.push(format!("emergency mode was already {} {place}", if on { "on" } else { "off" }));
+                }
+                tracing::warn!(%emergency, %actor, changed, "emergency mode");
+                let details = json!({ "cgroup": &cgroup, "changed": changed, "emergency": &emergency });
+                self.audit_ok(actor, action, details, &mut report);
+                Response::Ok(Reply::Emergency { emergency, changed, report })
+            }
+            Err(message) => self.failed(actor, action, json!({ "cgroup": cgroup }), message),
+        }
+    }
+
+    /// Lift the blocks that have ended at `now_ms`.
+    fn expire_due(&self, now_ms: u64) {
+        let _ops = self.ops.lock().unwrap_or_else(PoisonError::into_inner);
+        if !self.view.read(|s| s.blocks.has_expired(now_ms)) {
+            return;
+        }
+        let mut state = self.view.snapshot();
+        let expired = state.blocks.expire(now_ms);
+        if let Err(e) = state.save(&self.config.state_file) {
+            tracing::error!(error = %format!("{e:#}"), "cannot save the state file after expiry");
+        }
+        self.view.replace(state);
+        let result = self.apply(&Change::Expired(expired.clone()));
+        if let Err(e) = &result {
+            tracing::error!(error = %e, "expired blocks could not be lifted from enforcement");
+        }
+        for block in &expired {
+            tracing::info!(id = %block.id, target = %block.spec.target, "block expired");
+            let (outcome, message, report) = match &result {
+                Ok(report) => (Outcome::Ok, report.to_string(), Some(report)),
+                Err(e) => (Outcome::Failed, e.clone(), None),
+            };
+            let details = json!({ "block": block, "report": report });
+            self.audit(&self.agent, AuditAction::Expire, details, outcome, Some(message));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        io::{Read as _, Write as _},
+        os::unix::{net::UnixStream as StdStream, process::CommandExt as _},
+        process::{Command, Stdio},
+        sync::atomic::{AtomicBool, Ordering},
+        time::Instant,
+    };
+
+    use super::*;
+    use crate::control::{
+        audit::{AuditEntry, read_entries},
+        blocks::{BlockTarget, Expiry, Scope},
+        client::{ClientError, call, request},
+        protocol::decode_response,
+        testutil::TempDir,
+    };
+
+    /// Records every change; fails them while `fail` is set.
+    #[derive(Default)]
+    struct Recorder {
+        changes: Mutex<Vec<Change>>,
+        fail: AtomicBool,
+    }
+
+    impl ControlHandler for Recorder {
+        fn apply(&self, change: &Change) -> Result<ApplyReport, String> {
+            if self.fail.load(Ordering::SeqCst) {
+                return Err("map update failed: ENOSPC".into());
+            }
+            self.changes.lock().unwrap().push(change.clone());
+            Ok(ApplyReport { killed_connections: 3, notes: vec![] })
+        }
+    }
+
+    impl Recorder {
+        fn changes(&self) -> Vec<Change> {
+            self.changes.lock().unwrap().clone()
+        }
+    }
+
+    fn config(dir: &TempDir) -> ControlConfig {
+        ControlConfig {
+            socket: dir.path().join("run/control.sock"),
+            state_file: dir.path().join("lib/blocks.json"),
+            audit_log: dir.path().join("log/audit.jsonl"),
+            expiry_check_ms: 100,
+            ..ControlConfig::default()
+        }
+    }
+
+    fn start(config: &ControlConfig) -> (ServerHandle, Arc<Recorder>) {
+        let recorder = Arc::new(Recorder::default());
+        (ControlServer::start(config.clone(), recorder.clone()).unwrap(), recorder)
+    }
+
+    fn spec(target: BlockTarget, expires: Option<Expiry>) -> BlockSpec {
+        BlockSpec { target, scope: Scope::Host, expires, reason: "incident 42".into() }
+    }
+
+    fn list(socket: &Path) -> (Vec<Block>, Emergency) {
+        match call(socket, &Request::List).unwrap() {
+            Reply::Blocks { blocks, emergency } => (blocks, emergency),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn error_of(response: Response) -> String {
+        match response {
+            Response::Error { message } => message,
+            other => panic!("expected an error, got {other:?}"),
+        }
+    }
+
+    fn refused(result: Result<Reply, ClientError>) -> String {
+        match result {
+            Err(ClientError::Refused(message)) => message,
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+
+    /// Send raw bytes, read the whole answer.
+    fn raw(socket: &Path, bytes: &[u8]) -> Response {
+        let mut s = StdStream::connect(socket).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let _ = s.write_all(bytes);
+        let _ = s.shutdown(std::net::Shutdown::Write);
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        let line = out.split(|&b| b == b'\n').next().unwrap();
+        decode_response(line).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out)))
+    }
+
+    fn audit_summary(config: &ControlConfig) -> Vec<(AuditAction, Outcome)> {
+        read_entries(&config.audit_log).unwrap().iter().map(|e| (e.action, e.result)).collect()
+    }
+
+    fn is_root() -> bool {
+        if nix::unistd::geteuid().is_root() {
+            return true;
+        }
+        eprintln!("skipped: needs root");
+        false
+    }
+
+    fn mode(p: &Path) -> u32 {
+        std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn block_list_unblock_over_the_socket() {
+        let dir = TempDir::new("srv");
+        let config = config(&dir);
+        let (server, recorder) = start(&config);
+        let socket = server.socket().to_owned();
+        assert_eq!(mode(&socket), 0o600, "no group: root only");
+        assert_eq!(mode(socket.parent().unwrap()), 0o750);
+
+        let reply =
+            call(&socket, &Request::Block(spec(BlockTarget::Provider("OpenAI".into()), Some(Expiry::AfterSecs(900)))));
+        let Ok(Reply::Blocked { block, report }) = reply else { panic!("{reply:?}") };
+        assert_eq!(report, ApplyReport { killed_connections: 3, notes: vec![] });
+        assert_eq!(block.spec.target, BlockTarget::Provider("openai".into()));
+        assert_eq!(block.created_by.uid, nix::unistd::geteuid().as_raw());
+        assert_eq!(block.created_by.pid, std::process::id());
+        assert!(!block.created_by.comm.is_empty());
+        assert_eq!(block.expires_unix_ms, Some(block.created_unix_ms + 900_000));
+
+        assert_eq!(list(&socket), (vec![block.clone()], Emergency::default()));
+        assert_eq!(server.view().blocks(), vec![block.clone()]);
+        let call_subject = Subject { provider: Some("openai"), ..Subject::default() };
+        assert_eq!(server.view().matching_block(&call_subject), Some(block.clone()));
+        assert_eq!(ControlState::load(&config.state_file).unwrap().blocks.list(), std::slice::from_ref(&block));
+
+        let dup = refused(call(&socket, &Request::Block(spec(BlockTarget::Provider("openai".into()), None))));
+        assert_eq!(
+            dup,
+            format!("provider openai is already blocked (host) by {}: unblock it first to change it", block.id)
+        );
+
+        let reply = call(&socket, &Request::Unblock { id: block.id.clone() });
+        assert!(matches!(&reply, Ok(Reply::Unblocked { block: b, .. }) if *b == block), "{reply:?}");
+        assert_eq!(list(&socket), (vec![], Emergency::default()));
+        assert_eq!(server.view().matching_block(&call_subject), None);
+        assert_eq!(
+            refused(call(&socket, &Request::Unblock { id: block.id.clone() })),
+            format!("no active block {}: `aegis-agent blocks` lists the active ones", block.id)
+        );
+        assert_eq!(
+            refused(call(&socket, &Request::Unblock { id: "blk-\u{1b}[2J".into() })),
+            "invalid block id: expected an id as `aegis-agent blocks` lists them (blk- and 8 hex digits)"
+        );
+
+        let on = call(&socket, &Request::Emergency { on: true, cgroup: None }).unwrap();
+        assert!(matches!(&on, Reply::Emergency { changed: true, emergency, .. } if emergency.host), "{on:?}");
+        let again = call(&socket, &Request::Emergency { on: true, cgroup: None }).unwrap();
+        let Reply::Emergency { changed: false, report, .. } = again else { panic!("{again:?}") };
+        assert_eq!(report.notes, ["emergency mode was already on host-wide"]);
+        call(&socket, &Request::Emergency { on: true, cgroup: Some("/team-a/".into()) }).unwrap();
+        call(&socket, &Request::Emergency { on: false, cgroup: None }).unwrap();
+        assert!(server.view().emergency_applies_to("/team-a/job") && !server.view().emergency_applies_to("/team-b"));
+        let Reply::Status(status) = call(&socket, &Request::Status).unwrap() else { panic!() };
+        assert_eq!((status.pid, status.protocol, status.blocks), (std::process::id(), 1, 0));
+        assert_eq!(status.emergency.cgroups.iter().collect::<Vec<_>>(), ["/team-a"]);
+
+        let changes = recorder.changes();
+        assert_eq!(changes.len(), 6, "{changes:?}");
+        assert_eq!(changes[0], Change::Restored { blocks: vec![], emergency: Emergency::default() });
+        assert_eq!(changes[1], Change::Blocked(block.clone()));
+        assert_eq!(changes[2], Change::Unblocked(block.clone()));
+        assert!(matches!(&changes[4], Change::Emergency { on: true, cgroup: Some(c), .. } if c == "/team-a"));
+
+        use AuditAction as A;
+        assert_eq!(
+            audit_summary(&config),
+            [
+                (A::Restore, Outcome::Ok),
+                (A::Block, Outcome::Ok),
+                (A::Block, Outcome::Failed),
+                (A::Unblock, Outcome::Ok),
+                (A::Unblock, Outcome::Failed),
+                (A::Unblock, Outcome::Failed),
+                (A::EmergencyOn, Outcome::Ok),
+                (A::EmergencyOn, Outcome::Ok),
+                (A::EmergencyOn, Outcome::Ok),
+                (A::EmergencyOff, Outcome::Ok),
+            ]
+        );
+        let entries = read_entries(&config.audit_log).unwrap();
+        let AuditEntry { actor, details, message, .. } = &entries[1];
+        assert_eq!((actor.uid, actor.pid), (nix::unistd::geteuid().as_raw(), std::process::id()));
+        assert_eq!(details["block"]["id"], block.id.as_str());
+        assert_eq!(details["block"]["spec"]["reason"], "incident 42");
+        assert_eq!(details["report"]["killed_connections"], 3);
+        assert_eq!(message.as_deref(), Some("killed 3 connections"));
+        assert!(entries[2].message.as_deref().unwrap().contains("already blocked"));
+
+        server.shutdown();
+        assert!(!socket.exists(), "socket removed at shutdown");
+    }
+
+    #[test]
+    fn handler_failure_changes_nothing() {
+        let dir = TempDir::new("fail");
+        let config = config(&dir);
+        let (server, recorder) = start(&config);
+        recorder.fail.store(true, Ordering::SeqCst);
+        let message = refused(call(server.socket(), &Request::Block(spec(BlockTarget::Model("gpt-4o".into()), None))));
+        assert_eq!(message, "the agent could not enforce the change, so nothing changed: map update failed: ENOSPC");
+        assert!(server.view().blocks().is_empty());
+        assert!(ControlState::load(&config.state_file).unwrap().blocks.is_empty());
+        let message = refused(call(server.socket(), &Request::Emergency { on: true, cgroup: None }));
+        assert!(message.starts_with("the agent could not enforce the change"), "{message}");
+        assert!(server.view().emergency().is_off());
+        let entries = read_entries(&config.audit_log).unwrap();
+        assert_eq!(entries[1].action, AuditAction::Block);
+        assert_eq!(entries[1].result, Outcome::Failed);
+        assert_eq!(
+            entries[1].message.as_deref(),
+            Some("the agent could not enforce the change, so nothing changed: map update failed: ENOSPC")
+        );
+        assert_eq!(entries[1].details["spec"]["target"]["model"], "gpt-4o");
+
+        // Enforcement works again: the change goes through.
+        recorder.fail.store(false, Ordering::SeqCst);
+        assert!(call(server.socket(), &Request::Block(spec(BlockTarget::Model("gpt-4o".into()), None))).is_ok());
+    }
+
+    #[test]
+    fn restart_keeps_blocks_and_expiry_lifts_them() {
+        let dir = TempDir::new("restart");
+        let config = config(&dir);
+        // A block that expired while no agent ran.
+        let mut saved = ControlState::default();
+        let agent = Actor::agent();
+        let old = Block::new(
+            "blk-00000001".into(),
+            spec(BlockTarget::Model("old".into()), Some(Expiry::AfterSecs(1))),
+            agent,
+            1000,
+        )
+        .unwrap();
+        saved.blocks.add(old).unwrap();
+        saved.save(&config.state_file).unwrap();
+
+        let (server, _) = start(&config);
+        let socket = server.socket().to_owned();
+        assert!(list(&socket).0.is_empty(), "expired at start");
+        let Ok(Reply::Blocked { block: forever, .. }) =
+            call(&socket, &Request::Block(spec(BlockTarget::Tenant("/t".into()), None)))
+        else {
+            panic!()
+        };
+        // Long enough to survive the restart below, short enough for a test.
+        let Ok(Reply::Blocked { block: short, .. }) =
+            call(&socket, &Request::Block(spec(BlockTarget::Model("m".into()), Some(Expiry::AfterSecs(3)))))
+        else {
+            panic!()
+        };
+        call(&socket, &Request::Emergency { on: true, cgroup: Some("/team-a".into()) }).unwrap();
+        server.shutdown();
+
+        let (server, recorder) = start(&config);
+        let (_, emergency) = list(&socket);
+        assert_eq!(emergency.cgroups.iter().collect::<Vec<_>>(), ["/team-a"]);
+        let first = recorder.changes().into_iter().next().unwrap();
+        assert_eq!(first, Change::Restored { blocks: vec![forever.clone(), short.clone()], emergency });
+
+        let deadline = Instant::now() + Duration::from_secs(8);
+        while list(&socket).0.len() > 1 {
+            assert!(Instant::now() < deadline, "the 3 s block did not expire");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert_eq!(list(&socket).0, std::slice::from_ref(&forever));
+        assert_eq!(recorder.changes()[1..], [Change::Expired(vec![short.clone()])]);
+        assert_eq!(ControlState::load(&config.state_file).unwrap().blocks.list(), [forever]);
+
+        let entries = read_entries(&config.audit_log).unwrap();
+        assert_eq!(entries[0].action, AuditAction::Expire);
+        assert_eq!(entries[0].message.as_deref(), Some("expired while the agent was not running"));
+        assert_eq!(entries[0].details["block"]["id"], "blk-00000001");
+        let expiry = entries
+            .iter()
+            .find(|e| e.action == AuditAction::Expire && e.details["block"]["id"] == short.id.as_str())
+            .unwrap();
+        assert_eq!(expiry.result, Outcome::Ok);
+        assert_eq!(expiry.actor.pid, std::process::id(), "expired by the agent");
+        drop(server);
+    }
+
+    #[test]
+    fn bad_requests_are_answered_and_the_server_survives() {
+        let dir = TempDir::new("bad");
+        let config = config(&dir);
+        let (server, _) = start(&config);
+        let socket = server.socket().to_owned();
+
+        let m = error_of(raw(&socket, b"{not json\n"));
+        assert_eq!(m, "malformed request: not JSON (key must be a string at line 1 column 2)");
+        let m = error_of(raw(&socket, br#"{"v":1,"op":"explode"}"#));
+        assert!(m.starts_with("invalid request: unknown variant `explode`"), "{m}");
+
+        let mut long = vec![b'a'; 70 * 1024];
+        long.push(b'\n');
+        let too_long = "request too long: more than 65536 bytes without a newline; closing the connection";
+        assert_eq!(error_of(raw(&socket, &long)), too_long);
+        // Exactly the limit is fine (and then is not JSON).
+        let mut limit = vec![b' '; 64 * 1024 - 2];
+        limit.splice(0..0, *b"{}");
+        limit.push(b'\n');
+        assert_eq!(error_of(raw(&socket, &limit)), "invalid request: missing field `op`");
+        // Through the client: a 1 MiB request; the agent stops reading, answers, closes.
+        let huge = BlockSpec { reason: "x".repeat(1 << 20), ..spec(BlockTarget::Model("m".into()), None) };
+        assert_eq!(error_of(request(&socket, &Request::Block(huge)).unwrap()), too_long);
+
+        let empty_reason = BlockSpec { reason: String::new(), ..spec(BlockTarget::Model("m".into()), None) };
+        assert_eq!(
+            refused(call(&socket, &Request::Block(empty_reason))),
+            "the reason is empty: give one line saying why (it goes into the audit log)"
+        );
+        assert!(matches!(call(&socket, &Request::Status), Ok(Reply::Status(_))));
+
+        use AuditAction as A;
+        assert_eq!(
+            audit_summary(&config),
+            [
+                (A::Restore, Outcome::Ok),
+                (A::Request, Outcome::Refused),
+                (A::Request, Outcome::Refused),
+                (A::Request, Outcome::Refused),
+                (A::Request, Outcome::Refused),
+                (A::Request, Outcome::Refused),
+                (A::Block, Outcome::Failed),
+            ]
+        );
+        drop(server);
+    }
+
+    #[test]
+    fn slow_clients_time_out() {
+        let dir = TempDir::new("slow");
+        let config = ControlConfig { read_timeout_ms: 300, ..config(&dir) };
+        let (server, _) = start(&config);
+        let started = Instant::now();
+        let mut s = StdStream::connect(server.socket()).unwrap();
+        s.write_all(b"{\"op\":").unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        assert!(started.elapsed() >= Duration::from_millis(300));
+        assert_eq!(
+            error_of(decode_response(out.trim_end().as_bytes()).unwrap()),
+            "no complete request within 300 ms: send one JSON object followed by a newline"
+        );
+        assert!(call(server.socket(), &Request::List).is_ok());
+    }
+
+    #[test]
+    fn client_limit() {
+        let dir = TempDir::new("limit");
+        let config = ControlConfig { max_clients: 2, read_timeout_ms: 5000, ..config(&dir) };
+        let (server, _) = start(&config);
+        let idle: Vec<_> = (0..2).map(|_| StdStream::connect(server.socket()).unwrap()).collect();
+        assert_eq!(
+            error_of(raw(server.socket(), b"")),
+            "the agent is busy: 2 control clients are connected already; try again in a few seconds"
+        );
+        drop(idle);
+        let deadline = Instant::now() + Duration::from_secs(3);
+        loop {
+            match call(server.socket(), &Request::Status) {
+                Ok(_) => break,
+                Err(e) => assert!(Instant::now() < deadline, "slots not released: {e}"),
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    #[test]
+    fn socket_setup() {
+        if !is_root() {
+            return;
+        }
+        let dir = TempDir::new("sock");
+        let config = config(&dir);
+        std::fs::create_dir_all(config.socket.parent().unwrap()).unwrap();
+
+        // Not a socket: left alone.
+        std::fs::write(&config.socket, "precious").unwrap();
+        let e = format!("{:#}", ControlServer::start(config.clone(), Arc::new(NoopHandler)).unwrap_err());
+        assert_eq!(
+            e,
+            format!(
+                "{} exists and is not a socket: refusing to remove it; move it away or configure another control \
+                 socket path",
+                config.socket.display()
+            )
+        );
+        assert_eq!(std::fs::read_to_string(&config.socket).unwrap(), "precious");
+        std::fs::remove_file(&config.socket).unwrap();
+
+        // A stale socket: replaced.
+        drop(std::os::unix::net::UnixListener::bind(&config.socket).unwrap());
+        let (server, _) = start(&config);
+        // A live one: refused, and the first server keeps working.
+        let e = format!("{:#}", ControlServer::start(config.clone(), Arc::new(NoopHandler)).unwrap_err());
+        assert!(e.starts_with("another process is already serving the control socket"), "{e}");
+        assert!(call(server.socket(), &Request::Status).is_ok());
+        drop(server);
+        assert!(!config.socket.exists());
+
+        // With a group: 0660, group-owned, and a new directory is group-owned too.
+        let config = ControlConfig { group: Some(4242), socket: dir.path().join("grp/run/control.sock"), ..config };
+        let (server, _) = start(&config);
+        let meta = std::fs::metadata(server.socket()).unwrap();
+        assert_eq!((meta.permissions().mode() & 0o777, meta.uid(), meta.gid()), (0o660, 0, 4242));
+        let parent = std::fs::metadata(config.socket.parent().unwrap()).unwrap();
+        assert_eq!((parent.permissions().mode() & 0o777, parent.gid()), (0o750, 4242));
+        let leftovers: Vec<_> =
+            std::fs::read_dir(config.socket.parent().unwrap()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(leftovers, ["control.sock"]);
+    }
+
+    const HELPER_SOCKET: &str = "AEGIS_CONTROL_TEST_SOCKET";
+
+    /// Run by `peer_credentials_are_checked` as another user: one status request.
+    #[test]
+    #[ignore = "helper, run by peer_credentials_are_checked as another user"]
+    fn peer_client_helper() {
+        let Ok(socket) = std::env::var(HELPER_SOCKET) else {
+            return;
+        };
+        match call(Path::new(&socket), &Request::Status) {
+            Ok(reply) => println!("HELPER-RESULT ok {}", encode_response(&Response::Ok(reply))),
+            Err(e) => println!("HELPER-RESULT err {e}"),
+        }
+    }
+
+    /// This test binary as `uid`/`gid` with supplementary `groups`, running the helper.
+    fn client_as(uid: u32, gid: u32, groups: &[u32], socket: &Path) -> String {
+        let groups: Vec<libc::gid_t> = groups.to_vec();
+        let mut cmd = Command::new(std::env::current_exe().unwrap());
+        cmd.args([
+            "control::server::tests::peer_client_helper",
+            "--exact",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(HELPER_SOCKET, socket)
+        .stdin(Stdio::null());
+        // SAFETY: the closure runs between fork and exec and only makes async-signal-safe
+        // system calls on memory allocated before the fork.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setgroups(groups.len(), groups.as_ptr()) != 0
+                    || libc::setgid(gid) != 0
+                    || libc::setuid(uid) != 0
+                {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let out = cmd.output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        stdout
+            .lines()
+            .find_map(|l| l.split_once("HELPER-RESULT ").map(|(_, result)| result))
+            .unwrap_or_else(|| {
+                panic!(
+                    "the helper printed no result ({}): {stdout} {}",
+                    out.status,
+                    String::from_utf8_lossy(&out.stderr)
+                )
+            })
+            .to_owned()
+    }
+
+    #[test]
+    fn peer_credentials_are_checked() {
+        if !is_root() {
+            return;
+        }
+        let dir = TempDir::new("peer");
+        let config = ControlConfig { group: Some(4242), socket: dir.path().join("sock/control.sock"), ..config(&dir) };
+        // A directory others can enter, so that only the socket's mode and the peer check decide.
+        std::fs::create_dir_all(config.socket.parent().unwrap()).unwrap();
+        let (server, _) = start(&config);
+        let socket = server.socket();
+
+        // Mode 0666 (a mistake, or a socket passed elsewhere): the peer check still refuses.
+        std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+        let nobody = client_as(65534, 65534, &[], socket);
+        assert!(nobody.starts_with("err permission denied: nobody (uid 65534, pid "), "{nobody}");
+        assert!(
+            nobody.ends_with("is neither root nor a member of gid 4242: run as root or as a member of gid 4242"),
+            "{nobody}"
+        );
+        // Members pass, by primary or by supplementary group.
+        let primary = client_as(65534, 4242, &[], socket);
+        assert!(primary.starts_with("ok {\"v\":1,\"status\":\"ok\",\"kind\":\"status\""), "{primary}");
+        let supplementary = client_as(65534, 65534, &[4242], socket);
+        assert!(supplementary.starts_with("ok "), "{supplementary}");
+
+        // Mode 0660: the kernel refuses the connection, and the client says what to do.
+        std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o660)).unwrap();
+        let denied = client_as(65534, 65534, &[], socket);
+        assert_eq!(
+            denied,
+            format!(
+                "err permission denied on {}: run as root or as a member of gid 4242 (after being added to a group, \
+                 log in again)",
+                socket.display()
+            )
+        );
+
+        let refusals: Vec<_> =
+            read_entries(&config.audit_log).unwrap().into_iter().filter(|e| e.action == AuditAction::Connect).collect();
+        assert_eq!(refusals.len(), 1, "{refusals:?}");
+        assert_eq!(
+            (refusals[0].actor.uid, refusals[0].actor.gid, refusals[0].result),
+            (65534, 65534, Outcome::Refused)
+        );
+        assert!(refusals[0].message.as_deref().unwrap().contains("is neither root nor a member of gid 4242"));
+    }
+
+    #[test]
+    fn peer_groups_of_a_socket_pair() {
+        let (a, _b) = StdStream::pair().unwrap();
+        let expected: Vec<u32> = nix::unistd::getgroups().unwrap().iter().map(|g| g.as_raw()).collect();
+        assert_eq!(peer_groups(a.as_raw_fd()).unwrap(), expected);
+    }
+
+    #[test]
+    fn proc_groups_fallback() {
+        let me = nix::unistd::geteuid().as_raw();
+        let groups = proc_groups(std::process::id(), me).unwrap();
+        let expected: Vec<u32> = nix::unistd::getgroups().unwrap().iter().map(|g| g.as_raw()).collect();
+        assert_eq!(groups, expected);
+        assert_eq!(
+            proc_groups(std::process::id(), me + 1),
+            Err(format!(
+                "permission denied: the client process {} changed identity while connecting",
+                std::process::id()
+            ))
+        );
+    }
+}
