@@ -87,12 +87,7 @@ fn read_proc(tgid: u32, uid: u32) -> Option<ProcessInfo> {
 /// for processes that exited before /proc could be read.
 fn cgroup_path_by_id(id: u64) -> Option<String> {
     use std::os::unix::fs::MetadataExt as _;
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    let root = mountinfo.lines().find_map(|l| {
-        let (left, right) = l.split_once(" - ")?;
-        right.starts_with("cgroup2 ").then(|| left.split_whitespace().nth(4).map(str::to_owned))?
-    })?;
-    let root = std::path::PathBuf::from(root);
+    let root = cgroup2_root()?;
     // Bounded breadth-first walk: cgroup trees are small, but be safe.
     let mut queue = std::collections::VecDeque::from([root.clone()]);
     let mut visited = 0;
@@ -112,8 +107,24 @@ fn cgroup_path_by_id(id: u64) -> Option<String> {
     None
 }
 
+/// Where cgroup v2 is mounted (/sys/fs/cgroup, or /sys/fs/cgroup/unified in the hybrid layout).
+pub fn cgroup2_root() -> Option<std::path::PathBuf> {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    mountinfo.lines().find_map(|l| {
+        let (left, right) = l.split_once(" - ")?;
+        right.starts_with("cgroup2 ").then(|| left.split_whitespace().nth(4).map(std::path::PathBuf::from))?
+    })
+}
+
+/// Whether cgroup `path` is `prefix` or below it, on a path-component boundary
+/// ("/a/b" covers "/a/b/c", not "/a/bc").
+pub fn cgroup_covers(prefix: &str, path: &str) -> bool {
+    let prefix = prefix.trim_end_matches('/');
+    path == prefix || path.strip_prefix(prefix).is_some_and(|rest| rest.starts_with('/'))
+}
+
 /// The unified-hierarchy line of /proc/PID/cgroup ("0::/path").
-fn parse_cgroup_v2(text: &str) -> Option<String> {
+pub fn parse_cgroup_v2(text: &str) -> Option<String> {
     text.lines().find_map(|l| l.strip_prefix("0::")).map(str::to_owned)
 }
 

@@ -9,7 +9,7 @@ use std::{
     fs::File,
     net::IpAddr,
     os::unix::fs::MetadataExt as _,
-    path::{Path, PathBuf},
+    path::Path,
 };
 
 use aegis_common::enforce::{ConnectDenied, DestBlock, Ip4, Ip6};
@@ -21,6 +21,7 @@ use aya::{
 };
 
 use super::sockdiag::IpNet;
+use crate::capture::process::cgroup2_root;
 
 static ENFORCE_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/aegis-enforce"));
 
@@ -141,20 +142,12 @@ fn cgroup_identity(dir: &Path) -> anyhow::Result<(u64, u32)> {
     Ok((id, rel.components().count() as u32))
 }
 
-/// Where cgroup v2 is mounted (/sys/fs/cgroup, or /sys/fs/cgroup/unified in the hybrid layout).
-pub fn cgroup2_root() -> Option<PathBuf> {
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    mountinfo.lines().find_map(|l| {
-        let (left, right) = l.split_once(" - ")?;
-        right.starts_with("cgroup2 ").then(|| left.split_whitespace().nth(4).map(PathBuf::from))?
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use std::{
         net::{Ipv4Addr, TcpListener, TcpStream},
         os::unix::process::CommandExt as _,
+        path::PathBuf,
         process::Command,
     };
 

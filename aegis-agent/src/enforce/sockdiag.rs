@@ -29,6 +29,8 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use crate::capture::process::{cgroup_covers, parse_cgroup_v2};
+
 /// A block of addresses: `addr` with its first `prefix` bits significant ("10.0.0.0/8").
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct IpNet {
@@ -223,7 +225,7 @@ fn owners_in_scope(scope: &OwnerScope, wanted: HashSet<u32>) -> io::Result<HashM
         OwnerScope::Any | OwnerScope::Pids(_) => true,
         OwnerScope::Cgroup(prefix) => std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
             .ok()
-            .and_then(|text| text.lines().find_map(|l| l.strip_prefix("0::")).map(|c| cgroup_covers(prefix, c)))
+            .and_then(|text| parse_cgroup_v2(&text).map(|c| cgroup_covers(prefix, &c)))
             .unwrap_or(false),
         OwnerScope::Exe(_) => std::fs::read_link(format!("/proc/{pid}/exe")).ok().as_deref() == exe.as_deref(),
     };
@@ -256,12 +258,6 @@ fn owners_in_scope(scope: &OwnerScope, wanted: HashSet<u32>) -> io::Result<HashM
 fn socket_inode(link: &Path) -> Option<u32> {
     let inode: u64 = link.to_str()?.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()?;
     Some(inode as u32)
-}
-
-/// Whether cgroup `path` is `prefix` or below it, on a path-component boundary.
-fn cgroup_covers(prefix: &str, path: &str) -> bool {
-    let prefix = prefix.trim_end_matches('/');
-    path == prefix || path.strip_prefix(prefix).is_some_and(|rest| rest.starts_with('/'))
 }
 
 // linux/sock_diag.h and linux/netlink.h (libc has the latter as `c_int`).

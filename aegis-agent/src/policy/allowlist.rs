@@ -27,11 +27,7 @@ pub fn violations<'a>(
 /// "*" covers everything; otherwise a cgroup path prefix on a path-component boundary
 /// ("/system.slice/app" covers "/system.slice/app/worker", not "/system.slice/apple").
 fn covers(tenant: &str, cgroup: &str) -> bool {
-    if tenant == "*" {
-        return true;
-    }
-    let tenant = tenant.trim_end_matches('/');
-    cgroup == tenant || cgroup.strip_prefix(tenant).is_some_and(|rest| rest.starts_with('/'))
+    tenant == "*" || crate::capture::process::cgroup_covers(tenant, cgroup)
 }
 
 /// `*` matches any run of characters; everything else literally (ASCII case-insensitive,
