@@ -15,6 +15,9 @@ pub struct Config {
     pub capture: CaptureConfig,
     pub rules: RulesConfig,
     pub output: OutputConfig,
+    pub enforce: EnforceConfig,
+    #[serde(default)]
+    pub control: crate::control::ControlConfig,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -39,6 +42,48 @@ pub struct CaptureConfig {
     pub max_body_bytes: usize,
     pub correlation_window_ms: u64,
     pub idle_timeout_secs: u64,
+}
+
+/// What happens to the kernel's blocks when the agent is not running.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailMode {
+    /// Blocks stay in force (pinned programs and maps), also after a crash.
+    Closed,
+    /// Blocks lift once the agent's heartbeat is older than `enforce.grace_secs`.
+    Open,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnforceConfig {
+    /// Load the containment programs and serve the control socket.
+    pub enabled: bool,
+    /// cgroup v2 directory the connect programs attach to: empty for the cgroup v2 root
+    /// (the whole host); a relative path is taken under the cgroup v2 mount.
+    pub cgroup: PathBuf,
+    /// bpffs directory holding the pinned programs' links and maps.
+    pub pin_dir: PathBuf,
+    pub fail: FailMode,
+    /// With `fail = "open"`: seconds without the agent's heartbeat before blocks lift.
+    pub grace_secs: u64,
+    /// Destroy the connection of a call whose verdict is block.
+    pub kill_on_block: bool,
+}
+
+impl EnforceConfig {
+    /// The cgroup v2 directory to attach to.
+    pub fn cgroup_dir(&self) -> anyhow::Result<PathBuf> {
+        let root = crate::capture::process::cgroup2_root()
+            .context("no cgroup v2 mount found: enforcement needs cgroup v2 (or set enforce.enabled = false)")?;
+        Ok(if self.cgroup.as_os_str().is_empty() {
+            root
+        } else if self.cgroup.is_absolute() && self.cgroup.starts_with(&root) {
+            self.cgroup.clone()
+        } else {
+            root.join(self.cgroup.strip_prefix("/").unwrap_or(&self.cgroup))
+        })
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]

@@ -155,7 +155,7 @@ fn run(config_path: Option<&Path>, ready_file: Option<&Path>) -> anyhow::Result<
          allows uprobes (CONFIG_UPROBE_EVENTS) and that the files are readable"
     );
     let sink = JsonLines::open(config.output.stdout, &config.output.file)?;
-    let pipeline = Pipeline::start(&config, probes, discovery, source, sink, inspector.clone())?;
+    let pipeline = Pipeline::start(&config, probes, discovery, source, sink, inspector.clone(), Default::default())?;
     let stop_reload = Arc::new(AtomicBool::new(false));
     let reloader = match &inspector {
         Some(i) if config.rules.reload_secs > 0 && !config.rules.packs.is_empty() => Some(reload::watch(

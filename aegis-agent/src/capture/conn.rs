@@ -11,6 +11,7 @@ use aegis_common::{CHUNK_DATA_MAX, CHUNKS_PER_CALL_MAX, Direction, TlsHook};
 
 use super::event::{ConnKey, TlsEvent};
 use crate::{
+    enforce::verdict::{Checkpoint, Enforcement},
     llm::exchange::{ExchangeStats, ExchangeTracker, Observation, Side},
     policy::Inspector,
 };
@@ -79,8 +80,21 @@ struct Conn {
     source: u64,
 }
 
+/// A checkpoint of a call on one connection, with what the kernel told about the caller.
+#[derive(Debug)]
+pub struct ConnCheckpoint {
+    pub checkpoint: Checkpoint,
+    pub key: ConnKey,
+    pub uid: u32,
+    pub cgroup_id: u64,
+    pub comm: [u8; 16],
+}
+
 pub struct ConnTable {
     conns: HashMap<ConnKey, Conn>,
+    /// Raised by the trackers; the owner takes them after each event.
+    pub checkpoints: Vec<ConnCheckpoint>,
+    cp_scratch: Vec<Checkpoint>,
     max: usize,
     max_body: usize,
     inspector: Option<Arc<Inspector>>,
@@ -91,7 +105,23 @@ pub struct ConnTable {
 impl ConnTable {
     /// `inspector`: rules applied to every call found, if any.
     pub fn new(max: usize, max_body: usize, inspector: Option<Arc<Inspector>>) -> Self {
-        Self { conns: HashMap::new(), max, max_body, inspector, stats: ConnStats::default(), scratch: Vec::new() }
+        Self {
+            conns: HashMap::new(),
+            checkpoints: Vec::new(),
+            cp_scratch: Vec::new(),
+            max,
+            max_body,
+            inspector,
+            stats: ConnStats::default(),
+            scratch: Vec::new(),
+        }
+    }
+
+    /// The call of exchange `seq` on connection `key` was stopped.
+    pub fn record_enforcement(&mut self, key: ConnKey, seq: u64, enforcement: Enforcement) {
+        if let Some(Conn { role: Role::Http1(tracker), .. }) = self.conns.get_mut(&key) {
+            tracker.record_enforcement(seq, enforcement);
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -202,6 +232,19 @@ impl ConnTable {
             tracker.response_data(&ev.data, ts, obs);
             if gap_after > 0 {
                 tracker.response_gap(gap_after, ts, obs);
+            }
+        }
+        tracker.take_checkpoints(&mut self.cp_scratch);
+        if !self.cp_scratch.is_empty() {
+            let conn = self.conns.get(&ev.key).expect("present");
+            for checkpoint in self.cp_scratch.drain(..) {
+                self.checkpoints.push(ConnCheckpoint {
+                    checkpoint,
+                    key: ev.key,
+                    uid: conn.uid,
+                    cgroup_id: conn.cgroup_id,
+                    comm: conn.comm,
+                });
             }
         }
         if !self.scratch.is_empty() {

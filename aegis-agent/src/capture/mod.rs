@@ -18,6 +18,7 @@ pub mod targets;
 
 use std::{
     hash::{BuildHasher as _, RandomState},
+    path::Path,
     os::fd::AsRawFd as _,
     sync::{
         Arc, Mutex,
@@ -39,6 +40,9 @@ use self::{
 };
 use crate::{
     config::Config,
+    control::Subject,
+    enforce::verdict::Containment,
+    rules::pack::Action,
     llm::{
         correlate::Correlator,
         exchange::Observation,
@@ -62,6 +66,8 @@ pub struct Counters {
     pub bad_records: AtomicU64,
     pub records: AtomicU64,
     pub joined: AtomicU64,
+    /// Calls stopped on the wire (see `enforce::verdict`).
+    pub stopped_calls: AtomicU64,
     pub worker_stats: Mutex<Vec<ConnStats>>,
 }
 
@@ -75,6 +81,8 @@ pub struct Pipeline {
     workers: Vec<JoinHandle<()>>,
     output: Option<JoinHandle<()>>,
     pub counters: Arc<Counters>,
+    /// Other records for the sinks (blocks until the output thread takes them).
+    pub events: SyncSender<Output>,
     /// Kernel drop counters, refreshed by the reader.
     pub drops: Arc<Mutex<[DropCounter; DROP_CAUSES]>>,
 }
@@ -89,6 +97,7 @@ impl Pipeline {
         source: EventSource,
         sink: JsonLines,
         inspector: Option<Arc<Inspector>>,
+        containment: Containment,
     ) -> anyhow::Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
         let stop_discovery = Arc::new(AtomicBool::new(false));
@@ -99,7 +108,8 @@ impl Pipeline {
         let sources = probes.sources.clone();
         let processes = Arc::new(ProcessCache::new(65_536));
 
-        let (out_tx, out_rx) = sync_channel::<(Observation, Endpoint)>(OUTPUT_QUEUE);
+        let (out_tx, out_rx) = sync_channel::<Output>(OUTPUT_QUEUE);
+        let events = out_tx.clone();
         let mut senders = Vec::with_capacity(n);
         let mut workers = Vec::with_capacity(n);
         for i in 0..n {
@@ -116,6 +126,7 @@ impl Pipeline {
                 sources: sources.clone(),
                 processes: processes.clone(),
                 out: out_tx.clone(),
+                containment: containment.clone(),
                 counters: counters.clone(),
                 stop: stop.clone(),
             };
@@ -152,6 +163,7 @@ impl Pipeline {
             workers,
             output: Some(output),
             counters,
+            events,
             drops,
         })
     }
@@ -272,7 +284,8 @@ struct WorkerCtx {
     idle: Duration,
     sources: Sources,
     processes: Arc<ProcessCache>,
-    out: SyncSender<(Observation, Endpoint)>,
+    out: SyncSender<Output>,
+    containment: Containment,
     counters: Arc<Counters>,
     stop: Arc<AtomicBool>,
 }
@@ -288,6 +301,9 @@ impl WorkerCtx {
                     for ev in batch {
                         now_ns = ev.timestamp_ns;
                         self.table.on_event(ev, &mut found);
+                        if !self.table.checkpoints.is_empty() {
+                            self.checkpoints();
+                        }
                     }
                     if last_sweep.elapsed() >= Duration::from_secs(1) {
                         let cutoff = now_ns.saturating_sub(self.idle.as_nanos() as u64);
@@ -311,6 +327,21 @@ impl WorkerCtx {
         }
     }
 
+    /// Judge the calls that reached a checkpoint; stop those that must not go on.
+    fn checkpoints(&mut self) {
+        let pending = std::mem::take(&mut self.table.checkpoints);
+        for c in pending {
+            if !self.containment.is_active() && !matches!(c.checkpoint.rules, Some((Action::Block, _))) {
+                continue;
+            }
+            let info = self.processes.lookup(c.key.tgid, &c.comm, c.uid, c.cgroup_id);
+            let Some(why) = self.containment.judge(&c.checkpoint, &info.cgroup, info.exe.as_deref().map(Path::new)) else { continue };
+            let enforcement = self.containment.stop(&why, &c.checkpoint, c.key.tgid, c.key.conn);
+            self.counters.stopped_calls.fetch_add(1, Ordering::Relaxed);
+            self.table.record_enforcement(c.key, c.checkpoint.exchange, enforcement);
+        }
+    }
+
     fn send(&self, found: &mut Vec<ConnObservation>) {
         for c in found.drain(..) {
             let info = self.processes.lookup(c.key.tgid, &c.comm, c.uid, c.cgroup_id);
@@ -324,29 +355,59 @@ impl WorkerCtx {
             // The caller is known now: check its tenant's provider allowlist, then decide.
             if let Some(mut inspection) = obs.inspection.take() {
                 // A server end's tenant is not the caller's: only the client end is checked.
-                if obs.side == crate::llm::exchange::Side::Client {
-                        inspection.check_policies(&info.cgroup, obs.call.provider, obs.call.model.as_deref());
+                let client = obs.side == crate::llm::exchange::Side::Client;
+                if client {
+                    inspection.check_policies(&info.cgroup, obs.call.provider, obs.call.model.as_deref());
                 }
-                obs.decision = Some(inspection.finish());
+                let mut emergency = false;
+                if let Some(view) = &self.containment.view {
+                    let path = obs.target.split('?').next().unwrap_or_default();
+                    let provider = self.containment.provider_of(obs.host.as_deref(), obs.call.provider);
+                    let subject = Subject {
+                        provider: Some(&provider),
+                        model: obs.call.model.as_deref(),
+                        host: obs.host.as_deref(),
+                        path: Some(path),
+                        peer: None,
+                        cgroup: client.then_some(info.cgroup.as_str()),
+                        exe: if client { info.exe.as_deref().map(Path::new) } else { None },
+                    };
+                    if let Some(block) = view.matching_block(&subject) {
+                        inspection.operator_block(&block);
+                    }
+                    emergency = client && view.emergency_applies_to(&info.cgroup);
+                }
+                obs.decision = Some(inspection.finish(emergency));
             }
             let endpoint = Endpoint::new(info, c.tid, TlsSource { library, hooks: c.hooks });
             // The output thread only ends after every worker; a send cannot fail before.
-            let _ = self.out.send((obs, endpoint));
+            let _ = self.out.send(Output::Call(obs, endpoint));
         }
     }
 }
 
-fn output_loop(rx: Receiver<(Observation, Endpoint)>, mut sink: JsonLines, window: Duration, counters: &Counters) {
+/// What the output thread writes: calls (joined across ends first) and other events.
+pub enum Output {
+    Call(Observation, Endpoint),
+    /// Any other record (a refused connect, ...), written as it is.
+    Event(serde_json::Value),
+}
+
+fn output_loop(rx: Receiver<Output>, mut sink: JsonLines, window: Duration, counters: &Counters) {
     let mut correlator = Correlator::new(window, wall_offset_ns());
     let mut records = Vec::new();
+    let take = |item: Output, correlator: &mut Correlator, records: &mut Vec<_>, sink: &mut JsonLines| match item {
+        Output::Call(obs, endpoint) => correlator.push(obs, endpoint, Instant::now(), records),
+        Output::Event(v) => sink.write(&v),
+    };
     loop {
         let wait = correlator.next_deadline().map_or(TICK, |d| d.saturating_duration_since(Instant::now()));
         match rx.recv_timeout(wait.min(TICK)) {
-            Ok((obs, endpoint)) => {
-                correlator.push(obs, endpoint, Instant::now(), &mut records);
+            Ok(item) => {
+                take(item, &mut correlator, &mut records, &mut sink);
                 // Take what else is queued, so the sink flushes once per burst.
-                while let Ok((obs, endpoint)) = rx.try_recv() {
-                    correlator.push(obs, endpoint, Instant::now(), &mut records);
+                while let Ok(item) = rx.try_recv() {
+                    take(item, &mut correlator, &mut records, &mut sink);
                 }
             }
             Err(RecvTimeoutError::Timeout) => {}

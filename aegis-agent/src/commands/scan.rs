@@ -121,7 +121,7 @@ pub fn run(args: ScanArgs) -> anyhow::Result<u8> {
             Some(api)
         }
     };
-    let decision = inspection.finish();
+    let decision = inspection.finish(false);
     let code = exit_code(decision.action);
     let out = Output {
         decision,

@@ -4,6 +4,8 @@
 //!   (cgroup connect4/6, sendmsg4/6 programs), scoped to a cgroup subtree.
 //! - [`sockdiag`]: cut established TCP connections to blocked destinations from user space
 //!   (netlink sock_diag `SOCK_DESTROY`, what `ss -K` does).
+//! - [`verdict`]: stop a call whose verdict is block while it is on the wire.
 
 pub mod connect;
 pub mod sockdiag;
+pub mod verdict;

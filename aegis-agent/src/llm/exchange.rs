@@ -25,11 +25,13 @@ use super::{
     usage::ResponseSummary,
 };
 use crate::{
+    enforce::verdict::{Checkpoint, Enforcement},
     policy::{
         Inspector,
         decision::{Decision, Half},
         inspect::CallInspection,
     },
+    rules::pack::Action,
     protocol::{
         encoding::BodyDecoder,
         http1::{Http1Parser, HttpEvent, Limits, MessageHead, StreamKind},
@@ -77,6 +79,8 @@ pub struct Observation {
     /// tenant's provider allowlist) into `decision` once the caller is known.
     pub inspection: Option<CallInspection>,
     pub decision: Option<Decision>,
+    /// The call was stopped while on the wire, and how.
+    pub enforcement: Option<Enforcement>,
 }
 
 /// Counters of what was skipped, for the agent's health report.
@@ -121,10 +125,15 @@ struct ResponseState {
 }
 
 struct Exchange {
+    /// Number of this exchange on its connection.
+    seq: u64,
     req: RequestState,
     resp: ResponseState,
     /// Rules at work on this call (set when the request is recognised).
     inspection: Option<CallInspection>,
+    /// Strongest rule action already raised in a checkpoint.
+    raised: Option<Action>,
+    enforcement: Option<Enforcement>,
 }
 
 /// Pairs requests and responses of one connection and summarises model API calls.
@@ -142,6 +151,12 @@ pub struct ExchangeTracker {
     receiving: bool,
     events: Vec<HttpEvent>,
     stats: ExchangeStats,
+    next_seq: u64,
+    /// Raised since the owner last took them (see [`ExchangeTracker::take_checkpoints`]).
+    checkpoints: Vec<Checkpoint>,
+    /// The exchange whose call was stopped: later bytes on the connection are counted
+    /// against it.
+    stopped: Option<u64>,
 }
 
 impl ExchangeTracker {
@@ -158,6 +173,34 @@ impl ExchangeTracker {
             receiving: false,
             events: Vec::new(),
             stats: ExchangeStats::default(),
+            next_seq: 0,
+            checkpoints: Vec::new(),
+            stopped: None,
+        }
+    }
+
+    /// Checkpoints raised since the last call: calls whose request was inspected, or
+    /// whose response's inspection reached a stronger action.
+    pub fn take_checkpoints(&mut self, into: &mut Vec<Checkpoint>) {
+        into.append(&mut self.checkpoints);
+    }
+
+    /// The call of exchange `seq` was stopped: keep how, and count the bytes that still
+    /// pass on this connection.
+    pub fn record_enforcement(&mut self, seq: u64, enforcement: Enforcement) {
+        if let Some(x) = self.queue.iter_mut().find(|x| x.seq == seq) {
+            x.enforcement = Some(enforcement);
+            self.stopped = Some(seq);
+        }
+    }
+
+    /// Count `n` bytes passing after a stop against the stopped call.
+    fn after_stop(&mut self, n: usize, half: Half) {
+        let Some(seq) = self.stopped else { return };
+        match self.queue.iter_mut().find(|x| x.seq == seq).and_then(|x| x.enforcement.as_mut()) {
+            Some(e) if half == Half::Request => e.bytes_out_after_verdict += n as u64,
+            Some(e) => e.bytes_in_after_verdict += n as u64,
+            None => self.stopped = None,
         }
     }
 
@@ -174,11 +217,13 @@ impl ExchangeTracker {
 
     /// Request-stream bytes at monotonic time `ts`.
     pub fn request_data(&mut self, data: &[u8], ts: u64, out: &mut Vec<Observation>) {
+        self.after_stop(data.len(), Half::Request);
         self.parse(Half::Request, ts, out, |p, ev| p.feed(data, ev));
     }
 
     /// Response-stream bytes at monotonic time `ts`.
     pub fn response_data(&mut self, data: &[u8], ts: u64, out: &mut Vec<Observation>) {
+        self.after_stop(data.len(), Half::Response);
         self.parse(Half::Response, ts, out, |p, ev| p.feed(data, ev));
     }
 
@@ -238,7 +283,7 @@ impl ExchangeTracker {
                 x.req.ended = true;
                 x.req.complete = false;
                 x.req.notes.push("request_cut_short".into());
-                self.detect(&mut x);
+                self.detect(&mut x, ts);
             }
             if !x.resp.ended {
                 x.resp.notes.push(format!("no_complete_response:{reason}"));
@@ -270,7 +315,12 @@ impl ExchangeTracker {
                 if keep_body && decoder.is_none() && head.header("content-encoding").is_some() {
                     notes.push("request_body_encoding_unsupported".into());
                 }
+                let seq = self.next_seq;
+                self.next_seq += 1;
                 self.queue.push_back(Exchange {
+                    seq,
+                    raised: None,
+                    enforcement: None,
                     req: RequestState {
                         head,
                         start_ns: ts,
@@ -328,7 +378,7 @@ impl ExchangeTracker {
                         x.req.complete = false;
                         x.req.notes.push("request_incomplete".into());
                     }
-                    self.detect(&mut x);
+                    self.detect(&mut x, ts);
                     self.queue.push_back(x);
                 }
             }
@@ -389,6 +439,11 @@ impl ExchangeTracker {
                         if let Some(inspection) = &mut x.inspection {
                             let at_ms = ts.saturating_sub(resp.first_ns.unwrap_or(ts)) as f64 / 1e6;
                             inspection.response_text(&reader.take_text(), at_ms);
+                            let strongest = inspection.strongest();
+                            if strongest.as_ref().map(|(a, _)| *a) > x.raised {
+                                x.raised = strongest.as_ref().map(|(a, _)| *a);
+                                self.checkpoints.push(checkpoint(x.seq, &x.req, Half::Response, ts, strongest));
+                            }
                         }
                     }
                     None => {
@@ -417,7 +472,7 @@ impl ExchangeTracker {
         }
     }
 
-    fn detect(&mut self, x: &mut Exchange) {
+    fn detect(&mut self, x: &mut Exchange, ts: u64) {
         let req = &mut x.req;
         self.stats.exchanges += 1;
         if !req.keep_body {
@@ -460,6 +515,9 @@ impl ExchangeTracker {
             x.resp.reader = Some(ResponseReader::new(call, head, self.max_body));
         }
         x.req.body = Vec::new();
+        let strongest = x.inspection.as_ref().and_then(CallInspection::strongest);
+        x.raised = strongest.as_ref().map(|(a, _)| *a);
+        self.checkpoints.push(checkpoint(x.seq, &x.req, Half::Request, ts, strongest));
     }
 
     /// Emit, in order, every exchange at the front whose request and response both ended.
@@ -473,7 +531,7 @@ impl ExchangeTracker {
     }
 
     fn observe(&self, x: Exchange) -> Option<Observation> {
-        let Exchange { req, mut resp, mut inspection } = x;
+        let Exchange { req, mut resp, mut inspection, enforcement, .. } = x;
         let call = req.call?;
         let mut notes = req.notes;
         notes.append(&mut resp.notes);
@@ -530,8 +588,24 @@ impl ExchangeTracker {
             notes,
             inspection,
             decision: None,
+            enforcement,
             call,
         })
+    }
+}
+
+/// A checkpoint for the call of `req` (detected already).
+fn checkpoint(seq: u64, req: &RequestState, half: Half, ts: u64, rules: Option<(Action, String)>) -> Checkpoint {
+    let call = req.call.as_ref().expect("checkpoints are raised for detected calls");
+    Checkpoint {
+        exchange: seq,
+        half,
+        ts,
+        provider: call.provider,
+        model: call.model.clone(),
+        host: req.head.header("host").map(|h| String::from_utf8_lossy(h).into_owned()),
+        path: req.head.target.as_deref().unwrap_or_default().split('?').next().unwrap_or_default().to_owned(),
+        rules,
     }
 }
 

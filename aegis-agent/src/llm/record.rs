@@ -75,6 +75,10 @@ pub struct CallRecord {
     /// What the rules decided (absent when no rules are in force).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub decision: Option<Decision>,
+    /// The call was stopped on the wire (its connection destroyed), by whom, how fast, and
+    /// what still passed after the verdict.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub enforcement: Option<crate::enforce::verdict::Enforcement>,
 }
 
 impl CallRecord {
@@ -112,6 +116,7 @@ impl CallRecord {
             complete: o.complete,
             notes: o.notes,
             decision: o.decision,
+            enforcement: o.enforcement,
         }
     }
 }

@@ -67,6 +67,9 @@ pub struct Decision {
     /// action was reached (for streams, when the offending text arrived).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub response_decided_at_ms: Option<f64>,
+    /// Emergency mode was in force for the caller and turned this call's warn into block.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub escalated_by_emergency: bool,
 }
 
 /// Matches per call kept at most (the rest are counted in `not_scanned`).
@@ -120,6 +123,17 @@ impl DecisionBuilder {
         });
     }
 
+    /// The strongest action among the matches so far, with its rule (first found wins a tie).
+    pub fn strongest(&self) -> Option<(Action, &str)> {
+        let mut best: Option<&MatchRecord> = None;
+        for m in &self.matches {
+            if best.is_none_or(|b| m.action > b.action) {
+                best = Some(m);
+            }
+        }
+        best.map(|m| (m.action, m.rule.as_str()))
+    }
+
     /// Something of the call could not be inspected, and why.
     pub fn not_scanned(&mut self, reason: impl Into<String>) {
         let reason = reason.into();
@@ -137,7 +151,9 @@ impl DecisionBuilder {
         }
     }
 
-    pub fn finish(mut self, engine: &Engine) -> Decision {
+    /// The decision. `emergency`: emergency mode is on for the caller, so a warn becomes a
+    /// block (the matches keep their own actions; `escalated_by_emergency` says why).
+    pub fn finish(mut self, engine: &Engine, emergency: bool) -> Decision {
         if self.dropped_matches > 0 {
             self.not_scanned.push(format!("matches_over_cap:{}", self.dropped_matches));
         }
@@ -153,24 +169,36 @@ impl DecisionBuilder {
         let decided_by = top
             .and_then(|m| engine.packs().iter().find(|p| format!("{}@{}", p.name, p.version) == m.pack))
             .cloned();
-        let action = top.map_or(Action::Allow, |m| m.action);
+        let mut action = top.map_or(Action::Allow, |m| m.action);
+        let escalated_by_emergency = emergency && action == Action::Warn;
+        if escalated_by_emergency {
+            action = Action::Block;
+        }
         // The earliest response chunk that carried a match of the deciding action.
+        let deciding = top.map_or(Action::Allow, |m| m.action);
         let response_decided_at_ms = self
             .matches
             .iter()
-            .filter(|m| m.half == Half::Response && m.action == action)
+            .filter(|m| m.half == Half::Response && m.action == deciding)
             .filter_map(|m| m.at_ms)
             .min_by(f64::total_cmp);
         Decision {
             action,
             severity: top.map(|m| m.severity),
-            rationale: top.map(|m| m.rationale.clone()),
+            rationale: top.map(|m| {
+                if escalated_by_emergency {
+                    format!("emergency mode: warn escalated to block; {}", m.rationale)
+                } else {
+                    m.rationale.clone()
+                }
+            }),
             rules,
             decided_by,
             packs: engine.packs().to_vec(),
             scan_complete: self.not_scanned.is_empty(),
             not_scanned: self.not_scanned,
             response_decided_at_ms,
+            escalated_by_emergency,
             matches: self.matches,
         }
     }

@@ -13,9 +13,27 @@ use crate::{
     rules::{
         engine::{Engine, Finding, ScanStats},
         PackPolicy,
-        pack::{Category, Direction, Scope},
+        pack::{Action, Category, Direction, Scope, Severity},
     },
+    control::Block,
 };
+
+/// The match that records an operator's block in a call's decision: rule `operator:<id>`.
+pub fn operator_record(block: &Block) -> MatchRecord {
+    MatchRecord {
+        rule: format!("operator:{}", block.id),
+        category: Category::Policy,
+        action: Action::Block,
+        severity: Severity::Sev2,
+        half: Half::Request,
+        scope: Scope::Text,
+        rationale: format!("operator block {} by uid {}: {}", block.id, block.created_by.uid, block.spec.reason),
+        pack: "control".into(),
+        evidence: Kept::Text(block.spec.target.to_string()),
+        decoded_from: None,
+        at_ms: None,
+    }
+}
 
 /// Text of earlier response chunks rescanned with each new chunk, so a match split
 /// across chunks (SSE deltas of a few characters) is still found. Longer matches that
@@ -122,8 +140,19 @@ impl CallInspection {
         }
     }
 
-    pub fn finish(self) -> Decision {
-        self.builder.finish(&self.engine)
+    /// The strongest action found so far and the rule that reached it.
+    pub fn strongest(&self) -> Option<(Action, String)> {
+        self.builder.strongest().map(|(a, r)| (a, r.to_owned()))
+    }
+
+    /// An operator's block (`aegis-agent block` / `disable`) covers this call.
+    pub fn operator_block(&mut self, block: &Block) {
+        self.builder.add_record(operator_record(block));
+    }
+
+    /// The decision; `emergency`: emergency mode is on for the caller (warn becomes block).
+    pub fn finish(self, emergency: bool) -> Decision {
+        self.builder.finish(&self.engine, emergency)
     }
 
     fn scan(&mut self, text: &[u8], half: Half, scope: Scope, at_ms: Option<f64>) {

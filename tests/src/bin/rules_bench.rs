@@ -220,7 +220,7 @@ fn inspect_requests(inspector: &Arc<Inspector>, corpus: &Corpus, seconds: f64) -
     let inspect = |api: ApiKind, body: &[u8]| {
         let mut call = CallInspection::new(Arc::clone(inspector));
         call.request(api, body, false);
-        call.finish()
+        call.finish(false)
     };
 
     let mut by_rule = BTreeMap::<String, usize>::new();
