@@ -50,12 +50,25 @@ pub enum Bench {
         #[arg(long)]
         keep: bool,
     },
+    /// Containment: time from `aegis-agent block` to the first refused connect, from a
+    /// content verdict to the call's connection destroyed (p50, p99), and connect()
+    /// latency with and without the connect programs attached (ratio). Runs in a cgroup
+    /// made for the benchmark, on loopback.
+    Contain {
+        /// Block/refuse rounds and blocked calls measured.
+        #[arg(long, default_value_t = 30)]
+        rounds: u32,
+        /// connect() calls per latency measurement.
+        #[arg(long, default_value_t = 20_000)]
+        connects: u32,
+    },
 }
 
 pub fn run(which: Bench) -> anyhow::Result<()> {
     match which {
         Bench::Capture { seconds, connections, rounds } => capture(seconds, connections, rounds),
         Bench::Rules { seconds, bodies, rulepack, keep } => rules(seconds, bodies, &rulepack, keep),
+        Bench::Contain { rounds, connects } => crate::contain::bench(rounds, connects),
     }
 }
 
@@ -122,7 +135,7 @@ fn capture(seconds: u64, connections: u32, rounds: u32) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn median(v: &[f64]) -> f64 {
+pub fn median(v: &[f64]) -> f64 {
     let mut s = v.to_vec();
     s.sort_by(f64::total_cmp);
     s[s.len() / 2]
@@ -181,7 +194,11 @@ impl AgentProc {
         let _ = std::fs::remove_file(&ready);
         std::fs::write(
             &config,
-            format!("[output]\nstdout = false\nfile = \"{}\"\nstats_interval_secs = 0\n", dir.join("calls.jsonl").display()),
+            // Capture only: containment would attach to the host's root cgroup.
+            format!(
+                "[enforce]\nenabled = false\n[output]\nstdout = false\nfile = \"{}\"\nstats_interval_secs = 0\n",
+                dir.join("calls.jsonl").display()
+            ),
         )?;
         let child = Command::new(agent_bin(true))
             .args(["run", "--config"])
@@ -231,7 +248,7 @@ impl Drop for AgentProc {
     }
 }
 
-fn strip_ansi(s: &str) -> String {
+pub fn strip_ansi(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     let mut chars = s.chars();
     while let Some(c) = chars.next() {

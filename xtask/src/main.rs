@@ -7,6 +7,7 @@
 //! toolchain to install itself from a rust-toolchain.toml, which fresh machines refuse.
 
 mod bench;
+mod contain;
 
 use std::{
     ffi::OsString,
