@@ -142,31 +142,117 @@ mod user {
     unsafe impl aya::Pod for PendingCall {}
 }
 
-/// Destination blocks enforced by the cgroup connect/sendmsg programs (`aegis-enforce`).
+/// Destination rules enforced by the cgroup connect/sendmsg programs (`aegis-enforce`).
+///
+/// Two LPM tries, one per family, keyed by `[port (big-endian) | address]` with prefix
+/// length `16 + address prefix`: a key with port 0 holds the rules for every port. The
+/// programs look up the real port first, then port 0; each entry holds up to
+/// [`RULES_PER_KEY`] scoped rules, tried in order (the agent sorts them).
 pub mod enforce {
-    /// LPM-trie key data for IPv4: the address in network byte order.
-    pub type Ip4 = [u8; 4];
-    /// LPM-trie key data for IPv6: the address in network byte order.
-    pub type Ip6 = [u8; 16];
+    /// LPM-trie key data for IPv4: the port (big-endian, 0: every port), then the address
+    /// in network byte order.
+    pub type Key4 = [u8; 6];
+    /// LPM-trie key data for IPv6: the port (big-endian, 0: every port), then the address
+    /// in network byte order.
+    pub type Key6 = [u8; 18];
+    /// Bits of a key taken by the port; an entry's prefix length is this plus the
+    /// address prefix.
+    pub const PORT_BITS: u32 = 16;
 
-    /// What a matching prefix blocks.
+    /// Rules one (prefix, port) key holds at most.
+    pub const RULES_PER_KEY: usize = 4;
+
+    /// Bumped whenever a map's definition, a key or value layout or the meaning of a
+    /// config slot changes: pinned state of another layout is replaced, never adopted.
+    pub const LAYOUT_VERSION: u64 = 2;
+    /// First slot of the pinned `META` map ("AEGISCON").
+    pub const META_MAGIC: u64 = u64::from_be_bytes(*b"AEGISCON");
+
+    /// Slots of the `META` array map (u64 each): who owns the pinned state.
+    pub const META_SLOT_MAGIC: u32 = 0;
+    pub const META_SLOT_LAYOUT: u32 = 1;
+    /// Hash of the eBPF object that created the programs.
+    pub const META_SLOT_OBJECT: u32 = 2;
+    /// cgroup id (directory inode) the programs are attached to.
+    pub const META_SLOT_CGROUP: u32 = 3;
+    pub const META_SLOTS: u32 = 8;
+
+    /// Slots of the `CONFIG` array map (u64 each).
+    /// 1: fail open (allow everything once the heartbeat is older than the grace), 0: closed.
+    pub const CFG_FAIL_OPEN: u32 = 0;
+    /// The agent's last heartbeat, CLOCK_BOOTTIME ns.
+    pub const CFG_HEARTBEAT_NS: u32 = 1;
+    pub const CFG_GRACE_NS: u32 = 2;
+    /// 1 when the offsets below are set, so executable scopes can be checked.
+    pub const CFG_EXE_READY: u32 = 3;
+    /// `task_struct.mm`, `mm_struct.exe_file`, `file.f_inode`, `inode.i_ino`,
+    /// `inode.i_sb`, `super_block.s_dev`: byte offsets read from the kernel's BTF.
+    pub const CFG_OFF_TASK_MM: u32 = 4;
+    pub const CFG_OFF_MM_EXE_FILE: u32 = 5;
+    pub const CFG_OFF_FILE_INODE: u32 = 6;
+    pub const CFG_OFF_INODE_INO: u32 = 7;
+    pub const CFG_OFF_INODE_SB: u32 = 8;
+    pub const CFG_OFF_SB_DEV: u32 = 9;
+    pub const CONFIG_SLOTS: u32 = 16;
+
+    /// Slots of the `COUNTERS` per-CPU array map (u64 each).
+    pub const CNT_DENIED: u32 = 0;
+    pub const CNT_REDIRECTED: u32 = 1;
+    /// A rule applied but the programs allowed the connect: fail-open with a stale heartbeat.
+    pub const CNT_ALLOWED_FAIL_OPEN: u32 = 2;
+    /// A rule past its expiry was passed over.
+    pub const CNT_EXPIRED_RULE_SKIPPED: u32 = 3;
+    /// A denial or redirect event did not fit in the ring buffer.
+    pub const CNT_EVENTS_LOST: u32 = 4;
+    pub const COUNTER_SLOTS: u32 = 8;
+
+    /// [`KernelRule::scope`] values. 0 never matches (an unused slot).
+    pub const SCOPE_ANY: u8 = 1;
+    /// `scope_id` is a cgroup id, `scope_aux` its level: the caller's ancestor at that
+    /// level must be that cgroup.
+    pub const SCOPE_CGROUP: u8 = 2;
+    /// `scope_id` is the executable's inode number, `scope_aux` its device in the
+    /// kernel's encoding (`major << 20 | minor`).
+    pub const SCOPE_EXE: u8 = 3;
+
+    /// [`KernelRule::action`] and [`ConnectDenied::action`] values.
+    pub const ACTION_DENY: u8 = 0;
+    /// connect only: the destination is rewritten to `redirect_addr:redirect_port`.
+    /// sendmsg is denied instead.
+    pub const ACTION_REDIRECT: u8 = 1;
+
+    /// One scoped rule.
     #[repr(C)]
     #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-    pub struct DestBlock {
-        /// Agent-side block number, reported in denial events.
-        pub id: u32,
-        /// Destination port in host byte order; 0 blocks every port.
-        pub port: u16,
-        pub _pad: u16,
-        /// Only processes in this cgroup v2 subtree (its id), 0 for every process under the
-        /// cgroup the programs are attached to.
-        pub cgroup_id: u64,
-        /// Depth of `cgroup_id` in the hierarchy (root = 0), for the ancestor check.
-        pub cgroup_level: u32,
-        pub _pad2: u32,
+    pub struct KernelRule {
+        /// Agent-side block number, reported in events.
+        pub block_id: u32,
+        pub scope: u8,
+        pub action: u8,
+        /// Family of the redirect target: 4 or 6 (0 without a redirect).
+        pub redirect_family: u8,
+        pub _pad: u8,
+        pub scope_id: u64,
+        pub scope_aux: u64,
+        /// CLOCK_BOOTTIME ns past which the rule no longer applies; 0: never expires.
+        pub expires_boot_ns: u64,
+        /// Network byte order; IPv4 in the first 4 bytes.
+        pub redirect_addr: [u8; 16],
+        /// Host byte order.
+        pub redirect_port: u16,
+        pub _pad2: [u8; 6],
     }
 
-    /// A refused connect or sendmsg, sent to the agent.
+    /// The value of one trie entry: `len` rules, tried in order.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct RuleSet {
+        pub len: u32,
+        pub _pad: u32,
+        pub rules: [KernelRule; RULES_PER_KEY],
+    }
+
+    /// A refused or redirected connect, or a refused sendmsg, sent to the agent.
     #[repr(C)]
     #[derive(Clone, Copy, Debug)]
     pub struct ConnectDenied {
@@ -176,17 +262,22 @@ pub mod enforce {
         pub block_id: u32,
         /// 4 or 6.
         pub family: u32,
-        /// Network byte order; IPv4 in the first 4 bytes.
+        /// The destination asked for. Network byte order; IPv4 in the first 4 bytes.
         pub addr: [u8; 16],
         /// Host byte order.
         pub port: u16,
         /// 1 for sendmsg (UDP), 0 for connect.
         pub sendmsg: u8,
-        pub _pad: u8,
+        /// [`ACTION_DENY`] or [`ACTION_REDIRECT`].
+        pub action: u8,
         pub comm: [u8; 16],
         pub _pad2: u32,
     }
 
     #[cfg(feature = "user")]
-    unsafe impl aya::Pod for DestBlock {}
+    mod user {
+        use super::*;
+        unsafe impl aya::Pod for KernelRule {}
+        unsafe impl aya::Pod for RuleSet {}
+    }
 }

@@ -1,7 +1,8 @@
 //! Enforcement: acting on a verdict against live traffic, not just recording it.
 //!
-//! - [`connect`]: refuse connects and UDP sends to blocked destinations in the kernel
-//!   (cgroup connect4/6, sendmsg4/6 programs), scoped to a cgroup subtree.
+//! - [`connect`]: refuse or redirect connects and refuse UDP sends to blocked destinations
+//!   in the kernel (cgroup connect4/6, sendmsg4/6 programs), scoped to a cgroup subtree or
+//!   an executable, with kernel-side expiry; pinned so blocks outlive the agent.
 //! - [`sockdiag`]: cut established TCP connections to blocked destinations from user space
 //!   (netlink sock_diag `SOCK_DESTROY`, what `ss -K` does).
 //! - [`verdict`]: stop a call whose verdict is block while it is on the wire.
