@@ -6,4 +6,5 @@
 //!   (netlink sock_diag `SOCK_DESTROY`, what `ss -K` does).
 
 pub mod connect;
+pub mod providers;
 pub mod sockdiag;
