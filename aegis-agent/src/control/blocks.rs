@@ -1083,7 +1083,10 @@ mod tests {
         let fb = |target: BlockTarget, addr: &str| BlockSpec { fallback: Some(addr.parse().unwrap()), ..spec(target) };
         let openai = || BlockTarget::Provider("openai".into());
         let dest = |s: &str| BlockTarget::Dest(parse_dest(s).unwrap());
-        assert_eq!(fb(openai(), "127.0.0.1:8443").validated().unwrap().fallback, Some("127.0.0.1:8443".parse().unwrap()));
+        assert_eq!(
+            fb(openai(), "127.0.0.1:8443").validated().unwrap().fallback,
+            Some("127.0.0.1:8443".parse().unwrap())
+        );
         assert_eq!(
             fb(openai(), "[::ffff:10.0.0.5]:443").validated().unwrap().fallback,
             Some("10.0.0.5:443".parse().unwrap()),

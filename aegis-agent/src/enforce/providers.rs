@@ -318,7 +318,8 @@ impl ProviderBook {
             let provider = Provider::parse(&name, &table)?;
             for pattern in provider.exact.iter().chain(&provider.suffixes) {
                 if let Some(other) = owners.insert(pattern.clone(), name.clone()) {
-                    let shown = if provider.suffixes.contains(pattern) { format!("*{pattern}") } else { pattern.clone() };
+                    let shown =
+                        if provider.suffixes.contains(pattern) { format!("*{pattern}") } else { pattern.clone() };
                     return Err(format!(
                         "providers: host {shown} is listed under both [providers.{other}] and [providers.{name}]; \
                          a host belongs to one provider"
@@ -590,9 +591,11 @@ impl ProviderBook {
             }
         }
         let addresses = self.addresses_of(name);
-        let wildcards = self.inner.providers.get(name).map_or_else(Vec::new, |p| {
-            p.suffixes.iter().map(|s| format!("*{s}")).collect()
-        });
+        let wildcards = self
+            .inner
+            .providers
+            .get(name)
+            .map_or_else(Vec::new, |p| p.suffixes.iter().map(|s| format!("*{s}")).collect());
         Resolution { changed: addresses != before, addresses, failed, wildcards }
     }
 
@@ -890,9 +893,7 @@ mod tests {
         }
         assert_eq!(r.addresses.ports, [8443]);
         assert!(
-            r.addresses
-                .destinations()
-                .contains(&Destination { net: IpNet::host(ip("127.0.0.1")), port: Some(8443) })
+            r.addresses.destinations().contains(&Destination { net: IpNet::host(ip("127.0.0.1")), port: Some(8443) })
         );
         assert_eq!(book.addresses("local").unwrap(), r.addresses);
         assert_eq!(book.tracked_hosts("local").unwrap(), ["localhost"]);
@@ -1025,7 +1026,9 @@ mod tests {
     fn literals_and_cidrs_need_no_dns() {
         let script = Script::default();
         let book = ProviderBook::with_resolver(
-            &config("[lab]\nhosts = [\"10.1.0.0/16\", \"192.0.2.7\", \"[2001:db8::]/32\", \"::1\"]\nports = [8443, 443]\n"),
+            &config(
+                "[lab]\nhosts = [\"10.1.0.0/16\", \"192.0.2.7\", \"[2001:db8::]/32\", \"::1\"]\nports = [8443, 443]\n",
+            ),
             BookSettings::default(),
             script.resolver(),
         )
@@ -1082,21 +1085,33 @@ mod tests {
             "[providers.My_GW]: a provider name is 1 to 64 lower-case letters, digits and '-' (e.g. openai, \
              azure-openai, my-gateway)"
         );
-        assert_eq!(bad("[gw]\nhosts = []\n"), "[providers.gw] has no hosts: list host names, wildcards (*.example.com), IPs or CIDRs");
+        assert_eq!(
+            bad("[gw]\nhosts = []\n"),
+            "[providers.gw] has no hosts: list host names, wildcards (*.example.com), IPs or CIDRs"
+        );
         assert_eq!(
             bad("[gw]\nhosts = [\"*.com\"]\n"),
             "[providers.gw] hosts: \"*.com\" is not a wildcard this agent reads: '*' then '.' or '-' then a domain \
              of at least two labels, e.g. *.openai.azure.com or *-aiplatform.googleapis.com"
         );
-        assert_eq!(bad("[gw]\nhosts = [\"gw.example:8443\"]\n"), "[providers.gw] hosts: \"gw.example:8443\" has a port: list ports under ports, not in hosts");
-        assert_eq!(bad("[gw]\nhosts = [\"10.0.0.1:8443\"]\n"), "[providers.gw] hosts: \"10.0.0.1:8443\" has a port: list ports under ports, not in hosts");
+        assert_eq!(
+            bad("[gw]\nhosts = [\"gw.example:8443\"]\n"),
+            "[providers.gw] hosts: \"gw.example:8443\" has a port: list ports under ports, not in hosts"
+        );
+        assert_eq!(
+            bad("[gw]\nhosts = [\"10.0.0.1:8443\"]\n"),
+            "[providers.gw] hosts: \"10.0.0.1:8443\" has a port: list ports under ports, not in hosts"
+        );
         assert!(bad("[gw]\nhosts = [\"10.0.0.1/8\"]\n").contains("has host bits set"));
         assert_eq!(
             bad("[gw]\nhosts = [\"https://gw.example\"]\n"),
             "[providers.gw] hosts: \"https://gw.example\" is a URL: list the host name alone (e.g. gw.example.com)"
         );
         assert!(bad("[gw]\nhosts = [\"gw.example/v1\"]\n").contains("is not a host name"));
-        assert_eq!(bad("[gw]\nhosts = [\"x.example\"]\nports = [0]\n"), "[providers.gw] ports: 0 is not a port (leave ports empty for every port)");
+        assert_eq!(
+            bad("[gw]\nhosts = [\"x.example\"]\nports = [0]\n"),
+            "[providers.gw] ports: 0 is not a port (leave ports empty for every port)"
+        );
         assert_eq!(
             bad("[gw]\nhosts = [\"api.anthropic.com\"]\n"),
             "providers: host api.anthropic.com is listed under both [providers.anthropic] and [providers.gw]; a host \
@@ -1152,8 +1167,8 @@ mod tests {
         let script = Script::default();
         script.set("a.openai.azure.com", Ok(&["192.0.2.1"]));
         script.set("b.openai.azure.com", Ok(&["192.0.2.2"]));
-        let book = ProviderBook::with_resolver(&ProvidersConfig::new(), BookSettings::default(), script.resolver())
-            .unwrap();
+        let book =
+            ProviderBook::with_resolver(&ProvidersConfig::new(), BookSettings::default(), script.resolver()).unwrap();
         book.learn("a.openai.azure.com");
         let r = book.resolve_now("azure-openai").unwrap();
         assert_eq!(nets(&r.addresses), ["192.0.2.1/32"]);
