@@ -64,6 +64,10 @@ enum Command {
         #[command(subcommand)]
         command: RulesCommand,
     },
+    /// Commands for the running agent, over its control socket. Exit status: 0 done, 1
+    /// refused by the agent, 2 bad arguments, 3 the agent could not be asked.
+    #[command(flatten)]
+    Control(aegis_agent::commands::control::ControlCommand),
 }
 
 #[derive(Subcommand)]
@@ -104,6 +108,9 @@ fn main() -> std::process::ExitCode {
                     std::process::ExitCode::from(3)
                 }
             };
+        }
+        Command::Control(command) => {
+            return std::process::ExitCode::from(aegis_agent::commands::control::run(&command));
         }
         Command::Rules { command: RulesCommand::Test { packs } } => match aegis_agent::commands::rules::test(&packs) {
             Ok(failures) if failures.is_empty() => Ok(()),

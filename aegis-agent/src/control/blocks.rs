@@ -93,6 +93,11 @@ pub struct BlockSpec {
     pub scope: Scope,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires: Option<Expiry>,
+    /// Where blocked connects go instead of failing: an endpoint speaking the same API (a
+    /// local gateway, a self-hosted model). The kernel rewrites the connect's destination,
+    /// so only provider and dest blocks, which are enforced on connects, take one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fallback: Option<SocketAddr>,
     pub reason: String,
 }
 
@@ -583,7 +588,7 @@ impl Expiry {
 impl BlockSpec {
     /// Check every field and normalise names; the error says which field and why.
     pub fn validated(self) -> Result<Self, String> {
-        let Self { target, scope, expires, reason } = self;
+        let Self { target, scope, expires, fallback, reason } = self;
         check_text("the reason", &reason, MAX_REASON_BYTES)
             .map_err(|e| format!("{e}: give one line saying why (it goes into the audit log)"))?;
         let target = target.validated()?;
@@ -591,8 +596,44 @@ impl BlockSpec {
         if matches!(target, BlockTarget::Tenant(_)) && scope != Scope::Host {
             return Err("a tenant block names its cgroup already: it takes no cgroup or exe scope".into());
         }
-        Ok(Self { target, scope, expires, reason: reason.trim().to_owned() })
+        let fallback = fallback.map(|f| check_fallback(&target, f)).transpose()?;
+        Ok(Self { target, scope, expires, fallback, reason: reason.trim().to_owned() })
     }
+}
+
+/// A fallback endpoint for `target`, normalised (an IPv4-mapped address as IPv4).
+fn check_fallback(target: &BlockTarget, fallback: SocketAddr) -> Result<SocketAddr, String> {
+    let fallback = SocketAddr::new(fallback.ip().to_canonical(), fallback.port());
+    if !matches!(target, BlockTarget::Provider(_) | BlockTarget::Dest(_)) {
+        return Err(format!(
+            "a fallback applies only to provider and dest blocks (the kernel redirects their connects); {target} is \
+             blocked call by call: leave the fallback out"
+        ));
+    }
+    if fallback.port() == 0 {
+        return Err(format!("fallback {fallback}: port 0 is not a port"));
+    }
+    let ip = fallback.ip();
+    if ip.is_unspecified() || ip.is_multicast() || ip == IpAddr::V4(Ipv4Addr::BROADCAST) {
+        return Err(format!("fallback {fallback} is not an address a connection can be made to"));
+    }
+    if let BlockTarget::Dest(d) = target {
+        if d.net.is_ipv4() != ip.is_ipv4() {
+            let family = |v4: bool| if v4 { "IPv4" } else { "IPv6" };
+            return Err(format!(
+                "fallback {fallback} is {} but the destination {d} is {}: the kernel redirects a connect only \
+                 within its address family",
+                family(ip.is_ipv4()),
+                family(d.net.is_ipv4())
+            ));
+        }
+        if d.matches(fallback) {
+            return Err(format!(
+                "fallback {fallback} is inside the blocked destination {d}: connects to it would be blocked too"
+            ));
+        }
+    }
+    Ok(fallback)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -853,7 +894,7 @@ mod tests {
     use crate::control::testutil::TempDir;
 
     fn spec(target: BlockTarget) -> BlockSpec {
-        BlockSpec { target, scope: Scope::Host, expires: None, reason: "incident 42".into() }
+        BlockSpec { target, scope: Scope::Host, expires: None, fallback: None, reason: "incident 42".into() }
     }
 
     fn actor() -> Actor {
@@ -1036,6 +1077,42 @@ mod tests {
             Err("the expiry 1970-01-01T00:00:04.000000Z is in the past".into())
         );
         assert_eq!(Expiry::AtUnix(6).deadline_ms(5000), Ok(6000));
+
+        // Fallbacks: provider and dest blocks only, an address a connect can go to, in the
+        // destination's family and outside it.
+        let fb = |target: BlockTarget, addr: &str| BlockSpec { fallback: Some(addr.parse().unwrap()), ..spec(target) };
+        let openai = || BlockTarget::Provider("openai".into());
+        let dest = |s: &str| BlockTarget::Dest(parse_dest(s).unwrap());
+        assert_eq!(
+            fb(openai(), "127.0.0.1:8443").validated().unwrap().fallback,
+            Some("127.0.0.1:8443".parse().unwrap())
+        );
+        assert_eq!(
+            fb(openai(), "[::ffff:10.0.0.5]:443").validated().unwrap().fallback,
+            Some("10.0.0.5:443".parse().unwrap()),
+            "IPv4-mapped: as IPv4"
+        );
+        assert!(fb(dest("10.0.0.0/8:443"), "10.0.0.5:8443").validated().is_ok(), "same network, another port");
+        assert_eq!(
+            err(fb(BlockTarget::Model("gpt-4o".into()), "127.0.0.1:8443")),
+            "a fallback applies only to provider and dest blocks (the kernel redirects their connects); model gpt-4o \
+             is blocked call by call: leave the fallback out"
+        );
+        assert!(err(fb(BlockTarget::Tenant("/t".into()), "127.0.0.1:8443")).starts_with("a fallback applies only"));
+        assert_eq!(err(fb(openai(), "127.0.0.1:0")), "fallback 127.0.0.1:0: port 0 is not a port");
+        assert_eq!(
+            err(fb(openai(), "0.0.0.0:443")),
+            "fallback 0.0.0.0:443 is not an address a connection can be made to"
+        );
+        assert_eq!(
+            err(fb(dest("10.0.0.0/8:443"), "[::1]:443")),
+            "fallback [::1]:443 is IPv6 but the destination 10.0.0.0/8:443 is IPv4: the kernel redirects a connect \
+             only within its address family"
+        );
+        assert_eq!(
+            err(fb(dest("10.0.0.0/8"), "10.1.2.3:8443")),
+            "fallback 10.1.2.3:8443 is inside the blocked destination 10.0.0.0/8: connects to it would be blocked too"
+        );
         assert_eq!(Expiry::after(Duration::from_secs(90)).deadline_ms(5000), Ok(95_000));
     }
 

@@ -199,6 +199,7 @@ mod tests {
             target: BlockTarget::Dest(parse_dest("10.0.0.0/8:443").unwrap()),
             scope: Scope::Exe(PathBuf::from("/usr/bin/python3")),
             expires: Some(Expiry::AfterSecs(900)),
+            fallback: None,
             reason: "incident 42".into(),
         };
         let actor = Actor { uid: 0, gid: 0, pid: 7, comm: "aegis-agent".into(), user: Some("root".into()) };
@@ -213,12 +214,21 @@ mod tests {
                 target: BlockTarget::Route { host: "api.openai.com".into(), path_prefix: "/v1".into() },
                 scope: Scope::Cgroup("/team-a".into()),
                 expires: Some(Expiry::AtUnix(1_800_000_000)),
+                fallback: None,
                 reason: "r".into(),
             }),
             Request::Block(BlockSpec {
                 target: BlockTarget::Tenant("/t".into()),
                 scope: Scope::Host,
                 expires: None,
+                fallback: None,
+                reason: "r".into(),
+            }),
+            Request::Block(BlockSpec {
+                target: BlockTarget::Provider("openai".into()),
+                scope: Scope::Host,
+                expires: None,
+                fallback: Some("[2001:db8::7]:8443".parse().unwrap()),
                 reason: "r".into(),
             }),
             Request::Unblock { id: "blk-0000002a".into() },
@@ -268,11 +278,18 @@ mod tests {
             target: BlockTarget::Provider("openai".into()),
             scope: Scope::Host,
             expires: Some(Expiry::AfterSecs(900)),
+            fallback: None,
             reason: "incident 42".into(),
         });
         assert_eq!(
             encode_request(&req),
             r#"{"v":1,"op":"block","target":{"provider":"openai"},"scope":"host","expires":{"after_secs":900},"reason":"incident 42"}"#
+        );
+        let Request::Block(spec) = req else { unreachable!() };
+        let with_fallback = Request::Block(BlockSpec { fallback: Some("127.0.0.1:8443".parse().unwrap()), ..spec });
+        assert_eq!(
+            encode_request(&with_fallback),
+            r#"{"v":1,"op":"block","target":{"provider":"openai"},"scope":"host","expires":{"after_secs":900},"fallback":"127.0.0.1:8443","reason":"incident 42"}"#
         );
         assert_eq!(
             encode_request(&Request::Emergency { on: true, cgroup: Some("/a".into()) }),
@@ -294,6 +311,7 @@ mod tests {
                 target: BlockTarget::Model("gpt-4o".into()),
                 scope: Scope::Host,
                 expires: None,
+                fallback: None,
                 reason: "r".into()
             }))
         );

@@ -55,14 +55,15 @@ pub fn blocks_table(blocks: &[Block], emergency: &Emergency, now_ms: u64) -> Str
         out.push_str("no active blocks\n");
         return out;
     }
-    let header = ["ID", "TARGET", "SCOPE", "EXPIRES", "SET BY", "SET AT", "REASON"].map(String::from);
-    let rows: Vec<[String; 7]> = blocks
+    let header = ["ID", "TARGET", "SCOPE", "FALLBACK", "EXPIRES", "SET BY", "SET AT", "REASON"].map(String::from);
+    let rows: Vec<[String; 8]> = blocks
         .iter()
         .map(|b| {
             [
                 clean(&b.id),
                 clean(&b.spec.target.to_string()),
                 clean(&b.spec.scope.to_string()),
+                b.spec.fallback.map_or_else(|| "-".into(), |f| f.to_string()),
                 expires_cell(b, now_ms),
                 b.created_by.to_string(),
                 short_time(&b.created_at),
@@ -70,7 +71,7 @@ pub fn blocks_table(blocks: &[Block], emergency: &Emergency, now_ms: u64) -> Str
             ]
         })
         .collect();
-    let mut widths = [0usize; 7];
+    let mut widths = [0usize; 8];
     for row in std::iter::once(&header).chain(&rows) {
         for (w, cell) in widths.iter_mut().zip(row) {
             *w = (*w).max(cell.chars().count());
@@ -104,10 +105,11 @@ pub fn blocks_json(blocks: &[Block], emergency: &Emergency) -> String {
 pub fn reply_text(reply: &Reply, now_ms: u64) -> String {
     match reply {
         Reply::Blocked { block, report } => format!(
-            "{}: blocked {} ({}), expires {}; {report}\n",
+            "{}: blocked {} ({}){}, expires {}; {report}\n",
             block.id,
             clean(&block.spec.target.to_string()),
             clean(&block.spec.scope.to_string()),
+            block.spec.fallback.map(|f| format!(", connects redirected to {f}")).unwrap_or_default(),
             expires_cell(block, now_ms)
         ),
         Reply::Unblocked { block, report } => format!(
@@ -149,10 +151,17 @@ mod tests {
 
     const NOW: u64 = 1_700_000_000_000;
 
-    fn block(id: &str, target: BlockTarget, scope: Scope, expires: Option<Expiry>, reason: &str) -> Block {
-        let spec = BlockSpec { target, scope, expires, reason: reason.into() };
+    fn spec_of(target: BlockTarget, scope: Scope, expires: Option<Expiry>, reason: &str) -> BlockSpec {
+        BlockSpec { target, scope, expires, fallback: None, reason: reason.into() }
+    }
+
+    fn block_of(id: &str, spec: BlockSpec) -> Block {
         let actor = Actor { uid: 0, gid: 0, pid: 4242, comm: "bash".into(), user: Some("root".into()) };
         Block::new(id.into(), spec, actor, NOW).unwrap()
+    }
+
+    fn block(id: &str, target: BlockTarget, scope: Scope, expires: Option<Expiry>, reason: &str) -> Block {
+        block_of(id, spec_of(target, scope, expires, reason))
     }
 
     #[test]
@@ -177,12 +186,17 @@ mod tests {
                 Some(Expiry::AfterSecs(900)),
                 "incident 42",
             ),
-            block(
+            block_of(
                 "blk-00000002",
-                BlockTarget::Dest(parse_dest("10.0.0.0/8:443").unwrap()),
-                Scope::Cgroup("/team-a".into()),
-                None,
-                "exfil \u{1b}[2J",
+                BlockSpec {
+                    fallback: Some("127.0.0.1:8443".parse().unwrap()),
+                    ..spec_of(
+                        BlockTarget::Dest(parse_dest("10.0.0.0/8:443").unwrap()),
+                        Scope::Cgroup("/team-a".into()),
+                        None,
+                        "exfil \u{1b}[2J",
+                    )
+                },
             ),
         ];
         let mut emergency = Emergency::default();
@@ -191,9 +205,9 @@ mod tests {
         assert_eq!(
             text,
             "emergency mode: on for cgroups /team-a\n\
-             ID            TARGET               SCOPE           EXPIRES    SET BY                       SET AT                REASON\n\
-             blk-00000001  provider openai      host            in 14m 3s  root (uid 0, pid 4242 bash)  2023-11-14 22:13:20Z  incident 42\n\
-             blk-00000002  dest 10.0.0.0/8:443  cgroup /team-a  never      root (uid 0, pid 4242 bash)  2023-11-14 22:13:20Z  exfil \\u{1b}[2J\n"
+             ID            TARGET               SCOPE           FALLBACK        EXPIRES    SET BY                       SET AT                REASON\n\
+             blk-00000001  provider openai      host            -               in 14m 3s  root (uid 0, pid 4242 bash)  2023-11-14 22:13:20Z  incident 42\n\
+             blk-00000002  dest 10.0.0.0/8:443  cgroup /team-a  127.0.0.1:8443  never      root (uid 0, pid 4242 bash)  2023-11-14 22:13:20Z  exfil \\u{1b}[2J\n"
         );
         assert_eq!(blocks_table(&[], &Emergency::default(), NOW), "emergency mode: off\nno active blocks\n");
 
@@ -202,6 +216,8 @@ mod tests {
         assert_eq!(json["blocks"][1]["spec"]["target"]["dest"]["prefix"], 8);
         assert_eq!(json["blocks"][0]["created_by"]["pid"], 4242);
         assert_eq!(json["blocks"][0]["expires_at"], "2023-11-14T22:28:20.000000Z");
+        assert_eq!(json["blocks"][1]["spec"]["fallback"], "127.0.0.1:8443");
+        assert!(json["blocks"][0]["spec"].get("fallback").is_none());
     }
 
     #[test]
@@ -217,6 +233,18 @@ mod tests {
         assert_eq!(
             reply_text(&Reply::Blocked { block: b.clone(), report: report.clone() }, NOW),
             "blk-00000001: blocked model gpt-4o (exe /usr/bin/python3), expires never; killed 1 connection; 2 map entries\n"
+        );
+        let redirected = block_of(
+            "blk-00000003",
+            BlockSpec {
+                fallback: Some("[::1]:8443".parse().unwrap()),
+                ..spec_of(BlockTarget::Provider("openai".into()), Scope::Host, Some(Expiry::AfterSecs(60)), "r")
+            },
+        );
+        assert_eq!(
+            reply_text(&Reply::Blocked { block: redirected, report: ApplyReport::default() }, NOW),
+            "blk-00000003: blocked provider openai (host), connects redirected to [::1]:8443, expires in 1m; killed 0 \
+             connections\n"
         );
         assert_eq!(
             reply_text(&Reply::Unblocked { block: b, report: ApplyReport::default() }, NOW),

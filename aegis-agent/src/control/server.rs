@@ -925,7 +925,7 @@ mod tests {
     }
 
     fn spec(target: BlockTarget, expires: Option<Expiry>) -> BlockSpec {
-        BlockSpec { target, scope: Scope::Host, expires, reason: "incident 42".into() }
+        BlockSpec { target, scope: Scope::Host, expires, fallback: None, reason: "incident 42".into() }
     }
 
     fn list(socket: &Path) -> (Vec<Block>, Emergency) {

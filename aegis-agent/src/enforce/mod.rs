@@ -8,5 +8,6 @@
 //! - [`verdict`]: stop a call whose verdict is block while it is on the wire.
 
 pub mod connect;
+pub mod providers;
 pub mod sockdiag;
 pub mod verdict;
