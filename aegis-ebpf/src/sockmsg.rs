@@ -1,0 +1,497 @@
+//! The in-kernel content gate: refuse the send that carries a flagged TLS write, before
+//! any byte of it leaves the host.
+//!
+//! Kernel interfaces relied on:
+//! ```c
+//! // sockops, attached to a cgroup: called with op BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB
+//! // when a connect() of a socket created in that cgroup completes (no cb flags needed).
+//! long bpf_sock_hash_update(struct bpf_sock_ops *skops, struct bpf_map *map, void *key, u64 flags);
+//! u64 bpf_get_socket_cookie(struct bpf_sock_ops *ctx);
+//! // sk_msg verdict, attached to the sockhash: runs in the sender's context for every
+//! // sendmsg/sendfile on a socket of the hash (tcp_bpf_sendmsg); SK_DROP makes the call
+//! // fail with EACCES and nothing of it is queued.
+//! struct sk_msg_md { ...; __u32 family, remote_ip4, local_ip4, remote_ip6[4], local_ip6[4],
+//!                    remote_port /* network order */, local_port /* host order */, size; ... };
+//! ```
+//! The SSL_write entry probes (`openssl.rs`) call [`write_enter`] and the return probes
+//! [`write_exit`]; the per-thread entry in `GATE_PENDING` ties the library call to the
+//! send the sk_msg program then sees on the same thread. A send within the call (OpenSSL
+//! on a socket BIO: python, curl) or, for writers that encrypt into memory and send
+//! right after the call (node), the thread's first send within `flush_window_ns` of the
+//! return.
+//!
+//! # The scan
+//!
+//! The first [`GATE_SCAN_MAX`] bytes of plaintext are copied to a per-CPU buffer and
+//! searched for up to [`GATE_KEYWORDS_MAX`] keywords (4 to 32 bytes, ASCII
+//! case-insensitive):
+//! 1. Prefilter: every `stride`-th position's 4-byte gram (lower-cased 8 bytes at a time,
+//!    SWAR) is hashed to 16 bits and tested in a 64 Kbit bitmap of the keywords' grams at
+//!    offsets `0..stride`. `stride` is 4 when the shortest keyword has at least 7 bytes (2
+//!    from 5, else 1), so every occurrence covers a tested gram. 64 bytes per `bpf_loop`
+//!    step; no branch per position.
+//! 2. A block with a hit re-reads its hit positions; the bucket's keyword mask says which
+//!    keywords to compare (four masked 8-byte compares each) at the `stride` candidate
+//!    starts.
+
+use core::{
+    ffi::c_void,
+    ptr::{read_unaligned, read_volatile},
+};
+
+use aegis_common::gate::{
+    ConnKey, ConnSock, GATE_KEYWORDS_MAX, GATE_PORTS_MAX, GATE_SCAN_MAX, GATE_STAT_SLOTS, GateConfig,
+    GateEvent, GateKeyword, GatePending, GateStat, GateTables, NO_MATCH, SockInfo, SockTuple,
+    gram_bucket, lower8,
+};
+use aya_ebpf::{
+    EbpfContext as _,
+    bindings::{BPF_ANY, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, sk_action},
+    helpers::{
+        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_current_comm,
+        bpf_get_current_pid_tgid, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_loop,
+        bpf_probe_read_user_buf,
+    },
+    macros::{map, sk_msg, sock_ops},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf, SockHash},
+    programs::{SkMsgContext, SockOpsContext},
+};
+
+/// Slot 0: [`GateConfig`], written by the agent.
+#[map]
+static GATE_CONFIG: Array<GateConfig> = Array::with_max_entries(1, 0);
+
+/// The keywords, slots `0..GateConfig::keywords`.
+#[map]
+static GATE_KEYWORDS: Array<GateKeyword> = Array::with_max_entries(GATE_KEYWORDS_MAX as u32, 0);
+
+/// Slot 0: the prefilter tables.
+#[map]
+static GATE_TABLES: Array<GateTables> = Array::with_max_entries(1, 0);
+
+/// Remote ports (host order) whose connections are gated.
+#[map]
+static GATE_PORTS: HashMap<u16, u8> = HashMap::with_max_entries(GATE_PORTS_MAX, 0);
+
+/// Gated sockets; the sk_msg verdict is attached to this map.
+#[map]
+static GATE_SOCKS: SockHash<SockTuple> = SockHash::with_max_entries(16384, 0);
+
+/// Socket cookies of gated sockets, by addresses (the sk_msg program has no cookie helper).
+#[map]
+static GATE_SOCK_INFO: LruHashMap<SockTuple, SockInfo> = LruHashMap::with_max_entries(16384, 0);
+
+/// The SSL-to-socket index: (tgid, SSL *) -> the socket its last write went out on.
+#[map]
+static GATE_INDEX: LruHashMap<ConnKey, ConnSock> = LruHashMap::with_max_entries(16384, 0);
+
+/// SSL_write calls in flight or just returned, per thread (pid_tgid).
+#[map]
+static GATE_PENDING: LruHashMap<u64, GatePending> = LruHashMap::with_max_entries(16384, 0);
+
+/// Refused sends, for the agent.
+#[map]
+static GATE_EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
+
+/// Counters by [`GateStat`].
+#[map]
+static GATE_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(GATE_STAT_SLOTS as u32, 0);
+
+/// Room past the scanned bytes: block reads go 8 bytes past a block, keyword compares 32
+/// bytes past a start. Bytes past the copied length are stale and never decide a match.
+const SCAN_SLACK: usize = 128;
+
+#[repr(C)]
+struct ScanBuf {
+    data: [u8; GATE_SCAN_MAX + SCAN_SLACK],
+}
+
+#[map]
+static GATE_SCRATCH: PerCpuArray<ScanBuf> = PerCpuArray::with_max_entries(1, 0);
+
+#[inline(always)]
+fn bump(stat: GateStat, by: u64) {
+    if let Some(c) = GATE_STATS.get_ptr_mut(stat as u32) {
+        // Per-CPU slot: no other writer while this program runs on this CPU.
+        unsafe { *c += by };
+    }
+}
+
+#[inline(always)]
+fn config() -> Option<&'static GateConfig> {
+    GATE_CONFIG.get(0).filter(|c| c.enabled != 0)
+}
+
+/// `SSL_write*` entry: note the call for this thread and scan its plaintext.
+#[inline(always)]
+pub fn write_enter(ssl: u64, buf: u64, num: u64) {
+    let Some(cfg) = config() else {
+        return;
+    };
+    if cfg.cgroup_level > 0
+        && unsafe { bpf_get_current_ancestor_cgroup_id(cfg.cgroup_level as i32) } != cfg.cgroup_id
+    {
+        return;
+    }
+    let mut pending = GatePending {
+        ssl,
+        returned_ns: 0,
+        plain_len: num,
+        keyword: NO_MATCH,
+        sends: 0,
+        cgroup_id: 0,
+        comm: [0; 16],
+    };
+    if cfg.keywords > 0 && num >= 4 {
+        pending.keyword = scan(cfg, buf, num);
+        if pending.keyword != NO_MATCH {
+            pending.cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+            pending.comm = bpf_get_current_comm().unwrap_or([0; 16]);
+        }
+    }
+    let _ = GATE_PENDING.insert(&bpf_get_current_pid_tgid(), &pending, 0);
+}
+
+/// `SSL_write*` return: a call whose send was seen is done; one that sent nothing yet
+/// (encrypted into memory) keeps its entry for the flush window.
+#[inline(always)]
+pub fn write_exit() {
+    if config().is_none() {
+        return;
+    }
+    let key = bpf_get_current_pid_tgid();
+    let Some(p) = GATE_PENDING.get_ptr_mut(&key) else {
+        return;
+    };
+    let p = unsafe { &mut *p };
+    if p.sends > 0 {
+        let _ = GATE_PENDING.remove(&key);
+    } else {
+        p.returned_ns = unsafe { bpf_ktime_get_ns() };
+    }
+}
+
+/// What the scan callbacks share; lives on the entry probe's stack.
+#[repr(C)]
+struct ScanCtx {
+    /// Bytes copied (<= GATE_SCAN_MAX).
+    len: u64,
+    /// Bit i: position `base + i` passed the prefilter.
+    hit: u64,
+    base: u64,
+    /// Keyword slot found, or NO_MATCH.
+    found: u32,
+    keywords: u32,
+    /// The position under comparison and its bucket's keyword mask.
+    pos: u64,
+    mask: u32,
+    candidates: u32,
+}
+
+#[inline(always)]
+fn scan(cfg: &GateConfig, buf: u64, num: u64) -> u32 {
+    let Some(scratch) = GATE_SCRATCH.get_ptr_mut(0) else {
+        return NO_MATCH;
+    };
+    let start = unsafe { bpf_ktime_get_ns() };
+    // Opaque to the compiler, so the bound below is checked on the very register that
+    // becomes the read's size (else LLVM may pass an equal but unbounded copy).
+    let mut len = unsafe { read_volatile(&num) } as usize;
+    if len > GATE_SCAN_MAX {
+        len = GATE_SCAN_MAX;
+        bump(GateStat::Truncated, 1);
+    }
+    let dst = unsafe { core::slice::from_raw_parts_mut((*scratch).data.as_mut_ptr(), len) };
+    if unsafe { bpf_probe_read_user_buf(buf as *const u8, dst) }.is_err() {
+        bump(GateStat::ReadFailed, 1);
+        return NO_MATCH;
+    }
+    let mut ctx = ScanCtx {
+        len: len as u64,
+        hit: 0,
+        base: 0,
+        found: NO_MATCH,
+        keywords: cfg.keywords,
+        pos: 0,
+        mask: 0,
+        candidates: 0,
+    };
+    let blocks = (len as u32).div_ceil(64);
+    let c = &mut ctx as *mut ScanCtx as *mut c_void;
+    // One call per stride: the verifier wants a constant callback.
+    unsafe {
+        match cfg.stride {
+            4 => bpf_loop(blocks, scan_block::<4> as *mut c_void, c, 0),
+            2 => bpf_loop(blocks, scan_block::<2> as *mut c_void, c, 0),
+            _ => bpf_loop(blocks, scan_block::<1> as *mut c_void, c, 0),
+        };
+    }
+    bump(GateStat::Scans, 1);
+    bump(GateStat::ScannedBytes, len as u64);
+    bump(GateStat::Candidates, u64::from(ctx.candidates));
+    if ctx.found != NO_MATCH {
+        bump(GateStat::Matches, 1);
+    }
+    bump(GateStat::ScanNs, unsafe { bpf_ktime_get_ns() } - start);
+    ctx.found
+}
+
+/// Lower-cased 8 bytes at `at` of the scan buffer (`at` <= GATE_SCAN_MAX + SCAN_SLACK - 8).
+#[inline(always)]
+fn word(data: *const u8, at: usize) -> u64 {
+    lower8(unsafe { read_unaligned(data.add(at) as *const u64) })
+}
+
+/// Prefilter block `index` (64 bytes); compare its hits. Returns 1 to stop the loop.
+#[inline(never)]
+extern "C" fn scan_block<const S: usize>(index: u64, ctx: *mut c_void) -> i64 {
+    let ctx = unsafe { &mut *(ctx as *mut ScanCtx) };
+    let (Some(scratch), Some(tables)) = (GATE_SCRATCH.get_ptr(0), GATE_TABLES.get_ptr(0)) else {
+        return 1;
+    };
+    let data = unsafe { (*scratch).data.as_ptr() };
+    let bitmap = unsafe { &(*tables).bitmap };
+    let base = ((index as usize) & (GATE_SCAN_MAX / 64 - 1)) * 64;
+    let mut hit = 0u64;
+    let mut next = word(data, base);
+    let mut w = 0;
+    while w < 8 {
+        let x = next;
+        next = word(data, base + 8 * w + 8);
+        let mut j = 0;
+        while j < 8 {
+            let gram = if j <= 4 { (x >> (8 * j)) as u32 } else { ((x >> (8 * j)) | (next << (64 - 8 * j))) as u32 };
+            let b = gram_bucket(gram) as usize;
+            let bit = (bitmap[b >> 6] >> (b & 63)) & 1;
+            hit |= bit << (8 * w + j);
+            j += S;
+        }
+        w += 1;
+    }
+    if hit == 0 {
+        return 0;
+    }
+    ctx.hit = hit;
+    ctx.base = base as u64;
+    unsafe {
+        bpf_loop((64 / S) as u32, verify_pos::<S> as *mut c_void, ctx as *mut ScanCtx as *mut c_void, 0);
+    }
+    i64::from(ctx.found != NO_MATCH)
+}
+
+/// Tested position `i * S` of the current block: if it passed the prefilter, compare the
+/// keywords of its bucket.
+#[inline(never)]
+extern "C" fn verify_pos<const S: usize>(i: u64, ctx: *mut c_void) -> i64 {
+    let ctx = unsafe { &mut *(ctx as *mut ScanCtx) };
+    let j = (i as usize * S) & 63;
+    if (ctx.hit >> j) & 1 == 0 {
+        return 0;
+    }
+    let (Some(scratch), Some(tables)) = (GATE_SCRATCH.get_ptr(0), GATE_TABLES.get_ptr(0)) else {
+        return 1;
+    };
+    let pos = (ctx.base as usize & (GATE_SCAN_MAX - 1)) + j;
+    let b = gram_bucket(word(unsafe { (*scratch).data.as_ptr() }, pos) as u32) as usize;
+    let mask = unsafe { (*tables).masks[b & 0xffff] };
+    if mask == 0 {
+        return 0;
+    }
+    ctx.candidates += 1;
+    ctx.pos = pos as u64;
+    ctx.mask = mask;
+    let n = if ctx.keywords as usize > GATE_KEYWORDS_MAX { GATE_KEYWORDS_MAX as u32 } else { ctx.keywords };
+    unsafe {
+        bpf_loop(n, verify_keyword::<S> as *mut c_void, ctx as *mut ScanCtx as *mut c_void, 0);
+    }
+    i64::from(ctx.found != NO_MATCH)
+}
+
+/// Keyword slot `k`, if in the bucket's mask, at each start that puts one of its first
+/// `S` grams at the current position.
+#[inline(never)]
+extern "C" fn verify_keyword<const S: usize>(k: u64, ctx: *mut c_void) -> i64 {
+    let ctx = unsafe { &mut *(ctx as *mut ScanCtx) };
+    let k = (k as u32) & (GATE_KEYWORDS_MAX as u32 - 1);
+    if (ctx.mask >> k) & 1 == 0 {
+        return 0;
+    }
+    let (Some(scratch), Some(kw)) = (GATE_SCRATCH.get_ptr(0), GATE_KEYWORDS.get(k)) else {
+        return 1;
+    };
+    let data = unsafe { (*scratch).data.as_ptr() };
+    let pos = ctx.pos as usize & (GATE_SCAN_MAX - 1);
+    let mut o = 0;
+    while o < S {
+        if pos >= o {
+            let at = pos - o;
+            if at as u64 + u64::from(kw.len) <= ctx.len {
+                let mut diff = 0u64;
+                let mut i = 0;
+                while i < 4 {
+                    diff |= (word(data, at + 8 * i) ^ kw.text[i]) & kw.mask[i];
+                    i += 1;
+                }
+                if diff == 0 {
+                    ctx.found = k;
+                    return 1;
+                }
+            }
+        }
+        o += 1;
+    }
+    0
+}
+
+/// A port field of `bpf_sock_ops` / `sk_msg_md` in network order, as the kernel fills it:
+/// the 16-bit value in the low half, or (little-endian `remote_port`) in the high half.
+#[inline(always)]
+fn port_from_net(v: u32) -> u32 {
+    let v = if v & 0xffff == 0 { v >> 16 } else { v & 0xffff };
+    u32::from(u16::from_be(v as u16))
+}
+
+/// Reads of a context's address fields, one 4-byte word at a time (the verifier refuses
+/// wider or copied reads of these fields).
+#[inline(always)]
+fn tuple_from(family: u32, local4: *const u32, remote4: *const u32, local6: *const u32, remote6: *const u32, local_port: u32, remote_port: u32) -> SockTuple {
+    let mut t = SockTuple { family, local_port, remote_port: port_from_net(remote_port), ..SockTuple::default() };
+    unsafe {
+        if family == 2 {
+            t.local_ip[0] = read_volatile(local4);
+            t.remote_ip[0] = read_volatile(remote4);
+        } else {
+            t.local_ip[0] = read_volatile(local6);
+            t.local_ip[1] = read_volatile(local6.add(1));
+            t.local_ip[2] = read_volatile(local6.add(2));
+            t.local_ip[3] = read_volatile(local6.add(3));
+            t.remote_ip[0] = read_volatile(remote6);
+            t.remote_ip[1] = read_volatile(remote6.add(1));
+            t.remote_ip[2] = read_volatile(remote6.add(2));
+            t.remote_ip[3] = read_volatile(remote6.add(3));
+        }
+    }
+    t
+}
+
+/// Field by field (a derived `==` on arrays may become a `bcmp` call, which BPF lacks).
+#[inline(always)]
+fn same_tuple(a: &SockTuple, b: &SockTuple) -> bool {
+    let mut d = (a.family ^ b.family) | (a.local_port ^ b.local_port) | (a.remote_port ^ b.remote_port);
+    let mut i = 0;
+    while i < 4 {
+        d |= (a.local_ip[i] ^ b.local_ip[i]) | (a.remote_ip[i] ^ b.remote_ip[i]);
+        i += 1;
+    }
+    d == 0
+}
+
+/// Adds each connection this cgroup's processes open to a gated port to `GATE_SOCKS`.
+#[sock_ops]
+pub fn gate_sockops(ctx: SockOpsContext) -> u32 {
+    if ctx.op() != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB || config().is_none() {
+        return 1;
+    }
+    let ops = ctx.ops;
+    let family = unsafe { read_volatile(&raw const (*ops).family) };
+    if family != 2 && family != 10 {
+        return 1;
+    }
+    let mut tuple = unsafe {
+        tuple_from(
+            family,
+            &raw const (*ops).local_ip4,
+            &raw const (*ops).remote_ip4,
+            (&raw const (*ops).local_ip6).cast(),
+            (&raw const (*ops).remote_ip6).cast(),
+            read_volatile(&raw const (*ops).local_port),
+            read_volatile(&raw const (*ops).remote_port),
+        )
+    };
+    if unsafe { GATE_PORTS.get(&(tuple.remote_port as u16)) }.is_none() {
+        return 1;
+    }
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let _ = GATE_SOCK_INFO.insert(&tuple, &SockInfo { cookie }, 0);
+    match GATE_SOCKS.update(&mut tuple, unsafe { &mut *ops }, u64::from(BPF_ANY)) {
+        Ok(()) => bump(GateStat::SocksAdded, 1),
+        Err(_) => bump(GateStat::SockAddFailed, 1),
+    }
+    1
+}
+
+/// Every send on a gated socket: attribute it to the thread's SSL_write, and refuse it
+/// when that write was flagged.
+#[sk_msg]
+pub fn gate_msg(ctx: SkMsgContext) -> u32 {
+    let id = bpf_get_current_pid_tgid();
+    let Some(p) = GATE_PENDING.get_ptr_mut(&id) else {
+        return sk_action::SK_PASS;
+    };
+    let p = unsafe { &mut *p };
+    let now = unsafe { bpf_ktime_get_ns() };
+    if p.returned_ns != 0 {
+        let window = GATE_CONFIG.get(0).map_or(0, |c| c.flush_window_ns);
+        if now.saturating_sub(p.returned_ns) > window {
+            let _ = GATE_PENDING.remove(&id);
+            return sk_action::SK_PASS;
+        }
+    }
+    let md = ctx.msg;
+    let tuple = unsafe {
+        tuple_from(
+            read_volatile(&raw const (*md).family),
+            &raw const (*md).local_ip4,
+            &raw const (*md).remote_ip4,
+            (&raw const (*md).local_ip6).cast(),
+            (&raw const (*md).remote_ip6).cast(),
+            read_volatile(&raw const (*md).local_port),
+            read_volatile(&raw const (*md).remote_port),
+        )
+    };
+    let key = ConnKey { tgid: (id >> 32) as u32, _pad: 0, ssl: p.ssl };
+    if p.returned_ns != 0
+        && let Some(known) = unsafe { GATE_INDEX.get(&key) }
+        && !same_tuple(&known.tuple, &tuple)
+    {
+        // After the call, only a send on the SSL object's own socket (when known) counts.
+        return sk_action::SK_PASS;
+    }
+    let cookie = unsafe { GATE_SOCK_INFO.get(&tuple) }.map_or(0, |i| i.cookie);
+    if p.sends == 0 {
+        let _ = GATE_INDEX.insert(&key, &ConnSock { tuple, cookie, seen_ns: now }, 0);
+        bump(GateStat::Indexed, 1);
+    }
+    p.sends += 1;
+    if p.keyword == NO_MATCH {
+        if p.returned_ns != 0 {
+            let _ = GATE_PENDING.remove(&id);
+        }
+        return sk_action::SK_PASS;
+    }
+    bump(GateStat::Refused, 1);
+    if p.sends == 1 {
+        let rule = GATE_KEYWORDS.get(p.keyword & (GATE_KEYWORDS_MAX as u32 - 1)).map_or(0, |k| k.rule);
+        let event = GateEvent {
+            timestamp_ns: now,
+            pid_tgid: id,
+            ssl: p.ssl,
+            cgroup_id: p.cgroup_id,
+            cookie,
+            plain_len: p.plain_len,
+            keyword: p.keyword,
+            rule,
+            refused: ctx.size(),
+            _pad: 0,
+            tuple,
+            comm: p.comm,
+        };
+        if GATE_EVENTS.output(&event, 0).is_err() {
+            bump(GateStat::RingFull, 1);
+        }
+    }
+    if p.returned_ns != 0 {
+        let _ = GATE_PENDING.remove(&id);
+    }
+    sk_action::SK_DROP
+}
