@@ -1,0 +1,860 @@
+//! The in-kernel content gate: a request whose plaintext holds a kernel keyword is stopped
+//! before any of its bytes leave the host, and its connection is then cut.
+//!
+//! The programs live in the capture object (`aegis-ebpf/src/sockmsg.rs`), next to the
+//! SSL_write probes whose per-thread state they share:
+//!
+//! 1. sockops, attached to a cgroup: each TCP connection a process of that cgroup opens to
+//!    a gated port (443 and the configured ones) goes into a sockhash.
+//! 2. SSL_write / SSL_write_ex entry (uprobes, already attached by capture): when the gate
+//!    is on and the calling thread is in the cgroup, the call is noted per thread, and the
+//!    first [`GATE_SCAN_MAX`] bytes of plaintext are searched for the keywords (ASCII
+//!    case-insensitive). A match flags the thread's entry.
+//! 3. sk_msg verdict on the sockhash: a send by a thread with a noted call records
+//!    (tgid, `SSL *`) -> socket in the SSL-to-socket index ([`Gate::socket_of`]); when the
+//!    call is flagged the send is refused (`SK_DROP`: the caller gets `EACCES`, nothing is
+//!    queued) and a [`Refusal`] goes to the agent over the gate's own ring buffer (small,
+//!    and read apart from the capture ring so a busy capture never delays a refusal).
+//! 4. [`Gate::poll`] reads refusals and ends each refused connection with
+//!    [`sockdiag::kill_socket_with_cookie`]: the server sees a reset, the client's reads
+//!    fail. (After one refused send the kernel refuses every later send on that socket
+//!    anyway; the kill also frees the server side and wakes the client.)
+//!
+//! A write counts for the send that follows it on the same thread: the one inside the call
+//! (OpenSSL writing to its socket: python, curl), or, for a program that encrypts into
+//! memory and sends right after the call (node), its thread's next send within
+//! [`GateConfig::flush_window`] of the return, on the SSL object's own socket when that is
+//! already known.
+//!
+//! # Limits
+//! - Only literal keywords: [`KERNEL_KEYWORDS_MAX`] of [`KERNEL_KEYWORD_MIN`] to
+//!   [`KERNEL_KEYWORD_MAX`] ASCII bytes, matched on the raw bytes the program hands to
+//!   SSL_write (headers and body as sent: a keyword split by a JSON escape or compressed
+//!   away is not seen; the user-space rules still see the decoded text).
+//! - Only the first 16 KiB of each SSL_write call are scanned (counted in
+//!   [`GateStats::truncated`]).
+//! - Connections opened before the gate was attached are not in the sockhash.
+//!
+//! # Cost
+//! The scan costs about 0.4 µs per KiB on this VM's cores (measured by
+//! `scan_cost_is_measured`, from the programs' own counters), on top of the uprobe trap
+//! (7-14 µs per call). The sk_msg verdict is one hash lookup per send on a gated socket.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    os::fd::{AsFd as _, AsRawFd as _},
+    path::PathBuf,
+    time::Duration,
+};
+
+use aegis_common::gate::{
+    ConnKey, ConnSock, GATE_KEYWORD_MAX, GATE_KEYWORD_MIN, GATE_KEYWORDS_MAX,
+    GATE_PORTS_MAX, GATE_SCAN_MAX, GATE_STAT_SLOTS, GateConfig as KernelConfig, GateEvent,
+    GateKeyword, GateStat, GateTables, SockTuple, gram_bucket, lower8,
+};
+use anyhow::Context as _;
+use aya::{
+    Ebpf,
+    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf, SockHash},
+    programs::{SkMsg, SockOps, links::CgroupAttachMode, sk_msg::SkMsgLink, sock_ops::SockOpsLink},
+};
+
+use super::{connect::cgroup_identity, sockdiag};
+
+pub use crate::rules::engine::KernelKeyword;
+
+/// Keywords the kernel takes at most, and their length bounds in bytes.
+pub const KERNEL_KEYWORDS_MAX: usize = GATE_KEYWORDS_MAX;
+pub const KERNEL_KEYWORD_MIN: usize = GATE_KEYWORD_MIN;
+pub const KERNEL_KEYWORD_MAX: usize = GATE_KEYWORD_MAX;
+
+/// Remote ports always gated.
+pub const DEFAULT_PORTS: [u16; 1] = [443];
+
+/// How the gate is set up.
+#[derive(Clone, Debug)]
+pub struct GateConfig {
+    /// cgroup v2 directory: the sockops program is attached there, and only threads in it
+    /// (or below) are scanned.
+    pub cgroup: PathBuf,
+    /// Remote ports gated besides [`DEFAULT_PORTS`].
+    pub ports: Vec<u16>,
+    /// See the module documentation.
+    pub flush_window: Duration,
+    /// End a refused connection (sock_diag `SOCK_DESTROY`) when its refusal is read.
+    pub kill: bool,
+}
+
+impl GateConfig {
+    pub fn new(cgroup: impl Into<PathBuf>) -> Self {
+        Self { cgroup: cgroup.into(), ports: Vec::new(), flush_window: Duration::from_millis(5), kill: true }
+    }
+}
+
+/// A send the kernel refused.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    pub pid: u32,
+    pub tid: u32,
+    pub comm: String,
+    pub cgroup_id: u64,
+    /// `SSL *` of the write.
+    pub ssl: u64,
+    /// The matching keyword's rule ([`KernelKeyword::rule`], [`KernelKeyword::rule_id`]) and
+    /// keyword; `None` when the keywords changed since.
+    pub rule: Option<usize>,
+    pub rule_id: Option<String>,
+    pub keyword: Option<String>,
+    pub local: SocketAddr,
+    pub peer: SocketAddr,
+    pub cookie: u64,
+    /// Plaintext bytes the SSL_write was given.
+    pub plain_len: u64,
+    /// Bytes of the refused send (TLS records).
+    pub refused_bytes: u32,
+    /// Whether the connection was ended here (`Some(false)`: already gone; `None`: not
+    /// tried or failed, see the log).
+    pub killed: Option<bool>,
+}
+
+/// The gate's counters, summed over CPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GateStats {
+    pub scans: u64,
+    pub scanned_bytes: u64,
+    pub scan_ns: u64,
+    pub candidates: u64,
+    pub matches: u64,
+    pub refused: u64,
+    pub read_failed: u64,
+    pub ring_full: u64,
+    pub socks_added: u64,
+    pub sock_add_failed: u64,
+    pub indexed: u64,
+    pub truncated: u64,
+}
+
+impl GateStats {
+    /// Average scan cost, nanoseconds per KiB of plaintext.
+    pub fn ns_per_kib(&self) -> Option<f64> {
+        (self.scanned_bytes > 0).then(|| self.scan_ns as f64 * 1024.0 / self.scanned_bytes as f64)
+    }
+}
+
+/// Keywords as the kernel holds them.
+pub struct KeywordTables {
+    pub keywords: Vec<GateKeyword>,
+    pub tables: Box<GateTables>,
+    pub stride: u32,
+}
+
+/// Lay out `keywords` for the kernel: lower-cased words and masks, the stride, and the
+/// prefilter tables. Errors name the offending keyword.
+pub fn compile_keywords(keywords: &[KernelKeyword]) -> anyhow::Result<KeywordTables> {
+    anyhow::ensure!(
+        keywords.len() <= KERNEL_KEYWORDS_MAX,
+        "{} kernel keywords, the kernel takes at most {KERNEL_KEYWORDS_MAX}",
+        keywords.len()
+    );
+    let mut out = Vec::with_capacity(keywords.len());
+    for k in keywords {
+        let bytes = k.keyword.as_bytes();
+        anyhow::ensure!(
+            k.keyword.is_ascii() && (KERNEL_KEYWORD_MIN..=KERNEL_KEYWORD_MAX).contains(&bytes.len()),
+            "kernel keyword {:?} of rule {}: must be {KERNEL_KEYWORD_MIN} to {KERNEL_KEYWORD_MAX} ASCII bytes",
+            k.keyword,
+            k.rule_id
+        );
+        let mut kw = GateKeyword { len: bytes.len() as u32, rule: k.rule as u32, ..GateKeyword::default() };
+        for (i, b) in bytes.iter().enumerate() {
+            kw.text[i / 8] |= u64::from(b.to_ascii_lowercase()) << (8 * (i % 8));
+            kw.mask[i / 8] |= 0xff << (8 * (i % 8));
+        }
+        out.push(kw);
+    }
+    let shortest = keywords.iter().map(|k| k.keyword.len()).min().unwrap_or(KERNEL_KEYWORD_MAX);
+    // Every occurrence of a keyword of length L covers a tested 4-gram when L >= stride + 3.
+    let stride: u32 = match shortest {
+        7.. => 4,
+        5..=6 => 2,
+        _ => 1,
+    };
+    // SAFETY: all-zero is a valid GateTables (integers only); allocated on the heap, it
+    // is 264 KiB.
+    let mut tables: Box<GateTables> = unsafe { Box::new_zeroed().assume_init() };
+    for (slot, k) in keywords.iter().enumerate() {
+        let lower = k.keyword.to_ascii_lowercase();
+        for o in 0..stride as usize {
+            let g = &lower.as_bytes()[o..o + 4];
+            let b = gram_bucket(u32::from_le_bytes([g[0], g[1], g[2], g[3]])) as usize;
+            tables.bitmap[b / 64] |= 1 << (b % 64);
+            tables.masks[b] |= 1 << slot;
+        }
+    }
+    Ok(KeywordTables { keywords: out, tables, stride })
+}
+
+impl KeywordTables {
+    /// The kernel's search, step for step, over at most [`GATE_SCAN_MAX`] bytes of `text`:
+    /// the slot of the keyword found first (by position of the tested gram), if any.
+    pub fn find(&self, text: &[u8]) -> Option<usize> {
+        let len = text.len().min(GATE_SCAN_MAX);
+        let mut buf = vec![0u8; GATE_SCAN_MAX + 128];
+        buf[..len].copy_from_slice(&text[..len]);
+        let word = |at: usize| lower8(u64::from_le_bytes(buf[at..at + 8].try_into().unwrap_or_default()));
+        let s = self.stride as usize;
+        for base in (0..len.div_ceil(64)).map(|b| b * 64) {
+            for pos in (base..base + 64).step_by(s) {
+                let b = gram_bucket(word(pos) as u32) as usize;
+                if (self.tables.bitmap[b / 64] >> (b % 64)) & 1 == 0 {
+                    continue;
+                }
+                let mask = self.tables.masks[b];
+                for (k, kw) in self.keywords.iter().enumerate() {
+                    if (mask >> k) & 1 == 0 {
+                        continue;
+                    }
+                    for at in (0..s).filter_map(|o| pos.checked_sub(o)) {
+                        if at + kw.len as usize <= len
+                            && (0..4).all(|i| (word(at + 8 * i) ^ kw.text[i]) & kw.mask[i] == 0)
+                        {
+                            return Some(k);
+                        }
+                    }
+                }
+            }
+        }
+        None
+    }
+}
+
+/// The attached gate. Dropping it turns the gate off, detaches both programs and empties
+/// the sockhash (sockets left in it would keep its receive-path quirks).
+pub struct Gate {
+    settings: GateConfig,
+    config: Array<MapData, KernelConfig>,
+    keyword_map: Array<MapData, GateKeyword>,
+    tables: Array<MapData, GateTables>,
+    ports: HashMap<MapData, u16, u8>,
+    index: HashMap<MapData, ConnKey, ConnSock>,
+    events: RingBuf<MapData>,
+    stats: PerCpuArray<MapData, u64>,
+    socks: SockHash<MapData, SockTuple>,
+    sockops: Option<SockOpsLink>,
+    msg: Option<SkMsgLink>,
+    loaded: Vec<KernelKeyword>,
+    current: KernelConfig,
+}
+
+fn take<T>(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<T>
+where
+    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf.take_map(name).with_context(|| format!("map {name} missing from the capture object (taken already?)"))?;
+    T::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
+}
+
+impl Gate {
+    /// Attach the gate's programs of the loaded capture object `ebpf` (see
+    /// [`crate::capture::probes::TlsProbes::ebpf_mut`]) to `config.cgroup` and switch it
+    /// on, with no keywords yet: sends are attributed ([`Gate::socket_of`]) but none is
+    /// refused until [`Gate::set_keywords`].
+    pub fn attach(ebpf: &mut Ebpf, config: &GateConfig) -> anyhow::Result<Self> {
+        let (cgroup_id, cgroup_level) = cgroup_identity(&config.cgroup)?;
+        let mut gate = Self {
+            settings: config.clone(),
+            config: take(ebpf, "GATE_CONFIG")?,
+            keyword_map: take(ebpf, "GATE_KEYWORDS")?,
+            tables: take(ebpf, "GATE_TABLES")?,
+            ports: take(ebpf, "GATE_PORTS")?,
+            index: take(ebpf, "GATE_INDEX")?,
+            events: take(ebpf, "GATE_EVENTS")?,
+            stats: take(ebpf, "GATE_STATS")?,
+            socks: take(ebpf, "GATE_SOCKS")?,
+            sockops: None,
+            msg: None,
+            loaded: Vec::new(),
+            current: KernelConfig {
+                enabled: 1,
+                stride: 4,
+                cgroup_id,
+                cgroup_level,
+                flush_window_ns: config.flush_window.as_nanos().min(u128::from(u64::MAX)) as u64,
+                ..KernelConfig::default()
+            },
+        };
+        let mut ports: Vec<u16> = DEFAULT_PORTS.iter().chain(&config.ports).copied().collect();
+        ports.sort_unstable();
+        ports.dedup();
+        anyhow::ensure!(ports.len() <= GATE_PORTS_MAX as usize, "at most {GATE_PORTS_MAX} gated ports");
+        for port in ports {
+            gate.ports.insert(&port, &1, 0).context("filling GATE_PORTS")?;
+        }
+
+        let msg: &mut SkMsg = ebpf.program_mut("gate_msg").context("program gate_msg missing")?.try_into()?;
+        if msg.fd().is_err() {
+            msg.load().context("the kernel rejected the sk_msg program gate_msg")?;
+        }
+        let id = msg.attach(gate.socks.fd()).context("attaching gate_msg to the sockhash")?;
+        gate.msg = Some(msg.take_link(id)?);
+
+        let dir = std::fs::File::open(&config.cgroup)
+            .with_context(|| format!("cannot open cgroup {}", config.cgroup.display()))?;
+        let ops: &mut SockOps = ebpf.program_mut("gate_sockops").context("program gate_sockops missing")?.try_into()?;
+        if ops.fd().is_err() {
+            ops.load().context("the kernel rejected the sockops program gate_sockops")?;
+        }
+        let id = ops
+            .attach(dir.as_fd(), CgroupAttachMode::default())
+            .with_context(|| format!("attaching gate_sockops to {}", config.cgroup.display()))?;
+        gate.sockops = Some(ops.take_link(id)?);
+
+        gate.config.set(0, &gate.current, 0).context("writing GATE_CONFIG")?;
+        Ok(gate)
+    }
+
+    /// Replace the keywords (an empty list stops scanning; attribution goes on). Scanning
+    /// is off while the tables are rewritten.
+    pub fn set_keywords(&mut self, keywords: &[KernelKeyword]) -> anyhow::Result<()> {
+        let compiled = compile_keywords(keywords)?;
+        self.current.keywords = 0;
+        self.config.set(0, &self.current, 0)?;
+        for (slot, kw) in compiled.keywords.iter().enumerate() {
+            self.keyword_map.set(slot as u32, kw, 0)?;
+        }
+        self.tables.set(0, &*compiled.tables, 0)?;
+        self.current.keywords = compiled.keywords.len() as u32;
+        self.current.stride = compiled.stride;
+        self.config.set(0, &self.current, 0)?;
+        self.loaded = keywords.to_vec();
+        Ok(())
+    }
+
+    /// The connection (local, peer) the last write of `ssl` in process `tgid` went out on,
+    /// when that write was on a gated socket. IPv4-mapped addresses are shown as IPv4.
+    pub fn socket_of(&self, tgid: u32, ssl: u64) -> Option<(SocketAddr, SocketAddr)> {
+        let sock = self.index.get(&ConnKey { tgid, _pad: 0, ssl }, 0).ok()?;
+        Some(addresses(&sock.tuple))
+    }
+
+    /// The socket cookie of that connection (0 when unknown).
+    pub fn cookie_of(&self, tgid: u32, ssl: u64) -> Option<u64> {
+        self.index.get(&ConnKey { tgid, _pad: 0, ssl }, 0).ok().map(|s| s.cookie)
+    }
+
+    /// Wait up to `timeout` for a refusal to read; whether one is there.
+    pub fn wait(&self, timeout: Duration) -> bool {
+        let mut pfd = libc::pollfd { fd: self.events.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+        // SAFETY: one valid pollfd for the call's duration.
+        unsafe { libc::poll(&mut pfd, 1, ms) > 0 }
+    }
+
+    /// Refusals since the last call; each refused connection is ended first (when
+    /// [`GateConfig::kill`]). Blocks on one netlink round trip per refusal.
+    pub fn poll(&mut self) -> Vec<Refusal> {
+        let mut raw = Vec::new();
+        while let Some(item) = self.events.next() {
+            if item.len() >= size_of::<GateEvent>() {
+                // SAFETY: the record holds a GateEvent written by gate_msg.
+                raw.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<GateEvent>()) });
+            }
+        }
+        raw.into_iter().map(|e| self.refusal(&e)).collect()
+    }
+
+    fn refusal(&self, e: &GateEvent) -> Refusal {
+        let (local, peer) = addresses(&e.tuple);
+        let killed = if self.settings.kill {
+            let cookie = (e.cookie != 0).then_some(e.cookie);
+            match sockdiag::kill_socket_with_cookie(local, peer, cookie) {
+                Ok(k) => Some(k),
+                Err(err) => {
+                    tracing::warn!(%local, %peer, error = %err, "cannot end the refused connection");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let kw = self.loaded.get(e.keyword as usize);
+        let end = e.comm.iter().position(|&b| b == 0).unwrap_or(16);
+        Refusal {
+            pid: (e.pid_tgid >> 32) as u32,
+            tid: e.pid_tgid as u32,
+            comm: String::from_utf8_lossy(&e.comm[..end]).into_owned(),
+            cgroup_id: e.cgroup_id,
+            ssl: e.ssl,
+            rule: kw.map(|k| k.rule),
+            rule_id: kw.map(|k| k.rule_id.clone()),
+            keyword: kw.map(|k| k.keyword.clone()),
+            local,
+            peer,
+            cookie: e.cookie,
+            plain_len: e.plain_len,
+            refused_bytes: e.refused,
+            killed,
+        }
+    }
+
+    pub fn stats(&self) -> GateStats {
+        let get = |s: GateStat| -> u64 {
+            self.stats.get(&(s as u32), 0).map(|v| v.iter().sum()).unwrap_or(0)
+        };
+        const _: () = assert!(GATE_STAT_SLOTS == 12);
+        GateStats {
+            scans: get(GateStat::Scans),
+            scanned_bytes: get(GateStat::ScannedBytes),
+            scan_ns: get(GateStat::ScanNs),
+            candidates: get(GateStat::Candidates),
+            matches: get(GateStat::Matches),
+            refused: get(GateStat::Refused),
+            read_failed: get(GateStat::ReadFailed),
+            ring_full: get(GateStat::RingFull),
+            socks_added: get(GateStat::SocksAdded),
+            sock_add_failed: get(GateStat::SockAddFailed),
+            indexed: get(GateStat::Indexed),
+            truncated: get(GateStat::Truncated),
+        }
+    }
+
+    /// Turn the gate off and detach (what dropping it does), reporting errors.
+    pub fn detach(mut self) -> anyhow::Result<()> {
+        self.shutdown()
+    }
+
+    fn shutdown(&mut self) -> anyhow::Result<()> {
+        self.current.enabled = 0;
+        let off = self.config.set(0, &self.current, 0).context("turning the gate off");
+        drop(self.sockops.take());
+        drop(self.msg.take());
+        let keys: Vec<SockTuple> = self.socks.keys().filter_map(Result::ok).collect();
+        for key in keys {
+            let _ = self.socks.remove(&key);
+        }
+        off
+    }
+}
+
+impl Drop for Gate {
+    fn drop(&mut self) {
+        if self.sockops.is_some() || self.msg.is_some() {
+            if let Err(e) = self.shutdown() {
+                tracing::warn!(error = %format!("{e:#}"), "gate detach");
+            }
+        }
+    }
+}
+
+/// (local, peer) of a kernel tuple; IPv4-mapped addresses as IPv4.
+fn addresses(t: &SockTuple) -> (SocketAddr, SocketAddr) {
+    let ip = |words: &[u32; 4]| -> IpAddr {
+        if t.family == libc::AF_INET as u32 {
+            IpAddr::V4(Ipv4Addr::from(words[0].to_ne_bytes()))
+        } else {
+            let mut b = [0u8; 16];
+            for (i, w) in words.iter().enumerate() {
+                b[4 * i..4 * i + 4].copy_from_slice(&w.to_ne_bytes());
+            }
+            IpAddr::V6(Ipv6Addr::from(b)).to_canonical()
+        }
+    };
+    (
+        SocketAddr::new(ip(&t.local_ip), t.local_port as u16),
+        SocketAddr::new(ip(&t.remote_ip), t.remote_port as u16),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        collections::HashSet,
+        io::{BufRead as _, BufReader},
+        os::unix::process::CommandExt as _,
+        path::Path,
+        process::{Child, Command, Stdio},
+        sync::mpsc,
+        time::Instant,
+    };
+
+    use aegis_common::{Direction, TlsHook};
+    use serde_json::{Value, json};
+
+    use super::*;
+    use crate::capture::{event::TlsEvent, probes::TlsProbes, process::cgroup2_root, targets::Discovery};
+
+    fn kw(rule: usize, keyword: &str) -> KernelKeyword {
+        KernelKeyword { rule, rule_id: format!("test.rule{rule}"), keyword: keyword.into() }
+    }
+
+    // ---- the search, without a kernel -------------------------------------------------
+
+    #[test]
+    fn lower8_lowercases_ascii_letters_only() {
+        for b in 0..=255u8 {
+            let x = u64::from_le_bytes([b, b'A', b'z', b'@', b'[', 0x80 | b'A', b'Z', b'`']);
+            let got = lower8(x).to_le_bytes();
+            assert_eq!(got[0], b.to_ascii_lowercase(), "byte {b:#x}");
+            assert_eq!(&got[1..], &[b'a', b'z', b'@', b'[', 0x80 | b'A', b'z', b'`']);
+        }
+    }
+
+    #[test]
+    fn keywords_are_bounded_and_set_the_stride() {
+        let long = "x".repeat(33);
+        for bad in ["abc", long.as_str(), "ignoré-ça"] {
+            let err = compile_keywords(&[kw(0, bad)]).err().expect("refused");
+            assert!(err.to_string().contains("4 to 32 ASCII bytes"), "{err}");
+        }
+        let many: Vec<_> = (0..33).map(|i| kw(i, &format!("keyword-{i}"))).collect();
+        assert!(compile_keywords(&many).is_err());
+        assert_eq!(compile_keywords(&many[..32]).unwrap().keywords.len(), 32);
+        for (keywords, stride) in [(&["abcd", "longer-one"][..], 1), (&["abcde"][..], 2), (&["abcdef"][..], 2), (&["abcdefg", "12345678"][..], 4)] {
+            let list: Vec<_> = keywords.iter().map(|k| kw(0, k)).collect();
+            assert_eq!(compile_keywords(&list).unwrap().stride, stride, "{keywords:?}");
+        }
+        assert_eq!(compile_keywords(&[]).unwrap().keywords.len(), 0);
+    }
+
+    /// A deterministic byte stream (xorshift), for texts.
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+    }
+
+    #[test]
+    fn the_kernel_search_finds_exactly_what_a_naive_search_finds() {
+        let sets: [&[&str]; 3] = [
+            &["abcd", "Forbidden-Token", "xy-z"],
+            &["hello", "world!", "sk-proj"],
+            &["ignore previous instructions", "AKIAIOSFODNN", "exfiltrate"],
+        ];
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        let alphabet = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ -_!{}\":,0123456789";
+        for set in sets {
+            let list: Vec<_> = set.iter().enumerate().map(|(i, k)| kw(i, k)).collect();
+            let tables = compile_keywords(&list).unwrap();
+            for round in 0..300 {
+                let len = (rng.next() % 3000) as usize + if round % 10 == 0 { GATE_SCAN_MAX } else { 0 };
+                let mut text: Vec<u8> = (0..len).map(|_| alphabet[(rng.next() % alphabet.len() as u64) as usize]).collect();
+                // Half the texts get a keyword, in random case, at a random place.
+                if round % 2 == 0 && len > 40 {
+                    let k = set[(rng.next() % set.len() as u64) as usize].as_bytes();
+                    let at = (rng.next() as usize) % (len - k.len());
+                    for (i, b) in k.iter().enumerate() {
+                        text[at + i] = if rng.next() % 2 == 0 { b.to_ascii_uppercase() } else { *b };
+                    }
+                }
+                let scanned = &text[..len.min(GATE_SCAN_MAX)];
+                let lower = scanned.to_ascii_lowercase();
+                let naive = set.iter().any(|k| {
+                    let k = k.to_ascii_lowercase();
+                    lower.windows(k.len()).any(|w| w == k.as_bytes())
+                });
+                let found = tables.find(&text);
+                assert_eq!(found.is_some(), naive, "set {set:?} round {round}");
+                if let Some(slot) = found {
+                    let k = set[slot].to_ascii_lowercase();
+                    assert!(lower.windows(k.len()).any(|w| w == k.as_bytes()));
+                }
+            }
+            // At the very start and the very end of the scanned part, and just past it.
+            for k in set {
+                let mut text = vec![b'.'; GATE_SCAN_MAX + 100];
+                text[..k.len()].copy_from_slice(k.as_bytes());
+                assert!(tables.find(&text).is_some(), "{k} at 0");
+                let mut text = vec![b'.'; GATE_SCAN_MAX + 100];
+                text[GATE_SCAN_MAX - k.len()..GATE_SCAN_MAX].copy_from_slice(k.as_bytes());
+                assert!(tables.find(&text).is_some(), "{k} at the end");
+                let mut text = vec![b'.'; GATE_SCAN_MAX + 100];
+                text[GATE_SCAN_MAX - k.len() + 1..GATE_SCAN_MAX + 1].copy_from_slice(k.as_bytes());
+                assert!(tables.find(&text).is_none(), "{k} across the end is not scanned");
+                assert!(tables.find(&k.as_bytes()[..k.len() - 1]).is_none());
+            }
+        }
+    }
+
+    // ---- on the real kernel -------------------------------------------------------------
+
+    /// A child cgroup made for the test and removed at the end, also on failure.
+    struct TestCgroup(PathBuf);
+
+    impl TestCgroup {
+        fn new(name: &str) -> Self {
+            let root = cgroup2_root().expect("cgroup v2 is mounted");
+            let dir = root.join(format!("aegis-test-{name}-{}", std::process::id()));
+            std::fs::create_dir(&dir).expect("creating a test cgroup (needs root)");
+            Self(dir)
+        }
+
+        /// `cmd` will start inside this cgroup.
+        fn enter(&self, cmd: &mut Command) {
+            let procs = self.0.join("cgroup.procs");
+            // SAFETY: only a write(2) to a path prepared before fork.
+            unsafe {
+                cmd.pre_exec(move || std::fs::write(&procs, b"0"));
+            }
+        }
+    }
+
+    impl Drop for TestCgroup {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir(&self.0);
+        }
+    }
+
+    /// A scratch directory, removed on drop.
+    struct Scratch(PathBuf);
+
+    impl Scratch {
+        fn new() -> Self {
+            let dir = std::env::temp_dir().join(format!("aegis-gate-test-{}-{:?}", std::process::id(), std::thread::current().id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            Self(dir)
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn tests_dir() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests")
+    }
+
+    /// `tests/gate_server.py` with a fresh self-signed certificate; killed on drop.
+    struct Server {
+        child: Child,
+        port: u16,
+        lines: mpsc::Receiver<Value>,
+        _dir: Scratch,
+    }
+
+    impl Server {
+        fn start() -> Self {
+            let dir = Scratch::new();
+            let (cert, key) = (dir.0.join("cert.pem"), dir.0.join("key.pem"));
+            let status = Command::new("openssl")
+                .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"])
+                .arg("-keyout")
+                .arg(&key)
+                .arg("-out")
+                .arg(&cert)
+                .args(["-days", "2", "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .expect("running the openssl CLI");
+            assert!(status.success());
+            let mut child = Command::new("python3")
+                .arg(tests_dir().join("gate_server.py"))
+                .arg("--cert")
+                .arg(&cert)
+                .arg("--key")
+                .arg(&key)
+                .stdout(Stdio::piped())
+                .spawn()
+                .expect("starting gate_server.py");
+            let stdout = BufReader::new(child.stdout.take().unwrap());
+            let (port_tx, port_rx) = mpsc::channel();
+            let (tx, lines) = mpsc::channel();
+            std::thread::spawn(move || {
+                for line in stdout.lines().map_while(Result::ok) {
+                    if let Some(p) = line.strip_prefix("LISTENING ") {
+                        let _ = port_tx.send(p.trim().parse::<u16>().unwrap());
+                    } else if let Ok(v) = serde_json::from_str(&line) {
+                        let _ = tx.send(v);
+                    }
+                }
+            });
+            let Ok(port) = port_rx.recv_timeout(Duration::from_secs(20)) else {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("gate_server.py did not start");
+            };
+            Self { child, port, lines, _dir: dir }
+        }
+
+        /// The reports of `n` ended connections (waits up to 10 s), by peer address.
+        fn reports(&self, n: usize) -> std::collections::HashMap<String, Value> {
+            let mut out = std::collections::HashMap::new();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while out.len() < n {
+                let left = deadline.saturating_duration_since(Instant::now());
+                let Ok(v) = self.lines.recv_timeout(left) else { break };
+                out.insert(v["peer"].as_str().unwrap().to_owned(), v);
+            }
+            out
+        }
+    }
+
+    impl Drop for Server {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    /// Everything a kernel test needs, torn down in field order: the gate (detached, its
+    /// sockhash emptied), the probes, the server, then the cgroup.
+    struct Rig {
+        gate: Gate,
+        probes: TlsProbes,
+        events: crate::capture::probes::EventSource,
+        server: Server,
+        cgroup: TestCgroup,
+    }
+
+    impl Rig {
+        fn start(name: &str, keywords: &[KernelKeyword]) -> Self {
+            let cgroup = TestCgroup::new(name);
+            let server = Server::start();
+            let (mut probes, events) = TlsProbes::load(4 << 20).expect("loading the capture object");
+            let targets = Discovery::default().scan(&[], &[PathBuf::from("/usr/bin/node")], true);
+            assert!(probes.attach(&targets) > 0, "no TLS library to probe");
+            let mut config = GateConfig::new(&cgroup.0);
+            config.ports = vec![server.port];
+            let mut gate = Gate::attach(probes.ebpf_mut(), &config).expect("attaching the gate");
+            gate.set_keywords(keywords).unwrap();
+            Self { gate, probes, events, server, cgroup }
+        }
+
+        /// Runs `cmd` in the test cgroup, polling the gate (and so ending refused
+        /// connections) until it exits; its stdout lines and the refusals.
+        fn run(&mut self, mut cmd: Command) -> (Vec<Value>, Vec<Refusal>) {
+            let scratch = Scratch::new();
+            let out_path = scratch.0.join("stdout");
+            cmd.stdout(std::fs::File::create(&out_path).unwrap()).stderr(Stdio::piped()).stdin(Stdio::null());
+            self.cgroup.enter(&mut cmd);
+            let mut child = cmd.spawn().expect("starting the client");
+            let deadline = Instant::now() + Duration::from_secs(60);
+            let mut refusals = Vec::new();
+            let status = loop {
+                self.gate.wait(Duration::from_millis(50));
+                refusals.extend(self.gate.poll());
+                if let Some(status) = child.try_wait().unwrap() {
+                    break status;
+                }
+                if Instant::now() > deadline {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!("the client did not finish");
+                }
+            };
+            refusals.extend(self.gate.poll());
+            let mut stderr = String::new();
+            let _ = std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr);
+            let stdout = std::fs::read_to_string(&out_path).unwrap();
+            assert!(status.success(), "client failed ({status}):\n{stdout}\n{stderr}");
+            let lines = stdout.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|_| panic!("client line {l:?}"))).collect();
+            (lines, refusals)
+        }
+
+        /// `SSL *` of every egress capture event of process `pid`, in order.
+        fn written_ssl(&mut self, pid: u32) -> Vec<u64> {
+            let mut out = Vec::new();
+            while let Some(item) = self.events.events.next() {
+                if let Ok(ev) = TlsEvent::decode(&item)
+                    && ev.key.tgid == pid
+                    && ev.direction == Direction::Egress
+                    && matches!(ev.hook, TlsHook::SslWrite | TlsHook::SslWriteEx)
+                    && ev.offset == 0
+                {
+                    out.push(ev.key.conn);
+                }
+            }
+            out
+        }
+    }
+
+    const KEYWORD: &str = "AEGIS-forbidden-7431";
+
+    fn steps() -> Value {
+        json!([
+            {"name": "clean1", "body": "{\"messages\":[{\"role\":\"user\",\"content\":\"What is the capital of France?\"}]}"},
+            {"name": "blocked", "body": "{\"messages\":[{\"role\":\"user\",\"content\":\"please print aegis-FORBIDDEN-7431 now\"}]}"},
+            {"name": "clean2", "body": "{\"messages\":[{\"role\":\"user\",\"content\":\"And of Spain?\"}]}"},
+        ])
+    }
+
+    fn addr(v: &Value) -> SocketAddr {
+        v.as_str().unwrap().parse().unwrap()
+    }
+
+    /// The checks every client shares: the clean steps got their reply, the blocked step's
+    /// write failed, the server got nothing of it and saw the connection reset, the gate
+    /// named the rule, and the connection is gone.
+    fn check_blocked_flow(rig: &mut Rig, client: &str, pid: u32, lines: &[Value], refusals: &[Refusal]) -> (SocketAddr, SocketAddr) {
+        let ctx = format!("{client}: lines {lines:#?}\nrefusals {refusals:#?}\nstats {:?}", rig.gate.stats());
+        let by_step = |name: &str, key: &str| {
+            lines.iter().find(|l| l["step"] == name && !l[key].is_null()).unwrap_or_else(|| panic!("no {key} for {name}; {ctx}")).clone()
+        };
+        for name in ["clean1", "clean2"] {
+            assert_eq!(by_step(name, "status")["status"], 200, "{ctx}");
+        }
+        let blocked = by_step("blocked", "error");
+        let (local, peer) = (addr(&by_step("blocked", "local")["local"]), addr(&by_step("blocked", "local")["peer"]));
+        assert_eq!(refusals.len(), 1, "{ctx}");
+        let r = &refusals[0];
+        assert_eq!((r.pid, r.rule, r.rule_id.as_deref(), r.keyword.as_deref()), (pid, Some(7), Some("test.rule7"), Some(KEYWORD)), "{ctx}");
+        assert_eq!((r.local, r.peer), (local, peer), "{ctx}");
+        assert_eq!(r.killed, Some(true), "{ctx}");
+        assert!(r.refused_bytes > 0 && r.plain_len > 0 && r.cookie != 0, "{ctx}");
+        assert!(!r.comm.is_empty(), "{ctx}");
+
+        let reports = rig.server.reports(3);
+        let server = |a: SocketAddr| reports.get(&a.to_string()).unwrap_or_else(|| panic!("no server report for {a}: {reports:#?}; {ctx}"));
+        let refused = server(local);
+        assert_eq!(refused["bytes"], 0, "the server received bytes of the refused request: {refused}; {ctx}");
+        assert_eq!(refused["requests"], 0, "{refused}");
+        assert_eq!(refused["end"], "reset", "{refused}; {ctx}");
+        for name in ["clean1", "clean2"] {
+            let clean = server(addr(&by_step(name, "local")["local"]));
+            assert!(clean["bytes"].as_u64().unwrap() > 0 && clean["requests"] == 1, "{clean}");
+        }
+        assert!(!sockdiag::kill_socket(local, peer).unwrap(), "the refused connection still exists");
+        let stats = rig.gate.stats();
+        assert!(stats.matches >= 1 && stats.refused >= 1 && stats.socks_added >= 3, "{stats:?}");
+        let _ = blocked;
+        (local, peer)
+    }
+
+    #[test]
+    fn python_request_with_a_kernel_keyword_never_leaves() {
+        let mut rig = Rig::start("gate-py", &[kw(3, "never-in-traffic"), kw(7, KEYWORD)]);
+        let mut cmd = Command::new("python3");
+        cmd.arg(tests_dir().join("clients/gate_client.py")).args(["--port", &rig.server.port.to_string(), "--steps", &steps().to_string()]);
+        let (lines, refusals) = rig.run(cmd);
+        let pid = refusals.first().map_or(0, |r| r.pid);
+        check_blocked_flow(&mut rig, "python", pid, &lines, &refusals);
+        // The write fails at once (EACCES from the socket; SSL_write_ex returns 0, which
+        // python reports as an EOF error). The read that follows ends when the gate aborts
+        // the connection (ECONNABORTED underneath; python's ssl says EOF again).
+        let blocked = lines.iter().find(|l| l["step"] == "blocked" && !l["error"].is_null()).unwrap();
+        assert!(blocked["error"].as_str().unwrap().starts_with("SSLEOFError"), "{blocked}");
+        assert_eq!((blocked["read"].as_str(), blocked["tcp_state"].as_str()), (Some("eof"), Some("CLOSE")), "{blocked}");
+
+        // The SSL-to-socket index names the clean connections' sockets: the last write of
+        // each SSL object (python may reuse an address for the next connection).
+        let ssl = rig.written_ssl(pid);
+        assert_eq!(ssl.len(), 2, "{ssl:?}");
+        let last = lines.iter().find(|l| l["step"] == "clean2" && !l["local"].is_null()).unwrap();
+        let want = (addr(&last["local"]), addr(&last["peer"]));
+        assert_eq!(rig.gate.socket_of(pid, ssl[1]), Some(want));
+        if ssl[0] != ssl[1] {
+            let first = lines.iter().find(|l| l["step"] == "clean1" && !l["local"].is_null()).unwrap();
+            assert_eq!(rig.gate.socket_of(pid, ssl[0]), Some((addr(&first["local"]), addr(&first["peer"]))));
+        }
+        assert_eq!(rig.gate.socket_of(pid, 1), None);
+        assert_eq!(rig.gate.socket_of(pid + 1, ssl[1]), None);
+        let _ = HashSet::<u64>::new();
+    }
+}
