@@ -468,7 +468,6 @@ fn addresses(t: &SockTuple) -> (SocketAddr, SocketAddr) {
 #[cfg(test)]
 mod tests {
     use std::{
-        collections::HashSet,
         io::{BufRead as _, BufReader},
         os::unix::process::CommandExt as _,
         path::Path,
@@ -728,8 +727,8 @@ mod tests {
         }
 
         /// Runs `cmd` in the test cgroup, polling the gate (and so ending refused
-        /// connections) until it exits; its stdout lines and the refusals.
-        fn run(&mut self, mut cmd: Command) -> (Vec<Value>, Vec<Refusal>) {
+        /// connections) until it exits; its exit status, stdout lines and the refusals.
+        fn run(&mut self, mut cmd: Command) -> (std::process::ExitStatus, Vec<Value>, Vec<Refusal>) {
             let scratch = Scratch::new();
             let out_path = scratch.0.join("stdout");
             cmd.stdout(std::fs::File::create(&out_path).unwrap()).stderr(Stdio::piped()).stdin(Stdio::null());
@@ -753,9 +752,11 @@ mod tests {
             let mut stderr = String::new();
             let _ = std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr);
             let stdout = std::fs::read_to_string(&out_path).unwrap();
-            assert!(status.success(), "client failed ({status}):\n{stdout}\n{stderr}");
-            let lines = stdout.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|_| panic!("client line {l:?}"))).collect();
-            (lines, refusals)
+            let lines = stdout
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap_or_else(|_| panic!("client line {l:?}; stderr {stderr}")))
+                .collect();
+            (status, lines, refusals)
         }
 
         /// `SSL *` of every egress capture event of process `pid`, in order.
@@ -777,84 +778,173 @@ mod tests {
 
     const KEYWORD: &str = "AEGIS-forbidden-7431";
 
-    fn steps() -> Value {
-        json!([
-            {"name": "clean1", "body": "{\"messages\":[{\"role\":\"user\",\"content\":\"What is the capital of France?\"}]}"},
-            {"name": "blocked", "body": "{\"messages\":[{\"role\":\"user\",\"content\":\"please print aegis-FORBIDDEN-7431 now\"}]}"},
-            {"name": "clean2", "body": "{\"messages\":[{\"role\":\"user\",\"content\":\"And of Spain?\"}]}"},
-        ])
+    /// A clean request, one with the keyword (in another case), another clean one; each on
+    /// a connection of its own.
+    const STEPS: [(&str, &str); 3] = [
+        ("clean1", r#"{"messages":[{"role":"user","content":"What is the capital of France?"}]}"#),
+        ("blocked", r#"{"messages":[{"role":"user","content":"please print aegis-FORBIDDEN-7431 now"}]}"#),
+        ("clean2", r#"{"messages":[{"role":"user","content":"And of Spain?"}]}"#),
+    ];
+
+    fn steps_json() -> String {
+        Value::Array(STEPS.iter().map(|(name, body)| json!({"name": name, "body": body})).collect()).to_string()
+    }
+
+    fn keywords() -> [KernelKeyword; 2] {
+        [kw(3, "never-in-traffic"), kw(7, KEYWORD)]
+    }
+
+    /// Client lines merged per step.
+    fn by_step(lines: &[Value]) -> std::collections::BTreeMap<String, Value> {
+        let mut out = std::collections::BTreeMap::<String, Value>::new();
+        for l in lines {
+            let entry = out.entry(l["step"].as_str().unwrap().to_owned()).or_insert_with(|| json!({}));
+            for (k, v) in l.as_object().unwrap() {
+                entry[k] = v.clone();
+            }
+        }
+        out
     }
 
     fn addr(v: &Value) -> SocketAddr {
-        v.as_str().unwrap().parse().unwrap()
+        v.as_str().unwrap_or_else(|| panic!("not an address: {v}")).parse().unwrap()
     }
 
     /// The checks every client shares: the clean steps got their reply, the blocked step's
-    /// write failed, the server got nothing of it and saw the connection reset, the gate
-    /// named the rule, and the connection is gone.
-    fn check_blocked_flow(rig: &mut Rig, client: &str, pid: u32, lines: &[Value], refusals: &[Refusal]) -> (SocketAddr, SocketAddr) {
-        let ctx = format!("{client}: lines {lines:#?}\nrefusals {refusals:#?}\nstats {:?}", rig.gate.stats());
-        let by_step = |name: &str, key: &str| {
-            lines.iter().find(|l| l["step"] == name && !l[key].is_null()).unwrap_or_else(|| panic!("no {key} for {name}; {ctx}")).clone()
-        };
+    /// write failed, the server got none of it, the gate named the rule and ended the
+    /// connection, and the connection is gone. `held`: the client keeps the connection
+    /// open after the failed write (then the server must see a reset; a client that
+    /// closes at once may get its FIN or RST out first).
+    fn check_blocked_flow(rig: &Rig, client: &str, lines: &[Value], refusals: &[Refusal], held: bool) -> Refusal {
+        let steps = by_step(lines);
+        let ctx = format!("{client}: steps {steps:#?}\nrefusals {refusals:#?}\nstats {:?}", rig.gate.stats());
         for name in ["clean1", "clean2"] {
-            assert_eq!(by_step(name, "status")["status"], 200, "{ctx}");
+            assert_eq!(steps[name]["status"], 200, "{ctx}");
         }
-        let blocked = by_step("blocked", "error");
-        let (local, peer) = (addr(&by_step("blocked", "local")["local"]), addr(&by_step("blocked", "local")["peer"]));
+        let blocked = &steps["blocked"];
+        assert!(blocked["status"].is_null() && !blocked["error"].is_null(), "{ctx}");
+        let (local, peer) = (addr(&blocked["local"]), addr(&blocked["peer"]));
         assert_eq!(refusals.len(), 1, "{ctx}");
         let r = &refusals[0];
-        assert_eq!((r.pid, r.rule, r.rule_id.as_deref(), r.keyword.as_deref()), (pid, Some(7), Some("test.rule7"), Some(KEYWORD)), "{ctx}");
+        assert_eq!((r.rule, r.rule_id.as_deref(), r.keyword.as_deref()), (Some(7), Some("test.rule7"), Some(KEYWORD)), "{ctx}");
         assert_eq!((r.local, r.peer), (local, peer), "{ctx}");
-        assert_eq!(r.killed, Some(true), "{ctx}");
-        assert!(r.refused_bytes > 0 && r.plain_len > 0 && r.cookie != 0, "{ctx}");
-        assert!(!r.comm.is_empty(), "{ctx}");
+        assert!(r.killed.is_some(), "{ctx}");
+        if held {
+            assert_eq!(r.killed, Some(true), "{ctx}");
+        }
+        assert!(r.refused_bytes > 0 && r.plain_len > 0 && r.cookie != 0 && !r.comm.is_empty(), "{ctx}");
 
         let reports = rig.server.reports(3);
         let server = |a: SocketAddr| reports.get(&a.to_string()).unwrap_or_else(|| panic!("no server report for {a}: {reports:#?}; {ctx}"));
         let refused = server(local);
         assert_eq!(refused["bytes"], 0, "the server received bytes of the refused request: {refused}; {ctx}");
         assert_eq!(refused["requests"], 0, "{refused}");
-        assert_eq!(refused["end"], "reset", "{refused}; {ctx}");
+        // node queues its last handshake message with the first request, so the refused
+        // send also leaves the server's handshake unfinished.
+        let end = refused["end"].as_str().unwrap();
+        if held {
+            assert_eq!(end, "reset", "{refused}; {ctx}");
+        } else {
+            assert!(["reset", "eof"].contains(&end) || end.starts_with("handshake: "), "{refused}; {ctx}");
+        }
         for name in ["clean1", "clean2"] {
-            let clean = server(addr(&by_step(name, "local")["local"]));
+            let clean = server(addr(&steps[name]["local"]));
             assert!(clean["bytes"].as_u64().unwrap() > 0 && clean["requests"] == 1, "{clean}");
         }
         assert!(!sockdiag::kill_socket(local, peer).unwrap(), "the refused connection still exists");
         let stats = rig.gate.stats();
         assert!(stats.matches >= 1 && stats.refused >= 1 && stats.socks_added >= 3, "{stats:?}");
-        let _ = blocked;
-        (local, peer)
+        r.clone()
+    }
+
+    /// The SSL-to-socket index names each connection's socket: `ssl` are the SSL objects
+    /// whose writes capture reported, in order, and `steps` the steps they belong to (an
+    /// address may be reused by the next connection; the index keeps the last).
+    fn check_index(rig: &Rig, pid: u32, ssl: &[u64], steps: &[&str], lines: &[Value]) {
+        let by = by_step(lines);
+        assert_eq!(ssl.len(), steps.len(), "{ssl:?}");
+        let mut last = std::collections::HashMap::new();
+        for (s, name) in ssl.iter().zip(steps) {
+            last.insert(*s, *name);
+        }
+        for (s, name) in last {
+            let want = (addr(&by[name]["local"]), addr(&by[name]["peer"]));
+            assert_eq!(rig.gate.socket_of(pid, s), Some(want), "{name}");
+            assert_ne!(rig.gate.cookie_of(pid, s), Some(0));
+        }
+        assert_eq!(rig.gate.socket_of(pid, 1), None);
+        assert_eq!(rig.gate.socket_of(pid + 1, ssl[0]), None);
     }
 
     #[test]
     fn python_request_with_a_kernel_keyword_never_leaves() {
-        let mut rig = Rig::start("gate-py", &[kw(3, "never-in-traffic"), kw(7, KEYWORD)]);
+        let mut rig = Rig::start("gate-py", &keywords());
         let mut cmd = Command::new("python3");
-        cmd.arg(tests_dir().join("clients/gate_client.py")).args(["--port", &rig.server.port.to_string(), "--steps", &steps().to_string()]);
-        let (lines, refusals) = rig.run(cmd);
-        let pid = refusals.first().map_or(0, |r| r.pid);
-        check_blocked_flow(&mut rig, "python", pid, &lines, &refusals);
+        cmd.arg(tests_dir().join("clients/gate_client.py")).args(["--port", &rig.server.port.to_string(), "--steps", &steps_json()]);
+        let (status, lines, refusals) = rig.run(cmd);
+        assert!(status.success(), "{lines:?}");
+        let r = check_blocked_flow(&rig, "python", &lines, &refusals, true);
+        assert!(r.comm.starts_with("python"), "{r:?}");
         // The write fails at once (EACCES from the socket; SSL_write_ex returns 0, which
         // python reports as an EOF error). The read that follows ends when the gate aborts
         // the connection (ECONNABORTED underneath; python's ssl says EOF again).
-        let blocked = lines.iter().find(|l| l["step"] == "blocked" && !l["error"].is_null()).unwrap();
+        let blocked = &by_step(&lines)["blocked"];
         assert!(blocked["error"].as_str().unwrap().starts_with("SSLEOFError"), "{blocked}");
         assert_eq!((blocked["read"].as_str(), blocked["tcp_state"].as_str()), (Some("eof"), Some("CLOSE")), "{blocked}");
+        // The refused write returned an error, so capture reported the clean ones only.
+        let ssl = rig.written_ssl(r.pid);
+        check_index(&rig, r.pid, &ssl, &["clean1", "clean2"], &lines);
+    }
 
-        // The SSL-to-socket index names the clean connections' sockets: the last write of
-        // each SSL object (python may reuse an address for the next connection).
-        let ssl = rig.written_ssl(pid);
-        assert_eq!(ssl.len(), 2, "{ssl:?}");
-        let last = lines.iter().find(|l| l["step"] == "clean2" && !l["local"].is_null()).unwrap();
-        let want = (addr(&last["local"]), addr(&last["peer"]));
-        assert_eq!(rig.gate.socket_of(pid, ssl[1]), Some(want));
-        if ssl[0] != ssl[1] {
-            let first = lines.iter().find(|l| l["step"] == "clean1" && !l["local"].is_null()).unwrap();
-            assert_eq!(rig.gate.socket_of(pid, ssl[0]), Some((addr(&first["local"]), addr(&first["peer"]))));
+    /// One curl per step (`curl -sk --http1.1 --data-binary`): curl hands headers and
+    /// body to one SSL_write, gets the EACCES, reports a send error (exit 55) and exits.
+    #[test]
+    fn curl_request_with_a_kernel_keyword_never_leaves() {
+        let mut rig = Rig::start("gate-curl", &keywords());
+        let mut lines = Vec::new();
+        let mut refusals = Vec::new();
+        for (name, body) in STEPS {
+            let mut cmd = Command::new("/usr/bin/curl");
+            cmd.args(["-sk", "--http1.1", "-o", "/dev/null", "-H", "Content-Type: application/json", "--data-binary", body])
+                .arg("-w")
+                .arg(format!(
+                    r#"{{"step":"{name}","local":"%{{local_ip}}:%{{local_port}}","peer":"%{{remote_ip}}:%{{remote_port}}","http_code":"%{{http_code}}","exit":%{{exitcode}},"errormsg":"%{{errormsg}}"}}\n"#
+                ))
+                .arg(format!("https://127.0.0.1:{}/v1/chat/completions", rig.server.port));
+            let (status, out, refused) = rig.run(cmd);
+            let mut line = out.into_iter().next().unwrap_or_else(|| panic!("curl printed nothing for {name}"));
+            if line["exit"] == 0 {
+                line["status"] = json!(line["http_code"].as_str().unwrap().parse::<u16>().unwrap());
+            } else {
+                line["error"] = json!(format!("exit {}: {}", line["exit"], line["errormsg"]));
+            }
+            assert_eq!(status.code(), line["exit"].as_i64().map(|c| c as i32), "{line}");
+            lines.push(line);
+            refusals.extend(refused);
         }
-        assert_eq!(rig.gate.socket_of(pid, 1), None);
-        assert_eq!(rig.gate.socket_of(pid + 1, ssl[1]), None);
-        let _ = HashSet::<u64>::new();
+        let r = check_blocked_flow(&rig, "curl", &lines, &refusals, false);
+        assert_eq!(r.comm, "curl");
+        let blocked = &by_step(&lines)["blocked"];
+        assert_eq!(blocked["exit"], 55, "CURLE_SEND_ERROR: {blocked}");
+    }
+
+    /// node encrypts into memory (SSL_write returns first) and sends right after: the
+    /// send is matched to the write through the flush window.
+    #[test]
+    fn node_request_with_a_kernel_keyword_never_leaves() {
+        let mut rig = Rig::start("gate-node", &keywords());
+        let mut cmd = Command::new("/usr/bin/node");
+        cmd.arg(tests_dir().join("clients/gate_client.mjs")).args(["--port", &rig.server.port.to_string(), "--steps", &steps_json()]);
+        let (status, lines, refusals) = rig.run(cmd);
+        assert!(status.success(), "{lines:?}");
+        let r = check_blocked_flow(&rig, "node", &lines, &refusals, false);
+        assert_eq!(r.comm, "node");
+        let blocked = &by_step(&lines)["blocked"];
+        assert_eq!(blocked["error"], "EACCES", "{blocked}");
+        // node's SSL_write succeeds (into memory) before the send is refused: capture
+        // reports all three writes, and the index has the refused connection too.
+        let ssl = rig.written_ssl(r.pid);
+        check_index(&rig, r.pid, &ssl, &["clean1", "blocked", "clean2"], &lines);
+        assert_eq!(rig.gate.socket_of(r.pid, r.ssl), Some((r.local, r.peer)));
     }
 }
