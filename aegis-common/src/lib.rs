@@ -171,9 +171,21 @@ pub mod gate {
         x | (upper >> 2)
     }
 
-    /// Bucket of a lower-cased 4-byte gram (little-endian bytes of `gram`).
+    /// Prefilter bucket of a 4-byte gram (little-endian bytes of `gram`), in any letter
+    /// case: bit 5 of every byte is cleared first (`a` and `A` fold together, as do a few
+    /// punctuation pairs such as space and NUL: the prefilter may say yes more often,
+    /// never no wrongly), then a multiplicative hash keeps 16 bits.
     #[inline(always)]
     pub const fn gram_bucket(gram: u32) -> u32 {
+        folded_bucket(gram & CASE_FOLD as u32)
+    }
+
+    /// Clears bit 5 of every byte (see [`gram_bucket`]); for 8 bytes at once.
+    pub const CASE_FOLD: u64 = 0xdfdf_dfdf_dfdf_dfdf;
+
+    /// [`gram_bucket`] of a gram already folded with [`CASE_FOLD`].
+    #[inline(always)]
+    pub const fn folded_bucket(gram: u32) -> u32 {
         gram.wrapping_mul(0x9e37_79b1) >> 16
     }
 
@@ -185,7 +197,7 @@ pub mod gate {
         pub enabled: u32,
         /// Keywords in `GATE_KEYWORDS`; 0: no scan (the SSL-to-socket index still fills).
         pub keywords: u32,
-        /// Text positions tested by the prefilter: every `stride`-th (1, 2 or 4), chosen
+        /// Text positions tested by the prefilter: every `stride`-th (1, 2, 4 or 8), chosen
         /// so that every occurrence of the shortest keyword covers one tested 4-gram.
         pub stride: u32,
         pub _pad: u32,
@@ -208,10 +220,15 @@ pub mod gate {
         pub len: u32,
         /// Agent-side rule number, reported in events.
         pub rule: u32,
+        /// First of the `stride` consecutive 4-gram offsets indexed in [`GateTables`].
+        pub offset: u32,
+        pub _pad: u32,
+        /// Bucket of the gram at `offset + t`, for t below the stride; `u32::MAX` past it.
+        pub buckets: [u32; 8],
     }
 
-    /// The prefilter: a bitmap of the buckets of every keyword 4-gram at offsets
-    /// `0..stride`, and per bucket the keywords that have such a gram there.
+    /// The prefilter: a bitmap of the buckets of every keyword's 4-grams at offsets
+    /// `offset..offset + stride`, and per bucket the keywords that have such a gram there.
     #[repr(C)]
     #[derive(Clone, Copy)]
     pub struct GateTables {
@@ -327,9 +344,11 @@ pub mod gate {
         Indexed = 10,
         /// Calls whose plaintext was longer than [`GATE_SCAN_MAX`] (tail not scanned).
         Truncated = 11,
+        /// Of `ScanNs`, nanoseconds spent copying the plaintext from the caller.
+        CopyNs = 12,
     }
 
-    pub const GATE_STAT_SLOTS: usize = 12;
+    pub const GATE_STAT_SLOTS: usize = 13;
 }
 
 #[cfg(feature = "user")]

@@ -27,22 +27,26 @@
 //! case-insensitive):
 //! 1. Prefilter: every `stride`-th position's 4-byte gram (lower-cased 8 bytes at a time,
 //!    SWAR) is hashed to 16 bits and tested in a 64 Kbit bitmap of the keywords' grams at
-//!    offsets `0..stride`. `stride` is 4 when the shortest keyword has at least 7 bytes (2
-//!    from 5, else 1), so every occurrence covers a tested gram. 64 bytes per `bpf_loop`
-//!    step; no branch per position.
-//! 2. A block with a hit re-reads its hit positions; the bucket's keyword mask says which
-//!    keywords to compare (four masked 8-byte compares each) at the `stride` candidate
-//!    starts.
+//!    `stride` consecutive offsets. `stride` is 8 when the shortest keyword has at least
+//!    11 bytes (4 from 7, 2 from 5, else 1), so every occurrence covers a tested gram. 64 bytes per
+//!    `bpf_loop` step, aligned 8-byte loads, case folded 8 bytes at a time, and no branch
+//!    per position: the shifted bitmap words are ORed, and only a block whose OR has bit 0
+//!    set works out which positions hit.
+//! 2. A 64-byte stretch with a hit re-reads its hit positions; the bucket's keyword mask
+//!    says which keywords to compare (four masked 8-byte compares each), and each
+//!    keyword's own bucket list which of its `stride` starts put an indexed gram there. The agent indexes, per
+//!    keyword, the `stride` consecutive grams least likely in text (no spaces, few common
+//!    letters), so common words rarely reach this step.
 
 use core::{
     ffi::c_void,
-    ptr::{read_unaligned, read_volatile},
+    ptr::read_volatile,
 };
 
 use aegis_common::gate::{
-    ConnKey, ConnSock, GATE_KEYWORDS_MAX, GATE_PORTS_MAX, GATE_SCAN_MAX, GATE_STAT_SLOTS, GateConfig,
-    GateEvent, GateKeyword, GatePending, GateStat, GateTables, NO_MATCH, SockInfo, SockTuple,
-    gram_bucket, lower8,
+    CASE_FOLD, ConnKey, ConnSock, GATE_BUCKETS, GATE_KEYWORDS_MAX, GATE_PORTS_MAX, GATE_SCAN_MAX,
+    GATE_STAT_SLOTS, GateConfig, GateEvent, GateKeyword, GatePending, GateStat, GateTables, NO_MATCH,
+    SockInfo, SockTuple, folded_bucket, gram_bucket, lower8,
 };
 use aya_ebpf::{
     EbpfContext as _,
@@ -104,7 +108,16 @@ const SCAN_SLACK: usize = 128;
 #[repr(C)]
 struct ScanBuf {
     data: [u8; GATE_SCAN_MAX + SCAN_SLACK],
+    /// The prefilter's findings: how many blocks had a hit, and for each its hit word and
+    /// offset. (Counted here, not on the stack: a counter the verifier tracks exactly keeps
+    /// every loop step's state distinct, and the loop never converges.)
+    hit_blocks: u64,
+    hit_word: [u64; BLOCKS],
+    hit_base: [u64; BLOCKS],
 }
+
+/// Blocks of the scan buffer.
+const BLOCKS: usize = GATE_SCAN_MAX / BLOCK;
 
 #[map]
 static GATE_SCRATCH: PerCpuArray<ScanBuf> = PerCpuArray::with_max_entries(1, 0);
@@ -174,6 +187,10 @@ pub fn write_exit() {
 /// What the scan callbacks share; lives on the entry probe's stack.
 #[repr(C)]
 struct ScanCtx {
+    /// The per-CPU scan buffer, its bytes, and the prefilter tables (map values).
+    buf: *mut ScanBuf,
+    data: *const u8,
+    tables: *const GateTables,
     /// Bytes copied (<= GATE_SCAN_MAX).
     len: u64,
     /// Bit i: position `base + i` passed the prefilter.
@@ -182,15 +199,21 @@ struct ScanCtx {
     /// Keyword slot found, or NO_MATCH.
     found: u32,
     keywords: u32,
-    /// The position under comparison and its bucket's keyword mask.
-    pos: u64,
-    mask: u32,
     candidates: u32,
+    /// Keywords of the current hit's bucket not compared yet.
+    mask: u32,
+    /// The current hit's bucket; the keyword being compared and its starts not tried yet.
+    bucket: u32,
+    keyword: u32,
+    starts: u32,
+    _pad: u32,
+    /// The current hit's position.
+    pos: u64,
 }
 
 #[inline(always)]
 fn scan(cfg: &GateConfig, buf: u64, num: u64) -> u32 {
-    let Some(scratch) = GATE_SCRATCH.get_ptr_mut(0) else {
+    let (Some(scratch), Some(tables)) = (GATE_SCRATCH.get_ptr_mut(0), GATE_TABLES.get_ptr(0)) else {
         return NO_MATCH;
     };
     let start = unsafe { bpf_ktime_get_ns() };
@@ -206,25 +229,40 @@ fn scan(cfg: &GateConfig, buf: u64, num: u64) -> u32 {
         bump(GateStat::ReadFailed, 1);
         return NO_MATCH;
     }
+    bump(GateStat::CopyNs, unsafe { bpf_ktime_get_ns() } - start);
+    unsafe { (*scratch).hit_blocks = 0 };
     let mut ctx = ScanCtx {
+        data: unsafe { (*scratch).data.as_ptr() },
+        buf: scratch,
+        tables,
         len: len as u64,
         hit: 0,
         base: 0,
         found: NO_MATCH,
         keywords: cfg.keywords,
-        pos: 0,
-        mask: 0,
         candidates: 0,
+        mask: 0,
+        bucket: 0,
+        keyword: 0,
+        starts: 0,
+        _pad: 0,
+        pos: 0,
     };
-    let blocks = (len as u32).div_ceil(64);
-    let c = &mut ctx as *mut ScanCtx as *mut c_void;
-    // One call per stride: the verifier wants a constant callback.
-    unsafe {
-        match cfg.stride {
-            4 => bpf_loop(blocks, scan_block::<4> as *mut c_void, c, 0),
-            2 => bpf_loop(blocks, scan_block::<2> as *mut c_void, c, 0),
-            _ => bpf_loop(blocks, scan_block::<1> as *mut c_void, c, 0),
-        };
+    // Two passes: the prefilter (one copy per stride) lists the blocks with hits, then
+    // one comparison pass for every stride. Kept apart, the verifier checks the
+    // comparisons once, not once per stride inside each prefilter's loop.
+    let blocks = (len as u32).div_ceil(BLOCK as u32);
+    match cfg.stride {
+        8 => scan_blocks::<8>(blocks, &mut ctx),
+        4 => scan_blocks::<4>(blocks, &mut ctx),
+        2 => scan_blocks::<2>(blocks, &mut ctx),
+        _ => scan_blocks::<1>(blocks, &mut ctx),
+    }
+    let hit_blocks = unsafe { (*scratch).hit_blocks } as u32;
+    if hit_blocks > 0 {
+        unsafe {
+            bpf_loop(hit_blocks, verify_block as *mut c_void, &mut ctx as *mut ScanCtx as *mut c_void, 0);
+        }
     }
     bump(GateStat::Scans, 1);
     bump(GateStat::ScannedBytes, len as u64);
@@ -236,110 +274,203 @@ fn scan(cfg: &GateConfig, buf: u64, num: u64) -> u32 {
     ctx.found
 }
 
-/// Lower-cased 8 bytes at `at` of the scan buffer (`at` <= GATE_SCAN_MAX + SCAN_SLACK - 8).
-#[inline(always)]
-fn word(data: *const u8, at: usize) -> u64 {
-    lower8(unsafe { read_unaligned(data.add(at) as *const u64) })
+/// The block loop of one stride. A function of its own per stride, so that each
+/// `bpf_loop` call site has one constant callback: the verifier then inlines the loop
+/// (a direct call per block); a call site with a choice of callbacks stays a helper call
+/// that reaches the callback through an indirect call per block, several times slower.
+#[inline(never)]
+fn scan_blocks<const S: usize>(blocks: u32, ctx: &mut ScanCtx) {
+    unsafe {
+        bpf_loop(blocks, scan_block::<S> as *mut c_void, ctx as *mut ScanCtx as *mut c_void, 0);
+    }
 }
 
-/// Prefilter block `index` (64 bytes); compare its hits. Returns 1 to stop the loop.
+/// Bytes per `bpf_loop` step: one 64-position hit word.
+const BLOCK: usize = 64;
+
+/// Aligned word `i` (bytes `8 i .. 8 i + 8`) of the scan buffer. Aligned loads: the BPF
+/// backend splits an unaligned 8-byte load into eight byte loads.
+#[inline(always)]
+fn aligned(data: *const u8, i: usize) -> u64 {
+    unsafe { *(data as *const u64).add(i) }
+}
+
+/// The 8 bytes at any offset `at`, from the two aligned words around it, without a
+/// branch (a branch here multiplies the paths the verifier walks).
+#[inline(always)]
+fn word(data: *const u8, at: usize) -> u64 {
+    let (i, r) = (at / 8, (at % 8) as u32);
+    // `<< 1 << (63 - 8r)`: the high word's share, which is nothing when r is 0.
+    (aligned(data, i) >> (8 * r)) | ((aligned(data, i + 1) << 1) << (63 - 8 * r))
+}
+
+/// The folded gram at byte `j` (< 8) of word `x`, `next` being the word after it.
+#[inline(always)]
+fn gram_at(x: u64, next: u64, j: usize) -> u32 {
+    if j <= 4 { (x >> (8 * j)) as u32 } else { ((x >> (8 * j)) | (next << (64 - 8 * j))) as u32 }
+}
+
+/// Prefilter block `index`: whether any tested gram of its 64 bytes is in the bitmap
+/// (the OR of the shifted bitmap words has bit 0 set), then, only then, which ones.
+/// Returns 1 to stop the loop.
 #[inline(never)]
 extern "C" fn scan_block<const S: usize>(index: u64, ctx: *mut c_void) -> i64 {
     let ctx = unsafe { &mut *(ctx as *mut ScanCtx) };
-    let (Some(scratch), Some(tables)) = (GATE_SCRATCH.get_ptr(0), GATE_TABLES.get_ptr(0)) else {
-        return 1;
-    };
-    let data = unsafe { (*scratch).data.as_ptr() };
-    let bitmap = unsafe { &(*tables).bitmap };
-    let base = ((index as usize) & (GATE_SCAN_MAX / 64 - 1)) * 64;
-    let mut hit = 0u64;
-    let mut next = word(data, base);
+    let (data, bitmap) = (ctx.data, unsafe { &(*ctx.tables).bitmap });
+    let base = ((index as usize) & (GATE_SCAN_MAX / BLOCK - 1)) * BLOCK;
+    let mut any = 0u64;
+    let mut next = aligned(data, base / 8) & CASE_FOLD;
     let mut w = 0;
     while w < 8 {
         let x = next;
-        next = word(data, base + 8 * w + 8);
+        next = aligned(data, base / 8 + w + 1) & CASE_FOLD;
         let mut j = 0;
         while j < 8 {
-            let gram = if j <= 4 { (x >> (8 * j)) as u32 } else { ((x >> (8 * j)) | (next << (64 - 8 * j))) as u32 };
-            let b = gram_bucket(gram) as usize;
-            let bit = (bitmap[b >> 6] >> (b & 63)) & 1;
-            hit |= bit << (8 * w + j);
+            let b = folded_bucket(gram_at(x, next, j)) as usize;
+            any |= bitmap[b >> 6] >> (b & 63);
             j += S;
         }
         w += 1;
     }
-    if hit == 0 {
+    if any & 1 == 0 {
         return 0;
     }
-    ctx.hit = hit;
-    ctx.base = base as u64;
+    let buf = unsafe { &mut *ctx.buf };
+    let n = buf.hit_blocks as usize & (BLOCKS - 1);
+    buf.hit_word[n] = block_hits::<S>(data, bitmap, base);
+    buf.hit_base[n] = base as u64;
+    buf.hit_blocks += 1;
+    0
+}
+
+/// Compare the hits of the `i`-th block the prefilter listed. Returns 1 to stop the loop.
+#[inline(never)]
+extern "C" fn verify_block(i: u64, ctx: *mut c_void) -> i64 {
+    let ctx = unsafe { &mut *(ctx as *mut ScanCtx) };
+    let buf = unsafe { &*ctx.buf };
+    let i = i as usize & (BLOCKS - 1);
+    ctx.hit = buf.hit_word[i];
+    ctx.base = buf.hit_base[i];
+    ctx.mask = 0;
+    ctx.starts = 0;
     unsafe {
-        bpf_loop((64 / S) as u32, verify_pos::<S> as *mut c_void, ctx as *mut ScanCtx as *mut c_void, 0);
+        // At most 64 hits, each with up to 32 keywords, each with up to 8 starts.
+        bpf_loop(64 * (GATE_KEYWORDS_MAX as u32 * 9 + 1) + 1, verify_step as *mut c_void, ctx as *mut ScanCtx as *mut c_void, 0);
     }
     i64::from(ctx.found != NO_MATCH)
 }
 
-/// Tested position `i * S` of the current block: if it passed the prefilter, compare the
-/// keywords of its bucket.
+/// Bit i: the gram at `base + i` is in the bitmap.
 #[inline(never)]
-extern "C" fn verify_pos<const S: usize>(i: u64, ctx: *mut c_void) -> i64 {
-    let ctx = unsafe { &mut *(ctx as *mut ScanCtx) };
-    let j = (i as usize * S) & 63;
-    if (ctx.hit >> j) & 1 == 0 {
-        return 0;
-    }
-    let (Some(scratch), Some(tables)) = (GATE_SCRATCH.get_ptr(0), GATE_TABLES.get_ptr(0)) else {
-        return 1;
-    };
-    let pos = (ctx.base as usize & (GATE_SCAN_MAX - 1)) + j;
-    let b = gram_bucket(word(unsafe { (*scratch).data.as_ptr() }, pos) as u32) as usize;
-    let mask = unsafe { (*tables).masks[b & 0xffff] };
-    if mask == 0 {
-        return 0;
-    }
-    ctx.candidates += 1;
-    ctx.pos = pos as u64;
-    ctx.mask = mask;
-    let n = if ctx.keywords as usize > GATE_KEYWORDS_MAX { GATE_KEYWORDS_MAX as u32 } else { ctx.keywords };
-    unsafe {
-        bpf_loop(n, verify_keyword::<S> as *mut c_void, ctx as *mut ScanCtx as *mut c_void, 0);
-    }
-    i64::from(ctx.found != NO_MATCH)
-}
-
-/// Keyword slot `k`, if in the bucket's mask, at each start that puts one of its first
-/// `S` grams at the current position.
-#[inline(never)]
-extern "C" fn verify_keyword<const S: usize>(k: u64, ctx: *mut c_void) -> i64 {
-    let ctx = unsafe { &mut *(ctx as *mut ScanCtx) };
-    let k = (k as u32) & (GATE_KEYWORDS_MAX as u32 - 1);
-    if (ctx.mask >> k) & 1 == 0 {
-        return 0;
-    }
-    let (Some(scratch), Some(kw)) = (GATE_SCRATCH.get_ptr(0), GATE_KEYWORDS.get(k)) else {
-        return 1;
-    };
-    let data = unsafe { (*scratch).data.as_ptr() };
-    let pos = ctx.pos as usize & (GATE_SCAN_MAX - 1);
-    let mut o = 0;
-    while o < S {
-        if pos >= o {
-            let at = pos - o;
-            if at as u64 + u64::from(kw.len) <= ctx.len {
-                let mut diff = 0u64;
-                let mut i = 0;
-                while i < 4 {
-                    diff |= (word(data, at + 8 * i) ^ kw.text[i]) & kw.mask[i];
-                    i += 1;
-                }
-                if diff == 0 {
-                    ctx.found = k;
-                    return 1;
-                }
-            }
+fn block_hits<const S: usize>(data: *const u8, bitmap: &[u64; GATE_BUCKETS / 64], base: usize) -> u64 {
+    let base = base & (GATE_SCAN_MAX - 1);
+    let mut hit = 0u64;
+    let mut next = aligned(data, base / 8) & CASE_FOLD;
+    let mut w = 0;
+    while w < 8 {
+        let x = next;
+        next = aligned(data, base / 8 + w + 1) & CASE_FOLD;
+        let mut j = 0;
+        while j < 8 {
+            let b = folded_bucket(gram_at(x, next, j)) as usize;
+            hit |= ((bitmap[b >> 6] >> (b & 63)) & 1) << (8 * w + j);
+            j += S;
         }
-        o += 1;
+        w += 1;
     }
+    hit
+}
+
+/// Index of the one set bit of `bit` (a power of two), without a branch.
+#[inline(always)]
+fn bit_index(bit: u64) -> u32 {
+    // (x & m) != 0 as 0 or 1: the top bit of x | -x.
+    let nz = |m: u64| {
+        let x = bit & m;
+        ((x | x.wrapping_neg()) >> 63) as u32
+    };
+    (nz(0xffff_ffff_0000_0000) << 5)
+        | (nz(0xffff_0000_ffff_0000) << 4)
+        | (nz(0xff00_ff00_ff00_ff00) << 3)
+        | (nz(0xf0f0_f0f0_f0f0_f0f0) << 2)
+        | (nz(0xcccc_cccc_cccc_cccc) << 1)
+        | nz(0xaaaa_aaaa_aaaa_aaaa)
+}
+
+/// One step of the comparisons for the current 64 bytes, innermost work first:
+/// - a start pending (`starts`, bits t): compare the current keyword at the hit position
+///   minus its offset minus t;
+/// - else a keyword pending (`mask`): take the next one of the bucket (lowest first) and
+///   note the starts whose gram falls in this bucket;
+/// - else take the next prefilter hit (lowest first, off `hit`) and its bucket's mask;
+/// - else stop.
+///
+/// A flat state machine rather than nested loops: the verifier walks a nested loop's body
+/// again for every state of the outer one, and the compare stays one copy for all strides.
+#[inline(never)]
+extern "C" fn verify_step(_: u64, ctx: *mut c_void) -> i64 {
+    let ctx = unsafe { &mut *(ctx as *mut ScanCtx) };
+    let starts = u64::from(ctx.starts);
+    if starts != 0 {
+        let low = starts & starts.wrapping_neg();
+        ctx.starts = (starts ^ low) as u32;
+        let Some(kw) = GATE_KEYWORDS.get(ctx.keyword & (GATE_KEYWORDS_MAX as u32 - 1)) else {
+            return 0;
+        };
+        let pos = ctx.pos & (GATE_SCAN_MAX as u64 - 1);
+        let o = u64::from(kw.offset & 31) + u64::from(bit_index(low));
+        // Flags from sign bits, not comparisons (each comparison is a branch in BPF):
+        // pos >= o, and the keyword ends within the copied bytes.
+        let starts_in = 1 ^ (pos.wrapping_sub(o) >> 63);
+        let at = pos.wrapping_sub(o) & (GATE_SCAN_MAX as u64 - 1);
+        let ends_in = 1 ^ (ctx.len.wrapping_sub(at + u64::from(kw.len)) >> 63);
+        let mut diff = 0u64;
+        let mut w = 0;
+        while w < 4 {
+            diff |= (lower8(word(ctx.data, at as usize + 8 * w)) ^ kw.text[w]) & kw.mask[w];
+            w += 1;
+        }
+        let same = 1 ^ ((diff | diff.wrapping_neg()) >> 63);
+        if starts_in & ends_in & same != 0 {
+            ctx.found = ctx.keyword;
+            return 1;
+        }
+        return 0;
+    }
+    let mask = u64::from(ctx.mask);
+    if mask != 0 {
+        let low = mask & mask.wrapping_neg();
+        ctx.mask = (mask ^ low) as u32;
+        let k = bit_index(low);
+        if k >= ctx.keywords {
+            return 0;
+        }
+        let Some(kw) = GATE_KEYWORDS.get(k) else {
+            return 0;
+        };
+        let mut starts = 0u32;
+        let mut t = 0;
+        while t < 8 {
+            let x = u64::from(kw.buckets[t] ^ ctx.bucket);
+            starts |= ((1 ^ ((x | x.wrapping_neg()) >> 63)) as u32) << t;
+            t += 1;
+        }
+        ctx.starts = starts;
+        ctx.keyword = k;
+        return 0;
+    }
+    let hit = ctx.hit;
+    if hit == 0 {
+        return 1;
+    }
+    let low = hit & hit.wrapping_neg();
+    ctx.hit = hit ^ low;
+    let pos = (ctx.base as usize & (GATE_SCAN_MAX - 1)) + bit_index(low) as usize;
+    let b = gram_bucket(word(ctx.data, pos) as u32);
+    ctx.mask = unsafe { (*ctx.tables).masks[(b & 0xffff) as usize] };
+    ctx.bucket = b;
+    ctx.pos = pos as u64;
+    ctx.candidates += 1;
     0
 }
 

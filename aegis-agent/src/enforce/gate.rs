@@ -132,6 +132,8 @@ pub struct GateStats {
     pub sock_add_failed: u64,
     pub indexed: u64,
     pub truncated: u64,
+    /// Of `scan_ns`, the copy of the plaintext from the caller's memory.
+    pub copy_ns: u64,
 }
 
 impl GateStats {
@@ -175,23 +177,48 @@ pub fn compile_keywords(keywords: &[KernelKeyword]) -> anyhow::Result<KeywordTab
     let shortest = keywords.iter().map(|k| k.keyword.len()).min().unwrap_or(KERNEL_KEYWORD_MAX);
     // Every occurrence of a keyword of length L covers a tested 4-gram when L >= stride + 3.
     let stride: u32 = match shortest {
-        7.. => 4,
+        11.. => 8,
+        7..=10 => 4,
         5..=6 => 2,
         _ => 1,
     };
     // SAFETY: all-zero is a valid GateTables (integers only); allocated on the heap, it
     // is 264 KiB.
     let mut tables: Box<GateTables> = unsafe { Box::new_zeroed().assume_init() };
-    for (slot, k) in keywords.iter().enumerate() {
+    for (slot, (k, kw)) in keywords.iter().zip(&mut out).enumerate() {
         let lower = k.keyword.to_ascii_lowercase();
-        for o in 0..stride as usize {
-            let g = &lower.as_bytes()[o..o + 4];
-            let b = gram_bucket(u32::from_le_bytes([g[0], g[1], g[2], g[3]])) as usize;
+        let lower = lower.as_bytes();
+        let s = stride as usize;
+        // Any `stride` consecutive gram offsets catch every occurrence: index the ones
+        // least likely in ordinary text.
+        let offset = (0..=lower.len() - 3 - s)
+            .min_by_key(|&o| (o..o + s).map(|g| gram_cost(&lower[g..g + 4])).sum::<u32>())
+            .unwrap_or(0);
+        kw.offset = offset as u32;
+        kw.buckets = [u32::MAX; 8];
+        for (t, g) in lower[offset..].windows(4).take(s).enumerate() {
+            let b = gram_bucket(u32::from_le_bytes([g[0], g[1], g[2], g[3]]));
+            kw.buckets[t] = b;
+            let b = b as usize;
             tables.bitmap[b / 64] |= 1 << (b % 64);
             tables.masks[b] |= 1 << slot;
         }
     }
     Ok(KeywordTables { keywords: out, tables, stride })
+}
+
+/// How common a lower-case 4-gram is in prompts and JSON, roughly: spaces and frequent
+/// letters cost most, JSON punctuation some, other bytes nothing.
+fn gram_cost(gram: &[u8]) -> u32 {
+    gram.iter()
+        .map(|b| match b {
+            b' ' => 4,
+            b'e' | b't' | b'a' | b'o' | b'i' | b'n' | b's' | b'r' | b'h' => 2,
+            b'"' | b':' | b',' => 2,
+            b'a'..=b'z' | b'0'..=b'9' => 1,
+            _ => 0,
+        })
+        .sum()
 }
 
 impl KeywordTables {
@@ -201,11 +228,12 @@ impl KeywordTables {
         let len = text.len().min(GATE_SCAN_MAX);
         let mut buf = vec![0u8; GATE_SCAN_MAX + 128];
         buf[..len].copy_from_slice(&text[..len]);
-        let word = |at: usize| lower8(u64::from_le_bytes(buf[at..at + 8].try_into().unwrap_or_default()));
+        let raw = |at: usize| u64::from_le_bytes(buf[at..at + 8].try_into().unwrap_or_default());
+        let word = |at: usize| lower8(raw(at));
         let s = self.stride as usize;
         for base in (0..len.div_ceil(64)).map(|b| b * 64) {
             for pos in (base..base + 64).step_by(s) {
-                let b = gram_bucket(word(pos) as u32) as usize;
+                let b = gram_bucket(raw(pos) as u32) as usize;
                 if (self.tables.bitmap[b / 64] >> (b % 64)) & 1 == 0 {
                     continue;
                 }
@@ -214,7 +242,8 @@ impl KeywordTables {
                     if (mask >> k) & 1 == 0 {
                         continue;
                     }
-                    for at in (0..s).filter_map(|o| pos.checked_sub(o)) {
+                    let starts = (0..8).filter(|&t| kw.buckets[t] == b as u32);
+                    for at in starts.filter_map(|t| pos.checked_sub(kw.offset as usize + t)) {
                         if at + kw.len as usize <= len
                             && (0..4).all(|i| (word(at + 8 * i) ^ kw.text[i]) & kw.mask[i] == 0)
                         {
@@ -401,7 +430,7 @@ impl Gate {
         let get = |s: GateStat| -> u64 {
             self.stats.get(&(s as u32), 0).map(|v| v.iter().sum()).unwrap_or(0)
         };
-        const _: () = assert!(GATE_STAT_SLOTS == 12);
+        const _: () = assert!(GATE_STAT_SLOTS == 13);
         GateStats {
             scans: get(GateStat::Scans),
             scanned_bytes: get(GateStat::ScannedBytes),
@@ -415,6 +444,7 @@ impl Gate {
             sock_add_failed: get(GateStat::SockAddFailed),
             indexed: get(GateStat::Indexed),
             truncated: get(GateStat::Truncated),
+            copy_ns: get(GateStat::CopyNs),
         }
     }
 
@@ -508,7 +538,14 @@ mod tests {
         let many: Vec<_> = (0..33).map(|i| kw(i, &format!("keyword-{i}"))).collect();
         assert!(compile_keywords(&many).is_err());
         assert_eq!(compile_keywords(&many[..32]).unwrap().keywords.len(), 32);
-        for (keywords, stride) in [(&["abcd", "longer-one"][..], 1), (&["abcde"][..], 2), (&["abcdef"][..], 2), (&["abcdefg", "12345678"][..], 4)] {
+        for (keywords, stride) in [
+            (&["abcd", "longer-one"][..], 1),
+            (&["abcde"][..], 2),
+            (&["abcdef"][..], 2),
+            (&["abcdefg", "12345678"][..], 4),
+            (&["0123456789"][..], 4),
+            (&["0123456789a", "ignore previous instructions"][..], 8),
+        ] {
             let list: Vec<_> = keywords.iter().map(|k| kw(0, k)).collect();
             assert_eq!(compile_keywords(&list).unwrap().stride, stride, "{keywords:?}");
         }
@@ -528,20 +565,28 @@ mod tests {
 
     #[test]
     fn the_kernel_search_finds_exactly_what_a_naive_search_finds() {
-        let sets: [&[&str]; 3] = [
-            &["abcd", "Forbidden-Token", "xy-z"],
-            &["hello", "world!", "sk-proj"],
-            &["ignore previous instructions", "AKIAIOSFODNN", "exfiltrate"],
-        ];
-        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        for set in KEYWORD_SETS {
+            check_against_naive(set);
+        }
+    }
+
+    /// One set per stride (1, 2, 4, 8).
+    const KEYWORD_SETS: [&[&str]; 4] = [
+        &["abcd", "Forbidden-Token", "xy-z"],
+        &["hello", "world!", "sk-proj"],
+        &["ignore previous instructions", "AKIAIOSFODNN", "exfiltrate"],
+        &["ignore previous instructions", "AKIAIOSFODNN7", "exfiltrate-data"],
+    ];
+
+    /// Random texts over a small alphabet, every other one with a keyword of `set` (in
+    /// random case) at a random place; every 10th is longer than the scanned part.
+    fn texts(set: &[&str], n: usize, seed: u64) -> Vec<Vec<u8>> {
+        let mut rng = Rng(seed);
         let alphabet = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ -_!{}\":,0123456789";
-        for set in sets {
-            let list: Vec<_> = set.iter().enumerate().map(|(i, k)| kw(i, k)).collect();
-            let tables = compile_keywords(&list).unwrap();
-            for round in 0..300 {
+        (0..n)
+            .map(|round| {
                 let len = (rng.next() % 3000) as usize + if round % 10 == 0 { GATE_SCAN_MAX } else { 0 };
                 let mut text: Vec<u8> = (0..len).map(|_| alphabet[(rng.next() % alphabet.len() as u64) as usize]).collect();
-                // Half the texts get a keyword, in random case, at a random place.
                 if round % 2 == 0 && len > 40 {
                     let k = set[(rng.next() % set.len() as u64) as usize].as_bytes();
                     let at = (rng.next() as usize) % (len - k.len());
@@ -549,32 +594,41 @@ mod tests {
                         text[at + i] = if rng.next() % 2 == 0 { b.to_ascii_uppercase() } else { *b };
                     }
                 }
-                let scanned = &text[..len.min(GATE_SCAN_MAX)];
-                let lower = scanned.to_ascii_lowercase();
-                let naive = set.iter().any(|k| {
-                    let k = k.to_ascii_lowercase();
-                    lower.windows(k.len()).any(|w| w == k.as_bytes())
-                });
-                let found = tables.find(&text);
-                assert_eq!(found.is_some(), naive, "set {set:?} round {round}");
-                if let Some(slot) = found {
-                    let k = set[slot].to_ascii_lowercase();
-                    assert!(lower.windows(k.len()).any(|w| w == k.as_bytes()));
-                }
+                text
+            })
+            .collect()
+    }
+
+    fn check_against_naive(set: &[&str]) {
+        let list: Vec<_> = set.iter().enumerate().map(|(i, k)| kw(i, k)).collect();
+        let tables = compile_keywords(&list).unwrap();
+        for (round, text) in texts(set, 300, 0x9e37_79b9_7f4a_7c15).into_iter().enumerate() {
+            let len = text.len();
+            let scanned = &text[..len.min(GATE_SCAN_MAX)];
+            let lower = scanned.to_ascii_lowercase();
+            let naive = set.iter().any(|k| {
+                let k = k.to_ascii_lowercase();
+                lower.windows(k.len()).any(|w| w == k.as_bytes())
+            });
+            let found = tables.find(&text);
+            assert_eq!(found.is_some(), naive, "set {set:?} round {round}");
+            if let Some(slot) = found {
+                let k = set[slot].to_ascii_lowercase();
+                assert!(lower.windows(k.len()).any(|w| w == k.as_bytes()));
             }
-            // At the very start and the very end of the scanned part, and just past it.
-            for k in set {
-                let mut text = vec![b'.'; GATE_SCAN_MAX + 100];
-                text[..k.len()].copy_from_slice(k.as_bytes());
-                assert!(tables.find(&text).is_some(), "{k} at 0");
-                let mut text = vec![b'.'; GATE_SCAN_MAX + 100];
-                text[GATE_SCAN_MAX - k.len()..GATE_SCAN_MAX].copy_from_slice(k.as_bytes());
-                assert!(tables.find(&text).is_some(), "{k} at the end");
-                let mut text = vec![b'.'; GATE_SCAN_MAX + 100];
-                text[GATE_SCAN_MAX - k.len() + 1..GATE_SCAN_MAX + 1].copy_from_slice(k.as_bytes());
-                assert!(tables.find(&text).is_none(), "{k} across the end is not scanned");
-                assert!(tables.find(&k.as_bytes()[..k.len() - 1]).is_none());
-            }
+        }
+        // At the very start and the very end of the scanned part, and just past it.
+        for k in set {
+            let mut text = vec![b'.'; GATE_SCAN_MAX + 100];
+            text[..k.len()].copy_from_slice(k.as_bytes());
+            assert!(tables.find(&text).is_some(), "{k} at 0");
+            let mut text = vec![b'.'; GATE_SCAN_MAX + 100];
+            text[GATE_SCAN_MAX - k.len()..GATE_SCAN_MAX].copy_from_slice(k.as_bytes());
+            assert!(tables.find(&text).is_some(), "{k} at the end");
+            let mut text = vec![b'.'; GATE_SCAN_MAX + 100];
+            text[GATE_SCAN_MAX - k.len() + 1..GATE_SCAN_MAX + 1].copy_from_slice(k.as_bytes());
+            assert!(tables.find(&text).is_none(), "{k} across the end is not scanned");
+            assert!(tables.find(&k.as_bytes()[..k.len() - 1]).is_none());
         }
     }
 
@@ -612,7 +666,9 @@ mod tests {
 
     impl Scratch {
         fn new() -> Self {
-            let dir = std::env::temp_dir().join(format!("aegis-gate-test-{}-{:?}", std::process::id(), std::thread::current().id()));
+            static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+            let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let dir = std::env::temp_dir().join(format!("aegis-gate-test-{}-{n}", std::process::id()));
             let _ = std::fs::remove_dir_all(&dir);
             std::fs::create_dir_all(&dir).unwrap();
             Self(dir)
@@ -752,6 +808,9 @@ mod tests {
             let mut stderr = String::new();
             let _ = std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr);
             let stdout = std::fs::read_to_string(&out_path).unwrap();
+            if !stderr.is_empty() {
+                eprintln!("client stderr ({status}):\n{stderr}");
+            }
             let lines = stdout
                 .lines()
                 .map(|l| serde_json::from_str(l).unwrap_or_else(|_| panic!("client line {l:?}; stderr {stderr}")))
@@ -946,5 +1005,154 @@ mod tests {
         let ssl = rig.written_ssl(r.pid);
         check_index(&rig, r.pid, &ssl, &["clean1", "blocked", "clean2"], &lines);
         assert_eq!(rig.gate.socket_of(r.pid, r.ssl), Some((r.local, r.peer)));
+    }
+
+    /// 32 keywords of at least 7 bytes (stride 4) and a set with 4-byte ones (stride 1).
+    const LONG_KEYWORDS: [&str; 32] = [
+        "ignore previous instructions", "ignore all previous", "disregard the above", "you are now dan",
+        "developer mode enabled", "BEGIN RSA PRIVATE KEY", "BEGIN OPENSSH PRIVATE", "aws_secret_access_key",
+        "sk-proj-", "sk-ant-api03-", "xoxb-1234", "github_pat_", "glpat-xxxx", "AIzaSyA-", "-----BEGIN PGP",
+        "password=hunter2", "exfiltrate the", "system prompt leak", "jailbreak mode", "do anything now",
+        "reveal your system", "print your instructions", "bypass the filter", "override safety",
+        "AEGIS-canary-0001", "AEGIS-canary-0002", "AEGIS-canary-0003", "AEGIS-canary-0004",
+        "internal-only-doc", "confidential-x9", "project-nightfall", "credit_card_number",
+    ];
+
+    /// Scans `n` requests of about 16 KiB of English-like JSON on one connection; the
+    /// gate's counters over that run.
+    fn bench_run(rig: &mut Rig, n: usize) -> GateStats {
+        let before = rig.gate.stats();
+        let script = format!(
+            r#"
+import random, socket, ssl
+random.seed(7)
+words = "the of and to in is you that it he was for on are as with his they at be this from have or by one had not but what all were when we there can an your which their said if do will each about how up out them then she many some so these would other into has more her two like him see time could no make than first been its who now people my made over did down only way find use may water long little very after words called just where most know".split()
+ctx = ssl.create_default_context(); ctx.check_hostname = False; ctx.verify_mode = ssl.CERT_NONE
+s = ctx.wrap_socket(socket.create_connection(("127.0.0.1", {port})), server_hostname="localhost")
+s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+for i in range({n}):
+    text = " ".join(random.choice(words) for _ in range(3200))[:16000]
+    body = ('{{"model":"gpt-4o","messages":[{{"role":"user","content":"%s"}}]}}' % text).encode()
+    head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
+    s.sendall(head + body)
+    got = b""
+    while not got.endswith(b'{{"ok":true}}'):
+        got += s.recv(4096)
+s.close()
+"#,
+            port = rig.server.port
+        );
+        let mut cmd = Command::new("python3");
+        cmd.args(["-c", &script]);
+        let (status, _, refusals) = rig.run(cmd);
+        assert!(status.success() && refusals.is_empty(), "{refusals:?}");
+        let after = rig.gate.stats();
+        GateStats {
+            scans: after.scans - before.scans,
+            scanned_bytes: after.scanned_bytes - before.scanned_bytes,
+            scan_ns: after.scan_ns - before.scan_ns,
+            candidates: after.candidates - before.candidates,
+            matches: after.matches - before.matches,
+            truncated: after.truncated - before.truncated,
+            copy_ns: after.copy_ns - before.copy_ns,
+            ..GateStats::default()
+        }
+    }
+
+    /// The scan's cost per KiB, from the programs' own clock (copy from user memory
+    /// included, and shown apart), on clean English-like JSON: with 32 long keywords
+    /// (stride 4), with a set whose shortest keyword has 4 bytes (stride 1), and with one
+    /// keyword. Best of three runs of 100 writes each (the VM is noisy); printed, bounded
+    /// loosely.
+    #[test]
+    fn scan_cost_is_measured() {
+        let long: Vec<_> = LONG_KEYWORDS.iter().enumerate().map(|(i, k)| kw(i, k)).collect();
+        let mut rig = Rig::start("gate-cost", &long);
+        let n = 100;
+        let mut results = Vec::new();
+        for (name, set) in [
+            ("32 keywords >= 7 bytes (stride 4)", long.clone()),
+            ("32 keywords >= 11 bytes (stride 8)", {
+                let mut v = long.clone();
+                for (i, k) in v.iter_mut().enumerate().filter(|(_, k)| k.keyword.len() < 11) {
+                    *k = kw(i, &format!("{}-padded", k.keyword));
+                }
+                v
+            }),
+            ("32 keywords, shortest 4 bytes (stride 1)", {
+                let mut v = long.clone();
+                v[31] = kw(31, "AKIA");
+                v[30] = kw(30, "ghp_");
+                v
+            }),
+            ("1 keyword (stride 4)", vec![kw(0, KEYWORD)]),
+        ] {
+            rig.gate.set_keywords(&set).unwrap();
+            let best = (0..3)
+                .map(|_| bench_run(&mut rig, n))
+                .inspect(|s| assert!(s.scans >= n as u64 && s.matches == 0, "{s:?}"))
+                .min_by_key(|s| s.scan_ns * 1024 / s.scanned_bytes)
+                .unwrap();
+            let per_kib = best.ns_per_kib().unwrap();
+            eprintln!(
+                "gate scan cost, {name}: {per_kib:.0} ns/KiB, of which copy {:.0} ({} scans, {} KiB, {} prefilter candidates)",
+                best.copy_ns as f64 * 1024.0 / best.scanned_bytes as f64,
+                best.scans,
+                best.scanned_bytes / 1024,
+                best.candidates,
+            );
+            results.push(per_kib);
+        }
+        // Loose: a regression to byte-at-a-time work would be 10x slower.
+        assert!(results.iter().all(|&ns| ns < 20_000.0), "{results:?}");
+    }
+
+    /// The programs and [`KeywordTables::find`] agree, text for text: python writes random
+    /// texts (one connection each) with a keyword set of each stride loaded; a write is
+    /// refused exactly when the reference search finds a keyword, and the refusal names
+    /// the keyword it finds.
+    #[test]
+    fn kernel_and_reference_search_agree() {
+        let mut rig = Rig::start("gate-agree", &[]);
+        let scratch = Scratch::new();
+        for (n, set) in KEYWORD_SETS.iter().enumerate() {
+            let list: Vec<_> = set.iter().enumerate().map(|(i, k)| kw(i, k)).collect();
+            rig.gate.set_keywords(&list).unwrap();
+            let tables = compile_keywords(&list).unwrap();
+            let texts = texts(set, 40, 0x5eed + n as u64);
+            let file = scratch.0.join(format!("texts-{n}.json"));
+            let as_strings: Vec<String> = texts.iter().map(|t| String::from_utf8(t.clone()).unwrap()).collect();
+            std::fs::write(&file, serde_json::to_vec(&as_strings).unwrap()).unwrap();
+            let script = format!(
+                r#"
+import json, socket, ssl
+ctx = ssl.create_default_context(); ctx.check_hostname = False; ctx.verify_mode = ssl.CERT_NONE
+for i, text in enumerate(json.load(open("{file}"))):
+    s = ctx.wrap_socket(socket.create_connection(("127.0.0.1", {port})), server_hostname="localhost")
+    local = "%s:%d" % s.getsockname()[:2]
+    try:
+        s.sendall(text.encode())
+        refused = False
+    except OSError:
+        refused = True
+    print(json.dumps({{"i": i, "local": local, "refused": refused}}), flush=True)
+    s.close()
+"#,
+                file = file.display(),
+                port = rig.server.port
+            );
+            let mut cmd = Command::new("python3");
+            cmd.args(["-c", &script]);
+            let (status, lines, refusals) = rig.run(cmd);
+            assert!(status.success(), "{lines:?}");
+            assert_eq!(lines.len(), texts.len());
+            for line in &lines {
+                let i = line["i"].as_u64().unwrap() as usize;
+                let want = tables.find(&texts[i]);
+                assert_eq!(line["refused"].as_bool(), Some(want.is_some()), "set {set:?} text {i}: {line}");
+                let refusal = refusals.iter().find(|r| r.local == addr(&line["local"]));
+                assert_eq!(refusal.and_then(|r| r.keyword.clone()), want.map(|k| set[k].to_owned()), "set {set:?} text {i}");
+            }
+        }
     }
 }
