@@ -146,15 +146,12 @@ pub fn write_enter(ssl: u64, buf: u64, num: u64) {
     {
         return;
     }
-    let mut pending = GatePending {
-        ssl,
-        returned_ns: 0,
-        plain_len: num,
-        keyword: NO_MATCH,
-        sends: 0,
-        cgroup_id: 0,
-        comm: [0; 16],
-    };
+    // Zeroed whole, then filled: a struct literal with a zero array becomes byte-wise
+    // memset calls on odd stack offsets.
+    let mut pending: GatePending = unsafe { core::mem::zeroed() };
+    pending.ssl = ssl;
+    pending.plain_len = num;
+    pending.keyword = NO_MATCH;
     if cfg.keywords > 0 && num >= 4 {
         pending.keyword = scan(cfg, buf, num);
         if pending.keyword != NO_MATCH {
