@@ -24,19 +24,25 @@
 //!
 //! The first [`GATE_SCAN_MAX`] bytes of plaintext are copied to a per-CPU buffer and
 //! searched for up to [`GATE_KEYWORDS_MAX`] keywords (4 to 32 bytes, ASCII
-//! case-insensitive):
-//! 1. Prefilter: every `stride`-th position's 4-byte gram (lower-cased 8 bytes at a time,
-//!    SWAR) is hashed to 16 bits and tested in a 64 Kbit bitmap of the keywords' grams at
-//!    `stride` consecutive offsets. `stride` is 8 when the shortest keyword has at least
-//!    11 bytes (4 from 7, 2 from 5, else 1), so every occurrence covers a tested gram. 64 bytes per
-//!    `bpf_loop` step, aligned 8-byte loads, case folded 8 bytes at a time, and no branch
-//!    per position: the shifted bitmap words are ORed, and only a block whose OR has bit 0
-//!    set works out which positions hit.
-//! 2. A 64-byte stretch with a hit re-reads its hit positions; the bucket's keyword mask
-//!    says which keywords to compare (four masked 8-byte compares each), and each
-//!    keyword's own bucket list which of its `stride` starts put an indexed gram there. The agent indexes, per
-//!    keyword, the `stride` consecutive grams least likely in text (no spaces, few common
-//!    letters), so common words rarely reach this step.
+//! case-insensitive), in two passes:
+//! 1. Prefilter: every `stride`-th position's 4-byte gram is hashed to 16 bits (letter
+//!    case folded first, 8 bytes at a time) and tested in a 64 Kbit bitmap of the
+//!    keywords' grams at `stride` consecutive offsets. `stride` is 8 when the shortest
+//!    keyword has at least 11 bytes (4 from 7, 2 from 5, else 1), so every occurrence
+//!    covers a tested gram. 64 bytes per `bpf_loop` step, aligned 8-byte loads, no branch
+//!    per position: the shifted bitmap words are ORed, and only a block whose OR has bit
+//!    0 set works out which positions hit and is listed.
+//! 2. Comparisons, for the listed blocks only: for each hit, the bucket's keyword mask
+//!    says which keywords to compare, and each keyword's own bucket list which of its
+//!    starts put an indexed gram there; a compare is four masked 8-byte words. The agent
+//!    indexes, per keyword, the `stride` consecutive grams least likely in text (no
+//!    spaces, few common letters), so that ordinary words rarely get this far.
+//!
+//! The shape is for the verifier as much as for speed: one prefilter copy per stride,
+//! but a single comparison routine, written as a flat state machine (the verifier walks
+//! a nested loop's body again for each state of the outer one), with flags computed from
+//! sign bits instead of comparisons (each comparison is a branch in BPF), and loop state
+//! the verifier need not track exactly kept in the map value, not on the stack.
 
 use core::{
     ffi::c_void,

@@ -16,9 +16,10 @@
 //!    queued) and a [`Refusal`] goes to the agent over the gate's own ring buffer (small,
 //!    and read apart from the capture ring so a busy capture never delays a refusal).
 //! 4. [`Gate::poll`] reads refusals and ends each refused connection with
-//!    [`sockdiag::kill_socket_with_cookie`]: the server sees a reset, the client's reads
-//!    fail. (After one refused send the kernel refuses every later send on that socket
-//!    anyway; the kill also frees the server side and wakes the client.)
+//!    [`sockdiag::kill_socket_with_cookie`] (exact 4-tuple and cookie): the server gets a
+//!    reset, a client read fails. (After one refused send the kernel refuses every later
+//!    send on that socket anyway; the kill also frees the server side and wakes a client
+//!    blocked in a read.)
 //!
 //! A write counts for the send that follows it on the same thread: the one inside the call
 //! (OpenSSL writing to its socket: python, curl), or, for a program that encrypts into
@@ -33,12 +34,35 @@
 //!   away is not seen; the user-space rules still see the decoded text).
 //! - Only the first 16 KiB of each SSL_write call are scanned (counted in
 //!   [`GateStats::truncated`]).
-//! - Connections opened before the gate was attached are not in the sockhash.
+//! - Connections opened before the gate was attached are not in the sockhash, nor are
+//!   those of processes outside the cgroup, nor inbound ones.
+//! - The server side sees no byte of the refused request, but what it sees of the end
+//!   depends on the client: a reset when the client still holds the connection when the
+//!   refusal is read (python), else the client's own close (curl, node exit at once).
+//!   node queues its last handshake message with the first request, so the server's
+//!   handshake does not even complete.
+//! - After the flush window (node-style writers), a flagged write whose send never came
+//!   expires unenforced; a send of another connection of the same thread inside the window
+//!   is refused only if the SSL object's own socket is not known yet.
+//! - Python reports the refused write as `SSLEOFError` (SSL_write_ex returns 0; the
+//!   EACCES is in errno only), curl as a send error (exit 55), node as `EACCES`.
 //!
 //! # Cost
-//! The scan costs about 0.4 µs per KiB on this VM's cores (measured by
-//! `scan_cost_is_measured`, from the programs' own counters), on top of the uprobe trap
-//! (7-14 µs per call). The sk_msg verdict is one hash lookup per send on a gated socket.
+//! Measured by `scan_cost_is_measured` with the programs' own clock (best of three runs of
+//! 100 SSL_writes of ~14 KiB English-like JSON; this VM is noisy, runs vary by up to 2x):
+//! - 1 keyword (prefilter alone, stride 4): 210-450 ns per KiB, of which 35 the copy;
+//! - 32 keywords of 7+ bytes, several of them common English words (stride 4): 700-810
+//!   ns/KiB, 3 prefilter hits per KiB at about 120 ns each;
+//! - 32 keywords of 11+ bytes (stride 8): 880-930 ns/KiB (half the grams tested, but twice
+//!   the grams indexed, so twice the hits on such keywords);
+//! - 32 keywords, the shortest of 4 bytes (stride 1): 1.8-2.9 µs/KiB.
+//!
+//! So a 16 KiB request costs about 4 to 15 µs in the SSL_write entry probe, on top of the
+//! uprobe trap itself (7-14 µs per call here; the gate adds no probe). SSL_write calls
+//! outside the gate's cgroup pay an array lookup and a cgroup-id helper; inside it with no
+//! keywords, also a hash update. Keep kernel keywords long and unlike ordinary words. The
+//! sk_msg verdict costs a hash lookup per send on a gated socket, and for a send that
+//! follows an SSL_write two more map operations (cookie, index).
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
@@ -468,10 +492,10 @@ impl Gate {
 
 impl Drop for Gate {
     fn drop(&mut self) {
-        if self.sockops.is_some() || self.msg.is_some() {
-            if let Err(e) = self.shutdown() {
-                tracing::warn!(error = %format!("{e:#}"), "gate detach");
-            }
+        if (self.sockops.is_some() || self.msg.is_some())
+            && let Err(e) = self.shutdown()
+        {
+            tracing::warn!(error = %format!("{e:#}"), "gate detach");
         }
     }
 }
@@ -762,7 +786,8 @@ mod tests {
     /// sockhash emptied), the probes, the server, then the cgroup.
     struct Rig {
         gate: Gate,
-        probes: TlsProbes,
+        /// Held for their attachments (dropping them detaches the SSL probes).
+        _probes: TlsProbes,
         events: crate::capture::probes::EventSource,
         server: Server,
         cgroup: TestCgroup,
@@ -779,7 +804,7 @@ mod tests {
             config.ports = vec![server.port];
             let mut gate = Gate::attach(probes.ebpf_mut(), &config).expect("attaching the gate");
             gate.set_keywords(keywords).unwrap();
-            Self { gate, probes, events, server, cgroup }
+            Self { gate, _probes: probes, events, server, cgroup }
         }
 
         /// Runs `cmd` in the test cgroup, polling the gate (and so ending refused

@@ -1273,7 +1273,7 @@ rationale = "p"
         // (rule body after the id, message part); the error points at `kernel`.
         let block = "category = \"secret\"\naction = \"block\"\nrationale = \"r\"\n";
         let cases: &[(String, &str)] = &[
-            (format!("category = \"secret\"\nkeywords = [\"abcd\"]\nrationale = \"r\"\nkernel = true\n"), "only block rules"),
+            ("category = \"secret\"\nkeywords = [\"abcd\"]\nrationale = \"r\"\nkernel = true\n".to_owned(), "only block rules"),
             (format!("{block}keywords = [\"abcd\"]\nkernel = true\ndirection = \"response\"\n"), "requests only"),
             (format!("{block}regex = 'abcd'\nkernel = true\n"), "needs `keywords`"),
             (format!("{block}keywords = [\"abcd\"]\nkernel = true\nregex = 'abcd'\n"), "`regex` cannot apply"),
