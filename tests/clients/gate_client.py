@@ -2,7 +2,7 @@
 """HTTPS client for the content-gate tests (stdlib only): one new TLS connection per
 step, so each request's fate can be told apart.
 
-Usage: gate_client.py --port P --steps JSON
+Usage: gate_client.py --port P --steps JSON [--host 127.0.0.1]
 JSON is a list of {"name": N, "body": TEXT}. For each step the client connects, prints
 {"step": N, "local": "ip:port", "peer": "ip:port"} once the handshake is done, sends
 ``POST /v1/chat/completions`` with TEXT as body in one write, and prints one of
@@ -40,15 +40,20 @@ def describe_read(read):
         return "error: errno %s %r" % (getattr(exc, "errno", None), exc)
 
 
-def step(port, name, body):
+def show(addr):
+    """ip:port, IPv6 in brackets."""
+    return ("[%s]:%d" if ":" in addr[0] else "%s:%d") % addr[:2]
+
+
+def step(host, port, name, body):
     ctx = ssl.create_default_context()
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
-    raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+    raw = socket.create_connection((host, port), timeout=10)
     raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     tls = ctx.wrap_socket(raw, server_hostname="localhost")
     local, peer = tls.getsockname(), tls.getpeername()
-    out({"step": name, "local": "%s:%d" % local[:2], "peer": "%s:%d" % peer[:2]})
+    out({"step": name, "local": show(local), "peer": show(peer)})
     data = body.encode()
     request = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n"
                b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (port, len(data), data))
@@ -89,9 +94,10 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--steps", required=True)
+    ap.add_argument("--host", default="127.0.0.1")
     args = ap.parse_args()
     for s in json.loads(args.steps):
-        step(args.port, s["name"], s["body"])
+        step(args.host, args.port, s["name"], s["body"])
 
 
 if __name__ == "__main__":

@@ -890,8 +890,10 @@ mod tests {
         out
     }
 
+    /// An address a client printed, IPv4-mapped IPv6 shown as IPv4 (as the gate does).
     fn addr(v: &Value) -> SocketAddr {
-        v.as_str().unwrap_or_else(|| panic!("not an address: {v}")).parse().unwrap()
+        let a: SocketAddr = v.as_str().unwrap_or_else(|| panic!("not an address: {v}")).parse().unwrap();
+        SocketAddr::new(a.ip().to_canonical(), a.port())
     }
 
     /// The checks every client shares: the clean steps got their reply, the blocked step's
@@ -976,6 +978,23 @@ mod tests {
         assert!(blocked["error"].as_str().unwrap().starts_with("SSLEOFError"), "{blocked}");
         assert_eq!((blocked["read"].as_str(), blocked["tcp_state"].as_str()), (Some("eof"), Some("CLOSE")), "{blocked}");
         // The refused write returned an error, so capture reported the clean ones only.
+        let ssl = rig.written_ssl(r.pid);
+        check_index(&rig, r.pid, &ssl, &["clean1", "clean2"], &lines);
+    }
+
+    /// The same from a dual-stack socket (AF_INET6, connected to ::ffff:127.0.0.1): the
+    /// programs read the IPv6 address words, the gate reports IPv4 addresses, and the kill
+    /// finds the socket by them.
+    #[test]
+    fn python_over_a_dual_stack_socket() {
+        let mut rig = Rig::start("gate-py6", &keywords());
+        let mut cmd = Command::new("python3");
+        cmd.arg(tests_dir().join("clients/gate_client.py"))
+            .args(["--port", &rig.server.port.to_string(), "--steps", &steps_json(), "--host", "::ffff:127.0.0.1"]);
+        let (status, lines, refusals) = rig.run(cmd);
+        assert!(status.success(), "{lines:?}");
+        assert!(by_step(&lines)["blocked"]["local"].as_str().unwrap().starts_with("[::ffff:"), "{lines:?}");
+        let r = check_blocked_flow(&rig, "python (IPv6 socket)", &lines, &refusals, true);
         let ssl = rig.written_ssl(r.pid);
         check_index(&rig, r.pid, &ssl, &["clean1", "clean2"], &lines);
     }
