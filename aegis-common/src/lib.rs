@@ -134,12 +134,235 @@ pub struct PendingCall {
     pub len_out: u64,
 }
 
+
+/// The in-kernel content gate (`aegis-ebpf/src/sockmsg.rs`, with the SSL_write entry
+/// probes of `openssl.rs`): maps shared by the capture object's programs and the agent.
+///
+/// Flow: the SSL_write entry probe notes the call per thread in `GATE_PENDING` and, when
+/// keywords are loaded, scans the plaintext; a match marks the entry flagged. The sk_msg
+/// verdict on a gated socket (one the sockops program put in `GATE_SOCKS`) sees the send
+/// that follows on that thread: it records (tgid, ssl) -> socket in `GATE_INDEX` and, for a
+/// flagged entry, refuses the send (`SK_DROP`) and emits a [`GateEvent`] on `GATE_EVENTS`.
+pub mod gate {
+    /// Plaintext bytes of one SSL_write scanned at most (the first ones).
+    pub const GATE_SCAN_MAX: usize = 16 * 1024;
+    /// Keywords loaded into the kernel at most (one bit each in [`GateTables::masks`]).
+    pub const GATE_KEYWORDS_MAX: usize = 32;
+    /// Bytes of a kernel keyword: at least one 4-byte gram, at most four 8-byte words.
+    pub const GATE_KEYWORD_MIN: usize = 4;
+    pub const GATE_KEYWORD_MAX: usize = 32;
+    /// Buckets of the 4-gram hash (16 bits).
+    pub const GATE_BUCKETS: usize = 1 << 16;
+    /// Gated remote ports at most.
+    pub const GATE_PORTS_MAX: u32 = 64;
+    /// `GatePending::rule` of a call that matched nothing.
+    pub const NO_MATCH: u32 = u32::MAX;
+
+    /// ASCII lower case of 8 bytes at once (other bytes unchanged): SWAR, no branches.
+    #[inline(always)]
+    pub const fn lower8(x: u64) -> u64 {
+        const LOW7: u64 = 0x7f7f_7f7f_7f7f_7f7f;
+        const HIGH: u64 = 0x8080_8080_8080_8080;
+        let heptets = x & LOW7;
+        // High bit of each byte set when the byte is >= 'A', then when it is > 'Z'.
+        let ge_a = heptets + 0x3f3f_3f3f_3f3f_3f3f;
+        let gt_z = heptets + 0x2525_2525_2525_2525;
+        let upper = ge_a & !gt_z & !x & HIGH;
+        x | (upper >> 2)
+    }
+
+    /// Prefilter bucket of a 4-byte gram (little-endian bytes of `gram`), in any letter
+    /// case: bit 5 of every byte is cleared first (`a` and `A` fold together, as do a few
+    /// punctuation pairs such as space and NUL: the prefilter may say yes more often,
+    /// never no wrongly), then a multiplicative hash keeps 16 bits.
+    #[inline(always)]
+    pub const fn gram_bucket(gram: u32) -> u32 {
+        folded_bucket(gram & CASE_FOLD as u32)
+    }
+
+    /// Clears bit 5 of every byte (see [`gram_bucket`]); for 8 bytes at once.
+    pub const CASE_FOLD: u64 = 0xdfdf_dfdf_dfdf_dfdf;
+
+    /// [`gram_bucket`] of a gram already folded with [`CASE_FOLD`].
+    #[inline(always)]
+    pub const fn folded_bucket(gram: u32) -> u32 {
+        gram.wrapping_mul(0x9e37_79b1) >> 16
+    }
+
+    /// Settings the agent writes; slot 0 of `GATE_CONFIG`.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default)]
+    pub struct GateConfig {
+        /// 0: SSL_write probes do no gate work at all.
+        pub enabled: u32,
+        /// Keywords in `GATE_KEYWORDS`; 0: no scan (the SSL-to-socket index still fills).
+        pub keywords: u32,
+        /// Text positions tested by the prefilter: every `stride`-th (1, 2, 4 or 8), chosen
+        /// so that every occurrence of the shortest keyword covers one tested 4-gram.
+        pub stride: u32,
+        pub _pad: u32,
+        /// Only threads in this cgroup v2 subtree are gated (0: every thread).
+        pub cgroup_id: u64,
+        /// Depth of `cgroup_id` (root = 0).
+        pub cgroup_level: u32,
+        pub _pad2: u32,
+        /// How long after SSL_write returns the thread's next send still counts as that
+        /// call's (node encrypts into memory and sends right after the call).
+        pub flush_window_ns: u64,
+    }
+
+    /// One keyword, lower case, as four zero-padded words and their byte masks.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default)]
+    pub struct GateKeyword {
+        pub text: [u64; 4],
+        pub mask: [u64; 4],
+        pub len: u32,
+        /// Agent-side rule number, reported in events.
+        pub rule: u32,
+        /// First of the `stride` consecutive 4-gram offsets indexed in [`GateTables`].
+        pub offset: u32,
+        pub _pad: u32,
+        /// Bucket of the gram at `offset + t`, for t below the stride; `u32::MAX` past it.
+        pub buckets: [u32; 8],
+    }
+
+    /// The prefilter: a bitmap of the buckets of every keyword's 4-grams at offsets
+    /// `offset..offset + stride`, and per bucket the keywords that have such a gram there.
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    pub struct GateTables {
+        pub bitmap: [u64; GATE_BUCKETS / 64],
+        pub masks: [u32; GATE_BUCKETS],
+    }
+
+    /// A connection as both ends' addresses. IPv4 sockets have `family` 2 and the address
+    /// in the first word; IPv6 (also IPv4-mapped) `family` 10. Addresses are in network
+    /// byte order as the kernel hands them over, ports in host byte order.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+    pub struct SockTuple {
+        pub family: u32,
+        pub local_port: u32,
+        pub remote_port: u32,
+        pub _pad: u32,
+        pub local_ip: [u32; 4],
+        pub remote_ip: [u32; 4],
+    }
+
+    /// What the sockops program learns of a gated socket (value of `GATE_SOCK_INFO`).
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default)]
+    pub struct SockInfo {
+        /// `bpf_get_socket_cookie`: unique for the kernel's uptime.
+        pub cookie: u64,
+    }
+
+    /// Key of the SSL-to-socket index.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+    pub struct ConnKey {
+        pub tgid: u32,
+        pub _pad: u32,
+        /// `SSL *` in that process.
+        pub ssl: u64,
+    }
+
+    /// Value of the SSL-to-socket index.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default)]
+    pub struct ConnSock {
+        pub tuple: SockTuple,
+        pub cookie: u64,
+        /// `bpf_ktime_get_ns` of the last send seen.
+        pub seen_ns: u64,
+    }
+
+    /// An SSL_write in flight (or just returned), per thread (key: pid_tgid).
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default)]
+    pub struct GatePending {
+        pub ssl: u64,
+        /// 0 while in the call; else `bpf_ktime_get_ns` at its return.
+        pub returned_ns: u64,
+        /// Bytes the call was asked to write.
+        pub plain_len: u64,
+        /// [`NO_MATCH`], or the `GATE_KEYWORDS` slot that matched.
+        pub keyword: u32,
+        /// Sends seen for this call (sk_msg).
+        pub sends: u32,
+        /// Set when flagged (the sk_msg program has no `bpf_get_current_comm`).
+        pub cgroup_id: u64,
+        pub comm: [u8; 16],
+    }
+
+    /// A refused send (ring `GATE_EVENTS`).
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default)]
+    pub struct GateEvent {
+        pub timestamp_ns: u64,
+        pub pid_tgid: u64,
+        pub ssl: u64,
+        pub cgroup_id: u64,
+        pub cookie: u64,
+        /// Plaintext bytes of the SSL_write that matched.
+        pub plain_len: u64,
+        /// `GATE_KEYWORDS` slot and its rule number.
+        pub keyword: u32,
+        pub rule: u32,
+        /// Bytes of the refused send (TLS records).
+        pub refused: u32,
+        pub _pad: u32,
+        pub tuple: SockTuple,
+        pub comm: [u8; 16],
+    }
+
+    /// Counters (per-CPU array `GATE_STATS`, indexed by this).
+    #[repr(u32)]
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum GateStat {
+        /// SSL_write calls scanned.
+        Scans = 0,
+        /// Plaintext bytes scanned.
+        ScannedBytes = 1,
+        /// Nanoseconds spent scanning (copy included).
+        ScanNs = 2,
+        /// Prefilter hits that were compared with the keywords.
+        Candidates = 3,
+        /// Scans that found a keyword.
+        Matches = 4,
+        /// Sends refused.
+        Refused = 5,
+        /// Plaintext that could not be read (not scanned).
+        ReadFailed = 6,
+        /// Gate events lost (ring full).
+        RingFull = 7,
+        /// Sockets added to the sockhash / that could not be.
+        SocksAdded = 8,
+        SockAddFailed = 9,
+        /// Sends attributed to an SSL object (index updates).
+        Indexed = 10,
+        /// Calls whose plaintext was longer than [`GATE_SCAN_MAX`] (tail not scanned).
+        Truncated = 11,
+        /// Of `ScanNs`, nanoseconds spent copying the plaintext from the caller.
+        CopyNs = 12,
+    }
+
+    pub const GATE_STAT_SLOTS: usize = 13;
+}
+
 #[cfg(feature = "user")]
 mod user {
     use super::*;
     unsafe impl aya::Pod for TlsChunkHeader {}
     unsafe impl aya::Pod for DropCounter {}
     unsafe impl aya::Pod for PendingCall {}
+    unsafe impl aya::Pod for gate::GateConfig {}
+    unsafe impl aya::Pod for gate::GateKeyword {}
+    unsafe impl aya::Pod for gate::GateTables {}
+    unsafe impl aya::Pod for gate::SockTuple {}
+    unsafe impl aya::Pod for gate::ConnKey {}
+    unsafe impl aya::Pod for gate::ConnSock {}
 }
 
 /// Destination rules enforced by the cgroup connect/sendmsg programs (`aegis-enforce`).

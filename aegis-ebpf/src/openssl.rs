@@ -13,6 +13,8 @@
 //! call actually moved. Capturing at return also hides the retries of non-blocking
 //! writers (node calls SSL_write again with the same buffer after WANT_WRITE).
 //! The attach cookie says which library the probe sits in; the agent maps it to a path.
+//! The SSL_write entry and return probes also drive the content gate (`sockmsg.rs`);
+//! what capture emits does not depend on it.
 
 use aegis_common::{
     CHUNK_DATA_MAX, CHUNKS_PER_CALL_MAX, ChunkScratch, DROP_CAUSES, Direction, DropCause,
@@ -77,16 +79,41 @@ fn remember(ctx: &ProbeContext, with_len_out: bool) -> u32 {
     0
 }
 
-/// `SSL_write` / `SSL_read` entry: (ssl, buf, num).
+/// `SSL_read` entry: (ssl, buf, num).
 #[uprobe]
-pub fn ssl_rw_enter(ctx: ProbeContext) -> u32 {
+pub fn ssl_read_enter(ctx: ProbeContext) -> u32 {
     remember(&ctx, false)
 }
 
-/// `SSL_write_ex` / `SSL_read_ex` entry: (ssl, buf, num, size_t *done).
+/// `SSL_read_ex` entry: (ssl, buf, num, size_t *done).
 #[uprobe]
-pub fn ssl_rw_ex_enter(ctx: ProbeContext) -> u32 {
+pub fn ssl_read_ex_enter(ctx: ProbeContext) -> u32 {
     remember(&ctx, true)
+}
+
+/// `SSL_write` / `SSL_write_ex` entry: what the reads do, then the content gate
+/// ([`crate::sockmsg::write_enter`]: scan the plaintext, note the call for the send).
+#[inline(always)]
+fn write_enter(ctx: &ProbeContext, ex: bool) -> u32 {
+    remember(ctx, ex);
+    if let (Some(ssl), Some(buf), Some(num)) = (ctx.arg::<u64>(0), ctx.arg::<u64>(1), ctx.arg::<u64>(2)) {
+        // SSL_write's num is an int; SSL_write_ex's a size_t.
+        let num = if ex { num } else { (num as u32 as i32).max(0) as u64 };
+        crate::sockmsg::write_enter(ssl, buf, num);
+    }
+    0
+}
+
+/// `SSL_write` entry: (ssl, buf, int num).
+#[uprobe]
+pub fn ssl_write_enter(ctx: ProbeContext) -> u32 {
+    write_enter(&ctx, false)
+}
+
+/// `SSL_write_ex` entry: (ssl, buf, size_t num, size_t *written).
+#[uprobe]
+pub fn ssl_write_ex_enter(ctx: ProbeContext) -> u32 {
+    write_enter(&ctx, true)
 }
 
 #[inline(always)]
@@ -206,11 +233,13 @@ extern "C" fn copy_chunk(index: u64, ctx: *mut c_void) -> i64 {
 
 #[uretprobe]
 pub fn ssl_write_exit(ctx: RetProbeContext) -> u32 {
+    crate::sockmsg::write_exit();
     emit(&ctx, TlsHook::SslWrite, Direction::Egress, false)
 }
 
 #[uretprobe]
 pub fn ssl_write_ex_exit(ctx: RetProbeContext) -> u32 {
+    crate::sockmsg::write_exit();
     emit(&ctx, TlsHook::SslWriteEx, Direction::Egress, true)
 }
 

@@ -85,7 +85,7 @@ fn sigterm_detaches_every_probe_and_flushes() {
     let cert = TempCert::generate();
     let mut agent = Agent::start();
     let loaded = loaded_programs();
-    assert!(loaded.contains("ssl_rw_enter"), "agent programs not loaded while running:\n{loaded}");
+    assert!(loaded.contains("ssl_write_enter"), "agent programs not loaded while running:\n{loaded}");
     let mock = MockProvider::start(&cert);
     let plan = aegis_tests::Plan::single(plans::common_requests());
     let run = run_python(mock.port, &plan);
@@ -104,7 +104,7 @@ fn sigterm_detaches_every_probe_and_flushes() {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let loaded = loaded_programs();
-        if !loaded.contains("ssl_rw_enter") {
+        if !loaded.contains("ssl_write_enter") {
             break;
         }
         assert!(Instant::now() < deadline, "programs still loaded after the agent stopped:\n{loaded}");

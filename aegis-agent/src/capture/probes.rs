@@ -27,9 +27,11 @@ use super::targets::TlsTarget;
 /// The compiled eBPF object (built by build.rs with aya-build).
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/aegis"));
 
-const PROGRAMS: [&str; 7] = [
-    "ssl_rw_enter",
-    "ssl_rw_ex_enter",
+const PROGRAMS: [&str; 9] = [
+    "ssl_read_enter",
+    "ssl_read_ex_enter",
+    "ssl_write_enter",
+    "ssl_write_ex_enter",
     "ssl_write_exit",
     "ssl_write_ex_exit",
     "ssl_read_exit",
@@ -39,13 +41,13 @@ const PROGRAMS: [&str; 7] = [
 
 /// (program, symbol) pairs: entry probes remember arguments, return probes copy data.
 const ATTACH_PLAN: [(&str, &str, Need); 9] = [
-    ("ssl_rw_enter", "SSL_write", Need::Always),
+    ("ssl_write_enter", "SSL_write", Need::Always),
     ("ssl_write_exit", "SSL_write", Need::Always),
-    ("ssl_rw_enter", "SSL_read", Need::Always),
+    ("ssl_read_enter", "SSL_read", Need::Always),
     ("ssl_read_exit", "SSL_read", Need::Always),
-    ("ssl_rw_ex_enter", "SSL_write_ex", Need::Ex),
+    ("ssl_write_ex_enter", "SSL_write_ex", Need::Ex),
     ("ssl_write_ex_exit", "SSL_write_ex", Need::Ex),
-    ("ssl_rw_ex_enter", "SSL_read_ex", Need::Ex),
+    ("ssl_read_ex_enter", "SSL_read_ex", Need::Ex),
     ("ssl_read_ex_exit", "SSL_read_ex", Need::Ex),
     ("ssl_free_enter", "SSL_free", Need::Free),
 ];
@@ -86,6 +88,12 @@ impl TlsProbes {
         let events = RingBuf::try_from(ebpf.take_map("TLS_EVENTS").context("map TLS_EVENTS missing")?)?;
         let drops = PerCpuArray::try_from(ebpf.take_map("TLS_DROPS").context("map TLS_DROPS missing")?)?;
         Ok((Self { ebpf, sources: Sources::default() }, EventSource { events, drops }))
+    }
+
+    /// The loaded object, for the parts that share its maps (the content gate,
+    /// `enforce::gate`).
+    pub fn ebpf_mut(&mut self) -> &mut Ebpf {
+        &mut self.ebpf
     }
 
     /// Attach to each target; returns how many got their probes. A target whose

@@ -715,7 +715,7 @@ fn sync_trie<K: aya::Pod + Ord>(
 }
 
 /// The id (directory inode) and depth of a cgroup v2 directory.
-fn cgroup_identity(dir: &Path) -> anyhow::Result<(u64, u32)> {
+pub(crate) fn cgroup_identity(dir: &Path) -> anyhow::Result<(u64, u32)> {
     let id = std::fs::metadata(dir).with_context(|| format!("cannot read cgroup {}", dir.display()))?.ino();
     let root = cgroup2_root().context("no cgroup v2 mount found")?;
     let rel = dir

@@ -6,8 +6,15 @@
 //! - [`sockdiag`]: cut established TCP connections to blocked destinations from user space
 //!   (netlink sock_diag `SOCK_DESTROY`, what `ss -K` does).
 //! - [`verdict`]: stop a call whose verdict is block while it is on the wire.
+//! - [`gate`]: refuse, in the kernel, the send of a TLS write whose plaintext holds a
+//!   kernel keyword (sockops + sk_msg with the SSL_write probes), then cut that connection;
+//!   and the SSL-to-socket index.
+//! - [`providers`]: provider names to addresses (resolved, refreshed, learned).
+//! - [`handler`]: the daemon's control handler: blocks to kernel rules, kills.
 
 pub mod connect;
+pub mod gate;
+
 pub mod providers;
 pub mod sockdiag;
 pub mod verdict;

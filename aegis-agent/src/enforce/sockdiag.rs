@@ -16,6 +16,9 @@
 //! - It acts on a snapshot: a connection opened after the dump is not touched, so pair it
 //!   with something that stops new connects.
 //!
+//! [`kill_socket`] cuts one connection named by both its ends, without a dump: what the
+//! content gate does to a connection once it has refused a send on it.
+//!
 //! The two netlink structs involved are encoded and decoded by hand, byte for byte, on a
 //! raw `libc` socket. `libc` has the netlink header and constants but not the inet_diag
 //! structs, and `netlink-packet-sock-diag` can only emit `SOCK_DIAG_BY_FAMILY` (no
@@ -207,6 +210,51 @@ pub fn kill_connections(dests: &[Destination], scope: &OwnerScope) -> io::Result
         }
     }
     Ok(report)
+}
+
+/// Destroys the one TCP socket whose local and remote ends are exactly `local` and `peer`
+/// (as the socket's owner sees them), like `ss -K` given both ends. Returns whether there
+/// was such a socket; `Ok(false)` when it is already gone.
+///
+/// The two addresses must be of one family; IPv4-mapped IPv6 addresses count as IPv4
+/// (the kernel finds a dual-stack socket connected to an IPv4 host through its IPv4
+/// addresses). The owner gets `ECONNABORTED`, the peer a RST.
+pub fn kill_socket(local: SocketAddr, peer: SocketAddr) -> io::Result<bool> {
+    kill_socket_with_cookie(local, peer, None)
+}
+
+/// [`kill_socket`], sparing a socket that has the same addresses but not this cookie
+/// (`SO_COOKIE`, `bpf_get_socket_cookie`): one that replaced the socket meant.
+pub fn kill_socket_with_cookie(local: SocketAddr, peer: SocketAddr, cookie: Option<u64>) -> io::Result<bool> {
+    let entry = exact_entry(local, peer, cookie)?;
+    match DiagSocket::open()?.destroy(&entry) {
+        Ok(()) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// The sock_diag request naming exactly one socket.
+fn exact_entry(local: SocketAddr, peer: SocketAddr, cookie: Option<u64>) -> io::Result<DiagEntry> {
+    let raw = |ip: IpAddr| -> [u8; 16] {
+        match ip {
+            IpAddr::V4(v4) => {
+                let mut b = [0; 16];
+                b[..4].copy_from_slice(&v4.octets());
+                b
+            }
+            IpAddr::V6(v6) => v6.octets(),
+        }
+    };
+    let (l, p) = (local.ip().to_canonical(), peer.ip().to_canonical());
+    let family = match (l, p) {
+        (IpAddr::V4(_), IpAddr::V4(_)) => libc::AF_INET,
+        (IpAddr::V6(_), IpAddr::V6(_)) => libc::AF_INET6,
+        _ => return Err(io::Error::new(io::ErrorKind::InvalidInput, "local and peer addresses of different families")),
+    };
+    let cookie = cookie.map_or([u32::MAX; 2], |c| [c as u32, (c >> 32) as u32]);
+    let id = SockId { sport: local.port(), dport: peer.port(), src: raw(l), dst: raw(p), ifindex: 0, cookie };
+    Ok(DiagEntry { family: family as u8, id, inode: 0 })
 }
 
 /// For each socket inode in `wanted`, one process in `scope` that holds it. Processes are
@@ -720,6 +768,29 @@ mod tests {
         let report = kill_connections(&dest, &OwnerScope::Exe(std::env::current_exe().unwrap())).unwrap();
         assert_reported(&report, &conns, Some(std::process::id()));
         assert_aborted(&mut conns);
+    }
+
+    #[test]
+    fn one_socket_is_killed_by_its_exact_addresses() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut conns = connect(&listener, listener.local_addr().unwrap(), 2);
+        let (local, peer) = (conns[0].expected.local, conns[0].expected.remote);
+        // Right addresses, wrong cookie: spared.
+        assert!(!kill_socket_with_cookie(local, peer, Some(1)).unwrap());
+        assert!(kill_socket(local, peer).unwrap());
+        assert!(!kill_socket(local, peer).unwrap(), "a second kill finds nothing");
+        let (first, rest) = conns.split_at_mut(1);
+        assert_aborted(first);
+        assert_alive(rest);
+
+        // A dual-stack socket connected through ::ffff:127.0.0.1, named by IPv4 addresses.
+        let port = listener.local_addr().unwrap().port();
+        let mut mapped = connect(&listener, SocketAddr::new(ip("::ffff:127.0.0.1"), port), 1);
+        assert!(kill_socket(mapped[0].expected.local, mapped[0].expected.remote).unwrap());
+        assert_aborted(&mut mapped);
+
+        let mixed = kill_socket("127.0.0.1:1".parse().unwrap(), "[::1]:2".parse().unwrap());
+        assert_eq!(mixed.unwrap_err().kind(), io::ErrorKind::InvalidInput);
     }
 
     #[test]

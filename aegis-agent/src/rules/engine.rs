@@ -70,8 +70,8 @@ use regex_syntax::hir::{
 use super::{
     normalize::{Encoding, NormalizeLimits, normalize},
     pack::{
-        Direction, PackError, Prefilter, REGEX_DFA_SIZE_LIMIT, REGEX_SIZE_LIMIT, Rule, Rulepack,
-        Scope, Validator, check_rule, compile_regex,
+        Direction, KERNEL_KEYWORDS_MAX, PackError, Prefilter, REGEX_DFA_SIZE_LIMIT,
+        REGEX_SIZE_LIMIT, Rule, Rulepack, Scope, Validator, check_rule, compile_regex,
     },
     validators,
 };
@@ -125,6 +125,18 @@ pub struct ScanStats {
     pub undecoded_segments: usize,
 }
 
+/// A keyword of a `kernel = true` rule, for the in-kernel content gate
+/// (`enforce::gate`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KernelKeyword {
+    /// Index into [`Engine::rules`].
+    pub rule: usize,
+    pub rule_id: String,
+    /// As written in the pack (ASCII, 4 to 32 bytes; the kernel compares it ASCII
+    /// case-insensitively).
+    pub keyword: String,
+}
+
 /// When a rule is evaluated.
 #[derive(Debug)]
 enum Trigger {
@@ -171,6 +183,7 @@ impl Engine {
         let mut rules = Vec::new();
         let mut infos = Vec::new();
         let mut compiled = Vec::new();
+        let packs_sources: Vec<_> = packs.iter().map(|p| p.source.clone()).collect();
         for (i, p) in packs.into_iter().enumerate() {
             for rule in &p.rules {
                 compiled.push(compile_rule(rule).map_err(|message| PackError {
@@ -186,6 +199,20 @@ impl Engine {
                 digest: p.digest,
             });
             rules.extend(p.rules.into_iter().map(|r| (i, r)));
+        }
+        let mut kernel = 0;
+        for (i, rule) in &rules {
+            kernel += if rule.kernel { rule.matcher.keywords.len() } else { 0 };
+            if kernel > KERNEL_KEYWORDS_MAX {
+                return Err(PackError {
+                    file: packs_sources[*i].clone(),
+                    line: Some(rule.line),
+                    rule: Some(rule.id.clone()),
+                    message: format!(
+                        "kernel = true: more than {KERNEL_KEYWORDS_MAX} kernel keywords over all loaded packs"
+                    ),
+                });
+            }
         }
         let unfiltered = compiled
             .iter()
@@ -291,6 +318,21 @@ impl Engine {
     /// regex pass per text; a pack should have none.
     pub fn unfiltered_rules(&self) -> usize {
         self.unfiltered
+    }
+
+    /// The keywords of the `kernel = true` rules, in rule order, each once (a keyword
+    /// shared by two rules reports the first). At most [`KERNEL_KEYWORDS_MAX`]: compile
+    /// refuses more.
+    pub fn kernel_keywords(&self) -> Vec<KernelKeyword> {
+        let mut out: Vec<KernelKeyword> = Vec::new();
+        for (index, (_, rule)) in self.rules.iter().enumerate().filter(|(_, (_, r))| r.kernel) {
+            for k in &rule.matcher.keywords {
+                if !out.iter().any(|o| o.keyword.eq_ignore_ascii_case(k)) {
+                    out.push(KernelKeyword { rule: index, rule_id: rule.id.clone(), keyword: k.clone() });
+                }
+            }
+        }
+        out
     }
 
     /// The keywords that decide when rule `index` is evaluated: its own, or those
@@ -1592,6 +1634,40 @@ mod tests {
     }
 
     #[test]
+    fn kernel_keywords_list_their_rules_and_are_capped_over_packs() {
+        let body = format!(
+            "{}{}{}",
+            rule("k1", "kernel = true\naction = \"block\"\nkeywords = [\"Forbidden-1\", \"secret-x\"]"),
+            rule("plain", "keywords = [\"other\"]"),
+            rule("k2", "kernel = true\naction = \"block\"\nkeywords = [\"FORBIDDEN-1\", \"abcd\"]"),
+        );
+        let e = engine(&body);
+        let got: Vec<_> = e.kernel_keywords().into_iter().map(|k| (k.rule, k.rule_id, k.keyword)).collect();
+        assert_eq!(
+            got,
+            [
+                (0, "k1".to_owned(), "Forbidden-1".to_owned()),
+                (0, "k1".to_owned(), "secret-x".to_owned()),
+                (2, "k2".to_owned(), "abcd".to_owned()),
+            ]
+        );
+        // The rule still matches in user space.
+        assert_eq!(
+            hits(&e, "a FORBIDDEN-1 b"),
+            [("k1".to_owned(), "forbidden-1".to_owned()), ("k2".to_owned(), "forbidden-1".to_owned())]
+        );
+
+        // 20 keywords per pack is within a pack's cap, 40 over two packs is not.
+        let twenty: Vec<String> = (0..20).map(|i| format!("\"kw-{i:02}\"")).collect();
+        let big = |id: &str| rule(id, &format!("kernel = true\naction = \"block\"\nkeywords = [{}]", twenty.join(", ")));
+        let mut second = pack_of(&big("b"));
+        second.source = "second.toml".into();
+        let err = Engine::compile(vec![pack_of(&big("a")), second], NormalizeLimits::default()).err().expect("over the cap");
+        assert_eq!((err.file.to_str(), err.rule.as_deref()), (Some("second.toml"), Some("b")), "{err}");
+        assert!(err.message.contains("more than 32 kernel keywords"), "{err}");
+    }
+
+    #[test]
     fn compile_reports_pack_line_and_rule() {
         let mut p = pack_of(&rule("ok", "keywords = [\"a\"]"));
         p.rules.push(Rule {
@@ -1608,6 +1684,7 @@ mod tests {
             rationale: "r".into(),
             evidence: EvidenceMode::Redacted,
             examples: Examples::default(),
+            kernel: false,
             line: 42,
         });
         let err = Engine::compile(vec![p], NormalizeLimits::default())

@@ -226,6 +226,7 @@ pub fn parse(text: &str, source: &Path) -> Result<Rulepack, PackError> {
             rationale,
             evidence: EvidenceMode::Redacted,
             examples: Examples::default(),
+            kernel: false,
             line,
         };
         if let Err((_, message)) = check_rule(&rule) {

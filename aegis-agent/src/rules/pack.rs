@@ -42,6 +42,7 @@
 //! evidence = "redacted"             # default from [defaults]
 //! examples.positive = ["..."]       # each must be a finding of this rule
 //! examples.negative = ["..."]       # none may be
+//! kernel = false                    # true: also enforced in the kernel (see below)
 //!
 //! [[policies]]                      # provider/model allowlist ("policy drift")
 //! id = "policy.approved_providers"  # required, unique
@@ -103,6 +104,25 @@
 //! entry (nor the whole match by `allow_match_regexes`) and must not contain a stopword.
 //! Findings are deduplicated per rule and span.
 //!
+//! # Kernel rules
+//!
+//! `kernel = true` also loads the rule's keywords into the in-kernel content gate
+//! (`enforce::gate`): a request whose plaintext contains one is refused at its send, before
+//! any byte leaves the host, and its connection is cut. The kernel compares raw bytes, ASCII
+//! case-insensitively, over the first 16 KiB of each TLS write (headers and body as sent,
+//! no JSON unescaping, no decoding, no roles), so only what can be decided that way is
+//! accepted:
+//!
+//! - `action = "block"` (after defaults) and `direction` `request` or `both`;
+//! - `keywords` only: no `regex`, `prefilter`, `validators`, `allow_regexes`,
+//!   `allow_match_regexes`, `stopwords`, and no `scope`;
+//! - each keyword [`KERNEL_KEYWORD_MIN`] to [`KERNEL_KEYWORD_MAX`] ASCII bytes (4 to 32);
+//! - at most [`KERNEL_KEYWORDS_MAX`] (32) kernel keywords in all, over every loaded pack.
+//!
+//! The rule still runs in user space like any other (on the normalised text), so a match
+//! the kernel cannot see (an escaped or encoded keyword) is still found there.
+//! `Engine::kernel_keywords` lists the keywords with their rules.
+//!
 //! # Validation
 //!
 //! [`load`] rejects a pack with a [`PackError`] naming the file, line and rule: TOML
@@ -112,7 +132,8 @@
 //! ([`REGEX_SIZE_LIMIT`]), `secret_group` beyond the regex's groups, a `prefilter` with
 //! keywords or without regex, a scope the direction never has (`output` on a request
 //! rule, `user` on a response rule), an entropy minimum outside 0..=8, a missing
-//! rationale, and a policy without providers.
+//! rationale, a `kernel = true` rule that is not a literal-keyword block rule or whose
+//! keywords the kernel cannot take, and a policy without providers.
 //!
 //! # Digest
 //!
@@ -283,6 +304,8 @@ pub struct Rule {
     pub rationale: String,
     pub evidence: EvidenceMode,
     pub examples: Examples,
+    /// Also enforced by the in-kernel content gate (see "Kernel rules").
+    pub kernel: bool,
     /// Line of the rule in its file (1-based), for error messages.
     pub line: usize,
 }
@@ -358,6 +381,13 @@ impl PackError {
 pub const REGEX_SIZE_LIMIT: usize = 1 << 20;
 /// Lazy DFA cache per regex (the `regex` crate's `dfa_size_limit`).
 pub const REGEX_DFA_SIZE_LIMIT: usize = 2 << 20;
+
+/// Kernel keywords over every loaded pack, at most (the content gate's table size).
+pub const KERNEL_KEYWORDS_MAX: usize = aegis_common::gate::GATE_KEYWORDS_MAX;
+/// Length bounds of a kernel keyword, bytes: one 4-byte gram at least, four 8-byte words
+/// at most.
+pub const KERNEL_KEYWORD_MIN: usize = aegis_common::gate::GATE_KEYWORD_MIN;
+pub const KERNEL_KEYWORD_MAX: usize = aegis_common::gate::GATE_KEYWORD_MAX;
 
 /// Load a rulepack file: the AegisPlane format, or a gitleaks config (recognised by its
 /// content) loaded through [`super::gitleaks`].
@@ -442,6 +472,7 @@ pub(crate) enum Field {
     Stopwords,
     Scope,
     Rationale,
+    Kernel,
 }
 
 /// Semantic checks shared by every way a rule is made (this format, gitleaks, the
@@ -529,6 +560,52 @@ pub(crate) fn check_rule(rule: &Rule) -> Result<(), (Field, String)> {
             Field::Scope,
             format!("scope {scope} never occurs in direction {dir}"),
         ));
+    }
+    if rule.kernel {
+        check_kernel_rule(rule)?;
+    }
+    Ok(())
+}
+
+/// What `kernel = true` requires (see "Kernel rules").
+fn check_kernel_rule(rule: &Rule) -> Result<(), (Field, String)> {
+    let m = &rule.matcher;
+    let fail = |why: &str| Err((Field::Kernel, format!("kernel = true: {why}")));
+    if rule.action != Action::Block {
+        return fail("only block rules go to the kernel (set action = \"block\")");
+    }
+    if rule.direction == Direction::Response {
+        return fail("the kernel sees requests only (direction must be \"request\" or \"both\")");
+    }
+    if m.keywords.is_empty() {
+        return fail("the kernel matches literal keywords: the rule needs `keywords`");
+    }
+    let extra = [
+        (m.regex.is_some(), "regex"),
+        (m.prefilter.is_some(), "prefilter"),
+        (!m.validators.is_empty(), "validators"),
+        (!m.allow_regexes.is_empty(), "allow_regexes"),
+        (!m.allow_match_regexes.is_empty(), "allow_match_regexes"),
+        (!m.stopwords.is_empty(), "stopwords"),
+        (!rule.scope.is_empty(), "scope` (the rule's or [defaults]'"),
+    ];
+    if let Some((_, key)) = extra.iter().find(|(set, _)| *set) {
+        return fail(&format!(
+            "the kernel matches literal keywords in the raw request, so `{key}` cannot apply there \
+             (remove it, or drop `kernel`)"
+        ));
+    }
+    if let Some(k) = m
+        .keywords
+        .iter()
+        .find(|k| !k.is_ascii() || !(KERNEL_KEYWORD_MIN..=KERNEL_KEYWORD_MAX).contains(&k.len()))
+    {
+        return fail(&format!(
+            "keyword {k:?} must be {KERNEL_KEYWORD_MIN} to {KERNEL_KEYWORD_MAX} ASCII bytes"
+        ));
+    }
+    if m.keywords.len() > KERNEL_KEYWORDS_MAX {
+        return fail(&format!("more than {KERNEL_KEYWORDS_MAX} keywords"));
     }
     Ok(())
 }
@@ -660,6 +737,7 @@ struct RawRule {
     evidence: Option<EvidenceMode>,
     #[serde(default)]
     examples: RawExamples,
+    kernel: Option<Spanned<bool>>,
 }
 
 #[derive(Default, Deserialize)]
@@ -731,6 +809,7 @@ fn parse_native(text: &str, source: &Path) -> Result<Rulepack, PackError> {
     };
 
     let mut rules = Vec::with_capacity(raw.rules.len());
+    let mut kernel_keywords = 0;
     for spanned in raw.rules {
         let at = spanned.span().start;
         let r = spanned.into_inner();
@@ -751,6 +830,7 @@ fn parse_native(text: &str, source: &Path) -> Result<Rulepack, PackError> {
                 Field::Stopwords => span_of(&r.stopwords),
                 Field::Scope => span_of(&r.scope),
                 Field::Rationale => span_of(&r.rationale),
+                Field::Kernel => span_of(&r.kernel),
             };
             lines.line(offset.unwrap_or(at))
         };
@@ -806,6 +886,7 @@ fn parse_native(text: &str, source: &Path) -> Result<Rulepack, PackError> {
                 positive: r.examples.positive,
                 negative: r.examples.negative,
             },
+            kernel: r.kernel.as_ref().is_some_and(|k| *k.get_ref()),
             line: lines.line(at),
         };
         if let Err((field, message)) = check_rule(&rule) {
@@ -814,6 +895,15 @@ fn parse_native(text: &str, source: &Path) -> Result<Rulepack, PackError> {
                 Some(line_of(field)),
                 Some(&rule.id),
                 message,
+            ));
+        }
+        kernel_keywords += if rule.kernel { rule.matcher.keywords.len() } else { 0 };
+        if kernel_keywords > KERNEL_KEYWORDS_MAX {
+            return Err(PackError::new(
+                source,
+                Some(line_of(Field::Kernel)),
+                Some(&rule.id),
+                format!("kernel = true: the pack has more than {KERNEL_KEYWORDS_MAX} kernel keywords"),
             ));
         }
         rules.push(rule);
@@ -1169,6 +1259,53 @@ rationale = "p"
             );
             assert!(e.message.contains(part), "{body}: {e}");
         }
+    }
+
+    #[test]
+    fn kernel_rules_are_literal_keyword_block_rules() {
+        let ok = format!(
+            "{HEAD}[[rules]]\nid = \"k\"\ncategory = \"jailbreak\"\naction = \"block\"\ndirection = \"request\"\nkeywords = [\"Ignore-All-Rules\"]\nrationale = \"r\"\nkernel = true\n"
+        );
+        let p = parse_str(&ok).unwrap();
+        assert!(p.rules[0].kernel);
+        assert!(!parse_str(&format!("{HEAD}[[rules]]\nid = \"a\"\n{BODY}")).unwrap().rules[0].kernel);
+
+        // (rule body after the id, message part); the error points at `kernel`.
+        let block = "category = \"secret\"\naction = \"block\"\nrationale = \"r\"\n";
+        let cases: &[(String, &str)] = &[
+            ("category = \"secret\"\nkeywords = [\"abcd\"]\nrationale = \"r\"\nkernel = true\n".to_owned(), "only block rules"),
+            (format!("{block}keywords = [\"abcd\"]\nkernel = true\ndirection = \"response\"\n"), "requests only"),
+            (format!("{block}regex = 'abcd'\nkernel = true\n"), "needs `keywords`"),
+            (format!("{block}keywords = [\"abcd\"]\nkernel = true\nregex = 'abcd'\n"), "`regex` cannot apply"),
+            (format!("{block}keywords = [\"abcd\"]\nkernel = true\nvalidators = [\"luhn\"]\n"), "`validators`"),
+            (format!("{block}keywords = [\"abcd\"]\nkernel = true\nstopwords = [\"x\"]\n"), "`stopwords`"),
+            (format!("{block}keywords = [\"abcd\"]\nkernel = true\nscope = [\"user\"]\n"), "`scope`"),
+            (format!("{block}keywords = [\"abc\"]\nkernel = true\n"), "keyword \"abc\" must be 4 to 32 ASCII bytes"),
+            (format!("{block}keywords = [\"ignoré\"]\nkernel = true\n"), "ASCII bytes"),
+            (format!("{block}keywords = [\"{}\"]\nkernel = true\n", "x".repeat(33)), "4 to 32 ASCII"),
+        ];
+        for (body, part) in cases {
+            let text = format!("{HEAD}[[rules]]\nid = \"r1\"\n{body}");
+            let kernel_line = text.lines().position(|l| l.starts_with("kernel")).unwrap() + 1;
+            let e = err(&text);
+            assert_eq!((e.line, e.rule.as_deref()), (Some(kernel_line), Some("r1")), "{body}: {e}");
+            assert!(e.message.starts_with("kernel = true: ") && e.message.contains(part), "{body}: {e}");
+        }
+        // A block action from [defaults] counts.
+        let d = format!("{HEAD}[defaults]\naction = \"block\"\n[[rules]]\nid = \"d\"\ncategory = \"secret\"\nkeywords = [\"abcd\"]\nrationale = \"r\"\nkernel = true\n");
+        assert!(parse_str(&d).unwrap().rules[0].kernel);
+        let e = err(&format!("{HEAD}[[rules]]\nid = \"t\"\n{BODY}kernel = \"yes\"\n"));
+        assert_eq!((e.line, e.rule.as_deref()), (Some(9), Some("t")), "{e}");
+
+        // 33 keywords over two rules: the second rule is refused.
+        let kws = |r: std::ops::Range<usize>| r.map(|i| format!("\"kw-{i:02}\"")).collect::<Vec<_>>().join(", ");
+        let e = err(&format!(
+            "{HEAD}[[rules]]\nid = \"a\"\n{block}keywords = [{}]\nkernel = true\n[[rules]]\nid = \"b\"\n{block}keywords = [{}]\nkernel = true\n",
+            kws(0..30),
+            kws(30..33)
+        ));
+        assert_eq!((e.line, e.rule.as_deref()), (Some(17), Some("b")), "{e}");
+        assert!(e.message.contains("more than 32 kernel keywords"), "{e}");
     }
 
     #[test]
