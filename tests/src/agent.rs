@@ -78,8 +78,11 @@ impl Agent {
         } else {
             format!("[rules]\nevidence_key = {:?}\n", dir.join("evidence.key").display().to_string())
         };
+        // Containment attaches to the root cgroup by default: tests that want it name their
+        // own test cgroup in an [enforce] table.
+        let enforce = if extra_toml.contains("[enforce]") { "" } else { "[enforce]\nenabled = false\n" };
         let toml = format!(
-            "{rules}[output]\nstdout = false\nfile = {:?}\n{extra_toml}",
+            "{rules}{enforce}[output]\nstdout = false\nfile = {:?}\n{extra_toml}",
             output.display().to_string()
         );
         fs::write(&config, toml).expect("writing agent config");
