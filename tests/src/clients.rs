@@ -470,7 +470,8 @@ impl ClientOutcome {
         self.identity.pid
     }
 
-    fn describe(&self) -> String {
+    /// Which client, its pid, exit status, stdout and stderr: for failure messages.
+    pub fn describe(&self) -> String {
         format!(
             "{} (pid {}) exited {}; stdout:\n{}\nstderr:\n{}",
             self.client.name(),
@@ -481,23 +482,9 @@ impl ClientOutcome {
         )
     }
 
-    /// It exited 0 and every request got the answer the mock gives (see
-    /// [`ClientRun::assert_responses`]); returns it as a [`ClientRun`].
-    pub fn assert_ok(self) -> ClientRun {
-        assert!(self.status.success(), "{} should have succeeded", self.describe());
-        let run = ClientRun {
-            client: self.client.name(),
-            identity: self.identity,
-            responses: self.responses,
-            stderr: self.stderr,
-        };
-        run.assert_responses(&self.plan);
-        run
-    }
-
     /// Its first connect was refused with EPERM (a cgroup connect program said no): curl
     /// exits 7, python raises PermissionError, node reports EPERM; no answer came.
-    pub fn assert_connect_refused(&self) {
+    pub fn connect_refused(&self) -> bool {
         let refused = match self.client {
             // curl 7.88 says "Failed to connect to 127.0.0.1 port P after 0 ms: Couldn't
             // connect to server"; newer ones add the errno text.
@@ -509,27 +496,48 @@ impl ClientOutcome {
             }
             Client::Python => {
                 self.status.code() == Some(1)
-                    && (self.stderr.contains("PermissionError")
-                        || self.stderr.contains("[Errno 1]"))
+                    && (self.stderr.contains("PermissionError") || self.stderr.contains("[Errno 1]"))
             }
             Client::Node => self.status.code() == Some(1) && self.stderr.contains("EPERM"),
         };
+        refused && self.responses.is_empty()
+    }
+
+    /// See [`ClientOutcome::connect_refused`]; `context` ends the panic message (agent logs).
+    pub fn assert_connect_refused(&self, context: &str) {
         assert!(
-            refused && self.responses.is_empty(),
-            "expected a connect refused with EPERM: {}",
+            self.connect_refused(),
+            "expected a connect refused with EPERM: {}{context}",
             self.describe()
         );
     }
 
     /// It failed and no request got an answer (its connection was destroyed or its send
-    /// refused); returns the stderr for further checks.
-    pub fn assert_no_answer(&self) -> &str {
+    /// refused).
+    pub fn assert_no_answer(&self, context: &str) {
         assert!(
             !self.status.success() && self.responses.is_empty(),
-            "expected the call to fail without an answer: {}",
+            "expected the call to fail without an answer: {}{context}",
             self.describe()
         );
-        &self.stderr
+    }
+
+    /// It exited 0 and every request got the answer the mock gives (see
+    /// [`ClientRun::assert_responses`]); returns it as a [`ClientRun`].
+    pub fn assert_ok(self, context: &str) -> ClientRun {
+        assert!(
+            self.status.success(),
+            "{} should have succeeded{context}",
+            self.describe()
+        );
+        let run = ClientRun {
+            client: self.client.name(),
+            identity: self.identity,
+            responses: self.responses,
+            stderr: self.stderr,
+        };
+        run.assert_responses(&self.plan);
+        run
     }
 }
 

@@ -90,8 +90,8 @@ fn clients_in_the_test_cgroup_see_eperm_from_a_connect_program() {
         guard.block(42, lo, Some(blocked.port), None).unwrap();
 
         for client in Client::ALL {
-            cg.run(client, blocked.port, &plan).assert_connect_refused();
-            let run = cg.run(client, open.port, &plan).assert_ok();
+            cg.run(client, blocked.port, &plan).assert_connect_refused("");
+            let run = cg.run(client, open.port, &plan).assert_ok("");
             assert_eq!(cgroup_of(std::process::id()), "/", "the test itself stays outside");
             assert!(run.responses[0].server.is_none(), "an unnamed mock sends no x-mock-server");
         }
@@ -118,7 +118,7 @@ fn clients_in_the_test_cgroup_see_eperm_from_a_connect_program() {
         assert!(comms.iter().any(|c| c.starts_with("python")), "{comms:?}");
     }
     // Detached with the guard.
-    cg.run(Client::Curl, blocked.port, &plan).assert_ok();
+    cg.run(Client::Curl, blocked.port, &plan).assert_ok("");
 }
 
 /// The keep-alive client keeps one connection for its calls and reports the source port.
