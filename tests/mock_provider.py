@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Local TLS mock model provider for the AegisPlane integration tests (stdlib only).
 
-Usage: mock_provider.py --cert CERT --key KEY [--port 0] [--verbose]
+Usage: mock_provider.py --cert CERT --key KEY [--port 0] [--name NAME] [--verbose]
 Prints ``LISTENING <port>`` on stdout once it accepts connections.
 
 Every answer is deterministic so tests can assert exact numbers:
@@ -26,6 +26,17 @@ Request header ``x-mock-status: <code>`` makes an LLM endpoint answer that statu
 OpenAI-style error body (no usage). Request header ``x-mock-reply: <text>`` makes
 /v1/chat/completions reply <text> instead (output tokens = its words).
 
+Containment tests:
+  --name NAME               every response carries ``x-mock-server: NAME`` and chat replies
+                            start with "[NAME] " (output tokens + 1), so a fallback server
+                            is recognisable. Without --name nothing changes.
+  x-mock-delay-ms: N        request header: sleep N ms after reading the request, before
+                            answering (lets a verdict win the race deterministically).
+  GET /stats                {"requests": N, "by_path": {"<path?query>": n}}: requests whose
+                            request line and headers were read, by path with query (GET
+                            /stats itself not counted). A request stopped before its bytes
+                            left the client never appears here.
+
 Non-streamed JSON bodies are gzip-compressed when Accept-Encoding mentions gzip; streams
 never are. Non-stream bodies use Content-Length, streams use chunked transfer encoding.
 """
@@ -37,6 +48,7 @@ import re
 import socket
 import ssl
 import sys
+import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -94,6 +106,24 @@ class Handler(BaseHTTPRequestHandler):
                 self.request.close()
             except OSError:
                 pass
+
+    # --- containment-test hooks (--name, x-mock-delay-ms, GET /stats) ----------------------
+    def parse_request(self):
+        ok = super().parse_request()
+        if ok and self.path.split("?")[0] != "/stats":
+            with self.server.stats_lock:
+                self.server.stats[self.path] = self.server.stats.get(self.path, 0) + 1
+        return ok
+
+    def send_response(self, code, message=None):
+        super().send_response(code, message)
+        if self.server.name:
+            self.send_header("x-mock-server", self.server.name)
+
+    def delay(self):
+        ms = self.headers.get("x-mock-delay-ms")
+        if ms:
+            time.sleep(int(ms) / 1000.0)
 
     def log_message(self, fmt, *args):
         if self.server.verbose:
@@ -171,7 +201,12 @@ class Handler(BaseHTTPRequestHandler):
     # --- dispatch ------------------------------------------------------------------------
     def do_GET(self):
         path = self.path.split("?")[0]
-        if path == "/health":
+        self.delay()
+        if path == "/stats":
+            with self.server.stats_lock:
+                stats = {"requests": sum(self.server.stats.values()), "by_path": dict(self.server.stats)}
+            self.send_body(200, stats, compressible=False)
+        elif path == "/health":
             self.send_body(200, {"status": "ok"})
         elif path == "/static/blob":
             self.send_body(200, BLOB, "application/octet-stream", compressible=False)
@@ -193,6 +228,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_POST(self):
         raw = self.read_body()
+        self.delay()
         path, _, query = self.path.partition("?")
         if path == "/api/login":
             self.send_body(200, {"ok": True, "session": "mock-session", "user": "tester"})
@@ -231,6 +267,8 @@ class Handler(BaseHTTPRequestHandler):
         model = body.get("model", "unknown")
         # Tests of response rules choose the reply; its words are the output tokens.
         reply = self.headers.get("x-mock-reply") or REPLY
+        if self.server.name:
+            reply = "[%s] %s" % (self.server.name, reply)
         n_out = len(reply.split())
         usage = {"prompt_tokens": n_in, "completion_tokens": n_out,
                  "total_tokens": n_in + n_out}
@@ -432,6 +470,7 @@ def main():
     ap.add_argument("--cert", required=True)
     ap.add_argument("--key", required=True)
     ap.add_argument("--port", type=int, default=0)
+    ap.add_argument("--name", default="", help="x-mock-server header and chat reply prefix")
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args()
 
@@ -441,6 +480,8 @@ def main():
     server = Server(("127.0.0.1", args.port), Handler)
     server.ssl_ctx = ctx
     server.verbose = args.verbose
+    server.name = args.name
+    server.stats, server.stats_lock = {}, threading.Lock()
     print("LISTENING %d" % server.server_address[1], flush=True)
     try:
         server.serve_forever()

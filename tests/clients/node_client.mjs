@@ -10,7 +10,8 @@
 // A JSON body is serialised with JSON.stringify (compact, same bytes as py_client.py).
 // fetch sends "accept-encoding: gzip, deflate" by default, so the mock gzips every
 // non-streamed JSON answer; "bytes" is the length of the DECODED body.
-// One JSON line per response: {"conn", "i", "status", "bytes", "content_encoding"}.
+// One JSON line per response: {"conn", "i", "status", "bytes", "content_encoding", "server"}
+// ("server": the mock's x-mock-server header, set by mock_provider.py --name).
 
 import { readFileSync } from "node:fs";
 
@@ -44,6 +45,7 @@ async function runConnection(conn, base, requests, printBody) {
     const line = {
       conn, i, status: resp.status, bytes: data.length,
       content_encoding: resp.headers.get("content-encoding"),
+      server: resp.headers.get("x-mock-server"),
     };
     if (printBody) line.body = data.toString("utf8");
     process.stdout.write(JSON.stringify(line) + "\n");

@@ -11,8 +11,8 @@ A JSON body is serialised compactly (json.dumps(..., separators=(",", ":"))) and
 Content-Length and Content-Type: application/json unless headers say otherwise.
 
 For every response one JSON line is printed on stdout:
-{"conn": C, "i": I, "status": S, "bytes": N, "content_encoding": ..., "tid": T}
-where N is the number of body bytes read off the wire (not decompressed); bodies are read
+{"conn": C, "i": I, "status": S, "bytes": N, "content_encoding": ..., "tid": T, "server": ...}
+where "server" is the mock's x-mock-server header (mock_provider.py --name) and N is the number of body bytes read off the wire (not decompressed); bodies are read
 completely, streams included. Exits non-zero if any request fails.
 """
 
@@ -49,7 +49,7 @@ def run_connection(conn_index, host, port, requests, out, lock, print_body, erro
             data = resp.read()  # whole body: Content-Length or all chunks
             line = {"conn": conn_index, "i": i, "status": resp.status, "bytes": len(data),
                     "content_encoding": resp.getheader("Content-Encoding"),
-                    "tid": threading.get_native_id()}
+                    "tid": threading.get_native_id(), "server": resp.getheader("x-mock-server")}
             if print_body:
                 line["body"] = data.decode("utf-8", "replace")
             with lock:

@@ -5,7 +5,7 @@
 use std::{
     fs::{self, File},
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::{Command, ExitStatus, Stdio},
     time::Duration,
 };
 
@@ -86,7 +86,7 @@ impl Request {
         }
         let path = self.path.split('?').next().unwrap_or_default();
         let known = match self.method.as_str() {
-            "GET" => matches!(path, "/health" | "/static/blob"),
+            "GET" => matches!(path, "/health" | "/static/blob" | "/stats"),
             "POST" => {
                 matches!(
                     path,
@@ -108,7 +108,7 @@ impl Request {
     }
 
     /// The plan form read by `py_client.py` / `node_client.mjs`.
-    fn to_plan_json(&self) -> Value {
+    pub fn to_plan_json(&self) -> Value {
         let mut headers: serde_json::Map<String, Value> = self
             .headers
             .iter()
@@ -167,6 +167,8 @@ pub struct ClientResponse {
     pub num_connects: Option<u64>,
     /// Content-Encoding of the answer.
     pub content_encoding: Option<String>,
+    /// The answering mock's `x-mock-server` header (`mock_provider.py --name`).
+    pub server: Option<String>,
 }
 
 /// A finished client run.
@@ -245,6 +247,26 @@ impl ClientRun {
     }
 }
 
+fn parse_response(v: &Value) -> Option<ClientResponse> {
+    let num = |k: &str| v.get(k).and_then(Value::as_u64);
+    let text = |k: &str| {
+        v.get(k)
+            .and_then(Value::as_str)
+            .filter(|e| !e.is_empty())
+            .map(String::from)
+    };
+    Some(ClientResponse {
+        conn: num("conn").unwrap_or(0) as usize,
+        index: num("i")? as usize,
+        status: num("status")? as u16,
+        bytes: num("bytes")?,
+        tid: num("tid").map(|t| t as u32),
+        num_connects: num("num_connects"),
+        content_encoding: text("content_encoding"),
+        server: text("server"),
+    })
+}
+
 fn parse_responses(client: &str, stdout: &str) -> Vec<ClientResponse> {
     stdout
         .lines()
@@ -252,26 +274,32 @@ fn parse_responses(client: &str, stdout: &str) -> Vec<ClientResponse> {
         .map(|line| {
             let v: Value = serde_json::from_str(line)
                 .unwrap_or_else(|e| panic!("{client} printed non-JSON ({e}): {line}"));
-            let num = |k: &str| v.get(k).and_then(Value::as_u64);
-            ClientResponse {
-                conn: num("conn").unwrap_or(0) as usize,
-                index: num("i").expect("response index") as usize,
-                status: num("status").expect("response status") as u16,
-                bytes: num("bytes").expect("response bytes"),
-                tid: num("tid").map(|t| t as u32),
-                num_connects: num("num_connects"),
-                content_encoding: v
-                    .get("content_encoding")
-                    .and_then(Value::as_str)
-                    .filter(|e| !e.is_empty())
-                    .map(String::from),
-            }
+            parse_response(&v).unwrap_or_else(|| panic!("{client} printed an incomplete line: {line}"))
         })
         .collect()
 }
 
-/// Runs `cmd` to completion with stdout/stderr captured to files; returns (pid, stdout, stderr).
-fn run_client(client: &'static str, mut cmd: Command) -> (u32, String, String) {
+/// The response lines of a run that may have failed: lines that are not a complete
+/// response are skipped (curl prints `"status":000` for a request that got no answer).
+fn parse_responses_lenient(stdout: &str) -> Vec<ClientResponse> {
+    stdout
+        .lines()
+        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        .filter_map(|v| parse_response(&v))
+        .filter(|r| r.status > 0)
+        .collect()
+}
+
+/// A client process that ran to completion (or was killed at [`CLIENT_TIMEOUT`]).
+struct Finished {
+    pid: u32,
+    status: ExitStatus,
+    stdout: String,
+    stderr: String,
+}
+
+/// Runs `cmd` to completion with stdout/stderr captured to files.
+fn exec_client(client: &'static str, mut cmd: Command) -> Finished {
     let dir = TempDir::new(client);
     let (out_path, err_path) = (dir.join("stdout"), dir.join("stderr"));
     cmd.stdin(Stdio::null())
@@ -282,13 +310,25 @@ fn run_client(client: &'static str, mut cmd: Command) -> (u32, String, String) {
         .unwrap_or_else(|e| panic!("spawning {client}: {e}"));
     let pid = child.id();
     let status = wait_with_timeout(&mut child, client, CLIENT_TIMEOUT);
-    let stdout = fs::read_to_string(&out_path).unwrap_or_default();
-    let stderr = file_tail(&err_path, 4000);
+    Finished {
+        pid,
+        status,
+        stdout: fs::read_to_string(&out_path).unwrap_or_default(),
+        stderr: file_tail(&err_path, 4000),
+    }
+}
+
+/// Runs `cmd` to completion and asserts it succeeded; returns (pid, stdout, stderr).
+fn run_client(client: &'static str, cmd: Command) -> (u32, String, String) {
+    let f = exec_client(client, cmd);
     assert!(
-        status.success(),
-        "{client} failed ({status}); stdout:\n{stdout}\nstderr:\n{stderr}"
+        f.status.success(),
+        "{client} failed ({}); stdout:\n{}\nstderr:\n{}",
+        f.status,
+        f.stdout,
+        f.stderr
     );
-    (pid, stdout, stderr)
+    (f.pid, f.stdout, f.stderr)
 }
 
 fn identity(pid: u32, exe: &Path, tls: TlsExpect, single_thread: bool) -> Identity {
@@ -312,51 +352,212 @@ fn write_plan(plan: &Plan) -> (TempDir, PathBuf) {
     (dir, path)
 }
 
+/// One of the three real clients.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Client {
+    /// One `curl -sSk --http1.1` for a single-connection plan.
+    Curl,
+    /// `py_client.py` on the real interpreter (http.client, system libssl).
+    Python,
+    /// `node_client.mjs` on `/usr/bin/node` (fetch, OpenSSL inside node).
+    Node,
+}
+
+impl Client {
+    pub const ALL: [Client; 3] = [Client::Curl, Client::Python, Client::Node];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Client::Curl => "curl",
+            Client::Python => "python",
+            Client::Node => "node",
+        }
+    }
+
+    /// The process the agent should name as the caller of a run of `plan`.
+    pub fn identity(self, pid: u32, plan: &Plan) -> Identity {
+        match self {
+            Client::Curl => identity(pid, Path::new(CURL), TlsExpect::LibSsl, true),
+            Client::Python => identity(
+                pid,
+                python_exe(),
+                TlsExpect::LibSsl,
+                plan.connections.len() == 1,
+            ),
+            Client::Node => identity(pid, Path::new(NODE), TlsExpect::Binary(NODE.into()), true),
+        }
+    }
+
+    /// The command that sends `plan` to `127.0.0.1:port`, and the directory holding its
+    /// plan file (keep it until the command has run).
+    pub fn command(self, port: u16, plan: &Plan) -> (Option<TempDir>, Command) {
+        match self {
+            Client::Curl => (None, curl_command(port, plan)),
+            Client::Python => {
+                let (dir, plan_path) = write_plan(plan);
+                let mut cmd = Command::new(python_exe());
+                cmd.arg(tests_dir().join("clients/py_client.py"))
+                    .arg("--port")
+                    .arg(port.to_string())
+                    .arg("--plan")
+                    .arg(&plan_path);
+                (Some(dir), cmd)
+            }
+            Client::Node => {
+                let (dir, plan_path) = write_plan(plan);
+                let mut cmd = Command::new(NODE);
+                cmd.env("NODE_TLS_REJECT_UNAUTHORIZED", "0")
+                    .arg(tests_dir().join("clients/node_client.mjs"))
+                    .arg("--port")
+                    .arg(port.to_string())
+                    .arg("--plan")
+                    .arg(&plan_path);
+                (Some(dir), cmd)
+            }
+        }
+    }
+
+    /// Runs the client over `plan` and asserts it exited 0.
+    pub fn run(self, port: u16, plan: &Plan) -> ClientRun {
+        let (_dir, cmd) = self.command(port, plan);
+        let (pid, stdout, stderr) = run_client(self.name(), cmd);
+        ClientRun {
+            client: self.name(),
+            identity: self.identity(pid, plan),
+            responses: parse_responses(self.name(), &stdout),
+            stderr,
+        }
+    }
+
+    /// Runs the client over `plan`, `prepare` adjusting its command first (e.g. to start
+    /// it in a test cgroup), and returns how it ended whatever that was.
+    pub fn run_unchecked(
+        self,
+        port: u16,
+        plan: &Plan,
+        prepare: impl FnOnce(&mut Command),
+    ) -> ClientOutcome {
+        let (_dir, mut cmd) = self.command(port, plan);
+        prepare(&mut cmd);
+        let f = exec_client(self.name(), cmd);
+        ClientOutcome {
+            client: self,
+            identity: self.identity(f.pid, plan),
+            responses: parse_responses_lenient(&f.stdout),
+            status: f.status,
+            stdout: f.stdout,
+            stderr: f.stderr,
+            plan: plan.clone(),
+        }
+    }
+}
+
+/// A client run that may have failed.
+#[derive(Debug)]
+pub struct ClientOutcome {
+    pub client: Client,
+    pub identity: Identity,
+    pub status: ExitStatus,
+    /// The complete answers it printed (requests without an answer left out).
+    pub responses: Vec<ClientResponse>,
+    pub stdout: String,
+    pub stderr: String,
+    plan: Plan,
+}
+
+impl ClientOutcome {
+    pub fn pid(&self) -> u32 {
+        self.identity.pid
+    }
+
+    /// Which client, its pid, exit status, stdout and stderr: for failure messages.
+    pub fn describe(&self) -> String {
+        format!(
+            "{} (pid {}) exited {}; stdout:\n{}\nstderr:\n{}",
+            self.client.name(),
+            self.pid(),
+            self.status,
+            self.stdout,
+            self.stderr
+        )
+    }
+
+    /// Its first connect was refused with EPERM (a cgroup connect program said no): curl
+    /// exits 7, python raises PermissionError, node reports EPERM; no answer came.
+    pub fn connect_refused(&self) -> bool {
+        let refused = match self.client {
+            // curl 7.88 says "Failed to connect to 127.0.0.1 port P after 0 ms: Couldn't
+            // connect to server"; newer ones add the errno text.
+            Client::Curl => {
+                self.status.code() == Some(7)
+                    && (self.stderr.contains("Operation not permitted")
+                        || self.stderr.contains("Failed to connect")
+                        || self.stderr.contains("Couldn't connect"))
+            }
+            Client::Python => {
+                self.status.code() == Some(1)
+                    && (self.stderr.contains("PermissionError") || self.stderr.contains("[Errno 1]"))
+            }
+            Client::Node => self.status.code() == Some(1) && self.stderr.contains("EPERM"),
+        };
+        refused && self.responses.is_empty()
+    }
+
+    /// See [`ClientOutcome::connect_refused`]; `context` ends the panic message (agent logs).
+    pub fn assert_connect_refused(&self, context: &str) {
+        assert!(
+            self.connect_refused(),
+            "expected a connect refused with EPERM: {}{context}",
+            self.describe()
+        );
+    }
+
+    /// It failed and no request got an answer (its connection was destroyed or its send
+    /// refused).
+    pub fn assert_no_answer(&self, context: &str) {
+        assert!(
+            !self.status.success() && self.responses.is_empty(),
+            "expected the call to fail without an answer: {}{context}",
+            self.describe()
+        );
+    }
+
+    /// It exited 0 and every request got the answer the mock gives (see
+    /// [`ClientRun::assert_responses`]); returns it as a [`ClientRun`].
+    pub fn assert_ok(self, context: &str) -> ClientRun {
+        assert!(
+            self.status.success(),
+            "{} should have succeeded{context}",
+            self.describe()
+        );
+        let run = ClientRun {
+            client: self.client.name(),
+            identity: self.identity,
+            responses: self.responses,
+            stderr: self.stderr,
+        };
+        run.assert_responses(&self.plan);
+        run
+    }
+}
+
 /// Runs `py_client.py` (real interpreter, no shim) against `127.0.0.1:port`.
 pub fn run_python(port: u16, plan: &Plan) -> ClientRun {
-    let (_dir, plan_path) = write_plan(plan);
-    let mut cmd = Command::new(python_exe());
-    cmd.arg(tests_dir().join("clients/py_client.py"))
-        .arg("--port")
-        .arg(port.to_string())
-        .arg("--plan")
-        .arg(&plan_path);
-    let (pid, stdout, stderr) = run_client("python", cmd);
-    ClientRun {
-        client: "python",
-        identity: identity(
-            pid,
-            python_exe(),
-            TlsExpect::LibSsl,
-            plan.connections.len() == 1,
-        ),
-        responses: parse_responses("python", &stdout),
-        stderr,
-    }
+    Client::Python.run(port, plan)
 }
 
 /// Runs `node_client.mjs` with `/usr/bin/node` (certificate checks off).
 pub fn run_node(port: u16, plan: &Plan) -> ClientRun {
-    let (_dir, plan_path) = write_plan(plan);
-    let mut cmd = Command::new(NODE);
-    cmd.env("NODE_TLS_REJECT_UNAUTHORIZED", "0")
-        .arg(tests_dir().join("clients/node_client.mjs"))
-        .arg("--port")
-        .arg(port.to_string())
-        .arg("--plan")
-        .arg(&plan_path);
-    let (pid, stdout, stderr) = run_client("node", cmd);
-    ClientRun {
-        client: "node",
-        identity: identity(pid, Path::new(NODE), TlsExpect::Binary(NODE.into()), true),
-        responses: parse_responses("node", &stdout),
-        stderr,
-    }
+    Client::Node.run(port, plan)
 }
 
-/// Runs ONE `curl -sk --http1.1` for all requests of a single-connection plan (`--next`
+/// Runs ONE `curl -sSk --http1.1` for all requests of a single-connection plan (`--next`
 /// between them), so they share one keep-alive connection.
 pub fn run_curl(port: u16, plan: &Plan) -> ClientRun {
+    Client::Curl.run(port, plan)
+}
+
+fn curl_command(port: u16, plan: &Plan) -> Command {
     assert_eq!(
         plan.connections.len(),
         1,
@@ -368,10 +569,10 @@ pub fn run_curl(port: u16, plan: &Plan) -> ClientRun {
             cmd.arg("--next");
         }
         let write_out = format!(
-            "{{\"i\":{i},\"status\":%{{http_code}},\"bytes\":%{{size_download}},\"num_connects\":%{{num_connects}},\"content_encoding\":\"%header{{content-encoding}}\"}}\\n"
+            "{{\"i\":{i},\"status\":%{{http_code}},\"bytes\":%{{size_download}},\"num_connects\":%{{num_connects}},\"content_encoding\":\"%header{{content-encoding}}\",\"server\":\"%header{{x-mock-server}}\"}}\\n"
         );
         cmd.args([
-            "-sk",
+            "-sSk",
             "--http1.1",
             "-o",
             "/dev/null",
@@ -392,11 +593,5 @@ pub fn run_curl(port: u16, plan: &Plan) -> ClientRun {
         }
         cmd.arg(format!("https://127.0.0.1:{port}{}", req.path));
     }
-    let (pid, stdout, stderr) = run_client("curl", cmd);
-    ClientRun {
-        client: "curl",
-        identity: identity(pid, Path::new(CURL), TlsExpect::LibSsl, true),
-        responses: parse_responses("curl", &stdout),
-        stderr,
-    }
+    cmd
 }

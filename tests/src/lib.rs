@@ -11,12 +11,15 @@
 //! - [`clients`]: requests, plans, and the curl/python/node runners.
 //! - [`expect`]: what the agent should report for a request, and the checks.
 //! - [`plans`]: the request mixes the tests send.
+//! - [`contain`]: containment tests: a test cgroup and its clients, the bpffs pin
+//!   directory, the enforcement config, the operator commands, a keep-alive client.
 //!
 //! Tests that load eBPF need root and must hold [`serial()`] (one agent at a time).
 //! Build the agent first: `cargo build -p aegis-agent && cargo test -p aegis-tests`.
 
 pub mod agent;
 pub mod clients;
+pub mod contain;
 pub mod expect;
 pub mod mock;
 pub mod plans;
@@ -30,7 +33,8 @@ use std::{
 };
 
 pub use agent::{Agent, agent_bin};
-pub use clients::{ClientRun, Plan, Request, run_curl, run_node, run_python};
+pub use clients::{Client, ClientOutcome, ClientRun, Plan, Request, run_curl, run_node, run_python};
+pub use contain::{ContainConfig, KeepAlive, PinDir, TestCgroup, ctl};
 pub use expect::{
     ExpectedCall, Identity, TlsExpect, Tokens, assert_calls, assert_no_secrets, check_calls,
     expected_calls, expected_input_tokens,

@@ -8,8 +8,10 @@ use std::{
     time::Duration,
 };
 
+use serde_json::Value;
+
 use crate::{
-    TempCert, TempDir, comm_of,
+    TempCert, TempDir, clients::CURL, comm_of,
     expect::{Identity, TlsExpect},
     file_tail, python_exe, tests_dir,
 };
@@ -24,6 +26,16 @@ pub struct MockProvider {
 impl MockProvider {
     /// Starts the mock with `cert` and waits (up to 20 s) for its `LISTENING <port>` line.
     pub fn start(cert: &TempCert) -> Self {
+        Self::start_inner(cert, None)
+    }
+
+    /// Like [`MockProvider::start`], with `--name NAME`: every response carries
+    /// `x-mock-server: NAME` and chat replies start with `[NAME] ` (a fallback server).
+    pub fn start_named(cert: &TempCert, name: &str) -> Self {
+        Self::start_inner(cert, Some(name))
+    }
+
+    fn start_inner(cert: &TempCert, name: Option<&str>) -> Self {
         let dir = TempDir::new("mock");
         let stderr = File::create(dir.join("stderr.log")).expect("creating mock stderr log");
         let mut cmd = Command::new(python_exe());
@@ -38,6 +50,9 @@ impl MockProvider {
             .stderr(stderr);
         if std::env::var_os("AEGIS_TEST_VERBOSE").is_some() {
             cmd.arg("--verbose");
+        }
+        if let Some(name) = name {
+            cmd.arg("--name").arg(name);
         }
         let mut child = cmd.spawn().expect("spawning mock_provider.py");
         let stdout = child.stdout.take().expect("piped stdout");
@@ -81,6 +96,30 @@ impl MockProvider {
             tls: TlsExpect::LibSsl,
             single_thread: false,
         }
+    }
+
+    /// `GET /stats` (asked by curl from this process, outside any test cgroup):
+    /// `{"requests": N, "by_path": {"<path?query>": n}}`, the requests whose request line and
+    /// headers the mock read.
+    pub fn stats(&self) -> Value {
+        let out = Command::new(CURL)
+            .args(["-sSk", "--max-time", "10"])
+            .arg(format!("https://127.0.0.1:{}/stats", self.port))
+            .stdin(Stdio::null())
+            .output()
+            .expect("running curl for the mock's /stats");
+        assert!(
+            out.status.success(),
+            "GET /stats failed: {}{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.stderr_tail()
+        );
+        serde_json::from_slice(&out.stdout).expect("/stats is JSON")
+    }
+
+    /// How many requests to `path_and_query` the mock read (see [`MockProvider::stats`]).
+    pub fn requests_to(&self, path_and_query: &str) -> u64 {
+        self.stats()["by_path"][path_and_query].as_u64().unwrap_or(0)
     }
 
     /// The mock's stderr so far (tracebacks; request log with `$AEGIS_TEST_VERBOSE`).

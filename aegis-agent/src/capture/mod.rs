@@ -179,6 +179,9 @@ impl Pipeline {
         for w in self.workers.drain(..) {
             let _ = w.join();
         }
+        // The output thread ends when every sender is gone: ours too (clones handed out
+        // must be dropped by their holders before `stop`).
+        drop(std::mem::replace(&mut self.events, sync_channel(0).0));
         if let Some(o) = self.output.take() {
             let _ = o.join();
         }
