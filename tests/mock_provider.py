@@ -34,8 +34,9 @@ Containment tests:
                             answering (lets a verdict win the race deterministically).
   GET /stats                {"requests": N, "by_path": {"<path?query>": n}}: requests whose
                             request line and headers were read, by path with query (GET
-                            /stats itself not counted). A request stopped before its bytes
-                            left the client never appears here.
+                            /stats itself not counted), and "body_bytes_by_path": body bytes
+                            read (Content-Length bodies, counted also when cut by a reset).
+                            A request stopped before its bytes left the client never appears.
 
 Non-streamed JSON bodies are gzip-compressed when Accept-Encoding mentions gzip; streams
 never are. Non-stream bodies use Content-Length, streams use chunked transfer encoding.
@@ -189,7 +190,19 @@ class Handler(BaseHTTPRequestHandler):
                 data += self.rfile.read(size)
                 self.rfile.readline()
         length = int(self.headers.get("Content-Length") or 0)
-        return self.rfile.read(length) if length else b""
+        # Read in pieces, so that body bytes that arrived before a reset are still counted.
+        data = b""
+        try:
+            while len(data) < length:
+                piece = self.rfile.read1(length - len(data))
+                if not piece:
+                    break
+                data += piece
+        finally:
+            with self.server.stats_lock:
+                bb = self.server.body_bytes
+                bb[self.path] = bb.get(self.path, 0) + len(data)
+        return data
 
     def json_body(self, raw):
         try:
@@ -204,7 +217,8 @@ class Handler(BaseHTTPRequestHandler):
         self.delay()
         if path == "/stats":
             with self.server.stats_lock:
-                stats = {"requests": sum(self.server.stats.values()), "by_path": dict(self.server.stats)}
+                stats = {"requests": sum(self.server.stats.values()), "by_path": dict(self.server.stats),
+                         "body_bytes_by_path": dict(self.server.body_bytes)}
             self.send_body(200, stats, compressible=False)
         elif path == "/health":
             self.send_body(200, {"status": "ok"})
@@ -482,6 +496,7 @@ def main():
     server.verbose = args.verbose
     server.name = args.name
     server.stats, server.stats_lock = {}, threading.Lock()
+    server.body_bytes = {}
     print("LISTENING %d" % server.server_address[1], flush=True)
     try:
         server.serve_forever()

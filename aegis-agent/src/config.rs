@@ -18,6 +18,9 @@ pub struct Config {
     pub enforce: EnforceConfig,
     #[serde(default)]
     pub control: crate::control::ControlConfig,
+    /// Providers a block can name, besides the built-in ones (`[providers.NAME]`).
+    #[serde(default)]
+    pub providers: crate::enforce::providers::ProvidersConfig,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -69,6 +72,28 @@ pub struct EnforceConfig {
     pub grace_secs: u64,
     /// Destroy the connection of a call whose verdict is block.
     pub kill_on_block: bool,
+    #[serde(default)]
+    pub gate: GateSection,
+    /// How provider names are resolved and kept (`[enforce.resolve]`).
+    #[serde(default)]
+    pub resolve: crate::enforce::providers::BookSettings,
+}
+
+/// The in-kernel content gate (`[enforce.gate]`).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GateSection {
+    /// Refuse, in the kernel, the send of a TLS write holding a keyword of a `kernel = true`
+    /// rule (attached only when the packs have such rules).
+    pub enabled: bool,
+    /// Remote ports whose connections are gated, besides 443.
+    pub ports: Vec<u16>,
+}
+
+impl Default for GateSection {
+    fn default() -> Self {
+        Self { enabled: true, ports: Vec::new() }
+    }
 }
 
 impl EnforceConfig {

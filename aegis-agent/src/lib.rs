@@ -11,6 +11,7 @@ pub mod capture;
 pub mod commands;
 pub mod config;
 pub mod control;
+pub mod daemon;
 pub mod enforce;
 pub mod llm;
 pub mod policy;

@@ -288,9 +288,10 @@ rationale = "A canary: the in-kernel gate must stop it before any byte leaves."
 "#;
 
 /// The in-kernel content gate (`[enforce.gate]` on the mock's port, a `kernel = true`
-/// keyword rule): the client's send is refused, and the mock never reads that request
-/// (its `/stats` count of requests by path and query, taken when the request line and
-/// headers are read; python's http.client sends headers and body in one write).
+/// keyword rule): the send holding the keyword is refused, so its bytes never reach the
+/// mock. curl writes the whole request at once: the mock sees nothing of it at all.
+/// python's http.client writes the head and the body apart: the head (no keyword) leaves,
+/// the body does not, and the mock never gets a complete request to answer.
 #[test]
 fn kernel_gate_stops_the_request_before_it_leaves() {
     let _serial = serial();
@@ -301,20 +302,24 @@ fn kernel_gate_stops_the_request_before_it_leaves() {
     s.cg.run(Client::Python, port, &one(clean)).assert_ok(&s.context());
     assert_eq!(s.mock.requests_to("/v1/chat/completions?it=clean"), 1, "{}", s.mock.stats());
 
-    let mut canary = chat("it-gate-model", &format!("Please keep {GATE_CANARY} for later."));
-    canary.path = "/v1/chat/completions?it=canary".into();
-    let run = s.cg.run(Client::Python, port, &one(canary));
-    run.assert_no_answer(&s.context());
-    // The mock finishes reading whatever reached it within a few ms.
-    std::thread::sleep(Duration::from_millis(300));
-    let stats = s.mock.stats();
-    assert_eq!(
-        stats["by_path"]["/v1/chat/completions?it=canary"].as_u64().unwrap_or(0),
-        0,
-        "the gate must stop the send before the request leaves; the mock read it: {stats}\n{}{}",
-        run.describe(),
-        s.context()
-    );
+    for (client, path) in [(Client::Curl, "/v1/chat/completions?it=canary-curl"), (Client::Python, "/v1/chat/completions?it=canary-py")] {
+        let mut canary = chat("it-gate-model", &format!("Please keep {GATE_CANARY} for later."));
+        canary.path = path.into();
+        let run = s.cg.run(client, port, &one(canary));
+        run.assert_no_answer(&s.context());
+        // The mock finishes reading whatever reached it within a few ms.
+        std::thread::sleep(Duration::from_millis(300));
+        let stats = s.mock.stats();
+        let why = format!("the gate must stop the send before it leaves: {stats}\n{}{}", run.describe(), s.context());
+        assert_eq!(stats["body_bytes_by_path"][path].as_u64().unwrap_or(0), 0, "{client:?} body reached the mock; {why}");
+        if matches!(client, Client::Curl) {
+            assert_eq!(stats["by_path"][path].as_u64().unwrap_or(0), 0, "curl's request reached the mock; {why}");
+        }
+    }
+    let refused: Vec<_> = s.agent().records().into_iter().filter(|r| r["type"] == "gate_refused").collect();
+    assert_eq!(refused.len(), 2, "one gate_refused record per stopped request: {refused:?}");
+    // connection_killed: true, or false when the client had already closed it.
+    assert!(refused.iter().all(|r| r["rule"] == "it.gate_canary" && r["connection_killed"].is_boolean()), "{refused:?}");
 }
 
 /// Emergency mode on the test cgroup turns a `warn` into a stop; off again, it passes.

@@ -12,7 +12,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aegis_agent::enforce::{connect::ConnectGuard, sockdiag::IpNet};
+use aegis_agent::enforce::{
+    connect::{ConnectGuard, DestRule, FailMode, RuleAction, RuleScope},
+    sockdiag::IpNet,
+};
 use aegis_tests::{
     Client, KeepAlive, MockProvider, PinDir, Plan, TempCert, TestCgroup, plans, python_exe,
     require_root, run_python, serial,
@@ -84,10 +87,13 @@ fn clients_in_the_test_cgroup_see_eperm_from_a_connect_program() {
     let open = MockProvider::start(&cert);
     let cg = TestCgroup::new("infra-eperm");
     let plan = Plan::single(vec![plans::openai_chat("gpt-4o-mini", "hello")]);
+    let pins = PinDir::new("infra-eperm");
     {
-        let mut guard = ConnectGuard::attach(cg.path()).expect("attaching the connect programs to the test cgroup");
+        let (mut guard, _) = ConnectGuard::open(cg.path(), pins.path(), FailMode::Closed)
+            .expect("attaching the connect programs to the test cgroup");
         let lo = IpNet::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 32).unwrap();
-        guard.block(42, lo, Some(blocked.port), None).unwrap();
+        let rule = DestRule { id: 42, net: lo, port: Some(blocked.port), scope: RuleScope::Any, action: RuleAction::Deny, expires: None };
+        guard.set_rules(&[rule]).unwrap();
 
         for client in Client::ALL {
             cg.run(client, blocked.port, &plan).assert_connect_refused("");
@@ -116,8 +122,9 @@ fn clients_in_the_test_cgroup_see_eperm_from_a_connect_program() {
             assert!(comms.contains(&comm), "no denial for {comm}: {comms:?}");
         }
         assert!(comms.iter().any(|c| c.starts_with("python")), "{comms:?}");
+        guard.remove().expect("detaching");
     }
-    // Detached with the guard.
+    // Detached.
     cg.run(Client::Curl, blocked.port, &plan).assert_ok("");
 }
 

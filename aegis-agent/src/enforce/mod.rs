@@ -14,6 +14,7 @@
 
 pub mod connect;
 pub mod gate;
+pub mod handler;
 
 pub mod providers;
 pub mod sockdiag;
