@@ -390,6 +390,7 @@ impl WorkerCtx {
 }
 
 /// What the output thread writes: calls (joined across ends first) and other events.
+#[allow(clippy::large_enum_variant, reason = "calls are the common case; boxing each would cost an allocation per call")]
 pub enum Output {
     Call(Observation, Endpoint),
     /// Any other record (a refused connect, ...), written as it is.
