@@ -131,12 +131,13 @@ fn measure(
         if v["refused"].as_u64() != Some(0) {
             bail!("connects were refused during the {what} latency run: {v}");
         }
-        v["mean_ns"].as_f64().context("no mean_ns")
+        v["p50_ns"].as_f64().context("no p50_ns")
     };
 
     eprintln!("bench contain: connect() latency without the programs");
     let base: Vec<f64> = (0..3).map(|_| connect_ns("baseline")).collect::<anyhow::Result<_>>()?;
 
+    let (mut mock, mock_port, cert) = start_mock(dir)?;
     let socket = dir.join("control.sock");
     let output = dir.join("calls.jsonl");
     let config = dir.join("agent.toml");
@@ -144,6 +145,7 @@ fn measure(
         &config,
         format!(
             "[enforce]\nenabled = true\ncgroup = {cgdir:?}\npin_dir = {:?}\nfail = \"open\"\n\
+             [enforce.gate]\nenabled = true\nports = [{mock_port}]\n\
              [control]\nsocket = {:?}\nstate_file = {:?}\naudit_log = {:?}\n\
              [rules]\nevidence_key = {:?}\n\
              [output]\nstdout = false\nfile = {:?}\nstats_interval_secs = 0\n",
@@ -212,11 +214,12 @@ fn measure(
     }
 
     eprintln!("bench contain: content verdict to connection destroyed, {rounds} blocked calls");
-    let (verdict_us, after_in) = content_kills(dir, cg, &output, rounds)?;
+    let (verdict_us, after_in) = content_kills(cg, &output, rounds, mock_port, &cert)?;
+    mock.stop();
     agent_proc.stop();
 
     println!();
-    println!("containment benchmark ({rounds} rounds; connect latency: mean of {connects} connects, median of 3 runs)");
+    println!("containment benchmark ({rounds} rounds; connect latency: p50 of {connects} connects, median of 3 runs)");
     let (b, w) = (median(&base), median(&with));
     println!("connect() to loopback        without programs {:>8.1} us   with programs {:>8.1} us   ratio {:.3}", b / 1e3, w / 1e3, w / b);
     println!(
@@ -237,7 +240,8 @@ fn measure(
 
 /// Blocked calls from python in the cgroup against the mock provider; the agent's
 /// `enforcement.verdict_to_kill_us` and `bytes_in_after_verdict` of each.
-fn content_kills(dir: &Path, cg: &BenchCgroup, output: &Path, rounds: u32) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
+/// The TLS mock provider on loopback with a fresh self-signed certificate: (process, port, cert).
+fn start_mock(dir: &Path) -> anyhow::Result<(Proc, u16, PathBuf)> {
     let root = workspace_root();
     let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
     run_cmd(
@@ -262,8 +266,14 @@ fn content_kills(dir: &Path, cg: &BenchCgroup, output: &Path, rounds: u32) -> an
         .context("starting the mock provider")?;
     let mut line = String::new();
     BufReader::new(mock.stdout.take().expect("piped")).read_line(&mut line)?;
-    let mut mock = Proc(Some(mock));
-    let mock_port: u16 = line.trim().strip_prefix("LISTENING ").and_then(|p| p.parse().ok()).context("mock did not start")?;
+    let mock = Proc(Some(mock));
+    let port: u16 = line.trim().strip_prefix("LISTENING ").and_then(|p| p.parse().ok()).context("mock did not start")?;
+    Ok((mock, port, cert))
+}
+
+/// Blocked calls from python in the cgroup against the mock provider; the agent's
+/// `enforcement.verdict_to_kill_us` and `bytes_in_after_verdict` of each.
+fn content_kills(cg: &BenchCgroup, output: &Path, rounds: u32, mock_port: u16, cert: &Path) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
     let script = format!(
         r#"
 import json, os, ssl, http.client
@@ -287,7 +297,6 @@ print(ok)
     );
     let out = Command::new("python3").arg("-c").arg(script).output()?;
     let answered: u32 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or(u32::MAX);
-    mock.stop();
     std::thread::sleep(Duration::from_millis(500));
     let mut verdict = Vec::new();
     let mut after = Vec::new();
