@@ -26,6 +26,16 @@ enum Command {
     },
     /// Print the embedded default configuration.
     DefaultConfig,
+    /// Lift every kernel block for good: detach and remove the pinned containment programs
+    /// and maps (run after stopping the agent, e.g. when uninstalling).
+    Unpin {
+        /// Take `enforce.pin_dir` from this configuration file.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// The pin directory (overrides --config).
+        #[arg(long)]
+        pin_dir: Option<PathBuf>,
+    },
     /// Scan an API body or a text with the rules; print the decision as JSON.
     /// Exit status: 0 allow, 1 warn, 2 block, 3 error.
     Scan {
@@ -88,6 +98,18 @@ fn main() -> std::process::ExitCode {
         Command::DefaultConfig => {
             print!("{}", aegis_agent::config::DEFAULT_TOML);
             Ok(())
+        }
+        Command::Unpin { config, pin_dir } => {
+            let dir = match (pin_dir, config) {
+                (Some(d), _) => Ok(d),
+                (None, Some(c)) => Config::load(&c).map(|c| c.enforce.pin_dir),
+                (None, None) => Ok(Config::defaults().enforce.pin_dir),
+            };
+            dir.and_then(|d| {
+                aegis_agent::enforce::connect::remove_pinned(&d)?;
+                eprintln!("aegis-agent: containment programs and maps under {} removed; no kernel block remains", d.display());
+                Ok(())
+            })
         }
         Command::Scan { rulepacks, scan_as, api, evidence_key, input } => {
             let args = aegis_agent::commands::scan::ScanArgs { rulepacks, scan_as, api, input, evidence_key };

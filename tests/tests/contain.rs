@@ -478,3 +478,23 @@ fn stale_pinned_block_is_reconciled_away_on_start() {
 fn run_python_in(s: &Setup, port: u16) {
     s.cg.run(Client::Python, port, &one(chat("it-after-model", CLEAN))).assert_ok(&s.context());
 }
+
+/// `aegis-agent unpin` (the uninstall step) lifts a block the dead agent left pinned.
+#[test]
+fn unpin_lifts_the_blocks_a_dead_agent_left() {
+    let _serial = serial();
+    let mut s = Setup::new("unpin", |c, _| c);
+    let port = s.port();
+    s.cfg.block(&["--dest", &format!("127.0.0.1:{port}"), "--cgroup", s.cg.rel(), "--reason", "it: unpin"]);
+    s.agent.as_mut().expect("agent").terminate_with(Signal::SIGKILL);
+    s.assert_connect_errno(port, libc::EPERM, "agent killed, fail closed");
+    let out = std::process::Command::new(aegis_tests::agent_bin())
+        .arg("unpin")
+        .arg("--pin-dir")
+        .arg(s.pins.path())
+        .output()
+        .expect("running aegis-agent unpin");
+    assert!(out.status.success(), "unpin failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(!s.pins.path().exists(), "the pin dir must be gone");
+    s.assert_connect_errno(port, 0, "unpinned");
+}
