@@ -97,7 +97,12 @@ pub fn run(config: &Config, ready_file: Option<&Path>) -> anyhow::Result<()> {
     let pipeline = Pipeline::start(config, probes, discovery, source, sink, inspector.clone(), containment)?;
     let stop_reload = Arc::new(AtomicBool::new(false));
     let gate_reader = match &gate {
-        Some(g) => Some(read_gate(g.clone(), pipeline.events.clone(), stop_reload.clone())?),
+        Some(g) => Some(read_gate(
+            g.clone(),
+            inspector.clone().expect("the gate runs with rules"),
+            pipeline.events.clone(),
+            stop_reload.clone(),
+        )?),
         None => None,
     };
     let reloader = match &inspector {
@@ -241,14 +246,26 @@ impl SocketIndex for GateIndex {
     }
 }
 
-/// Gate refusals to the log and the sinks, until `stop`.
+/// Gate refusals to the log and the sinks, until `stop`; the kernel keywords follow the
+/// rulepacks when they are reloaded.
 fn read_gate(
     gate: Arc<RwLock<Gate>>,
+    inspector: Arc<Inspector>,
     out: std::sync::mpsc::SyncSender<Output>,
     stop: Arc<AtomicBool>,
 ) -> anyhow::Result<std::thread::JoinHandle<()>> {
     Ok(std::thread::Builder::new().name("aegis-gate".into()).spawn(move || {
+        let mut engine = inspector.engine();
         while !stop.load(Ordering::SeqCst) {
+            let now = inspector.engine();
+            if !Arc::ptr_eq(&now, &engine) {
+                engine = now;
+                let keywords = engine.kernel_keywords();
+                match gate.write().unwrap_or_else(|e| e.into_inner()).set_keywords(&keywords) {
+                    Ok(()) => tracing::info!(keywords = keywords.len(), "content gate keywords follow the reloaded rulepacks"),
+                    Err(e) => tracing::error!(error = %format!("{e:#}"), "the reloaded kernel keywords could not be loaded; the gate keeps the previous ones"),
+                }
+            }
             let ready = gate.read().unwrap_or_else(|e| e.into_inner()).wait(Duration::from_millis(100));
             if !ready {
                 continue;

@@ -320,6 +320,25 @@ fn kernel_gate_stops_the_request_before_it_leaves() {
     assert_eq!(refused.len(), 2, "one gate_refused record per stopped request: {refused:?}");
     // connection_killed: true, or false when the client had already closed it.
     assert!(refused.iter().all(|r| r["rule"] == "it.gate_canary" && r["connection_killed"].is_boolean()), "{refused:?}");
+
+    // A reloaded pack's new keyword reaches the kernel (live reload, every 2 s).
+    let reloaded = GATE_PACK.replace(GATE_CANARY, "aegis-gate-second-9d2e").replace("version = \"1\"", "version = \"2\"");
+    assert_ne!(reloaded, GATE_PACK);
+    std::fs::write(s.cfg.dir().join("gate.toml"), reloaded).expect("rewriting the pack");
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    for attempt in 0.. {
+        let path = format!("/v1/chat/completions?it=reloaded-{attempt}");
+        let mut second = chat("it-gate-model", "Please keep aegis-gate-second-9d2e for later.");
+        second.path = path.clone();
+        let run = s.cg.run(Client::Curl, port, &one(second));
+        if run.responses.is_empty() && !run.status.success() {
+            std::thread::sleep(Duration::from_millis(300));
+            assert_eq!(s.mock.requests_to(&path), 0, "stopped by the gate: nothing reached the mock; {}", s.mock.stats());
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the reloaded keyword never reached the gate{}", s.context());
+        std::thread::sleep(Duration::from_millis(500));
+    }
 }
 
 /// Emergency mode on the test cgroup turns a `warn` into a stop; off again, it passes.
