@@ -75,6 +75,7 @@ pub fn run(config: &Config, ready_file: Option<&Path>) -> anyhow::Result<()> {
             view: Some(e.server.view()),
             killer: config.enforce.kill_on_block.then(|| e.enforcer.clone() as Arc<dyn ConnectionKiller>),
             hosts: Some(e.enforcer.clone() as Arc<dyn HostBook>),
+            scope: Some(enforce_scope(config)?),
         },
         None => Containment::default(),
     };
@@ -170,6 +171,13 @@ pub fn run(config: &Config, ready_file: Option<&Path>) -> anyhow::Result<()> {
     }
     tracing::info!("stopped; all probes detached");
     Ok(())
+}
+
+/// The enforcement cgroup as /proc/PID/cgroup names it ("/" for the whole host).
+fn enforce_scope(config: &Config) -> anyhow::Result<String> {
+    let dir = config.enforce.cgroup_dir()?;
+    let root = cgroup2_root().context("no cgroup v2 mount found")?;
+    Ok(crate::enforce::handler::cgroup_name(&root, &dir).unwrap_or_else(|| "/".into()).replace("//", "/"))
 }
 
 fn start_enforcement(config: &Config, providers: &Arc<ProviderBook>) -> anyhow::Result<Enforcement> {

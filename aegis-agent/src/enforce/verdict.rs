@@ -113,6 +113,9 @@ pub struct Containment {
     pub view: Option<ControlView>,
     pub killer: Option<Arc<dyn ConnectionKiller>>,
     pub hosts: Option<Arc<dyn HostBook>>,
+    /// Only callers in this cgroup v2 subtree (as /proc/PID/cgroup names it) are stopped:
+    /// the subtree the containment programs are attached to. None: every caller.
+    pub scope: Option<String>,
 }
 
 impl Containment {
@@ -130,6 +133,11 @@ impl Containment {
 
     /// Whether the call at `cp`, made by a process in `cgroup` running `exe`, must stop.
     pub fn judge(&self, cp: &Checkpoint, cgroup: &str, exe: Option<&Path>) -> Option<StopReason> {
+        if let Some(scope) = &self.scope
+            && !crate::control::blocks::cgroup_within(cgroup, scope)
+        {
+            return None;
+        }
         if let Some((Action::Block, rule)) = &cp.rules {
             return Some(StopReason::Rule(rule.clone()));
         }
@@ -214,6 +222,15 @@ mod tests {
         assert_eq!(c.judge(&cp(Some((Action::Block, "r1"))), "/", None), Some(StopReason::Rule("r1".into())));
         assert_eq!(c.judge(&cp(Some((Action::Warn, "r2"))), "/", None), None);
         assert_eq!(c.judge(&cp(None), "/", None), None);
+    }
+
+    #[test]
+    fn callers_outside_the_enforcement_scope_are_not_stopped() {
+        let c = Containment { scope: Some("/app".into()), ..Containment::default() };
+        let block = cp(Some((Action::Block, "r1")));
+        assert_eq!(c.judge(&block, "/app/worker", None), Some(StopReason::Rule("r1".into())));
+        assert_eq!(c.judge(&block, "/other", None), None);
+        assert_eq!(c.judge(&block, "/app2", None), None);
     }
 
     #[test]
