@@ -130,14 +130,17 @@ pub fn run(config: &Config, ready_file: Option<&Path>) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let interval = config.output.stats_interval_secs;
     runtime.block_on(async {
+        // Both streams are made once: a signal arriving between two turns of the loop is
+        // kept for the next turn (a fresh `ctrl_c()` future per turn would miss it).
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
         let mut ticker = tokio::time::interval(Duration::from_secs(interval.max(1)));
         ticker.tick().await;
         let mut enforce_tick = tokio::time::interval(Duration::from_millis(100));
         let mut beats = 0u32;
         loop {
             tokio::select! {
-                _ = tokio::signal::ctrl_c() => break,
+                _ = int.recv() => break,
                 _ = term.recv() => break,
                 _ = ticker.tick(), if interval > 0 => report(&pipeline),
                 _ = enforce_tick.tick(), if enforcement.is_some() => {
