@@ -30,6 +30,8 @@ use crate::{
 
 /// Containment parts that live as long as the daemon.
 struct Enforcement {
+    /// Held for the agent's life: one agent per control socket and pin directory.
+    _lock: std::fs::File,
     enforcer: Arc<Enforcer>,
     server: ServerHandle,
     fail: FailMode,
@@ -38,6 +40,7 @@ struct Enforcement {
 pub fn run(config: &Config, ready_file: Option<&Path>) -> anyhow::Result<()> {
     preflight()?;
     raise_memlock();
+    let lock = if config.enforce.enabled { Some(lock_instance(config)?) } else { None };
 
     let capture = &config.capture;
     let mut discovery = targets::Discovery::default();
@@ -69,7 +72,10 @@ pub fn run(config: &Config, ready_file: Option<&Path>) -> anyhow::Result<()> {
         ProviderBook::new(&config.providers, config.enforce.resolve.clone())
             .map_err(|e| anyhow::anyhow!("invalid [providers] configuration: {e}"))?,
     );
-    let enforcement = if config.enforce.enabled { Some(start_enforcement(config, &providers)?) } else { None };
+    let enforcement = match lock {
+        Some(lock) => Some(start_enforcement(config, &providers, lock)?),
+        None => None,
+    };
     let containment = match &enforcement {
         Some(e) => Containment {
             view: Some(e.server.view()),
@@ -183,7 +189,7 @@ fn enforce_scope(config: &Config) -> anyhow::Result<String> {
     Ok(crate::enforce::handler::cgroup_name(&root, &dir).unwrap_or_else(|| "/".into()).replace("//", "/"))
 }
 
-fn start_enforcement(config: &Config, providers: &Arc<ProviderBook>) -> anyhow::Result<Enforcement> {
+fn start_enforcement(config: &Config, providers: &Arc<ProviderBook>, lock: std::fs::File) -> anyhow::Result<Enforcement> {
     let cgroup = config.enforce.cgroup_dir()?;
     let root = cgroup2_root().context("no cgroup v2 mount found")?;
     let fail = match config.enforce.fail {
@@ -204,7 +210,37 @@ fn start_enforcement(config: &Config, providers: &Arc<ProviderBook>) -> anyhow::
     let server = ControlServer::start(config.control.clone(), enforcer.clone())
         .context("cannot start the control socket")?;
     tracing::info!(socket = %server.socket().display(), "control socket ready");
-    Ok(Enforcement { enforcer, server, fail: config.enforce.fail })
+    Ok(Enforcement { _lock: lock, enforcer, server, fail: config.enforce.fail })
+}
+
+/// An exclusive lock next to the control socket, taken before the pinned state is touched,
+/// so a second agent with the same configuration stops instead of adopting the first's pins.
+fn lock_instance(config: &Config) -> anyhow::Result<std::fs::File> {
+    use std::os::fd::AsRawFd as _;
+    let path = config.control.socket.with_extension("lock");
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("cannot open the instance lock {}", path.display()))?;
+    // SAFETY: flock on a file descriptor we own.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let holder = std::fs::read_to_string(&path).unwrap_or_default();
+        anyhow::bail!(
+            "another aegis-agent (pid {}) holds {}: it already enforces this configuration; stop it first \
+             (systemctl stop aegis-agent), or give this one its own [control] socket and enforce.pin_dir",
+            holder.trim(),
+            path.display()
+        );
+    }
+    file.set_len(0)?;
+    std::io::Write::write_all(&mut &file, format!("{}\n", std::process::id()).as_bytes())?;
+    Ok(file)
 }
 
 fn stop_enforcement(e: Enforcement) {

@@ -517,3 +517,32 @@ fn unpin_lifts_the_blocks_a_dead_agent_left() {
     assert!(!s.pins.path().exists(), "the pin dir must be gone");
     s.assert_connect_errno(port, 0, "unpinned");
 }
+
+/// A second agent with the same configuration refuses to start (it would adopt the first
+/// one's pinned programs and fight over the control socket), and says who holds the lock.
+#[test]
+fn a_second_agent_on_the_same_configuration_refuses_to_start() {
+    let _serial = serial();
+    let s = Setup::new("second", |c, _| c);
+    let dir = aegis_tests::TempDir::new("second-agent");
+    let config = dir.join("agent.toml");
+    std::fs::write(&config, format!("{}[output]\nstdout = false\nfile = \"\"\n", s.cfg.toml())).expect("writing the config");
+    let mut child = std::process::Command::new(aegis_tests::agent_bin())
+        .arg("run")
+        .arg("--config")
+        .arg(&config)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("starting a second agent");
+    let status = aegis_tests::wait_with_timeout(&mut child, "the second agent", Duration::from_secs(30));
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().expect("piped"), &mut err).ok();
+    assert!(!status.success(), "the second agent must not run: {err}");
+    let first = s.agent().pid().to_string();
+    assert!(err.contains("another aegis-agent") && err.contains(&first), "the error must name the running agent (pid {first}): {err}");
+    // The first agent still enforces.
+    let port = s.port();
+    s.cfg.block(&["--dest", &format!("127.0.0.1:{port}"), "--cgroup", s.cg.rel(), "--reason", "it: second agent"]);
+    s.assert_connect_errno(port, libc::EPERM, "the first agent still enforces");
+}
