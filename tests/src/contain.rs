@@ -38,8 +38,6 @@ use crate::{
 
 /// Prefix of every cgroup and pin directory these helpers make.
 const PREFIX: &str = "aegis-test-ct-";
-/// Where bpffs is (or gets) mounted.
-pub const BPFFS: &str = "/sys/fs/bpf";
 /// How long a control command may take.
 pub const CTL_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long the agent may take to serve its control socket after it is ready.
@@ -226,50 +224,40 @@ fn evacuate_and_remove(root: &Path, dir: &Path, ours: &[u32]) {
 // ---------------------------------------------------------------------------------------
 // bpffs pin directory
 
-fn bpffs_mounted() -> bool {
-    fs::read_to_string("/proc/self/mountinfo").unwrap_or_default().lines().any(|l| {
-        let Some((left, right)) = l.split_once(" - ") else {
-            return false;
-        };
-        right.split_whitespace().next() == Some("bpf") && left.split_whitespace().nth(4) == Some(BPFFS)
-    })
+/// Mounts a bpffs instance of its own at `dir` (made if missing).
+fn mount_bpffs(dir: &Path) {
+    fs::create_dir_all(dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
+    let out = Command::new("mount").args(["-t", "bpf", "bpf"]).arg(dir).output().expect("running mount");
+    assert!(out.status.success(), "mounting bpffs at {} failed: {}", dir.display(), String::from_utf8_lossy(&out.stderr));
 }
 
-/// Mounts bpffs at `/sys/fs/bpf` when nothing is mounted there (what systemd does at boot
-/// on most hosts; this VM boots without it).
-pub fn ensure_bpffs() {
-    if bpffs_mounted() {
-        return;
-    }
-    let out = Command::new("mount")
-        .args(["-t", "bpf", "bpf", BPFFS])
-        .output()
-        .expect("running mount");
-    assert!(
-        out.status.success() || bpffs_mounted(),
-        "mounting bpffs at {BPFFS} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+/// Unmounts `dir` (lazily, should anything still hold it) and removes it.
+fn unmount_bpffs(dir: &Path) {
+    let _ = Command::new("umount").arg("-l").arg(dir).output();
+    let _ = fs::remove_dir(dir);
 }
 
-/// `/sys/fs/bpf/aegis-test-ct-<name>-<pid>`, the agent's `enforce.pin_dir`; removed with
-/// everything in it on drop (unpinning detaches the programs whose links are pinned there).
+/// The agent's `enforce.pin_dir` for one test: `pins` in a bpffs instance mounted for the
+/// test alone at `/tmp/aegis-test-ct-bpffs-<name>-<pid>`, so that nothing the test pins
+/// shows in the host's /sys/fs/bpf. Unmounted on drop, which drops (and detaches)
+/// whatever is still pinned there.
 #[derive(Debug)]
 pub struct PinDir {
+    mount: PathBuf,
     path: PathBuf,
 }
 
 impl PinDir {
     pub fn new(name: &str) -> Self {
         require_root();
-        ensure_bpffs();
-        for stale in stale_entries(Path::new(BPFFS)) {
-            eprintln!("removing the stale pin directory {}", stale.display());
-            let _ = fs::remove_dir_all(&stale);
+        let tmp = std::env::temp_dir();
+        for stale in stale_entries(&tmp).into_iter().filter(|p| p.to_string_lossy().contains("-bpffs-")) {
+            eprintln!("unmounting the stale pin mount {}", stale.display());
+            unmount_bpffs(&stale);
         }
-        let path = Path::new(BPFFS).join(format!("{PREFIX}{name}-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&path);
-        Self { path }
+        let mount = tmp.join(format!("{PREFIX}bpffs-{name}-{}", std::process::id()));
+        mount_bpffs(&mount);
+        Self { path: mount.join("pins"), mount }
     }
 
     pub fn path(&self) -> &Path {
@@ -307,6 +295,7 @@ impl PinDir {
 impl Drop for PinDir {
     fn drop(&mut self) {
         self.remove();
+        unmount_bpffs(&self.mount);
     }
 }
 

@@ -51,12 +51,27 @@ fn cgroup2_root() -> Option<PathBuf> {
     })
 }
 
-/// A bpffs directory for the agent's pins; removed (unpinning everything) on drop.
+/// A bpffs instance mounted for the benchmark alone, holding the agent's pin directory
+/// (`pins` in it); unmounted on drop, which drops whatever is still pinned there.
 struct PinDir(PathBuf);
+
+impl PinDir {
+    fn mount() -> anyhow::Result<Self> {
+        let mount = std::env::temp_dir().join(format!("aegis-bench-bpffs-{}", std::process::id()));
+        std::fs::create_dir_all(&mount)?;
+        run_cmd(Command::new("mount").args(["-t", "bpf", "bpf"]).arg(&mount))?;
+        Ok(Self(mount))
+    }
+
+    fn pins(&self) -> PathBuf {
+        self.0.join("pins")
+    }
+}
 
 impl Drop for PinDir {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        let _ = std::fs::remove_dir(&self.0);
     }
 }
 
@@ -95,8 +110,8 @@ pub fn bench(rounds: u32, connects: u32) -> anyhow::Result<()> {
     let dir = std::env::temp_dir().join(format!("aegis-bench-contain-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let cg = BenchCgroup::new()?;
-    let pins = PinDir(PathBuf::from(format!("/sys/fs/bpf/aegis-bench-{}", std::process::id())));
-    let result = measure(&dir, &cg, &pins.0, &probe, &agent, rounds, connects);
+    let pins = PinDir::mount()?;
+    let result = measure(&dir, &cg, &pins.pins(), &probe, &agent, rounds, connects);
     drop(pins);
     drop(cg);
     let _ = std::fs::remove_dir_all(&dir);

@@ -39,13 +39,18 @@ impl Drop for TestCgroup {
     }
 }
 
-/// A pin directory for the test; whatever is pinned there is detached and removed at the
-/// end. Declare it after the cgroup so that it goes first.
+/// A pin directory for the test, in a bpffs instance mounted for the test alone (nothing
+/// shows in the host's /sys/fs/bpf); whatever is pinned there is detached and removed, and
+/// the instance unmounted, at the end. Declare it after the cgroup so that it goes first.
 struct TestPins(PathBuf);
 
 impl TestPins {
     fn new(name: &str) -> Self {
-        Self(PathBuf::from(format!("/sys/fs/bpf/aegis-test-{name}-{}", std::process::id())))
+        let mount = std::env::temp_dir().join(format!("aegis-test-bpffs-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&mount).expect("creating the bpffs mount point");
+        let out = Command::new("mount").args(["-t", "bpf", "bpf"]).arg(&mount).output().expect("running mount");
+        assert!(out.status.success(), "mounting bpffs: {}", String::from_utf8_lossy(&out.stderr));
+        Self(mount.join("pins"))
     }
 }
 
@@ -53,6 +58,10 @@ impl Drop for TestPins {
     fn drop(&mut self) {
         if let Err(e) = remove_pinned(&self.0) {
             eprintln!("cleanup of {}: {e:#}", self.0.display());
+        }
+        if let Some(mount) = self.0.parent() {
+            let _ = Command::new("umount").arg("-l").arg(mount).output();
+            let _ = std::fs::remove_dir(mount);
         }
     }
 }
