@@ -32,6 +32,10 @@ use crate::{
 struct Enforcement {
     /// Held for the agent's life: one agent per control socket and pin directory.
     _lock: std::fs::File,
+    /// The cgroup v2 directory containment is attached to, and its name as
+    /// /proc/PID/cgroup shows it ("/" for the whole host).
+    cgroup: std::path::PathBuf,
+    scope: String,
     enforcer: Arc<Enforcer>,
     server: ServerHandle,
     fail: FailMode,
@@ -81,7 +85,7 @@ pub fn run(config: &Config, ready_file: Option<&Path>) -> anyhow::Result<()> {
             view: Some(e.server.view()),
             killer: config.enforce.kill_on_block.then(|| e.enforcer.clone() as Arc<dyn ConnectionKiller>),
             hosts: Some(e.enforcer.clone() as Arc<dyn HostBook>),
-            scope: Some(enforce_scope(config)?),
+            scope: Some(e.scope.clone()),
         },
         None => Containment::default(),
     };
@@ -182,13 +186,6 @@ pub fn run(config: &Config, ready_file: Option<&Path>) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The enforcement cgroup as /proc/PID/cgroup names it ("/" for the whole host).
-fn enforce_scope(config: &Config) -> anyhow::Result<String> {
-    let dir = config.enforce.cgroup_dir()?;
-    let root = cgroup2_root().context("no cgroup v2 mount found")?;
-    Ok(crate::enforce::handler::cgroup_name(&root, &dir).unwrap_or_else(|| "/".into()).replace("//", "/"))
-}
-
 fn start_enforcement(config: &Config, providers: &Arc<ProviderBook>, lock: std::fs::File) -> anyhow::Result<Enforcement> {
     let cgroup = config.enforce.cgroup_dir()?;
     let root = cgroup2_root().context("no cgroup v2 mount found")?;
@@ -205,12 +202,13 @@ fn start_enforcement(config: &Config, providers: &Arc<ProviderBook>, lock: std::
         )
     })?;
     tracing::info!(cgroup = %cgroup.display(), pins = %config.enforce.pin_dir.display(), adopted = ?adopted, "containment programs in force");
-    let enforcer = Arc::new(Enforcer::new(Some(guard), providers.clone(), root));
+    let enforcer = Arc::new(Enforcer::new(Some(guard), providers.clone(), root.clone()));
     // Restores the saved blocks and makes the (maybe adopted) kernel rules equal to them.
     let server = ControlServer::start(config.control.clone(), enforcer.clone())
         .context("cannot start the control socket")?;
     tracing::info!(socket = %server.socket().display(), "control socket ready");
-    Ok(Enforcement { _lock: lock, enforcer, server, fail: config.enforce.fail })
+    let scope = crate::enforce::handler::cgroup_name(&root, &cgroup).unwrap_or_else(|| "/".into());
+    Ok(Enforcement { _lock: lock, cgroup, scope, enforcer, server, fail: config.enforce.fail })
 }
 
 /// An exclusive lock next to the control socket, taken before the pinned state is touched,
@@ -273,7 +271,7 @@ fn start_gate(
     e: &Enforcement,
     inspector: &Inspector,
 ) -> anyhow::Result<Arc<RwLock<Gate>>> {
-    let mut gc = GateConfig::new(config.enforce.cgroup_dir()?);
+    let mut gc = GateConfig::new(e.cgroup.clone());
     gc.ports = config.enforce.gate.ports.clone();
     gc.kill = true;
     let mut gate = Gate::attach(probes.ebpf_mut(), &gc).context("cannot attach the content gate (enforce.gate)")?;

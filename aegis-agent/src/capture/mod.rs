@@ -365,7 +365,7 @@ impl WorkerCtx {
                 let mut emergency = false;
                 if let Some(view) = &self.containment.view {
                     let path = obs.target.split('?').next().unwrap_or_default();
-                    let provider = self.containment.provider_of(obs.host.as_deref(), obs.call.provider);
+                    let provider = self.containment.provider_of(obs.host.as_deref(), obs.call.provider, false);
                     let subject = Subject {
                         provider: Some(&provider),
                         model: obs.call.model.as_deref(),

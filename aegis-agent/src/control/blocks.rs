@@ -417,7 +417,7 @@ fn host_matches(pattern: &str, host: &str) -> bool {
     host.trim_end_matches('.').eq_ignore_ascii_case(pattern)
 }
 
-fn has_port(host: &str) -> bool {
+pub(crate) fn has_port(host: &str) -> bool {
     match host.strip_prefix('[') {
         Some(rest) => rest.split_once(']').is_some_and(|(_, after)| after.starts_with(':')),
         None => host.matches(':').count() == 1,

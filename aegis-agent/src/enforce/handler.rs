@@ -297,18 +297,20 @@ impl HostBook for Enforcer {
         self.providers.learn(host);
         self.providers.provider_for_host(host)
     }
+
+    fn provider(&self, host: &str) -> Option<String> {
+        self.providers.provider_for_host(host)
+    }
 }
 
 /// The addresses and port a Host header names (port 443 when absent).
 fn host_destinations(host: &str) -> Result<Vec<Destination>, String> {
-    let with_port = if let Some(rest) = host.strip_prefix('[') {
-        if rest.contains("]:") { host.to_owned() } else { format!("{host}:443") }
+    let with_port = if crate::control::blocks::has_port(host) {
+        host.to_owned()
+    } else if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]:443") // a bare IPv6 address
     } else {
-        match host.matches(':').count() {
-            0 => format!("{host}:443"),
-            1 => host.to_owned(),
-            _ => format!("[{host}]:443"),
-        }
+        format!("{host}:443")
     };
     let addrs: Vec<SocketAddr> = with_port
         .to_socket_addrs()

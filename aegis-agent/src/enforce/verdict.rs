@@ -102,8 +102,11 @@ pub trait ConnectionKiller: Send + Sync {
 
 /// Knows which provider a host belongs to, and learns the hosts calls go to.
 pub trait HostBook: Send + Sync {
-    /// A call went to `host` (a Host header, maybe with a port): its provider, if known.
+    /// A call went to `host` (a Host header, maybe with a port): learn it, and say its
+    /// provider, if known.
     fn seen(&self, host: &str) -> Option<String>;
+    /// The provider of `host`, if known (nothing learned).
+    fn provider(&self, host: &str) -> Option<String>;
 }
 
 /// What the data path needs to stop calls: the operator's state and a way to end
@@ -124,15 +127,21 @@ impl Containment {
     }
 
     /// The provider of a call: by its host when the book knows it, else by the API's shape.
-    pub fn provider_of(&self, host: Option<&str>, detected: &'static str) -> std::borrow::Cow<'static, str> {
-        match (host, &self.hosts) {
-            (Some(h), Some(book)) => book.seen(h).map_or(std::borrow::Cow::Borrowed(detected), std::borrow::Cow::Owned),
-            _ => std::borrow::Cow::Borrowed(detected),
-        }
+    /// The book learns the host at the call's checkpoint ([`Containment::judge`]); later
+    /// lookups of the same call pass `learn = false`.
+    pub fn provider_of(&self, host: Option<&str>, detected: &'static str, learn: bool) -> std::borrow::Cow<'static, str> {
+        let known = match (host, &self.hosts) {
+            (Some(h), Some(book)) if learn => book.seen(h),
+            (Some(h), Some(book)) => book.provider(h),
+            _ => None,
+        };
+        known.map_or(std::borrow::Cow::Borrowed(detected), std::borrow::Cow::Owned)
     }
 
     /// Whether the call at `cp`, made by a process in `cgroup` running `exe`, must stop.
     pub fn judge(&self, cp: &Checkpoint, cgroup: &str, exe: Option<&Path>) -> Option<StopReason> {
+        // Every call teaches the book its host, in scope or not.
+        let provider = self.provider_of(cp.host.as_deref(), cp.provider, cp.half == Half::Request);
         if let Some(scope) = &self.scope
             && !crate::control::blocks::cgroup_within(cgroup, scope)
         {
@@ -141,7 +150,6 @@ impl Containment {
         if let Some((Action::Block, rule)) = &cp.rules {
             return Some(StopReason::Rule(rule.clone()));
         }
-        let provider = self.provider_of(cp.host.as_deref(), cp.provider);
         let view = self.view.as_ref()?;
         let subject = Subject {
             provider: Some(&provider),
