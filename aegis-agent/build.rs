@@ -2,15 +2,12 @@
 //! toolchain as this crate, so rustc, aya-build and bpf-linker share one LLVM.
 use anyhow::{Context as _, anyhow};
 
-
 /// Must match xtask::TOOLCHAIN (the pinned toolchain; see xtask/src/main.rs).
 const TOOLCHAIN: &str = "nightly-2026-10-30";
 
 fn main() -> anyhow::Result<()> {
-    let cargo_metadata::Metadata { packages, .. } = cargo_metadata::MetadataCommand::new()
-        .no_deps()
-        .exec()
-        .context("MetadataCommand::exec")?;
+    let cargo_metadata::Metadata { packages, .. } =
+        cargo_metadata::MetadataCommand::new().no_deps().exec().context("MetadataCommand::exec")?;
     // aya-build watches the eBPF crate's directory; the shared types live next to it.
     if let Some(common) = packages.iter().find(|p| p.name.as_str() == "aegis-common")
         && let Some(dir) = common.manifest_path.parent()
@@ -21,14 +18,7 @@ fn main() -> anyhow::Result<()> {
         .into_iter()
         .find(|p| p.name.as_str() == "aegis-ebpf")
         .ok_or_else(|| anyhow!("aegis-ebpf package not found"))?;
-    let root = ebpf
-        .manifest_path
-        .parent()
-        .ok_or_else(|| anyhow!("no parent for {}", ebpf.manifest_path))?;
-    let package = aya_build::Package {
-        name: ebpf.name.as_str(),
-        root_dir: root.as_str(),
-        ..Default::default()
-    };
+    let root = ebpf.manifest_path.parent().ok_or_else(|| anyhow!("no parent for {}", ebpf.manifest_path))?;
+    let package = aya_build::Package { name: ebpf.name.as_str(), root_dir: root.as_str(), ..Default::default() };
     aya_build::build_ebpf([package], aya_build::Toolchain::Custom(TOOLCHAIN))
 }

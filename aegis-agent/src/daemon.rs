@@ -186,7 +186,11 @@ pub fn run(config: &Config, ready_file: Option<&Path>) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn start_enforcement(config: &Config, providers: &Arc<ProviderBook>, lock: std::fs::File) -> anyhow::Result<Enforcement> {
+fn start_enforcement(
+    config: &Config,
+    providers: &Arc<ProviderBook>,
+    lock: std::fs::File,
+) -> anyhow::Result<Enforcement> {
     let cgroup = config.enforce.cgroup_dir()?;
     let root = cgroup2_root().context("no cgroup v2 mount found")?;
     let fail = match config.enforce.fail {
@@ -204,8 +208,8 @@ fn start_enforcement(config: &Config, providers: &Arc<ProviderBook>, lock: std::
     tracing::info!(cgroup = %cgroup.display(), pins = %config.enforce.pin_dir.display(), adopted = ?adopted, "containment programs in force");
     let enforcer = Arc::new(Enforcer::new(Some(guard), providers.clone(), root.clone()));
     // Restores the saved blocks and makes the (maybe adopted) kernel rules equal to them.
-    let server = ControlServer::start(config.control.clone(), enforcer.clone())
-        .context("cannot start the control socket")?;
+    let server =
+        ControlServer::start(config.control.clone(), enforcer.clone()).context("cannot start the control socket")?;
     tracing::info!(socket = %server.socket().display(), "control socket ready");
     let scope = crate::enforce::handler::cgroup_name(&root, &cgroup).unwrap_or_else(|| "/".into());
     Ok(Enforcement { _lock: lock, cgroup, scope, enforcer, server, fail: config.enforce.fail })

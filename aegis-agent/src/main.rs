@@ -7,7 +7,11 @@ use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
-#[command(name = "aegis-agent", version, about = "AegisPlane host agent: sees, judges and contains LLM API calls on this host")]
+#[command(
+    name = "aegis-agent",
+    version,
+    about = "AegisPlane host agent: sees, judges and contains LLM API calls on this host"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -107,7 +111,10 @@ fn main() -> std::process::ExitCode {
             };
             dir.and_then(|d| {
                 aegis_agent::enforce::connect::remove_pinned(&d)?;
-                eprintln!("aegis-agent: containment programs and maps under {} removed; no kernel block remains", d.display());
+                eprintln!(
+                    "aegis-agent: containment programs and maps under {} removed; no kernel block remains",
+                    d.display()
+                );
                 Ok(())
             })
         }

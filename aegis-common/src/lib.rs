@@ -134,7 +134,6 @@ pub struct PendingCall {
     pub len_out: u64,
 }
 
-
 /// The in-kernel content gate (`aegis-ebpf/src/sockmsg.rs`, with the SSL_write entry
 /// probes of `openssl.rs`): maps shared by the capture object's programs and the agent.
 ///

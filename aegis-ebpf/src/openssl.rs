@@ -16,18 +16,17 @@
 //! The SSL_write entry and return probes also drive the content gate (`sockmsg.rs`);
 //! what capture emits does not depend on it.
 
-use aegis_common::{
-    CHUNK_DATA_MAX, CHUNKS_PER_CALL_MAX, ChunkScratch, DROP_CAUSES, Direction, DropCause,
-    DropCounter, HEADER_LEN, PendingCall, TlsChunkHeader, TlsHook,
-};
 use core::ffi::c_void;
 
+use aegis_common::{
+    CHUNK_DATA_MAX, CHUNKS_PER_CALL_MAX, ChunkScratch, DROP_CAUSES, Direction, DropCause, DropCounter, HEADER_LEN,
+    PendingCall, TlsChunkHeader, TlsHook,
+};
 use aya_ebpf::{
     EbpfContext as _,
     helpers::{
-        bpf_get_attach_cookie, bpf_loop, bpf_get_current_cgroup_id, bpf_get_current_comm,
-        bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_ktime_get_ns,
-        bpf_probe_read_user, bpf_probe_read_user_buf,
+        bpf_get_attach_cookie, bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
+        bpf_get_current_uid_gid, bpf_ktime_get_ns, bpf_loop, bpf_probe_read_user, bpf_probe_read_user_buf,
     },
     macros::{map, uprobe, uretprobe},
     maps::{HashMap, PerCpuArray, RingBuf},
@@ -66,11 +65,7 @@ fn remember(ctx: &ProbeContext, with_len_out: bool) -> u32 {
     let (Some(conn), Some(buf)) = (ctx.arg::<u64>(0), ctx.arg::<u64>(1)) else {
         return 0;
     };
-    let len_out = if with_len_out {
-        ctx.arg::<u64>(3).unwrap_or(0)
-    } else {
-        0
-    };
+    let len_out = if with_len_out { ctx.arg::<u64>(3).unwrap_or(0) } else { 0 };
     let pending = PendingCall { conn, buf, len_out };
     let key = bpf_get_current_pid_tgid();
     if TLS_PENDING.insert(&key, &pending, 0).is_err() {
@@ -175,12 +170,7 @@ fn emit(ctx: &RetProbeContext, hook: TlsHook, direction: Direction, ex: bool) ->
     // iteration (a plain 64-step loop exceeds the 1M-instruction budget).
     let mut copy = CopyCtx { buf: pending.buf, total };
     unsafe {
-        bpf_loop(
-            CHUNKS_PER_CALL_MAX,
-            copy_chunk as *mut c_void,
-            &mut copy as *mut CopyCtx as *mut c_void,
-            0,
-        );
+        bpf_loop(CHUNKS_PER_CALL_MAX, copy_chunk as *mut c_void, &mut copy as *mut CopyCtx as *mut c_void, 0);
     }
     0
 }
@@ -222,9 +212,7 @@ extern "C" fn copy_chunk(index: u64, ctx: *mut c_void) -> i64 {
         return 0;
     }
     scratch.header.data_len = len as u32;
-    let event = unsafe {
-        core::slice::from_raw_parts(scratch as *const ChunkScratch as *const u8, HEADER_LEN + len)
-    };
+    let event = unsafe { core::slice::from_raw_parts(scratch as *const ChunkScratch as *const u8, HEADER_LEN + len) };
     if TLS_EVENTS.output::<[u8]>(event, 0).is_err() {
         count_drop(DropCause::RingFull, len as u64);
     }

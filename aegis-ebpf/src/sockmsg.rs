@@ -44,23 +44,19 @@
 //! sign bits instead of comparisons (each comparison is a branch in BPF), and loop state
 //! the verifier need not track exactly kept in the map value, not on the stack.
 
-use core::{
-    ffi::c_void,
-    ptr::read_volatile,
-};
+use core::{ffi::c_void, ptr::read_volatile};
 
 use aegis_common::gate::{
-    CASE_FOLD, ConnKey, ConnSock, GATE_BUCKETS, GATE_KEYWORDS_MAX, GATE_PORTS_MAX, GATE_SCAN_MAX,
-    GATE_STAT_SLOTS, GateConfig, GateEvent, GateKeyword, GatePending, GateStat, GateTables, NO_MATCH,
-    SockInfo, SockTuple, folded_bucket, gram_bucket, lower8,
+    CASE_FOLD, ConnKey, ConnSock, GATE_BUCKETS, GATE_KEYWORDS_MAX, GATE_PORTS_MAX, GATE_SCAN_MAX, GATE_STAT_SLOTS,
+    GateConfig, GateEvent, GateKeyword, GatePending, GateStat, GateTables, NO_MATCH, SockInfo, SockTuple,
+    folded_bucket, gram_bucket, lower8,
 };
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{BPF_ANY, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, sk_action},
     helpers::{
-        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_current_comm,
-        bpf_get_current_pid_tgid, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_loop,
-        bpf_probe_read_user_buf,
+        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
+        bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_loop, bpf_probe_read_user_buf,
     },
     macros::{map, sk_msg, sock_ops},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf, SockHash},
@@ -147,9 +143,7 @@ pub fn write_enter(ssl: u64, buf: u64, num: u64) {
     let Some(cfg) = config() else {
         return;
     };
-    if cfg.cgroup_level > 0
-        && unsafe { bpf_get_current_ancestor_cgroup_id(cfg.cgroup_level as i32) } != cfg.cgroup_id
-    {
+    if cfg.cgroup_level > 0 && unsafe { bpf_get_current_ancestor_cgroup_id(cfg.cgroup_level as i32) } != cfg.cgroup_id {
         return;
     }
     // Zeroed whole, then filled: a struct literal with a zero array becomes byte-wise
@@ -358,7 +352,12 @@ extern "C" fn verify_block(i: u64, ctx: *mut c_void) -> i64 {
     ctx.starts = 0;
     unsafe {
         // At most 64 hits, each with up to 32 keywords, each with up to 8 starts.
-        bpf_loop(64 * (GATE_KEYWORDS_MAX as u32 * 9 + 1) + 1, verify_step as *mut c_void, ctx as *mut ScanCtx as *mut c_void, 0);
+        bpf_loop(
+            64 * (GATE_KEYWORDS_MAX as u32 * 9 + 1) + 1,
+            verify_step as *mut c_void,
+            ctx as *mut ScanCtx as *mut c_void,
+            0,
+        );
     }
     i64::from(ctx.found != NO_MATCH)
 }
@@ -488,7 +487,15 @@ fn port_from_net(v: u32) -> u32 {
 /// Reads of a context's address fields, one 4-byte word at a time (the verifier refuses
 /// wider or copied reads of these fields).
 #[inline(always)]
-fn tuple_from(family: u32, local4: *const u32, remote4: *const u32, local6: *const u32, remote6: *const u32, local_port: u32, remote_port: u32) -> SockTuple {
+fn tuple_from(
+    family: u32,
+    local4: *const u32,
+    remote4: *const u32,
+    local6: *const u32,
+    remote6: *const u32,
+    local_port: u32,
+    remote_port: u32,
+) -> SockTuple {
     let mut t = SockTuple { family, local_port, remote_port: port_from_net(remote_port), ..SockTuple::default() };
     unsafe {
         if family == 2 {

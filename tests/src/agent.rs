@@ -29,23 +29,14 @@ pub fn agent_bin() -> PathBuf {
         return PathBuf::from(p);
     }
     let exe = std::env::current_exe().unwrap_or_default();
-    let mut tried: Vec<PathBuf> = exe
-        .ancestors()
-        .skip(1)
-        .take(6)
-        .map(|d| d.join("aegis-agent"))
-        .collect();
+    let mut tried: Vec<PathBuf> = exe.ancestors().skip(1).take(6).map(|d| d.join("aegis-agent")).collect();
     tried.push(workspace_dir().join("target/debug/aegis-agent"));
-    tried
-        .iter()
-        .find(|p| p.is_file())
-        .cloned()
-        .unwrap_or_else(|| {
-            panic!(
-                "aegis-agent binary not found (tried {tried:?}); build it first with \
+    tried.iter().find(|p| p.is_file()).cloned().unwrap_or_else(|| {
+        panic!(
+            "aegis-agent binary not found (tried {tried:?}); build it first with \
              `cargo build -p aegis-agent`, or set AEGIS_AGENT_BIN"
-            )
-        })
+        )
+    })
 }
 
 /// A running agent writing JSON lines to a temporary file. Dropping it stops it (SIGINT,
@@ -97,22 +88,13 @@ impl Agent {
             .stderr(File::create(dir.join("stderr.log")).expect("creating agent stderr log"))
             .spawn()
             .unwrap_or_else(|e| panic!("spawning {}: {e}", bin.display()));
-        let mut agent = Self {
-            child,
-            dir,
-            output,
-            status: None,
-        };
+        let mut agent = Self { child, dir, output, status: None };
 
         let deadline = Instant::now() + READY_TIMEOUT;
         while !ready.exists() {
             if let Some(status) = agent.child.try_wait().expect("waiting for the agent") {
                 agent.status = Some(status);
-                panic!(
-                    "agent {} exited before ready ({status}){}",
-                    bin.display(),
-                    agent.logs()
-                );
+                panic!("agent {} exited before ready ({status}){}", bin.display(), agent.logs());
             }
             if Instant::now() >= deadline {
                 agent.kill();
@@ -150,25 +132,15 @@ impl Agent {
             .filter(|l| !l.trim().is_empty())
             .enumerate()
             .map(|(i, line)| {
-                serde_json::from_str(line).unwrap_or_else(|e| {
-                    panic!(
-                        "agent output line {} is not JSON ({e}): {line}{}",
-                        i + 1,
-                        self.logs()
-                    )
-                })
+                serde_json::from_str(line)
+                    .unwrap_or_else(|e| panic!("agent output line {} is not JSON ({e}): {line}{}", i + 1, self.logs()))
             })
             .collect()
     }
 
     /// Polls until at least `n` records satisfy `pred`, and returns those; panics with the
     /// records seen and the agent's stderr after `timeout`.
-    pub fn wait_for_records(
-        &self,
-        pred: impl Fn(&Value) -> bool,
-        n: usize,
-        timeout: Duration,
-    ) -> Vec<Value> {
+    pub fn wait_for_records(&self, pred: impl Fn(&Value) -> bool, n: usize, timeout: Duration) -> Vec<Value> {
         let deadline = Instant::now() + timeout;
         loop {
             let matching: Vec<Value> = self.records().into_iter().filter(|r| pred(r)).collect();
@@ -204,11 +176,7 @@ impl Agent {
     /// wrote (so a test can check that nothing more came at shutdown).
     pub fn stop(&mut self) -> Vec<Value> {
         let status = self.terminate();
-        assert!(
-            status.success(),
-            "agent exited with {status} after SIGINT{}",
-            self.logs()
-        );
+        assert!(status.success(), "agent exited with {status} after SIGINT{}", self.logs());
         self.records()
     }
 

@@ -38,23 +38,11 @@ pub struct Request {
 
 impl Request {
     pub fn get(path: &str) -> Self {
-        Self {
-            method: "GET".into(),
-            path: path.into(),
-            headers: Vec::new(),
-            body: None,
-            gzip: false,
-        }
+        Self { method: "GET".into(), path: path.into(), headers: Vec::new(), body: None, gzip: false }
     }
 
     pub fn post(path: &str, body: Value) -> Self {
-        Self {
-            method: "POST".into(),
-            path: path.into(),
-            headers: Vec::new(),
-            body: Some(body),
-            gzip: false,
-        }
+        Self { method: "POST".into(), path: path.into(), headers: Vec::new(), body: Some(body), gzip: false }
     }
 
     pub fn header(mut self, name: &str, value: &str) -> Self {
@@ -69,19 +57,12 @@ impl Request {
 
     /// The body bytes as sent.
     pub fn body_bytes(&self) -> Vec<u8> {
-        self.body
-            .as_ref()
-            .map(|b| serde_json::to_vec(b).expect("serialising a body"))
-            .unwrap_or_default()
+        self.body.as_ref().map(|b| serde_json::to_vec(b).expect("serialising a body")).unwrap_or_default()
     }
 
     /// The status the mock answers with (see `mock_provider.py`).
     pub fn expected_status(&self) -> u16 {
-        if let Some((_, v)) = self
-            .headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case("x-mock-status"))
-        {
+        if let Some((_, v)) = self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case("x-mock-status")) {
             return v.parse().expect("x-mock-status is a number");
         }
         let path = self.path.split('?').next().unwrap_or_default();
@@ -99,8 +80,7 @@ impl Request {
                         | "/api/chat"
                         | "/api/generate"
                 ) || (path.starts_with("/v1beta/models/")
-                    && (path.ends_with(":generateContent")
-                        || path.ends_with(":streamGenerateContent")))
+                    && (path.ends_with(":generateContent") || path.ends_with(":streamGenerateContent")))
             }
             _ => false,
         };
@@ -109,11 +89,8 @@ impl Request {
 
     /// The plan form read by `py_client.py` / `node_client.mjs`.
     pub fn to_plan_json(&self) -> Value {
-        let mut headers: serde_json::Map<String, Value> = self
-            .headers
-            .iter()
-            .map(|(k, v)| (k.clone(), Value::String(v.clone())))
-            .collect();
+        let mut headers: serde_json::Map<String, Value> =
+            self.headers.iter().map(|(k, v)| (k.clone(), Value::String(v.clone()))).collect();
         if self.gzip {
             headers.insert("Accept-Encoding".into(), "gzip".into());
         }
@@ -131,9 +108,7 @@ pub struct Plan {
 impl Plan {
     /// All requests over one connection.
     pub fn single(requests: Vec<Request>) -> Self {
-        Self {
-            connections: vec![requests],
-        }
+        Self { connections: vec![requests] }
     }
 
     pub fn requests(&self) -> impl Iterator<Item = &Request> {
@@ -141,16 +116,9 @@ impl Plan {
     }
 
     fn to_json(&self) -> Value {
-        let conns: Vec<Value> = self
-            .connections
-            .iter()
-            .map(|c| Value::Array(c.iter().map(Request::to_plan_json).collect()))
-            .collect();
-        if conns.len() == 1 {
-            conns.into_iter().next().expect("one")
-        } else {
-            json!({ "connections": conns })
-        }
+        let conns: Vec<Value> =
+            self.connections.iter().map(|c| Value::Array(c.iter().map(Request::to_plan_json).collect())).collect();
+        if conns.len() == 1 { conns.into_iter().next().expect("one") } else { json!({ "connections": conns }) }
     }
 }
 
@@ -204,12 +172,7 @@ impl ClientRun {
                     .responses
                     .iter()
                     .find(|r| r.conn == c && r.index == i)
-                    .unwrap_or_else(|| {
-                        panic!(
-                            "{}: no response for connection {c} request {i}",
-                            self.client
-                        )
-                    });
+                    .unwrap_or_else(|| panic!("{}: no response for connection {c} request {i}", self.client));
                 assert_eq!(
                     resp.status,
                     req.expected_status(),
@@ -218,12 +181,7 @@ impl ClientRun {
                     req.method,
                     req.path
                 );
-                assert!(
-                    resp.bytes > 0 || req.method == "HEAD",
-                    "{}: empty body for {}",
-                    self.client,
-                    req.path
-                );
+                assert!(resp.bytes > 0 || req.method == "HEAD", "{}: empty body for {}", self.client, req.path);
                 if req.gzip && resp.status == 200 {
                     assert_eq!(
                         resp.content_encoding.as_deref(),
@@ -249,12 +207,7 @@ impl ClientRun {
 
 fn parse_response(v: &Value) -> Option<ClientResponse> {
     let num = |k: &str| v.get(k).and_then(Value::as_u64);
-    let text = |k: &str| {
-        v.get(k)
-            .and_then(Value::as_str)
-            .filter(|e| !e.is_empty())
-            .map(String::from)
-    };
+    let text = |k: &str| v.get(k).and_then(Value::as_str).filter(|e| !e.is_empty()).map(String::from);
     Some(ClientResponse {
         conn: num("conn").unwrap_or(0) as usize,
         index: num("i")? as usize,
@@ -272,8 +225,8 @@ fn parse_responses(client: &str, stdout: &str) -> Vec<ClientResponse> {
         .lines()
         .filter(|l| !l.trim().is_empty())
         .map(|line| {
-            let v: Value = serde_json::from_str(line)
-                .unwrap_or_else(|e| panic!("{client} printed non-JSON ({e}): {line}"));
+            let v: Value =
+                serde_json::from_str(line).unwrap_or_else(|e| panic!("{client} printed non-JSON ({e}): {line}"));
             parse_response(&v).unwrap_or_else(|| panic!("{client} printed an incomplete line: {line}"))
         })
         .collect()
@@ -305,9 +258,7 @@ fn exec_client(client: &'static str, mut cmd: Command) -> Finished {
     cmd.stdin(Stdio::null())
         .stdout(File::create(&out_path).expect("client stdout file"))
         .stderr(File::create(&err_path).expect("client stderr file"));
-    let mut child = cmd
-        .spawn()
-        .unwrap_or_else(|e| panic!("spawning {client}: {e}"));
+    let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawning {client}: {e}"));
     let pid = child.id();
     let status = wait_with_timeout(&mut child, client, CLIENT_TIMEOUT);
     Finished {
@@ -321,34 +272,18 @@ fn exec_client(client: &'static str, mut cmd: Command) -> Finished {
 /// Runs `cmd` to completion and asserts it succeeded; returns (pid, stdout, stderr).
 fn run_client(client: &'static str, cmd: Command) -> (u32, String, String) {
     let f = exec_client(client, cmd);
-    assert!(
-        f.status.success(),
-        "{client} failed ({}); stdout:\n{}\nstderr:\n{}",
-        f.status,
-        f.stdout,
-        f.stderr
-    );
+    assert!(f.status.success(), "{client} failed ({}); stdout:\n{}\nstderr:\n{}", f.status, f.stdout, f.stderr);
     (f.pid, f.stdout, f.stderr)
 }
 
 fn identity(pid: u32, exe: &Path, tls: TlsExpect, single_thread: bool) -> Identity {
-    Identity {
-        pid,
-        comm: comm_of(exe),
-        exe: exe.to_path_buf(),
-        tls,
-        single_thread,
-    }
+    Identity { pid, comm: comm_of(exe), exe: exe.to_path_buf(), tls, single_thread }
 }
 
 fn write_plan(plan: &Plan) -> (TempDir, PathBuf) {
     let dir = TempDir::new("plan");
     let path = dir.join("plan.json");
-    fs::write(
-        &path,
-        serde_json::to_vec_pretty(&plan.to_json()).expect("plan JSON"),
-    )
-    .expect("writing plan");
+    fs::write(&path, serde_json::to_vec_pretty(&plan.to_json()).expect("plan JSON")).expect("writing plan");
     (dir, path)
 }
 
@@ -378,12 +313,7 @@ impl Client {
     pub fn identity(self, pid: u32, plan: &Plan) -> Identity {
         match self {
             Client::Curl => identity(pid, Path::new(CURL), TlsExpect::LibSsl, true),
-            Client::Python => identity(
-                pid,
-                python_exe(),
-                TlsExpect::LibSsl,
-                plan.connections.len() == 1,
-            ),
+            Client::Python => identity(pid, python_exe(), TlsExpect::LibSsl, plan.connections.len() == 1),
             Client::Node => identity(pid, Path::new(NODE), TlsExpect::Binary(NODE.into()), true),
         }
     }
@@ -431,12 +361,7 @@ impl Client {
 
     /// Runs the client over `plan`, `prepare` adjusting its command first (e.g. to start
     /// it in a test cgroup), and returns how it ended whatever that was.
-    pub fn run_unchecked(
-        self,
-        port: u16,
-        plan: &Plan,
-        prepare: impl FnOnce(&mut Command),
-    ) -> ClientOutcome {
+    pub fn run_unchecked(self, port: u16, plan: &Plan, prepare: impl FnOnce(&mut Command)) -> ClientOutcome {
         let (_dir, mut cmd) = self.command(port, plan);
         prepare(&mut cmd);
         let f = exec_client(self.name(), cmd);
@@ -505,11 +430,7 @@ impl ClientOutcome {
 
     /// See [`ClientOutcome::connect_refused`]; `context` ends the panic message (agent logs).
     pub fn assert_connect_refused(&self, context: &str) {
-        assert!(
-            self.connect_refused(),
-            "expected a connect refused with EPERM: {}{context}",
-            self.describe()
-        );
+        assert!(self.connect_refused(), "expected a connect refused with EPERM: {}{context}", self.describe());
     }
 
     /// It failed and no request got an answer (its connection was destroyed or its send
@@ -525,11 +446,7 @@ impl ClientOutcome {
     /// It exited 0 and every request got the answer the mock gives (see
     /// [`ClientRun::assert_responses`]); returns it as a [`ClientRun`].
     pub fn assert_ok(self, context: &str) -> ClientRun {
-        assert!(
-            self.status.success(),
-            "{} should have succeeded{context}",
-            self.describe()
-        );
+        assert!(self.status.success(), "{} should have succeeded{context}", self.describe());
         let run = ClientRun {
             client: self.client.name(),
             identity: self.identity,
@@ -558,11 +475,7 @@ pub fn run_curl(port: u16, plan: &Plan) -> ClientRun {
 }
 
 fn curl_command(port: u16, plan: &Plan) -> Command {
-    assert_eq!(
-        plan.connections.len(),
-        1,
-        "run_curl takes a single-connection plan"
-    );
+    assert_eq!(plan.connections.len(), 1, "run_curl takes a single-connection plan");
     let mut cmd = Command::new(CURL);
     for (i, req) in plan.connections[0].iter().enumerate() {
         if i > 0 {
@@ -571,16 +484,7 @@ fn curl_command(port: u16, plan: &Plan) -> Command {
         let write_out = format!(
             "{{\"i\":{i},\"status\":%{{http_code}},\"bytes\":%{{size_download}},\"num_connects\":%{{num_connects}},\"content_encoding\":\"%header{{content-encoding}}\",\"server\":\"%header{{x-mock-server}}\"}}\\n"
         );
-        cmd.args([
-            "-sSk",
-            "--http1.1",
-            "-o",
-            "/dev/null",
-            "-w",
-            &write_out,
-            "-X",
-            &req.method,
-        ]);
+        cmd.args(["-sSk", "--http1.1", "-o", "/dev/null", "-w", &write_out, "-X", &req.method]);
         if req.gzip {
             cmd.arg("--compressed");
         }

@@ -97,12 +97,7 @@ impl TestCgroup {
             evacuate_and_remove(&root, &dir, &[]);
         }
         fs::create_dir(&dir).unwrap_or_else(|e| panic!("creating the test cgroup {}: {e}", dir.display()));
-        Self {
-            root,
-            rel: format!("/{leaf}"),
-            dir,
-            started: Mutex::new(Vec::new()),
-        }
+        Self { root, rel: format!("/{leaf}"), dir, started: Mutex::new(Vec::new()) }
     }
 
     /// The cgroup directory (under the cgroup v2 mount): `enforce.cgroup` takes this.
@@ -159,11 +154,7 @@ impl TestCgroup {
         let out = child.wait_with_output().expect("waiting for the connect probe");
         let text = String::from_utf8_lossy(&out.stdout);
         text.trim().parse().unwrap_or_else(|_| {
-            panic!(
-                "connect probe failed ({}): {text}{}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr)
-            )
+            panic!("connect probe failed ({}): {text}{}", out.status, String::from_utf8_lossy(&out.stderr))
         })
     }
 }
@@ -228,7 +219,12 @@ fn evacuate_and_remove(root: &Path, dir: &Path, ours: &[u32]) {
 fn mount_bpffs(dir: &Path) {
     fs::create_dir_all(dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
     let out = Command::new("mount").args(["-t", "bpf", "bpf"]).arg(dir).output().expect("running mount");
-    assert!(out.status.success(), "mounting bpffs at {} failed: {}", dir.display(), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "mounting bpffs at {} failed: {}",
+        dir.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// Unmounts `dir` (lazily, should anything still hold it) and removes it.
@@ -422,11 +418,7 @@ impl ContainConfig {
             t += &format!("[providers.{}]\nhosts = {}\nports = {}\n\n", p.name, list(&hosts), list(&ports));
         }
         let packs: Vec<String> = self.packs.iter().map(|p| s(p)).collect();
-        t += &format!(
-            "[rules]\npacks = {}\nevidence_key = {}\n",
-            list(&packs),
-            s(&self.dir.join("evidence.key"))
-        );
+        t += &format!("[rules]\npacks = {}\nevidence_key = {}\n", list(&packs), s(&self.dir.join("evidence.key")));
         t
     }
 
@@ -504,8 +496,7 @@ impl ContainConfig {
 
 /// `blk-` and 8 hex digits.
 pub fn is_block_id(s: &str) -> bool {
-    s.strip_prefix("blk-")
-        .is_some_and(|h| h.len() == 8 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+    s.strip_prefix("blk-").is_some_and(|h| h.len() == 8 && h.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
 /// Runs `aegis-agent ARGS --socket SOCKET` (the agent binary under test) and returns
@@ -587,14 +578,7 @@ impl KeepAlive {
                 }
             }
         });
-        let mut ka = Self {
-            child,
-            stdin,
-            lines,
-            connected: Value::Null,
-            stderr,
-            _dir: dir,
-        };
+        let mut ka = Self { child, stdin, lines, connected: Value::Null, stderr, _dir: dir };
         ka.connected = ka.next_line("connect");
         ka
     }

@@ -13,14 +13,7 @@ use crate::clients::{Plan, Request};
 /// provider." = 10 words).
 pub const OUTPUT_TOKENS: u64 = 10;
 /// Top-level request keys whose strings count as input (mirrors `mock_provider.py`).
-pub const INPUT_KEYS: [&str; 6] = [
-    "messages",
-    "prompt",
-    "input",
-    "contents",
-    "system",
-    "instructions",
-];
+pub const INPUT_KEYS: [&str; 6] = ["messages", "prompt", "input", "contents", "system", "instructions"];
 /// Object keys whose string values do not count (mirrors `mock_provider.py`).
 pub const SKIP_KEYS: [&str; 2] = ["role", "type"];
 
@@ -39,10 +32,7 @@ pub fn expected_input_tokens(body: &Value) -> u64 {
     let Some(map) = body.as_object() else {
         return 0;
     };
-    INPUT_KEYS
-        .iter()
-        .filter_map(|k| map.get(*k).map(|v| words(v, k)))
-        .sum()
+    INPUT_KEYS.iter().filter_map(|k| map.get(*k).map(|v| words(v, k))).sum()
 }
 
 /// An expected token field.
@@ -90,23 +80,13 @@ impl ExpectedCall {
         }
         let body = req.body.clone().unwrap_or(Value::Null);
         let path = req.path.split('?').next().unwrap_or_default().to_string();
-        let body_model = || {
-            body.get("model")
-                .and_then(Value::as_str)
-                .unwrap_or("unknown")
-                .to_string()
-        };
+        let body_model = || body.get("model").and_then(Value::as_str).unwrap_or("unknown").to_string();
         let stream_flag = body.get("stream") == Some(&Value::Bool(true));
-        let include_usage =
-            body.pointer("/stream_options/include_usage") == Some(&Value::Bool(true));
+        let include_usage = body.pointer("/stream_options/include_usage") == Some(&Value::Bool(true));
         let n_in = expected_input_tokens(&body);
         let (api, model, stream, input, output, finish) = match path.as_str() {
             "/v1/chat/completions" | "/v1/completions" => {
-                let api = if path == "/v1/chat/completions" {
-                    "chat_completions"
-                } else {
-                    "completions"
-                };
+                let api = if path == "/v1/chat/completions" { "chat_completions" } else { "completions" };
                 let (i, o) = if stream_flag && !include_usage {
                     (Tokens::Null, Tokens::Null)
                 } else {
@@ -114,22 +94,10 @@ impl ExpectedCall {
                 };
                 (api, body_model(), stream_flag, i, o, Some("stop"))
             }
-            "/v1/responses" => (
-                "responses",
-                body_model(),
-                stream_flag,
-                Tokens::Exact(n_in),
-                Tokens::Exact(OUTPUT_TOKENS),
-                None,
-            ),
-            "/v1/embeddings" => (
-                "embeddings",
-                body_model(),
-                false,
-                Tokens::Exact(n_in),
-                Tokens::NullOrZero,
-                None,
-            ),
+            "/v1/responses" => {
+                ("responses", body_model(), stream_flag, Tokens::Exact(n_in), Tokens::Exact(OUTPUT_TOKENS), None)
+            }
+            "/v1/embeddings" => ("embeddings", body_model(), false, Tokens::Exact(n_in), Tokens::NullOrZero, None),
             "/v1/messages" => (
                 "anthropic_messages",
                 body_model(),
@@ -139,20 +107,9 @@ impl ExpectedCall {
                 Some("end_turn"),
             ),
             "/api/chat" | "/api/generate" => {
-                let api = if path == "/api/chat" {
-                    "ollama_chat"
-                } else {
-                    "ollama_generate"
-                };
+                let api = if path == "/api/chat" { "ollama_chat" } else { "ollama_generate" };
                 let stream = body.get("stream") != Some(&Value::Bool(false));
-                (
-                    api,
-                    body_model(),
-                    stream,
-                    Tokens::Exact(n_in),
-                    Tokens::Exact(OUTPUT_TOKENS),
-                    None,
-                )
+                (api, body_model(), stream, Tokens::Exact(n_in), Tokens::Exact(OUTPUT_TOKENS), None)
             }
             p if p.starts_with("/v1beta/models/") => {
                 let (model, method) = p["/v1beta/models/".len()..].split_once(':')?;
@@ -162,23 +119,13 @@ impl ExpectedCall {
                     _ => return None,
                 };
                 let (i, o) = (Tokens::Exact(n_in), Tokens::Exact(OUTPUT_TOKENS));
-                (
-                    "gemini_generate_content",
-                    model.to_string(),
-                    stream,
-                    i,
-                    o,
-                    None,
-                )
+                ("gemini_generate_content", model.to_string(), stream, i, o, None)
             }
             _ => return None,
         };
         let status = req.expected_status();
-        let (input, output, finish) = if status == 200 {
-            (input, output, finish)
-        } else {
-            (Tokens::Null, Tokens::Null, None)
-        };
+        let (input, output, finish) =
+            if status == 200 { (input, output, finish) } else { (Tokens::Null, Tokens::Null, None) };
         Some(Self {
             api,
             path,
@@ -204,33 +151,21 @@ impl ExpectedCall {
                 bad.push(what);
             }
         };
-        check(
-            r["api"] == self.api,
-            format!("api {} != {}", r["api"], self.api),
-        );
+        check(r["api"] == self.api, format!("api {} != {}", r["api"], self.api));
         check(
             r["status"].as_u64() == Some(u64::from(self.status)),
             format!("status {} != {}", r["status"], self.status),
         );
         check(
             self.input_tokens.matches(&r["input_tokens"]),
-            format!(
-                "input_tokens {} != {:?}",
-                r["input_tokens"], self.input_tokens
-            ),
+            format!("input_tokens {} != {:?}", r["input_tokens"], self.input_tokens),
         );
         check(
             self.output_tokens.matches(&r["output_tokens"]),
-            format!(
-                "output_tokens {} != {:?}",
-                r["output_tokens"], self.output_tokens
-            ),
+            format!("output_tokens {} != {:?}", r["output_tokens"], self.output_tokens),
         );
         if let Some(f) = self.finish_reason {
-            check(
-                r["finish_reason"] == f,
-                format!("finish_reason {} != {f}", r["finish_reason"]),
-            );
+            check(r["finish_reason"] == f, format!("finish_reason {} != {f}", r["finish_reason"]));
         }
         let rm = &r["response_model"];
         if self.status == 200 {
@@ -242,10 +177,7 @@ impl ExpectedCall {
         let req_bytes = r["request_bytes"].as_u64().unwrap_or(0);
         check(
             req_bytes >= self.request_body_len as u64,
-            format!(
-                "request_bytes {req_bytes} < body length {}",
-                self.request_body_len
-            ),
+            format!("request_bytes {req_bytes} < body length {}", self.request_body_len),
         );
         bad
     }
@@ -253,9 +185,7 @@ impl ExpectedCall {
 
 /// The expected calls for every request of a plan.
 pub fn expected_calls(plan: &Plan) -> Vec<ExpectedCall> {
-    plan.requests()
-        .filter_map(ExpectedCall::for_request)
-        .collect()
+    plan.requests().filter_map(ExpectedCall::for_request).collect()
 }
 
 /// How a process's TLS library should be named in `tls.library`.
@@ -285,70 +215,33 @@ impl Identity {
                 bad.push(format!("{who}: {what}"));
             }
         };
-        check(
-            p["pid"].as_u64() == Some(u64::from(self.pid)),
-            format!("pid {} != {}", p["pid"], self.pid),
-        );
-        check(
-            p["comm"] == *self.comm,
-            format!("comm {} != {:?}", p["comm"], self.comm),
-        );
-        check(
-            p["exe"] == *self.exe.to_string_lossy(),
-            format!("exe {} != {:?}", p["exe"], self.exe),
-        );
-        check(
-            p["uid"].as_u64() == Some(u64::from(nix::unistd::geteuid().as_raw())),
-            format!("uid {}", p["uid"]),
-        );
-        check(
-            p["tid"].as_u64().is_some(),
-            format!("tid {} is not a number", p["tid"]),
-        );
+        check(p["pid"].as_u64() == Some(u64::from(self.pid)), format!("pid {} != {}", p["pid"], self.pid));
+        check(p["comm"] == *self.comm, format!("comm {} != {:?}", p["comm"], self.comm));
+        check(p["exe"] == *self.exe.to_string_lossy(), format!("exe {} != {:?}", p["exe"], self.exe));
+        check(p["uid"].as_u64() == Some(u64::from(nix::unistd::geteuid().as_raw())), format!("uid {}", p["uid"]));
+        check(p["tid"].as_u64().is_some(), format!("tid {} is not a number", p["tid"]));
         if self.single_thread {
-            check(
-                p["tid"] == p["pid"],
-                format!(
-                    "tid {} != pid {} (single-threaded client)",
-                    p["tid"], p["pid"]
-                ),
-            );
+            check(p["tid"] == p["pid"], format!("tid {} != pid {} (single-threaded client)", p["tid"], p["pid"]));
         }
-        check(
-            p["cgroup"].is_string(),
-            format!("cgroup {} is not a string", p["cgroup"]),
-        );
+        check(p["cgroup"].is_string(), format!("cgroup {} is not a string", p["cgroup"]));
         let lib = p["tls"]["library"].as_str().unwrap_or_default();
         match &self.tls {
-            TlsExpect::LibSsl => check(
-                lib.ends_with("/libssl.so.3"),
-                format!("tls.library {lib:?} is not libssl.so.3"),
-            ),
-            TlsExpect::Binary(exe) => check(
-                lib == exe.to_string_lossy(),
-                format!("tls.library {lib:?} != {exe:?}"),
-            ),
+            TlsExpect::LibSsl => {
+                check(lib.ends_with("/libssl.so.3"), format!("tls.library {lib:?} is not libssl.so.3"))
+            }
+            TlsExpect::Binary(exe) => check(lib == exe.to_string_lossy(), format!("tls.library {lib:?} != {exe:?}")),
         }
-        let hooks: Vec<&str> = p["tls"]["hooks"]
-            .as_array()
-            .map(|h| h.iter().filter_map(Value::as_str).collect())
-            .unwrap_or_default();
+        let hooks: Vec<&str> =
+            p["tls"]["hooks"].as_array().map(|h| h.iter().filter_map(Value::as_str).collect()).unwrap_or_default();
         check(
-            hooks.iter().any(|h| h.starts_with("SSL_write"))
-                && hooks.iter().any(|h| h.starts_with("SSL_read")),
+            hooks.iter().any(|h| h.starts_with("SSL_write")) && hooks.iter().any(|h| h.starts_with("SSL_read")),
             format!("tls.hooks {} lacks SSL_write*/SSL_read*", p["tls"]["hooks"]),
         );
     }
 }
 
 /// Checks common to every record: shape, ids, timing, who called whom.
-fn check_common(
-    r: &Value,
-    host: &str,
-    client: &Identity,
-    server: &Identity,
-    bad: &mut Vec<String>,
-) {
+fn check_common(r: &Value, host: &str, client: &Identity, server: &Identity, bad: &mut Vec<String>) {
     let mut check = |ok: bool, what: String| {
         if !ok {
             bad.push(what);
@@ -371,46 +264,28 @@ fn check_common(
             && t.ends_with(b"Z"),
         format!("time {} is not RFC 3339 UTC", r["time"]),
     );
-    check(
-        r["provider"].as_str().is_some_and(|p| !p.is_empty()),
-        format!("provider {}", r["provider"]),
-    );
+    check(r["provider"].as_str().is_some_and(|p| !p.is_empty()), format!("provider {}", r["provider"]));
     check(r["host"] == host, format!("host {} != {host}", r["host"]));
     check(r["method"] == "POST", format!("method {}", r["method"]));
     check(r["complete"] == true, format!("complete {}", r["complete"]));
-    check(
-        r["notes"].is_array(),
-        format!("notes {} is not an array", r["notes"]),
-    );
-    check(
-        r["side"] == "client",
-        format!("side {} (the caller ran on this host)", r["side"]),
-    );
+    check(r["notes"].is_array(), format!("notes {} is not an array", r["notes"]));
+    check(r["side"] == "client", format!("side {} (the caller ran on this host)", r["side"]));
     let (ttfb, latency) = (r["ttfb_ms"].as_f64(), r["latency_ms"].as_f64());
     check(
         matches!((ttfb, latency), (Some(a), Some(b)) if a >= 0.0 && a <= b && b < 60_000.0),
         format!("ttfb_ms {} / latency_ms {}", r["ttfb_ms"], r["latency_ms"]),
     );
-    check(
-        r["response_bytes"].as_u64().is_some_and(|n| n > 0),
-        format!("response_bytes {}", r["response_bytes"]),
-    );
+    check(r["response_bytes"].as_u64().is_some_and(|n| n > 0), format!("response_bytes {}", r["response_bytes"]));
     client.check("caller", r, bad);
     if r["server"].is_object() {
         server.check("server", &r["server"], bad);
     } else {
-        bad.push(format!(
-            "server {} (the mock provider ran on this host)",
-            r["server"]
-        ));
+        bad.push(format!("server {} (the mock provider ran on this host)", r["server"]));
     }
 }
 
 fn describe(r: &Value) -> String {
-    format!(
-        "{} {} model={} stream={}",
-        r["api"], r["path"], r["model"], r["stream"]
-    )
+    format!("{} {} model={} stream={}", r["api"], r["path"], r["model"], r["stream"])
 }
 
 fn record_key(r: &Value) -> (String, String, bool) {
@@ -442,11 +317,7 @@ pub fn check_calls(
         .collect();
     let mut bad = Vec::new();
     if ours.len() != expected.len() {
-        bad.push(format!(
-            "{} records for {} calls made",
-            ours.len(),
-            expected.len()
-        ));
+        bad.push(format!("{} records for {} calls made", ours.len(), expected.len()));
     }
     let mut ids = HashSet::new();
     for r in &ours {
@@ -455,34 +326,22 @@ pub fn check_calls(
         if !ids.insert(r["call_id"].to_string()) {
             problems.push(format!("duplicate call_id {}", r["call_id"]));
         }
-        bad.extend(
-            problems
-                .into_iter()
-                .map(|p| format!("[{}] {p}", describe(r))),
-        );
+        bad.extend(problems.into_iter().map(|p| format!("[{}] {p}", describe(r))));
     }
     // Pair each expectation with an unused record of the same (path, model, stream) that
     // matches in full; report the differences from the closest one otherwise.
     let mut used = vec![false; ours.len()];
     for e in expected {
-        let same_key: Vec<usize> = (0..ours.len())
-            .filter(|&i| !used[i] && record_key(ours[i]) == e.key())
-            .collect();
+        let same_key: Vec<usize> = (0..ours.len()).filter(|&i| !used[i] && record_key(ours[i]) == e.key()).collect();
         if let Some(&i) = same_key.iter().find(|&&i| e.mismatches(ours[i]).is_empty()) {
             used[i] = true;
         } else if let Some(&i) = same_key.first() {
             used[i] = true;
             for m in e.mismatches(ours[i]) {
-                bad.push(format!(
-                    "[{} {} model={} stream={}] {m}",
-                    e.api, e.path, e.model, e.stream
-                ));
+                bad.push(format!("[{} {} model={} stream={}] {m}", e.api, e.path, e.model, e.stream));
             }
         } else {
-            bad.push(format!(
-                "missing: {} {} model={} stream={}",
-                e.api, e.path, e.model, e.stream
-            ));
+            bad.push(format!("missing: {} {} model={} stream={}", e.api, e.path, e.model, e.stream));
         }
     }
     for (i, r) in ours.iter().enumerate() {
@@ -523,9 +382,6 @@ pub fn assert_calls(
 /// Panics if the raw agent output contains any of `secrets`.
 pub fn assert_no_secrets(raw: &str, secrets: &[&str]) {
     for s in secrets {
-        assert!(
-            !raw.contains(s),
-            "agent output contains the secret {s:?}:\n{raw}"
-        );
+        assert!(!raw.contains(s), "agent output contains the secret {s:?}:\n{raw}");
     }
 }

@@ -36,8 +36,8 @@ pub use agent::{Agent, agent_bin};
 pub use clients::{Client, ClientOutcome, ClientRun, Plan, Request, run_curl, run_node, run_python};
 pub use contain::{ContainConfig, KeepAlive, PinDir, TestCgroup, ctl};
 pub use expect::{
-    ExpectedCall, Identity, TlsExpect, Tokens, assert_calls, assert_no_secrets, check_calls,
-    expected_calls, expected_input_tokens,
+    ExpectedCall, Identity, TlsExpect, Tokens, assert_calls, assert_no_secrets, check_calls, expected_calls,
+    expected_input_tokens,
 };
 pub use mock::MockProvider;
 
@@ -80,11 +80,7 @@ pub fn python_exe() -> &'static Path {
                     .args(["-c", "import sys; print(sys.executable)"])
                     .output()
                     .expect("running python3 (needed by the tests)");
-                assert!(
-                    out.status.success(),
-                    "python3 failed: {}",
-                    String::from_utf8_lossy(&out.stderr)
-                );
+                assert!(out.status.success(), "python3 failed: {}", String::from_utf8_lossy(&out.stderr));
                 PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
             }
         };
@@ -95,10 +91,7 @@ pub fn python_exe() -> &'static Path {
 /// What the kernel reports as `comm` for a process exec'd from `exe`: the file name, cut
 /// to 15 bytes (TASK_COMM_LEN - 1).
 pub fn comm_of(exe: &Path) -> String {
-    let name = exe
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let name = exe.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     name.chars()
         .scan(0, |len, c| {
             *len += c.len_utf8();
@@ -152,15 +145,7 @@ impl TempCert {
         let dir = TempDir::new("cert");
         let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
         let out = Command::new("openssl")
-            .args([
-                "req",
-                "-x509",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:prime256v1",
-                "-nodes",
-            ])
+            .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"])
             .arg("-keyout")
             .arg(&key)
             .arg("-out")
@@ -170,16 +155,8 @@ impl TempCert {
             .stdin(Stdio::null())
             .output()
             .expect("running the openssl CLI");
-        assert!(
-            out.status.success(),
-            "openssl req failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Self {
-            cert,
-            key,
-            _dir: dir,
-        }
+        assert!(out.status.success(), "openssl req failed: {}", String::from_utf8_lossy(&out.stderr));
+        Self { cert, key, _dir: dir }
     }
 }
 
@@ -188,11 +165,7 @@ pub fn file_tail(path: &Path, max: usize) -> String {
     let data = fs::read(path).unwrap_or_default();
     let start = data.len().saturating_sub(max);
     let text = String::from_utf8_lossy(&data[start..]).into_owned();
-    if start > 0 {
-        format!("[...]{text}")
-    } else {
-        text
-    }
+    if start > 0 { format!("[...]{text}") } else { text }
 }
 
 /// Waits for a child up to `timeout`, then kills it (by its pid) and panics.
@@ -205,10 +178,7 @@ pub fn wait_with_timeout(child: &mut Child, what: &str, timeout: Duration) -> Ex
         if Instant::now() >= deadline {
             let _ = child.kill();
             let _ = child.wait();
-            panic!(
-                "{what} (pid {}) did not finish within {timeout:?}; killed",
-                child.id()
-            );
+            panic!("{what} (pid {}) did not finish within {timeout:?}; killed", child.id());
         }
         std::thread::sleep(Duration::from_millis(20));
     }

@@ -11,7 +11,9 @@ use std::{
 use serde_json::Value;
 
 use crate::{
-    TempCert, TempDir, clients::CURL, comm_of,
+    TempCert, TempDir,
+    clients::CURL,
+    comm_of,
     expect::{Identity, TlsExpect},
     file_tail, python_exe, tests_dir,
 };
@@ -63,10 +65,7 @@ impl MockProvider {
             let _ = tx.send(line);
         });
         let line = rx.recv_timeout(Duration::from_secs(20)).unwrap_or_default();
-        let port = line
-            .trim()
-            .strip_prefix("LISTENING ")
-            .and_then(|p| p.parse().ok());
+        let port = line.trim().strip_prefix("LISTENING ").and_then(|p| p.parse().ok());
         let Some(port) = port else {
             let _ = child.kill();
             let _ = child.wait();

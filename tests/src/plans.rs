@@ -11,14 +11,7 @@ pub const ANTHROPIC_KEY: &str = "sk-ant-SECRET456";
 pub const GOOGLE_KEY: &str = "AIzaSy-SECRET789";
 pub const LOGIN_PASSWORD: &str = "hunter2-SECRET-PW";
 /// Strings that must not appear anywhere in the agent's output.
-pub const SECRETS: [&str; 6] = [
-    OPENAI_KEY,
-    ANTHROPIC_KEY,
-    GOOGLE_KEY,
-    LOGIN_PASSWORD,
-    "SECRETKEY123",
-    "SECRET456",
-];
+pub const SECRETS: [&str; 6] = [OPENAI_KEY, ANTHROPIC_KEY, GOOGLE_KEY, LOGIN_PASSWORD, "SECRETKEY123", "SECRET456"];
 
 pub fn openai_chat(model: &str, user: &str) -> Request {
     Request::post(
@@ -32,13 +25,11 @@ pub fn openai_chat(model: &str, user: &str) -> Request {
 
 /// Streamed chat; `include_usage` asks for the final usage chunk.
 pub fn openai_chat_stream(model: &str, user: &str, include_usage: bool) -> Request {
-    let mut body =
-        json!({"model": model, "stream": true, "messages": [{"role": "user", "content": user}]});
+    let mut body = json!({"model": model, "stream": true, "messages": [{"role": "user", "content": user}]});
     if include_usage {
         body["stream_options"] = json!({"include_usage": true});
     }
-    Request::post("/v1/chat/completions", body)
-        .header("Authorization", &format!("Bearer {OPENAI_KEY}"))
+    Request::post("/v1/chat/completions", body).header("Authorization", &format!("Bearer {OPENAI_KEY}"))
 }
 
 pub fn anthropic_messages(model: &str, user: &str, stream: bool) -> Request {
@@ -60,10 +51,7 @@ pub fn blob() -> Request {
 }
 
 pub fn login() -> Request {
-    Request::post(
-        "/api/login",
-        json!({"username": "alice", "password": LOGIN_PASSWORD}),
-    )
+    Request::post("/api/login", json!({"username": "alice", "password": LOGIN_PASSWORD}))
 }
 
 /// Calls every client makes: OpenAI chat (plain, streamed with usage, gzip), Anthropic
@@ -71,20 +59,13 @@ pub fn login() -> Request {
 pub fn common_requests() -> Vec<Request> {
     vec![
         health(),
-        openai_chat(
-            "gpt-4o-mini",
-            "Summarise the plot of Hamlet in one sentence, please.",
-        ),
+        openai_chat("gpt-4o-mini", "Summarise the plot of Hamlet in one sentence, please."),
         login(),
         openai_chat_stream("gpt-4o", "Write a haiku about kernels and probes.", true),
         blob(),
         anthropic_messages("claude-3-5-haiku-latest", "Name three prime numbers.", true),
         health(),
-        anthropic_messages(
-            "claude-3-5-sonnet-latest",
-            "What is the capital of France?",
-            false,
-        ),
+        anthropic_messages("claude-3-5-sonnet-latest", "What is the capital of France?", false),
         openai_chat("gpt-4.1-nano", "Reply with a compressed body this time.").gzip(),
         blob(),
     ]

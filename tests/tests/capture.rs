@@ -36,45 +36,22 @@ impl Setup {
         let cert = TempCert::generate();
         let agent = Agent::start();
         let mock = MockProvider::start(&cert);
-        Self {
-            agent,
-            mock,
-            _cert: cert,
-        }
+        Self { agent, mock, _cert: cert }
     }
 
     /// Runs `client` over `plan`, waits for the agent's records, stops the agent, and
     /// asserts the records are exactly the model calls of `plan` — and hold no secret.
     /// Returns the client run and all records.
-    fn run_and_check(
-        &mut self,
-        client: fn(u16, &Plan) -> ClientRun,
-        plan: &Plan,
-    ) -> (ClientRun, Vec<Value>) {
+    fn run_and_check(&mut self, client: fn(u16, &Plan) -> ClientRun, plan: &Plan) -> (ClientRun, Vec<Value>) {
         let run = client(self.mock.port, plan);
         run.assert_responses(plan);
         let expected = expected_calls(plan);
         let (host, pid) = (self.mock.host(), u64::from(run.pid()));
         // Don't fail here on a timeout: the comparison below says what is wrong.
-        self.agent.wait_until(
-            |r| r["host"] == host || r["pid"].as_u64() == Some(pid),
-            expected.len(),
-            RECORD_WAIT,
-        );
+        self.agent.wait_until(|r| r["host"] == host || r["pid"].as_u64() == Some(pid), expected.len(), RECORD_WAIT);
         let records = self.agent.stop();
-        let context = format!(
-            "{}\n--- mock stderr ---\n{}",
-            self.agent.logs(),
-            self.mock.stderr_tail()
-        );
-        assert_calls(
-            &records,
-            &expected,
-            &host,
-            &run.identity,
-            &self.mock.identity(),
-            &context,
-        );
+        let context = format!("{}\n--- mock stderr ---\n{}", self.agent.logs(), self.mock.stderr_tail());
+        assert_calls(&records, &expected, &host, &run.identity, &self.mock.identity(), &context);
         assert_no_secrets(&self.agent.raw_output(), &SECRETS);
         (run, records)
     }
@@ -118,10 +95,7 @@ fn stream_without_usage_reports_null_tokens() {
     ]);
     let (_, records) = Setup::start().run_and_check(run_curl, &plan);
     for r in &records {
-        assert!(
-            r["input_tokens"].is_null() && r["output_tokens"].is_null(),
-            "tokens must be null: {r}"
-        );
+        assert!(r["input_tokens"].is_null() && r["output_tokens"].is_null(), "tokens must be null: {r}");
     }
 }
 
@@ -130,8 +104,7 @@ fn stream_without_usage_reports_null_tokens() {
 fn error_status_is_reported() {
     let _serial = serial();
     let plan = Plan::single(vec![
-        plans::openai_chat("gpt-4o-mini", "This one is rate limited.")
-            .header("x-mock-status", "429"),
+        plans::openai_chat("gpt-4o-mini", "This one is rate limited.").header("x-mock-status", "429"),
         plans::health(),
         plans::anthropic_messages("claude-3-5-haiku-latest", "And this one fails.", false)
             .header("x-mock-status", "500"),
@@ -149,34 +122,15 @@ fn concurrent_python_threads_do_not_mix() {
     let (run, records) = Setup::start().run_and_check(run_python, &plan);
 
     // Thread id of each connection, as the client saw it (threading.get_native_id()).
-    let conn_tid: BTreeMap<usize, u32> = run
-        .responses
-        .iter()
-        .map(|r| (r.conn, r.tid.expect("python prints tid")))
-        .collect();
-    assert_eq!(
-        conn_tid.values().collect::<BTreeSet<_>>().len(),
-        8,
-        "8 distinct client threads: {conn_tid:?}"
-    );
+    let conn_tid: BTreeMap<usize, u32> =
+        run.responses.iter().map(|r| (r.conn, r.tid.expect("python prints tid"))).collect();
+    assert_eq!(conn_tid.values().collect::<BTreeSet<_>>().len(), 8, "8 distinct client threads: {conn_tid:?}");
     for r in &records {
         let model = r["model"].as_str().unwrap_or_default();
-        let conn: usize = model
-            .strip_prefix("mock-model-")
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(usize::MAX);
-        let tid = conn_tid
-            .get(&conn)
-            .unwrap_or_else(|| panic!("record of unknown model {model}: {r}"));
-        assert_eq!(
-            r["tid"].as_u64(),
-            Some(u64::from(*tid)),
-            "record of {model} names the wrong thread: {r}"
-        );
-        assert_ne!(
-            r["server"]["tid"], r["server"]["pid"],
-            "the mock serves from handler threads: {r}"
-        );
+        let conn: usize = model.strip_prefix("mock-model-").and_then(|n| n.parse().ok()).unwrap_or(usize::MAX);
+        let tid = conn_tid.get(&conn).unwrap_or_else(|| panic!("record of unknown model {model}: {r}"));
+        assert_eq!(r["tid"].as_u64(), Some(u64::from(*tid)), "record of {model} names the wrong thread: {r}");
+        assert_ne!(r["server"]["tid"], r["server"]["pid"], "the mock serves from handler threads: {r}");
     }
 }
 
@@ -201,36 +155,21 @@ fn tls_loop_calls_are_reported_once_with_both_ends() {
     let _serial = serial();
     require_root();
     let mut agent = Agent::start();
-    let health_pid = run_tls_loop(&[
-        "--requests",
-        "30",
-        "--connections",
-        "2",
-        "--path",
-        "/health",
-    ]);
+    let health_pid = run_tls_loop(&["--requests", "30", "--connections", "2", "--path", "/health"]);
     let llm_pid = run_tls_loop(&["--requests", "20", "--connections", "2"]);
-    agent.wait_until(
-        |r| r["pid"].as_u64() == Some(u64::from(llm_pid)),
-        20,
-        RECORD_WAIT,
-    );
+    agent.wait_until(|r| r["pid"].as_u64() == Some(u64::from(llm_pid)), 20, RECORD_WAIT);
     let records = agent.stop();
     let pids = [u64::from(health_pid), u64::from(llm_pid)];
     let ours: Vec<&Value> = records
         .iter()
         .filter(|r| {
             r["pid"].as_u64().is_some_and(|p| pids.contains(&p))
-                || r["server"]["pid"]
-                    .as_u64()
-                    .is_some_and(|p| pids.contains(&p))
+                || r["server"]["pid"].as_u64().is_some_and(|p| pids.contains(&p))
         })
         .collect();
     let dump = || format!("{}\n{}", agent.raw_output(), agent.logs());
     let count = |side: &str, joined: bool| {
-        ours.iter()
-            .filter(|r| r["side"] == side && r["server"].is_object() == joined)
-            .count()
+        ours.iter().filter(|r| r["side"] == side && r["server"].is_object() == joined).count()
     };
     assert_eq!(
         ours.len(),
@@ -263,15 +202,8 @@ fn tls_loop_calls_are_reported_once_with_both_ends() {
             && r["finish_reason"] == "stop"
             && r["side"] == "client"
             && r["complete"] == true;
-        assert!(
-            ok,
-            "wrong record for tls_loop (pid {llm_pid}, exe {exe:?}): {r}\n{}",
-            dump()
-        );
-        assert!(
-            ids.insert(r["call_id"].to_string()),
-            "duplicate call_id: {r}"
-        );
+        assert!(ok, "wrong record for tls_loop (pid {llm_pid}, exe {exe:?}): {r}\n{}", dump());
+        assert!(ids.insert(r["call_id"].to_string()), "duplicate call_id: {r}");
     }
     assert_no_secrets(&agent.raw_output(), &["sk-tls-loop-benchmark"]);
 }

@@ -13,8 +13,8 @@
 use std::{net::TcpStream, time::Duration};
 
 use aegis_tests::{
-    Agent, Client, ContainConfig, KeepAlive, MockProvider, PinDir, Plan, Request, TempCert,
-    TestCgroup, file_tail, require_root, run_curl, serial,
+    Agent, Client, ContainConfig, KeepAlive, MockProvider, PinDir, Plan, Request, TempCert, TestCgroup, file_tail,
+    require_root, run_curl, serial,
 };
 use nix::sys::signal::Signal;
 use serde_json::{Value, json};
@@ -118,7 +118,13 @@ impl Setup {
     /// Asserts a connect from the test cgroup to `port` gets `errno` (0: connected).
     fn assert_connect_errno(&self, port: u16, errno: i32, what: &str) {
         let got = self.cg.connect_errno(port);
-        assert_eq!(got, errno, "{what}: connect from {} to 127.0.0.1:{port} gave errno {got}, want {errno}{}", self.cg.rel(), self.context());
+        assert_eq!(
+            got,
+            errno,
+            "{what}: connect from {} to 127.0.0.1:{port} gave errno {got}, want {errno}{}",
+            self.cg.rel(),
+            self.context()
+        );
     }
 }
 
@@ -139,17 +145,20 @@ fn assert_stopped(record: &Value, by_prefix: &str, context: &str) {
     let e = &record["enforcement"];
     assert!(e.is_object(), "the record of a stopped call needs `enforcement`: {record:#}{context}");
     assert_eq!(e["outcome"], "connection_killed", "{record:#}{context}");
-    assert!(e["by"].as_str().is_some_and(|b| b.starts_with(by_prefix)), "enforcement.by should start with {by_prefix:?}: {record:#}{context}");
+    assert!(
+        e["by"].as_str().is_some_and(|b| b.starts_with(by_prefix)),
+        "enforcement.by should start with {by_prefix:?}: {record:#}{context}"
+    );
     assert!(e["connections_killed"].as_u64().is_some_and(|n| n >= 1), "{record:#}{context}");
-    assert_eq!(e["bytes_in_after_verdict"], 0, "the answer was held back: nothing may come in after the verdict: {record:#}{context}");
+    assert_eq!(
+        e["bytes_in_after_verdict"], 0,
+        "the answer was held back: nothing may come in after the verdict: {record:#}{context}"
+    );
     assert!(e["verdict_to_kill_us"].is_u64(), "{record:#}{context}");
 }
 
 fn assert_not_stopped(record: &Value, context: &str) {
-    assert!(
-        record["enforcement"].is_null(),
-        "a call that passed must carry no enforcement: {record:#}{context}"
-    );
+    assert!(record["enforcement"].is_null(), "a call that passed must carry no enforcement: {record:#}{context}");
 }
 
 // ---------------------------------------------------------------------------------------
@@ -230,10 +239,20 @@ fn provider_block_kills_an_open_keep_alive_connection() {
 
     let (id, summary) = s.cfg.block(&["--provider", "mock", "--cgroup", s.cg.rel(), "--reason", "it: provider block"]);
     let killed = killed_in(&summary);
-    assert!(killed.is_some_and(|n| n >= 1), "block --provider must kill the open connection: summary {summary:?}{}", s.context());
+    assert!(
+        killed.is_some_and(|n| n >= 1),
+        "block --provider must kill the open connection: summary {summary:?}{}",
+        s.context()
+    );
 
     let second = ka.op("call");
-    assert_eq!(second["ok"], false, "a call on the killed connection must fail: {second}\n{}{}", ka.stderr_tail(), s.context());
+    assert_eq!(
+        second["ok"],
+        false,
+        "a call on the killed connection must fail: {second}\n{}{}",
+        ka.stderr_tail(),
+        s.context()
+    );
     assert_eq!(second["sport"], first["sport"], "same connection: {first} {second}");
     let again = ka.op("reconnect");
     assert_eq!(
@@ -302,7 +321,9 @@ fn kernel_gate_stops_the_request_before_it_leaves() {
     s.cg.run(Client::Python, port, &one(clean)).assert_ok(&s.context());
     assert_eq!(s.mock.requests_to("/v1/chat/completions?it=clean"), 1, "{}", s.mock.stats());
 
-    for (client, path) in [(Client::Curl, "/v1/chat/completions?it=canary-curl"), (Client::Python, "/v1/chat/completions?it=canary-py")] {
+    for (client, path) in
+        [(Client::Curl, "/v1/chat/completions?it=canary-curl"), (Client::Python, "/v1/chat/completions?it=canary-py")]
+    {
         let mut canary = chat("it-gate-model", &format!("Please keep {GATE_CANARY} for later."));
         canary.path = path.into();
         let run = s.cg.run(client, port, &one(canary));
@@ -311,7 +332,11 @@ fn kernel_gate_stops_the_request_before_it_leaves() {
         std::thread::sleep(Duration::from_millis(300));
         let stats = s.mock.stats();
         let why = format!("the gate must stop the send before it leaves: {stats}\n{}{}", run.describe(), s.context());
-        assert_eq!(stats["body_bytes_by_path"][path].as_u64().unwrap_or(0), 0, "{client:?} body reached the mock; {why}");
+        assert_eq!(
+            stats["body_bytes_by_path"][path].as_u64().unwrap_or(0),
+            0,
+            "{client:?} body reached the mock; {why}"
+        );
         if matches!(client, Client::Curl) {
             assert_eq!(stats["by_path"][path].as_u64().unwrap_or(0), 0, "curl's request reached the mock; {why}");
         }
@@ -319,10 +344,14 @@ fn kernel_gate_stops_the_request_before_it_leaves() {
     let refused: Vec<_> = s.agent().records().into_iter().filter(|r| r["type"] == "gate_refused").collect();
     assert_eq!(refused.len(), 2, "one gate_refused record per stopped request: {refused:?}");
     // connection_killed: true, or false when the client had already closed it.
-    assert!(refused.iter().all(|r| r["rule"] == "it.gate_canary" && r["connection_killed"].is_boolean()), "{refused:?}");
+    assert!(
+        refused.iter().all(|r| r["rule"] == "it.gate_canary" && r["connection_killed"].is_boolean()),
+        "{refused:?}"
+    );
 
     // A reloaded pack's new keyword reaches the kernel (live reload, every 2 s).
-    let reloaded = GATE_PACK.replace(GATE_CANARY, "aegis-gate-second-9d2e").replace("version = \"1\"", "version = \"2\"");
+    let reloaded =
+        GATE_PACK.replace(GATE_CANARY, "aegis-gate-second-9d2e").replace("version = \"1\"", "version = \"2\"");
     assert_ne!(reloaded, GATE_PACK);
     std::fs::write(s.cfg.dir().join("gate.toml"), reloaded).expect("rewriting the pack");
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
@@ -333,7 +362,12 @@ fn kernel_gate_stops_the_request_before_it_leaves() {
         let run = s.cg.run(Client::Curl, port, &one(second));
         if run.responses.is_empty() && !run.status.success() {
             std::thread::sleep(Duration::from_millis(300));
-            assert_eq!(s.mock.requests_to(&path), 0, "stopped by the gate: nothing reached the mock; {}", s.mock.stats());
+            assert_eq!(
+                s.mock.requests_to(&path),
+                0,
+                "stopped by the gate: nothing reached the mock; {}",
+                s.mock.stats()
+            );
             break;
         }
         assert!(std::time::Instant::now() < deadline, "the reloaded keyword never reached the gate{}", s.context());
@@ -376,7 +410,11 @@ fn emergency_mode_stops_warned_calls_until_turned_off() {
 
     let audit = s.cfg.audit();
     for action in ["emergency_on", "emergency_off"] {
-        assert!(audit.iter().any(|l| l["action"] == action && l["result"] == "ok"), "no {action} in the audit log:\n{}", s.cfg.audit_text());
+        assert!(
+            audit.iter().any(|l| l["action"] == action && l["result"] == "ok"),
+            "no {action} in the audit log:\n{}",
+            s.cfg.audit_text()
+        );
     }
 }
 
@@ -454,7 +492,8 @@ fn blocks_hold_through_an_agent_crash_and_restart() {
     let _serial = serial();
     let mut s = Setup::new("restart", |c, _| c);
     let port = s.port();
-    let (id, _) = s.cfg.block(&["--dest", &format!("127.0.0.1:{port}"), "--cgroup", s.cg.rel(), "--reason", "it: restart"]);
+    let (id, _) =
+        s.cfg.block(&["--dest", &format!("127.0.0.1:{port}"), "--cgroup", s.cg.rel(), "--reason", "it: restart"]);
     s.assert_connect_errno(port, libc::EPERM, "blocked");
 
     let status = s.agent.as_mut().expect("agent").terminate_with(Signal::SIGKILL);
@@ -465,7 +504,12 @@ fn blocks_hold_through_an_agent_crash_and_restart() {
     assert_eq!(code, 3, "no daemon: exit 3\nstdout: {out}\nstderr: {err}");
 
     s.restart();
-    assert!(s.cfg.block_ids().contains(&id), "the restarted agent must list {id}: {:#}{}", s.cfg.blocks_json(), s.context());
+    assert!(
+        s.cfg.block_ids().contains(&id),
+        "the restarted agent must list {id}: {:#}{}",
+        s.cfg.blocks_json(),
+        s.context()
+    );
     s.assert_connect_errno(port, libc::EPERM, "restarted agent");
     s.cfg.ctl_ok(&["unblock", &id]);
     s.assert_connect_errno(port, 0, "unblocked");
@@ -526,7 +570,8 @@ fn a_second_agent_on_the_same_configuration_refuses_to_start() {
     let s = Setup::new("second", |c, _| c);
     let dir = aegis_tests::TempDir::new("second-agent");
     let config = dir.join("agent.toml");
-    std::fs::write(&config, format!("{}[output]\nstdout = false\nfile = \"\"\n", s.cfg.toml())).expect("writing the config");
+    std::fs::write(&config, format!("{}[output]\nstdout = false\nfile = \"\"\n", s.cfg.toml()))
+        .expect("writing the config");
     let mut child = std::process::Command::new(aegis_tests::agent_bin())
         .arg("run")
         .arg("--config")
@@ -540,7 +585,10 @@ fn a_second_agent_on_the_same_configuration_refuses_to_start() {
     std::io::Read::read_to_string(&mut child.stderr.take().expect("piped"), &mut err).ok();
     assert!(!status.success(), "the second agent must not run: {err}");
     let first = s.agent().pid().to_string();
-    assert!(err.contains("another aegis-agent") && err.contains(&first), "the error must name the running agent (pid {first}): {err}");
+    assert!(
+        err.contains("another aegis-agent") && err.contains(&first),
+        "the error must name the running agent (pid {first}): {err}"
+    );
     // The first agent still enforces.
     let port = s.port();
     s.cfg.block(&["--dest", &format!("127.0.0.1:{port}"), "--cgroup", s.cg.rel(), "--reason", "it: second agent"]);

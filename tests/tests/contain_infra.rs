@@ -17,8 +17,8 @@ use aegis_agent::enforce::{
     sockdiag::IpNet,
 };
 use aegis_tests::{
-    Client, KeepAlive, MockProvider, PinDir, Plan, TempCert, TestCgroup, plans, python_exe,
-    require_root, run_python, serial,
+    Client, KeepAlive, MockProvider, PinDir, Plan, TempCert, TestCgroup, plans, python_exe, require_root, run_python,
+    serial,
 };
 use nix::{
     sys::signal::{Signal, kill},
@@ -92,7 +92,14 @@ fn clients_in_the_test_cgroup_see_eperm_from_a_connect_program() {
         let (mut guard, _) = ConnectGuard::open(cg.path(), pins.path(), FailMode::Closed)
             .expect("attaching the connect programs to the test cgroup");
         let lo = IpNet::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 32).unwrap();
-        let rule = DestRule { id: 42, net: lo, port: Some(blocked.port), scope: RuleScope::Any, action: RuleAction::Deny, expires: None };
+        let rule = DestRule {
+            id: 42,
+            net: lo,
+            port: Some(blocked.port),
+            scope: RuleScope::Any,
+            action: RuleAction::Deny,
+            expires: None,
+        };
         guard.set_rules(&[rule]).unwrap();
 
         for client in Client::ALL {
@@ -112,7 +119,11 @@ fn clients_in_the_test_cgroup_see_eperm_from_a_connect_program() {
         assert_eq!(ka.connected["ok"], false, "{}", ka.connected);
         assert_eq!(ka.connected["errno"], libc::EPERM, "{}", ka.connected);
         let again = ka.op("reconnect");
-        assert_eq!((again["ok"].as_bool(), again["errno"].as_i64()), (Some(false), Some(i64::from(libc::EPERM))), "{again}");
+        assert_eq!(
+            (again["ok"].as_bool(), again["errno"].as_i64()),
+            (Some(false), Some(i64::from(libc::EPERM))),
+            "{again}"
+        );
         ka.quit();
 
         let denials = guard.denials();
@@ -142,7 +153,11 @@ fn keep_alive_client_reuses_one_connection() {
     let sport = ka.connected["sport"].as_u64().expect("a source port");
     for _ in 0..3 {
         let r = ka.op("call");
-        assert_eq!((r["ok"].as_bool(), r["status"].as_u64(), r["sport"].as_u64()), (Some(true), Some(200), Some(sport)), "{r}");
+        assert_eq!(
+            (r["ok"].as_bool(), r["status"].as_u64(), r["sport"].as_u64()),
+            (Some(true), Some(200), Some(sport)),
+            "{r}"
+        );
     }
     let r = ka.op("reconnect");
     assert_eq!(r["ok"], true, "{r}");

@@ -8,9 +8,8 @@ use std::{
 };
 
 use aegis_tests::{
-    Identity, MockProvider, Plan, Request, TempCert, TlsExpect, Tokens, check_calls,
-    expected_calls, expected_input_tokens, plans, python_exe, run_curl, run_node, run_python,
-    tests_dir,
+    Identity, MockProvider, Plan, Request, TempCert, TlsExpect, Tokens, check_calls, expected_calls,
+    expected_input_tokens, plans, python_exe, run_curl, run_node, run_python, tests_dir,
 };
 use serde_json::{Value, json};
 
@@ -25,11 +24,7 @@ fn all_requests() -> Vec<Request> {
 #[test]
 fn input_token_count_mirrors_the_mock() {
     let mut bodies: Vec<Value> = all_requests().into_iter().filter_map(|r| r.body).collect();
-    bodies.extend(
-        plans::concurrent_plan(3, 5)
-            .requests()
-            .filter_map(|r| r.body.clone()),
-    );
+    bodies.extend(plans::concurrent_plan(3, 5).requests().filter_map(|r| r.body.clone()));
     bodies.extend([
         json!({}),
         json!({"messages": []}),
@@ -49,25 +44,13 @@ fn input_token_count_mirrors_the_mock() {
         .spawn()
         .expect("spawning python");
     let input: String = bodies.iter().map(|b| format!("{b}\n")).collect();
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(input.as_bytes())
-        .expect("writing bodies");
+    child.stdin.take().expect("stdin").write_all(input.as_bytes()).expect("writing bodies");
     let out = child.wait_with_output().expect("python output");
     assert!(out.status.success());
-    let counts: Vec<u64> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| l.parse().expect("a count"))
-        .collect();
+    let counts: Vec<u64> = String::from_utf8_lossy(&out.stdout).lines().map(|l| l.parse().expect("a count")).collect();
     assert_eq!(counts.len(), bodies.len());
     for (body, count) in bodies.iter().zip(counts) {
-        assert_eq!(
-            expected_input_tokens(body),
-            count,
-            "token count differs for {body}"
-        );
+        assert_eq!(expected_input_tokens(body), count, "token count differs for {body}");
     }
 }
 
@@ -76,11 +59,7 @@ fn mock_and_clients_work_without_the_agent() {
     let cert = TempCert::generate();
     let mock = MockProvider::start(&cert);
     let plan = Plan::single(all_requests());
-    for run in [
-        run_curl(mock.port, &plan),
-        run_python(mock.port, &plan),
-        run_node(mock.port, &plan),
-    ] {
+    for run in [run_curl(mock.port, &plan), run_python(mock.port, &plan), run_node(mock.port, &plan)] {
         run.assert_responses(&plan);
         assert!(run.responses.iter().all(|r| r.conn == 0));
     }
@@ -90,18 +69,13 @@ fn mock_and_clients_work_without_the_agent() {
     let tids: std::collections::BTreeSet<_> = run.responses.iter().map(|r| r.tid).collect();
     assert_eq!(tids.len(), 4, "one thread per connection");
     run_node(mock.port, &concurrent).assert_responses(&concurrent);
-    assert!(
-        !mock.stderr_tail().contains("Traceback"),
-        "mock errors:\n{}",
-        mock.stderr_tail()
-    );
+    assert!(!mock.stderr_tail().contains("Traceback"), "mock errors:\n{}", mock.stderr_tail());
 }
 
 #[test]
 fn expectations_cover_every_api() {
     let plan = Plan::single(all_requests());
-    let apis: std::collections::BTreeSet<&str> =
-        expected_calls(&plan).iter().map(|c| c.api).collect();
+    let apis: std::collections::BTreeSet<&str> = expected_calls(&plan).iter().map(|c| c.api).collect();
     for api in [
         "chat_completions",
         "completions",
@@ -114,24 +88,11 @@ fn expectations_cover_every_api() {
         assert!(apis.contains(api), "no {api} call in the plans");
     }
     // Ordinary requests are never expected as calls.
-    assert!(
-        expected_calls(&Plan::single(vec![
-            plans::health(),
-            plans::blob(),
-            plans::login()
-        ]))
-        .is_empty()
-    );
+    assert!(expected_calls(&Plan::single(vec![plans::health(), plans::blob(), plans::login()])).is_empty());
 }
 
 /// A record as a correct agent would write it for `e`.
-fn ideal_record(
-    e: &aegis_tests::ExpectedCall,
-    n: usize,
-    host: &str,
-    client: &Identity,
-    server: &Identity,
-) -> Value {
+fn ideal_record(e: &aegis_tests::ExpectedCall, n: usize, host: &str, client: &Identity, server: &Identity) -> Value {
     let tokens = |t: Tokens| match t {
         Tokens::Exact(v) => json!(v),
         Tokens::Null | Tokens::NullOrZero => Value::Null,
@@ -165,23 +126,11 @@ fn checker_accepts_right_records_and_rejects_wrong_ones() {
     let plan = Plan::single(all_requests());
     let expected = expected_calls(&plan);
     let host = "127.0.0.1:4443";
-    let ident = |pid, exe: &str, tls| Identity {
-        pid,
-        comm: "x".into(),
-        exe: exe.into(),
-        tls,
-        single_thread: true,
-    };
+    let ident = |pid, exe: &str, tls| Identity { pid, comm: "x".into(), exe: exe.into(), tls, single_thread: true };
     let client = ident(100, "/usr/bin/curl", TlsExpect::LibSsl);
-    let server = Identity {
-        single_thread: false,
-        ..ident(200, "/usr/bin/python3.11", TlsExpect::LibSsl)
-    };
-    let good: Vec<Value> = expected
-        .iter()
-        .enumerate()
-        .map(|(n, e)| ideal_record(e, n, host, &client, &server))
-        .collect();
+    let server = Identity { single_thread: false, ..ident(200, "/usr/bin/python3.11", TlsExpect::LibSsl) };
+    let good: Vec<Value> =
+        expected.iter().enumerate().map(|(n, e)| ideal_record(e, n, host, &client, &server)).collect();
     // Unrelated records (other hosts and processes) are ignored.
     let mut with_noise = good.clone();
     with_noise.push(json!({"host": "api.openai.com", "pid": 999, "server": null}));
@@ -204,22 +153,10 @@ fn checker_accepts_right_records_and_rejects_wrong_ones() {
                 rs.push(d);
             }),
         ),
-        (
-            "wrong output tokens",
-            Box::new(|rs| rs[1]["output_tokens"] = json!(9)),
-        ),
-        (
-            "wrong input tokens",
-            Box::new(|rs| rs[2]["input_tokens"] = json!(1)),
-        ),
-        (
-            "null where usage exists",
-            Box::new(|rs| rs[0]["input_tokens"] = Value::Null),
-        ),
-        (
-            "wrong model",
-            Box::new(|rs| rs[0]["model"] = json!("other")),
-        ),
+        ("wrong output tokens", Box::new(|rs| rs[1]["output_tokens"] = json!(9))),
+        ("wrong input tokens", Box::new(|rs| rs[2]["input_tokens"] = json!(1))),
+        ("null where usage exists", Box::new(|rs| rs[0]["input_tokens"] = Value::Null)),
+        ("wrong model", Box::new(|rs| rs[0]["model"] = json!("other"))),
         (
             "wrong stream flag",
             Box::new(|rs| {
@@ -228,10 +165,7 @@ fn checker_accepts_right_records_and_rejects_wrong_ones() {
             }),
         ),
         ("wrong status", Box::new(|rs| rs[0]["status"] = json!(500))),
-        (
-            "wrong api",
-            Box::new(|rs| rs[0]["api"] = json!("completions")),
-        ),
+        ("wrong api", Box::new(|rs| rs[0]["api"] = json!("completions"))),
         (
             "wrong caller pid",
             Box::new(|rs| {
@@ -239,46 +173,19 @@ fn checker_accepts_right_records_and_rejects_wrong_ones() {
                 rs[0]["tid"] = json!(101);
             }),
         ),
-        (
-            "wrong server pid",
-            Box::new(|rs| rs[0]["server"]["pid"] = json!(201)),
-        ),
+        ("wrong server pid", Box::new(|rs| rs[0]["server"]["pid"] = json!(201))),
         ("no server", Box::new(|rs| rs[0]["server"] = Value::Null)),
-        (
-            "wrong exe",
-            Box::new(|rs| rs[0]["exe"] = json!("/usr/bin/wget")),
-        ),
-        (
-            "server side",
-            Box::new(|rs| rs[0]["side"] = json!("server")),
-        ),
-        (
-            "incomplete",
-            Box::new(|rs| rs[0]["complete"] = json!(false)),
-        ),
-        (
-            "bad call_id",
-            Box::new(|rs| rs[0]["call_id"] = json!("xyz")),
-        ),
-        (
-            "wrong host",
-            Box::new(|rs| rs[0]["host"] = json!("127.0.0.1:1")),
-        ),
-        (
-            "tid of another thread",
-            Box::new(|rs| rs[0]["tid"] = json!(12345)),
-        ),
-        (
-            "node tls library",
-            Box::new(|rs| rs[0]["tls"]["library"] = json!("/usr/bin/node")),
-        ),
+        ("wrong exe", Box::new(|rs| rs[0]["exe"] = json!("/usr/bin/wget"))),
+        ("server side", Box::new(|rs| rs[0]["side"] = json!("server"))),
+        ("incomplete", Box::new(|rs| rs[0]["complete"] = json!(false))),
+        ("bad call_id", Box::new(|rs| rs[0]["call_id"] = json!("xyz"))),
+        ("wrong host", Box::new(|rs| rs[0]["host"] = json!("127.0.0.1:1"))),
+        ("tid of another thread", Box::new(|rs| rs[0]["tid"] = json!(12345))),
+        ("node tls library", Box::new(|rs| rs[0]["tls"]["library"] = json!("/usr/bin/node"))),
     ];
     for (what, mutate) in mutations {
         let mut records = good.clone();
         mutate(&mut records);
-        assert!(
-            !check_calls(&records, &expected, host, &client, &server).is_empty(),
-            "checker missed: {what}"
-        );
+        assert!(!check_calls(&records, &expected, host, &client, &server).is_empty(), "checker missed: {what}");
     }
 }

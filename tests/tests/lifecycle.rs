@@ -28,13 +28,7 @@ fn run_refused(config: &str, wrap: &[&str]) -> Output {
         }
         None => Command::new(&bin),
     };
-    let out = cmd
-        .arg("run")
-        .arg("--config")
-        .arg(&path)
-        .stdin(Stdio::null())
-        .output()
-        .expect("starting the agent");
+    let out = cmd.arg("run").arg("--config").arg(&path).stdin(Stdio::null()).output().expect("starting the agent");
     fs::remove_dir_all(&dir).unwrap();
     assert!(!out.status.success(), "the agent should have refused to start: {out:?}");
     out

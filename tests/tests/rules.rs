@@ -38,10 +38,8 @@ fn injected_prompt_with_a_key_is_blocked_and_clean_calls_allowed() {
     let cert = TempCert::generate();
     let mut agent = Agent::start();
     let mock = MockProvider::start(&cert);
-    let reply: String = std::iter::once(PEM_HEADER.to_owned())
-        .chain((0..60).map(|i| format!("word{i}")))
-        .collect::<Vec<_>>()
-        .join(" ");
+    let reply: String =
+        std::iter::once(PEM_HEADER.to_owned()).chain((0..60).map(|i| format!("word{i}"))).collect::<Vec<_>>().join(" ");
     let mut stream_req = chat("leaky-stream", "Please summarise the deployment notes.");
     if let Some(body) = &mut stream_req.body {
         body["stream"] = json!(true);
@@ -75,7 +73,10 @@ fn injected_prompt_with_a_key_is_blocked_and_clean_calls_allowed() {
     let evidence = &secret["evidence"]["redacted"];
     assert!(evidence["hash"].as_str().unwrap().starts_with("hmac-sha256:"), "{secret:#}");
     assert!(evidence["masked"].as_str().unwrap().len() < FAKE_KEY.len() / 2, "{secret:#}");
-    assert!(!raw.contains(FAKE_KEY) && !raw.contains(&FAKE_KEY.to_lowercase()[10..]), "the key leaked into the records");
+    assert!(
+        !raw.contains(FAKE_KEY) && !raw.contains(&FAKE_KEY.to_lowercase()[10..]),
+        "the key leaked into the records"
+    );
     assert!(bad["packs"][0]["digest"].as_str().unwrap().starts_with("sha256:"), "{bad:#}");
     assert!(bad["decided_by"]["version"].is_string(), "{bad:#}");
     assert!(bad["rationale"].as_str().is_some_and(|r| !r.is_empty()), "{bad:#}");
@@ -155,7 +156,8 @@ fn rulepack_reload_swaps_valid_packs_and_keeps_the_old_one_on_error() {
         run.assert_responses(&plan);
         agent.wait_for_records(|r| r["model"] == model, 1, RECORD_WAIT).remove(0)
     };
-    let decision_of = |r: &Value| (r["decision"]["action"].as_str().unwrap().to_owned(), r["decision"]["rules"].clone());
+    let decision_of =
+        |r: &Value| (r["decision"]["action"].as_str().unwrap().to_owned(), r["decision"]["rules"].clone());
 
     let r = call("m1", "a banana and a cherry");
     assert_eq!(decision_of(&r), ("warn".into(), json!(["test.banana"])), "{r:#}");
@@ -167,7 +169,9 @@ fn rulepack_reload_swaps_valid_packs_and_keeps_the_old_one_on_error() {
     assert_eq!(r["decision"]["decided_by"]["name"], "reload-test");
 
     // A broken pack is rejected with file, line and rule; the rules in force stay.
-    let broken = format!("{PACK_V1}{PACK_V2_EXTRA}\n[[rules]]\nid = \"test.bad\"\ncategory = \"policy\"\nregex = \"(unclosed\"\naction = \"block\"\nseverity = \"SEV-1\"\nrationale = \"x\"\n");
+    let broken = format!(
+        "{PACK_V1}{PACK_V2_EXTRA}\n[[rules]]\nid = \"test.bad\"\ncategory = \"policy\"\nregex = \"(unclosed\"\naction = \"block\"\nseverity = \"SEV-1\"\nrationale = \"x\"\n"
+    );
     std::fs::write(&pack, broken).unwrap();
     wait_for_log(&agent, "rulepack rejected", 1);
     let logs = agent.logs();

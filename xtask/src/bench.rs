@@ -121,7 +121,10 @@ fn capture(seconds: u64, connections: u32, rounds: u32) -> anyhow::Result<()> {
     }
     println!();
     println!("capture benchmark: {connections} connections, {seconds} s per run, median of {rounds} rounds");
-    println!("{:<22} {:<28} {:>12} {:>12} {:>14}", "request path", "configuration", "req/s", "vs none", "vs no-op probe");
+    println!(
+        "{:<22} {:<28} {:>12} {:>12} {:>14}",
+        "request path", "configuration", "req/s", "vs none", "vs no-op probe"
+    );
     for chunk in rows.chunks(3) {
         let base = median(&chunk[0].2);
         let floor = median(&chunk[1].2);
@@ -147,10 +150,8 @@ struct Bpftrace(Child);
 impl Bpftrace {
     fn start() -> anyhow::Result<Self> {
         let funcs = ["SSL_write", "SSL_write_ex", "SSL_read", "SSL_read_ex"];
-        let script: String = funcs
-            .iter()
-            .map(|f| format!("uprobe:{LIBSSL}:{f} {{ }} uretprobe:{LIBSSL}:{f} {{ }} "))
-            .collect();
+        let script: String =
+            funcs.iter().map(|f| format!("uprobe:{LIBSSL}:{f} {{ }} uretprobe:{LIBSSL}:{f} {{ }} ")).collect();
         let mut child = Command::new("bpftrace")
             .arg("-e")
             .arg(script)

@@ -236,7 +236,12 @@ fn measure(
     println!();
     println!("containment benchmark ({rounds} rounds; connect latency: p50 of {connects} connects, median of 3 runs)");
     let (b, w) = (median(&base), median(&with));
-    println!("connect() to loopback        without programs {:>8.1} us   with programs {:>8.1} us   ratio {:.3}", b / 1e3, w / 1e3, w / b);
+    println!(
+        "connect() to loopback        without programs {:>8.1} us   with programs {:>8.1} us   ratio {:.3}",
+        b / 1e3,
+        w / 1e3,
+        w / b
+    );
     println!(
         "block command -> refused     p50 {:>8.0} us   p99 {:>8.0} us   (the CLI process itself: p50 {:.0} us)",
         percentile(&block_us, 0.5),
@@ -282,13 +287,20 @@ fn start_mock(dir: &Path) -> anyhow::Result<(Proc, u16, PathBuf)> {
     let mut line = String::new();
     BufReader::new(mock.stdout.take().expect("piped")).read_line(&mut line)?;
     let mock = Proc(Some(mock));
-    let port: u16 = line.trim().strip_prefix("LISTENING ").and_then(|p| p.parse().ok()).context("mock did not start")?;
+    let port: u16 =
+        line.trim().strip_prefix("LISTENING ").and_then(|p| p.parse().ok()).context("mock did not start")?;
     Ok((mock, port, cert))
 }
 
 /// Blocked calls from python in the cgroup against the mock provider; the agent's
 /// `enforcement.verdict_to_kill_us` and `bytes_in_after_verdict` of each.
-fn content_kills(cg: &BenchCgroup, output: &Path, rounds: u32, mock_port: u16, cert: &Path) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
+fn content_kills(
+    cg: &BenchCgroup,
+    output: &Path,
+    rounds: u32,
+    mock_port: u16,
+    cert: &Path,
+) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
     let script = format!(
         r#"
 import json, os, ssl, http.client

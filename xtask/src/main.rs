@@ -97,7 +97,16 @@ fn main() -> anyhow::Result<()> {
         }
         Task::Lint => {
             setup()?;
-            run(cargo().args(["clippy", "--workspace", "--exclude", "aegis-ebpf", "--all-targets", "--", "-D", "warnings"]))
+            run(cargo().args([
+                "clippy",
+                "--workspace",
+                "--exclude",
+                "aegis-ebpf",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ]))
         }
         Task::Bench { which } => {
             setup()?;
@@ -238,7 +247,9 @@ pub fn install_debian(packages: &[&str]) -> anyhow::Result<()> {
     }
     eprintln!("xtask: installing {packages:?}");
     run(Command::new("apt-get").arg("update").arg("-q"))?;
-    run(Command::new("apt-get").args(["install", "-y", "-q", "--no-install-recommends"]).args(packages)
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-q", "--no-install-recommends"])
+        .args(packages)
         .env("DEBIAN_FRONTEND", "noninteractive"))
 }
 

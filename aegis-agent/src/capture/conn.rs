@@ -257,8 +257,7 @@ impl ConnTable {
 
     /// Finish connections idle since before `cutoff_ns`.
     pub fn expire_idle(&mut self, cutoff_ns: u64, now_ns: u64, out: &mut Vec<ConnObservation>) {
-        let idle: Vec<ConnKey> =
-            self.conns.iter().filter(|(_, c)| c.last_ns < cutoff_ns).map(|(k, _)| *k).collect();
+        let idle: Vec<ConnKey> = self.conns.iter().filter(|(_, c)| c.last_ns < cutoff_ns).map(|(k, _)| *k).collect();
         for key in idle {
             let conn = self.conns.remove(&key).expect("listed");
             self.stats.idle_expired += 1;
@@ -302,11 +301,8 @@ fn add_stats(total: &mut ExchangeStats, s: &ExchangeStats) {
 }
 
 fn describe(key: ConnKey, conn: &Conn, obs: Observation) -> ConnObservation {
-    let hooks = (0..4u8)
-        .filter(|h| conn.hooks & (1 << h) != 0)
-        .filter_map(TlsHook::from_u8)
-        .map(TlsHook::symbol)
-        .collect();
+    let hooks =
+        (0..4u8).filter(|h| conn.hooks & (1 << h) != 0).filter_map(TlsHook::from_u8).map(TlsHook::symbol).collect();
     ConnObservation {
         obs,
         key,

@@ -18,8 +18,8 @@ pub mod targets;
 
 use std::{
     hash::{BuildHasher as _, RandomState},
-    path::Path,
     os::fd::AsRawFd as _,
+    path::Path,
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -42,13 +42,13 @@ use crate::{
     config::Config,
     control::Subject,
     enforce::verdict::Containment,
-    rules::pack::Action,
     llm::{
         correlate::Correlator,
         exchange::Observation,
         record::{Endpoint, TlsSource},
     },
     policy::Inspector,
+    rules::pack::Action,
     sinks::JsonLines,
 };
 
@@ -338,7 +338,10 @@ impl WorkerCtx {
                 continue;
             }
             let info = self.processes.lookup(c.key.tgid, &c.comm, c.uid, c.cgroup_id);
-            let Some(why) = self.containment.judge(&c.checkpoint, &info.cgroup, info.exe.as_deref().map(Path::new)) else { continue };
+            let Some(why) = self.containment.judge(&c.checkpoint, &info.cgroup, info.exe.as_deref().map(Path::new))
+            else {
+                continue;
+            };
             let enforcement = self.containment.stop(&why, &c.checkpoint, c.key.tgid, c.key.conn);
             self.counters.stopped_calls.fetch_add(1, Ordering::Relaxed);
             self.table.record_enforcement(c.key, c.checkpoint.exchange, enforcement);
@@ -390,7 +393,10 @@ impl WorkerCtx {
 }
 
 /// What the output thread writes: calls (joined across ends first) and other events.
-#[allow(clippy::large_enum_variant, reason = "calls are the common case; boxing each would cost an allocation per call")]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "calls are the common case; boxing each would cost an allocation per call"
+)]
 pub enum Output {
     Call(Observation, Endpoint),
     /// Any other record (a refused connect, ...), written as it is.

@@ -76,9 +76,7 @@ fn read_proc(tgid: u32, uid: u32) -> Option<ProcessInfo> {
     let exe = std::fs::read_link(format!("/proc/{tgid}/exe"))
         .ok()
         .map(|p| p.to_string_lossy().trim_end_matches(" (deleted)").to_owned());
-    let cgroup = std::fs::read_to_string(format!("/proc/{tgid}/cgroup"))
-        .ok()
-        .and_then(|s| parse_cgroup_v2(&s))?;
+    let cgroup = std::fs::read_to_string(format!("/proc/{tgid}/cgroup")).ok().and_then(|s| parse_cgroup_v2(&s))?;
     Some(ProcessInfo { pid: tgid, comm: comm.trim_end().to_owned(), exe, uid, cgroup })
 }
 

@@ -21,14 +21,8 @@ pub const REQUIRED_SYMBOLS: [&str; 2] = ["SSL_write", "SSL_read"];
 pub const OPTIONAL_SYMBOLS: [&str; 3] = ["SSL_write_ex", "SSL_read_ex", "SSL_free"];
 
 /// Directories searched for libssl when discovery is on.
-const LIBRARY_DIRS: [&str; 6] = [
-    "/usr/lib/x86_64-linux-gnu",
-    "/lib/x86_64-linux-gnu",
-    "/usr/lib64",
-    "/lib64",
-    "/usr/lib",
-    "/usr/local/lib",
-];
+const LIBRARY_DIRS: [&str; 6] =
+    ["/usr/lib/x86_64-linux-gnu", "/lib/x86_64-linux-gnu", "/usr/lib64", "/lib64", "/usr/lib", "/usr/local/lib"];
 const LIBRARY_NAMES: [&str; 2] = ["libssl.so.3", "libssl.so.1.1"];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -52,8 +46,7 @@ pub struct TlsTarget {
 /// Check `path` for the OpenSSL API. Ok(None): readable ELF without the symbols.
 pub fn inspect(path: &Path, kind: TargetKind) -> anyhow::Result<Option<TlsTarget>> {
     let data = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let file = object::File::parse(&*data)
-        .with_context(|| format!("{} is not an ELF file", path.display()))?;
+    let file = object::File::parse(&*data).with_context(|| format!("{} is not an ELF file", path.display()))?;
     let mut found = HashSet::new();
     for sym in file.dynamic_symbols() {
         if sym.is_definition()

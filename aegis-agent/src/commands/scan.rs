@@ -163,7 +163,9 @@ fn guess_request_api(data: &[u8]) -> Option<ApiKind> {
         ApiKind::AnthropicMessages
     } else if has("messages") {
         ApiKind::ChatCompletions
-    } else if has("instructions") || (has("input") && !has("encoding_format") && !has("dimensions") && has("model") && v["input"].is_array()) {
+    } else if has("instructions")
+        || (has("input") && !has("encoding_format") && !has("dimensions") && has("model") && v["input"].is_array())
+    {
         ApiKind::Responses
     } else if has("input") {
         ApiKind::Embeddings
@@ -184,7 +186,10 @@ fn guess_response_api(data: &[u8]) -> Option<ApiKind> {
         ApiKind::ChatCompletions
     } else if text.contains("\"response.") || probe("output") {
         ApiKind::Responses
-    } else if text.contains("content_block") || text.contains("\"type\":\"message\"") || text.contains("\"type\": \"message\"") {
+    } else if text.contains("content_block")
+        || text.contains("\"type\":\"message\"")
+        || text.contains("\"type\": \"message\"")
+    {
         ApiKind::AnthropicMessages
     } else if probe("done") {
         ApiKind::OllamaChat

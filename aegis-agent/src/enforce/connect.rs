@@ -258,11 +258,7 @@ impl ConnectGuard {
     pub fn open(cgroup: &Path, pin_dir: &Path, fail: FailMode) -> anyhow::Result<(Self, Adopted)> {
         let parent = pin_dir.parent().filter(|p| !p.as_os_str().is_empty()).context("pin dir has no parent")?;
         ensure_bpffs(parent)?;
-        ensure!(
-            fs_magic(cgroup)? == CGROUP2_SUPER_MAGIC,
-            "{} is not a cgroup v2 directory",
-            cgroup.display()
-        );
+        ensure!(fs_magic(cgroup)? == CGROUP2_SUPER_MAGIC, "{} is not a cgroup v2 directory", cgroup.display());
         let cgroup_id = std::fs::metadata(cgroup)?.ino();
         let staging = sibling(pin_dir, "staging");
         let retired = sibling(pin_dir, "retired");
@@ -341,7 +337,9 @@ impl ConnectGuard {
             let expires_boot_ns = match r.expires {
                 None => 0,
                 Some(t) => match t.duration_since(now_sys) {
-                    Ok(left) if !left.is_zero() => now_boot.saturating_add(left.as_nanos().min(u128::from(u64::MAX)) as u64),
+                    Ok(left) if !left.is_zero() => {
+                        now_boot.saturating_add(left.as_nanos().min(u128::from(u64::MAX)) as u64)
+                    }
                     _ => {
                         report.expired.push(r.id);
                         continue;
@@ -552,8 +550,7 @@ fn inspect(pin_dir: &Path, cgroup_id: u64) -> PinState {
         for name in MAPS.iter().chain(PROGRAMS.iter().map(|(_, l)| l)) {
             ensure!(pin_dir.join(name).exists(), "{name} is not pinned");
         }
-        let meta: Array<MapData, u64> =
-            Array::try_from(Map::from_map_data(MapData::from_pin(pin_dir.join("META"))?)?)?;
+        let meta: Array<MapData, u64> = Array::try_from(Map::from_map_data(MapData::from_pin(pin_dir.join("META"))?)?)?;
         let slot = |i: u32| meta.get(&i, 0);
         ensure!(slot(META_SLOT_MAGIC)? == META_MAGIC, "META has no AegisPlane magic");
         let layout = slot(META_SLOT_LAYOUT)?;
@@ -647,7 +644,8 @@ fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut CgroupS
 /// refused by `set_rules` and the rest works.
 fn write_exe_offsets(config: &mut Array<MapData, u64>) -> anyhow::Result<()> {
     static OFFSETS: OnceLock<Result<ExeOffsets, String>> = OnceLock::new();
-    let offsets = OFFSETS.get_or_init(|| Btf::from_sys().and_then(|b| ExeOffsets::from_btf(&b)).map_err(|e| format!("{e:#}")));
+    let offsets =
+        OFFSETS.get_or_init(|| Btf::from_sys().and_then(|b| ExeOffsets::from_btf(&b)).map_err(|e| format!("{e:#}")));
     match offsets {
         Ok(o) => {
             for (slot, v) in [
@@ -754,11 +752,7 @@ fn ensure_bpffs(dir: &Path) -> anyhow::Result<()> {
     if dir.exists() && fs_magic(dir)? == BPF_FS_MAGIC {
         return Ok(());
     }
-    ensure!(
-        dir == Path::new("/sys/fs/bpf"),
-        "{} is not on bpffs (mount -t bpf bpf {0})",
-        dir.display()
-    );
+    ensure!(dir == Path::new("/sys/fs/bpf"), "{} is not on bpffs (mount -t bpf bpf {0})", dir.display());
     // SAFETY: constant C strings.
     let rc = unsafe {
         libc::mount(c"bpf".as_ptr(), c"/sys/fs/bpf".as_ptr(), c"bpf".as_ptr(), 0, c"mode=0700".as_ptr().cast())
@@ -790,10 +784,8 @@ fn link_cgroup_id(link: &OwnedFd) -> std::io::Result<u64> {
     // struct bpf_link_info: type, id, prog_id, then the union (cgroup_id at byte 16).
     let mut info = [0u64; 4];
     // union bpf_attr for BPF_OBJ_GET_INFO_BY_FD: bpf_fd, info_len, info.
-    let attr: [u64; 2] = [
-        u64::from(link.as_raw_fd() as u32) | ((std::mem::size_of_val(&info) as u64) << 32),
-        info.as_mut_ptr() as u64,
-    ];
+    let attr: [u64; 2] =
+        [u64::from(link.as_raw_fd() as u32) | ((std::mem::size_of_val(&info) as u64) << 32), info.as_mut_ptr() as u64];
     // SAFETY: BPF_OBJ_GET_INFO_BY_FD (15) writes at most info_len bytes to `info`.
     let rc = unsafe { libc::syscall(libc::SYS_bpf, 15, attr.as_ptr(), std::mem::size_of_val(&attr)) };
     if rc < 0 {

@@ -72,9 +72,9 @@ use std::{
 };
 
 use aegis_common::gate::{
-    ConnKey, ConnSock, GATE_KEYWORD_MAX, GATE_KEYWORD_MIN, GATE_KEYWORDS_MAX,
-    GATE_PORTS_MAX, GATE_SCAN_MAX, GATE_STAT_SLOTS, GateConfig as KernelConfig, GateEvent,
-    GateKeyword, GateStat, GateTables, SockTuple, gram_bucket, lower8,
+    ConnKey, ConnSock, GATE_KEYWORD_MAX, GATE_KEYWORD_MIN, GATE_KEYWORDS_MAX, GATE_PORTS_MAX, GATE_SCAN_MAX,
+    GATE_STAT_SLOTS, GateConfig as KernelConfig, GateEvent, GateKeyword, GateStat, GateTables, SockTuple, gram_bucket,
+    lower8,
 };
 use anyhow::Context as _;
 use aya::{
@@ -84,7 +84,6 @@ use aya::{
 };
 
 use super::{connect::cgroup_identity, sockdiag};
-
 pub use crate::rules::engine::KernelKeyword;
 
 /// Keywords the kernel takes at most, and their length bounds in bytes.
@@ -303,7 +302,8 @@ fn take<T>(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<T>
 where
     T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
 {
-    let map = ebpf.take_map(name).with_context(|| format!("map {name} missing from the capture object (taken already?)"))?;
+    let map =
+        ebpf.take_map(name).with_context(|| format!("map {name} missing from the capture object (taken already?)"))?;
     T::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
 }
 
@@ -451,9 +451,7 @@ impl Gate {
     }
 
     pub fn stats(&self) -> GateStats {
-        let get = |s: GateStat| -> u64 {
-            self.stats.get(&(s as u32), 0).map(|v| v.iter().sum()).unwrap_or(0)
-        };
+        let get = |s: GateStat| -> u64 { self.stats.get(&(s as u32), 0).map(|v| v.iter().sum()).unwrap_or(0) };
         const _: () = assert!(GATE_STAT_SLOTS == 13);
         GateStats {
             scans: get(GateStat::Scans),
@@ -513,10 +511,7 @@ fn addresses(t: &SockTuple) -> (SocketAddr, SocketAddr) {
             IpAddr::V6(Ipv6Addr::from(b)).to_canonical()
         }
     };
-    (
-        SocketAddr::new(ip(&t.local_ip), t.local_port as u16),
-        SocketAddr::new(ip(&t.remote_ip), t.remote_port as u16),
-    )
+    (SocketAddr::new(ip(&t.local_ip), t.local_port as u16), SocketAddr::new(ip(&t.remote_ip), t.remote_port as u16))
 }
 
 #[cfg(test)]
@@ -610,7 +605,8 @@ mod tests {
         (0..n)
             .map(|round| {
                 let len = (rng.next() % 3000) as usize + if round % 10 == 0 { GATE_SCAN_MAX } else { 0 };
-                let mut text: Vec<u8> = (0..len).map(|_| alphabet[(rng.next() % alphabet.len() as u64) as usize]).collect();
+                let mut text: Vec<u8> =
+                    (0..len).map(|_| alphabet[(rng.next() % alphabet.len() as u64) as usize]).collect();
                 if round % 2 == 0 && len > 40 {
                     let k = set[(rng.next() % set.len() as u64) as usize].as_bytes();
                     let at = (rng.next() as usize) % (len - k.len());
@@ -912,7 +908,11 @@ mod tests {
         let (local, peer) = (addr(&blocked["local"]), addr(&blocked["peer"]));
         assert_eq!(refusals.len(), 1, "{ctx}");
         let r = &refusals[0];
-        assert_eq!((r.rule, r.rule_id.as_deref(), r.keyword.as_deref()), (Some(7), Some("test.rule7"), Some(KEYWORD)), "{ctx}");
+        assert_eq!(
+            (r.rule, r.rule_id.as_deref(), r.keyword.as_deref()),
+            (Some(7), Some("test.rule7"), Some(KEYWORD)),
+            "{ctx}"
+        );
         assert_eq!((r.local, r.peer), (local, peer), "{ctx}");
         assert!(r.killed.is_some(), "{ctx}");
         if held {
@@ -921,7 +921,9 @@ mod tests {
         assert!(r.refused_bytes > 0 && r.plain_len > 0 && r.cookie != 0 && !r.comm.is_empty(), "{ctx}");
 
         let reports = rig.server.reports(3);
-        let server = |a: SocketAddr| reports.get(&a.to_string()).unwrap_or_else(|| panic!("no server report for {a}: {reports:#?}; {ctx}"));
+        let server = |a: SocketAddr| {
+            reports.get(&a.to_string()).unwrap_or_else(|| panic!("no server report for {a}: {reports:#?}; {ctx}"))
+        };
         let refused = server(local);
         assert_eq!(refused["bytes"], 0, "the server received bytes of the refused request: {refused}; {ctx}");
         assert_eq!(refused["requests"], 0, "{refused}");
@@ -966,7 +968,12 @@ mod tests {
     fn python_request_with_a_kernel_keyword_never_leaves() {
         let mut rig = Rig::start("gate-py", &keywords());
         let mut cmd = Command::new("python3");
-        cmd.arg(tests_dir().join("clients/gate_client.py")).args(["--port", &rig.server.port.to_string(), "--steps", &steps_json()]);
+        cmd.arg(tests_dir().join("clients/gate_client.py")).args([
+            "--port",
+            &rig.server.port.to_string(),
+            "--steps",
+            &steps_json(),
+        ]);
         let (status, lines, refusals) = rig.run(cmd);
         assert!(status.success(), "{lines:?}");
         let r = check_blocked_flow(&rig, "python", &lines, &refusals, true);
@@ -976,7 +983,11 @@ mod tests {
         // the connection (ECONNABORTED underneath; python's ssl says EOF again).
         let blocked = &by_step(&lines)["blocked"];
         assert!(blocked["error"].as_str().unwrap().starts_with("SSLEOFError"), "{blocked}");
-        assert_eq!((blocked["read"].as_str(), blocked["tcp_state"].as_str()), (Some("eof"), Some("CLOSE")), "{blocked}");
+        assert_eq!(
+            (blocked["read"].as_str(), blocked["tcp_state"].as_str()),
+            (Some("eof"), Some("CLOSE")),
+            "{blocked}"
+        );
         // The refused write returned an error, so capture reported the clean ones only.
         let ssl = rig.written_ssl(r.pid);
         check_index(&rig, r.pid, &ssl, &["clean1", "clean2"], &lines);
@@ -989,8 +1000,14 @@ mod tests {
     fn python_over_a_dual_stack_socket() {
         let mut rig = Rig::start("gate-py6", &keywords());
         let mut cmd = Command::new("python3");
-        cmd.arg(tests_dir().join("clients/gate_client.py"))
-            .args(["--port", &rig.server.port.to_string(), "--steps", &steps_json(), "--host", "::ffff:127.0.0.1"]);
+        cmd.arg(tests_dir().join("clients/gate_client.py")).args([
+            "--port",
+            &rig.server.port.to_string(),
+            "--steps",
+            &steps_json(),
+            "--host",
+            "::ffff:127.0.0.1",
+        ]);
         let (status, lines, refusals) = rig.run(cmd);
         assert!(status.success(), "{lines:?}");
         assert!(by_step(&lines)["blocked"]["local"].as_str().unwrap().starts_with("[::ffff:"), "{lines:?}");
@@ -1037,7 +1054,12 @@ mod tests {
     fn node_request_with_a_kernel_keyword_never_leaves() {
         let mut rig = Rig::start("gate-node", &keywords());
         let mut cmd = Command::new("/usr/bin/node");
-        cmd.arg(tests_dir().join("clients/gate_client.mjs")).args(["--port", &rig.server.port.to_string(), "--steps", &steps_json()]);
+        cmd.arg(tests_dir().join("clients/gate_client.mjs")).args([
+            "--port",
+            &rig.server.port.to_string(),
+            "--steps",
+            &steps_json(),
+        ]);
         let (status, lines, refusals) = rig.run(cmd);
         assert!(status.success(), "{lines:?}");
         let r = check_blocked_flow(&rig, "node", &lines, &refusals, false);
@@ -1053,13 +1075,38 @@ mod tests {
 
     /// 32 keywords of at least 7 bytes (stride 4) and a set with 4-byte ones (stride 1).
     const LONG_KEYWORDS: [&str; 32] = [
-        "ignore previous instructions", "ignore all previous", "disregard the above", "you are now dan",
-        "developer mode enabled", "BEGIN RSA PRIVATE KEY", "BEGIN OPENSSH PRIVATE", "aws_secret_access_key",
-        "sk-proj-", "sk-ant-api03-", "xoxb-1234", "github_pat_", "glpat-xxxx", "AIzaSyA-", "-----BEGIN PGP",
-        "password=hunter2", "exfiltrate the", "system prompt leak", "jailbreak mode", "do anything now",
-        "reveal your system", "print your instructions", "bypass the filter", "override safety",
-        "AEGIS-canary-0001", "AEGIS-canary-0002", "AEGIS-canary-0003", "AEGIS-canary-0004",
-        "internal-only-doc", "confidential-x9", "project-nightfall", "credit_card_number",
+        "ignore previous instructions",
+        "ignore all previous",
+        "disregard the above",
+        "you are now dan",
+        "developer mode enabled",
+        "BEGIN RSA PRIVATE KEY",
+        "BEGIN OPENSSH PRIVATE",
+        "aws_secret_access_key",
+        "sk-proj-",
+        "sk-ant-api03-",
+        "xoxb-1234",
+        "github_pat_",
+        "glpat-xxxx",
+        "AIzaSyA-",
+        "-----BEGIN PGP",
+        "password=hunter2",
+        "exfiltrate the",
+        "system prompt leak",
+        "jailbreak mode",
+        "do anything now",
+        "reveal your system",
+        "print your instructions",
+        "bypass the filter",
+        "override safety",
+        "AEGIS-canary-0001",
+        "AEGIS-canary-0002",
+        "AEGIS-canary-0003",
+        "AEGIS-canary-0004",
+        "internal-only-doc",
+        "confidential-x9",
+        "project-nightfall",
+        "credit_card_number",
     ];
 
     /// Scans `n` requests of about 16 KiB of English-like JSON on one connection; the
@@ -1195,7 +1242,11 @@ for i, text in enumerate(json.load(open("{file}"))):
                 let want = tables.find(&texts[i]);
                 assert_eq!(line["refused"].as_bool(), Some(want.is_some()), "set {set:?} text {i}: {line}");
                 let refusal = refusals.iter().find(|r| r.local == addr(&line["local"]));
-                assert_eq!(refusal.and_then(|r| r.keyword.clone()), want.map(|k| set[k].to_owned()), "set {set:?} text {i}");
+                assert_eq!(
+                    refusal.and_then(|r| r.keyword.clone()),
+                    want.map(|k| set[k].to_owned()),
+                    "set {set:?} text {i}"
+                );
             }
         }
     }

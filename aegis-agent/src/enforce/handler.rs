@@ -96,7 +96,9 @@ impl Enforcer {
                 let killed: u64 = affected.iter().map(|b| self.kill_covered(b)).sum();
                 tracing::info!(provider, killed, notes = ?notes, "provider addresses changed; blocks updated");
             }
-            Err(e) => tracing::error!(provider, error = %e, "provider addresses changed but the blocks could not be updated"),
+            Err(e) => {
+                tracing::error!(provider, error = %e, "provider addresses changed but the blocks could not be updated")
+            }
         }
     }
 
@@ -312,10 +314,8 @@ fn host_destinations(host: &str) -> Result<Vec<Destination>, String> {
     } else {
         format!("{host}:443")
     };
-    let addrs: Vec<SocketAddr> = with_port
-        .to_socket_addrs()
-        .map_err(|e| format!("cannot resolve {host}: {e}"))?
-        .collect();
+    let addrs: Vec<SocketAddr> =
+        with_port.to_socket_addrs().map_err(|e| format!("cannot resolve {host}: {e}"))?.collect();
     Ok(addrs
         .into_iter()
         .map(|a| Destination { net: IpNet::host(a.ip().to_canonical()), port: Some(a.port()) })

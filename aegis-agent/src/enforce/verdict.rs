@@ -129,7 +129,12 @@ impl Containment {
     /// The provider of a call: by its host when the book knows it, else by the API's shape.
     /// The book learns the host at the call's checkpoint ([`Containment::judge`]); later
     /// lookups of the same call pass `learn = false`.
-    pub fn provider_of(&self, host: Option<&str>, detected: &'static str, learn: bool) -> std::borrow::Cow<'static, str> {
+    pub fn provider_of(
+        &self,
+        host: Option<&str>,
+        detected: &'static str,
+        learn: bool,
+    ) -> std::borrow::Cow<'static, str> {
         let known = match (host, &self.hosts) {
             (Some(h), Some(book)) if learn => book.seen(h),
             (Some(h), Some(book)) => book.provider(h),
@@ -164,7 +169,9 @@ impl Containment {
             return Some(StopReason::Operator { id: block.id.clone(), reason: block.spec.reason.clone() });
         }
         match &cp.rules {
-            Some((Action::Warn, rule)) if view.emergency_applies_to(cgroup) => Some(StopReason::Emergency(rule.clone())),
+            Some((Action::Warn, rule)) if view.emergency_applies_to(cgroup) => {
+                Some(StopReason::Emergency(rule.clone()))
+            }
             _ => None,
         }
     }

@@ -154,7 +154,12 @@ mod tests {
             {"role":"tool","content":"result text"}]}"#;
         assert_eq!(
             texts(ApiKind::ChatCompletions, body),
-            [s(Scope::System, "You are terse."), s(Scope::User, "hello"), s(Scope::Assistant, "{\"q\":1}"), s(Scope::Tool, "result text")]
+            [
+                s(Scope::System, "You are terse."),
+                s(Scope::User, "hello"),
+                s(Scope::Assistant, "{\"q\":1}"),
+                s(Scope::Tool, "result text")
+            ]
         );
     }
 
@@ -177,9 +182,15 @@ mod tests {
             [s(Scope::System, "be nice"), s(Scope::User, "q"), s(Scope::Assistant, "a")]
         );
         let resp = r#"{"model":"m","instructions":"rules","input":[{"role":"user","content":[{"type":"input_text","text":"x"}]},{"type":"function_call_output","output":"y"}]}"#;
-        assert_eq!(texts(ApiKind::Responses, resp), [s(Scope::System, "rules"), s(Scope::User, "x"), s(Scope::Tool, "y")]);
+        assert_eq!(
+            texts(ApiKind::Responses, resp),
+            [s(Scope::System, "rules"), s(Scope::User, "x"), s(Scope::Tool, "y")]
+        );
         assert_eq!(texts(ApiKind::Responses, r#"{"model":"m","input":"plain"}"#), [s(Scope::User, "plain")]);
-        assert_eq!(texts(ApiKind::Completions, r#"{"model":"m","prompt":["a","b"]}"#), [s(Scope::User, "a"), s(Scope::User, "b")]);
+        assert_eq!(
+            texts(ApiKind::Completions, r#"{"model":"m","prompt":["a","b"]}"#),
+            [s(Scope::User, "a"), s(Scope::User, "b")]
+        );
         assert_eq!(texts(ApiKind::Embeddings, r#"{"model":"m","input":"e"}"#), [s(Scope::User, "e")]);
     }
 

@@ -39,8 +39,7 @@ impl Correlator {
 
     pub fn push(&mut self, obs: Observation, endpoint: Endpoint, now: Instant, out: &mut Vec<CallRecord>) {
         // Both ends may be one process (client and server threads of one program).
-        let other =
-            self.pending.iter().position(|p| p.obs.fingerprint == obs.fingerprint && p.obs.side != obs.side);
+        let other = self.pending.iter().position(|p| p.obs.fingerprint == obs.fingerprint && p.obs.side != obs.side);
         if let Some(i) = other {
             let p = self.pending.remove(i).expect("index from position");
             self.joined += 1;

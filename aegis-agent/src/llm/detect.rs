@@ -111,19 +111,11 @@ pub fn detect(req: &RequestView<'_>) -> Option<ApiCall> {
             if !route.accepts(&probe) {
                 return None;
             }
-            (
-                route.api,
-                probe.model.or_else(|| route.model()),
-                route.stream(probe.stream),
-            )
+            (route.api, probe.model.or_else(|| route.model()), route.stream(probe.stream))
         }
         Some(route) => {
             let model = scan(req.body, b"\"model\"", read_string).or_else(|| route.model());
-            (
-                route.api,
-                model,
-                route.stream(scan(req.body, b"\"stream\"", read_bool)),
-            )
+            (route.api, model, route.stream(scan(req.body, b"\"stream\"", read_bool)))
         }
         None if parsable => {
             // Most JSON POSTs are not model calls: skip the parse when the key is absent.
@@ -132,20 +124,11 @@ pub fn detect(req: &RequestView<'_>) -> Option<ApiCall> {
             if probe.model.is_none() || !probe.is_chat() {
                 return None;
             }
-            (
-                ApiKind::ChatCompletions,
-                probe.model,
-                probe.stream == Some(true),
-            )
+            (ApiKind::ChatCompletions, probe.model, probe.stream == Some(true))
         }
         None => return None,
     };
-    Some(ApiCall {
-        api,
-        provider: provider(req.host, api),
-        model,
-        stream,
-    })
+    Some(ApiCall { api, provider: provider(req.host, api), model, stream })
 }
 
 /// The path of a request target: absolute-form (sent to forward proxies) loses its scheme
@@ -185,19 +168,11 @@ fn route(path: &str) -> Option<Route<'_>> {
         let (api, path_stream) = match action {
             "generateContent" => (ApiKind::GeminiGenerateContent, false),
             "streamGenerateContent" => (ApiKind::GeminiGenerateContent, true),
-            "rawPredict" if segments.next() == Some("anthropic") => {
-                (ApiKind::AnthropicMessages, false)
-            }
-            "streamRawPredict" if segments.next() == Some("anthropic") => {
-                (ApiKind::AnthropicMessages, true)
-            }
+            "rawPredict" if segments.next() == Some("anthropic") => (ApiKind::AnthropicMessages, false),
+            "streamRawPredict" if segments.next() == Some("anthropic") => (ApiKind::AnthropicMessages, true),
             _ => return None,
         };
-        return Some(Route {
-            api,
-            path_model: Some(model),
-            path_stream,
-        });
+        return Some(Route { api, path_model: Some(model), path_stream });
     }
     let api = if path.ends_with("/chat/completions") {
         ApiKind::ChatCompletions
@@ -218,14 +193,8 @@ fn route(path: &str) -> Option<Route<'_>> {
     };
     // Azure `/openai/deployments/{deployment}/…`: the body may omit the model.
     let mut segments = path.split('/');
-    let path_model = segments
-        .find(|s| *s == "deployments")
-        .and_then(|_| segments.next());
-    Some(Route {
-        api,
-        path_model,
-        path_stream: false,
-    })
+    let path_model = segments.find(|s| *s == "deployments").and_then(|_| segments.next());
+    Some(Route { api, path_model, path_stream: false })
 }
 
 impl Route<'_> {
@@ -239,9 +208,7 @@ impl Route<'_> {
             ApiKind::Responses => probe.input || probe.prompt,
             ApiKind::Embeddings => probe.input,
             // Claude on Vertex AI names the model in the path only.
-            ApiKind::AnthropicMessages => {
-                messages && (probe.model.is_some() || self.path_model.is_some())
-            }
+            ApiKind::AnthropicMessages => messages && (probe.model.is_some() || self.path_model.is_some()),
             ApiKind::GeminiGenerateContent => probe.contents,
             ApiKind::OllamaChat => messages && probe.model.is_some(),
             ApiKind::OllamaGenerate => probe.prompt && probe.model.is_some(),
@@ -249,9 +216,7 @@ impl Route<'_> {
     }
 
     fn model(&self) -> Option<String> {
-        self.path_model
-            .filter(|m| !m.is_empty() && m.len() <= MAX_MODEL_BYTES)
-            .map(str::to_owned)
+        self.path_model.filter(|m| !m.is_empty() && m.len() <= MAX_MODEL_BYTES).map(str::to_owned)
     }
 
     fn stream(&self, requested: Option<bool>) -> bool {
@@ -288,15 +253,11 @@ fn provider(host: Option<&str>, api: ApiKind) -> &'static str {
     ];
     let (name, port) = host.map(split_host).unwrap_or_default();
     let name = name.trim_end_matches('.').as_bytes();
-    let known = HOSTS
-        .iter()
-        .find(|(host, _)| name.eq_ignore_ascii_case(host.as_bytes()))
-        .or_else(|| {
-            SUFFIXES.iter().find(|(suffix, _)| {
-                name.len() > suffix.len()
-                    && name[name.len() - suffix.len()..].eq_ignore_ascii_case(suffix.as_bytes())
-            })
-        });
+    let known = HOSTS.iter().find(|(host, _)| name.eq_ignore_ascii_case(host.as_bytes())).or_else(|| {
+        SUFFIXES.iter().find(|(suffix, _)| {
+            name.len() > suffix.len() && name[name.len() - suffix.len()..].eq_ignore_ascii_case(suffix.as_bytes())
+        })
+    });
     match (known, api) {
         (Some((_, provider)), _) => provider,
         (None, ApiKind::OllamaChat | ApiKind::OllamaGenerate) => "ollama",
@@ -331,9 +292,7 @@ fn scan<T>(body: &[u8], key: &[u8], read: fn(&[u8]) -> Option<T>) -> Option<T> {
         if at > 0 && head[at - 1] == b'\\' {
             return None;
         }
-        let value = head[at + key.len()..]
-            .trim_ascii_start()
-            .strip_prefix(b":")?;
+        let value = head[at + key.len()..].trim_ascii_start().strip_prefix(b":")?;
         read(value.trim_ascii_start())
     })
 }
@@ -416,9 +375,7 @@ impl<'de> Deserialize<'de> for Probe {
                     match key {
                         ProbeKey::Model => {
                             probe.model = match map.next_value()? {
-                                Value::String(s) if !s.is_empty() && s.len() <= MAX_MODEL_BYTES => {
-                                    Some(s)
-                                }
+                                Value::String(s) if !s.is_empty() && s.len() <= MAX_MODEL_BYTES => Some(s),
                                 _ => None,
                             }
                         }
@@ -523,12 +480,7 @@ impl<'de> Deserialize<'de> for Shape {
 mod tests {
     use super::*;
 
-    fn request<'a>(
-        method: &'a str,
-        target: &'a str,
-        host: &'a str,
-        body: &'a [u8],
-    ) -> RequestView<'a> {
+    fn request<'a>(method: &'a str, target: &'a str, host: &'a str, body: &'a [u8]) -> RequestView<'a> {
         RequestView {
             method,
             target,
@@ -543,18 +495,8 @@ mod tests {
         detect(&request("POST", target, host, body.as_bytes()))
     }
 
-    fn call(
-        api: ApiKind,
-        provider: &'static str,
-        model: Option<&str>,
-        stream: bool,
-    ) -> Option<ApiCall> {
-        Some(ApiCall {
-            api,
-            provider,
-            model: model.map(str::to_owned),
-            stream,
-        })
+    fn call(api: ApiKind, provider: &'static str, model: Option<&str>, stream: bool) -> Option<ApiCall> {
+        Some(ApiCall { api, provider, model: model.map(str::to_owned), stream })
     }
 
     const CHAT: &str = r#"{
@@ -573,65 +515,26 @@ mod tests {
 
     #[test]
     fn openai_chat_completions() {
-        let expected = call(
-            ApiKind::ChatCompletions,
-            "openai",
-            Some("gpt-4o-mini"),
-            true,
-        );
-        assert_eq!(
-            post("/v1/chat/completions", "api.openai.com", CHAT),
-            expected
-        );
-        let body =
-            r#"{"model":"gpt-4.1","messages":[{"role":"user","content":"Hi"}],"stream":false}"#;
+        let expected = call(ApiKind::ChatCompletions, "openai", Some("gpt-4o-mini"), true);
+        assert_eq!(post("/v1/chat/completions", "api.openai.com", CHAT), expected);
+        let body = r#"{"model":"gpt-4.1","messages":[{"role":"user","content":"Hi"}],"stream":false}"#;
         let expected = call(ApiKind::ChatCompletions, "openai", Some("gpt-4.1"), false);
-        assert_eq!(
-            post("/v1/chat/completions", "api.openai.com", body),
-            expected
-        );
+        assert_eq!(post("/v1/chat/completions", "api.openai.com", body), expected);
     }
 
     #[test]
     fn chat_completions_under_any_prefix() {
         let body = r#"{"model":"meta-llama/llama-3.1-8b-instruct","messages":[{"role":"user","content":"Hi"}]}"#;
         let openrouter = post("/api/v1/chat/completions", "openrouter.ai", body).unwrap();
-        assert_eq!(
-            (openrouter.api, openrouter.provider),
-            (ApiKind::ChatCompletions, "openrouter")
-        );
-        let gemini = post(
-            "/v1beta/openai/chat/completions",
-            "generativelanguage.googleapis.com",
-            body,
-        )
-        .unwrap();
-        assert_eq!(
-            (gemini.api, gemini.provider),
-            (ApiKind::ChatCompletions, "gemini")
-        );
+        assert_eq!((openrouter.api, openrouter.provider), (ApiKind::ChatCompletions, "openrouter"));
+        let gemini = post("/v1beta/openai/chat/completions", "generativelanguage.googleapis.com", body).unwrap();
+        assert_eq!((gemini.api, gemini.provider), (ApiKind::ChatCompletions, "gemini"));
         let groq = post("/openai/v1/chat/completions", "api.groq.com", body).unwrap();
-        assert_eq!(
-            (groq.api, groq.provider),
-            (ApiKind::ChatCompletions, "groq")
-        );
+        assert_eq!((groq.api, groq.provider), (ApiKind::ChatCompletions, "groq"));
         // Trailing slash, and absolute-form through a forward proxy.
-        assert_eq!(
-            post("/v1/chat/completions/", "localhost:8000", body)
-                .unwrap()
-                .provider,
-            "openai_compatible"
-        );
-        let absolute = post(
-            "http://localhost:8000/v1/chat/completions?x=1",
-            "localhost:8000",
-            body,
-        )
-        .unwrap();
-        assert_eq!(
-            absolute.model.as_deref(),
-            Some("meta-llama/llama-3.1-8b-instruct")
-        );
+        assert_eq!(post("/v1/chat/completions/", "localhost:8000", body).unwrap().provider, "openai_compatible");
+        let absolute = post("http://localhost:8000/v1/chat/completions?x=1", "localhost:8000", body).unwrap();
+        assert_eq!(absolute.model.as_deref(), Some("meta-llama/llama-3.1-8b-instruct"));
     }
 
     #[test]
@@ -639,40 +542,18 @@ mod tests {
         let target = "/openai/deployments/gpt4o-prod/chat/completions?api-version=2024-10-21";
         let host = "contoso.openai.azure.com";
         let body = r#"{"messages":[{"role":"user","content":"Hi"}],"max_tokens":100}"#;
-        let expected = call(
-            ApiKind::ChatCompletions,
-            "azure_openai",
-            Some("gpt4o-prod"),
-            false,
-        );
+        let expected = call(ApiKind::ChatCompletions, "azure_openai", Some("gpt4o-prod"), false);
         assert_eq!(post(target, host, body), expected);
         let body = r#"{"model":"gpt-4o","messages":[{"role":"user","content":"Hi"}]}"#;
-        assert_eq!(
-            post(target, host, body).unwrap().model.as_deref(),
-            Some("gpt-4o")
-        );
+        assert_eq!(post(target, host, body).unwrap().model.as_deref(), Some("gpt-4o"));
         let target = "/openai/deployments/emb/embeddings?api-version=2024-10-21";
-        let foundry = post(
-            target,
-            "res.cognitiveservices.azure.com",
-            r#"{"input":"hello"}"#,
-        );
-        assert_eq!(
-            foundry,
-            call(ApiKind::Embeddings, "azure_openai", Some("emb"), false)
-        );
+        let foundry = post(target, "res.cognitiveservices.azure.com", r#"{"input":"hello"}"#);
+        assert_eq!(foundry, call(ApiKind::Embeddings, "azure_openai", Some("emb"), false));
     }
 
     #[test]
     fn chat_completions_needs_a_messages_array() {
-        assert_eq!(
-            post(
-                "/v1/chat/completions",
-                "api.openai.com",
-                r#"{"model":"gpt-4o"}"#
-            ),
-            None
-        );
+        assert_eq!(post("/v1/chat/completions", "api.openai.com", r#"{"model":"gpt-4o"}"#), None);
         let body = r#"{"model":"gpt-4o","messages":"Hi"}"#;
         assert_eq!(post("/v1/chat/completions", "api.openai.com", body), None);
     }
@@ -680,103 +561,50 @@ mod tests {
     #[test]
     fn completions_responses_embeddings() {
         let body = r#"{"model":"gpt-3.5-turbo-instruct","prompt":["Say this is a test"],"max_tokens":7,"stream":true}"#;
-        let expected = call(
-            ApiKind::Completions,
-            "openai",
-            Some("gpt-3.5-turbo-instruct"),
-            true,
-        );
+        let expected = call(ApiKind::Completions, "openai", Some("gpt-3.5-turbo-instruct"), true);
         assert_eq!(post("/v1/completions", "api.openai.com", body), expected);
-        assert_eq!(
-            post(
-                "/v1/completions",
-                "api.openai.com",
-                r#"{"model":"davinci-002"}"#
-            ),
-            None
-        );
+        assert_eq!(post("/v1/completions", "api.openai.com", r#"{"model":"davinci-002"}"#), None);
 
         let body = r#"{"model":"gpt-4.1","input":[{"role":"user","content":"Tell me a story"}],"stream":true}"#;
         let expected = call(ApiKind::Responses, "openai", Some("gpt-4.1"), true);
         assert_eq!(post("/v1/responses", "api.openai.com", body), expected);
-        let body =
-            r#"{"model":"gpt-5","prompt":{"id":"pmpt_abc123","variables":{"city":"Paris"}}}"#;
-        assert_eq!(
-            post("/v1/responses", "api.openai.com", body).unwrap().api,
-            ApiKind::Responses
-        );
-        assert_eq!(
-            post("/v1/responses", "api.openai.com", r#"{"model":"gpt-4.1"}"#),
-            None
-        );
+        let body = r#"{"model":"gpt-5","prompt":{"id":"pmpt_abc123","variables":{"city":"Paris"}}}"#;
+        assert_eq!(post("/v1/responses", "api.openai.com", body).unwrap().api, ApiKind::Responses);
+        assert_eq!(post("/v1/responses", "api.openai.com", r#"{"model":"gpt-4.1"}"#), None);
 
-        let body =
-            r#"{"model":"text-embedding-3-small","input":["a","b"],"encoding_format":"float"}"#;
-        let expected = call(
-            ApiKind::Embeddings,
-            "openai",
-            Some("text-embedding-3-small"),
-            false,
-        );
+        let body = r#"{"model":"text-embedding-3-small","input":["a","b"],"encoding_format":"float"}"#;
+        let expected = call(ApiKind::Embeddings, "openai", Some("text-embedding-3-small"), false);
         assert_eq!(post("/v1/embeddings", "api.openai.com", body), expected);
         // Ollama's old native embeddings endpoint takes `prompt`, not `input`.
-        assert_eq!(
-            post(
-                "/api/embeddings",
-                "localhost:11434",
-                r#"{"model":"all-minilm","prompt":"x"}"#
-            ),
-            None
-        );
+        assert_eq!(post("/api/embeddings", "localhost:11434", r#"{"model":"all-minilm","prompt":"x"}"#), None);
     }
 
     #[test]
     fn anthropic_messages() {
         let body = r#"{"model":"claude-sonnet-4-5","max_tokens":1024,"system":"Be brief.",
             "messages":[{"role":"user","content":"Hello, Claude"}],"stream":true}"#;
-        let expected = call(
-            ApiKind::AnthropicMessages,
-            "anthropic",
-            Some("claude-sonnet-4-5"),
-            true,
-        );
+        let expected = call(ApiKind::AnthropicMessages, "anthropic", Some("claude-sonnet-4-5"), true);
         assert_eq!(post("/v1/messages", "api.anthropic.com", body), expected);
         let litellm = post("/anthropic/v1/messages", "localhost:4000", body);
         assert_eq!(litellm, expected);
         let no_model = r#"{"max_tokens":1024,"messages":[{"role":"user","content":"Hi"}]}"#;
         assert_eq!(post("/v1/messages", "api.anthropic.com", no_model), None);
         // Token counting takes the same body but is not a call.
-        assert_eq!(
-            post("/v1/messages/count_tokens", "api.anthropic.com", body),
-            None
-        );
+        assert_eq!(post("/v1/messages/count_tokens", "api.anthropic.com", body), None);
         // OpenAI Assistants thread messages are not Anthropic messages.
         let thread = r#"{"role":"user","content":"How does AI work?"}"#;
-        assert_eq!(
-            post("/v1/threads/thread_abc/messages", "api.openai.com", thread),
-            None
-        );
+        assert_eq!(post("/v1/threads/thread_abc/messages", "api.openai.com", thread), None);
     }
 
     #[test]
     fn claude_on_vertex_ai() {
-        let target = "/v1/projects/p1/locations/us-east5/publishers/anthropic/models/claude-sonnet-4@20250514:streamRawPredict";
+        let target =
+            "/v1/projects/p1/locations/us-east5/publishers/anthropic/models/claude-sonnet-4@20250514:streamRawPredict";
         let body = r#"{"anthropic_version":"vertex-2023-10-16","messages":[{"role":"user","content":"Hi"}],"max_tokens":256,"stream":true}"#;
-        let expected = call(
-            ApiKind::AnthropicMessages,
-            "vertex_ai",
-            Some("claude-sonnet-4@20250514"),
-            true,
-        );
-        assert_eq!(
-            post(target, "us-east5-aiplatform.googleapis.com", body),
-            expected
-        );
+        let expected = call(ApiKind::AnthropicMessages, "vertex_ai", Some("claude-sonnet-4@20250514"), true);
+        assert_eq!(post(target, "us-east5-aiplatform.googleapis.com", body), expected);
         let target = "/v1/projects/p1/locations/us-east5/publishers/anthropic/models/count-tokens:rawPredict";
-        assert_eq!(
-            post(target, "us-east5-aiplatform.googleapis.com", body),
-            None
-        );
+        assert_eq!(post(target, "us-east5-aiplatform.googleapis.com", body), None);
     }
 
     #[test]
@@ -784,115 +612,42 @@ mod tests {
         let body = r#"{"contents":[{"role":"user","parts":[{"text":"Explain how AI works"}]}],
             "generationConfig":{"temperature":0.9}}"#;
         let host = "generativelanguage.googleapis.com";
-        let expected = call(
-            ApiKind::GeminiGenerateContent,
-            "gemini",
-            Some("gemini-2.0-flash"),
-            false,
-        );
-        assert_eq!(
-            post(
-                "/v1beta/models/gemini-2.0-flash:generateContent?key=AIza",
-                host,
-                body
-            ),
-            expected
-        );
-        let expected = call(
-            ApiKind::GeminiGenerateContent,
-            "gemini",
-            Some("gemini-2.5-pro"),
-            true,
-        );
-        assert_eq!(
-            post(
-                "/v1/models/gemini-2.5-pro:streamGenerateContent?alt=sse",
-                host,
-                body
-            ),
-            expected
-        );
+        let expected = call(ApiKind::GeminiGenerateContent, "gemini", Some("gemini-2.0-flash"), false);
+        assert_eq!(post("/v1beta/models/gemini-2.0-flash:generateContent?key=AIza", host, body), expected);
+        let expected = call(ApiKind::GeminiGenerateContent, "gemini", Some("gemini-2.5-pro"), true);
+        assert_eq!(post("/v1/models/gemini-2.5-pro:streamGenerateContent?alt=sse", host, body), expected);
 
-        let vertex = "/v1/projects/my-proj/locations/us-central1/publishers/google/models/gemini-1.5-pro-002:generateContent";
-        let expected = call(
-            ApiKind::GeminiGenerateContent,
-            "vertex_ai",
-            Some("gemini-1.5-pro-002"),
-            false,
-        );
-        assert_eq!(
-            post(vertex, "us-central1-aiplatform.googleapis.com", body),
-            expected
-        );
+        let vertex =
+            "/v1/projects/my-proj/locations/us-central1/publishers/google/models/gemini-1.5-pro-002:generateContent";
+        let expected = call(ApiKind::GeminiGenerateContent, "vertex_ai", Some("gemini-1.5-pro-002"), false);
+        assert_eq!(post(vertex, "us-central1-aiplatform.googleapis.com", body), expected);
         // A proxy with an unknown host: the provider comes from the shape.
-        let proxied = post(
-            "/gemini/v1beta/models/gemini-2.0-flash:generateContent",
-            "llm-proxy.internal",
-            body,
-        );
+        let proxied = post("/gemini/v1beta/models/gemini-2.0-flash:generateContent", "llm-proxy.internal", body);
         assert_eq!(proxied.unwrap().provider, "gemini");
 
-        assert_eq!(
-            post("/v1beta/models/gemini-2.0-flash:countTokens", host, body),
-            None
-        );
-        assert_eq!(
-            post(
-                "/v1beta/models/gemini-2.0-flash:generateContent",
-                host,
-                r#"{"prompt":"x"}"#
-            ),
-            None
-        );
+        assert_eq!(post("/v1beta/models/gemini-2.0-flash:countTokens", host, body), None);
+        assert_eq!(post("/v1beta/models/gemini-2.0-flash:generateContent", host, r#"{"prompt":"x"}"#), None);
         assert_eq!(post("/v1beta/models/:generateContent", host, body), None);
     }
 
     #[test]
     fn ollama_native_streams_by_default() {
         let host = "localhost:11434";
-        let body =
-            r#"{"model":"llama3.2","messages":[{"role":"user","content":"why is the sky blue?"}]}"#;
-        assert_eq!(
-            post("/api/chat", host, body),
-            call(ApiKind::OllamaChat, "ollama", Some("llama3.2"), true)
-        );
-        let body =
-            r#"{"model":"llama3.2","messages":[{"role":"user","content":"hi"}],"stream":false}"#;
-        assert_eq!(
-            post("/api/chat", host, body),
-            call(ApiKind::OllamaChat, "ollama", Some("llama3.2"), false)
-        );
+        let body = r#"{"model":"llama3.2","messages":[{"role":"user","content":"why is the sky blue?"}]}"#;
+        assert_eq!(post("/api/chat", host, body), call(ApiKind::OllamaChat, "ollama", Some("llama3.2"), true));
+        let body = r#"{"model":"llama3.2","messages":[{"role":"user","content":"hi"}],"stream":false}"#;
+        assert_eq!(post("/api/chat", host, body), call(ApiKind::OllamaChat, "ollama", Some("llama3.2"), false));
         let body = r#"{"model":"llama3.2","prompt":"Why is the sky blue?"}"#;
         let expected = call(ApiKind::OllamaGenerate, "ollama", Some("llama3.2"), true);
         assert_eq!(post("/api/generate", "ollama.lan", body), expected);
         // Loading a model: no prompt, not a call.
         assert_eq!(post("/api/generate", host, r#"{"model":"llama3.2"}"#), None);
-        assert_eq!(
-            post(
-                "/api/chat",
-                host,
-                r#"{"messages":[{"role":"user","content":"hi"}]}"#
-            ),
-            None
-        );
+        assert_eq!(post("/api/chat", host, r#"{"messages":[{"role":"user","content":"hi"}]}"#), None);
         // OpenAI-compatible API on Ollama's port, also over IPv6.
         let body = r#"{"model":"qwen2.5","messages":[{"role":"user","content":"hi"}]}"#;
-        assert_eq!(
-            post("/v1/chat/completions", host, body).unwrap().provider,
-            "ollama"
-        );
-        assert_eq!(
-            post("/v1/chat/completions", "[::1]:11434", body)
-                .unwrap()
-                .provider,
-            "ollama"
-        );
-        assert_eq!(
-            post("/v1/chat/completions", "[::1]:8000", body)
-                .unwrap()
-                .provider,
-            "openai_compatible"
-        );
+        assert_eq!(post("/v1/chat/completions", host, body).unwrap().provider, "ollama");
+        assert_eq!(post("/v1/chat/completions", "[::1]:11434", body).unwrap().provider, "ollama");
+        assert_eq!(post("/v1/chat/completions", "[::1]:8000", body).unwrap().provider, "openai_compatible");
     }
 
     #[test]
@@ -913,51 +668,23 @@ mod tests {
             ("openai.azure.com", "openai_compatible"),
             ("evil-openai.azure.com.example", "openai_compatible"),
         ] {
-            assert_eq!(
-                post("/v1/chat/completions", host, body).unwrap().provider,
-                provider,
-                "{host}"
-            );
+            assert_eq!(post("/v1/chat/completions", host, body).unwrap().provider, provider, "{host}");
         }
-        let no_host = RequestView {
-            host: None,
-            ..request("POST", "/v1/messages", "", body.as_bytes())
-        };
+        let no_host = RequestView { host: None, ..request("POST", "/v1/messages", "", body.as_bytes()) };
         assert_eq!(detect(&no_host).unwrap().provider, "anthropic");
     }
 
     #[test]
     fn body_shape_fallback_for_unknown_paths() {
         let body = r#"{"model":"corp-gpt","messages":[{"role":"system","content":"x"},{"role":"user","content":"hi"}],"stream":true}"#;
-        let expected = call(
-            ApiKind::ChatCompletions,
-            "openai_compatible",
-            Some("corp-gpt"),
-            true,
-        );
+        let expected = call(ApiKind::ChatCompletions, "openai_compatible", Some("corp-gpt"), true);
         assert_eq!(post("/llm/invoke", "gateway.corp.example", body), expected);
-        assert_eq!(
-            post("/llm/invoke", "api.openai.com", body)
-                .unwrap()
-                .provider,
-            "openai"
-        );
+        assert_eq!(post("/llm/invoke", "api.openai.com", body).unwrap().provider, "openai");
         // Every message needs a role; model must be a string; messages non-empty.
-        let body =
-            r#"{"model":"corp-gpt","messages":[{"role":"user","content":"hi"},{"text":"x"}]}"#;
+        let body = r#"{"model":"corp-gpt","messages":[{"role":"user","content":"hi"},{"text":"x"}]}"#;
         assert_eq!(post("/llm/invoke", "gateway", body), None);
-        assert_eq!(
-            post(
-                "/llm/invoke",
-                "gateway",
-                r#"{"model":7,"messages":[{"role":"user"}]}"#
-            ),
-            None
-        );
-        assert_eq!(
-            post("/llm/invoke", "gateway", r#"{"model":"m","messages":[]}"#),
-            None
-        );
+        assert_eq!(post("/llm/invoke", "gateway", r#"{"model":7,"messages":[{"role":"user"}]}"#), None);
+        assert_eq!(post("/llm/invoke", "gateway", r#"{"model":"m","messages":[]}"#), None);
         // A messaging app's API has messages but no model.
         let body = r#"{"channel":"C1","messages":[{"role":"member","text":"lunch?"}]}"#;
         assert_eq!(post("/api/messages", "chat.example", body), None);
@@ -965,49 +692,19 @@ mod tests {
 
     #[test]
     fn not_model_calls() {
-        assert_eq!(
-            detect(&request("GET", "/v1/models", "api.openai.com", b"")),
-            None
-        );
+        assert_eq!(detect(&request("GET", "/v1/models", "api.openai.com", b"")), None);
         let chat = br#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}"#;
-        assert_eq!(
-            detect(&request(
-                "PUT",
-                "/v1/chat/completions",
-                "api.openai.com",
-                chat
-            )),
-            None
-        );
-        assert_eq!(
-            post(
-                "/api/login",
-                "app.example",
-                r#"{"username":"ann","password":"hunter2"}"#
-            ),
-            None
-        );
+        assert_eq!(detect(&request("PUT", "/v1/chat/completions", "api.openai.com", chat)), None);
+        assert_eq!(post("/api/login", "app.example", r#"{"username":"ann","password":"hunter2"}"#), None);
         let form = RequestView {
             content_type: Some(b"application/x-www-form-urlencoded"),
-            ..request(
-                "POST",
-                "/v1/chat/completions",
-                "api.openai.com",
-                b"model=gpt-4o&messages=hi",
-            )
+            ..request("POST", "/v1/chat/completions", "api.openai.com", b"model=gpt-4o&messages=hi")
         };
         assert_eq!(detect(&form), None);
-        let multipart =
-            "--b\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nwhisper-1\r\n--b--\r\n";
-        assert_eq!(
-            post("/v1/audio/transcriptions", "api.openai.com", multipart),
-            None
-        );
+        let multipart = "--b\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nwhisper-1\r\n--b--\r\n";
+        assert_eq!(post("/v1/audio/transcriptions", "api.openai.com", multipart), None);
         assert_eq!(post("/v1/chat/completions", "api.openai.com", ""), None);
-        assert_eq!(
-            post("/v1/chat/completions", "api.openai.com", "[1,2]"),
-            None
-        );
+        assert_eq!(post("/v1/chat/completions", "api.openai.com", "[1,2]"), None);
     }
 
     #[test]
@@ -1017,28 +714,11 @@ mod tests {
             r#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]} trailing"#,
             r#"{"model":"gpt-4o","messages":[{"role":"user",}]}"#,
         ] {
-            assert_eq!(
-                post("/v1/chat/completions", "api.openai.com", body),
-                None,
-                "{body}"
-            );
+            assert_eq!(post("/v1/chat/completions", "api.openai.com", body), None, "{body}");
         }
-        let invalid_utf8 =
-            b"{\"model\":\"gpt-4o\",\"messages\":[{\"role\":\"user\",\"content\":\"\xff\xfe\"}]}";
-        assert_eq!(
-            detect(&request(
-                "POST",
-                "/v1/chat/completions",
-                "api.openai.com",
-                invalid_utf8
-            )),
-            None
-        );
-        let deep = format!(
-            "{{\"model\":\"m\",\"messages\":{}{}}}",
-            "[".repeat(500),
-            "]".repeat(500)
-        );
+        let invalid_utf8 = b"{\"model\":\"gpt-4o\",\"messages\":[{\"role\":\"user\",\"content\":\"\xff\xfe\"}]}";
+        assert_eq!(detect(&request("POST", "/v1/chat/completions", "api.openai.com", invalid_utf8)), None);
+        let deep = format!("{{\"model\":\"m\",\"messages\":{}{}}}", "[".repeat(500), "]".repeat(500));
         assert_eq!(post("/v1/chat/completions", "api.openai.com", &deep), None);
     }
 
@@ -1047,93 +727,43 @@ mod tests {
         // Escaped key, repeated key (last wins), non-boolean stream, overlong model.
         let body = r#"{"model":"a","stream":"yes","messages":[{"role":"user","content":"hi"}],"mod\u0065l":"gpt-4o"}"#;
         let expected = call(ApiKind::ChatCompletions, "openai", Some("gpt-4o"), false);
-        assert_eq!(
-            post("/v1/chat/completions", "api.openai.com", body),
-            expected
-        );
-        let long = format!(
-            r#"{{"model":"{}","messages":[{{"role":"user"}}]}}"#,
-            "m".repeat(MAX_MODEL_BYTES + 1)
-        );
-        assert_eq!(
-            post("/v1/chat/completions", "api.openai.com", &long)
-                .unwrap()
-                .model,
-            None
-        );
+        assert_eq!(post("/v1/chat/completions", "api.openai.com", body), expected);
+        let long = format!(r#"{{"model":"{}","messages":[{{"role":"user"}}]}}"#, "m".repeat(MAX_MODEL_BYTES + 1));
+        assert_eq!(post("/v1/chat/completions", "api.openai.com", &long).unwrap().model, None);
     }
 
     fn truncated(target: &str, body: &[u8]) -> Option<ApiCall> {
-        detect(&RequestView {
-            body_truncated: true,
-            ..request("POST", target, "localhost:8000", body)
-        })
+        detect(&RequestView { body_truncated: true, ..request("POST", target, "localhost:8000", body) })
     }
 
     #[test]
     fn truncated_bodies_are_scanned() {
         let huge = "x".repeat(2 << 20);
-        let body = format!(
-            r#"{{"model" : "gpt-4o", "stream":	true, "messages":[{{"role":"user","content":"{huge}"#
-        );
-        let expected = call(
-            ApiKind::ChatCompletions,
-            "openai_compatible",
-            Some("gpt-4o"),
-            true,
-        );
+        let body = format!(r#"{{"model" : "gpt-4o", "stream":	true, "messages":[{{"role":"user","content":"{huge}"#);
+        let expected = call(ApiKind::ChatCompletions, "openai_compatible", Some("gpt-4o"), true);
         assert_eq!(truncated("/v1/chat/completions", body.as_bytes()), expected);
         // The path must carry recognition when the body shape is unknown.
         assert_eq!(truncated("/llm/invoke", body.as_bytes()), None);
         // Keys quoted inside strings, or with non-string values, are skipped.
         let body = r#"{"messages":[{"role":"user","content":"say \"model\": \"evil\""}],"x\"model":"evil","tools":{"model":{}},"model":"m1","#;
-        assert_eq!(
-            truncated("/v1/chat/completions", body.as_bytes())
-                .unwrap()
-                .model
-                .as_deref(),
-            Some("m1")
-        );
+        assert_eq!(truncated("/v1/chat/completions", body.as_bytes()).unwrap().model.as_deref(), Some("m1"));
         // Model past the scanned head: unknown, but still a call.
-        let body = format!(
-            r#"{{"messages":[{{"role":"user","content":"{huge}"}}],"model":"gpt-4o","stream":true}}"#
-        );
+        let body = format!(r#"{{"messages":[{{"role":"user","content":"{huge}"}}],"model":"gpt-4o","stream":true}}"#);
         assert_eq!(
             truncated("/v1/chat/completions", body.as_bytes()),
             call(ApiKind::ChatCompletions, "openai_compatible", None, false)
         );
         // Ollama streams unless the scan finds `"stream": false`.
         let body = br#"{"model":"llama3.2","stream":false,"prompt":"xxxx"#;
-        assert_eq!(
-            truncated("/api/generate", body),
-            call(ApiKind::OllamaGenerate, "ollama", Some("llama3.2"), false)
-        );
+        assert_eq!(truncated("/api/generate", body), call(ApiKind::OllamaGenerate, "ollama", Some("llama3.2"), false));
         let chat = truncated("/api/chat", br#"{"model":"llama3.2","messages":[{"#);
         assert!(chat.unwrap().stream);
-        let gemini = truncated(
-            "/v1beta/models/gemini-2.0-flash:streamGenerateContent",
-            br#"{"contents":[{"parts":[{"text":"#,
-        );
-        assert_eq!(
-            gemini,
-            call(
-                ApiKind::GeminiGenerateContent,
-                "gemini",
-                Some("gemini-2.0-flash"),
-                true
-            )
-        );
+        let gemini =
+            truncated("/v1beta/models/gemini-2.0-flash:streamGenerateContent", br#"{"contents":[{"parts":[{"text":"#);
+        assert_eq!(gemini, call(ApiKind::GeminiGenerateContent, "gemini", Some("gemini-2.0-flash"), true));
         // Unterminated model string, and a body that is no JSON object at all.
-        assert_eq!(
-            truncated("/v1/chat/completions", br#"{"model":"gpt-4"#)
-                .unwrap()
-                .model,
-            None
-        );
-        assert_eq!(
-            truncated("/v1/chat/completions", b"model=gpt-4o&messages="),
-            None
-        );
+        assert_eq!(truncated("/v1/chat/completions", br#"{"model":"gpt-4"#).unwrap().model, None);
+        assert_eq!(truncated("/v1/chat/completions", b"model=gpt-4o&messages="), None);
     }
 
     #[test]
@@ -1142,21 +772,8 @@ mod tests {
             r#"{{"model":"gpt-4o","messages":[{{"role":"user","content":"{}"}}]}}"#,
             "x".repeat(MAX_PARSE_BYTES)
         );
-        let expected = call(
-            ApiKind::ChatCompletions,
-            "openai_compatible",
-            Some("gpt-4o"),
-            false,
-        );
-        assert_eq!(
-            detect(&request(
-                "POST",
-                "/v1/chat/completions",
-                "localhost:8000",
-                body.as_bytes()
-            )),
-            expected
-        );
+        let expected = call(ApiKind::ChatCompletions, "openai_compatible", Some("gpt-4o"), false);
+        assert_eq!(detect(&request("POST", "/v1/chat/completions", "localhost:8000", body.as_bytes())), expected);
     }
 
     #[test]
@@ -1165,13 +782,7 @@ mod tests {
         assert!(may_be_api_call("POST", "/llm/invoke?x=1"));
         assert!(!may_be_api_call("GET", "/v1/models"));
         assert!(!may_be_api_call("post", "/v1/chat/completions"));
-        assert!(!may_be_api_call(
-            "POST",
-            "/v1/messages/count_tokens?beta=true"
-        ));
-        assert!(!may_be_api_call(
-            "POST",
-            "/v1beta/models/gemini-2.0-flash:countTokens"
-        ));
+        assert!(!may_be_api_call("POST", "/v1/messages/count_tokens?beta=true"));
+        assert!(!may_be_api_call("POST", "/v1beta/models/gemini-2.0-flash:countTokens"));
     }
 }

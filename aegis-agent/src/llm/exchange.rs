@@ -13,11 +13,10 @@
 use std::{
     collections::VecDeque,
     hash::{DefaultHasher, Hasher as _},
+    sync::Arc,
 };
 
 use bytes::Bytes;
-
-use std::sync::Arc;
 
 use super::{
     detect::{self, ApiCall, RequestView},
@@ -31,11 +30,11 @@ use crate::{
         decision::{Decision, Half},
         inspect::CallInspection,
     },
-    rules::pack::Action,
     protocol::{
         encoding::BodyDecoder,
         http1::{Http1Parser, HttpEvent, Limits, MessageHead, StreamKind},
     },
+    rules::pack::Action,
 };
 
 /// Which end of the connection the observing process is.
@@ -209,10 +208,7 @@ impl ExchangeTracker {
     }
 
     pub fn stats(&self) -> ExchangeStats {
-        ExchangeStats {
-            skipped_bytes: self.requests.skipped_bytes() + self.responses.skipped_bytes(),
-            ..self.stats
-        }
+        ExchangeStats { skipped_bytes: self.requests.skipped_bytes() + self.responses.skipped_bytes(), ..self.stats }
     }
 
     /// Request-stream bytes at monotonic time `ts`.
@@ -303,9 +299,8 @@ impl ExchangeTracker {
                 let target = head.target.clone().unwrap_or_default();
                 self.responses.expect_response_to(&method);
                 let keep_body = detect::may_be_api_call(&method, &target);
-                let decoder = keep_body
-                    .then(|| BodyDecoder::new(head.header("content-encoding"), self.max_body).ok())
-                    .flatten();
+                let decoder =
+                    keep_body.then(|| BodyDecoder::new(head.header("content-encoding"), self.max_body).ok()).flatten();
                 let mut hasher = DefaultHasher::new();
                 hasher.write(method.as_bytes());
                 hasher.write(target.as_bytes());
@@ -643,8 +638,11 @@ mod tests {
     }
 
     fn response(body: &[u8], extra: &str) -> Vec<u8> {
-        let mut v = format!("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n{extra}Content-Length: {}\r\n\r\n", body.len())
-            .into_bytes();
+        let mut v = format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n{extra}Content-Length: {}\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
         v.extend_from_slice(body);
         v
     }
@@ -668,7 +666,10 @@ mod tests {
         assert_eq!(o.summary.model.as_deref(), Some("gpt-4o-mini-2024"));
         assert_eq!((o.summary.input_tokens, o.summary.output_tokens), (Some(3), Some(5)));
         assert_eq!(o.status, Some(200));
-        assert_eq!((o.request_start_ns, o.response_first_ns, o.response_end_ns), (1_000, Some(3_000_000), Some(3_000_000)));
+        assert_eq!(
+            (o.request_start_ns, o.response_first_ns, o.response_end_ns),
+            (1_000, Some(3_000_000), Some(3_000_000))
+        );
         assert_eq!(o.request_bytes, request("/v1/chat/completions", CHAT).len() as u64);
         assert!(o.complete, "{:?}", o.notes);
     }
@@ -763,7 +764,11 @@ mod tests {
     fn connection_end_reports_a_call_without_response() {
         let mut t = tracker();
         let mut out = Vec::new();
-        t.request_data(&request("/v1/messages", r#"{"model":"claude","max_tokens":5,"messages":[{"role":"user","content":"x"}]}"#), 1, &mut out);
+        t.request_data(
+            &request("/v1/messages", r#"{"model":"claude","max_tokens":5,"messages":[{"role":"user","content":"x"}]}"#),
+            1,
+            &mut out,
+        );
         t.response_data(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{\"partial", 5, &mut out);
         assert!(out.is_empty());
         t.finish(9, "closed", &mut out);

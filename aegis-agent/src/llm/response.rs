@@ -15,7 +15,10 @@ use crate::protocol::{
 const MAX_SSE_EVENT_BYTES: usize = 1024 * 1024;
 
 enum Form {
-    Sse { decoder: SseDecoder, events: Vec<SseEvent> },
+    Sse {
+        decoder: SseDecoder,
+        events: Vec<SseEvent>,
+    },
     /// Newline-delimited JSON; the bytes of an unfinished line.
     Ndjson(Vec<u8>),
     /// One JSON document, read at the end.

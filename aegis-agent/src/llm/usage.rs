@@ -55,13 +55,7 @@ pub struct UsageCollector {
 
 impl UsageCollector {
     pub fn new(api: ApiKind) -> Self {
-        Self {
-            api,
-            summary: ResponseSummary::default(),
-            text: None,
-            text_cap: 0,
-            text_dropped: 0,
-        }
+        Self { api, summary: ResponseSummary::default(), text: None, text_cap: 0, text_dropped: 0 }
     }
 
     /// Also keep the generated text (for rules), at most `cap` bytes between takes.
@@ -142,9 +136,7 @@ impl UsageCollector {
         // Null in every chunk but the last of its choice.
         set_str(&mut s.finish_reason, v.pointer("/choices/0/finish_reason"));
         for choice in items(v, "/choices") {
-            let text = choice
-                .pointer("/message/content")
-                .or_else(|| choice.pointer("/delta/content"));
+            let text = choice.pointer("/message/content").or_else(|| choice.pointer("/delta/content"));
             self.text(text.or_else(|| choice.get("text")));
         }
         self.usage(v.get("usage"));
@@ -192,10 +184,7 @@ impl UsageCollector {
                 }
             }
             Some("message_delta") => {
-                set_str(
-                    &mut self.summary.finish_reason,
-                    v.pointer("/delta/stop_reason"),
-                );
+                set_str(&mut self.summary.finish_reason, v.pointer("/delta/stop_reason"));
                 self.usage(v.get("usage"));
             }
             Some("content_block_delta") if str_at(v, "/delta/type") == Some("text_delta") => {
@@ -225,22 +214,13 @@ impl UsageCollector {
         let s = &mut self.summary;
         set_str(&mut s.model, v.get("modelVersion"));
         set_str(&mut s.response_id, v.get("responseId"));
-        set_str(
-            &mut s.finish_reason,
-            v.pointer("/candidates/0/finishReason"),
-        );
+        set_str(&mut s.finish_reason, v.pointer("/candidates/0/finishReason"));
         // A blocked prompt gets no candidates, only the reason.
-        set_str(
-            &mut s.finish_reason,
-            v.pointer("/promptFeedback/blockReason"),
-        );
+        set_str(&mut s.finish_reason, v.pointer("/promptFeedback/blockReason"));
         if let Some(usage) = v.get("usageMetadata") {
             set_count(&mut s.input_tokens, usage.get("promptTokenCount"));
             set_count(&mut s.output_tokens, usage.get("candidatesTokenCount"));
-            set_count(
-                &mut s.cache_read_tokens,
-                usage.get("cachedContentTokenCount"),
-            );
+            set_count(&mut s.cache_read_tokens, usage.get("cachedContentTokenCount"));
         }
         for candidate in items(v, "/candidates") {
             for part in items(candidate, "/content/parts") {
@@ -268,26 +248,11 @@ impl UsageCollector {
     fn usage(&mut self, usage: Option<&Value>) {
         let Some(u) = usage else { return };
         let s = &mut self.summary;
-        set_count(
-            &mut s.input_tokens,
-            u.get("prompt_tokens").or_else(|| u.get("input_tokens")),
-        );
-        set_count(
-            &mut s.output_tokens,
-            u.get("completion_tokens")
-                .or_else(|| u.get("output_tokens")),
-        );
-        let cached = u
-            .get("cache_read_input_tokens")
-            .or_else(|| u.pointer("/prompt_tokens_details/cached_tokens"));
-        set_count(
-            &mut s.cache_read_tokens,
-            cached.or_else(|| u.pointer("/input_tokens_details/cached_tokens")),
-        );
-        set_count(
-            &mut s.cache_write_tokens,
-            u.get("cache_creation_input_tokens"),
-        );
+        set_count(&mut s.input_tokens, u.get("prompt_tokens").or_else(|| u.get("input_tokens")));
+        set_count(&mut s.output_tokens, u.get("completion_tokens").or_else(|| u.get("output_tokens")));
+        let cached = u.get("cache_read_input_tokens").or_else(|| u.pointer("/prompt_tokens_details/cached_tokens"));
+        set_count(&mut s.cache_read_tokens, cached.or_else(|| u.pointer("/input_tokens_details/cached_tokens")));
+        set_count(&mut s.cache_write_tokens, u.get("cache_creation_input_tokens"));
     }
 
     /// Error objects: `{"error": {"type"|"status"|"code", "message"}}` (OpenAI, Anthropic,
@@ -341,10 +306,7 @@ fn str_at<'a>(v: &'a Value, pointer: &str) -> Option<&'a str> {
 
 /// The items of the array at `pointer`; none when absent or not an array.
 fn items<'a>(v: &'a Value, pointer: &str) -> std::slice::Iter<'a, Value> {
-    v.pointer(pointer)
-        .and_then(Value::as_array)
-        .map_or(&[][..], Vec::as_slice)
-        .iter()
+    v.pointer(pointer).and_then(Value::as_array).map_or(&[][..], Vec::as_slice).iter()
 }
 
 /// Overwrite with a non-empty string; absent, null and empty values keep what is there
@@ -380,18 +342,14 @@ mod tests {
         let mut collector = UsageCollector::new(api);
         for (event, data) in events {
             let event = (!event.is_empty()).then(|| event.to_string());
-            collector.on_sse(&SseEvent {
-                event,
-                data: data.to_string(),
-            });
+            collector.on_sse(&SseEvent { event, data: data.to_string() });
         }
         collector.summary().clone()
     }
 
     fn lines(api: ApiKind, text: &str) -> ResponseSummary {
         let mut collector = UsageCollector::new(api);
-        text.split('\n')
-            .for_each(|line| collector.on_json_line(line.as_bytes()));
+        text.split('\n').for_each(|line| collector.on_json_line(line.as_bytes()));
         collector.summary().clone()
     }
 
@@ -444,11 +402,7 @@ mod tests {
                 "logprobs":null,"finish_reason":"length"}],"usage":{"prompt_tokens":5,"completion_tokens":7,"total_tokens":12}}"#,
         );
         assert_eq!(
-            (
-                summary.input_tokens,
-                summary.output_tokens,
-                summary.finish_reason.as_deref()
-            ),
+            (summary.input_tokens, summary.output_tokens, summary.finish_reason.as_deref()),
             (Some(5), Some(7), Some("length"))
         );
         assert_eq!(summary.output_text_bytes, 23);
@@ -509,10 +463,7 @@ mod tests {
                 "chatcmpl-9",
                 r#""choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":"{\"city\":\"Paris\"}"}}]},"finish_reason":null}]"#,
             ),
-            chunk(
-                "chatcmpl-9",
-                r#""choices":[{"index":0,"delta":{},"finish_reason":"tool_calls"}]"#,
-            ),
+            chunk("chatcmpl-9", r#""choices":[{"index":0,"delta":{},"finish_reason":"tool_calls"}]"#),
             "[DONE]".to_owned(),
         ];
         let events: Vec<_> = events.iter().map(|data| ("", data.as_str())).collect();
@@ -520,14 +471,7 @@ mod tests {
         assert_eq!((summary.input_tokens, summary.output_tokens), (None, None));
         assert_eq!(summary.finish_reason.as_deref(), Some("tool_calls"));
         // Tool-call arguments are not generated text.
-        assert_eq!(
-            (
-                summary.output_text_bytes,
-                summary.stream_events,
-                summary.unparsed
-            ),
-            (0, 4, 0)
-        );
+        assert_eq!((summary.output_text_bytes, summary.stream_events, summary.unparsed), (0, 4, 0));
     }
 
     #[test]
@@ -618,10 +562,7 @@ mod tests {
                 r#"{"type":"response.failed","sequence_number":3,"response":{"id":"resp_1","object":"response","status":"failed","error":{"code":"server_error","message":"The model failed to generate a response."},"model":"gpt-4.1","usage":null}}"#,
             )],
         );
-        assert_eq!(
-            failed.error.as_deref(),
-            Some("server_error: The model failed to generate a response.")
-        );
+        assert_eq!(failed.error.as_deref(), Some("server_error: The model failed to generate a response."));
         assert_eq!(failed.finish_reason.as_deref(), Some("failed"));
         let error = sse(
             ApiKind::Responses,
@@ -630,10 +571,7 @@ mod tests {
                 r#"{"type":"error","code":"ERR_SOMETHING","message":"Something went wrong","param":null,"sequence_number":1}"#,
             )],
         );
-        assert_eq!(
-            error.error.as_deref(),
-            Some("ERR_SOMETHING: Something went wrong")
-        );
+        assert_eq!(error.error.as_deref(), Some("ERR_SOMETHING: Something went wrong"));
     }
 
     #[test]
@@ -694,10 +632,7 @@ mod tests {
                     "content_block_delta",
                     r#"{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"!"}}"#,
                 ),
-                (
-                    "content_block_stop",
-                    r#"{"type":"content_block_stop","index":0}"#,
-                ),
+                ("content_block_stop", r#"{"type":"content_block_stop","index":0}"#),
                 (
                     "content_block_delta",
                     r#"{"type":"content_block_delta","index":1,"delta":{"type":"input_json_delta","partial_json":"{\"location\": \"San Fra"}}"#,
@@ -730,20 +665,11 @@ mod tests {
             ApiKind::AnthropicMessages,
             &[
                 ANTHROPIC_START,
-                (
-                    "error",
-                    r#"{"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}"#,
-                ),
+                ("error", r#"{"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}"#),
             ],
         );
-        assert_eq!(
-            summary.error.as_deref(),
-            Some("overloaded_error: Overloaded")
-        );
-        assert_eq!(
-            (summary.input_tokens, summary.output_tokens),
-            (Some(25), Some(1))
-        );
+        assert_eq!(summary.error.as_deref(), Some("overloaded_error: Overloaded"));
+        assert_eq!((summary.input_tokens, summary.output_tokens), (Some(25), Some(1)));
     }
 
     const GEMINI_FIRST: &str = r#"{"candidates": [{"content": {"parts": [{"text": "The"}],"role": "model"},"index": 0}],"usageMetadata": {"promptTokenCount": 9,"totalTokenCount": 9},"modelVersion": "gemini-2.0-flash","responseId": "mjMfaNzRM6OVz7IPk4GM-Qo"}"#;
@@ -787,26 +713,13 @@ mod tests {
 
     #[test]
     fn gemini_streams_as_sse_and_as_json_array() {
-        let summary = sse(
-            ApiKind::GeminiGenerateContent,
-            &[("", GEMINI_FIRST), ("", GEMINI_LAST)],
-        );
+        let summary = sse(ApiKind::GeminiGenerateContent, &[("", GEMINI_FIRST), ("", GEMINI_LAST)]);
         assert_eq!(summary, gemini_expected(2));
         let array = format!("[{GEMINI_FIRST},\r\n{GEMINI_LAST}]");
-        assert_eq!(
-            body(ApiKind::GeminiGenerateContent, &array),
-            gemini_expected(0)
-        );
+        assert_eq!(body(ApiKind::GeminiGenerateContent, &array), gemini_expected(0));
         // Without the last chunk: input known, output not.
         let summary = sse(ApiKind::GeminiGenerateContent, &[("", GEMINI_FIRST)]);
-        assert_eq!(
-            (
-                summary.input_tokens,
-                summary.output_tokens,
-                summary.finish_reason
-            ),
-            (Some(9), None, None)
-        );
+        assert_eq!((summary.input_tokens, summary.output_tokens, summary.finish_reason), (Some(9), None, None));
     }
 
     #[test]
@@ -817,10 +730,7 @@ mod tests {
                 "usageMetadata":{"promptTokenCount":8,"totalTokenCount":8},"modelVersion":"gemini-2.0-flash"}"#,
         );
         assert_eq!(summary.finish_reason.as_deref(), Some("SAFETY"));
-        assert_eq!(
-            (summary.input_tokens, summary.output_tokens),
-            (Some(8), None)
-        );
+        assert_eq!((summary.input_tokens, summary.output_tokens), (Some(8), None));
     }
 
     #[test]
@@ -866,14 +776,8 @@ mod tests {
             r#"{"model":"llama3.2","created_at":"2023-08-04T19:22:45.499127Z","response":"","done":true,"done_reason":"length","context":[1,2,3],"total_duration":10706818083,"prompt_eval_count":26,"eval_count":259}"#,
         );
         let summary = lines(ApiKind::OllamaGenerate, generate);
-        assert_eq!(
-            (summary.input_tokens, summary.output_tokens),
-            (Some(26), Some(259))
-        );
-        assert_eq!(
-            (summary.finish_reason.as_deref(), summary.output_text_bytes),
-            (Some("length"), 3)
-        );
+        assert_eq!((summary.input_tokens, summary.output_tokens), (Some(26), Some(259)));
+        assert_eq!((summary.finish_reason.as_deref(), summary.output_text_bytes), (Some("length"), 3));
         // Interrupted before the final line: no counts.
         let first_line = chat.split('\n').next().unwrap();
         assert_eq!(lines(ApiKind::OllamaChat, first_line).output_tokens, None);
@@ -893,60 +797,34 @@ mod tests {
             ApiKind::AnthropicMessages,
             r#"{"type":"error","error":{"type":"not_found_error","message":"model: claude-x"},"request_id":"req_011CSHoEeqs5C35K2UUqR7Fy"}"#,
         );
-        assert_eq!(
-            anthropic.error.as_deref(),
-            Some("not_found_error: model: claude-x")
-        );
+        assert_eq!(anthropic.error.as_deref(), Some("not_found_error: model: claude-x"));
 
         let gemini = body(
             ApiKind::GeminiGenerateContent,
             r#"{"error":{"code":400,"message":"API key not valid. Please pass a valid API key.","status":"INVALID_ARGUMENT",
                 "details":[{"@type":"type.googleapis.com/google.rpc.ErrorInfo","reason":"API_KEY_INVALID"}]}}"#,
         );
-        assert_eq!(
-            gemini.error.as_deref(),
-            Some("INVALID_ARGUMENT: API key not valid. Please pass a valid API key.")
-        );
+        assert_eq!(gemini.error.as_deref(), Some("INVALID_ARGUMENT: API key not valid. Please pass a valid API key."));
 
         // Null type: the code names it. OpenRouter: a numeric code.
         let rate = body(
             ApiKind::ChatCompletions,
             r#"{"error":{"message":"Rate limit reached","type":null,"code":"rate_limit_exceeded"}}"#,
         );
-        assert_eq!(
-            rate.error.as_deref(),
-            Some("rate_limit_exceeded: Rate limit reached")
-        );
-        let openrouter = body(
-            ApiKind::ChatCompletions,
-            r#"{"error":{"code":402,"message":"Insufficient credits"}}"#,
-        );
-        assert_eq!(
-            openrouter.error.as_deref(),
-            Some("402: Insufficient credits")
-        );
+        assert_eq!(rate.error.as_deref(), Some("rate_limit_exceeded: Rate limit reached"));
+        let openrouter = body(ApiKind::ChatCompletions, r#"{"error":{"code":402,"message":"Insufficient credits"}}"#);
+        assert_eq!(openrouter.error.as_deref(), Some("402: Insufficient credits"));
 
-        let ollama = body(
-            ApiKind::OllamaChat,
-            r#"{"error":"model \"llama9\" not found, try pulling it first"}"#,
-        );
-        assert_eq!(
-            ollama.error.as_deref(),
-            Some(r#"model "llama9" not found, try pulling it first"#)
-        );
-        assert_eq!(
-            body(ApiKind::ChatCompletions, r#"{"error":{}}"#).error,
-            None
-        );
+        let ollama = body(ApiKind::OllamaChat, r#"{"error":"model \"llama9\" not found, try pulling it first"}"#);
+        assert_eq!(ollama.error.as_deref(), Some(r#"model "llama9" not found, try pulling it first"#));
+        assert_eq!(body(ApiKind::ChatCompletions, r#"{"error":{}}"#).error, None);
     }
 
     #[test]
     fn long_error_is_clipped_on_a_char_boundary() {
         let message = "é".repeat(300);
-        let summary = body(
-            ApiKind::ChatCompletions,
-            &format!(r#"{{"error":{{"type":"server_error","message":"{message}"}}}}"#),
-        );
+        let summary =
+            body(ApiKind::ChatCompletions, &format!(r#"{{"error":{{"type":"server_error","message":"{message}"}}}}"#));
         let error = summary.error.unwrap();
         assert_eq!(error.chars().count(), MAX_TEXT_CHARS);
         assert!(error.starts_with("server_error: éé"));
@@ -956,24 +834,13 @@ mod tests {
     fn unparsable_documents_are_counted() {
         let mut collector = UsageCollector::new(ApiKind::ChatCompletions);
         // Truncated body, invalid UTF-8, SSE keep-alive with empty data, blank NDJSON line.
-        collector.on_body(
-            br#"{"id":"chatcmpl-1","model":"gpt-4o","choices":[{"message":{"content":"Hel"#,
-        );
+        collector.on_body(br#"{"id":"chatcmpl-1","model":"gpt-4o","choices":[{"message":{"content":"Hel"#);
         collector.on_body(b"{\"model\":\"\xff\xfe\"}");
         collector.on_body(b"");
-        collector.on_sse(&SseEvent {
-            event: None,
-            data: String::new(),
-        });
-        collector.on_sse(&SseEvent {
-            event: None,
-            data: "{not json".to_owned(),
-        });
+        collector.on_sse(&SseEvent { event: None, data: String::new() });
+        collector.on_sse(&SseEvent { event: None, data: "{not json".to_owned() });
         collector.on_json_line(b"  \r");
-        collector.on_sse(&SseEvent {
-            event: None,
-            data: chunk("chatcmpl-2", r#""choices":[]"#),
-        });
+        collector.on_sse(&SseEvent { event: None, data: chunk("chatcmpl-2", r#""choices":[]"#) });
         let expected = ResponseSummary {
             model: some("gpt-4o-mini-2024-07-18"),
             response_id: some("chatcmpl-2"),
@@ -986,16 +853,7 @@ mod tests {
 
     #[test]
     fn non_object_documents_are_ignored() {
-        let summary = sse(
-            ApiKind::ChatCompletions,
-            &[("", "42"), ("", r#""text""#), ("", "[[1]]"), ("", "null")],
-        );
-        assert_eq!(
-            summary,
-            ResponseSummary {
-                stream_events: 4,
-                ..ResponseSummary::default()
-            }
-        );
+        let summary = sse(ApiKind::ChatCompletions, &[("", "42"), ("", r#""text""#), ("", "[[1]]"), ("", "null")]);
+        assert_eq!(summary, ResponseSummary { stream_events: 4, ..ResponseSummary::default() });
     }
 }

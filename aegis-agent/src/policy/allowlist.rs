@@ -17,8 +17,8 @@ pub fn violations<'a>(
         .filter(|p| covers(&p.tenant, cgroup))
         .filter(|p| {
             let provider_ok = p.allow_providers.iter().any(|a| a == provider);
-            let model_ok = p.allow_models.is_empty()
-                || model.is_some_and(|m| p.allow_models.iter().any(|g| glob(g, m)));
+            let model_ok =
+                p.allow_models.is_empty() || model.is_some_and(|m| p.allow_models.iter().any(|g| glob(g, m)));
             !(provider_ok && model_ok)
         })
         .collect()
@@ -83,7 +83,10 @@ mod tests {
 
     #[test]
     fn tenants_and_allowlists() {
-        let ps = [policy("/system.slice/chat.service", &["openai"], &["gpt-4o*"]), policy("*", &["openai", "anthropic"], &[])];
+        let ps = [
+            policy("/system.slice/chat.service", &["openai"], &["gpt-4o*"]),
+            policy("*", &["openai", "anthropic"], &[]),
+        ];
         let v = |cg, prov, model| violations(&ps, cg, prov, model).len();
         assert_eq!(v("/system.slice/chat.service", "openai", Some("gpt-4o-mini")), 0);
         assert_eq!(v("/system.slice/chat.service/sub", "openai", Some("gpt-4.1")), 1);

@@ -166,9 +166,8 @@ impl DecisionBuilder {
                 rules.push(m.rule.clone());
             }
         }
-        let decided_by = top
-            .and_then(|m| engine.packs().iter().find(|p| format!("{}@{}", p.name, p.version) == m.pack))
-            .cloned();
+        let decided_by =
+            top.and_then(|m| engine.packs().iter().find(|p| format!("{}@{}", p.name, p.version) == m.pack)).cloned();
         let mut action = top.map_or(Action::Allow, |m| m.action);
         let escalated_by_emergency = emergency && action == Action::Warn;
         if escalated_by_emergency {

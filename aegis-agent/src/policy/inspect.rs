@@ -9,13 +9,13 @@ use super::{
     decision::{Decision, DecisionBuilder, Half, Kept, MatchRecord},
 };
 use crate::{
+    control::Block,
     llm::{content, detect::ApiKind},
     rules::{
-        engine::{Engine, Finding, ScanStats},
         PackPolicy,
+        engine::{Engine, Finding, ScanStats},
         pack::{Action, Category, Direction, Scope, Severity},
     },
-    control::Block,
 };
 
 /// The match that records an operator's block in a call's decision: rule `operator:<id>`.
@@ -60,7 +60,14 @@ pub struct CallInspection {
 impl CallInspection {
     pub fn new(inspector: Arc<Inspector>) -> Self {
         let (engine, policies) = inspector.in_force();
-        Self { inspector, engine, policies, builder: DecisionBuilder::default(), findings: Vec::new(), tail: String::new() }
+        Self {
+            inspector,
+            engine,
+            policies,
+            builder: DecisionBuilder::default(),
+            findings: Vec::new(),
+            tail: String::new(),
+        }
     }
 
     /// Inspect a complete (decoded) request body. `truncated`: the body is shorter than
@@ -109,7 +116,8 @@ impl CallInspection {
     /// Check the call against the provider/model allowlists of its tenant (`cgroup`).
     pub fn check_policies(&mut self, cgroup: &str, provider: &str, model: Option<&str>) {
         for p in allowlist::violations(self.policies.iter().map(|(_, p)| p), cgroup, provider, model) {
-            let pack = self.policies.iter().find(|(_, q)| std::ptr::eq(q, p)).map(|(n, _)| n.clone()).unwrap_or_default();
+            let pack =
+                self.policies.iter().find(|(_, q)| std::ptr::eq(q, p)).map(|(n, _)| n.clone()).unwrap_or_default();
             self.builder.add_record(MatchRecord {
                 rule: p.id.clone(),
                 category: Category::Policy,

@@ -75,8 +75,7 @@ impl Redactor {
     }
 
     fn hash(&self, matched: &str) -> String {
-        let mut mac =
-            Hmac::<Sha256>::new_from_slice(&self.key).expect("HMAC takes keys of any length");
+        let mut mac = Hmac::<Sha256>::new_from_slice(&self.key).expect("HMAC takes keys of any length");
         mac.update(matched.as_bytes());
         let tag = mac.finalize().into_bytes();
         let mut hash = String::from("hmac-sha256:");
@@ -110,9 +109,7 @@ fn load(path: &Path) -> anyhow::Result<Option<[u8; 32]>> {
     }
     let mode = meta.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
-        bail!(
-            "HMAC key file {shown} has mode {mode:04o}, must be private: run `chmod 600 {shown}`"
-        );
+        bail!("HMAC key file {shown} has mode {mode:04o}, must be private: run `chmod 600 {shown}`");
     }
     if meta.len() != 32 {
         bail!(
@@ -129,26 +126,21 @@ fn load(path: &Path) -> anyhow::Result<Option<[u8; 32]>> {
 /// Create the key file with a new random key; if another process created it first, its key.
 fn create(path: &Path) -> anyhow::Result<[u8; 32]> {
     if let Some(dir) = path.parent() {
-        fs::create_dir_all(dir)
-            .with_context(|| format!("cannot create directory {}", dir.display()))?;
+        fs::create_dir_all(dir).with_context(|| format!("cannot create directory {}", dir.display()))?;
     }
     let mut key = [0; 32];
-    getrandom::fill(&mut key)
-        .map_err(|e| anyhow::anyhow!("cannot get random bytes from the OS: {e}"))?;
-    let name = path
-        .file_name()
-        .with_context(|| format!("HMAC key path {} has no file name", path.display()))?;
-    let tmp =
-        path.with_file_name(format!(".{}.{}.tmp", name.to_string_lossy(), std::process::id()));
+    getrandom::fill(&mut key).map_err(|e| anyhow::anyhow!("cannot get random bytes from the OS: {e}"))?;
+    let name = path.file_name().with_context(|| format!("HMAC key path {} has no file name", path.display()))?;
+    let tmp = path.with_file_name(format!(".{}.{}.tmp", name.to_string_lossy(), std::process::id()));
     // A leftover of a crashed process with our pid is ours to remove; errors show up below.
     let _ = fs::remove_file(&tmp);
     let placed = write_new(&tmp, &key).and_then(|()| fs::hard_link(&tmp, path));
     let _ = fs::remove_file(&tmp);
     match placed {
         Ok(()) => Ok(key),
-        Err(e) if e.kind() == ErrorKind::AlreadyExists => load(path)?.with_context(|| {
-            format!("HMAC key file {} vanished while being created", path.display())
-        }),
+        Err(e) if e.kind() == ErrorKind::AlreadyExists => {
+            load(path)?.with_context(|| format!("HMAC key file {} vanished while being created", path.display()))
+        }
         Err(e) => Err(e).with_context(|| format!("cannot create HMAC key file {}", path.display())),
     }
 }
@@ -174,10 +166,7 @@ mod tests {
         // Python: hmac.new(bytes(range(32)), b"sk-proj-1234567890abcdef56", "sha256").hexdigest()[:32]
         assert_eq!(evidence.hash, "hmac-sha256:24dbfda258708010c611098a5c898a1c");
         assert_eq!(Redactor::new(key).evidence(SECRET).hash, evidence.hash);
-        assert_eq!(
-            Redactor::new([7; 32]).evidence(SECRET).hash,
-            "hmac-sha256:a9cd29bb5daa363b73b3e07e435d5c81"
-        );
+        assert_eq!(Redactor::new([7; 32]).evidence(SECRET).hash, "hmac-sha256:a9cd29bb5daa363b73b3e07e435d5c81");
         assert_ne!(Redactor::new(key).evidence("sk-proj-1234567890abcdef57").hash, evidence.hash);
     }
 
@@ -206,8 +195,7 @@ mod tests {
 
     impl TempDir {
         fn new(name: &str) -> Self {
-            let dir =
-                std::env::temp_dir().join(format!("aegis-redact-{name}-{}", std::process::id()));
+            let dir = std::env::temp_dir().join(format!("aegis-redact-{name}-{}", std::process::id()));
             let _ = fs::remove_dir_all(&dir);
             Self(dir)
         }
@@ -227,8 +215,7 @@ mod tests {
         let meta = fs::metadata(&path).unwrap();
         assert_eq!(meta.permissions().mode() & 0o777, 0o600);
         assert_eq!(meta.len(), 32);
-        let dir: Vec<_> =
-            fs::read_dir(path.parent().unwrap()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        let dir: Vec<_> = fs::read_dir(path.parent().unwrap()).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(dir, ["hmac.key"], "no temporary file left");
 
         let key: [u8; 32] = fs::read(&path).unwrap().try_into().unwrap();

@@ -18,10 +18,7 @@ use crate::rules;
 
 /// What identifies a file version cheaply: modification time and size.
 fn stamp(paths: &[PathBuf]) -> Vec<Option<(SystemTime, u64)>> {
-    paths
-        .iter()
-        .map(|p| std::fs::metadata(p).ok().and_then(|m| Some((m.modified().ok()?, m.len()))))
-        .collect()
+    paths.iter().map(|p| std::fs::metadata(p).ok().and_then(|m| Some((m.modified().ok()?, m.len())))).collect()
 }
 
 /// Check `paths` every `every` until `stop`; reload when one changed.

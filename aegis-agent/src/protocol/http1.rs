@@ -44,10 +44,7 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Self {
-            max_head_bytes: 64 * 1024,
-            max_headers: 128,
-        }
+        Self { max_head_bytes: 64 * 1024, max_headers: 128 }
     }
 }
 
@@ -85,10 +82,7 @@ pub struct MessageHead {
 impl MessageHead {
     /// First value of a header (name compared case-insensitively).
     pub fn header(&self, name: &str) -> Option<&[u8]> {
-        self.headers
-            .iter()
-            .find(|h| h.name.eq_ignore_ascii_case(name))
-            .map(|h| &h.value[..])
+        self.headers.iter().find(|h| h.name.eq_ignore_ascii_case(name)).map(|h| &h.value[..])
     }
 }
 
@@ -192,12 +186,7 @@ struct HeadBuf {
 
 impl HeadBuf {
     fn new(kind: StreamKind) -> Self {
-        Self {
-            buf: Vec::new(),
-            start: StartMatch::new(kind),
-            line_start: 0,
-            fields: 0,
-        }
+        Self { buf: Vec::new(), start: StartMatch::new(kind), line_start: 0, fields: 0 }
     }
 
     /// Forget the head, keeping the allocation.
@@ -239,16 +228,10 @@ impl StartMatch {
         match self {
             StartMatch::Method { len } if is_tchar(b) => Some(StartMatch::Method { len: len + 1 }),
             StartMatch::Method { len } if len > 0 && b == b' ' => Some(StartMatch::TargetStart),
-            StartMatch::TargetStart | StartMatch::Target if is_target_byte(b) => {
-                Some(StartMatch::Target)
-            }
+            StartMatch::TargetStart | StartMatch::Target if is_target_byte(b) => Some(StartMatch::Target),
             StartMatch::Target if b == b' ' => Some(StartMatch::Version(0)),
             StartMatch::Version(k) if VERSION_PREFIX.get(k) == Some(&b) => {
-                Some(if k + 1 == VERSION_PREFIX.len() {
-                    StartMatch::Matched
-                } else {
-                    StartMatch::Version(k + 1)
-                })
+                Some(if k + 1 == VERSION_PREFIX.len() { StartMatch::Matched } else { StartMatch::Version(k + 1) })
             }
             _ => None,
         }
@@ -340,9 +323,7 @@ impl Http1Parser {
                     if used as u64 == remaining {
                         self.end_message(out);
                     } else {
-                        self.state = State::Fixed {
-                            remaining: remaining - used as u64,
-                        };
+                        self.state = State::Fixed { remaining: remaining - used as u64 };
                     }
                     used
                 }
@@ -352,9 +333,7 @@ impl Http1Parser {
                     self.state = if used as u64 == remaining {
                         State::ChunkDataEnd { cr: false }
                     } else {
-                        State::ChunkData {
-                            remaining: remaining - used as u64,
-                        }
+                        State::ChunkData { remaining: remaining - used as u64 }
                     };
                     used
                 }
@@ -392,9 +371,7 @@ impl Http1Parser {
             State::Fixed { remaining } => {
                 self.incomplete = true;
                 if n < remaining {
-                    self.state = State::Fixed {
-                        remaining: remaining - n,
-                    };
+                    self.state = State::Fixed { remaining: remaining - n };
                 } else {
                     self.end_message(out);
                     if n > remaining {
@@ -408,9 +385,7 @@ impl Http1Parser {
                 self.state = if n == remaining {
                     State::ChunkDataEnd { cr: false }
                 } else {
-                    State::ChunkData {
-                        remaining: remaining - n,
-                    }
+                    State::ChunkData { remaining: remaining - n }
                 };
             }
             State::UntilClose => self.incomplete = true,
@@ -462,36 +437,21 @@ impl Http1Parser {
     /// Give up on the stream here: end the message in progress, report the error (once
     /// per resync), and look for the next start line, right away if `at_line_start`.
     /// `discarded` bytes were consumed and are lost.
-    fn fail(
-        &mut self,
-        error: ParseError,
-        discarded: u64,
-        at_line_start: bool,
-        out: &mut Vec<HttpEvent>,
-    ) {
+    fn fail(&mut self, error: ParseError, discarded: u64, at_line_start: bool, out: &mut Vec<HttpEvent>) {
         if self.in_message() {
             out.push(HttpEvent::End { complete: false });
         }
         self.skipped += discarded;
         if !self.resyncing {
             self.resyncing = true;
-            out.push(HttpEvent::Error {
-                error,
-                skipped: discarded,
-            });
+            out.push(HttpEvent::Error { error, skipped: discarded });
         }
         self.head.clear(self.kind);
-        self.state = if at_line_start {
-            State::Head
-        } else {
-            State::Discard
-        };
+        self.state = if at_line_start { State::Head } else { State::Discard };
     }
 
     fn end_message(&mut self, out: &mut Vec<HttpEvent>) {
-        out.push(HttpEvent::End {
-            complete: !self.incomplete,
-        });
+        out.push(HttpEvent::End { complete: !self.incomplete });
         self.state = State::Head;
     }
 
@@ -516,21 +476,11 @@ impl Http1Parser {
                     continue;
                 }
                 if self.head.buf.len() >= max {
-                    self.fail(
-                        ParseError::HeadTooLarge(max),
-                        self.head.buf.len() as u64,
-                        false,
-                        out,
-                    );
+                    self.fail(ParseError::HeadTooLarge(max), self.head.buf.len() as u64, false, out);
                     return i;
                 }
                 let Some(next) = self.head.start.push(b) else {
-                    self.fail(
-                        ParseError::BadStartLine,
-                        self.head.buf.len() as u64 + 1,
-                        b == b'\n',
-                        out,
-                    );
+                    self.fail(ParseError::BadStartLine, self.head.buf.len() as u64 + 1, b == b'\n', out);
                     return i + 1;
                 };
                 self.head.buf.push(b);
@@ -552,12 +502,7 @@ impl Http1Parser {
             None => {
                 self.head.buf.extend_from_slice(window);
                 if data.len() > room {
-                    self.fail(
-                        ParseError::HeadTooLarge(max),
-                        self.head.buf.len() as u64,
-                        false,
-                        out,
-                    );
+                    self.fail(ParseError::HeadTooLarge(max), self.head.buf.len() as u64, false, out);
                 }
                 window.len()
             }
@@ -581,12 +526,7 @@ impl Http1Parser {
                 head.fields += 1;
                 if head.fields > self.limits.max_headers {
                     let discarded = head.buf.len() as u64;
-                    self.fail(
-                        ParseError::TooManyHeaders(self.limits.max_headers),
-                        discarded,
-                        true,
-                        out,
-                    );
+                    self.fail(ParseError::TooManyHeaders(self.limits.max_headers), discarded, true, out);
                 }
             }
         }
@@ -641,21 +581,10 @@ impl Http1Parser {
                 return Ok(Framing::Empty);
             }
         }
-        let mut transfer_encodings = head
-            .headers
-            .iter()
-            .filter(|h| h.name == "transfer-encoding")
-            .peekable();
+        let mut transfer_encodings = head.headers.iter().filter(|h| h.name == "transfer-encoding").peekable();
         if transfer_encodings.peek().is_some() {
-            let last = transfer_encodings
-                .last()
-                .map(|h| &h.value[..])
-                .unwrap_or_default();
-            let final_coding = last
-                .rsplit(|&b| b == b',')
-                .next()
-                .unwrap_or_default()
-                .trim_ascii();
+            let last = transfer_encodings.last().map(|h| &h.value[..]).unwrap_or_default();
+            let final_coding = last.rsplit(|&b| b == b',').next().unwrap_or_default().trim_ascii();
             return if final_coding.eq_ignore_ascii_case(b"chunked") {
                 Ok(Framing::Chunked)
             } else if self.kind == StreamKind::Responses {
@@ -701,8 +630,7 @@ impl Http1Parser {
                         true
                     }
                     _ if line.after_digits => false,
-                    _ => match hex_value(b).and_then(|d| line.size.checked_mul(16)?.checked_add(d))
-                    {
+                    _ => match hex_value(b).and_then(|d| line.size.checked_mul(16)?.checked_add(d)) {
                         Some(size) => {
                             line.size = size;
                             line.digits = true;
@@ -721,9 +649,7 @@ impl Http1Parser {
                 self.state = if line.size == 0 {
                     State::Trailers(Trailers::default())
                 } else {
-                    State::ChunkData {
-                        remaining: line.size,
-                    }
+                    State::ChunkData { remaining: line.size }
                 };
                 return i + 1;
             }
@@ -750,11 +676,7 @@ impl Http1Parser {
             }
             return window.len();
         };
-        let cr_last = if lf > 0 {
-            window[lf - 1] == b'\r'
-        } else {
-            trailers.cr_last
-        };
+        let cr_last = if lf > 0 { window[lf - 1] == b'\r' } else { trailers.cr_last };
         let line_len = trailers.line_len + lf - usize::from(cr_last);
         if line_len == 0 {
             self.end_message(out);
@@ -762,12 +684,7 @@ impl Http1Parser {
         }
         trailers.fields += 1;
         if trailers.fields > self.limits.max_headers {
-            self.fail(
-                ParseError::TooManyHeaders(self.limits.max_headers),
-                0,
-                true,
-                out,
-            );
+            self.fail(ParseError::TooManyHeaders(self.limits.max_headers), 0, true, out);
             return lf + 1;
         }
         trailers.bytes += lf + 1;
@@ -797,21 +714,15 @@ fn parse_content_length(value: &[u8]) -> Result<u64, ParseError> {
         return Err(ParseError::BadContentLength);
     }
     value.iter().try_fold(0u64, |n, &b| {
-        let digit = char::from(b)
-            .to_digit(10)
-            .ok_or(ParseError::BadContentLength)?;
-        n.checked_mul(10)
-            .and_then(|n| n.checked_add(u64::from(digit)))
-            .ok_or(ParseError::BadContentLength)
+        let digit = char::from(b).to_digit(10).ok_or(ParseError::BadContentLength)?;
+        n.checked_mul(10).and_then(|n| n.checked_add(u64::from(digit))).ok_or(ParseError::BadContentLength)
     })
 }
 
 /// `HTTP/1.x` → x.
 fn parse_version(bytes: &[u8]) -> Option<u8> {
     match bytes {
-        [prefix @ .., minor] if prefix == VERSION_PREFIX && minor.is_ascii_digit() => {
-            Some(minor - b'0')
-        }
+        [prefix @ .., minor] if prefix == VERSION_PREFIX && minor.is_ascii_digit() => Some(minor - b'0'),
         _ => None,
     }
 }
@@ -822,11 +733,7 @@ fn parse_head(kind: StreamKind, raw: &Bytes) -> Result<MessageHead, ParseError> 
     let mut line_start = 0;
     let mut lines = memchr::memchr_iter(b'\n', &raw[..]).map(|lf| {
         let start = std::mem::replace(&mut line_start, lf + 1);
-        let end = if lf > start && raw[lf - 1] == b'\r' {
-            lf - 1
-        } else {
-            lf
-        };
+        let end = if lf > start && raw[lf - 1] == b'\r' { lf - 1 } else { lf };
         start..end
     });
     let start_line = &raw[lines.next().ok_or(ParseError::BadStartLine)?];
@@ -844,9 +751,7 @@ fn parse_head(kind: StreamKind, raw: &Bytes) -> Result<MessageHead, ParseError> 
     match kind {
         StreamKind::Requests => {
             let mut parts = start_line.splitn(3, |&b| b == b' ');
-            let (Some(method), Some(target), Some(version)) =
-                (parts.next(), parts.next(), parts.next())
-            else {
+            let (Some(method), Some(target), Some(version)) = (parts.next(), parts.next(), parts.next()) else {
                 return Err(ParseError::BadStartLine);
             };
             let valid_method = !method.is_empty() && method.iter().all(|&b| is_tchar(b));
@@ -860,9 +765,8 @@ fn parse_head(kind: StreamKind, raw: &Bytes) -> Result<MessageHead, ParseError> 
         }
         StreamKind::Responses => {
             // HTTP/1.x SP 3DIGIT [ SP reason ]; an empty reason may lack its SP.
-            let (version, rest) = start_line
-                .split_at_checked(VERSION_PREFIX.len() + 1)
-                .ok_or(ParseError::BadStartLine)?;
+            let (version, rest) =
+                start_line.split_at_checked(VERSION_PREFIX.len() + 1).ok_or(ParseError::BadStartLine)?;
             head.minor_version = parse_version(version).ok_or(ParseError::BadStartLine)?;
             let status = match rest {
                 [b' ', d @ ..] if d.len() == 3 => d,
@@ -923,10 +827,7 @@ mod tests {
 
     use super::*;
 
-    const SMALL: Limits = Limits {
-        max_head_bytes: 256,
-        max_headers: 4,
-    };
+    const SMALL: Limits = Limits { max_head_bytes: 256, max_headers: 4 };
 
     const fn end(complete: bool) -> HttpEvent {
         End { complete }
@@ -969,21 +870,11 @@ mod tests {
     fn parse_with(kind: StreamKind, limits: Limits, stream: &[u8]) -> (Vec<HttpEvent>, u64) {
         let whole = run(kind, limits, &[stream]);
         let bytes: Vec<&[u8]> = stream.chunks(1).collect();
-        assert_eq!(
-            run(kind, limits, &bytes),
-            whole,
-            "byte at a time: {:?}",
-            String::from_utf8_lossy(stream)
-        );
+        assert_eq!(run(kind, limits, &bytes), whole, "byte at a time: {:?}", String::from_utf8_lossy(stream));
         if stream.len() <= 600 {
             for at in 0..=stream.len() {
                 let (a, b) = stream.split_at(at);
-                assert_eq!(
-                    run(kind, limits, &[a, b]),
-                    whole,
-                    "split at {at}: {:?}",
-                    String::from_utf8_lossy(stream)
-                );
+                assert_eq!(run(kind, limits, &[a, b]), whole, "split at {at}: {:?}", String::from_utf8_lossy(stream));
             }
         }
         whole
@@ -1025,7 +916,8 @@ mod tests {
 
     #[test]
     fn simple_request_head() {
-        let raw = "GET /v1/models?x=1 HTTP/1.1\r\nHost: api.openai.com\r\nX-Empty:\r\nAuthorization:  Bearer k  \r\n\r\n";
+        let raw =
+            "GET /v1/models?x=1 HTTP/1.1\r\nHost: api.openai.com\r\nX-Empty:\r\nAuthorization:  Bearer k  \r\n\r\n";
         let events = parse(Requests, raw);
         assert_eq!(events.len(), 2, "{events:?}");
         let head = head(&events[0]);
@@ -1035,35 +927,17 @@ mod tests {
         assert_eq!(head.minor_version, 1);
         assert_eq!(head.wire_len, raw.len());
         let names: Vec<&str> = head.headers.iter().map(|h| h.name.as_str()).collect();
-        assert_eq!(
-            names,
-            ["host", "x-empty", "authorization"],
-            "names lower-cased, in order"
-        );
+        assert_eq!(names, ["host", "x-empty", "authorization"], "names lower-cased, in order");
         assert_eq!(head.header("HOST"), Some(&b"api.openai.com"[..]));
         assert_eq!(head.header("x-empty"), Some(&b""[..]));
-        assert_eq!(
-            head.header("authorization"),
-            Some(&b"Bearer k"[..]),
-            "value trimmed"
-        );
-        assert_eq!(
-            events[1],
-            end(true),
-            "a request without a length has no body"
-        );
+        assert_eq!(head.header("authorization"), Some(&b"Bearer k"[..]), "value trimmed");
+        assert_eq!(events[1], end(true), "a request without a length has no body");
     }
 
     #[test]
     fn request_with_content_length_body() {
-        let events = parse(
-            Requests,
-            "POST /v1/chat HTTP/1.1\r\nContent-Length: 11\r\n\r\n{\"a\":\"b\"}\r\n",
-        );
-        assert_eq!(
-            shape(&events),
-            ["head POST /v1/chat", "body {\"a\":\"b\"}\r\n", "end true"]
-        );
+        let events = parse(Requests, "POST /v1/chat HTTP/1.1\r\nContent-Length: 11\r\n\r\n{\"a\":\"b\"}\r\n");
+        assert_eq!(shape(&events), ["head POST /v1/chat", "body {\"a\":\"b\"}\r\n", "end true"]);
     }
 
     #[test]
@@ -1111,29 +985,17 @@ mod tests {
                       HTTP/1.1 204 No Content\r\n\r\n";
         assert_eq!(
             shape(&parse(Responses, stream)),
-            [
-                "head 200",
-                "body Wikipedia in \r\nchunks",
-                "end true",
-                "head 204",
-                "end true"
-            ]
+            ["head 200", "body Wikipedia in \r\nchunks", "end true", "head 204", "end true"]
         );
     }
 
     #[test]
     fn chunked_sizes_are_hex_of_any_case() {
         let data = "x".repeat(0x1a);
-        let stream = format!(
-            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1A\r\n{data}\r\n0\r\n\r\n"
-        );
+        let stream = format!("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1A\r\n{data}\r\n0\r\n\r\n");
         assert_eq!(
             shape(&parse(Responses, &stream)),
-            [
-                "head 200".to_string(),
-                format!("body {data}"),
-                "end true".into()
-            ]
+            ["head 200".to_string(), format!("body {data}"), "end true".into()]
         );
     }
 
@@ -1148,74 +1010,43 @@ mod tests {
             ("5\rx\n", "CR not before LF"),
         ];
         for (size_line, why) in cases {
-            let stream = format!(
-                "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n{size_line}junk\r\n{next}"
-            );
+            let stream = format!("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n{size_line}junk\r\n{next}");
             let (events, _) = parse_with(Responses, Limits::default(), stream.as_bytes());
             assert_eq!(
                 shape(&events),
-                [
-                    "head 200",
-                    "end false",
-                    "error BadChunk 0",
-                    "head 200",
-                    "body ok",
-                    "end true"
-                ],
+                ["head 200", "end false", "error BadChunk 0", "head 200", "body ok", "end true"],
                 "{why}"
             );
         }
         // The missing CRLF after chunk data.
-        let stream =
-            format!("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nokX\r\n{next}");
+        let stream = format!("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nokX\r\n{next}");
         assert_eq!(
             shape(&parse(Responses, &stream)),
-            [
-                "head 200",
-                "body ok",
-                "end false",
-                "error BadChunk 0",
-                "head 200",
-                "body ok",
-                "end true"
-            ]
+            ["head 200", "body ok", "end false", "error BadChunk 0", "head 200", "body ok", "end true"]
         );
     }
 
     #[test]
     fn truncated_chunked_message_resyncs_on_the_next_status_line() {
         // The chunk size line position holds a new response: resync without losing it.
-        let stream = "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nHTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n";
+        let stream =
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nHTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n";
         let (events, skipped) = parse_with(Responses, Limits::default(), stream.as_bytes());
-        assert_eq!(
-            shape(&events),
-            [
-                "head 200",
-                "end false",
-                "error BadChunk 0",
-                "head 404",
-                "end true"
-            ]
-        );
+        assert_eq!(shape(&events), ["head 200", "end false", "error BadChunk 0", "head 404", "end true"]);
         assert_eq!(skipped, 0);
     }
 
     #[test]
     fn transfer_encoding_wins_over_content_length() {
-        let stream = "HTTP/1.1 200 OK\r\nContent-Length: 100\r\nTransfer-Encoding: gzip, chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n";
-        assert_eq!(
-            shape(&parse(Responses, stream)),
-            ["head 200", "body abc", "end true"]
-        );
+        let stream =
+            "HTTP/1.1 200 OK\r\nContent-Length: 100\r\nTransfer-Encoding: gzip, chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n";
+        assert_eq!(shape(&parse(Responses, stream)), ["head 200", "body abc", "end true"]);
     }
 
     #[test]
     fn request_transfer_encoding_must_end_in_chunked() {
         let stream = "POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n";
-        assert_eq!(
-            shape(&parse(Requests, stream)),
-            [format!("error BadHeader {}", stream.len())]
-        );
+        assert_eq!(shape(&parse(Requests, stream)), [format!("error BadHeader {}", stream.len())]);
     }
 
     #[test]
@@ -1224,20 +1055,10 @@ mod tests {
             Responses,
             "HTTP/1.0 200 OK\r\nContent-Type: text/event-stream\r\n\r\ndata: 1\n\ndata: 2\n\nHTTP/1.1 200 OK\r\n",
         );
-        assert_eq!(
-            shape(&events),
-            [
-                "head 200",
-                "body data: 1\n\ndata: 2\n\nHTTP/1.1 200 OK\r\n",
-                "end true"
-            ]
-        );
+        assert_eq!(shape(&events), ["head 200", "body data: 1\n\ndata: 2\n\nHTTP/1.1 200 OK\r\n", "end true"]);
         assert_eq!(head(&events[0]).minor_version, 0);
         // Transfer-Encoding without chunked, in a response: until close too.
-        let events = parse(
-            Responses,
-            "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nzzz",
-        );
+        let events = parse(Responses, "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nzzz");
         assert_eq!(shape(&events), ["head 200", "body zzz", "end true"]);
     }
 
@@ -1246,9 +1067,7 @@ mod tests {
         let stream = "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </s.css>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
         assert_eq!(
             shape(&parse(Responses, stream)),
-            [
-                "head 100", "end true", "head 103", "end true", "head 200", "body ok", "end true"
-            ]
+            ["head 100", "end true", "head 103", "end true", "head 200", "body ok", "end true"]
         );
     }
 
@@ -1259,9 +1078,7 @@ mod tests {
                       HTTP/1.1 200\r\nContent-Length: 1\r\n\r\nx";
         assert_eq!(
             shape(&parse(Responses, stream)),
-            [
-                "head 204", "end true", "head 304", "end true", "head 200", "body x", "end true"
-            ]
+            ["head 204", "end true", "head 304", "end true", "head 200", "body x", "end true"]
         );
     }
 
@@ -1307,10 +1124,7 @@ mod tests {
         let mut parser = Http1Parser::new(Responses, Limits::default());
         parser.expect_response_to("CONNECT");
         let mut out = Vec::new();
-        parser.feed(
-            format!("HTTP/1.1 200 Connection established\r\n\r\n{tunnel}").as_bytes(),
-            &mut out,
-        );
+        parser.feed(format!("HTTP/1.1 200 Connection established\r\n\r\n{tunnel}").as_bytes(), &mut out);
         parser.finish(&mut out);
         assert_eq!(shape(&out), ["head 200", "end true"]);
         assert_eq!(parser.skipped_bytes(), tunnel.len() as u64);
@@ -1327,10 +1141,7 @@ mod tests {
         let mut parser = Http1Parser::new(Responses, Limits::default());
         parser.expect_response_to("CONNECT");
         let mut out = Vec::new();
-        parser.feed(
-            b"HTTP/1.1 407 Proxy Auth\r\nContent-Length: 1\r\n\r\nx",
-            &mut out,
-        );
+        parser.feed(b"HTTP/1.1 407 Proxy Auth\r\nContent-Length: 1\r\n\r\nx", &mut out);
         assert_eq!(shape(&out), ["head 407", "body x", "end true"]);
     }
 
@@ -1346,30 +1157,17 @@ mod tests {
             ("Content-Length: 18446744073709551616\r\n", "u64 overflow"),
         ] {
             let head = format!("POST / HTTP/1.1\r\n{value}\r\n");
-            let stream =
-                format!("{head}hello GET /next HTTP/1.1\r\n\r\nGET /after HTTP/1.1\r\n\r\n");
+            let stream = format!("{head}hello GET /next HTTP/1.1\r\n\r\nGET /after HTTP/1.1\r\n\r\n");
             let (events, skipped) = parse_with(Requests, Limits::default(), stream.as_bytes());
             assert_eq!(
                 shape(&events),
-                [
-                    format!("error BadContentLength {}", head.len()),
-                    "head GET /after".into(),
-                    "end true".into()
-                ],
+                [format!("error BadContentLength {}", head.len()), "head GET /after".into(), "end true".into()],
                 "{why}"
             );
-            assert_eq!(
-                skipped,
-                (head.len() + "hello GET /next HTTP/1.1\r\n\r\n".len()) as u64,
-                "{why}: skipped bytes"
-            );
+            assert_eq!(skipped, (head.len() + "hello GET /next HTTP/1.1\r\n\r\n".len()) as u64, "{why}: skipped bytes");
         }
         let max = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\nabc", u64::MAX);
-        assert_eq!(
-            shape(&parse(Responses, &max)),
-            ["head 200", "body abc", "end false"],
-            "u64::MAX is a valid length"
-        );
+        assert_eq!(shape(&parse(Responses, &max)), ["head 200", "body abc", "end false"], "u64::MAX is a valid length");
     }
 
     #[test]
@@ -1377,10 +1175,7 @@ mod tests {
         let garbage = "\x00\x01binary junk\n";
         let stream = format!("{garbage}GET / HTTP/1.1\r\n\r\n");
         let (events, skipped) = parse_with(Requests, Limits::default(), stream.as_bytes());
-        assert_eq!(
-            shape(&events),
-            ["error BadStartLine 1", "head GET /", "end true"]
-        );
+        assert_eq!(shape(&events), ["error BadStartLine 1", "head GET /", "end true"]);
         assert_eq!(skipped, garbage.len() as u64);
 
         for (line, why) in [
@@ -1392,30 +1187,11 @@ mod tests {
             ("G(T / HTTP/1.1\r\n", "method not a token"),
             ("GET /a\x7fb HTTP/1.1\r\n", "control byte in target"),
         ] {
-            let stream = format!(
-                "{line}Host: x\r\n\r\nbody\r\nPUT /ok HTTP/1.1\r\nContent-Length: 1\r\n\r\n!"
-            );
+            let stream = format!("{line}Host: x\r\n\r\nbody\r\nPUT /ok HTTP/1.1\r\nContent-Length: 1\r\n\r\n!");
             let (events, skipped) = parse_with(Requests, Limits::default(), stream.as_bytes());
-            assert_eq!(
-                shape(&events)[1..],
-                ["head PUT /ok", "body !", "end true"],
-                "{why}"
-            );
-            assert!(
-                matches!(
-                    events[0],
-                    HttpEvent::Error {
-                        error: ParseError::BadStartLine,
-                        ..
-                    }
-                ),
-                "{why}: {events:?}"
-            );
-            assert_eq!(
-                skipped,
-                stream.find("PUT").unwrap() as u64,
-                "{why}: every byte before PUT skipped"
-            );
+            assert_eq!(shape(&events)[1..], ["head PUT /ok", "body !", "end true"], "{why}");
+            assert!(matches!(events[0], HttpEvent::Error { error: ParseError::BadStartLine, .. }), "{why}: {events:?}");
+            assert_eq!(skipped, stream.find("PUT").unwrap() as u64, "{why}: every byte before PUT skipped");
         }
 
         for (line, why) in [
@@ -1430,16 +1206,7 @@ mod tests {
             let stream = format!("{line}\r\nHTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n");
             let (events, skipped) = parse_with(Responses, Limits::default(), stream.as_bytes());
             assert_eq!(shape(&events)[1..], ["head 201", "end true"], "{why}");
-            assert!(
-                matches!(
-                    events[0],
-                    HttpEvent::Error {
-                        error: ParseError::BadStartLine,
-                        ..
-                    }
-                ),
-                "{why}: {events:?}"
-            );
+            assert!(matches!(events[0], HttpEvent::Error { error: ParseError::BadStartLine, .. }), "{why}: {events:?}");
             assert_eq!(skipped, line.len() as u64 + 2, "{why}: skipped bytes");
         }
     }
@@ -1465,21 +1232,14 @@ mod tests {
             (": empty name\r\n", "empty name"),
             ("X: a\rb\r\n", "bare CR"),
             ("X: a\0b\r\n", "NUL"),
-            (
-                " folded-first: x\r\n",
-                "continuation with nothing to continue",
-            ),
+            (" folded-first: x\r\n", "continuation with nothing to continue"),
         ] {
             let head = format!("GET / HTTP/1.1\r\n{line}\r\n");
             let stream = format!("{head}GET /next HTTP/1.1\r\n\r\n");
             let (events, _) = parse_with(Requests, Limits::default(), stream.as_bytes());
             assert_eq!(
                 shape(&events),
-                [
-                    format!("error BadHeader {}", head.len()),
-                    "head GET /next".into(),
-                    "end true".into()
-                ],
+                [format!("error BadHeader {}", head.len()), "head GET /next".into(), "end true".into()],
                 "{why}"
             );
         }
@@ -1491,38 +1251,22 @@ mod tests {
             Responses,
             "HTTP/1.1 200 OK\nContent-Length: 2\nX: y\n\nokHTTP/1.1 200 OK\nTransfer-Encoding: chunked\n\n1\nA\n0\nT: 1\n\n",
         );
-        assert_eq!(
-            shape(&events),
-            [
-                "head 200", "body ok", "end true", "head 200", "body A", "end true"
-            ]
-        );
+        assert_eq!(shape(&events), ["head 200", "body ok", "end true", "head 200", "body A", "end true"]);
         assert_eq!(head(&events[0]).header("x"), Some(&b"y"[..]));
         assert_eq!(head(&events[0]).wire_len, 40);
     }
 
     #[test]
     fn leading_empty_lines_are_ignored() {
-        let (events, skipped) = parse_with(
-            Requests,
-            Limits::default(),
-            b"\r\n\n\r\nGET / HTTP/1.1\r\n\r\n",
-        );
+        let (events, skipped) = parse_with(Requests, Limits::default(), b"\r\n\n\r\nGET / HTTP/1.1\r\n\r\n");
         assert_eq!(shape(&events), ["head GET /", "end true"]);
-        assert_eq!(
-            head(&events[0]).wire_len,
-            18,
-            "the empty lines are not part of the head"
-        );
+        assert_eq!(head(&events[0]).wire_len, 18, "the empty lines are not part of the head");
         assert_eq!(skipped, 0);
     }
 
     #[test]
     fn obsolete_line_folding_is_joined() {
-        let events = parse(
-            Requests,
-            "GET / HTTP/1.1\r\nX-Long: part one\r\n  part two\r\n\tthree \r\nY: z\r\n\r\n",
-        );
+        let events = parse(Requests, "GET / HTTP/1.1\r\nX-Long: part one\r\n  part two\r\n\tthree \r\nY: z\r\n\r\n");
         let head = head(&events[0]);
         assert_eq!(head.header("x-long"), Some(&b"part one part two three"[..]));
         assert_eq!(head.headers.len(), 2);
@@ -1544,24 +1288,15 @@ mod tests {
     #[test]
     fn head_size_bound() {
         // Exactly at the limit is fine.
-        let exact = format!(
-            "GET / HTTP/1.1\r\nX: {}\r\n\r\n",
-            "a".repeat(SMALL.max_head_bytes - 23)
-        );
+        let exact = format!("GET / HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(SMALL.max_head_bytes - 23));
         assert_eq!(exact.len(), SMALL.max_head_bytes);
         let (events, _) = parse_with(Requests, SMALL, exact.as_bytes());
         assert_eq!(shape(&events), ["head GET /", "end true"]);
 
-        let big = format!(
-            "GET / HTTP/1.1\r\nX: {}\r\n\r\n",
-            "a".repeat(SMALL.max_head_bytes)
-        );
+        let big = format!("GET / HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(SMALL.max_head_bytes));
         let stream = format!("{big}GET /next HTTP/1.1\r\n\r\n");
         let (events, skipped) = parse_with(Requests, SMALL, stream.as_bytes());
-        assert_eq!(
-            shape(&events),
-            ["error HeadTooLarge(256) 256", "head GET /next", "end true"]
-        );
+        assert_eq!(shape(&events), ["error HeadTooLarge(256) 256", "head GET /next", "end true"]);
         assert_eq!(skipped, big.len() as u64);
 
         // A start line that never ends.
@@ -1578,11 +1313,7 @@ mod tests {
         parser.feed(b"HTTP/1.1 200 OK\r\n", &mut out);
         for _ in 0..1000 {
             parser.feed(b"X-Padding: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaa", &mut out);
-            assert!(
-                parser.head.buf.len() <= SMALL.max_head_bytes,
-                "head buffer {} bytes",
-                parser.head.buf.len()
-            );
+            assert!(parser.head.buf.len() <= SMALL.max_head_bytes, "head buffer {} bytes", parser.head.buf.len());
         }
         assert_eq!(out, [error(ParseError::HeadTooLarge(256), 256)]);
     }
@@ -1591,21 +1322,14 @@ mod tests {
     fn header_count_bound() {
         let fields = |n: usize| (0..n).map(|i| format!("H{i}: v\r\n")).collect::<String>();
         let ok = format!("GET / HTTP/1.1\r\n{}\r\n", fields(4));
-        assert_eq!(
-            shape(&parse_with(Requests, SMALL, ok.as_bytes()).0),
-            ["head GET /", "end true"]
-        );
+        assert_eq!(shape(&parse_with(Requests, SMALL, ok.as_bytes()).0), ["head GET /", "end true"]);
 
         let head = format!("GET / HTTP/1.1\r\n{}", fields(5));
         let stream = format!("{head}H6: v\r\n\r\nGET /next HTTP/1.1\r\n\r\n");
         let (events, skipped) = parse_with(Requests, SMALL, stream.as_bytes());
         assert_eq!(
             shape(&events),
-            [
-                format!("error TooManyHeaders(4) {}", head.len()),
-                "head GET /next".into(),
-                "end true".into()
-            ]
+            [format!("error TooManyHeaders(4) {}", head.len()), "head GET /next".into(), "end true".into()]
         );
         assert_eq!(skipped, (head.len() + "H6: v\r\n\r\n".len()) as u64);
     }
@@ -1613,66 +1337,33 @@ mod tests {
     #[test]
     fn trailer_bounds() {
         let trailers = (0..5).map(|i| format!("T{i}: v\r\n")).collect::<String>();
-        let stream = format!(
-            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nx\r\n0\r\n{trailers}\r\n"
-        );
+        let stream = format!("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nx\r\n0\r\n{trailers}\r\n");
         let (events, _) = parse_with(Responses, SMALL, stream.as_bytes());
-        assert_eq!(
-            shape(&events),
-            [
-                "head 200",
-                "body x",
-                "end false",
-                "error TooManyHeaders(4) 0"
-            ]
-        );
+        assert_eq!(shape(&events), ["head 200", "body x", "end false", "error TooManyHeaders(4) 0"]);
 
-        let stream = format!(
-            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nT: {}\r\n\r\n",
-            "a".repeat(300)
-        );
+        let stream =
+            format!("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nT: {}\r\n\r\n", "a".repeat(300));
         let (events, _) = parse_with(Responses, SMALL, stream.as_bytes());
-        assert_eq!(
-            shape(&events),
-            ["head 200", "end false", "error HeadTooLarge(256) 0"]
-        );
+        assert_eq!(shape(&events), ["head 200", "end false", "error HeadTooLarge(256) 0"]);
     }
 
     #[test]
     fn finish_mid_message() {
-        let (events, _) = run(
-            Responses,
-            Limits::default(),
-            &[b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhalf"],
-        );
+        let (events, _) = run(Responses, Limits::default(), &[b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhalf"]);
         assert_eq!(shape(&events), ["head 200", "body half", "end false"]);
 
-        let (events, _) = run(
-            Responses,
-            Limits::default(),
-            &[b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nab"],
-        );
+        let (events, _) =
+            run(Responses, Limits::default(), &[b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nab"]);
         assert_eq!(shape(&events), ["head 200", "body ab", "end false"]);
 
-        let (events, _) = run(
-            Responses,
-            Limits::default(),
-            &[b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nT: 1\r\n"],
-        );
-        assert_eq!(
-            shape(&events),
-            ["head 200", "end false"],
-            "trailers not finished"
-        );
+        let (events, _) =
+            run(Responses, Limits::default(), &[b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nT: 1\r\n"]);
+        assert_eq!(shape(&events), ["head 200", "end false"], "trailers not finished");
 
         let partial = b"HTTP/1.1 200 OK\r\nContent-Le";
         let (events, skipped) = run(Responses, Limits::default(), &[partial]);
         assert_eq!(events, []);
-        assert_eq!(
-            skipped,
-            partial.len() as u64,
-            "a head cut short is counted as skipped"
-        );
+        assert_eq!(skipped, partial.len() as u64, "a head cut short is counted as skipped");
     }
 
     #[test]
@@ -1682,16 +1373,7 @@ mod tests {
         parser.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nab", &mut out);
         parser.gap(5, &mut out);
         parser.feed(b"fghHTTP/1.1 204 No Content\r\n\r\n", &mut out);
-        assert_eq!(
-            shape(&merged(out)),
-            [
-                "head 200",
-                "body abfgh",
-                "end false",
-                "head 204",
-                "end true"
-            ]
-        );
+        assert_eq!(shape(&merged(out)), ["head 200", "body abfgh", "end false", "head 204", "end true"]);
         assert_eq!(parser.skipped_bytes(), 0);
     }
 
@@ -1703,10 +1385,7 @@ mod tests {
         parser.gap(2, &mut out);
         parser.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nab", &mut out);
         parser.gap(10, &mut out);
-        parser.feed(
-            b"ers: x\r\n\r\nHTTP/1.1 202 Accepted\r\nContent-Length: 0\r\n\r\n",
-            &mut out,
-        );
+        parser.feed(b"ers: x\r\n\r\nHTTP/1.1 202 Accepted\r\nContent-Length: 0\r\n\r\n", &mut out);
         assert_eq!(
             shape(&merged(out)),
             [
@@ -1721,11 +1400,7 @@ mod tests {
                 "end true"
             ]
         );
-        assert_eq!(
-            parser.skipped_bytes(),
-            10,
-            "the rest of the lost head is skipped, its blank line too"
-        );
+        assert_eq!(parser.skipped_bytes(), 10, "the rest of the lost head is skipped, its blank line too");
     }
 
     #[test]
@@ -1735,10 +1410,7 @@ mod tests {
         parser.feed(b"POST /v1 HTTP/1.1\r\nHost: x\r\nContent-", &mut out);
         parser.gap(100, &mut out);
         parser.feed(b"-more-\r\n\r\nbody\nGET /next HTTP/1.1\r\n\r\n", &mut out);
-        assert_eq!(
-            shape(&merged(out)),
-            ["error Gap 36", "head GET /next", "end true"]
-        );
+        assert_eq!(shape(&merged(out)), ["error Gap 36", "head GET /next", "end true"]);
         assert_eq!(parser.skipped_bytes(), 36 + 15);
 
         // Between messages: the gap may hold a whole head, so it is an error too.
@@ -1753,36 +1425,20 @@ mod tests {
     fn gap_in_chunked_body() {
         let mut parser = Http1Parser::new(Responses, Limits::default());
         let mut out = Vec::new();
-        parser.feed(
-            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\na\r\n01",
-            &mut out,
-        );
+        parser.feed(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\na\r\n01", &mut out);
         parser.gap(4, &mut out);
         parser.feed(b"6789\r\n", &mut out);
         parser.gap(3, &mut out); // in the framing
-        parser.feed(
-            b"1\r\nx\r\n0\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
-            &mut out,
-        );
+        parser.feed(b"1\r\nx\r\n0\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", &mut out);
         assert_eq!(
             shape(&merged(out)),
-            [
-                "head 200",
-                "body 016789",
-                "end false",
-                "error Gap 0",
-                "head 200",
-                "end true"
-            ]
+            ["head 200", "body 016789", "end false", "error Gap 0", "head 200", "end true"]
         );
 
         // A gap covering exactly the rest of a chunk.
         let mut parser = Http1Parser::new(Responses, Limits::default());
         let mut out = Vec::new();
-        parser.feed(
-            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nab",
-            &mut out,
-        );
+        parser.feed(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nab", &mut out);
         parser.gap(2, &mut out);
         parser.feed(b"\r\n0\r\n\r\n", &mut out);
         assert_eq!(shape(&merged(out)), ["head 200", "body ab", "end false"]);
@@ -1808,10 +1464,7 @@ mod tests {
         assert_eq!(parser.requests.len(), MAX_PENDING_REQUESTS);
         let mut requests = Http1Parser::new(Requests, Limits::default());
         requests.expect_response_to("HEAD");
-        assert!(
-            requests.requests.is_empty(),
-            "a request parser keeps no queue"
-        );
+        assert!(requests.requests.is_empty(), "a request parser keeps no queue");
     }
 
     /// xorshift: deterministic pseudo-random bytes.
@@ -1846,16 +1499,10 @@ mod tests {
             stream.extend_from_slice(&stream.clone());
             for kind in [Requests, Responses] {
                 let (events, skipped) = parse_with(kind, SMALL, &stream);
-                let heads = events
-                    .iter()
-                    .filter(|e| matches!(e, HttpEvent::Head(_)))
-                    .count();
+                let heads = events.iter().filter(|e| matches!(e, HttpEvent::Head(_))).count();
                 let ends = events.iter().filter(|e| matches!(e, End { .. })).count();
                 assert_eq!(heads, ends, "every head has one end: {events:?}");
-                assert!(
-                    skipped <= stream.len() as u64,
-                    "cannot skip more than was fed"
-                );
+                assert!(skipped <= stream.len() as u64, "cannot skip more than was fed");
             }
         }
         for len in [0, 1, 100, 5000] {
@@ -1873,17 +1520,10 @@ mod tests {
 
     #[test]
     fn zero_limits_do_not_hang() {
-        let zero = Limits {
-            max_head_bytes: 0,
-            max_headers: 0,
-        };
+        let zero = Limits { max_head_bytes: 0, max_headers: 0 };
         let stream = b"GET / HTTP/1.1\r\nHost: x\r\n\r\nGET / HTTP/1.1\r\n\r\n";
         let (events, skipped) = parse_with(Requests, zero, stream);
         assert_eq!(events, [error(ParseError::HeadTooLarge(0), 0)]);
-        assert_eq!(
-            skipped,
-            stream.len() as u64,
-            "blank lines too: they are discarded while resyncing"
-        );
+        assert_eq!(skipped, stream.len() as u64, "blank lines too: they are discarded while resyncing");
     }
 }

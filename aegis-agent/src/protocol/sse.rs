@@ -102,10 +102,7 @@ impl SseDecoder {
             self.end_line(out);
         }
         self.end_line(out);
-        *self = Self {
-            oversized: self.oversized,
-            ..Self::new(self.max_event_bytes)
-        };
+        *self = Self { oversized: self.oversized, ..Self::new(self.max_event_bytes) };
     }
 
     /// Events dropped for being over the size bound.
@@ -205,12 +202,8 @@ impl SseDecoder {
         let Some(data) = self.data.strip_suffix(b"\n") else {
             return;
         };
-        let event = (!self.event_type.is_empty())
-            .then(|| String::from_utf8_lossy(&self.event_type).into_owned());
-        out.push(SseEvent {
-            event,
-            data: String::from_utf8_lossy(data).into_owned(),
-        });
+        let event = (!self.event_type.is_empty()).then(|| String::from_utf8_lossy(&self.event_type).into_owned());
+        out.push(SseEvent { event, data: String::from_utf8_lossy(data).into_owned() });
     }
 }
 
@@ -219,10 +212,7 @@ mod tests {
     use super::*;
 
     fn ev(event: Option<&str>, data: &str) -> SseEvent {
-        SseEvent {
-            event: event.map(str::to_owned),
-            data: data.to_owned(),
-        }
+        SseEvent { event: event.map(str::to_owned), data: data.to_owned() }
     }
 
     fn decode_pieces(pieces: &[&[u8]], max: usize) -> (Vec<SseEvent>, u64) {
@@ -244,20 +234,10 @@ mod tests {
         let whole = decode_pieces(&[stream], max);
         for at in 0..=stream.len() {
             let (a, b) = stream.split_at(at);
-            assert_eq!(
-                decode_pieces(&[a, b], max),
-                whole,
-                "split at {at} of {:?}",
-                String::from_utf8_lossy(stream)
-            );
+            assert_eq!(decode_pieces(&[a, b], max), whole, "split at {at} of {:?}", String::from_utf8_lossy(stream));
         }
         let bytes: Vec<&[u8]> = stream.chunks(1).collect();
-        assert_eq!(
-            decode_pieces(&bytes, max),
-            whole,
-            "byte at a time: {:?}",
-            String::from_utf8_lossy(stream)
-        );
+        assert_eq!(decode_pieces(&bytes, max), whole, "byte at a time: {:?}", String::from_utf8_lossy(stream));
         whole
     }
 
@@ -291,10 +271,7 @@ event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"delta\":{\
             vec![
                 ev(Some("message_start"), r#"{"type":"message_start"}"#),
                 ev(Some("ping"), r#"{"type": "ping"}"#),
-                ev(
-                    Some("content_block_delta"),
-                    r#"{"type":"content_block_delta","delta":{"text":"Hi"}}"#
-                ),
+                ev(Some("content_block_delta"), r#"{"type":"content_block_delta","delta":{"text":"Hi"}}"#),
             ]
         );
     }
@@ -302,11 +279,7 @@ event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"delta\":{\
     #[test]
     fn data_lines_join_with_newline() {
         let events = decode(b"data: a\ndata:b\ndata\ndata:  c\n\n");
-        assert_eq!(
-            events,
-            vec![ev(None, "a\nb\n\n c")],
-            "one leading space removed, not two"
-        );
+        assert_eq!(events, vec![ev(None, "a\nb\n\n c")], "one leading space removed, not two");
     }
 
     #[test]
@@ -315,42 +288,20 @@ event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"delta\":{\
         let expected = vec![ev(Some("e"), "x\ny"), ev(None, "z")];
         for stream in [
             lf.to_vec(),
-            lf.iter()
-                .flat_map(|&b| {
-                    if b == b'\n' {
-                        b"\r\n".to_vec()
-                    } else {
-                        vec![b]
-                    }
-                })
-                .collect(),
-            lf.iter()
-                .map(|&b| if b == b'\n' { b'\r' } else { b })
-                .collect(),
+            lf.iter().flat_map(|&b| if b == b'\n' { b"\r\n".to_vec() } else { vec![b] }).collect(),
+            lf.iter().map(|&b| if b == b'\n' { b'\r' } else { b }).collect(),
         ] {
             let (events, _) = assert_split_invariant(&stream, 1 << 20);
-            assert_eq!(
-                events,
-                expected,
-                "stream {:?}",
-                String::from_utf8_lossy(&stream)
-            );
+            assert_eq!(events, expected, "stream {:?}", String::from_utf8_lossy(&stream));
         }
         // Mixed, and a CR split from its LF across pushes.
-        assert_eq!(
-            decode(b"data: x\r\rdata: y\n\r\ndata: z\r\n\n"),
-            vec![ev(None, "x"), ev(None, "y"), ev(None, "z")]
-        );
-        assert_eq!(
-            decode_pieces(&[b"data: x\r", b"", b"\ndata: y\r", b"\n\r", b"\n"], 100).0,
-            vec![ev(None, "x\ny")]
-        );
+        assert_eq!(decode(b"data: x\r\rdata: y\n\r\ndata: z\r\n\n"), vec![ev(None, "x"), ev(None, "y"), ev(None, "z")]);
+        assert_eq!(decode_pieces(&[b"data: x\r", b"", b"\ndata: y\r", b"\n\r", b"\n"], 100).0, vec![ev(None, "x\ny")]);
     }
 
     #[test]
     fn comments_and_other_fields_are_ignored() {
-        let stream =
-            b": keep-alive\nid: 7\nretry: 100\nfoo: bar\ndata: x\n:comment\n\n: just a comment\n\n";
+        let stream = b": keep-alive\nid: 7\nretry: 100\nfoo: bar\ndata: x\n:comment\n\n: just a comment\n\n";
         let (events, _) = assert_split_invariant(stream, 1 << 20);
         assert_eq!(events, vec![ev(None, "x")]);
     }
@@ -362,55 +313,28 @@ event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"delta\":{\
             vec![ev(None, "x")],
             "the type does not leak into the next event"
         );
-        assert_eq!(
-            decode(b"data\n\n"),
-            vec![ev(None, "")],
-            "an empty data line is still data"
-        );
-        assert_eq!(
-            decode(b"event:\ndata: x\n\n"),
-            vec![ev(None, "x")],
-            "an empty type is no type"
-        );
+        assert_eq!(decode(b"data\n\n"), vec![ev(None, "")], "an empty data line is still data");
+        assert_eq!(decode(b"event:\ndata: x\n\n"), vec![ev(None, "x")], "an empty type is no type");
     }
 
     #[test]
     fn bom_is_ignored_only_at_the_start() {
-        let (events, _) =
-            assert_split_invariant(b"\xEF\xBB\xBFdata: x\n\n\xEF\xBB\xBFdata: y\n\n", 1 << 20);
-        assert_eq!(
-            events,
-            vec![ev(None, "x")],
-            "a second BOM makes the field name unknown"
-        );
-        assert_eq!(
-            decode(b"\xEF\xBBdata: x\n\n"),
-            vec![],
-            "half a BOM is content"
-        );
-        assert_eq!(
-            decode(b"\xEF\xBB\xBF\xEF\xBB\xBFdata: x\n\n"),
-            vec![],
-            "only one BOM is stripped"
-        );
+        let (events, _) = assert_split_invariant(b"\xEF\xBB\xBFdata: x\n\n\xEF\xBB\xBFdata: y\n\n", 1 << 20);
+        assert_eq!(events, vec![ev(None, "x")], "a second BOM makes the field name unknown");
+        assert_eq!(decode(b"\xEF\xBBdata: x\n\n"), vec![], "half a BOM is content");
+        assert_eq!(decode(b"\xEF\xBB\xBF\xEF\xBB\xBFdata: x\n\n"), vec![], "only one BOM is stripped");
     }
 
     #[test]
     fn invalid_utf8_is_replaced() {
         let (events, _) = assert_split_invariant(b"event: \xff\ndata: a\xC3\n\n", 1 << 20);
         assert_eq!(events, vec![ev(Some("\u{FFFD}"), "a\u{FFFD}")]);
-        assert_eq!(
-            decode("data: héllo 🦀\n\n".as_bytes()),
-            vec![ev(None, "héllo 🦀")]
-        );
+        assert_eq!(decode("data: héllo 🦀\n\n".as_bytes()), vec![ev(None, "héllo 🦀")]);
     }
 
     #[test]
     fn finish_flushes_an_unterminated_event() {
-        assert_eq!(
-            decode(b"data: a\n\ndata: b"),
-            vec![ev(None, "a"), ev(None, "b")]
-        );
+        assert_eq!(decode(b"data: a\n\ndata: b"), vec![ev(None, "a"), ev(None, "b")]);
         assert_eq!(decode(b"data: a\ndata: b\n"), vec![ev(None, "a\nb")]);
         assert_eq!(decode(b"data: a\r"), vec![ev(None, "a")]);
         assert_eq!(decode(b": only a comment"), vec![]);
@@ -419,23 +343,17 @@ event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"delta\":{\
         decoder.push(b"data: a", &mut out);
         decoder.finish(&mut out);
         decoder.finish(&mut out);
-        assert_eq!(
-            out,
-            vec![ev(None, "a")],
-            "a second finish dispatches nothing"
-        );
+        assert_eq!(out, vec![ev(None, "a")], "a second finish dispatches nothing");
     }
 
     #[test]
     fn oversized_events_are_dropped_and_counted() {
         // Field-line bytes: "data: 12345" is 11.
-        let stream = b"data: 12345\n\ndata: 123456\n\ndata: 1234\ndata: 1\n\n: a comment as long as it likes\ndata: ok\n\n";
+        let stream =
+            b"data: 12345\n\ndata: 123456\n\ndata: 1234\ndata: 1\n\n: a comment as long as it likes\ndata: ok\n\n";
         let (events, oversized) = assert_split_invariant(stream, 11);
         assert_eq!(events, vec![ev(None, "12345"), ev(None, "ok")]);
-        assert_eq!(
-            oversized, 2,
-            "the 12-byte event and the two-line 19-byte one"
-        );
+        assert_eq!(oversized, 2, "the 12-byte event and the two-line 19-byte one");
     }
 
     #[test]
@@ -446,17 +364,9 @@ event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"delta\":{\
         for _ in 0..10_000 {
             decoder.push(&[b'x'; 100], &mut out);
         }
-        assert!(
-            decoder.line.capacity() <= 128,
-            "line buffer stayed small: {}",
-            decoder.line.capacity()
-        );
+        assert!(decoder.line.capacity() <= 128, "line buffer stayed small: {}", decoder.line.capacity());
         decoder.push(b"\ndata: more\n\ndata: next\n\n", &mut out);
-        assert_eq!(
-            out,
-            vec![ev(None, "next")],
-            "the big event's type does not leak"
-        );
+        assert_eq!(out, vec![ev(None, "next")], "the big event's type does not leak");
         assert_eq!(decoder.oversized_events(), 1);
     }
 

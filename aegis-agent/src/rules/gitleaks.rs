@@ -49,8 +49,8 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::pack::{
-    Action, Category, Direction, EvidenceMode, Examples, Lines, Matcher, PackError, Rule, Rulepack,
-    Severity, Validator, check_rule, compile_regex, digest, toml_error,
+    Action, Category, Direction, EvidenceMode, Examples, Lines, Matcher, PackError, Rule, Rulepack, Severity,
+    Validator, check_rule, compile_regex, digest, toml_error,
 };
 
 /// True when `text` looks like a gitleaks config (top-level `[[rules]]` with `regex`,
@@ -68,11 +68,7 @@ pub fn looks_like_gitleaks(text: &str) -> bool {
     };
     let tables = || rules.iter().filter_map(|r| r.get_ref().as_table());
     // AegisPlane-only keys: a native pack that merely lacks [pack] is reported as such.
-    let native = tables().any(|t| {
-        ["category", "rationale", "action", "severity"]
-            .iter()
-            .any(|k| t.get(*k).is_some())
-    });
+    let native = tables().any(|t| ["category", "rationale", "action", "severity"].iter().any(|k| t.get(*k).is_some()));
     !native && tables().any(|t| t.get("regex").is_some() || t.get("path").is_some())
 }
 
@@ -126,10 +122,7 @@ struct Allowlist {
 impl Allowlist {
     /// Add what applies to traffic to `m`; `Err` for a bad `regexTarget`.
     fn apply(&self, m: &mut Matcher) -> Result<(), String> {
-        let and = self
-            .condition
-            .as_deref()
-            .is_some_and(|c| c.eq_ignore_ascii_case("and"));
+        let and = self.condition.as_deref().is_some_and(|c| c.eq_ignore_ascii_case("and"));
         if and && (!self.paths.is_empty() || !self.commits.is_empty()) {
             return Ok(()); // needs a path or commit to match: never in traffic
         }
@@ -137,16 +130,13 @@ impl Allowlist {
             "secret" | "" => &mut m.allow_regexes,
             "match" | "line" => &mut m.allow_match_regexes,
             other => {
-                return Err(format!(
-                    "allowlist regexTarget {other:?} (expected secret, match or line)"
-                ));
+                return Err(format!("allowlist regexTarget {other:?} (expected secret, match or line)"));
             }
         };
         for r in &self.regexes {
             target.push(go_regex_to_rust(r));
         }
-        m.stopwords
-            .extend(self.stopwords.iter().filter(|s| !s.is_empty()).cloned());
+        m.stopwords.extend(self.stopwords.iter().filter(|s| !s.is_empty()).cloned());
         Ok(())
     }
 }
@@ -166,14 +156,7 @@ pub fn parse(text: &str, source: &Path) -> Result<Rulepack, PackError> {
         let line = lines.line(spanned.span().start);
         let r = spanned.get_ref();
         let id = r.id.clone().unwrap_or_default();
-        let fail = |msg: String| {
-            PackError::new(
-                source,
-                Some(line),
-                (!id.is_empty()).then_some(id.as_str()),
-                msg,
-            )
-        };
+        let fail = |msg: String| PackError::new(source, Some(line), (!id.is_empty()).then_some(id.as_str()), msg);
         if id.is_empty() {
             return Err(fail("rule has no id".into()));
         }
@@ -197,17 +180,11 @@ pub fn parse(text: &str, source: &Path) -> Result<Rulepack, PackError> {
             keywords: r.keywords.iter().map(|k| k.to_lowercase()).collect(),
             regex: Some(regex),
             secret_group,
-            validators: r
-                .entropy
-                .map(|min| vec![Validator::Entropy { min }])
-                .unwrap_or_default(),
+            validators: r.entropy.map(|min| vec![Validator::Entropy { min }]).unwrap_or_default(),
             ..Matcher::default()
         };
         let own = r.allowlist.iter().chain(&r.allowlists);
-        let shared = global
-            .iter()
-            .copied()
-            .filter(|a| a.target_rules.is_empty() || a.target_rules.contains(&id));
+        let shared = global.iter().copied().filter(|a| a.target_rules.is_empty() || a.target_rules.contains(&id));
         for a in own.chain(shared) {
             a.apply(&mut matcher).map_err(fail)?;
         }
@@ -368,13 +345,9 @@ mod tests {
         let text = std::fs::read_to_string(fixture()).unwrap();
         assert!(looks_like_gitleaks(&text));
         assert!(looks_like_gitleaks("[[rules]]\nid = \"a\"\nregex = 'x'\n"));
-        assert!(!looks_like_gitleaks(
-            "[pack]\nname = \"p\"\nversion = \"1\"\n[[rules]]\nid = \"a\"\nregex = 'x'\n"
-        ));
+        assert!(!looks_like_gitleaks("[pack]\nname = \"p\"\nversion = \"1\"\n[[rules]]\nid = \"a\"\nregex = 'x'\n"));
         // A native pack that forgot [pack] is not mistaken for gitleaks.
-        assert!(!looks_like_gitleaks(
-            "[[rules]]\nid = \"a\"\ncategory = \"secret\"\nregex = 'x'\n"
-        ));
+        assert!(!looks_like_gitleaks("[[rules]]\nid = \"a\"\ncategory = \"secret\"\nregex = 'x'\n"));
         assert!(!looks_like_gitleaks("[[rules]\n"));
         assert!(!looks_like_gitleaks("title = \"x\"\n"));
     }
@@ -386,84 +359,33 @@ mod tests {
         assert_eq!(pack.version, "gitleaks");
         assert!(pack.digest.starts_with("sha256:"));
         // 18 rules in the file, one of them path-only (skipped).
-        assert_eq!(
-            pack.rules.len(),
-            17,
-            "{:?}",
-            pack.rules.iter().map(|r| &r.id).collect::<Vec<_>>()
-        );
-        let aws = pack
-            .rules
-            .iter()
-            .find(|r| r.id == "aws-access-token")
-            .unwrap();
+        assert_eq!(pack.rules.len(), 17, "{:?}", pack.rules.iter().map(|r| &r.id).collect::<Vec<_>>());
+        let aws = pack.rules.iter().find(|r| r.id == "aws-access-token").unwrap();
         assert_eq!(
             (aws.category, aws.direction, aws.action, aws.severity),
-            (
-                Category::Secret,
-                Direction::Both,
-                Action::Warn,
-                Severity::Sev2
-            )
+            (Category::Secret, Direction::Both, Action::Warn, Severity::Sev2)
         );
         assert!(aws.rationale.contains("AWS"));
         // Global allowlist merged into every rule; the rule's own stopwords too.
-        assert!(
-            aws.matcher
-                .allow_regexes
-                .iter()
-                .any(|r| r.contains("EXAMPLE")),
-            "{:?}",
-            aws.matcher
-        );
-        let generic = pack
-            .rules
-            .iter()
-            .find(|r| r.id == "generic-api-key")
-            .unwrap();
+        assert!(aws.matcher.allow_regexes.iter().any(|r| r.contains("EXAMPLE")), "{:?}", aws.matcher);
+        let generic = pack.rules.iter().find(|r| r.id == "generic-api-key").unwrap();
         assert_eq!(generic.matcher.secret_group, 1);
-        assert_eq!(
-            generic.matcher.validators,
-            vec![Validator::Entropy { min: 3.5 }]
-        );
+        assert_eq!(generic.matcher.validators, vec![Validator::Entropy { min: 3.5 }]);
         assert!(generic.matcher.stopwords.iter().any(|s| s == "changeme"));
         assert!(!generic.matcher.allow_match_regexes.is_empty());
-        assert!(
-            !generic.matcher.regex.as_deref().unwrap().contains(r"\w"),
-            "\\w must be made ASCII"
-        );
-        assert_eq!(
-            pack.rules
-                .iter()
-                .find(|r| r.id == "openai-api-key")
-                .unwrap()
-                .matcher
-                .keywords,
-            vec!["sk-"]
-        );
+        assert!(!generic.matcher.regex.as_deref().unwrap().contains(r"\w"), "\\w must be made ASCII");
+        assert_eq!(pack.rules.iter().find(|r| r.id == "openai-api-key").unwrap().matcher.keywords, vec!["sk-"]);
     }
 
     #[test]
     fn fixture_detects_fake_secrets_and_honours_allowlists() {
         let e = engine(crate::rules::pack::load(&fixture()).unwrap());
-        assert_eq!(
-            ids(&e, "aws key AKIAZ7Q4M2LXWP3KERTD in the config"),
-            vec!["aws-access-token"]
-        );
+        assert_eq!(ids(&e, "aws key AKIAZ7Q4M2LXWP3KERTD in the config"), vec!["aws-access-token"]);
         // gitleaks' own allowlist convention: keys ending in EXAMPLE are documentation.
         assert!(ids(&e, "aws key AKIAIOSFODNN7EXAMPLE in the docs").is_empty());
-        assert_eq!(
-            ids(&e, "token ghp_4Fq8ZtX1mB7cK2pL9sV3nW6yR0dJ5hG8aQ2e"),
-            vec!["github-pat"]
-        );
-        assert_eq!(
-            ids(&e, "STRIPE=sk_live_4eC39HqLyjWDarjtT1zdp7dc9"),
-            vec!["stripe-access-token"]
-        );
-        assert_eq!(
-            ids(&e, "google maps AIzaSyD3v9Xq2Lm8Rt5Kp1Wz7Yb4Nc6Hf0Jg2Se"),
-            vec!["gcp-api-key"]
-        );
+        assert_eq!(ids(&e, "token ghp_4Fq8ZtX1mB7cK2pL9sV3nW6yR0dJ5hG8aQ2e"), vec!["github-pat"]);
+        assert_eq!(ids(&e, "STRIPE=sk_live_4eC39HqLyjWDarjtT1zdp7dc9"), vec!["stripe-access-token"]);
+        assert_eq!(ids(&e, "google maps AIzaSyD3v9Xq2Lm8Rt5Kp1Wz7Yb4Nc6Hf0Jg2Se"), vec!["gcp-api-key"]);
         assert_eq!(
             ids(
                 &e,
@@ -472,42 +394,31 @@ mod tests {
             vec!["private-key"]
         );
         // Generic: secret group + entropy + stopwords.
-        assert_eq!(
-            ids(&e, "api_key = \"Zq8xT2mV9pL4kR7wN3bY6cH1\""),
-            vec!["generic-api-key"]
-        );
-        assert!(
-            ids(&e, "api_key = \"aaaaaaaaaaaaaaaaaaaaaaaa\"").is_empty(),
-            "low entropy"
-        );
-        assert!(
-            ids(&e, "api_key = \"changeme-Zq8xT2mV9pL4kR7w\"").is_empty(),
-            "stopword"
-        );
+        assert_eq!(ids(&e, "api_key = \"Zq8xT2mV9pL4kR7wN3bY6cH1\""), vec!["generic-api-key"]);
+        assert!(ids(&e, "api_key = \"aaaaaaaaaaaaaaaaaaaaaaaa\"").is_empty(), "low entropy");
+        assert!(ids(&e, "api_key = \"changeme-Zq8xT2mV9pL4kR7w\"").is_empty(), "stopword");
         assert!(ids(&e, "What is the capital of France?").is_empty());
     }
 
     #[test]
     fn errors_name_the_rule_and_line() {
         let p = Path::new("gl.toml");
-        let e = parse("title = \"t\"\n\n[[rules]]\nid = \"ok\"\nregex = 'abc'\n\n[[rules]]\nid = \"bad\"\nregex = '(abc'\n", p)
-            .unwrap_err();
+        let e = parse(
+            "title = \"t\"\n\n[[rules]]\nid = \"ok\"\nregex = 'abc'\n\n[[rules]]\nid = \"bad\"\nregex = '(abc'\n",
+            p,
+        )
+        .unwrap_err();
         assert_eq!((e.line, e.rule.as_deref()), (Some(7), Some("bad")), "{e}");
         assert!(e.message.contains("unclosed group"), "{e}");
-        let e = parse(
-            "[[rules]]\nid = \"a\"\nregex = 'a(b)'\nsecretGroup = 2\n",
-            p,
-        )
-        .unwrap_err();
+        let e = parse("[[rules]]\nid = \"a\"\nregex = 'a(b)'\nsecretGroup = 2\n", p).unwrap_err();
         assert!(e.message.contains("secret_group 2"), "{e}");
+        let e = parse("[[rules]]\nid = \"a\"\nregex = 'ab'\n[[rules]]\nid = \"a\"\nregex = 'cd'\n", p).unwrap_err();
+        assert_eq!((e.line, e.message.as_str()), (Some(4), "duplicate rule id"));
         let e = parse(
-            "[[rules]]\nid = \"a\"\nregex = 'ab'\n[[rules]]\nid = \"a\"\nregex = 'cd'\n",
+            "[[rules]]\nid = \"a\"\nregex = 'abc'\n[rules.allowlist]\nregexTarget = \"file\"\nregexes = ['x']\n",
             p,
         )
         .unwrap_err();
-        assert_eq!((e.line, e.message.as_str()), (Some(4), "duplicate rule id"));
-        let e = parse("[[rules]]\nid = \"a\"\nregex = 'abc'\n[rules.allowlist]\nregexTarget = \"file\"\nregexes = ['x']\n", p)
-            .unwrap_err();
         assert!(e.message.contains("regexTarget"), "{e}");
     }
 
@@ -540,10 +451,7 @@ stopwords = ["cccc"]
         assert_eq!(pack.rules.len(), 1);
         let m = &pack.rules[0].matcher;
         assert_eq!(m.keywords, vec!["tok_"]);
-        assert!(
-            m.allow_regexes.is_empty(),
-            "the AND allowlist needs a path: dropped"
-        );
+        assert!(m.allow_regexes.is_empty(), "the AND allowlist needs a path: dropped");
         assert_eq!(m.allow_match_regexes, vec!["^tok_bbbb"]);
         assert!(m.stopwords.is_empty(), "targeted at another rule");
         let e = engine(pack);
@@ -559,19 +467,13 @@ stopwords = ["cccc"]
         assert_eq!(go_regex_to_rust(r"\bab\B"), r"(?-u:\b)ab(?-u:\B)");
         assert_eq!(go_regex_to_rust(r"[\S\D]"), "[[:^space:][:^digit:]]");
         assert_eq!(go_regex_to_rust(r"[]\w]"), "[]0-9A-Za-z_]");
-        assert_eq!(
-            go_regex_to_rust(r"[[:alpha:]\d]x\d"),
-            "[[:alpha:]0-9]x[0-9]"
-        );
+        assert_eq!(go_regex_to_rust(r"[[:alpha:]\d]x\d"), "[[:alpha:]0-9]x[0-9]");
         assert_eq!(go_regex_to_rust(r"\Qa.b\E+c"), r"a\.b+c");
         assert_eq!(go_regex_to_rust(r"[[a]"), r"[\[a]");
         assert_eq!(go_regex_to_rust(r"\x60\\w\."), r"\x60\\w\.");
         // The gitleaks generic rule compiles within the size limit once ASCII.
         let generic = r#"(?i)[\w.-]{0,50}?(?:access|auth|(?-i:[Aa]pi|API)|credential|creds|key|passw(?:or)?d|secret|token)(?:[ \t\w.-]{0,20})[\s'"]{0,3}(?:=|>|:{1,3}=|\|\||:|=>|\?=|,)[\x60'"\s=]{0,5}([\w.=-]{10,150}|[a-z0-9][a-z0-9+/]{11,}={0,3})(?:[\x60'"\s;]|\\[nr]|$)"#;
-        assert!(
-            crate::rules::pack::compile_regex(generic).is_err(),
-            "Unicode \\w is too big"
-        );
+        assert!(crate::rules::pack::compile_regex(generic).is_err(), "Unicode \\w is too big");
         crate::rules::pack::compile_regex(&go_regex_to_rust(generic)).unwrap();
     }
 }

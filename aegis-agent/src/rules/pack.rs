@@ -186,14 +186,7 @@ pub enum Scope {
 
 impl Scope {
     /// Every scope, in declaration order.
-    pub const ALL: [Scope; 6] = [
-        Scope::System,
-        Scope::User,
-        Scope::Assistant,
-        Scope::Tool,
-        Scope::Output,
-        Scope::Text,
-    ];
+    pub const ALL: [Scope; 6] = [Scope::System, Scope::User, Scope::Assistant, Scope::Tool, Scope::Output, Scope::Text];
 
     /// Whether texts of this scope occur in `direction` (`Both`: in either).
     pub fn occurs_in(self, direction: Direction) -> bool {
@@ -314,11 +307,9 @@ impl Rule {
     /// Whether the rule looks at texts of `scope` in `direction` (`Both`: in either half).
     /// Plain text (`Scope::Text`) has no roles: every rule of the direction looks at it.
     pub fn applies(&self, direction: Direction, scope: Scope) -> bool {
-        let direction_ok = direction == Direction::Both
-            || self.direction == Direction::Both
-            || self.direction == direction;
-        direction_ok
-            && (scope == Scope::Text || self.scope.is_empty() || self.scope.contains(&scope))
+        let direction_ok =
+            direction == Direction::Both || self.direction == Direction::Both || self.direction == direction;
+        direction_ok && (scope == Scope::Text || self.scope.is_empty() || self.scope.contains(&scope))
     }
 }
 
@@ -360,18 +351,8 @@ pub struct PackError {
 }
 
 impl PackError {
-    pub(crate) fn new(
-        file: &Path,
-        line: Option<usize>,
-        rule: Option<&str>,
-        message: impl Into<String>,
-    ) -> Self {
-        Self {
-            file: file.to_owned(),
-            line,
-            rule: rule.map(str::to_owned),
-            message: message.into(),
-        }
+    pub(crate) fn new(file: &Path, line: Option<usize>, rule: Option<&str>, message: impl Into<String>) -> Self {
+        Self { file: file.to_owned(), line, rule: rule.map(str::to_owned), message: message.into() }
     }
 }
 
@@ -392,8 +373,8 @@ pub const KERNEL_KEYWORD_MAX: usize = aegis_common::gate::GATE_KEYWORD_MAX;
 /// Load a rulepack file: the AegisPlane format, or a gitleaks config (recognised by its
 /// content) loaded through [`super::gitleaks`].
 pub fn load(path: &Path) -> Result<Rulepack, PackError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| PackError::new(path, None, None, format!("cannot read: {e}")))?;
+    let text =
+        std::fs::read_to_string(path).map_err(|e| PackError::new(path, None, None, format!("cannot read: {e}")))?;
     parse(&text, path)
 }
 
@@ -439,12 +420,7 @@ pub(crate) fn compile_regex(pattern: &str) -> Result<regex::Regex, String> {
 /// The regex crate's multi-line syntax error as "what, at column N".
 fn syntax_error_summary(msg: &str) -> String {
     let lines: Vec<&str> = msg.lines().collect();
-    let what = lines
-        .iter()
-        .rev()
-        .find_map(|l| l.strip_prefix("error: "))
-        .unwrap_or(msg)
-        .trim();
+    let what = lines.iter().rev().find_map(|l| l.strip_prefix("error: ")).unwrap_or(msg).trim();
     let column = lines.iter().find_map(|l| {
         let t = l.trim_start();
         (t.starts_with('^') && t.chars().all(|c| c == '^')).then(|| l.len() - t.len())
@@ -480,10 +456,7 @@ pub(crate) enum Field {
 pub(crate) fn check_rule(rule: &Rule) -> Result<(), (Field, String)> {
     check_id(&rule.id).map_err(|m| (Field::Id, m))?;
     if rule.rationale.trim().is_empty() {
-        return Err((
-            Field::Rationale,
-            "a rule needs a rationale (why a match matters)".into(),
-        ));
+        return Err((Field::Rationale, "a rule needs a rationale (why a match matters)".into()));
     }
     let m = &rule.matcher;
     if m.keywords.iter().any(|k| k.is_empty()) {
@@ -492,26 +465,17 @@ pub(crate) fn check_rule(rule: &Rule) -> Result<(), (Field, String)> {
     match (&m.regex, m.prefilter) {
         (None, Some(_)) => return Err((Field::Prefilter, "`prefilter` needs a `regex`".into())),
         (None, None) if m.keywords.is_empty() => {
-            return Err((
-                Field::Rule,
-                "a rule needs `keywords`, a `regex`, or both".into(),
-            ));
+            return Err((Field::Rule, "a rule needs `keywords`, a `regex`, or both".into()));
         }
         (_, Some(_)) if !m.keywords.is_empty() => {
-            return Err((
-                Field::Prefilter,
-                "`prefilter` and `keywords` exclude each other".into(),
-            ));
+            return Err((Field::Prefilter, "`prefilter` and `keywords` exclude each other".into()));
         }
         _ => {}
     }
     if let Some(Prefilter::Digits(n)) = m.prefilter
         && !(1..=64).contains(&n)
     {
-        return Err((
-            Field::Prefilter,
-            format!("`digits` must be within 1..=64, not {n}"),
-        ));
+        return Err((Field::Prefilter, format!("`digits` must be within 1..=64, not {n}")));
     }
     match &m.regex {
         Some(pattern) => {
@@ -520,10 +484,7 @@ pub(crate) fn check_rule(rule: &Rule) -> Result<(), (Field, String)> {
             if m.secret_group > groups {
                 return Err((
                     Field::SecretGroup,
-                    format!(
-                        "secret_group {} but the regex has {groups} capture group(s)",
-                        m.secret_group
-                    ),
+                    format!("secret_group {} but the regex has {groups} capture group(s)", m.secret_group),
                 ));
             }
         }
@@ -536,16 +497,10 @@ pub(crate) fn check_rule(rule: &Rule) -> Result<(), (Field, String)> {
         if let Validator::Entropy { min } = v
             && !(0.0..=8.0).contains(min)
         {
-            return Err((
-                Field::Validators,
-                format!("entropy min {min} is outside 0..=8 (bits per character)"),
-            ));
+            return Err((Field::Validators, format!("entropy min {min} is outside 0..=8 (bits per character)")));
         }
     }
-    for (field, list) in [
-        (Field::AllowRegexes, &m.allow_regexes),
-        (Field::AllowMatchRegexes, &m.allow_match_regexes),
-    ] {
+    for (field, list) in [(Field::AllowRegexes, &m.allow_regexes), (Field::AllowMatchRegexes, &m.allow_match_regexes)] {
         for pattern in list {
             compile_regex(pattern).map_err(|e| (field, format!("allowlist: {e}")))?;
         }
@@ -556,10 +511,7 @@ pub(crate) fn check_rule(rule: &Rule) -> Result<(), (Field, String)> {
     if let Some(bad) = rule.scope.iter().find(|s| !s.occurs_in(rule.direction)) {
         let scope = serde_json::to_string(bad).unwrap_or_default();
         let dir = serde_json::to_string(&rule.direction).unwrap_or_default();
-        return Err((
-            Field::Scope,
-            format!("scope {scope} never occurs in direction {dir}"),
-        ));
+        return Err((Field::Scope, format!("scope {scope} never occurs in direction {dir}")));
     }
     if rule.kernel {
         check_kernel_rule(rule)?;
@@ -595,14 +547,10 @@ fn check_kernel_rule(rule: &Rule) -> Result<(), (Field, String)> {
              (remove it, or drop `kernel`)"
         ));
     }
-    if let Some(k) = m
-        .keywords
-        .iter()
-        .find(|k| !k.is_ascii() || !(KERNEL_KEYWORD_MIN..=KERNEL_KEYWORD_MAX).contains(&k.len()))
+    if let Some(k) =
+        m.keywords.iter().find(|k| !k.is_ascii() || !(KERNEL_KEYWORD_MIN..=KERNEL_KEYWORD_MAX).contains(&k.len()))
     {
-        return fail(&format!(
-            "keyword {k:?} must be {KERNEL_KEYWORD_MIN} to {KERNEL_KEYWORD_MAX} ASCII bytes"
-        ));
+        return fail(&format!("keyword {k:?} must be {KERNEL_KEYWORD_MIN} to {KERNEL_KEYWORD_MAX} ASCII bytes"));
     }
     if m.keywords.len() > KERNEL_KEYWORDS_MAX {
         return fail(&format!("more than {KERNEL_KEYWORDS_MAX} keywords"));
@@ -625,11 +573,7 @@ pub(crate) struct Lines(Vec<usize>);
 
 impl Lines {
     pub(crate) fn new(text: &str) -> Self {
-        Self(
-            std::iter::once(0)
-                .chain(memchr::memchr_iter(b'\n', text.as_bytes()).map(|i| i + 1))
-                .collect(),
-        )
+        Self(std::iter::once(0).chain(memchr::memchr_iter(b'\n', text.as_bytes()).map(|i| i + 1)).collect())
     }
 
     pub(crate) fn line(&self, offset: usize) -> usize {
@@ -650,9 +594,8 @@ pub(crate) fn entry_id_at(text: &str, offset: usize) -> Option<String> {
         match value.get_ref().as_array() {
             Some(entries) => {
                 for entry in entries.iter().filter(|e| e.get_ref().is_table()) {
-                    let id = entries_are_ids
-                        .then(|| entry.get_ref().get("id").and_then(|v| v.get_ref().as_str()))
-                        .flatten();
+                    let id =
+                        entries_are_ids.then(|| entry.get_ref().get("id").and_then(|v| v.get_ref().as_str())).flatten();
                     starts.push((entry.span().start, id));
                 }
             }
@@ -660,29 +603,16 @@ pub(crate) fn entry_id_at(text: &str, offset: usize) -> Option<String> {
             None => {}
         }
     }
-    let (_, id) = starts
-        .into_iter()
-        .filter(|(start, _)| *start <= offset)
-        .max_by_key(|(start, _)| *start)?;
+    let (_, id) = starts.into_iter().filter(|(start, _)| *start <= offset).max_by_key(|(start, _)| *start)?;
     id.map(str::to_owned)
 }
 
 /// A toml error as a [`PackError`], with line and (when inside a rule) rule id.
-pub(crate) fn toml_error(
-    text: &str,
-    source: &Path,
-    lines: &Lines,
-    e: &toml::de::Error,
-) -> PackError {
+pub(crate) fn toml_error(text: &str, source: &Path, lines: &Lines, e: &toml::de::Error) -> PackError {
     let span: Option<Range<usize>> = e.span();
     let line = span.as_ref().map(|s| lines.line(s.start));
     let rule = span.and_then(|s| entry_id_at(text, s.start));
-    PackError {
-        file: source.to_owned(),
-        line,
-        rule,
-        message: e.message().trim().to_owned(),
-    }
+    PackError { file: source.to_owned(), line, rule, message: e.message().trim().to_owned() }
 }
 
 #[derive(Deserialize)]
@@ -774,11 +704,7 @@ fn parse_native(text: &str, source: &Path) -> Result<Rulepack, PackError> {
     };
 
     let Some(pack) = raw.pack else {
-        return Err(err(
-            None,
-            None,
-            "no [pack] table (with name and version)".into(),
-        ));
+        return Err(err(None, None, "no [pack] table (with name and version)".into()));
     };
     let pack_at = pack.span().start;
     let pack = pack.into_inner();
@@ -838,64 +764,27 @@ fn parse_native(text: &str, source: &Path) -> Result<Rulepack, PackError> {
             id: r.id.get_ref().clone(),
             category: r.category,
             direction: r.direction.unwrap_or(default_direction),
-            scope: r
-                .scope
-                .as_ref()
-                .map(|s| s.get_ref().clone())
-                .or_else(|| d.scope.clone())
-                .unwrap_or_default(),
+            scope: r.scope.as_ref().map(|s| s.get_ref().clone()).or_else(|| d.scope.clone()).unwrap_or_default(),
             matcher: Matcher {
-                keywords: r
-                    .keywords
-                    .as_ref()
-                    .map(|k| k.get_ref().clone())
-                    .unwrap_or_default(),
+                keywords: r.keywords.as_ref().map(|k| k.get_ref().clone()).unwrap_or_default(),
                 regex: r.regex.as_ref().map(|x| x.get_ref().clone()),
                 secret_group: r.secret_group.as_ref().map_or(0, |g| *g.get_ref()),
                 prefilter: r.prefilter.as_ref().map(|p| *p.get_ref()),
-                validators: r
-                    .validators
-                    .as_ref()
-                    .map(|v| v.get_ref().clone())
-                    .unwrap_or_default(),
-                allow_regexes: r
-                    .allow_regexes
-                    .as_ref()
-                    .map(|v| v.get_ref().clone())
-                    .unwrap_or_default(),
-                allow_match_regexes: r
-                    .allow_match_regexes
-                    .as_ref()
-                    .map(|v| v.get_ref().clone())
-                    .unwrap_or_default(),
-                stopwords: r
-                    .stopwords
-                    .as_ref()
-                    .map(|v| v.get_ref().clone())
-                    .unwrap_or_default(),
+                validators: r.validators.as_ref().map(|v| v.get_ref().clone()).unwrap_or_default(),
+                allow_regexes: r.allow_regexes.as_ref().map(|v| v.get_ref().clone()).unwrap_or_default(),
+                allow_match_regexes: r.allow_match_regexes.as_ref().map(|v| v.get_ref().clone()).unwrap_or_default(),
+                stopwords: r.stopwords.as_ref().map(|v| v.get_ref().clone()).unwrap_or_default(),
             },
             action: r.action.or(d.action).unwrap_or(Action::Warn),
             severity: r.severity.or(d.severity).unwrap_or(Severity::Sev3),
-            rationale: r
-                .rationale
-                .as_ref()
-                .map(|x| x.get_ref().trim().to_owned())
-                .unwrap_or_default(),
+            rationale: r.rationale.as_ref().map(|x| x.get_ref().trim().to_owned()).unwrap_or_default(),
             evidence: r.evidence.or(d.evidence).unwrap_or_default(),
-            examples: Examples {
-                positive: r.examples.positive,
-                negative: r.examples.negative,
-            },
+            examples: Examples { positive: r.examples.positive, negative: r.examples.negative },
             kernel: r.kernel.as_ref().is_some_and(|k| *k.get_ref()),
             line: lines.line(at),
         };
         if let Err((field, message)) = check_rule(&rule) {
-            return Err(PackError::new(
-                source,
-                Some(line_of(field)),
-                Some(&rule.id),
-                message,
-            ));
+            return Err(PackError::new(source, Some(line_of(field)), Some(&rule.id), message));
         }
         kernel_keywords += if rule.kernel { rule.matcher.keywords.len() } else { 0 };
         if kernel_keywords > KERNEL_KEYWORDS_MAX {
@@ -916,12 +805,7 @@ fn parse_native(text: &str, source: &Path) -> Result<Rulepack, PackError> {
         let id = p.id.get_ref().clone();
         check_id(&id).map_err(|m| err(Some(p.id.span().start), Some(&id), m))?;
         check_unique(&p.id)?;
-        if p.allow_providers.get_ref().is_empty()
-            || p.allow_providers
-                .get_ref()
-                .iter()
-                .any(|x| x.trim().is_empty())
-        {
+        if p.allow_providers.get_ref().is_empty() || p.allow_providers.get_ref().iter().any(|x| x.trim().is_empty()) {
             return Err(err(
                 Some(p.allow_providers.span().start),
                 Some(&id),
@@ -930,19 +814,11 @@ fn parse_native(text: &str, source: &Path) -> Result<Rulepack, PackError> {
         }
         let rationale = p.rationale.unwrap_or_default().trim().to_owned();
         if rationale.is_empty() {
-            return Err(err(
-                Some(at),
-                Some(&id),
-                "a policy needs a rationale".into(),
-            ));
+            return Err(err(Some(at), Some(&id), "a policy needs a rationale".into()));
         }
         let tenant = p.tenant.unwrap_or_else(|| "*".into());
         if tenant.is_empty() {
-            return Err(err(
-                Some(at),
-                Some(&id),
-                "empty tenant (use \"*\" for every process)".into(),
-            ));
+            return Err(err(Some(at), Some(&id), "empty tenant (use \"*\" for every process)".into()));
         }
         policies.push(ProviderPolicy {
             id,
@@ -956,14 +832,7 @@ fn parse_native(text: &str, source: &Path) -> Result<Rulepack, PackError> {
         });
     }
 
-    Ok(Rulepack {
-        name,
-        version,
-        digest: digest(text.as_bytes()),
-        source: source.to_owned(),
-        rules,
-        policies,
-    })
+    Ok(Rulepack { name, version, digest: digest(text.as_bytes()), source: source.to_owned(), rules, policies })
 }
 
 #[cfg(test)]
@@ -1036,28 +905,16 @@ rationale = "p"
         );
         assert_eq!(a.rationale, "why");
         assert_eq!(a.matcher.secret_group, 1);
-        assert_eq!(
-            a.matcher.validators,
-            vec![Validator::Luhn, Validator::Entropy { min: 3.0 }]
-        );
+        assert_eq!(a.matcher.validators, vec![Validator::Luhn, Validator::Entropy { min: 3.0 }]);
         assert_eq!(a.matcher.allow_match_regexes, vec!["y"]);
         assert_eq!(a.examples.positive, vec!["sk-abcdefgh"]);
         assert_eq!(a.evidence, EvidenceMode::Redacted);
         let b = &p.rules[1];
-        assert_eq!(
-            (b.line, b.direction, b.scope.as_slice()),
-            (25, Direction::Response, &[Scope::Output][..])
-        );
-        assert_eq!(
-            (b.action, b.severity, b.evidence),
-            (Action::Allow, Severity::Sev1, EvidenceMode::Full)
-        );
+        assert_eq!((b.line, b.direction, b.scope.as_slice()), (25, Direction::Response, &[Scope::Output][..]));
+        assert_eq!((b.action, b.severity, b.evidence), (Action::Allow, Severity::Sev1, EvidenceMode::Full));
         assert_eq!(b.matcher.prefilter, Some(Prefilter::Digits(9)));
         let pol = &p.policies[0];
-        assert_eq!(
-            (pol.tenant.as_str(), pol.line, pol.action),
-            ("*", 37, Action::Block)
-        );
+        assert_eq!((pol.tenant.as_str(), pol.line, pol.action), ("*", 37, Action::Block));
         assert!(pol.allow_models.is_empty());
     }
 
@@ -1067,12 +924,7 @@ rationale = "p"
         let r = &p.rules[0];
         assert_eq!(
             (r.direction, r.action, r.severity, r.evidence),
-            (
-                Direction::Both,
-                Action::Warn,
-                Severity::Sev3,
-                EvidenceMode::Redacted
-            )
+            (Direction::Both, Action::Warn, Severity::Sev3, EvidenceMode::Redacted)
         );
         assert!(r.scope.is_empty());
         assert!(p.policies.is_empty());
@@ -1091,16 +943,9 @@ rationale = "p"
         let e = err(&format!(
             "{HEAD}\n[[rules]]\nid = \"first\"\n{BODY}\n[[rules]]\nid = \"second\"\n{BODY}keywrds = [\"x\"]\n"
         ));
-        assert_eq!(
-            (e.line, e.rule.as_deref()),
-            (Some(16), Some("second")),
-            "{e}"
-        );
+        assert_eq!((e.line, e.rule.as_deref()), (Some(16), Some("second")), "{e}");
         assert!(e.message.contains("unknown field `keywrds`"), "{e}");
-        assert_eq!(
-            e.to_string(),
-            format!("t.toml:16: rule second: {}", e.message)
-        );
+        assert_eq!(e.to_string(), format!("t.toml:16: rule second: {}", e.message));
         let e = err(&format!("{HEAD}colour = \"red\"\n"));
         assert_eq!(e.line, Some(4), "{e}");
         let e = err("[pack]\nname = \"p\"\nversion = \"1\"\n[defaults]\nseverity = \"SEV-9\"\n");
@@ -1115,85 +960,54 @@ rationale = "p"
         ));
         assert_eq!((e.line, e.rule.as_deref()), (Some(6), Some("cat")), "{e}");
         assert!(e.message.contains("secrets"), "{e}");
-        let e = err(&format!(
-            "{HEAD}[[rules]]\nid = \"nocat\"\nkeywords = [\"k\"]\nrationale = \"r\"\n"
-        ));
+        let e = err(&format!("{HEAD}[[rules]]\nid = \"nocat\"\nkeywords = [\"k\"]\nrationale = \"r\"\n"));
         assert_eq!((e.line, e.rule.as_deref()), (Some(4), Some("nocat")), "{e}");
         assert!(e.message.contains("category"), "{e}");
     }
 
     #[test]
     fn pack_table_is_required() {
-        assert!(err("[[rules]]\nid = \"a\"\ncategory = \"secret\"\nkeywords = [\"k\"]\nrationale = \"r\"\n").message.contains("[pack]"));
+        assert!(
+            err("[[rules]]\nid = \"a\"\ncategory = \"secret\"\nkeywords = [\"k\"]\nrationale = \"r\"\n")
+                .message
+                .contains("[pack]")
+        );
         let e = err("[pack]\nversion = \"1\"\n");
         assert_eq!(e.line, Some(1));
         assert!(e.message.contains("no name"), "{e}");
         assert!(err("[pack]\nname = \"p\"\n").message.contains("no version"));
         assert_eq!(err("[pack]\nname = \"\"\nversion = \"1\"\n").line, Some(2));
-        assert!(
-            err("[pack]\nname = \"p\"\nversion = 2\n")
-                .message
-                .contains("string")
-        );
+        assert!(err("[pack]\nname = \"p\"\nversion = 2\n").message.contains("string"));
     }
 
     #[test]
     fn duplicate_and_empty_ids() {
-        let e = err(&format!(
-            "{HEAD}[[rules]]\nid = \"a\"\n{BODY}[[rules]]\nid = \"a\"\n{BODY}"
-        ));
+        let e = err(&format!("{HEAD}[[rules]]\nid = \"a\"\n{BODY}[[rules]]\nid = \"a\"\n{BODY}"));
         assert_eq!((e.line, e.rule.as_deref()), (Some(10), Some("a")), "{e}");
-        assert!(
-            e.message.contains("duplicate id (first defined at line 5)"),
-            "{e}"
-        );
+        assert!(e.message.contains("duplicate id (first defined at line 5)"), "{e}");
         let e = err(&format!(
             "{HEAD}[[rules]]\nid = \"a\"\n{BODY}[[policies]]\nid = \"a\"\nallow_providers = [\"x\"]\nrationale = \"r\"\n"
         ));
         assert_eq!((e.line, e.rule.as_deref()), (Some(10), Some("a")), "{e}");
         let e = err(&format!("{HEAD}[[rules]]\nid = \"\"\n{BODY}"));
         assert_eq!((e.line, e.message.as_str()), (Some(5), "empty id"));
-        assert!(
-            err(&format!("{HEAD}[[rules]]\nid = \"a b\"\n{BODY}"))
-                .message
-                .contains("whitespace")
-        );
+        assert!(err(&format!("{HEAD}[[rules]]\nid = \"a b\"\n{BODY}")).message.contains("whitespace"));
     }
 
     /// Rejections of one rule: (extra lines after the id, line of the error, message part).
     #[test]
     fn rule_checks_point_at_the_key() {
         let cases: &[(&str, usize, &str)] = &[
-            (
-                "category = \"secret\"\nrationale = \"r\"\n",
-                4,
-                "needs `keywords`, a `regex`",
-            ),
-            (
-                "category = \"secret\"\nkeywords = [\"\"]\nrationale = \"r\"\n",
-                7,
-                "empty keyword",
-            ),
-            (
-                "category = \"secret\"\nkeywords = [\"k\"]\n",
-                4,
-                "rationale",
-            ),
-            (
-                "category = \"secret\"\nkeywords = [\"k\"]\nrationale = \" \"\n",
-                8,
-                "rationale",
-            ),
+            ("category = \"secret\"\nrationale = \"r\"\n", 4, "needs `keywords`, a `regex`"),
+            ("category = \"secret\"\nkeywords = [\"\"]\nrationale = \"r\"\n", 7, "empty keyword"),
+            ("category = \"secret\"\nkeywords = [\"k\"]\n", 4, "rationale"),
+            ("category = \"secret\"\nkeywords = [\"k\"]\nrationale = \" \"\n", 8, "rationale"),
             (
                 "category = \"secret\"\n\nregex = \"(unclosed\"\nrationale = \"r\"\n",
                 8,
                 "invalid regex: unclosed group (at column 1)",
             ),
-            (
-                "category = \"secret\"\nregex = '(?:\\w{100}){100}'\nrationale = \"r\"\n",
-                7,
-                "regex too large",
-            ),
+            ("category = \"secret\"\nregex = '(?:\\w{100}){100}'\nrationale = \"r\"\n", 7, "regex too large"),
             (
                 "category = \"secret\"\nregex = 'a(b)'\nsecret_group = 2\nrationale = \"r\"\n",
                 8,
@@ -1234,29 +1048,17 @@ rationale = "p"
                 8,
                 "`prefilter` needs a `regex`",
             ),
-            (
-                "category = \"secret\"\nregex = 'x'\nprefilter = { digits = 0 }\nrationale = \"r\"\n",
-                8,
-                "within 1..=64",
-            ),
+            ("category = \"secret\"\nregex = 'x'\nprefilter = { digits = 0 }\nrationale = \"r\"\n", 8, "within 1..=64"),
             (
                 "category = \"secret\"\nkeywords = [\"k\"]\nallow_regexes = ['[z']\nrationale = \"r\"\n",
                 8,
                 "allowlist: invalid regex",
             ),
-            (
-                "category = \"secret\"\nkeywords = [\"k\"]\nstopwords = [\"\"]\nrationale = \"r\"\n",
-                8,
-                "empty stopword",
-            ),
+            ("category = \"secret\"\nkeywords = [\"k\"]\nstopwords = [\"\"]\nrationale = \"r\"\n", 8, "empty stopword"),
         ];
         for (body, line, part) in cases {
             let e = err(&format!("{HEAD}[[rules]]\nid = \"r1\"\n{body}"));
-            assert_eq!(
-                (e.line, e.rule.as_deref()),
-                (Some(*line), Some("r1")),
-                "{body}: {e}"
-            );
+            assert_eq!((e.line, e.rule.as_deref()), (Some(*line), Some("r1")), "{body}: {e}");
             assert!(e.message.contains(part), "{body}: {e}");
         }
     }
@@ -1273,7 +1075,10 @@ rationale = "p"
         // (rule body after the id, message part); the error points at `kernel`.
         let block = "category = \"secret\"\naction = \"block\"\nrationale = \"r\"\n";
         let cases: &[(String, &str)] = &[
-            ("category = \"secret\"\nkeywords = [\"abcd\"]\nrationale = \"r\"\nkernel = true\n".to_owned(), "only block rules"),
+            (
+                "category = \"secret\"\nkeywords = [\"abcd\"]\nrationale = \"r\"\nkernel = true\n".to_owned(),
+                "only block rules",
+            ),
             (format!("{block}keywords = [\"abcd\"]\nkernel = true\ndirection = \"response\"\n"), "requests only"),
             (format!("{block}regex = 'abcd'\nkernel = true\n"), "needs `keywords`"),
             (format!("{block}keywords = [\"abcd\"]\nkernel = true\nregex = 'abcd'\n"), "`regex` cannot apply"),
@@ -1292,7 +1097,9 @@ rationale = "p"
             assert!(e.message.starts_with("kernel = true: ") && e.message.contains(part), "{body}: {e}");
         }
         // A block action from [defaults] counts.
-        let d = format!("{HEAD}[defaults]\naction = \"block\"\n[[rules]]\nid = \"d\"\ncategory = \"secret\"\nkeywords = [\"abcd\"]\nrationale = \"r\"\nkernel = true\n");
+        let d = format!(
+            "{HEAD}[defaults]\naction = \"block\"\n[[rules]]\nid = \"d\"\ncategory = \"secret\"\nkeywords = [\"abcd\"]\nrationale = \"r\"\nkernel = true\n"
+        );
         assert!(parse_str(&d).unwrap().rules[0].kernel);
         let e = err(&format!("{HEAD}[[rules]]\nid = \"t\"\n{BODY}kernel = \"yes\"\n"));
         assert_eq!((e.line, e.rule.as_deref()), (Some(9), Some("t")), "{e}");
@@ -1318,18 +1125,12 @@ rationale = "p"
 
     #[test]
     fn policy_checks() {
-        let e = err(&format!(
-            "{HEAD}[[policies]]\nid = \"p1\"\nallow_providers = []\nrationale = \"r\"\n"
-        ));
+        let e = err(&format!("{HEAD}[[policies]]\nid = \"p1\"\nallow_providers = []\nrationale = \"r\"\n"));
         assert_eq!((e.line, e.rule.as_deref()), (Some(6), Some("p1")), "{e}");
         assert!(e.message.contains("at least one provider"), "{e}");
-        let e = err(&format!(
-            "{HEAD}[[policies]]\nid = \"p1\"\nallow_providers = [\"openai\"]\n"
-        ));
+        let e = err(&format!("{HEAD}[[policies]]\nid = \"p1\"\nallow_providers = [\"openai\"]\n"));
         assert!(e.message.contains("rationale"), "{e}");
-        let e = err(&format!(
-            "{HEAD}[[policies]]\nid = \"p1\"\nrationale = \"r\"\n"
-        ));
+        let e = err(&format!("{HEAD}[[policies]]\nid = \"p1\"\nrationale = \"r\"\n"));
         assert!(e.message.contains("allow_providers"), "{e}");
         assert_eq!(e.rule.as_deref(), Some("p1"));
     }
@@ -1340,31 +1141,20 @@ rationale = "p"
         let a = parse_str(&text).unwrap().digest;
         assert_eq!(a, parse_str(&text).unwrap().digest);
         assert_eq!(a.len(), "sha256:".len() + 64);
-        assert_eq!(
-            digest(b""),
-            "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
-        );
+        assert_eq!(digest(b""), "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
         assert_ne!(a, parse_str(&format!("{text}# comment\n")).unwrap().digest);
     }
 
     #[test]
     fn load_reads_files_and_reports_missing_ones() {
         let e = load(Path::new("/nonexistent/pack.toml")).unwrap_err();
-        assert!(
-            e.to_string()
-                .starts_with("/nonexistent/pack.toml: cannot read"),
-            "{e}"
-        );
+        assert!(e.to_string().starts_with("/nonexistent/pack.toml: cannot read"), "{e}");
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/rules/default.toml");
         let p = load(&path).unwrap();
         assert_eq!(p.name, "aegis-default");
         assert_eq!(p.digest, digest(&std::fs::read(&path).unwrap()));
         for r in &p.rules {
-            assert!(
-                r.examples.positive.len() >= 2 && r.examples.negative.len() >= 2,
-                "{}",
-                r.id
-            );
+            assert!(r.examples.positive.len() >= 2 && r.examples.negative.len() >= 2, "{}", r.id);
         }
         assert_eq!(p.policies.len(), 1);
     }

@@ -61,13 +61,8 @@ pub fn iban(s: &str) -> bool {
     let [c1, c2, k1, k2, ..] = iban[..] else {
         return false;
     };
-    let known =
-        IBAN_LENGTHS.iter().any(|&(country, len)| *country == [c1, c2] && len == iban.len());
-    if !known
-        || !k1.is_ascii_digit()
-        || !k2.is_ascii_digit()
-        || !iban.iter().all(u8::is_ascii_alphanumeric)
-    {
+    let known = IBAN_LENGTHS.iter().any(|&(country, len)| *country == [c1, c2] && len == iban.len());
+    if !known || !k1.is_ascii_digit() || !k2.is_ascii_digit() || !iban.iter().all(u8::is_ascii_alphanumeric) {
         return false;
     }
     // The country code and check digits move to the end, letters count as 10..=35; the
@@ -98,8 +93,7 @@ pub fn shannon_entropy(s: &str) -> f64 {
 /// be empty only when "alg" is "none". `s` must not be lower-cased.
 pub fn jwt(s: &str) -> bool {
     let mut parts = s.split('.');
-    let (Some(header), Some(payload), Some(signature), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
+    let (Some(header), Some(payload), Some(signature), None) = (parts.next(), parts.next(), parts.next(), parts.next())
     else {
         return false;
     };

@@ -40,30 +40,14 @@ struct Args {
 }
 
 fn parse_args() -> Args {
-    let mut args = Args {
-        duration: None,
-        requests: None,
-        connections: 1,
-        path: LLM_PATH.into(),
-    };
+    let mut args = Args { duration: None, requests: None, connections: 1, path: LLM_PATH.into() };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
-        let mut value = || {
-            it.next()
-                .unwrap_or_else(|| usage(&format!("{a} needs a value")))
-        };
+        let mut value = || it.next().unwrap_or_else(|| usage(&format!("{a} needs a value")));
         match a.as_str() {
-            "--duration" => {
-                args.duration = Some(value().parse().unwrap_or_else(|_| usage("bad --duration")))
-            }
-            "--requests" => {
-                args.requests = Some(value().parse().unwrap_or_else(|_| usage("bad --requests")))
-            }
-            "--connections" => {
-                args.connections = value()
-                    .parse()
-                    .unwrap_or_else(|_| usage("bad --connections"))
-            }
+            "--duration" => args.duration = Some(value().parse().unwrap_or_else(|_| usage("bad --duration"))),
+            "--requests" => args.requests = Some(value().parse().unwrap_or_else(|_| usage("bad --requests"))),
+            "--connections" => args.connections = value().parse().unwrap_or_else(|_| usage("bad --connections")),
             "--path" => args.path = value(),
             "-h" | "--help" => usage(""),
             other => usage(&format!("unknown argument {other}")),
@@ -88,9 +72,7 @@ fn usage(err: &str) -> ! {
 
 /// A throwaway self-signed P-256 certificate for "localhost".
 fn self_signed() -> Result<(X509, PKey<Private>), openssl::error::ErrorStack> {
-    let key = PKey::from_ec_key(EcKey::generate(
-        EcGroup::from_curve_name(Nid::X9_62_PRIME256V1)?.as_ref(),
-    )?)?;
+    let key = PKey::from_ec_key(EcKey::generate(EcGroup::from_curve_name(Nid::X9_62_PRIME256V1)?.as_ref())?)?;
     let mut name = X509NameBuilder::new()?;
     name.append_entry_by_nid(Nid::COMMONNAME, "localhost")?;
     let name = name.build();
@@ -120,11 +102,7 @@ impl Conn {
                 break i + 4;
             }
             if !self.fill()? {
-                return if self.buf.is_empty() {
-                    Ok(None)
-                } else {
-                    Err(io::ErrorKind::UnexpectedEof.into())
-                };
+                return if self.buf.is_empty() { Ok(None) } else { Err(io::ErrorKind::UnexpectedEof.into()) };
             }
         };
         let head = String::from_utf8_lossy(&self.buf[..head_end]).into_owned();
@@ -132,11 +110,7 @@ impl Conn {
             .lines()
             .filter_map(|l| l.split_once(':'))
             .find(|(k, _)| k.trim().eq_ignore_ascii_case("content-length"))
-            .map(|(_, v)| {
-                v.trim()
-                    .parse::<usize>()
-                    .map_err(|_| io::Error::other("bad Content-Length"))
-            })
+            .map(|(_, v)| v.trim().parse::<usize>().map_err(|_| io::Error::other("bad Content-Length")))
             .transpose()?
             .unwrap_or(0);
         while self.buf.len() < head_end + length {
@@ -159,10 +133,7 @@ impl Conn {
                 Ok(true)
             }
             // A peer closing without close_notify counts as EOF here.
-            Err(e)
-                if e.kind() == io::ErrorKind::ConnectionAborted
-                    || e.kind() == io::ErrorKind::UnexpectedEof =>
-            {
+            Err(e) if e.kind() == io::ErrorKind::ConnectionAborted || e.kind() == io::ErrorKind::UnexpectedEof => {
                 Ok(false)
             }
             Err(e) => Err(e),
@@ -214,22 +185,13 @@ fn llm_response_body() -> String {
 fn serve(acceptor: Arc<SslAcceptor>, tcp: TcpStream) -> io::Result<()> {
     tcp.set_nodelay(true)?;
     let tls = acceptor.accept(tcp).map_err(io::Error::other)?;
-    let mut conn = Conn {
-        tls,
-        buf: Vec::new(),
-    };
+    let mut conn = Conn { tls, buf: Vec::new() };
     let llm = llm_response_body();
     while let Some((head, _body)) = conn.read_message()? {
         let path = head.split_whitespace().nth(1).unwrap_or("/");
-        let body = if path == "/health" {
-            r#"{"status":"ok"}"#
-        } else {
-            llm.as_str()
-        };
-        let resp = format!(
-            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
-            body.len()
-        );
+        let body = if path == "/health" { r#"{"status":"ok"}"# } else { llm.as_str() };
+        let resp =
+            format!("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n", body.len());
         conn.send(&resp, body.as_bytes())?;
     }
     Ok(())
@@ -241,19 +203,9 @@ fn client(port: u16, path: &str, next: &dyn Fn() -> bool) -> io::Result<u64> {
     tcp.set_nodelay(true)?;
     let mut connector = SslConnector::builder(SslMethod::tls_client()).map_err(io::Error::other)?;
     connector.set_verify(SslVerifyMode::NONE);
-    let tls = connector
-        .build()
-        .connect("localhost", tcp)
-        .map_err(io::Error::other)?;
-    let mut conn = Conn {
-        tls,
-        buf: Vec::new(),
-    };
-    let body = if path == "/health" {
-        String::new()
-    } else {
-        llm_request_body()
-    };
+    let tls = connector.build().connect("localhost", tcp).map_err(io::Error::other)?;
+    let mut conn = Conn { tls, buf: Vec::new() };
+    let body = if path == "/health" { String::new() } else { llm_request_body() };
     let method = if body.is_empty() { "GET" } else { "POST" };
     let head = format!(
         "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUser-Agent: tls_loop/1\r\n\
@@ -264,13 +216,9 @@ fn client(port: u16, path: &str, next: &dyn Fn() -> bool) -> io::Result<u64> {
     let mut count = 0;
     while next() {
         conn.send(&head, body.as_bytes())?;
-        let (resp_head, _) = conn
-            .read_message()?
-            .ok_or_else(|| io::Error::other("server closed"))?;
+        let (resp_head, _) = conn.read_message()?.ok_or_else(|| io::Error::other("server closed"))?;
         if !resp_head.starts_with("HTTP/1.1 200") {
-            return Err(io::Error::other(format!(
-                "unexpected response: {resp_head}"
-            )));
+            return Err(io::Error::other(format!("unexpected response: {resp_head}")));
         }
         count += 1;
     }
@@ -281,8 +229,7 @@ fn client(port: u16, path: &str, next: &dyn Fn() -> bool) -> io::Result<u64> {
 fn main() {
     let args = parse_args();
     let (cert, key) = self_signed().expect("making a certificate");
-    let mut acceptor =
-        SslAcceptor::mozilla_intermediate_v5(SslMethod::tls_server()).expect("TLS server context");
+    let mut acceptor = SslAcceptor::mozilla_intermediate_v5(SslMethod::tls_server()).expect("TLS server context");
     acceptor.set_certificate(&cert).expect("certificate");
     acceptor.set_private_key(&key).expect("key");
     let acceptor = Arc::new(acceptor.build());
@@ -326,10 +273,7 @@ fn main() {
         }
     }
     let seconds = start.elapsed().as_secs_f64();
-    println!(
-        "{{\"requests\":{total},\"seconds\":{seconds:.3},\"rps\":{:.1}}}",
-        total as f64 / seconds
-    );
+    println!("{{\"requests\":{total},\"seconds\":{seconds:.3},\"rps\":{:.1}}}", total as f64 / seconds);
 }
 
 #[cfg(test)]
@@ -359,10 +303,7 @@ mod tests {
             serve(acceptor, tcp).unwrap();
         });
         let left = AtomicU64::new(0);
-        let n = client(port, LLM_PATH, &|| {
-            left.fetch_add(1, Ordering::Relaxed) < 25
-        })
-        .unwrap();
+        let n = client(port, LLM_PATH, &|| left.fetch_add(1, Ordering::Relaxed) < 25).unwrap();
         assert_eq!(n, 25);
     }
 }

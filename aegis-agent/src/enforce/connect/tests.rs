@@ -150,7 +150,10 @@ fn port_rule_and_every_port_rule_coexist_on_one_prefix_inside_the_cgroup_only() 
     TcpStream::connect(("127.0.0.1", bp)).expect("outside the cgroup a connect still works");
     let d = guard.denials();
     assert_eq!(d.len(), 1, "{d:?}");
-    assert_eq!((d[0].block_id, d[0].port, d[0].addr, d[0].action, d[0].sendmsg), (7, bp, LO, DenialAction::Denied, false));
+    assert_eq!(
+        (d[0].block_id, d[0].port, d[0].addr, d[0].action, d[0].sendmsg),
+        (7, bp, LO, DenialAction::Denied, false)
+    );
     assert!(d[0].comm.starts_with("python"), "{d:?}");
 
     // An every-port rule on a covering prefix next to the port rule: both hold.
@@ -212,7 +215,8 @@ fn more_than_four_rules_on_a_key_are_refused_and_nothing_changes() {
     guard.set_rules(&[deny(1, "127.0.0.1/32", Some(port), RuleScope::Any)]).unwrap();
     let before = guard.installed().unwrap();
 
-    let five: Vec<_> = (2..=6).map(|id| deny(id, "127.0.0.1/32", Some(port), RuleScope::Cgroup(cg.0.clone()))).collect();
+    let five: Vec<_> =
+        (2..=6).map(|id| deny(id, "127.0.0.1/32", Some(port), RuleScope::Cgroup(cg.0.clone()))).collect();
     let err = guard.set_rules(&five).unwrap_err().to_string();
     assert!(err.contains(&format!("127.0.0.1/32 port {port}: blocks [2, 3, 4, 5, 6]")), "{err}");
     assert_eq!(guard.installed().unwrap(), before);
@@ -376,7 +380,10 @@ fn pinned_state_outlives_the_agent_and_is_reconciled_on_adoption() {
     let (_l2, p2) = listener();
     let (mut guard, _) = open(&cg, &pins, FailMode::Closed);
     guard
-        .set_rules(&[deny(1, "127.0.0.1/32", Some(p1), RuleScope::Any), deny(2, "127.0.0.1/32", Some(p2), RuleScope::Any)])
+        .set_rules(&[
+            deny(1, "127.0.0.1/32", Some(p1), RuleScope::Any),
+            deny(2, "127.0.0.1/32", Some(p2), RuleScope::Any),
+        ])
         .unwrap();
     guard.release();
     assert_eq!(connect_from(&cg.0, &[p1, p2]), [EPERM, EPERM], "still enforced with no agent");
