@@ -21,6 +21,15 @@ pub struct Config {
     /// Providers a block can name, besides the built-in ones (`[providers.NAME]`).
     #[serde(default)]
     pub providers: crate::enforce::providers::ProvidersConfig,
+    pub capabilities: CapabilitiesConfig,
+}
+
+/// `[capabilities]`: what this host cannot do without.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CapabilitiesConfig {
+    /// Start fails, saying which and why, when one of these is unavailable.
+    pub require: Vec<crate::kernel::capability::Capability>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -99,7 +108,7 @@ impl Default for GateSection {
 impl EnforceConfig {
     /// The cgroup v2 directory to attach to.
     pub fn cgroup_dir(&self) -> anyhow::Result<PathBuf> {
-        let root = crate::capture::process::cgroup2_root()
+        let root = crate::kernel::cgroup2_root()
             .context("no cgroup v2 mount found: enforcement needs cgroup v2 (or set enforce.enabled = false)")?;
         Ok(if self.cgroup.as_os_str().is_empty() {
             root
@@ -197,6 +206,16 @@ mod tests {
     fn unknown_key_is_an_error_naming_it() {
         let err = Config::parse("[capture]\nring_bufer_bytes = 4096\n").unwrap_err();
         assert!(format!("{err:#}").contains("ring_bufer_bytes"), "{err:#}");
+    }
+
+    #[test]
+    fn required_capabilities_are_named_by_their_status_names() {
+        use crate::kernel::capability::Capability;
+        assert_eq!(Config::defaults().capabilities.require, vec![Capability::Capture]);
+        let c = Config::parse("[capabilities]\nrequire = [\"capture\", \"content_gate\"]\n").unwrap();
+        assert_eq!(c.capabilities.require, vec![Capability::Capture, Capability::ContentGate]);
+        let err = Config::parse("[capabilities]\nrequire = [\"gate\"]\n").unwrap_err();
+        assert!(format!("{err:#}").contains("unknown variant `gate`"), "{err:#}");
     }
 
     #[test]

@@ -1,4 +1,10 @@
 //! `aegis-agent run`: capture, rules, containment and the control socket, together.
+//!
+//! Start-up asks the kernel what it offers ([`Features`]), then brings up each kernel
+//! capability on its own: capture, destination blocks, connection kills, the content gate.
+//! One that cannot load is reported once, with its reason and what it means for the
+//! operator, and the rest runs; `capabilities.require` names those the host cannot do
+//! without. The control socket always runs, so `aegis-agent status` says what this host has.
 
 use std::{
     path::Path,
@@ -13,15 +19,25 @@ use aegis_common::{DROP_CAUSES, DropCounter};
 use anyhow::Context as _;
 
 use crate::{
-    capture::{Output, Pipeline, probes::TlsProbes, process::cgroup2_root, targets},
+    capture::{
+        Output, Pipeline,
+        probes::{EventSource, TlsProbes},
+        targets::{self, TlsTarget},
+    },
     config::{Config, FailMode},
-    control::{ControlServer, ServerHandle},
+    control::{ContainmentOff, ControlHandler, ControlServer},
     enforce::{
         connect::{self, ConnectGuard},
-        gate::{Gate, GateConfig},
+        gate::{Gate, GateConfig, GateProbes},
         handler::{Enforcer, SocketIndex, block_id},
         providers::ProviderBook,
+        sockdiag,
         verdict::{ConnectionKiller, Containment, HostBook},
+    },
+    kernel::{
+        capability::{Capabilities, Capability, CapabilityStatus},
+        cgroup2_root,
+        features::Features,
     },
     policy::{Inspector, redact::Redactor, reload},
     rules,
@@ -30,31 +46,26 @@ use crate::{
 
 /// Containment parts that live as long as the daemon.
 struct Enforcement {
-    /// Held for the agent's life: one agent per control socket and pin directory.
-    _lock: std::fs::File,
     /// The cgroup v2 directory containment is attached to, and its name as
     /// /proc/PID/cgroup shows it ("/" for the whole host).
     cgroup: std::path::PathBuf,
     scope: String,
     enforcer: Arc<Enforcer>,
-    server: ServerHandle,
     fail: FailMode,
 }
 
 pub fn run(config: &Config, ready_file: Option<&Path>) -> anyhow::Result<()> {
     preflight()?;
     raise_memlock();
-    let lock = if config.enforce.enabled { Some(lock_instance(config)?) } else { None };
+    // One agent per control socket (and so per pin directory of its configuration).
+    let _lock = lock_instance(config)?;
+    let features = Features::probe();
+    tracing::info!(kernel = features.kernel(), btf = features.btf().is_some(), "checking what this kernel offers");
+    let caps = Capabilities::default();
 
     let capture = &config.capture;
     let mut discovery = targets::Discovery::default();
     let found = discovery.scan(&capture.libraries, &capture.executables, capture.discover);
-    anyhow::ensure!(
-        !found.is_empty(),
-        "no OpenSSL library found to probe (looked for libssl.so.3 and libssl.so.1.1 in the \
-         system library directories and in running processes): install libssl3, or list the \
-         library under capture.libraries in the config"
-    );
     let inspector = if config.rules.enabled {
         let (engine, policies) = rules::load(&config.rules.packs).context("the configured rulepacks are invalid")?;
         let redactor = Redactor::load_or_create(&config.rules.evidence_key)?;
@@ -65,24 +76,23 @@ pub fn run(config: &Config, ready_file: Option<&Path>) -> anyhow::Result<()> {
     } else {
         None
     };
-    let (mut probes, source) = TlsProbes::load(capture.ring_buffer_bytes)?;
-    anyhow::ensure!(
-        probes.attach(&found) > 0,
-        "no TLS library could be probed (see the warnings above): check that the kernel \
-         allows uprobes (CONFIG_UPROBE_EVENTS) and that the files are readable"
-    );
+    let (mut probes, source) = start_capture(config, &features, &caps, &found);
 
     let providers = Arc::new(
         ProviderBook::new(&config.providers, config.enforce.resolve.clone())
             .map_err(|e| anyhow::anyhow!("invalid [providers] configuration: {e}"))?,
     );
-    let enforcement = match lock {
-        Some(lock) => Some(start_enforcement(config, &providers, lock)?),
-        None => None,
+    let enforcement = start_enforcement(config, &features, &caps, &providers)?;
+    let handler: Arc<dyn ControlHandler> = match &enforcement {
+        Some(e) => e.enforcer.clone(),
+        None => Arc::new(ContainmentOff),
     };
+    // Restores the saved blocks and makes the (maybe adopted) kernel rules equal to them.
+    let server = ControlServer::start_with(config.control.clone(), handler, caps.clone())
+        .context("cannot start the control socket")?;
     let containment = match &enforcement {
         Some(e) => Containment {
-            view: Some(e.server.view()),
+            view: Some(server.view()),
             killer: config.enforce.kill_on_block.then(|| e.enforcer.clone() as Arc<dyn ConnectionKiller>),
             hosts: Some(e.enforcer.clone() as Arc<dyn HostBook>),
             scope: Some(e.scope.clone()),
@@ -99,10 +109,7 @@ pub fn run(config: &Config, ready_file: Option<&Path>) -> anyhow::Result<()> {
     });
     let refresher = refresher.transpose().context("cannot start the provider address refresher")?;
 
-    let gate = match (&enforcement, &inspector) {
-        (Some(e), Some(i)) if config.enforce.gate.enabled => Some(start_gate(config, &mut probes, e, i)?),
-        _ => None,
-    };
+    let gate = start_gate(config, &features, &caps, &mut probes, enforcement.as_ref(), inspector.as_deref());
 
     let sink = JsonLines::open(config.output.stdout, &config.output.file)?;
     let pipeline = Pipeline::start(config, probes, discovery, source, sink, inspector.clone(), containment)?;
@@ -125,43 +132,21 @@ pub fn run(config: &Config, ready_file: Option<&Path>) -> anyhow::Result<()> {
         )?),
         _ => None,
     };
-    tracing::info!(
-        targets = found.len(),
-        workers = config.workers(),
-        file = %config.output.file.display(),
-        enforcement = enforcement.is_some(),
-        "capture ready"
-    );
-    if let Some(path) = ready_file {
-        std::fs::write(path, format!("{}\n", std::process::id()))
-            .with_context(|| format!("cannot write the ready file {}", path.display()))?;
-    }
-
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    let interval = config.output.stats_interval_secs;
-    runtime.block_on(async {
-        // Both streams are made once: a signal arriving between two turns of the loop is
-        // kept for the next turn (a fresh `ctrl_c()` future per turn would miss it).
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
-        let mut ticker = tokio::time::interval(Duration::from_secs(interval.max(1)));
-        ticker.tick().await;
-        let mut enforce_tick = tokio::time::interval(Duration::from_millis(100));
-        let mut beats = 0u32;
-        loop {
-            tokio::select! {
-                _ = int.recv() => break,
-                _ = term.recv() => break,
-                _ = ticker.tick(), if interval > 0 => report(&pipeline),
-                _ = enforce_tick.tick(), if enforcement.is_some() => {
-                    let e = enforcement.as_ref().expect("checked");
-                    beats += 1;
-                    forward_denials(&e.enforcer, &pipeline, beats % 10 == 0);
-                }
-            }
+    let outcome = caps.check_required(&config.capabilities.require).and_then(|()| {
+        tracing::info!(
+            targets = found.len(),
+            workers = config.workers(),
+            file = %config.output.file.display(),
+            capabilities = %summary(&caps),
+            "agent ready"
+        );
+        if let Some(path) = ready_file {
+            std::fs::write(path, format!("{}\n", std::process::id()))
+                .with_context(|| format!("cannot write the ready file {}", path.display()))?;
         }
-        anyhow::Ok(())
-    })?;
+        serve(&pipeline, enforcement.as_ref(), config.output.stats_interval_secs)
+    });
+
     tracing::info!("stopping: finishing open calls and detaching probes");
     stop_reload.store(true, Ordering::SeqCst);
     if let Some(r) = reloader {
@@ -179,40 +164,226 @@ pub fn run(config: &Config, ready_file: Option<&Path>) -> anyhow::Result<()> {
     let final_drops = pipeline.stop();
     *drops_handle.lock().unwrap_or_else(|e| e.into_inner()) = final_drops;
     report_counters(&counters, &final_drops);
+    let nothing_blocked = server.view().blocks().is_empty();
+    server.shutdown();
     if let Some(e) = enforcement {
-        stop_enforcement(e);
+        stop_enforcement(e, nothing_blocked);
     }
     tracing::info!("stopped; all probes detached");
-    Ok(())
+    outcome
 }
 
+/// Until SIGINT or SIGTERM: periodic reports, the containment heartbeat and refused connects.
+fn serve(pipeline: &Pipeline, enforcement: Option<&Enforcement>, interval: u64) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    runtime.block_on(async {
+        // Both streams are made once: a signal arriving between two turns of the loop is
+        // kept for the next turn (a fresh `ctrl_c()` future per turn would miss it).
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+        let mut ticker = tokio::time::interval(Duration::from_secs(interval.max(1)));
+        ticker.tick().await;
+        let mut enforce_tick = tokio::time::interval(Duration::from_millis(100));
+        let mut beats = 0u32;
+        loop {
+            tokio::select! {
+                _ = int.recv() => break,
+                _ = term.recv() => break,
+                _ = ticker.tick(), if interval > 0 => report(pipeline),
+                _ = enforce_tick.tick(), if enforcement.is_some() => {
+                    let e = enforcement.expect("checked");
+                    beats += 1;
+                    forward_denials(&e.enforcer, pipeline, beats % 10 == 0);
+                }
+            }
+        }
+        anyhow::Ok(())
+    })
+}
+
+/// "capture=active destination_blocks=unavailable ...", for the ready line.
+fn summary(caps: &Capabilities) -> String {
+    caps.list().iter().map(|c| format!("{}={}", c.name, c.state.name())).collect::<Vec<_>>().join(" ")
+}
+
+/// Load capture's programs and attach them to the TLS targets found. When the kernel lacks
+/// what capture needs or refuses its programs, capture is unavailable (reported) and the
+/// probes only carry their companions.
+fn start_capture(
+    config: &Config,
+    features: &Features,
+    caps: &Capabilities,
+    found: &[TlsTarget],
+) -> (TlsProbes, Option<EventSource>) {
+    let unavailable = |reason: String| {
+        caps.set(CapabilityStatus::unavailable(Capability::Capture, reason));
+        let mut probes = TlsProbes::without_capture();
+        probes.attach(found);
+        (probes, None)
+    };
+    let missing = features.missing(&Capability::Capture.needs());
+    if !missing.is_empty() {
+        return unavailable(format!("this kernel lacks {}", missing.join(", ")));
+    }
+    if found.is_empty() && !config.capture.discover {
+        // Nothing now, and nothing will be looked for: there is nothing to capture.
+        return unavailable(
+            "no OpenSSL library found to probe, and discovery is off (capture.discover = false): list the \
+             library or executable under capture.libraries or capture.executables, or turn discovery on"
+                .into(),
+        );
+    }
+    match TlsProbes::load(config.capture.ring_buffer_bytes) {
+        Ok((mut probes, source)) => {
+            probes.attach(found);
+            probes.report_to(caps.clone());
+            (probes, Some(source))
+        }
+        Err(e) => unavailable(format!("{e:#}")),
+    }
+}
+
+/// Destination blocks (connect programs, pinned) and connection kills, each on its own;
+/// None when containment is off in the configuration. Errors are configuration errors
+/// only: what the kernel refuses is reported as a capability state.
 fn start_enforcement(
     config: &Config,
+    features: &Features,
+    caps: &Capabilities,
     providers: &Arc<ProviderBook>,
-    lock: std::fs::File,
-) -> anyhow::Result<Enforcement> {
+) -> anyhow::Result<Option<Enforcement>> {
+    if !config.enforce.enabled {
+        for c in [Capability::DestinationBlocks, Capability::ConnectionKills, Capability::ContentGate] {
+            caps.set(CapabilityStatus::off(c, "containment is off in the configuration (enforce.enabled = false)"));
+        }
+        return Ok(None);
+    }
+    caps.set(match sockdiag::probe_destroy() {
+        Ok(()) => CapabilityStatus::active(Capability::ConnectionKills, "sock_diag SOCK_DESTROY"),
+        Err(reason) => CapabilityStatus::unavailable(Capability::ConnectionKills, reason),
+    });
+    let Some(root) = cgroup2_root() else {
+        caps.set(CapabilityStatus::unavailable(Capability::DestinationBlocks, "no cgroup v2 mount on this host"));
+        let enforcer = Arc::new(Enforcer::new(None, providers.clone(), "/".into()));
+        return Ok(Some(Enforcement { cgroup: "/".into(), scope: "/".into(), enforcer, fail: config.enforce.fail }));
+    };
     let cgroup = config.enforce.cgroup_dir()?;
-    let root = cgroup2_root().context("no cgroup v2 mount found")?;
+    let missing = features.missing(&Capability::DestinationBlocks.needs());
+    let guard = if missing.is_empty() {
+        open_connect_guard(config, features, caps, &cgroup)
+    } else {
+        let reason = format!("this kernel lacks {}", missing.join(", "));
+        caps.set(CapabilityStatus::unavailable(Capability::DestinationBlocks, reason));
+        None
+    };
+    let enforcer = Arc::new(Enforcer::new(guard, providers.clone(), root.clone()));
+    let scope = crate::enforce::handler::cgroup_name(&root, &cgroup).unwrap_or_else(|| "/".into());
+    Ok(Some(Enforcement { cgroup, scope, enforcer, fail: config.enforce.fail }))
+}
+
+/// The connect programs on `cgroup`, pinned (adopted from a previous agent when they match).
+fn open_connect_guard(
+    config: &Config,
+    features: &Features,
+    caps: &Capabilities,
+    cgroup: &Path,
+) -> Option<ConnectGuard> {
     let fail = match config.enforce.fail {
         FailMode::Closed => connect::FailMode::Closed,
         FailMode::Open => connect::FailMode::Open { grace: Duration::from_secs(config.enforce.grace_secs.max(1)) },
     };
-    let (guard, adopted) = ConnectGuard::open(&cgroup, &config.enforce.pin_dir, fail).with_context(|| {
-        format!(
-            "cannot load the containment programs onto cgroup {} (pins in {}): check that bpffs is mounted \
-             at /sys/fs/bpf, or set enforce.enabled = false to run without containment",
-            cgroup.display(),
-            config.enforce.pin_dir.display()
-        )
-    })?;
-    tracing::info!(cgroup = %cgroup.display(), pins = %config.enforce.pin_dir.display(), adopted = ?adopted, "containment programs in force");
-    let enforcer = Arc::new(Enforcer::new(Some(guard), providers.clone(), root.clone()));
-    // Restores the saved blocks and makes the (maybe adopted) kernel rules equal to them.
-    let server =
-        ControlServer::start(config.control.clone(), enforcer.clone()).context("cannot start the control socket")?;
-    tracing::info!(socket = %server.socket().display(), "control socket ready");
-    let scope = crate::enforce::handler::cgroup_name(&root, &cgroup).unwrap_or_else(|| "/".into());
-    Ok(Enforcement { _lock: lock, cgroup, scope, enforcer, server, fail: config.enforce.fail })
+    let pins = config.enforce.pin_dir.display();
+    match ConnectGuard::open(cgroup, &config.enforce.pin_dir, fail) {
+        Ok((guard, adopted)) => {
+            tracing::info!(cgroup = %cgroup.display(), %pins, adopted = ?adopted, "containment programs in force");
+            let detail = format!("connect4/6 and sendmsg4/6 on cgroup {}, pinned in {pins}", cgroup.display());
+            caps.set(match features.btf() {
+                Some(_) => CapabilityStatus::active(Capability::DestinationBlocks, detail),
+                None => CapabilityStatus::degraded(
+                    Capability::DestinationBlocks,
+                    detail,
+                    "no kernel BTF: blocks scoped to an executable (--exe) are refused",
+                ),
+            });
+            Some(guard)
+        }
+        Err(e) => {
+            let reason =
+                format!("cannot load the connect programs onto cgroup {} (pins in {pins}): {e:#}", cgroup.display());
+            caps.set(CapabilityStatus::unavailable(Capability::DestinationBlocks, reason));
+            None
+        }
+    }
+}
+
+fn stop_enforcement(e: Enforcement, nothing_blocked: bool) {
+    let Some(guard) = e.enforcer.take_guard() else { return };
+    match e.fail {
+        // Nothing to keep in force: leave no programs behind.
+        FailMode::Closed if nothing_blocked => match guard.remove() {
+            Ok(()) => tracing::info!("no block in force: containment programs detached"),
+            Err(e) => tracing::error!(error = %format!("{e:#}"), "could not detach the containment programs"),
+        },
+        FailMode::Closed => {
+            guard.release();
+            tracing::info!("containment stays in force while the agent is stopped (enforce.fail = \"closed\")");
+        }
+        FailMode::Open => match guard.remove() {
+            Ok(()) => tracing::info!("containment lifted (enforce.fail = \"open\")"),
+            Err(e) => tracing::error!(error = %format!("{e:#}"), "could not lift containment"),
+        },
+    }
+}
+
+/// Load the content gate, attach it to the enforcement cgroup with the packs' kernel
+/// keywords, and put its SSL_write probes wherever capture's go. It also indexes which
+/// socket carries each TLS connection, so a stopped call's connection is found exactly.
+/// None when it is off or unavailable (reported either way).
+fn start_gate(
+    config: &Config,
+    features: &Features,
+    caps: &Capabilities,
+    probes: &mut TlsProbes,
+    enforcement: Option<&Enforcement>,
+    inspector: Option<&Inspector>,
+) -> Option<Arc<RwLock<Gate>>> {
+    let off = |reason: &str| {
+        caps.set(CapabilityStatus::off(Capability::ContentGate, reason));
+        None
+    };
+    let (e, inspector) = match (enforcement, inspector) {
+        (None, _) => return None, // reported with the rest of containment
+        (Some(_), None) => return off("rules are off (rules.enabled = false)"),
+        (Some(_), Some(_)) if !config.enforce.gate.enabled => return off("enforce.gate.enabled = false"),
+        (Some(e), Some(i)) => (e, i),
+    };
+    let unavailable = |reason: String| {
+        caps.set(CapabilityStatus::unavailable(Capability::ContentGate, reason));
+        None
+    };
+    let missing = features.missing(&Capability::ContentGate.needs());
+    if !missing.is_empty() {
+        return unavailable(format!("this kernel lacks {}", missing.join(", ")));
+    }
+    let mut gc = GateConfig::new(e.cgroup.clone());
+    gc.ports = config.enforce.gate.ports.clone();
+    gc.kill = true;
+    let mut gate = match Gate::start(&gc) {
+        Ok(g) => g,
+        Err(err) => return unavailable(format!("{err:#}")),
+    };
+    let keywords = inspector.engine().kernel_keywords();
+    if let Err(err) = gate.set_keywords(&keywords) {
+        return unavailable(format!("cannot load the kernel keywords: {err:#}"));
+    }
+    let programs = gate.programs();
+    let gate = Arc::new(RwLock::new(gate));
+    probes.add_companion(Box::new(GateProbes(gate.clone())));
+    e.enforcer.set_socket_index(Arc::new(GateIndex(gate.clone())));
+    let detail =
+        format!("{} kernel keyword(s) on ports 443 {:?}, cgroup {}", keywords.len(), gc.ports, e.cgroup.display());
+    caps.set(CapabilityStatus::active(Capability::ContentGate, detail).with_programs(programs));
+    Some(gate)
 }
 
 /// An exclusive lock next to the control socket, taken before the pinned state is touched,
@@ -245,48 +416,6 @@ fn lock_instance(config: &Config) -> anyhow::Result<std::fs::File> {
     Ok(file)
 }
 
-fn stop_enforcement(e: Enforcement) {
-    let nothing_blocked = e.server.view().blocks().is_empty();
-    e.server.shutdown();
-    let Some(guard) = e.enforcer.take_guard() else { return };
-    match e.fail {
-        // Nothing to keep in force: leave no programs behind.
-        FailMode::Closed if nothing_blocked => match guard.remove() {
-            Ok(()) => tracing::info!("no block in force: containment programs detached"),
-            Err(e) => tracing::error!(error = %format!("{e:#}"), "could not detach the containment programs"),
-        },
-        FailMode::Closed => {
-            guard.release();
-            tracing::info!("containment stays in force while the agent is stopped (enforce.fail = \"closed\")");
-        }
-        FailMode::Open => match guard.remove() {
-            Ok(()) => tracing::info!("containment lifted (enforce.fail = \"open\")"),
-            Err(e) => tracing::error!(error = %format!("{e:#}"), "could not lift containment"),
-        },
-    }
-}
-
-/// Attach the content gate to the enforcement cgroup with the packs' kernel keywords; it
-/// also indexes which socket carries each TLS connection, so a stopped call's connection is
-/// found exactly.
-fn start_gate(
-    config: &Config,
-    probes: &mut TlsProbes,
-    e: &Enforcement,
-    inspector: &Inspector,
-) -> anyhow::Result<Arc<RwLock<Gate>>> {
-    let mut gc = GateConfig::new(e.cgroup.clone());
-    gc.ports = config.enforce.gate.ports.clone();
-    gc.kill = true;
-    let mut gate = Gate::attach(probes.ebpf_mut(), &gc).context("cannot attach the content gate (enforce.gate)")?;
-    let keywords = inspector.engine().kernel_keywords();
-    gate.set_keywords(&keywords).context("cannot load the kernel keywords into the content gate")?;
-    tracing::info!(keywords = keywords.len(), ports = ?gc.ports, "content gate attached");
-    let gate = Arc::new(RwLock::new(gate));
-    e.enforcer.set_socket_index(Arc::new(GateIndex(gate.clone())));
-    Ok(gate)
-}
-
 struct GateIndex(Arc<RwLock<Gate>>);
 
 impl SocketIndex for GateIndex {
@@ -295,7 +424,7 @@ impl SocketIndex for GateIndex {
     }
 }
 
-/// Gate refusals to the log and the sinks, until `stop`; the kernel keywords follow the
+/// Flagged sends (refused, or observed) to the log and the sinks, until `stop`; the kernel keywords follow the
 /// rulepacks when they are reloaded.
 fn read_gate(
     gate: Arc<RwLock<Gate>>,
@@ -319,14 +448,23 @@ fn read_gate(
             if !ready {
                 continue;
             }
-            let refusals = gate.write().unwrap_or_else(|e| e.into_inner()).poll();
-            for r in refusals {
-                tracing::warn!(
-                    rule = r.rule_id.as_deref().unwrap_or("?"), pid = r.pid, comm = %r.comm, peer = %r.peer,
-                    refused_bytes = r.refused_bytes, "request refused in the kernel before it left the host"
-                );
+            let flagged = gate.write().unwrap_or_else(|e| e.into_inner()).poll();
+            for r in flagged {
+                let (kind, bytes_sent) = if r.refused {
+                    tracing::warn!(
+                        rule = r.rule_id.as_deref().unwrap_or("?"), pid = r.pid, comm = %r.comm, peer = %r.peer,
+                        send_bytes = r.send_bytes, "request refused in the kernel before it left the host"
+                    );
+                    ("gate_refused", 0)
+                } else {
+                    tracing::warn!(
+                        rule = r.rule_id.as_deref().unwrap_or("?"), pid = r.pid, comm = %r.comm, peer = %r.peer,
+                        send_bytes = r.send_bytes, "a kernel keyword matched a request; it went out (the gate observes)"
+                    );
+                    ("gate_observed", r.send_bytes)
+                };
                 let record = serde_json::json!({
-                    "type": "gate_refused",
+                    "type": kind,
                     "time": crate::control::blocks::rfc3339_ms(crate::control::blocks::now_unix_ms()),
                     "rule": r.rule_id,
                     "pid": r.pid,
@@ -337,8 +475,8 @@ fn read_gate(
                     "local": r.local.to_string(),
                     "peer": r.peer.to_string(),
                     "plaintext_bytes": r.plain_len,
-                    "refused_bytes": r.refused_bytes,
-                    "bytes_sent": 0,
+                    "send_bytes": r.send_bytes,
+                    "bytes_sent": bytes_sent,
                     "connection_killed": r.killed,
                 });
                 let _ = out.send(Output::Event(record));
@@ -411,17 +549,13 @@ fn report_counters(c: &crate::capture::Counters, drops: &[DropCounter; DROP_CAUS
     );
 }
 
-/// Start-up checks that turn kernel errors into instructions.
+/// Start-up checks that turn errors into instructions (what the kernel offers is asked
+/// capability by capability, see [`Features`]).
 fn preflight() -> anyhow::Result<()> {
     anyhow::ensure!(
         nix::unistd::geteuid().is_root(),
         "aegis-agent run must run as root: it loads eBPF programs and attaches uprobes. Start \
          it with sudo, or install packaging/aegis-agent.service and use systemctl"
-    );
-    anyhow::ensure!(
-        Path::new("/sys/kernel/btf/vmlinux").exists(),
-        "this kernel exposes no BTF (/sys/kernel/btf/vmlinux is missing): the agent needs a \
-         kernel built with CONFIG_DEBUG_INFO_BTF=y (any mainstream distribution kernel >= 5.15)"
     );
     Ok(())
 }

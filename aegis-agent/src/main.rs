@@ -30,6 +30,18 @@ enum Command {
     },
     /// Print the embedded default configuration.
     DefaultConfig,
+    /// What this host's kernel would give the agent (capture, destination blocks, connection
+    /// kills, content gate), checked without starting it: features probed, every eBPF program
+    /// loaded and unloaded, with the verifier's instruction counts. Exit 1 when a capability
+    /// is unavailable.
+    Kernel {
+        /// One JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Write the verifier's log of every refused program into this directory.
+        #[arg(long, value_name = "DIR")]
+        verifier_logs: Option<PathBuf>,
+    },
     /// Lift every kernel block for good: detach and remove the pinned containment programs
     /// and maps (run after stopping the agent, e.g. when uninstalling).
     Unpin {
@@ -102,6 +114,13 @@ fn main() -> std::process::ExitCode {
         Command::DefaultConfig => {
             print!("{}", aegis_agent::config::DEFAULT_TOML);
             Ok(())
+        }
+        Command::Kernel { json, verifier_logs } => {
+            match aegis_agent::commands::kernel::run(json, verifier_logs.as_deref()) {
+                Ok(true) => Ok(()),
+                Ok(false) => return std::process::ExitCode::FAILURE,
+                Err(e) => Err(e),
+            }
         }
         Command::Unpin { config, pin_dir } => {
             let dir = match (pin_dir, config) {

@@ -13,8 +13,8 @@
 //! call actually moved. Capturing at return also hides the retries of non-blocking
 //! writers (node calls SSL_write again with the same buffer after WANT_WRITE).
 //! The attach cookie says which library the probe sits in; the agent maps it to a path.
-//! The SSL_write entry and return probes also drive the content gate (`sockmsg.rs`);
-//! what capture emits does not depend on it.
+//! The content gate (`gate.rs`) has SSL_write probes of its own, in its own object, so
+//! these stay small whatever the gate does.
 
 use core::ffi::c_void;
 
@@ -86,29 +86,16 @@ pub fn ssl_read_ex_enter(ctx: ProbeContext) -> u32 {
     remember(&ctx, true)
 }
 
-/// `SSL_write` / `SSL_write_ex` entry: what the reads do, then the content gate
-/// ([`crate::sockmsg::write_enter`]: scan the plaintext, note the call for the send).
-#[inline(always)]
-fn write_enter(ctx: &ProbeContext, ex: bool) -> u32 {
-    remember(ctx, ex);
-    if let (Some(ssl), Some(buf), Some(num)) = (ctx.arg::<u64>(0), ctx.arg::<u64>(1), ctx.arg::<u64>(2)) {
-        // SSL_write's num is an int; SSL_write_ex's a size_t.
-        let num = if ex { num } else { (num as u32 as i32).max(0) as u64 };
-        crate::sockmsg::write_enter(ssl, buf, num);
-    }
-    0
-}
-
 /// `SSL_write` entry: (ssl, buf, int num).
 #[uprobe]
 pub fn ssl_write_enter(ctx: ProbeContext) -> u32 {
-    write_enter(&ctx, false)
+    remember(&ctx, false)
 }
 
 /// `SSL_write_ex` entry: (ssl, buf, size_t num, size_t *written).
 #[uprobe]
 pub fn ssl_write_ex_enter(ctx: ProbeContext) -> u32 {
-    write_enter(&ctx, true)
+    remember(&ctx, true)
 }
 
 #[inline(always)]
@@ -221,13 +208,11 @@ extern "C" fn copy_chunk(index: u64, ctx: *mut c_void) -> i64 {
 
 #[uretprobe]
 pub fn ssl_write_exit(ctx: RetProbeContext) -> u32 {
-    crate::sockmsg::write_exit();
     emit(&ctx, TlsHook::SslWrite, Direction::Egress, false)
 }
 
 #[uretprobe]
 pub fn ssl_write_ex_exit(ctx: RetProbeContext) -> u32 {
-    crate::sockmsg::write_exit();
     emit(&ctx, TlsHook::SslWriteEx, Direction::Egress, true)
 }
 

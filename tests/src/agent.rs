@@ -39,6 +39,17 @@ pub fn agent_bin() -> PathBuf {
     })
 }
 
+/// A `[control]` table whose socket, state file and audit log are in `dir`.
+pub fn test_control_toml(dir: &Path) -> String {
+    let path = |name: &str| format!("{:?}", dir.join(name).display().to_string());
+    format!(
+        "[control]\nsocket = {}\nstate_file = {}\naudit_log = {}\n",
+        path("control.sock"),
+        path("blocks.json"),
+        path("audit.jsonl")
+    )
+}
+
 /// A running agent writing JSON lines to a temporary file. Dropping it stops it (SIGINT,
 /// then SIGKILL after [`STOP_TIMEOUT`]) and, unless already panicking, asserts a clean exit.
 pub struct Agent {
@@ -72,8 +83,10 @@ impl Agent {
         // Containment attaches to the root cgroup by default: tests that want it name their
         // own test cgroup in an [enforce] table.
         let enforce = if extra_toml.contains("[enforce]") { "" } else { "[enforce]\nenabled = false\n" };
+        // The control socket always runs: it and its files live with the test too.
+        let control = if extra_toml.contains("[control]") { String::new() } else { test_control_toml(dir.path()) };
         let toml = format!(
-            "{rules}{enforce}[output]\nstdout = false\nfile = {:?}\n{extra_toml}",
+            "{rules}{enforce}{control}[output]\nstdout = false\nfile = {:?}\n{extra_toml}",
             output.display().to_string()
         );
         fs::write(&config, toml).expect("writing agent config");

@@ -23,7 +23,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aegis_agent::capture::process::cgroup2_root;
+use aegis_agent::kernel::cgroup2_root;
 use nix::{
     sys::signal::{Signal, kill},
     unistd::Pid,

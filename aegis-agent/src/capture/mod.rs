@@ -90,11 +90,12 @@ pub struct Pipeline {
 impl Pipeline {
     /// `probes` are attached already; `discovery` has done its first scan and, when
     /// `capture.rediscover_secs` is set, keeps looking for new libraries and executables.
+    /// `source` is None when capture is unavailable (its companions still follow targets).
     pub fn start(
         config: &Config,
         probes: TlsProbes,
         discovery: Discovery,
-        source: EventSource,
+        source: Option<EventSource>,
         sink: JsonLines,
         inspector: Option<Arc<Inspector>>,
         containment: Containment,
@@ -142,9 +143,14 @@ impl Pipeline {
         let reader_counters = counters.clone();
         let reader_drops = drops.clone();
         let reader_processes = processes.clone();
-        let reader = spawn("aegis-reader", move || {
-            read_loop(source, senders, &reader_processes, &reader_stop, &reader_counters, &reader_drops)
-        })?;
+        // Without capture (the kernel refused it) the workers stay idle; the output thread
+        // still carries the other records.
+        let reader = match source {
+            Some(source) => Some(spawn("aegis-reader", move || {
+                read_loop(source, senders, &reader_processes, &reader_stop, &reader_counters, &reader_drops)
+            })?),
+            None => None,
+        };
 
         let every = Duration::from_secs(config.capture.rediscover_secs);
         let capture = config.capture.clone();
@@ -159,7 +165,7 @@ impl Pipeline {
             stop,
             stop_discovery,
             discovery: Some(discovery),
-            reader: Some(reader),
+            reader,
             workers,
             output: Some(output),
             counters,

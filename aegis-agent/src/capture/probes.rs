@@ -1,10 +1,13 @@
-//! Loading the eBPF object and attaching the OpenSSL probes to every [`TlsTarget`].
+//! Loading capture's eBPF object (`kernel::objects::CAPTURE`) and attaching the OpenSSL
+//! probes to every [`TlsTarget`], together with the probes of other objects that go wherever
+//! capture's go ([`TlsCompanion`]: the content gate's SSL_write probes).
 //!
 //! Each target gets its index in [`Sources`] as the attach cookie, so an event names the
 //! file whose probe produced it. Uprobes on a file cover every process that maps it,
 //! including processes started later. Dropping [`TlsProbes`] detaches everything (aya
 //! closes the links with the object); the ring buffer, held apart in [`EventSource`],
-//! can still be drained after that.
+//! can still be drained after that. When the kernel refuses capture's programs, the
+//! companions still follow the targets ([`TlsProbes::without_capture`]).
 
 use std::{
     path::Path,
@@ -23,39 +26,34 @@ use aya::{
 };
 
 use super::targets::TlsTarget;
+use crate::kernel::{
+    capability::{Capabilities, Capability, CapabilityStatus, ProgramStatus},
+    objects::{self, CAPTURE},
+};
 
-/// The compiled eBPF object (built by build.rs with aya-build).
-static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/aegis"));
+/// Which program goes on which symbol, when the target has it.
+pub type AttachPlan = [(&'static str, &'static str, Wants)];
 
-const PROGRAMS: [&str; 9] = [
-    "ssl_read_enter",
-    "ssl_read_ex_enter",
-    "ssl_write_enter",
-    "ssl_write_ex_enter",
-    "ssl_write_exit",
-    "ssl_write_ex_exit",
-    "ssl_read_exit",
-    "ssl_read_ex_exit",
-    "ssl_free_enter",
+/// Capture's plan: entry probes remember arguments, return probes copy data.
+const ATTACH_PLAN: [(&str, &str, Wants); 9] = [
+    ("ssl_write_enter", "SSL_write", Wants::Always),
+    ("ssl_write_exit", "SSL_write", Wants::Always),
+    ("ssl_read_enter", "SSL_read", Wants::Always),
+    ("ssl_read_exit", "SSL_read", Wants::Always),
+    ("ssl_write_ex_enter", "SSL_write_ex", Wants::Ex),
+    ("ssl_write_ex_exit", "SSL_write_ex", Wants::Ex),
+    ("ssl_read_ex_enter", "SSL_read_ex", Wants::Ex),
+    ("ssl_read_ex_exit", "SSL_read_ex", Wants::Ex),
+    ("ssl_free_enter", "SSL_free", Wants::Free),
 ];
 
-/// (program, symbol) pairs: entry probes remember arguments, return probes copy data.
-const ATTACH_PLAN: [(&str, &str, Need); 9] = [
-    ("ssl_write_enter", "SSL_write", Need::Always),
-    ("ssl_write_exit", "SSL_write", Need::Always),
-    ("ssl_read_enter", "SSL_read", Need::Always),
-    ("ssl_read_exit", "SSL_read", Need::Always),
-    ("ssl_write_ex_enter", "SSL_write_ex", Need::Ex),
-    ("ssl_write_ex_exit", "SSL_write_ex", Need::Ex),
-    ("ssl_read_ex_enter", "SSL_read_ex", Need::Ex),
-    ("ssl_read_ex_exit", "SSL_read_ex", Need::Ex),
-    ("ssl_free_enter", "SSL_free", Need::Free),
-];
-
+/// When a program of an [`AttachPlan`] applies to a target.
 #[derive(Clone, Copy)]
-enum Need {
+pub enum Wants {
     Always,
+    /// The target exports the `_ex` functions (OpenSSL 1.1.1+).
     Ex,
+    /// The target exports `SSL_free`.
     Free,
 }
 
@@ -63,10 +61,27 @@ enum Need {
 /// more; shared with the workers that name the library in records.
 pub type Sources = Arc<RwLock<Vec<TlsTarget>>>;
 
-/// The loaded programs and their attachments.
+/// Uprobes of another object that go on every TLS target capture's go on. Defined here so
+/// that capture knows nothing of who rides along.
+pub trait TlsCompanion: Send {
+    /// For logs ("content gate").
+    fn name(&self) -> &'static str;
+    /// Attach to `target`; the number of probes attached.
+    fn attach(&mut self, target: &TlsTarget) -> anyhow::Result<usize>;
+}
+
+/// The loaded capture programs (if the kernel took them), their companions, and their
+/// attachments.
 pub struct TlsProbes {
-    ebpf: Ebpf,
+    capture: Option<Ebpf>,
+    companions: Vec<Box<dyn TlsCompanion>>,
     pub sources: Sources,
+    /// Targets capture's probes are on.
+    attached: usize,
+    /// Targets capture's probes could not be attached to, with why.
+    failed: Vec<(TlsTarget, String)>,
+    /// Where capture's state is kept for `status` (refreshed at every attachment round).
+    report: Option<Capabilities>,
 }
 
 /// What the kernel sends: plaintext events and the drop counters.
@@ -76,29 +91,104 @@ pub struct EventSource {
 }
 
 impl TlsProbes {
-    /// Load the programs into the kernel; nothing is attached yet.
+    /// Load capture's programs into the kernel; nothing is attached yet. An error means
+    /// capture is unavailable on this kernel (it names the program and the verifier's verdict).
     pub fn load(ring_buffer_bytes: u32) -> anyhow::Result<(Self, EventSource)> {
         let mut ebpf = EbpfLoader::new()
             .map_max_entries("TLS_EVENTS", ring_buffer_bytes)
-            .load(EBPF_OBJECT)
-            .context("loading the eBPF programs into the kernel failed")?;
-        for name in PROGRAMS {
-            program(&mut ebpf, name)?.load().with_context(|| format!("the kernel rejected eBPF program {name}"))?;
+            .load(CAPTURE.bytes)
+            .context("creating capture's eBPF maps failed")?;
+        for name in CAPTURE.programs {
+            objects::load_program(&mut ebpf, name)?;
         }
         let events = RingBuf::try_from(ebpf.take_map("TLS_EVENTS").context("map TLS_EVENTS missing")?)?;
         let drops = PerCpuArray::try_from(ebpf.take_map("TLS_DROPS").context("map TLS_DROPS missing")?)?;
-        Ok((Self { ebpf, sources: Sources::default() }, EventSource { events, drops }))
+        let mut probes = Self::without_capture();
+        probes.capture = Some(ebpf);
+        Ok((probes, EventSource { events, drops }))
     }
 
-    /// The loaded object, for the parts that share its maps (the content gate,
-    /// `enforce::gate`).
-    pub fn ebpf_mut(&mut self) -> &mut Ebpf {
-        &mut self.ebpf
+    /// Targets to follow for the companions alone, when capture is unavailable.
+    pub fn without_capture() -> Self {
+        Self {
+            capture: None,
+            companions: Vec::new(),
+            sources: Sources::default(),
+            attached: 0,
+            failed: Vec::new(),
+            report: None,
+        }
     }
 
-    /// Attach to each target; returns how many got their probes. A target whose
-    /// attachment fails is skipped with a warning (its cookie slot still names it, so a
-    /// partly attached target labels its events correctly).
+    /// Keep capture's state in `caps` from now on.
+    pub fn report_to(&mut self, caps: Capabilities) {
+        self.report = Some(caps);
+        self.report_status();
+    }
+
+    /// What capture came to so far: active with every target probed, degraded when some
+    /// target could not be probed or none was found yet.
+    pub fn status(&self) -> CapabilityStatus {
+        let status = match (self.attached, self.failed.as_slice()) {
+            (0, []) => CapabilityStatus::degraded(
+                Capability::Capture,
+                "programs loaded, no TLS library probed",
+                "no OpenSSL library found to probe yet (looked for libssl.so.3 and libssl.so.1.1 in the system \
+                 library directories and in running processes; discovery looks again): install libssl3, or list \
+                 the library under capture.libraries",
+            )
+            .with_impact("no model call is seen until a TLS library is found"),
+            (n, []) => CapabilityStatus::active(Capability::Capture, format!("probes on {n} TLS target(s)")),
+            (n, failed) => {
+                let why: Vec<String> =
+                    failed.iter().map(|(t, e)| format!("{}: {e}", t.path.display())).take(4).collect();
+                CapabilityStatus::degraded(
+                    Capability::Capture,
+                    format!("probes on {n} TLS target(s)"),
+                    format!("{} target(s) could not be probed: {}", failed.len(), why.join("; ")),
+                )
+                .with_impact("calls made through the targets named are not seen")
+            }
+        };
+        status.with_programs(self.programs())
+    }
+
+    fn report_status(&self) {
+        if let (Some(caps), true) = (&self.report, self.capture.is_some()) {
+            caps.set(self.status());
+        }
+    }
+
+    /// Whether capture's programs are loaded.
+    pub fn captures(&self) -> bool {
+        self.capture.is_some()
+    }
+
+    /// Capture's programs with the verifier's instruction counts.
+    pub fn programs(&self) -> Vec<ProgramStatus> {
+        CAPTURE
+            .programs
+            .iter()
+            .map(|name| ProgramStatus {
+                object: CAPTURE.name.into(),
+                program: (*name).into(),
+                verified_insns: self.capture.as_ref().and_then(|e| objects::verified_insns(e, name)),
+            })
+            .collect()
+    }
+
+    /// Attach `companion` to every target known so far, and to every later one.
+    pub fn add_companion(&mut self, mut companion: Box<dyn TlsCompanion>) {
+        let targets = self.sources.read().unwrap_or_else(|e| e.into_inner()).clone();
+        for target in &targets {
+            attach_companion(companion.as_mut(), target);
+        }
+        self.companions.push(companion);
+    }
+
+    /// Attach to each target; returns how many got capture's probes. A target whose
+    /// attachment fails is skipped with a warning and kept in [`TlsProbes::failed`] (its
+    /// cookie slot still names it, so a partly attached target labels its events correctly).
     pub fn attach(&mut self, targets: &[TlsTarget]) -> usize {
         let mut attached = 0;
         for target in targets {
@@ -107,19 +197,36 @@ impl TlsProbes {
                 sources.push(target.clone());
                 sources.len() as u64 - 1
             };
-            match attach_one(&mut self.ebpf, target, cookie) {
+            for companion in &mut self.companions {
+                attach_companion(companion.as_mut(), target);
+            }
+            let Some(ebpf) = self.capture.as_mut() else { continue };
+            match attach_plan(ebpf, &ATTACH_PLAN, target, Some(cookie)) {
                 Ok(n) => {
                     tracing::info!(path = %target.path.display(), kind = ?target.kind, probes = n, "TLS probes attached");
                     attached += 1;
                 }
-                Err(e) => tracing::warn!(
-                    path = %target.path.display(),
-                    error = %format!("{e:#}"),
-                    "cannot attach TLS probes; skipped"
-                ),
+                Err(e) => {
+                    let error = format!("{e:#}");
+                    tracing::warn!(path = %target.path.display(), error, "cannot attach TLS probes; skipped");
+                    self.failed.push((target.clone(), error));
+                }
             }
         }
+        self.attached += attached;
+        self.report_status();
         attached
+    }
+}
+
+fn attach_companion(companion: &mut dyn TlsCompanion, target: &TlsTarget) {
+    if let Err(e) = companion.attach(target) {
+        tracing::warn!(
+            path = %target.path.display(),
+            companion = companion.name(),
+            error = %format!("{e:#}"),
+            "cannot attach probes to a TLS target; skipped"
+        );
     }
 }
 
@@ -139,27 +246,34 @@ impl EventSource {
     }
 }
 
-fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut UProbe> {
+fn uprobe<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut UProbe> {
     ebpf.program_mut(name)
         .with_context(|| format!("eBPF program {name} missing from the object"))?
         .try_into()
         .with_context(|| format!("eBPF program {name} is not a uprobe"))
 }
 
-fn attach_one(ebpf: &mut Ebpf, target: &TlsTarget, cookie: u64) -> anyhow::Result<usize> {
+/// Attach the uprobes of `plan` (loaded programs of `ebpf`) to `target`, with `cookie` as
+/// their attach cookie; the number attached.
+pub fn attach_plan(
+    ebpf: &mut Ebpf,
+    plan: &AttachPlan,
+    target: &TlsTarget,
+    cookie: Option<u64>,
+) -> anyhow::Result<usize> {
     let mut n = 0;
-    for (prog_name, symbol, need) in ATTACH_PLAN {
+    for &(prog_name, symbol, need) in plan {
         let wanted = match need {
-            Need::Always => true,
-            Need::Ex => target.has_ex,
-            Need::Free => target.has_free,
+            Wants::Always => true,
+            Wants::Ex => target.has_ex,
+            Wants::Free => target.has_free,
         };
         if !wanted {
             continue;
         }
-        program(ebpf, prog_name)?
+        uprobe(ebpf, prog_name)?
             .attach(
-                [UProbeAttachPoint { location: symbol.into(), cookie: Some(cookie) }],
+                [UProbeAttachPoint { location: symbol.into(), cookie }],
                 Path::new(&target.path),
                 UProbeScope::AllProcesses,
             )

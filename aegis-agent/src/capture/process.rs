@@ -13,6 +13,8 @@ use std::{
 
 use serde::Serialize;
 
+use crate::kernel::cgroup2_root;
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct ProcessInfo {
     pub pid: u32,
@@ -103,15 +105,6 @@ fn cgroup_path_by_id(id: u64) -> Option<String> {
         }
     }
     None
-}
-
-/// Where cgroup v2 is mounted (/sys/fs/cgroup, or /sys/fs/cgroup/unified in the hybrid layout).
-pub fn cgroup2_root() -> Option<std::path::PathBuf> {
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    mountinfo.lines().find_map(|l| {
-        let (left, right) = l.split_once(" - ")?;
-        right.starts_with("cgroup2 ").then(|| left.split_whitespace().nth(4).map(std::path::PathBuf::from))?
-    })
 }
 
 /// Whether cgroup `path` is `prefix` or below it, on a path-component boundary

@@ -76,8 +76,13 @@ pub enum ControlCommand {
     /// Disable a provider, a model, a route (HOST/PATH-PREFIX) or a tenant (a cgroup) for
     /// every caller. Prints the block's id on stdout.
     Disable(DisableArgs),
-    /// The agent's version, pid, active blocks and emergency state.
+    /// The agent's version, pid, active blocks, emergency state, and what each kernel
+    /// capability (capture, destination blocks, connection kills, content gate) came to on
+    /// this host: active, degraded, unavailable or off, with the reason.
     Status {
+        /// One JSON object instead of text.
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         socket: SocketArgs,
     },
@@ -178,7 +183,7 @@ impl ControlCommand {
             Self::Unblock { socket, .. }
             | Self::Blocks { socket, .. }
             | Self::Emergency { socket, .. }
-            | Self::Status { socket } => socket,
+            | Self::Status { socket, .. } => socket,
         }
     }
 
@@ -252,6 +257,11 @@ impl ControlCommand {
             (Self::Blocks { json: true, .. }, Reply::Blocks { blocks, emergency }) => {
                 Outcome { code: EXIT_OK, stdout: blocks_json(blocks, emergency), stderr: String::new() }
             }
+            (Self::Status { json: true, .. }, Reply::Status(status)) => Outcome {
+                code: EXIT_OK,
+                stdout: format!("{}\n", serde_json::to_string(status).expect("a status serializes")),
+                stderr: String::new(),
+            },
             _ => Outcome { code: EXIT_OK, stdout: reply_text(reply, now_ms), stderr: String::new() },
         }
     }
@@ -545,6 +555,8 @@ mod tests {
                 started_at: "x".into(),
                 blocks: 0,
                 emergency: Emergency::default(),
+                kernel: String::new(),
+                capabilities: vec![],
             }),
             0,
         );

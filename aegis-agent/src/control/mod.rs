@@ -64,8 +64,8 @@ pub use blocks::{
 pub use client::{ClientError, call, request};
 pub use protocol::{AgentStatus, ApplyReport, PROTOCOL_VERSION, Reply, Request, Response};
 pub use server::{
-    Change, ControlConfig, ControlHandler, ControlServer, ControlView, DEFAULT_AUDIT_LOG, DEFAULT_SOCKET,
-    DEFAULT_STATE_FILE, NoopHandler, ServerHandle, resolve_group,
+    Change, ContainmentOff, ControlConfig, ControlHandler, ControlServer, ControlView, DEFAULT_AUDIT_LOG,
+    DEFAULT_SOCKET, DEFAULT_STATE_FILE, NoopHandler, ServerHandle, resolve_group,
 };
 
 /// `group aegis (gid 997)`, or `gid 4242` for a gid without a name.

@@ -18,6 +18,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::blocks::{Block, BlockSpec, Emergency};
+use crate::kernel::capability::CapabilityStatus;
 
 /// The protocol version this build speaks.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -38,7 +39,7 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         cgroup: Option<String>,
     },
-    /// The agent's version and counts.
+    /// The agent's version, counts and kernel capabilities.
     Status,
 }
 
@@ -115,6 +116,12 @@ pub struct AgentStatus {
     pub started_at: String,
     pub blocks: usize,
     pub emergency: Emergency,
+    /// The running kernel (`uname -r`).
+    #[serde(default)]
+    pub kernel: String,
+    /// What each kernel capability came to on this host.
+    #[serde(default)]
+    pub capabilities: Vec<CapabilityStatus>,
 }
 
 impl Response {
@@ -262,6 +269,12 @@ mod tests {
                 started_at: "2023-11-14T22:13:20.000000Z".into(),
                 blocks: 2,
                 emergency,
+                kernel: "6.12.118+deb12-amd64".into(),
+                capabilities: vec![crate::kernel::capability::CapabilityStatus::degraded(
+                    crate::kernel::capability::Capability::Capture,
+                    "probes on 1 of 2 TLS targets",
+                    "/usr/bin/node: no SSL_write symbol",
+                )],
             })),
             Response::error("no"),
         ];

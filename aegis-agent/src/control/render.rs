@@ -131,22 +131,45 @@ pub fn reply_text(reply: &Reply, now_ms: u64) -> String {
             s.push('\n');
             s
         }
-        Reply::Status(AgentStatus { agent_version, protocol, pid, started_at, blocks, emergency }) => format!(
-            "aegis-agent {agent_version} (pid {pid}, control protocol {protocol}) serving since {}; {blocks} active \
-             block{}; emergency mode {}\n",
-            short_time(started_at),
-            if *blocks == 1 { "" } else { "s" },
-            clean(&emergency.to_string())
-        ),
+        Reply::Status(status) => status_text(status),
     }
+}
+
+/// `status`: the agent's line, then what each kernel capability came to on this host.
+fn status_text(s: &AgentStatus) -> String {
+    let mut out = format!(
+        "aegis-agent {} (pid {}, control protocol {}) serving since {}; {} active block{}; emergency mode {}\n",
+        s.agent_version,
+        s.pid,
+        s.protocol,
+        short_time(&s.started_at),
+        s.blocks,
+        if s.blocks == 1 { "" } else { "s" },
+        clean(&s.emergency.to_string())
+    );
+    if !s.kernel.is_empty() {
+        let _ = writeln!(out, "kernel {}", clean(&s.kernel));
+    }
+    for c in &s.capabilities {
+        let _ = write!(out, "  {:<20} {:<12}", c.name.name(), c.state.name());
+        let text: Vec<&str> = [c.detail.as_deref(), c.reason.as_deref()].into_iter().flatten().collect();
+        let _ = writeln!(out, " {}", clean(&text.join("; ")));
+        if let Some(impact) = &c.impact {
+            let _ = writeln!(out, "  {:<20} {:<12} means: {}", "", "", clean(impact));
+        }
+    }
+    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::control::{
-        blocks::{Actor, BlockSpec, BlockTarget, Expiry, Scope, parse_dest},
-        protocol::ApplyReport,
+    use crate::{
+        control::{
+            blocks::{Actor, BlockSpec, BlockTarget, Expiry, Scope, parse_dest},
+            protocol::ApplyReport,
+        },
+        kernel::capability::{Capability, CapabilityStatus},
     };
 
     const NOW: u64 = 1_700_000_000_000;
@@ -268,11 +291,23 @@ mod tests {
             started_at: "2023-11-14T22:13:20.000000Z".into(),
             blocks: 1,
             emergency: on,
+            kernel: "6.1.0-57-amd64".into(),
+            capabilities: vec![
+                CapabilityStatus::active(Capability::Capture, "probes on 2 TLS targets"),
+                CapabilityStatus::unavailable(
+                    Capability::ContentGate,
+                    "the kernel refused eBPF program gate_write_enter",
+                ),
+            ],
         };
-        assert_eq!(
-            reply_text(&Reply::Status(status), NOW),
+        let expected = format!(
             "aegis-agent 0.1.0 (pid 7, control protocol 1) serving since 2023-11-14 22:13:20Z; 1 active block; \
-             emergency mode on host-wide\n"
+             emergency mode on host-wide\nkernel 6.1.0-57-amd64\n  capture              active       probes on 2 TLS \
+             targets\n  content_gate         unavailable  the kernel refused eBPF program gate_write_enter\n  \
+             {:33} means: {}\n",
+            "",
+            Capability::ContentGate.impact()
         );
+        assert_eq!(reply_text(&Reply::Status(status), NOW), expected);
     }
 }

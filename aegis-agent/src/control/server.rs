@@ -47,6 +47,7 @@ use super::{
     group_label,
     protocol::{AgentStatus, ApplyReport, PROTOCOL_VERSION, Reply, Request, Response, decode_request, encode_response},
 };
+use crate::kernel::capability::Capabilities;
 
 /// Default path of the control socket.
 pub const DEFAULT_SOCKET: &str = "/run/aegis/control.sock";
@@ -161,6 +162,25 @@ impl ControlHandler for NoopHandler {
     }
 }
 
+/// The handler of an agent whose containment is off in its configuration: the control
+/// socket still answers `status` and `blocks`, and every change is refused with the reason.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ContainmentOff;
+
+impl ControlHandler for ContainmentOff {
+    fn apply(&self, change: &Change) -> Result<ApplyReport, String> {
+        match change {
+            Change::Restored { blocks, emergency } if blocks.is_empty() && emergency.is_off() => {
+                Ok(ApplyReport::default())
+            }
+            Change::Expired(_) => Ok(ApplyReport::default()),
+            _ => Err("containment is off in this agent's configuration (enforce.enabled = false): set \
+                      enforce.enabled = true and restart it to block"
+                .into()),
+        }
+    }
+}
+
 /// The current blocks and emergency state, shared with the daemon's data path (cheap to
 /// clone; reads take a read lock, held briefly).
 #[derive(Clone, Debug, Default)]
@@ -224,6 +244,15 @@ impl ControlServer {
     /// ([`Change::Restored`]), and serve. Errors say what to fix: a path that is not a
     /// socket, another agent serving the socket, an unreadable or corrupt state file.
     pub fn start(config: ControlConfig, handler: Arc<dyn ControlHandler>) -> anyhow::Result<ServerHandle> {
+        Self::start_with(config, handler, Capabilities::default())
+    }
+
+    /// [`ControlServer::start`], with the daemon's kernel capabilities for `status`.
+    pub fn start_with(
+        config: ControlConfig,
+        handler: Arc<dyn ControlHandler>,
+        capabilities: Capabilities,
+    ) -> anyhow::Result<ServerHandle> {
         config.validate()?;
         // The socket first: a second agent must fail before touching anything. Clients
         // that connect now wait in the backlog until the state is restored.
@@ -233,7 +262,7 @@ impl ControlServer {
             let _ = std::fs::remove_file(&socket);
             e
         };
-        let core = Core::restore(config, handler).map_err(remove_socket)?;
+        let core = Core::restore(config, handler, capabilities).map_err(remove_socket)?;
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_io()
             .enable_time()
@@ -574,12 +603,18 @@ struct Core {
     /// This process, the actor of expiry and restore.
     agent: Actor,
     started_at: String,
+    /// What each kernel capability came to, for `status`.
+    capabilities: Capabilities,
 }
 
 impl Core {
     /// Open the audit log, load the state, drop what expired while the agent was down,
     /// and have the handler enforce the rest.
-    fn restore(config: ControlConfig, handler: Arc<dyn ControlHandler>) -> anyhow::Result<Arc<Self>> {
+    fn restore(
+        config: ControlConfig,
+        handler: Arc<dyn ControlHandler>,
+        capabilities: Capabilities,
+    ) -> anyhow::Result<Arc<Self>> {
         let audit = AuditLog::open(&config.audit_log)?;
         let mut state = ControlState::load(&config.state_file)?;
         let expired = state.blocks.expire(now_unix_ms());
@@ -594,6 +629,7 @@ impl Core {
             handler,
             agent: Actor::agent(),
             started_at: rfc3339_ms(now_unix_ms()),
+            capabilities,
         });
         for block in &expired {
             tracing::info!(id = %block.id, target = %block.spec.target, "block expired while the agent was not running");
@@ -725,6 +761,8 @@ impl Core {
                     started_at: self.started_at.clone(),
                     blocks: s.blocks.len(),
                     emergency: s.emergency.clone(),
+                    kernel: crate::kernel::kernel_release(),
+                    capabilities: self.capabilities.list(),
                 }))
             }),
         }

@@ -25,7 +25,7 @@
 //! - [`ConnectGuard::remove`]: detach, unpin, delete the pin directory (uninstall, or a
 //!   fail-open clean exit).
 
-mod btf;
+mod exe;
 mod rules;
 #[cfg(test)]
 mod tests;
@@ -61,13 +61,15 @@ use aya::{
 };
 
 use self::{
-    btf::{Btf, ExeOffsets},
+    exe::ExeOffsets,
     rules::{Net, Prepared},
 };
 use super::sockdiag::IpNet;
-use crate::capture::process::cgroup2_root;
-
-static ENFORCE_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/aegis-enforce"));
+use crate::kernel::{
+    btf::Btf,
+    cgroup2_root,
+    objects::{self, ENFORCE},
+};
 
 /// (program, pin name of its cgroup link).
 const PROGRAMS: [(&str, &str); 4] = [
@@ -576,9 +578,9 @@ fn inspect(pin_dir: &Path, cgroup_id: u64) -> PinState {
 fn install(dir: &Path, cgroup: &Path, cgroup_id: u64) -> anyhow::Result<()> {
     std::fs::create_dir(dir).with_context(|| format!("creating {}", dir.display()))?;
     let result = (|| -> anyhow::Result<()> {
-        let mut ebpf = Ebpf::load(ENFORCE_OBJECT).context("loading the enforcement programs failed")?;
+        let mut ebpf = Ebpf::load(ENFORCE.bytes).context("loading the enforcement programs failed")?;
         for (name, _) in PROGRAMS {
-            program(&mut ebpf, name)?.load().with_context(|| format!("the kernel rejected {name}"))?;
+            objects::load_program(&mut ebpf, name)?;
         }
         for name in MAPS {
             let map = ebpf.take_map(name).with_context(|| format!("map {name} missing"))?;
@@ -620,10 +622,10 @@ fn update_programs(pin_dir: &Path) -> anyhow::Result<()> {
     for (name, path) in &paths {
         loader.map_pin_path(name, path.as_path());
     }
-    let mut ebpf = loader.load(ENFORCE_OBJECT).context("loading the enforcement programs over the pinned maps")?;
+    let mut ebpf = loader.load(ENFORCE.bytes).context("loading the enforcement programs over the pinned maps")?;
     for (name, link) in PROGRAMS {
+        objects::load_program(&mut ebpf, name)?;
         let prog = program(&mut ebpf, name)?;
-        prog.load().with_context(|| format!("the kernel rejected {name}"))?;
         let fd_link: FdLink = PinnedLink::from_pin(pin_dir.join(link))?.into();
         let link = CgroupSockAddrLink::try_from(fd_link)?;
         // The link stays pinned; dropping our handle only closes the fd.
@@ -672,7 +674,7 @@ fn write_exe_offsets(config: &mut Array<MapData, u64>) -> anyhow::Result<()> {
 fn object_hash() -> u64 {
     static HASH: OnceLock<u64> = OnceLock::new();
     *HASH.get_or_init(|| {
-        ENFORCE_OBJECT.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
+        ENFORCE.bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
     })
 }
 

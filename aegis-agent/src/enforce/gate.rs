@@ -1,21 +1,25 @@
 //! The in-kernel content gate: a request whose plaintext holds a kernel keyword is stopped
 //! before any of its bytes leave the host, and its connection is then cut.
 //!
-//! The programs live in the capture object (`aegis-ebpf/src/sockmsg.rs`), next to the
-//! SSL_write probes whose per-thread state they share:
+//! The programs are an object of their own (`kernel::objects::GATE`, source
+//! `aegis-ebpf/src/gate.rs`), loaded only when the gate is enabled, so that a kernel that
+//! refuses them loses the gate and nothing else:
 //!
 //! 1. sockops, attached to a cgroup: each TCP connection a process of that cgroup opens to
 //!    a gated port (443 and the configured ones) goes into a sockhash.
-//! 2. SSL_write / SSL_write_ex entry (uprobes, already attached by capture): when the gate
-//!    is on and the calling thread is in the cgroup, the call is noted per thread, and the
-//!    first [`GATE_SCAN_MAX`] bytes of plaintext are searched for the keywords (ASCII
+//! 2. SSL_write / SSL_write_ex entry and return (uprobes of the gate's own, attached to
+//!    every TLS target capture probes, through [`GateProbes`]): when the gate is on and the
+//!    calling thread is in the cgroup, the call is noted per thread, and the first
+//!    [`GATE_SCAN_MAX`] bytes of plaintext are searched for the keywords (ASCII
 //!    case-insensitive). A match flags the thread's entry.
 //! 3. sk_msg verdict on the sockhash: a send by a thread with a noted call records
 //!    (tgid, `SSL *`) -> socket in the SSL-to-socket index ([`Gate::socket_of`]); when the
 //!    call is flagged the send is refused (`SK_DROP`: the caller gets `EACCES`, nothing is
-//!    queued) and a [`Refusal`] goes to the agent over the gate's own ring buffer (small,
-//!    and read apart from the capture ring so a busy capture never delays a refusal).
-//! 4. [`Gate::poll`] reads refusals and ends each refused connection with
+//!    queued) and a [`FlaggedSend`] goes to the agent over the gate's own ring buffer
+//!    (small, and read apart from the capture ring so a busy capture never delays it).
+//!    While the gate observes ([`Gate::set_refusing`] false: the agent's observe mode) the
+//!    flagged send goes out and is only reported.
+//! 4. [`Gate::poll`] reads flagged sends and ends each refused connection with
 //!    [`sockdiag::kill_socket_with_cookie`] (exact 4-tuple and cookie): the server gets a
 //!    reset, a client read fails. (After one refused send the kernel refuses every later
 //!    send on that socket anyway; the kill also frees the server side and wakes a client
@@ -78,13 +82,23 @@ use aegis_common::gate::{
 };
 use anyhow::Context as _;
 use aya::{
-    Ebpf,
+    Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, PerCpuArray, RingBuf, SockHash},
     programs::{SkMsg, SockOps, links::CgroupAttachMode, sk_msg::SkMsgLink, sock_ops::SockOpsLink},
 };
 
 use super::{connect::cgroup_identity, sockdiag};
 pub use crate::rules::engine::KernelKeyword;
+use crate::{
+    capture::{
+        probes::{TlsCompanion, Wants, attach_plan},
+        targets::TlsTarget,
+    },
+    kernel::{
+        capability::ProgramStatus,
+        objects::{self, GATE},
+    },
+};
 
 /// Keywords the kernel takes at most, and their length bounds in bytes.
 pub const KERNEL_KEYWORDS_MAX: usize = GATE_KEYWORDS_MAX;
@@ -106,17 +120,25 @@ pub struct GateConfig {
     pub flush_window: Duration,
     /// End a refused connection (sock_diag `SOCK_DESTROY`) when its refusal is read.
     pub kill: bool,
+    /// Refuse flagged sends (else only report them).
+    pub refuse: bool,
 }
 
 impl GateConfig {
     pub fn new(cgroup: impl Into<PathBuf>) -> Self {
-        Self { cgroup: cgroup.into(), ports: Vec::new(), flush_window: Duration::from_millis(5), kill: true }
+        Self {
+            cgroup: cgroup.into(),
+            ports: Vec::new(),
+            flush_window: Duration::from_millis(5),
+            kill: true,
+            refuse: true,
+        }
     }
 }
 
-/// A send the kernel refused.
+/// A send flagged by a kernel keyword: refused, or let through while the gate observes.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Refusal {
+pub struct FlaggedSend {
     pub pid: u32,
     pub tid: u32,
     pub comm: String,
@@ -133,8 +155,10 @@ pub struct Refusal {
     pub cookie: u64,
     /// Plaintext bytes the SSL_write was given.
     pub plain_len: u64,
-    /// Bytes of the refused send (TLS records).
-    pub refused_bytes: u32,
+    /// Bytes of the flagged send (TLS records).
+    pub send_bytes: u32,
+    /// Whether the send was refused (false: the gate observed, the send went out).
+    pub refused: bool,
     /// Whether the connection was ended here (`Some(false)`: already gone; `None`: not
     /// tried or failed, see the log).
     pub killed: Option<bool>,
@@ -157,6 +181,8 @@ pub struct GateStats {
     pub truncated: u64,
     /// Of `scan_ns`, the copy of the plaintext from the caller's memory.
     pub copy_ns: u64,
+    /// Flagged sends let through because the gate observes.
+    pub observed: u64,
 }
 
 impl GateStats {
@@ -280,10 +306,20 @@ impl KeywordTables {
     }
 }
 
-/// The attached gate. Dropping it turns the gate off, detaches both programs and empties
+/// The gate's uprobes: which program goes on which TLS function.
+const GATE_PLAN: [(&str, &str, Wants); 4] = [
+    ("gate_write_enter", "SSL_write", Wants::Always),
+    ("gate_write_exit", "SSL_write", Wants::Always),
+    ("gate_write_ex_enter", "SSL_write_ex", Wants::Ex),
+    ("gate_write_exit", "SSL_write_ex", Wants::Ex),
+];
+
+/// The attached gate. Dropping it turns the gate off, detaches its programs and empties
 /// the sockhash (sockets left in it would keep its receive-path quirks).
 pub struct Gate {
     settings: GateConfig,
+    /// The gate's object: its programs and the uprobe links (see [`GateProbes`]).
+    ebpf: Ebpf,
     config: Array<MapData, KernelConfig>,
     keyword_map: Array<MapData, GateKeyword>,
     tables: Array<MapData, GateTables>,
@@ -302,34 +338,40 @@ fn take<T>(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<T>
 where
     T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
 {
-    let map =
-        ebpf.take_map(name).with_context(|| format!("map {name} missing from the capture object (taken already?)"))?;
+    let map = ebpf.take_map(name).with_context(|| format!("map {name} missing from the gate object"))?;
     T::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
 }
 
 impl Gate {
-    /// Attach the gate's programs of the loaded capture object `ebpf` (see
-    /// [`crate::capture::probes::TlsProbes::ebpf_mut`]) to `config.cgroup` and switch it
-    /// on, with no keywords yet: sends are attributed ([`Gate::socket_of`]) but none is
-    /// refused until [`Gate::set_keywords`].
-    pub fn attach(ebpf: &mut Ebpf, config: &GateConfig) -> anyhow::Result<Self> {
+    /// Load the gate's object, attach its sockops and sk_msg programs to `config.cgroup`
+    /// and switch it on, with no keywords yet: sends are attributed ([`Gate::socket_of`])
+    /// but none is flagged until [`Gate::set_keywords`]. Its SSL_write probes go on TLS
+    /// targets through [`GateProbes`]. An error is an [`objects::LoadError`] when the kernel refused
+    /// a program (the gate is unavailable on this kernel).
+    pub fn start(config: &GateConfig) -> anyhow::Result<Self> {
         let (cgroup_id, cgroup_level) = cgroup_identity(&config.cgroup)?;
+        let mut ebpf = EbpfLoader::new().load(GATE.bytes).context("creating the gate's eBPF maps failed")?;
+        for name in GATE.programs {
+            objects::load_program(&mut ebpf, name)?;
+        }
         let mut gate = Self {
             settings: config.clone(),
-            config: take(ebpf, "GATE_CONFIG")?,
-            keyword_map: take(ebpf, "GATE_KEYWORDS")?,
-            tables: take(ebpf, "GATE_TABLES")?,
-            ports: take(ebpf, "GATE_PORTS")?,
-            index: take(ebpf, "GATE_INDEX")?,
-            events: take(ebpf, "GATE_EVENTS")?,
-            stats: take(ebpf, "GATE_STATS")?,
-            socks: take(ebpf, "GATE_SOCKS")?,
+            config: take(&mut ebpf, "GATE_CONFIG")?,
+            keyword_map: take(&mut ebpf, "GATE_KEYWORDS")?,
+            tables: take(&mut ebpf, "GATE_TABLES")?,
+            ports: take(&mut ebpf, "GATE_PORTS")?,
+            index: take(&mut ebpf, "GATE_INDEX")?,
+            events: take(&mut ebpf, "GATE_EVENTS")?,
+            stats: take(&mut ebpf, "GATE_STATS")?,
+            socks: take(&mut ebpf, "GATE_SOCKS")?,
+            ebpf,
             sockops: None,
             msg: None,
             loaded: Vec::new(),
             current: KernelConfig {
                 enabled: 1,
                 stride: 4,
+                refuse: u32::from(config.refuse),
                 cgroup_id,
                 cgroup_level,
                 flush_window_ns: config.flush_window.as_nanos().min(u128::from(u64::MAX)) as u64,
@@ -344,19 +386,14 @@ impl Gate {
             gate.ports.insert(&port, &1, 0).context("filling GATE_PORTS")?;
         }
 
-        let msg: &mut SkMsg = ebpf.program_mut("gate_msg").context("program gate_msg missing")?.try_into()?;
-        if msg.fd().is_err() {
-            msg.load().context("the kernel rejected the sk_msg program gate_msg")?;
-        }
+        let msg: &mut SkMsg = gate.ebpf.program_mut("gate_msg").context("program gate_msg missing")?.try_into()?;
         let id = msg.attach(gate.socks.fd()).context("attaching gate_msg to the sockhash")?;
         gate.msg = Some(msg.take_link(id)?);
 
         let dir = std::fs::File::open(&config.cgroup)
             .with_context(|| format!("cannot open cgroup {}", config.cgroup.display()))?;
-        let ops: &mut SockOps = ebpf.program_mut("gate_sockops").context("program gate_sockops missing")?.try_into()?;
-        if ops.fd().is_err() {
-            ops.load().context("the kernel rejected the sockops program gate_sockops")?;
-        }
+        let ops: &mut SockOps =
+            gate.ebpf.program_mut("gate_sockops").context("program gate_sockops missing")?.try_into()?;
         let id = ops
             .attach(dir.as_fd(), CgroupAttachMode::default())
             .with_context(|| format!("attaching gate_sockops to {}", config.cgroup.display()))?;
@@ -364,6 +401,35 @@ impl Gate {
 
         gate.config.set(0, &gate.current, 0).context("writing GATE_CONFIG")?;
         Ok(gate)
+    }
+
+    /// The gate's programs with the verifier's instruction counts.
+    pub fn programs(&self) -> Vec<ProgramStatus> {
+        GATE.programs
+            .iter()
+            .map(|name| ProgramStatus {
+                object: GATE.name.into(),
+                program: (*name).into(),
+                verified_insns: objects::verified_insns(&self.ebpf, name),
+            })
+            .collect()
+    }
+
+    /// Put the gate's SSL_write probes on `target`; the number attached.
+    pub fn attach_target(&mut self, target: &TlsTarget) -> anyhow::Result<usize> {
+        attach_plan(&mut self.ebpf, &GATE_PLAN, target, None)
+    }
+
+    /// Refuse flagged sends (true), or let them through and only report them (false).
+    pub fn set_refusing(&mut self, refuse: bool) -> anyhow::Result<()> {
+        self.settings.refuse = refuse;
+        self.current.refuse = u32::from(refuse);
+        self.config.set(0, &self.current, 0).context("writing GATE_CONFIG")
+    }
+
+    /// Whether flagged sends are refused.
+    pub fn refusing(&self) -> bool {
+        self.settings.refuse
     }
 
     /// Replace the keywords (an empty list stops scanning; attribution goes on). Scanning
@@ -403,9 +469,9 @@ impl Gate {
         unsafe { libc::poll(&mut pfd, 1, ms) > 0 }
     }
 
-    /// Refusals since the last call; each refused connection is ended first (when
+    /// Flagged sends since the last call; each refused connection is ended first (when
     /// [`GateConfig::kill`]). Blocks on one netlink round trip per refusal.
-    pub fn poll(&mut self) -> Vec<Refusal> {
+    pub fn poll(&mut self) -> Vec<FlaggedSend> {
         let mut raw = Vec::new();
         while let Some(item) = self.events.next() {
             if item.len() >= size_of::<GateEvent>() {
@@ -416,9 +482,10 @@ impl Gate {
         raw.into_iter().map(|e| self.refusal(&e)).collect()
     }
 
-    fn refusal(&self, e: &GateEvent) -> Refusal {
+    fn refusal(&self, e: &GateEvent) -> FlaggedSend {
         let (local, peer) = addresses(&e.tuple);
-        let killed = if self.settings.kill {
+        let refused = e.dropped != 0;
+        let killed = if self.settings.kill && refused {
             let cookie = (e.cookie != 0).then_some(e.cookie);
             match sockdiag::kill_socket_with_cookie(local, peer, cookie) {
                 Ok(k) => Some(k),
@@ -432,7 +499,7 @@ impl Gate {
         };
         let kw = self.loaded.get(e.keyword as usize);
         let end = e.comm.iter().position(|&b| b == 0).unwrap_or(16);
-        Refusal {
+        FlaggedSend {
             pid: (e.pid_tgid >> 32) as u32,
             tid: e.pid_tgid as u32,
             comm: String::from_utf8_lossy(&e.comm[..end]).into_owned(),
@@ -445,14 +512,15 @@ impl Gate {
             peer,
             cookie: e.cookie,
             plain_len: e.plain_len,
-            refused_bytes: e.refused,
+            send_bytes: e.send_bytes,
+            refused,
             killed,
         }
     }
 
     pub fn stats(&self) -> GateStats {
         let get = |s: GateStat| -> u64 { self.stats.get(&(s as u32), 0).map(|v| v.iter().sum()).unwrap_or(0) };
-        const _: () = assert!(GATE_STAT_SLOTS == 13);
+        const _: () = assert!(GATE_STAT_SLOTS == 14);
         GateStats {
             scans: get(GateStat::Scans),
             scanned_bytes: get(GateStat::ScannedBytes),
@@ -467,6 +535,7 @@ impl Gate {
             indexed: get(GateStat::Indexed),
             truncated: get(GateStat::Truncated),
             copy_ns: get(GateStat::CopyNs),
+            observed: get(GateStat::Observed),
         }
     }
 
@@ -495,6 +564,20 @@ impl Drop for Gate {
         {
             tracing::warn!(error = %format!("{e:#}"), "gate detach");
         }
+    }
+}
+
+/// The gate's SSL_write probes as a companion of capture's: they go on every TLS target
+/// capture finds, now and later.
+pub struct GateProbes(pub std::sync::Arc<std::sync::RwLock<Gate>>);
+
+impl TlsCompanion for GateProbes {
+    fn name(&self) -> &'static str {
+        "content gate"
+    }
+
+    fn attach(&mut self, target: &TlsTarget) -> anyhow::Result<usize> {
+        self.0.write().unwrap_or_else(|e| e.into_inner()).attach_target(target)
     }
 }
 
@@ -529,7 +612,10 @@ mod tests {
     use serde_json::{Value, json};
 
     use super::*;
-    use crate::capture::{event::TlsEvent, probes::TlsProbes, process::cgroup2_root, targets::Discovery};
+    use crate::{
+        capture::{event::TlsEvent, probes::TlsProbes, targets::Discovery},
+        kernel::cgroup2_root,
+    };
 
     fn kw(rule: usize, keyword: &str) -> KernelKeyword {
         KernelKeyword { rule, rule_id: format!("test.rule{rule}"), keyword: keyword.into() }
@@ -798,14 +884,17 @@ mod tests {
             assert!(probes.attach(&targets) > 0, "no TLS library to probe");
             let mut config = GateConfig::new(&cgroup.0);
             config.ports = vec![server.port];
-            let mut gate = Gate::attach(probes.ebpf_mut(), &config).expect("attaching the gate");
+            let mut gate = Gate::start(&config).expect("starting the gate");
+            for target in &targets {
+                gate.attach_target(target).expect("attaching the gate's probes");
+            }
             gate.set_keywords(keywords).unwrap();
             Self { gate, _probes: probes, events, server, cgroup }
         }
 
         /// Runs `cmd` in the test cgroup, polling the gate (and so ending refused
         /// connections) until it exits; its exit status, stdout lines and the refusals.
-        fn run(&mut self, mut cmd: Command) -> (std::process::ExitStatus, Vec<Value>, Vec<Refusal>) {
+        fn run(&mut self, mut cmd: Command) -> (std::process::ExitStatus, Vec<Value>, Vec<FlaggedSend>) {
             let scratch = Scratch::new();
             let out_path = scratch.0.join("stdout");
             cmd.stdout(std::fs::File::create(&out_path).unwrap()).stderr(Stdio::piped()).stdin(Stdio::null());
@@ -897,7 +986,13 @@ mod tests {
     /// connection, and the connection is gone. `held`: the client keeps the connection
     /// open after the failed write (then the server must see a reset; a client that
     /// closes at once may get its FIN or RST out first).
-    fn check_blocked_flow(rig: &Rig, client: &str, lines: &[Value], refusals: &[Refusal], held: bool) -> Refusal {
+    fn check_blocked_flow(
+        rig: &Rig,
+        client: &str,
+        lines: &[Value],
+        refusals: &[FlaggedSend],
+        held: bool,
+    ) -> FlaggedSend {
         let steps = by_step(lines);
         let ctx = format!("{client}: steps {steps:#?}\nrefusals {refusals:#?}\nstats {:?}", rig.gate.stats());
         for name in ["clean1", "clean2"] {
@@ -918,7 +1013,7 @@ mod tests {
         if held {
             assert_eq!(r.killed, Some(true), "{ctx}");
         }
-        assert!(r.refused_bytes > 0 && r.plain_len > 0 && r.cookie != 0 && !r.comm.is_empty(), "{ctx}");
+        assert!(r.refused && r.send_bytes > 0 && r.plain_len > 0 && r.cookie != 0 && !r.comm.is_empty(), "{ctx}");
 
         let reports = rig.server.reports(3);
         let server = |a: SocketAddr| {

@@ -234,6 +234,40 @@ pub fn kill_socket_with_cookie(local: SocketAddr, peer: SocketAddr, cookie: Opti
     }
 }
 
+/// Whether this kernel lets the agent destroy TCP connections (`CONFIG_INET_DIAG_DESTROY`,
+/// `CAP_NET_ADMIN`): a loopback connection of the agent's own is made, destroyed, and the
+/// destruction checked. The error says what is missing.
+pub fn probe_destroy() -> Result<(), String> {
+    use std::{
+        io::Read as _,
+        net::{TcpListener, TcpStream},
+        time::Duration,
+    };
+    let setup = || -> io::Result<(TcpListener, TcpStream, TcpStream)> {
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        let client = TcpStream::connect(listener.local_addr()?)?;
+        let (server, _) = listener.accept()?;
+        Ok((listener, client, server))
+    };
+    let (_listener, mut client, _server) = setup().map_err(|e| format!("cannot open a loopback connection: {e}"))?;
+    let (local, peer) =
+        (client.local_addr().map_err(|e| e.to_string())?, client.peer_addr().map_err(|e| e.to_string())?);
+    match kill_socket(local, peer) {
+        Ok(true) => {}
+        Ok(false) => return Err("sock_diag did not find the agent's own loopback connection".into()),
+        Err(e) => {
+            return Err(format!(
+                "SOCK_DESTROY failed ({e}): the kernel needs CONFIG_INET_DIAG_DESTROY and the agent CAP_NET_ADMIN"
+            ));
+        }
+    }
+    let _ = client.set_read_timeout(Some(Duration::from_secs(1)));
+    match client.read(&mut [0u8; 1]) {
+        Err(e) if e.raw_os_error() == Some(libc::ECONNABORTED) => Ok(()),
+        other => Err(format!("a destroyed connection still answered a read ({other:?})")),
+    }
+}
+
 /// The sock_diag request naming exactly one socket.
 fn exact_entry(local: SocketAddr, peer: SocketAddr, cookie: Option<u64>) -> io::Result<DiagEntry> {
     let raw = |ip: IpAddr| -> [u8; 16] {
@@ -684,6 +718,11 @@ mod tests {
         let mut want: Vec<_> = conns.iter().map(|c| KilledSocket { pid, ..c.expected.clone() }).collect();
         want.sort_by_key(key);
         assert_eq!(got, want);
+    }
+
+    #[test]
+    fn this_kernel_can_destroy_connections() {
+        probe_destroy().expect("SOCK_DESTROY works here (root, CONFIG_INET_DIAG_DESTROY)");
     }
 
     #[test]

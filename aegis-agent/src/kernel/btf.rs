@@ -1,6 +1,7 @@
-//! Just enough of a BTF reader to find struct member offsets in the running kernel's
-//! `/sys/kernel/btf/vmlinux`, so the connect programs can follow
-//! `task->mm->exe_file->f_inode` on this kernel's layout (no CO-RE in Rust eBPF here).
+//! Just enough of a BTF reader for what the agent asks of the running kernel's
+//! `/sys/kernel/btf/vmlinux`: struct member offsets, so the connect programs can follow
+//! `task->mm->exe_file->f_inode` on this kernel's layout (no CO-RE in Rust eBPF here), and
+//! whether a kernel function (a kfunc such as `bpf_sock_destroy`) exists.
 //!
 //! Format: include/uapi/linux/btf.h (header, then type records, then strings).
 
@@ -17,6 +18,7 @@ const KIND_TYPEDEF: u32 = 8;
 const KIND_VOLATILE: u32 = 9;
 const KIND_CONST: u32 = 10;
 const KIND_RESTRICT: u32 = 11;
+const KIND_FUNC: u32 = 12;
 const KIND_FUNC_PROTO: u32 = 13;
 const KIND_VAR: u32 = 14;
 const KIND_DATASEC: u32 = 15;
@@ -50,6 +52,12 @@ pub struct Btf {
     strings: Vec<u8>,
     /// Index = type id (0 is void and has no record).
     recs: Vec<TypeRec>,
+}
+
+impl std::fmt::Debug for Btf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Btf({} types)", self.recs.len())
+    }
 }
 
 fn u32_at(b: &[u8], off: usize) -> anyhow::Result<u32> {
@@ -117,6 +125,11 @@ impl Btf {
         None
     }
 
+    /// Whether the kernel has a function `name` (kfuncs are described as BTF functions).
+    pub fn has_func(&self, name: &str) -> bool {
+        self.recs.iter().any(|r| r.kind() == KIND_FUNC && self.name(r.name_off) == name.as_bytes())
+    }
+
     /// Byte offset of `member` in `struct name`, looking into anonymous structs and unions.
     pub fn member_offset(&self, name: &str, member: &str) -> anyhow::Result<u64> {
         let rec = self
@@ -159,44 +172,18 @@ impl Btf {
     }
 }
 
-/// Offsets the connect programs need to read the caller's executable, in the order of
-/// the `CFG_OFF_*` config slots.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ExeOffsets {
-    pub task_mm: u64,
-    pub mm_exe_file: u64,
-    pub file_inode: u64,
-    pub inode_ino: u64,
-    pub inode_sb: u64,
-    pub sb_dev: u64,
-}
-
-impl ExeOffsets {
-    pub fn from_btf(btf: &Btf) -> anyhow::Result<Self> {
-        Ok(Self {
-            task_mm: btf.member_offset("task_struct", "mm")?,
-            mm_exe_file: btf.member_offset("mm_struct", "exe_file")?,
-            file_inode: btf.member_offset("file", "f_inode")?,
-            inode_ino: btf.member_offset("inode", "i_ino")?,
-            inode_sb: btf.member_offset("inode", "i_sb")?,
-            sb_dev: btf.member_offset("super_block", "s_dev")?,
-        })
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn kernel_offsets_are_found() {
+    fn member_offsets_and_functions_are_found() {
         let btf = Btf::from_sys().expect("this kernel has BTF");
-        let off = ExeOffsets::from_btf(&btf).unwrap();
-        // Stable for decades: i_sb follows i_op... just check plausibility and that
-        // nested anonymous members are found (mm_struct keeps everything in one).
-        assert!(off.task_mm > 0 && off.task_mm < 8192, "{off:?}");
-        assert!(off.mm_exe_file > 0 && off.mm_exe_file < 8192, "{off:?}");
-        assert!(off.inode_ino > 0 && off.inode_sb > 0 && off.file_inode > 0, "{off:?}");
+        // Nested anonymous members are found (mm_struct keeps everything in one).
+        let off = btf.member_offset("mm_struct", "exe_file").unwrap();
+        assert!(off > 0 && off < 8192, "{off}");
         assert!(btf.member_offset("task_struct", "no_such_member").is_err());
+        assert!(btf.has_func("tcp_sendmsg"));
+        assert!(!btf.has_func("no_such_kernel_function"));
     }
 }

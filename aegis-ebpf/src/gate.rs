@@ -1,8 +1,10 @@
 //! The in-kernel content gate: refuse the send that carries a flagged TLS write, before
 //! any byte of it leaves the host.
 //!
-//! Kernel interfaces relied on:
+//! Library and kernel interfaces relied on:
 //! ```c
+//! int SSL_write(SSL *ssl, const void *buf, int num);                      // uprobe
+//! int SSL_write_ex(SSL *s, const void *buf, size_t num, size_t *written); // uprobe
 //! // sockops, attached to a cgroup: called with op BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB
 //! // when a connect() of a socket created in that cgroup completes (no cb flags needed).
 //! long bpf_sock_hash_update(struct bpf_sock_ops *skops, struct bpf_map *map, void *key, u64 flags);
@@ -13,12 +15,13 @@
 //! struct sk_msg_md { ...; __u32 family, remote_ip4, local_ip4, remote_ip6[4], local_ip6[4],
 //!                    remote_port /* network order */, local_port /* host order */, size; ... };
 //! ```
-//! The SSL_write entry probes (`openssl.rs`) call [`write_enter`] and the return probes
-//! [`write_exit`]; the per-thread entry in `GATE_PENDING` ties the library call to the
-//! send the sk_msg program then sees on the same thread. A send within the call (OpenSSL
-//! on a socket BIO: python, curl) or, for writers that encrypt into memory and send
-//! right after the call (node), the thread's first send within `flush_window_ns` of the
-//! return.
+//! The gate has SSL_write probes of its own ([`gate_write_enter`], [`gate_write_ex_enter`],
+//! [`gate_write_exit`]), attached next to capture's on the same functions: the kernel runs
+//! both programs on one breakpoint, and capture's stay small whatever the gate does. The
+//! per-thread entry in `GATE_PENDING` ties the library call to the send the sk_msg program
+//! then sees on the same thread: a send within the call (OpenSSL on a socket BIO: python,
+//! curl) or, for writers that encrypt into memory and send right after the call (node), the
+//! thread's first send within `flush_window_ns` of the return.
 //!
 //! # The scan
 //!
@@ -38,11 +41,20 @@
 //!    indexes, per keyword, the `stride` consecutive grams least likely in text (no
 //!    spaces, few common letters), so that ordinary words rarely get this far.
 //!
-//! The shape is for the verifier as much as for speed: one prefilter copy per stride,
-//! but a single comparison routine, written as a flat state machine (the verifier walks
-//! a nested loop's body again for each state of the outer one), with flags computed from
-//! sign bits instead of comparisons (each comparison is a branch in BPF), and loop state
-//! the verifier need not track exactly kept in the map value, not on the stack.
+//! # The verifier's budget
+//!
+//! The shape is for the verifier as much as for speed. Since Linux 6.7 the verifier checks
+//! a `bpf_loop` callback as a loop: it walks the body again until the state at the top of
+//! the body repeats. Every variable the loop carries therefore lives in the per-CPU map
+//! value ([`ScanState`]), never on the stack: what a program reads from a map value is an
+//! unknown number to the verifier, so each step starts from the same abstract state and the
+//! walk ends after one pass. (Kept on the stack, the same counters are tracked exactly,
+//! each value is a new state, and the walk hit the 1,000,000-instruction limit.) The
+//! callbacks' context holds only two pointers, the same at every step; every index read
+//! back from the map value is masked to its array before use. Besides: one prefilter copy
+//! per stride, one comparison routine written as a flat state machine (a nested loop's
+//! body is walked again for each state of the outer one), and flags computed from sign
+//! bits instead of comparisons (each comparison is a branch in BPF).
 
 use core::{ffi::c_void, ptr::read_volatile};
 
@@ -58,9 +70,9 @@ use aya_ebpf::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
         bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_loop, bpf_probe_read_user_buf,
     },
-    macros::{map, sk_msg, sock_ops},
+    macros::{map, sk_msg, sock_ops, uprobe, uretprobe},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf, SockHash},
-    programs::{SkMsgContext, SockOpsContext},
+    programs::{ProbeContext, RetProbeContext, SkMsgContext, SockOpsContext},
 };
 
 /// Slot 0: [`GateConfig`], written by the agent.
@@ -95,7 +107,7 @@ static GATE_INDEX: LruHashMap<ConnKey, ConnSock> = LruHashMap::with_max_entries(
 #[map]
 static GATE_PENDING: LruHashMap<u64, GatePending> = LruHashMap::with_max_entries(16384, 0);
 
-/// Refused sends, for the agent.
+/// Flagged sends (refused, or seen only while the gate observes), for the agent.
 #[map]
 static GATE_EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
 
@@ -107,22 +119,56 @@ static GATE_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(GATE_STAT_SL
 /// bytes past a start. Bytes past the copied length are stale and never decide a match.
 const SCAN_SLACK: usize = 128;
 
-#[repr(C)]
-struct ScanBuf {
-    data: [u8; GATE_SCAN_MAX + SCAN_SLACK],
-    /// The prefilter's findings: how many blocks had a hit, and for each its hit word and
-    /// offset. (Counted here, not on the stack: a counter the verifier tracks exactly keeps
-    /// every loop step's state distinct, and the loop never converges.)
-    hit_blocks: u64,
-    hit_word: [u64; BLOCKS],
-    hit_base: [u64; BLOCKS],
-}
+/// Bytes per `bpf_loop` step: one 64-position hit word.
+const BLOCK: usize = 64;
 
 /// Blocks of the scan buffer.
 const BLOCKS: usize = GATE_SCAN_MAX / BLOCK;
 
+/// What the scan's loops carry from step to step (see "The verifier's budget").
+#[repr(C)]
+struct ScanState {
+    /// Bytes copied (<= GATE_SCAN_MAX).
+    len: u64,
+    /// Bit i: position `base + i` passed the prefilter, not compared yet.
+    hit: u64,
+    base: u64,
+    /// The current hit's position.
+    pos: u64,
+    /// Keyword slot found, or NO_MATCH.
+    found: u32,
+    keywords: u32,
+    /// Prefilter hits compared.
+    candidates: u32,
+    /// Keywords of the current hit's bucket not compared yet.
+    mask: u32,
+    /// The current hit's bucket; the keyword being compared and its starts not tried yet.
+    bucket: u32,
+    keyword: u32,
+    starts: u32,
+    /// Blocks the prefilter listed in `hit_word` / `hit_base`.
+    hit_blocks: u32,
+}
+
+#[repr(C)]
+struct ScanBuf {
+    data: [u8; GATE_SCAN_MAX + SCAN_SLACK],
+    state: ScanState,
+    /// The prefilter's findings: for each listed block its hit word and offset.
+    hit_word: [u64; BLOCKS],
+    hit_base: [u64; BLOCKS],
+}
+
 #[map]
 static GATE_SCRATCH: PerCpuArray<ScanBuf> = PerCpuArray::with_max_entries(1, 0);
+
+/// The context every scan callback is handed (`bpf_loop` takes a stack pointer): two
+/// pointers into map values, the same at every step.
+#[repr(C)]
+struct LoopCtx {
+    buf: *mut ScanBuf,
+    tables: *const GateTables,
+}
 
 #[inline(always)]
 fn bump(stat: GateStat, by: u64) {
@@ -137,9 +183,35 @@ fn config() -> Option<&'static GateConfig> {
     GATE_CONFIG.get(0).filter(|c| c.enabled != 0)
 }
 
-/// `SSL_write*` entry: note the call for this thread and scan its plaintext.
+/// `SSL_write` entry: (ssl, buf, int num).
+#[uprobe]
+pub fn gate_write_enter(ctx: ProbeContext) -> u32 {
+    if let (Some(ssl), Some(buf), Some(num)) = (ctx.arg::<u64>(0), ctx.arg::<u64>(1), ctx.arg::<u64>(2)) {
+        // An int: negative sizes are refused by the library itself.
+        write_enter(ssl, buf, (num as u32 as i32).max(0) as u64);
+    }
+    0
+}
+
+/// `SSL_write_ex` entry: (ssl, buf, size_t num, size_t *written).
+#[uprobe]
+pub fn gate_write_ex_enter(ctx: ProbeContext) -> u32 {
+    if let (Some(ssl), Some(buf), Some(num)) = (ctx.arg::<u64>(0), ctx.arg::<u64>(1), ctx.arg::<u64>(2)) {
+        write_enter(ssl, buf, num);
+    }
+    0
+}
+
+/// `SSL_write` / `SSL_write_ex` return.
+#[uretprobe]
+pub fn gate_write_exit(_ctx: RetProbeContext) -> u32 {
+    write_exit();
+    0
+}
+
+/// Note the call for this thread and scan its plaintext.
 #[inline(always)]
-pub fn write_enter(ssl: u64, buf: u64, num: u64) {
+fn write_enter(ssl: u64, buf: u64, num: u64) {
     let Some(cfg) = config() else {
         return;
     };
@@ -162,10 +234,10 @@ pub fn write_enter(ssl: u64, buf: u64, num: u64) {
     let _ = GATE_PENDING.insert(&bpf_get_current_pid_tgid(), &pending, 0);
 }
 
-/// `SSL_write*` return: a call whose send was seen is done; one that sent nothing yet
-/// (encrypted into memory) keeps its entry for the flush window.
+/// A call whose send was seen is done; one that sent nothing yet (encrypted into memory)
+/// keeps its entry for the flush window.
 #[inline(always)]
-pub fn write_exit() {
+fn write_exit() {
     if config().is_none() {
         return;
     }
@@ -181,36 +253,9 @@ pub fn write_exit() {
     }
 }
 
-/// What the scan callbacks share; lives on the entry probe's stack.
-#[repr(C)]
-struct ScanCtx {
-    /// The per-CPU scan buffer, its bytes, and the prefilter tables (map values).
-    buf: *mut ScanBuf,
-    data: *const u8,
-    tables: *const GateTables,
-    /// Bytes copied (<= GATE_SCAN_MAX).
-    len: u64,
-    /// Bit i: position `base + i` passed the prefilter.
-    hit: u64,
-    base: u64,
-    /// Keyword slot found, or NO_MATCH.
-    found: u32,
-    keywords: u32,
-    candidates: u32,
-    /// Keywords of the current hit's bucket not compared yet.
-    mask: u32,
-    /// The current hit's bucket; the keyword being compared and its starts not tried yet.
-    bucket: u32,
-    keyword: u32,
-    starts: u32,
-    _pad: u32,
-    /// The current hit's position.
-    pos: u64,
-}
-
 #[inline(always)]
-fn scan(cfg: &GateConfig, buf: u64, num: u64) -> u32 {
-    let (Some(scratch), Some(tables)) = (GATE_SCRATCH.get_ptr_mut(0), GATE_TABLES.get_ptr(0)) else {
+fn scan(cfg: &GateConfig, src: u64, num: u64) -> u32 {
+    let (Some(buf), Some(tables)) = (GATE_SCRATCH.get_ptr_mut(0), GATE_TABLES.get_ptr(0)) else {
         return NO_MATCH;
     };
     let start = unsafe { bpf_ktime_get_ns() };
@@ -221,30 +266,26 @@ fn scan(cfg: &GateConfig, buf: u64, num: u64) -> u32 {
         len = GATE_SCAN_MAX;
         bump(GateStat::Truncated, 1);
     }
-    let dst = unsafe { core::slice::from_raw_parts_mut((*scratch).data.as_mut_ptr(), len) };
-    if unsafe { bpf_probe_read_user_buf(buf as *const u8, dst) }.is_err() {
+    let dst = unsafe { core::slice::from_raw_parts_mut((*buf).data.as_mut_ptr(), len) };
+    if unsafe { bpf_probe_read_user_buf(src as *const u8, dst) }.is_err() {
         bump(GateStat::ReadFailed, 1);
         return NO_MATCH;
     }
     bump(GateStat::CopyNs, unsafe { bpf_ktime_get_ns() } - start);
-    unsafe { (*scratch).hit_blocks = 0 };
-    let mut ctx = ScanCtx {
-        data: unsafe { (*scratch).data.as_ptr() },
-        buf: scratch,
-        tables,
-        len: len as u64,
-        hit: 0,
-        base: 0,
-        found: NO_MATCH,
-        keywords: cfg.keywords,
-        candidates: 0,
-        mask: 0,
-        bucket: 0,
-        keyword: 0,
-        starts: 0,
-        _pad: 0,
-        pos: 0,
-    };
+    let st = unsafe { &mut (*buf).state };
+    st.len = len as u64;
+    st.hit = 0;
+    st.base = 0;
+    st.pos = 0;
+    st.found = NO_MATCH;
+    st.keywords = cfg.keywords;
+    st.candidates = 0;
+    st.mask = 0;
+    st.bucket = 0;
+    st.keyword = 0;
+    st.starts = 0;
+    st.hit_blocks = 0;
+    let mut ctx = LoopCtx { buf, tables };
     // Two passes: the prefilter (one copy per stride) lists the blocks with hits, then
     // one comparison pass for every stride. Kept apart, the verifier checks the
     // comparisons once, not once per stride inside each prefilter's loop.
@@ -255,20 +296,23 @@ fn scan(cfg: &GateConfig, buf: u64, num: u64) -> u32 {
         2 => scan_blocks::<2>(blocks, &mut ctx),
         _ => scan_blocks::<1>(blocks, &mut ctx),
     }
-    let hit_blocks = unsafe { (*scratch).hit_blocks } as u32;
+    let st = unsafe { &(*buf).state };
+    let hit_blocks = st.hit_blocks;
     if hit_blocks > 0 {
         unsafe {
-            bpf_loop(hit_blocks, verify_block as *mut c_void, &mut ctx as *mut ScanCtx as *mut c_void, 0);
+            bpf_loop(hit_blocks, verify_block as *mut c_void, &mut ctx as *mut LoopCtx as *mut c_void, 0);
         }
     }
+    let st = unsafe { &(*buf).state };
+    let found = st.found;
     bump(GateStat::Scans, 1);
     bump(GateStat::ScannedBytes, len as u64);
-    bump(GateStat::Candidates, u64::from(ctx.candidates));
-    if ctx.found != NO_MATCH {
+    bump(GateStat::Candidates, u64::from(st.candidates));
+    if found != NO_MATCH {
         bump(GateStat::Matches, 1);
     }
     bump(GateStat::ScanNs, unsafe { bpf_ktime_get_ns() } - start);
-    ctx.found
+    found
 }
 
 /// The block loop of one stride. A function of its own per stride, so that each
@@ -276,14 +320,11 @@ fn scan(cfg: &GateConfig, buf: u64, num: u64) -> u32 {
 /// (a direct call per block); a call site with a choice of callbacks stays a helper call
 /// that reaches the callback through an indirect call per block, several times slower.
 #[inline(never)]
-fn scan_blocks<const S: usize>(blocks: u32, ctx: &mut ScanCtx) {
+fn scan_blocks<const S: usize>(blocks: u32, ctx: &mut LoopCtx) {
     unsafe {
-        bpf_loop(blocks, scan_block::<S> as *mut c_void, ctx as *mut ScanCtx as *mut c_void, 0);
+        bpf_loop(blocks, scan_block::<S> as *mut c_void, ctx as *mut LoopCtx as *mut c_void, 0);
     }
 }
-
-/// Bytes per `bpf_loop` step: one 64-position hit word.
-const BLOCK: usize = 64;
 
 /// Aligned word `i` (bytes `8 i .. 8 i + 8`) of the scan buffer. Aligned loads: the BPF
 /// backend splits an unaligned 8-byte load into eight byte loads.
@@ -312,9 +353,11 @@ fn gram_at(x: u64, next: u64, j: usize) -> u32 {
 /// Returns 1 to stop the loop.
 #[inline(never)]
 extern "C" fn scan_block<const S: usize>(index: u64, ctx: *mut c_void) -> i64 {
-    let ctx = unsafe { &mut *(ctx as *mut ScanCtx) };
-    let (data, bitmap) = (ctx.data, unsafe { &(*ctx.tables).bitmap });
-    let base = ((index as usize) & (GATE_SCAN_MAX / BLOCK - 1)) * BLOCK;
+    let ctx = unsafe { &*(ctx as *const LoopCtx) };
+    let buf = unsafe { &mut *ctx.buf };
+    let bitmap = unsafe { &(*ctx.tables).bitmap };
+    let data = buf.data.as_ptr();
+    let base = ((index as usize) & (BLOCKS - 1)) * BLOCK;
     let mut any = 0u64;
     let mut next = aligned(data, base / 8) & CASE_FOLD;
     let mut w = 0;
@@ -332,34 +375,28 @@ extern "C" fn scan_block<const S: usize>(index: u64, ctx: *mut c_void) -> i64 {
     if any & 1 == 0 {
         return 0;
     }
-    let buf = unsafe { &mut *ctx.buf };
-    let n = buf.hit_blocks as usize & (BLOCKS - 1);
+    let n = buf.state.hit_blocks as usize & (BLOCKS - 1);
     buf.hit_word[n] = block_hits::<S>(data, bitmap, base);
     buf.hit_base[n] = base as u64;
-    buf.hit_blocks += 1;
+    buf.state.hit_blocks += 1;
     0
 }
 
 /// Compare the hits of the `i`-th block the prefilter listed. Returns 1 to stop the loop.
 #[inline(never)]
 extern "C" fn verify_block(i: u64, ctx: *mut c_void) -> i64 {
-    let ctx = unsafe { &mut *(ctx as *mut ScanCtx) };
-    let buf = unsafe { &*ctx.buf };
+    let lc = unsafe { &mut *(ctx as *mut LoopCtx) };
+    let buf = unsafe { &mut *lc.buf };
     let i = i as usize & (BLOCKS - 1);
-    ctx.hit = buf.hit_word[i];
-    ctx.base = buf.hit_base[i];
-    ctx.mask = 0;
-    ctx.starts = 0;
+    buf.state.hit = buf.hit_word[i];
+    buf.state.base = buf.hit_base[i];
+    buf.state.mask = 0;
+    buf.state.starts = 0;
     unsafe {
         // At most 64 hits, each with up to 32 keywords, each with up to 8 starts.
-        bpf_loop(
-            64 * (GATE_KEYWORDS_MAX as u32 * 9 + 1) + 1,
-            verify_step as *mut c_void,
-            ctx as *mut ScanCtx as *mut c_void,
-            0,
-        );
+        bpf_loop(64 * (GATE_KEYWORDS_MAX as u32 * 9 + 1) + 1, verify_step as *mut c_void, ctx, 0);
     }
-    i64::from(ctx.found != NO_MATCH)
+    i64::from(buf.state.found != NO_MATCH)
 }
 
 /// Bit i: the gram at `base + i` is in the bitmap.
@@ -411,40 +448,43 @@ fn bit_index(bit: u64) -> u32 {
 /// again for every state of the outer one, and the compare stays one copy for all strides.
 #[inline(never)]
 extern "C" fn verify_step(_: u64, ctx: *mut c_void) -> i64 {
-    let ctx = unsafe { &mut *(ctx as *mut ScanCtx) };
-    let starts = u64::from(ctx.starts);
+    let lc = unsafe { &*(ctx as *const LoopCtx) };
+    let buf = unsafe { &mut *lc.buf };
+    let data = buf.data.as_ptr();
+    let st = &mut buf.state;
+    let starts = u64::from(st.starts);
     if starts != 0 {
-        let low = starts & starts.wrapping_neg();
-        ctx.starts = (starts ^ low) as u32;
-        let Some(kw) = GATE_KEYWORDS.get(ctx.keyword & (GATE_KEYWORDS_MAX as u32 - 1)) else {
+        let low = starts.isolate_lowest_one();
+        st.starts = (starts ^ low) as u32;
+        let Some(kw) = GATE_KEYWORDS.get(st.keyword & (GATE_KEYWORDS_MAX as u32 - 1)) else {
             return 0;
         };
-        let pos = ctx.pos & (GATE_SCAN_MAX as u64 - 1);
+        let pos = st.pos & (GATE_SCAN_MAX as u64 - 1);
         let o = u64::from(kw.offset & 31) + u64::from(bit_index(low));
         // Flags from sign bits, not comparisons (each comparison is a branch in BPF):
         // pos >= o, and the keyword ends within the copied bytes.
         let starts_in = 1 ^ (pos.wrapping_sub(o) >> 63);
         let at = pos.wrapping_sub(o) & (GATE_SCAN_MAX as u64 - 1);
-        let ends_in = 1 ^ (ctx.len.wrapping_sub(at + u64::from(kw.len)) >> 63);
+        let ends_in = 1 ^ (st.len.wrapping_sub(at + u64::from(kw.len)) >> 63);
         let mut diff = 0u64;
         let mut w = 0;
         while w < 4 {
-            diff |= (lower8(word(ctx.data, at as usize + 8 * w)) ^ kw.text[w]) & kw.mask[w];
+            diff |= (lower8(word(data, at as usize + 8 * w)) ^ kw.text[w]) & kw.mask[w];
             w += 1;
         }
         let same = 1 ^ ((diff | diff.wrapping_neg()) >> 63);
         if starts_in & ends_in & same != 0 {
-            ctx.found = ctx.keyword;
+            st.found = st.keyword;
             return 1;
         }
         return 0;
     }
-    let mask = u64::from(ctx.mask);
+    let mask = u64::from(st.mask);
     if mask != 0 {
-        let low = mask & mask.wrapping_neg();
-        ctx.mask = (mask ^ low) as u32;
+        let low = mask.isolate_lowest_one();
+        st.mask = (mask ^ low) as u32;
         let k = bit_index(low);
-        if k >= ctx.keywords {
+        if k >= st.keywords {
             return 0;
         }
         let Some(kw) = GATE_KEYWORDS.get(k) else {
@@ -453,26 +493,28 @@ extern "C" fn verify_step(_: u64, ctx: *mut c_void) -> i64 {
         let mut starts = 0u32;
         let mut t = 0;
         while t < 8 {
-            let x = u64::from(kw.buckets[t] ^ ctx.bucket);
+            let x = u64::from(kw.buckets[t] ^ st.bucket);
             starts |= ((1 ^ ((x | x.wrapping_neg()) >> 63)) as u32) << t;
             t += 1;
         }
-        ctx.starts = starts;
-        ctx.keyword = k;
+        st.starts = starts;
+        st.keyword = k;
         return 0;
     }
-    let hit = ctx.hit;
+    let hit = st.hit;
     if hit == 0 {
         return 1;
     }
-    let low = hit & hit.wrapping_neg();
-    ctx.hit = hit ^ low;
-    let pos = (ctx.base as usize & (GATE_SCAN_MAX - 1)) + bit_index(low) as usize;
-    let b = gram_bucket(word(ctx.data, pos) as u32);
-    ctx.mask = unsafe { (*ctx.tables).masks[(b & 0xffff) as usize] };
-    ctx.bucket = b;
-    ctx.pos = pos as u64;
-    ctx.candidates += 1;
+    let low = hit.isolate_lowest_one();
+    st.hit = hit ^ low;
+    // Masked once more although it cannot exceed the buffer (a block's base plus a bit
+    // index): 6.1's verifier loses the bound of `bit_index` through its ORs.
+    let pos = ((st.base as usize & (GATE_SCAN_MAX - 1)) + bit_index(low) as usize) & (GATE_SCAN_MAX - 1);
+    let b = gram_bucket(word(data, pos) as u32);
+    st.mask = unsafe { (*lc.tables).masks[(b & 0xffff) as usize] };
+    st.bucket = b;
+    st.pos = pos as u64;
+    st.candidates += 1;
     0
 }
 
@@ -562,7 +604,7 @@ pub fn gate_sockops(ctx: SockOpsContext) -> u32 {
 }
 
 /// Every send on a gated socket: attribute it to the thread's SSL_write, and refuse it
-/// when that write was flagged.
+/// when that write was flagged (report it only, while the gate observes).
 #[sk_msg]
 pub fn gate_msg(ctx: SkMsgContext) -> u32 {
     let id = bpf_get_current_pid_tgid();
@@ -610,7 +652,10 @@ pub fn gate_msg(ctx: SkMsgContext) -> u32 {
         }
         return sk_action::SK_PASS;
     }
-    bump(GateStat::Refused, 1);
+    // While the gate observes (the agent's observe mode), a flagged send passes and is
+    // only reported.
+    let refuse = GATE_CONFIG.get(0).is_some_and(|c| c.refuse != 0);
+    bump(if refuse { GateStat::Refused } else { GateStat::Observed }, 1);
     if p.sends == 1 {
         let rule = GATE_KEYWORDS.get(p.keyword & (GATE_KEYWORDS_MAX as u32 - 1)).map_or(0, |k| k.rule);
         let event = GateEvent {
@@ -622,8 +667,8 @@ pub fn gate_msg(ctx: SkMsgContext) -> u32 {
             plain_len: p.plain_len,
             keyword: p.keyword,
             rule,
-            refused: ctx.size(),
-            _pad: 0,
+            send_bytes: ctx.size(),
+            dropped: refuse as u32,
             tuple,
             comm: p.comm,
         };
@@ -634,5 +679,5 @@ pub fn gate_msg(ctx: SkMsgContext) -> u32 {
     if p.returned_ns != 0 {
         let _ = GATE_PENDING.remove(&id);
     }
-    sk_action::SK_DROP
+    if refuse { sk_action::SK_DROP } else { sk_action::SK_PASS }
 }
