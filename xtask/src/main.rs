@@ -63,7 +63,8 @@ enum Task {
         #[arg(last = true)]
         args: Vec<OsString>,
     },
-    /// Clippy over the whole workspace, warnings as errors.
+    /// Formatting check, and clippy with warnings denied over every crate: the user-space
+    /// ones, and the eBPF crate for its BPF target.
     Lint,
     /// Benchmarks; each prints its figures and ratios against a baseline from the same run.
     Bench {
@@ -97,22 +98,35 @@ fn main() -> anyhow::Result<()> {
         }
         Task::Lint => {
             setup()?;
-            run(cargo().args([
-                "clippy",
-                "--workspace",
-                "--exclude",
-                "aegis-ebpf",
-                "--all-targets",
-                "--",
-                "-D",
-                "warnings",
-            ]))
+            lint()
         }
         Task::Bench { which } => {
             setup()?;
             bench::run(which)
         }
     }
+}
+
+/// `cargo fmt --check`, then clippy (warnings denied) on the workspace and on the eBPF
+/// crate built for `bpfel-unknown-none` (its own target directory: another target, another
+/// `core`).
+fn lint() -> anyhow::Result<()> {
+    run(cargo().args(["fmt", "--all", "--", "--check"]))
+        .context("the tree is not formatted: run `cargo +nightly-2026-10-30 fmt --all`")?;
+    run(cargo().args(["clippy", "--workspace", "--exclude", "aegis-ebpf", "--all-targets", "--", "-D", "warnings"]))?;
+    run(cargo()
+        .args([
+            "clippy",
+            "--package",
+            "aegis-ebpf",
+            "--release",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+        ])
+        .env("CARGO_TARGET_DIR", workspace_root().join("target/bpf-lint"))
+        .args(["--", "-D", "warnings"]))
 }
 
 pub fn workspace_root() -> PathBuf {

@@ -116,12 +116,20 @@ impl Enforcer {
     /// Make the kernel rules those of `blocks`. Returns notes for the operator.
     fn sync(&self, blocks: &[Block]) -> Result<Vec<String>, String> {
         let (rules, mut notes) = self.compile(blocks)?;
-        if let Some(report) = self.with_guard(|g| g.set_rules(&rules)) {
-            let r = report.map_err(|e| format!("{e:#}"))?;
-            notes.push(format!(
-                "{} kernel rules in force (added {}, updated {}, removed {})",
-                r.rules, r.added, r.updated, r.removed
-            ));
+        match self.with_guard(|g| g.set_rules(&rules)) {
+            Some(report) => {
+                let r = report.map_err(|e| format!("{e:#}"))?;
+                notes.push(format!(
+                    "{} kernel rules in force (added {}, updated {}, removed {})",
+                    r.rules, r.added, r.updated, r.removed
+                ));
+            }
+            None if !rules.is_empty() => notes.push(
+                "destination blocks are unavailable on this host (see aegis-agent status): new connects are not \
+                 refused; open connections are destroyed and parsed calls stopped"
+                    .into(),
+            ),
+            None => {}
         }
         Ok(notes)
     }
