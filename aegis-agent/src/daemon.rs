@@ -538,6 +538,7 @@ fn report_counters(c: &crate::capture::Counters, drops: &[DropCounter; DROP_CAUS
         http2_connections = sum(|s| s.http2),
         evicted_connections = sum(|s| s.evicted),
         gap_bytes = sum(|s| s.gap_bytes),
+        stream_position_resets = sum(|s| s.position_resets),
         parse_errors = sum(|s| s.exchange.parse_errors),
         unparsed_bytes = sum(|s| s.exchange.skipped_bytes),
         dropped_ring_full_events = drops[0].events,

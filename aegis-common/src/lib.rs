@@ -89,6 +89,10 @@ pub struct TlsChunkHeader {
     pub _pad: [u8; 2],
     /// `bpf_get_current_comm` of the calling thread.
     pub comm: [u8; 16],
+    /// Where the call's first byte sits in its connection's stream for this direction:
+    /// the bytes the kernel saw moved before it (delivered or not). A jump tells the agent
+    /// how many bytes of the stream it never got, even when whole events were lost.
+    pub stream_pos: u64,
 }
 
 pub const HEADER_LEN: usize = core::mem::size_of::<TlsChunkHeader>();
@@ -123,6 +127,27 @@ pub struct DropCounter {
     pub events: u64,
     pub bytes: u64,
 }
+
+/// A TLS connection as the kernel names it: the process and its library-level connection
+/// object. Key of `TLS_STREAMS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct StreamKey {
+    pub tgid: u32,
+    pub _pad: u32,
+    pub conn: u64,
+}
+
+/// Bytes each direction of a connection has moved so far (value of `TLS_STREAMS`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct StreamPos {
+    pub egress: u64,
+    pub ingress: u64,
+}
+
+/// Connections whose stream positions the kernel keeps (least recently used evicted).
+pub const STREAMS_MAX: u32 = 65536;
 
 /// What the entry probe remembers for the return probe of the same thread.
 #[repr(C)]
@@ -362,6 +387,8 @@ mod user {
     unsafe impl aya::Pod for TlsChunkHeader {}
     unsafe impl aya::Pod for DropCounter {}
     unsafe impl aya::Pod for PendingCall {}
+    unsafe impl aya::Pod for StreamKey {}
+    unsafe impl aya::Pod for StreamPos {}
     unsafe impl aya::Pod for gate::GateConfig {}
     unsafe impl aya::Pod for gate::GateKeyword {}
     unsafe impl aya::Pod for gate::GateTables {}

@@ -20,7 +20,7 @@ use core::ffi::c_void;
 
 use aegis_common::{
     CHUNK_DATA_MAX, CHUNKS_PER_CALL_MAX, ChunkScratch, DROP_CAUSES, Direction, DropCause, DropCounter, HEADER_LEN,
-    PendingCall, TlsChunkHeader, TlsHook,
+    PendingCall, STREAMS_MAX, StreamKey, StreamPos, TlsChunkHeader, TlsHook,
 };
 use aya_ebpf::{
     EbpfContext as _,
@@ -29,7 +29,7 @@ use aya_ebpf::{
         bpf_get_current_uid_gid, bpf_ktime_get_ns, bpf_loop, bpf_probe_read_user, bpf_probe_read_user_buf,
     },
     macros::{map, uprobe, uretprobe},
-    maps::{HashMap, PerCpuArray, RingBuf},
+    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::{ProbeContext, RetProbeContext},
 };
 
@@ -44,6 +44,13 @@ static TLS_PENDING: HashMap<u64, PendingCall> = HashMap::with_max_entries(16384,
 /// Scratch area where one event is assembled (too large for the 512-byte BPF stack).
 #[map]
 static TLS_SCRATCH: PerCpuArray<ChunkScratch> = PerCpuArray::with_max_entries(1, 0);
+
+/// Bytes each connection has moved so far, per direction: every event carries its call's
+/// place in the stream, so the agent sees how much it missed even when whole events were
+/// lost (ring full). Least recently used connections make room for new ones; the agent then
+/// sees a position go back and counts it.
+#[map]
+static TLS_STREAMS: LruHashMap<StreamKey, StreamPos> = LruHashMap::with_max_entries(STREAMS_MAX, 0);
 
 /// Lost events and bytes, per [`DropCause`].
 #[map]
@@ -148,6 +155,7 @@ fn emit(ctx: &RetProbeContext, hook: TlsHook, direction: Direction, ex: bool) ->
     fill_header(&mut scratch.header, ctx.as_ptr(), pending.conn, hook, direction);
     let call_len = if total > u32::MAX as u64 { u32::MAX } else { total as u32 };
     scratch.header.call_len = call_len;
+    scratch.header.stream_pos = advance(scratch.header.pid_tgid, pending.conn, direction, total);
 
     let cap = (CHUNK_DATA_MAX as u64) * (CHUNKS_PER_CALL_MAX as u64);
     if total > cap {
@@ -160,6 +168,28 @@ fn emit(ctx: &RetProbeContext, hook: TlsHook, direction: Direction, ex: bool) ->
         bpf_loop(CHUNKS_PER_CALL_MAX, copy_chunk as *mut c_void, &mut copy as *mut CopyCtx as *mut c_void, 0);
     }
     0
+}
+
+/// Where a call of `total` bytes starts in its connection's stream in `direction`; the
+/// stream is advanced past it (whatever then reaches the agent). Two threads do not move
+/// the same direction of one SSL object at once (OpenSSL forbids it), so no atomics.
+#[inline(always)]
+fn advance(pid_tgid: u64, conn: u64, direction: Direction, total: u64) -> u64 {
+    let key = StreamKey { tgid: (pid_tgid >> 32) as u32, _pad: 0, conn };
+    let mut pos = TLS_STREAMS.get_ptr_mut(&key);
+    if pos.is_none() {
+        // BPF_NOEXIST: another CPU may have made it meanwhile; either way it is there now.
+        let _ = TLS_STREAMS.insert(&key, &StreamPos::default(), 1);
+        pos = TLS_STREAMS.get_ptr_mut(&key);
+    }
+    let Some(pos) = pos else {
+        return 0;
+    };
+    let pos = unsafe { &mut *pos };
+    let field = if direction == Direction::Egress { &mut pos.egress } else { &mut pos.ingress };
+    let start = *field;
+    *field = start + total;
+    start
 }
 
 /// What [`copy_chunk`] needs; lives on the return probe's stack.
@@ -241,6 +271,8 @@ pub fn ssl_free_enter(ctx: ProbeContext) -> u32 {
     scratch.header.call_len = 0;
     scratch.header.offset = 0;
     scratch.header.data_len = 0;
+    scratch.header.stream_pos = 0;
+    let _ = TLS_STREAMS.remove(&StreamKey { tgid: (scratch.header.pid_tgid >> 32) as u32, _pad: 0, conn });
     if TLS_EVENTS.output::<TlsChunkHeader>(&scratch.header, 0).is_err() {
         count_drop(DropCause::RingFull, 0);
     }

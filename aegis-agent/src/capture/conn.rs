@@ -50,13 +50,16 @@ pub struct ConnStats {
     pub http2: u64,
     /// Bytes missing from streams (kernel drops, read failures, over-cap calls).
     pub gap_bytes: u64,
+    /// Times a connection's stream position went back: the kernel's bounded table of
+    /// positions forgot it, so a loss at that moment could not be measured.
+    pub position_resets: u64,
     pub exchange: ExchangeStats,
 }
 
 #[derive(Default)]
 struct DirState {
-    call_len: u32,
-    next_offset: u64,
+    /// Stream position of the next byte (None until the first event).
+    next: Option<u64>,
 }
 
 enum Role {
@@ -170,21 +173,27 @@ impl ConnTable {
             Direction::Egress => &mut conn.egress,
             Direction::Ingress => &mut conn.ingress,
         };
-        // Find bytes the kernel could not deliver: the rest of an unfinished call, or
-        // chunks skipped within a call.
-        let mut gap_before = 0u64;
-        if ev.offset == 0 || ev.call_len != dir.call_len {
-            gap_before += (dir.call_len as u64).saturating_sub(dir.next_offset);
-            gap_before += ev.offset as u64;
-            dir.call_len = ev.call_len;
-        } else if (ev.offset as u64) > dir.next_offset {
-            gap_before += ev.offset as u64 - dir.next_offset;
-        }
-        dir.next_offset = ev.offset as u64 + ev.data.len() as u64 + ev.missing as u64;
-        let mut gap_after = ev.missing as u64;
-        if dir.next_offset == CALL_CAP && ev.call_len as u64 > CALL_CAP {
-            gap_after += ev.call_len as u64 - CALL_CAP;
-            dir.next_offset = ev.call_len as u64;
+        // Find bytes the kernel saw move but did not deliver: each event says where its
+        // bytes sit in the connection's stream, so a jump is exactly what was lost, within a
+        // call or across whole calls (ring full). A connection first seen past position 0
+        // lost its beginning (the kernel counts from the first call its probes saw).
+        let at = ev.stream_pos + u64::from(ev.offset);
+        let mut gap_before = match dir.next {
+            Some(next) if at < next => {
+                // The kernel forgot the connection (its table is bounded) and counts anew.
+                self.stats.position_resets += 1;
+                0
+            }
+            Some(next) => at - next,
+            None => at,
+        };
+        let delivered_end = u64::from(ev.offset) + ev.data.len() as u64 + u64::from(ev.missing);
+        let mut gap_after = u64::from(ev.missing);
+        dir.next = Some(ev.stream_pos + delivered_end);
+        if delivered_end == CALL_CAP && u64::from(ev.call_len) > CALL_CAP {
+            // The kernel copies at most CALL_CAP bytes of one call: the rest is lost now.
+            gap_after += u64::from(ev.call_len) - CALL_CAP;
+            dir.next = Some(ev.stream_pos + u64::from(ev.call_len));
         }
         self.stats.gap_bytes += gap_before + gap_after;
 
@@ -345,6 +354,55 @@ fn looks_like_request_line(data: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// One event of connection 7 of process 42 carrying `data` whole.
+    fn event(direction: Direction, stream_pos: u64, data: &[u8]) -> TlsEvent {
+        TlsEvent {
+            key: ConnKey { tgid: 42, conn: 7 },
+            tid: 42,
+            uid: 0,
+            cgroup_id: 1,
+            source: 0,
+            timestamp_ns: stream_pos + 1,
+            hook: if direction == Direction::Egress { TlsHook::SslWrite } else { TlsHook::SslRead },
+            direction,
+            call_len: data.len() as u32,
+            offset: 0,
+            stream_pos,
+            comm: [0; 16],
+            data: bytes::Bytes::copy_from_slice(data),
+            missing: 0,
+        }
+    }
+
+    #[test]
+    fn whole_calls_lost_in_the_kernel_are_measured_from_stream_positions() {
+        let req = b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n";
+        let resp = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+        let (rq, rs) = (req.len() as u64, resp.len() as u64);
+        let mut table = ConnTable::new(16, 1 << 20, None);
+        let mut out = Vec::new();
+        table.on_event(event(Direction::Egress, 0, req), &mut out);
+        table.on_event(event(Direction::Ingress, 0, resp), &mut out);
+        assert_eq!(table.stats.gap_bytes, 0);
+        // The second exchange never reached the agent (ring full): the third one's
+        // positions say how much is missing in each direction.
+        table.on_event(event(Direction::Egress, 2 * rq, req), &mut out);
+        table.on_event(event(Direction::Ingress, 2 * rs, resp), &mut out);
+        assert_eq!(table.stats.gap_bytes, rq + rs);
+        assert_eq!(table.stats.position_resets, 0);
+        // A position that goes back (the kernel forgot the connection) is counted, not a gap.
+        table.on_event(event(Direction::Egress, 0, req), &mut out);
+        assert_eq!((table.stats.gap_bytes, table.stats.position_resets), (rq + rs, 1));
+    }
+
+    #[test]
+    fn a_connection_first_seen_past_its_start_lost_its_beginning() {
+        let mut table = ConnTable::new(16, 1 << 20, None);
+        let mut out = Vec::new();
+        table.on_event(event(Direction::Egress, 500, b"tail of something"), &mut out);
+        assert_eq!(table.stats.gap_bytes, 500);
+    }
 
     #[test]
     fn roles_are_recognised_from_either_direction() {

@@ -26,6 +26,9 @@ pub struct TlsEvent {
     /// Bytes the library call moved, and where this chunk sits in it.
     pub call_len: u32,
     pub offset: u32,
+    /// Where the call starts in the connection's stream for this direction
+    /// ([`TlsChunkHeader::stream_pos`]).
+    pub stream_pos: u64,
     pub comm: [u8; 16],
     /// Plaintext; shorter than `call_len - offset` when the call was split or capped.
     pub data: Bytes,
@@ -68,6 +71,7 @@ impl TlsEvent {
             direction,
             call_len: h.call_len,
             offset: h.offset,
+            stream_pos: h.stream_pos,
             comm: h.comm,
             data,
             missing,
@@ -94,6 +98,7 @@ mod tests {
             hook,
             _pad: [0; 2],
             comm: *b"curl\0\0\0\0\0\0\0\0\0\0\0\0",
+            stream_pos: 77,
         };
         let mut v = vec![0u8; HEADER_LEN];
         unsafe { std::ptr::write_unaligned(v.as_mut_ptr().cast(), h) };
@@ -112,6 +117,7 @@ mod tests {
         assert_eq!(&e.data[..], b"hello");
         assert_eq!(&e.comm[..5], b"curl\0");
         assert_eq!(e.missing, 0);
+        assert_eq!(e.stream_pos, 77);
     }
 
     #[test]
