@@ -126,6 +126,8 @@ pub struct OutputConfig {
     pub stdout: bool,
     pub file: PathBuf,
     pub stats_interval_secs: u64,
+    /// Bytes of records held in memory while `file` cannot be written.
+    pub max_pending_bytes: usize,
 }
 
 impl Config {

@@ -111,7 +111,7 @@ pub fn run(config: &Config, ready_file: Option<&Path>) -> anyhow::Result<()> {
 
     let gate = start_gate(config, &features, &caps, &mut probes, enforcement.as_ref(), inspector.as_deref());
 
-    let sink = JsonLines::open(config.output.stdout, &config.output.file)?;
+    let sink = JsonLines::open(config.output.stdout, &config.output.file, config.output.max_pending_bytes)?;
     let pipeline = Pipeline::start(config, probes, discovery, source, sink, inspector.clone(), containment)?;
     let stop_reload = Arc::new(AtomicBool::new(false));
     let gate_reader = match &gate {
@@ -533,6 +533,8 @@ fn report_counters(c: &crate::capture::Counters, drops: &[DropCounter; DROP_CAUS
         joined_both_ends = c.joined.load(Ordering::Relaxed),
         stopped_calls = c.stopped_calls.load(Ordering::Relaxed),
         bad_records = c.bad_records.load(Ordering::Relaxed),
+        records_pending = c.records_pending.load(Ordering::Relaxed),
+        records_lost = c.records_lost.load(Ordering::Relaxed),
         connections = sum(|s| s.connections),
         not_http1_connections = sum(|s| s.not_http1),
         http2_connections = sum(|s| s.http2),

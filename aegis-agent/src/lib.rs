@@ -13,6 +13,7 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod enforce;
+pub mod journal;
 pub mod kernel;
 pub mod llm;
 pub mod policy;

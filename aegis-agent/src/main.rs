@@ -99,7 +99,9 @@ fn parse_api(s: &str) -> Result<aegis_agent::llm::detect::ApiKind, String> {
 }
 
 fn main() -> std::process::ExitCode {
+    // Colour only on a terminal: journald and log files get plain text.
     tracing_subscriber::fmt()
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .with_env_filter(EnvFilter::try_from_env("AEGIS_LOG").unwrap_or_else(|_| EnvFilter::new("info")))
         .init();

@@ -68,9 +68,15 @@ impl Agent {
     /// Starts the agent; `extra_toml` is appended to the generated config. Waits until the
     /// agent creates its ready file (probes attached).
     pub fn start_with_config(extra_toml: &str) -> Self {
+        Self::start_writing_to(extra_toml, None)
+    }
+
+    /// [`Agent::start_with_config`], writing its records to `output` (default: a file in
+    /// the agent's temporary directory).
+    pub fn start_writing_to(extra_toml: &str, output: Option<PathBuf>) -> Self {
         let bin = agent_bin();
         let dir = TempDir::new("agent");
-        let output = dir.join("calls.jsonl");
+        let output = output.unwrap_or_else(|| dir.join("calls.jsonl"));
         let config = dir.join("agent.toml");
         let ready = dir.join("ready");
         // The evidence key lives with the test, not in /var/lib (unless the test sets
@@ -85,10 +91,13 @@ impl Agent {
         let enforce = if extra_toml.contains("[enforce]") { "" } else { "[enforce]\nenabled = false\n" };
         // The control socket always runs: it and its files live with the test too.
         let control = if extra_toml.contains("[control]") { String::new() } else { test_control_toml(dir.path()) };
-        let toml = format!(
-            "{rules}{enforce}{control}[output]\nstdout = false\nfile = {:?}\n{extra_toml}",
-            output.display().to_string()
-        );
+        // The records go to `output` whatever `extra_toml` says of the rest of `[output]`.
+        let output_keys = format!("stdout = false\nfile = {:?}\n", output.display().to_string());
+        let (output_table, extra) = match extra_toml.split_once("[output]\n") {
+            Some((before, after)) => (String::new(), format!("{before}[output]\n{output_keys}{after}")),
+            None => (format!("[output]\n{output_keys}"), extra_toml.to_owned()),
+        };
+        let toml = format!("{rules}{enforce}{control}{output_table}{extra}");
         fs::write(&config, toml).expect("writing agent config");
         let child = Command::new(&bin)
             .arg("run")

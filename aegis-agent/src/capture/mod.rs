@@ -68,6 +68,9 @@ pub struct Counters {
     pub joined: AtomicU64,
     /// Calls stopped on the wire (see `enforce::verdict`).
     pub stopped_calls: AtomicU64,
+    /// Records waiting in memory for `output.file`, and records it never got.
+    pub records_pending: AtomicU64,
+    pub records_lost: AtomicU64,
     pub worker_stats: Mutex<Vec<ConnStats>>,
 }
 
@@ -436,13 +439,22 @@ fn output_loop(rx: Receiver<Output>, mut sink: JsonLines, window: Duration, coun
         }
         sink.flush();
         counters.joined.store(correlator.joined, Ordering::Relaxed);
+        let health = sink.file_health();
+        counters.records_pending.store(health.pending, Ordering::Relaxed);
+        counters.records_lost.store(health.lost, Ordering::Relaxed);
     }
     correlator.drain(&mut records);
     for r in records.drain(..) {
         sink.write(&r);
         counters.records.fetch_add(1, Ordering::Relaxed);
     }
-    sink.flush();
+    sink.close();
+    let health = sink.file_health();
+    if health.pending > 0 {
+        tracing::error!(records = health.pending, "output.file could not be written: these records are lost at exit");
+    }
+    counters.records_pending.store(0, Ordering::Relaxed);
+    counters.records_lost.store(health.lost + health.pending, Ordering::Relaxed);
 }
 
 /// CLOCK_MONOTONIC in ns: the clock of `bpf_ktime_get_ns`.

@@ -1,42 +1,94 @@
 //! Where call records go: standard output and/or an append-only JSON lines file.
+//!
+//! The file never loses a record silently. Lines are appended a burst at a time through a
+//! [`Journal`] (a failed append is cut back, so the file stays whole lines). While the file
+//! cannot be written (disk full, I/O error) records wait in a bounded queue in memory and
+//! the write is retried every second; the failure is logged once when it starts and once
+//! when it ends. Records that do not fit the queue are counted as lost, and once the file
+//! takes writes again a `records_lost` record says how many, when, and why, so the loss is
+//! in the file itself as well as in the counters.
 
 use std::{
-    fs::{File, OpenOptions},
     io::{BufWriter, Write as _},
-    os::unix::fs::OpenOptionsExt as _,
     path::Path,
+    time::{Duration, Instant, SystemTime},
 };
 
-use anyhow::Context as _;
 use serde::Serialize;
+
+use crate::journal::Journal;
+
+/// How often a failing file is tried again.
+const RETRY_EVERY: Duration = Duration::from_secs(1);
 
 /// One JSON object per line. The caller flushes after each burst of records, so a record
 /// reaches the file within one pass of the output loop.
 pub struct JsonLines {
     stdout: Option<BufWriter<std::io::Stdout>>,
-    file: Option<BufWriter<File>>,
+    file: Option<FileSink>,
+    /// Records taken (stdout and file).
     pub written: u64,
+    /// Records that could not be serialised, or written to stdout.
     pub write_errors: u64,
+}
+
+/// The file side: the journal, what waits for it, and what was lost.
+struct FileSink {
+    journal: Journal,
+    pending: Vec<u8>,
+    pending_records: u64,
+    max_pending: usize,
+    /// Records dropped because the queue was full, not reported in the file yet.
+    lost_unreported: u64,
+    lost_since: Option<SystemTime>,
+    /// Records dropped in total.
+    lost: u64,
+    /// Since when appends fail, the last error, and when to try again.
+    failing: Option<(Instant, String)>,
+    retry_at: Instant,
+}
+
+/// What the file side holds and lost, for the health report.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FileHealth {
+    /// Records waiting in memory for the file to take writes again.
+    pub pending: u64,
+    /// Records that never reached the file (the queue was full).
+    pub lost: u64,
+    /// Whether appends are failing now.
+    pub failing: bool,
 }
 
 impl JsonLines {
     /// `file`: empty path for none. The file is created with mode 0600 (records name
-    /// processes and models; they are not for every local user).
-    pub fn open(stdout: bool, file: &Path) -> anyhow::Result<Self> {
+    /// processes and models; they are not for every local user). `max_pending`: bytes of
+    /// records held in memory while the file cannot be written.
+    pub fn open(stdout: bool, file: &Path, max_pending: usize) -> anyhow::Result<Self> {
         let file = if file.as_os_str().is_empty() {
             None
         } else {
-            if let Some(dir) = file.parent().filter(|d| !d.as_os_str().is_empty()) {
-                std::fs::create_dir_all(dir)
-                    .with_context(|| format!("cannot create the directory of output.file {}", dir.display()))?;
+            let (journal, repairs) = Journal::open(file, false).map_err(|e| anyhow::anyhow!("output.file: {e:#}"))?;
+            if repairs.partial_line_bytes > 0 {
+                tracing::warn!(
+                    file = %file.display(),
+                    bytes = repairs.partial_line_bytes,
+                    "output.file ended in a partial record (left by a crash); it was cut away"
+                );
             }
-            let f = OpenOptions::new()
-                .create(true)
-                .append(true)
-                .mode(0o600)
-                .open(file)
-                .with_context(|| format!("cannot open output.file {}", file.display()))?;
-            Some(BufWriter::new(f))
+            if let Some(mode) = repairs.narrowed_mode {
+                tracing::warn!(file = %file.display(), mode = format!("{mode:o}"), "output.file was readable by others; its mode is now 0600");
+            }
+            Some(FileSink {
+                journal,
+                pending: Vec::new(),
+                pending_records: 0,
+                max_pending,
+                lost_unreported: 0,
+                lost_since: None,
+                lost: 0,
+                failing: None,
+                retry_at: Instant::now(),
+            })
         };
         let stdout = stdout.then(|| BufWriter::new(std::io::stdout()));
         Ok(Self { stdout, file, written: 0, write_errors: 0 })
@@ -57,11 +109,8 @@ impl JsonLines {
         {
             self.write_errors += 1;
         }
-        if let Some(f) = &mut self.file
-            && let Err(e) = f.write_all(&line)
-        {
-            self.write_errors += 1;
-            tracing::error!(error = %e, "cannot write to output.file");
+        if let Some(f) = &mut self.file {
+            f.queue(&line);
         }
         self.written += 1;
     }
@@ -72,11 +121,179 @@ impl JsonLines {
         {
             self.write_errors += 1;
         }
-        if let Some(f) = &mut self.file
-            && let Err(e) = f.flush()
-        {
-            self.write_errors += 1;
-            tracing::error!(error = %e, "cannot write to output.file");
+        if let Some(f) = &mut self.file {
+            f.flush(Instant::now());
         }
+    }
+
+    /// The last flush, at exit: the file is tried once more whatever the retry timer says.
+    pub fn close(&mut self) {
+        if let Some(f) = &mut self.file {
+            f.retry_at = Instant::now();
+        }
+        self.flush();
+    }
+
+    /// What the file side holds and lost (all zero without a file).
+    pub fn file_health(&self) -> FileHealth {
+        self.file.as_ref().map_or_else(FileHealth::default, |f| FileHealth {
+            pending: f.pending_records,
+            lost: f.lost,
+            failing: f.failing.is_some(),
+        })
+    }
+}
+
+impl FileSink {
+    fn queue(&mut self, line: &[u8]) {
+        if self.pending.len() + line.len() > self.max_pending {
+            self.lost += 1;
+            self.lost_unreported += 1;
+            self.lost_since.get_or_insert_with(SystemTime::now);
+            return;
+        }
+        self.pending.extend_from_slice(line);
+        self.pending_records += 1;
+    }
+
+    fn flush(&mut self, now: Instant) {
+        if self.pending.is_empty() && self.lost_unreported == 0 {
+            return;
+        }
+        if self.failing.is_some() && now < self.retry_at {
+            return;
+        }
+        let mut batch = std::mem::take(&mut self.pending);
+        if self.lost_unreported > 0 {
+            batch.extend_from_slice(&self.lost_line());
+        }
+        match self.journal.append(&batch) {
+            Ok(()) => {
+                if let Some((since, error)) = self.failing.take() {
+                    tracing::warn!(
+                        file = %self.journal.path().display(),
+                        failing_for_s = since.elapsed().as_secs(),
+                        error,
+                        written_late = self.pending_records,
+                        lost = self.lost_unreported,
+                        "output.file takes writes again"
+                    );
+                }
+                self.pending_records = 0;
+                self.lost_unreported = 0;
+                self.lost_since = None;
+            }
+            Err(e) => {
+                if self.lost_unreported > 0 {
+                    batch.truncate(batch.len() - self.lost_line().len());
+                }
+                self.pending = batch;
+                self.retry_at = now + RETRY_EVERY;
+                if self.failing.is_none() {
+                    tracing::error!(
+                        file = %self.journal.path().display(),
+                        error = %e,
+                        held_bytes_max = self.max_pending,
+                        "cannot write output.file: records are held in memory and retried every second; past \
+                         output.max_pending_bytes they are counted as lost (free space on its filesystem)"
+                    );
+                    self.failing = Some((now, e.to_string()));
+                }
+            }
+        }
+    }
+
+    /// The `records_lost` record for what was dropped since the last one.
+    fn lost_line(&self) -> Vec<u8> {
+        let since = self.lost_since.unwrap_or_else(SystemTime::now);
+        let reason = self.failing.as_ref().map_or("the file could not be written", |(_, e)| e.as_str());
+        let mut line = serde_json::to_vec(&serde_json::json!({
+            "type": "records_lost",
+            "time": rfc3339(SystemTime::now()),
+            "count": self.lost_unreported,
+            "since": rfc3339(since),
+            "reason": reason,
+        }))
+        .expect("a JSON object serialises");
+        line.push(b'\n');
+        line
+    }
+}
+
+fn rfc3339(t: SystemTime) -> String {
+    crate::llm::record::rfc3339(t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_nanos() as i128)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A tmpfs of 64 KiB mounted for the test (root), unmounted on drop.
+    struct SmallDisk(std::path::PathBuf);
+
+    impl SmallDisk {
+        fn new() -> Self {
+            let dir = std::env::temp_dir().join(format!("aegis-sink-disk-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            let ok = std::process::Command::new("mount")
+                .args(["-t", "tmpfs", "-o", "size=64k", "tmpfs"])
+                .arg(&dir)
+                .status()
+                .expect("mount (needs root)");
+            assert!(ok.success(), "mounting a test tmpfs on {}", dir.display());
+            Self(dir)
+        }
+    }
+
+    impl Drop for SmallDisk {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+            let _ = std::fs::remove_dir(&self.0);
+        }
+    }
+
+    fn lines(path: &Path) -> Vec<serde_json::Value> {
+        let text = std::fs::read_to_string(path).unwrap();
+        assert!(text.is_empty() || text.ends_with('\n'), "the file ends in a partial line");
+        text.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad line {l:?}: {e}"))).collect()
+    }
+
+    #[test]
+    fn a_full_disk_holds_then_counts_records_and_the_file_stays_whole() {
+        let disk = SmallDisk::new();
+        let path = disk.0.join("calls.jsonl");
+        // Leave about 8 KiB free.
+        let filler = disk.0.join("filler");
+        std::fs::write(&filler, vec![b'x'; 56 * 1024]).unwrap();
+        let mut sink = JsonLines::open(false, &path, 16 * 1024).unwrap();
+        let record = |i: u64| serde_json::json!({"type": "llm_call", "n": i, "pad": "p".repeat(900)});
+        let start = Instant::now();
+        for i in 0..40 {
+            sink.write(&record(i));
+            if let Some(f) = &mut sink.file {
+                f.flush(start);
+            }
+        }
+        let h = sink.file_health();
+        assert!(h.failing && h.pending > 0 && h.lost > 0, "{h:?}");
+        let written_before = lines(&path).len() as u64;
+        assert_eq!(written_before + h.pending + h.lost, 40, "{h:?}");
+        // Space again: the next retry writes what was held, then says what was lost.
+        std::fs::remove_file(&filler).unwrap();
+        let f = sink.file.as_mut().unwrap();
+        f.flush(start + Duration::from_millis(10));
+        assert!(sink.file_health().failing, "no retry before a second has passed");
+        sink.file.as_mut().unwrap().flush(start + RETRY_EVERY + Duration::from_millis(10));
+        assert_eq!(sink.file_health(), FileHealth { pending: 0, lost: h.lost, failing: false });
+        let all = lines(&path);
+        let calls = all.iter().filter(|l| l["type"] == "llm_call").count() as u64;
+        let marker: Vec<_> = all.iter().filter(|l| l["type"] == "records_lost").collect();
+        assert_eq!(marker.len(), 1, "{marker:?}");
+        assert_eq!(marker[0]["count"].as_u64(), Some(h.lost));
+        assert!(marker[0]["reason"].as_str().unwrap().contains("No space left"), "{}", marker[0]);
+        assert_eq!(calls + h.lost, 40);
+        // Records in order, none twice.
+        let ns: Vec<u64> = all.iter().filter_map(|l| l["n"].as_u64()).collect();
+        assert!(ns.windows(2).all(|w| w[0] < w[1]), "{ns:?}");
     }
 }

@@ -1,0 +1,179 @@
+//! Append-only files of JSON lines (call records, the audit log) that stay valid through a
+//! full disk and a crash.
+//!
+//! - A batch of whole lines is appended at once; when the write fails part-way (no space
+//!   left, I/O error) the file is cut back to its length before the batch, so a later
+//!   append never lands on a partial line.
+//! - A partial last line left by a crash (kill -9 in the middle of a write) is cut away when
+//!   the file is opened again, and the cut is reported.
+//! - The file is opened without following a symbolic link, must be a regular file, and is
+//!   kept at mode 0600 (a wider mode found on an existing file is narrowed, and said).
+//!
+//! One writer per file: the agent's instance lock guarantees it.
+
+use std::{
+    fs::{File, OpenOptions},
+    io::{self, Read as _, Seek as _, SeekFrom, Write as _},
+    os::unix::fs::{MetadataExt as _, OpenOptionsExt as _, PermissionsExt as _},
+    path::{Path, PathBuf},
+};
+
+use anyhow::Context as _;
+
+/// What opening a journal had to repair.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Repairs {
+    /// Bytes of a partial last line that were cut away.
+    pub partial_line_bytes: u64,
+    /// The file's mode was wider than 0600 (it was narrowed).
+    pub narrowed_mode: Option<u32>,
+}
+
+/// An append-only JSON lines file.
+#[derive(Debug)]
+pub struct Journal {
+    path: PathBuf,
+    file: File,
+    /// Length after the last successful append: everything before it is whole lines.
+    len: u64,
+    /// fsync after every append (the audit log), or leave it to the kernel (records).
+    sync: bool,
+}
+
+impl Journal {
+    /// Open (create, with its directory) `path` for appending. Errors say what to fix.
+    pub fn open(path: &Path, sync: bool) -> anyhow::Result<(Self, Repairs)> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).with_context(|| format!("cannot create the directory {}", dir.display()))?;
+        }
+        let mut file = OpenOptions::new()
+            .create(true)
+            .read(true)
+            .append(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open(path)
+            .map_err(|e| match e.raw_os_error() {
+                Some(libc::ELOOP) => anyhow::anyhow!(
+                    "{} is a symbolic link: the agent does not follow links for the files it writes; give the \
+                     real path",
+                    path.display()
+                ),
+                _ => anyhow::anyhow!("cannot open {}: {e}", path.display()),
+            })?;
+        let meta = file.metadata().with_context(|| format!("cannot stat {}", path.display()))?;
+        anyhow::ensure!(
+            meta.file_type().is_file(),
+            "{} is not a regular file: give the path of a file the agent may create",
+            path.display()
+        );
+        let mut repairs = Repairs::default();
+        let mode = meta.mode() & 0o777;
+        if mode & 0o077 != 0 {
+            file.set_permissions(std::fs::Permissions::from_mode(0o600))
+                .with_context(|| format!("cannot narrow the mode of {} to 0600", path.display()))?;
+            repairs.narrowed_mode = Some(mode);
+        }
+        let len = meta.len();
+        let whole = whole_lines_len(&mut file, len).with_context(|| format!("cannot read {}", path.display()))?;
+        if whole < len {
+            file.set_len(whole).with_context(|| format!("cannot cut the partial last line of {}", path.display()))?;
+            repairs.partial_line_bytes = len - whole;
+        }
+        Ok((Self { path: path.to_owned(), file, len: whole, sync }, repairs))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Append `lines` (whole lines, each ending in a newline): all of them, or none.
+    pub fn append(&mut self, lines: &[u8]) -> io::Result<()> {
+        debug_assert!(lines.is_empty() || lines.ends_with(b"\n"));
+        if lines.is_empty() {
+            return Ok(());
+        }
+        let result = self.file.write_all(lines).and_then(|()| if self.sync { self.file.sync_data() } else { Ok(()) });
+        match result {
+            Ok(()) => {
+                self.len += lines.len() as u64;
+                Ok(())
+            }
+            Err(e) => {
+                // Cut back what made it: the next append starts on a line boundary.
+                if let Err(cut) = self.file.set_len(self.len) {
+                    tracing::error!(path = %self.path.display(), error = %cut, "cannot cut a failed append back");
+                }
+                Err(e)
+            }
+        }
+    }
+}
+
+/// The length of the longest prefix of the file (of `len` bytes) that ends with a newline
+/// (or is empty).
+fn whole_lines_len(file: &mut File, len: u64) -> io::Result<u64> {
+    let mut end = len;
+    let mut buf = [0u8; 4096];
+    while end > 0 {
+        let start = end.saturating_sub(buf.len() as u64);
+        let chunk = &mut buf[..(end - start) as usize];
+        file.seek(SeekFrom::Start(start))?;
+        file.read_exact(chunk)?;
+        if let Some(i) = chunk.iter().rposition(|&b| b == b'\n') {
+            return Ok(start + i as u64 + 1);
+        }
+        end = start;
+    }
+    Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dir() -> PathBuf {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let d = std::env::temp_dir().join(format!("aegis-journal-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn a_partial_last_line_is_cut_at_open() {
+        let d = dir();
+        let path = d.join("j.jsonl");
+        std::fs::write(&path, b"{\"a\":1}\n{\"b\":2}\n{\"c\":").unwrap();
+        let (mut j, repairs) = Journal::open(&path, false).unwrap();
+        assert_eq!(repairs.partial_line_bytes, 5);
+        j.append(b"{\"d\":4}\n").unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "{\"a\":1}\n{\"b\":2}\n{\"d\":4}\n");
+        // A file without any newline is all partial.
+        std::fs::write(&path, b"garbage").unwrap();
+        assert_eq!(Journal::open(&path, false).unwrap().1.partial_line_bytes, 7);
+        assert_eq!(std::fs::read(&path).unwrap(), b"");
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn links_other_file_types_and_wide_modes() {
+        let d = dir();
+        let real = d.join("real.jsonl");
+        std::fs::write(&real, b"").unwrap();
+        std::fs::set_permissions(&real, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let (_, repairs) = Journal::open(&real, false).unwrap();
+        assert_eq!(repairs.narrowed_mode, Some(0o644));
+        assert_eq!(std::fs::metadata(&real).unwrap().mode() & 0o777, 0o600);
+        let link = d.join("link.jsonl");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        let err = Journal::open(&link, false).unwrap_err().to_string();
+        assert!(err.contains("is a symbolic link"), "{err}");
+        let fifo = d.join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        let err = Journal::open(&fifo, false).unwrap_err().to_string();
+        assert!(err.contains("not a regular file"), "{err}");
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+}
