@@ -57,8 +57,9 @@ struct Enforcement {
 pub fn run(config: &Config, ready_file: Option<&Path>) -> anyhow::Result<()> {
     preflight()?;
     raise_memlock();
-    // One agent per control socket (and so per pin directory of its configuration).
+    // One agent per control socket, and one per pin directory.
     let _lock = lock_instance(config)?;
+    let _pins = if config.enforce.enabled { connect::lock_pins(&config.enforce.pin_dir)? } else { None };
     let features = Features::probe();
     tracing::info!(kernel = features.kernel(), btf = features.btf().is_some(), "checking what this kernel offers");
     let caps = Capabilities::default();

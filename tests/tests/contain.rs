@@ -594,3 +594,42 @@ fn a_second_agent_on_the_same_configuration_refuses_to_start() {
     s.cfg.block(&["--dest", &format!("127.0.0.1:{port}"), "--cgroup", s.cg.rel(), "--reason", "it: second agent"]);
     s.assert_connect_errno(port, libc::EPERM, "the first agent still enforces");
 }
+
+/// A second agent with its own control socket and state file but the first one's pin
+/// directory stops at start, naming the first, and leaves its pinned blocks alone (it would
+/// otherwise adopt them, rewrite them to its own empty state, and remove them at its stop).
+#[test]
+fn a_second_agent_on_the_same_pin_directory_refuses_to_start_and_touches_nothing() {
+    let _serial = serial();
+    let s = Setup::new("second-pins", |c, _| c);
+    let port = s.port();
+    let (id, _) =
+        s.cfg.block(&["--dest", &format!("127.0.0.1:{port}"), "--cgroup", s.cg.rel(), "--reason", "it: pin owner"]);
+    s.assert_connect_errno(port, libc::EPERM, "the first agent's block");
+    let pinned = s.pins.entries();
+
+    // Same cgroup and pin directory, everything else its own.
+    let other = ContainConfig::new(&s.cg, &s.pins);
+    let dir = aegis_tests::TempDir::new("second-pins");
+    let config = dir.join("agent.toml");
+    std::fs::write(&config, format!("{}[output]\nstdout = false\nfile = \"\"\n", other.toml())).unwrap();
+    let mut child = std::process::Command::new(aegis_tests::agent_bin())
+        .args(["run", "--config"])
+        .arg(&config)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("starting a second agent");
+    let status = aegis_tests::wait_with_timeout(&mut child, "the second agent", Duration::from_secs(30));
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().expect("piped"), &mut err).ok();
+    assert!(!status.success(), "the second agent must not run: {err}");
+    let first = s.agent().pid().to_string();
+    assert!(
+        err.contains("another aegis-agent") && err.contains(&first) && err.contains("enforce.pin_dir"),
+        "the error must name the agent that holds the pins (pid {first}) and the key to change: {err}"
+    );
+    assert_eq!(s.pins.entries(), pinned, "the pinned state is untouched");
+    s.assert_connect_errno(port, libc::EPERM, "the first agent's block still holds");
+    assert!(s.cfg.block_ids().contains(&id), "the first agent still lists {id}");
+}

@@ -502,6 +502,51 @@ impl ConnectGuard {
     }
 }
 
+/// An agent's hold on a pin directory: an exclusive `flock` on `<pin dir>_lock`, a directory
+/// next to it on the same bpffs, held for the agent's life. Two agents sharing a pin
+/// directory would adopt and rewrite each other's rules (and the second one's clean stop
+/// would remove the first one's blocks): the second one stops at start instead.
+#[derive(Debug)]
+pub struct PinLock(#[allow(dead_code)] File);
+
+/// Take the pin directory's lock. `Ok(None)`: no bpffs to lock on (destination blocks will
+/// be unavailable anyway); an error: another agent holds it (the message names its pid).
+pub fn lock_pins(pin_dir: &Path) -> anyhow::Result<Option<PinLock>> {
+    let Some(parent) = pin_dir.parent().filter(|p| !p.as_os_str().is_empty()) else { return Ok(None) };
+    if ensure_bpffs(parent).is_err() {
+        return Ok(None);
+    }
+    let dir = sibling(pin_dir, "lock");
+    match std::fs::create_dir(&dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(_) => return Ok(None),
+    }
+    let Ok(file) = File::open(&dir) else { return Ok(None) };
+    // SAFETY: flock on a descriptor we own.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let holder = lock_holder(&file).map_or_else(|| "another process".to_owned(), |pid| format!("pid {pid}"));
+        bail!(
+            "another aegis-agent ({holder}) keeps its blocks in {}: two agents must not share enforce.pin_dir (the \
+             second would rewrite and, at its stop, remove the first one's blocks). Stop it first, or give this \
+             agent its own enforce.pin_dir",
+            pin_dir.display()
+        );
+    }
+    Ok(Some(PinLock(file)))
+}
+
+/// The pid holding a `flock` on `file`, from /proc/locks ("1: FLOCK ADVISORY WRITE pid maj:min:ino ...").
+fn lock_holder(file: &File) -> Option<u32> {
+    let meta = file.metadata().ok()?;
+    let (dev, ino) = (meta.dev(), meta.ino());
+    let id = format!("{:02x}:{:02x}:{ino}", libc::major(dev), libc::minor(dev));
+    std::fs::read_to_string("/proc/locks").ok()?.lines().find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        (f.get(1) == Some(&"FLOCK") && f.get(5) == Some(&id.as_str())).then(|| f.get(4)?.parse().ok())?
+    })
+}
+
 /// Detach and unpin what an agent left under `pin_dir` (and its `_staging` / `_retired`
 /// siblings). Only touches bpffs; a missing directory is fine.
 pub fn remove_pinned(pin_dir: &Path) -> anyhow::Result<()> {
@@ -510,6 +555,11 @@ pub fn remove_pinned(pin_dir: &Path) -> anyhow::Result<()> {
         if let Err(e) = remove_pinned_dir(&dir) {
             first_err.get_or_insert(e);
         }
+    }
+    // The lock directory is empty; a holder keeps its lock on the removed directory.
+    let lock = sibling(pin_dir, "lock");
+    if lock.exists() && fs_magic(&lock).is_ok_and(|m| m == BPF_FS_MAGIC) {
+        let _ = std::fs::remove_dir(&lock);
     }
     first_err.map_or(Ok(()), Err)
 }
