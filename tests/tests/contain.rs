@@ -564,17 +564,15 @@ fn unpin_lifts_the_blocks_a_dead_agent_left() {
 
 /// A second agent with the same configuration refuses to start (it would adopt the first
 /// one's pinned programs and fight over the control socket), and says who holds the lock.
-#[test]
-fn a_second_agent_on_the_same_configuration_refuses_to_start() {
-    let _serial = serial();
-    let s = Setup::new("second", |c, _| c);
+/// Starts another agent with `cfg` (no records file), asserts it exits unsuccessfully within
+/// 30 s, and returns what it said.
+fn second_agent_refused(cfg: &ContainConfig) -> String {
     let dir = aegis_tests::TempDir::new("second-agent");
     let config = dir.join("agent.toml");
-    std::fs::write(&config, format!("{}[output]\nstdout = false\nfile = \"\"\n", s.cfg.toml()))
+    std::fs::write(&config, format!("{}[output]\nstdout = false\nfile = \"\"\n", cfg.toml()))
         .expect("writing the config");
     let mut child = std::process::Command::new(aegis_tests::agent_bin())
-        .arg("run")
-        .arg("--config")
+        .args(["run", "--config"])
         .arg(&config)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
@@ -584,6 +582,14 @@ fn a_second_agent_on_the_same_configuration_refuses_to_start() {
     let mut err = String::new();
     std::io::Read::read_to_string(&mut child.stderr.take().expect("piped"), &mut err).ok();
     assert!(!status.success(), "the second agent must not run: {err}");
+    err
+}
+
+#[test]
+fn a_second_agent_on_the_same_configuration_refuses_to_start() {
+    let _serial = serial();
+    let s = Setup::new("second", |c, _| c);
+    let err = second_agent_refused(&s.cfg);
     let first = s.agent().pid().to_string();
     assert!(
         err.contains("another aegis-agent") && err.contains(&first),
@@ -609,21 +615,7 @@ fn a_second_agent_on_the_same_pin_directory_refuses_to_start_and_touches_nothing
     let pinned = s.pins.entries();
 
     // Same cgroup and pin directory, everything else its own.
-    let other = ContainConfig::new(&s.cg, &s.pins);
-    let dir = aegis_tests::TempDir::new("second-pins");
-    let config = dir.join("agent.toml");
-    std::fs::write(&config, format!("{}[output]\nstdout = false\nfile = \"\"\n", other.toml())).unwrap();
-    let mut child = std::process::Command::new(aegis_tests::agent_bin())
-        .args(["run", "--config"])
-        .arg(&config)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("starting a second agent");
-    let status = aegis_tests::wait_with_timeout(&mut child, "the second agent", Duration::from_secs(30));
-    let mut err = String::new();
-    std::io::Read::read_to_string(&mut child.stderr.take().expect("piped"), &mut err).ok();
-    assert!(!status.success(), "the second agent must not run: {err}");
+    let err = second_agent_refused(&ContainConfig::new(&s.cg, &s.pins));
     let first = s.agent().pid().to_string();
     assert!(
         err.contains("another aegis-agent") && err.contains(&first) && err.contains("enforce.pin_dir"),
