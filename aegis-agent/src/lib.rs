@@ -6,6 +6,9 @@
 //! - [`protocol`]: HTTP/1.1 messages, chunked bodies, content decoding, Server-Sent Events.
 //! - [`llm`]: recognise model API calls and build one [`llm::CallRecord`] per call.
 //! - [`sinks`]: where records go (stdout, JSON lines file).
+//!
+//! Bottom modules every stage may use: [`files`] (reading a file an operator named:
+//! regular files only, capped, never blocking).
 
 pub mod capture;
 pub mod commands;
@@ -13,6 +16,7 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod enforce;
+pub mod files;
 pub mod llm;
 pub mod policy;
 pub mod protocol;
