@@ -236,8 +236,8 @@ pub fn parse(text: &str, source: &Path) -> Result<Rulepack, PackError> {
 }
 
 /// Go RE2 → Rust `regex`: `\w \d \s \b` (and negations) made ASCII as in Go, `\Q…\E`
-/// expanded. Everything else is passed through.
-pub(crate) fn go_regex_to_rust(pattern: &str) -> String {
+/// expanded. Everything else is passed through. Public for the fuzz targets.
+pub fn go_regex_to_rust(pattern: &str) -> String {
     let mut out = String::with_capacity(pattern.len() + 16);
     let mut chars = pattern.chars().peekable();
     // Inside a bracket class: `[` count (POSIX `[:alpha:]` excluded).
