@@ -128,7 +128,8 @@ fuzz_target!(|data: &[u8]| {
             assert_eq!(whole.complete, split.complete, "{encoding}: completeness differs");
         }
     }
-    if whole.over_cap > 0 {
+    // (An identity body is always complete: `over_cap` counts what it had past the cap.)
+    if whole.over_cap > 0 && encoding != "identity" {
         assert!(!whole.complete, "{encoding}: stopped at the cap, yet complete");
     }
 });
