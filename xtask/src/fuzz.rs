@@ -11,7 +11,7 @@
 //! costs half the executions and a longer build.
 
 use std::{
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::{Child, Command},
     time::Instant,
 };
@@ -106,9 +106,9 @@ fn log_path(target: &str) -> PathBuf {
 /// Start `target` for `seconds` on its working corpus and its seeds.
 fn start(target: &str, seconds: u64) -> anyhow::Result<Child> {
     let root = workspace_root();
+    // cargo-fuzz puts crash inputs in fuzz/artifacts/TARGET/ itself.
     let corpus = root.join("fuzz/corpus").join(target);
-    let artifacts = root.join("fuzz/artifacts").join(target);
-    for dir in [&corpus, &artifacts, &root.join("fuzz/logs")] {
+    for dir in [&corpus, &root.join("fuzz/logs")] {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
     let log = std::fs::File::create(log_path(target))?;
@@ -119,15 +119,10 @@ fn start(target: &str, seconds: u64) -> anyhow::Result<Child> {
         .args(BUILD_FLAGS)
         .arg("--")
         .arg(format!("-max_total_time={seconds}"))
-        .arg(format!("-artifact_prefix={}/", slash(&artifacts)))
         .args(LIBFUZZER_FLAGS)
         .stdout(log.try_clone()?)
         .stderr(log);
     cmd.spawn().with_context(|| format!("cannot start fuzz target {target}"))
-}
-
-fn slash(p: &Path) -> String {
-    p.display().to_string().trim_end_matches('/').to_owned()
 }
 
 /// "N runs (M exec/s), corpus C inputs" from libFuzzer's final statistics.
