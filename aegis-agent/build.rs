@@ -5,7 +5,22 @@ use anyhow::{Context as _, anyhow};
 /// Must match xtask::TOOLCHAIN (the pinned toolchain; see xtask/src/main.rs).
 const TOOLCHAIN: &str = "nightly-2026-10-30";
 
+/// The eBPF binaries the agent embeds (`include_bytes_aligned!` in kernel/objects.rs).
+const EBPF_OBJECTS: [&str; 3] = ["aegis-capture", "aegis-gate", "aegis-enforce"];
+
 fn main() -> anyhow::Result<()> {
+    // The fuzz targets (fuzz/, `cargo xtask fuzz`) link the agent's parsers and never load
+    // a program: they set AYA_BUILD_SKIP=1 and get empty objects instead of a second eBPF
+    // build, which would double the instrumented build's time. An agent built so has empty
+    // programs and cannot load them: never ship one.
+    println!("cargo::rerun-if-env-changed=AYA_BUILD_SKIP");
+    if std::env::var_os("AYA_BUILD_SKIP").is_some_and(|v| v == "1") {
+        let out = std::path::PathBuf::from(std::env::var_os("OUT_DIR").context("OUT_DIR not set")?);
+        for name in EBPF_OBJECTS {
+            std::fs::write(out.join(name), b"").with_context(|| format!("writing an empty {name}"))?;
+        }
+        return Ok(());
+    }
     let cargo_metadata::Metadata { packages, .. } =
         cargo_metadata::MetadataCommand::new().no_deps().exec().context("MetadataCommand::exec")?;
     // aya-build watches the eBPF crate's directory; the shared types live next to it.

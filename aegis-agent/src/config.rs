@@ -9,6 +9,13 @@ use serde::Deserialize;
 /// The default configuration shipped in `packaging/aegis.toml`.
 pub const DEFAULT_TOML: &str = include_str!("../../packaging/aegis.toml");
 
+/// Largest configuration file read, in bytes: the commented default is 7 KiB.
+pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
+/// Largest ring buffer `capture.ring_buffer_bytes` may ask for: the kernel pins it in
+/// memory, and the agent's own buffers grow with it (2 GiB cost 4.2 GB of RSS). 256 MiB
+/// holds several seconds of the heaviest capture measured; the default is 16 MiB.
+pub const MAX_RING_BUFFER_BYTES: u32 = 256 << 20;
+
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
@@ -138,8 +145,7 @@ impl Config {
 
     /// Read `path`, layered over the embedded defaults.
     pub fn load(path: &Path) -> anyhow::Result<Self> {
-        let text =
-            std::fs::read_to_string(path).with_context(|| format!("cannot read config file {}", path.display()))?;
+        let text = read_file(path)?;
         Self::parse(&text).with_context(|| format!("invalid config file {}", path.display()))
     }
 
@@ -159,6 +165,11 @@ impl Config {
             ring.is_power_of_two() && ring >= 4096,
             "capture.ring_buffer_bytes = {ring}: must be a power of two and at least 4096"
         );
+        anyhow::ensure!(
+            ring <= MAX_RING_BUFFER_BYTES,
+            "capture.ring_buffer_bytes = {ring}: at most {MAX_RING_BUFFER_BYTES} (256 MiB); the kernel pins the \
+             whole buffer in memory. If records report ring buffer drops, add capture.workers instead"
+        );
         anyhow::ensure!(self.capture.max_connections > 0, "capture.max_connections must be > 0");
         anyhow::ensure!(self.capture.max_body_bytes > 0, "capture.max_body_bytes must be > 0");
         Ok(())
@@ -171,6 +182,13 @@ impl Config {
             n => n,
         }
     }
+}
+
+/// The text of a configuration file, read with the cap of [`MAX_CONFIG_BYTES`] (also by
+/// commands that only look up the control socket in it).
+pub fn read_file(path: &Path) -> anyhow::Result<String> {
+    crate::files::read_capped_to_string(path, MAX_CONFIG_BYTES, "a configuration only needs the keys it changes")
+        .with_context(|| format!("cannot read config file {}", path.display()))
 }
 
 /// Recursive table merge: keys of `over` replace those of `base`; nested tables merge.
@@ -224,5 +242,29 @@ mod tests {
     fn bad_ring_size_is_rejected() {
         let err = Config::parse("[capture]\nring_buffer_bytes = 5000\n").unwrap_err();
         assert!(format!("{err:#}").contains("power of two"), "{err:#}");
+        // 2 GiB was accepted and cost 4.2 GB of memory.
+        let err = Config::parse("[capture]\nring_buffer_bytes = 2147483648\n").unwrap_err();
+        assert!(format!("{err:#}").contains("at most 268435456 (256 MiB)"), "{err:#}");
+        assert_eq!(
+            Config::parse("[capture]\nring_buffer_bytes = 268435456\n").unwrap().capture.ring_buffer_bytes,
+            1 << 28
+        );
+    }
+
+    #[test]
+    fn config_files_are_read_bounded() {
+        let err = Config::load(Path::new("/dev/zero")).unwrap_err();
+        assert_eq!(
+            format!("{err:#}"),
+            "cannot read config file /dev/zero: it is a character device, not a regular file: give the path of a \
+             regular file"
+        );
+        let path = std::env::temp_dir().join(format!("aegis-config-cap-{}.toml", std::process::id()));
+        let mut text = "[output]\nstdout = true\n".to_owned();
+        text.push_str(&"# padding\n".repeat(MAX_CONFIG_BYTES as usize / 10));
+        std::fs::write(&path, &text).unwrap();
+        let err = Config::load(&path).unwrap_err();
+        std::fs::remove_file(&path).unwrap();
+        assert!(format!("{err:#}").contains("over the limit of 1048576 bytes"), "{err:#}");
     }
 }

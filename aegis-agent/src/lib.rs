@@ -6,6 +6,11 @@
 //! - [`protocol`]: HTTP/1.1 messages, chunked bodies, content decoding, Server-Sent Events.
 //! - [`llm`]: recognise model API calls and build one [`llm::CallRecord`] per call.
 //! - [`sinks`]: where records go (stdout, JSON lines file).
+//!
+//! Bottom modules every stage may use: [`files`] (reading a file an operator named:
+//! regular files only, capped, never blocking), [`journal`] (append-only JSON lines files
+//! that stay whole through a full disk or a crash), [`kernel`] (the eBPF objects, what the
+//! kernel offers them, and what each capability came to).
 
 pub mod capture;
 pub mod commands;
@@ -13,6 +18,7 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod enforce;
+pub mod files;
 pub mod journal;
 pub mod kernel;
 pub mod llm;

@@ -124,6 +124,53 @@ fn bad_rulepack_is_an_error_naming_file_and_line() {
     assert!(String::from_utf8_lossy(&test.stderr).contains("bad.toml:"), "{test:?}");
 }
 
+/// `aegis-agent ARGS`, killed after 20 s (a blocked read must fail the test, not hang it).
+fn run_bounded(args: &[&str]) -> Output {
+    let mut child = Command::new(agent_bin())
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting aegis-agent");
+    let started = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if started.elapsed() > std::time::Duration::from_secs(20) {
+            child.kill().unwrap();
+            panic!("aegis-agent {args:?} still running after 20 s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn packs_and_inputs_that_are_not_regular_files_are_refused_at_once() {
+    let dir = TempDir::new("fifo");
+    let input = dir.join("input.txt");
+    std::fs::write(&input, "hello").unwrap();
+    let input = input.to_str().unwrap();
+    // A pack of /dev/zero grew the process by 320 MB/s until it was killed.
+    let out = run_bounded(&["scan", "--rulepack", "/dev/zero", "--as", "text", input]);
+    assert_eq!(code(&out), 3, "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("/dev/zero: cannot read the pack: it is a character device, not a regular file"), "{err}");
+
+    // A FIFO nobody writes to blocked forever, as a pack and as the input.
+    let fifo = dir.join("pack.toml");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let fifo = fifo.to_str().unwrap();
+    let out = run_bounded(&["scan", "--rulepack", fifo, "--as", "text", input]);
+    assert_eq!(code(&out), 3, "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("it is a FIFO (named pipe), not a regular file"), "{out:?}");
+    let out = run_bounded(&["scan", "--as", "text", fifo]);
+    assert_eq!(code(&out), 3, "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("to scan a pipe, give it on standard input") && err.contains("FIFO"), "{err}");
+    let out = run_bounded(&["rules", "test", fifo]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("FIFO"), "{out:?}");
+}
+
 #[test]
 fn default_pack_examples_pass() {
     let out = Command::new(agent_bin()).args(["rules", "test"]).output().unwrap();

@@ -1,13 +1,15 @@
-//! `cargo xtask`: set-up, build, run, test and benchmarks for the AegisPlane workspace.
+//! `cargo xtask`: set-up, build, run, test, fuzzing and benchmarks for the AegisPlane workspace.
 //!
 //! xtask itself builds with whatever stable toolchain the machine has; everything else is
 //! built with the pinned nightly ([`TOOLCHAIN`]) that aya 0.16 needs, installed on first
 //! use together with rust-src and a bpf-linker linked against that toolchain's own LLVM
-//! (see ../shared/PLATFORM.md for why they must share one LLVM). Nothing here needs a
-//! toolchain to install itself from a rust-toolchain.toml, which fresh machines refuse.
+//! (see ../shared/PLATFORM.md for why they must share one LLVM), and cargo-fuzz. Nothing
+//! here needs a toolchain to install itself from a rust-toolchain.toml, which fresh
+//! machines refuse.
 
 mod bench;
 mod contain;
+mod fuzz;
 
 use std::{
     ffi::OsString,
@@ -57,11 +59,24 @@ enum Task {
         #[arg(last = true)]
         args: Vec<OsString>,
     },
-    /// Set up, build, and run every test (unit and real-kernel integration; needs root).
+    /// Set up, build, and run every test (unit and real-kernel integration; needs root),
+    /// then every fuzz target for a few seconds (not when arguments select tests).
     Test {
         /// Arguments after `--` go to `cargo test`.
         #[arg(last = true)]
         args: Vec<OsString>,
+    },
+    /// Run the fuzz targets (fuzz/, cargo-fuzz): one, or all in turn.
+    Fuzz {
+        /// A target (`http1`, `encoding`, `sse`, `exchange`, `rulepack`, `gitleaks`,
+        /// `control`, `config`); all when omitted.
+        target: Option<String>,
+        /// Seconds per target.
+        #[arg(long, default_value_t = fuzz::DEFAULT_SECONDS)]
+        seconds: u64,
+        /// Targets run at once (each takes one core).
+        #[arg(long, default_value_t = 1)]
+        jobs: usize,
     },
     /// Formatting check, and clippy with warnings denied over every crate: the user-space
     /// ones, and the eBPF crate for its BPF target.
@@ -94,7 +109,17 @@ fn main() -> anyhow::Result<()> {
             setup()?;
             build_agent(false)?;
             // aegis-ebpf is built for the BPF target by aegis-agent's build script, not for the host.
-            run(cargo().args(["test", "--workspace", "--exclude", "aegis-ebpf"]).args(args))
+            let selected = !args.is_empty();
+            run(cargo().args(["test", "--workspace", "--exclude", "aegis-ebpf"]).args(args))?;
+            if selected {
+                eprintln!("xtask: fuzz smoke run skipped (test arguments given); `cargo xtask fuzz` runs the targets");
+                return Ok(());
+            }
+            fuzz::smoke()
+        }
+        Task::Fuzz { target, seconds, jobs } => {
+            setup()?;
+            fuzz::fuzz(target.as_deref(), seconds, jobs)
         }
         Task::Lint => {
             setup()?;
@@ -135,7 +160,7 @@ pub fn workspace_root() -> PathBuf {
 
 /// Where bpf-linker and the LLVM link farm live (outside target/, so `cargo clean`
 /// does not cost a 50 s rebuild).
-fn tools_dir() -> PathBuf {
+pub fn tools_dir() -> PathBuf {
     let base = std::env::var_os("XDG_CACHE_HOME")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
@@ -182,7 +207,7 @@ pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn output(cmd: &mut Command) -> Option<String> {
+pub fn output(cmd: &mut Command) -> Option<String> {
     let out = cmd.output().ok()?;
     out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -190,6 +215,7 @@ fn output(cmd: &mut Command) -> Option<String> {
 fn setup() -> anyhow::Result<()> {
     ensure_toolchain()?;
     ensure_bpf_linker()?;
+    fuzz::ensure_cargo_fuzz()?;
     ensure_packages()
 }
 

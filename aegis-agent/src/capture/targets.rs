@@ -24,6 +24,9 @@ pub const OPTIONAL_SYMBOLS: [&str; 3] = ["SSL_write_ex", "SSL_read_ex", "SSL_fre
 const LIBRARY_DIRS: [&str; 6] =
     ["/usr/lib/x86_64-linux-gnu", "/lib/x86_64-linux-gnu", "/usr/lib64", "/lib64", "/usr/lib", "/usr/local/lib"];
 const LIBRARY_NAMES: [&str; 2] = ["libssl.so.3", "libssl.so.1.1"];
+/// Largest file inspected (it is read whole to parse its ELF symbols): node is about
+/// 100 MiB, libssl a few.
+const MAX_TARGET_BYTES: u64 = 1 << 30;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum TargetKind {
@@ -45,7 +48,9 @@ pub struct TlsTarget {
 
 /// Check `path` for the OpenSSL API. Ok(None): readable ELF without the symbols.
 pub fn inspect(path: &Path, kind: TargetKind) -> anyhow::Result<Option<TlsTarget>> {
-    let data = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let advice = "a TLS library or a program linking OpenSSL is smaller: leave it out of capture.libraries";
+    let data = crate::files::read_capped(path, MAX_TARGET_BYTES, advice)
+        .with_context(|| format!("cannot read {}", path.display()))?;
     let file = object::File::parse(&*data).with_context(|| format!("{} is not an ELF file", path.display()))?;
     let mut found = HashSet::new();
     for sym in file.dynamic_symbols() {
@@ -122,6 +127,9 @@ impl Discovery {
                     "configured TLS target does not export SSL_write/SSL_read; skipped"
                 ),
                 Ok(None) => {}
+                Err(e) if configured => {
+                    tracing::warn!(path = %real.display(), error = %format!("{e:#}"), "configured TLS target skipped")
+                }
                 Err(e) => tracing::debug!(path = %real.display(), error = %e, "not inspectable"),
             }
         }
@@ -190,6 +198,9 @@ mod tests {
         assert!(inspect(&junk, TargetKind::Library).is_err());
         // /bin/true is ELF and has no SSL symbols.
         assert!(inspect(Path::new("/bin/true"), TargetKind::Executable).unwrap().is_none());
+        // A device named as a library is refused, not read without end.
+        let err = format!("{:#}", inspect(Path::new("/dev/zero"), TargetKind::Library).unwrap_err());
+        assert!(err.contains("it is a character device"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

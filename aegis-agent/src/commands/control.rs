@@ -323,9 +323,8 @@ pub fn socket_path(args: &SocketArgs) -> Result<PathBuf, String> {
         return Ok(s.clone());
     }
     let Some(config) = &args.config else { return Ok(DEFAULT_SOCKET.into()) };
-    let text = std::fs::read_to_string(config).map_err(|e| {
-        format!("cannot read the config file {}: {e} (give the socket with --socket PATH instead)", config.display())
-    })?;
+    let text =
+        crate::config::read_file(config).map_err(|e| format!("{e:#} (give the socket with --socket PATH instead)"))?;
     socket_from_config(&text)
         .map(|s| s.unwrap_or_else(|| DEFAULT_SOCKET.into()))
         .map_err(|e| format!("invalid config file {}: {e}", config.display()))
@@ -585,8 +584,11 @@ mod tests {
         assert_eq!(socket_path(&args(None, Some(&without))), Ok(PathBuf::from(DEFAULT_SOCKET)));
         let missing = dir.path().join("missing.toml");
         let e = socket_path(&args(None, Some(&missing))).unwrap_err();
-        assert!(e.starts_with(&format!("cannot read the config file {}: ", missing.display())), "{e}");
+        assert!(e.starts_with(&format!("cannot read config file {}: ", missing.display())), "{e}");
         assert!(e.ends_with("(give the socket with --socket PATH instead)"), "{e}");
+        // Not a regular file: refused at once, not read until memory runs out.
+        let e = socket_path(&args(None, Some(Path::new("/dev/zero")))).unwrap_err();
+        assert!(e.contains("/dev/zero: it is a character device, not a regular file"), "{e}");
         let bad = dir.path().join("bad.toml");
         std::fs::write(&bad, "[control]\nsocket = 5\n").unwrap();
         assert_eq!(

@@ -71,10 +71,11 @@ pub fn run(args: ScanArgs) -> anyhow::Result<u8> {
     let limit = MAX_INPUT as u64 + 1;
     match &args.input {
         Some(p) if p.as_os_str() != "-" => {
-            std::fs::File::open(p)
-                .with_context(|| format!("cannot open {}", p.display()))?
-                .take(limit)
-                .read_to_end(&mut data)?;
+            // A regular file only (a FIFO would block): pipes come on standard input.
+            let (file, _) = crate::files::open_regular(p).with_context(|| {
+                format!("cannot scan {} (to scan a pipe, give it on standard input: -)", p.display())
+            })?;
+            file.take(limit).read_to_end(&mut data).with_context(|| format!("cannot read {}", p.display()))?;
         }
         _ => {
             std::io::stdin().lock().take(limit).read_to_end(&mut data)?;

@@ -36,6 +36,9 @@ pub const MAX_NAME_BYTES: usize = 512;
 pub const MAX_EXPIRY_SECS: u64 = 10 * 365 * 86_400;
 /// Version of the state file format written by [`ControlState::save`].
 pub const STATE_VERSION: u32 = 1;
+/// Largest state file read: [`super::server::MAX_BLOCKS`] blocks of at most about 6 KiB
+/// (reason and names at their longest, JSON-escaped) fit with room to spare.
+pub const MAX_STATE_FILE_BYTES: u64 = 128 << 20;
 
 /// What a block stops.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -830,9 +833,10 @@ impl ControlState {
     /// Read the state file; a missing file is an empty state. An unreadable or corrupt file
     /// is an error: starting without the blocks it holds would silently lift them.
     pub fn load(path: &Path) -> anyhow::Result<Self> {
-        let bytes = match std::fs::read(path) {
+        let advice = "it was not written by this agent: move it away (its blocks are then lifted)";
+        let bytes = match crate::files::read_capped(path, MAX_STATE_FILE_BYTES, advice) {
             Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Self::default()),
+            Err(e) if e.is_not_found() => return Ok(Self::default()),
             Err(e) => return Err(e).with_context(|| format!("cannot read the block state file {}", path.display())),
         };
         let file: StateFile = serde_json::from_slice(&bytes).with_context(|| {
@@ -1242,5 +1246,8 @@ mod tests {
         std::fs::write(&path, "{\"version\":9}").unwrap();
         let err = format!("{:#}", ControlState::load(&path).unwrap_err());
         assert!(err.contains("has version 9, newer than this agent's 1"), "{err}");
+        // Not a regular file: refused at once, never read without end.
+        let err = format!("{:#}", ControlState::load(Path::new("/dev/zero")).unwrap_err());
+        assert!(err.contains("/dev/zero: it is a character device, not a regular file"), "{err}");
     }
 }

@@ -95,13 +95,21 @@ impl Default for ControlConfig {
     }
 }
 
+/// Largest `control.max_blocks`: that many blocks with the longest reasons and names fit in
+/// [`super::blocks::MAX_STATE_FILE_BYTES`].
+pub const MAX_BLOCKS: usize = 16384;
+
 impl ControlConfig {
     fn validate(&self) -> anyhow::Result<()> {
         anyhow::ensure!(self.max_clients > 0, "control.max_clients must be at least 1");
         anyhow::ensure!(self.max_request_bytes >= 1024, "control.max_request_bytes must be at least 1024");
         anyhow::ensure!(self.read_timeout_ms > 0, "control.read_timeout_ms must be more than 0");
         anyhow::ensure!(self.expiry_check_ms > 0, "control.expiry_check_ms must be more than 0");
-        anyhow::ensure!(self.max_blocks > 0, "control.max_blocks must be at least 1");
+        anyhow::ensure!(
+            (1..=MAX_BLOCKS).contains(&self.max_blocks),
+            "control.max_blocks = {}: must be 1 to {MAX_BLOCKS}, so that the state file stays readable",
+            self.max_blocks
+        );
         Ok(())
     }
 
@@ -1013,6 +1021,16 @@ mod tests {
 
     fn mode(p: &Path) -> u32 {
         std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn max_blocks_is_bounded_by_what_the_state_file_holds() {
+        let config = |max_blocks| ControlConfig { max_blocks, ..ControlConfig::default() };
+        config(MAX_BLOCKS).validate().unwrap();
+        for bad in [0, MAX_BLOCKS + 1] {
+            let err = config(bad).validate().unwrap_err().to_string();
+            assert!(err.contains("must be 1 to 16384"), "{err}");
+        }
     }
 
     #[test]

@@ -530,10 +530,13 @@ impl ExchangeTracker {
         let call = req.call?;
         let mut notes = req.notes;
         notes.append(&mut resp.notes);
+        // What of the response the rules did not see although it arrived: the body past the
+        // cap, oversized stream events, text over the reader's bounds.
+        let mut unread = Vec::new();
         if let Some(d) = &resp.decoder
             && d.over_cap() > 0
         {
-            notes.push(format!("response_body_truncated_at:{}", self.max_body));
+            unread.push(format!("response_body_truncated_at:{}", self.max_body));
         }
         // A response that started before its request was recognised is read now.
         if resp.reader.is_none()
@@ -551,16 +554,20 @@ impl ExchangeTracker {
                     let at_ms = resp.end_ns.zip(resp.first_ns).map_or(0.0, |(e, f)| e.saturating_sub(f) as f64 / 1e6);
                     inspection.response_text(&reader.take_text(), at_ms);
                 }
-                notes.extend(reader.notes());
+                unread.extend(reader.notes());
                 reader.summary().clone()
             }
             None => ResponseSummary::default(),
         };
-        if let Some(i) = &mut inspection
-            && (!(req.complete && resp.complete) || resp.head.is_some() && resp.decoder.is_none())
-        {
-            i.not_scanned("call_not_seen_whole: see notes");
+        if let Some(i) = &mut inspection {
+            if !(req.complete && resp.complete) || resp.head.is_some() && resp.decoder.is_none() {
+                i.not_scanned("call_not_seen_whole: see notes");
+            }
+            for note in &unread {
+                i.not_scanned(note.clone());
+            }
         }
+        notes.append(&mut unread);
         let head = resp.head.as_ref();
         Some(Observation {
             side: self.side,
@@ -709,6 +716,23 @@ mod tests {
         t.response_data(&response(&body, "Content-Encoding: gzip\r\n"), 2, &mut out);
         assert_eq!(out[0].summary.output_tokens, Some(5));
         assert_eq!(out[0].response_bytes, response(&body, "Content-Encoding: gzip\r\n").len() as u64);
+    }
+
+    /// Found by the `exchange` fuzz target: a response decoded past the body cap was
+    /// inspected only up to the cap, and the decision still said `scan_complete: true`.
+    #[test]
+    fn a_response_over_the_cap_is_not_reported_as_fully_scanned() {
+        let engine = crate::rules::load_engine(&[]).unwrap();
+        let inspector = Arc::new(Inspector::new(engine, crate::policy::redact::Redactor::new([7; 32])));
+        let mut t = ExchangeTracker::new(Side::Client, 100, Some(inspector));
+        let mut out = Vec::new();
+        t.request_data(&request("/v1/chat/completions", CHAT), 1, &mut out);
+        t.response_data(&response(CHAT_RESP.as_bytes(), ""), 2, &mut out);
+        let o = out.pop().expect("one call");
+        assert_eq!(o.notes, ["response_body_truncated_at:100"]);
+        let decision = o.inspection.expect("rules in force").finish(false);
+        assert!(!decision.scan_complete, "{decision:?}");
+        assert_eq!(decision.not_scanned, ["response_body_truncated_at:100"]);
     }
 
     #[test]

@@ -16,7 +16,7 @@
 
 use std::{
     fmt::Write as _,
-    fs::{self, File, OpenOptions},
+    fs::{self, OpenOptions},
     io::{self, ErrorKind, Read, Write},
     os::unix::fs::{OpenOptionsExt, PermissionsExt},
     path::Path,
@@ -97,16 +97,13 @@ fn last_chars(s: &str, n: usize) -> &str {
 /// The key in `path`, None if there is no such file.
 fn load(path: &Path) -> anyhow::Result<Option<[u8; 32]>> {
     let shown = path.display();
-    let mut file = match File::open(path) {
-        Ok(file) => file,
-        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(e).with_context(|| format!("cannot open HMAC key file {shown}")),
+    // Opened without blocking and checked on the open file, so that what is checked is
+    // what is read (a FIFO or a device here is refused, not waited on).
+    let (mut file, meta) = match crate::files::open_regular(path) {
+        Ok(opened) => opened,
+        Err(e) if e.is_not_found() => return Ok(None),
+        Err(e) => bail!("HMAC key file {shown}: {e}"),
     };
-    // Checked on the open file, so that what is checked is what is read.
-    let meta = file.metadata().with_context(|| format!("cannot stat HMAC key file {shown}"))?;
-    if !meta.is_file() {
-        bail!("HMAC key file {shown} is not a regular file");
-    }
     let mode = meta.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
         bail!("HMAC key file {shown} has mode {mode:04o}, must be private: run `chmod 600 {shown}`");
@@ -246,6 +243,14 @@ mod tests {
         assert!(err.contains("has mode 0644") && err.contains("chmod 600"), "{err}");
 
         let err = Redactor::load_or_create(&tmp.0).err().unwrap().to_string();
-        assert!(err.contains("is not a regular file"), "{err}");
+        assert!(err.contains("is a directory, not a regular file"), "{err}");
+
+        // A FIFO: opening it used to wait for a writer forever.
+        let fifo = tmp.0.join("fifo.key");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || tx.send(Redactor::load_or_create(&fifo).err().map(|e| e.to_string())));
+        let err = rx.recv_timeout(std::time::Duration::from_secs(5)).expect("did not block").unwrap();
+        assert!(err.contains("is a FIFO (named pipe), not a regular file"), "{err}");
     }
 }

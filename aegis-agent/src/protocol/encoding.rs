@@ -127,7 +127,10 @@ impl BodyDecoder {
     /// false after the last push means the body was cut short, or decoding stopped at
     /// the cap.
     pub fn is_complete(&self) -> bool {
-        self.stages.iter().all(|stage| match &stage.codec {
+        // A coded body stopped at the cap was not decoded to its end, even when the step
+        // that overflowed also reached the end of the stream.
+        let cut = self.sink.stopped && !self.stages.is_empty();
+        !cut && self.stages.iter().all(|stage| match &stage.codec {
             Codec::Gzip(gz) => gz.at_member_boundary(),
             _ => stage.done,
         })
@@ -745,6 +748,36 @@ mod tests {
         assert_eq!(out, brotli_plain(), "the brotli stream decodes");
         let budget = 2 * cap as u64 + 64 * 1024;
         assert!(over > 0 && over <= SCRATCH as u64, "gunzip stopped at its budget of {budget}: over {over}");
+    }
+
+    /// Found by the `encoding` fuzz target: a deflate stream whose last step both reached
+    /// the end of the stream and overflowed the cap was reported complete.
+    #[test]
+    fn a_body_stopped_at_the_cap_is_not_complete() {
+        let text = b"0123456789".repeat(10);
+        for encoding in ["deflate", "gzip", "br"] {
+            let body = match encoding {
+                "deflate" => {
+                    let mut e = ZlibEncoder::new(Vec::new(), Compression::default());
+                    e.write_all(&text).unwrap();
+                    e.finish().unwrap()
+                }
+                "gzip" => {
+                    let mut e = GzEncoder::new(Vec::new(), Compression::default());
+                    e.write_all(&text).unwrap();
+                    e.finish().unwrap()
+                }
+                _ => BROTLI.to_vec(),
+            };
+            let mut decoder = BodyDecoder::new(Some(encoding.as_bytes()), 1).unwrap();
+            let mut out = Vec::new();
+            assert_eq!(decoder.push(&body, &mut out), Ok(1), "{encoding}");
+            assert!(decoder.over_cap() > 0 && !decoder.is_complete(), "{encoding}: cut at the cap, so not complete");
+        }
+        // Under the cap, the same body is complete.
+        let mut decoder = BodyDecoder::new(Some(b"identity"), 1).unwrap();
+        decoder.push(&text, &mut Vec::new()).unwrap();
+        assert!(decoder.is_complete(), "identity bodies are always complete (over_cap counts the rest)");
     }
 
     #[test]

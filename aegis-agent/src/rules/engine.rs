@@ -70,8 +70,8 @@ use regex_syntax::hir::{
 use super::{
     normalize::{Encoding, NormalizeLimits, normalize},
     pack::{
-        Direction, KERNEL_KEYWORDS_MAX, PackError, Prefilter, REGEX_DFA_SIZE_LIMIT, REGEX_SIZE_LIMIT, Rule, Rulepack,
-        Scope, Validator, check_rule, compile_regex,
+        Direction, KERNEL_KEYWORDS_MAX, MAX_KEYWORDS_LOADED, MAX_REGEXES_LOADED, PackError, Prefilter,
+        REGEX_DFA_SIZE_LIMIT, REGEX_SIZE_LIMIT, Rule, Rulepack, Scope, Validator, check_rule, compile_regex,
     },
     validators,
 };
@@ -184,14 +184,25 @@ impl Engine {
         let mut infos = Vec::new();
         let mut compiled = Vec::new();
         let packs_sources: Vec<_> = packs.iter().map(|p| p.source.clone()).collect();
+        let (mut keywords, mut regexes) = (0, 0);
         for (i, p) in packs.into_iter().enumerate() {
             for rule in &p.rules {
-                compiled.push(compile_rule(rule).map_err(|message| PackError {
+                let error = |message| PackError {
                     file: p.source.clone(),
                     line: Some(rule.line),
                     rule: Some(rule.id.clone()),
                     message,
-                })?);
+                };
+                let m = &rule.matcher;
+                keywords += m.keywords.len();
+                regexes += m.regex.iter().count() + m.allow_regexes.len() + m.allow_match_regexes.len();
+                if keywords > MAX_KEYWORDS_LOADED || regexes > MAX_REGEXES_LOADED {
+                    return Err(error(format!(
+                        "more than {MAX_KEYWORDS_LOADED} keywords or {MAX_REGEXES_LOADED} regexes over all loaded \
+                         packs: load fewer packs, or merge rules that share keywords"
+                    )));
+                }
+                compiled.push(compile_rule(rule).map_err(error)?);
             }
             infos.push(PackInfo { name: p.name, version: p.version, digest: p.digest });
             rules.extend(p.rules.into_iter().map(|r| (i, r)));
@@ -1439,6 +1450,30 @@ mod tests {
             Engine::compile(vec![pack_of(&big("a")), second], NormalizeLimits::default()).err().expect("over the cap");
         assert_eq!((err.file.to_str(), err.rule.as_deref()), (Some("second.toml"), Some("b")), "{err}");
         assert!(err.message.contains("more than 32 kernel keywords"), "{err}");
+    }
+
+    #[test]
+    fn keywords_over_all_packs_are_capped() {
+        // Three packs of 3,000 keywords each: each is within a pack's limit, together they
+        // are over the 8,192 the engine takes; the third pack's first rule is named.
+        let pack = |p: usize| {
+            let rules: String = (0..12)
+                .map(|r| {
+                    let list: Vec<String> = (0..250).map(|k| format!("\"p{p}r{r}k{k}\"")).collect();
+                    rule(&format!("r{r}"), &format!("keywords = [{}]", list.join(",")))
+                })
+                .collect();
+            let mut pack = pack_of(&rules);
+            pack.source = format!("p{p}.toml").into();
+            pack
+        };
+        let err = Engine::compile((0..3).map(pack).collect(), NormalizeLimits::default()).err().expect("over the cap");
+        assert_eq!((err.file.to_str(), err.rule.as_deref()), (Some("p2.toml"), Some("r8")), "{err}");
+        assert!(err.message.starts_with("more than 8192 keywords or 16384 regexes over all loaded packs"), "{err}");
+        assert_eq!(
+            Engine::compile((0..2).map(pack).collect(), NormalizeLimits::default()).map(|e| e.rules().count()).ok(),
+            Some(24)
+        );
     }
 
     #[test]

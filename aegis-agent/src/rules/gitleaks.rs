@@ -49,8 +49,8 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::pack::{
-    Action, Category, Direction, EvidenceMode, Examples, Lines, Matcher, PackError, Rule, Rulepack, Severity,
-    Validator, check_rule, compile_regex, digest, toml_error,
+    Action, Category, Direction, EvidenceMode, Examples, Lines, Matcher, PackBudget, PackError, Rule, Rulepack,
+    Severity, Validator, check_rule, check_rule_limits, compile_regex, digest, toml_error,
 };
 
 /// True when `text` looks like a gitleaks config (top-level `[[rules]]` with `regex`,
@@ -150,7 +150,8 @@ pub fn parse(text: &str, source: &Path) -> Result<Rulepack, PackError> {
         tracing::warn!(file = %source.display(), "gitleaks [extend] ignored: load the extended config as a pack of its own");
     }
     let global: Vec<&Allowlist> = config.allowlist.iter().chain(&config.allowlists).collect();
-    let mut rules: Vec<Rule> = Vec::with_capacity(config.rules.len());
+    let mut rules: Vec<Rule> = Vec::new();
+    let mut budget = PackBudget::default();
     let mut skipped = 0usize;
     for spanned in &config.rules {
         let line = lines.line(spanned.span().start);
@@ -170,16 +171,10 @@ pub fn parse(text: &str, source: &Path) -> Result<Rulepack, PackError> {
         if rules.iter().any(|x| x.id == id) {
             return Err(fail("duplicate rule id".into()));
         }
-        let regex = go_regex_to_rust(regex);
-        // gitleaks without secretGroup takes the first capture group as the secret.
-        let secret_group = match r.secret_group {
-            0 => compile_regex(&regex).map_or(0, |re| usize::from(re.captures_len() > 1)),
-            g => g,
-        };
         let mut matcher = Matcher {
             keywords: r.keywords.iter().map(|k| k.to_lowercase()).collect(),
-            regex: Some(regex),
-            secret_group,
+            regex: Some(go_regex_to_rust(regex)),
+            secret_group: r.secret_group,
             validators: r.entropy.map(|min| vec![Validator::Entropy { min }]).unwrap_or_default(),
             ..Matcher::default()
         };
@@ -188,6 +183,9 @@ pub fn parse(text: &str, source: &Path) -> Result<Rulepack, PackError> {
         for a in own.chain(shared) {
             a.apply(&mut matcher).map_err(fail)?;
         }
+        // Global allowlists are copied into every rule: the limits are checked for the
+        // whole pack before any regex is compiled (below).
+        check_rule_limits(&matcher).and_then(|()| budget.add(Some(&matcher))).map_err(|(_, m)| fail(m))?;
         let rationale = match r.description.as_deref().map(str::trim) {
             Some(d) if !d.is_empty() => d.to_owned(),
             _ => format!("gitleaks rule {id}"),
@@ -206,10 +204,18 @@ pub fn parse(text: &str, source: &Path) -> Result<Rulepack, PackError> {
             kernel: false,
             line,
         };
-        if let Err((_, message)) = check_rule(&rule) {
-            return Err(PackError::new(source, Some(line), Some(&rule.id), message));
-        }
         rules.push(rule);
+    }
+    for rule in &mut rules {
+        // gitleaks without secretGroup takes the first capture group as the secret.
+        let m = &mut rule.matcher;
+        if m.secret_group == 0 {
+            let groups = m.regex.as_deref().and_then(|re| compile_regex(re).ok()).map_or(1, |re| re.captures_len());
+            m.secret_group = usize::from(groups > 1);
+        }
+        if let Err((_, message)) = check_rule(rule) {
+            return Err(PackError::new(source, Some(rule.line), Some(&rule.id), message));
+        }
     }
     if skipped > 0 {
         tracing::info!(file = %source.display(), skipped, "gitleaks rules with a `path` skipped: paths do not exist in traffic");
@@ -230,8 +236,8 @@ pub fn parse(text: &str, source: &Path) -> Result<Rulepack, PackError> {
 }
 
 /// Go RE2 → Rust `regex`: `\w \d \s \b` (and negations) made ASCII as in Go, `\Q…\E`
-/// expanded. Everything else is passed through.
-pub(crate) fn go_regex_to_rust(pattern: &str) -> String {
+/// expanded. Everything else is passed through. Public for the fuzz targets.
+pub fn go_regex_to_rust(pattern: &str) -> String {
     let mut out = String::with_capacity(pattern.len() + 16);
     let mut chars = pattern.chars().peekable();
     // Inside a bracket class: `[` count (POSIX `[:alpha:]` excluded).
@@ -457,6 +463,30 @@ stopwords = ["cccc"]
         let e = engine(pack);
         assert_eq!(ids(&e, "x tok_aaaaaaaa y"), vec!["tok"]);
         assert!(ids(&e, "x tok_bbbbcccc y").is_empty());
+    }
+
+    #[test]
+    fn global_allowlists_count_once_per_rule_against_the_pack_limits() {
+        // 60 global regexes copied into each of 140 rules: 8,540 regexes, over 8,192. The
+        // pack is refused at the rule that crosses the limit, before compiling it.
+        let regexes: Vec<String> = (0..60).map(|i| format!("'''^allowed{i}$'''")).collect();
+        let mut text = format!("[allowlist]\nregexes = [{}]\n", regexes.join(", "));
+        for r in 0..140 {
+            text += &format!("[[rules]]\nid = \"r{r}\"\nregex = '''tok{r}_[a-z]{{8}}'''\n");
+        }
+        let e = parse(&text, Path::new("gl.toml")).unwrap_err();
+        assert_eq!(e.rule.as_deref(), Some("r134"), "{e}");
+        assert!(
+            e.message.starts_with("more than 8192 regexes (allowlists included, gitleaks global ones once per rule)"),
+            "{e}"
+        );
+        // Per rule: its own allowlist regexes and the global ones together.
+        let text = format!(
+            "[allowlist]\nregexes = [{}]\n[[rules]]\nid = \"a\"\nregex = 'x'\n[rules.allowlist]\nregexes = ['y', 'z', 'w', 'v']\n",
+            regexes.join(", ")
+        );
+        let e = parse(&text, Path::new("gl.toml")).unwrap_err();
+        assert!(e.message.starts_with("65 regexes (regex and allowlists), over the limit of 64 per rule"), "{e}");
     }
 
     #[test]

@@ -135,6 +135,34 @@
 //! rationale, a `kernel = true` rule that is not a literal-keyword block rule or whose
 //! keywords the kernel cannot take, and a policy without providers.
 //!
+//! # Limits
+//!
+//! A pack is configuration, but a wrong or hostile one must fail fast and clearly, never
+//! leave the agent compiling for minutes or filling memory. Loading refuses, with the file,
+//! the line and rule where the limit was crossed, the limit and what to do:
+//!
+//! | what | limit |
+//! | --- | --- |
+//! | pack file size ([`MAX_PACK_BYTES`]) | 8 MiB |
+//! | rules and policies in a pack ([`MAX_RULES_PER_PACK`]) | 4,096 |
+//! | keywords of a rule ([`MAX_KEYWORDS_PER_RULE`]) | 256 |
+//! | bytes of a keyword ([`MAX_KEYWORD_BYTES`]) | 256 |
+//! | keywords of a pack ([`MAX_KEYWORDS_PER_PACK`]) | 4,096 |
+//! | keyword bytes of a pack, all keywords together ([`MAX_KEYWORD_TOTAL_BYTES`]) | 256 KiB |
+//! | regexes of a rule: `regex`, `allow_regexes`, `allow_match_regexes` ([`MAX_REGEXES_PER_RULE`]) | 64 |
+//! | bytes of a regex ([`MAX_REGEX_BYTES`]) | 4 KiB |
+//! | regexes of a pack ([`MAX_REGEXES_PER_PACK`]) | 8,192 |
+//! | stopwords of a rule ([`MAX_STOPWORDS_PER_RULE`]) | 4,096 |
+//! | stopwords of a pack ([`MAX_STOPWORDS_PER_PACK`]) | 65,536 |
+//!
+//! A gitleaks config counts after conversion: its global allowlists are copied into every
+//! rule, so 200 rules and 10 global regexes are 2,000 regexes. Over every loaded pack
+//! together, the engine takes at most [`MAX_KEYWORDS_LOADED`] keywords and
+//! [`MAX_REGEXES_LOADED`] regexes (`super::engine`). With these limits the largest
+//! acceptable pack set compiles in about a second; the cost that was unbounded is the
+//! keyword prefilter's construction, which grows with the square of the distinct keywords
+//! (20,000 keywords took 1.2 s, 200,000 never finished).
+//!
 //! # Digest
 //!
 //! `digest` is `"sha256:"` + the hex SHA-256 of the file's bytes: two agents running the
@@ -363,6 +391,33 @@ pub const REGEX_SIZE_LIMIT: usize = 1 << 20;
 /// Lazy DFA cache per regex (the `regex` crate's `dfa_size_limit`).
 pub const REGEX_DFA_SIZE_LIMIT: usize = 2 << 20;
 
+/// Largest pack file read, in bytes (see "Limits"); larger files are refused unread.
+pub const MAX_PACK_BYTES: u64 = 8 << 20;
+/// Rules and policies of one pack, together.
+pub const MAX_RULES_PER_PACK: usize = 4096;
+/// Keywords of one rule: a longer list is a dictionary, better written as a regex.
+pub const MAX_KEYWORDS_PER_RULE: usize = 256;
+/// Bytes of one keyword (a keyword is a short literal that every match contains).
+pub const MAX_KEYWORD_BYTES: usize = 256;
+/// Keywords of one pack, every rule together.
+pub const MAX_KEYWORDS_PER_PACK: usize = 4096;
+/// Bytes of every keyword of one pack together.
+pub const MAX_KEYWORD_TOTAL_BYTES: usize = 256 << 10;
+/// Regexes of one rule: its `regex`, `allow_regexes` and `allow_match_regexes`.
+pub const MAX_REGEXES_PER_RULE: usize = 64;
+/// Bytes of one regex's source.
+pub const MAX_REGEX_BYTES: usize = 4 << 10;
+/// Regexes of one pack, every rule together (each compiles to at most [`REGEX_SIZE_LIMIT`]).
+pub const MAX_REGEXES_PER_PACK: usize = 8192;
+/// Stopwords of one rule (each match is checked against all of them).
+pub const MAX_STOPWORDS_PER_RULE: usize = 4096;
+/// Stopwords of one pack, every rule together.
+pub const MAX_STOPWORDS_PER_PACK: usize = 65536;
+/// Keywords over every loaded pack (the engine's prefilter is built from all of them).
+pub const MAX_KEYWORDS_LOADED: usize = 8192;
+/// Regexes over every loaded pack.
+pub const MAX_REGEXES_LOADED: usize = 16384;
+
 /// Kernel keywords over every loaded pack, at most (the content gate's table size).
 pub const KERNEL_KEYWORDS_MAX: usize = aegis_common::gate::GATE_KEYWORDS_MAX;
 /// Length bounds of a kernel keyword, bytes: one 4-byte gram at least, four 8-byte words
@@ -373,8 +428,8 @@ pub const KERNEL_KEYWORD_MAX: usize = aegis_common::gate::GATE_KEYWORD_MAX;
 /// Load a rulepack file: the AegisPlane format, or a gitleaks config (recognised by its
 /// content) loaded through [`super::gitleaks`].
 pub fn load(path: &Path) -> Result<Rulepack, PackError> {
-    let text =
-        std::fs::read_to_string(path).map_err(|e| PackError::new(path, None, None, format!("cannot read: {e}")))?;
+    let text = crate::files::read_capped_to_string(path, MAX_PACK_BYTES, "split it into several packs")
+        .map_err(|e| PackError::new(path, None, None, format!("cannot read the pack: {e}")))?;
     parse(&text, path)
 }
 
@@ -455,6 +510,8 @@ pub(crate) enum Field {
 /// engine): `Err((field, why))`.
 pub(crate) fn check_rule(rule: &Rule) -> Result<(), (Field, String)> {
     check_id(&rule.id).map_err(|m| (Field::Id, m))?;
+    // Sizes first: nothing is compiled for a rule over a limit.
+    check_rule_limits(&rule.matcher)?;
     if rule.rationale.trim().is_empty() {
         return Err((Field::Rationale, "a rule needs a rationale (why a match matters)".into()));
     }
@@ -517,6 +574,110 @@ pub(crate) fn check_rule(rule: &Rule) -> Result<(), (Field, String)> {
         check_kernel_rule(rule)?;
     }
     Ok(())
+}
+
+/// The per-rule limits (see "Limits"), checked before anything of the rule is compiled.
+pub(crate) fn check_rule_limits(m: &Matcher) -> Result<(), (Field, String)> {
+    if m.keywords.len() > MAX_KEYWORDS_PER_RULE {
+        return Err((
+            Field::Keywords,
+            format!(
+                "{} keywords, over the limit of {MAX_KEYWORDS_PER_RULE} per rule: split the rule, or match the \
+                 list with a regex",
+                m.keywords.len()
+            ),
+        ));
+    }
+    if let Some(k) = m.keywords.iter().find(|k| k.len() > MAX_KEYWORD_BYTES) {
+        return Err((
+            Field::Keywords,
+            format!(
+                "a keyword of {} bytes, over the limit of {MAX_KEYWORD_BYTES}: keep keywords to the short literal \
+                 every match contains ({:?}...)",
+                k.len(),
+                k.chars().take(24).collect::<String>()
+            ),
+        ));
+    }
+    let regexes = m.regex.iter().chain(&m.allow_regexes).chain(&m.allow_match_regexes);
+    if let Some(r) = regexes.clone().find(|r| r.len() > MAX_REGEX_BYTES) {
+        let field = if m.regex.as_ref() == Some(r) { Field::Regex } else { Field::AllowRegexes };
+        return Err((
+            field,
+            format!("a regex of {} bytes, over the limit of {MAX_REGEX_BYTES}: split it over several rules", r.len()),
+        ));
+    }
+    let count = regexes.count();
+    if count > MAX_REGEXES_PER_RULE {
+        return Err((
+            Field::AllowRegexes,
+            format!(
+                "{count} regexes (regex and allowlists), over the limit of {MAX_REGEXES_PER_RULE} per rule: merge \
+                 allowlist regexes into alternations"
+            ),
+        ));
+    }
+    if m.stopwords.len() > MAX_STOPWORDS_PER_RULE {
+        return Err((
+            Field::Stopwords,
+            format!(
+                "{} stopwords, over the limit of {MAX_STOPWORDS_PER_RULE} per rule: keep the ones that occur in \
+                 false positives",
+                m.stopwords.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// What a pack holds so far, against the per-pack limits (see "Limits"). Checked for each
+/// rule before it is compiled: loading stops at the rule that crosses a limit (a gitleaks
+/// config is counted whole first, since its global allowlists multiply).
+#[derive(Default)]
+pub(crate) struct PackBudget {
+    entries: usize,
+    keywords: usize,
+    keyword_bytes: usize,
+    regexes: usize,
+    stopwords: usize,
+}
+
+impl PackBudget {
+    /// Count one more rule (or policy: `matcher` None); `Err` names what went over.
+    pub(crate) fn add(&mut self, matcher: Option<&Matcher>) -> Result<(), (Field, String)> {
+        self.entries += 1;
+        if self.entries > MAX_RULES_PER_PACK {
+            return Err((
+                Field::Rule,
+                format!("more than {MAX_RULES_PER_PACK} rules and policies in one pack: split it into several packs"),
+            ));
+        }
+        let Some(m) = matcher else { return Ok(()) };
+        self.keywords += m.keywords.len();
+        self.keyword_bytes += m.keywords.iter().map(String::len).sum::<usize>();
+        self.regexes += m.regex.iter().count() + m.allow_regexes.len() + m.allow_match_regexes.len();
+        self.stopwords += m.stopwords.len();
+        let over = |what: &str, limit: usize, field: Field| {
+            Err((field, format!("more than {limit} {what} in one pack: split it into several packs")))
+        };
+        if self.keywords > MAX_KEYWORDS_PER_PACK {
+            return over("keywords", MAX_KEYWORDS_PER_PACK, Field::Keywords);
+        }
+        if self.keyword_bytes > MAX_KEYWORD_TOTAL_BYTES {
+            return over("bytes of keywords", MAX_KEYWORD_TOTAL_BYTES, Field::Keywords);
+        }
+        if self.regexes > MAX_REGEXES_PER_PACK {
+            return over(
+                "regexes (allowlists included, gitleaks global ones once per rule)",
+                MAX_REGEXES_PER_PACK,
+                Field::Regex,
+            );
+        }
+        if self.stopwords > MAX_STOPWORDS_PER_PACK {
+            return over("stopwords (gitleaks global ones once per rule)", MAX_STOPWORDS_PER_PACK, Field::Stopwords);
+        }
+        Ok(())
+    }
 }
 
 /// What `kernel = true` requires (see "Kernel rules").
@@ -734,7 +895,8 @@ fn parse_native(text: &str, source: &Path) -> Result<Rulepack, PackError> {
         Ok(())
     };
 
-    let mut rules = Vec::with_capacity(raw.rules.len());
+    let mut budget = PackBudget::default();
+    let mut rules = Vec::with_capacity(raw.rules.len().min(MAX_RULES_PER_PACK));
     let mut kernel_keywords = 0;
     for spanned in raw.rules {
         let at = spanned.span().start;
@@ -783,7 +945,10 @@ fn parse_native(text: &str, source: &Path) -> Result<Rulepack, PackError> {
             kernel: r.kernel.as_ref().is_some_and(|k| *k.get_ref()),
             line: lines.line(at),
         };
-        if let Err((field, message)) = check_rule(&rule) {
+        let checked = check_rule_limits(&rule.matcher)
+            .and_then(|()| budget.add(Some(&rule.matcher)))
+            .and_then(|()| check_rule(&rule));
+        if let Err((field, message)) = checked {
             return Err(PackError::new(source, Some(line_of(field)), Some(&rule.id), message));
         }
         kernel_keywords += if rule.kernel { rule.matcher.keywords.len() } else { 0 };
@@ -798,11 +963,12 @@ fn parse_native(text: &str, source: &Path) -> Result<Rulepack, PackError> {
         rules.push(rule);
     }
 
-    let mut policies = Vec::with_capacity(raw.policies.len());
+    let mut policies = Vec::with_capacity(raw.policies.len().min(MAX_RULES_PER_PACK));
     for spanned in raw.policies {
         let at = spanned.span().start;
         let p = spanned.into_inner();
         let id = p.id.get_ref().clone();
+        budget.add(None).map_err(|(_, m)| err(Some(at), Some(&id), m))?;
         check_id(&id).map_err(|m| err(Some(p.id.span().start), Some(&id), m))?;
         check_unique(&p.id)?;
         if p.allow_providers.get_ref().is_empty() || p.allow_providers.get_ref().iter().any(|x| x.trim().is_empty()) {
@@ -851,6 +1017,8 @@ mod tests {
 
     /// A valid rule body (after `[[rules]]` and `id`).
     const BODY: &str = "category = \"secret\"\nkeywords = [\"k\"]\nrationale = \"r\"\n";
+    /// The same without keywords (for rules that add their own).
+    const NOKW: &str = "category = \"secret\"\nrationale = \"r\"\n";
 
     #[test]
     fn parses_a_full_pack_with_defaults() {
@@ -1157,6 +1325,109 @@ rationale = "p"
             assert!(r.examples.positive.len() >= 2 && r.examples.negative.len() >= 2, "{}", r.id);
         }
         assert_eq!(p.policies.len(), 1);
+    }
+
+    /// `n` distinct keywords as a TOML array.
+    fn keywords(n: usize, tag: &str) -> String {
+        let list: Vec<String> = (0..n).map(|i| format!("\"{tag}{i:06}\"")).collect();
+        format!("[{}]", list.join(", "))
+    }
+
+    #[test]
+    fn oversized_rules_are_refused_before_compiling() {
+        // The reported pack: one rule with 200,000 keywords never finished loading.
+        let t = std::time::Instant::now();
+        let e = err(&format!("{HEAD}[[rules]]\nid = \"huge\"\n{NOKW}keywords = {}\n", keywords(200_000, "kw")));
+        assert_eq!((e.line, e.rule.as_deref()), (Some(8), Some("huge")), "{e}");
+        assert!(e.message.starts_with("200000 keywords, over the limit of 256 per rule: split the rule"), "{e}");
+        assert!(t.elapsed() < std::time::Duration::from_secs(30), "refused in {:?}", t.elapsed());
+        parse_str(&format!("{HEAD}[[rules]]\nid = \"max\"\n{NOKW}keywords = {}\n", keywords(256, "kw"))).unwrap();
+
+        // (extra keys of one rule, line of the error, message part).
+        let long = |n: usize| "x".repeat(n);
+        let allow: Vec<String> = (0..64).map(|i| format!("'a{i}'")).collect();
+        let cases: Vec<(String, usize, String)> = vec![
+            (format!("keywords = [\"{}\"]\n", long(257)), 8, "a keyword of 257 bytes, over the limit of 256".into()),
+            (format!("regex = '{}'\n", long(4097)), 8, "a regex of 4097 bytes, over the limit of 4096".into()),
+            (format!("allow_regexes = ['{}']\n", long(4097)), 8, "a regex of 4097 bytes".into()),
+            (
+                format!("regex = 'x'\nallow_regexes = [{}]\n", allow.join(", ")),
+                9,
+                "65 regexes (regex and allowlists), over the limit of 64 per rule".into(),
+            ),
+            (
+                format!("stopwords = {}\n", keywords(4097, "s")),
+                8,
+                "4097 stopwords, over the limit of 4096 per rule".into(),
+            ),
+        ];
+        for (extra, line, part) in &cases {
+            let e = err(&format!("{HEAD}[[rules]]\nid = \"r1\"\n{NOKW}{extra}"));
+            assert_eq!((e.line, e.rule.as_deref()), (Some(*line), Some("r1")), "{extra}: {e}");
+            assert!(e.message.contains(part.as_str()), "{e}");
+        }
+    }
+
+    #[test]
+    fn oversized_packs_are_refused_at_the_rule_that_crosses_the_limit() {
+        // 17 rules of 256 keywords: the 17th crosses 4096.
+        let mut text = HEAD.to_owned();
+        for r in 0..17 {
+            text += &format!("[[rules]]\nid = \"r{r}\"\n{NOKW}keywords = {}\n", keywords(256, &format!("k{r}-")));
+        }
+        let e = err(&text);
+        assert_eq!((e.line, e.rule.as_deref()), (Some(4 + 16 * 5 + 4), Some("r16")), "{e}");
+        assert_eq!(e.message, "more than 4096 keywords in one pack: split it into several packs");
+        // 4,097 rules and policies.
+        let mut text = HEAD.to_owned();
+        for r in 0..4096 {
+            text += &format!("[[rules]]\nid = \"r{r}\"\n{BODY}");
+        }
+        text += "[[policies]]\nid = \"p\"\nallow_providers = [\"openai\"]\nrationale = \"r\"\n";
+        let e = err(&text);
+        assert_eq!(e.rule.as_deref(), Some("p"), "{e}");
+        assert!(e.message.starts_with("more than 4096 rules and policies in one pack"), "{e}");
+        // Keyword bytes: 2 rules of 256 keywords of 256 bytes is 128 KiB; 5 rules cross 256 KiB.
+        let mut text = HEAD.to_owned();
+        for r in 0..5 {
+            let list: Vec<String> = (0..256).map(|i| format!("\"{r}-{i:03}-{}\"", "k".repeat(248))).collect();
+            text += &format!("[[rules]]\nid = \"r{r}\"\n{NOKW}keywords = [{}]\n", list.join(","));
+        }
+        let e = err(&text);
+        assert_eq!(e.rule.as_deref(), Some("r4"), "{e}");
+        assert_eq!(e.message, "more than 262144 bytes of keywords in one pack: split it into several packs");
+    }
+
+    #[test]
+    fn pack_files_are_read_bounded() {
+        let dir = std::env::temp_dir().join(format!("aegis-pack-read-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let big = dir.join("big.toml");
+        let mut text = format!("{HEAD}[[rules]]\nid = \"a\"\n{BODY}");
+        text.push_str(&"#".repeat(MAX_PACK_BYTES as usize));
+        std::fs::write(&big, &text).unwrap();
+        let e = load(&big).unwrap_err();
+        assert_eq!((e.line, e.rule.as_deref()), (None, None));
+        assert!(
+            e.message.starts_with("cannot read the pack: it has ")
+                && e.message.ends_with("over the limit of 8388608 bytes: split it into several packs"),
+            "{e}"
+        );
+        // /dev/zero grew the agent's memory until it was killed; a FIFO blocked forever.
+        let e = load(Path::new("/dev/zero")).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "/dev/zero: cannot read the pack: it is a character device, not a regular file: give the path of a \
+             regular file"
+        );
+        let fifo = dir.join("fifo.toml");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let path = fifo.clone();
+        std::thread::spawn(move || tx.send(load(&path).map(|_| ())));
+        let e = rx.recv_timeout(std::time::Duration::from_secs(5)).expect("did not block").unwrap_err();
+        assert!(e.message.contains("it is a FIFO (named pipe), not a regular file"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
