@@ -83,7 +83,7 @@ pub fn run(config: &Config, ready_file: Option<&Path>) -> anyhow::Result<()> {
     let containment = match &enforcement {
         Some(e) => Containment {
             view: Some(e.server.view()),
-            killer: config.enforce.kill_on_block.then(|| e.enforcer.clone() as Arc<dyn ConnectionKiller>),
+            killer: Some(e.enforcer.clone() as Arc<dyn ConnectionKiller>),
             hosts: Some(e.enforcer.clone() as Arc<dyn HostBook>),
             scope: Some(e.scope.clone()),
         },
@@ -208,8 +208,8 @@ fn start_enforcement(
     tracing::info!(cgroup = %cgroup.display(), pins = %config.enforce.pin_dir.display(), adopted = ?adopted, "containment programs in force");
     let enforcer = Arc::new(Enforcer::new(Some(guard), providers.clone(), root.clone()));
     // Restores the saved blocks and makes the (maybe adopted) kernel rules equal to them.
-    let server =
-        ControlServer::start(config.control.clone(), enforcer.clone()).context("cannot start the control socket")?;
+    let server = ControlServer::start(config.control.clone(), config.enforce.mode, enforcer.clone())
+        .context("cannot start the control socket")?;
     tracing::info!(socket = %server.socket().display(), "control socket ready");
     let scope = crate::enforce::handler::cgroup_name(&root, &cgroup).unwrap_or_else(|| "/".into());
     Ok(Enforcement { _lock: lock, cgroup, scope, enforcer, server, fail: config.enforce.fail })
@@ -394,6 +394,7 @@ fn report_counters(c: &crate::capture::Counters, drops: &[DropCounter; DROP_CAUS
         records = c.records.load(Ordering::Relaxed),
         joined_both_ends = c.joined.load(Ordering::Relaxed),
         stopped_calls = c.stopped_calls.load(Ordering::Relaxed),
+        observed_calls = c.observed_calls.load(Ordering::Relaxed),
         bad_records = c.bad_records.load(Ordering::Relaxed),
         connections = sum(|s| s.connections),
         not_http1_connections = sum(|s| s.not_http1),

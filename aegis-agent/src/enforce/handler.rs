@@ -8,7 +8,10 @@
 //!   connects instead of refusing them.
 //! - Model, route and tenant blocks share connections with allowed calls: they act on
 //!   the parsed call ([`super::verdict`]), not in the connect programs.
-//! - Emergency mode is read by the data path from the control view.
+//! - Emergency mode and the enforcement mode are read by the data path from the control
+//!   view; a mode switch reaches [`Enforcer::apply`] as [`Change::Mode`] (and the mode at
+//!   start in [`Change::Restored`]), the place for kernel-side enforcement that must follow
+//!   the mode.
 
 use std::{
     collections::HashSet,
@@ -256,12 +259,18 @@ impl ControlHandler for Enforcer {
             }
             Change::Emergency { on, cgroup, .. } => {
                 let scope = cgroup.as_deref().unwrap_or("the whole host");
-                let state = if *on { "on" } else { "off" };
-                return Ok(ApplyReport {
-                    killed_connections: 0,
-                    notes: vec![format!("emergency mode {state} for {scope}: warn verdicts are enforced as block")],
-                });
+                let note = if *on {
+                    format!(
+                        "emergency mode on for {scope}: warn verdicts become block, and the rules' block verdicts \
+                         stop calls there in observe mode too"
+                    )
+                } else {
+                    format!("emergency mode off for {scope}")
+                };
+                return Ok(ApplyReport { killed_connections: 0, notes: vec![note] });
             }
+            // The data path reads the mode from the control view; nothing to change here.
+            Change::Mode { .. } => return Ok(ApplyReport::default()),
         }
         let notes = match self.sync(&blocks) {
             Ok(n) => n,
