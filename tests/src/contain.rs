@@ -317,7 +317,9 @@ pub struct ContainConfig {
     /// "closed" (default) or "open".
     pub fail: &'static str,
     pub grace_secs: u64,
-    pub kill_on_block: bool,
+    /// `enforce.mode`; None leaves the key out, so the shipped default applies. [`Self::new`]
+    /// sets "enforce": a test that expects rule verdicts to kill says so.
+    pub mode: Option<&'static str>,
     /// `[enforce.gate]`: enabled on these ports (None: disabled).
     pub gate_ports: Option<Vec<u16>>,
     pub providers: Vec<Provider>,
@@ -333,12 +335,18 @@ impl ContainConfig {
             pin_dir: pins.path().to_path_buf(),
             fail: "closed",
             grace_secs: 10,
-            kill_on_block: true,
+            mode: Some("enforce"),
             gate_ports: None,
             providers: Vec::new(),
             packs: Vec::new(),
             dir: TempDir::new("control"),
         }
+    }
+
+    /// No `enforce.mode` in the config: the agent starts in the shipped default mode.
+    pub fn shipped_mode(mut self) -> Self {
+        self.mode = None;
+        self
     }
 
     pub fn fail_open(mut self) -> Self {
@@ -392,13 +400,16 @@ impl ContainConfig {
         let list = |v: &[String]| format!("[{}]", v.join(", "));
         let mut t = String::new();
         t += &format!(
-            "[enforce]\nenabled = true\ncgroup = {}\npin_dir = {}\nfail = {:?}\ngrace_secs = {}\nkill_on_block = {}\n\n",
+            "[enforce]\nenabled = true\ncgroup = {}\npin_dir = {}\nfail = {:?}\ngrace_secs = {}\n",
             s(&self.cgroup),
             s(&self.pin_dir),
             self.fail,
             self.grace_secs,
-            self.kill_on_block
         );
+        if let Some(mode) = self.mode {
+            t += &format!("mode = {mode:?}\n");
+        }
+        t += "\n";
         match &self.gate_ports {
             Some(ports) => {
                 let ports: Vec<String> = ports.iter().map(u16::to_string).collect();

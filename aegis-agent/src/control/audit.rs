@@ -1,5 +1,5 @@
-//! The audit log: one JSON line per change to the blocks or the emergency state, and per
-//! refused control request, appended to a file (mode 0600) and flushed to disk before the
+//! The audit log: one JSON line per change to the blocks, the emergency state or the
+//! enforcement mode, and per refused control request, appended to a file (mode 0600) and flushed to disk before the
 //! operator gets the answer. Changes are rare and the log is evidence, so every line pays
 //! for its `fsync`.
 //!
@@ -35,6 +35,11 @@ pub enum AuditAction {
     Expire,
     EmergencyOn,
     EmergencyOff,
+    /// The enforcement mode became (or stayed) enforce: by an operator, or by the agent at
+    /// start when an edited config replaced a saved choice.
+    EnforceOn,
+    /// The enforcement mode became (or stayed) observe (same actors as [`Self::EnforceOn`]).
+    EnforceOff,
     /// The agent started and enforced the saved state (actor: the agent).
     Restore,
     /// A client that may not use the socket connected.

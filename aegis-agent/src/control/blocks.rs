@@ -1,7 +1,7 @@
 //! The block model: what an operator blocks ([`BlockTarget`]), where ([`Scope`]), for how
 //! long ([`Expiry`]), who set it and why ([`Block`]); the table of active blocks with
-//! expiry ([`BlockTable`]); the emergency switch ([`Emergency`]); their persisted form
-//! ([`ControlState`]); the parsers for the command-line forms ([`parse_dest`],
+//! expiry ([`BlockTable`]); the emergency switch ([`Emergency`]); their persisted form,
+//! with the operator's enforcement mode ([`ControlState`]); the parsers for the command-line forms ([`parse_dest`],
 //! [`parse_duration`], [`parse_route`], [`parse_cgroup`]); and the matching of a call or a
 //! connection against the table ([`Subject`]).
 //!
@@ -27,6 +27,8 @@ use std::{
 
 use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
+
+use super::mode::{ModeChoice, ModeState};
 
 /// Longest reason accepted, in bytes.
 pub const MAX_REASON_BYTES: usize = 1024;
@@ -167,11 +169,15 @@ pub struct Emergency {
     pub cgroups: BTreeSet<String>,
 }
 
-/// Everything the control plane keeps across restarts.
+/// Everything the control plane keeps across restarts, and the enforcement mode in force.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ControlState {
     pub blocks: BlockTable,
     pub emergency: Emergency,
+    /// Only the operator's choice is saved; the config's part is set at start
+    /// ([`ModeState::at_start`]).
+    #[serde(default)]
+    pub mode: ModeState,
 }
 
 // ---------------------------------------------------------------------------------------
@@ -827,11 +833,16 @@ struct StateFile {
     blocks: BlockTable,
     #[serde(default)]
     emergency: Emergency,
+    /// The operator's `enforce on|off`, if any (absent in files of older agents).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    enforce_mode: Option<ModeChoice>,
 }
 
 impl ControlState {
     /// Read the state file; a missing file is an empty state. An unreadable or corrupt file
-    /// is an error: starting without the blocks it holds would silently lift them.
+    /// is an error: starting without the blocks it holds would silently lift them. The
+    /// mode holds the saved operator choice only: the caller resolves it against the
+    /// config ([`ModeState::at_start`]).
     pub fn load(path: &Path) -> anyhow::Result<Self> {
         let advice = "it was not written by this agent: move it away (its blocks are then lifted)";
         let bytes = match crate::files::read_capped(path, MAX_STATE_FILE_BYTES, advice) {
@@ -851,7 +862,8 @@ impl ControlState {
             path.display(),
             file.version
         );
-        Ok(Self { blocks: file.blocks, emergency: file.emergency })
+        let mode = ModeState { operator: file.enforce_mode, ..ModeState::default() };
+        Ok(Self { blocks: file.blocks, emergency: file.emergency, mode })
     }
 
     /// Write the state file atomically: a temporary file in the same directory (mode 0600),
@@ -862,7 +874,12 @@ impl ControlState {
         create_private_dir(dir)?;
         let name = path.file_name().with_context(|| format!("state file path {} has no file name", path.display()))?;
         let tmp = dir.join(format!(".{}.tmp", name.to_string_lossy()));
-        let file = StateFile { version: STATE_VERSION, blocks: self.blocks.clone(), emergency: self.emergency.clone() };
+        let file = StateFile {
+            version: STATE_VERSION,
+            blocks: self.blocks.clone(),
+            emergency: self.emergency.clone(),
+            enforce_mode: self.mode.operator.clone(),
+        };
         let mut json = serde_json::to_vec_pretty(&file)?;
         json.push(b'\n');
         let write = || -> std::io::Result<()> {
@@ -895,7 +912,7 @@ pub(crate) fn create_private_dir(dir: &Path) -> anyhow::Result<bool> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::control::testutil::TempDir;
+    use crate::control::{mode::EnforceMode, testutil::TempDir};
 
     fn spec(target: BlockTarget) -> BlockSpec {
         BlockSpec { target, scope: Scope::Host, expires: None, fallback: None, reason: "incident 42".into() }
@@ -1228,8 +1245,21 @@ mod tests {
         state.blocks.add(r).unwrap();
         state.emergency.set(true, Some("/team-a"));
         state.save(&path).unwrap();
-
         assert_eq!(ControlState::load(&path).unwrap(), state);
+        assert!(!std::fs::read_to_string(&path).unwrap().contains("enforce_mode"), "no choice, no key");
+
+        // An operator's mode choice is saved; what the config says is not (it is read at start).
+        let actor = Actor { uid: 0, gid: 0, pid: 7, comm: "bash".into(), user: None };
+        state.mode = ModeState::at_start(EnforceMode::Enforce, None).0;
+        assert!(state.mode.choose(EnforceMode::Observe, &actor, 42));
+        state.save(&path).unwrap();
+        let loaded = ControlState::load(&path).unwrap();
+        assert_eq!(loaded.mode.operator, state.mode.operator);
+        assert_eq!(
+            loaded.mode.operator.as_ref().map(|c| (c.mode, c.config_mode)),
+            Some((EnforceMode::Observe, EnforceMode::Enforce))
+        );
+        assert_eq!((loaded.blocks, loaded.emergency), (state.blocks.clone(), state.emergency.clone()));
         let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode(&path), 0o600);
         assert_eq!(mode(path.parent().unwrap()), 0o750);

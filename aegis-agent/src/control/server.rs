@@ -1,5 +1,6 @@
 //! The control server inside the daemon: a unix stream socket, one request per
-//! connection, and the single place where the block table and the emergency state change.
+//! connection, and the single place where the block table, the emergency state and the
+//! enforcement mode change.
 //!
 //! Runs on its own thread with its own single-threaded tokio runtime, so it neither
 //! depends on nor disturbs the daemon's runtime. Reading and writing the socket is async;
@@ -45,13 +46,14 @@ use super::{
         rfc3339_ms,
     },
     group_label,
+    mode::{EnforceMode, ModeState},
     protocol::{AgentStatus, ApplyReport, PROTOCOL_VERSION, Reply, Request, Response, decode_request, encode_response},
 };
 use crate::kernel::capability::Capabilities;
 
 /// Default path of the control socket.
 pub const DEFAULT_SOCKET: &str = "/run/aegis/control.sock";
-/// Default path of the state file (blocks and emergency state).
+/// Default path of the state file (blocks, emergency state, the operator's enforcement mode).
 pub const DEFAULT_STATE_FILE: &str = "/var/lib/aegis/blocks.json";
 /// Default path of the audit log.
 pub const DEFAULT_AUDIT_LOG: &str = "/var/log/aegis/audit.jsonl";
@@ -133,10 +135,11 @@ pub fn resolve_group(name_or_gid: &str) -> anyhow::Result<u32> {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Change {
     /// At start: make enforcement equal to exactly this state (kernel maps pinned from a
-    /// previous run may hold more or less).
+    /// previous run may hold more or less), in this enforcement mode.
     Restored {
         blocks: Vec<Block>,
         emergency: Emergency,
+        mode: EnforceMode,
     },
     Blocked(Block),
     Unblocked(Block),
@@ -147,6 +150,12 @@ pub enum Change {
         on: bool,
         cgroup: Option<String>,
         state: Emergency,
+    },
+    /// The enforcement mode became `mode` (`aegis-agent enforce on|off`). A handler whose
+    /// own enforcement depends on the mode (the in-kernel content gate) follows it here; an
+    /// error undoes the switch.
+    Mode {
+        mode: EnforceMode,
     },
 }
 
@@ -178,7 +187,7 @@ pub struct ContainmentOff;
 impl ControlHandler for ContainmentOff {
     fn apply(&self, change: &Change) -> Result<ApplyReport, String> {
         match change {
-            Change::Restored { blocks, emergency } if blocks.is_empty() && emergency.is_off() => {
+            Change::Restored { blocks, emergency, .. } if blocks.is_empty() && emergency.is_off() => {
                 Ok(ApplyReport::default())
             }
             Change::Expired(_) => Ok(ApplyReport::default()),
@@ -189,15 +198,16 @@ impl ControlHandler for ContainmentOff {
     }
 }
 
-/// The current blocks and emergency state, shared with the daemon's data path (cheap to
-/// clone; reads take a read lock, held briefly).
+/// The current blocks, emergency state and enforcement mode, shared with the daemon's data
+/// path (cheap to clone; reads take a read lock, held briefly).
 #[derive(Clone, Debug, Default)]
 pub struct ControlView {
     state: Arc<RwLock<ControlState>>,
 }
 
 impl ControlView {
-    fn new(state: ControlState) -> Self {
+    /// A view of `state`; the server's own view is the one that follows changes.
+    pub(crate) fn new(state: ControlState) -> Self {
         Self { state: Arc::new(RwLock::new(state)) }
     }
 
@@ -226,6 +236,16 @@ impl ControlView {
         self.read(|s| s.emergency.applies_to(cgroup))
     }
 
+    /// The enforcement mode in force: whether rule verdicts act (see [`super::mode`]).
+    pub fn mode(&self) -> EnforceMode {
+        self.read(|s| s.mode.mode)
+    }
+
+    /// The enforcement mode and where it comes from (the config or an operator).
+    pub fn mode_state(&self) -> ModeState {
+        self.read(|s| s.mode.clone())
+    }
+
     /// The oldest active block that stops `subject`.
     pub fn matching_block(&self, subject: &Subject<'_>) -> Option<Block> {
         self.read(|s| s.blocks.matching(subject).cloned())
@@ -248,16 +268,23 @@ pub struct ServerHandle {
 }
 
 impl ControlServer {
-    /// Bind the socket, load the saved state, have `handler` enforce it
-    /// ([`Change::Restored`]), and serve. Errors say what to fix: a path that is not a
-    /// socket, another agent serving the socket, an unreadable or corrupt state file.
-    pub fn start(config: ControlConfig, handler: Arc<dyn ControlHandler>) -> anyhow::Result<ServerHandle> {
-        Self::start_with(config, handler, Capabilities::default())
+    /// Bind the socket, load the saved state, resolve the enforcement mode against
+    /// `configured` (the config's `enforce.mode`, see [`ModeState::at_start`]), have
+    /// `handler` enforce it all ([`Change::Restored`]), and serve. Errors say what to fix: a
+    /// path that is not a socket, another agent serving the socket, an unreadable or corrupt
+    /// state file.
+    pub fn start(
+        config: ControlConfig,
+        configured: EnforceMode,
+        handler: Arc<dyn ControlHandler>,
+    ) -> anyhow::Result<ServerHandle> {
+        Self::start_with(config, configured, handler, Capabilities::default())
     }
 
     /// [`ControlServer::start`], with the daemon's kernel capabilities for `status`.
     pub fn start_with(
         config: ControlConfig,
+        configured: EnforceMode,
         handler: Arc<dyn ControlHandler>,
         capabilities: Capabilities,
     ) -> anyhow::Result<ServerHandle> {
@@ -270,7 +297,7 @@ impl ControlServer {
             let _ = std::fs::remove_file(&socket);
             e
         };
-        let core = Core::restore(config, handler, capabilities).map_err(remove_socket)?;
+        let core = Core::restore(config, configured, handler, capabilities).map_err(remove_socket)?;
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_io()
             .enable_time()
@@ -617,16 +644,19 @@ struct Core {
 
 impl Core {
     /// Open the audit log, load the state, drop what expired while the agent was down,
-    /// and have the handler enforce the rest.
+    /// settle the enforcement mode, and have the handler enforce the rest.
     fn restore(
         config: ControlConfig,
+        configured: EnforceMode,
         handler: Arc<dyn ControlHandler>,
         capabilities: Capabilities,
     ) -> anyhow::Result<Arc<Self>> {
         let audit = AuditLog::open(&config.audit_log)?;
         let mut state = ControlState::load(&config.state_file)?;
         let expired = state.blocks.expire(now_unix_ms());
-        if !expired.is_empty() {
+        let (mode, replaced) = ModeState::at_start(configured, state.mode.operator.take());
+        state.mode = mode;
+        if !expired.is_empty() || replaced.is_some() {
             state.save(&config.state_file)?;
         }
         let core = Arc::new(Self {
@@ -649,9 +679,22 @@ impl Core {
                 Some("expired while the agent was not running".into()),
             );
         }
-        let (blocks, emergency) = (state.blocks.list().to_vec(), state.emergency);
-        let details = json!({ "blocks": blocks.len(), "emergency": &emergency });
-        match core.apply(&Change::Restored { blocks, emergency }) {
+        if let Some(choice) = replaced {
+            let message = format!(
+                "the config's enforce.mode is now {configured}, not {} as when {} chose {} at {}: the edited config \
+                 decides",
+                choice.config_mode, choice.set_by, choice.mode, choice.set_at
+            );
+            tracing::warn!(mode = %configured, "{message}");
+            let action =
+                if configured == EnforceMode::Enforce { AuditAction::EnforceOn } else { AuditAction::EnforceOff };
+            let details = json!({ "replaced": &choice, "mode": &state.mode });
+            core.audit(&core.agent, action, details, Outcome::Ok, Some(message));
+        }
+        tracing::info!(mode = %state.mode, "enforcement mode");
+        let (blocks, emergency, mode) = (state.blocks.list().to_vec(), state.emergency, state.mode);
+        let details = json!({ "blocks": blocks.len(), "emergency": &emergency, "mode": &mode });
+        match core.apply(&Change::Restored { blocks, emergency, mode: mode.mode }) {
             Ok(report) => {
                 let mut details = details;
                 details["report"] = json!(report);
@@ -758,9 +801,16 @@ impl Core {
             Request::Block(spec) => self.block(actor, spec),
             Request::Unblock { id } => self.unblock(actor, &id),
             Request::List => self.view.read(|s| {
-                Response::Ok(Reply::Blocks { blocks: s.blocks.list().to_vec(), emergency: s.emergency.clone() })
+                Response::Ok(Reply::Blocks {
+                    blocks: s.blocks.list().to_vec(),
+                    emergency: s.emergency.clone(),
+                    mode: Some(s.mode.clone()),
+                })
             }),
             Request::Emergency { on, cgroup } => self.emergency(actor, on, cgroup),
+            Request::Enforce { on } => {
+                self.enforce(actor, if on { EnforceMode::Enforce } else { EnforceMode::Observe })
+            }
             Request::Status => self.view.read(|s| {
                 Response::Ok(Reply::Status(AgentStatus {
                     agent_version: env!("CARGO_PKG_VERSION").into(),
@@ -771,6 +821,7 @@ impl Core {
                     emergency: s.emergency.clone(),
                     kernel: crate::kernel::kernel_release(),
                     capabilities: self.capabilities.list(),
+                    mode: Some(s.mode.clone()),
                 }))
             }),
         }
@@ -885,6 +936,29 @@ impl Core {
         }
     }
 
+    /// Switch the enforcement mode (an operator's `enforce on|off`); kept across restarts.
+    fn enforce(&self, actor: &Actor, mode: EnforceMode) -> Response {
+        let action = match mode {
+            EnforceMode::Enforce => AuditAction::EnforceOn,
+            EnforceMode::Observe => AuditAction::EnforceOff,
+        };
+        let result = self.commit(|state, now| {
+            let changed = state.mode.choose(mode, actor, now);
+            Ok((changed.then_some(Change::Mode { mode }), (state.mode.clone(), changed)))
+        });
+        match result {
+            Ok(((state, changed), mut report)) => {
+                if !changed {
+                    report.notes.push(format!("the enforcement mode was already {mode}"));
+                }
+                tracing::warn!(mode = %state, %actor, changed, "enforcement mode");
+                self.audit_ok(actor, action, json!({ "changed": changed, "mode": &state }), &mut report);
+                Response::Ok(Reply::Enforce { mode: state, changed, report })
+            }
+            Err(message) => self.failed(actor, action, json!({ "mode": mode }), message),
+        }
+    }
+
     /// Lift the blocks that have ended at `now_ms`.
     fn expire_due(&self, now_ms: u64) {
         let _ops = self.ops.lock().unwrap_or_else(PoisonError::into_inner);
@@ -966,8 +1040,13 @@ mod tests {
     }
 
     fn start(config: &ControlConfig) -> (ServerHandle, Arc<Recorder>) {
+        start_in(config, EnforceMode::Observe)
+    }
+
+    /// [`start`] with the config's `enforce.mode` set to `configured`.
+    fn start_in(config: &ControlConfig, configured: EnforceMode) -> (ServerHandle, Arc<Recorder>) {
         let recorder = Arc::new(Recorder::default());
-        (ControlServer::start(config.clone(), recorder.clone()).unwrap(), recorder)
+        (ControlServer::start(config.clone(), configured, recorder.clone()).unwrap(), recorder)
     }
 
     fn spec(target: BlockTarget, expires: Option<Expiry>) -> BlockSpec {
@@ -976,7 +1055,7 @@ mod tests {
 
     fn list(socket: &Path) -> (Vec<Block>, Emergency) {
         match call(socket, &Request::List).unwrap() {
-            Reply::Blocks { blocks, emergency } => (blocks, emergency),
+            Reply::Blocks { blocks, emergency, .. } => (blocks, emergency),
             other => panic!("{other:?}"),
         }
     }
@@ -1091,7 +1170,10 @@ mod tests {
 
         let changes = recorder.changes();
         assert_eq!(changes.len(), 6, "{changes:?}");
-        assert_eq!(changes[0], Change::Restored { blocks: vec![], emergency: Emergency::default() });
+        assert_eq!(
+            changes[0],
+            Change::Restored { blocks: vec![], emergency: Emergency::default(), mode: EnforceMode::Observe }
+        );
         assert_eq!(changes[1], Change::Blocked(block.clone()));
         assert_eq!(changes[2], Change::Unblocked(block.clone()));
         assert!(matches!(&changes[4], Change::Emergency { on: true, cgroup: Some(c), .. } if c == "/team-a"));
@@ -1126,6 +1208,93 @@ mod tests {
     }
 
     #[test]
+    fn enforce_mode_switches_are_saved_audited_and_outlive_a_restart() {
+        let dir = TempDir::new("mode");
+        let config = config(&dir);
+        let (server, recorder) = start(&config);
+        let socket = server.socket().to_owned();
+        let mode_of = |reply: Reply| match reply {
+            Reply::Enforce { mode, changed, report } => (mode, changed, report),
+            other => panic!("{other:?}"),
+        };
+        let status_mode = |socket: &Path| match call(socket, &Request::Status).unwrap() {
+            Reply::Status(s) => s.mode.expect("this agent reports its mode"),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(server.view().mode(), EnforceMode::Observe, "the config's mode");
+        assert_eq!(status_mode(&socket), ModeState::at_start(EnforceMode::Observe, None).0);
+
+        let (mode, changed, report) = mode_of(call(&socket, &Request::Enforce { on: true }).unwrap());
+        assert!(changed);
+        assert_eq!(report, ApplyReport { killed_connections: 3, notes: vec![] });
+        assert_eq!((mode.mode, mode.configured), (EnforceMode::Enforce, EnforceMode::Observe));
+        let choice = mode.operator.clone().expect("the operator's choice");
+        assert_eq!((choice.set_by.pid, choice.config_mode), (std::process::id(), EnforceMode::Observe));
+        assert_eq!(server.view().mode(), EnforceMode::Enforce);
+        assert_eq!(recorder.changes().last(), Some(&Change::Mode { mode: EnforceMode::Enforce }));
+        assert_eq!(ControlState::load(&config.state_file).unwrap().mode.operator, Some(choice.clone()));
+        let Reply::Blocks { mode: listed, .. } = call(&socket, &Request::List).unwrap() else { panic!() };
+        assert_eq!(listed, Some(mode.clone()));
+
+        let (again, changed, report) = mode_of(call(&socket, &Request::Enforce { on: true }).unwrap());
+        assert!(!changed);
+        assert_eq!(report.notes, ["the enforcement mode was already enforce"]);
+        assert_eq!(again, mode, "the first choice stays");
+        let changes = recorder.changes().len();
+        server.shutdown();
+
+        // Same config: the operator's choice holds, and is what the handler restores.
+        let (server, recorder) = start(&config);
+        assert_eq!(changes, 2, "restore and one switch");
+        assert_eq!(server.view().mode_state(), mode);
+        assert!(matches!(recorder.changes()[0], Change::Restored { mode: EnforceMode::Enforce, .. }));
+        let (observe, changed, _) = mode_of(call(&socket, &Request::Enforce { on: false }).unwrap());
+        assert!(changed);
+        assert_eq!(
+            observe.operator.as_ref().map(|c| (c.mode, c.config_mode)),
+            Some((EnforceMode::Observe, EnforceMode::Observe))
+        );
+        server.shutdown();
+
+        // The config now says enforce, unlike when the operator chose observe: the edited
+        // config decides, the choice is dropped from the state file, and the audit says so.
+        let (server, recorder) = start_in(&config, EnforceMode::Enforce);
+        assert_eq!(server.view().mode_state(), ModeState::at_start(EnforceMode::Enforce, None).0);
+        assert!(matches!(recorder.changes()[0], Change::Restored { mode: EnforceMode::Enforce, .. }));
+        assert_eq!(ControlState::load(&config.state_file).unwrap().mode.operator, None);
+        drop(server);
+
+        use AuditAction as A;
+        assert_eq!(
+            audit_summary(&config),
+            [
+                (A::Restore, Outcome::Ok),
+                (A::EnforceOn, Outcome::Ok),
+                (A::EnforceOn, Outcome::Ok),
+                (A::Restore, Outcome::Ok),
+                (A::EnforceOff, Outcome::Ok),
+                (A::EnforceOn, Outcome::Ok),
+                (A::Restore, Outcome::Ok),
+            ]
+        );
+        let entries = read_entries(&config.audit_log).unwrap();
+        assert_eq!(entries[1].details["mode"]["mode"], "enforce");
+        assert_eq!(entries[1].details["changed"], true);
+        assert_eq!(entries[1].actor.pid, std::process::id());
+        assert_eq!(entries[2].details["changed"], false);
+        assert_eq!(entries[3].details["mode"]["operator"]["mode"], "enforce", "restore names the mode");
+        let replaced = &entries[5];
+        assert_eq!(replaced.actor.pid, std::process::id(), "by the agent at start");
+        let message = replaced.message.as_deref().unwrap();
+        assert!(
+            message.starts_with("the config's enforce.mode is now enforce, not observe as when ")
+                && message.ends_with(": the edited config decides"),
+            "{message}"
+        );
+        assert_eq!(replaced.details["replaced"]["mode"], "observe");
+    }
+
+    #[test]
     fn handler_failure_changes_nothing() {
         let dir = TempDir::new("fail");
         let config = config(&dir);
@@ -1138,6 +1307,11 @@ mod tests {
         let message = refused(call(server.socket(), &Request::Emergency { on: true, cgroup: None }));
         assert!(message.starts_with("the agent could not enforce the change"), "{message}");
         assert!(server.view().emergency().is_off());
+        // A mode switch the handler cannot follow (the gate) is undone too.
+        let message = refused(call(server.socket(), &Request::Enforce { on: true }));
+        assert!(message.starts_with("the agent could not enforce the change"), "{message}");
+        assert_eq!(server.view().mode(), EnforceMode::Observe);
+        assert_eq!(ControlState::load(&config.state_file).unwrap().mode.operator, None);
         let entries = read_entries(&config.audit_log).unwrap();
         assert_eq!(entries[1].action, AuditAction::Block);
         assert_eq!(entries[1].result, Outcome::Failed);
@@ -1190,7 +1364,10 @@ mod tests {
         let (_, emergency) = list(&socket);
         assert_eq!(emergency.cgroups.iter().collect::<Vec<_>>(), ["/team-a"]);
         let first = recorder.changes().into_iter().next().unwrap();
-        assert_eq!(first, Change::Restored { blocks: vec![forever.clone(), short.clone()], emergency });
+        assert_eq!(
+            first,
+            Change::Restored { blocks: vec![forever.clone(), short.clone()], emergency, mode: EnforceMode::Observe }
+        );
 
         let deadline = Instant::now() + Duration::from_secs(8);
         while list(&socket).0.len() > 1 {
@@ -1313,7 +1490,10 @@ mod tests {
 
         // Not a socket: left alone.
         std::fs::write(&config.socket, "precious").unwrap();
-        let e = format!("{:#}", ControlServer::start(config.clone(), Arc::new(NoopHandler)).unwrap_err());
+        let e = format!(
+            "{:#}",
+            ControlServer::start(config.clone(), EnforceMode::Observe, Arc::new(NoopHandler)).unwrap_err()
+        );
         assert_eq!(
             e,
             format!(
@@ -1329,7 +1509,10 @@ mod tests {
         drop(std::os::unix::net::UnixListener::bind(&config.socket).unwrap());
         let (server, _) = start(&config);
         // A live one: refused, and the first server keeps working.
-        let e = format!("{:#}", ControlServer::start(config.clone(), Arc::new(NoopHandler)).unwrap_err());
+        let e = format!(
+            "{:#}",
+            ControlServer::start(config.clone(), EnforceMode::Observe, Arc::new(NoopHandler)).unwrap_err()
+        );
         assert!(e.starts_with("another process is already serving the control socket"), "{e}");
         assert!(call(server.socket(), &Request::Status).is_ok());
         drop(server);

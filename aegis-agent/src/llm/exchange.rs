@@ -78,7 +78,7 @@ pub struct Observation {
     /// tenant's provider allowlist) into `decision` once the caller is known.
     pub inspection: Option<CallInspection>,
     pub decision: Option<Decision>,
-    /// The call was stopped while on the wire, and how.
+    /// The call was stopped while on the wire, and how (or, observed, would have been).
     pub enforcement: Option<Enforcement>,
 }
 
@@ -153,8 +153,8 @@ pub struct ExchangeTracker {
     next_seq: u64,
     /// Raised since the owner last took them (see [`ExchangeTracker::take_checkpoints`]).
     checkpoints: Vec<Checkpoint>,
-    /// The exchange whose call was stopped: later bytes on the connection are counted
-    /// against it.
+    /// The exchange whose call was stopped (or observed): later bytes on the connection are
+    /// counted against it.
     stopped: Option<u64>,
 }
 
@@ -184,8 +184,8 @@ impl ExchangeTracker {
         into.append(&mut self.checkpoints);
     }
 
-    /// The call of exchange `seq` was stopped: keep how, and count the bytes that still
-    /// pass on this connection.
+    /// The call of exchange `seq` was stopped (or observed): keep how, and count the bytes
+    /// that still pass on this connection.
     pub fn record_enforcement(&mut self, seq: u64, enforcement: Enforcement) {
         if let Some(x) = self.queue.iter_mut().find(|x| x.seq == seq) {
             x.enforcement = Some(enforcement);
