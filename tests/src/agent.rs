@@ -13,9 +13,10 @@ use nix::{
 };
 use serde_json::Value;
 
-use crate::{TempDir, file_tail, workspace_dir};
+use crate::{TempDir, file_tail, scaled, workspace_dir};
 
-/// How long the agent may take to load and attach its probes.
+/// How long the agent may take to load and attach its probes ([`scaled`] where used, like
+/// every wait here).
 pub const READY_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long the agent may take to exit after SIGINT before it is killed.
 pub const STOP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -90,7 +91,8 @@ impl Agent {
             .unwrap_or_else(|e| panic!("spawning {}: {e}", bin.display()));
         let mut agent = Self { child, dir, output, status: None };
 
-        let deadline = Instant::now() + READY_TIMEOUT;
+        let ready_timeout = scaled(READY_TIMEOUT);
+        let deadline = Instant::now() + ready_timeout;
         while !ready.exists() {
             if let Some(status) = agent.child.try_wait().expect("waiting for the agent") {
                 agent.status = Some(status);
@@ -98,7 +100,7 @@ impl Agent {
             }
             if Instant::now() >= deadline {
                 agent.kill();
-                panic!("agent not ready after {READY_TIMEOUT:?}{}", agent.logs());
+                panic!("agent not ready after {ready_timeout:?}{}", agent.logs());
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -141,6 +143,7 @@ impl Agent {
     /// Polls until at least `n` records satisfy `pred`, and returns those; panics with the
     /// records seen and the agent's stderr after `timeout`.
     pub fn wait_for_records(&self, pred: impl Fn(&Value) -> bool, n: usize, timeout: Duration) -> Vec<Value> {
+        let timeout = scaled(timeout);
         let deadline = Instant::now() + timeout;
         loop {
             let matching: Vec<Value> = self.records().into_iter().filter(|r| pred(r)).collect();
@@ -162,7 +165,7 @@ impl Agent {
     /// Like [`Agent::wait_for_records`] but returns false on timeout instead of panicking,
     /// so the caller can go on to a detailed comparison.
     pub fn wait_until(&self, pred: impl Fn(&Value) -> bool, n: usize, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
+        let deadline = Instant::now() + scaled(timeout);
         while self.records().iter().filter(|r| pred(r)).count() < n {
             if Instant::now() >= deadline {
                 return false;
@@ -201,13 +204,14 @@ impl Agent {
         }
         let pid = Pid::from_raw(self.child.id() as i32);
         let _ = kill(pid, signal);
-        let deadline = Instant::now() + STOP_TIMEOUT;
+        let stop_timeout = scaled(STOP_TIMEOUT);
+        let deadline = Instant::now() + stop_timeout;
         let status = loop {
             if let Some(status) = self.child.try_wait().expect("waiting for the agent") {
                 break status;
             }
             if Instant::now() >= deadline {
-                eprintln!("agent did not exit {STOP_TIMEOUT:?} after {signal}; sending SIGKILL");
+                eprintln!("agent did not exit {stop_timeout:?} after {signal}; sending SIGKILL");
                 self.kill();
                 break self.status.expect("set by kill");
             }

@@ -95,7 +95,7 @@ fn sigterm_detaches_every_probe_and_flushes() {
     );
     assert!(agent.logs().contains("all probes detached"), "{}", agent.logs());
     // The kernel drops programs once their last reference (the agent's) is gone.
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + aegis_tests::scaled(Duration::from_secs(10));
     loop {
         let loaded = loaded_programs();
         if !loaded.contains("ssl_write_enter") {
