@@ -8,6 +8,7 @@
 
 mod bench;
 mod contain;
+mod matrix;
 
 use std::{
     ffi::OsString,
@@ -42,7 +43,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Install what is missing: pinned toolchain, rust-src, bpf-linker, test packages.
+    /// Install what is missing: pinned toolchain, rust-src, bpf-linker, test packages, and
+    /// what the kernel matrix boots (qemu, busybox, Debian kernels, virtme-ng).
     Setup,
     /// Set up, then build the agent (with its eBPF object).
     Build {
@@ -57,11 +59,24 @@ enum Task {
         #[arg(last = true)]
         args: Vec<OsString>,
     },
-    /// Set up, build, and run every test (unit and real-kernel integration; needs root).
+    /// Set up, build, and run every test (unit and real-kernel integration; needs root) on
+    /// the host, then the kernel matrix (see `matrix`), then print the matrix's table.
     Test {
+        /// Only the host's `cargo test`: skip the kernel matrix.
+        #[arg(long)]
+        host_only: bool,
         /// Arguments after `--` go to `cargo test`.
         #[arg(last = true)]
         args: Vec<OsString>,
+    },
+    /// The kernel matrix only: the real-kernel suite and `kernel_report` in VMs booted on
+    /// Debian's kernels (and `kernel_report` on the host), then one table. Needs root.
+    Matrix(matrix::MatrixArgs),
+    /// Inside a matrix VM (started by `matrix`, not by hand): runs the plan it is given.
+    #[command(hide = true)]
+    VmSuite {
+        /// The plan file the host wrote into the VM's shared results folder.
+        plan: PathBuf,
     },
     /// Clippy over the whole workspace, warnings as errors.
     Lint,
@@ -76,7 +91,10 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     std::env::set_current_dir(workspace_root())?;
     match cli.task {
-        Task::Setup => setup(),
+        Task::Setup => {
+            setup()?;
+            matrix::setup()
+        }
         Task::Build { release } => {
             setup()?;
             build_agent(release)
@@ -89,12 +107,28 @@ fn main() -> anyhow::Result<()> {
             cmd.arg("run").args(args);
             run(&mut cmd)
         }
-        Task::Test { args } => {
+        Task::Test { host_only, args } => {
             setup()?;
+            if !host_only {
+                // Before the long part: a tool that cannot be installed fails the run at once.
+                matrix::setup()?;
+            }
             build_agent(false)?;
             // aegis-ebpf is built for the BPF target by aegis-agent's build script, not for the host.
-            run(cargo().args(["test", "--workspace", "--exclude", "aegis-ebpf"]).args(args))
+            let host = run(cargo().args(["test", "--workspace", "--exclude", "aegis-ebpf"]).args(args));
+            if host_only {
+                return host;
+            }
+            // A host failure does not stop the matrix: CI gets every kernel's results in one run.
+            matrix::run(&matrix::MatrixArgs::default(), matrix::HostTests::from(host))
         }
+        Task::Matrix(args) => {
+            setup()?;
+            matrix::setup()?;
+            build_agent(false)?;
+            matrix::run(&args, matrix::HostTests::NotRun)
+        }
+        Task::VmSuite { plan } => matrix::run_in_vm(&plan),
         Task::Lint => {
             setup()?;
             run(cargo().args([
@@ -119,9 +153,9 @@ pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask is in the workspace").to_owned()
 }
 
-/// Where bpf-linker and the LLVM link farm live (outside target/, so `cargo clean`
-/// does not cost a 50 s rebuild).
-fn tools_dir() -> PathBuf {
+/// Where bpf-linker, the LLVM link farm and virtme-ng live (outside target/, so `cargo
+/// clean` does not cost a 50 s rebuild).
+pub fn tools_dir() -> PathBuf {
     let base = std::env::var_os("XDG_CACHE_HOME")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
@@ -168,7 +202,7 @@ pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn output(cmd: &mut Command) -> Option<String> {
+pub fn output(cmd: &mut Command) -> Option<String> {
     let out = cmd.output().ok()?;
     out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -246,13 +280,24 @@ pub fn install_debian(packages: &[&str]) -> anyhow::Result<()> {
         bail!("missing packages {packages:?}: install them (apt-get install {})", packages.join(" "));
     }
     eprintln!("xtask: installing {packages:?}");
-    run(Command::new("apt-get").arg("update").arg("-q"))?;
+    apt_update()?;
     run(Command::new("apt-get")
         .args(["install", "-y", "-q", "--no-install-recommends"])
         .args(packages)
         .env("DEBIAN_FRONTEND", "noninteractive"))
 }
 
-fn nix_is_root() -> bool {
+/// `apt-get update`, once per xtask run: several set-up steps may need fresh package lists.
+pub fn apt_update() -> anyhow::Result<()> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    static DONE: AtomicBool = AtomicBool::new(false);
+    if !DONE.load(Ordering::Relaxed) {
+        run(Command::new("apt-get").arg("update").arg("-q"))?;
+        DONE.store(true, Ordering::Relaxed);
+    }
+    Ok(())
+}
+
+pub fn nix_is_root() -> bool {
     output(Command::new("id").arg("-u")).is_some_and(|s| s.trim() == "0")
 }
