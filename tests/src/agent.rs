@@ -13,7 +13,7 @@ use nix::{
 };
 use serde_json::Value;
 
-use crate::{TempDir, file_tail, scaled, workspace_dir};
+use crate::{TempDir, file_tail, scaled, time_scale, workspace_dir};
 
 /// How long the agent may take to load and attach its probes ([`scaled`] where used, like
 /// every wait here).
@@ -73,8 +73,16 @@ impl Agent {
         // Containment attaches to the root cgroup by default: tests that want it name their
         // own test cgroup in an [enforce] table.
         let enforce = if extra_toml.contains("[enforce]") { "" } else { "[enforce]\nenabled = false\n" };
+        // The two ends of a local call are joined when their views come within a window of
+        // each other; where everything runs slower ([`scaled`]), so do they.
+        let capture = if time_scale() == 1 || extra_toml.contains("[capture]") {
+            String::new()
+        } else {
+            let window = aegis_agent::config::Config::defaults().capture.correlation_window_ms;
+            format!("[capture]\ncorrelation_window_ms = {}\n", window * u64::from(time_scale()))
+        };
         let toml = format!(
-            "{rules}{enforce}[output]\nstdout = false\nfile = {:?}\n{extra_toml}",
+            "{rules}{enforce}{capture}[output]\nstdout = false\nfile = {:?}\n{extra_toml}",
             output.display().to_string()
         );
         fs::write(&config, toml).expect("writing agent config");

@@ -173,16 +173,20 @@ pub fn file_tail(path: &Path, max: usize) -> String {
 /// done) goes through it: they are tuned for a machine running natively, and the kernel
 /// matrix runs the tests in VMs that qemu emulates without KVM, several times slower.
 pub fn scaled(wait: Duration) -> Duration {
+    wait * time_scale()
+}
+
+/// `$AEGIS_TEST_TIME_SCALE`, 1 when unset (see [`scaled`]).
+pub fn time_scale() -> u32 {
     static SCALE: OnceLock<u32> = OnceLock::new();
-    let scale = SCALE.get_or_init(|| match std::env::var("AEGIS_TEST_TIME_SCALE") {
+    *SCALE.get_or_init(|| match std::env::var("AEGIS_TEST_TIME_SCALE") {
         Err(_) => 1,
         Ok(s) => s
             .parse()
             .ok()
             .filter(|n| *n >= 1)
             .unwrap_or_else(|| panic!("AEGIS_TEST_TIME_SCALE must be a whole number >= 1, not {s:?}")),
-    });
-    wait * *scale
+    })
 }
 
 /// Waits for a child up to `timeout` ([`scaled`]), then kills it (by its pid) and panics.
