@@ -192,9 +192,9 @@ fn series_of(release: &str) -> String {
     format!("{major}.{minor}")
 }
 
-/// Waits for `child` up to `timeout`; past it, kills the child's whole process group
-/// (children are started as group leaders, so this ends what they started, nothing else)
-/// and returns None.
+/// Waits for `child` up to `timeout`; past it, kills the child and every process
+/// descended from it (vng's qemu, a test's agent: what we started, nothing else) and
+/// returns None. Children stay in xtask's process group, so a Ctrl-C reaches them too.
 fn wait_or_kill(child: &mut Child, timeout: Duration) -> anyhow::Result<Option<ExitStatus>> {
     let deadline = Instant::now() + timeout;
     loop {
@@ -202,13 +202,40 @@ fn wait_or_kill(child: &mut Child, timeout: Duration) -> anyhow::Result<Option<E
             return Ok(Some(status));
         }
         if Instant::now() >= deadline {
-            let _ = Command::new("kill").args(["-KILL", "--", &format!("-{}", child.id())]).status();
+            let pids: Vec<String> = descendants(child.id()).iter().map(u32::to_string).collect();
+            if !pids.is_empty() {
+                let _ = Command::new("kill").arg("-KILL").args(&pids).status();
+            }
             let _ = child.kill();
             let _ = child.wait();
             return Ok(None);
         }
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// The processes descended from `pid` (not `pid` itself), from /proc's parent links.
+fn descendants(pid: u32) -> Vec<u32> {
+    let parents: Vec<(u32, u32)> = fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let child: u32 = e.file_name().to_str()?.parse().ok()?;
+            let stat = fs::read_to_string(e.path().join("stat")).ok()?;
+            // "pid (comm) state ppid ...": comm may hold spaces and parentheses.
+            let ppid = stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()?;
+            Some((child, ppid))
+        })
+        .collect();
+    let mut found = vec![pid];
+    let mut i = 0;
+    while i < found.len() {
+        let parent = found[i];
+        found.extend(parents.iter().filter(|(_, ppid)| *ppid == parent).map(|(child, _)| *child));
+        i += 1;
+    }
+    found.split_off(1)
 }
 
 /// The last `max` bytes of a file (a log), for failure messages.
@@ -452,6 +479,29 @@ mod tests {
         assert_eq!(series_of("6.12.118+deb12-amd64"), "6.12");
         assert_eq!(series_of("6.18.44-fc-v1272"), "6.18");
         assert_eq!(series_of("6.19-rc3"), "6.19");
+    }
+
+    /// A timeout ends the child and what it started (here a `sleep` under a shell).
+    #[test]
+    fn a_timeout_kills_the_child_and_its_descendants() {
+        let mut child = Command::new("sh").args(["-c", "sleep 60 & wait"]).spawn().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let sleeper = loop {
+            if let Some(&pid) = descendants(child.id()).first() {
+                break pid;
+            }
+            assert!(Instant::now() < deadline, "the shell did not start its sleep");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert_eq!(wait_or_kill(&mut child, Duration::from_millis(100)).unwrap(), None);
+        let gone = |pid: u32| {
+            fs::read_to_string(format!("/proc/{pid}/stat"))
+                .map_or(true, |s| s.rsplit_once(')').unwrap().1.trim_start().starts_with('Z'))
+        };
+        while !gone(sleeper) {
+            assert!(Instant::now() < deadline, "sleep {sleeper} still runs");
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     #[test]

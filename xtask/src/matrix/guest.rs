@@ -22,7 +22,6 @@ use std::{
     collections::BTreeMap,
     fs::{self, File, OpenOptions},
     io::Write as _,
-    os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
     process::{Command, Stdio},
     time::{Duration, Instant},
@@ -303,7 +302,6 @@ fn run_test(test: &SuiteTest, log: &Path, env: &BTreeMap<String, String>, timeou
         .stdin(Stdio::null())
         .stdout(out.try_clone()?)
         .stderr(out)
-        .process_group(0)
         .spawn()
         .with_context(|| format!("cannot start {}", test.binary.display()))?;
     let status = wait_or_kill(&mut child, timeout)?;

@@ -14,7 +14,7 @@
 //! left ([`check`]): the capability states must be the ones tests/kernels.toml expects on
 //! that kernel's series, and no program may be over budget.
 
-use std::{collections::BTreeMap, fmt, fs, os::unix::process::CommandExt as _, path::Path, process::Command};
+use std::{collections::BTreeMap, fmt, fs, path::Path, process::Command};
 
 use anyhow::Context as _;
 use serde::Deserialize;
@@ -101,7 +101,6 @@ pub fn run(
         .stdin(std::process::Stdio::null())
         .stdout(stdout)
         .stderr(stderr)
-        .process_group(0)
         .spawn()
         .with_context(|| format!("cannot start {}", exe.display()))?;
     Ok(wait_or_kill(&mut child, timeout)?.and_then(|status| status.code()))

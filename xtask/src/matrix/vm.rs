@@ -16,7 +16,6 @@ use std::{
     ffi::OsStr,
     fs::{self, File},
     io::{BufRead as _, BufReader, Read, Write as _},
-    os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
     process::{Command, ExitStatus, Stdio},
     sync::{Arc, Mutex},
@@ -233,7 +232,10 @@ pub fn boot(release: &str, rwdir: &Path, plan: &Path, timeout: Duration, label: 
     let mut cmd = Command::new(virtme_ng_dir().join("bin/vng"));
     cmd.arg("--run")
         .arg(VmKernel::vmlinuz(release))
-        .args(["--disable-kvm", "--cpus", VM_CPUS, "--memory", VM_MEMORY, "--name", &format!("aegis-matrix-{label}")])
+        // qemu emulates the CPU (TCG). These machines may have a /dev/kvm, but qemu aborts
+        // with it ("failed to set MSR 0x10a"): no usable KVM.
+        .arg("--disable-kvm")
+        .args(["--cpus", VM_CPUS, "--memory", VM_MEMORY, "--name", &format!("aegis-matrix-{label}")])
         .arg("--rwdir")
         .arg(rwdir)
         .arg("--")
@@ -241,9 +243,7 @@ pub fn boot(release: &str, rwdir: &Path, plan: &Path, timeout: Duration, label: 
         .env("PATH", std::env::join_paths(path)?)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        // Its own process group: a timeout kills vng, qemu and nothing else.
-        .process_group(0);
+        .stderr(Stdio::piped());
     let start = Instant::now();
     let mut child = cmd.spawn().context("cannot start vng")?;
     let console = Console::new(&rwdir.join("console.log"), label)?;
