@@ -74,17 +74,18 @@ pub enum HostTests {
     /// `cargo xtask matrix` does not run it.
     NotRun,
     Passed,
-    Failed(String),
+    /// Its own output, above the matrix's, says what failed.
+    Failed,
 }
 
 impl From<anyhow::Result<()>> for HostTests {
     fn from(result: anyhow::Result<()>) -> Self {
-        match result {
-            Ok(()) => Self::Passed,
-            Err(e) => Self::Failed(format!("{e:#}")),
-        }
+        if result.is_ok() { Self::Passed } else { Self::Failed }
     }
 }
+
+/// What `cargo test` failing on the host looks like in the matrix's messages.
+const HOST_TESTS_FAILED: &str = "cargo test --workspace failed: its output is above the matrix's";
 
 /// tests/kernels.toml.
 #[derive(Deserialize)]
@@ -246,6 +247,15 @@ fn file_tail(path: &Path, max: usize) -> String {
     if start > 0 { format!("[...]{text}") } else { text }
 }
 
+/// The first line of the message of the first panic in a test's output, for the summary
+/// (the whole output is printed above it).
+fn panic_message(log: &Path) -> String {
+    let text = fs::read_to_string(log).unwrap_or_default();
+    let message =
+        text.lines().skip_while(|l| !l.contains("panicked at")).nth(1).map(|l| l.chars().take(240).collect::<String>());
+    message.map_or_else(|| "failed".to_owned(), |m| format!("failed: {m}"))
+}
+
 /// Human durations for logs and the table: "48 s", "3 min 12 s".
 fn human(d: Duration) -> String {
     let secs = d.as_secs();
@@ -259,9 +269,7 @@ pub fn run(args: &MatrixArgs, host_tests: HostTests) -> anyhow::Result<()> {
         Ok(prepared) => prepared,
         Err(e) => {
             return Err(match host_tests {
-                HostTests::Failed(host) => {
-                    e.context(format!("the host's cargo test failed ({host}), and the kernel matrix could not start"))
-                }
+                HostTests::Failed => e.context(format!("{HOST_TESTS_FAILED}; and the kernel matrix could not start")),
                 _ => e.context("the kernel matrix could not start"),
             });
         }
@@ -324,8 +332,8 @@ fn host_column(build: &suite::Build, file: &MatrixFile, host_tests: HostTests) -
     let mut col = Column::new("host", SuiteResult::Host(HostTests::NotRun));
     let release = kernel_release();
     col.release = Some(release.clone());
-    if let HostTests::Failed(e) = &host_tests {
-        col.fail("cargo test", e.clone());
+    if let HostTests::Failed = host_tests {
+        col.fail("cargo test", HOST_TESTS_FAILED);
     }
     col.suite = SuiteResult::Host(host_tests);
     let Some(exe) = &build.kernel_report else {
@@ -453,7 +461,8 @@ fn read_vm_results(
                     log.display(),
                     file_tail(&log, 12_000)
                 );
-                col.fail(&format!("test {}", test.id), format!("failed; output in {}", log.display()));
+                let why = if result.timed_out { "killed after the timeout".to_owned() } else { panic_message(&log) };
+                col.fail(&format!("test {}", test.id), format!("{why}; output in {}", log.display()));
             }
             None => {
                 not_run += 1;
@@ -502,6 +511,18 @@ mod tests {
             assert!(Instant::now() < deadline, "sleep {sleeper} still runs");
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    #[test]
+    fn a_failed_test_is_summed_up_by_its_panic_message() {
+        let log = std::env::temp_dir().join(format!("xtask-panic-test-{}.log", std::process::id()));
+        let output = "running 1 test\n\n---- t stdout ----\n\nthread 't' (262) panicked at tests/src/agent.rs:107:17:\n\
+                      agent exited before ready (exit status: 1)\n--- agent stderr (tail) ---\n";
+        fs::write(&log, output).unwrap();
+        assert_eq!(panic_message(&log), "failed: agent exited before ready (exit status: 1)");
+        fs::write(&log, "error: no such test\n").unwrap();
+        assert_eq!(panic_message(&log), "failed");
+        fs::remove_file(&log).unwrap();
     }
 
     #[test]
