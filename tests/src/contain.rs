@@ -33,12 +33,12 @@ use serde_json::Value;
 use crate::{
     Agent, TempDir, agent_bin,
     clients::{Client, ClientOutcome, Plan, Request},
-    file_tail, python_exe, require_root, tests_dir, wait_with_timeout,
+    file_tail, python_exe, require_root, scaled, tests_dir, wait_with_timeout,
 };
 
 /// Prefix of every cgroup and pin directory these helpers make.
 const PREFIX: &str = "aegis-test-ct-";
-/// How long a control command may take.
+/// How long a control command may take ([`scaled`] where used, like every wait here).
 pub const CTL_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long the agent may take to serve its control socket after it is ready.
 pub const SOCKET_TIMEOUT: Duration = Duration::from_secs(20);
@@ -185,7 +185,7 @@ fn evacuate_and_remove(root: &Path, dir: &Path, ours: &[u32]) {
             }
         }
     }
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + scaled(Duration::from_secs(10));
     loop {
         for pid in read_procs(dir) {
             if ours.contains(&pid) {
@@ -436,15 +436,16 @@ impl ContainConfig {
     /// Starts the agent with this config and waits until its control socket answers.
     pub fn start_agent(&self) -> Agent {
         let agent = Agent::start_with_config(&self.toml());
-        let deadline = Instant::now() + SOCKET_TIMEOUT;
+        let deadline = Instant::now() + scaled(SOCKET_TIMEOUT);
         loop {
             if std::os::unix::net::UnixStream::connect(self.socket()).is_ok() {
                 return agent;
             }
             assert!(
                 Instant::now() < deadline,
-                "the agent is ready but its control socket {} does not answer after {SOCKET_TIMEOUT:?}{}",
+                "the agent is ready but its control socket {} does not answer after {:?}{}",
                 self.socket().display(),
+                scaled(SOCKET_TIMEOUT),
                 agent.logs()
             );
             std::thread::sleep(Duration::from_millis(50));
@@ -525,11 +526,11 @@ pub fn ctl(socket: &Path, args: &[&str]) -> (i32, String, String) {
         std::thread::spawn(move || {
             let _ = tx.send(child.wait_with_output());
         });
-        let out = match rx.recv_timeout(CTL_TIMEOUT) {
+        let out = match rx.recv_timeout(scaled(CTL_TIMEOUT)) {
             Ok(out) => out.expect("waiting for aegis-agent"),
             Err(_) => {
                 let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
-                panic!("aegis-agent {argv:?} (pid {pid}) did not finish within {CTL_TIMEOUT:?}; killed");
+                panic!("aegis-agent {argv:?} (pid {pid}) did not finish within {:?}; killed", scaled(CTL_TIMEOUT));
             }
         };
         (
@@ -599,7 +600,7 @@ impl KeepAlive {
     }
 
     fn next_line(&mut self, what: &str) -> Value {
-        match self.lines.recv_timeout(Duration::from_secs(40)) {
+        match self.lines.recv_timeout(scaled(Duration::from_secs(40))) {
             Ok(line) => serde_json::from_str(&line)
                 .unwrap_or_else(|e| panic!("keep-alive client printed non-JSON ({e}): {line}")),
             Err(_) => panic!(

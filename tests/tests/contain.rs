@@ -390,7 +390,7 @@ fn kernel_gate_stops_the_request_before_it_leaves() {
         GATE_PACK.replace(GATE_CANARY, "aegis-gate-second-9d2e").replace("version = \"1\"", "version = \"2\"");
     assert_ne!(reloaded, GATE_PACK);
     std::fs::write(s.cfg.dir().join("gate.toml"), reloaded).expect("rewriting the pack");
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let deadline = std::time::Instant::now() + aegis_tests::scaled(Duration::from_secs(15));
     for attempt in 0.. {
         let path = format!("/v1/chat/completions?it=reloaded-{attempt}");
         let mut second = chat("it-gate-model", "Please keep aegis-gate-second-9d2e for later.");

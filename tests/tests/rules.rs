@@ -187,7 +187,7 @@ fn rulepack_reload_swaps_valid_packs_and_keeps_the_old_one_on_error() {
 }
 
 fn wait_for_log(agent: &Agent, needle: &str, n: usize) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let deadline = std::time::Instant::now() + aegis_tests::scaled(Duration::from_secs(15));
     while agent.logs().matches(needle).count() < n {
         assert!(std::time::Instant::now() < deadline, "no {needle:?} in the agent log{}", agent.logs());
         std::thread::sleep(Duration::from_millis(100));
