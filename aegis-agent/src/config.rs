@@ -29,6 +29,8 @@ pub struct Config {
     #[serde(default)]
     pub providers: crate::enforce::providers::ProvidersConfig,
     pub capabilities: CapabilitiesConfig,
+    /// The host key and the decision log (`[evidence]`).
+    pub evidence: crate::evidence::EvidenceConfig,
 }
 
 /// `[capabilities]`: what this host cannot do without.

@@ -16,11 +16,16 @@
 //!
 //! Each caller picks its cap next to what the file is (`rules::pack::MAX_PACK_BYTES`,
 //! `config::MAX_CONFIG_BYTES`, ...), and names the file and what to do in its own error.
+//!
+//! Key files are read with [`open_regular_nofollow`] (a symbolic link is refused: whoever
+//! can plant one could point the agent at a key of their own) and created with
+//! [`create_exclusive`] (complete or not at all, never over an existing file).
+//!
 //! This is a bottom module: it imports nothing of the agent.
 
 use std::{
-    fs::{File, Metadata},
-    io::{self, Read as _},
+    fs::{File, Metadata, OpenOptions},
+    io::{self, ErrorKind, Read as _, Write as _},
     os::unix::fs::{FileTypeExt as _, OpenOptionsExt as _},
     path::Path,
 };
@@ -31,6 +36,8 @@ use std::{
 pub enum FileError {
     #[error("cannot open: {0}")]
     Open(io::Error),
+    #[error("it is a symbolic link: the agent does not follow links to its keys; give the real path")]
+    Symlink,
     #[error("it is {0}, not a regular file: give the path of a regular file")]
     NotRegular(&'static str),
     #[error("it has {size} bytes or more, over the limit of {max} bytes: {advice}")]
@@ -51,9 +58,21 @@ impl FileError {
 /// Open `path` for reading without blocking, and check on the open file that it is a
 /// regular file. The descriptor keeps `O_NONBLOCK`, which regular files ignore.
 pub fn open_regular(path: &Path) -> Result<(File, Metadata), FileError> {
+    open_with_flags(path, 0)
+}
+
+/// [`open_regular`], refusing a symbolic link as the last component ([`FileError::Symlink`]).
+pub fn open_regular_nofollow(path: &Path) -> Result<(File, Metadata), FileError> {
+    open_with_flags(path, libc::O_NOFOLLOW).map_err(|e| match e {
+        FileError::Open(io) if io.raw_os_error() == Some(libc::ELOOP) => FileError::Symlink,
+        other => other,
+    })
+}
+
+fn open_with_flags(path: &Path, flags: i32) -> Result<(File, Metadata), FileError> {
     let file = File::options()
         .read(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY | flags)
         .open(path)
         .map_err(FileError::Open)?;
     let meta = file.metadata().map_err(FileError::Read)?;
@@ -96,6 +115,24 @@ pub fn read_capped(path: &Path, max: u64, advice: &'static str) -> Result<Vec<u8
 /// [`read_capped`], as UTF-8 text.
 pub fn read_capped_to_string(path: &Path, max: u64, advice: &'static str) -> Result<String, FileError> {
     String::from_utf8(read_capped(path, max, advice)?).map_err(|e| FileError::NotUtf8(e.utf8_error()))
+}
+
+/// Create `path` holding `contents`, mode 0600, complete or not at all: written to a
+/// temporary file beside it, flushed, then hard-linked into place, which fails with
+/// [`ErrorKind::AlreadyExists`] when the name exists. So two processes creating the same key
+/// at once agree on one, and neither ever reads a half-written file.
+pub fn create_exclusive(path: &Path, contents: &[u8]) -> io::Result<()> {
+    let name = path.file_name().ok_or_else(|| io::Error::new(ErrorKind::InvalidInput, "the path has no file name"))?;
+    let tmp = path.with_file_name(format!(".{}.{}.tmp", name.to_string_lossy(), std::process::id()));
+    // A leftover of a crashed process with our pid is ours to remove; errors show up below.
+    let _ = std::fs::remove_file(&tmp);
+    let written = OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp).and_then(|mut file| {
+        file.write_all(contents)?;
+        file.sync_all()
+    });
+    let placed = written.and_then(|()| std::fs::hard_link(&tmp, path));
+    let _ = std::fs::remove_file(&tmp);
+    placed
 }
 
 #[cfg(test)]
@@ -158,5 +195,27 @@ mod tests {
         // /proc files say they are empty: the cap holds on what is read.
         let e = read_capped(Path::new("/proc/self/maps"), 16, "x").unwrap_err();
         assert!(matches!(e, FileError::TooLarge { size: 17, max: 16, .. }), "{e:?}");
+    }
+
+    #[test]
+    fn exclusive_creation_and_links() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = TempDir::new("exclusive");
+        let path = dir.0.join("key");
+        create_exclusive(&path, b"first").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"first");
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        let e = create_exclusive(&path, b"second").unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::AlreadyExists);
+        assert_eq!(std::fs::read(&path).unwrap(), b"first", "never replaced");
+        let names: Vec<_> = std::fs::read_dir(&dir.0).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names, ["key"], "no temporary file left");
+
+        let link = dir.0.join("link");
+        std::os::unix::fs::symlink(&path, &link).unwrap();
+        assert!(open_regular(&link).is_ok());
+        let e = open_regular_nofollow(&link).unwrap_err();
+        assert!(matches!(e, FileError::Symlink), "{e:?}");
+        assert!(open_regular_nofollow(&path).is_ok());
     }
 }

@@ -14,7 +14,7 @@
 use std::{
     fs::{File, OpenOptions},
     io::{self, Read as _, Seek as _, SeekFrom, Write as _},
-    os::unix::fs::{MetadataExt as _, OpenOptionsExt as _, PermissionsExt as _},
+    os::unix::fs::{FileExt as _, MetadataExt as _, OpenOptionsExt as _, PermissionsExt as _},
     path::{Path, PathBuf},
 };
 
@@ -87,6 +87,26 @@ impl Journal {
         &self.path
     }
 
+    /// Bytes in the file: whole lines only.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Flush what was appended to the disk (for a journal opened without `sync`, before
+    /// something that vouches for its content is written elsewhere).
+    pub fn sync(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+
+    /// The last line: see [`last_line`].
+    pub fn last_line(&self, max: usize) -> io::Result<Option<(u64, Vec<u8>)>> {
+        last_line(&self.file, self.len, max)
+    }
+
     /// Append `lines` (whole lines, each ending in a newline): all of them, or none.
     pub fn append(&mut self, lines: &[u8]) -> io::Result<()> {
         debug_assert!(lines.is_empty() || lines.ends_with(b"\n"));
@@ -110,9 +130,42 @@ impl Journal {
     }
 }
 
+/// The last line of the first `end` bytes of `file`, which end with a newline: its offset
+/// and its bytes without the newline; None when `end` is 0. A last line over `max` bytes is
+/// an `InvalidData` error (it is not read whole). Read with `pread`, backwards from `end`, so
+/// the cost is the line's length, not the file's.
+pub fn last_line(file: &File, end: u64, max: usize) -> io::Result<Option<(u64, Vec<u8>)>> {
+    if end == 0 {
+        return Ok(None);
+    }
+    // Without its newline; the line starts after the previous newline (or at 0).
+    let stop = end - 1;
+    let mut start = stop;
+    let mut buf = [0u8; 4096];
+    while start > 0 {
+        let from = start.saturating_sub(buf.len() as u64);
+        let chunk = &mut buf[..(start - from) as usize];
+        file.read_exact_at(chunk, from)?;
+        if let Some(i) = chunk.iter().rposition(|&b| b == b'\n') {
+            start = from + i as u64 + 1;
+            break;
+        }
+        start = from;
+        if stop - start > max as u64 {
+            break;
+        }
+    }
+    if stop - start > max as u64 {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, format!("the last line is over {max} bytes long")));
+    }
+    let mut line = vec![0; (stop - start) as usize];
+    file.read_exact_at(&mut line, start)?;
+    Ok(Some((start, line)))
+}
+
 /// The length of the longest prefix of the file (of `len` bytes) that ends with a newline
 /// (or is empty).
-fn whole_lines_len(file: &mut File, len: u64) -> io::Result<u64> {
+pub fn whole_lines_len(file: &mut File, len: u64) -> io::Result<u64> {
     let mut end = len;
     let mut buf = [0u8; 4096];
     while end > 0 {
@@ -154,6 +207,27 @@ mod tests {
         std::fs::write(&path, b"garbage").unwrap();
         assert_eq!(Journal::open(&path, false).unwrap().1.partial_line_bytes, 7);
         assert_eq!(std::fs::read(&path).unwrap(), b"");
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn the_last_line_is_found_from_the_end() {
+        let d = dir();
+        let path = d.join("j.jsonl");
+        let (mut j, _) = Journal::open(&path, false).unwrap();
+        assert_eq!(j.last_line(100).unwrap(), None);
+        j.append(b"{\"a\":1}\n").unwrap();
+        assert_eq!(j.last_line(100).unwrap(), Some((0, b"{\"a\":1}".to_vec())));
+        let long = format!("{{\"b\":\"{}\"}}\n", "x".repeat(10_000));
+        j.append(long.as_bytes()).unwrap();
+        j.append(b"\n").unwrap();
+        assert_eq!(j.last_line(100).unwrap(), Some((8 + long.len() as u64, Vec::new())), "an empty last line");
+        j.append(long.as_bytes()).unwrap();
+        assert_eq!(j.len(), 8 + 2 * long.len() as u64 + 1);
+        let (offset, line) = j.last_line(long.len()).unwrap().unwrap();
+        assert_eq!((offset, line.len()), (9 + long.len() as u64, long.len() - 1));
+        let e = j.last_line(9_000).unwrap_err();
+        assert_eq!(e.to_string(), "the last line is over 9000 bytes long");
         std::fs::remove_dir_all(&d).unwrap();
     }
 

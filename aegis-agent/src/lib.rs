@@ -6,6 +6,8 @@
 //! - [`protocol`]: HTTP/1.1 messages, chunked bodies, content decoding, Server-Sent Events.
 //! - [`llm`]: recognise model API calls and build one [`llm::CallRecord`] per call.
 //! - [`sinks`]: where records go (stdout, JSON lines file).
+//! - [`evidence`]: the host signing key, the tamper-evident decision log (Merkle tree,
+//!   signed checkpoints) and signed evidence envelopes (DSSE, in-toto).
 //!
 //! Bottom modules every stage may use: [`files`] (reading a file an operator named:
 //! regular files only, capped, never blocking), [`journal`] (append-only JSON lines files
@@ -18,6 +20,7 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod enforce;
+pub mod evidence;
 pub mod files;
 pub mod journal;
 pub mod kernel;

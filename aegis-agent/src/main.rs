@@ -75,6 +75,21 @@ enum Command {
         #[command(subcommand)]
         command: RulesCommand,
     },
+    /// The host signing key.
+    Key {
+        #[command(subcommand)]
+        command: aegis_agent::commands::evidence::KeyCommand,
+    },
+    /// The tamper-evident decision log: verify it, prove an entry is in it, check a proof.
+    Log {
+        #[command(subcommand)]
+        command: aegis_agent::commands::evidence::LogCommand,
+    },
+    /// Signed evidence envelopes (DSSE around an in-toto Statement).
+    Evidence {
+        #[command(subcommand)]
+        command: aegis_agent::commands::evidence::EvidenceCommand,
+    },
     /// Commands for the running agent, over its control socket. Exit status: 0 done, 1
     /// refused by the agent, 2 bad arguments, 3 the agent could not be asked.
     #[command(flatten)]
@@ -148,6 +163,15 @@ fn main() -> std::process::ExitCode {
                     std::process::ExitCode::from(3)
                 }
             };
+        }
+        Command::Key { command } => {
+            return std::process::ExitCode::from(aegis_agent::commands::evidence::key(&command));
+        }
+        Command::Log { command } => {
+            return std::process::ExitCode::from(aegis_agent::commands::evidence::log(&command));
+        }
+        Command::Evidence { command } => {
+            return std::process::ExitCode::from(aegis_agent::commands::evidence::evidence(&command));
         }
         Command::Control(command) => {
             return std::process::ExitCode::from(aegis_agent::commands::control::run(&command));

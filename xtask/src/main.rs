@@ -129,10 +129,14 @@ fn main() -> anyhow::Result<()> {
                 // Before the long part: a tool that cannot be installed fails the run at once.
                 matrix::setup()?;
             }
+            let evidence_python = ensure_evidence_python()?;
             build_agent(false)?;
             // aegis-ebpf is built for the BPF target by aegis-agent's build script, not for the host.
             let selected = !args.is_empty();
-            let host = run(cargo().args(["test", "--workspace", "--exclude", "aegis-ebpf"]).args(args));
+            let host = run(cargo()
+                .args(["test", "--workspace", "--exclude", "aegis-ebpf"])
+                .args(args)
+                .env("AEGIS_TEST_EVIDENCE_PYTHON", evidence_python));
             let fuzz = if selected {
                 eprintln!("xtask: fuzz smoke run skipped (test arguments given); `cargo xtask fuzz` runs the targets");
                 Ok(())
@@ -311,6 +315,62 @@ fn ensure_packages() -> anyhow::Result<()> {
     let missing: Vec<&str> =
         PACKAGES.iter().filter(|(file, _)| !Path::new(file).exists()).map(|(_, pkg)| *pkg).collect();
     install_debian(&missing)
+}
+
+/// Make `dir` a Python virtual environment (by the python3 on PATH) holding `requirement`
+/// from PyPI: pip refuses to install into Debian's python (PEP 668), and a venv keeps a
+/// pinned version apart from any other.
+pub fn make_venv(dir: &Path, requirement: &str) -> anyhow::Result<()> {
+    eprintln!("xtask: installing {requirement} into {} (pip, in a venv)", dir.display());
+    let has_venv =
+        || Command::new("python3").args(["-c", "import ensurepip, venv"]).output().is_ok_and(|o| o.status.success());
+    if !has_venv() {
+        // Debian's python3 ships venv's pip bootstrap separately.
+        let debian = output(Command::new("python3").args(["-c", "import sys; print(sys.prefix)"]))
+            .is_some_and(|p| p.trim() == "/usr");
+        if !debian {
+            bail!(
+                "the python3 on PATH cannot make a venv (no ensurepip): install its venv module, or put another python3 first on PATH"
+            );
+        }
+        install_debian(&["python3-venv"])?;
+    }
+    let _ = std::fs::remove_dir_all(dir);
+    run(Command::new("python3").args(["-m", "venv"]).arg(dir))
+        .with_context(|| format!("cannot make a venv in {} with the python3 on PATH", dir.display()))?;
+    run(Command::new(dir.join("bin/python"))
+        .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check"])
+        .arg(requirement))
+    .with_context(|| format!("cannot install {requirement} from PyPI (network? proxy?)"))
+}
+
+/// securesystemslib, for the test that has it verify the agent's DSSE envelopes
+/// (tests/tests/evidence.rs), pinned, with its `crypto` extra (pyca/cryptography, for
+/// Ed25519).
+const SECURESYSTEMSLIB_VERSION: &str = "1.6.0";
+
+/// The python of the venv holding securesystemslib, made when missing; the tests find it in
+/// `$AEGIS_TEST_EVIDENCE_PYTHON`.
+fn ensure_evidence_python() -> anyhow::Result<PathBuf> {
+    let dir = tools_dir().join(format!("securesystemslib-{SECURESYSTEMSLIB_VERSION}"));
+    let python = dir.join("bin/python");
+    let installed = || {
+        output(Command::new(&python).args([
+            "-c",
+            "import cryptography, securesystemslib.dsse, securesystemslib; print(securesystemslib.__version__)",
+        ]))
+        .is_some_and(|v| v.trim() == SECURESYSTEMSLIB_VERSION)
+    };
+    if !installed() {
+        make_venv(&dir, &format!("securesystemslib[crypto]=={SECURESYSTEMSLIB_VERSION}"))?;
+        if !installed() {
+            bail!(
+                "securesystemslib {SECURESYSTEMSLIB_VERSION} was installed into {} but does not import",
+                dir.display()
+            );
+        }
+    }
+    Ok(python)
 }
 
 /// `apt-get install` the given packages (root only; otherwise say what to install).

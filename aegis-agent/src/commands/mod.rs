@@ -1,8 +1,10 @@
-//! Operator commands: `scan`, `rules test` and `kernel` run without the daemon;
+//! Operator commands: `scan`, `rules test`, `kernel` and [`evidence`]'s (`key show`,
+//! `log verify|prove|check-proof`, `evidence verify`) run without the daemon;
 //! [`control`]'s (`block`, `unblock`, `blocks`, `emergency`, `disable`, `status`) talk to it
 //! over its control socket.
 
 pub mod control;
+pub mod evidence;
 pub mod kernel;
 pub mod rules;
 pub mod scan;

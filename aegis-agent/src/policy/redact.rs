@@ -10,15 +10,14 @@
 //! The key is 32 random bytes in a file readable by its owner only. It is created once, from
 //! the OS generator through the `getrandom` crate: the getrandom(2) system call blocks until
 //! the kernel generator is seeded, which reading /dev/urandom early at boot would not wait
-//! for. The file appears complete or not at all (written to a temporary file, then
-//! hard-linked into place, which fails if the name exists), so an agent and a CLI started
-//! together agree on one key and neither reads a half-written one.
+//! for. The file appears complete or not at all ([`crate::files::create_exclusive`]), so an
+//! agent and a CLI started together agree on one key and neither reads a half-written one.
 
 use std::{
     fmt::Write as _,
-    fs::{self, OpenOptions},
-    io::{self, ErrorKind, Read, Write},
-    os::unix::fs::{OpenOptionsExt, PermissionsExt},
+    fs,
+    io::{ErrorKind, Read},
+    os::unix::fs::PermissionsExt,
     path::Path,
 };
 
@@ -127,25 +126,13 @@ fn create(path: &Path) -> anyhow::Result<[u8; 32]> {
     }
     let mut key = [0; 32];
     getrandom::fill(&mut key).map_err(|e| anyhow::anyhow!("cannot get random bytes from the OS: {e}"))?;
-    let name = path.file_name().with_context(|| format!("HMAC key path {} has no file name", path.display()))?;
-    let tmp = path.with_file_name(format!(".{}.{}.tmp", name.to_string_lossy(), std::process::id()));
-    // A leftover of a crashed process with our pid is ours to remove; errors show up below.
-    let _ = fs::remove_file(&tmp);
-    let placed = write_new(&tmp, &key).and_then(|()| fs::hard_link(&tmp, path));
-    let _ = fs::remove_file(&tmp);
-    match placed {
+    match crate::files::create_exclusive(path, &key) {
         Ok(()) => Ok(key),
         Err(e) if e.kind() == ErrorKind::AlreadyExists => {
             load(path)?.with_context(|| format!("HMAC key file {} vanished while being created", path.display()))
         }
         Err(e) => Err(e).with_context(|| format!("cannot create HMAC key file {}", path.display())),
     }
-}
-
-fn write_new(path: &Path, key: &[u8]) -> io::Result<()> {
-    let mut file = OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
-    file.write_all(key)?;
-    file.sync_all()
 }
 
 #[cfg(test)]
@@ -232,7 +219,7 @@ mod tests {
         let tmp = TempDir::new("reject");
         fs::create_dir_all(&tmp.0).unwrap();
         let path = tmp.0.join("hmac.key");
-        write_new(&path, &[1; 31]).unwrap();
+        crate::files::create_exclusive(&path, &[1; 31]).unwrap();
         let err = Redactor::load_or_create(&path).err().unwrap().to_string();
         assert!(err.contains("has 31 bytes, expected exactly 32"), "{err}");
         assert_eq!(fs::read(&path).unwrap(), [1; 31]);

@@ -25,7 +25,7 @@ use std::{
 use anyhow::{Context as _, bail};
 
 use super::{human, wait_or_kill};
-use crate::{apt_update, install_debian, nix_is_root, output, run as run_cmd, tools_dir};
+use crate::{apt_update, install_debian, make_venv, nix_is_root, output, tools_dir};
 
 /// Pinned: the VM's command line, shares and init come from virtme-ng, and its options
 /// have changed between releases.
@@ -168,29 +168,7 @@ fn ensure_virtme_ng() -> anyhow::Result<()> {
         return Ok(());
     }
     let dir = virtme_ng_dir();
-    eprintln!("xtask: installing virtme-ng {VIRTME_NG_VERSION} into {} (pip, in a venv)", dir.display());
-    let has_venv =
-        || Command::new("python3").args(["-c", "import ensurepip, venv"]).output().is_ok_and(|o| o.status.success());
-    if !has_venv() {
-        // Debian's python3 ships venv's pip bootstrap separately.
-        let debian = output(Command::new("python3").args(["-c", "import sys; print(sys.prefix)"]))
-            .is_some_and(|p| p.trim() == "/usr");
-        if !debian {
-            bail!(
-                "the python3 on PATH cannot make a venv (no ensurepip): install its venv module, or put another python3 first on PATH"
-            );
-        }
-        install_debian(&["python3-venv"])?;
-    }
-    let _ = fs::remove_dir_all(&dir);
-    run_cmd(Command::new("python3").args(["-m", "venv"]).arg(&dir))
-        .context("cannot make virtme-ng's venv with the python3 on PATH")?;
-    run_cmd(
-        Command::new(dir.join("bin/python"))
-            .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check"])
-            .arg(format!("virtme-ng=={VIRTME_NG_VERSION}")),
-    )
-    .context("cannot install virtme-ng from PyPI (network? proxy?)")?;
+    make_venv(&dir, &format!("virtme-ng=={VIRTME_NG_VERSION}"))?;
     if !has_virtme_ng() {
         bail!("virtme-ng {VIRTME_NG_VERSION} was installed into {} but its vng does not run", dir.display());
     }
