@@ -50,6 +50,14 @@ pub enum Bench {
         #[arg(long)]
         keep: bool,
     },
+    /// The decision log: appends per second with a signed checkpoint every second, beside
+    /// plain journal appends of the same lines; checkpoint time; `log verify` and `log
+    /// prove` times on the log written. One thread.
+    Evidence {
+        /// Seconds per measurement.
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+    },
     /// Containment: time from `aegis-agent block` to the first refused connect, from a
     /// content verdict to the call's connection destroyed (p50, p99), and connect()
     /// latency with and without the connect programs attached (ratio). Runs in a cgroup
@@ -69,6 +77,7 @@ pub fn run(which: Bench) -> anyhow::Result<()> {
         Bench::Capture { seconds, connections, rounds } => capture(seconds, connections, rounds),
         Bench::Rules { seconds, bodies, rulepack, keep } => rules(seconds, bodies, &rulepack, keep),
         Bench::Contain { rounds, connects } => crate::contain::bench(rounds, connects),
+        Bench::Evidence { seconds } => evidence(seconds),
     }
 }
 
@@ -486,6 +495,40 @@ fn counts(v: &Value) -> Option<String> {
     let mut items: Vec<(&String, u64)> = m.iter().map(|(k, c)| (k, c.as_u64().unwrap_or(0))).collect();
     items.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
     Some(items.iter().map(|(k, c)| format!("{k} ×{c}")).collect::<Vec<_>>().join(", "))
+}
+
+fn evidence(seconds: u64) -> anyhow::Result<()> {
+    run_cmd(cargo().args(["build", "--release", "--package", "aegis-tests", "--bin", "evidence_bench"]))?;
+    let dir = std::env::temp_dir().join(format!("aegis-bench-evidence-{}", std::process::id()));
+    let v = json_output(
+        Command::new(workspace_root().join("target/release/evidence_bench"))
+            .arg("--dir")
+            .arg(&dir)
+            .args(["--seconds", &seconds.to_string()]),
+        "evidence_bench",
+    )?;
+    let f = |key: &str| v[key].as_f64().unwrap_or(f64::NAN);
+    let (plain, log) = (f("plain_per_sec"), f("log_per_sec"));
+    println!();
+    println!("evidence benchmark: {seconds} s per measurement, one thread; CPU: {}", cpu_model());
+    println!("{:<48} {:>12} {:>18}", "appends", "per second", "vs plain journal");
+    println!("{:<48} {:>12} {:>18}", "plain JSON lines journal (baseline)", sig3(plain), "1x");
+    println!("{:<48} {:>12} {:>18}", "decision log, a checkpoint every second", sig3(log), sig3(log / plain) + "x");
+    println!(
+        "checkpoints: {} signed, p50 {} ms, max {} ms (flush log and leaf file, sign, append with fsync)",
+        v["checkpoints"],
+        sig3(f("checkpoint_ms_p50")),
+        sig3(f("checkpoint_ms_max"))
+    );
+    println!(
+        "log verify: {} entries ({:.1} MB) in {} s, {} entries/s; log prove of the middle entry: {} ms",
+        v["log_appends"],
+        f("log_bytes") / 1e6,
+        sig3(f("verify_seconds")),
+        sig3(f("verify_entries_per_sec")),
+        sig3(f("prove_ms"))
+    );
+    Ok(())
 }
 
 fn cpu_model() -> String {

@@ -24,7 +24,7 @@ const CARGO_FUZZ_VERSION: &str = "0.13.2";
 /// Seconds per target of `cargo xtask fuzz` without `--seconds`.
 pub const DEFAULT_SECONDS: u64 = 300;
 /// Seconds per target of the run `cargo xtask test` makes: with two at a time on the
-/// two-core VM, eight targets take about a minute after the build (about 5 min of CPU
+/// two-core VM, nine targets take about a minute and a quarter after the build (about 5 min of CPU
 /// from scratch, 2.5 to 3 min on the two cores).
 const SMOKE_SECONDS: u64 = 15;
 /// Options of every build and run: see the module documentation.

@@ -75,7 +75,7 @@ enum Task {
     /// Run the fuzz targets (fuzz/, cargo-fuzz): one, or all in turn.
     Fuzz {
         /// A target (`http1`, `encoding`, `sse`, `exchange`, `rulepack`, `gitleaks`,
-        /// `control`, `config`); all when omitted.
+        /// `control`, `config`, `evidence`); all when omitted.
         target: Option<String>,
         /// Seconds per target.
         #[arg(long, default_value_t = fuzz::DEFAULT_SECONDS)]

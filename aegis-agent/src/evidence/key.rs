@@ -21,7 +21,7 @@
 //! - the raw public key, base64 (32 bytes);
 //! - the DSSE key id: hex SHA-256 of the raw public key.
 
-use std::{fmt, os::unix::fs::MetadataExt as _, path::Path};
+use std::{fmt, io::Read as _, os::unix::fs::MetadataExt as _, path::Path};
 
 use anyhow::{Context as _, bail};
 use base64::{Engine as _, engine::general_purpose::STANDARD as BASE64};
@@ -29,7 +29,7 @@ use ed25519_dalek::{Signature, Signer as _, SigningKey, VerifyingKey};
 use sha2::{Digest as _, Sha256};
 
 use super::hex;
-use crate::files::{self, FileError};
+use crate::files;
 
 /// Largest key file read: a PEM private key is 119 bytes.
 const MAX_KEY_FILE_BYTES: u64 = 4096;
@@ -175,9 +175,16 @@ fn load(path: &Path) -> anyhow::Result<Option<SigningKey>> {
             meta.uid()
         );
     }
-    drop(file);
-    let text = files::read_capped_to_string(path, MAX_KEY_FILE_BYTES, "a key file holds one PEM private key")
-        .map_err(|e: FileError| anyhow::anyhow!("host key {shown}: {e}"))?;
+    // Read from the descriptor checked above, not from the path again.
+    let mut text = String::new();
+    (&file)
+        .take(MAX_KEY_FILE_BYTES + 1)
+        .read_to_string(&mut text)
+        .with_context(|| format!("cannot read the host key {shown} as text"))?;
+    anyhow::ensure!(
+        text.len() as u64 <= MAX_KEY_FILE_BYTES,
+        "host key {shown} is over {MAX_KEY_FILE_BYTES} bytes: a key file holds one PEM private key"
+    );
     let seed = parse_pkcs8_pem(&text).with_context(|| {
         format!(
             "host key {shown} is not an Ed25519 private key in PKCS#8 PEM (RFC 8410): restore this host's key, \

@@ -350,10 +350,6 @@ impl DecisionLog {
         self.latest.as_ref()
     }
 
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
     /// Write the pending leaf records; on failure the file is cut back and they stay pending.
     fn flush_leaves(&mut self) -> anyhow::Result<()> {
         if self.pending.is_empty() {
@@ -752,6 +748,17 @@ pub(crate) mod tests {
         let again = log.checkpoint().unwrap();
         assert_eq!(again.size, 4);
         assert_eq!(std::fs::read_to_string(d.join(CHECKPOINTS_FILE)).unwrap().lines().count(), 2);
+    }
+
+    #[test]
+    fn the_shipped_policy_checkpoints_every_10_s_or_1000_entries() {
+        let config = crate::config::Config::defaults().evidence;
+        let policy = CheckpointPolicy::from_config(&config);
+        assert_eq!(policy, CheckpointPolicy { every: Some(Duration::from_secs(10)), entries: Some(1000) });
+        let off = crate::config::Config::parse("[evidence]\ncheckpoint_secs = 0\ncheckpoint_entries = 0\n").unwrap();
+        assert_eq!(CheckpointPolicy::from_config(&off.evidence), CheckpointPolicy::default());
+        assert_eq!(config.dir, Path::new("/var/lib/aegis/decision-log"));
+        assert_eq!(config.key, Path::new("/var/lib/aegis/host.key"));
     }
 
     #[test]
