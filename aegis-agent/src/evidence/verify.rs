@@ -242,6 +242,12 @@ pub fn verify_log(dir: &Path, key: &VerifierKey) -> anyhow::Result<Report> {
              or crash, which the agent cuts when it opens the log; it is not checked"
         ));
     }
+    if cps.partial {
+        notes.push(format!(
+            "the last line of {CHECKPOINTS_FILE} is incomplete (a checkpoint cut short by a stop or crash, which the \
+             agent cuts when it opens the log)"
+        ));
+    }
     if torn_leaf_bytes > 0 {
         notes.push(format!(
             "the leaf file ends with {torn_leaf_bytes} bytes of a record cut short (a crash; the agent repairs it)"
@@ -541,6 +547,8 @@ struct Checkpoints<'k> {
     latest_size: Option<u64>,
     /// The last checkpoint whose root matched: its number and size.
     last_match: Option<(u64, u64)>,
+    /// The file ends with a partial line.
+    partial: bool,
     problems: Vec<(Group, u64, Problem)>,
     omitted: u64,
 }
@@ -555,6 +563,7 @@ impl<'k> Checkpoints<'k> {
             origin: None,
             latest_size: None,
             last_match: None,
+            partial: false,
             problems: Vec::new(),
             omitted: 0,
         }
@@ -574,6 +583,7 @@ impl<'k> Checkpoints<'k> {
             let Some(raw) = self.reader.as_mut().map(LineReader::next).transpose()?.flatten() else { return Ok(None) };
             if !raw.complete {
                 // A crash while appending: the agent cuts it when it opens the log.
+                self.partial = true;
                 return Ok(None);
             }
             self.number += 1;
@@ -984,15 +994,19 @@ mod tests {
         }
         let mut file = std::fs::OpenOptions::new().append(true).open(d.join(LOG_FILE)).unwrap();
         file.write_all(b"{\"i\":14,\"ti").unwrap();
+        let mut file = std::fs::OpenOptions::new().append(true).open(d.join(CHECKPOINTS_FILE)).unwrap();
+        file.write_all(b"{\"time\":\"2026").unwrap();
         let leaves = std::fs::read(d.join(LEAVES_FILE)).unwrap();
         std::fs::write(d.join(LEAVES_FILE), &leaves[..13 * LEAF_RECORD as usize + 7]).unwrap();
         let r = verify(&d);
         assert!(r.is_valid(), "{:?}", problems(&r));
-        assert_eq!(r.notes.len(), 4, "{:?}", r.notes);
+        assert_eq!(r.notes.len(), 5, "{:?}", r.notes);
         assert!(r.notes[0].starts_with("the last line of log.jsonl is incomplete (11 bytes"), "{:?}", r.notes);
-        assert!(r.notes[1].contains("7 bytes of a record cut short"), "{:?}", r.notes);
-        assert!(r.notes[2].starts_with("entries 13 to 13 have no leaf record yet"), "{:?}", r.notes);
-        assert!(r.notes[3].starts_with("entries 12 to 13 are not covered by a signed checkpoint"), "{:?}", r.notes);
+        assert!(r.notes[1].starts_with("the last line of checkpoints.jsonl is incomplete"), "{:?}", r.notes);
+        assert!(r.notes[2].contains("7 bytes of a record cut short"), "{:?}", r.notes);
+        assert!(r.notes[3].starts_with("entries 13 to 13 have no leaf record yet"), "{:?}", r.notes);
+        assert!(r.notes[4].starts_with("entries 12 to 13 are not covered by a signed checkpoint"), "{:?}", r.notes);
+        assert_eq!(r.checkpoints, 2, "the partial line is not counted");
     }
 
     #[test]
