@@ -182,6 +182,9 @@ impl Config {
             "enforce.mode = \"enforce\" needs enforce.enabled = true (no containment is loaded without it): set \
              enforce.enabled = true, or enforce.mode = \"observe\""
         );
+        if !self.evidence.name.is_empty() {
+            crate::evidence::key::check_key_name(&self.evidence.name)?;
+        }
         Ok(())
     }
 
@@ -314,6 +317,14 @@ mod tests {
             "enforce.mode = \"enforce\" needs enforce.enabled = true (no containment is loaded without it): set \
              enforce.enabled = true, or enforce.mode = \"observe\""
         );
+    }
+
+    #[test]
+    fn evidence_key_names_are_checked_at_load() {
+        assert_eq!(Config::defaults().evidence.name, "", "the host name by default");
+        assert_eq!(Config::parse("[evidence]\nname = \"web-1\"\n").unwrap().evidence.key_name().unwrap(), "web-1");
+        let err = format!("{:#}", Config::parse("[evidence]\nname = \"web 1\"\n").unwrap_err());
+        assert!(err.starts_with("key name \"web 1\" cannot name a key in signatures"), "{err}");
     }
 
     #[test]

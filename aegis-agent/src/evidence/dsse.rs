@@ -16,9 +16,9 @@
 //!  "predicateType": "<URI of the predicate's schema>",
 //!  "predicate": {...}}
 //! ```
-//! These are the formats of in-toto, SLSA and Sigstore: securesystemslib, cosign
-//! (`verify-blob-attestation`) and in-toto tools check them without this program, given
-//! the public key.
+//! These are the formats of in-toto, SLSA and Sigstore: any DSSE verifier given the
+//! Ed25519 public key checks them without this program (the tests have securesystemslib
+//! do it).
 //!
 //! An envelope read from a file is hostile input: it is read up to [`MAX_ENVELOPE_BYTES`],
 //! the payload is only parsed after a signature by the given key verifies, and the reason
