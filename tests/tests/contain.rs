@@ -145,8 +145,30 @@ fn killed_in(summary: &str) -> Option<u64> {
 }
 
 /// The audit lines of `action` that mention `id`.
+/// The outcome lines of `action` on `id`. Every change is first audited as `pending` (so a
+/// crash mid-change leaves a trace); this also checks that each outcome has its intent line.
 fn audit_lines<'a>(audit: &'a [Value], action: &str, id: &str) -> Vec<&'a Value> {
-    audit.iter().filter(|l| l["action"] == action && l.to_string().contains(id)).collect()
+    let all: Vec<&Value> = audit.iter().filter(|l| l["action"] == action && l.to_string().contains(id)).collect();
+    outcomes_after_intents(all)
+}
+
+/// Splits audit lines into intents (`result: pending`) and outcomes, asserts that every
+/// outcome follows an intent line of the same action, and returns the outcomes.
+fn outcomes_after_intents(lines: Vec<&Value>) -> Vec<&Value> {
+    let mut open: Vec<&str> = Vec::new();
+    let mut outcomes = Vec::new();
+    for line in lines {
+        let action = line["action"].as_str().unwrap_or_default();
+        if line["result"] == "pending" {
+            open.push(action);
+            continue;
+        }
+        let at = open.iter().position(|a| *a == action);
+        assert!(at.is_some(), "audit outcome without its pending line before it: {line:#}");
+        open.remove(at.unwrap_or_default());
+        outcomes.push(line);
+    }
+    outcomes
 }
 
 /// A stopped call: its record says the connection was destroyed by `by_prefix`, before any
@@ -667,7 +689,9 @@ fn a_second_agent_on_the_same_pin_directory_refuses_to_start_and_touches_nothing
 
 /// The audit lines of the enforcement mode switches.
 fn mode_switches(audit: &[Value]) -> Vec<&Value> {
-    audit.iter().filter(|l| l["action"] == "enforce_on" || l["action"] == "enforce_off").collect()
+    outcomes_after_intents(
+        audit.iter().filter(|l| l["action"] == "enforce_on" || l["action"] == "enforce_off").collect(),
+    )
 }
 
 /// With the shipped default mode (observe), a call that a default rule blocks gets its full

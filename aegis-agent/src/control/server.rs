@@ -736,6 +736,14 @@ struct Core {
 }
 
 impl Core {
+    /// The audit action of a switch to `mode`.
+    fn mode_action(mode: EnforceMode) -> AuditAction {
+        match mode {
+            EnforceMode::Enforce => AuditAction::EnforceOn,
+            EnforceMode::Observe => AuditAction::EnforceOff,
+        }
+    }
+
     /// Open the audit log, load the state, drop what expired while the agent was down,
     /// settle the enforcement mode, and have the handler enforce the rest.
     fn restore(
@@ -750,6 +758,21 @@ impl Core {
         let (mode, replaced) = ModeState::at_start(configured, state.mode.operator.take());
         state.mode = mode;
         if !expired.is_empty() || replaced.is_some() {
+            // Like every change, audited as pending before it is saved: a crash between the
+            // two leaves a trace, and the result line below follows.
+            let agent = Actor::agent();
+            for block in &expired {
+                audit.record(&agent, AuditAction::Expire, json!({ "block": block }), Outcome::Pending, None)?;
+            }
+            if replaced.is_some() {
+                audit.record(
+                    &agent,
+                    Self::mode_action(configured),
+                    json!({ "mode": &state.mode }),
+                    Outcome::Pending,
+                    None,
+                )?;
+            }
             state.save(&config.state_file)?;
         }
         let core = Arc::new(Self {
@@ -779,10 +802,8 @@ impl Core {
                 choice.config_mode, choice.set_by, choice.mode, choice.set_at
             );
             tracing::warn!(mode = %configured, "{message}");
-            let action =
-                if configured == EnforceMode::Enforce { AuditAction::EnforceOn } else { AuditAction::EnforceOff };
             let details = json!({ "replaced": &choice, "mode": &state.mode });
-            core.audit(&core.agent, action, details, Outcome::Ok, Some(message));
+            core.audit(&core.agent, Self::mode_action(configured), details, Outcome::Ok, Some(message));
         }
         tracing::info!(mode = %state.mode, "enforcement mode");
         let (blocks, emergency, mode) = (state.blocks.list().to_vec(), state.emergency, state.mode);
@@ -1045,10 +1066,7 @@ impl Core {
 
     /// Switch the enforcement mode (an operator's `enforce on|off`); kept across restarts.
     fn enforce(&self, actor: &Actor, mode: EnforceMode) -> Response {
-        let action = match mode {
-            EnforceMode::Enforce => AuditAction::EnforceOn,
-            EnforceMode::Observe => AuditAction::EnforceOff,
-        };
+        let action = Self::mode_action(mode);
         let result = self.commit(actor, action, |state, now| {
             let changed = state.mode.choose(mode, actor, now);
             Ok((changed.then_some(Change::Mode { mode }), (state.mode.clone(), changed)))
@@ -1520,12 +1538,17 @@ mod tests {
         assert_eq!(ControlState::load(&config.state_file).unwrap().blocks.list(), [forever]);
 
         let entries = read_entries(&config.audit_log).unwrap();
-        assert_eq!(entries[0].action, AuditAction::Expire);
-        assert_eq!(entries[0].message.as_deref(), Some("expired while the agent was not running"));
-        assert_eq!(entries[0].details["block"]["id"], "blk-00000001");
+        assert_eq!((entries[0].action, entries[0].result), (AuditAction::Expire, Outcome::Pending), "before the save");
+        assert_eq!((entries[1].action, entries[1].result), (AuditAction::Expire, Outcome::Ok));
+        assert_eq!(entries[1].message.as_deref(), Some("expired while the agent was not running"));
+        assert_eq!(entries[1].details["block"]["id"], "blk-00000001");
         let expiry = entries
             .iter()
-            .find(|e| e.action == AuditAction::Expire && e.details["block"]["id"] == short.id.as_str())
+            .find(|e| {
+                e.action == AuditAction::Expire
+                    && e.result != Outcome::Pending
+                    && e.details["block"]["id"] == short.id.as_str()
+            })
             .unwrap();
         assert_eq!(expiry.result, Outcome::Ok);
         assert_eq!(expiry.actor.pid, std::process::id(), "expired by the agent");
