@@ -1,11 +1,13 @@
 //! Faults the agent must survive without a silent loss, on the real kernel with real
-//! clients: a full disk under the records file, and a ring buffer too small for the traffic.
-//! Each test asserts what is kept and what is reported.
+//! clients: a full disk under the records file, a ring buffer too small for the traffic, a
+//! write larger than the kernel copies. Each test asserts what is kept and what is
+//! reported.
 //!
 //! Disks are tmpfs instances mounted for the test in a temporary directory and unmounted at
 //! the end; traffic goes to a local mock on 127.0.0.1.
 
 use std::{
+    collections::BTreeSet,
     path::{Path, PathBuf},
     process::Command,
     time::Duration,
@@ -104,4 +106,95 @@ fn a_full_disk_loses_no_record_silently() {
     assert!(logs.contains(&format!("records_lost={lost}")), "the final report counts them: {logs}");
     // The failure is logged when it starts and when it ends, not every pass of the loop.
     assert_eq!(logs.matches("cannot write output.file").count(), 1, "{logs}");
+}
+
+/// `name=N` from the last log line holding `label` (the report at exit).
+fn stat(logs: &str, label: &str, name: &str) -> u64 {
+    let line = logs.lines().rev().find(|l| l.contains(label)).unwrap_or_else(|| panic!("no {label:?} line{logs}"));
+    let key = format!(" {name}=");
+    let at = line.find(&key).unwrap_or_else(|| panic!("no {name} in {line}")) + key.len();
+    line[at..].split(' ').next().unwrap().parse().unwrap_or_else(|e| panic!("{name} in {line}: {e}"))
+}
+
+/// 8 threads x 30 calls with 6 KB prompts through an 8 KiB ring: most events are dropped.
+/// Both ends (the python client and the python mock) are captured, so every call has two
+/// views. Every view ends as exactly one record (joined ones hold two), or is counted, and
+/// no record gives a call another call's response.
+#[test]
+fn a_ring_too_small_for_the_traffic_loses_no_call_silently_and_mixes_none() {
+    let _serial = serial();
+    require_root();
+    let cert = TempCert::generate();
+    let mock = MockProvider::start(&cert);
+    let mut agent = Agent::start_with_config("[capture]\nring_buffer_bytes = 8192\n");
+    let pad = "lorem ipsum ".repeat(500);
+    let (threads, calls) = (8, 30);
+    let plan = Plan {
+        connections: (0..threads)
+            .map(|t| {
+                (0..calls)
+                    .map(|i| {
+                        Request::post(
+                            "/v1/chat/completions",
+                            json!({"model": format!("ring-{t}-{i}"), "messages": [{"role": "user", "content": pad}]}),
+                        )
+                    })
+                    .collect()
+            })
+            .collect(),
+    };
+    let run = run_python(mock.port, &plan);
+    run.assert_responses(&plan);
+    std::thread::sleep(Duration::from_secs(2));
+    let records = agent.stop();
+    let logs = agent.logs();
+    let (client, server) = (u64::from(run.pid()), u64::from(mock.pid()));
+    let is = |r: &Value, pid: u64| r["pid"].as_u64() == Some(pid) || r["server"]["pid"].as_u64() == Some(pid);
+    let mine: Vec<&Value> = records.iter().filter(|r| is(r, client) || is(r, server)).collect();
+
+    // No record pairs a request with another call's response.
+    for r in &mine {
+        if let (Some(asked), Some(answered)) = (r["model"].as_str(), r["response_model"].as_str()) {
+            assert_eq!(asked, answered, "a response given to another call: {r}{logs}");
+        }
+    }
+    // Every view of a call is a record, or counted: whole exchanges lost (both halves), and
+    // responses alone that showed no model API (none here: every call is one).
+    let views = mine.iter().filter(|r| is(r, client)).count() + mine.iter().filter(|r| is(r, server)).count();
+    let lost_whole = stat(&logs, "call accounting", "exchanges_not_captured");
+    let skipped = stat(&logs, "call accounting", "responses_without_request_skipped");
+    let unpaired = stat(&logs, "call accounting", "responses_unpaired");
+    let total = threads * calls;
+    eprintln!(
+        "{total} calls, 2 views each: {} records ({} joined), {views} views in records, {lost_whole} exchanges lost \
+         whole, {skipped} responses alone skipped, {unpaired} unpaired\n{}",
+        mine.len(),
+        mine.iter().filter(|r| r["server"].is_object()).count(),
+        logs.lines()
+            .rev()
+            .filter(|l| l.contains(" stats ") || l.contains("call accounting"))
+            .take(2)
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert_eq!(unpaired, 0, "nothing pipelines{logs}");
+    assert_eq!(
+        views as u64 + lost_whole + skipped,
+        2 * total as u64,
+        "views in records + views lost whole + responses alone that did not show their API{logs}"
+    );
+    // Each call (by its model name) is in a record from at least one end, or lost whole.
+    let named: BTreeSet<&str> =
+        mine.iter().flat_map(|r| [r["model"].as_str(), r["response_model"].as_str()]).flatten().collect();
+    assert!(named.len() as u64 + lost_whole >= total as u64, "{} calls named{logs}", named.len());
+    // The records and the stats say what was lost.
+    assert!(stat(&logs, "capture stats", "dropped_ring_full_events") > 0, "{logs}");
+    assert!(stat(&logs, "capture stats", "gap_bytes") > 0, "{logs}");
+    let incomplete: Vec<&&Value> = mine.iter().filter(|r| r["complete"] != true).collect();
+    assert!(!incomplete.is_empty(), "a ring this small loses something{logs}");
+    for r in &incomplete {
+        let notes = r["notes"].as_array().unwrap();
+        assert!(!notes.is_empty(), "an incomplete record says why: {r}");
+        assert_eq!(r["decision"]["scan_complete"], false, "and its decision is not a full scan: {r}");
+    }
 }
