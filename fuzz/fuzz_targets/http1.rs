@@ -79,7 +79,8 @@ fn check_shape(events: &[HttpEvent], fed: usize, skipped: u64, limits: Limits) {
             }
             HttpEvent::Unparsed { head, .. } => {
                 assert!(!open, "an unparsed message inside a message: {events:?}");
-                assert!(head.headers.is_empty() && (head.method.is_some() || head.status.is_some()));
+                assert!(head.method.is_some() || head.status.is_some(), "an unparsed message has its start line");
+                assert!(head.wire_len <= limits.max_oversized_head_bytes.max(limits.max_head_bytes) + 1);
             }
             HttpEvent::Body(b) => {
                 assert!(open, "body outside a message");

@@ -318,6 +318,8 @@ pub struct ContainConfig {
     pub fail: &'static str,
     pub grace_secs: u64,
     pub kill_on_block: bool,
+    /// `enforce.uninspectable` (None: the agent's default).
+    pub uninspectable: Option<&'static str>,
     /// `[enforce.gate]`: enabled on these ports (None: disabled).
     pub gate_ports: Option<Vec<u16>>,
     pub providers: Vec<Provider>,
@@ -334,6 +336,7 @@ impl ContainConfig {
             fail: "closed",
             grace_secs: 10,
             kill_on_block: true,
+            uninspectable: None,
             gate_ports: None,
             providers: Vec::new(),
             packs: Vec::new(),
@@ -343,6 +346,12 @@ impl ContainConfig {
 
     pub fn fail_open(mut self) -> Self {
         self.fail = "open";
+        self
+    }
+
+    /// What content the rules could not see gets: "allow", "warn" or "block".
+    pub fn uninspectable(mut self, action: &'static str) -> Self {
+        self.uninspectable = Some(action);
         self
     }
 
@@ -399,6 +408,9 @@ impl ContainConfig {
             self.grace_secs,
             self.kill_on_block
         );
+        if let Some(action) = self.uninspectable {
+            t.insert_str(t.len() - 1, &format!("uninspectable = {action:?}\n"));
+        }
         match &self.gate_ports {
             Some(ports) => {
                 let ports: Vec<String> = ports.iter().map(u16::to_string).collect();

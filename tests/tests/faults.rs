@@ -198,3 +198,40 @@ fn a_ring_too_small_for_the_traffic_loses_no_call_silently_and_mixes_none() {
         assert_eq!(r["decision"]["scan_complete"], false, "and its decision is not a full scan: {r}");
     }
 }
+
+/// One 2.5 MB `SSL_write`: the kernel copies 1 MiB of a library call (64 chunks of 16 KiB)
+/// and counts the rest as `dropped_over_call_cap_bytes`. The call is one record (both ends
+/// joined; it used to be two), which says what was not seen.
+#[test]
+fn a_write_larger_than_the_kernel_copies_is_one_record_that_says_what_was_lost() {
+    let _serial = serial();
+    require_root();
+    let cert = TempCert::generate();
+    let mock = MockProvider::start(&cert);
+    let mut agent = Agent::start();
+    // python's http.client sends a body over 2 KB in one sendall: one SSL_write_ex.
+    let big = "word ".repeat(500_000);
+    let plan = Plan::single(vec![Request::post(
+        "/v1/chat/completions",
+        json!({"model": "big-write", "messages": [{"role": "user", "content": big}]}),
+    )]);
+    let run = run_python(mock.port, &plan);
+    run.assert_responses(&plan);
+    std::thread::sleep(Duration::from_secs(2));
+    let records = agent.stop();
+    let logs = agent.logs();
+    let calls: Vec<&Value> =
+        records.iter().filter(|r| r["model"] == "big-write" || r["response_model"] == "big-write").collect();
+    assert_eq!(calls.len(), 1, "one record for the call: {calls:#?}{logs}");
+    let r = calls[0];
+    assert_eq!(r["pid"].as_u64(), Some(u64::from(run.pid())), "{r:#}");
+    assert_eq!(r["server"]["pid"].as_u64(), Some(u64::from(mock.pid())), "both ends joined: {r:#}");
+    assert_eq!(r["complete"], false, "{r:#}");
+    let notes = r["notes"].to_string();
+    assert!(notes.contains("request_capture_gap:"), "{r:#}");
+    assert_eq!(r["decision"]["scan_complete"], false, "{r:#}");
+    assert!(r["decision"]["rules"].to_string().contains("uninspectable.request_body"), "{r:#}");
+    assert!(stat(&logs, "capture stats", "dropped_over_call_cap_bytes") > 0, "{logs}");
+    let body = plan.connections[0][0].body_bytes().len() as u64;
+    assert!(r["request_bytes"].as_u64().is_some_and(|n| n > body), "the bytes not copied count as sent: {r:#}");
+}

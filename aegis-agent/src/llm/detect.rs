@@ -238,10 +238,11 @@ impl Route<'_> {
     }
 }
 
-/// A POST whose head could not be parsed past its start line (`method`, `target`): a call
+/// A POST whose head could not be parsed past its start line (`method`, `target`, and
+/// `host` if its field was read): a call
 /// when its path names an API, or may be one on a path that does not ([`ApiKind::Unknown`]:
 /// only the body would have told). None: surely not a call.
-pub fn detect_unparsed(method: &str, target: &str) -> Option<ApiCall> {
+pub fn detect_unparsed(method: &str, target: &str, host: Option<&str>) -> Option<ApiCall> {
     if !may_be_api_call(method, target) {
         return None;
     }
@@ -250,7 +251,7 @@ pub fn detect_unparsed(method: &str, target: &str) -> Option<ApiCall> {
         Some(route) => (route.api, route.model(), route.stream(None)),
         None => (ApiKind::Unknown, None, false),
     };
-    Some(ApiCall { api, provider: provider(None, api), model, stream })
+    Some(ApiCall { api, provider: provider(host, api), model, stream })
 }
 
 /// Bytes of a response's decoded body that [`response_api`] needs at most.
@@ -958,10 +959,11 @@ mod tests {
     #[test]
     fn requests_known_by_their_start_line_only() {
         let unknown = ApiCall { api: ApiKind::Unknown, provider: "unknown", model: None, stream: false };
-        assert_eq!(detect_unparsed("POST", "/gateway/x"), Some(unknown));
-        assert_eq!(detect_unparsed("GET", "/v1/chat/completions"), None);
-        assert_eq!(detect_unparsed("POST", "/v1/messages/count_tokens"), None);
-        let gemini = detect_unparsed("POST", "/v1beta/models/gemini-2.0-flash:streamGenerateContent?alt=sse").unwrap();
+        assert_eq!(detect_unparsed("POST", "/gateway/x", None), Some(unknown));
+        assert_eq!(detect_unparsed("GET", "/v1/chat/completions", None), None);
+        assert_eq!(detect_unparsed("POST", "/v1/messages/count_tokens", None), None);
+        let gemini =
+            detect_unparsed("POST", "/v1beta/models/gemini-2.0-flash:streamGenerateContent?alt=sse", None).unwrap();
         assert_eq!(
             (gemini.api, gemini.model.as_deref(), gemini.stream),
             (ApiKind::GeminiGenerateContent, Some("gemini-2.0-flash"), true)

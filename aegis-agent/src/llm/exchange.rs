@@ -792,7 +792,8 @@ impl ExchangeTracker {
                 x.req.complete = false;
                 let note = format!("request_head_unparsed:{error}");
                 x.req.notes.push(note.clone());
-                x.req.call = detect::detect_unparsed(&method, &target);
+                let host = x.req.head.header("host").map(|h| String::from_utf8_lossy(h).into_owned());
+                x.req.call = detect::detect_unparsed(&method, &target, host.as_deref());
                 match (&x.req.call, &self.inspector) {
                     (None, _) => self.stats.ignored_exchanges += 1,
                     (Some(_), Some(inspector)) => {
@@ -1143,7 +1144,7 @@ impl ExchangeTracker {
         req.call = detect::detect(&view);
         if req.call.is_none() && !req.complete {
             // Capture lost (part of) the body that would have told: judge by the path.
-            req.call = detect::detect_unparsed(method, target);
+            req.call = detect::detect_unparsed(method, target, host.as_deref());
         }
         let Some(call) = req.call.clone() else {
             self.stats.ignored_exchanges += 1;

@@ -161,7 +161,8 @@ pub enum HttpEvent {
     BodyGap(u64),
     /// A message whose start line was read but not the rest of its head (over
     /// `Limits::max_oversized_head_bytes`, a malformed field, a capture gap): `head` has the
-    /// start line, no fields, and the bytes read of it in `wire_len`. Not followed by an
+    /// start line, the fields read well so far, and the bytes read of it in `wire_len`.
+    /// Not followed by an
     /// `End`: the `Error` that starts the resync follows (unless one is in progress), and the
     /// message's body, whose framing is unknown, is discarded while resyncing.
     Unparsed { head: MessageHead, error: ParseError },
@@ -571,9 +572,7 @@ impl Http1Parser {
         let reported = self.head.skim.is_some_and(|s| s.over_bound);
         if matches!(self.state, State::Head) && self.head.line_start > 0 && !reported {
             let wire = self.head.wire();
-            let buf = &self.head.buf;
-            let start = memchr::memchr(b'\n', buf).map_or(&buf[..0], |lf| &buf[..=lf]);
-            self.unparsed(start, wire, error.clone(), out);
+            self.unparsed(&self.head.buf[..self.head.line_start], wire, error.clone(), out);
         }
         self.skipped += discarded;
         if !self.resyncing {
@@ -597,11 +596,12 @@ impl Http1Parser {
         }
     }
 
-    /// Report a message whose head failed after its start line (`start`, with its line end),
-    /// `wire` bytes of it read. A start line that does not parse is no message.
-    fn unparsed(&self, start: &[u8], wire: usize, error: ParseError, out: &mut Vec<HttpEvent>) {
-        let line = start.strip_suffix(b"\n").unwrap_or(start);
-        let line = line.strip_suffix(b"\r").unwrap_or(line);
+    /// Report a message whose head failed after its start line, from `kept` (its complete
+    /// lines read so far: the start line, and fields), `wire` bytes of it read. A start
+    /// line that does not parse is no message. Fields that read well are kept (the Host a
+    /// stop needs to find the connection); the others are left out.
+    fn unparsed(&self, kept: &[u8], wire: usize, error: ParseError, out: &mut Vec<HttpEvent>) {
+        let mut lines = kept.split(|&b| b == b'\n').map(|l| l.strip_suffix(b"\r").unwrap_or(l));
         let mut head = MessageHead {
             method: None,
             target: None,
@@ -611,9 +611,21 @@ impl Http1Parser {
             wire_len: wire,
             skimmed: None,
         };
-        if parse_start_line(self.kind, line, &mut head).is_ok() {
-            out.push(HttpEvent::Unparsed { head, error });
+        if parse_start_line(self.kind, lines.next().unwrap_or_default(), &mut head).is_err() {
+            return;
         }
+        for line in lines {
+            let Some(colon) = memchr::memchr(b':', line) else { continue };
+            let name = &line[..colon];
+            if name.is_empty() || !name.iter().all(|&b| is_tchar(b)) {
+                continue;
+            }
+            head.headers.push(Header {
+                name: String::from_utf8_lossy(name).to_ascii_lowercase(),
+                value: Bytes::copy_from_slice(line[colon + 1..].trim_ascii()),
+            });
+        }
+        out.push(HttpEvent::Unparsed { head, error });
     }
 
     /// Emit up to `limit` bytes of `data` as body; returns how many.
@@ -727,9 +739,7 @@ impl Http1Parser {
                 // Given up as a message, followed on to its end (see the module doc).
                 skim.over_bound = true;
                 if self.head.line_start > 0 {
-                    let buf = &self.head.buf;
-                    let start = memchr::memchr(b'\n', buf).map_or(&buf[..0], |lf| &buf[..=lf]);
-                    self.unparsed(start, wire, ParseError::HeadTooLarge(bound), out);
+                    self.unparsed(&self.head.buf[..self.head.line_start], wire, ParseError::HeadTooLarge(bound), out);
                 }
                 continue;
             }
@@ -879,8 +889,7 @@ impl Http1Parser {
             Ok(parsed) => parsed,
             Err(error) => {
                 if !muted {
-                    let start = memchr::memchr(b'\n', &raw).map_or(&raw[..0], |lf| &raw[..=lf]);
-                    self.unparsed(start, wire, error.clone(), out);
+                    self.unparsed(&raw, wire, error.clone(), out);
                 }
                 self.fail(error, wire as u64, true, out);
                 return;
