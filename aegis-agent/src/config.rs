@@ -107,8 +107,10 @@ pub struct EnforceConfig {
     pub fail: FailMode,
     /// With `fail = "open"`: seconds without the agent's heartbeat before blocks lift.
     pub grace_secs: u64,
-    /// Destroy the connection of a call whose verdict is block.
-    pub kill_on_block: bool,
+    /// Whether rule verdicts of block end the call's connection (`enforce`) or are only
+    /// recorded (`observe`); the mode the agent starts in (see `control::mode` for how it
+    /// meets `aegis-agent enforce on|off` across restarts).
+    pub mode: crate::control::EnforceMode,
     /// The verdict for content the rules could not see (see `policy::inspect`).
     pub uninspectable: crate::rules::pack::Action,
     #[serde(default)]
@@ -176,6 +178,7 @@ impl Config {
     pub fn parse(text: &str) -> anyhow::Result<Self> {
         let mut base: toml::Table = DEFAULT_TOML.parse().expect("embedded default config is TOML");
         let over: toml::Table = text.parse()?;
+        check_enforce_mode(&over)?;
         merge(&mut base, over);
         let config: Config = toml::Value::Table(base).try_into()?;
         config.validate()?;
@@ -214,6 +217,11 @@ impl Config {
             c.max_oversized_head_bytes,
             c.max_head_bytes
         );
+        anyhow::ensure!(
+            self.enforce.enabled || self.enforce.mode == crate::control::EnforceMode::Observe,
+            "enforce.mode = \"enforce\" needs enforce.enabled = true (no containment is loaded without it): set \
+             enforce.enabled = true, or enforce.mode = \"observe\""
+        );
         Ok(())
     }
 
@@ -231,6 +239,31 @@ impl Config {
 pub fn read_file(path: &Path) -> anyhow::Result<String> {
     crate::files::read_capped_to_string(path, MAX_CONFIG_BYTES, "a configuration only needs the keys it changes")
         .with_context(|| format!("cannot read config file {}", path.display()))
+}
+
+/// `enforce.mode` and the key it replaced, checked in the operator's own text so that the
+/// error names the key, the value and what to write instead (serde's would not name the
+/// key).
+fn check_enforce_mode(over: &toml::Table) -> anyhow::Result<()> {
+    let Some(enforce) = over.get("enforce").and_then(toml::Value::as_table) else {
+        return Ok(());
+    };
+    if let Some(old) = enforce.get("kill_on_block") {
+        let instead = if old.as_bool() == Some(false) { "observe" } else { "enforce" };
+        anyhow::bail!(
+            "enforce.kill_on_block was replaced by enforce.mode: write mode = \"{instead}\" instead of \
+             kill_on_block = {old} (\"observe\" records rule verdicts of block, \"enforce\" also ends the call's \
+             connection; operator blocks act in both)"
+        );
+    }
+    match enforce.get("mode") {
+        None => Ok(()),
+        Some(toml::Value::String(m)) if ["observe", "enforce"].contains(&m.as_str()) => Ok(()),
+        Some(other) => anyhow::bail!(
+            "enforce.mode = {other}: expected \"observe\" (record rule verdicts, stop nothing on their account) or \
+             \"enforce\" (a rule verdict of block ends the call's connection)"
+        ),
+    }
 }
 
 /// Recursive table merge: keys of `over` replace those of `base`; nested tables merge.
@@ -278,6 +311,49 @@ mod tests {
         assert_eq!(c.capabilities.require, vec![Capability::Capture, Capability::ContentGate]);
         let err = Config::parse("[capabilities]\nrequire = [\"gate\"]\n").unwrap_err();
         assert!(format!("{err:#}").contains("unknown variant `gate`"), "{err:#}");
+    }
+
+    #[test]
+    fn enforce_mode_defaults_to_observe_and_parses() {
+        use crate::control::EnforceMode;
+        assert_eq!(Config::defaults().enforce.mode, EnforceMode::Observe, "a fresh install observes");
+        assert!(Config::defaults().enforce.enabled, "and loads containment for the operator");
+        let c = Config::parse("[enforce]\nmode = \"enforce\"\n").unwrap();
+        assert_eq!(c.enforce.mode, EnforceMode::Enforce);
+        let c = Config::parse("[enforce]\nmode = \"observe\"\nenabled = false\n").unwrap();
+        assert_eq!((c.enforce.mode, c.enforce.enabled), (EnforceMode::Observe, false));
+    }
+
+    #[test]
+    fn bad_enforce_mode_names_the_key_and_the_allowed_values() {
+        for (value, shown) in [("\"enforcing\"", "\"enforcing\""), ("\"Enforce\"", "\"Enforce\""), ("true", "true")] {
+            let err = format!("{:#}", Config::parse(&format!("[enforce]\nmode = {value}\n")).unwrap_err());
+            assert_eq!(
+                err,
+                format!(
+                    "enforce.mode = {shown}: expected \"observe\" (record rule verdicts, stop nothing on their \
+                     account) or \"enforce\" (a rule verdict of block ends the call's connection)"
+                )
+            );
+        }
+    }
+
+    #[test]
+    fn kill_on_block_says_what_replaced_it() {
+        let err = format!("{:#}", Config::parse("[enforce]\nkill_on_block = true\n").unwrap_err());
+        assert!(err.starts_with("enforce.kill_on_block was replaced by enforce.mode: write mode = \"enforce\" instead of kill_on_block = true"), "{err}");
+        let err = format!("{:#}", Config::parse("[enforce]\nkill_on_block = false\n").unwrap_err());
+        assert!(err.contains("write mode = \"observe\" instead of kill_on_block = false"), "{err}");
+    }
+
+    #[test]
+    fn enforce_mode_needs_containment_loaded() {
+        let err = format!("{:#}", Config::parse("[enforce]\nenabled = false\nmode = \"enforce\"\n").unwrap_err());
+        assert_eq!(
+            err,
+            "enforce.mode = \"enforce\" needs enforce.enabled = true (no containment is loaded without it): set \
+             enforce.enabled = true, or enforce.mode = \"observe\""
+        );
     }
 
     #[test]

@@ -25,11 +25,11 @@ use crate::{
         targets::{self, TlsTarget},
     },
     config::{Config, FailMode},
-    control::{ContainmentOff, ControlHandler, ControlServer},
+    control::{ContainmentOff, ControlHandler, ControlServer, EnforceMode},
     enforce::{
         connect::{self, ConnectGuard},
         gate::{Gate, GateConfig, GateProbes},
-        handler::{Enforcer, SocketIndex, block_id},
+        handler::{Enforcer, ModeFollower, SocketIndex, block_id},
         providers::ProviderBook,
         sockdiag,
         verdict::{ConnectionKiller, Containment, HostBook},
@@ -91,12 +91,12 @@ pub fn run(config: &Config, ready_file: Option<&Path>) -> anyhow::Result<()> {
         None => Arc::new(ContainmentOff),
     };
     // Restores the saved blocks and makes the (maybe adopted) kernel rules equal to them.
-    let server = ControlServer::start_with(config.control.clone(), handler, caps.clone())
+    let server = ControlServer::start_with(config.control.clone(), config.enforce.mode, handler, caps.clone())
         .context("cannot start the control socket")?;
     let containment = match &enforcement {
         Some(e) => Containment {
             view: Some(server.view()),
-            killer: config.enforce.kill_on_block.then(|| e.enforcer.clone() as Arc<dyn ConnectionKiller>),
+            killer: Some(e.enforcer.clone() as Arc<dyn ConnectionKiller>),
             hosts: Some(e.enforcer.clone() as Arc<dyn HostBook>),
             scope: Some(e.scope.clone()),
         },
@@ -112,7 +112,15 @@ pub fn run(config: &Config, ready_file: Option<&Path>) -> anyhow::Result<()> {
     });
     let refresher = refresher.transpose().context("cannot start the provider address refresher")?;
 
-    let gate = start_gate(config, &features, &caps, &mut probes, enforcement.as_ref(), inspector.as_deref());
+    let gate = start_gate(
+        config,
+        &features,
+        &caps,
+        &mut probes,
+        enforcement.as_ref(),
+        inspector.as_deref(),
+        server.view().mode(),
+    );
 
     let sink = JsonLines::open(config.output.stdout, &config.output.file, config.output.max_pending_bytes)?;
     let pipeline = Pipeline::start(config, probes, discovery, source, sink, inspector.clone(), containment)?;
@@ -338,10 +346,11 @@ fn stop_enforcement(e: Enforcement, nothing_blocked: bool) {
     }
 }
 
-/// Load the content gate, attach it to the enforcement cgroup with the packs' kernel
-/// keywords, and put its SSL_write probes wherever capture's go. It also indexes which
-/// socket carries each TLS connection, so a stopped call's connection is found exactly.
-/// None when it is off or unavailable (reported either way).
+/// Load the content gate with the packs' kernel keywords and put its SSL_write probes
+/// wherever capture's go; it attaches to the enforcement cgroup and refuses only while the
+/// agent enforces (`mode`, then every switch through [`GateMode`]), and stands by otherwise.
+/// Attached, it also indexes which socket carries each TLS connection, so a stopped call's
+/// connection is found exactly. None when it is off or unavailable (reported either way).
 fn start_gate(
     config: &Config,
     features: &Features,
@@ -349,6 +358,7 @@ fn start_gate(
     probes: &mut TlsProbes,
     enforcement: Option<&Enforcement>,
     inspector: Option<&Inspector>,
+    mode: EnforceMode,
 ) -> Option<Arc<RwLock<Gate>>> {
     let off = |reason: &str| {
         caps.set(CapabilityStatus::off(Capability::ContentGate, reason));
@@ -371,6 +381,7 @@ fn start_gate(
     let mut gc = GateConfig::new(e.cgroup.clone());
     gc.ports = config.enforce.gate.ports.clone();
     gc.kill = true;
+    gc.enforcing = mode == EnforceMode::Enforce;
     let mut gate = match Gate::start(&gc) {
         Ok(g) => g,
         Err(err) => return unavailable(format!("{err:#}")),
@@ -385,8 +396,48 @@ fn start_gate(
     e.enforcer.set_socket_index(Arc::new(GateIndex(gate.clone())));
     let detail =
         format!("{} kernel keyword(s) on ports 443 {:?}, cgroup {}", keywords.len(), gc.ports, e.cgroup.display());
-    caps.set(CapabilityStatus::active(Capability::ContentGate, detail).with_programs(programs));
+    let follower = Arc::new(GateMode { gate: gate.clone(), caps: caps.clone(), detail, programs });
+    follower.report();
+    e.enforcer.set_mode_follower(follower);
     Some(gate)
+}
+
+/// The content gate following the enforcement mode, and its capability state with it.
+struct GateMode {
+    gate: Arc<RwLock<Gate>>,
+    caps: Capabilities,
+    detail: String,
+    programs: Vec<crate::kernel::capability::ProgramStatus>,
+}
+
+impl GateMode {
+    fn report(&self) {
+        let status = if self.gate.read().unwrap_or_else(|e| e.into_inner()).enforcing() {
+            CapabilityStatus::active(Capability::ContentGate, self.detail.clone())
+        } else {
+            CapabilityStatus::standby(
+                Capability::ContentGate,
+                format!(
+                    "{}; observe mode: attaches and refuses once enforcement is on (aegis-agent enforce on)",
+                    self.detail
+                ),
+            )
+        };
+        self.caps.set(status.with_programs(self.programs.clone()));
+    }
+}
+
+impl ModeFollower for GateMode {
+    fn follow(&self, mode: EnforceMode) -> Result<String, String> {
+        let on = mode == EnforceMode::Enforce;
+        let result = self.gate.write().unwrap_or_else(|e| e.into_inner()).set_enforcing(on);
+        self.report();
+        match result {
+            Ok(()) if on => Ok("the content gate refuses flagged sends".into()),
+            Ok(()) => Ok("the content gate stands by".into()),
+            Err(e) => Err(format!("the content gate could not follow the mode: {e:#}")),
+        }
+    }
 }
 
 /// An exclusive lock next to the control socket, taken before the pinned state is touched,
@@ -427,7 +478,7 @@ impl SocketIndex for GateIndex {
     }
 }
 
-/// Flagged sends (refused, or observed) to the log and the sinks, until `stop`; the kernel keywords follow the
+/// Gate refusals to the log and the sinks, until `stop`; the kernel keywords follow the
 /// rulepacks when they are reloaded.
 fn read_gate(
     gate: Arc<RwLock<Gate>>,
@@ -451,23 +502,14 @@ fn read_gate(
             if !ready {
                 continue;
             }
-            let flagged = gate.write().unwrap_or_else(|e| e.into_inner()).poll();
-            for r in flagged {
-                let (kind, bytes_sent) = if r.refused {
-                    tracing::warn!(
-                        rule = r.rule_id.as_deref().unwrap_or("?"), pid = r.pid, comm = %r.comm, peer = %r.peer,
-                        send_bytes = r.send_bytes, "request refused in the kernel before it left the host"
-                    );
-                    ("gate_refused", 0)
-                } else {
-                    tracing::warn!(
-                        rule = r.rule_id.as_deref().unwrap_or("?"), pid = r.pid, comm = %r.comm, peer = %r.peer,
-                        send_bytes = r.send_bytes, "a kernel keyword matched a request; it went out (the gate observes)"
-                    );
-                    ("gate_observed", r.send_bytes)
-                };
+            let refusals = gate.write().unwrap_or_else(|e| e.into_inner()).poll();
+            for r in refusals {
+                tracing::warn!(
+                    rule = r.rule_id.as_deref().unwrap_or("?"), pid = r.pid, comm = %r.comm, peer = %r.peer,
+                    refused_bytes = r.refused_bytes, "request refused in the kernel before it left the host"
+                );
                 let record = serde_json::json!({
-                    "type": kind,
+                    "type": "gate_refused",
                     "time": crate::control::blocks::rfc3339_ms(crate::control::blocks::now_unix_ms()),
                     "rule": r.rule_id,
                     "pid": r.pid,
@@ -478,8 +520,8 @@ fn read_gate(
                     "local": r.local.to_string(),
                     "peer": r.peer.to_string(),
                     "plaintext_bytes": r.plain_len,
-                    "send_bytes": r.send_bytes,
-                    "bytes_sent": bytes_sent,
+                    "refused_bytes": r.refused_bytes,
+                    "bytes_sent": 0,
                     "connection_killed": r.killed,
                 });
                 let _ = out.send(Output::Event(record));
@@ -538,6 +580,7 @@ fn report_counters(c: &crate::capture::Counters, drops: &[DropCounter; DROP_CAUS
         unjoined_server_halves = c.alone_server.load(Ordering::Relaxed),
         correlation_overflowed = c.correlation_overflowed.load(Ordering::Relaxed),
         stopped_calls = c.stopped_calls.load(Ordering::Relaxed),
+        observed_calls = c.observed_calls.load(Ordering::Relaxed),
         bad_records = c.bad_records.load(Ordering::Relaxed),
         records_pending = c.records_pending.load(Ordering::Relaxed),
         records_lost = c.records_lost.load(Ordering::Relaxed),

@@ -186,8 +186,7 @@ pub struct PendingCall {
 /// keywords are loaded, scans the plaintext; a match marks the entry flagged. The sk_msg
 /// verdict on a gated socket (one the sockops program put in `GATE_SOCKS`) sees the send
 /// that follows on that thread: it records (tgid, ssl) -> socket in `GATE_INDEX` and, for a
-/// flagged entry, refuses the send (`SK_DROP`; or lets it through while the gate observes)
-/// and emits a [`GateEvent`] on `GATE_EVENTS`.
+/// flagged entry, refuses the send (`SK_DROP`) and emits a [`GateEvent`] on `GATE_EVENTS`.
 pub mod gate {
     /// Plaintext bytes of one SSL_write scanned at most (the first ones).
     pub const GATE_SCAN_MAX: usize = 16 * 1024;
@@ -245,9 +244,7 @@ pub mod gate {
         /// Text positions tested by the prefilter: every `stride`-th (1, 2, 4 or 8), chosen
         /// so that every occurrence of the shortest keyword covers one tested 4-gram.
         pub stride: u32,
-        /// 1: a flagged send is refused (`SK_DROP`); 0: it passes and is only reported
-        /// (the agent's observe mode).
-        pub refuse: u32,
+        pub _pad: u32,
         /// Only threads in this cgroup v2 subtree are gated (0: every thread).
         pub cgroup_id: u64,
         /// Depth of `cgroup_id` (root = 0).
@@ -343,7 +340,7 @@ pub mod gate {
         pub comm: [u8; 16],
     }
 
-    /// A flagged send, refused or (while the gate observes) let through (ring `GATE_EVENTS`).
+    /// A refused send (ring `GATE_EVENTS`).
     #[repr(C)]
     #[derive(Clone, Copy, Debug, Default)]
     pub struct GateEvent {
@@ -357,10 +354,9 @@ pub mod gate {
         /// `GATE_KEYWORDS` slot and its rule number.
         pub keyword: u32,
         pub rule: u32,
-        /// Bytes of the flagged send (TLS records).
-        pub send_bytes: u32,
-        /// 1: the send was refused; 0: it went out (the gate observes).
-        pub dropped: u32,
+        /// Bytes of the refused send (TLS records).
+        pub refused_bytes: u32,
+        pub _pad: u32,
         pub tuple: SockTuple,
         pub comm: [u8; 16],
     }
@@ -379,7 +375,7 @@ pub mod gate {
         Candidates = 3,
         /// Scans that found a keyword.
         Matches = 4,
-        /// Flagged sends refused.
+        /// Sends refused.
         Refused = 5,
         /// Plaintext that could not be read (not scanned).
         ReadFailed = 6,
@@ -394,11 +390,9 @@ pub mod gate {
         Truncated = 11,
         /// Of `ScanNs`, nanoseconds spent copying the plaintext from the caller.
         CopyNs = 12,
-        /// Flagged sends let through because the gate observes.
-        Observed = 13,
     }
 
-    pub const GATE_STAT_SLOTS: usize = 14;
+    pub const GATE_STAT_SLOTS: usize = 13;
 }
 
 #[cfg(feature = "user")]

@@ -107,7 +107,7 @@ static GATE_INDEX: LruHashMap<ConnKey, ConnSock> = LruHashMap::with_max_entries(
 #[map]
 static GATE_PENDING: LruHashMap<u64, GatePending> = LruHashMap::with_max_entries(16384, 0);
 
-/// Flagged sends (refused, or seen only while the gate observes), for the agent.
+/// Refused sends, for the agent.
 #[map]
 static GATE_EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
 
@@ -604,7 +604,7 @@ pub fn gate_sockops(ctx: SockOpsContext) -> u32 {
 }
 
 /// Every send on a gated socket: attribute it to the thread's SSL_write, and refuse it
-/// when that write was flagged (report it only, while the gate observes).
+/// when that write was flagged.
 #[sk_msg]
 pub fn gate_msg(ctx: SkMsgContext) -> u32 {
     let id = bpf_get_current_pid_tgid();
@@ -652,10 +652,7 @@ pub fn gate_msg(ctx: SkMsgContext) -> u32 {
         }
         return sk_action::SK_PASS;
     }
-    // While the gate observes (the agent's observe mode), a flagged send passes and is
-    // only reported.
-    let refuse = GATE_CONFIG.get(0).is_some_and(|c| c.refuse != 0);
-    bump(if refuse { GateStat::Refused } else { GateStat::Observed }, 1);
+    bump(GateStat::Refused, 1);
     if p.sends == 1 {
         let rule = GATE_KEYWORDS.get(p.keyword & (GATE_KEYWORDS_MAX as u32 - 1)).map_or(0, |k| k.rule);
         let event = GateEvent {
@@ -667,8 +664,8 @@ pub fn gate_msg(ctx: SkMsgContext) -> u32 {
             plain_len: p.plain_len,
             keyword: p.keyword,
             rule,
-            send_bytes: ctx.size(),
-            dropped: refuse as u32,
+            refused_bytes: ctx.size(),
+            _pad: 0,
             tuple,
             comm: p.comm,
         };
@@ -679,5 +676,5 @@ pub fn gate_msg(ctx: SkMsgContext) -> u32 {
     if p.returned_ns != 0 {
         let _ = GATE_PENDING.remove(&id);
     }
-    if refuse { sk_action::SK_DROP } else { sk_action::SK_PASS }
+    sk_action::SK_DROP
 }

@@ -13,9 +13,10 @@ use nix::{
 };
 use serde_json::Value;
 
-use crate::{TempDir, file_tail, workspace_dir};
+use crate::{TempDir, file_tail, scaled, time_scale, workspace_dir};
 
-/// How long the agent may take to load and attach its probes.
+/// How long the agent may take to load and attach its probes ([`scaled`] where used, like
+/// every wait here).
 pub const READY_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long the agent may take to exit after SIGINT before it is killed.
 pub const STOP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -74,6 +75,16 @@ impl Agent {
     /// [`Agent::start_with_config`], writing its records to `output` (default: a file in
     /// the agent's temporary directory).
     pub fn start_writing_to(extra_toml: &str, output: Option<PathBuf>) -> Self {
+        Self::start_full(extra_toml, output, &[])
+    }
+
+    /// [`Agent::start_with_config`] with `env` added to the agent's environment (e.g.
+    /// `AEGIS_FAILPOINTS`).
+    pub fn start_with_env(extra_toml: &str, env: &[(&str, &str)]) -> Self {
+        Self::start_full(extra_toml, None, env)
+    }
+
+    fn start_full(extra_toml: &str, output: Option<PathBuf>, env: &[(&str, &str)]) -> Self {
         let bin = agent_bin();
         let dir = TempDir::new("agent");
         let output = output.unwrap_or_else(|| dir.join("calls.jsonl"));
@@ -91,15 +102,24 @@ impl Agent {
         let enforce = if extra_toml.contains("[enforce]") { "" } else { "[enforce]\nenabled = false\n" };
         // The control socket always runs: it and its files live with the test too.
         let control = if extra_toml.contains("[control]") { String::new() } else { test_control_toml(dir.path()) };
+        // The two ends of a local call are joined when their views come within a window of
+        // each other; where everything runs slower ([`scaled`]), so do they.
+        let capture = if time_scale() == 1 || extra_toml.contains("[capture]") {
+            String::new()
+        } else {
+            let window = aegis_agent::config::Config::defaults().capture.correlation_window_ms;
+            format!("[capture]\ncorrelation_window_ms = {}\n", window * u64::from(time_scale()))
+        };
         // The records go to `output` whatever `extra_toml` says of the rest of `[output]`.
         let output_keys = format!("stdout = false\nfile = {:?}\n", output.display().to_string());
         let (output_table, extra) = match extra_toml.split_once("[output]\n") {
             Some((before, after)) => (String::new(), format!("{before}[output]\n{output_keys}{after}")),
             None => (format!("[output]\n{output_keys}"), extra_toml.to_owned()),
         };
-        let toml = format!("{rules}{enforce}{control}{output_table}{extra}");
+        let toml = format!("{rules}{enforce}{control}{capture}{output_table}{extra}");
         fs::write(&config, toml).expect("writing agent config");
         let child = Command::new(&bin)
+            .envs(env.iter().copied())
             .arg("run")
             .arg("--config")
             .arg(&config)
@@ -112,7 +132,8 @@ impl Agent {
             .unwrap_or_else(|e| panic!("spawning {}: {e}", bin.display()));
         let mut agent = Self { child, dir, output, status: None };
 
-        let deadline = Instant::now() + READY_TIMEOUT;
+        let ready_timeout = scaled(READY_TIMEOUT);
+        let deadline = Instant::now() + ready_timeout;
         while !ready.exists() {
             if let Some(status) = agent.child.try_wait().expect("waiting for the agent") {
                 agent.status = Some(status);
@@ -120,7 +141,7 @@ impl Agent {
             }
             if Instant::now() >= deadline {
                 agent.kill();
-                panic!("agent not ready after {READY_TIMEOUT:?}{}", agent.logs());
+                panic!("agent not ready after {ready_timeout:?}{}", agent.logs());
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -163,6 +184,7 @@ impl Agent {
     /// Polls until at least `n` records satisfy `pred`, and returns those; panics with the
     /// records seen and the agent's stderr after `timeout`.
     pub fn wait_for_records(&self, pred: impl Fn(&Value) -> bool, n: usize, timeout: Duration) -> Vec<Value> {
+        let timeout = scaled(timeout);
         let deadline = Instant::now() + timeout;
         loop {
             let matching: Vec<Value> = self.records().into_iter().filter(|r| pred(r)).collect();
@@ -184,7 +206,7 @@ impl Agent {
     /// Like [`Agent::wait_for_records`] but returns false on timeout instead of panicking,
     /// so the caller can go on to a detailed comparison.
     pub fn wait_until(&self, pred: impl Fn(&Value) -> bool, n: usize, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
+        let deadline = Instant::now() + scaled(timeout);
         while self.records().iter().filter(|r| pred(r)).count() < n {
             if Instant::now() >= deadline {
                 return false;
@@ -223,13 +245,14 @@ impl Agent {
         }
         let pid = Pid::from_raw(self.child.id() as i32);
         let _ = kill(pid, signal);
-        let deadline = Instant::now() + STOP_TIMEOUT;
+        let stop_timeout = scaled(STOP_TIMEOUT);
+        let deadline = Instant::now() + stop_timeout;
         let status = loop {
             if let Some(status) = self.child.try_wait().expect("waiting for the agent") {
                 break status;
             }
             if Instant::now() >= deadline {
-                eprintln!("agent did not exit {STOP_TIMEOUT:?} after {signal}; sending SIGKILL");
+                eprintln!("agent did not exit {stop_timeout:?} after {signal}; sending SIGKILL");
                 self.kill();
                 break self.status.expect("set by kill");
             }

@@ -33,12 +33,12 @@ use serde_json::Value;
 use crate::{
     Agent, TempDir, agent_bin,
     clients::{Client, ClientOutcome, Plan, Request},
-    file_tail, python_exe, require_root, tests_dir, wait_with_timeout,
+    file_tail, python_exe, require_root, scaled, tests_dir, wait_with_timeout,
 };
 
 /// Prefix of every cgroup and pin directory these helpers make.
 const PREFIX: &str = "aegis-test-ct-";
-/// How long a control command may take.
+/// How long a control command may take ([`scaled`] where used, like every wait here).
 pub const CTL_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long the agent may take to serve its control socket after it is ready.
 pub const SOCKET_TIMEOUT: Duration = Duration::from_secs(20);
@@ -185,7 +185,7 @@ fn evacuate_and_remove(root: &Path, dir: &Path, ours: &[u32]) {
             }
         }
     }
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + scaled(Duration::from_secs(10));
     loop {
         for pid in read_procs(dir) {
             if ours.contains(&pid) {
@@ -317,7 +317,9 @@ pub struct ContainConfig {
     /// "closed" (default) or "open".
     pub fail: &'static str,
     pub grace_secs: u64,
-    pub kill_on_block: bool,
+    /// `enforce.mode`; None leaves the key out, so the shipped default applies. [`Self::new`]
+    /// sets "enforce": a test that expects rule verdicts to kill says so.
+    pub mode: Option<&'static str>,
     /// `enforce.uninspectable` (None: the agent's default).
     pub uninspectable: Option<&'static str>,
     /// `[enforce.gate]`: enabled on these ports (None: disabled).
@@ -326,6 +328,9 @@ pub struct ContainConfig {
     /// Rulepacks (`[rules] packs`); empty: the embedded default pack.
     pub packs: Vec<PathBuf>,
     dir: TempDir,
+    /// Where the state file and the audit log go instead of `dir` (fault tests).
+    state_dir: Option<PathBuf>,
+    audit_dir: Option<PathBuf>,
 }
 
 impl ContainConfig {
@@ -335,13 +340,21 @@ impl ContainConfig {
             pin_dir: pins.path().to_path_buf(),
             fail: "closed",
             grace_secs: 10,
-            kill_on_block: true,
+            mode: Some("enforce"),
             uninspectable: None,
             gate_ports: None,
             providers: Vec::new(),
             packs: Vec::new(),
             dir: TempDir::new("control"),
+            state_dir: None,
+            audit_dir: None,
         }
+    }
+
+    /// No `enforce.mode` in the config: the agent starts in the shipped default mode.
+    pub fn shipped_mode(mut self) -> Self {
+        self.mode = None;
+        self
     }
 
     pub fn fail_open(mut self) -> Self {
@@ -378,6 +391,16 @@ impl ContainConfig {
         self
     }
 
+    /// Put the state file in `dir` (a small disk, for fault tests).
+    pub fn state_file_in(&mut self, dir: &Path) {
+        self.state_dir = Some(dir.to_owned());
+    }
+
+    /// Put the audit log in `dir` (a small disk, for fault tests).
+    pub fn audit_log_in(&mut self, dir: &Path) {
+        self.audit_dir = Some(dir.to_owned());
+    }
+
     /// The directory of the control files (and rulepacks, and the evidence key).
     pub fn dir(&self) -> &Path {
         self.dir.path()
@@ -388,11 +411,11 @@ impl ContainConfig {
     }
 
     pub fn state_file(&self) -> PathBuf {
-        self.dir.join("blocks.json")
+        self.state_dir.as_deref().unwrap_or(self.dir.path()).join("blocks.json")
     }
 
     pub fn audit_log(&self) -> PathBuf {
-        self.dir.join("audit.jsonl")
+        self.audit_dir.as_deref().unwrap_or(self.dir.path()).join("audit.jsonl")
     }
 
     /// The TOML given to [`Agent::start_with_config`].
@@ -401,16 +424,19 @@ impl ContainConfig {
         let list = |v: &[String]| format!("[{}]", v.join(", "));
         let mut t = String::new();
         t += &format!(
-            "[enforce]\nenabled = true\ncgroup = {}\npin_dir = {}\nfail = {:?}\ngrace_secs = {}\nkill_on_block = {}\n\n",
+            "[enforce]\nenabled = true\ncgroup = {}\npin_dir = {}\nfail = {:?}\ngrace_secs = {}\n",
             s(&self.cgroup),
             s(&self.pin_dir),
             self.fail,
             self.grace_secs,
-            self.kill_on_block
         );
-        if let Some(action) = self.uninspectable {
-            t.insert_str(t.len() - 1, &format!("uninspectable = {action:?}\n"));
+        if let Some(mode) = self.mode {
+            t += &format!("mode = {mode:?}\n");
         }
+        if let Some(action) = self.uninspectable {
+            t += &format!("uninspectable = {action:?}\n");
+        }
+        t += "\n";
         match &self.gate_ports {
             Some(ports) => {
                 let ports: Vec<String> = ports.iter().map(u16::to_string).collect();
@@ -436,16 +462,22 @@ impl ContainConfig {
 
     /// Starts the agent with this config and waits until its control socket answers.
     pub fn start_agent(&self) -> Agent {
-        let agent = Agent::start_with_config(&self.toml());
-        let deadline = Instant::now() + SOCKET_TIMEOUT;
+        self.start_agent_with_env(&[])
+    }
+
+    /// [`ContainConfig::start_agent`] with `env` added to the agent's environment.
+    pub fn start_agent_with_env(&self, env: &[(&str, &str)]) -> Agent {
+        let agent = Agent::start_with_env(&self.toml(), env);
+        let deadline = Instant::now() + scaled(SOCKET_TIMEOUT);
         loop {
             if std::os::unix::net::UnixStream::connect(self.socket()).is_ok() {
                 return agent;
             }
             assert!(
                 Instant::now() < deadline,
-                "the agent is ready but its control socket {} does not answer after {SOCKET_TIMEOUT:?}{}",
+                "the agent is ready but its control socket {} does not answer after {:?}{}",
                 self.socket().display(),
+                scaled(SOCKET_TIMEOUT),
                 agent.logs()
             );
             std::thread::sleep(Duration::from_millis(50));
@@ -526,11 +558,11 @@ pub fn ctl(socket: &Path, args: &[&str]) -> (i32, String, String) {
         std::thread::spawn(move || {
             let _ = tx.send(child.wait_with_output());
         });
-        let out = match rx.recv_timeout(CTL_TIMEOUT) {
+        let out = match rx.recv_timeout(scaled(CTL_TIMEOUT)) {
             Ok(out) => out.expect("waiting for aegis-agent"),
             Err(_) => {
                 let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
-                panic!("aegis-agent {argv:?} (pid {pid}) did not finish within {CTL_TIMEOUT:?}; killed");
+                panic!("aegis-agent {argv:?} (pid {pid}) did not finish within {:?}; killed", scaled(CTL_TIMEOUT));
             }
         };
         (
@@ -600,7 +632,7 @@ impl KeepAlive {
     }
 
     fn next_line(&mut self, what: &str) -> Value {
-        match self.lines.recv_timeout(Duration::from_secs(40)) {
+        match self.lines.recv_timeout(scaled(Duration::from_secs(40))) {
             Ok(line) => serde_json::from_str(&line)
                 .unwrap_or_else(|e| panic!("keep-alive client printed non-JSON ({e}): {line}")),
             Err(_) => panic!(

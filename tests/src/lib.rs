@@ -168,8 +168,30 @@ pub fn file_tail(path: &Path, max: usize) -> String {
     if start > 0 { format!("[...]{text}") } else { text }
 }
 
-/// Waits for a child up to `timeout`, then kills it (by its pid) and panics.
+/// `wait` stretched by `$AEGIS_TEST_TIME_SCALE` (a whole number, default 1). Every wait
+/// of these tests for something to happen (the agent ready, a record written, a client
+/// done) goes through it: they are tuned for a machine running natively, and the kernel
+/// matrix runs the tests in VMs that qemu emulates without KVM, several times slower.
+pub fn scaled(wait: Duration) -> Duration {
+    wait * time_scale()
+}
+
+/// `$AEGIS_TEST_TIME_SCALE`, 1 when unset (see [`scaled`]).
+pub fn time_scale() -> u32 {
+    static SCALE: OnceLock<u32> = OnceLock::new();
+    *SCALE.get_or_init(|| match std::env::var("AEGIS_TEST_TIME_SCALE") {
+        Err(_) => 1,
+        Ok(s) => s
+            .parse()
+            .ok()
+            .filter(|n| *n >= 1)
+            .unwrap_or_else(|| panic!("AEGIS_TEST_TIME_SCALE must be a whole number >= 1, not {s:?}")),
+    })
+}
+
+/// Waits for a child up to `timeout` ([`scaled`]), then kills it (by its pid) and panics.
 pub fn wait_with_timeout(child: &mut Child, what: &str, timeout: Duration) -> ExitStatus {
+    let timeout = scaled(timeout);
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(status) = child.try_wait().expect("waiting for a child") {

@@ -15,7 +15,7 @@ use crate::{
     clients::CURL,
     comm_of,
     expect::{Identity, TlsExpect},
-    file_tail, python_exe, tests_dir,
+    file_tail, python_exe, scaled, tests_dir,
 };
 
 /// A running mock provider on `127.0.0.1:<port>`; killed (by pid) on drop.
@@ -26,7 +26,8 @@ pub struct MockProvider {
 }
 
 impl MockProvider {
-    /// Starts the mock with `cert` and waits (up to 20 s) for its `LISTENING <port>` line.
+    /// Starts the mock with `cert` and waits (up to 20 s, [`scaled`]) for its `LISTENING
+    /// <port>` line.
     pub fn start(cert: &TempCert) -> Self {
         Self::start_inner(cert, None)
     }
@@ -64,7 +65,7 @@ impl MockProvider {
             let _ = BufReader::new(stdout).read_line(&mut line);
             let _ = tx.send(line);
         });
-        let line = rx.recv_timeout(Duration::from_secs(20)).unwrap_or_default();
+        let line = rx.recv_timeout(scaled(Duration::from_secs(20))).unwrap_or_default();
         let port = line.trim().strip_prefix("LISTENING ").and_then(|p| p.parse().ok());
         let Some(port) = port else {
             let _ = child.kill();

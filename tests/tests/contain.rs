@@ -1,7 +1,11 @@
 //! Containment on the real kernel, through the daemon: `aegis-agent run` with `[enforce]`
 //! scoped to a cgroup made for each test, and the operator commands (`block`, `unblock`,
-//! `blocks`, `emergency`, `disable`) over its control socket. Real clients (curl, python,
-//! node) run inside the test cgroup and call TLS mock providers on loopback.
+//! `blocks`, `emergency`, `disable`, `enforce`) over its control socket. Real clients (curl,
+//! python, node) run inside the test cgroup and call TLS mock providers on loopback.
+//!
+//! The tests that expect rule verdicts to kill run with `enforce.mode = "enforce"` (what
+//! `ContainConfig::new` writes); the observe-mode tests at the end leave the key out, so
+//! the shipped default applies.
 //!
 //! Every test: its own cgroup (`TestCgroup`) and bpffs pin directory (`PinDir`), removed
 //! on every exit path; the agent's connect programs attach to that cgroup only; traffic to
@@ -107,6 +111,12 @@ impl Setup {
             .remove(0)
     }
 
+    /// `status --json`, parsed.
+    fn status_json(&self) -> Value {
+        let out = self.cfg.ctl_ok(&["status", "--json"]);
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("status --json is not JSON ({e}): {out}"))
+    }
+
     /// The first `connect_denied` record of process `pid`.
     fn denied_record(&self, pid: u32) -> Value {
         let pid = u64::from(pid);
@@ -155,6 +165,32 @@ fn assert_stopped(record: &Value, by_prefix: &str, context: &str) {
         "the answer was held back: nothing may come in after the verdict: {record:#}{context}"
     );
     assert!(e["verdict_to_kill_us"].is_u64(), "{record:#}{context}");
+}
+
+/// An observed call (observe mode): the decision stays block, the record says which rule
+/// would have stopped it, and the whole answer came in after the verdict.
+fn assert_observed(record: &Value, by: &str, context: &str) {
+    assert_eq!(record["decision"]["action"], "block", "observe mode keeps the decision: {record:#}{context}");
+    let e = &record["enforcement"];
+    assert!(e.is_object(), "an observed block must say so in `enforcement`: {record:#}{context}");
+    assert_eq!(e["outcome"], "observed", "{record:#}{context}");
+    assert_eq!(e["mode"], "observe", "{record:#}{context}");
+    assert_eq!(e["by"], by, "{record:#}{context}");
+    assert_eq!(e["connections_killed"], 0, "{record:#}{context}");
+    assert!(e["verdict_to_kill_us"].is_null(), "no kill was attempted: {record:#}{context}");
+    assert!(
+        e["detail"].as_str().is_some_and(|d| d.starts_with("enforce.mode is observe")),
+        "the record says why the call went on: {record:#}{context}"
+    );
+    assert_eq!(
+        (record["status"].as_u64(), record["complete"].as_bool()),
+        (Some(200), Some(true)),
+        "{record:#}{context}"
+    );
+    assert!(
+        e["bytes_in_after_verdict"].as_u64().is_some_and(|n| n > 0),
+        "the answer came in after the verdict: {record:#}{context}"
+    );
 }
 
 fn assert_not_stopped(record: &Value, context: &str) {
@@ -266,7 +302,7 @@ fn provider_block_kills_an_open_keep_alive_connection() {
     assert_eq!(d["dest"], format!("127.0.0.1:{port}"), "{d:#}");
 }
 
-/// A prompt injection that the default pack blocks (decided in user space, `kill_on_block`):
+/// A prompt injection that the default pack blocks (decided in user space, enforce mode):
 /// the connection dies before the held-back answer, the record says so with no answer byte
 /// after the verdict, and a clean call from a new client right after works.
 #[test]
@@ -354,7 +390,7 @@ fn kernel_gate_stops_the_request_before_it_leaves() {
         GATE_PACK.replace(GATE_CANARY, "aegis-gate-second-9d2e").replace("version = \"1\"", "version = \"2\"");
     assert_ne!(reloaded, GATE_PACK);
     std::fs::write(s.cfg.dir().join("gate.toml"), reloaded).expect("rewriting the pack");
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let deadline = std::time::Instant::now() + aegis_tests::scaled(Duration::from_secs(15));
     for attempt in 0.. {
         let path = format!("/v1/chat/completions?it=reloaded-{attempt}");
         let mut second = chat("it-gate-model", "Please keep aegis-gate-second-9d2e for later.");
@@ -673,4 +709,178 @@ fn a_second_agent_on_the_same_pin_directory_refuses_to_start_and_touches_nothing
     assert_eq!(s.pins.entries(), pinned, "the pinned state is untouched");
     s.assert_connect_errno(port, libc::EPERM, "the first agent's block still holds");
     assert!(s.cfg.block_ids().contains(&id), "the first agent still lists {id}");
+}
+
+// ---------------------------------------------------------------------------------------
+// Observe mode: the shipped default
+
+/// The audit lines of the enforcement mode switches.
+fn mode_switches(audit: &[Value]) -> Vec<&Value> {
+    audit.iter().filter(|l| l["action"] == "enforce_on" || l["action"] == "enforce_off").collect()
+}
+
+/// With the shipped default mode (observe), a call that a default rule blocks gets its full
+/// answer (held back by the mock, so a kill would have won the race) and its record says it
+/// was observed; `enforce on` stops the same call; `enforce off` observes again; both
+/// switches are in the audit log, by root through the CLI.
+#[test]
+fn shipped_mode_observes_a_blocked_call_until_enforce_on() {
+    let _serial = serial();
+    let s = Setup::new("observe", |c, _| c.fail_open().shipped_mode());
+    let port = s.port();
+    let status = s.status_json();
+    assert_eq!(
+        (status["mode"]["mode"].as_str(), status["mode"]["configured"].as_str()),
+        (Some("observe"), Some("observe")),
+        "a fresh install observes: {status:#}"
+    );
+    assert!(status["mode"]["operator"].is_null(), "{status:#}");
+
+    let inject = one(chat("it-observe-model", INJECTION).header("x-mock-delay-ms", HOLD_MS));
+    for client in Client::ALL {
+        let run = s.cg.run(client, port, &inject).assert_ok(&s.context());
+        assert_observed(&s.call_record(run.pid()), "rule:injection.instruction_override", &s.context());
+    }
+
+    let on = s.cfg.ctl_ok(&["enforce", "on"]);
+    assert!(
+        on.starts_with("enforcement mode: enforce (set by root (uid 0, pid ") && on.contains("the config says observe"),
+        "{on}"
+    );
+    assert_eq!(s.status_json()["mode"]["mode"], "enforce");
+    let run = s.cg.run(Client::Python, port, &inject);
+    run.assert_no_answer(&s.context());
+    let rec = s.call_record(run.pid());
+    assert_eq!(rec["decision"]["action"], "block", "{rec:#}");
+    assert_stopped(&rec, "rule:injection.instruction_override", &s.context());
+    assert_eq!(rec["enforcement"]["mode"], "enforce", "{rec:#}");
+
+    let off = s.cfg.ctl_ok(&["enforce", "off"]);
+    assert!(off.starts_with("enforcement mode: observe (set by "), "{off}");
+    let run = s.cg.run(Client::Python, port, &inject).assert_ok(&s.context());
+    assert_observed(&s.call_record(run.pid()), "rule:injection.instruction_override", &s.context());
+    let blocks = s.cfg.ctl_ok(&["blocks"]);
+    assert!(blocks.starts_with("enforcement mode: observe (set by "), "blocks shows the mode: {blocks}");
+    assert_eq!(s.cfg.blocks_json()["mode"]["operator"]["mode"], "observe");
+
+    let audit = s.cfg.audit();
+    let switches = mode_switches(&audit);
+    let actions: Vec<&str> = switches.iter().filter_map(|l| l["action"].as_str()).collect();
+    assert_eq!(actions, ["enforce_on", "enforce_off"], "{}", s.cfg.audit_text());
+    for line in switches {
+        assert_eq!(
+            (line["result"].as_str(), line["details"]["changed"].as_bool()),
+            (Some("ok"), Some(true)),
+            "{line:#}"
+        );
+        assert_eq!((line["actor"]["uid"].as_u64(), line["actor"]["comm"].as_str()), (Some(0), Some("aegis-agent")));
+        assert_ne!(
+            line["actor"]["pid"].as_u64(),
+            Some(u64::from(s.agent().pid())),
+            "by the CLI, not the agent: {line:#}"
+        );
+        assert!(line["time"].as_str().is_some_and(|t| t.ends_with('Z')), "{line:#}");
+    }
+}
+
+/// In observe mode the operator's actions still act: a disabled model is stopped, a
+/// destination block refuses connects, and emergency mode stops warned calls and the
+/// rules' blocked ones in its cgroup until it is turned off.
+#[test]
+fn operator_actions_act_in_observe_mode() {
+    let _serial = serial();
+    let s = Setup::new("observe-ops", |c, _| c.fail_open().shipped_mode());
+    let port = s.port();
+    assert_eq!(s.status_json()["mode"]["mode"], "observe");
+
+    let model = format!("it-observe-disabled-{}", std::process::id());
+    let id = s.cfg.ctl_ok(&["disable", "model", &model, "--reason", "it: observe disable", "--expires", "10m"]);
+    let run = s.cg.run(Client::Python, port, &one(chat(&model, CLEAN).header("x-mock-delay-ms", HOLD_MS)));
+    run.assert_no_answer(&s.context());
+    let rec = s.call_record(run.pid());
+    assert_stopped(&rec, &format!("operator:{id}"), &s.context());
+    assert_eq!(rec["enforcement"]["mode"], "observe", "{rec:#}");
+    s.cfg.ctl_ok(&["unblock", &id]);
+
+    s.cfg.ctl_ok(&["emergency", "on", "--cgroup", s.cg.rel()]);
+    let warned = one(chat("it-observe-emergency", WARN_ONLY).header("x-mock-delay-ms", HOLD_MS));
+    let run = s.cg.run(Client::Python, port, &warned);
+    run.assert_no_answer(&s.context());
+    let rec = s.call_record(run.pid());
+    assert_eq!(rec["decision"]["escalated_by_emergency"], true, "{rec:#}");
+    assert_stopped(&rec, "emergency:injection.system_prompt_extraction", &s.context());
+    let inject = one(chat("it-observe-emergency", INJECTION).header("x-mock-delay-ms", HOLD_MS));
+    let run = s.cg.run(Client::Python, port, &inject);
+    run.assert_no_answer(&s.context());
+    let rec = s.call_record(run.pid());
+    assert_stopped(&rec, "emergency:injection.instruction_override", &s.context());
+    assert_eq!(rec["enforcement"]["mode"], "observe", "{rec:#}");
+
+    s.cfg.ctl_ok(&["emergency", "off", "--cgroup", s.cg.rel()]);
+    let run = s.cg.run(Client::Python, port, &inject).assert_ok(&s.context());
+    assert_observed(&s.call_record(run.pid()), "rule:injection.instruction_override", &s.context());
+    let run = s.cg.run(Client::Python, port, &warned).assert_ok(&s.context());
+    assert_not_stopped(&s.call_record(run.pid()), &s.context());
+
+    let (id, _) =
+        s.cfg.block(&["--dest", &format!("127.0.0.1:{port}"), "--cgroup", s.cg.rel(), "--reason", "it: observe"]);
+    s.assert_connect_errno(port, libc::EPERM, "a destination block acts in observe mode");
+    s.cfg.ctl_ok(&["unblock", &id]);
+    s.assert_connect_errno(port, 0, "unblocked");
+}
+
+/// `enforce on` survives a crash and a restart under the same config; the operator's
+/// `enforce off`, followed by an edit of the config to `mode = "enforce"`, gives way to the
+/// edited config (the newer decision, audited by the agent); the operator's `enforce off`
+/// under that config survives the next restart.
+#[test]
+fn enforce_switch_outlives_a_restart_until_the_config_is_edited() {
+    let _serial = serial();
+    let mut s = Setup::new("observe-restart", |c, _| c.shipped_mode());
+    let port = s.port();
+    let inject = one(chat("it-observe-restart", INJECTION).header("x-mock-delay-ms", HOLD_MS));
+    let mode = |s: &Setup| {
+        let m = s.status_json()["mode"].clone();
+        (
+            m["mode"].as_str().map(String::from),
+            m["configured"].as_str().map(String::from),
+            m["operator"]["mode"].clone(),
+        )
+    };
+    let some = |m: &str| Some(m.to_owned());
+
+    s.cfg.ctl_ok(&["enforce", "on"]);
+    s.agent.as_mut().expect("agent").terminate_with(Signal::SIGKILL);
+    s.restart();
+    assert_eq!(mode(&s), (some("enforce"), some("observe"), json!("enforce")), "the switch outlives a crash");
+    let run = s.cg.run(Client::Python, port, &inject);
+    run.assert_no_answer(&s.context());
+    assert_stopped(&s.call_record(run.pid()), "rule:injection.instruction_override", &s.context());
+
+    s.cfg.ctl_ok(&["enforce", "off"]);
+    s.agent.as_mut().expect("agent").stop();
+    s.cfg.mode = Some("enforce");
+    s.restart();
+    assert_eq!(mode(&s), (some("enforce"), some("enforce"), Value::Null), "the edited config decides");
+    let agent_pid = u64::from(s.agent().pid());
+    let audit = s.cfg.audit();
+    let by_agent: Vec<_> =
+        mode_switches(&audit).into_iter().filter(|l| l["actor"]["pid"].as_u64() == Some(agent_pid)).collect();
+    assert_eq!(by_agent.len(), 1, "the agent audits the config taking over:\n{}", s.cfg.audit_text());
+    assert_eq!(by_agent[0]["action"], "enforce_on", "{:#}", by_agent[0]);
+    assert_eq!(by_agent[0]["details"]["replaced"]["mode"], "observe", "{:#}", by_agent[0]);
+    assert!(
+        by_agent[0]["message"].as_str().is_some_and(|m| m.ends_with("the edited config decides")),
+        "{:#}",
+        by_agent[0]
+    );
+    let run = s.cg.run(Client::Python, port, &inject);
+    run.assert_no_answer(&s.context());
+    assert_stopped(&s.call_record(run.pid()), "rule:injection.instruction_override", &s.context());
+
+    s.cfg.ctl_ok(&["enforce", "off"]);
+    s.restart();
+    assert_eq!(mode(&s), (some("observe"), some("enforce"), json!("observe")), "the operator's off holds");
+    let run = s.cg.run(Client::Python, port, &inject).assert_ok(&s.context());
+    assert_observed(&s.call_record(run.pid()), "rule:injection.instruction_override", &s.context());
 }

@@ -8,12 +8,15 @@
 
 use std::{
     collections::BTreeSet,
+    os::unix::process::ExitStatusExt as _,
     path::{Path, PathBuf},
     process::Command,
     time::Duration,
 };
 
-use aegis_tests::{Agent, MockProvider, Plan, Request, TempCert, require_root, run_python, serial};
+use aegis_tests::{
+    Agent, ContainConfig, MockProvider, PinDir, Plan, Request, TempCert, TestCgroup, require_root, run_python, serial,
+};
 use serde_json::{Value, json};
 
 /// A tmpfs of `size` mounted for the test, unmounted (and its directory removed) on drop.
@@ -106,6 +109,103 @@ fn a_full_disk_loses_no_record_silently() {
     assert!(logs.contains(&format!("records_lost={lost}")), "the final report counts them: {logs}");
     // The failure is logged when it starts and when it ends, not every pass of the loop.
     assert_eq!(logs.matches("cannot write output.file").count(), 1, "{logs}");
+}
+
+/// The agent killed (SIGKILL, through its failpoints) at each step of a `block`: before the
+/// state is saved, after it is saved, after the kernel has it. After a restart every block
+/// in force has audit lines (a `pending` line before the change, and the restart's
+/// `restore` line naming what was saved), the audit log is whole lines, and the kernel holds
+/// the block exactly when the state file does.
+#[test]
+fn kill_9_at_each_step_of_a_block_leaves_no_change_unaudited() {
+    let _serial = serial();
+    require_root();
+    let cert = TempCert::generate();
+    let mock = MockProvider::start(&cert);
+    for (step, saved) in [
+        ("control.commit.after_intent", false),
+        ("control.commit.after_save", true),
+        ("control.commit.after_apply", true),
+    ] {
+        let name = step.rsplit('.').next().unwrap().replace('_', "-");
+        let cg = TestCgroup::new(&format!("kill9-{name}"));
+        let pins = PinDir::new(&format!("kill9-{name}"));
+        let cfg = ContainConfig::new(&cg, &pins);
+        let mut agent = cfg.start_agent_with_env(&[("AEGIS_FAILPOINTS", step)]);
+        let dest = format!("127.0.0.1:{}", mock.port);
+        let (code, _, err) = cfg.ctl(&["block", "--dest", &dest, "--cgroup", cg.rel(), "--reason", "it: kill -9"]);
+        assert_ne!(code, 0, "{step}: the agent died before answering: {err}");
+        let status = agent.terminate_with(nix::sys::signal::Signal::SIGKILL);
+        assert_eq!(status.signal(), Some(9), "{step}: the failpoint killed the agent{}", agent.logs());
+        drop(agent);
+
+        let audit_text = std::fs::read_to_string(cfg.audit_log()).unwrap();
+        assert!(audit_text.ends_with('\n'), "{step}: the audit log ends in a whole line");
+        let pending: Vec<Value> =
+            cfg.audit().into_iter().filter(|l| l["action"] == "block" && l["result"] == "pending").collect();
+        assert_eq!(pending.len(), 1, "{step}: one pending line for the block:\n{audit_text}");
+        let id = pending[0]["details"]["block"]["id"].as_str().expect("the pending line names the block").to_owned();
+
+        let _agent = cfg.start_agent();
+        let restore = cfg.audit().into_iter().rev().find(|l| l["action"] == "restore").expect("a restore line");
+        let restored: Vec<&str> =
+            restore["details"]["ids"].as_array().unwrap().iter().filter_map(Value::as_str).collect();
+        assert_eq!(restored.contains(&id.as_str()), saved, "{step}: restore line {restore}");
+        assert_eq!(cfg.block_ids().contains(&id), saved, "{step}: the block is in force exactly when it was saved");
+        let want = if saved { libc::EPERM } else { 0 };
+        assert_eq!(cg.connect_errno(mock.port), want, "{step}: the kernel agrees with the state");
+    }
+}
+
+/// The state file on a full disk: a change that cannot be saved is refused (nothing
+/// changes, the operator is told why). The audit log on a full disk: the change stands
+/// (stopping an incident comes first) and the operator is warned; once the disk has room
+/// again the log goes on, whole lines only.
+#[test]
+fn a_full_disk_under_the_control_files_refuses_or_warns_and_keeps_the_log_whole() {
+    let _serial = serial();
+    require_root();
+    let cert = TempCert::generate();
+    let mock = MockProvider::start(&cert);
+    let dest = format!("127.0.0.1:{}", mock.port);
+
+    // The state file's disk is full.
+    let cg = TestCgroup::new("state-disk");
+    let pins = PinDir::new("state-disk");
+    let disk = SmallDisk::new("state", "64k");
+    let mut cfg = ContainConfig::new(&cg, &pins);
+    cfg.state_file_in(disk.path());
+    let agent = cfg.start_agent();
+    std::fs::write(disk.path().join("filler"), vec![b'x'; 1024 * 1024]).ok();
+    let (code, _, err) = cfg.ctl(&["block", "--dest", &dest, "--cgroup", cg.rel(), "--reason", "it: full disk"]);
+    assert_eq!(code, 1, "refused: {err}");
+    assert!(err.contains("nothing changed") && err.contains("No space left"), "{err}");
+    assert_eq!(cg.connect_errno(mock.port), 0, "no block is in force");
+    assert!(cfg.block_ids().is_empty());
+    drop(agent);
+
+    // The audit log's disk is full.
+    let cg = TestCgroup::new("audit-disk");
+    let pins = PinDir::new("audit-disk");
+    let disk = SmallDisk::new("audit", "64k");
+    let mut cfg = ContainConfig::new(&cg, &pins);
+    cfg.audit_log_in(disk.path());
+    // Full before the agent starts, so that not even the log's first page can be had.
+    let filler = disk.path().join("filler");
+    std::fs::write(&filler, vec![b'x'; 1024 * 1024]).ok();
+    let _agent = cfg.start_agent();
+    let (code, out, err) = cfg.ctl(&["block", "--dest", &dest, "--cgroup", cg.rel(), "--reason", "it: no audit room"]);
+    assert_eq!(code, 0, "the block stands: {err}");
+    assert!(err.contains("audit log") && err.contains("could not be written"), "the operator is warned: {err}");
+    assert_eq!(cg.connect_errno(mock.port), libc::EPERM, "the block is in force");
+    std::fs::remove_file(&filler).unwrap();
+    cfg.ctl_ok(&["unblock", out.trim()]);
+    let text = std::fs::read_to_string(cfg.audit_log()).unwrap();
+    assert!(text.ends_with('\n'), "whole lines only:\n{text}");
+    for line in text.lines() {
+        serde_json::from_str::<Value>(line).unwrap_or_else(|e| panic!("a partial or bad audit line ({e}): {line:?}"));
+    }
+    assert!(text.lines().any(|l| l.contains("\"unblock\"") && l.contains("\"ok\"")), "{text}");
 }
 
 /// `name=N` from the last log line holding `label` (the report at exit).

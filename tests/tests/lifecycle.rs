@@ -109,7 +109,7 @@ fn sigterm_detaches_every_probe_and_flushes() {
     );
     assert!(agent.logs().contains("all probes detached"), "{}", agent.logs());
     // The kernel drops programs once their last reference (the agent's) is gone.
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + aegis_tests::scaled(Duration::from_secs(10));
     loop {
         let left: Vec<u32> = held.iter().copied().filter(|id| program_loaded(*id)).collect();
         if left.is_empty() {

@@ -189,7 +189,7 @@ fn rulepack_reload_swaps_valid_packs_and_keeps_the_old_one_on_error() {
 }
 
 fn wait_for_log(agent: &Agent, needle: &str, n: usize) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let deadline = std::time::Instant::now() + aegis_tests::scaled(Duration::from_secs(15));
     while agent.logs().matches(needle).count() < n {
         assert!(std::time::Instant::now() < deadline, "no {needle:?} in the agent log{}", agent.logs());
         std::thread::sleep(Duration::from_millis(100));
@@ -260,7 +260,7 @@ fn large_heads_hide_no_call() {
     assert!(huge["model"].is_null(), "the body was not framed, its model not read: {huge:#}");
     assert!(huge["notes"].to_string().contains("request_head_unparsed:head larger than 262144 bytes"), "{huge:#}");
     let d = &huge["decision"];
-    assert_eq!((d["action"].as_str(), d["scan_complete"].as_bool()), (Some("warn"), Some(false)), "{huge:#}");
+    assert_eq!((d["action"].as_str(), d["scan_complete"].as_bool()), (Some("block"), Some(false)), "{huge:#}");
     assert_eq!(d["rules"], json!(["uninspectable.request_head"]), "{huge:#}");
 
     let after = record_for(&mine, "head-after");
@@ -272,7 +272,8 @@ fn large_heads_hide_no_call() {
 
 /// A private key in an answer is blocked when the agent sees it; where the agent's bounds
 /// keep it from the rules (past the 4 MiB body cap, in one SSE event over 1 MiB) the
-/// decision says what was not scanned and warns (`uninspectable.response_body`); an answer
+/// decision says what was not scanned and decides `enforce.uninspectable`'s verdict
+/// (`uninspectable.response_body`, block by default; recorded only in observe mode); an answer
 /// that is not its API's JSON (text/plain, JSON without its closing brace) is scanned as
 /// text. (Each of these used to be an allow with `scan_complete: true`.)
 #[test]

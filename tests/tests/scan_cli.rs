@@ -181,7 +181,8 @@ fn default_pack_examples_pass() {
 
 /// `scan --as response` reads a response as the daemon does: a body that is not its API's
 /// JSON is scanned as text (it used to be an allow with `scan_complete: true`), and an SSE
-/// event over the 1 MiB bound is said not to be scanned, with the `uninspectable` verdict.
+/// event over the 1 MiB bound is said not to be scanned, with the `uninspectable` verdict
+/// (block, the default).
 #[test]
 fn responses_that_the_api_shape_does_not_cover_are_scanned_or_said_not_to_be() {
     let key = "-----BEGIN RSA PRIVATE KEY-----";
@@ -203,5 +204,5 @@ fn responses_that_the_api_shape_does_not_cover_are_scanned_or_said_not_to_be() {
     assert_consistent(&out, &v);
     assert_eq!(v["scan_complete"], false, "{v:#}");
     assert_eq!(v["not_scanned"], serde_json::json!(["sse_events_over_size_cap:1"]), "{v:#}");
-    assert_eq!((v["action"].as_str(), v["rules"][0].as_str()), (Some("warn"), Some("uninspectable.response_body")));
+    assert_eq!((v["action"].as_str(), v["rules"][0].as_str()), (Some("block"), Some("uninspectable.response_body")));
 }

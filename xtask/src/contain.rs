@@ -159,7 +159,7 @@ fn measure(
     std::fs::write(
         &config,
         format!(
-            "[enforce]\nenabled = true\ncgroup = {cgdir:?}\npin_dir = {:?}\nfail = \"open\"\n\
+            "[enforce]\nenabled = true\nmode = \"enforce\"\ncgroup = {cgdir:?}\npin_dir = {:?}\nfail = \"open\"\n\
              [enforce.gate]\nenabled = true\nports = [{mock_port}]\n\
              [control]\nsocket = {:?}\nstate_file = {:?}\naudit_log = {:?}\n\
              [rules]\nevidence_key = {:?}\n\

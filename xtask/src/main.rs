@@ -10,6 +10,7 @@
 mod bench;
 mod contain;
 mod fuzz;
+mod matrix;
 
 use std::{
     ffi::OsString,
@@ -44,7 +45,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Install what is missing: pinned toolchain, rust-src, bpf-linker, test packages.
+    /// Install what is missing: pinned toolchain, rust-src, bpf-linker, test packages, and
+    /// what the kernel matrix boots (qemu, busybox, Debian kernels, virtme-ng).
     Setup,
     /// Set up, then build the agent (with its eBPF object).
     Build {
@@ -59,9 +61,13 @@ enum Task {
         #[arg(last = true)]
         args: Vec<OsString>,
     },
-    /// Set up, build, and run every test (unit and real-kernel integration; needs root),
-    /// then every fuzz target for a few seconds (not when arguments select tests).
+    /// Set up, build, and run every test (unit and real-kernel integration; needs root) on
+    /// the host, every fuzz target for a few seconds (not when arguments select tests), then
+    /// the kernel matrix (see `matrix`), and print the matrix's table.
     Test {
+        /// Only the host's `cargo test`: skip the kernel matrix.
+        #[arg(long)]
+        host_only: bool,
         /// Arguments after `--` go to `cargo test`.
         #[arg(last = true)]
         args: Vec<OsString>,
@@ -78,6 +84,15 @@ enum Task {
         #[arg(long, default_value_t = 1)]
         jobs: usize,
     },
+    /// The kernel matrix only: the real-kernel suite and `kernel_report` in VMs booted on
+    /// Debian's kernels (and `kernel_report` on the host), then one table. Needs root.
+    Matrix(matrix::MatrixArgs),
+    /// Inside a matrix VM (started by `matrix`, not by hand): runs the plan it is given.
+    #[command(hide = true)]
+    VmSuite {
+        /// The plan file the host wrote into the VM's shared results folder.
+        plan: PathBuf,
+    },
     /// Formatting check, and clippy with warnings denied over every crate: the user-space
     /// ones, and the eBPF crate for its BPF target.
     Lint,
@@ -92,7 +107,10 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     std::env::set_current_dir(workspace_root())?;
     match cli.task {
-        Task::Setup => setup(),
+        Task::Setup => {
+            setup()?;
+            matrix::setup()
+        }
         Task::Build { release } => {
             setup()?;
             build_agent(release)
@@ -105,22 +123,40 @@ fn main() -> anyhow::Result<()> {
             cmd.arg("run").args(args);
             run(&mut cmd)
         }
-        Task::Test { args } => {
+        Task::Test { host_only, args } => {
             setup()?;
+            if !host_only {
+                // Before the long part: a tool that cannot be installed fails the run at once.
+                matrix::setup()?;
+            }
             build_agent(false)?;
             // aegis-ebpf is built for the BPF target by aegis-agent's build script, not for the host.
             let selected = !args.is_empty();
-            run(cargo().args(["test", "--workspace", "--exclude", "aegis-ebpf"]).args(args))?;
-            if selected {
+            let host = run(cargo().args(["test", "--workspace", "--exclude", "aegis-ebpf"]).args(args));
+            let fuzz = if selected {
                 eprintln!("xtask: fuzz smoke run skipped (test arguments given); `cargo xtask fuzz` runs the targets");
-                return Ok(());
+                Ok(())
+            } else {
+                fuzz::smoke()
+            };
+            let host = host.and(fuzz);
+            if host_only {
+                return host;
             }
-            fuzz::smoke()
+            // A host failure does not stop the matrix: CI gets every kernel's results in one run.
+            matrix::run(&matrix::MatrixArgs::default(), matrix::HostTests::from(host))
         }
         Task::Fuzz { target, seconds, jobs } => {
             setup()?;
             fuzz::fuzz(target.as_deref(), seconds, jobs)
         }
+        Task::Matrix(args) => {
+            setup()?;
+            matrix::setup()?;
+            build_agent(false)?;
+            matrix::run(&args, matrix::HostTests::NotRun)
+        }
+        Task::VmSuite { plan } => matrix::run_in_vm(&plan),
         Task::Lint => {
             setup()?;
             lint()
@@ -158,8 +194,8 @@ pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask is in the workspace").to_owned()
 }
 
-/// Where bpf-linker and the LLVM link farm live (outside target/, so `cargo clean`
-/// does not cost a 50 s rebuild).
+/// Where bpf-linker, the LLVM link farm and virtme-ng live (outside target/, so `cargo
+/// clean` does not cost a 50 s rebuild).
 pub fn tools_dir() -> PathBuf {
     let base = std::env::var_os("XDG_CACHE_HOME")
         .map(PathBuf::from)
@@ -286,13 +322,24 @@ pub fn install_debian(packages: &[&str]) -> anyhow::Result<()> {
         bail!("missing packages {packages:?}: install them (apt-get install {})", packages.join(" "));
     }
     eprintln!("xtask: installing {packages:?}");
-    run(Command::new("apt-get").arg("update").arg("-q"))?;
+    apt_update()?;
     run(Command::new("apt-get")
         .args(["install", "-y", "-q", "--no-install-recommends"])
         .args(packages)
         .env("DEBIAN_FRONTEND", "noninteractive"))
 }
 
-fn nix_is_root() -> bool {
+/// `apt-get update`, once per xtask run: several set-up steps may need fresh package lists.
+pub fn apt_update() -> anyhow::Result<()> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    static DONE: AtomicBool = AtomicBool::new(false);
+    if !DONE.load(Ordering::Relaxed) {
+        run(Command::new("apt-get").arg("update").arg("-q"))?;
+        DONE.store(true, Ordering::Relaxed);
+    }
+    Ok(())
+}
+
+pub fn nix_is_root() -> bool {
     output(Command::new("id").arg("-u")).is_some_and(|s| s.trim() == "0")
 }

@@ -177,7 +177,8 @@ impl ConnTable {
         self
     }
 
-    /// The call of exchange `seq` on connection `key` was stopped.
+    /// The call of exchange `seq` on connection `key` was stopped (or observed: see
+    /// `enforce::verdict`).
     pub fn record_enforcement(&mut self, key: ConnKey, seq: u64, enforcement: Enforcement) {
         if let Some(Conn { role: Role::Http1(tracker), .. }) = self.conns.get_mut(&key) {
             tracker.record_enforcement(seq, enforcement);

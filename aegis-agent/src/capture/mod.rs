@@ -74,6 +74,8 @@ pub struct Counters {
     /// Records waiting in memory for `output.file`, and records it never got.
     pub records_pending: AtomicU64,
     pub records_lost: AtomicU64,
+    /// Calls that enforce mode would have stopped, left alone in observe mode.
+    pub observed_calls: AtomicU64,
     /// Ends of calls sent out without their other end (see `llm::correlate`), by side, and
     /// of those, the ones sent because too many waited.
     pub alone_client: AtomicU64,
@@ -428,7 +430,8 @@ impl WorkerCtx {
         }
     }
 
-    /// Judge the calls that reached a checkpoint; stop those that must not go on.
+    /// Judge the calls that reached a checkpoint; stop those that must not go on, and mark
+    /// those that enforce mode would have stopped.
     fn checkpoints(&mut self) {
         let pending = std::mem::take(&mut self.table.checkpoints);
         for c in pending {
@@ -436,12 +439,13 @@ impl WorkerCtx {
                 continue;
             }
             let info = self.processes.lookup(c.key.tgid, &c.comm, c.uid, c.cgroup_id);
-            let Some(why) = self.containment.judge(&c.checkpoint, &info.cgroup, info.exe.as_deref().map(Path::new))
+            let Some(verdict) = self.containment.judge(&c.checkpoint, &info.cgroup, info.exe.as_deref().map(Path::new))
             else {
                 continue;
             };
-            let enforcement = self.containment.stop(&why, &c.checkpoint, c.key.tgid, c.key.conn);
-            self.counters.stopped_calls.fetch_add(1, Ordering::Relaxed);
+            let enforcement = self.containment.act(&verdict, &c.checkpoint, c.key.tgid, c.key.conn);
+            let counter = if verdict.stop { &self.counters.stopped_calls } else { &self.counters.observed_calls };
+            counter.fetch_add(1, Ordering::Relaxed);
             self.table.record_enforcement(c.key, c.checkpoint.exchange, enforcement);
         }
     }

@@ -1,5 +1,5 @@
 //! The operator commands that talk to the running agent over its control socket:
-//! `block`, `unblock`, `blocks`, `emergency`, `disable`, `status`.
+//! `block`, `unblock`, `blocks`, `emergency`, `disable`, `enforce`, `status`.
 //!
 //! Exit status ([`EXIT_OK`] ...): 0 done; 1 the agent refused (its message on stderr); 2
 //! bad arguments (clap's own, an invalid value, an unreadable `--config`); 3 the agent
@@ -18,7 +18,7 @@ use crate::control::{
     BlockSpec, BlockTarget, ClientError, DEFAULT_SOCKET, Dest, Expiry, Reply, Request, Scope,
     blocks::now_unix_ms,
     call, parse_cgroup, parse_dest, parse_duration, parse_route,
-    render::{blocks_json, reply_text},
+    render::{blocks_json, mode_line, reply_text},
 };
 
 pub const EXIT_OK: u8 = 0;
@@ -54,8 +54,8 @@ pub enum ControlCommand {
         #[command(flatten)]
         socket: SocketArgs,
     },
-    /// List the active blocks (who set them, when, why, scope, expiry, fallback) and the
-    /// emergency state.
+    /// List the active blocks (who set them, when, why, scope, expiry, fallback), the
+    /// emergency state and the enforcement mode.
     Blocks {
         /// JSON instead of a table.
         #[arg(long)]
@@ -63,7 +63,8 @@ pub enum ControlCommand {
         #[command(flatten)]
         socket: SocketArgs,
     },
-    /// Emergency mode: every `warn` decision becomes `block`, host-wide or for a cgroup.
+    /// Emergency mode: every `warn` decision becomes `block`, host-wide or for a cgroup, and
+    /// rule verdicts stop calls there even in observe mode.
     Emergency {
         #[arg(value_enum)]
         state: OnOff,
@@ -76,9 +77,18 @@ pub enum ControlCommand {
     /// Disable a provider, a model, a route (HOST/PATH-PREFIX) or a tenant (a cgroup) for
     /// every caller. Prints the block's id on stdout.
     Disable(DisableArgs),
-    /// The agent's version, pid, active blocks, emergency state, and what each kernel
-    /// capability (capture, destination blocks, connection kills, content gate) came to on
-    /// this host: active, degraded, unavailable or off, with the reason.
+    /// Enforcement mode: `on` makes rule verdicts of block stop calls, `off` only records
+    /// them (observe); `status` shows the mode and who set it. Kept across restarts until
+    /// the config's enforce.mode is edited.
+    Enforce {
+        #[arg(value_enum)]
+        state: EnforceState,
+        #[command(flatten)]
+        socket: SocketArgs,
+    },
+    /// The agent's version, pid, active blocks, emergency state, enforcement mode, and what
+    /// each kernel capability (capture, destination blocks, connection kills, content gate)
+    /// came to on this host: active, degraded, unavailable or off, with the reason.
     Status {
         /// One JSON object instead of text.
         #[arg(long)]
@@ -92,6 +102,16 @@ pub enum ControlCommand {
 pub enum OnOff {
     On,
     Off,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum EnforceState {
+    /// Rule verdicts of block stop calls.
+    On,
+    /// Rule verdicts are recorded, not enforced (observe).
+    Off,
+    /// Show the mode, where it comes from, and what it means.
+    Status,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, clap::Args)]
@@ -172,6 +192,7 @@ impl ControlCommand {
             Self::Blocks { .. } => "blocks",
             Self::Emergency { .. } => "emergency",
             Self::Disable(_) => "disable",
+            Self::Enforce { .. } => "enforce",
             Self::Status { .. } => "status",
         }
     }
@@ -183,6 +204,7 @@ impl ControlCommand {
             Self::Unblock { socket, .. }
             | Self::Blocks { socket, .. }
             | Self::Emergency { socket, .. }
+            | Self::Enforce { socket, .. }
             | Self::Status { socket, .. } => socket,
         }
     }
@@ -233,7 +255,8 @@ impl ControlCommand {
             Self::Emergency { state, cgroup, .. } => {
                 Request::Emergency { on: *state == OnOff::On, cgroup: cgroup.clone() }
             }
-            Self::Status { .. } => Request::Status,
+            Self::Enforce { state: EnforceState::Status, .. } | Self::Status { .. } => Request::Status,
+            Self::Enforce { state, .. } => Request::Enforce { on: *state == EnforceState::On },
         })
     }
 
@@ -245,6 +268,10 @@ impl ControlCommand {
             Self::Unblock { .. } => matches!(reply, Reply::Unblocked { .. }),
             Self::Blocks { .. } => matches!(reply, Reply::Blocks { .. }),
             Self::Emergency { .. } => matches!(reply, Reply::Emergency { .. }),
+            Self::Enforce { state: EnforceState::Status, .. } => {
+                matches!(reply, Reply::Status(s) if s.mode.is_some())
+            }
+            Self::Enforce { .. } => matches!(reply, Reply::Enforce { .. }),
             Self::Status { .. } => matches!(reply, Reply::Status(_)),
         };
         if !expected {
@@ -254,14 +281,18 @@ impl ControlCommand {
             (Self::Block(_) | Self::Disable(_), Reply::Blocked { block, .. }) => {
                 Outcome { code: EXIT_OK, stdout: format!("{}\n", block.id), stderr: reply_text(reply, now_ms) }
             }
-            (Self::Blocks { json: true, .. }, Reply::Blocks { blocks, emergency }) => {
-                Outcome { code: EXIT_OK, stdout: blocks_json(blocks, emergency), stderr: String::new() }
+            (Self::Blocks { json: true, .. }, Reply::Blocks { blocks, emergency, mode }) => {
+                Outcome { code: EXIT_OK, stdout: blocks_json(blocks, emergency, mode.as_ref()), stderr: String::new() }
             }
-            (Self::Status { json: true, .. }, Reply::Status(status)) => Outcome {
-                code: EXIT_OK,
-                stdout: format!("{}\n", serde_json::to_string(status).expect("a status serializes")),
-                stderr: String::new(),
-            },
+            (Self::Enforce { state: EnforceState::Status, .. }, Reply::Status(status)) => {
+                let line = status.mode.as_ref().map(mode_line).unwrap_or_default();
+                Outcome { code: EXIT_OK, stdout: format!("{line}\n"), stderr: String::new() }
+            }
+            (Self::Status { json: true, .. }, Reply::Status(status)) => {
+                let mut json = serde_json::to_string_pretty(status).expect("the status serializes");
+                json.push('\n');
+                Outcome { code: EXIT_OK, stdout: json, stderr: String::new() }
+            }
             _ => Outcome { code: EXIT_OK, stdout: reply_text(reply, now_ms), stderr: String::new() },
         }
     }
@@ -284,6 +315,11 @@ impl ControlCommand {
 }
 
 fn unexpected(cmd: &ControlCommand, reply: &Reply) -> Outcome {
+    if let (ControlCommand::Enforce { state: EnforceState::Status, .. }, Reply::Status(_)) = (cmd, reply) {
+        let message = "the agent reports no enforcement mode: it is older than this client; restart it with this \
+                       version";
+        return cmd.failure(EXIT_UNREACHABLE, message);
+    }
     let kind = serde_json::to_value(reply).ok().and_then(|v| v["kind"].as_str().map(str::to_owned));
     let message = format!(
         "unexpected answer from the agent: {} (use the aegis-agent binary of the agent's version)",
@@ -358,7 +394,9 @@ mod tests {
     use clap::Parser as _;
 
     use super::*;
-    use crate::control::{ControlConfig, ControlServer, Emergency, NoopHandler, ServerHandle, testutil::TempDir};
+    use crate::control::{
+        ControlConfig, ControlServer, Emergency, EnforceMode, NoopHandler, ServerHandle, testutil::TempDir,
+    };
 
     #[derive(clap::Parser)]
     struct Cli {
@@ -466,6 +504,10 @@ mod tests {
         assert_eq!(request(&["blocks", "--json"]), Ok(Request::List));
         assert_eq!(request(&["blocks"]), Ok(Request::List));
         assert_eq!(request(&["status"]), Ok(Request::Status));
+        assert_eq!(request(&["status", "--json"]), Ok(Request::Status));
+        assert_eq!(request(&["enforce", "on"]), Ok(Request::Enforce { on: true }));
+        assert_eq!(request(&["enforce", "off"]), Ok(Request::Enforce { on: false }));
+        assert_eq!(request(&["enforce", "status"]), Ok(Request::Status));
         assert_eq!(request(&["emergency", "on"]), Ok(Request::Emergency { on: true, cgroup: None }));
         assert_eq!(
             request(&["emergency", "off", "--cgroup", "/team-a"]),
@@ -494,6 +536,8 @@ mod tests {
             ),
             (&["block", "--provider", "p", "--cgroup", "team-a", "--reason", "r"], ErrorKind::ValueValidation),
             (&["emergency", "maybe"], ErrorKind::InvalidValue),
+            (&["enforce", "maybe"], ErrorKind::InvalidValue),
+            (&["enforce"], ErrorKind::MissingRequiredArgument),
             (&["disable", "host", "x", "--reason", "r"], ErrorKind::InvalidValue),
             (&["disable", "model", "--reason", "r"], ErrorKind::MissingRequiredArgument),
             (&["unblock"], ErrorKind::MissingRequiredArgument),
@@ -556,6 +600,7 @@ mod tests {
                 emergency: Emergency::default(),
                 kernel: String::new(),
                 capabilities: vec![],
+                mode: None,
             }),
             0,
         );
@@ -564,6 +609,29 @@ mod tests {
             wrong.stderr,
             "aegis-agent blocks: unexpected answer from the agent: status (use the aegis-agent binary of the agent's \
              version)\n"
+        );
+        // `enforce status` against an agent that does not report its mode.
+        let old = parse(&["enforce", "status"]).unwrap().output(
+            &Reply::Status(crate::control::AgentStatus {
+                agent_version: "0".into(),
+                protocol: 1,
+                pid: 1,
+                started_at: "x".into(),
+                blocks: 0,
+                emergency: Emergency::default(),
+                mode: None,
+                kernel: String::new(),
+                capabilities: vec![],
+            }),
+            0,
+        );
+        assert_eq!(
+            (old.code, old.stderr.as_str()),
+            (
+                EXIT_UNREACHABLE,
+                "aegis-agent enforce: the agent reports no enforcement mode: it is older than this client; restart it \
+                 with this version\n"
+            )
         );
     }
 
@@ -604,7 +672,7 @@ mod tests {
             audit_log: dir.path().join("log/audit.jsonl"),
             ..ControlConfig::default()
         };
-        ControlServer::start(config, Arc::new(NoopHandler)).unwrap()
+        ControlServer::start(config, EnforceMode::Observe, Arc::new(NoopHandler)).unwrap()
     }
 
     fn exec(socket: &Path, args: &[&str]) -> Outcome {
@@ -638,13 +706,15 @@ mod tests {
         let table = exec(&socket, &["blocks"]);
         assert_eq!(table.code, EXIT_OK);
         let lines: Vec<&str> = table.stdout.lines().collect();
-        assert_eq!(lines[0], "emergency mode: off");
-        assert!(lines[1].starts_with("ID") && lines[1].contains("FALLBACK"), "{}", table.stdout);
-        assert!(lines[2].starts_with(id) && lines[2].contains("127.0.0.1:8443") && lines[2].ends_with("incident 42"));
-        assert!(lines[3].starts_with(&model_id) && lines[3].contains("in 1h") && lines[3].ends_with("too costly"));
+        assert!(lines[0].starts_with("enforcement mode: observe (the config's enforce.mode); "), "{}", table.stdout);
+        assert_eq!(lines[1], "emergency mode: off");
+        assert!(lines[2].starts_with("ID") && lines[2].contains("FALLBACK"), "{}", table.stdout);
+        assert!(lines[3].starts_with(id) && lines[3].contains("127.0.0.1:8443") && lines[3].ends_with("incident 42"));
+        assert!(lines[4].starts_with(&model_id) && lines[4].contains("in 1h") && lines[4].ends_with("too costly"));
 
         let json = exec(&socket, &["blocks", "--json"]);
         let v: serde_json::Value = serde_json::from_str(&json.stdout).unwrap();
+        assert_eq!(v["mode"]["mode"], "observe");
         assert_eq!(v["blocks"][0]["id"], id);
         assert_eq!(v["blocks"][0]["spec"]["fallback"], "127.0.0.1:8443");
         assert_eq!(v["blocks"][1]["spec"]["target"]["model"], "gpt-4o");
@@ -684,7 +754,39 @@ mod tests {
         );
         let status = exec(&socket, &["status"]);
         assert_eq!(status.code, EXIT_OK);
-        assert!(status.stdout.contains("; 2 active blocks; emergency mode on for cgroups /team-a"), "{status:?}");
+        assert!(
+            status.stdout.contains(
+                "; 2 active blocks; emergency mode on for cgroups /team-a; enforcement mode observe (the config's \
+                 enforce.mode)\n"
+            ),
+            "{status:?}"
+        );
+
+        // The enforcement mode: on, already on, status (text and JSON), off.
+        let mode = exec(&socket, &["enforce", "status"]);
+        assert_eq!(
+            (mode.code, mode.stdout.as_str()),
+            (
+                EXIT_OK,
+                "enforcement mode: observe (the config's enforce.mode); rule verdicts are recorded, not enforced \
+                 (operator blocks, disables and emergency mode still act)\n"
+            )
+        );
+        let on = exec(&socket, &["enforce", "on"]);
+        assert_eq!(on.code, EXIT_OK, "{on:?}");
+        assert!(on.stdout.starts_with("enforcement mode: enforce (set by "), "{on:?}");
+        assert!(on.stdout.ends_with("; the config says observe); rule verdicts of block stop calls\n"), "{on:?}");
+        let again = exec(&socket, &["enforce", "on"]);
+        assert!(again.stdout.ends_with("; the enforcement mode was already enforce\n"), "{again:?}");
+        assert_eq!(exec(&socket, &["enforce", "status"]).stdout, on.stdout);
+        let json = exec(&socket, &["status", "--json"]);
+        assert_eq!(json.code, EXIT_OK, "{json:?}");
+        let v: serde_json::Value = serde_json::from_str(&json.stdout).unwrap();
+        assert_eq!((v["mode"]["mode"].as_str(), v["mode"]["configured"].as_str()), (Some("enforce"), Some("observe")));
+        assert_eq!(v["mode"]["operator"]["set_by"]["pid"], std::process::id());
+        assert_eq!(v["blocks"], 2);
+        let off = exec(&socket, &["enforce", "off"]);
+        assert!(off.stdout.starts_with("enforcement mode: observe (set by "), "{off:?}");
 
         let out = exec(&socket, &["unblock", id]);
         assert_eq!(out.code, EXIT_OK, "{out:?}");

@@ -1,7 +1,7 @@
 //! The block model: what an operator blocks ([`BlockTarget`]), where ([`Scope`]), for how
 //! long ([`Expiry`]), who set it and why ([`Block`]); the table of active blocks with
-//! expiry ([`BlockTable`]); the emergency switch ([`Emergency`]); their persisted form
-//! ([`ControlState`]); the parsers for the command-line forms ([`parse_dest`],
+//! expiry ([`BlockTable`]); the emergency switch ([`Emergency`]); their persisted form,
+//! with the operator's enforcement mode ([`ControlState`]); the parsers for the command-line forms ([`parse_dest`],
 //! [`parse_duration`], [`parse_route`], [`parse_cgroup`]); and the matching of a call or a
 //! connection against the table ([`Subject`]).
 //!
@@ -27,6 +27,8 @@ use std::{
 
 use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
+
+use super::mode::{ModeChoice, ModeState};
 
 /// Longest reason accepted, in bytes.
 pub const MAX_REASON_BYTES: usize = 1024;
@@ -167,11 +169,15 @@ pub struct Emergency {
     pub cgroups: BTreeSet<String>,
 }
 
-/// Everything the control plane keeps across restarts.
+/// Everything the control plane keeps across restarts, and the enforcement mode in force.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ControlState {
     pub blocks: BlockTable,
     pub emergency: Emergency,
+    /// Only the operator's choice is saved; the config's part is set at start
+    /// ([`ModeState::at_start`]).
+    #[serde(default)]
+    pub mode: ModeState,
 }
 
 // ---------------------------------------------------------------------------------------
@@ -385,14 +391,13 @@ impl BlockTarget {
             }
             Self::Route { host, path_prefix } => {
                 check_name("the route host", &host)?;
-                if !host.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | ':' | '[' | ']')) {
-                    return Err(format!("route host {host:?} is not a host name or address"));
-                }
+                let host = host.trim_end_matches('.').to_ascii_lowercase();
+                check_route_host(&host)?;
                 check_name("the route path prefix", &path_prefix)?;
                 if !path_prefix.starts_with('/') {
                     return Err(format!("route path prefix {path_prefix:?} must start with '/'"));
                 }
-                Self::Route { host: host.trim_end_matches('.').to_ascii_lowercase(), path_prefix }
+                Self::Route { host, path_prefix }
             }
             Self::Tenant(cgroup) => Self::Tenant(parse_cgroup(&cgroup)?),
         })
@@ -411,6 +416,40 @@ impl BlockTarget {
             Self::Tenant(cgroup) => s.cgroup.is_some_and(|c| cgroup_within(c, cgroup)),
         }
     }
+}
+
+/// A route host (lower case, trailing dots removed) in a form a request's `Host` can have,
+/// so that the block can match: a name or an IPv4 address, a bare IPv6 address, or
+/// `[IPv6]`; the first and the last with an optional `:port`. Anything else (`[::1]x`,
+/// `host:port:x`) would be accepted and never stop a call.
+fn check_route_host(host: &str) -> Result<(), String> {
+    let invalid = || {
+        format!(
+            "route host {host:?} is not a host name or address (a name, an IPv4 address or [IPv6], each with an \
+             optional :port, e.g. api.openai.com, localhost:11434, [::1]:8000)"
+        )
+    };
+    let (name, port) = match host.strip_prefix('[') {
+        Some(rest) => {
+            let (address, after) = rest.split_once(']').ok_or_else(invalid)?;
+            address.parse::<Ipv6Addr>().map_err(|_| invalid())?;
+            match after {
+                "" => return Ok(()),
+                _ => ("", Some(after.strip_prefix(':').ok_or_else(invalid)?)),
+            }
+        }
+        None if host.parse::<Ipv6Addr>().is_ok() => return Ok(()),
+        None => match host.split_once(':') {
+            Some((name, port)) => (name, Some(port)),
+            None => (host, None),
+        },
+    };
+    let name_ok = name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'));
+    let port_ok = port.is_none_or(|p| p.parse::<u16>().is_ok_and(|p| p > 0) && p.bytes().all(|b| b.is_ascii_digit()));
+    if !name_ok || !port_ok || (name.is_empty() && !host.starts_with('[')) {
+        return Err(invalid());
+    }
+    Ok(())
 }
 
 /// `pattern` (from a block, lower case) against a request's `Host`: the port is compared
@@ -827,11 +866,16 @@ struct StateFile {
     blocks: BlockTable,
     #[serde(default)]
     emergency: Emergency,
+    /// The operator's `enforce on|off`, if any (absent in files of older agents).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    enforce_mode: Option<ModeChoice>,
 }
 
 impl ControlState {
     /// Read the state file; a missing file is an empty state. An unreadable or corrupt file
-    /// is an error: starting without the blocks it holds would silently lift them.
+    /// is an error: starting without the blocks it holds would silently lift them. The
+    /// mode holds the saved operator choice only: the caller resolves it against the
+    /// config ([`ModeState::at_start`]).
     pub fn load(path: &Path) -> anyhow::Result<Self> {
         let advice = "it was not written by this agent: move it away (its blocks are then lifted)";
         let bytes = match crate::files::read_capped(path, MAX_STATE_FILE_BYTES, advice) {
@@ -851,7 +895,8 @@ impl ControlState {
             path.display(),
             file.version
         );
-        Ok(Self { blocks: file.blocks, emergency: file.emergency })
+        let mode = ModeState { operator: file.enforce_mode, ..ModeState::default() };
+        Ok(Self { blocks: file.blocks, emergency: file.emergency, mode })
     }
 
     /// Write the state file atomically: a temporary file in the same directory (mode 0600),
@@ -862,7 +907,12 @@ impl ControlState {
         create_private_dir(dir)?;
         let name = path.file_name().with_context(|| format!("state file path {} has no file name", path.display()))?;
         let tmp = dir.join(format!(".{}.tmp", name.to_string_lossy()));
-        let file = StateFile { version: STATE_VERSION, blocks: self.blocks.clone(), emergency: self.emergency.clone() };
+        let file = StateFile {
+            version: STATE_VERSION,
+            blocks: self.blocks.clone(),
+            emergency: self.emergency.clone(),
+            enforce_mode: self.mode.operator.clone(),
+        };
         let mut json = serde_json::to_vec_pretty(&file)?;
         json.push(b'\n');
         let write = || -> std::io::Result<()> {
@@ -895,7 +945,7 @@ pub(crate) fn create_private_dir(dir: &Path) -> anyhow::Result<bool> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::control::testutil::TempDir;
+    use crate::control::{mode::EnforceMode, testutil::TempDir};
 
     fn spec(target: BlockTarget) -> BlockSpec {
         BlockSpec { target, scope: Scope::Host, expires: None, fallback: None, reason: "incident 42".into() }
@@ -994,6 +1044,37 @@ mod tests {
         assert!(any.matches("[2001:db8:1::5]:8443".parse().unwrap()));
         assert!(!any.matches("10.1.2.3:443".parse().unwrap()));
         assert!(parse_dest("0.0.0.0/0").unwrap().contains("192.0.2.1".parse().unwrap()));
+    }
+
+    /// Found by the `control` fuzz target: route host "[pi.001:db8:]om" was accepted, and
+    /// the block could never match a request (a silent allow for its route).
+    #[test]
+    fn route_hosts_are_forms_a_request_can_carry() {
+        let route = |host: &str| BlockTarget::Route { host: host.into(), path_prefix: "/v1".into() }.validated();
+        for bad in
+            ["[pi.001:db8:]om", "[::1]x", "[::1", "host:port", "host:0", "a:b]", "h:1:x", ".", "[zz::1]:80", ":443"]
+        {
+            let e = route(bad).unwrap_err();
+            assert!(
+                e.starts_with(&format!("route host {:?} is not a host name or address", bad.trim_end_matches('.'))),
+                "{bad}: {e}"
+            );
+        }
+        for good in [
+            "api.openai.com",
+            "API.OpenAI.com.",
+            "localhost:11434",
+            "10.0.0.1:443",
+            "[::1]",
+            "[2001:db8::1]:8443",
+            "2001:db8::1",
+            "my_host-1",
+        ] {
+            let target = route(good).unwrap_or_else(|e| panic!("{good}: {e}"));
+            let BlockTarget::Route { host, .. } = &target else { unreachable!() };
+            let subject = Subject { host: Some(host), path: Some("/v1/chat"), ..Subject::default() };
+            assert!(target.matches(&subject), "{good}: a route block stops a request to its own host");
+        }
     }
 
     #[test]
@@ -1228,8 +1309,21 @@ mod tests {
         state.blocks.add(r).unwrap();
         state.emergency.set(true, Some("/team-a"));
         state.save(&path).unwrap();
-
         assert_eq!(ControlState::load(&path).unwrap(), state);
+        assert!(!std::fs::read_to_string(&path).unwrap().contains("enforce_mode"), "no choice, no key");
+
+        // An operator's mode choice is saved; what the config says is not (it is read at start).
+        let actor = Actor { uid: 0, gid: 0, pid: 7, comm: "bash".into(), user: None };
+        state.mode = ModeState::at_start(EnforceMode::Enforce, None).0;
+        assert!(state.mode.choose(EnforceMode::Observe, &actor, 42));
+        state.save(&path).unwrap();
+        let loaded = ControlState::load(&path).unwrap();
+        assert_eq!(loaded.mode.operator, state.mode.operator);
+        assert_eq!(
+            loaded.mode.operator.as_ref().map(|c| (c.mode, c.config_mode)),
+            Some((EnforceMode::Observe, EnforceMode::Enforce))
+        );
+        assert_eq!((loaded.blocks, loaded.emergency), (state.blocks.clone(), state.emergency.clone()));
         let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode(&path), 0o600);
         assert_eq!(mode(path.parent().unwrap()), 0o750);

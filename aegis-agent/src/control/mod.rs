@@ -1,6 +1,6 @@
 //! Operator control plane: a local unix-socket API between the running daemon and its
-//! CLI subcommands (`block`, `unblock`, `blocks`, `emergency`, `disable`), the table of
-//! blocks with expiry, and the append-only audit log.
+//! CLI subcommands (`block`, `unblock`, `blocks`, `emergency`, `disable`, `enforce`), the
+//! table of blocks with expiry, the enforcement mode, and the append-only audit log.
 //!
 //! # Design
 //!
@@ -14,6 +14,8 @@
 //! - [`client`]: a synchronous client for the CLI, with errors that say what to do.
 //! - [`blocks`]: the block model, the table, the emergency state, their persistence, and
 //!   the parsers for the command-line forms.
+//! - [`mode`]: observe or enforce (whether rule verdicts act), and which of the config
+//!   and the operator's saved choice decides after a restart.
 //! - [`audit`]: one fsync'd JSON line per change and per refused request.
 //! - [`render`]: the `blocks` table and JSON, and one-line summaries.
 //!
@@ -23,9 +25,9 @@
 //!
 //! # Threat model of the socket
 //!
-//! Whoever can use the socket can stop this host's LLM traffic (block), let it through
-//! again (unblock the operator's blocks, turn emergency mode off), and read every block's
-//! reason: it is as sensitive as root. Therefore:
+//! Whoever can use the socket can stop this host's LLM traffic (block, enforce on), let it
+//! through again (unblock the operator's blocks, turn emergency mode or enforcement off),
+//! and read every block's reason: it is as sensitive as root. Therefore:
 //!
 //! - **Who**: root, the agent's own user, and members of one configured group. The
 //!   kernel enforces it first: the socket is mode 0660 owned by root and that group (0600
@@ -52,6 +54,7 @@
 pub mod audit;
 pub mod blocks;
 pub mod client;
+pub mod mode;
 pub mod protocol;
 pub mod render;
 pub mod server;
@@ -62,6 +65,7 @@ pub use blocks::{
     parse_cgroup, parse_dest, parse_duration, parse_route,
 };
 pub use client::{ClientError, call, request};
+pub use mode::{EnforceMode, ModeChoice, ModeState};
 pub use protocol::{AgentStatus, ApplyReport, PROTOCOL_VERSION, Reply, Request, Response};
 pub use server::{
     Change, ContainmentOff, ControlConfig, ControlHandler, ControlServer, ControlView, DEFAULT_AUDIT_LOG,

@@ -17,7 +17,10 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::blocks::{Block, BlockSpec, Emergency};
+use super::{
+    blocks::{Block, BlockSpec, Emergency},
+    mode::ModeState,
+};
 use crate::kernel::capability::CapabilityStatus;
 
 /// The protocol version this build speaks.
@@ -39,7 +42,9 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         cgroup: Option<String>,
     },
-    /// The agent's version, counts and kernel capabilities.
+    /// Switch the enforcement mode: `on` enforce, off observe.
+    Enforce { on: bool },
+    /// The agent's version and counts, the enforcement mode, and the kernel capabilities.
     Status,
 }
 
@@ -68,14 +73,23 @@ pub enum Reply {
         block: Block,
         report: ApplyReport,
     },
-    /// The active blocks, oldest first, and the emergency state.
+    /// The active blocks, oldest first, the emergency state and the enforcement mode.
     Blocks {
         blocks: Vec<Block>,
         emergency: Emergency,
+        /// Absent from agents older than the enforcement modes.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        mode: Option<ModeState>,
     },
     /// The emergency state after the request; `changed` false: it was already so.
     Emergency {
         emergency: Emergency,
+        changed: bool,
+        report: ApplyReport,
+    },
+    /// The enforcement mode after the request; `changed` false: it was already so.
+    Enforce {
+        mode: ModeState,
         changed: bool,
         report: ApplyReport,
     },
@@ -122,6 +136,9 @@ pub struct AgentStatus {
     /// What each kernel capability came to on this host.
     #[serde(default)]
     pub capabilities: Vec<CapabilityStatus>,
+    /// Absent from agents older than the enforcement modes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<ModeState>,
 }
 
 impl Response {
@@ -199,7 +216,10 @@ mod tests {
     use std::path::PathBuf;
 
     use super::*;
-    use crate::control::blocks::{Actor, BlockTarget, Expiry, Scope, parse_dest};
+    use crate::control::{
+        blocks::{Actor, BlockTarget, Expiry, Scope, parse_dest},
+        mode::EnforceMode,
+    };
 
     fn block() -> Block {
         let spec = BlockSpec {
@@ -242,6 +262,8 @@ mod tests {
             Request::List,
             Request::Emergency { on: true, cgroup: None },
             Request::Emergency { on: false, cgroup: Some("/team-a".into()) },
+            Request::Enforce { on: true },
+            Request::Enforce { on: false },
             Request::Status,
         ];
         for req in requests {
@@ -256,12 +278,19 @@ mod tests {
         let report = ApplyReport { killed_connections: 3, notes: vec!["2 map entries".into()] };
         let mut emergency = Emergency::default();
         emergency.set(true, Some("/team-a"));
+        let mut mode = ModeState::default();
+        mode.choose(EnforceMode::Enforce, &block().created_by, 1_700_000_000_000);
         let responses = [
             Response::Ok(Reply::Blocked { block: block(), report: report.clone() }),
             Response::Ok(Reply::Unblocked { block: block(), report: ApplyReport::default() }),
-            Response::Ok(Reply::Blocks { blocks: vec![block(), block()], emergency: emergency.clone() }),
-            Response::Ok(Reply::Blocks { blocks: vec![], emergency: Emergency::default() }),
-            Response::Ok(Reply::Emergency { emergency: emergency.clone(), changed: true, report }),
+            Response::Ok(Reply::Blocks {
+                blocks: vec![block(), block()],
+                emergency: emergency.clone(),
+                mode: Some(mode.clone()),
+            }),
+            Response::Ok(Reply::Blocks { blocks: vec![], emergency: Emergency::default(), mode: None }),
+            Response::Ok(Reply::Emergency { emergency: emergency.clone(), changed: true, report: report.clone() }),
+            Response::Ok(Reply::Enforce { mode: mode.clone(), changed: true, report }),
             Response::Ok(Reply::Status(AgentStatus {
                 agent_version: "0.1.0".into(),
                 protocol: 1,
@@ -275,6 +304,7 @@ mod tests {
                     "probes on 1 of 2 TLS targets",
                     "/usr/bin/node: no SSL_write symbol",
                 )],
+                mode: Some(mode),
             })),
             Response::error("no"),
         ];
@@ -309,6 +339,12 @@ mod tests {
             r#"{"v":1,"op":"emergency","on":true,"cgroup":"/a"}"#
         );
         assert_eq!(encode_request(&Request::List), r#"{"v":1,"op":"list"}"#);
+        assert_eq!(encode_request(&Request::Enforce { on: true }), r#"{"v":1,"op":"enforce","on":true}"#);
+        // A reply of an agent older than the enforcement modes still reads.
+        assert_eq!(
+            decode_response(br#"{"v":1,"status":"ok","kind":"blocks","blocks":[],"emergency":{"host":false}}"#),
+            Ok(Response::Ok(Reply::Blocks { blocks: vec![], emergency: Emergency::default(), mode: None }))
+        );
         assert_eq!(encode_response(&Response::error("x")), r#"{"v":1,"status":"error","message":"x"}"#);
         let ok = encode_response(&Response::Ok(Reply::Blocked { block: block(), report: ApplyReport::default() }));
         assert!(
@@ -346,14 +382,15 @@ mod tests {
         );
         assert_eq!(
             err(r#"{"v":1,"op":"explode"}"#),
-            "invalid request: unknown variant `explode`, expected one of `block`, `unblock`, `list`, `emergency`, `status`"
+            "invalid request: unknown variant `explode`, expected one of `block`, `unblock`, `list`, `emergency`, \
+             `enforce`, `status`"
         );
         assert_eq!(err(r#"{"v":1,"op":"unblock"}"#), "invalid request: missing field `id`");
         assert_eq!(
             decode_response(b"{\"v\":2,\"status\":\"ok\",\"kind\":\"new_thing\"}").unwrap_err(),
             "the agent speaks control protocol version 2 and this client version 1: use the aegis-agent binary of the \
              agent's version (unknown variant `new_thing`, expected one of `blocked`, `unblocked`, `blocks`, \
-             `emergency`, `status`)"
+             `emergency`, `enforce`, `status`)"
         );
         assert_eq!(
             decode_response(b"nope").unwrap_err(),

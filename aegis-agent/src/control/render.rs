@@ -1,5 +1,5 @@
-//! What the CLI prints: the `blocks` table (or JSON) and one-line summaries of the other
-//! replies. Pure functions of the reply and the time.
+//! What the CLI prints: the `blocks` table (or JSON), the enforcement mode, and one-line
+//! summaries of the other replies. Pure functions of the reply and the time.
 //!
 //! Texts that came from other users (reasons, process names, cgroup paths) are printed
 //! with control characters escaped, so that a block set by one operator cannot rewrite
@@ -9,6 +9,7 @@ use std::fmt::Write as _;
 
 use super::{
     blocks::{Block, Emergency},
+    mode::{EnforceMode, ModeState},
     protocol::{AgentStatus, Reply},
 };
 
@@ -48,9 +49,23 @@ fn short_time(rfc3339: &str) -> String {
     }
 }
 
-/// The `blocks` table: the emergency state, then one row per active block, oldest first.
-pub fn blocks_table(blocks: &[Block], emergency: &Emergency, now_ms: u64) -> String {
-    let mut out = format!("emergency mode: {}\n", clean(&emergency.to_string()));
+/// `enforcement mode: observe (the config's enforce.mode); rule verdicts are recorded, ...`:
+/// the mode, where it comes from, and what it means for traffic.
+pub fn mode_line(mode: &ModeState) -> String {
+    let effect = match mode.mode {
+        EnforceMode::Observe => {
+            "rule verdicts are recorded, not enforced (operator blocks, disables and emergency mode still act)"
+        }
+        EnforceMode::Enforce => "rule verdicts of block stop calls",
+    };
+    format!("enforcement mode: {}; {effect}", clean(&mode.to_string()))
+}
+
+/// The `blocks` table: the enforcement mode (when the agent reports it) and the emergency
+/// state, then one row per active block, oldest first.
+pub fn blocks_table(blocks: &[Block], emergency: &Emergency, mode: Option<&ModeState>, now_ms: u64) -> String {
+    let mut out = mode.map(|m| format!("{}\n", mode_line(m))).unwrap_or_default();
+    let _ = writeln!(out, "emergency mode: {}", clean(&emergency.to_string()));
     if blocks.is_empty() {
         out.push_str("no active blocks\n");
         return out;
@@ -92,9 +107,10 @@ pub fn blocks_table(blocks: &[Block], emergency: &Emergency, now_ms: u64) -> Str
     out
 }
 
-/// `blocks --json`: `{"emergency": {...}, "blocks": [...]}`, pretty-printed.
-pub fn blocks_json(blocks: &[Block], emergency: &Emergency) -> String {
-    let value = serde_json::json!({ "emergency": emergency, "blocks": blocks });
+/// `blocks --json`: `{"mode": {...}, "emergency": {...}, "blocks": [...]}`, pretty-printed
+/// (`mode` null from an agent that does not report it).
+pub fn blocks_json(blocks: &[Block], emergency: &Emergency, mode: Option<&ModeState>) -> String {
+    let value = serde_json::json!({ "mode": mode, "emergency": emergency, "blocks": blocks });
     let mut s = serde_json::to_string_pretty(&value).expect("blocks serialize");
     s.push('\n');
     s
@@ -118,7 +134,7 @@ pub fn reply_text(reply: &Reply, now_ms: u64) -> String {
             clean(&block.spec.target.to_string()),
             clean(&block.spec.scope.to_string())
         ),
-        Reply::Blocks { blocks, emergency } => blocks_table(blocks, emergency, now_ms),
+        Reply::Blocks { blocks, emergency, mode } => blocks_table(blocks, emergency, mode.as_ref(), now_ms),
         Reply::Emergency { emergency, changed, report } => {
             let mut s = format!("emergency mode {}", clean(&emergency.to_string()));
             if *changed {
@@ -131,6 +147,15 @@ pub fn reply_text(reply: &Reply, now_ms: u64) -> String {
             s.push('\n');
             s
         }
+        // A switch kills nothing by itself: only the notes are worth printing.
+        Reply::Enforce { mode, report, .. } => {
+            let mut s = mode_line(mode);
+            for note in &report.notes {
+                let _ = write!(s, "; {note}");
+            }
+            s.push('\n');
+            s
+        }
         Reply::Status(status) => status_text(status),
     }
 }
@@ -138,7 +163,7 @@ pub fn reply_text(reply: &Reply, now_ms: u64) -> String {
 /// `status`: the agent's line, then what each kernel capability came to on this host.
 fn status_text(s: &AgentStatus) -> String {
     let mut out = format!(
-        "aegis-agent {} (pid {}, control protocol {}) serving since {}; {} active block{}; emergency mode {}\n",
+        "aegis-agent {} (pid {}, control protocol {}) serving since {}; {} active block{}; emergency mode {}",
         s.agent_version,
         s.pid,
         s.protocol,
@@ -147,6 +172,10 @@ fn status_text(s: &AgentStatus) -> String {
         if s.blocks == 1 { "" } else { "s" },
         clean(&s.emergency.to_string())
     );
+    if let Some(mode) = &s.mode {
+        let _ = write!(out, "; enforcement mode {}", clean(&mode.to_string()));
+    }
+    out.push('\n');
     if !s.kernel.is_empty() {
         let _ = writeln!(out, "kernel {}", clean(&s.kernel));
     }
@@ -224,17 +253,23 @@ mod tests {
         ];
         let mut emergency = Emergency::default();
         emergency.set(true, Some("/team-a"));
-        let text = blocks_table(&blocks, &emergency, NOW + 57_000);
+        let mode = ModeState::at_start(EnforceMode::Observe, None).0;
+        let text = blocks_table(&blocks, &emergency, Some(&mode), NOW + 57_000);
         assert_eq!(
             text,
-            "emergency mode: on for cgroups /team-a\n\
+            "enforcement mode: observe (the config's enforce.mode); rule verdicts are recorded, not enforced (operator \
+             blocks, disables and emergency mode still act)\n\
+             emergency mode: on for cgroups /team-a\n\
              ID            TARGET               SCOPE           FALLBACK        EXPIRES    SET BY                       SET AT                REASON\n\
              blk-00000001  provider openai      host            -               in 14m 3s  root (uid 0, pid 4242 bash)  2023-11-14 22:13:20Z  incident 42\n\
              blk-00000002  dest 10.0.0.0/8:443  cgroup /team-a  127.0.0.1:8443  never      root (uid 0, pid 4242 bash)  2023-11-14 22:13:20Z  exfil \\u{1b}[2J\n"
         );
-        assert_eq!(blocks_table(&[], &Emergency::default(), NOW), "emergency mode: off\nno active blocks\n");
+        // An agent that does not report its mode: no mode line.
+        assert_eq!(blocks_table(&[], &Emergency::default(), None, NOW), "emergency mode: off\nno active blocks\n");
 
-        let json: serde_json::Value = serde_json::from_str(&blocks_json(&blocks, &emergency)).unwrap();
+        let json: serde_json::Value = serde_json::from_str(&blocks_json(&blocks, &emergency, Some(&mode))).unwrap();
+        assert_eq!(json["mode"]["mode"], "observe");
+        assert_eq!(json["mode"]["configured"], "observe");
         assert_eq!(json["emergency"]["cgroups"][0], "/team-a");
         assert_eq!(json["blocks"][1]["spec"]["target"]["dest"]["prefix"], 8);
         assert_eq!(json["blocks"][0]["created_by"]["pid"], 4242);
@@ -284,13 +319,28 @@ mod tests {
             reply_text(&Reply::Emergency { emergency: on.clone(), changed: false, report: already }, NOW),
             "emergency mode on host-wide; emergency mode was already on host-wide\n"
         );
-        let status = AgentStatus {
+        let actor = Actor { uid: 0, gid: 0, pid: 4242, comm: "bash\u{1b}[2J".into(), user: Some("root".into()) };
+        let mut mode = ModeState::at_start(EnforceMode::Observe, None).0;
+        mode.choose(EnforceMode::Enforce, &actor, NOW);
+        assert_eq!(
+            reply_text(&Reply::Enforce { mode: mode.clone(), changed: true, report: ApplyReport::default() }, NOW),
+            "enforcement mode: enforce (set by root (uid 0, pid 4242 bash\\u{1b}[2J) at 2023-11-14T22:13:20.000000Z; \
+             the config says observe); rule verdicts of block stop calls\n"
+        );
+        let already =
+            ApplyReport { killed_connections: 0, notes: vec!["the enforcement mode was already enforce".into()] };
+        assert!(
+            reply_text(&Reply::Enforce { mode: mode.clone(), changed: false, report: already }, NOW)
+                .ends_with("; rule verdicts of block stop calls; the enforcement mode was already enforce\n")
+        );
+        let mut status = AgentStatus {
             agent_version: "0.1.0".into(),
             protocol: 1,
             pid: 7,
             started_at: "2023-11-14T22:13:20.000000Z".into(),
             blocks: 1,
             emergency: on,
+            mode: Some(ModeState::at_start(EnforceMode::Observe, None).0),
             kernel: "6.1.0-57-amd64".into(),
             capabilities: vec![
                 CapabilityStatus::active(Capability::Capture, "probes on 2 TLS targets"),
@@ -302,12 +352,16 @@ mod tests {
         };
         let expected = format!(
             "aegis-agent 0.1.0 (pid 7, control protocol 1) serving since 2023-11-14 22:13:20Z; 1 active block; \
-             emergency mode on host-wide\nkernel 6.1.0-57-amd64\n  capture              active       probes on 2 TLS \
-             targets\n  content_gate         unavailable  the kernel refused eBPF program gate_write_enter\n  \
-             {:33} means: {}\n",
+             emergency mode on host-wide; enforcement mode observe (the config's enforce.mode)\nkernel \
+             6.1.0-57-amd64\n  capture              active       probes on 2 TLS targets\n  content_gate         \
+             unavailable  the kernel refused eBPF program gate_write_enter\n  {:33} means: {}\n",
             "",
             Capability::ContentGate.impact()
         );
-        assert_eq!(reply_text(&Reply::Status(status), NOW), expected);
+        assert_eq!(reply_text(&Reply::Status(status.clone()), NOW), expected);
+        status.mode = None;
+        status.capabilities.clear();
+        status.kernel.clear();
+        assert!(reply_text(&Reply::Status(status), NOW).ends_with("; emergency mode on host-wide\n"));
     }
 }

@@ -1,5 +1,6 @@
 //! The control server inside the daemon: a unix stream socket, one request per
-//! connection, and the single place where the block table and the emergency state change.
+//! connection, and the single place where the block table, the emergency state and the
+//! enforcement mode change.
 //!
 //! Runs on its own thread with its own single-threaded tokio runtime, so it neither
 //! depends on nor disturbs the daemon's runtime. Reading and writing the socket is async;
@@ -45,13 +46,14 @@ use super::{
         rfc3339_ms,
     },
     group_label,
+    mode::{EnforceMode, ModeState},
     protocol::{AgentStatus, ApplyReport, PROTOCOL_VERSION, Reply, Request, Response, decode_request, encode_response},
 };
 use crate::kernel::capability::Capabilities;
 
 /// Default path of the control socket.
 pub const DEFAULT_SOCKET: &str = "/run/aegis/control.sock";
-/// Default path of the state file (blocks and emergency state).
+/// Default path of the state file (blocks, emergency state, the operator's enforcement mode).
 pub const DEFAULT_STATE_FILE: &str = "/var/lib/aegis/blocks.json";
 /// Default path of the audit log.
 pub const DEFAULT_AUDIT_LOG: &str = "/var/log/aegis/audit.jsonl";
@@ -133,10 +135,11 @@ pub fn resolve_group(name_or_gid: &str) -> anyhow::Result<u32> {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Change {
     /// At start: make enforcement equal to exactly this state (kernel maps pinned from a
-    /// previous run may hold more or less).
+    /// previous run may hold more or less), in this enforcement mode.
     Restored {
         blocks: Vec<Block>,
         emergency: Emergency,
+        mode: EnforceMode,
     },
     Blocked(Block),
     Unblocked(Block),
@@ -148,6 +151,27 @@ pub enum Change {
         cgroup: Option<String>,
         state: Emergency,
     },
+    /// The enforcement mode became `mode` (`aegis-agent enforce on|off`). A handler whose
+    /// own enforcement depends on the mode (the in-kernel content gate) follows it here; an
+    /// error undoes the switch.
+    Mode {
+        mode: EnforceMode,
+    },
+}
+
+impl Change {
+    /// What an audit line says of the change.
+    fn audit_details(&self) -> serde_json::Value {
+        match self {
+            Change::Blocked(b) | Change::Unblocked(b) => json!({ "block": b }),
+            Change::Emergency { on, cgroup, .. } => json!({ "on": on, "cgroup": cgroup }),
+            Change::Mode { mode } => json!({ "mode": mode }),
+            Change::Expired(blocks) => json!({ "blocks": blocks }),
+            Change::Restored { blocks, emergency, mode } => {
+                json!({ "blocks": blocks.iter().map(|b| &b.id).collect::<Vec<_>>(), "emergency": emergency, "mode": mode })
+            }
+        }
+    }
 }
 
 /// What the daemon does when the control state changes.
@@ -178,7 +202,7 @@ pub struct ContainmentOff;
 impl ControlHandler for ContainmentOff {
     fn apply(&self, change: &Change) -> Result<ApplyReport, String> {
         match change {
-            Change::Restored { blocks, emergency } if blocks.is_empty() && emergency.is_off() => {
+            Change::Restored { blocks, emergency, .. } if blocks.is_empty() && emergency.is_off() => {
                 Ok(ApplyReport::default())
             }
             Change::Expired(_) => Ok(ApplyReport::default()),
@@ -189,15 +213,16 @@ impl ControlHandler for ContainmentOff {
     }
 }
 
-/// The current blocks and emergency state, shared with the daemon's data path (cheap to
-/// clone; reads take a read lock, held briefly).
+/// The current blocks, emergency state and enforcement mode, shared with the daemon's data
+/// path (cheap to clone; reads take a read lock, held briefly).
 #[derive(Clone, Debug, Default)]
 pub struct ControlView {
     state: Arc<RwLock<ControlState>>,
 }
 
 impl ControlView {
-    fn new(state: ControlState) -> Self {
+    /// A view of `state`; the server's own view is the one that follows changes.
+    pub(crate) fn new(state: ControlState) -> Self {
         Self { state: Arc::new(RwLock::new(state)) }
     }
 
@@ -226,6 +251,16 @@ impl ControlView {
         self.read(|s| s.emergency.applies_to(cgroup))
     }
 
+    /// The enforcement mode in force: whether rule verdicts act (see [`super::mode`]).
+    pub fn mode(&self) -> EnforceMode {
+        self.read(|s| s.mode.mode)
+    }
+
+    /// The enforcement mode and where it comes from (the config or an operator).
+    pub fn mode_state(&self) -> ModeState {
+        self.read(|s| s.mode.clone())
+    }
+
     /// The oldest active block that stops `subject`.
     pub fn matching_block(&self, subject: &Subject<'_>) -> Option<Block> {
         self.read(|s| s.blocks.matching(subject).cloned())
@@ -248,16 +283,23 @@ pub struct ServerHandle {
 }
 
 impl ControlServer {
-    /// Bind the socket, load the saved state, have `handler` enforce it
-    /// ([`Change::Restored`]), and serve. Errors say what to fix: a path that is not a
-    /// socket, another agent serving the socket, an unreadable or corrupt state file.
-    pub fn start(config: ControlConfig, handler: Arc<dyn ControlHandler>) -> anyhow::Result<ServerHandle> {
-        Self::start_with(config, handler, Capabilities::default())
+    /// Bind the socket, load the saved state, resolve the enforcement mode against
+    /// `configured` (the config's `enforce.mode`, see [`ModeState::at_start`]), have
+    /// `handler` enforce it all ([`Change::Restored`]), and serve. Errors say what to fix: a
+    /// path that is not a socket, another agent serving the socket, an unreadable or corrupt
+    /// state file.
+    pub fn start(
+        config: ControlConfig,
+        configured: EnforceMode,
+        handler: Arc<dyn ControlHandler>,
+    ) -> anyhow::Result<ServerHandle> {
+        Self::start_with(config, configured, handler, Capabilities::default())
     }
 
     /// [`ControlServer::start`], with the daemon's kernel capabilities for `status`.
     pub fn start_with(
         config: ControlConfig,
+        configured: EnforceMode,
         handler: Arc<dyn ControlHandler>,
         capabilities: Capabilities,
     ) -> anyhow::Result<ServerHandle> {
@@ -270,7 +312,7 @@ impl ControlServer {
             let _ = std::fs::remove_file(&socket);
             e
         };
-        let core = Core::restore(config, handler, capabilities).map_err(remove_socket)?;
+        let core = Core::restore(config, configured, handler, capabilities).map_err(remove_socket)?;
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_io()
             .enable_time()
@@ -413,9 +455,22 @@ fn remove_stale(path: &Path) -> anyhow::Result<()> {
     }
 }
 
+/// Connections still waiting for their request line, oldest first, each with the sender
+/// that ends it. Idle clients must not keep an operator out during an incident: when every
+/// place is taken, a new client takes the place of the oldest one that has not sent its
+/// request yet.
+#[derive(Default)]
+struct Waiting {
+    next: u64,
+    conns: std::collections::BTreeMap<u64, tokio::sync::oneshot::Sender<()>>,
+}
+
+type WaitingList = Arc<std::sync::Mutex<Waiting>>;
+
 async fn serve(listener: UnixListener, core: Arc<Core>, mut stop: watch::Receiver<bool>) {
     let max = core.config.max_clients;
     let permits = Arc::new(Semaphore::new(max));
+    let waiting = WaitingList::default();
     let mut ticker = tokio::time::interval(Duration::from_millis(core.config.expiry_check_ms));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -428,16 +483,33 @@ async fn serve(listener: UnixListener, core: Arc<Core>, mut stop: watch::Receive
                 }
             }
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => match permits.clone().try_acquire_owned() {
-                    Ok(permit) => {
-                        let c = core.clone();
-                        tokio::spawn(async move {
-                            connection(c, stream).await;
-                            drop(permit);
-                        });
+                Ok((stream, _)) => {
+                    let permit = match permits.clone().try_acquire_owned() {
+                        Ok(permit) => Some(permit),
+                        Err(_) => make_room(&permits, &waiting).await,
+                    };
+                    match permit {
+                        Some(permit) => {
+                            // Waiting from now until its request is read: the first to go when
+                            // every place is taken.
+                            let (end, ended) = tokio::sync::oneshot::channel();
+                            let id = {
+                                let mut w = waiting.lock().unwrap_or_else(PoisonError::into_inner);
+                                let id = w.next;
+                                w.next += 1;
+                                w.conns.insert(id, end);
+                                id
+                            };
+                            let (c, w) = (core.clone(), waiting.clone());
+                            tokio::spawn(async move {
+                                connection(c, stream, ended).await;
+                                w.lock().unwrap_or_else(PoisonError::into_inner).conns.remove(&id);
+                                drop(permit);
+                            });
+                        }
+                        None => reject_busy(&core, &stream, max).await,
                     }
-                    Err(_) => reject_busy(&stream, max),
-                },
+                }
                 Err(e) => {
                     // Out of descriptors, most likely: let some close.
                     tracing::warn!(error = %e, "control socket accept failed");
@@ -454,13 +526,44 @@ async fn serve(listener: UnixListener, core: Arc<Core>, mut stop: watch::Receive
     }
 }
 
-fn reject_busy(stream: &UnixStream, max: usize) {
-    let message = format!("the agent is busy: {max} control clients are connected already; try again in a few seconds");
+/// Every place is taken: end the oldest connection still waiting for its request, and take
+/// its place once it is gone. None: every client is being served (none is idle).
+async fn make_room(permits: &Arc<Semaphore>, waiting: &WaitingList) -> Option<tokio::sync::OwnedSemaphorePermit> {
+    loop {
+        let (_, end) = waiting.lock().unwrap_or_else(PoisonError::into_inner).conns.pop_first()?;
+        // A connection past its read no longer listens: it is being served; try the next.
+        if end.send(()).is_ok() {
+            break;
+        }
+    }
+    tokio::time::timeout(Duration::from_secs(1), permits.clone().acquire_owned()).await.ok()?.ok()
+}
+
+/// Every place is taken by a client being served: say so, and audit it (a flood of clients
+/// that keeps an operator out is worth knowing about).
+async fn reject_busy(core: &Arc<Core>, stream: &UnixStream, max: usize) {
+    let message = format!("the agent is busy: {max} control clients are being served; try again in a few seconds");
     tracing::warn!("{message}");
-    let mut line = encode_response(&Response::error(message));
+    let mut line = encode_response(&Response::error(message.clone()));
     line.push('\n');
     // A fresh socket's buffer is empty: this small write does not block nor fail.
     let _ = stream.try_write(line.as_bytes());
+    let actor = peer_actor(stream);
+    let c = core.clone();
+    let _ = tokio::task::spawn_blocking(move || {
+        c.audit(&actor, AuditAction::Connect, json!({ "max_clients": max }), Outcome::Refused, Some(message))
+    })
+    .await;
+}
+
+/// Who is at the other end of `stream`, as far as the kernel says.
+fn peer_actor(stream: &UnixStream) -> Actor {
+    match stream.peer_cred() {
+        Ok(cred) => {
+            Actor::of_process(cred.uid(), cred.gid(), cred.pid().and_then(|p| u32::try_from(p).ok()).unwrap_or(0))
+        }
+        Err(_) => Actor { uid: u32::MAX, gid: u32::MAX, pid: 0, comm: String::new(), user: None },
+    }
 }
 
 enum ReadError {
@@ -503,7 +606,9 @@ async fn send(stream: &mut UnixStream, response: &Response, timeout: Duration) {
     }
 }
 
-async fn connection(core: Arc<Core>, mut stream: UnixStream) {
+/// One client: authorise it, read its request unless `ended` says its place is needed by
+/// another client first, handle it, answer.
+async fn connection(core: Arc<Core>, mut stream: UnixStream, ended: tokio::sync::oneshot::Receiver<()>) {
     let timeout = core.config.read_timeout();
     let cred = match stream.peer_cred() {
         Ok(c) => c,
@@ -522,7 +627,22 @@ async fn connection(core: Arc<Core>, mut stream: UnixStream) {
         Err(_) => return,
     };
     let max = core.config.max_request_bytes;
-    let response = match read_request(&mut stream, max, timeout).await {
+    let read = tokio::select! {
+        read = read_request(&mut stream, max, timeout) => Some(read),
+        Ok(()) = ended => None,
+    };
+    let Some(read) = read else {
+        let message = "closed: every control place was taken and a client needed this one; this connection had sent \
+                       no request yet";
+        tracing::warn!(%actor, "idle control client closed to make room");
+        let (c, a, m) = (core.clone(), actor.clone(), message.to_owned());
+        let _ = tokio::task::spawn_blocking(move || {
+            c.audit(&a, AuditAction::Connect, json!({ "idle": true }), Outcome::Refused, Some(m))
+        })
+        .await;
+        return send(&mut stream, &Response::error(message), timeout).await;
+    };
+    let response = match read {
         Ok(Some(line)) => {
             let c = core.clone();
             tokio::task::spawn_blocking(move || c.handle_line(&actor, &line)).await.unwrap_or_else(|_| {
@@ -617,16 +737,19 @@ struct Core {
 
 impl Core {
     /// Open the audit log, load the state, drop what expired while the agent was down,
-    /// and have the handler enforce the rest.
+    /// settle the enforcement mode, and have the handler enforce the rest.
     fn restore(
         config: ControlConfig,
+        configured: EnforceMode,
         handler: Arc<dyn ControlHandler>,
         capabilities: Capabilities,
     ) -> anyhow::Result<Arc<Self>> {
         let audit = AuditLog::open(&config.audit_log)?;
         let mut state = ControlState::load(&config.state_file)?;
         let expired = state.blocks.expire(now_unix_ms());
-        if !expired.is_empty() {
+        let (mode, replaced) = ModeState::at_start(configured, state.mode.operator.take());
+        state.mode = mode;
+        if !expired.is_empty() || replaced.is_some() {
             state.save(&config.state_file)?;
         }
         let core = Arc::new(Self {
@@ -649,9 +772,25 @@ impl Core {
                 Some("expired while the agent was not running".into()),
             );
         }
-        let (blocks, emergency) = (state.blocks.list().to_vec(), state.emergency);
-        let details = json!({ "blocks": blocks.len(), "emergency": &emergency });
-        match core.apply(&Change::Restored { blocks, emergency }) {
+        if let Some(choice) = replaced {
+            let message = format!(
+                "the config's enforce.mode is now {configured}, not {} as when {} chose {} at {}: the edited config \
+                 decides",
+                choice.config_mode, choice.set_by, choice.mode, choice.set_at
+            );
+            tracing::warn!(mode = %configured, "{message}");
+            let action =
+                if configured == EnforceMode::Enforce { AuditAction::EnforceOn } else { AuditAction::EnforceOff };
+            let details = json!({ "replaced": &choice, "mode": &state.mode });
+            core.audit(&core.agent, action, details, Outcome::Ok, Some(message));
+        }
+        tracing::info!(mode = %state.mode, "enforcement mode");
+        let (blocks, emergency, mode) = (state.blocks.list().to_vec(), state.emergency, state.mode);
+        // The ids: a change whose `pending` line has no result (the agent died in between)
+        // is found here when it was saved.
+        let ids: Vec<&str> = blocks.iter().map(|b| b.id.as_str()).collect();
+        let details = json!({ "blocks": blocks.len(), "ids": ids, "emergency": &emergency, "mode": &mode });
+        match core.apply(&Change::Restored { blocks, emergency, mode: mode.mode }) {
             Ok(report) => {
                 let mut details = details;
                 details["report"] = json!(report);
@@ -758,9 +897,16 @@ impl Core {
             Request::Block(spec) => self.block(actor, spec),
             Request::Unblock { id } => self.unblock(actor, &id),
             Request::List => self.view.read(|s| {
-                Response::Ok(Reply::Blocks { blocks: s.blocks.list().to_vec(), emergency: s.emergency.clone() })
+                Response::Ok(Reply::Blocks {
+                    blocks: s.blocks.list().to_vec(),
+                    emergency: s.emergency.clone(),
+                    mode: Some(s.mode.clone()),
+                })
             }),
             Request::Emergency { on, cgroup } => self.emergency(actor, on, cgroup),
+            Request::Enforce { on } => {
+                self.enforce(actor, if on { EnforceMode::Enforce } else { EnforceMode::Observe })
+            }
             Request::Status => self.view.read(|s| {
                 Response::Ok(Reply::Status(AgentStatus {
                     agent_version: env!("CARGO_PKG_VERSION").into(),
@@ -771,6 +917,7 @@ impl Core {
                     emergency: s.emergency.clone(),
                     kernel: crate::kernel::kernel_release(),
                     capabilities: self.capabilities.list(),
+                    mode: Some(s.mode.clone()),
                 }))
             }),
         }
@@ -778,8 +925,14 @@ impl Core {
 
     /// Run `change` on a copy of the state; save, publish, enforce; undo on failure. The
     /// closure returns the change to enforce (None: nothing changed) and a value.
+    ///
+    /// The change is audited as `pending` (by `actor`, as `action`) before it is saved, so
+    /// that a change never is in force without an audit line, even when the agent dies
+    /// half-way (the caller writes the line with the result).
     fn commit<T>(
         &self,
+        actor: &Actor,
+        action: AuditAction,
         change: impl FnOnce(&mut ControlState, u64) -> Result<(Option<Change>, T), String>,
     ) -> Result<(T, ApplyReport), String> {
         let _ops = self.ops.lock().unwrap_or_else(PoisonError::into_inner);
@@ -789,9 +942,14 @@ impl Core {
         let Some(change) = change else {
             return Ok((value, ApplyReport::default()));
         };
+        self.audit(actor, action, change.audit_details(), Outcome::Pending, None);
+        crate::failpoint::hit("control.commit.after_intent");
         new.save(&self.config.state_file).map_err(|e| format!("nothing changed: {e:#}"))?;
+        crate::failpoint::hit("control.commit.after_save");
         self.view.replace(new);
-        match self.apply(&change) {
+        let applied = self.apply(&change);
+        crate::failpoint::hit("control.commit.after_apply");
+        match applied {
             Ok(report) => Ok((value, report)),
             Err(e) => {
                 self.view.replace(old.clone());
@@ -811,7 +969,7 @@ impl Core {
     fn block(&self, actor: &Actor, spec: BlockSpec) -> Response {
         let requested = json!({ "spec": &spec });
         let max = self.config.max_blocks;
-        let result = self.commit(|state, now| {
+        let result = self.commit(actor, AuditAction::Block, |state, now| {
             let spec = spec.validated()?;
             if state.blocks.len() >= max {
                 return Err(format!(
@@ -837,7 +995,7 @@ impl Core {
             let message = "invalid block id: expected an id as `aegis-agent blocks` lists them (blk- and 8 hex digits)";
             return self.failed(actor, AuditAction::Unblock, json!({ "id_bytes": id.len() }), message.into());
         }
-        let result = self.commit(|state, _| {
+        let result = self.commit(actor, AuditAction::Unblock, |state, _| {
             let block = state
                 .blocks
                 .remove(id)
@@ -861,7 +1019,7 @@ impl Core {
             Err(message) => return self.failed(actor, action, json!({ "cgroup": cgroup }), message),
         };
         let max = self.config.max_blocks;
-        let result = self.commit(|state, _| {
+        let result = self.commit(actor, action, |state, _| {
             if on && cgroup.is_some() && state.emergency.cgroups.len() >= max {
                 return Err(format!("emergency mode is on for {max} cgroups already: use it host-wide"));
             }
@@ -882,6 +1040,29 @@ impl Core {
                 Response::Ok(Reply::Emergency { emergency, changed, report })
             }
             Err(message) => self.failed(actor, action, json!({ "cgroup": cgroup }), message),
+        }
+    }
+
+    /// Switch the enforcement mode (an operator's `enforce on|off`); kept across restarts.
+    fn enforce(&self, actor: &Actor, mode: EnforceMode) -> Response {
+        let action = match mode {
+            EnforceMode::Enforce => AuditAction::EnforceOn,
+            EnforceMode::Observe => AuditAction::EnforceOff,
+        };
+        let result = self.commit(actor, action, |state, now| {
+            let changed = state.mode.choose(mode, actor, now);
+            Ok((changed.then_some(Change::Mode { mode }), (state.mode.clone(), changed)))
+        });
+        match result {
+            Ok(((state, changed), mut report)) => {
+                if !changed {
+                    report.notes.push(format!("the enforcement mode was already {mode}"));
+                }
+                tracing::warn!(mode = %state, %actor, changed, "enforcement mode");
+                self.audit_ok(actor, action, json!({ "changed": changed, "mode": &state }), &mut report);
+                Response::Ok(Reply::Enforce { mode: state, changed, report })
+            }
+            Err(message) => self.failed(actor, action, json!({ "mode": mode }), message),
         }
     }
 
@@ -966,8 +1147,13 @@ mod tests {
     }
 
     fn start(config: &ControlConfig) -> (ServerHandle, Arc<Recorder>) {
+        start_in(config, EnforceMode::Observe)
+    }
+
+    /// [`start`] with the config's `enforce.mode` set to `configured`.
+    fn start_in(config: &ControlConfig, configured: EnforceMode) -> (ServerHandle, Arc<Recorder>) {
         let recorder = Arc::new(Recorder::default());
-        (ControlServer::start(config.clone(), recorder.clone()).unwrap(), recorder)
+        (ControlServer::start(config.clone(), configured, recorder.clone()).unwrap(), recorder)
     }
 
     fn spec(target: BlockTarget, expires: Option<Expiry>) -> BlockSpec {
@@ -976,7 +1162,7 @@ mod tests {
 
     fn list(socket: &Path) -> (Vec<Block>, Emergency) {
         match call(socket, &Request::List).unwrap() {
-            Reply::Blocks { blocks, emergency } => (blocks, emergency),
+            Reply::Blocks { blocks, emergency, .. } => (blocks, emergency),
             other => panic!("{other:?}"),
         }
     }
@@ -1008,7 +1194,13 @@ mod tests {
     }
 
     fn audit_summary(config: &ControlConfig) -> Vec<(AuditAction, Outcome)> {
-        read_entries(&config.audit_log).unwrap().iter().map(|e| (e.action, e.result)).collect()
+        // The `pending` line before each change: see `a_change_is_audited_before_it_is_saved`.
+        read_entries(&config.audit_log)
+            .unwrap()
+            .iter()
+            .filter(|e| e.result != Outcome::Pending)
+            .map(|e| (e.action, e.result))
+            .collect()
     }
 
     fn is_root() -> bool {
@@ -1091,7 +1283,10 @@ mod tests {
 
         let changes = recorder.changes();
         assert_eq!(changes.len(), 6, "{changes:?}");
-        assert_eq!(changes[0], Change::Restored { blocks: vec![], emergency: Emergency::default() });
+        assert_eq!(
+            changes[0],
+            Change::Restored { blocks: vec![], emergency: Emergency::default(), mode: EnforceMode::Observe }
+        );
         assert_eq!(changes[1], Change::Blocked(block.clone()));
         assert_eq!(changes[2], Change::Unblocked(block.clone()));
         assert!(matches!(&changes[4], Change::Emergency { on: true, cgroup: Some(c), .. } if c == "/team-a"));
@@ -1112,7 +1307,8 @@ mod tests {
                 (A::EmergencyOff, Outcome::Ok),
             ]
         );
-        let entries = read_entries(&config.audit_log).unwrap();
+        let entries: Vec<AuditEntry> =
+            read_entries(&config.audit_log).unwrap().into_iter().filter(|e| e.result != Outcome::Pending).collect();
         let AuditEntry { actor, details, message, .. } = &entries[1];
         assert_eq!((actor.uid, actor.pid), (nix::unistd::geteuid().as_raw(), std::process::id()));
         assert_eq!(details["block"]["id"], block.id.as_str());
@@ -1123,6 +1319,94 @@ mod tests {
 
         server.shutdown();
         assert!(!socket.exists(), "socket removed at shutdown");
+    }
+
+    #[test]
+    fn enforce_mode_switches_are_saved_audited_and_outlive_a_restart() {
+        let dir = TempDir::new("mode");
+        let config = config(&dir);
+        let (server, recorder) = start(&config);
+        let socket = server.socket().to_owned();
+        let mode_of = |reply: Reply| match reply {
+            Reply::Enforce { mode, changed, report } => (mode, changed, report),
+            other => panic!("{other:?}"),
+        };
+        let status_mode = |socket: &Path| match call(socket, &Request::Status).unwrap() {
+            Reply::Status(s) => s.mode.expect("this agent reports its mode"),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(server.view().mode(), EnforceMode::Observe, "the config's mode");
+        assert_eq!(status_mode(&socket), ModeState::at_start(EnforceMode::Observe, None).0);
+
+        let (mode, changed, report) = mode_of(call(&socket, &Request::Enforce { on: true }).unwrap());
+        assert!(changed);
+        assert_eq!(report, ApplyReport { killed_connections: 3, notes: vec![] });
+        assert_eq!((mode.mode, mode.configured), (EnforceMode::Enforce, EnforceMode::Observe));
+        let choice = mode.operator.clone().expect("the operator's choice");
+        assert_eq!((choice.set_by.pid, choice.config_mode), (std::process::id(), EnforceMode::Observe));
+        assert_eq!(server.view().mode(), EnforceMode::Enforce);
+        assert_eq!(recorder.changes().last(), Some(&Change::Mode { mode: EnforceMode::Enforce }));
+        assert_eq!(ControlState::load(&config.state_file).unwrap().mode.operator, Some(choice.clone()));
+        let Reply::Blocks { mode: listed, .. } = call(&socket, &Request::List).unwrap() else { panic!() };
+        assert_eq!(listed, Some(mode.clone()));
+
+        let (again, changed, report) = mode_of(call(&socket, &Request::Enforce { on: true }).unwrap());
+        assert!(!changed);
+        assert_eq!(report.notes, ["the enforcement mode was already enforce"]);
+        assert_eq!(again, mode, "the first choice stays");
+        let changes = recorder.changes().len();
+        server.shutdown();
+
+        // Same config: the operator's choice holds, and is what the handler restores.
+        let (server, recorder) = start(&config);
+        assert_eq!(changes, 2, "restore and one switch");
+        assert_eq!(server.view().mode_state(), mode);
+        assert!(matches!(recorder.changes()[0], Change::Restored { mode: EnforceMode::Enforce, .. }));
+        let (observe, changed, _) = mode_of(call(&socket, &Request::Enforce { on: false }).unwrap());
+        assert!(changed);
+        assert_eq!(
+            observe.operator.as_ref().map(|c| (c.mode, c.config_mode)),
+            Some((EnforceMode::Observe, EnforceMode::Observe))
+        );
+        server.shutdown();
+
+        // The config now says enforce, unlike when the operator chose observe: the edited
+        // config decides, the choice is dropped from the state file, and the audit says so.
+        let (server, recorder) = start_in(&config, EnforceMode::Enforce);
+        assert_eq!(server.view().mode_state(), ModeState::at_start(EnforceMode::Enforce, None).0);
+        assert!(matches!(recorder.changes()[0], Change::Restored { mode: EnforceMode::Enforce, .. }));
+        assert_eq!(ControlState::load(&config.state_file).unwrap().mode.operator, None);
+        drop(server);
+
+        use AuditAction as A;
+        assert_eq!(
+            audit_summary(&config),
+            [
+                (A::Restore, Outcome::Ok),
+                (A::EnforceOn, Outcome::Ok),
+                (A::EnforceOn, Outcome::Ok),
+                (A::Restore, Outcome::Ok),
+                (A::EnforceOff, Outcome::Ok),
+                (A::EnforceOn, Outcome::Ok),
+                (A::Restore, Outcome::Ok),
+            ]
+        );
+        let entries: Vec<AuditEntry> =
+            read_entries(&config.audit_log).unwrap().into_iter().filter(|e| e.result != Outcome::Pending).collect();
+        assert_eq!(entries[1].details["mode"]["mode"], "enforce");
+        assert_eq!(entries[1].details["changed"], true);
+        assert_eq!(entries[1].actor.pid, std::process::id());
+        assert_eq!(entries[2].details["changed"], false);
+        assert_eq!(entries[3].details["mode"]["operator"]["mode"], "enforce", "restore names the mode");
+        let replaced = &entries[5];
+        assert_eq!(replaced.actor.pid, std::process::id(), "by the agent at start");
+        let message = replaced.message.as_deref().unwrap();
+        assert!(
+            message.starts_with("the config's enforce.mode is now enforce, not observe as when ")
+                && message.ends_with(": the edited config decides"),
+            "{message}"
+        );
+        assert_eq!(replaced.details["replaced"]["mode"], "observe");
     }
 
     #[test]
@@ -1138,7 +1422,13 @@ mod tests {
         let message = refused(call(server.socket(), &Request::Emergency { on: true, cgroup: None }));
         assert!(message.starts_with("the agent could not enforce the change"), "{message}");
         assert!(server.view().emergency().is_off());
-        let entries = read_entries(&config.audit_log).unwrap();
+        // A mode switch the handler cannot follow (the gate) is undone too.
+        let message = refused(call(server.socket(), &Request::Enforce { on: true }));
+        assert!(message.starts_with("the agent could not enforce the change"), "{message}");
+        assert_eq!(server.view().mode(), EnforceMode::Observe);
+        assert_eq!(ControlState::load(&config.state_file).unwrap().mode.operator, None);
+        let entries: Vec<AuditEntry> =
+            read_entries(&config.audit_log).unwrap().into_iter().filter(|e| e.result != Outcome::Pending).collect();
         assert_eq!(entries[1].action, AuditAction::Block);
         assert_eq!(entries[1].result, Outcome::Failed);
         assert_eq!(
@@ -1150,6 +1440,31 @@ mod tests {
         // Enforcement works again: the change goes through.
         recorder.fail.store(false, Ordering::SeqCst);
         assert!(call(server.socket(), &Request::Block(spec(BlockTarget::Model("gpt-4o".into()), None))).is_ok());
+    }
+
+    /// A change is in the audit log before it is in the state file: a `pending` line (what,
+    /// by whom), then the line with the result; a restart's `restore` line names the blocks it
+    /// found saved, so a change whose agent died between the two lines is still accounted for.
+    #[test]
+    fn a_change_is_audited_before_it_is_saved() {
+        let dir = TempDir::new("pending");
+        let config = config(&dir);
+        let (server, _) = start(&config);
+        let Reply::Blocked { block, .. } =
+            call(server.socket(), &Request::Block(spec(BlockTarget::Model("m".into()), None))).unwrap()
+        else {
+            panic!()
+        };
+        let entries = read_entries(&config.audit_log).unwrap();
+        let at = entries.iter().position(|e| e.action == AuditAction::Block).unwrap();
+        assert_eq!((entries[at].result, entries[at + 1].result), (Outcome::Pending, Outcome::Ok));
+        assert_eq!(entries[at].details["block"]["id"], block.id.as_str());
+        assert_eq!(entries[at].actor, entries[at + 1].actor);
+        server.shutdown();
+        let (_server, _) = start(&config);
+        let entries = read_entries(&config.audit_log).unwrap();
+        let restore = entries.iter().rev().find(|e| e.action == AuditAction::Restore).unwrap();
+        assert_eq!(restore.details["ids"], serde_json::json!([block.id]));
     }
 
     #[test]
@@ -1190,7 +1505,10 @@ mod tests {
         let (_, emergency) = list(&socket);
         assert_eq!(emergency.cgroups.iter().collect::<Vec<_>>(), ["/team-a"]);
         let first = recorder.changes().into_iter().next().unwrap();
-        assert_eq!(first, Change::Restored { blocks: vec![forever.clone(), short.clone()], emergency });
+        assert_eq!(
+            first,
+            Change::Restored { blocks: vec![forever.clone(), short.clone()], emergency, mode: EnforceMode::Observe }
+        );
 
         let deadline = Instant::now() + Duration::from_secs(8);
         while list(&socket).0.len() > 1 {
@@ -1282,24 +1600,22 @@ mod tests {
     }
 
     #[test]
-    fn client_limit() {
+    fn idle_clients_give_way_and_a_flood_is_refused_and_audited() {
         let dir = TempDir::new("limit");
         let config = ControlConfig { max_clients: 2, read_timeout_ms: 5000, ..config(&dir) };
         let (server, _) = start(&config);
-        let idle: Vec<_> = (0..2).map(|_| StdStream::connect(server.socket()).unwrap()).collect();
-        assert_eq!(
-            error_of(raw(server.socket(), b"")),
-            "the agent is busy: 2 control clients are connected already; try again in a few seconds"
-        );
-        drop(idle);
-        let deadline = Instant::now() + Duration::from_secs(3);
-        loop {
-            match call(server.socket(), &Request::Status) {
-                Ok(_) => break,
-                Err(e) => assert!(Instant::now() < deadline, "slots not released: {e}"),
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        // Clients that connect and say nothing hold every place, and are refilled.
+        let mut idle: Vec<_> = (0..2).map(|_| StdStream::connect(server.socket()).unwrap()).collect();
+        for _ in 0..3 {
+            let started = Instant::now();
+            assert!(call(server.socket(), &Request::Status).is_ok(), "an operator gets through idle clients");
+            assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+            idle.push(StdStream::connect(server.socket()).unwrap());
         }
+        drop(idle);
+        let audit = read_entries(&config.audit_log).unwrap();
+        let evicted = audit.iter().filter(|e| e.action == AuditAction::Connect && e.details["idle"] == true).count();
+        assert!(evicted >= 3, "each idle client closed to make room is audited: {audit:#?}");
     }
 
     #[test]
@@ -1313,7 +1629,10 @@ mod tests {
 
         // Not a socket: left alone.
         std::fs::write(&config.socket, "precious").unwrap();
-        let e = format!("{:#}", ControlServer::start(config.clone(), Arc::new(NoopHandler)).unwrap_err());
+        let e = format!(
+            "{:#}",
+            ControlServer::start(config.clone(), EnforceMode::Observe, Arc::new(NoopHandler)).unwrap_err()
+        );
         assert_eq!(
             e,
             format!(
@@ -1329,7 +1648,10 @@ mod tests {
         drop(std::os::unix::net::UnixListener::bind(&config.socket).unwrap());
         let (server, _) = start(&config);
         // A live one: refused, and the first server keeps working.
-        let e = format!("{:#}", ControlServer::start(config.clone(), Arc::new(NoopHandler)).unwrap_err());
+        let e = format!(
+            "{:#}",
+            ControlServer::start(config.clone(), EnforceMode::Observe, Arc::new(NoopHandler)).unwrap_err()
+        );
         assert!(e.starts_with("another process is already serving the control socket"), "{e}");
         assert!(call(server.socket(), &Request::Status).is_ok());
         drop(server);

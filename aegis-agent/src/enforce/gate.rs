@@ -15,15 +15,19 @@
 //! 3. sk_msg verdict on the sockhash: a send by a thread with a noted call records
 //!    (tgid, `SSL *`) -> socket in the SSL-to-socket index ([`Gate::socket_of`]); when the
 //!    call is flagged the send is refused (`SK_DROP`: the caller gets `EACCES`, nothing is
-//!    queued) and a [`FlaggedSend`] goes to the agent over the gate's own ring buffer
-//!    (small, and read apart from the capture ring so a busy capture never delays it).
-//!    While the gate observes ([`Gate::set_refusing`] false: the agent's observe mode) the
-//!    flagged send goes out and is only reported.
-//! 4. [`Gate::poll`] reads flagged sends and ends each refused connection with
+//!    queued) and a [`Refusal`] goes to the agent over the gate's own ring buffer (small,
+//!    and read apart from the capture ring so a busy capture never delays a refusal).
+//! 4. [`Gate::poll`] reads refusals and ends each refused connection with
 //!    [`sockdiag::kill_socket_with_cookie`] (exact 4-tuple and cookie): the server gets a
 //!    reset, a client read fails. (After one refused send the kernel refuses every later
 //!    send on that socket anyway; the kill also frees the server side and wakes a client
 //!    blocked in a read.)
+//!
+//! The gate refuses only while the agent enforces ([`Gate::set_enforcing`]): in observe mode
+//! it stands by, loaded but not attached to the cgroup, so no socket of the host enters its
+//! sockhash (whose receive path quirks would reach every TLS connection of the cgroup) and no
+//! send is checked. What it would have refused shows anyway: its keywords are rules the
+//! user-space inspection applies too, and their verdicts are in the records.
 //!
 //! A write counts for the send that follows it on the same thread: the one inside the call
 //! (OpenSSL writing to its socket: python, curl), or, for a program that encrypts into
@@ -120,8 +124,8 @@ pub struct GateConfig {
     pub flush_window: Duration,
     /// End a refused connection (sock_diag `SOCK_DESTROY`) when its refusal is read.
     pub kill: bool,
-    /// Refuse flagged sends (else only report them).
-    pub refuse: bool,
+    /// Attached and refusing from the start (else standing by: [`Gate::set_enforcing`]).
+    pub enforcing: bool,
 }
 
 impl GateConfig {
@@ -131,14 +135,14 @@ impl GateConfig {
             ports: Vec::new(),
             flush_window: Duration::from_millis(5),
             kill: true,
-            refuse: true,
+            enforcing: true,
         }
     }
 }
 
-/// A send flagged by a kernel keyword: refused, or let through while the gate observes.
+/// A send the kernel refused.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct FlaggedSend {
+pub struct Refusal {
     pub pid: u32,
     pub tid: u32,
     pub comm: String,
@@ -155,10 +159,8 @@ pub struct FlaggedSend {
     pub cookie: u64,
     /// Plaintext bytes the SSL_write was given.
     pub plain_len: u64,
-    /// Bytes of the flagged send (TLS records).
-    pub send_bytes: u32,
-    /// Whether the send was refused (false: the gate observed, the send went out).
-    pub refused: bool,
+    /// Bytes of the refused send (TLS records).
+    pub refused_bytes: u32,
     /// Whether the connection was ended here (`Some(false)`: already gone; `None`: not
     /// tried or failed, see the log).
     pub killed: Option<bool>,
@@ -181,8 +183,6 @@ pub struct GateStats {
     pub truncated: u64,
     /// Of `scan_ns`, the copy of the plaintext from the caller's memory.
     pub copy_ns: u64,
-    /// Flagged sends let through because the gate observes.
-    pub observed: u64,
 }
 
 impl GateStats {
@@ -343,11 +343,10 @@ where
 }
 
 impl Gate {
-    /// Load the gate's object, attach its sockops and sk_msg programs to `config.cgroup`
-    /// and switch it on, with no keywords yet: sends are attributed ([`Gate::socket_of`])
-    /// but none is flagged until [`Gate::set_keywords`]. Its SSL_write probes go on TLS
-    /// targets through [`GateProbes`]. An error is an [`objects::LoadError`] when the kernel refused
-    /// a program (the gate is unavailable on this kernel).
+    /// Load the gate's object with no keywords yet and, when `config.enforcing`, attach it
+    /// ([`Gate::set_enforcing`]). Its SSL_write probes go on TLS targets through
+    /// [`GateProbes`]. An error is an [`objects::LoadError`] when the kernel refused a
+    /// program (the gate is unavailable on this kernel).
     pub fn start(config: &GateConfig) -> anyhow::Result<Self> {
         let (cgroup_id, cgroup_level) = cgroup_identity(&config.cgroup)?;
         let mut ebpf = EbpfLoader::new().load(GATE.bytes).context("creating the gate's eBPF maps failed")?;
@@ -369,9 +368,8 @@ impl Gate {
             msg: None,
             loaded: Vec::new(),
             current: KernelConfig {
-                enabled: 1,
+                enabled: 0,
                 stride: 4,
-                refuse: u32::from(config.refuse),
                 cgroup_id,
                 cgroup_level,
                 flush_window_ns: config.flush_window.as_nanos().min(u128::from(u64::MAX)) as u64,
@@ -385,22 +383,42 @@ impl Gate {
         for port in ports {
             gate.ports.insert(&port, &1, 0).context("filling GATE_PORTS")?;
         }
-
-        let msg: &mut SkMsg = gate.ebpf.program_mut("gate_msg").context("program gate_msg missing")?.try_into()?;
-        let id = msg.attach(gate.socks.fd()).context("attaching gate_msg to the sockhash")?;
-        gate.msg = Some(msg.take_link(id)?);
-
-        let dir = std::fs::File::open(&config.cgroup)
-            .with_context(|| format!("cannot open cgroup {}", config.cgroup.display()))?;
-        let ops: &mut SockOps =
-            gate.ebpf.program_mut("gate_sockops").context("program gate_sockops missing")?.try_into()?;
-        let id = ops
-            .attach(dir.as_fd(), CgroupAttachMode::default())
-            .with_context(|| format!("attaching gate_sockops to {}", config.cgroup.display()))?;
-        gate.sockops = Some(ops.take_link(id)?);
-
         gate.config.set(0, &gate.current, 0).context("writing GATE_CONFIG")?;
+        gate.set_enforcing(config.enforcing)?;
         Ok(gate)
+    }
+
+    /// Attach to the cgroup and refuse flagged sends (true), or stand by (false): detached,
+    /// the sockhash emptied, no send checked. Sends are attributed ([`Gate::socket_of`]) only
+    /// while attached.
+    pub fn set_enforcing(&mut self, on: bool) -> anyhow::Result<()> {
+        self.settings.enforcing = on;
+        if !on {
+            return self.shutdown();
+        }
+        if self.msg.is_none() {
+            let msg: &mut SkMsg = self.ebpf.program_mut("gate_msg").context("program gate_msg missing")?.try_into()?;
+            let id = msg.attach(self.socks.fd()).context("attaching gate_msg to the sockhash")?;
+            self.msg = Some(msg.take_link(id)?);
+        }
+        if self.sockops.is_none() {
+            let cgroup = &self.settings.cgroup;
+            let dir =
+                std::fs::File::open(cgroup).with_context(|| format!("cannot open cgroup {}", cgroup.display()))?;
+            let ops: &mut SockOps =
+                self.ebpf.program_mut("gate_sockops").context("program gate_sockops missing")?.try_into()?;
+            let id = ops
+                .attach(dir.as_fd(), CgroupAttachMode::default())
+                .with_context(|| format!("attaching gate_sockops to {}", cgroup.display()))?;
+            self.sockops = Some(ops.take_link(id)?);
+        }
+        self.current.enabled = 1;
+        self.config.set(0, &self.current, 0).context("writing GATE_CONFIG")
+    }
+
+    /// Whether the gate is attached and refusing.
+    pub fn enforcing(&self) -> bool {
+        self.settings.enforcing
     }
 
     /// The gate's programs with the verifier's instruction counts.
@@ -418,18 +436,6 @@ impl Gate {
     /// Put the gate's SSL_write probes on `target`; the number attached.
     pub fn attach_target(&mut self, target: &TlsTarget) -> anyhow::Result<usize> {
         attach_plan(&mut self.ebpf, &GATE_PLAN, target, None)
-    }
-
-    /// Refuse flagged sends (true), or let them through and only report them (false).
-    pub fn set_refusing(&mut self, refuse: bool) -> anyhow::Result<()> {
-        self.settings.refuse = refuse;
-        self.current.refuse = u32::from(refuse);
-        self.config.set(0, &self.current, 0).context("writing GATE_CONFIG")
-    }
-
-    /// Whether flagged sends are refused.
-    pub fn refusing(&self) -> bool {
-        self.settings.refuse
     }
 
     /// Replace the keywords (an empty list stops scanning; attribution goes on). Scanning
@@ -469,9 +475,9 @@ impl Gate {
         unsafe { libc::poll(&mut pfd, 1, ms) > 0 }
     }
 
-    /// Flagged sends since the last call; each refused connection is ended first (when
+    /// Refusals since the last call; each refused connection is ended first (when
     /// [`GateConfig::kill`]). Blocks on one netlink round trip per refusal.
-    pub fn poll(&mut self) -> Vec<FlaggedSend> {
+    pub fn poll(&mut self) -> Vec<Refusal> {
         let mut raw = Vec::new();
         while let Some(item) = self.events.next() {
             if item.len() >= size_of::<GateEvent>() {
@@ -482,10 +488,9 @@ impl Gate {
         raw.into_iter().map(|e| self.refusal(&e)).collect()
     }
 
-    fn refusal(&self, e: &GateEvent) -> FlaggedSend {
+    fn refusal(&self, e: &GateEvent) -> Refusal {
         let (local, peer) = addresses(&e.tuple);
-        let refused = e.dropped != 0;
-        let killed = if self.settings.kill && refused {
+        let killed = if self.settings.kill {
             let cookie = (e.cookie != 0).then_some(e.cookie);
             match sockdiag::kill_socket_with_cookie(local, peer, cookie) {
                 Ok(k) => Some(k),
@@ -499,7 +504,7 @@ impl Gate {
         };
         let kw = self.loaded.get(e.keyword as usize);
         let end = e.comm.iter().position(|&b| b == 0).unwrap_or(16);
-        FlaggedSend {
+        Refusal {
             pid: (e.pid_tgid >> 32) as u32,
             tid: e.pid_tgid as u32,
             comm: String::from_utf8_lossy(&e.comm[..end]).into_owned(),
@@ -512,15 +517,14 @@ impl Gate {
             peer,
             cookie: e.cookie,
             plain_len: e.plain_len,
-            send_bytes: e.send_bytes,
-            refused,
+            refused_bytes: e.refused_bytes,
             killed,
         }
     }
 
     pub fn stats(&self) -> GateStats {
         let get = |s: GateStat| -> u64 { self.stats.get(&(s as u32), 0).map(|v| v.iter().sum()).unwrap_or(0) };
-        const _: () = assert!(GATE_STAT_SLOTS == 14);
+        const _: () = assert!(GATE_STAT_SLOTS == 13);
         GateStats {
             scans: get(GateStat::Scans),
             scanned_bytes: get(GateStat::ScannedBytes),
@@ -535,7 +539,6 @@ impl Gate {
             indexed: get(GateStat::Indexed),
             truncated: get(GateStat::Truncated),
             copy_ns: get(GateStat::CopyNs),
-            observed: get(GateStat::Observed),
         }
     }
 
@@ -894,7 +897,7 @@ mod tests {
 
         /// Runs `cmd` in the test cgroup, polling the gate (and so ending refused
         /// connections) until it exits; its exit status, stdout lines and the refusals.
-        fn run(&mut self, mut cmd: Command) -> (std::process::ExitStatus, Vec<Value>, Vec<FlaggedSend>) {
+        fn run(&mut self, mut cmd: Command) -> (std::process::ExitStatus, Vec<Value>, Vec<Refusal>) {
             let scratch = Scratch::new();
             let out_path = scratch.0.join("stdout");
             cmd.stdout(std::fs::File::create(&out_path).unwrap()).stderr(Stdio::piped()).stdin(Stdio::null());
@@ -986,13 +989,7 @@ mod tests {
     /// connection, and the connection is gone. `held`: the client keeps the connection
     /// open after the failed write (then the server must see a reset; a client that
     /// closes at once may get its FIN or RST out first).
-    fn check_blocked_flow(
-        rig: &Rig,
-        client: &str,
-        lines: &[Value],
-        refusals: &[FlaggedSend],
-        held: bool,
-    ) -> FlaggedSend {
+    fn check_blocked_flow(rig: &Rig, client: &str, lines: &[Value], refusals: &[Refusal], held: bool) -> Refusal {
         let steps = by_step(lines);
         let ctx = format!("{client}: steps {steps:#?}\nrefusals {refusals:#?}\nstats {:?}", rig.gate.stats());
         for name in ["clean1", "clean2"] {
@@ -1013,7 +1010,7 @@ mod tests {
         if held {
             assert_eq!(r.killed, Some(true), "{ctx}");
         }
-        assert!(r.refused && r.send_bytes > 0 && r.plain_len > 0 && r.cookie != 0 && !r.comm.is_empty(), "{ctx}");
+        assert!(r.refused_bytes > 0 && r.plain_len > 0 && r.cookie != 0 && !r.comm.is_empty(), "{ctx}");
 
         let reports = rig.server.reports(3);
         let server = |a: SocketAddr| {

@@ -8,7 +8,10 @@
 //!   connects instead of refusing them.
 //! - Model, route and tenant blocks share connections with allowed calls: they act on
 //!   the parsed call ([`super::verdict`]), not in the connect programs.
-//! - Emergency mode is read by the data path from the control view.
+//! - Emergency mode and the enforcement mode are read by the data path from the control
+//!   view; a mode switch reaches [`Enforcer::apply`] as [`Change::Mode`] (and the mode at
+//!   start in [`Change::Restored`]), the place for kernel-side enforcement that must follow
+//!   the mode.
 
 use std::{
     collections::HashSet,
@@ -24,7 +27,7 @@ use super::{
     sockdiag::{self, Destination, IpNet, OwnerScope},
     verdict::{ConnectionKiller, HostBook},
 };
-use crate::control::{ApplyReport, Block, BlockTarget, Change, ControlHandler, Scope};
+use crate::control::{ApplyReport, Block, BlockTarget, Change, ControlHandler, EnforceMode, Scope};
 
 /// The kernel block number of a block id (`blk-` and 8 hex digits).
 pub fn kernel_id(id: &str) -> u32 {
@@ -34,6 +37,13 @@ pub fn kernel_id(id: &str) -> u32 {
 /// The block id of a kernel block number.
 pub fn block_id(kernel: u32) -> String {
     format!("blk-{kernel:08x}")
+}
+
+/// Kernel-side enforcement that acts only while the agent enforces (the content gate): told
+/// of every switch of the enforcement mode.
+pub trait ModeFollower: Send + Sync {
+    /// Follow `mode`: a note for the operator, or why it could not (the switch is undone).
+    fn follow(&self, mode: EnforceMode) -> Result<String, String>;
 }
 
 /// Something that finds the socket of a TLS connection (the content gate's index).
@@ -50,6 +60,7 @@ pub struct Enforcer {
     /// The active blocks as last applied.
     blocks: Mutex<Vec<Block>>,
     sockets: OnceLock<Arc<dyn SocketIndex>>,
+    follower: OnceLock<Arc<dyn ModeFollower>>,
 }
 
 impl Enforcer {
@@ -62,7 +73,14 @@ impl Enforcer {
             cgroup_root,
             blocks: Mutex::new(Vec::new()),
             sockets: OnceLock::new(),
+            follower: OnceLock::new(),
         }
+    }
+
+    /// Tell `follower` of every switch of the enforcement mode (it is told the mode in force
+    /// when it starts by whoever starts it).
+    pub fn set_mode_follower(&self, follower: Arc<dyn ModeFollower>) {
+        let _ = self.follower.set(follower);
     }
 
     /// Use `index` to find the socket of a connection to destroy.
@@ -264,11 +282,23 @@ impl ControlHandler for Enforcer {
             }
             Change::Emergency { on, cgroup, .. } => {
                 let scope = cgroup.as_deref().unwrap_or("the whole host");
-                let state = if *on { "on" } else { "off" };
-                return Ok(ApplyReport {
-                    killed_connections: 0,
-                    notes: vec![format!("emergency mode {state} for {scope}: warn verdicts are enforced as block")],
-                });
+                let note = if *on {
+                    format!(
+                        "emergency mode on for {scope}: warn verdicts become block, and the rules' block verdicts \
+                         stop calls there in observe mode too"
+                    )
+                } else {
+                    format!("emergency mode off for {scope}")
+                };
+                return Ok(ApplyReport { killed_connections: 0, notes: vec![note] });
+            }
+            // The data path reads the mode from the control view; the kernel side follows.
+            Change::Mode { mode } => {
+                let notes = match self.follower.get() {
+                    Some(f) => vec![f.follow(*mode)?],
+                    None => Vec::new(),
+                };
+                return Ok(ApplyReport { killed_connections: 0, notes });
             }
         }
         let notes = match self.sync(&blocks) {

@@ -3,12 +3,20 @@
 //! The exchange tracker raises a [`Checkpoint`] when a call's request is complete and
 //! inspected, and again when its response's inspection reaches a stronger action (a
 //! stream is inspected chunk by chunk). The worker that owns the connection asks
-//! [`Containment::judge`] whether the call must be stopped, and why:
+//! [`Containment::judge`] whether the call must be stopped, and why ([`StopReason`]):
 //!
-//! 1. a rule of the packs in force decided `block`;
-//! 2. an operator's block (`aegis-agent block`/`disable`) covers the call: its model, its
-//!    route (host + path prefix), its tenant (cgroup) or its provider, in the block's scope;
-//! 3. emergency mode is on for the caller and a rule decided `warn`.
+//! 1. a rule of the packs in force decided `block`, and the enforcement mode is enforce
+//!    (`rule:<id>`);
+//! 2. emergency mode is on for the caller and a rule decided `warn`, or `block` in observe
+//!    mode (`emergency:<id>`): emergency mode enforces the rules in its scope in both modes;
+//! 3. an operator's block (`aegis-agent block`/`disable`) covers the call: its model, its
+//!    route (host + path prefix), its tenant (cgroup) or its provider, in the block's scope
+//!    (`operator:<block id>`), in both modes.
+//!
+//! In observe mode ([`crate::control::mode`]) a rule's `block` outside emergency mode is a
+//! [`Verdict`] that does not stop: the call goes on, and its record says in `enforcement`
+//! that it would have been stopped, by which rule, with `outcome: "observed"`. The
+//! decision itself is never changed by the mode.
 //!
 //! A stopped call's connection is ended at once ([`ConnectionKiller`]): the socket is
 //! destroyed, so the application's next read or write fails and the server sees a reset.
@@ -22,7 +30,7 @@ use std::{path::Path, sync::Arc, time::Instant};
 use serde::Serialize;
 
 use crate::{
-    control::{ControlView, Subject},
+    control::{ControlView, EnforceMode, Subject},
     policy::decision::Half,
     rules::pack::Action,
 };
@@ -43,7 +51,7 @@ pub struct Checkpoint {
     pub rules: Option<(Action, String)>,
 }
 
-/// Why a call is stopped.
+/// Why a call is stopped (or, observed, would be).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum StopReason {
     Rule(String),
@@ -62,16 +70,28 @@ impl StopReason {
     }
 }
 
-/// What was done about a stopped call, in its record.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+/// The judge's answer for a call that must stop, or would in enforce mode.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Verdict {
+    pub why: StopReason,
+    /// The enforcement mode in force when the call was judged.
+    pub mode: EnforceMode,
+    /// Whether the call's connection is ended; false for a rule's `block` in observe mode
+    /// (outside emergency mode), which is recorded only.
+    pub stop: bool,
+}
+
+/// What was done about a call that was (or would have been) stopped, in its record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Outcome {
     /// The connection was destroyed.
     ConnectionKilled,
     /// Destroying the connection failed (`detail` says why).
     KillFailed,
-    /// Content enforcement is off in the configuration: recorded only.
-    NotEnforced,
+    /// Observe mode: enforce mode would have stopped the call; it went on (`detail` says
+    /// why).
+    Observed,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -80,14 +100,18 @@ pub struct Enforcement {
     pub by: String,
     /// The half whose inspection decided.
     pub half: Half,
+    /// The enforcement mode when the call was judged.
+    pub mode: EnforceMode,
     pub outcome: Outcome,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
     pub connections_killed: u32,
-    /// From the kernel's timestamp of the deciding bytes to the connection destroyed, µs.
-    pub verdict_to_kill_us: u64,
+    /// From the kernel's timestamp of the deciding bytes to the connection destroyed, µs
+    /// (absent when no kill was attempted: an observed call).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub verdict_to_kill_us: Option<u64>,
     /// Request-stream bytes the application sent after the deciding bytes (before the kill
-    /// took effect, as far as capture saw).
+    /// took effect, as far as capture saw; for an observed call, the rest of it).
     pub bytes_out_after_verdict: u64,
     /// Response-stream bytes the application received after the deciding bytes.
     pub bytes_in_after_verdict: u64,
@@ -109,8 +133,9 @@ pub trait HostBook: Send + Sync {
     fn provider(&self, host: &str) -> Option<String>;
 }
 
-/// What the data path needs to stop calls: the operator's state and a way to end
-/// connections. Empty (the default): verdicts are recorded, never enforced.
+/// What the data path needs to stop calls: the operator's state (blocks, emergency mode,
+/// enforcement mode) and a way to end connections. Empty (the default, containment not
+/// loaded): observe mode, verdicts are recorded, never enforced.
 #[derive(Clone, Default)]
 pub struct Containment {
     pub view: Option<ControlView>,
@@ -124,6 +149,11 @@ pub struct Containment {
 impl Containment {
     pub fn is_active(&self) -> bool {
         self.view.is_some() || self.killer.is_some() || self.hosts.is_some()
+    }
+
+    /// The enforcement mode in force: the operator's state, or observe without one.
+    pub fn mode(&self) -> EnforceMode {
+        self.view.as_ref().map_or(EnforceMode::Observe, ControlView::mode)
     }
 
     /// The provider of a call: by its host when the book knows it, else by the API's shape.
@@ -143,8 +173,9 @@ impl Containment {
         known.map_or(std::borrow::Cow::Borrowed(detected), std::borrow::Cow::Owned)
     }
 
-    /// Whether the call at `cp`, made by a process in `cgroup` running `exe`, must stop.
-    pub fn judge(&self, cp: &Checkpoint, cgroup: &str, exe: Option<&Path>) -> Option<StopReason> {
+    /// Whether the call at `cp`, made by a process in `cgroup` running `exe`, must stop, or
+    /// would in enforce mode (see the module documentation for the order).
+    pub fn judge(&self, cp: &Checkpoint, cgroup: &str, exe: Option<&Path>) -> Option<Verdict> {
         // Every call teaches the book its host, in scope or not.
         let provider = self.provider_of(cp.host.as_deref(), cp.provider, cp.half == Half::Request);
         if let Some(scope) = &self.scope
@@ -152,10 +183,23 @@ impl Containment {
         {
             return None;
         }
-        if let Some((Action::Block, rule)) = &cp.rules {
-            return Some(StopReason::Rule(rule.clone()));
+        let mode = self.mode();
+        let emergency = self.view.as_ref().is_some_and(|v| v.emergency_applies_to(cgroup));
+        let verdict = |why, stop| Verdict { why, mode, stop };
+        let by_rules = match &cp.rules {
+            Some((Action::Block, rule)) if mode == EnforceMode::Enforce => {
+                Some(verdict(StopReason::Rule(rule.clone()), true))
+            }
+            Some((Action::Block | Action::Warn, rule)) if emergency => {
+                Some(verdict(StopReason::Emergency(rule.clone()), true))
+            }
+            Some((Action::Block, rule)) => Some(verdict(StopReason::Rule(rule.clone()), false)),
+            _ => None,
+        };
+        if by_rules.as_ref().is_some_and(|v| v.stop) {
+            return by_rules;
         }
-        let view = self.view.as_ref()?;
+        let Some(view) = &self.view else { return by_rules };
         let subject = Subject {
             provider: Some(&provider),
             model: cp.model.as_deref(),
@@ -165,22 +209,42 @@ impl Containment {
             cgroup: Some(cgroup),
             exe,
         };
-        if let Some(block) = view.matching_block(&subject) {
-            return Some(StopReason::Operator { id: block.id.clone(), reason: block.spec.reason.clone() });
-        }
-        match &cp.rules {
-            Some((Action::Warn, rule)) if view.emergency_applies_to(cgroup) => {
-                Some(StopReason::Emergency(rule.clone()))
-            }
-            _ => None,
+        match view.matching_block(&subject) {
+            Some(block) => Some(verdict(StopReason::Operator { id: block.id, reason: block.spec.reason }, true)),
+            None => by_rules,
         }
     }
 
-    /// Stop the call: end the connection `conn` of process `tgid`.
-    pub fn stop(&self, why: &StopReason, cp: &Checkpoint, tgid: u32, conn: u64) -> Enforcement {
+    /// Act on `verdict` for the call at `cp`: end the connection `conn` of process `tgid`,
+    /// or, observed, only say in the record what enforce mode would have done.
+    pub fn act(&self, verdict: &Verdict, cp: &Checkpoint, tgid: u32, conn: u64) -> Enforcement {
+        let why = &verdict.why;
+        if !verdict.stop {
+            let detail = if self.view.is_some() {
+                "enforce.mode is observe: the rule's block is recorded, not enforced (`aegis-agent enforce on` \
+                 enforces it)"
+            } else {
+                "containment is off (enforce.enabled = false): the rule's block is recorded, not enforced"
+            };
+            tracing::debug!(
+                by = %why.label(), pid = tgid, host = cp.host.as_deref().unwrap_or("?"), path = %cp.path,
+                "call observed: enforce mode would have stopped it"
+            );
+            return Enforcement {
+                by: why.label(),
+                half: cp.half,
+                mode: verdict.mode,
+                outcome: Outcome::Observed,
+                detail: Some(detail.to_owned()),
+                connections_killed: 0,
+                verdict_to_kill_us: None,
+                bytes_out_after_verdict: 0,
+                bytes_in_after_verdict: 0,
+            };
+        }
         let started = Instant::now();
         let (outcome, detail, killed) = match &self.killer {
-            None => (Outcome::NotEnforced, Some("enforce.kill_on_block is off".to_owned()), 0),
+            None => (Outcome::KillFailed, Some("this agent has no way to end connections".to_owned()), 0),
             Some(k) => match k.kill(tgid, conn, cp.host.as_deref()) {
                 Ok(0) => (Outcome::KillFailed, Some("no socket of the connection was found".to_owned()), 0),
                 Ok(n) => (Outcome::ConnectionKilled, None, n),
@@ -204,10 +268,11 @@ impl Containment {
         Enforcement {
             by: why.label(),
             half: cp.half,
+            mode: verdict.mode,
             outcome,
             detail,
             connections_killed: killed,
-            verdict_to_kill_us,
+            verdict_to_kill_us: Some(verdict_to_kill_us),
             bytes_out_after_verdict: 0,
             bytes_in_after_verdict: 0,
         }
@@ -216,7 +281,10 @@ impl Containment {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicU32, Ordering};
+
     use super::*;
+    use crate::control::{Actor, Block, BlockSpec, BlockTarget, ControlState, ModeState, Scope};
 
     fn cp(rules: Option<(Action, &str)>) -> Checkpoint {
         Checkpoint {
@@ -231,27 +299,150 @@ mod tests {
         }
     }
 
+    /// Operator state in `mode`, with emergency mode on for `emergency` and a host-wide
+    /// block of model `blocked` (block id `blk-00000001`).
+    fn view(mode: EnforceMode, emergency: Option<&str>, blocked: Option<&str>) -> ControlView {
+        let mut state = ControlState { mode: ModeState::at_start(mode, None).0, ..ControlState::default() };
+        if let Some(cgroup) = emergency {
+            state.emergency.set(true, Some(cgroup));
+        }
+        if let Some(model) = blocked {
+            let spec = BlockSpec {
+                target: BlockTarget::Model(model.into()),
+                scope: Scope::Host,
+                expires: None,
+                fallback: None,
+                reason: "unsafe".into(),
+            };
+            let actor = Actor { uid: 0, gid: 0, pid: 1, comm: "bash".into(), user: None };
+            state.blocks.add(Block::new("blk-00000001".into(), spec, actor, 0).unwrap()).unwrap();
+        }
+        ControlView::new(state)
+    }
+
+    fn containment(view: ControlView) -> Containment {
+        Containment { view: Some(view), ..Containment::default() }
+    }
+
+    fn rule(r: &str, mode: EnforceMode, stop: bool) -> Option<Verdict> {
+        Some(Verdict { why: StopReason::Rule(r.into()), mode, stop })
+    }
+
+    use EnforceMode::{Enforce, Observe};
+
     #[test]
-    fn rule_block_stops_without_operator_state_and_warn_does_not() {
-        let c = Containment::default();
-        assert_eq!(c.judge(&cp(Some((Action::Block, "r1"))), "/", None), Some(StopReason::Rule("r1".into())));
-        assert_eq!(c.judge(&cp(Some((Action::Warn, "r2"))), "/", None), None);
-        assert_eq!(c.judge(&cp(None), "/", None), None);
+    fn rule_blocks_are_observed_in_observe_mode_and_stop_in_enforce_mode() {
+        let block = cp(Some((Action::Block, "r1")));
+        let warn = cp(Some((Action::Warn, "r2")));
+        // Containment not loaded: observe.
+        let none = Containment::default();
+        assert_eq!(none.judge(&block, "/", None), rule("r1", Observe, false));
+        assert_eq!(none.judge(&warn, "/", None), None);
+        assert_eq!(none.judge(&cp(None), "/", None), None);
+
+        let observe = containment(view(Observe, None, None));
+        assert_eq!(observe.judge(&block, "/", None), rule("r1", Observe, false));
+        assert_eq!(observe.judge(&warn, "/", None), None);
+
+        let enforce = containment(view(Enforce, None, None));
+        assert_eq!(enforce.judge(&block, "/", None), rule("r1", Enforce, true));
+        assert_eq!(enforce.judge(&warn, "/", None), None);
+        assert_eq!(enforce.judge(&cp(None), "/", None), None);
     }
 
     #[test]
     fn callers_outside_the_enforcement_scope_are_not_stopped() {
-        let c = Containment { scope: Some("/app".into()), ..Containment::default() };
+        let c = Containment { scope: Some("/app".into()), ..containment(view(Enforce, None, None)) };
         let block = cp(Some((Action::Block, "r1")));
-        assert_eq!(c.judge(&block, "/app/worker", None), Some(StopReason::Rule("r1".into())));
+        assert_eq!(c.judge(&block, "/app/worker", None), rule("r1", Enforce, true));
         assert_eq!(c.judge(&block, "/other", None), None);
         assert_eq!(c.judge(&block, "/app2", None), None);
     }
 
     #[test]
-    fn without_a_killer_the_stop_is_recorded_as_not_enforced() {
-        let c = Containment::default();
-        let e = c.stop(&StopReason::Rule("r1".into()), &cp(Some((Action::Block, "r1"))), 1, 2);
-        assert_eq!((e.outcome, e.by.as_str(), e.connections_killed), (Outcome::NotEnforced, "rule:r1", 0));
+    fn emergency_mode_enforces_the_rules_in_its_scope_in_both_modes() {
+        let block = cp(Some((Action::Block, "r1")));
+        let warn = cp(Some((Action::Warn, "r2")));
+        let emergency = |r: &str, mode| Some(Verdict { why: StopReason::Emergency(r.into()), mode, stop: true });
+
+        let observe = containment(view(Observe, Some("/app"), None));
+        assert_eq!(observe.judge(&block, "/app/job", None), emergency("r1", Observe));
+        assert_eq!(observe.judge(&warn, "/app/job", None), emergency("r2", Observe));
+        assert_eq!(observe.judge(&block, "/other", None), rule("r1", Observe, false), "outside: observed");
+        assert_eq!(observe.judge(&warn, "/other", None), None);
+        assert_eq!(observe.judge(&cp(None), "/app", None), None);
+
+        // Enforce mode stops a block anyway: the rule is named; a warn is emergency's doing.
+        let enforce = containment(view(Enforce, Some("/app"), None));
+        assert_eq!(enforce.judge(&block, "/app", None), rule("r1", Enforce, true));
+        assert_eq!(enforce.judge(&warn, "/app", None), emergency("r2", Enforce));
+    }
+
+    #[test]
+    fn operator_blocks_act_in_observe_mode() {
+        let operator = |mode| {
+            Some(Verdict {
+                why: StopReason::Operator { id: "blk-00000001".into(), reason: "unsafe".into() },
+                mode,
+                stop: true,
+            })
+        };
+        let observe = containment(view(Observe, None, Some("gpt-4o")));
+        assert_eq!(observe.judge(&cp(None), "/", None), operator(Observe));
+        assert_eq!(observe.judge(&cp(Some((Action::Warn, "r2"))), "/", None), operator(Observe));
+        // An observed rule verdict does not hide the operator's block.
+        assert_eq!(observe.judge(&cp(Some((Action::Block, "r1"))), "/", None), operator(Observe));
+        let other = Checkpoint { model: Some("gpt-4o-mini".into()), ..cp(Some((Action::Block, "r1"))) };
+        assert_eq!(observe.judge(&other, "/", None), rule("r1", Observe, false));
+
+        // In enforce mode the rule that stops the call anyway is named first.
+        let enforce = containment(view(Enforce, None, Some("gpt-4o")));
+        assert_eq!(enforce.judge(&cp(Some((Action::Block, "r1"))), "/", None), rule("r1", Enforce, true));
+        assert_eq!(enforce.judge(&cp(None), "/", None), operator(Enforce));
+    }
+
+    /// Counts its calls; kills one socket each time.
+    #[derive(Default)]
+    struct Killer(AtomicU32);
+
+    impl ConnectionKiller for Killer {
+        fn kill(&self, _: u32, _: u64, _: Option<&str>) -> Result<u32, String> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            Ok(1)
+        }
+    }
+
+    #[test]
+    fn an_observed_verdict_is_recorded_and_kills_nothing() {
+        let killer = Arc::new(Killer::default());
+        let c = Containment { killer: Some(killer.clone()), ..containment(view(Observe, None, None)) };
+        let at = cp(Some((Action::Block, "r1")));
+        let verdict = c.judge(&at, "/", None).unwrap();
+        let e = c.act(&verdict, &at, 1, 2);
+        assert_eq!(
+            (e.outcome, e.by.as_str(), e.mode, e.connections_killed, e.verdict_to_kill_us),
+            (Outcome::Observed, "rule:r1", Observe, 0, None)
+        );
+        assert_eq!(
+            e.detail.as_deref(),
+            Some(
+                "enforce.mode is observe: the rule's block is recorded, not enforced (`aegis-agent enforce on` enforces it)"
+            )
+        );
+        assert_eq!(killer.0.load(Ordering::SeqCst), 0, "no kill in observe mode");
+        let json = serde_json::to_value(&e).unwrap();
+        assert_eq!((json["outcome"].as_str(), json["mode"].as_str()), (Some("observed"), Some("observe")));
+        assert!(json.get("verdict_to_kill_us").is_none(), "{json}");
+
+        let c = Containment { killer: Some(killer.clone()), ..containment(view(Enforce, None, None)) };
+        let e = c.act(&c.judge(&at, "/", None).unwrap(), &at, 1, 2);
+        assert_eq!((e.outcome, e.mode, e.connections_killed), (Outcome::ConnectionKilled, Enforce, 1));
+        assert!(e.verdict_to_kill_us.is_some());
+        assert_eq!(killer.0.load(Ordering::SeqCst), 1);
+
+        // Without containment loaded the detail says so.
+        let e = Containment::default().act(&rule("r1", Observe, false).unwrap(), &at, 1, 2);
+        assert_eq!(e.outcome, Outcome::Observed);
+        assert!(e.detail.unwrap().starts_with("containment is off (enforce.enabled = false)"));
     }
 }

@@ -125,6 +125,9 @@ pub enum State {
     Active,
     /// In force with less than it should have (`reason` says what is missing).
     Degraded,
+    /// Loaded and ready, not acting: it acts only while the agent enforces (`detail` says
+    /// what turns it on).
+    Standby,
     /// Not in force on this host (`reason` says why).
     Unavailable,
     /// Not asked for by the configuration.
@@ -136,6 +139,7 @@ impl State {
         match self {
             Self::Active => "active",
             Self::Degraded => "degraded",
+            Self::Standby => "standby",
             Self::Unavailable => "unavailable",
             Self::Off => "off",
         }
@@ -197,6 +201,10 @@ impl CapabilityStatus {
         }
     }
 
+    pub fn standby(name: Capability, detail: impl Into<String>) -> Self {
+        Self { name, state: State::Standby, detail: Some(detail.into()), reason: None, impact: None, programs: vec![] }
+    }
+
     pub fn off(name: Capability, reason: impl Into<String>) -> Self {
         Self { name, state: State::Off, detail: None, reason: Some(reason.into()), impact: None, programs: vec![] }
     }
@@ -229,7 +237,7 @@ impl Capabilities {
         let detail = status.detail.as_deref().unwrap_or("");
         let reason = status.reason.as_deref().unwrap_or("");
         match status.state {
-            State::Active => tracing::info!(capability = name, state, detail, "kernel capability"),
+            State::Active | State::Standby => tracing::info!(capability = name, state, detail, "kernel capability"),
             State::Off => tracing::info!(capability = name, state, reason, "kernel capability"),
             State::Degraded | State::Unavailable => tracing::warn!(
                 capability = name,
@@ -256,7 +264,7 @@ impl Capabilities {
             .collect()
     }
 
-    /// Fail when a capability of `required` is not in force (active or degraded), saying
+    /// Fail when a capability of `required` cannot act (it is unavailable or off), saying
     /// which, why, and what to do.
     pub fn check_required(&self, required: &[Capability]) -> anyhow::Result<()> {
         let missing: Vec<String> = required

@@ -50,7 +50,7 @@ use super::{
     usage::ResponseSummary,
 };
 use crate::{
-    enforce::verdict::{Checkpoint, Enforcement},
+    enforce::verdict::{Checkpoint, Enforcement, Outcome},
     policy::{
         Inspector,
         decision::{Decision, Half},
@@ -109,7 +109,7 @@ pub struct Observation {
     /// tenant's provider allowlist) into `decision` once the caller is known.
     pub inspection: Option<CallInspection>,
     pub decision: Option<Decision>,
-    /// The call was stopped while on the wire, and how.
+    /// The call was stopped while on the wire, and how (or, observed, would have been).
     pub enforcement: Option<Enforcement>,
 }
 
@@ -412,8 +412,8 @@ pub struct ExchangeTracker {
     /// Fingerprints of calls whose request is complete, since the owner last took them
     /// ([`ExchangeTracker::take_announced`]).
     announced: Vec<u64>,
-    /// The exchange whose call was stopped: later bytes on the connection are counted
-    /// against it.
+    /// The exchange whose call was stopped (or observed): later bytes on the connection are
+    /// counted against it.
     stopped: Option<u64>,
     /// Observations ready outside the queue's order (lone responses, forced out).
     done: Vec<Observation>,
@@ -505,8 +505,8 @@ impl ExchangeTracker {
         into.append(&mut self.announced);
     }
 
-    /// The call of exchange `seq` was stopped: keep how, and count the bytes that still
-    /// pass on this connection.
+    /// The call of exchange `seq` was stopped (or observed): keep how, and count the bytes
+    /// that still pass on this connection.
     pub fn record_enforcement(&mut self, seq: u64, enforcement: Enforcement) {
         let orphan = match &mut self.responding {
             Responding::Orphan(x) => Some(x.as_mut()),
@@ -1212,7 +1212,10 @@ impl ExchangeTracker {
             if !req.complete && !req.unparsed && req.captured {
                 i.uninspectable(Unseen::RequestBody, "request_body_incomplete");
             }
-            if resp.head.is_none() {
+            let stopped = enforcement.as_ref().is_some_and(|e| e.outcome == Outcome::ConnectionKilled);
+            if stopped {
+                // Its response was cut by the stop, not lost to capture.
+            } else if resp.head.is_none() {
                 i.uninspectable(Unseen::Response, "response_not_captured");
             } else if !resp.complete {
                 i.uninspectable(Unseen::ResponseBody, "response_incomplete");
@@ -1446,8 +1449,8 @@ mod tests {
         let decision = o.inspection.expect("rules in force").finish(false);
         assert!(!decision.scan_complete, "{decision:?}");
         assert_eq!(decision.not_scanned, ["response_body_truncated_at:100", "response_body_not_json_scanned_as_text"]);
-        assert_eq!(decision.rules, ["uninspectable.response_body"], "warn by default: never a silent allow");
-        assert_eq!(decision.action, Action::Warn);
+        assert_eq!(decision.rules, ["uninspectable.response_body"], "never a silent allow");
+        assert_eq!(decision.action, Action::Block, "enforce.uninspectable's default");
     }
 
     #[test]
@@ -1740,7 +1743,7 @@ mod tests {
         let mut checkpoints = Vec::new();
         t.take_checkpoints(&mut checkpoints);
         assert_eq!(checkpoints.len(), 1, "judged at once, so that enforcement can act");
-        assert_eq!(checkpoints[0].rules, Some((Action::Warn, "uninspectable.request_head".into())));
+        assert_eq!(checkpoints[0].rules, Some((Action::Block, "uninspectable.request_head".into())));
         call(&mut t, 1, Rs, 0, &chat_response("m0"), &mut out);
         assert_eq!(out.len(), 1, "{out:?}");
         let o = out.pop().unwrap();
@@ -1751,7 +1754,7 @@ mod tests {
         );
         assert!(o.notes.contains(&"request_head_unparsed:bytes missing from the capture".to_owned()), "{:?}", o.notes);
         let d = o.inspection.unwrap().finish(false);
-        assert_eq!((d.action, d.rules.as_slice()), (Action::Warn, &["uninspectable.request_head".to_owned()][..]));
+        assert_eq!((d.action, d.rules.as_slice()), (Action::Block, &["uninspectable.request_head".to_owned()][..]));
 
         // On a path that names no API, the response tells.
         let mut t = ExchangeTracker::new(Side::Client, 1 << 20, Some(inspector()));

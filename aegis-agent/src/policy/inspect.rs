@@ -15,8 +15,10 @@
 //!   kind): a head that could not be read, a body cut by a capture gap or the body cap, an
 //!   encoding not decoded, stream events over their bound, a request or a response not
 //!   captured at all. The decision also gets the verdict `enforce.uninspectable` asks for
-//!   (`warn` unless configured; `allow` adds nothing), as a match of the rule
-//!   `uninspectable.<part>`, which the enforcement path acts on like any rule's;
+//!   (`block` unless configured: recorded in observe mode, stopping in enforce mode;
+//!   `allow` adds nothing), as a match of the rule `uninspectable.<part>`, which the
+//!   enforcement path acts on like any rule's. A call the agent stopped itself has no
+//!   response to inspect: that is not counted against it;
 //! - content that was seen, but less precisely ([`CallInspection::not_scanned`]): a body
 //!   that is not its API's JSON, scanned whole as plain text (its scopes unknown); text
 //!   over a bound of the normaliser; encoded segments left undecoded; matches over the cap.

@@ -17,10 +17,11 @@ use std::sync::{Arc, RwLock};
 use crate::rules::{PackPolicy, engine::Engine, pack::Action};
 
 /// `enforce.uninspectable` when not configured (the shipped configuration says the same):
-/// a call with content the rules could not see is never a silent allow, and nothing is
-/// stopped on that account unless the operator asks (`block`, or emergency mode, which
-/// turns warn into block in its scope).
-pub const UNINSPECTABLE_DEFAULT: Action = Action::Warn;
+/// a call with content the rules could not see is decided `block`. Like any rule's block
+/// it is only recorded in observe mode (the shipped mode), and stops the call in enforce
+/// mode, where content must not get past the rules by being too large for them or by
+/// arriving while capture loses events.
+pub const UNINSPECTABLE_DEFAULT: Action = Action::Block;
 
 /// The content rules and the provider allowlists of the packs in force, swapped together.
 type InForce = (Arc<Engine>, Arc<[PackPolicy]>);
