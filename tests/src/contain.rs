@@ -320,6 +320,8 @@ pub struct ContainConfig {
     /// `enforce.mode`; None leaves the key out, so the shipped default applies. [`Self::new`]
     /// sets "enforce": a test that expects rule verdicts to kill says so.
     pub mode: Option<&'static str>,
+    /// `enforce.uninspectable` (None: the agent's default).
+    pub uninspectable: Option<&'static str>,
     /// `[enforce.gate]`: enabled on these ports (None: disabled).
     pub gate_ports: Option<Vec<u16>>,
     pub providers: Vec<Provider>,
@@ -339,6 +341,7 @@ impl ContainConfig {
             fail: "closed",
             grace_secs: 10,
             mode: Some("enforce"),
+            uninspectable: None,
             gate_ports: None,
             providers: Vec::new(),
             packs: Vec::new(),
@@ -356,6 +359,12 @@ impl ContainConfig {
 
     pub fn fail_open(mut self) -> Self {
         self.fail = "open";
+        self
+    }
+
+    /// What content the rules could not see gets: "allow", "warn" or "block".
+    pub fn uninspectable(mut self, action: &'static str) -> Self {
+        self.uninspectable = Some(action);
         self
     }
 
@@ -423,6 +432,9 @@ impl ContainConfig {
         );
         if let Some(mode) = self.mode {
             t += &format!("mode = {mode:?}\n");
+        }
+        if let Some(action) = self.uninspectable {
+            t += &format!("uninspectable = {action:?}\n");
         }
         t += "\n";
         match &self.gate_ports {

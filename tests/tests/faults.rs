@@ -1,11 +1,13 @@
 //! Faults the agent must survive without a silent loss, on the real kernel with real
-//! clients: a full disk under the records file, and a ring buffer too small for the traffic.
-//! Each test asserts what is kept and what is reported.
+//! clients: a full disk under the records file, a ring buffer too small for the traffic, a
+//! write larger than the kernel copies. Each test asserts what is kept and what is
+//! reported.
 //!
 //! Disks are tmpfs instances mounted for the test in a temporary directory and unmounted at
 //! the end; traffic goes to a local mock on 127.0.0.1.
 
 use std::{
+    collections::BTreeSet,
     os::unix::process::ExitStatusExt as _,
     path::{Path, PathBuf},
     process::Command,
@@ -204,4 +206,132 @@ fn a_full_disk_under_the_control_files_refuses_or_warns_and_keeps_the_log_whole(
         serde_json::from_str::<Value>(line).unwrap_or_else(|e| panic!("a partial or bad audit line ({e}): {line:?}"));
     }
     assert!(text.lines().any(|l| l.contains("\"unblock\"") && l.contains("\"ok\"")), "{text}");
+}
+
+/// `name=N` from the last log line holding `label` (the report at exit).
+fn stat(logs: &str, label: &str, name: &str) -> u64 {
+    let line = logs.lines().rev().find(|l| l.contains(label)).unwrap_or_else(|| panic!("no {label:?} line{logs}"));
+    let key = format!(" {name}=");
+    let at = line.find(&key).unwrap_or_else(|| panic!("no {name} in {line}")) + key.len();
+    line[at..].split(' ').next().unwrap().parse().unwrap_or_else(|e| panic!("{name} in {line}: {e}"))
+}
+
+/// 8 threads x 30 calls with 6 KB prompts through an 8 KiB ring: most events are dropped.
+/// Both ends (the python client and the python mock) are captured, so every call has two
+/// views. Every view ends as exactly one record (joined ones hold two), or is counted, and
+/// no record gives a call another call's response.
+#[test]
+fn a_ring_too_small_for_the_traffic_loses_no_call_silently_and_mixes_none() {
+    let _serial = serial();
+    require_root();
+    let cert = TempCert::generate();
+    let mock = MockProvider::start(&cert);
+    let mut agent = Agent::start_with_config("[capture]\nring_buffer_bytes = 8192\n");
+    let pad = "lorem ipsum ".repeat(500);
+    let (threads, calls) = (8, 30);
+    let plan = Plan {
+        connections: (0..threads)
+            .map(|t| {
+                (0..calls)
+                    .map(|i| {
+                        Request::post(
+                            "/v1/chat/completions",
+                            json!({"model": format!("ring-{t}-{i}"), "messages": [{"role": "user", "content": pad}]}),
+                        )
+                    })
+                    .collect()
+            })
+            .collect(),
+    };
+    let run = run_python(mock.port, &plan);
+    run.assert_responses(&plan);
+    std::thread::sleep(Duration::from_secs(2));
+    let records = agent.stop();
+    let logs = agent.logs();
+    let (client, server) = (u64::from(run.pid()), u64::from(mock.pid()));
+    let is = |r: &Value, pid: u64| r["pid"].as_u64() == Some(pid) || r["server"]["pid"].as_u64() == Some(pid);
+    let mine: Vec<&Value> = records.iter().filter(|r| is(r, client) || is(r, server)).collect();
+
+    // No record pairs a request with another call's response.
+    for r in &mine {
+        if let (Some(asked), Some(answered)) = (r["model"].as_str(), r["response_model"].as_str()) {
+            assert_eq!(asked, answered, "a response given to another call: {r}{logs}");
+        }
+    }
+    // Every view of a call is a record, or counted: whole exchanges lost (both halves), and
+    // responses alone that showed no model API (none here: every call is one).
+    let views = mine.iter().filter(|r| is(r, client)).count() + mine.iter().filter(|r| is(r, server)).count();
+    let lost_whole = stat(&logs, "call accounting", "exchanges_not_captured");
+    let skipped = stat(&logs, "call accounting", "responses_without_request_skipped");
+    let unpaired = stat(&logs, "call accounting", "responses_unpaired");
+    let total = threads * calls;
+    eprintln!(
+        "{total} calls, 2 views each: {} records ({} joined), {views} views in records, {lost_whole} exchanges lost \
+         whole, {skipped} responses alone skipped, {unpaired} unpaired\n{}",
+        mine.len(),
+        mine.iter().filter(|r| r["server"].is_object()).count(),
+        logs.lines()
+            .rev()
+            .filter(|l| l.contains(" stats ") || l.contains("call accounting"))
+            .take(2)
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert_eq!(unpaired, 0, "nothing pipelines{logs}");
+    assert_eq!(
+        views as u64 + lost_whole + skipped,
+        2 * total as u64,
+        "views in records + views lost whole + responses alone that did not show their API{logs}"
+    );
+    // Each call (by its model name) is in a record from at least one end, or lost whole.
+    let named: BTreeSet<&str> =
+        mine.iter().flat_map(|r| [r["model"].as_str(), r["response_model"].as_str()]).flatten().collect();
+    assert!(named.len() as u64 + lost_whole >= total as u64, "{} calls named{logs}", named.len());
+    // The records and the stats say what was lost.
+    assert!(stat(&logs, "capture stats", "dropped_ring_full_events") > 0, "{logs}");
+    assert!(stat(&logs, "capture stats", "gap_bytes") > 0, "{logs}");
+    let incomplete: Vec<&&Value> = mine.iter().filter(|r| r["complete"] != true).collect();
+    assert!(!incomplete.is_empty(), "a ring this small loses something{logs}");
+    for r in &incomplete {
+        let notes = r["notes"].as_array().unwrap();
+        assert!(!notes.is_empty(), "an incomplete record says why: {r}");
+        assert_eq!(r["decision"]["scan_complete"], false, "and its decision is not a full scan: {r}");
+    }
+}
+
+/// One 2.5 MB `SSL_write`: the kernel copies 1 MiB of a library call (64 chunks of 16 KiB)
+/// and counts the rest as `dropped_over_call_cap_bytes`. The call is one record (both ends
+/// joined; it used to be two), which says what was not seen.
+#[test]
+fn a_write_larger_than_the_kernel_copies_is_one_record_that_says_what_was_lost() {
+    let _serial = serial();
+    require_root();
+    let cert = TempCert::generate();
+    let mock = MockProvider::start(&cert);
+    let mut agent = Agent::start();
+    // python's http.client sends a body over 2 KB in one sendall: one SSL_write_ex.
+    let big = "word ".repeat(500_000);
+    let plan = Plan::single(vec![Request::post(
+        "/v1/chat/completions",
+        json!({"model": "big-write", "messages": [{"role": "user", "content": big}]}),
+    )]);
+    let run = run_python(mock.port, &plan);
+    run.assert_responses(&plan);
+    std::thread::sleep(Duration::from_secs(2));
+    let records = agent.stop();
+    let logs = agent.logs();
+    let calls: Vec<&Value> =
+        records.iter().filter(|r| r["model"] == "big-write" || r["response_model"] == "big-write").collect();
+    assert_eq!(calls.len(), 1, "one record for the call: {calls:#?}{logs}");
+    let r = calls[0];
+    assert_eq!(r["pid"].as_u64(), Some(u64::from(run.pid())), "{r:#}");
+    assert_eq!(r["server"]["pid"].as_u64(), Some(u64::from(mock.pid())), "both ends joined: {r:#}");
+    assert_eq!(r["complete"], false, "{r:#}");
+    let notes = r["notes"].to_string();
+    assert!(notes.contains("request_capture_gap:"), "{r:#}");
+    assert_eq!(r["decision"]["scan_complete"], false, "{r:#}");
+    assert!(r["decision"]["rules"].to_string().contains("uninspectable.request_body"), "{r:#}");
+    assert!(stat(&logs, "capture stats", "dropped_over_call_cap_bytes") > 0, "{logs}");
+    let body = plan.connections[0][0].body_bytes().len() as u64;
+    assert!(r["request_bytes"].as_u64().is_some_and(|n| n > body), "the bytes not copied count as sent: {r:#}");
 }
