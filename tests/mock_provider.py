@@ -26,6 +26,14 @@ Request header ``x-mock-status: <code>`` makes an LLM endpoint answer that statu
 OpenAI-style error body (no usage). Request header ``x-mock-reply: <text>`` makes
 /v1/chat/completions reply <text> instead (output tokens = its words).
 
+Large and odd answers of /v1/chat/completions (for the agent's inspection bounds):
+  x-mock-reply-pad: N        N bytes of filler text before the reply (a stream sends them
+                             as deltas of 16 KiB before the reply's)
+  x-mock-sse-event-bytes: N  a stream sends the filler and the reply in ONE event
+  x-mock-content-type: T     the reply as a plain body of type T (not JSON)
+  x-mock-break-json: 1       the JSON body without its last byte (its closing brace)
+Requests may carry up to 1000 header fields (http.client's default is 100).
+
 Containment tests:
   --name NAME               every response carries ``x-mock-server: NAME`` and chat replies
                             start with "[NAME] " (output tokens + 1), so a fallback server
@@ -51,7 +59,11 @@ import ssl
 import sys
 import threading
 import time
+import http.client
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+# Tests send heads with more fields than the stdlib takes by default.
+http.client._MAXHEADERS = 1000
 
 REPLY = "This is a mock reply from the AegisPlane test provider."
 REPLY_WORDS = REPLY.split()
@@ -81,6 +93,12 @@ def count_input_words(body):
     if not isinstance(body, dict):
         return 0
     return sum(len(s.split()) for k in INPUT_KEYS if k in body for s in _strings(body[k], k))
+
+
+def filler(n):
+    """n bytes of plain words."""
+    words = "lorem ipsum dolor sit amet consectetur adipiscing elit "
+    return (words * (n // len(words) + 1))[:n]
 
 
 def reply_deltas(reply=REPLY):
@@ -286,12 +304,22 @@ class Handler(BaseHTTPRequestHandler):
         n_out = len(reply.split())
         usage = {"prompt_tokens": n_in, "completion_tokens": n_out,
                  "total_tokens": n_in + n_out}
+        pad = int(self.headers.get("x-mock-reply-pad") or 0)
+        one_event = int(self.headers.get("x-mock-sse-event-bytes") or 0)
         if not body.get("stream"):
-            self.send_body(200, {
+            content = (filler(pad) + " " if pad else "") + reply
+            raw_type = self.headers.get("x-mock-content-type")
+            if raw_type:
+                self.send_body(200, content.encode(), raw_type, compressible=False)
+                return
+            doc = json.dumps({
                 "id": "chatcmpl-mock", "object": "chat.completion", "created": CREATED, "model": model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": reply},
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
                              "logprobs": None, "finish_reason": "stop"}],
-                "usage": usage, "system_fingerprint": "fp_mock"})
+                "usage": usage, "system_fingerprint": "fp_mock"}).encode()
+            if self.headers.get("x-mock-break-json"):
+                doc = doc[:-1]
+            self.send_body(200, doc)
             return
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
 
@@ -305,8 +333,14 @@ class Handler(BaseHTTPRequestHandler):
 
         self.start_stream("text/event-stream")
         self.sse(chunk_obj({"role": "assistant", "content": ""}))
-        for i, d in enumerate(reply_deltas(reply)):
-            self.sse(chunk_obj({"content": d}), split=(i == 3))
+        if one_event:
+            self.sse(chunk_obj({"content": filler(one_event) + " " + reply}))
+        else:
+            text = filler(pad)
+            for at in range(0, len(text), 16384):
+                self.sse(chunk_obj({"content": text[at:at + 16384]}))
+            for i, d in enumerate(reply_deltas(reply)):
+                self.sse(chunk_obj({"content": d}), split=(i == 3))
         self.sse(chunk_obj({}, "stop"))
         if include_usage:
             self.sse({"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": CREATED,

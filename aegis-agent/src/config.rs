@@ -15,6 +15,12 @@ pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
 /// memory, and the agent's own buffers grow with it (2 GiB cost 4.2 GB of RSS). 256 MiB
 /// holds several seconds of the heaviest capture measured; the default is 16 MiB.
 pub const MAX_RING_BUFFER_BYTES: u32 = 256 << 20;
+/// Bounds of `capture.max_head_bytes`, `capture.max_header_fields` and
+/// `capture.max_oversized_head_bytes`: what one connection may hold while reading a head,
+/// and how long an oversized head is read (it is not kept).
+pub const MAX_HEAD_BYTES: usize = 1 << 20;
+pub const MAX_HEADER_FIELDS: usize = 4096;
+pub const MAX_OVERSIZED_HEAD_BYTES: usize = 64 << 20;
 
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -61,8 +67,23 @@ pub struct CaptureConfig {
     pub workers: usize,
     pub max_connections: usize,
     pub max_body_bytes: usize,
+    /// HTTP/1.1 heads: see [`crate::protocol::http1::Limits`].
+    pub max_head_bytes: usize,
+    pub max_header_fields: usize,
+    pub max_oversized_head_bytes: usize,
     pub correlation_window_ms: u64,
     pub idle_timeout_secs: u64,
+}
+
+impl CaptureConfig {
+    /// How HTTP/1.1 heads are read.
+    pub fn head_limits(&self) -> crate::protocol::http1::Limits {
+        crate::protocol::http1::Limits {
+            max_head_bytes: self.max_head_bytes,
+            max_headers: self.max_header_fields,
+            max_oversized_head_bytes: self.max_oversized_head_bytes,
+        }
+    }
 }
 
 /// What happens to the kernel's blocks when the agent is not running.
@@ -92,6 +113,8 @@ pub struct EnforceConfig {
     /// recorded (`observe`); the mode the agent starts in (see `control::mode` for how it
     /// meets `aegis-agent enforce on|off` across restarts).
     pub mode: crate::control::EnforceMode,
+    /// The verdict for content the rules could not see (see `policy::inspect`).
+    pub uninspectable: crate::rules::pack::Action,
     #[serde(default)]
     pub gate: GateSection,
     /// How provider names are resolved and kept (`[enforce.resolve]`).
@@ -177,6 +200,25 @@ impl Config {
         );
         anyhow::ensure!(self.capture.max_connections > 0, "capture.max_connections must be > 0");
         anyhow::ensure!(self.capture.max_body_bytes > 0, "capture.max_body_bytes must be > 0");
+        let c = &self.capture;
+        anyhow::ensure!(
+            (1024..=MAX_HEAD_BYTES).contains(&c.max_head_bytes),
+            "capture.max_head_bytes = {}: must be 1024 to {MAX_HEAD_BYTES} (every connection may hold one head of \
+             this size)",
+            c.max_head_bytes
+        );
+        anyhow::ensure!(
+            (8..=MAX_HEADER_FIELDS).contains(&c.max_header_fields),
+            "capture.max_header_fields = {}: must be 8 to {MAX_HEADER_FIELDS}",
+            c.max_header_fields
+        );
+        anyhow::ensure!(
+            (c.max_head_bytes..=MAX_OVERSIZED_HEAD_BYTES).contains(&c.max_oversized_head_bytes),
+            "capture.max_oversized_head_bytes = {}: must be at least capture.max_head_bytes ({}) and at most \
+             {MAX_OVERSIZED_HEAD_BYTES}; equal to it gives up every head over the limits at once",
+            c.max_oversized_head_bytes,
+            c.max_head_bytes
+        );
         anyhow::ensure!(
             self.enforce.enabled || self.enforce.mode == crate::control::EnforceMode::Observe,
             "enforce.mode = \"enforce\" needs enforce.enabled = true (no containment is loaded without it): set \

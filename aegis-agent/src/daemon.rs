@@ -73,7 +73,9 @@ pub fn run(config: &Config, ready_file: Option<&Path>) -> anyhow::Result<()> {
         for p in engine.packs() {
             tracing::info!(pack = %p.name, version = %p.version, digest = %p.digest, "rulepack in force");
         }
-        Some(Arc::new(Inspector::with_policies(engine, policies, redactor)))
+        Some(Arc::new(
+            Inspector::with_policies(engine, policies, redactor).with_uninspectable(config.enforce.uninspectable),
+        ))
     } else {
         None
     };
@@ -574,6 +576,9 @@ fn report_counters(c: &crate::capture::Counters, drops: &[DropCounter; DROP_CAUS
         events = c.events.load(Ordering::Relaxed),
         records = c.records.load(Ordering::Relaxed),
         joined_both_ends = c.joined.load(Ordering::Relaxed),
+        unjoined_client_halves = c.alone_client.load(Ordering::Relaxed),
+        unjoined_server_halves = c.alone_server.load(Ordering::Relaxed),
+        correlation_overflowed = c.correlation_overflowed.load(Ordering::Relaxed),
         stopped_calls = c.stopped_calls.load(Ordering::Relaxed),
         observed_calls = c.observed_calls.load(Ordering::Relaxed),
         bad_records = c.bad_records.load(Ordering::Relaxed),
@@ -593,6 +598,20 @@ fn report_counters(c: &crate::capture::Counters, drops: &[DropCounter; DROP_CAUS
         dropped_read_failed_bytes = drops[2].bytes,
         dropped_args_map_full_calls = drops[3].events,
         "capture stats"
+    );
+    // What capture loss and oversized heads did to calls (counted when their connections end).
+    tracing::info!(
+        heads_over_limits = sum(|s| s.exchange.heads_skimmed),
+        head_bytes_not_kept = sum(|s| s.exchange.head_bytes_not_kept),
+        heads_unparsed = sum(|s| s.exchange.heads_unparsed),
+        responses_not_captured = sum(|s| s.exchange.responses_not_captured),
+        requests_not_captured = sum(|s| s.exchange.requests_not_captured),
+        responses_without_request_skipped = sum(|s| s.exchange.responses_without_request_skipped),
+        exchanges_not_captured = sum(|s| s.exchange.exchanges_not_captured),
+        pairing_given_up = sum(|s| s.exchange.pairing_given_up),
+        responses_unpaired = sum(|s| s.exchange.responses_unpaired),
+        turn_mismatches = sum(|s| s.exchange.turn_mismatches),
+        "call accounting"
     );
 }
 

@@ -210,6 +210,36 @@ mod tests {
         std::fs::remove_dir_all(&d).unwrap();
     }
 
+    /// A line that needs a page the disk no longer has is written in part by the kernel
+    /// (a short write, then ENOSPC): the part is cut back, so the next line starts clean.
+    #[test]
+    fn a_write_cut_short_by_a_full_disk_leaves_whole_lines() {
+        let d = dir();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=16k", "tmpfs"])
+            .arg(&d)
+            .status()
+            .expect("mount (needs root)");
+        assert!(ok.success());
+        let path = d.join("j.jsonl");
+        let (mut j, _) = Journal::open(&path, true).unwrap();
+        let line = |n: usize| format!("{{\"pad\":\"{}\"}}\n", "p".repeat(n)).into_bytes();
+        j.append(&line(4000)).unwrap(); // most of one page
+        // Take every other page.
+        let _ = std::fs::write(d.join("filler"), vec![b'x'; 64 * 1024]);
+        let err = j.append(&line(300)).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "{err}");
+        let text = std::fs::read(&path).unwrap();
+        assert_eq!(text.len(), line(4000).len(), "the part written was cut back");
+        std::fs::remove_file(d.join("filler")).unwrap();
+        j.append(&line(300)).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.lines().all(|l| serde_json::from_str::<serde_json::Value>(l).is_ok()), "{text}");
+        drop(j);
+        let _ = std::process::Command::new("umount").arg(&d).status();
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
     #[test]
     fn the_last_line_is_found_from_the_end() {
         let d = dir();

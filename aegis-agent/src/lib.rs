@@ -12,7 +12,7 @@
 //! Bottom modules every stage may use: [`files`] (reading a file an operator named:
 //! regular files only, capped, never blocking), [`journal`] (append-only JSON lines files
 //! that stay whole through a full disk or a crash), [`kernel`] (the eBPF objects, what the
-//! kernel offers them, and what each capability came to).
+//! kernel offers them, and what each capability came to), [`failpoint`] (fault tests).
 
 pub mod capture;
 pub mod commands;
@@ -21,6 +21,7 @@ pub mod control;
 pub mod daemon;
 pub mod enforce;
 pub mod evidence;
+pub mod failpoint;
 pub mod files;
 pub mod journal;
 pub mod kernel;

@@ -92,7 +92,18 @@ pub struct TlsChunkHeader {
     /// Where the call's first byte sits in its connection's stream for this direction:
     /// the bytes the kernel saw moved before it (delivered or not). A jump tells the agent
     /// how many bytes of the stream it never got, even when whole events were lost.
+    /// `SSL_free`: the bytes the connection sent in all.
     pub stream_pos: u64,
+    /// Bytes the other direction of the connection had moved when this call returned
+    /// (delivered or not). `SSL_free`: the bytes the connection received in all.
+    pub peer_pos: u64,
+    /// Changes of direction on the connection before this call (a write after reads, a read
+    /// after writes), counted for every call the probes saw, delivered or not. In HTTP/1.1
+    /// without pipelining request N and its response are the turns 2N and 2N+1 (from the
+    /// connection's first call), so the agent knows which request a response answers, and
+    /// how many calls it lost whole, when a full ring buffer drops events. `SSL_free`: the
+    /// connection's last turn.
+    pub turn: u64,
 }
 
 pub const HEADER_LEN: usize = core::mem::size_of::<TlsChunkHeader>();
@@ -138,16 +149,25 @@ pub struct StreamKey {
     pub conn: u64,
 }
 
-/// Bytes each direction of a connection has moved so far (value of `TLS_STREAMS`).
+/// Bytes each direction of a connection has moved so far, and its turns (value of
+/// `TLS_STREAMS`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct StreamPos {
     pub egress: u64,
     pub ingress: u64,
+    /// Changes of direction so far ([`TlsChunkHeader::turn`]).
+    pub turns: u64,
+    /// Direction of the last call: 0 none yet, 1 + [`Direction`] after one.
+    pub last: u64,
 }
 
 /// Connections whose stream positions the kernel keeps (least recently used evicted).
 pub const STREAMS_MAX: u32 = 65536;
+
+/// Connections whose end (`SSL_free`) found the ring buffer full, whose last positions the
+/// kernel keeps for the agent (least recently used evicted).
+pub const ENDED_MAX: u32 = 4096;
 
 /// What the entry probe remembers for the return probe of the same thread.
 #[repr(C)]

@@ -19,8 +19,8 @@
 use core::ffi::c_void;
 
 use aegis_common::{
-    CHUNK_DATA_MAX, CHUNKS_PER_CALL_MAX, ChunkScratch, DROP_CAUSES, Direction, DropCause, DropCounter, HEADER_LEN,
-    PendingCall, STREAMS_MAX, StreamKey, StreamPos, TlsChunkHeader, TlsHook,
+    CHUNK_DATA_MAX, CHUNKS_PER_CALL_MAX, ChunkScratch, DROP_CAUSES, Direction, DropCause, DropCounter, ENDED_MAX,
+    HEADER_LEN, PendingCall, STREAMS_MAX, StreamKey, StreamPos, TlsChunkHeader, TlsHook,
 };
 use aya_ebpf::{
     EbpfContext as _,
@@ -51,6 +51,13 @@ static TLS_SCRATCH: PerCpuArray<ChunkScratch> = PerCpuArray::with_max_entries(1,
 /// sees a position go back and counts it.
 #[map]
 static TLS_STREAMS: LruHashMap<StreamKey, StreamPos> = LruHashMap::with_max_entries(STREAMS_MAX, 0);
+
+/// Where connections ended whose `SSL_free` event did not fit in the ring: the agent reads
+/// (and removes) an entry when it finishes such a connection some other way (idle, its
+/// `SSL *` reused, agent stop), so that what was lost at the connection's end is still
+/// known.
+#[map]
+static TLS_ENDED: LruHashMap<StreamKey, StreamPos> = LruHashMap::with_max_entries(ENDED_MAX, 0);
 
 /// Lost events and bytes, per [`DropCause`].
 #[map]
@@ -155,7 +162,10 @@ fn emit(ctx: &RetProbeContext, hook: TlsHook, direction: Direction, ex: bool) ->
     fill_header(&mut scratch.header, ctx.as_ptr(), pending.conn, hook, direction);
     let call_len = if total > u32::MAX as u64 { u32::MAX } else { total as u32 };
     scratch.header.call_len = call_len;
-    scratch.header.stream_pos = advance(scratch.header.pid_tgid, pending.conn, direction, total);
+    let place = advance(scratch.header.pid_tgid, pending.conn, direction, total);
+    scratch.header.stream_pos = place.start;
+    scratch.header.peer_pos = place.peer;
+    scratch.header.turn = place.turn;
 
     let cap = (CHUNK_DATA_MAX as u64) * (CHUNKS_PER_CALL_MAX as u64);
     if total > cap {
@@ -170,11 +180,19 @@ fn emit(ctx: &RetProbeContext, hook: TlsHook, direction: Direction, ex: bool) ->
     0
 }
 
-/// Where a call of `total` bytes starts in its connection's stream in `direction`; the
-/// stream is advanced past it (whatever then reaches the agent). Two threads do not move
-/// the same direction of one SSL object at once (OpenSSL forbids it), so no atomics.
+/// Where a call sits in its connection: see [`TlsChunkHeader`]'s fields of the same names.
+struct Place {
+    start: u64,
+    peer: u64,
+    turn: u64,
+}
+
+/// Where a call of `total` bytes starts in its connection's stream in `direction`, what the
+/// other direction had moved by then, and the call's turn; the stream is advanced past it
+/// (whatever then reaches the agent). Two threads do not move the same direction of one SSL
+/// object at once (OpenSSL forbids it), so no atomics.
 #[inline(always)]
-fn advance(pid_tgid: u64, conn: u64, direction: Direction, total: u64) -> u64 {
+fn advance(pid_tgid: u64, conn: u64, direction: Direction, total: u64) -> Place {
     let key = StreamKey { tgid: (pid_tgid >> 32) as u32, _pad: 0, conn };
     let mut pos = TLS_STREAMS.get_ptr_mut(&key);
     if pos.is_none() {
@@ -183,13 +201,24 @@ fn advance(pid_tgid: u64, conn: u64, direction: Direction, total: u64) -> u64 {
         pos = TLS_STREAMS.get_ptr_mut(&key);
     }
     let Some(pos) = pos else {
-        return 0;
+        return Place { start: 0, peer: 0, turn: 0 };
     };
     let pos = unsafe { &mut *pos };
-    let field = if direction == Direction::Egress { &mut pos.egress } else { &mut pos.ingress };
-    let start = *field;
-    *field = start + total;
-    start
+    let this = 1 + direction as u64;
+    if pos.last != 0 && pos.last != this {
+        pos.turns += 1;
+    }
+    pos.last = this;
+    let (start, peer) = if direction == Direction::Egress {
+        let start = pos.egress;
+        pos.egress = start + total;
+        (start, pos.ingress)
+    } else {
+        let start = pos.ingress;
+        pos.ingress = start + total;
+        (start, pos.egress)
+    };
+    Place { start, peer, turn: pos.turns }
 }
 
 /// What [`copy_chunk`] needs; lives on the return probe's stack.
@@ -271,10 +300,19 @@ pub fn ssl_free_enter(ctx: ProbeContext) -> u32 {
     scratch.header.call_len = 0;
     scratch.header.offset = 0;
     scratch.header.data_len = 0;
-    scratch.header.stream_pos = 0;
-    let _ = TLS_STREAMS.remove(&StreamKey { tgid: (scratch.header.pid_tgid >> 32) as u32, _pad: 0, conn });
+    // Where the connection's streams ended, so the agent sees what it lost at their tails.
+    let key = StreamKey { tgid: (scratch.header.pid_tgid >> 32) as u32, _pad: 0, conn };
+    let pos = unsafe { TLS_STREAMS.get(&key) }.copied();
+    let ended = pos.unwrap_or_default();
+    scratch.header.stream_pos = ended.egress;
+    scratch.header.peer_pos = ended.ingress;
+    scratch.header.turn = ended.turns;
+    let _ = TLS_STREAMS.remove(&key);
     if TLS_EVENTS.output::<TlsChunkHeader>(&scratch.header, 0).is_err() {
         count_drop(DropCause::RingFull, 0);
+        if let Some(pos) = pos {
+            let _ = TLS_ENDED.insert(&key, &pos, 0);
+        }
     }
     0
 }

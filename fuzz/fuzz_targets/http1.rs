@@ -3,8 +3,11 @@
 //!
 //! Invariants: the same events and skipped-byte count whether the stream is fed whole, in
 //! pieces or a byte at a time (adjacent body pieces joined); every head has exactly one end;
-//! no more bytes skipped, and no more body bytes handed on, than were fed; a head within
-//! the head limit. Capture gaps are injected in a separate run, which must keep the
+//! no more bytes skipped, and no more body bytes handed on, than were fed; a head kept
+//! within the head limits, or over them only as far as its framing fields go (skimmed),
+//! and never read past the oversized-head bound unless reported unparsed; an unparsed
+//! message never inside another. Three limits: the default, small ones given up at once,
+//! small ones skimmed. Capture gaps are injected in a separate run, which must keep the
 //! head/end pairing.
 #![no_main]
 
@@ -13,7 +16,10 @@ use aegis_fuzz::{next, pieces, seed};
 use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
 
-const SMALL: Limits = Limits { max_head_bytes: 256, max_headers: 4 };
+const SMALL: Limits = Limits { max_head_bytes: 256, max_headers: 4, max_oversized_head_bytes: 256 };
+const SKIM: Limits = Limits { max_head_bytes: 256, max_headers: 4, max_oversized_head_bytes: 2048 };
+/// Kept beyond `max_head_bytes` at most for the framing fields of a skimmed head.
+const SKIM_RESERVE: usize = 16 * 1024;
 
 /// Adjacent body pieces joined, empty ones dropped: the view that must not depend on cuts.
 fn merged(events: Vec<HttpEvent>) -> Vec<HttpEvent> {
@@ -58,14 +64,29 @@ fn check_shape(events: &[HttpEvent], fed: usize, skipped: u64, limits: Limits) {
         match e {
             HttpEvent::Head(head) => {
                 assert!(!open, "a head inside a message: {events:?}");
-                assert!(head.wire_len <= limits.max_head_bytes, "head of {} bytes", head.wire_len);
-                assert!(head.headers.len() <= limits.max_headers, "{} headers", head.headers.len());
+                assert!(head.wire_len <= limits.max_oversized_head_bytes.max(limits.max_head_bytes));
+                match head.skimmed {
+                    None => {
+                        assert!(head.wire_len <= limits.max_head_bytes, "head of {} bytes", head.wire_len);
+                        assert!(head.headers.len() <= limits.max_headers, "{} headers", head.headers.len());
+                    }
+                    Some(s) => {
+                        let kept = head.wire_len - (s.bytes_not_kept + s.target_bytes_cut) as usize;
+                        assert!(kept <= limits.max_head_bytes + SKIM_RESERVE, "{kept} bytes kept");
+                    }
+                }
                 open = true;
+            }
+            HttpEvent::Unparsed { head, .. } => {
+                assert!(!open, "an unparsed message inside a message: {events:?}");
+                assert!(head.method.is_some() || head.status.is_some(), "an unparsed message has its start line");
+                assert!(head.wire_len <= limits.max_oversized_head_bytes.max(limits.max_head_bytes) + 1);
             }
             HttpEvent::Body(b) => {
                 assert!(open, "body outside a message");
                 body += b.len();
             }
+            HttpEvent::BodyGap(_) => assert!(open, "a body gap outside a message"),
             HttpEvent::End { .. } => {
                 assert!(open, "an end without a head: {events:?}");
                 open = false;
@@ -82,7 +103,7 @@ fuzz_target!(|data: &[u8]| {
     let methods: Vec<&str> =
         (0..4).map(|_| ["GET", "POST", "HEAD", "CONNECT"][(next(&mut state) % 4) as usize]).collect();
     for kind in [StreamKind::Requests, StreamKind::Responses] {
-        for limits in [Limits::default(), SMALL] {
+        for limits in [Limits::default(), SMALL, SKIM] {
             let whole = run(kind, limits, &methods, &[data]);
             check_shape(&whole.0, data.len(), whole.1, limits);
             let split = run(kind, limits, &methods, &pieces(data, 1));

@@ -75,6 +75,16 @@ impl Agent {
     /// [`Agent::start_with_config`], writing its records to `output` (default: a file in
     /// the agent's temporary directory).
     pub fn start_writing_to(extra_toml: &str, output: Option<PathBuf>) -> Self {
+        Self::start_full(extra_toml, output, &[])
+    }
+
+    /// [`Agent::start_with_config`] with `env` added to the agent's environment (e.g.
+    /// `AEGIS_FAILPOINTS`).
+    pub fn start_with_env(extra_toml: &str, env: &[(&str, &str)]) -> Self {
+        Self::start_full(extra_toml, None, env)
+    }
+
+    fn start_full(extra_toml: &str, output: Option<PathBuf>, env: &[(&str, &str)]) -> Self {
         let bin = agent_bin();
         let dir = TempDir::new("agent");
         let output = output.unwrap_or_else(|| dir.join("calls.jsonl"));
@@ -109,6 +119,7 @@ impl Agent {
         let toml = format!("{rules}{enforce}{control}{capture}{output_table}{extra}");
         fs::write(&config, toml).expect("writing agent config");
         let child = Command::new(&bin)
+            .envs(env.iter().copied())
             .arg("run")
             .arg("--config")
             .arg(&config)

@@ -320,12 +320,17 @@ pub struct ContainConfig {
     /// `enforce.mode`; None leaves the key out, so the shipped default applies. [`Self::new`]
     /// sets "enforce": a test that expects rule verdicts to kill says so.
     pub mode: Option<&'static str>,
+    /// `enforce.uninspectable` (None: the agent's default).
+    pub uninspectable: Option<&'static str>,
     /// `[enforce.gate]`: enabled on these ports (None: disabled).
     pub gate_ports: Option<Vec<u16>>,
     pub providers: Vec<Provider>,
     /// Rulepacks (`[rules] packs`); empty: the embedded default pack.
     pub packs: Vec<PathBuf>,
     dir: TempDir,
+    /// Where the state file and the audit log go instead of `dir` (fault tests).
+    state_dir: Option<PathBuf>,
+    audit_dir: Option<PathBuf>,
 }
 
 impl ContainConfig {
@@ -336,10 +341,13 @@ impl ContainConfig {
             fail: "closed",
             grace_secs: 10,
             mode: Some("enforce"),
+            uninspectable: None,
             gate_ports: None,
             providers: Vec::new(),
             packs: Vec::new(),
             dir: TempDir::new("control"),
+            state_dir: None,
+            audit_dir: None,
         }
     }
 
@@ -351,6 +359,12 @@ impl ContainConfig {
 
     pub fn fail_open(mut self) -> Self {
         self.fail = "open";
+        self
+    }
+
+    /// What content the rules could not see gets: "allow", "warn" or "block".
+    pub fn uninspectable(mut self, action: &'static str) -> Self {
+        self.uninspectable = Some(action);
         self
     }
 
@@ -377,6 +391,16 @@ impl ContainConfig {
         self
     }
 
+    /// Put the state file in `dir` (a small disk, for fault tests).
+    pub fn state_file_in(&mut self, dir: &Path) {
+        self.state_dir = Some(dir.to_owned());
+    }
+
+    /// Put the audit log in `dir` (a small disk, for fault tests).
+    pub fn audit_log_in(&mut self, dir: &Path) {
+        self.audit_dir = Some(dir.to_owned());
+    }
+
     /// The directory of the control files (and rulepacks, and the evidence key).
     pub fn dir(&self) -> &Path {
         self.dir.path()
@@ -387,11 +411,11 @@ impl ContainConfig {
     }
 
     pub fn state_file(&self) -> PathBuf {
-        self.dir.join("blocks.json")
+        self.state_dir.as_deref().unwrap_or(self.dir.path()).join("blocks.json")
     }
 
     pub fn audit_log(&self) -> PathBuf {
-        self.dir.join("audit.jsonl")
+        self.audit_dir.as_deref().unwrap_or(self.dir.path()).join("audit.jsonl")
     }
 
     /// The TOML given to [`Agent::start_with_config`].
@@ -408,6 +432,9 @@ impl ContainConfig {
         );
         if let Some(mode) = self.mode {
             t += &format!("mode = {mode:?}\n");
+        }
+        if let Some(action) = self.uninspectable {
+            t += &format!("uninspectable = {action:?}\n");
         }
         t += "\n";
         match &self.gate_ports {
@@ -435,7 +462,12 @@ impl ContainConfig {
 
     /// Starts the agent with this config and waits until its control socket answers.
     pub fn start_agent(&self) -> Agent {
-        let agent = Agent::start_with_config(&self.toml());
+        self.start_agent_with_env(&[])
+    }
+
+    /// [`ContainConfig::start_agent`] with `env` added to the agent's environment.
+    pub fn start_agent_with_env(&self, env: &[(&str, &str)]) -> Agent {
+        let agent = Agent::start_with_env(&self.toml(), env);
         let deadline = Instant::now() + scaled(SOCKET_TIMEOUT);
         loop {
             if std::os::unix::net::UnixStream::connect(self.socket()).is_ok() {

@@ -145,8 +145,30 @@ fn killed_in(summary: &str) -> Option<u64> {
 }
 
 /// The audit lines of `action` that mention `id`.
+/// The outcome lines of `action` on `id`. Every change is first audited as `pending` (so a
+/// crash mid-change leaves a trace); this also checks that each outcome has its intent line.
 fn audit_lines<'a>(audit: &'a [Value], action: &str, id: &str) -> Vec<&'a Value> {
-    audit.iter().filter(|l| l["action"] == action && l.to_string().contains(id)).collect()
+    let all: Vec<&Value> = audit.iter().filter(|l| l["action"] == action && l.to_string().contains(id)).collect();
+    outcomes_after_intents(all)
+}
+
+/// Splits audit lines into intents (`result: pending`) and outcomes, asserts that every
+/// outcome follows an intent line of the same action, and returns the outcomes.
+fn outcomes_after_intents(lines: Vec<&Value>) -> Vec<&Value> {
+    let mut open: Vec<&str> = Vec::new();
+    let mut outcomes = Vec::new();
+    for line in lines {
+        let action = line["action"].as_str().unwrap_or_default();
+        if line["result"] == "pending" {
+            open.push(action);
+            continue;
+        }
+        let at = open.iter().position(|a| *a == action);
+        assert!(at.is_some(), "audit outcome without its pending line before it: {line:#}");
+        open.remove(at.unwrap_or_default());
+        outcomes.push(line);
+    }
+    outcomes
 }
 
 /// A stopped call: its record says the connection was destroyed by `by_prefix`, before any
@@ -480,6 +502,55 @@ fn disabled_model_is_stopped_and_other_models_pass() {
     assert_not_stopped(&s.call_record(ok.pid()), &s.context());
 }
 
+/// A head too large to keep hides no call from enforcement: `disable model M` stops a call
+/// for M whose head carries two 40 KB fields (it used to pass, answered 200, while the
+/// same call without them was stopped); with `enforce.uninspectable = "block"` a call whose
+/// head is too large to read at all (1.2 MB, past `capture.max_oversized_head_bytes`) is
+/// stopped as uninspectable; a call with 130 header fields of another model passes.
+#[test]
+fn a_large_head_hides_no_call_from_enforcement() {
+    let _serial = serial();
+    let s = Setup::new("head", |c, _| c.fail_open().uninspectable("block"));
+    let port = s.port();
+    let model = format!("it-disabled-head-{}", std::process::id());
+    s.cfg.ctl_ok(&["disable", "model", &model, "--reason", "it: model disabled", "--expires", "10m"]);
+    let listed = s.cfg.blocks_json();
+    let id = listed["blocks"]
+        .as_array()
+        .and_then(|bs| bs.iter().find(|b| b["spec"]["target"]["model"] == model.as_str()))
+        .and_then(|b| b["id"].as_str())
+        .unwrap_or_else(|| panic!("blocks --json does not list the model block: {listed:#}"))
+        .to_owned();
+    let pad = "p".repeat(40_000);
+    let padded = chat(&model, CLEAN).header("X-Pad", &pad).header("X-Pad-2", &pad).header("x-mock-delay-ms", HOLD_MS);
+    let run = s.cg.run(Client::Python, port, &one(padded));
+    run.assert_no_answer(&s.context());
+    let rec = s.call_record(run.pid());
+    assert_stopped(&rec, &format!("operator:{id}"), &s.context());
+    assert!(rec["notes"].to_string().contains("request_head_over_limits"), "{rec:#}");
+
+    let mut huge = chat("it-huge-head", CLEAN).header("x-mock-delay-ms", HOLD_MS);
+    for i in 0..20 {
+        huge = huge.header(&format!("X-Big-{i}"), &"b".repeat(60_000));
+    }
+    let run = s.cg.run(Client::Python, port, &one(huge));
+    run.assert_no_answer(&s.context());
+    let rec = s.call_record(run.pid());
+    assert_eq!(rec["enforcement"]["by"], "rule:uninspectable.request_head", "{rec:#}{}", s.context());
+    assert_eq!(rec["enforcement"]["outcome"], "connection_killed", "{rec:#}");
+    assert_eq!((rec["method"].as_str(), rec["path"].as_str()), (Some("POST"), Some("/v1/chat/completions")), "{rec:#}");
+    assert!(rec["notes"].to_string().contains("request_head_unparsed"), "{rec:#}");
+
+    let mut many = chat("it-many-fields", CLEAN);
+    for i in 0..130 {
+        many = many.header(&format!("X-Field-{i}"), "v");
+    }
+    let ok = s.cg.run(Client::Python, port, &one(many)).assert_ok(&s.context());
+    let rec = s.call_record(ok.pid());
+    assert_not_stopped(&rec, &s.context());
+    assert_eq!((rec["model"].as_str(), rec["decision"]["action"].as_str()), (Some("it-many-fields"), Some("allow")));
+}
+
 /// `block --dest P --fallback F`: clients in the cgroup that call P get F's answer (the
 /// mock started with `--name fallback`); P sees none of their requests; the test process
 /// outside still reaches P.
@@ -667,7 +738,9 @@ fn a_second_agent_on_the_same_pin_directory_refuses_to_start_and_touches_nothing
 
 /// The audit lines of the enforcement mode switches.
 fn mode_switches(audit: &[Value]) -> Vec<&Value> {
-    audit.iter().filter(|l| l["action"] == "enforce_on" || l["action"] == "enforce_off").collect()
+    outcomes_after_intents(
+        audit.iter().filter(|l| l["action"] == "enforce_on" || l["action"] == "enforce_off").collect(),
+    )
 }
 
 /// With the shipped default mode (observe), a call that a default rule blocks gets its full

@@ -178,3 +178,31 @@ fn default_pack_examples_pass() {
     assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains(", 0 failed"), "{stdout}");
 }
+
+/// `scan --as response` reads a response as the daemon does: a body that is not its API's
+/// JSON is scanned as text (it used to be an allow with `scan_complete: true`), and an SSE
+/// event over the 1 MiB bound is said not to be scanned, with the `uninspectable` verdict
+/// (block, the default).
+#[test]
+fn responses_that_the_api_shape_does_not_cover_are_scanned_or_said_not_to_be() {
+    let key = "-----BEGIN RSA PRIVATE KEY-----";
+    let plain = format!("Sure, here it is: {key}\nMIIEowIBAAKCAQEA7yq");
+    let broken = format!(r#"{{"id":"c","model":"m","choices":[{{"message":{{"content":"{key}"}}}}]"#);
+    for (what, body) in [("plain text", plain), ("JSON without its closing brace", broken)] {
+        let (out, v) = scan(&["--as", "response", "-"], body.as_bytes());
+        let v = v.unwrap_or_else(|| panic!("{what}: no JSON: {out:?}"));
+        assert_consistent(&out, &v);
+        assert_eq!(v["action"], "block", "{what}: {v:#}");
+        assert_eq!(v["not_scanned"], serde_json::json!(["response_body_not_json_scanned_as_text"]), "{what}: {v:#}");
+    }
+    let event = format!(
+        "data: {}\n\ndata: [DONE]\n\n",
+        serde_json::json!({"choices": [{"delta": {"content": format!("{} {key}", "x".repeat(1_400_000))}}]})
+    );
+    let (out, v) = scan(&["--as", "response", "-"], event.as_bytes());
+    let v = v.unwrap_or_else(|| panic!("no JSON: {out:?}"));
+    assert_consistent(&out, &v);
+    assert_eq!(v["scan_complete"], false, "{v:#}");
+    assert_eq!(v["not_scanned"], serde_json::json!(["sse_events_over_size_cap:1"]), "{v:#}");
+    assert_eq!((v["action"].as_str(), v["rules"][0].as_str()), (Some("block"), Some("uninspectable.response_body")));
+}

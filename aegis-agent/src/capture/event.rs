@@ -27,8 +27,13 @@ pub struct TlsEvent {
     pub call_len: u32,
     pub offset: u32,
     /// Where the call starts in the connection's stream for this direction
-    /// ([`TlsChunkHeader::stream_pos`]).
+    /// ([`TlsChunkHeader::stream_pos`]); for `SSL_free`, the bytes sent in all.
     pub stream_pos: u64,
+    /// Bytes the other direction had moved by then ([`TlsChunkHeader::peer_pos`]); for
+    /// `SSL_free`, the bytes received in all.
+    pub peer_pos: u64,
+    /// The call's turn on its connection ([`TlsChunkHeader::turn`]).
+    pub turn: u64,
     pub comm: [u8; 16],
     /// Plaintext; shorter than `call_len - offset` when the call was split or capped.
     pub data: Bytes,
@@ -72,6 +77,8 @@ impl TlsEvent {
             call_len: h.call_len,
             offset: h.offset,
             stream_pos: h.stream_pos,
+            peer_pos: h.peer_pos,
+            turn: h.turn,
             comm: h.comm,
             data,
             missing,
@@ -99,6 +106,8 @@ mod tests {
             _pad: [0; 2],
             comm: *b"curl\0\0\0\0\0\0\0\0\0\0\0\0",
             stream_pos: 77,
+            peer_pos: 12,
+            turn: 3,
         };
         let mut v = vec![0u8; HEADER_LEN];
         unsafe { std::ptr::write_unaligned(v.as_mut_ptr().cast(), h) };
@@ -117,7 +126,7 @@ mod tests {
         assert_eq!(&e.data[..], b"hello");
         assert_eq!(&e.comm[..5], b"curl\0");
         assert_eq!(e.missing, 0);
-        assert_eq!(e.stream_pos, 77);
+        assert_eq!((e.stream_pos, e.peer_pos, e.turn), (77, 12, 3));
     }
 
     #[test]

@@ -9,6 +9,9 @@
 //! workers. Queues are bounded: when workers fall behind the reader blocks, the ring
 //! buffer fills, and the kernel counts what it could not deliver (reported as drops),
 //! so nothing is lost silently.
+//!
+//! [`Progress`] says how far, on the kernel's clock, every worker has got: the output
+//! thread waits for it before sending one end of a local call out alone.
 
 pub mod conn;
 pub mod event;
@@ -29,11 +32,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aegis_common::{DROP_CAUSES, DropCounter};
+use aegis_common::{DROP_CAUSES, DropCounter, StreamKey, StreamPos};
 
 use self::{
-    conn::{ConnObservation, ConnStats, ConnTable},
-    event::TlsEvent,
+    conn::{ConnObservation, ConnStats, ConnTable, EndedLookup, StreamEnd},
+    event::{ConnKey, TlsEvent},
     probes::{EventSource, Sources, TlsProbes},
     process::ProcessCache,
     targets::Discovery,
@@ -73,7 +76,42 @@ pub struct Counters {
     pub records_lost: AtomicU64,
     /// Calls that enforce mode would have stopped, left alone in observe mode.
     pub observed_calls: AtomicU64,
+    /// Ends of calls sent out without their other end (see `llm::correlate`), by side, and
+    /// of those, the ones sent because too many waited.
+    pub alone_client: AtomicU64,
+    pub alone_server: AtomicU64,
+    pub correlation_overflowed: AtomicU64,
     pub worker_stats: Mutex<Vec<ConnStats>>,
+}
+
+/// How far the pipeline is through the kernel's events (monotonic ns, the kernel's clock).
+pub struct Progress {
+    /// Every event stamped before this was read from the ring and handed to its worker.
+    read: AtomicU64,
+    /// Per worker: batches handed to it and not yet handled (their observations sent on),
+    /// and the stamp of the last event it handled.
+    queued: Vec<AtomicU64>,
+    handled: Vec<AtomicU64>,
+}
+
+impl Progress {
+    fn new(workers: usize) -> Self {
+        Self {
+            read: AtomicU64::new(0),
+            queued: (0..workers).map(|_| AtomicU64::new(0)).collect(),
+            handled: (0..workers).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+
+    /// Every event stamped before the returned time has been handled and its observations
+    /// sent to the output thread. Read it before taking the output queue.
+    pub fn watermark(&self) -> u64 {
+        let read = self.read.load(Ordering::Acquire);
+        let worker = |(queued, handled): (&AtomicU64, &AtomicU64)| {
+            if queued.load(Ordering::Acquire) == 0 { read } else { handled.load(Ordering::Acquire) }
+        };
+        self.queued.iter().zip(&self.handled).map(worker).min().unwrap_or(read)
+    }
 }
 
 /// A running capture pipeline. [`Pipeline::stop`] detaches the probes, drains what the
@@ -100,7 +138,7 @@ impl Pipeline {
         config: &Config,
         probes: TlsProbes,
         discovery: Discovery,
-        source: Option<EventSource>,
+        mut source: Option<EventSource>,
         sink: JsonLines,
         inspector: Option<Arc<Inspector>>,
         containment: Containment,
@@ -110,9 +148,11 @@ impl Pipeline {
         let counters = Arc::new(Counters::default());
         let drops = Arc::new(Mutex::new([DropCounter::default(); DROP_CAUSES]));
         let n = config.workers();
+        let progress = Arc::new(Progress::new(n));
         counters.worker_stats.lock().expect("fresh").resize(n, ConnStats::default());
         let sources = probes.sources.clone();
         let processes = Arc::new(ProcessCache::new(65_536));
+        let ended = source.as_mut().and_then(|s| s.ended.take()).map(ended_lookup);
 
         let (out_tx, out_rx) = sync_channel::<Output>(OUTPUT_QUEUE);
         let events = out_tx.clone();
@@ -123,17 +163,25 @@ impl Pipeline {
             senders.push(tx);
             let ctx = WorkerCtx {
                 index: i,
-                table: ConnTable::new(
-                    config.capture.max_connections.div_ceil(n),
-                    config.capture.max_body_bytes,
-                    inspector.clone(),
-                ),
+                table: {
+                    let table = ConnTable::new(
+                        config.capture.max_connections.div_ceil(n),
+                        config.capture.max_body_bytes,
+                        config.capture.head_limits(),
+                        inspector.clone(),
+                    );
+                    match &ended {
+                        Some(lookup) => table.with_ended(lookup.clone()),
+                        None => table,
+                    }
+                },
                 idle: Duration::from_secs(config.capture.idle_timeout_secs),
                 sources: sources.clone(),
                 processes: processes.clone(),
                 out: out_tx.clone(),
                 containment: containment.clone(),
                 counters: counters.clone(),
+                progress: progress.clone(),
                 stop: stop.clone(),
             };
             workers.push(spawn(&format!("aegis-worker-{i}"), move || ctx.run(rx))?);
@@ -142,7 +190,8 @@ impl Pipeline {
 
         let window = Duration::from_millis(config.capture.correlation_window_ms);
         let out_counters = counters.clone();
-        let output = spawn("aegis-output", move || output_loop(out_rx, sink, window, &out_counters))?;
+        let out_progress = progress.clone();
+        let output = spawn("aegis-output", move || output_loop(out_rx, sink, window, &out_counters, &out_progress))?;
 
         let reader_stop = stop.clone();
         let reader_counters = counters.clone();
@@ -152,7 +201,8 @@ impl Pipeline {
         // still carries the other records.
         let reader = match source {
             Some(source) => Some(spawn("aegis-reader", move || {
-                read_loop(source, senders, &reader_processes, &reader_stop, &reader_counters, &reader_drops)
+                let queues = Queues { senders, progress };
+                read_loop(source, queues, &reader_processes, &reader_stop, &reader_counters, &reader_drops)
             })?),
             None => None,
         };
@@ -200,6 +250,19 @@ impl Pipeline {
     }
 }
 
+/// Reads (and removes) the kernel's record of where a connection ended, for connections
+/// whose `SSL_free` event was lost (see `conn::EndedLookup`).
+fn ended_lookup(map: aya::maps::HashMap<aya::maps::MapData, StreamKey, StreamPos>) -> EndedLookup {
+    let map = Mutex::new(map);
+    Arc::new(move |key: ConnKey| {
+        let mut map = map.lock().unwrap_or_else(|e| e.into_inner());
+        let key = StreamKey { tgid: key.tgid, _pad: 0, conn: key.conn };
+        let end = map.get(&key, 0).ok()?;
+        let _ = map.remove(&key);
+        Some(StreamEnd { sent: end.egress, received: end.ingress, turn: end.turns })
+    })
+}
+
 /// Attach to what discovery finds, every `every` (never when zero), until `stop`.
 /// Returns the probes so that the caller decides when they are detached.
 fn rediscover(
@@ -232,16 +295,23 @@ where
     Ok(std::thread::Builder::new().name(name.to_owned()).spawn(f)?)
 }
 
+/// The workers' queues, and the progress they report.
+struct Queues {
+    senders: Vec<SyncSender<Vec<TlsEvent>>>,
+    progress: Arc<Progress>,
+}
+
 /// Drain the ring buffer, dispatching each event to the worker that owns its connection.
 /// At stop, drains what is left (the probes are detached by then) and returns.
 fn read_loop(
     mut source: EventSource,
-    workers: Vec<SyncSender<Vec<TlsEvent>>>,
+    queues: Queues,
     processes: &ProcessCache,
     stop: &AtomicBool,
     counters: &Counters,
     drops: &Mutex<[DropCounter; DROP_CAUSES]>,
 ) -> EventSource {
+    let Queues { senders: workers, progress } = queues;
     let hasher = RandomState::new();
     let fd = source.events.as_raw_fd();
     let mut last_drops = Instant::now();
@@ -249,9 +319,15 @@ fn read_loop(
     // Blocks when the worker is behind: back-pressure into the ring.
     let send = |w: usize, batches: &mut Vec<Vec<TlsEvent>>| {
         let batch = std::mem::replace(&mut batches[w], Vec::with_capacity(BATCH));
-        batch.is_empty() || workers[w].send(batch).is_ok()
+        if batch.is_empty() {
+            return true;
+        }
+        progress.queued[w].fetch_add(1, Ordering::AcqRel);
+        workers[w].send(batch).is_ok()
     };
     loop {
+        // Whatever was stamped before now is in the ring, and is handed out below.
+        let drained_from = monotonic_ns();
         let stopping = stop.load(Ordering::SeqCst);
         let mut workers_gone = false;
         while let Some(item) = source.events.next() {
@@ -279,6 +355,7 @@ fn read_loop(
         for w in 0..workers.len() {
             workers_gone |= !send(w, &mut batches);
         }
+        progress.read.store(drained_from, Ordering::Release);
         if last_drops.elapsed() >= Duration::from_secs(1) || stopping {
             *drops.lock().unwrap_or_else(|e| e.into_inner()) = source.drops();
             last_drops = Instant::now();
@@ -301,6 +378,7 @@ struct WorkerCtx {
     out: SyncSender<Output>,
     containment: Containment,
     counters: Arc<Counters>,
+    progress: Arc<Progress>,
     stop: Arc<AtomicBool>,
 }
 
@@ -309,14 +387,20 @@ impl WorkerCtx {
         let mut found = Vec::new();
         let mut last_sweep = Instant::now();
         loop {
+            let mut handled = None;
             match rx.recv_timeout(TICK) {
                 Ok(batch) => {
                     let mut now_ns = 0;
+                    handled = batch.last().map(|ev| ev.timestamp_ns);
                     for ev in batch {
                         now_ns = ev.timestamp_ns;
                         self.table.on_event(ev, &mut found);
                         if !self.table.checkpoints.is_empty() {
                             self.checkpoints();
+                        }
+                        for (fingerprint, side) in self.table.announced.drain(..) {
+                            // The output thread only ends after every worker.
+                            let _ = self.out.send(Output::Expect(fingerprint, side));
                         }
                     }
                     if last_sweep.elapsed() >= Duration::from_secs(1) {
@@ -329,6 +413,11 @@ impl WorkerCtx {
                 Err(RecvTimeoutError::Disconnected) => break,
             }
             self.send(&mut found);
+            if let Some(ts) = handled {
+                // After the batch's observations went out: see `Progress::watermark`.
+                self.progress.handled[self.index].store(ts, Ordering::Release);
+                self.progress.queued[self.index].fetch_sub(1, Ordering::AcqRel);
+            }
             if let Ok(mut s) = self.counters.worker_stats.lock() {
                 s[self.index] = self.table.stats;
             }
@@ -380,13 +469,13 @@ impl WorkerCtx {
                 }
                 let mut emergency = false;
                 if let Some(view) = &self.containment.view {
-                    let path = obs.target.split('?').next().unwrap_or_default();
+                    let path = obs.target.as_deref().map(|t| t.split('?').next().unwrap_or_default());
                     let provider = self.containment.provider_of(obs.host.as_deref(), obs.call.provider, false);
                     let subject = Subject {
                         provider: Some(&provider),
                         model: obs.call.model.as_deref(),
                         host: obs.host.as_deref(),
-                        path: Some(path),
+                        path,
                         peer: None,
                         cgroup: client.then_some(info.cgroup.as_str()),
                         exe: if client { info.exe.as_deref().map(Path::new) } else { None },
@@ -412,20 +501,25 @@ impl WorkerCtx {
 )]
 pub enum Output {
     Call(Observation, Endpoint),
+    /// A call whose request one end completed: its observation follows (see
+    /// `llm::correlate`).
+    Expect(u64, crate::llm::exchange::Side),
     /// Any other record (a refused connect, ...), written as it is.
     Event(serde_json::Value),
 }
 
-fn output_loop(rx: Receiver<Output>, mut sink: JsonLines, window: Duration, counters: &Counters) {
+fn output_loop(rx: Receiver<Output>, mut sink: JsonLines, window: Duration, counters: &Counters, progress: &Progress) {
     let mut correlator = Correlator::new(window, wall_offset_ns());
     let mut records = Vec::new();
     let take = |item: Output, correlator: &mut Correlator, records: &mut Vec<_>, sink: &mut JsonLines| match item {
         Output::Call(obs, endpoint) => correlator.push(obs, endpoint, Instant::now(), records),
+        Output::Expect(fingerprint, side) => correlator.expect(fingerprint, side, Instant::now()),
         Output::Event(v) => sink.write(&v),
     };
     loop {
-        let wait = correlator.next_deadline().map_or(TICK, |d| d.saturating_duration_since(Instant::now()));
-        match rx.recv_timeout(wait.min(TICK)) {
+        // Before taking the queue: what the workers sent up to the watermark is in it.
+        let watermark = progress.watermark();
+        match rx.recv_timeout(TICK) {
             Ok(item) => {
                 take(item, &mut correlator, &mut records, &mut sink);
                 // Take what else is queued, so the sink flushes once per burst.
@@ -436,18 +530,23 @@ fn output_loop(rx: Receiver<Output>, mut sink: JsonLines, window: Duration, coun
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => break,
         }
-        correlator.expire(Instant::now(), &mut records);
+        correlator.expire(watermark, Instant::now(), &mut records);
         for r in records.drain(..) {
             sink.write(&r);
             counters.records.fetch_add(1, Ordering::Relaxed);
         }
         sink.flush();
         counters.joined.store(correlator.joined, Ordering::Relaxed);
+        counters.alone_client.store(correlator.alone_client, Ordering::Relaxed);
+        counters.alone_server.store(correlator.alone_server, Ordering::Relaxed);
+        counters.correlation_overflowed.store(correlator.overflowed, Ordering::Relaxed);
         let health = sink.file_health();
         counters.records_pending.store(health.pending, Ordering::Relaxed);
         counters.records_lost.store(health.lost, Ordering::Relaxed);
     }
     correlator.drain(&mut records);
+    counters.alone_client.store(correlator.alone_client, Ordering::Relaxed);
+    counters.alone_server.store(correlator.alone_server, Ordering::Relaxed);
     for r in records.drain(..) {
         sink.write(&r);
         counters.records.fetch_add(1, Ordering::Relaxed);

@@ -14,11 +14,11 @@ use std::{
     sync::{Arc, RwLock},
 };
 
-use aegis_common::{DROP_CAUSES, DropCounter};
+use aegis_common::{DROP_CAUSES, DropCounter, StreamKey, StreamPos};
 use anyhow::Context as _;
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{MapData, PerCpuArray, RingBuf},
+    maps::{HashMap, MapData, PerCpuArray, RingBuf},
     programs::{
         UProbe,
         uprobe::{UProbeAttachPoint, UProbeScope},
@@ -88,6 +88,8 @@ pub struct TlsProbes {
 pub struct EventSource {
     pub events: RingBuf<MapData>,
     drops: PerCpuArray<MapData, DropCounter>,
+    /// Where connections ended whose `SSL_free` event was lost (taken by the pipeline).
+    pub ended: Option<HashMap<MapData, StreamKey, StreamPos>>,
 }
 
 impl TlsProbes {
@@ -103,9 +105,10 @@ impl TlsProbes {
         }
         let events = RingBuf::try_from(ebpf.take_map("TLS_EVENTS").context("map TLS_EVENTS missing")?)?;
         let drops = PerCpuArray::try_from(ebpf.take_map("TLS_DROPS").context("map TLS_DROPS missing")?)?;
+        let ended = HashMap::try_from(ebpf.take_map("TLS_ENDED").context("map TLS_ENDED missing")?)?;
         let mut probes = Self::without_capture();
         probes.capture = Some(ebpf);
-        Ok((probes, EventSource { events, drops }))
+        Ok((probes, EventSource { events, drops, ended: Some(ended) }))
     }
 
     /// Targets to follow for the companions alone, when capture is unavailable.

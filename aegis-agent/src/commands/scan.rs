@@ -12,7 +12,12 @@ use crate::{
         detect::{ApiCall, ApiKind},
         response::ResponseReader,
     },
-    policy::{Inspector, decision::Decision, inspect::CallInspection, redact::Redactor},
+    policy::{
+        Inspector,
+        decision::Decision,
+        inspect::{CallInspection, Unseen},
+        redact::Redactor,
+    },
     protocol::http1::{Header, MessageHead},
     rules::{self, pack::Action},
 };
@@ -86,7 +91,8 @@ pub fn run(args: ScanArgs) -> anyhow::Result<u8> {
 
     let mut inspection = CallInspection::new(inspector);
     if truncated {
-        inspection.not_scanned(format!("input_over_{MAX_INPUT}_bytes"));
+        let part = if args.scan_as == ScanAs::Response { Unseen::ResponseBody } else { Unseen::RequestBody };
+        inspection.uninspectable(part, format!("input_over_{MAX_INPUT}_bytes"));
     }
     let api = match args.scan_as {
         ScanAs::Text => {
@@ -111,14 +117,12 @@ pub fn run(args: ScanArgs) -> anyhow::Result<u8> {
                     value: if call.stream { "text/event-stream" } else { "application/json" }.into(),
                 }],
                 wire_len: 0,
+                skimmed: None,
             };
+            // The daemon's reader and its end, so that both see a response alike.
             let mut reader = ResponseReader::new(&call, &head, MAX_INPUT);
             reader.feed(&data);
-            reader.finish();
-            inspection.response_text(&reader.take_text(), 0.0);
-            for note in reader.notes() {
-                inspection.not_scanned(note);
-            }
+            reader.finish_into(Some(&mut inspection), 0.0);
             Some(api)
         }
     };

@@ -8,14 +8,13 @@
 //!  "action":"block","details":{"block":{...},"report":{"killed_connections":3}},"result":"ok","message":"killed 3 connections"}
 //! ```
 //!
-//! Each line is written with one `write` on a file opened with `O_APPEND`, so lines from
-//! this process and any other writer never interleave. Everything in a line comes from
+//! Lines go through a [`Journal`]: a line is written whole or not at all (a write that fails
+//! part-way, e.g. on a full disk, is cut back, so the next line never lands on a partial
+//! one), a partial last line left by a crash is cut away at the next start (and said), and
+//! the file is never reached through a symbolic link. Everything in a line comes from
 //! validated or JSON-escaped text: a reason or a process name cannot forge a line.
 
 use std::{
-    fs::{File, OpenOptions},
-    io::Write as _,
-    os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _},
     path::{Path, PathBuf},
     sync::{Mutex, PoisonError},
 };
@@ -24,6 +23,7 @@ use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
 
 use super::blocks::{Actor, create_private_dir, now_unix_ms, rfc3339_ms};
+use crate::journal::Journal;
 
 /// What an audit line records.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -52,6 +52,11 @@ pub enum AuditAction {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Outcome {
+    /// About to be saved and enforced (written before the change, so that no change is in
+    /// force without its line); a line with the result follows. A `pending` line with no
+    /// result after it: the agent died in between; the `restore` line of its next start
+    /// lists what was in force.
+    Pending,
     /// Done.
     Ok,
     /// Not allowed or not understood: nothing was attempted.
@@ -78,41 +83,41 @@ pub struct AuditEntry {
 #[derive(Debug)]
 pub struct AuditLog {
     path: PathBuf,
-    file: Mutex<File>,
+    journal: Mutex<Journal>,
 }
 
 impl AuditLog {
     /// Open (or create) `path` for appending, mode 0600; a looser mode on an existing file
-    /// is tightened. The directory is created (0750) when missing.
+    /// is tightened, and a partial last line (a crash in the middle of a write) is cut
+    /// away; both are logged. The directory is created (0750) when missing.
     pub fn open(path: &Path) -> anyhow::Result<Self> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             create_private_dir(dir)?;
         }
-        let file = OpenOptions::new()
-            .append(true)
-            .create(true)
-            .mode(0o600)
-            .open(path)
-            .with_context(|| format!("cannot open the audit log {}", path.display()))?;
-        let mode = file.metadata()?.permissions().mode() & 0o777;
-        if mode != 0o600 {
+        let (journal, repairs) =
+            Journal::open(path, true).with_context(|| format!("cannot open the audit log {}", path.display()))?;
+        if let Some(mode) = repairs.narrowed_mode {
             tracing::warn!(file = %path.display(), mode = format!("{mode:o}"), "audit log mode tightened to 600");
-            file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
         }
-        Ok(Self { path: path.to_owned(), file: Mutex::new(file) })
+        if repairs.partial_line_bytes > 0 {
+            tracing::warn!(
+                file = %path.display(),
+                bytes = repairs.partial_line_bytes,
+                "the audit log ended in a partial line (the agent died while writing it); it was cut away"
+            );
+        }
+        Ok(Self { path: path.to_owned(), journal: Mutex::new(journal) })
     }
 
     pub fn path(&self) -> &Path {
         &self.path
     }
 
-    /// Append `entry` as one line and flush it to disk.
+    /// Append `entry` as one line and flush it to disk; on an error nothing of it stays.
     pub fn append(&self, entry: &AuditEntry) -> std::io::Result<()> {
         let mut line = serde_json::to_vec(entry).map_err(std::io::Error::other)?;
         line.push(b'\n');
-        let mut file = self.file.lock().unwrap_or_else(PoisonError::into_inner);
-        file.write_all(&line)?;
-        file.sync_data()
+        self.journal.lock().unwrap_or_else(PoisonError::into_inner).append(&line)
     }
 
     /// Append a line stamped now.
@@ -149,6 +154,8 @@ pub fn read_entries(path: &Path) -> anyhow::Result<Vec<AuditEntry>> {
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::PermissionsExt as _;
+
     use serde_json::json;
 
     use super::*;

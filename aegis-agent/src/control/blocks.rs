@@ -391,14 +391,13 @@ impl BlockTarget {
             }
             Self::Route { host, path_prefix } => {
                 check_name("the route host", &host)?;
-                if !host.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | ':' | '[' | ']')) {
-                    return Err(format!("route host {host:?} is not a host name or address"));
-                }
+                let host = host.trim_end_matches('.').to_ascii_lowercase();
+                check_route_host(&host)?;
                 check_name("the route path prefix", &path_prefix)?;
                 if !path_prefix.starts_with('/') {
                     return Err(format!("route path prefix {path_prefix:?} must start with '/'"));
                 }
-                Self::Route { host: host.trim_end_matches('.').to_ascii_lowercase(), path_prefix }
+                Self::Route { host, path_prefix }
             }
             Self::Tenant(cgroup) => Self::Tenant(parse_cgroup(&cgroup)?),
         })
@@ -417,6 +416,40 @@ impl BlockTarget {
             Self::Tenant(cgroup) => s.cgroup.is_some_and(|c| cgroup_within(c, cgroup)),
         }
     }
+}
+
+/// A route host (lower case, trailing dots removed) in a form a request's `Host` can have,
+/// so that the block can match: a name or an IPv4 address, a bare IPv6 address, or
+/// `[IPv6]`; the first and the last with an optional `:port`. Anything else (`[::1]x`,
+/// `host:port:x`) would be accepted and never stop a call.
+fn check_route_host(host: &str) -> Result<(), String> {
+    let invalid = || {
+        format!(
+            "route host {host:?} is not a host name or address (a name, an IPv4 address or [IPv6], each with an \
+             optional :port, e.g. api.openai.com, localhost:11434, [::1]:8000)"
+        )
+    };
+    let (name, port) = match host.strip_prefix('[') {
+        Some(rest) => {
+            let (address, after) = rest.split_once(']').ok_or_else(invalid)?;
+            address.parse::<Ipv6Addr>().map_err(|_| invalid())?;
+            match after {
+                "" => return Ok(()),
+                _ => ("", Some(after.strip_prefix(':').ok_or_else(invalid)?)),
+            }
+        }
+        None if host.parse::<Ipv6Addr>().is_ok() => return Ok(()),
+        None => match host.split_once(':') {
+            Some((name, port)) => (name, Some(port)),
+            None => (host, None),
+        },
+    };
+    let name_ok = name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'));
+    let port_ok = port.is_none_or(|p| p.parse::<u16>().is_ok_and(|p| p > 0) && p.bytes().all(|b| b.is_ascii_digit()));
+    if !name_ok || !port_ok || (name.is_empty() && !host.starts_with('[')) {
+        return Err(invalid());
+    }
+    Ok(())
 }
 
 /// `pattern` (from a block, lower case) against a request's `Host`: the port is compared
@@ -1011,6 +1044,37 @@ mod tests {
         assert!(any.matches("[2001:db8:1::5]:8443".parse().unwrap()));
         assert!(!any.matches("10.1.2.3:443".parse().unwrap()));
         assert!(parse_dest("0.0.0.0/0").unwrap().contains("192.0.2.1".parse().unwrap()));
+    }
+
+    /// Found by the `control` fuzz target: route host "[pi.001:db8:]om" was accepted, and
+    /// the block could never match a request (a silent allow for its route).
+    #[test]
+    fn route_hosts_are_forms_a_request_can_carry() {
+        let route = |host: &str| BlockTarget::Route { host: host.into(), path_prefix: "/v1".into() }.validated();
+        for bad in
+            ["[pi.001:db8:]om", "[::1]x", "[::1", "host:port", "host:0", "a:b]", "h:1:x", ".", "[zz::1]:80", ":443"]
+        {
+            let e = route(bad).unwrap_err();
+            assert!(
+                e.starts_with(&format!("route host {:?} is not a host name or address", bad.trim_end_matches('.'))),
+                "{bad}: {e}"
+            );
+        }
+        for good in [
+            "api.openai.com",
+            "API.OpenAI.com.",
+            "localhost:11434",
+            "10.0.0.1:443",
+            "[::1]",
+            "[2001:db8::1]:8443",
+            "2001:db8::1",
+            "my_host-1",
+        ] {
+            let target = route(good).unwrap_or_else(|e| panic!("{good}: {e}"));
+            let BlockTarget::Route { host, .. } = &target else { unreachable!() };
+            let subject = Subject { host: Some(host), path: Some("/v1/chat"), ..Subject::default() };
+            assert!(target.matches(&subject), "{good}: a route block stops a request to its own host");
+        }
     }
 
     #[test]

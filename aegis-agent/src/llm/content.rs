@@ -16,6 +16,8 @@ pub fn request_texts(api: ApiKind, body: &[u8]) -> Option<Vec<(Scope, String)>> 
     let v: Value = serde_json::from_slice(body).ok()?;
     let mut out = Vec::new();
     match api {
+        // Nothing says which fields carry the text: the caller scans it all as text.
+        ApiKind::Unknown => return None,
         ApiKind::ChatCompletions | ApiKind::OllamaChat => {
             for m in items(&v, "messages") {
                 let scope = role_scope(m.get("role").and_then(Value::as_str));

@@ -1,10 +1,26 @@
 //! Joining the two ends of one call. When a client and the model server it calls both run
 //! on this host behind TLS, each end's probes see the same call. The request bytes are
 //! identical on both ends, so their [`Observation::fingerprint`]s match; an observation
-//! waits up to the correlation window for its other half, then goes out alone.
+//! waits for its other half, then goes out alone.
+//!
+//! How long it waits is measured on the kernel's clock, not the output thread's: the two
+//! ends of a call are separate connections, often read by different workers, and under
+//! load one worker can be seconds behind another. Nor can the wait be a window around the
+//! call's end: the two ends end apart by as long as the client takes to read its answer
+//! (1.5 s, measured, for a python client with 200 threads on 2 cores). So each end
+//! announces a call when its request is complete ([`Correlator::expect`]: the other half
+//! is then on its way), long before its response ends. An observation is sent alone once
+//! every worker has handled the events up to its end plus the window (the pipeline's
+//! watermark, [`Correlator::expire`]) and no announcement of the same call from the other
+//! end is waiting: by then the other end has either announced the call (and the
+//! observation waits for it) or was not seen. A wall-clock bound ([`MAX_WAIT`]) and
+//! bounds on what waits ([`MAX_PENDING`]) keep memory and delay bounded whatever happens.
+//! Views sent out alone are counted by side: a server end alone is a call whose client
+//! was not seen (or not joined); a client end alone is any call to another host, or one
+//! whose server end was not joined.
 
 use std::{
-    collections::VecDeque,
+    collections::{HashMap, VecDeque},
     time::{Duration, Instant},
 };
 
@@ -15,31 +31,85 @@ use super::{
 
 /// Observations waiting at most; past this the oldest goes out alone (counted).
 const MAX_PENDING: usize = 4096;
+/// Longest wall-clock wait for the other half, whatever the workers' progress.
+pub const MAX_WAIT: Duration = Duration::from_secs(10);
 
 struct Pending {
     obs: Observation,
     endpoint: Endpoint,
+    fingerprint: u64,
+    /// Kernel time (monotonic ns) past which the other half cannot come any more.
+    due_ns: u64,
     arrived: Instant,
 }
 
 pub struct Correlator {
-    window: Duration,
+    window_ns: u64,
     wall_offset_ns: i128,
+    /// In arrival order.
     pending: VecDeque<Pending>,
+    /// Calls announced by one end and not observed yet: how many, and when the last came.
+    announced: HashMap<(u64, Side), (u32, Instant)>,
     /// Calls whose both ends were joined.
     pub joined: u64,
     /// Observations sent alone because the pending queue was full.
     pub overflowed: u64,
+    /// Observations that waited and went out alone, by the side they saw.
+    pub alone_client: u64,
+    pub alone_server: u64,
 }
 
 impl Correlator {
     pub fn new(window: Duration, wall_offset_ns: i128) -> Self {
-        Self { window, wall_offset_ns, pending: VecDeque::new(), joined: 0, overflowed: 0 }
+        Self {
+            window_ns: window.as_nanos() as u64,
+            wall_offset_ns,
+            pending: VecDeque::new(),
+            announced: HashMap::new(),
+            joined: 0,
+            overflowed: 0,
+            alone_client: 0,
+            alone_server: 0,
+        }
+    }
+
+    /// One end (`side`) completed the request of a call (`fingerprint`): its observation
+    /// will come.
+    pub fn expect(&mut self, fingerprint: u64, side: Side, now: Instant) {
+        if self.window_ns == 0 {
+            return;
+        }
+        if self.announced.len() >= MAX_PENDING * 2 && !self.announced.contains_key(&(fingerprint, side)) {
+            // Bounded: the oldest announcements go (their halves then wait no longer).
+            self.forget_announcements(now, Duration::ZERO);
+        }
+        let entry = self.announced.entry((fingerprint, side)).or_insert((0, now));
+        *entry = (entry.0 + 1, now);
     }
 
     pub fn push(&mut self, obs: Observation, endpoint: Endpoint, now: Instant, out: &mut Vec<CallRecord>) {
-        // Both ends may be one process (client and server threads of one program).
-        let other = self.pending.iter().position(|p| p.obs.fingerprint == obs.fingerprint && p.obs.side != obs.side);
+        if let Some(fingerprint) = obs.fingerprint
+            && let Some((count, _)) = self.announced.get_mut(&(fingerprint, obs.side))
+        {
+            *count -= 1;
+            if *count == 0 {
+                self.announced.remove(&(fingerprint, obs.side));
+            }
+        }
+        let Some(fingerprint) = obs.fingerprint.filter(|_| self.window_ns > 0) else {
+            // Nothing to join on (no request was read), or no joining at all.
+            out.push(CallRecord::new((obs, endpoint), None, self.wall_offset_ns));
+            return;
+        };
+        // Both ends may be one process (client and server threads of one program). Of
+        // several candidates (identical requests), the one closest in time is this call's.
+        let other = self
+            .pending
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.fingerprint == fingerprint && p.obs.side != obs.side)
+            .min_by_key(|(_, p)| p.obs.request_start_ns.abs_diff(obs.request_start_ns))
+            .map(|(i, _)| i);
         if let Some(i) = other {
             let p = self.pending.remove(i).expect("index from position");
             self.joined += 1;
@@ -50,38 +120,179 @@ impl Correlator {
             out.push(CallRecord::new(client, Some(server), self.wall_offset_ns));
             return;
         }
-        if self.window.is_zero() {
-            out.push(CallRecord::new((obs, endpoint), None, self.wall_offset_ns));
-            return;
-        }
         if self.pending.len() >= MAX_PENDING {
             self.overflowed += 1;
-            self.emit_front(out);
+            if let Some(p) = self.pending.pop_front() {
+                self.alone(p, out);
+            }
         }
-        self.pending.push_back(Pending { obs, endpoint, arrived: now });
+        let ended = obs.response_end_ns.or(obs.response_first_ns).unwrap_or(obs.request_start_ns);
+        let due_ns = ended.saturating_add(self.window_ns);
+        self.pending.push_back(Pending { obs, endpoint, fingerprint, due_ns, arrived: now });
     }
 
-    /// Send out observations that waited a full window.
-    pub fn expire(&mut self, now: Instant, out: &mut Vec<CallRecord>) {
-        while self.pending.front().is_some_and(|p| now.duration_since(p.arrived) >= self.window) {
-            self.emit_front(out);
+    /// Send out the observations whose other half cannot come any more: every worker has
+    /// handled the events up to `watermark_ns` (kernel time) past their window, or they
+    /// waited [`MAX_WAIT`].
+    pub fn expire(&mut self, watermark_ns: u64, now: Instant, out: &mut Vec<CallRecord>) {
+        self.forget_announcements(now, MAX_WAIT);
+        let mut kept = VecDeque::with_capacity(self.pending.len());
+        for p in std::mem::take(&mut self.pending) {
+            let other = match p.obs.side {
+                Side::Client => Side::Server,
+                Side::Server => Side::Client,
+            };
+            let coming = self.announced.contains_key(&(p.fingerprint, other));
+            if (p.due_ns <= watermark_ns && !coming) || now.duration_since(p.arrived) >= MAX_WAIT {
+                self.alone(p, out);
+            } else {
+                kept.push_back(p);
+            }
         }
+        self.pending = kept;
+    }
+
+    /// Forget announcements older than `age` (their observations did not come).
+    fn forget_announcements(&mut self, now: Instant, age: Duration) {
+        self.announced.retain(|_, (_, at)| now.duration_since(*at) < age);
     }
 
     pub fn drain(&mut self, out: &mut Vec<CallRecord>) {
-        while !self.pending.is_empty() {
-            self.emit_front(out);
+        while let Some(p) = self.pending.pop_front() {
+            self.alone(p, out);
         }
     }
 
-    /// When the next observation's window ends.
-    pub fn next_deadline(&self) -> Option<Instant> {
-        self.pending.front().map(|p| p.arrived + self.window)
+    pub fn is_empty(&self) -> bool {
+        self.pending.is_empty()
     }
 
-    fn emit_front(&mut self, out: &mut Vec<CallRecord>) {
-        if let Some(p) = self.pending.pop_front() {
-            out.push(CallRecord::new((p.obs, p.endpoint), None, self.wall_offset_ns));
+    fn alone(&mut self, p: Pending, out: &mut Vec<CallRecord>) {
+        match p.obs.side {
+            Side::Client => self.alone_client += 1,
+            Side::Server => self.alone_server += 1,
         }
+        out.push(CallRecord::new((p.obs, p.endpoint), None, self.wall_offset_ns));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::llm::{
+        detect::{ApiCall, ApiKind},
+        record::TlsSource,
+        usage::ResponseSummary,
+    };
+
+    fn obs(side: Side, fingerprint: Option<u64>, start_ns: u64, end_ns: u64) -> Observation {
+        Observation {
+            side,
+            call: ApiCall { api: ApiKind::ChatCompletions, provider: "openai", model: None, stream: false },
+            summary: ResponseSummary::default(),
+            method: Some("POST".into()),
+            target: Some("/v1/chat/completions".into()),
+            host: None,
+            status: Some(200),
+            request_start_ns: start_ns,
+            response_first_ns: Some(end_ns),
+            response_end_ns: Some(end_ns),
+            request_bytes: 1,
+            response_bytes: 1,
+            fingerprint,
+            complete: true,
+            notes: Vec::new(),
+            inspection: None,
+            decision: None,
+            enforcement: None,
+        }
+    }
+
+    fn endpoint(pid: u32) -> Endpoint {
+        Endpoint {
+            pid,
+            tid: pid,
+            comm: "t".into(),
+            exe: None,
+            uid: 0,
+            cgroup: "/".into(),
+            tls: TlsSource { library: "l".into(), hooks: Vec::new() },
+        }
+    }
+
+    const MS: u64 = 1_000_000;
+
+    #[test]
+    fn a_half_waits_for_the_workers_not_the_wall_clock() {
+        let mut c = Correlator::new(Duration::from_millis(250), 0);
+        let (now, mut out) = (Instant::now(), Vec::new());
+        c.push(obs(Side::Server, Some(7), 1000 * MS, 1001 * MS), endpoint(2), now, &mut out);
+        // Long after on the wall clock, but the client's worker has not reached the call's
+        // window yet: the server half still waits.
+        c.expire(1100 * MS, now + Duration::from_secs(3), &mut out);
+        assert!(out.is_empty() && !c.is_empty());
+        c.push(obs(Side::Client, Some(7), 999 * MS, 1002 * MS), endpoint(1), now + Duration::from_secs(3), &mut out);
+        assert_eq!((out.len(), c.joined, c.alone_client + c.alone_server), (1, 1, 0));
+        assert_eq!(out[0].process.pid, 1, "the client end leads");
+        assert_eq!(out[0].server.as_ref().map(|s| s.pid), Some(2));
+    }
+
+    #[test]
+    fn halves_go_out_alone_past_the_watermark_and_are_counted() {
+        let mut c = Correlator::new(Duration::from_millis(250), 0);
+        let (now, mut out) = (Instant::now(), Vec::new());
+        c.push(obs(Side::Server, Some(1), 0, 10 * MS), endpoint(2), now, &mut out);
+        c.push(obs(Side::Client, Some(2), 0, 20 * MS), endpoint(1), now, &mut out);
+        c.expire(260 * MS, now, &mut out);
+        assert_eq!((out.len(), c.alone_server, c.alone_client), (1, 1, 0), "only the first is due");
+        c.expire(u64::MAX, now, &mut out);
+        assert_eq!((out.len(), c.alone_server, c.alone_client), (2, 1, 1));
+        // A stalled watermark does not hold a half past the wall-clock bound.
+        c.push(obs(Side::Client, Some(3), 0, 30 * MS), endpoint(1), now, &mut out);
+        c.expire(0, now + MAX_WAIT, &mut out);
+        assert_eq!((out.len(), c.alone_client), (3, 2));
+    }
+
+    #[test]
+    fn the_closest_identical_request_is_the_other_half() {
+        let mut c = Correlator::new(Duration::from_millis(250), 0);
+        let (now, mut out) = (Instant::now(), Vec::new());
+        c.push(obs(Side::Server, Some(5), 100 * MS, 101 * MS), endpoint(20), now, &mut out);
+        c.push(obs(Side::Server, Some(5), 200 * MS, 201 * MS), endpoint(21), now, &mut out);
+        c.push(obs(Side::Client, Some(5), 199 * MS, 202 * MS), endpoint(1), now, &mut out);
+        assert_eq!(out[0].server.as_ref().map(|s| s.pid), Some(21));
+    }
+
+    #[test]
+    fn a_half_waits_while_the_other_end_announced_the_call() {
+        let mut c = Correlator::new(Duration::from_millis(250), 0);
+        let (now, mut out) = (Instant::now(), Vec::new());
+        // The client announced the call when its request was sent; its answer is read
+        // 1.5 s after the server wrote it.
+        c.expect(9, Side::Client, now);
+        c.expect(9, Side::Server, now);
+        c.push(obs(Side::Server, Some(9), 1000 * MS, 1001 * MS), endpoint(2), now, &mut out);
+        c.expire(2400 * MS, now + Duration::from_millis(1400), &mut out);
+        assert!(out.is_empty(), "past its window, but the client's view is on its way");
+        c.push(obs(Side::Client, Some(9), 1000 * MS, 2500 * MS), endpoint(1), now, &mut out);
+        assert_eq!((out.len(), c.joined), (1, 1));
+        assert!(c.announced.is_empty(), "both announcements met their observations");
+        // An announcement whose observation never comes holds a half no longer than MAX_WAIT.
+        c.expect(10, Side::Client, now);
+        c.push(obs(Side::Server, Some(10), 0, MS), endpoint(2), now, &mut out);
+        c.expire(u64::MAX, now + Duration::from_secs(1), &mut out);
+        assert_eq!(out.len(), 1);
+        c.expire(u64::MAX, now + MAX_WAIT, &mut out);
+        assert_eq!((out.len(), c.alone_server), (2, 1));
+    }
+
+    #[test]
+    fn views_without_a_request_are_never_joined() {
+        let mut c = Correlator::new(Duration::from_millis(250), 0);
+        let (now, mut out) = (Instant::now(), Vec::new());
+        c.push(obs(Side::Server, None, 0, MS), endpoint(2), now, &mut out);
+        c.push(obs(Side::Client, None, 0, MS), endpoint(1), now, &mut out);
+        assert_eq!((out.len(), c.joined), (2, 0));
+        assert!(out.iter().all(|r| r.server.is_none()));
     }
 }

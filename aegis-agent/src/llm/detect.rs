@@ -16,6 +16,11 @@
 //! A body that was truncated, or is too large to parse, is scanned textually for `model`
 //! and `stream` in its first 64 KiB; only the path can then recognise the call.
 //!
+//! Capture can lose a request's head (too large to read, cut by a gap) or all of a
+//! request: [`detect_unparsed`] judges a request from its start line alone, and
+//! [`response_api`] recognises a model API's response from its own shape, so that a call
+//! whose request was not seen is still reported.
+//!
 //! The provider comes from the host when it is a known service, else from the API shape.
 
 use std::fmt;
@@ -48,6 +53,10 @@ pub enum ApiKind {
     OllamaChat,
     /// Ollama native `POST /api/generate`.
     OllamaGenerate,
+    /// Not known: the request was not read (its head could not be parsed) and its response
+    /// did not show which API it is. Never given on the command line.
+    #[serde(skip_deserializing)]
+    Unknown,
 }
 
 /// What the request says about the call.
@@ -212,6 +221,7 @@ impl Route<'_> {
             ApiKind::GeminiGenerateContent => probe.contents,
             ApiKind::OllamaChat => messages && probe.model.is_some(),
             ApiKind::OllamaGenerate => probe.prompt && probe.model.is_some(),
+            ApiKind::Unknown => false,
         }
     }
 
@@ -228,7 +238,123 @@ impl Route<'_> {
     }
 }
 
-fn provider(host: Option<&str>, api: ApiKind) -> &'static str {
+/// A POST whose head could not be parsed past its start line (`method`, `target`, and
+/// `host` if its field was read): a call
+/// when its path names an API, or may be one on a path that does not ([`ApiKind::Unknown`]:
+/// only the body would have told). None: surely not a call.
+pub fn detect_unparsed(method: &str, target: &str, host: Option<&str>) -> Option<ApiCall> {
+    if !may_be_api_call(method, target) {
+        return None;
+    }
+    let path = path_of(target);
+    let (api, model, stream) = match route(path) {
+        Some(route) => (route.api, route.model(), route.stream(None)),
+        None => (ApiKind::Unknown, None, false),
+    };
+    Some(ApiCall { api, provider: provider(host, api), model, stream })
+}
+
+/// Bytes of a response's decoded body that [`response_api`] needs at most.
+pub const RESPONSE_SNIFF_BYTES: usize = 64 * 1024;
+
+/// Which model API a response is from, by its own shape, and whether it streams; for a
+/// response whose request was not seen. `body` is the start of the decoded body (up to
+/// [`RESPONSE_SNIFF_BYTES`]). The first JSON document (the body, the first SSE `data:` or
+/// NDJSON line) must carry an API's marks: OpenAI's `object` names (`chat.completion`,
+/// `text_completion`, `response`, an embedding `list`) or `choices`; Anthropic's message
+/// types; Gemini's `candidates`/`usageMetadata`; Ollama's `done` with `message` or
+/// `response`. Anything else (an error object alone, other JSON, HTML) is not recognised.
+pub fn response_api(content_type: Option<&[u8]>, body: &[u8]) -> Option<(ApiKind, bool)> {
+    let content_type = String::from_utf8_lossy(content_type.unwrap_or_default()).to_ascii_lowercase();
+    let body = body.trim_ascii_start();
+    let sse = content_type.starts_with("text/event-stream");
+    let (document, stream) = if sse {
+        // The first `data:` field with a JSON object.
+        let data = body.split(|&b| b == b'\n').find_map(|line| {
+            let value = line.strip_prefix(b"data:")?.trim_ascii();
+            value.starts_with(b"{").then_some(value)
+        })?;
+        (data, true)
+    } else if content_type.contains("ndjson") || memchr::memchr(b'\n', body.trim_ascii_end()).is_some() {
+        let first = body.split(|&b| b == b'\n').next().unwrap_or_default().trim_ascii();
+        match serde_json::from_slice::<Value>(first) {
+            Ok(_) if first.len() < body.trim_ascii_end().len() => (first, true),
+            _ => (body, false),
+        }
+    } else {
+        (body, false)
+    };
+    let value: Value = serde_json::from_slice(document).ok().or_else(|| {
+        // A document longer than the sniffed bytes: only its top-level keys can tell.
+        (document.first() == Some(&b'{')).then(|| textual_keys(document)).flatten()
+    })?;
+    let str_of = |key: &str| value.get(key).and_then(Value::as_str);
+    let api = match (str_of("object"), str_of("type")) {
+        (Some(o), _) if o.starts_with("chat.completion") => ApiKind::ChatCompletions,
+        (Some("text_completion"), _) => ApiKind::Completions,
+        (Some("response"), _) => ApiKind::Responses,
+        (_, Some(t)) if t.starts_with("response.") => ApiKind::Responses,
+        (Some("list"), _) if value.pointer("/data/0/embedding").is_some() => ApiKind::Embeddings,
+        (_, Some("message" | "message_start" | "message_delta" | "message_stop" | "ping"))
+        | (_, Some("content_block_start" | "content_block_delta" | "content_block_stop")) => ApiKind::AnthropicMessages,
+        _ if value.get("choices").is_some() => ApiKind::ChatCompletions,
+        _ if value.get("candidates").is_some() || value.get("usageMetadata").is_some() => {
+            ApiKind::GeminiGenerateContent
+        }
+        _ if value.get("done").is_some_and(Value::is_boolean) && value.get("message").is_some() => ApiKind::OllamaChat,
+        _ if value.get("done").is_some_and(Value::is_boolean) && value.get("response").is_some() => {
+            ApiKind::OllamaGenerate
+        }
+        _ => return None,
+    };
+    Some((api, stream))
+}
+
+/// The top-level keys of a JSON object cut short, with the string values of `object` and
+/// `type` (what [`response_api`] looks at), read textually: keys at nesting depth one.
+fn textual_keys(document: &[u8]) -> Option<Value> {
+    let mut map = serde_json::Map::new();
+    let (mut depth, mut i) = (0usize, 0usize);
+    while i < document.len() {
+        match document[i] {
+            b'{' | b'[' => depth += 1,
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            b'"' => {
+                // A string cut short ends what can be read.
+                let Some(len) = string_len(&document[i..]) else { break };
+                let text = &document[i + 1..i + len - 1];
+                let rest = document[i + len..].trim_ascii_start();
+                if depth == 1 && rest.first() == Some(&b':') {
+                    let key = String::from_utf8_lossy(text).into_owned();
+                    let value = read_string(rest[1..].trim_ascii_start()).map_or(Value::Bool(true), Value::String);
+                    map.entry(key).or_insert(value);
+                }
+                i += len;
+                continue;
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    (!map.is_empty()).then_some(Value::Object(map))
+}
+
+/// Length of the JSON string literal at the start of `s`, quotes included.
+fn string_len(s: &[u8]) -> Option<usize> {
+    let mut i = 1;
+    while i < s.len() {
+        match s[i] {
+            b'\\' => i += 2,
+            b'"' => return Some(i + 1),
+            _ => i += 1,
+        }
+    }
+    None
+}
+
+/// Who serves a call of `api` sent to `host`: the known service of the host, else the API's
+/// shape.
+pub fn provider(host: Option<&str>, api: ApiKind) -> &'static str {
     const HOSTS: &[(&str, &str)] = &[
         ("api.openai.com", "openai"),
         ("api.anthropic.com", "anthropic"),
@@ -260,6 +386,7 @@ fn provider(host: Option<&str>, api: ApiKind) -> &'static str {
     });
     match (known, api) {
         (Some((_, provider)), _) => provider,
+        (None, ApiKind::Unknown) => "unknown",
         (None, ApiKind::OllamaChat | ApiKind::OllamaGenerate) => "ollama",
         // Ollama's default port, whatever API it is asked for.
         (None, _) if port == Some("11434") => "ollama",
@@ -784,5 +911,62 @@ mod tests {
         assert!(!may_be_api_call("post", "/v1/chat/completions"));
         assert!(!may_be_api_call("POST", "/v1/messages/count_tokens?beta=true"));
         assert!(!may_be_api_call("POST", "/v1beta/models/gemini-2.0-flash:countTokens"));
+    }
+
+    #[test]
+    fn responses_alone_are_recognised_by_their_shape() {
+        let json = Some(&b"application/json"[..]);
+        let sse = Some(&b"text/event-stream"[..]);
+        type Case<'a> = (Option<&'a [u8]>, &'a str, Option<(ApiKind, bool)>);
+        let cases: [Case<'_>; 10] = [
+            (json, r#"{"id":"c","object":"chat.completion","choices":[]}"#, Some((ApiKind::ChatCompletions, false))),
+            (
+                sse,
+                "data: {\"object\":\"chat.completion.chunk\"}\n\ndata: [DONE]\n\n",
+                Some((ApiKind::ChatCompletions, true)),
+            ),
+            (json, r#"{"object":"text_completion","choices":[]}"#, Some((ApiKind::Completions, false))),
+            (
+                sse,
+                "event: response.created\ndata: {\"type\":\"response.created\"}\n\n",
+                Some((ApiKind::Responses, true)),
+            ),
+            (json, r#"{"object":"list","data":[{"embedding":[0.1]}]}"#, Some((ApiKind::Embeddings, false))),
+            (
+                sse,
+                "event: message_start\ndata: {\"type\":\"message_start\"}\n\n",
+                Some((ApiKind::AnthropicMessages, true)),
+            ),
+            (json, r#"{"candidates":[{"content":{"parts":[]}}]}"#, Some((ApiKind::GeminiGenerateContent, false))),
+            (
+                None,
+                "{\"model\":\"l\",\"message\":{\"content\":\"a\"},\"done\":false}\n{\"done\":true,\"message\":{}}\n",
+                Some((ApiKind::OllamaChat, true)),
+            ),
+            (json, r#"{"error":{"message":"rate limited","type":"rate_limit"}}"#, None),
+            (json, r#"{"status":"ok"}"#, None),
+        ];
+        for (content_type, body, expected) in cases {
+            assert_eq!(response_api(content_type, body.as_bytes()), expected, "{body}");
+        }
+        // A document longer than what was sniffed: its top-level keys tell.
+        let cut =
+            format!(r#"{{"id":"c","object":"chat.completion","choices":[{{"message":{{"content":"{}"#, "x".repeat(100));
+        assert_eq!(response_api(json, cut.as_bytes()), Some((ApiKind::ChatCompletions, false)));
+        assert_eq!(response_api(json, b"<html>"), None);
+    }
+
+    #[test]
+    fn requests_known_by_their_start_line_only() {
+        let unknown = ApiCall { api: ApiKind::Unknown, provider: "unknown", model: None, stream: false };
+        assert_eq!(detect_unparsed("POST", "/gateway/x", None), Some(unknown));
+        assert_eq!(detect_unparsed("GET", "/v1/chat/completions", None), None);
+        assert_eq!(detect_unparsed("POST", "/v1/messages/count_tokens", None), None);
+        let gemini =
+            detect_unparsed("POST", "/v1beta/models/gemini-2.0-flash:streamGenerateContent?alt=sse", None).unwrap();
+        assert_eq!(
+            (gemini.api, gemini.model.as_deref(), gemini.stream),
+            (ApiKind::GeminiGenerateContent, Some("gemini-2.0-flash"), true)
+        );
     }
 }

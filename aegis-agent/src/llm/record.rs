@@ -48,8 +48,9 @@ pub struct CallRecord {
     pub provider: &'static str,
     pub api: ApiKind,
     pub host: Option<String>,
-    pub method: String,
-    pub path: String,
+    /// Null when the request was not captured (see `notes`).
+    pub method: Option<String>,
+    pub path: Option<String>,
     pub model: Option<String>,
     pub response_model: Option<String>,
     pub stream: bool,
@@ -88,10 +89,10 @@ impl CallRecord {
         let (o, process) = primary;
         let ms = |from: u64, to: Option<u64>| to.map(|t| t.saturating_sub(from) as f64 / 1e6);
         let unix_ns = o.request_start_ns as i128 + wall_offset_ns;
-        let path = o.target.split('?').next().unwrap_or_default().to_owned();
+        let path = o.target.as_deref().map(|t| t.split('?').next().unwrap_or_default().to_owned());
         Self {
             kind: "llm_call",
-            call_id: call_id(process.pid, o.request_start_ns, o.fingerprint),
+            call_id: call_id(process.pid, o.request_start_ns, o.fingerprint.unwrap_or(0)),
             time: rfc3339(unix_ns),
             provider: o.call.provider,
             api: o.call.api,

@@ -6,9 +6,12 @@ use super::{
     detect::{ApiCall, ApiKind},
     usage::{ResponseSummary, UsageCollector},
 };
-use crate::protocol::{
-    http1::MessageHead,
-    sse::{SseDecoder, SseEvent},
+use crate::{
+    policy::inspect::{CallInspection, Unseen},
+    protocol::{
+        http1::MessageHead,
+        sse::{SseDecoder, SseEvent},
+    },
 };
 
 /// A single SSE event larger than this is dropped (counted).
@@ -78,7 +81,7 @@ impl ResponseReader {
     }
 
     /// The body ended (or was cut short): read what is left.
-    pub fn finish(&mut self) {
+    fn finish(&mut self) {
         match &mut self.form {
             Form::Sse { decoder, events } => {
                 decoder.finish(events);
@@ -106,8 +109,29 @@ impl ResponseReader {
         self.usage.summary()
     }
 
-    /// What could not be read, for the record's notes.
-    pub fn notes(&self) -> Vec<String> {
+    /// The body ended (or was cut short): read what is left, give the rest of the text to
+    /// `inspection` (`at_ms` after the response's first byte), and tell it what the rules
+    /// did not see, or saw only as plain text. Returns the same, for the record's notes.
+    /// The daemon and `aegis-agent scan` both end a response here.
+    pub fn finish_into(&mut self, inspection: Option<&mut CallInspection>, at_ms: f64) -> Vec<String> {
+        self.finish();
+        let unread = self.unread();
+        let as_text = self.read_as_text();
+        if let Some(inspection) = inspection {
+            inspection.response_text(&self.take_text(), at_ms);
+            for note in &unread {
+                inspection.uninspectable(Unseen::ResponseBody, note.clone());
+            }
+            if let Some(note) = &as_text {
+                inspection.not_scanned(note.clone());
+            }
+        }
+        unread.into_iter().chain(as_text).collect()
+    }
+
+    /// What of the body the rules did not see: events over the size bound, bytes past the
+    /// cap, text past the bound between two takes.
+    fn unread(&self) -> Vec<String> {
         let mut notes = Vec::new();
         if let Form::Sse { decoder, .. } = &self.form
             && decoder.oversized_events() > 0
@@ -121,6 +145,16 @@ impl ResponseReader {
             notes.push(format!("response_text_not_inspected_bytes:{}", self.usage.text_dropped));
         }
         notes
+    }
+
+    /// What the rules saw only as plain text, without the API's structure (a body or
+    /// events that were not JSON).
+    fn read_as_text(&self) -> Option<String> {
+        let raw = self.usage.raw_documents;
+        (raw > 0).then(|| match self.form {
+            Form::Json(_) => "response_body_not_json_scanned_as_text".to_owned(),
+            Form::Sse { .. } | Form::Ndjson(_) => format!("response_events_not_json_scanned_as_text:{raw}"),
+        })
     }
 }
 

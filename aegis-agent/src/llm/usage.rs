@@ -7,6 +7,13 @@
 //! `message_delta` has no input count) keeps its earlier value. A document that does not
 //! parse is counted in [`ResponseSummary::unparsed`], never fatal: a truncated body simply
 //! yields fewer fields.
+//!
+//! For the rules ([`UsageCollector::capture_text`]) it keeps every text the model produced:
+//! the generated text, and also tool-call arguments, refusals and reasoning, which carry
+//! the model's output as much as the text does (only the generated text counts in
+//! [`ResponseSummary::output_text_bytes`]). A document that is not JSON is kept whole as
+//! text ([`UsageCollector::raw_documents`]), so that nothing of a response that does not
+//! have its API's shape (plain text, JSON cut short) escapes the rules.
 
 use serde_json::Value;
 
@@ -51,11 +58,13 @@ pub struct UsageCollector {
     text_cap: usize,
     /// Generated text bytes not kept because of `text_cap`.
     pub text_dropped: u64,
+    /// Documents (the body, SSE events, NDJSON lines) that were not JSON, kept as text.
+    pub raw_documents: u64,
 }
 
 impl UsageCollector {
     pub fn new(api: ApiKind) -> Self {
-        Self { api, summary: ResponseSummary::default(), text: None, text_cap: 0, text_dropped: 0 }
+        Self { api, summary: ResponseSummary::default(), text: None, text_cap: 0, text_dropped: 0, raw_documents: 0 }
     }
 
     /// Also keep the generated text (for rules), at most `cap` bytes between takes.
@@ -107,13 +116,18 @@ impl UsageCollector {
         &self.summary
     }
 
-    /// None for a blank document (keep-alives, empty bodies) and, counted, for invalid JSON.
+    /// None for a blank document (keep-alives, empty bodies) and, counted, for invalid JSON,
+    /// whose text is then kept whole for the rules.
     fn parse(&mut self, bytes: &[u8]) -> Option<Value> {
         if bytes.trim_ascii().is_empty() {
             return None;
         }
         let parsed = serde_json::from_slice(bytes).ok();
-        self.summary.unparsed += u64::from(parsed.is_none());
+        if parsed.is_none() {
+            self.summary.unparsed += 1;
+            self.raw_documents += 1;
+            self.keep(&String::from_utf8_lossy(bytes));
+        }
         parsed
     }
 
@@ -125,6 +139,8 @@ impl UsageCollector {
             ApiKind::AnthropicMessages => self.anthropic(v),
             ApiKind::GeminiGenerateContent => self.gemini(v),
             ApiKind::OllamaChat | ApiKind::OllamaGenerate => self.ollama(v),
+            // Read as a whole for the rules: nothing says which fields are the output.
+            ApiKind::Unknown => self.keep(&v.to_string()),
         }
     }
 
@@ -138,6 +154,14 @@ impl UsageCollector {
         for choice in items(v, "/choices") {
             let text = choice.pointer("/message/content").or_else(|| choice.pointer("/delta/content"));
             self.text(text.or_else(|| choice.get("text")));
+            for part in ["/message", "/delta"].into_iter().filter_map(|p| choice.pointer(p)) {
+                self.other_output(part.get("refusal"));
+                self.other_output(part.get("reasoning_content"));
+                self.other_output(part.pointer("/function_call/arguments"));
+                for call in items(part, "/tool_calls") {
+                    self.other_output(call.pointer("/function/arguments"));
+                }
+            }
         }
         self.usage(v.get("usage"));
     }
@@ -152,6 +176,7 @@ impl UsageCollector {
                 self.response_object(response, false);
             }
             (None, Some("response.output_text.delta")) => self.text(v.get("delta")),
+            (None, Some(t)) if t.ends_with(".delta") => self.other_output(v.get("delta")),
             _ if str_at(v, "/object") == Some("response") => self.response_object(v, true),
             _ => {}
         }
@@ -164,9 +189,12 @@ impl UsageCollector {
         set_str(&mut s.finish_reason, r.get("status"));
         if with_text {
             for item in items(r, "/output") {
-                for part in items(item, "/content") {
-                    if str_at(part, "/type") == Some("output_text") {
-                        self.text(part.get("text"));
+                self.other_output(item.get("arguments"));
+                for part in items(item, "/content").chain(items(item, "/summary")) {
+                    match str_at(part, "/type") {
+                        Some("output_text") => self.text(part.get("text")),
+                        Some("refusal") => self.other_output(part.get("refusal")),
+                        _ => self.other_output(part.get("text")),
                     }
                 }
             }
@@ -187,9 +215,12 @@ impl UsageCollector {
                 set_str(&mut self.summary.finish_reason, v.pointer("/delta/stop_reason"));
                 self.usage(v.get("usage"));
             }
-            Some("content_block_delta") if str_at(v, "/delta/type") == Some("text_delta") => {
-                self.text(v.pointer("/delta/text"));
-            }
+            Some("content_block_delta") => match str_at(v, "/delta/type") {
+                Some("text_delta") => self.text(v.pointer("/delta/text")),
+                Some("input_json_delta") => self.other_output(v.pointer("/delta/partial_json")),
+                Some("thinking_delta") => self.other_output(v.pointer("/delta/thinking")),
+                _ => {}
+            },
             _ => {}
         }
     }
@@ -201,8 +232,11 @@ impl UsageCollector {
         set_str(&mut s.finish_reason, m.get("stop_reason"));
         if with_text {
             for block in items(m, "/content") {
-                if str_at(block, "/type") == Some("text") {
-                    self.text(block.get("text"));
+                match str_at(block, "/type") {
+                    Some("text") => self.text(block.get("text")),
+                    Some("tool_use") => self.other_output_json(block.get("input")),
+                    Some("thinking") => self.other_output(block.get("thinking")),
+                    _ => {}
                 }
             }
         }
@@ -226,7 +260,10 @@ impl UsageCollector {
             for part in items(candidate, "/content/parts") {
                 if part.get("thought") != Some(&Value::Bool(true)) {
                     self.text(part.get("text"));
+                } else {
+                    self.other_output(part.get("text"));
                 }
+                self.other_output_json(part.pointer("/functionCall/args"));
             }
         }
     }
@@ -241,6 +278,10 @@ impl UsageCollector {
         set_count(&mut s.output_tokens, v.get("eval_count"));
         // /api/chat carries `message.content`, /api/generate `response`.
         self.text(v.pointer("/message/content").or_else(|| v.get("response")));
+        self.other_output(v.pointer("/message/thinking").or_else(|| v.get("thinking")));
+        for call in items(v, "/message/tool_calls") {
+            self.other_output_json(call.pointer("/function/arguments"));
+        }
     }
 
     /// A usage object, in either naming: `prompt_tokens`/`completion_tokens` (Chat
@@ -270,15 +311,38 @@ impl UsageCollector {
         }
     }
 
+    /// Generated text: counted in the summary and kept for the rules.
     fn text(&mut self, text: Option<&Value>) {
         if let Some(text) = text.and_then(Value::as_str) {
             self.summary.output_text_bytes += text.len() as u64;
-            if let Some(kept) = &mut self.text {
-                let room = self.text_cap.saturating_sub(kept.len());
-                let take = text.floor_char_boundary(room.min(text.len()));
-                kept.push_str(&text[..take]);
-                self.text_dropped += (text.len() - take) as u64;
-            }
+            self.keep(text);
+        }
+    }
+
+    /// Other output of the model (tool-call arguments, refusals, reasoning): for the rules.
+    fn other_output(&mut self, text: Option<&Value>) {
+        if let Some(text) = text.and_then(Value::as_str).filter(|t| !t.is_empty()) {
+            self.keep(text);
+        }
+    }
+
+    /// Structured output (tool-call arguments as an object): its JSON text, for the rules.
+    fn other_output_json(&mut self, value: Option<&Value>) {
+        match value {
+            Some(Value::String(_)) => self.other_output(value),
+            Some(v @ (Value::Object(_) | Value::Array(_))) => self.keep(&v.to_string()),
+            _ => {}
+        }
+    }
+
+    /// Keep `text` for the rules (when capturing), within the cap; count what did not fit.
+    fn keep(&mut self, text: &str) {
+        if let Some(kept) = &mut self.text {
+            // Pieces are joined as they come: stream deltas split words (and secrets).
+            let room = self.text_cap.saturating_sub(kept.len());
+            let take = text.floor_char_boundary(room.min(text.len()));
+            kept.push_str(&text[..take]);
+            self.text_dropped += (text.len() - take) as u64;
         }
     }
 }

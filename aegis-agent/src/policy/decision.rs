@@ -142,6 +142,11 @@ impl DecisionBuilder {
         }
     }
 
+    /// Whether a match of rule `id` is recorded already.
+    pub fn has_rule(&self, id: &str) -> bool {
+        self.matches.iter().any(|m| m.rule == id)
+    }
+
     /// A policy finding that is not a content match (provider/model allowlist).
     pub fn add_record(&mut self, record: MatchRecord) {
         if self.matches.len() < MAX_MATCHES {

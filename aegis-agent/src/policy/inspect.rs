@@ -1,6 +1,30 @@
 //! One call's inspection: the request's texts by scope when the request is complete, the
 //! response's generated text chunk by chunk as it arrives, so that a stream's decision is
 //! reached in the chunk where the offending text completes, not at the end.
+//!
+//! # Never a silent allow
+//!
+//! A decision claims `scan_complete: true` only when every byte of both halves was
+//! inspected: the request and the response were captured whole, decoded whole within
+//! the caps, and every text-carrying field of their API's JSON (messages, prompts, tool
+//! calls and results, generated text, refusals, reasoning) went through the rules; JSON
+//! syntax, ids and numbers are what is left out, and never carry content. Otherwise
+//! `not_scanned` says what was not seen, and why, in one of two kinds:
+//!
+//! - content the rules never saw ([`CallInspection::uninspectable`], one [`Unseen`] per
+//!   kind): a head that could not be read, a body cut by a capture gap or the body cap, an
+//!   encoding not decoded, stream events over their bound, a request or a response not
+//!   captured at all. The decision also gets the verdict `enforce.uninspectable` asks for
+//!   (`block` unless configured: recorded in observe mode, stopping in enforce mode;
+//!   `allow` adds nothing), as a match of the rule `uninspectable.<part>`, which the
+//!   enforcement path acts on like any rule's. A call the agent stopped itself has no
+//!   response to inspect: that is not counted against it;
+//! - content that was seen, but less precisely ([`CallInspection::not_scanned`]): a body
+//!   that is not its API's JSON, scanned whole as plain text (its scopes unknown); text
+//!   over a bound of the normaliser; encoded segments left undecoded; matches over the cap.
+//!
+//! Headers are not content: the rules never read them, so a head kept in part (over its
+//! limits, see `protocol::http1`) is said in the record's notes, not here.
 
 use std::sync::Arc;
 
@@ -32,6 +56,44 @@ pub fn operator_record(block: &Block) -> MatchRecord {
         evidence: Kept::Text(block.spec.target.to_string()),
         decoded_from: None,
         at_ms: None,
+    }
+}
+
+/// A part of a call whose content never reached the rules; each is a rule id of the
+/// `enforce.uninspectable` verdict: `uninspectable.<part>`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Unseen {
+    /// The request's head could not be read past its start line, so its body was not
+    /// framed.
+    RequestHead,
+    /// The request's body was not read whole: a capture gap, the body cap, an encoding not
+    /// decoded.
+    RequestBody,
+    /// The request was not captured (only its response was).
+    Request,
+    /// The response's body was not read whole: a capture gap, the body cap, stream events
+    /// over their bound, an encoding not decoded.
+    ResponseBody,
+    /// No response was captured.
+    Response,
+}
+
+impl Unseen {
+    pub fn rule_id(self) -> &'static str {
+        match self {
+            Unseen::RequestHead => "uninspectable.request_head",
+            Unseen::RequestBody => "uninspectable.request_body",
+            Unseen::Request => "uninspectable.request",
+            Unseen::ResponseBody => "uninspectable.response_body",
+            Unseen::Response => "uninspectable.response",
+        }
+    }
+
+    pub fn half(self) -> Half {
+        match self {
+            Unseen::RequestHead | Unseen::RequestBody | Unseen::Request => Half::Request,
+            Unseen::ResponseBody | Unseen::Response => Half::Response,
+        }
     }
 }
 
@@ -74,7 +136,7 @@ impl CallInspection {
     /// what was sent (cap, capture gap).
     pub fn request(&mut self, api: ApiKind, body: &[u8], truncated: bool) {
         if truncated {
-            self.builder.not_scanned("request_body_incomplete");
+            self.uninspectable(Unseen::RequestBody, "request_body_incomplete");
         }
         match content::request_texts(api, body) {
             Some(texts) => {
@@ -134,9 +196,36 @@ impl CallInspection {
         }
     }
 
-    /// Part of the call could not be inspected.
+    /// Part of the call was inspected less precisely than its API allows (see the module
+    /// doc); `reason` goes to `not_scanned`.
     pub fn not_scanned(&mut self, reason: impl Into<String>) {
         self.builder.not_scanned(reason);
+    }
+
+    /// Content of the call never reached the rules (`what`; `reason` goes to
+    /// `not_scanned`): the decision gets the `enforce.uninspectable` verdict for it, once
+    /// per part.
+    pub fn uninspectable(&mut self, what: Unseen, reason: impl Into<String>) {
+        self.builder.not_scanned(reason);
+        let action = self.inspector.uninspectable;
+        if action == Action::Allow || self.builder.has_rule(what.rule_id()) {
+            return;
+        }
+        self.builder.add_record(MatchRecord {
+            rule: what.rule_id().to_owned(),
+            category: Category::Policy,
+            action,
+            severity: Severity::Sev3,
+            half: what.half(),
+            scope: Scope::Text,
+            rationale: "Part of this call never reached the rules (see not_scanned); enforce.uninspectable \
+                        decides what that means."
+                .to_owned(),
+            pack: "agent".to_owned(),
+            evidence: Kept::Text(what.rule_id().trim_start_matches("uninspectable.").to_owned()),
+            decoded_from: None,
+            at_ms: None,
+        });
     }
 
     fn account(&mut self, stats: ScanStats) {

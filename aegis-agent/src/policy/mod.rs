@@ -14,7 +14,14 @@ pub mod reload;
 
 use std::sync::{Arc, RwLock};
 
-use crate::rules::{PackPolicy, engine::Engine};
+use crate::rules::{PackPolicy, engine::Engine, pack::Action};
+
+/// `enforce.uninspectable` when not configured (the shipped configuration says the same):
+/// a call with content the rules could not see is decided `block`. Like any rule's block
+/// it is only recorded in observe mode (the shipped mode), and stops the call in enforce
+/// mode, where content must not get past the rules by being too large for them or by
+/// arriving while capture loses events.
+pub const UNINSPECTABLE_DEFAULT: Action = Action::Block;
 
 /// The content rules and the provider allowlists of the packs in force, swapped together.
 type InForce = (Arc<Engine>, Arc<[PackPolicy]>);
@@ -23,6 +30,9 @@ type InForce = (Arc<Engine>, Arc<[PackPolicy]>);
 pub struct Inspector {
     current: RwLock<InForce>,
     pub redactor: redact::Redactor,
+    /// What a call's decision says of content the rules could not see (`enforce.uninspectable`,
+    /// see [`inspect::Unseen`]).
+    pub uninspectable: Action,
 }
 
 impl Inspector {
@@ -31,7 +41,17 @@ impl Inspector {
     }
 
     pub fn with_policies(engine: Engine, policies: Vec<PackPolicy>, redactor: redact::Redactor) -> Self {
-        Self { current: RwLock::new((Arc::new(engine), policies.into())), redactor }
+        Self {
+            current: RwLock::new((Arc::new(engine), policies.into())),
+            redactor,
+            uninspectable: UNINSPECTABLE_DEFAULT,
+        }
+    }
+
+    /// Decide `action` for content the rules could not see (`enforce.uninspectable`).
+    pub fn with_uninspectable(mut self, action: Action) -> Self {
+        self.uninspectable = action;
+        self
     }
 
     /// The engine in force now. A call keeps the engine it started with, so a reload

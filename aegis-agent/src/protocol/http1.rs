@@ -6,6 +6,19 @@
 //! a response has a body. Body bytes are handed on at once as [`HttpEvent::Body`]
 //! pieces, never accumulated.
 //!
+//! A head over `Limits::max_head_bytes` or `Limits::max_headers` is not given up: a large
+//! head must not hide its message (two 40 KB headers in front of a model call would
+//! otherwise make the call invisible). It is read on, up to
+//! `Limits::max_oversized_head_bytes`, keeping only the start line (a request target cut
+//! to fit) and the fields that frame and identify the message ([`FRAMING_FIELDS`]); the
+//! head says what it did not keep ([`MessageHead::skimmed`]). A head that still cannot be
+//! read (past that bound, a malformed field, a capture gap) after its start line was gives
+//! [`HttpEvent::Unparsed`] with the start line, so that the message is still known to
+//! exist: a request is answered by a response, whether its head was parsed or not. Past
+//! the bound the head is still followed to its end by the same rules, and its body, framed
+//! by the fields kept, is skipped (counted, no events): the stream stays in step with its
+//! messages instead of resyncing inside a body.
+//!
 //! Message framing follows RFC 9112 §6.3: `Transfer-Encoding: chunked` wins over
 //! `Content-Length`; several `Content-Length` fields, or a list, are refused; a request
 //! without either has no body; a response without either runs until the connection
@@ -23,8 +36,8 @@
 //! discarded silently. Every discarded byte is counted in `skipped_bytes`.
 //!
 //! Capture gaps ([`Http1Parser::gap`]) inside a body of known length (Content-Length, or
-//! the current chunk's data) are skipped and make the message incomplete; a gap anywhere
-//! else is an `Error { error: Gap }` and a resync.
+//! the current chunk's data) are skipped ([`HttpEvent::BodyGap`]) and make the message
+//! incomplete; a gap anywhere else is an `Error { error: Gap }` and a resync.
 //!
 //! The parser never panics: every index is bounded by what was checked, and arithmetic on
 //! lengths taken from the wire is checked.
@@ -34,18 +47,47 @@ use std::collections::VecDeque;
 use bytes::Bytes;
 
 /// Bounds applied to hostile input.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Limits {
-    /// Request line / status line + all header lines, in bytes.
+    /// Head bytes kept and parsed whole: request line or status line and header lines.
     pub max_head_bytes: usize,
-    /// Number of header fields.
+    /// Header fields kept.
     pub max_headers: usize,
+    /// A head past either bound above is still read to its end, up to this many bytes in
+    /// all, keeping only its start line and its [`FRAMING_FIELDS`] (see the module doc);
+    /// past it the head is given up ([`HttpEvent::Unparsed`]). At most `max_head_bytes`:
+    /// over-limit heads are given up at once, as they were before skimming existed.
+    pub max_oversized_head_bytes: usize,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Self { max_head_bytes: 64 * 1024, max_headers: 128 }
+        Self { max_head_bytes: 64 * 1024, max_headers: 128, max_oversized_head_bytes: 1024 * 1024 }
     }
+}
+
+/// The fields a head over the limits keeps: the message's framing (RFC 9112 §6) and what
+/// identifies a model call (its host, its body's type and coding). Lower case.
+pub const FRAMING_FIELDS: [&str; 5] =
+    ["content-length", "transfer-encoding", "content-encoding", "content-type", "host"];
+
+/// Bytes a head over the limits may keep for its [`FRAMING_FIELDS`] beyond
+/// `Limits::max_head_bytes`.
+const SKIM_RESERVE: usize = 16 * 1024;
+/// Room left after a cut request target for ` HTTP/1.1` and the line end.
+const START_RESERVE: usize = 16;
+/// Bytes of a field name that can be one of [`FRAMING_FIELDS`] ("transfer-encoding").
+const FRAMING_NAME_MAX: usize = 17;
+
+/// What a head over the limits did not keep (see [`MessageHead::skimmed`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Skimmed {
+    /// Bytes of header lines read and not kept.
+    pub bytes_not_kept: u64,
+    /// Header fields not kept.
+    pub fields_not_kept: u64,
+    /// Bytes of the request target past the part kept (the target was cut).
+    pub target_bytes_cut: u64,
 }
 
 /// Which kind of message this byte stream carries.
@@ -75,8 +117,10 @@ pub struct MessageHead {
     /// 0 for HTTP/1.0, 1 for HTTP/1.1.
     pub minor_version: u8,
     pub headers: Vec<Header>,
-    /// Bytes of the head on the wire (start line + headers + blank line).
+    /// Bytes of the head on the wire (start line + headers + blank line), kept or not.
     pub wire_len: usize,
+    /// The head was over the limits: what of it was not kept (`None`: all of it was).
+    pub skimmed: Option<Skimmed>,
 }
 
 impl MessageHead {
@@ -113,6 +157,15 @@ pub enum HttpEvent {
     /// Body bytes, de-chunked but still content-encoded. Wire bytes, not copies of
     /// headers; may arrive in many pieces.
     Body(Bytes),
+    /// This many bytes of the current message's body were lost to a capture gap.
+    BodyGap(u64),
+    /// A message whose start line was read but not the rest of its head (over
+    /// `Limits::max_oversized_head_bytes`, a malformed field, a capture gap): `head` has the
+    /// start line, the fields read well so far, and the bytes read of it in `wire_len`.
+    /// Not followed by an
+    /// `End`: the `Error` that starts the resync follows (unless one is in progress), and the
+    /// message's body, whose framing is unknown, is discarded while resyncing.
+    Unparsed { head: MessageHead, error: ParseError },
     /// The message ended. `complete` is false when it was cut short (connection ended,
     /// capture gap) before its declared length.
     End { complete: bool },
@@ -144,6 +197,9 @@ pub struct Http1Parser {
     resyncing: bool,
     /// The current message lost bytes to a capture gap.
     incomplete: bool,
+    /// The current message was given up past the oversized-head bound: its head and body
+    /// are followed to keep in step, but yield no events (their bytes count as skipped).
+    mute: bool,
     requests: VecDeque<RequestMethod>,
     skipped: u64,
 }
@@ -178,15 +234,17 @@ struct HeadBuf {
     buf: Vec<u8>,
     /// How far the start line matches the expected shape.
     start: StartMatch,
-    /// Offset in `buf` of the line being read.
+    /// Offset in `buf` of the line being read (0 until the start line is complete).
     line_start: usize,
-    /// Header fields seen so far (continuation lines excluded).
+    /// Header fields kept so far (continuation lines excluded).
     fields: usize,
+    /// The head went over the limits: it is read on, keeping only what frames it.
+    skim: Option<Skim>,
 }
 
 impl HeadBuf {
     fn new(kind: StreamKind) -> Self {
-        Self { buf: Vec::new(), start: StartMatch::new(kind), line_start: 0, fields: 0 }
+        Self { buf: Vec::new(), start: StartMatch::new(kind), line_start: 0, fields: 0, skim: None }
     }
 
     /// Forget the head, keeping the allocation.
@@ -195,7 +253,54 @@ impl HeadBuf {
         self.start = StartMatch::new(kind);
         self.line_start = 0;
         self.fields = 0;
+        self.skim = None;
     }
+
+    /// Bytes of this head read so far, kept or not.
+    fn wire(&self) -> usize {
+        let skimmed = self.skim.map_or(0, |s| {
+            let pending = match s.line {
+                SkimLine::BlankCr => 1,
+                SkimLine::Name { len, .. } => len,
+                _ => 0,
+            };
+            (s.counts.bytes_not_kept + s.counts.target_bytes_cut) as usize + pending
+        });
+        self.buf.len() + skimmed
+    }
+}
+
+/// Reading a head past the limits: each line is kept whole (the start line, framing
+/// fields and their continuations) or counted and dropped as it streams by.
+#[derive(Clone, Copy, Debug)]
+struct Skim {
+    counts: Skimmed,
+    line: SkimLine,
+    /// The last field was kept: its continuation lines are kept too.
+    last_kept: bool,
+    /// Past `Limits::max_oversized_head_bytes`: the message was reported unparsed and is
+    /// followed muted (see the module doc).
+    over_bound: bool,
+}
+
+impl Skim {
+    fn new(line: SkimLine) -> Self {
+        Self { counts: Skimmed::default(), line, last_kept: false, over_bound: false }
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+enum SkimLine {
+    /// At the start of a line.
+    Start,
+    /// A CR at the start of a line: the blank line ending the head if LF follows.
+    BlankCr,
+    /// A field name: its first bytes, lower-cased, and its length so far (not yet kept).
+    Name { name: [u8; FRAMING_NAME_MAX], len: usize },
+    /// The rest of a kept line, buffered.
+    Keep,
+    /// The rest of a line not kept.
+    Skip,
 }
 
 /// Byte-at-a-time matcher of the beginning of a start line, up to and including
@@ -283,6 +388,7 @@ impl Http1Parser {
             head: HeadBuf::new(kind),
             resyncing: false,
             incomplete: false,
+            mute: false,
             requests: VecDeque::new(),
             skipped: 0,
         }
@@ -370,6 +476,7 @@ impl Http1Parser {
         match self.state {
             State::Fixed { remaining } => {
                 self.incomplete = true;
+                self.body_gap(n.min(remaining), out);
                 if n < remaining {
                     self.state = State::Fixed { remaining: remaining - n };
                 } else {
@@ -382,16 +489,30 @@ impl Http1Parser {
             }
             State::ChunkData { remaining } if n <= remaining => {
                 self.incomplete = true;
+                self.body_gap(n, out);
                 self.state = if n == remaining {
                     State::ChunkDataEnd { cr: false }
                 } else {
                     State::ChunkData { remaining: remaining - n }
                 };
             }
-            State::UntilClose => self.incomplete = true,
+            State::UntilClose => {
+                self.incomplete = true;
+                self.body_gap(n, out);
+            }
             State::Tunnel => {}
             // The gap may end at a message boundary: look for a start line right away.
-            _ => self.fail(ParseError::Gap, self.head.buf.len() as u64, true, out),
+            _ => self.fail(ParseError::Gap, self.head.wire() as u64, true, out),
+        }
+    }
+
+    /// Whether a capture gap of `n` bytes here falls inside the current message's body
+    /// (then it cannot have held whole messages).
+    pub fn absorbs_gap(&self, n: u64) -> bool {
+        match self.state {
+            State::Fixed { remaining } | State::ChunkData { remaining } => n <= remaining,
+            State::UntilClose | State::Tunnel => true,
+            _ => n == 0,
         }
     }
 
@@ -399,19 +520,24 @@ impl Http1Parser {
     pub fn finish(&mut self, out: &mut Vec<HttpEvent>) {
         match self.state {
             // A head cut short: its bytes are lost.
-            State::Head => self.skipped += self.head.buf.len() as u64,
+            State::Head => self.skipped += self.head.wire() as u64,
             State::UntilClose => self.end_message(out),
             State::Fixed { .. }
             | State::ChunkSize(_)
             | State::ChunkData { .. }
             | State::ChunkDataEnd { .. }
-            | State::Trailers(_) => out.push(HttpEvent::End { complete: false }),
+            | State::Trailers(_) => {
+                if !self.mute {
+                    out.push(HttpEvent::End { complete: false });
+                }
+            }
             State::Discard | State::Tunnel => {}
         }
         self.state = State::Head;
         self.head.clear(self.kind);
         self.resyncing = false;
         self.incomplete = false;
+        self.mute = false;
         self.requests.clear();
     }
 
@@ -438,8 +564,15 @@ impl Http1Parser {
     /// per resync), and look for the next start line, right away if `at_line_start`.
     /// `discarded` bytes were consumed and are lost.
     fn fail(&mut self, error: ParseError, discarded: u64, at_line_start: bool, out: &mut Vec<HttpEvent>) {
-        if self.in_message() {
+        if self.in_message() && !std::mem::take(&mut self.mute) {
             out.push(HttpEvent::End { complete: false });
+        }
+        // A head given up after its start line: the message exists all the same. Said even
+        // while resyncing, since a whole start line at a line start is a message.
+        let reported = self.head.skim.is_some_and(|s| s.over_bound);
+        if matches!(self.state, State::Head) && self.head.line_start > 0 && !reported {
+            let wire = self.head.wire();
+            self.unparsed(&self.head.buf[..self.head.line_start], wire, error.clone(), out);
         }
         self.skipped += discarded;
         if !self.resyncing {
@@ -451,14 +584,58 @@ impl Http1Parser {
     }
 
     fn end_message(&mut self, out: &mut Vec<HttpEvent>) {
-        out.push(HttpEvent::End { complete: !self.incomplete });
+        if !std::mem::take(&mut self.mute) {
+            out.push(HttpEvent::End { complete: !self.incomplete });
+        }
         self.state = State::Head;
+    }
+
+    fn body_gap(&mut self, n: u64, out: &mut Vec<HttpEvent>) {
+        if !self.mute {
+            out.push(HttpEvent::BodyGap(n));
+        }
+    }
+
+    /// Report a message whose head failed after its start line, from `kept` (its complete
+    /// lines read so far: the start line, and fields), `wire` bytes of it read. A start
+    /// line that does not parse is no message. Fields that read well are kept (the Host a
+    /// stop needs to find the connection); the others are left out.
+    fn unparsed(&self, kept: &[u8], wire: usize, error: ParseError, out: &mut Vec<HttpEvent>) {
+        let mut lines = kept.split(|&b| b == b'\n').map(|l| l.strip_suffix(b"\r").unwrap_or(l));
+        let mut head = MessageHead {
+            method: None,
+            target: None,
+            status: None,
+            minor_version: 0,
+            headers: Vec::new(),
+            wire_len: wire,
+            skimmed: None,
+        };
+        if parse_start_line(self.kind, lines.next().unwrap_or_default(), &mut head).is_err() {
+            return;
+        }
+        for line in lines {
+            let Some(colon) = memchr::memchr(b':', line) else { continue };
+            let name = &line[..colon];
+            if name.is_empty() || !name.iter().all(|&b| is_tchar(b)) {
+                continue;
+            }
+            head.headers.push(Header {
+                name: String::from_utf8_lossy(name).to_ascii_lowercase(),
+                value: Bytes::copy_from_slice(line[colon + 1..].trim_ascii()),
+            });
+        }
+        out.push(HttpEvent::Unparsed { head, error });
     }
 
     /// Emit up to `limit` bytes of `data` as body; returns how many.
     fn body(&mut self, limit: u64, data: &[u8], out: &mut Vec<HttpEvent>) -> usize {
         let n = data.len().min(usize::try_from(limit).unwrap_or(usize::MAX));
-        out.push(HttpEvent::Body(Bytes::copy_from_slice(&data[..n])));
+        if self.mute {
+            self.skipped += n as u64;
+        } else {
+            out.push(HttpEvent::Body(Bytes::copy_from_slice(&data[..n])));
+        }
         n
     }
 
@@ -475,14 +652,26 @@ impl Http1Parser {
                     }
                     continue;
                 }
-                if self.head.buf.len() >= max {
-                    self.fail(ParseError::HeadTooLarge(max), self.head.buf.len() as u64, false, out);
-                    return i;
-                }
                 let Some(next) = self.head.start.push(b) else {
-                    self.fail(ParseError::BadStartLine, self.head.buf.len() as u64 + 1, b == b'\n', out);
+                    self.fail(ParseError::BadStartLine, self.head.wire() as u64 + 1, b == b'\n', out);
                     return i + 1;
                 };
+                if next == StartMatch::Target && self.skimming() && self.head.buf.len() + START_RESERVE >= max {
+                    // A request target too long to keep: cut it, read on.
+                    let skim = self.head.skim.get_or_insert(Skim::new(SkimLine::Keep));
+                    skim.counts.target_bytes_cut += 1;
+                    self.head.start = next;
+                    if self.head.wire() > self.limits.max_oversized_head_bytes {
+                        let limit = self.limits.max_oversized_head_bytes;
+                        self.fail(ParseError::HeadTooLarge(limit), self.head.wire() as u64, false, out);
+                        return i + 1;
+                    }
+                    continue;
+                }
+                if self.head.buf.len() >= max {
+                    self.fail(ParseError::HeadTooLarge(max), self.head.wire() as u64, false, out);
+                    return i;
+                }
                 self.head.buf.push(b);
                 self.head.start = next;
                 if next == StartMatch::Matched {
@@ -490,6 +679,9 @@ impl Http1Parser {
                 }
             }
             return data.len();
+        }
+        if self.head.skim.is_some() {
+            return self.skim(data, out);
         }
         let room = max.saturating_sub(self.head.buf.len());
         let window = &data[..data.len().min(room)];
@@ -502,11 +694,156 @@ impl Http1Parser {
             None => {
                 self.head.buf.extend_from_slice(window);
                 if data.len() > room {
-                    self.fail(ParseError::HeadTooLarge(max), self.head.buf.len() as u64, false, out);
+                    self.over_limit(ParseError::HeadTooLarge(max), out);
                 }
                 window.len()
             }
         }
+    }
+
+    /// Whether a head over the limits is read on (see [`Limits::max_oversized_head_bytes`]).
+    fn skimming(&self) -> bool {
+        self.limits.max_oversized_head_bytes > self.limits.max_head_bytes
+    }
+
+    /// The head being read went over a limit (`error`) in the line it is reading: read on,
+    /// keeping only what frames it, or give it up when skimming is off.
+    fn over_limit(&mut self, error: ParseError, out: &mut Vec<HttpEvent>) {
+        if !self.skimming() {
+            self.fail(error, self.head.wire() as u64, false, out);
+            return;
+        }
+        if self.head.line_start == 0 {
+            // The start line itself (a long reason phrase): keep what is buffered of it.
+            self.head.skim = Some(Skim::new(SkimLine::Skip));
+            return;
+        }
+        // The line in progress is read again, by the rules of skimming.
+        let line = self.head.buf.split_off(self.head.line_start);
+        self.head.skim = Some(Skim::new(SkimLine::Start));
+        let used = self.skim(&line, out);
+        debug_assert!(used == line.len() || self.head.skim.is_none(), "a partial line does not end the head");
+    }
+
+    /// State::Head past the limits: keep the start line and the framing fields, count the
+    /// rest. Returns the bytes used; the head completes or fails on the way.
+    fn skim(&mut self, data: &[u8], out: &mut Vec<HttpEvent>) -> usize {
+        let max_kept = self.limits.max_head_bytes + SKIM_RESERVE;
+        let mut i = 0;
+        while i < data.len() {
+            let wire = self.head.wire();
+            let bound = self.limits.max_oversized_head_bytes;
+            let Some(skim) = &mut self.head.skim else { return i };
+            let allowed = if skim.over_bound { usize::MAX } else { bound.saturating_sub(wire) };
+            if allowed == 0 {
+                // Given up as a message, followed on to its end (see the module doc).
+                skim.over_bound = true;
+                if self.head.line_start > 0 {
+                    self.unparsed(&self.head.buf[..self.head.line_start], wire, ParseError::HeadTooLarge(bound), out);
+                }
+                continue;
+            }
+            let b = data[i];
+            match skim.line {
+                SkimLine::Start => match b {
+                    b'\n' => {
+                        self.head.buf.push(b);
+                        self.complete_head(out);
+                        return i + 1;
+                    }
+                    b'\r' => skim.line = SkimLine::BlankCr,
+                    b' ' | b'\t' => {
+                        // obs-fold: goes with the field it continues.
+                        skim.line = if skim.last_kept { SkimLine::Keep } else { SkimLine::Skip };
+                        continue;
+                    }
+                    _ if is_tchar(b) => {
+                        let mut name = [0; FRAMING_NAME_MAX];
+                        name[0] = b.to_ascii_lowercase();
+                        skim.line = SkimLine::Name { name, len: 1 };
+                    }
+                    _ => {
+                        self.fail(ParseError::BadHeader, self.head.wire() as u64, b == b'\n', out);
+                        return i + 1;
+                    }
+                },
+                SkimLine::BlankCr => {
+                    if b != b'\n' {
+                        self.fail(ParseError::BadHeader, self.head.wire() as u64, false, out);
+                        return i;
+                    }
+                    skim.line = SkimLine::Start;
+                    self.head.buf.extend_from_slice(b"\r\n");
+                    self.complete_head(out);
+                    return i + 1;
+                }
+                SkimLine::Name { mut name, len } => match b {
+                    b':' => {
+                        let kept = &name[..len.min(FRAMING_NAME_MAX)];
+                        let keep = len <= FRAMING_NAME_MAX && FRAMING_FIELDS.iter().any(|f| f.as_bytes() == kept);
+                        if keep {
+                            self.head.buf.extend_from_slice(kept);
+                            self.head.buf.push(b':');
+                            skim.line = SkimLine::Keep;
+                        } else {
+                            skim.counts.bytes_not_kept += len as u64 + 1;
+                            skim.counts.fields_not_kept += 1;
+                            skim.line = SkimLine::Skip;
+                        }
+                        skim.last_kept = keep;
+                    }
+                    _ if is_tchar(b) => {
+                        if len < FRAMING_NAME_MAX {
+                            name[len] = b.to_ascii_lowercase();
+                        }
+                        skim.line = SkimLine::Name { name, len: len + 1 };
+                    }
+                    _ => {
+                        self.fail(ParseError::BadHeader, self.head.wire() as u64, b == b'\n', out);
+                        return i + 1;
+                    }
+                },
+                SkimLine::Keep | SkimLine::Skip => {
+                    let rest = &data[i..data.len().min(i.saturating_add(allowed))];
+                    let lf = memchr::memchr(b'\n', rest);
+                    let take = lf.map_or(rest.len(), |at| at + 1);
+                    if matches!(skim.line, SkimLine::Skip) {
+                        skim.counts.bytes_not_kept += take as u64;
+                    } else if self.head.buf.len() + take > max_kept {
+                        self.fail(ParseError::HeadTooLarge(max_kept), self.head.wire() as u64, false, out);
+                        return i;
+                    } else {
+                        self.head.buf.extend_from_slice(&rest[..take]);
+                    }
+                    i += take;
+                    if lf.is_some() {
+                        self.skim_line_end();
+                    }
+                    continue;
+                }
+            }
+            i += 1;
+        }
+        data.len()
+    }
+
+    /// A line of a skimmed head ended (its LF is consumed, and buffered if it was kept).
+    fn skim_line_end(&mut self) {
+        let head = &mut self.head;
+        let Some(skim) = &mut head.skim else { return };
+        if head.line_start == 0 {
+            // The start line: when its rest was not kept, end what was kept of it.
+            if matches!(skim.line, SkimLine::Skip) {
+                head.buf.extend_from_slice(b"\r\n");
+            }
+        } else if matches!(skim.line, SkimLine::Keep) && head.buf.len() > head.line_start {
+            let first = head.buf[head.line_start];
+            if first != b' ' && first != b'\t' {
+                head.fields += 1;
+            }
+        }
+        head.line_start = head.buf.len();
+        skim.line = SkimLine::Start;
     }
 
     /// A head line (ending with the LF just buffered) is complete.
@@ -516,6 +853,7 @@ impl Http1Parser {
         let line = line.strip_suffix(b"\r").unwrap_or(line);
         let is_start_line = head.line_start == 0;
         let first = line.first().copied();
+        let line_begin = head.line_start;
         head.line_start = head.buf.len();
         match first {
             _ if is_start_line => {}
@@ -525,8 +863,10 @@ impl Http1Parser {
             Some(_) => {
                 head.fields += 1;
                 if head.fields > self.limits.max_headers {
-                    let discarded = head.buf.len() as u64;
-                    self.fail(ParseError::TooManyHeaders(self.limits.max_headers), discarded, true, out);
+                    // This field is one too many: it is read again by the rules of skimming.
+                    head.fields -= 1;
+                    head.line_start = line_begin;
+                    self.over_limit(ParseError::TooManyHeaders(self.limits.max_headers), out);
                 }
             }
         }
@@ -534,29 +874,43 @@ impl Http1Parser {
 
     /// The blank line ending the head was read: parse it and set up the body.
     fn complete_head(&mut self, out: &mut Vec<HttpEvent>) {
+        let wire = self.head.wire();
+        let skimmed = self.head.skim.map(|s| s.counts);
+        let muted = self.head.skim.is_some_and(|s| s.over_bound);
         let raw = Bytes::from(std::mem::take(&mut self.head.buf));
         self.head.clear(self.kind);
-        let parsed = parse_head(self.kind, &raw).and_then(|head| {
+        let parsed = parse_head(self.kind, &raw).and_then(|mut head| {
+            head.wire_len = wire;
+            head.skimmed = skimmed;
             let framing = self.framing(&head)?;
             Ok((head, framing))
         });
         let (head, framing) = match parsed {
             Ok(parsed) => parsed,
             Err(error) => {
-                self.fail(error, raw.len() as u64, true, out);
+                if !muted {
+                    self.unparsed(&raw, wire, error.clone(), out);
+                }
+                self.fail(error, wire as u64, true, out);
                 return;
             }
         };
         self.resyncing = false;
         self.incomplete = false;
-        out.push(HttpEvent::Head(head));
+        if muted {
+            // Reported unparsed already: its bytes are skipped, its body too.
+            self.skipped += wire as u64;
+            self.mute = true;
+        } else {
+            out.push(HttpEvent::Head(head));
+        }
         self.state = match framing {
             Framing::Empty | Framing::Fixed(0) => {
-                out.push(HttpEvent::End { complete: true });
+                self.end_message(out);
                 State::Head
             }
             Framing::EmptyThenTunnel => {
-                out.push(HttpEvent::End { complete: true });
+                self.end_message(out);
                 State::Tunnel
             }
             Framing::Fixed(remaining) => State::Fixed { remaining },
@@ -744,42 +1098,9 @@ fn parse_head(kind: StreamKind, raw: &Bytes) -> Result<MessageHead, ParseError> 
         minor_version: 0,
         headers: Vec::new(),
         wire_len: raw.len(),
+        skimmed: None,
     };
-    if start_line.iter().any(|&b| b == b'\r' || b == 0) {
-        return Err(ParseError::BadStartLine);
-    }
-    match kind {
-        StreamKind::Requests => {
-            let mut parts = start_line.splitn(3, |&b| b == b' ');
-            let (Some(method), Some(target), Some(version)) = (parts.next(), parts.next(), parts.next()) else {
-                return Err(ParseError::BadStartLine);
-            };
-            let valid_method = !method.is_empty() && method.iter().all(|&b| is_tchar(b));
-            let valid_target = !target.is_empty() && target.iter().all(|&b| is_target_byte(b));
-            if !valid_method || !valid_target {
-                return Err(ParseError::BadStartLine);
-            }
-            head.minor_version = parse_version(version).ok_or(ParseError::BadStartLine)?;
-            head.method = Some(String::from_utf8_lossy(method).into_owned());
-            head.target = Some(String::from_utf8_lossy(target).into_owned());
-        }
-        StreamKind::Responses => {
-            // HTTP/1.x SP 3DIGIT [ SP reason ]; an empty reason may lack its SP.
-            let (version, rest) =
-                start_line.split_at_checked(VERSION_PREFIX.len() + 1).ok_or(ParseError::BadStartLine)?;
-            head.minor_version = parse_version(version).ok_or(ParseError::BadStartLine)?;
-            let status = match rest {
-                [b' ', d @ ..] if d.len() == 3 => d,
-                [b' ', d @ .., b' '] if d.len() == 3 => d,
-                _ if rest.len() > 4 && rest[0] == b' ' && rest[4] == b' ' => &rest[1..4],
-                _ => return Err(ParseError::BadStartLine),
-            };
-            if !status.iter().all(u8::is_ascii_digit) || status[0] == b'0' {
-                return Err(ParseError::BadStartLine);
-            }
-            head.status = Some(status.iter().fold(0, |n, &d| n * 10 + u16::from(d - b'0')));
-        }
-    }
+    parse_start_line(kind, start_line, &mut head)?;
     for range in lines {
         let line = &raw[range.clone()];
         if line.is_empty() {
@@ -820,6 +1141,46 @@ fn parse_head(kind: StreamKind, raw: &Bytes) -> Result<MessageHead, ParseError> 
     Ok(head)
 }
 
+/// Parse a start line (without its line end) into `head`.
+fn parse_start_line(kind: StreamKind, start_line: &[u8], head: &mut MessageHead) -> Result<(), ParseError> {
+    if start_line.iter().any(|&b| b == b'\r' || b == 0) {
+        return Err(ParseError::BadStartLine);
+    }
+    match kind {
+        StreamKind::Requests => {
+            let mut parts = start_line.splitn(3, |&b| b == b' ');
+            let (Some(method), Some(target), Some(version)) = (parts.next(), parts.next(), parts.next()) else {
+                return Err(ParseError::BadStartLine);
+            };
+            let valid_method = !method.is_empty() && method.iter().all(|&b| is_tchar(b));
+            let valid_target = !target.is_empty() && target.iter().all(|&b| is_target_byte(b));
+            if !valid_method || !valid_target {
+                return Err(ParseError::BadStartLine);
+            }
+            head.minor_version = parse_version(version).ok_or(ParseError::BadStartLine)?;
+            head.method = Some(String::from_utf8_lossy(method).into_owned());
+            head.target = Some(String::from_utf8_lossy(target).into_owned());
+        }
+        StreamKind::Responses => {
+            // HTTP/1.x SP 3DIGIT [ SP reason ]; an empty reason may lack its SP.
+            let (version, rest) =
+                start_line.split_at_checked(VERSION_PREFIX.len() + 1).ok_or(ParseError::BadStartLine)?;
+            head.minor_version = parse_version(version).ok_or(ParseError::BadStartLine)?;
+            let status = match rest {
+                [b' ', d @ ..] if d.len() == 3 => d,
+                [b' ', d @ .., b' '] if d.len() == 3 => d,
+                _ if rest.len() > 4 && rest[0] == b' ' && rest[4] == b' ' => &rest[1..4],
+                _ => return Err(ParseError::BadStartLine),
+            };
+            if !status.iter().all(u8::is_ascii_digit) || status[0] == b'0' {
+                return Err(ParseError::BadStartLine);
+            }
+            head.status = Some(status.iter().fold(0, |n, &d| n * 10 + u16::from(d - b'0')));
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use HttpEvent::{Body, End};
@@ -827,7 +1188,10 @@ mod tests {
 
     use super::*;
 
-    const SMALL: Limits = Limits { max_head_bytes: 256, max_headers: 4 };
+    /// Small limits, a head over them given up at once (as before skimming).
+    const SMALL: Limits = Limits { max_head_bytes: 256, max_headers: 4, max_oversized_head_bytes: 256 };
+    /// Small limits, heads over them read on up to 4 KiB.
+    const SKIM: Limits = Limits { max_head_bytes: 256, max_headers: 4, max_oversized_head_bytes: 4096 };
 
     const fn end(complete: bool) -> HttpEvent {
         End { complete }
@@ -908,6 +1272,10 @@ mod tests {
             .map(|e| match e {
                 HttpEvent::Head(_) => format!("head {}", summary(e)),
                 Body(b) => format!("body {}", String::from_utf8_lossy(b)),
+                HttpEvent::BodyGap(n) => format!("gap {n}"),
+                HttpEvent::Unparsed { head, error } => {
+                    format!("unparsed {} {error:?}", summary(&HttpEvent::Head(head.clone())))
+                }
                 End { complete } => format!("end {complete}"),
                 HttpEvent::Error { error, skipped } => format!("error {error:?} {skipped}"),
             })
@@ -1046,7 +1414,10 @@ mod tests {
     #[test]
     fn request_transfer_encoding_must_end_in_chunked() {
         let stream = "POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n";
-        assert_eq!(shape(&parse(Requests, stream)), [format!("error BadHeader {}", stream.len())]);
+        assert_eq!(
+            shape(&parse(Requests, stream)),
+            ["unparsed POST / BadHeader".to_owned(), format!("error BadHeader {}", stream.len())]
+        );
     }
 
     #[test]
@@ -1161,8 +1532,13 @@ mod tests {
             let (events, skipped) = parse_with(Requests, Limits::default(), stream.as_bytes());
             assert_eq!(
                 shape(&events),
-                [format!("error BadContentLength {}", head.len()), "head GET /after".into(), "end true".into()],
-                "{why}"
+                [
+                    "unparsed POST / BadContentLength".to_owned(),
+                    format!("error BadContentLength {}", head.len()),
+                    "head GET /after".into(),
+                    "end true".into()
+                ],
+                "{why}: the request is known by its start line"
             );
             assert_eq!(skipped, (head.len() + "hello GET /next HTTP/1.1\r\n\r\n".len()) as u64, "{why}: skipped bytes");
         }
@@ -1239,7 +1615,12 @@ mod tests {
             let (events, _) = parse_with(Requests, Limits::default(), stream.as_bytes());
             assert_eq!(
                 shape(&events),
-                [format!("error BadHeader {}", head.len()), "head GET /next".into(), "end true".into()],
+                [
+                    "unparsed GET / BadHeader".to_owned(),
+                    format!("error BadHeader {}", head.len()),
+                    "head GET /next".into(),
+                    "end true".into()
+                ],
                 "{why}"
             );
         }
@@ -1296,7 +1677,11 @@ mod tests {
         let big = format!("GET / HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(SMALL.max_head_bytes));
         let stream = format!("{big}GET /next HTTP/1.1\r\n\r\n");
         let (events, skipped) = parse_with(Requests, SMALL, stream.as_bytes());
-        assert_eq!(shape(&events), ["error HeadTooLarge(256) 256", "head GET /next", "end true"]);
+        assert_eq!(
+            shape(&events),
+            ["unparsed GET / HeadTooLarge(256)", "error HeadTooLarge(256) 256", "head GET /next", "end true"],
+            "skimming off: given up at once"
+        );
         assert_eq!(skipped, big.len() as u64);
 
         // A start line that never ends.
@@ -1315,7 +1700,20 @@ mod tests {
             parser.feed(b"X-Padding: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaa", &mut out);
             assert!(parser.head.buf.len() <= SMALL.max_head_bytes, "head buffer {} bytes", parser.head.buf.len());
         }
-        assert_eq!(out, [error(ParseError::HeadTooLarge(256), 256)]);
+        assert_eq!(out.len(), 2, "{out:?}");
+        assert!(matches!(&out[0], HttpEvent::Unparsed { head, .. } if head.status == Some(200)), "{out:?}");
+        assert_eq!(out[1], error(ParseError::HeadTooLarge(256), 256));
+
+        // Skimming: the head is followed, keeping nothing but what frames it.
+        let mut parser = Http1Parser::new(Responses, SKIM);
+        let mut out = Vec::new();
+        parser.feed(b"HTTP/1.1 200 OK\r\n", &mut out);
+        for _ in 0..1000 {
+            parser.feed(b"X-Padding: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n", &mut out);
+            assert!(parser.head.buf.len() <= SKIM.max_head_bytes, "head buffer {} bytes", parser.head.buf.len());
+        }
+        parser.feed(b"Content-Length: 2\r\n\r\nokHTTP/1.1 204 No Content\r\n\r\n", &mut out);
+        assert_eq!(shape(&out), ["unparsed 200 HeadTooLarge(4096)", "head 204", "end true"]);
     }
 
     #[test]
@@ -1329,9 +1727,108 @@ mod tests {
         let (events, skipped) = parse_with(Requests, SMALL, stream.as_bytes());
         assert_eq!(
             shape(&events),
-            [format!("error TooManyHeaders(4) {}", head.len()), "head GET /next".into(), "end true".into()]
+            [
+                "unparsed GET / TooManyHeaders(4)".to_owned(),
+                format!("error TooManyHeaders(4) {}", head.len()),
+                "head GET /next".into(),
+                "end true".into()
+            ],
+            "skimming off: given up at once"
         );
         assert_eq!(skipped, (head.len() + "H6: v\r\n\r\n".len()) as u64);
+    }
+
+    #[test]
+    fn a_head_over_the_limits_is_read_on_keeping_its_framing() {
+        // Two large fields before the framing ones, then more fields than allowed.
+        let pad = "p".repeat(300);
+        let fields = (0..6).map(|i| format!("X-{i}: v\r\n")).collect::<String>();
+        let head = format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nX-Pad: {pad}\r\nX-Pad-2: {pad}\r\n  folded {pad}\r\n\
+             Host: api.example\r\n{fields}Content-Type: application/json\r\nContent-Length: 5\r\n\r\n"
+        );
+        let stream = format!("{head}hello");
+        let (events, skipped) = parse_with(Requests, SKIM, stream.as_bytes());
+        assert_eq!(shape(&events), ["head POST /v1/chat/completions", "body hello", "end true"]);
+        assert_eq!(skipped, 0);
+        let h = super::tests::head(&events[0]);
+        assert_eq!(h.wire_len, head.len(), "the head's size on the wire, kept or not");
+        assert_eq!(h.header("content-length"), Some(&b"5"[..]));
+        assert_eq!(h.header("host"), Some(&b"api.example"[..]));
+        assert_eq!(h.header("content-type"), Some(&b"application/json"[..]));
+        let skimmed = h.skimmed.expect("over the limits");
+        assert_eq!(skimmed.fields_not_kept, 8, "X-Pad (the line that crossed the limit), X-Pad-2, X-0 to X-5");
+        assert!(h.headers.len() <= SKIM.max_headers + FRAMING_FIELDS.len(), "{:?}", h.headers);
+
+        // Too many fields alone (each line short).
+        let many = format!("GET / HTTP/1.1\r\n{fields}Content-Length: 0\r\n\r\nGET /next HTTP/1.1\r\n\r\n");
+        let (events, _) = parse_with(Requests, SKIM, many.as_bytes());
+        assert_eq!(shape(&events), ["head GET /", "end true", "head GET /next", "end true"]);
+        assert_eq!(super::tests::head(&events[0]).skimmed.map(|s| s.fields_not_kept), Some(2));
+    }
+
+    #[test]
+    fn a_request_target_too_long_is_cut() {
+        let target = format!("/v1/chat/completions?{}", "q".repeat(400));
+        let stream = format!("POST {target} HTTP/1.1\r\nContent-Length: 2\r\n\r\nhi");
+        let (events, _) = parse_with(Requests, SKIM, stream.as_bytes());
+        assert_eq!(events.len(), 3, "{events:?}");
+        let h = super::tests::head(&events[0]);
+        let kept = h.target.as_deref().unwrap();
+        assert!(target.starts_with(kept) && kept.len() < target.len(), "{kept}");
+        assert_eq!(h.skimmed.unwrap().target_bytes_cut as usize, target.len() - kept.len());
+        assert_eq!(h.wire_len, stream.len() - 2);
+    }
+
+    #[test]
+    fn a_head_past_the_oversized_bound_is_unparsed_with_its_start_line() {
+        // Framed by the fields kept, its body is skipped: the next request is in step.
+        let pad = "p".repeat(5000);
+        let head = format!("POST /v1/messages HTTP/1.1\r\nX-Pad: {pad}\r\nContent-Length: 2\r\n\r\n");
+        let stream = format!("{head}hiGET /next HTTP/1.1\r\n\r\n");
+        let (events, skipped) = parse_with(Requests, SKIM, stream.as_bytes());
+        assert_eq!(shape(&events), ["unparsed POST /v1/messages HeadTooLarge(4096)", "head GET /next", "end true"]);
+        let HttpEvent::Unparsed { head: unparsed, .. } = &events[0] else { unreachable!() };
+        assert_eq!(unparsed.wire_len, 4096, "read up to the bound when it was given up");
+        assert_eq!(skipped, head.len() as u64 + 2, "its head and body are skipped");
+        // Chunked, and with a gap in its body.
+        let stream = format!(
+            "POST /v1/messages HTTP/1.1\r\nX-Pad: {pad}\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\nGET /n HTTP/1.1\r\n\r\n"
+        );
+        let (events, _) = parse_with(Requests, SKIM, stream.as_bytes());
+        assert_eq!(shape(&events), ["unparsed POST /v1/messages HeadTooLarge(4096)", "head GET /n", "end true"]);
+        // A malformed field in a skimmed head, and a response.
+        let bad =
+            format!("HTTP/1.1 200 OK\r\nX-Pad: {}\r\nBad Field: x\r\n\r\nHTTP/1.1 204 No\r\n\r\n", "p".repeat(300));
+        let (events, _) = parse_with(Responses, SKIM, bad.as_bytes());
+        assert_eq!(
+            shape(&events)[..2],
+            ["unparsed 200 BadHeader".to_owned(), format!("error BadHeader {}", 17 + 308 + 4)]
+        );
+        assert_eq!(shape(&events)[2..], ["head 204", "end true"]);
+    }
+
+    #[test]
+    fn a_gap_in_a_head_after_its_start_line_says_the_message_exists() {
+        let mut parser = Http1Parser::new(Requests, Limits::default());
+        let mut out = Vec::new();
+        parser.feed(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-", &mut out);
+        parser.gap(100, &mut out);
+        parser.feed(b"GET /next HTTP/1.1\r\n\r\n", &mut out);
+        assert_eq!(
+            shape(&out),
+            ["unparsed POST /v1/chat/completions Gap", "error Gap 53", "head GET /next", "end true"]
+        );
+    }
+
+    #[test]
+    fn body_gaps_are_reported_with_their_size() {
+        let mut parser = Http1Parser::new(Responses, Limits::default());
+        let mut out = Vec::new();
+        parser.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nab", &mut out);
+        parser.gap(20, &mut out);
+        parser.feed(b"HTTP/1.1 204 No Content\r\n\r\n", &mut out);
+        assert_eq!(shape(&out), ["head 200", "body ab", "gap 8", "end false", "error Gap 0", "head 204", "end true"]);
     }
 
     #[test]
@@ -1373,7 +1870,10 @@ mod tests {
         parser.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nab", &mut out);
         parser.gap(5, &mut out);
         parser.feed(b"fghHTTP/1.1 204 No Content\r\n\r\n", &mut out);
-        assert_eq!(shape(&merged(out)), ["head 200", "body abfgh", "end false", "head 204", "end true"]);
+        assert_eq!(
+            shape(&merged(out)),
+            ["head 200", "body ab", "gap 5", "body fgh", "end false", "head 204", "end true"]
+        );
         assert_eq!(parser.skipped_bytes(), 0);
     }
 
@@ -1391,9 +1891,11 @@ mod tests {
             [
                 "head 200",
                 "body ab",
+                "gap 2",
                 "end false",
                 "head 200",
                 "body ab",
+                "gap 2",
                 "end false",
                 "error Gap 0",
                 "head 202",
@@ -1410,7 +1912,7 @@ mod tests {
         parser.feed(b"POST /v1 HTTP/1.1\r\nHost: x\r\nContent-", &mut out);
         parser.gap(100, &mut out);
         parser.feed(b"-more-\r\n\r\nbody\nGET /next HTTP/1.1\r\n\r\n", &mut out);
-        assert_eq!(shape(&merged(out)), ["error Gap 36", "head GET /next", "end true"]);
+        assert_eq!(shape(&merged(out)), ["unparsed POST /v1 Gap", "error Gap 36", "head GET /next", "end true"]);
         assert_eq!(parser.skipped_bytes(), 36 + 15);
 
         // Between messages: the gap may hold a whole head, so it is an error too.
@@ -1432,7 +1934,7 @@ mod tests {
         parser.feed(b"1\r\nx\r\n0\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", &mut out);
         assert_eq!(
             shape(&merged(out)),
-            ["head 200", "body 016789", "end false", "error Gap 0", "head 200", "end true"]
+            ["head 200", "body 01", "gap 4", "body 6789", "end false", "error Gap 0", "head 200", "end true"]
         );
 
         // A gap covering exactly the rest of a chunk.
@@ -1441,7 +1943,7 @@ mod tests {
         parser.feed(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nab", &mut out);
         parser.gap(2, &mut out);
         parser.feed(b"\r\n0\r\n\r\n", &mut out);
-        assert_eq!(shape(&merged(out)), ["head 200", "body ab", "end false"]);
+        assert_eq!(shape(&merged(out)), ["head 200", "body ab", "gap 2", "end false"]);
     }
 
     #[test]
@@ -1452,7 +1954,7 @@ mod tests {
         parser.gap(100, &mut out);
         parser.feed(b"cd", &mut out);
         parser.finish(&mut out);
-        assert_eq!(shape(&merged(out)), ["head 200", "body abcd", "end false"]);
+        assert_eq!(shape(&merged(out)), ["head 200", "body ab", "gap 100", "body cd", "end false"]);
     }
 
     #[test]
@@ -1497,8 +1999,8 @@ mod tests {
                 }
             }
             stream.extend_from_slice(&stream.clone());
-            for kind in [Requests, Responses] {
-                let (events, skipped) = parse_with(kind, SMALL, &stream);
+            for (kind, limits) in [(Requests, SMALL), (Responses, SMALL), (Requests, SKIM), (Responses, SKIM)] {
+                let (events, skipped) = parse_with(kind, limits, &stream);
                 let heads = events.iter().filter(|e| matches!(e, HttpEvent::Head(_))).count();
                 let ends = events.iter().filter(|e| matches!(e, End { .. })).count();
                 assert_eq!(heads, ends, "every head has one end: {events:?}");
@@ -1520,7 +2022,7 @@ mod tests {
 
     #[test]
     fn zero_limits_do_not_hang() {
-        let zero = Limits { max_head_bytes: 0, max_headers: 0 };
+        let zero = Limits { max_head_bytes: 0, max_headers: 0, max_oversized_head_bytes: 0 };
         let stream = b"GET / HTTP/1.1\r\nHost: x\r\n\r\nGET / HTTP/1.1\r\n\r\n";
         let (events, skipped) = parse_with(Requests, zero, stream);
         assert_eq!(events, [error(ParseError::HeadTooLarge(0), 0)]);
