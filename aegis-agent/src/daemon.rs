@@ -34,6 +34,8 @@ use crate::{
         sockdiag,
         verdict::{ConnectionKiller, Containment, HostBook},
     },
+    evidence::recorder::Recorder,
+    journal::Ledger,
     kernel::{
         capability::{Capabilities, Capability, CapabilityStatus},
         cgroup2_root,
@@ -60,9 +62,13 @@ pub fn run(config: &Config, ready_file: Option<&Path>) -> anyhow::Result<()> {
     // One agent per control socket, and one per pin directory.
     let _lock = lock_instance(config)?;
     let _pins = if config.enforce.enabled { connect::lock_pins(&config.enforce.pin_dir)? } else { None };
+    let recorder = open_decision_log(config);
+    let stop_checkpoints = Arc::new(AtomicBool::new(false));
+    let checkpointer = recorder.as_ref().map(|r| r.start_timer(stop_checkpoints.clone())).transpose()?;
+    let ledger = recorder.clone().map(|r| r as Arc<dyn Ledger>);
     let features = Features::probe();
     tracing::info!(kernel = features.kernel(), btf = features.btf().is_some(), "checking what this kernel offers");
-    let caps = Capabilities::default();
+    let caps = Capabilities::with_ledger(ledger.clone());
 
     let capture = &config.capture;
     let mut discovery = targets::Discovery::default();
@@ -73,10 +79,16 @@ pub fn run(config: &Config, ready_file: Option<&Path>) -> anyhow::Result<()> {
         for p in engine.packs() {
             tracing::info!(pack = %p.name, version = %p.version, digest = %p.digest, "rulepack in force");
         }
+        if let Some(ledger) = &ledger {
+            ledger.append("agent_start", &agent_start(config, engine.packs()));
+        }
         Some(Arc::new(
             Inspector::with_policies(engine, policies, redactor).with_uninspectable(config.enforce.uninspectable),
         ))
     } else {
+        if let Some(ledger) = &ledger {
+            ledger.append("agent_start", &agent_start(config, &[]));
+        }
         None
     };
     let (mut probes, source) = start_capture(config, &features, &caps, &found);
@@ -91,8 +103,9 @@ pub fn run(config: &Config, ready_file: Option<&Path>) -> anyhow::Result<()> {
         None => Arc::new(ContainmentOff),
     };
     // Restores the saved blocks and makes the (maybe adopted) kernel rules equal to them.
-    let server = ControlServer::start_with(config.control.clone(), config.enforce.mode, handler, caps.clone())
-        .context("cannot start the control socket")?;
+    let server =
+        ControlServer::start_with(config.control.clone(), config.enforce.mode, handler, caps.clone(), ledger.clone())
+            .context("cannot start the control socket")?;
     let containment = match &enforcement {
         Some(e) => Containment {
             view: Some(server.view()),
@@ -122,7 +135,8 @@ pub fn run(config: &Config, ready_file: Option<&Path>) -> anyhow::Result<()> {
         server.view().mode(),
     );
 
-    let sink = JsonLines::open(config.output.stdout, &config.output.file, config.output.max_pending_bytes)?;
+    let sink = JsonLines::open(config.output.stdout, &config.output.file, config.output.max_pending_bytes)?
+        .with_ledger(ledger.clone());
     let pipeline = Pipeline::start(config, probes, discovery, source, sink, inspector.clone(), containment)?;
     let stop_reload = Arc::new(AtomicBool::new(false));
     let gate_reader = match &gate {
@@ -140,6 +154,7 @@ pub fn run(config: &Config, ready_file: Option<&Path>) -> anyhow::Result<()> {
             config.rules.packs.clone(),
             Duration::from_secs(config.rules.reload_secs),
             stop_reload.clone(),
+            ledger.clone(),
         )?),
         _ => None,
     };
@@ -180,8 +195,71 @@ pub fn run(config: &Config, ready_file: Option<&Path>) -> anyhow::Result<()> {
     if let Some(e) = enforcement {
         stop_enforcement(e, nothing_blocked);
     }
+    if let Some(ledger) = &ledger {
+        let result = match &outcome {
+            Ok(()) => serde_json::json!({ "result": "ok" }),
+            Err(e) => serde_json::json!({ "result": "failed", "error": format!("{e:#}") }),
+        };
+        ledger.append("agent_stop", &result);
+    }
+    stop_checkpoints.store(true, Ordering::SeqCst);
+    if let Some(c) = checkpointer {
+        let _ = c.join();
+    }
+    if let Some(r) = &recorder {
+        let s = r.stats();
+        tracing::info!(
+            entries = s.entries,
+            appended = s.appended,
+            lost = s.lost,
+            checkpoints = s.checkpoints,
+            checkpoint_errors = s.checkpoint_errors,
+            "decision log closed with a checkpoint"
+        );
+    }
     tracing::info!("stopped; all probes detached");
     outcome
+}
+
+/// The decision log, when `[evidence] enabled`. One that cannot be opened (a damaged log, an
+/// unreadable key) does not stop the agent: the error says what to do, and calls are still
+/// recorded in the records file.
+fn open_decision_log(config: &Config) -> Option<Arc<Recorder>> {
+    if !config.evidence.enabled {
+        tracing::info!("decision log off ([evidence] enabled = false)");
+        return None;
+    }
+    match Recorder::open(&config.evidence) {
+        Ok(r) => Some(r),
+        Err(e) => {
+            tracing::error!(
+                error = %format!("{e:#}"),
+                "the decision log cannot be opened: decisions and operator actions are NOT kept as signed evidence \
+                 until it is fixed (calls are still recorded in output.file)"
+            );
+            None
+        }
+    }
+}
+
+/// The decision log's first entry of a run: who is deciding, with which rules, in which mode.
+fn agent_start(config: &Config, packs: &[crate::rules::engine::PackInfo]) -> serde_json::Value {
+    serde_json::json!({
+        "agent_version": env!("CARGO_PKG_VERSION"),
+        "pid": std::process::id(),
+        "host": crate::evidence::key::host_name().ok(),
+        "machine_id": crate::files::read_capped_to_string(Path::new("/etc/machine-id"), 4096, "")
+            .ok()
+            .map(|s| s.trim().to_owned()),
+        "packs": packs,
+        "enforce": {
+            "enabled": config.enforce.enabled,
+            "mode": config.enforce.mode,
+            "uninspectable": config.enforce.uninspectable,
+        },
+        "capabilities_required": config.capabilities.require,
+        "output_file": config.output.file.display().to_string(),
+    })
 }
 
 /// Until SIGINT or SIGTERM: periodic reports, the containment heartbeat and refused connects.

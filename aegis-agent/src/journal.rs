@@ -20,6 +20,21 @@ use std::{
 
 use anyhow::Context as _;
 
+/// Where what must be kept as evidence is also written: the signed decision log (in
+/// `evidence`). Earlier stages (the record sink, the control server's audit, the capability
+/// table) hold it as this trait, so none of them imports the later stage. `append` never
+/// fails to its caller: the implementation counts and reports what it could not keep.
+pub trait Ledger: Send + Sync {
+    /// Append an entry of `kind` (printable ASCII, no spaces) with `body`.
+    fn append(&self, kind: &str, body: &serde_json::Value);
+}
+
+impl std::fmt::Debug for dyn Ledger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Ledger")
+    }
+}
+
 /// What opening a journal had to repair.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Repairs {

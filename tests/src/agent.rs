@@ -51,6 +51,21 @@ pub fn test_control_toml(dir: &Path) -> String {
     )
 }
 
+/// An `[evidence]` table whose host key and decision log are in `dir`, so that a test
+/// agent never writes to /var/lib/aegis.
+pub fn test_evidence_toml(dir: &Path) -> String {
+    let path = |name: &str| format!("{:?}", dir.join(name).display().to_string());
+    format!(
+        "[evidence]
+key = {}
+dir = {}
+name = \"aegis-test\"
+",
+        path("host.key"),
+        path("decision-log")
+    )
+}
+
 /// A running agent writing JSON lines to a temporary file. Dropping it stops it (SIGINT,
 /// then SIGKILL after [`STOP_TIMEOUT`]) and, unless already panicking, asserts a clean exit.
 pub struct Agent {
@@ -102,6 +117,7 @@ impl Agent {
         let enforce = if extra_toml.contains("[enforce]") { "" } else { "[enforce]\nenabled = false\n" };
         // The control socket always runs: it and its files live with the test too.
         let control = if extra_toml.contains("[control]") { String::new() } else { test_control_toml(dir.path()) };
+        let evidence = if extra_toml.contains("[evidence]") { String::new() } else { test_evidence_toml(dir.path()) };
         // The two ends of a local call are joined when their views come within a window of
         // each other; where everything runs slower ([`scaled`]), so do they.
         let capture = if time_scale() == 1 || extra_toml.contains("[capture]") {
@@ -116,7 +132,7 @@ impl Agent {
             Some((before, after)) => (String::new(), format!("{before}[output]\n{output_keys}{after}")),
             None => (format!("[output]\n{output_keys}"), extra_toml.to_owned()),
         };
-        let toml = format!("{rules}{enforce}{control}{capture}{output_table}{extra}");
+        let toml = format!("{rules}{enforce}{control}{evidence}{capture}{output_table}{extra}");
         fs::write(&config, toml).expect("writing agent config");
         let child = Command::new(&bin)
             .envs(env.iter().copied())
@@ -150,6 +166,17 @@ impl Agent {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// The agent's directory: its config (`agent.toml`), control files, host key
+    /// (`host.key`) and decision log (`decision-log/`), unless the test's TOML moved them.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The config file the agent runs with.
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.join("agent.toml")
     }
 
     /// The JSON lines file the agent writes.

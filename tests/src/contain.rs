@@ -450,6 +450,8 @@ impl ContainConfig {
             s(&self.state_file()),
             s(&self.audit_log())
         );
+        t += &crate::test_evidence_toml(self.dir.path());
+        t += "\n";
         for p in &self.providers {
             let hosts: Vec<String> = p.hosts.iter().map(|h| format!("{h:?}")).collect();
             let ports: Vec<String> = p.ports.iter().map(u16::to_string).collect();

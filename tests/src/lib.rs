@@ -32,7 +32,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-pub use agent::{Agent, agent_bin, test_control_toml};
+pub use agent::{Agent, agent_bin, test_control_toml, test_evidence_toml};
 pub use clients::{Client, ClientOutcome, ClientRun, Plan, Request, run_curl, run_node, run_python};
 pub use contain::{ContainConfig, KeepAlive, PinDir, TestCgroup, ctl};
 pub use expect::{

@@ -335,3 +335,102 @@ fn a_write_larger_than_the_kernel_copies_is_one_record_that_says_what_was_lost()
     let body = plan.connections[0][0].body_bytes().len() as u64;
     assert!(r["request_bytes"].as_u64().is_some_and(|n| n > body), "the bytes not copied count as sent: {r:#}");
 }
+
+/// kill -9 at random points under load, three times over: after each crash the restarted
+/// agent opens every file it keeps (cutting what a write left half done), every block
+/// saved before a crash is in force again, and at the end the records file and the audit
+/// log are whole lines, every change has its audit lines, the decision log verifies (a
+/// crash loses at most entries not yet written, never what was signed), and the agent
+/// records a last round of calls exactly.
+#[test]
+fn kill_9_at_random_points_under_load_leaves_every_file_whole() {
+    let _serial = serial();
+    require_root();
+    let cert = TempCert::generate();
+    let mock = MockProvider::start(&cert);
+    let cg = TestCgroup::new("kill9-load");
+    let pins = PinDir::new("kill9-load");
+    let cfg = ContainConfig::new(&cg, &pins);
+    let records = cfg.dir().join("calls.jsonl");
+    let mut seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64 | 1;
+    let mut random = move |below: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % below
+    };
+    let mut ids = Vec::new();
+    let mut kills = Vec::new();
+    for round in 0..3 {
+        let mut agent = Agent::start_writing_to(&cfg.toml(), Some(records.clone()));
+        // A block of a port nothing uses, so the load goes on through it.
+        let dest = format!("127.0.0.1:{}", 9 + round);
+        let before = cfg.block_ids();
+        cfg.ctl_ok(&["block", "--dest", &dest, "--cgroup", cg.rel(), "--reason", "it: kill -9 under load"]);
+        let new: Vec<String> = cfg.block_ids().into_iter().filter(|id| !before.contains(id)).collect();
+        assert_eq!(new.len(), 1, "one new block: {new:?}");
+        ids.extend(new);
+        let plan = Plan {
+            connections: (0..8)
+                .map(|c| (0..40).map(|i| chat_named(&format!("k9-{round}-{c}-{i}"))).collect())
+                .collect(),
+        };
+        let port = mock.port;
+        let load = std::thread::spawn(move || run_python(port, &plan).assert_responses(&plan));
+        let delay = Duration::from_millis(200 + random(1300));
+        std::thread::sleep(delay);
+        let status = agent.terminate_with(nix::sys::signal::Signal::SIGKILL);
+        assert_eq!(status.signal(), Some(9), "round {round}: killed{}", agent.logs());
+        kills.push(delay);
+        load.join().expect("the clients are not affected by the agent's death");
+    }
+    let context = format!("\nkilled after {kills:?} of load");
+
+    let mut agent = Agent::start_writing_to(&cfg.toml(), Some(records.clone()));
+    let listed = cfg.block_ids();
+    for id in &ids {
+        assert!(listed.contains(id), "{id} was saved before a crash and must be in force: {listed:?}{context}");
+    }
+    for round in 0..3 {
+        assert_eq!(cg.connect_errno(9 + round), libc::EPERM, "the kernel enforces block {round} again{context}");
+    }
+    let last = Plan::single((0..20).map(|i| chat_named(&format!("k9-last-{i}"))).collect());
+    let run = run_python(mock.port, &last);
+    run.assert_responses(&last);
+    let pid = u64::from(run.pid());
+    agent.wait_for_records(|r| r["pid"].as_u64() == Some(pid), 20, Duration::from_secs(30));
+    agent.stop();
+
+    let all = file_records(&records);
+    let last_round = all.iter().filter(|r| r["model"].as_str().is_some_and(|m| m.starts_with("k9-last-"))).count();
+    assert_eq!(last_round, 20, "the last round, after three crashes, is recorded exactly{context}");
+    let audit_text = std::fs::read_to_string(cfg.audit_log()).unwrap();
+    assert!(audit_text.ends_with('\n'), "the audit log ends in a whole line{context}");
+    let audit = cfg.audit();
+    for id in &ids {
+        let results: Vec<&str> = audit
+            .iter()
+            .filter(|l| l["action"] == "block" && l.to_string().contains(id.as_str()))
+            .filter_map(|l| l["result"].as_str())
+            .collect();
+        assert_eq!(results, ["pending", "ok"], "{id}: its intent, then its outcome{context}");
+    }
+    let out = Command::new(aegis_tests::agent_bin())
+        .args(["log", "verify", "--json", "--config"])
+        .arg(agent.config_path())
+        .output()
+        .expect("running aegis-agent log verify");
+    let report: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("log verify printed no JSON ({e}): {}", String::from_utf8_lossy(&out.stderr)));
+    assert_eq!(out.status.code(), Some(0), "the decision log verifies after three crashes: {report:#}{context}");
+    let entries = report["lines"].as_u64().unwrap();
+    assert!(entries > 20, "the decision log holds the calls: {report:#}{context}");
+    assert_eq!(report["latest_checkpoint_size"].as_u64(), Some(entries), "signed at the clean stop: {report:#}");
+}
+
+fn chat_named(model: &str) -> Request {
+    Request::post(
+        "/v1/chat/completions",
+        json!({"model": model, "messages": [{"role": "user", "content": "What is the capital of France?"}]}),
+    )
+}

@@ -18,7 +18,11 @@ fn run_refused(config: &str, wrap: &[&str]) -> Output {
     let dir = std::env::temp_dir().join(format!("aegis-lifecycle-{}-{n}", std::process::id()));
     fs::create_dir_all(&dir).unwrap();
     let path = dir.join("agent.toml");
-    fs::write(&path, format!("{}{config}", aegis_tests::test_control_toml(&dir))).unwrap();
+    fs::write(
+        &path,
+        format!("{}{}{config}", aegis_tests::test_control_toml(&dir), aegis_tests::test_evidence_toml(&dir)),
+    )
+    .unwrap();
     let bin = agent_bin();
     let mut cmd = match wrap.split_first() {
         Some((first, rest)) => {

@@ -84,6 +84,8 @@ pub struct AuditEntry {
 pub struct AuditLog {
     path: PathBuf,
     journal: Mutex<Journal>,
+    /// The decision log, which takes every audit line too (kind `audit`).
+    ledger: Option<std::sync::Arc<dyn crate::journal::Ledger>>,
 }
 
 impl AuditLog {
@@ -106,7 +108,7 @@ impl AuditLog {
                 "the audit log ended in a partial line (the agent died while writing it); it was cut away"
             );
         }
-        Ok(Self { path: path.to_owned(), journal: Mutex::new(journal) })
+        Ok(Self { path: path.to_owned(), journal: Mutex::new(journal), ledger: None })
     }
 
     pub fn path(&self) -> &Path {
@@ -117,7 +119,20 @@ impl AuditLog {
     pub fn append(&self, entry: &AuditEntry) -> std::io::Result<()> {
         let mut line = serde_json::to_vec(entry).map_err(std::io::Error::other)?;
         line.push(b'\n');
-        self.journal.lock().unwrap_or_else(PoisonError::into_inner).append(&line)
+        let mut journal = self.journal.lock().unwrap_or_else(PoisonError::into_inner);
+        let written = journal.append(&line);
+        // Under the lock, so both logs hold the lines in the same order; also a line the
+        // audit log could not take (its change is then refused, and the log shows the try).
+        if let Some(ledger) = &self.ledger {
+            ledger.append("audit", &serde_json::to_value(entry).map_err(std::io::Error::other)?);
+        }
+        written
+    }
+
+    /// Also append every line to `ledger` (the decision log).
+    pub fn with_ledger(mut self, ledger: Option<std::sync::Arc<dyn crate::journal::Ledger>>) -> Self {
+        self.ledger = ledger;
+        self
     }
 
     /// Append a line stamped now.

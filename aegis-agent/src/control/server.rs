@@ -293,15 +293,17 @@ impl ControlServer {
         configured: EnforceMode,
         handler: Arc<dyn ControlHandler>,
     ) -> anyhow::Result<ServerHandle> {
-        Self::start_with(config, configured, handler, Capabilities::default())
+        Self::start_with(config, configured, handler, Capabilities::default(), None)
     }
 
-    /// [`ControlServer::start`], with the daemon's kernel capabilities for `status`.
+    /// [`ControlServer::start`], with the daemon's kernel capabilities for `status`, and the
+    /// decision log that takes every audit line too.
     pub fn start_with(
         config: ControlConfig,
         configured: EnforceMode,
         handler: Arc<dyn ControlHandler>,
         capabilities: Capabilities,
+        ledger: Option<Arc<dyn crate::journal::Ledger>>,
     ) -> anyhow::Result<ServerHandle> {
         config.validate()?;
         // The socket first: a second agent must fail before touching anything. Clients
@@ -312,7 +314,7 @@ impl ControlServer {
             let _ = std::fs::remove_file(&socket);
             e
         };
-        let core = Core::restore(config, configured, handler, capabilities).map_err(remove_socket)?;
+        let core = Core::restore(config, configured, handler, capabilities, ledger).map_err(remove_socket)?;
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_io()
             .enable_time()
@@ -751,8 +753,9 @@ impl Core {
         configured: EnforceMode,
         handler: Arc<dyn ControlHandler>,
         capabilities: Capabilities,
+        ledger: Option<Arc<dyn crate::journal::Ledger>>,
     ) -> anyhow::Result<Arc<Self>> {
-        let audit = AuditLog::open(&config.audit_log)?;
+        let audit = AuditLog::open(&config.audit_log)?.with_ledger(ledger);
         let mut state = ControlState::load(&config.state_file)?;
         let expired = state.blocks.expire(now_unix_ms());
         let (mode, replaced) = ModeState::at_start(configured, state.mode.operator.take());

@@ -44,6 +44,7 @@ pub mod log;
 pub mod merkle;
 pub mod note;
 pub mod proof;
+pub mod recorder;
 pub mod verify;
 
 use std::path::PathBuf;
@@ -54,6 +55,9 @@ use serde::Deserialize;
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EvidenceConfig {
+    /// Keep the decision log: every record, operator action and capability change, with
+    /// signed checkpoints.
+    pub enabled: bool,
     /// The host's Ed25519 private key (PKCS#8 PEM), created on first use.
     pub key: PathBuf,
     /// The key's name in signatures; empty: the host name.

@@ -223,15 +223,29 @@ impl CapabilityStatus {
 
 /// What every capability came to, shared by the daemon's parts and `status`. Cheap to clone.
 #[derive(Clone, Debug, Default)]
-pub struct Capabilities(Arc<RwLock<BTreeMap<Capability, CapabilityStatus>>>);
+pub struct Capabilities {
+    map: Arc<RwLock<BTreeMap<Capability, CapabilityStatus>>>,
+    /// The decision log, which takes every change of state (kind `capability`).
+    ledger: Option<Arc<dyn crate::journal::Ledger>>,
+}
 
 impl Capabilities {
+    /// An empty table whose changes also go to `ledger` (the decision log).
+    pub fn with_ledger(ledger: Option<Arc<dyn crate::journal::Ledger>>) -> Self {
+        Self { map: Arc::default(), ledger }
+    }
+
     /// Record `status`, logging it when it is new or changed: at info when in force or off,
     /// as a warning with its impact otherwise.
     pub fn set(&self, status: CapabilityStatus) {
-        let mut map = self.0.write().unwrap_or_else(|e| e.into_inner());
+        let mut map = self.map.write().unwrap_or_else(|e| e.into_inner());
         if map.get(&status.name) == Some(&status) {
             return;
+        }
+        if let Some(ledger) = &self.ledger
+            && let Ok(body) = serde_json::to_value(&status)
+        {
+            ledger.append("capability", &body);
         }
         let (name, state) = (status.name.name(), status.state.name());
         let detail = status.detail.as_deref().unwrap_or("");
@@ -252,12 +266,12 @@ impl Capabilities {
     }
 
     pub fn get(&self, name: Capability) -> Option<CapabilityStatus> {
-        self.0.read().unwrap_or_else(|e| e.into_inner()).get(&name).cloned()
+        self.map.read().unwrap_or_else(|e| e.into_inner()).get(&name).cloned()
     }
 
     /// Every capability, in [`Capability::ALL`] order; one never reported shows as off.
     pub fn list(&self) -> Vec<CapabilityStatus> {
-        let map = self.0.read().unwrap_or_else(|e| e.into_inner());
+        let map = self.map.read().unwrap_or_else(|e| e.into_inner());
         Capability::ALL
             .iter()
             .map(|c| map.get(c).cloned().unwrap_or_else(|| CapabilityStatus::off(*c, "not started")))

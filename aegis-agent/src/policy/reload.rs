@@ -21,12 +21,14 @@ fn stamp(paths: &[PathBuf]) -> Vec<Option<(SystemTime, u64)>> {
     paths.iter().map(|p| std::fs::metadata(p).ok().and_then(|m| Some((m.modified().ok()?, m.len())))).collect()
 }
 
-/// Check `paths` every `every` until `stop`; reload when one changed.
+/// Check `paths` every `every` until `stop`; reload when one changed. Each reload, taken or
+/// rejected, also goes to `ledger` (kind `rulepack_reload`).
 pub fn watch(
     inspector: Arc<Inspector>,
     paths: Vec<PathBuf>,
     every: Duration,
     stop: Arc<AtomicBool>,
+    ledger: Option<Arc<dyn crate::journal::Ledger>>,
 ) -> std::io::Result<JoinHandle<()>> {
     std::thread::Builder::new().name("aegis-rules".into()).spawn(move || {
         let mut last = stamp(&paths);
@@ -44,14 +46,30 @@ pub fn watch(
                 continue;
             }
             last = now;
+            let files: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
             match rules::load(&paths) {
                 Ok((engine, policies)) => {
                     for p in engine.packs() {
                         tracing::info!(pack = %p.name, version = %p.version, digest = %p.digest, "rulepack reloaded");
                     }
+                    if let Some(ledger) = &ledger {
+                        let packs = engine.packs();
+                        ledger.append(
+                            "rulepack_reload",
+                            &serde_json::json!({ "result": "ok", "files": files, "packs": packs }),
+                        );
+                    }
                     inspector.replace(engine, policies);
                 }
-                Err(e) => tracing::error!(error = %e, "rulepack rejected; the rules in force stay"),
+                Err(e) => {
+                    tracing::error!(error = %e, "rulepack rejected; the rules in force stay");
+                    if let Some(ledger) = &ledger {
+                        ledger.append(
+                            "rulepack_reload",
+                            &serde_json::json!({ "result": "rejected", "files": files, "error": format!("{e:#}") }),
+                        );
+                    }
+                }
             }
         }
     })

@@ -16,7 +16,7 @@ use std::{
 
 use serde::Serialize;
 
-use crate::journal::Journal;
+use crate::journal::{Journal, Ledger};
 
 /// How often a failing file is tried again.
 const RETRY_EVERY: Duration = Duration::from_secs(1);
@@ -30,6 +30,8 @@ pub struct JsonLines {
     pub written: u64,
     /// Records that could not be serialised, or written to stdout.
     pub write_errors: u64,
+    /// The decision log, which takes every record too (kind: its `type`).
+    ledger: Option<std::sync::Arc<dyn Ledger>>,
 }
 
 /// The file side: the journal, what waits for it, and what was lost.
@@ -91,7 +93,13 @@ impl JsonLines {
             })
         };
         let stdout = stdout.then(|| BufWriter::new(std::io::stdout()));
-        Ok(Self { stdout, file, written: 0, write_errors: 0 })
+        Ok(Self { stdout, file, written: 0, write_errors: 0, ledger: None })
+    }
+
+    /// Also append every record to `ledger` (the decision log).
+    pub fn with_ledger(mut self, ledger: Option<std::sync::Arc<dyn Ledger>>) -> Self {
+        self.ledger = ledger;
+        self
     }
 
     pub fn write<T: Serialize>(&mut self, record: &T) {
@@ -104,6 +112,15 @@ impl JsonLines {
             }
         };
         line.push(b'\n');
+        if let Some(ledger) = &self.ledger {
+            match serde_json::to_value(record) {
+                Ok(body) => {
+                    let kind = body.get("type").and_then(|t| t.as_str()).unwrap_or("record").to_owned();
+                    ledger.append(&kind, &body);
+                }
+                Err(e) => tracing::error!(error = %e, "cannot serialise a record for the decision log"),
+            }
+        }
         if let Some(out) = &mut self.stdout
             && out.write_all(&line).is_err()
         {
