@@ -588,7 +588,7 @@ fn read_gate(
                 );
                 let record = serde_json::json!({
                     "type": "gate_refused",
-                    "time": crate::control::blocks::rfc3339_ms(crate::control::blocks::now_unix_ms()),
+                    "time": crate::clock::rfc3339_ms(crate::clock::now_unix_ms()),
                     "rule": r.rule_id,
                     "pid": r.pid,
                     "tid": r.tid,
@@ -628,7 +628,7 @@ fn forward_denials(enforcer: &Enforcer, pipeline: &Pipeline, heartbeat: bool) {
         tracing::warn!(block = %id, pid = d.pid, comm = %d.comm, %dest, udp = d.sendmsg, action, "connect refused by a block");
         let record = serde_json::json!({
             "type": "connect_denied",
-            "time": crate::control::blocks::rfc3339_ms(crate::control::blocks::now_unix_ms()),
+            "time": crate::clock::rfc3339_ms(crate::clock::now_unix_ms()),
             "block_id": id,
             "pid": d.pid,
             "tid": d.tid,

@@ -15,6 +15,8 @@
 //! kernel offers them, and what each capability came to), [`failpoint`] (fault tests).
 
 pub mod capture;
+pub mod cgroup;
+pub mod clock;
 pub mod commands;
 pub mod config;
 pub mod control;
@@ -26,6 +28,7 @@ pub mod files;
 pub mod journal;
 pub mod kernel;
 pub mod llm;
+pub mod net;
 pub mod policy;
 pub mod protocol;
 pub mod rules;

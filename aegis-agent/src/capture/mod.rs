@@ -42,6 +42,7 @@ use self::{
     targets::Discovery,
 };
 use crate::{
+    clock::{monotonic_ns, wall_offset_ns},
     config::Config,
     control::Subject,
     enforce::verdict::Containment,
@@ -558,17 +559,4 @@ fn output_loop(rx: Receiver<Output>, mut sink: JsonLines, window: Duration, coun
     }
     counters.records_pending.store(0, Ordering::Relaxed);
     counters.records_lost.store(health.lost + health.pending, Ordering::Relaxed);
-}
-
-/// CLOCK_MONOTONIC in ns: the clock of `bpf_ktime_get_ns`.
-pub fn monotonic_ns() -> u64 {
-    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).expect("CLOCK_MONOTONIC");
-    t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
-}
-
-/// Unix time minus monotonic time, in ns: added to a kernel timestamp it gives wall time.
-fn wall_offset_ns() -> i128 {
-    let real = nix::time::clock_gettime(nix::time::ClockId::CLOCK_REALTIME).expect("CLOCK_REALTIME");
-    let real_ns = real.tv_sec() as i128 * 1_000_000_000 + real.tv_nsec() as i128;
-    real_ns - monotonic_ns() as i128
 }

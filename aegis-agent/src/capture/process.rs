@@ -78,7 +78,9 @@ fn read_proc(tgid: u32, uid: u32) -> Option<ProcessInfo> {
     let exe = std::fs::read_link(format!("/proc/{tgid}/exe"))
         .ok()
         .map(|p| p.to_string_lossy().trim_end_matches(" (deleted)").to_owned());
-    let cgroup = std::fs::read_to_string(format!("/proc/{tgid}/cgroup")).ok().and_then(|s| parse_cgroup_v2(&s))?;
+    let cgroup = std::fs::read_to_string(format!("/proc/{tgid}/cgroup"))
+        .ok()
+        .and_then(|s| crate::cgroup::parse_proc_cgroup(&s))?;
     Some(ProcessInfo { pid: tgid, comm: comm.trim_end().to_owned(), exe, uid, cgroup })
 }
 
@@ -107,18 +109,6 @@ fn cgroup_path_by_id(id: u64) -> Option<String> {
     None
 }
 
-/// Whether cgroup `path` is `prefix` or below it, on a path-component boundary
-/// ("/a/b" covers "/a/b/c", not "/a/bc").
-pub fn cgroup_covers(prefix: &str, path: &str) -> bool {
-    let prefix = prefix.trim_end_matches('/');
-    path == prefix || path.strip_prefix(prefix).is_some_and(|rest| rest.starts_with('/'))
-}
-
-/// The unified-hierarchy line of /proc/PID/cgroup ("0::/path").
-pub fn parse_cgroup_v2(text: &str) -> Option<String> {
-    text.lines().find_map(|l| l.strip_prefix("0::")).map(str::to_owned)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -143,11 +133,5 @@ mod tests {
         // The root cgroup's directory is inode 1 on cgroup2.
         let root = cache.lookup(u32::MAX - 2, b"ghost", 7, 1);
         assert_eq!(root.cgroup, "/");
-    }
-
-    #[test]
-    fn cgroup_v2_line_is_found_in_hybrid_layout() {
-        let text = "12:pids:/user.slice\n1:name=systemd:/user.slice/x\n0::/user.slice/session-1.scope\n";
-        assert_eq!(parse_cgroup_v2(text).as_deref(), Some("/user.slice/session-1.scope"));
     }
 }

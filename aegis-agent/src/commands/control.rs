@@ -14,11 +14,13 @@ use std::{
     time::Duration,
 };
 
-use crate::control::{
-    BlockSpec, BlockTarget, ClientError, DEFAULT_SOCKET, Dest, Expiry, Reply, Request, Scope,
-    blocks::now_unix_ms,
-    call, parse_cgroup, parse_dest, parse_duration, parse_route,
-    render::{blocks_json, mode_line, reply_text},
+use crate::{
+    clock::now_unix_ms,
+    control::{
+        BlockSpec, BlockTarget, ClientError, DEFAULT_SOCKET, Dest, Expiry, Reply, Request, Scope, call, parse_cgroup,
+        parse_dest, parse_duration, parse_route,
+        render::{blocks_json, mode_line, reply_text},
+    },
 };
 
 pub const EXIT_OK: u8 = 0;

@@ -22,8 +22,11 @@ use std::{
 use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
 
-use super::blocks::{Actor, create_private_dir, now_unix_ms, rfc3339_ms};
-use crate::journal::Journal;
+use super::blocks::{Actor, create_private_dir};
+use crate::{
+    clock::{now_unix_ms, rfc3339_ms},
+    journal::Journal,
+};
 
 /// What an audit line records.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -22,13 +22,17 @@ use std::{
     os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _},
     path::{Path, PathBuf},
     sync::atomic::{AtomicU64, Ordering},
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::{Duration, SystemTime},
 };
 
 use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
 
 use super::mode::{ModeChoice, ModeState};
+use crate::{
+    clock::rfc3339_ms,
+    net::{IpNet, has_port, mask, max_prefix, strip_port},
+};
 
 /// Longest reason accepted, in bytes.
 pub const MAX_REASON_BYTES: usize = 1024;
@@ -178,19 +182,6 @@ pub struct ControlState {
     /// ([`ModeState::at_start`]).
     #[serde(default)]
     pub mode: ModeState,
-}
-
-// ---------------------------------------------------------------------------------------
-// Time
-
-/// Now, in Unix milliseconds.
-pub fn now_unix_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
-}
-
-/// Unix milliseconds as RFC 3339 UTC.
-pub fn rfc3339_ms(unix_ms: u64) -> String {
-    crate::llm::record::rfc3339(i128::from(unix_ms) * 1_000_000)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -413,7 +404,7 @@ impl BlockTarget {
                 s.host.is_some_and(|h| host_matches(host, h))
                     && s.path.is_some_and(|p| p.starts_with(path_prefix.as_str()))
             }
-            Self::Tenant(cgroup) => s.cgroup.is_some_and(|c| cgroup_within(c, cgroup)),
+            Self::Tenant(cgroup) => s.cgroup.is_some_and(|c| crate::cgroup::covers(cgroup, c)),
         }
     }
 }
@@ -459,30 +450,6 @@ fn host_matches(pattern: &str, host: &str) -> bool {
     host.trim_end_matches('.').eq_ignore_ascii_case(pattern)
 }
 
-pub(crate) fn has_port(host: &str) -> bool {
-    match host.strip_prefix('[') {
-        Some(rest) => rest.split_once(']').is_some_and(|(_, after)| after.starts_with(':')),
-        None => host.matches(':').count() == 1,
-    }
-}
-
-fn strip_port(host: &str) -> &str {
-    if host.starts_with('[') {
-        return host.find(']').map_or(host, |i| &host[..=i]);
-    }
-    match host.rsplit_once(':') {
-        Some((name, _)) if !name.contains(':') => name,
-        _ => host,
-    }
-}
-
-/// Whether `cgroup` is `scope` or below it.
-pub fn cgroup_within(cgroup: &str, scope: &str) -> bool {
-    scope == "/"
-        || cgroup == scope
-        || (cgroup.len() > scope.len() && cgroup.starts_with(scope) && cgroup.as_bytes()[scope.len()] == b'/')
-}
-
 impl fmt::Display for BlockTarget {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -491,23 +458,6 @@ impl fmt::Display for BlockTarget {
             Self::Model(name) => write!(f, "model {name}"),
             Self::Route { host, path_prefix } => write!(f, "route {host}{path_prefix}"),
             Self::Tenant(cgroup) => write!(f, "tenant {cgroup}"),
-        }
-    }
-}
-
-fn max_prefix(ip: IpAddr) -> u8 {
-    if ip.is_ipv4() { 32 } else { 128 }
-}
-
-fn mask(ip: IpAddr, prefix: u8) -> IpAddr {
-    match ip {
-        IpAddr::V4(v4) => {
-            let m = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
-            IpAddr::V4(Ipv4Addr::from(u32::from(v4) & m))
-        }
-        IpAddr::V6(v6) => {
-            let m = u128::MAX.checked_shl(128 - u32::from(prefix)).unwrap_or(0);
-            IpAddr::V6(Ipv6Addr::from(u128::from(v6) & m))
         }
     }
 }
@@ -531,10 +481,14 @@ impl Dest {
         Ok(self)
     }
 
+    /// The network, as the crate's one CIDR type.
+    pub fn ip_net(&self) -> IpNet {
+        IpNet { addr: self.net, prefix: self.prefix }
+    }
+
     /// Whether `ip` is in the network (an IPv4-mapped IPv6 address counts as IPv4).
     pub fn contains(&self, ip: IpAddr) -> bool {
-        let ip = ip.to_canonical();
-        ip.is_ipv4() == self.net.is_ipv4() && mask(ip, self.prefix) == self.net
+        self.ip_net().contains(ip)
     }
 
     /// Whether a connection to `peer` is to this destination.
@@ -580,7 +534,7 @@ impl Scope {
     pub fn matches(&self, s: &Subject<'_>) -> bool {
         match self {
             Self::Host => true,
-            Self::Cgroup(scope) => s.cgroup.is_some_and(|c| cgroup_within(c, scope)),
+            Self::Cgroup(scope) => s.cgroup.is_some_and(|c| crate::cgroup::covers(scope, c)),
             Self::Exe(exe) => s.exe == Some(exe.as_path()),
         }
     }
@@ -826,7 +780,7 @@ impl BlockTable {
 impl Emergency {
     /// Whether emergency mode is on for a process in `cgroup`.
     pub fn applies_to(&self, cgroup: &str) -> bool {
-        self.host || self.cgroups.iter().any(|scope| cgroup_within(cgroup, scope))
+        self.host || self.cgroups.iter().any(|scope| crate::cgroup::covers(scope, cgroup))
     }
 
     /// Turn host-wide mode (`cgroup` None) or a cgroup's mode on or off; `cgroup` must be
@@ -1110,10 +1064,6 @@ mod tests {
             parse_cgroup("/a\u{1b}[2J"),
             Err("the cgroup path contains control characters (it must be one line of text)".into())
         );
-        assert!(cgroup_within("/a/b", "/a"));
-        assert!(cgroup_within("/a", "/a"));
-        assert!(!cgroup_within("/ab", "/a"));
-        assert!(cgroup_within("/anything", "/"));
     }
 
     #[test]

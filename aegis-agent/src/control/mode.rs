@@ -31,7 +31,8 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use super::blocks::{Actor, rfc3339_ms};
+use super::blocks::Actor;
+use crate::clock::rfc3339_ms;
 
 /// Whether rule verdicts act on live traffic (see the module documentation).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]

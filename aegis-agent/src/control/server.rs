@@ -41,15 +41,15 @@ use tokio::{
 
 use super::{
     audit::{AuditAction, AuditLog, Outcome},
-    blocks::{
-        Actor, Block, BlockSpec, ControlState, Emergency, Subject, create_private_dir, now_unix_ms, parse_cgroup,
-        rfc3339_ms,
-    },
+    blocks::{Actor, Block, BlockSpec, ControlState, Emergency, Subject, create_private_dir, parse_cgroup},
     group_label,
     mode::{EnforceMode, ModeState},
     protocol::{AgentStatus, ApplyReport, PROTOCOL_VERSION, Reply, Request, Response, decode_request, encode_response},
 };
-use crate::kernel::capability::Capabilities;
+use crate::{
+    clock::{now_unix_ms, rfc3339_ms},
+    kernel::capability::Capabilities,
+};
 
 /// Default path of the control socket.
 pub const DEFAULT_SOCKET: &str = "/run/aegis/control.sock";

@@ -384,14 +384,7 @@ impl ConnectGuard {
                     }
                 }
             }
-            let net = match r.net.addr {
-                IpAddr::V4(a) => Net::v4(a, r.net.prefix),
-                IpAddr::V6(a) => match a.to_ipv4_mapped() {
-                    Some(v4) if r.net.prefix >= 96 => Net::v4(v4, r.net.prefix - 96),
-                    _ => Net::v6(a, r.net.prefix),
-                },
-            };
-            prepared.push(Prepared { net, port: r.port.unwrap_or(0), rule });
+            prepared.push(Prepared { net: Net::from(r.net), port: r.port.unwrap_or(0), rule });
         }
         let want = rules::compile(&prepared).map_err(|e| anyhow!(e))?;
         ensure!(

@@ -345,7 +345,7 @@ impl HostBook for Enforcer {
 
 /// The addresses and port a Host header names (port 443 when absent).
 fn host_destinations(host: &str) -> Result<Vec<Destination>, String> {
-    let with_port = if crate::control::blocks::has_port(host) {
+    let with_port = if crate::net::has_port(host) {
         host.to_owned()
     } else if host.contains(':') && !host.starts_with('[') {
         format!("[{host}]:443") // a bare IPv6 address

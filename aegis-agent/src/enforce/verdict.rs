@@ -179,7 +179,7 @@ impl Containment {
         // Every call teaches the book its host, in scope or not.
         let provider = self.provider_of(cp.host.as_deref(), cp.provider, cp.half == Half::Request);
         if let Some(scope) = &self.scope
-            && !crate::control::blocks::cgroup_within(cgroup, scope)
+            && !crate::cgroup::covers(scope, cgroup)
         {
             return None;
         }
@@ -251,7 +251,7 @@ impl Containment {
                 Err(e) => (Outcome::KillFailed, Some(e), 0),
             },
         };
-        let now = crate::capture::monotonic_ns();
+        let now = crate::clock::monotonic_ns();
         let verdict_to_kill_us = now.saturating_sub(cp.ts) / 1000;
         match outcome {
             Outcome::ConnectionKilled => tracing::warn!(

@@ -41,7 +41,7 @@ use std::{
     io::{self, BufRead as _, BufReader, Read as _, Seek as _, SeekFrom, Write as _},
     os::unix::fs::{FileExt as _, OpenOptionsExt as _},
     path::{Path, PathBuf},
-    time::{Duration, Instant, SystemTime},
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, bail};
@@ -268,7 +268,7 @@ impl DecisionLog {
         let index = self.frontier.size();
         let entry = Entry {
             i: index,
-            time: now_rfc3339(),
+            time: crate::clock::now_rfc3339(),
             kind: kind.to_owned(),
             prev: self.last_leaf.map(|h| hex::encode(&h)),
             body,
@@ -309,7 +309,7 @@ impl DecisionLog {
         self.log.sync().with_context(|| format!("cannot flush {}", self.log.path().display()))?;
         self.leaves.sync_data().with_context(|| format!("cannot flush {}", self.dir.join(LEAVES_FILE).display()))?;
         let cp = Checkpoint { origin: self.origin.clone(), size, root: self.frontier.root() };
-        let record = CheckpointRecord { time: now_rfc3339(), note: cp.sign(&self.key) };
+        let record = CheckpointRecord { time: crate::clock::now_rfc3339(), note: cp.sign(&self.key) };
         let mut line = serde_json::to_vec(&record).expect("a checkpoint record serialises");
         line.push(b'\n');
         self.checkpoints
@@ -524,12 +524,6 @@ pub fn default_origin(key: &VerifierKey) -> String {
         None => Sha256::digest(key.raw()),
     };
     format!("aegis-agent/{}/{}", key.name().unwrap_or("host"), hex::encode(&id[..8]))
-}
-
-fn now_rfc3339() -> String {
-    crate::llm::record::rfc3339(
-        SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_nanos() as i128
-    )
 }
 
 /// `leaves.bin` read by index, through a window of records.

@@ -158,9 +158,7 @@ impl Ledger for Recorder {
             let (since, reason) = inner.failing.clone().unwrap_or_else(|| (SystemTime::now(), String::new()));
             let note = serde_json::json!({
                 "count": inner.lost_unreported,
-                "since": crate::llm::record::rfc3339(
-                    since.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_nanos() as i128
-                ),
+                "since": crate::clock::rfc3339_at(since),
                 "reason": reason,
             });
             if inner.log.append("entries_lost", &note).is_ok() {

@@ -377,7 +377,7 @@ pub fn provider(host: Option<&str>, api: ApiKind) -> &'static str {
         // Regional Vertex AI endpoints: `{region}-aiplatform.googleapis.com`.
         ("-aiplatform.googleapis.com", "vertex_ai"),
     ];
-    let (name, port) = host.map(split_host).unwrap_or_default();
+    let (name, port) = host.map(crate::net::split_host).unwrap_or_default();
     let name = name.trim_end_matches('.').as_bytes();
     let known = HOSTS.iter().find(|(host, _)| name.eq_ignore_ascii_case(host.as_bytes())).or_else(|| {
         SUFFIXES.iter().find(|(suffix, _)| {
@@ -393,20 +393,6 @@ pub fn provider(host: Option<&str>, api: ApiKind) -> &'static str {
         (None, ApiKind::AnthropicMessages) => "anthropic",
         (None, ApiKind::GeminiGenerateContent) => "gemini",
         (None, _) => "openai_compatible",
-    }
-}
-
-/// Host header into name and port; `[v6]:port` keeps its address without brackets.
-fn split_host(host: &str) -> (&str, Option<&str>) {
-    if let Some(v6) = host.strip_prefix('[') {
-        return match v6.split_once(']') {
-            Some((name, rest)) => (name, rest.strip_prefix(':')),
-            None => (v6, None),
-        };
-    }
-    match host.rsplit_once(':') {
-        Some((name, port)) if !name.contains(':') => (name, Some(port)),
-        _ => (host, None),
     }
 }
 

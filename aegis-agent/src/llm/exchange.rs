@@ -1018,12 +1018,14 @@ impl ExchangeTracker {
         x.resp.wire_bytes += bytes.len() as u64;
         let Some(decoder) = &mut x.resp.decoder else { return };
         self.scratch.clear();
-        if let Err(e) = decoder.push(bytes, &mut self.scratch) {
+        // What decoded before an error is read like any body (the same bytes whether the
+        // body came whole or in pieces); the rest is said to be undecodable.
+        let failed = decoder.push(bytes, &mut self.scratch).err();
+        let over_cap = decoder.over_cap() > 0 && !x.resp.over_cap_noted;
+        if let Some(e) = failed {
             x.resp.notes.push(format!("response_body_undecodable:{e}"));
             x.resp.decoder = None;
-            return;
         }
-        let over_cap = decoder.over_cap() > 0 && !x.resp.over_cap_noted;
         if over_cap {
             x.resp.over_cap_noted = true;
             if let Some(inspection) = &mut x.inspection {

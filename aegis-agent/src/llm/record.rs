@@ -93,7 +93,7 @@ impl CallRecord {
         Self {
             kind: "llm_call",
             call_id: call_id(process.pid, o.request_start_ns, o.fingerprint.unwrap_or(0)),
-            time: rfc3339(unix_ns),
+            time: crate::clock::rfc3339(unix_ns),
             provider: o.call.provider,
             api: o.call.api,
             host: o.host,
@@ -131,35 +131,4 @@ fn call_id(pid: u32, start_ns: u64, fingerprint: u64) -> String {
     h.write_u64(start_ns);
     h.write_u64(fingerprint);
     format!("{:016x}", h.finish())
-}
-
-/// Unix time in ns to "YYYY-MM-DDTHH:MM:SS.ffffffZ" (proleptic Gregorian, UTC).
-pub fn rfc3339(unix_ns: i128) -> String {
-    let secs = unix_ns.div_euclid(1_000_000_000) as i64;
-    let micros = (unix_ns.rem_euclid(1_000_000_000) / 1000) as u32;
-    let days = secs.div_euclid(86_400);
-    let sod = secs.rem_euclid(86_400);
-    // Civil-from-days (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{micros:06}Z", sod / 3600, sod % 3600 / 60, sod % 60)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn rfc3339_known_instants() {
-        assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000000Z");
-        assert_eq!(rfc3339(951_782_400_000_000_000), "2000-02-29T00:00:00.000000Z");
-        assert_eq!(rfc3339(1_795_708_800_123_456_789), "2026-11-26T16:00:00.123456Z");
-    }
 }

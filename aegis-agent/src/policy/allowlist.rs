@@ -27,7 +27,7 @@ pub fn violations<'a>(
 /// "*" covers everything; otherwise a cgroup path prefix on a path-component boundary
 /// ("/system.slice/app" covers "/system.slice/app/worker", not "/system.slice/apple").
 fn covers(tenant: &str, cgroup: &str) -> bool {
-    tenant == "*" || crate::capture::process::cgroup_covers(tenant, cgroup)
+    tenant == "*" || crate::cgroup::covers(tenant, cgroup)
 }
 
 /// `*` matches any run of characters; everything else literally (ASCII case-insensitive,

@@ -266,7 +266,8 @@ impl HeadBuf {
             };
             (s.counts.bytes_not_kept + s.counts.target_bytes_cut) as usize + pending
         });
-        self.buf.len() + skimmed
+        let synthetic = self.skim.map_or(0, |s| s.synthetic);
+        self.buf.len() + skimmed - synthetic
     }
 }
 
@@ -275,6 +276,9 @@ impl HeadBuf {
 #[derive(Clone, Copy, Debug)]
 struct Skim {
     counts: Skimmed,
+    /// Bytes in the buffer that were never on the wire: the line end given to a start line
+    /// whose rest (and real line end) was counted as not kept.
+    synthetic: usize,
     line: SkimLine,
     /// The last field was kept: its continuation lines are kept too.
     last_kept: bool,
@@ -285,7 +289,7 @@ struct Skim {
 
 impl Skim {
     fn new(line: SkimLine) -> Self {
-        Self { counts: Skimmed::default(), line, last_kept: false, over_bound: false }
+        Self { counts: Skimmed::default(), synthetic: 0, line, last_kept: false, over_bound: false }
     }
 }
 
@@ -835,6 +839,7 @@ impl Http1Parser {
             // The start line: when its rest was not kept, end what was kept of it.
             if matches!(skim.line, SkimLine::Skip) {
                 head.buf.extend_from_slice(b"\r\n");
+                skim.synthetic += 2;
             }
         } else if matches!(skim.line, SkimLine::Keep) && head.buf.len() > head.line_start {
             let first = head.buf[head.line_start];
@@ -2027,5 +2032,23 @@ mod tests {
         let (events, skipped) = parse_with(Requests, zero, stream);
         assert_eq!(events, [error(ParseError::HeadTooLarge(0), 0)]);
         assert_eq!(skipped, stream.len() as u64, "blank lines too: they are discarded while resyncing");
+    }
+    /// A start line over the head limit, skimmed: its line end is kept for the parser but
+    /// was counted with the rest of the line, so the head's wire length is exact, and a
+    /// start line that then fails to parse discards exactly the bytes fed (fuzz regression).
+    #[test]
+    fn a_skimmed_start_line_counts_its_bytes_once() {
+        let skim = Limits { max_head_bytes: 256, max_headers: 4, max_oversized_head_bytes: 2048 };
+        let head = format!("HTTP/1.1 200 {}\r\nContent-Length: 2\r\n\r\n", "r".repeat(300));
+        let stream = format!("{head}{{}}");
+        let (events, skipped) = parse_with(Responses, skim, stream.as_bytes());
+        assert_eq!(skipped, 0);
+        match &events[0] {
+            HttpEvent::Head(h) => assert_eq!(h.wire_len, head.len(), "{events:?}"),
+            other => panic!("expected a head: {other:?}"),
+        }
+        let bad = format!("HTTP/1.1 1{}\r\nContent-Length: 2\r\n\r\n{{}}", "\"x".repeat(150));
+        let (_, skipped) = parse_with(Responses, skim, bad.as_bytes());
+        assert_eq!(skipped, bad.len() as u64, "every byte discarded once");
     }
 }

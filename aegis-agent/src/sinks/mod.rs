@@ -226,19 +226,15 @@ impl FileSink {
         let reason = self.failing.as_ref().map_or("the file could not be written", |(_, e)| e.as_str());
         let mut line = serde_json::to_vec(&serde_json::json!({
             "type": "records_lost",
-            "time": rfc3339(SystemTime::now()),
+            "time": crate::clock::now_rfc3339(),
             "count": self.lost_unreported,
-            "since": rfc3339(since),
+            "since": crate::clock::rfc3339_at(since),
             "reason": reason,
         }))
         .expect("a JSON object serialises");
         line.push(b'\n');
         line
     }
-}
-
-fn rfc3339(t: SystemTime) -> String {
-    crate::llm::record::rfc3339(t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_nanos() as i128)
 }
 
 #[cfg(test)]

@@ -17,12 +17,24 @@ use std::{
 
 use aegis_common::enforce::{ACTION_DENY, KernelRule, PORT_BITS, RULES_PER_KEY, RuleSet};
 
-/// A destination prefix in one family: `width` is 32 or 128, `addr` right-aligned.
+/// An [`IpNet`](crate::net::IpNet) as the rule compiler and the kernel's LPM keys see it:
+/// one family, `width` 32 or 128, `addr` right-aligned and masked. Built from an `IpNet`
+/// (the crate's one CIDR type); only this module's key arithmetic uses it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Net {
     pub width: u8,
     pub addr: u128,
     pub prefix: u8,
+}
+
+impl From<crate::net::IpNet> for Net {
+    /// An IPv4-mapped IPv6 block of at least /96 becomes the IPv4 block it covers.
+    fn from(n: crate::net::IpNet) -> Self {
+        match n.canonical().addr {
+            IpAddr::V4(a) => Net::v4(a, n.canonical().prefix),
+            IpAddr::V6(a) => Net::v6(a, n.prefix),
+        }
+    }
 }
 
 impl Net {
