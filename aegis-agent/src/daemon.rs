@@ -43,7 +43,10 @@ use crate::{
     },
     policy::{Inspector, redact::Redactor, reload},
     rules,
-    sinks::JsonLines,
+    sinks::{
+        JsonLines,
+        record::{ConnectDenied, GateRefused, Identity, Record},
+    },
 };
 
 /// Containment parts that live as long as the daemon.
@@ -112,8 +115,10 @@ pub fn run(config: &Config, ready_file: Option<&Path>) -> anyhow::Result<()> {
             killer: Some(e.enforcer.clone() as Arc<dyn ConnectionKiller>),
             hosts: Some(e.enforcer.clone() as Arc<dyn HostBook>),
             scope: Some(e.scope.clone()),
+            inspector: inspector.clone(),
         },
-        None => Containment::default(),
+        // Containment off: calls are still ruled (the tenants' policies), never stopped.
+        None => Containment { inspector: inspector.clone(), ..Containment::default() },
     };
     let refresher = enforcement.as_ref().map(|e| {
         let enforcer = Arc::downgrade(&e.enforcer);
@@ -136,6 +141,7 @@ pub fn run(config: &Config, ready_file: Option<&Path>) -> anyhow::Result<()> {
     );
 
     let sink = JsonLines::open(config.output.stdout, &config.output.file, config.output.max_pending_bytes)?
+        .with_identity(Identity::of_this_host(inspector.clone()))
         .with_ledger(ledger.clone());
     let pipeline = Pipeline::start(config, probes, discovery, source, sink, inspector.clone(), containment)?;
     let stop_reload = Arc::new(AtomicBool::new(false));
@@ -586,23 +592,22 @@ fn read_gate(
                     rule = r.rule_id.as_deref().unwrap_or("?"), pid = r.pid, comm = %r.comm, peer = %r.peer,
                     refused_bytes = r.refused_bytes, "request refused in the kernel before it left the host"
                 );
-                let record = serde_json::json!({
-                    "type": "gate_refused",
-                    "time": crate::clock::rfc3339_ms(crate::clock::now_unix_ms()),
-                    "rule": r.rule_id,
-                    "pid": r.pid,
-                    "tid": r.tid,
-                    "comm": r.comm,
-                    "cgroup_id": r.cgroup_id,
-                    "exe": std::fs::read_link(format!("/proc/{}/exe", r.pid)).ok(),
-                    "local": r.local.to_string(),
-                    "peer": r.peer.to_string(),
-                    "plaintext_bytes": r.plain_len,
-                    "refused_bytes": r.refused_bytes,
-                    "bytes_sent": 0,
-                    "connection_killed": r.killed,
-                });
-                let _ = out.send(Output::Event(record));
+                let record = GateRefused {
+                    time: crate::clock::rfc3339_ms(crate::clock::now_unix_ms()),
+                    exe: std::fs::read_link(format!("/proc/{}/exe", r.pid)).ok(),
+                    rule: r.rule_id,
+                    pid: r.pid,
+                    tid: r.tid,
+                    comm: r.comm,
+                    cgroup_id: r.cgroup_id,
+                    local: r.local.to_string(),
+                    peer: r.peer.to_string(),
+                    plaintext_bytes: r.plain_len,
+                    refused_bytes: r.refused_bytes,
+                    bytes_sent: 0,
+                    connection_killed: r.killed,
+                };
+                let _ = out.send(Output::Record(Record::GateRefused(record)));
             }
         }
     })?)
@@ -626,20 +631,19 @@ fn forward_denials(enforcer: &Enforcer, pipeline: &Pipeline, heartbeat: bool) {
             _ => "deny",
         };
         tracing::warn!(block = %id, pid = d.pid, comm = %d.comm, %dest, udp = d.sendmsg, action, "connect refused by a block");
-        let record = serde_json::json!({
-            "type": "connect_denied",
-            "time": crate::clock::rfc3339_ms(crate::clock::now_unix_ms()),
-            "block_id": id,
-            "pid": d.pid,
-            "tid": d.tid,
-            "comm": d.comm,
-            "cgroup_id": d.cgroup_id,
-            "exe": std::fs::read_link(format!("/proc/{}/exe", d.pid)).ok(),
-            "dest": dest.to_string(),
-            "udp": d.sendmsg,
-            "action": action,
-        });
-        let _ = pipeline.events.try_send(Output::Event(record));
+        let record = ConnectDenied {
+            time: crate::clock::rfc3339_ms(crate::clock::now_unix_ms()),
+            block_id: id,
+            pid: d.pid,
+            tid: d.tid,
+            exe: std::fs::read_link(format!("/proc/{}/exe", d.pid)).ok(),
+            comm: d.comm,
+            cgroup_id: d.cgroup_id,
+            dest: dest.to_string(),
+            udp: d.sendmsg,
+            action,
+        };
+        let _ = pipeline.events.try_send(Output::Record(Record::ConnectDenied(record)));
     }
 }
 

@@ -1,18 +1,32 @@
-//! AegisPlane agent library: the stages of the data path, one module each, in the order
-//! the bytes travel (see README "Architecture").
+//! AegisPlane agent library. Modules are layered: each imports only those listed before
+//! it (see README "Architecture"), tests aside.
 //!
-//! - [`capture`]: load the eBPF programs, attach them to TLS libraries, read the ring
-//!   buffer, count drops, rebuild each connection's two byte streams.
+//! Bottom modules every stage may use: [`clock`] (kernel and wall time, RFC 3339),
+//! [`cgroup`] (cgroup v2 paths and scopes), [`net`] (the one CIDR type, `Host` forms),
+//! [`files`] (reading a file an operator named: regular files only, capped, never
+//! blocking), [`journal`] (append-only JSON lines files that stay whole through a full disk
+//! or a crash; the [`journal::Ledger`] trait the decision log is seen through),
+//! [`kernel`] (the eBPF objects, what the kernel offers them, what each capability came
+//! to), [`failpoint`] (fault tests).
+//!
+//! Then, in the order a call is handled:
 //! - [`protocol`]: HTTP/1.1 messages, chunked bodies, content decoding, Server-Sent Events.
-//! - [`llm`]: recognise model API calls and build one [`llm::CallRecord`] per call.
-//! - [`sinks`]: where records go (stdout, JSON lines file).
+//! - [`rules`]: rulepacks and the scanning engine.
+//! - [`control`]: the operator's state (blocks, emergency and enforcement modes) and the
+//!   control socket that changes it, with its audit log.
+//! - [`policy`]: a call's inspection and decision, and its ruling (`policy::ruling`: the
+//!   facts a call is decided from besides its content).
+//! - [`llm`]: recognise model API calls, pair requests and responses, build one
+//!   [`llm::CallRecord`] per call, join both ends of a local call.
+//! - [`enforce`]: rule on a call and stop it (`enforce::verdict`, the one decision path),
+//!   destination blocks and the content gate in the kernel.
+//! - [`sinks`]: the typed [`sinks::record::Record`] every line is, stamped with the schema
+//!   version and the agent's identity; stdout and the records file.
+//! - [`capture`]: the pipeline: load and attach the capture probes, read the ring buffer,
+//!   rebuild each connection's streams, and drive the stages above on worker threads.
 //! - [`evidence`]: the host signing key, the tamper-evident decision log (Merkle tree,
 //!   signed checkpoints) and signed evidence envelopes (DSSE, in-toto).
-//!
-//! Bottom modules every stage may use: [`files`] (reading a file an operator named:
-//! regular files only, capped, never blocking), [`journal`] (append-only JSON lines files
-//! that stay whole through a full disk or a crash), [`kernel`] (the eBPF objects, what the
-//! kernel offers them, and what each capability came to), [`failpoint`] (fault tests).
+//! - [`daemon`], [`commands`]: the agent and the operator's commands.
 
 pub mod capture;
 pub mod cgroup;

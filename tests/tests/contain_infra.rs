@@ -27,7 +27,7 @@ use nix::{
 
 fn cgroup_of(pid: u32) -> String {
     let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
-    aegis_agent::capture::process::parse_cgroup_v2(&text).unwrap_or_default()
+    aegis_agent::cgroup::parse_proc_cgroup(&text).unwrap_or_default()
 }
 
 #[test]

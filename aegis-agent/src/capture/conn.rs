@@ -128,6 +128,8 @@ struct Conn {
 pub struct ConnCheckpoint {
     pub checkpoint: Checkpoint,
     pub key: ConnKey,
+    /// At the caller's end of the connection (not the server's end of a local call).
+    pub client: bool,
     pub uid: u32,
     pub cgroup_id: u64,
     pub comm: [u8; 16],
@@ -175,6 +177,13 @@ impl ConnTable {
     pub fn with_ended(mut self, lookup: EndedLookup) -> Self {
         self.ended = Some(lookup);
         self
+    }
+
+    /// The call of exchange `seq` on connection `key` was judged (see `policy::ruling`).
+    pub fn record_ruling(&mut self, key: ConnKey, seq: u64, ruling: crate::policy::ruling::Ruling) {
+        if let Some(Conn { role: Role::Http1(tracker), .. }) = self.conns.get_mut(&key) {
+            tracker.record_ruling(seq, ruling);
+        }
     }
 
     /// The call of exchange `seq` on connection `key` was stopped (or observed: see
@@ -352,6 +361,7 @@ impl ConnTable {
                 self.checkpoints.push(ConnCheckpoint {
                     checkpoint,
                     key: ev.key,
+                    client: side == crate::llm::exchange::Side::Client,
                     uid: conn.uid,
                     cgroup_id: conn.cgroup_id,
                     comm: conn.comm,

@@ -44,16 +44,15 @@ use self::{
 use crate::{
     clock::{monotonic_ns, wall_offset_ns},
     config::Config,
-    control::Subject,
-    enforce::verdict::Containment,
+    enforce::verdict::{Containment, verdict},
     llm::{
         correlate::Correlator,
-        exchange::Observation,
+        exchange::{Observation, Side},
         record::{Endpoint, TlsSource},
     },
-    policy::Inspector,
+    policy::{Inspector, decision::Half, ruling::CallFacts},
     rules::pack::Action,
-    sinks::JsonLines,
+    sinks::{JsonLines, record::Record},
 };
 
 /// Batches queued per worker (each at most [`BATCH`] events).
@@ -440,10 +439,13 @@ impl WorkerCtx {
                 continue;
             }
             let info = self.processes.lookup(c.key.tgid, &c.comm, c.uid, c.cgroup_id);
-            let Some(verdict) = self.containment.judge(&c.checkpoint, &info.cgroup, info.exe.as_deref().map(Path::new))
-            else {
-                continue;
-            };
+            let exe = info.exe.as_deref().map(Path::new);
+            let facts = c.checkpoint.facts(c.client, &info.cgroup, exe);
+            // One ruling for the kill now and for the record later (see `policy::ruling`).
+            let ruling = self.containment.rule(&facts, c.checkpoint.half == Half::Request);
+            let judged = verdict(&ruling, c.checkpoint.rules.as_ref());
+            self.table.record_ruling(c.key, c.checkpoint.exchange, ruling);
+            let Some(verdict) = judged else { continue };
             let enforcement = self.containment.act(&verdict, &c.checkpoint, c.key.tgid, c.key.conn);
             let counter = if verdict.stop { &self.counters.stopped_calls } else { &self.counters.observed_calls };
             counter.fetch_add(1, Ordering::Relaxed);
@@ -461,34 +463,25 @@ impl WorkerCtx {
                 .get(c.source as usize)
                 .map_or_else(|| format!("unknown-source-{}", c.source), |t| t.path.display().to_string());
             let mut obs = c.obs;
-            // The caller is known now: check its tenant's provider allowlist, then decide.
-            if let Some(mut inspection) = obs.inspection.take() {
-                // A server end's tenant is not the caller's: only the client end is checked.
-                let client = obs.side == crate::llm::exchange::Side::Client;
-                if client {
-                    inspection.check_policies(&info.cgroup, obs.call.provider, obs.call.model.as_deref());
-                }
-                let mut emergency = false;
-                if let Some(view) = &self.containment.view {
+            // The caller is known now: decide, with the ruling the call was judged by at its
+            // last checkpoint, or (never judged) one made now from the same facts.
+            if let Some(inspection) = obs.inspection.take() {
+                let ruling = obs.ruling.take().unwrap_or_else(|| {
                     let path = obs.target.as_deref().map(|t| t.split('?').next().unwrap_or_default());
-                    let provider = self.containment.provider_of(obs.host.as_deref(), obs.call.provider, false);
-                    let subject = Subject {
-                        provider: Some(&provider),
+                    let facts = CallFacts {
+                        client: obs.side == Side::Client,
+                        provider: obs.call.provider,
                         model: obs.call.model.as_deref(),
                         host: obs.host.as_deref(),
                         path,
-                        peer: None,
-                        cgroup: client.then_some(info.cgroup.as_str()),
-                        exe: if client { info.exe.as_deref().map(Path::new) } else { None },
+                        cgroup: &info.cgroup,
+                        exe: info.exe.as_deref().map(Path::new),
                     };
-                    if let Some(block) = view.matching_block(&subject) {
-                        inspection.operator_block(&block);
-                    }
-                    emergency = client && view.emergency_applies_to(&info.cgroup);
-                }
-                obs.decision = Some(inspection.finish(emergency));
+                    self.containment.rule(&facts, false)
+                });
+                obs.decision = Some(inspection.finish_with(&ruling));
             }
-            let endpoint = Endpoint::new(info, c.tid, TlsSource { library, hooks: c.hooks });
+            let endpoint = info.endpoint(c.tid, TlsSource { library, hooks: c.hooks });
             // The output thread only ends after every worker; a send cannot fail before.
             let _ = self.out.send(Output::Call(obs, endpoint));
         }
@@ -505,8 +498,8 @@ pub enum Output {
     /// A call whose request one end completed: its observation follows (see
     /// `llm::correlate`).
     Expect(u64, crate::llm::exchange::Side),
-    /// Any other record (a refused connect, ...), written as it is.
-    Event(serde_json::Value),
+    /// Any other record (a refused connect, a gate refusal), written as it is.
+    Record(Record),
 }
 
 fn output_loop(rx: Receiver<Output>, mut sink: JsonLines, window: Duration, counters: &Counters, progress: &Progress) {
@@ -515,7 +508,7 @@ fn output_loop(rx: Receiver<Output>, mut sink: JsonLines, window: Duration, coun
     let take = |item: Output, correlator: &mut Correlator, records: &mut Vec<_>, sink: &mut JsonLines| match item {
         Output::Call(obs, endpoint) => correlator.push(obs, endpoint, Instant::now(), records),
         Output::Expect(fingerprint, side) => correlator.expect(fingerprint, side, Instant::now()),
-        Output::Event(v) => sink.write(&v),
+        Output::Record(r) => sink.write(&r),
     };
     loop {
         // Before taking the queue: what the workers sent up to the watermark is in it.
@@ -533,7 +526,7 @@ fn output_loop(rx: Receiver<Output>, mut sink: JsonLines, window: Duration, coun
         }
         correlator.expire(watermark, Instant::now(), &mut records);
         for r in records.drain(..) {
-            sink.write(&r);
+            sink.write(&Record::LlmCall(r));
             counters.records.fetch_add(1, Ordering::Relaxed);
         }
         sink.flush();
@@ -549,7 +542,7 @@ fn output_loop(rx: Receiver<Output>, mut sink: JsonLines, window: Duration, coun
     counters.alone_client.store(correlator.alone_client, Ordering::Relaxed);
     counters.alone_server.store(correlator.alone_server, Ordering::Relaxed);
     for r in records.drain(..) {
-        sink.write(&r);
+        sink.write(&Record::LlmCall(r));
         counters.records.fetch_add(1, Ordering::Relaxed);
     }
     sink.close();

@@ -26,6 +26,14 @@ pub struct ProcessInfo {
     pub cgroup: String,
 }
 
+impl ProcessInfo {
+    /// The record's view of the process at one end of a call: thread `tid`, through `tls`.
+    pub fn endpoint(self, tid: u32, tls: crate::llm::record::TlsSource) -> crate::llm::record::Endpoint {
+        let ProcessInfo { pid, comm, exe, uid, cgroup } = self;
+        crate::llm::record::Endpoint { pid, tid, comm, exe, uid, cgroup, tls }
+    }
+}
+
 /// After this long a cached entry is read again (the pid may have been reused, or the
 /// process may have exec'd); if the process is gone, the old entry stays.
 const REFRESH: Duration = Duration::from_secs(10);

@@ -101,7 +101,7 @@ pub fn run(args: ScanArgs) -> anyhow::Result<u8> {
         }
         ScanAs::Request => {
             let api = args.api.or_else(|| guess_request_api(&data)).unwrap_or(ApiKind::ChatCompletions);
-            inspection.request(api, &data, truncated);
+            inspection.request(crate::llm::content::request_texts(api, &data), &data, truncated);
             Some(api)
         }
         ScanAs::Response => {

@@ -2,11 +2,14 @@
 //!
 //! The exchange tracker raises a [`Checkpoint`] when a call's request is complete and
 //! inspected, and again when its response's inspection reaches a stronger action (a
-//! stream is inspected chunk by chunk). The worker that owns the connection asks
-//! [`Containment::judge`] whether the call must be stopped, and why ([`StopReason`]):
+//! stream is inspected chunk by chunk). The worker that owns the connection has
+//! [`Containment::rule`] rule on the call (the one place operator blocks, emergency mode,
+//! the mode, the scope and the tenants' policies are matched: see `policy::ruling`), keeps
+//! the ruling with the call for its record, and asks [`verdict`] whether the call must be
+//! stopped, and why ([`StopReason`]):
 //!
-//! 1. a rule of the packs in force decided `block`, and the enforcement mode is enforce
-//!    (`rule:<id>`);
+//! 1. a rule of the packs in force, or a tenant's provider policy, decided `block`, and
+//!    the enforcement mode is enforce (`rule:<id>`);
 //! 2. emergency mode is on for the caller and a rule decided `warn`, or `block` in observe
 //!    mode (`emergency:<id>`): emergency mode enforces the rules in its scope in both modes;
 //! 3. an operator's block (`aegis-agent block`/`disable`) covers the call: its model, its
@@ -27,28 +30,56 @@
 
 use std::{path::Path, sync::Arc, time::Instant};
 
-use serde::Serialize;
-
+pub use crate::policy::ruling::{Checkpoint, Enforcement, Outcome};
 use crate::{
     control::{ControlView, EnforceMode, Subject},
-    policy::decision::Half,
+    policy::{
+        Inspector,
+        decision::Half,
+        inspect::policy_records,
+        ruling::{CallFacts, Ruling},
+    },
     rules::pack::Action,
 };
 
-/// A moment when a call's verdict may have to be enforced.
-#[derive(Clone, Debug)]
-pub struct Checkpoint {
-    /// The exchange on its connection (see `ExchangeTracker::record_enforcement`).
-    pub exchange: u64,
-    pub half: Half,
-    /// Monotonic ns of the event that completed what was inspected.
-    pub ts: u64,
-    pub provider: &'static str,
-    pub model: Option<String>,
-    pub host: Option<String>,
-    pub path: String,
-    /// Strongest action of the rules so far, and its rule.
-    pub rules: Option<(Action, String)>,
+/// What `ruling` and the rules' strongest action so far (`rules`: action and rule) mean for
+/// the call (see the module documentation for the order):
+/// 1. a rule's or a policy's block in enforce mode stops it (`rule:<id>`);
+/// 2. in emergency mode, a warn or block stops it in both modes (`emergency:<id>`);
+/// 3. an operator's block stops it in both modes (`operator:<id>`);
+/// 4. a block in observe mode is a verdict that does not stop (recorded as observed).
+///
+/// Outside the containment scope, nothing.
+pub fn verdict(ruling: &Ruling, rules: Option<&(Action, String)>) -> Option<Verdict> {
+    if !ruling.in_scope {
+        return None;
+    }
+    let mode = ruling.mode;
+    let verdict = |why, stop| Verdict { why, mode, stop };
+    let rules = rules.map(|(a, r)| (*a, r.as_str()));
+    let strongest = match (rules, ruling.policy_strongest()) {
+        (Some(r), Some(p)) => Some(if p.0 > r.0 { p } else { r }),
+        (r, p) => r.or(p),
+    };
+    let by_rules = match strongest {
+        Some((Action::Block, rule)) if mode == EnforceMode::Enforce => {
+            Some(verdict(StopReason::Rule(rule.into()), true))
+        }
+        Some((Action::Block | Action::Warn, rule)) if ruling.emergency => {
+            Some(verdict(StopReason::Emergency(rule.into()), true))
+        }
+        Some((Action::Block, rule)) => Some(verdict(StopReason::Rule(rule.into()), false)),
+        _ => None,
+    };
+    if by_rules.as_ref().is_some_and(|v| v.stop) {
+        return by_rules;
+    }
+    match &ruling.block {
+        Some(block) => {
+            Some(verdict(StopReason::Operator { id: block.id.clone(), reason: block.spec.reason.clone() }, true))
+        }
+        None => by_rules,
+    }
 }
 
 /// Why a call is stopped (or, observed, would be).
@@ -81,42 +112,6 @@ pub struct Verdict {
     pub stop: bool,
 }
 
-/// What was done about a call that was (or would have been) stopped, in its record.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Outcome {
-    /// The connection was destroyed.
-    ConnectionKilled,
-    /// Destroying the connection failed (`detail` says why).
-    KillFailed,
-    /// Observe mode: enforce mode would have stopped the call; it went on (`detail` says
-    /// why).
-    Observed,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct Enforcement {
-    /// `rule:<id>`, `operator:<block id>` or `emergency:<rule id>`.
-    pub by: String,
-    /// The half whose inspection decided.
-    pub half: Half,
-    /// The enforcement mode when the call was judged.
-    pub mode: EnforceMode,
-    pub outcome: Outcome,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub detail: Option<String>,
-    pub connections_killed: u32,
-    /// From the kernel's timestamp of the deciding bytes to the connection destroyed, µs
-    /// (absent when no kill was attempted: an observed call).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub verdict_to_kill_us: Option<u64>,
-    /// Request-stream bytes the application sent after the deciding bytes (before the kill
-    /// took effect, as far as capture saw; for an observed call, the rest of it).
-    pub bytes_out_after_verdict: u64,
-    /// Response-stream bytes the application received after the deciding bytes.
-    pub bytes_in_after_verdict: u64,
-}
-
 /// Ends a connection, known by its process and TLS connection pointer.
 pub trait ConnectionKiller: Send + Sync {
     /// Destroy the connection of `tgid` whose library connection object is `conn` (the
@@ -144,6 +139,8 @@ pub struct Containment {
     /// Only callers in this cgroup v2 subtree (as /proc/PID/cgroup names it) are stopped:
     /// the subtree the containment programs are attached to. None: every caller.
     pub scope: Option<String>,
+    /// The rules in force, for the tenants' provider and model allowlists.
+    pub inspector: Option<Arc<Inspector>>,
 }
 
 impl Containment {
@@ -157,7 +154,7 @@ impl Containment {
     }
 
     /// The provider of a call: by its host when the book knows it, else by the API's shape.
-    /// The book learns the host at the call's checkpoint ([`Containment::judge`]); later
+    /// The book learns the host at the call's checkpoint ([`Containment::rule`]); later
     /// lookups of the same call pass `learn = false`.
     pub fn provider_of(
         &self,
@@ -173,46 +170,41 @@ impl Containment {
         known.map_or(std::borrow::Cow::Borrowed(detected), std::borrow::Cow::Owned)
     }
 
-    /// Whether the call at `cp`, made by a process in `cgroup` running `exe`, must stop, or
-    /// would in enforce mode (see the module documentation for the order).
-    pub fn judge(&self, cp: &Checkpoint, cgroup: &str, exe: Option<&Path>) -> Option<Verdict> {
+    /// Rule on a call: the one place where operator blocks, emergency mode, the enforcement
+    /// mode, the containment scope and the tenants' policies are matched against a call's
+    /// facts (see `policy::ruling`). `learn`: the host book learns the call's host (at the
+    /// request's checkpoint; later rulings of the same call pass false).
+    pub fn rule(&self, facts: &CallFacts, learn: bool) -> Ruling {
         // Every call teaches the book its host, in scope or not.
-        let provider = self.provider_of(cp.host.as_deref(), cp.provider, cp.half == Half::Request);
-        if let Some(scope) = &self.scope
-            && !crate::cgroup::covers(scope, cgroup)
-        {
-            return None;
-        }
-        let mode = self.mode();
-        let emergency = self.view.as_ref().is_some_and(|v| v.emergency_applies_to(cgroup));
-        let verdict = |why, stop| Verdict { why, mode, stop };
-        let by_rules = match &cp.rules {
-            Some((Action::Block, rule)) if mode == EnforceMode::Enforce => {
-                Some(verdict(StopReason::Rule(rule.clone()), true))
+        let provider = self.provider_of(facts.host, facts.provider, learn).into_owned();
+        let in_scope = self.scope.as_deref().is_none_or(|scope| crate::cgroup::covers(scope, facts.cgroup));
+        let (emergency, block) = match &self.view {
+            Some(view) => {
+                let subject = Subject {
+                    provider: Some(&provider),
+                    model: facts.model,
+                    host: facts.host,
+                    path: facts.path,
+                    peer: None,
+                    cgroup: facts.client.then_some(facts.cgroup),
+                    exe: if facts.client { facts.exe } else { None },
+                };
+                (facts.client && view.emergency_applies_to(facts.cgroup), view.matching_block(&subject))
             }
-            Some((Action::Block | Action::Warn, rule)) if emergency => {
-                Some(verdict(StopReason::Emergency(rule.clone()), true))
-            }
-            Some((Action::Block, rule)) => Some(verdict(StopReason::Rule(rule.clone()), false)),
-            _ => None,
+            None => (false, None),
         };
-        if by_rules.as_ref().is_some_and(|v| v.stop) {
-            return by_rules;
-        }
-        let Some(view) = &self.view else { return by_rules };
-        let subject = Subject {
-            provider: Some(&provider),
-            model: cp.model.as_deref(),
-            host: cp.host.as_deref(),
-            path: Some(&cp.path),
-            peer: None,
-            cgroup: Some(cgroup),
-            exe,
+        let policy = match (&self.inspector, facts.client) {
+            (Some(inspector), true) => policy_records(&inspector.in_force().1, facts.cgroup, &provider, facts.model),
+            _ => Vec::new(),
         };
-        match view.matching_block(&subject) {
-            Some(block) => Some(verdict(StopReason::Operator { id: block.id, reason: block.spec.reason }, true)),
-            None => by_rules,
-        }
+        Ruling { mode: self.mode(), in_scope, emergency, block, provider, policy }
+    }
+
+    /// Whether the call at `cp`, made by a process in `cgroup` running `exe` (its client
+    /// end), must stop, or would in enforce mode: [`Self::rule`], then [`verdict`].
+    pub fn judge(&self, cp: &Checkpoint, cgroup: &str, exe: Option<&Path>) -> Option<Verdict> {
+        let ruling = self.rule(&cp.facts(true, cgroup, exe), cp.half == Half::Request);
+        verdict(&ruling, cp.rules.as_ref())
     }
 
     /// Act on `verdict` for the call at `cp`: end the connection `conn` of process `tgid`,
@@ -329,6 +321,51 @@ mod tests {
     }
 
     use EnforceMode::{Enforce, Observe};
+
+    /// The kill and the record come from one ruling: a tenant policy's block stops a call
+    /// in enforce mode like a rule's (and is observed in observe mode), the stronger of the
+    /// rules and the policies decides, and outside the containment scope nothing stops.
+    #[test]
+    fn a_policy_block_stops_like_a_rule_and_the_scope_bounds_everything() {
+        use crate::{
+            policy::decision::{Kept, MatchRecord},
+            rules::pack::{Category, Scope as TextScope, Severity},
+        };
+        let policy = MatchRecord {
+            rule: "policy.approved_providers".into(),
+            category: Category::Policy,
+            action: Action::Block,
+            severity: Severity::Sev2,
+            half: Half::Request,
+            scope: TextScope::Text,
+            rationale: "not an approved provider".into(),
+            pack: "tenant@1".into(),
+            evidence: Kept::Text("provider=openai".into()),
+            decoded_from: None,
+            at_ms: None,
+        };
+        let ruling = |mode, in_scope| Ruling {
+            mode,
+            in_scope,
+            emergency: false,
+            block: None,
+            provider: "openai".into(),
+            policy: vec![policy.clone()],
+        };
+        let by_policy = "policy.approved_providers";
+        assert_eq!(verdict(&ruling(Enforce, true), None), rule(by_policy, Enforce, true));
+        assert_eq!(verdict(&ruling(Observe, true), None), rule(by_policy, Observe, false));
+        let warn = (Action::Warn, "r2".to_owned());
+        assert_eq!(
+            verdict(&ruling(Enforce, true), Some(&warn)),
+            rule(by_policy, Enforce, true),
+            "the stronger decides"
+        );
+        let block = (Action::Block, "r1".to_owned());
+        assert_eq!(verdict(&ruling(Enforce, false), Some(&block)), None, "outside the scope");
+        let clean = Ruling { policy: Vec::new(), ..ruling(Enforce, true) };
+        assert_eq!(verdict(&clean, Some(&warn)), None);
+    }
 
     #[test]
     fn rule_blocks_are_observed_in_observe_mode_and_stop_in_enforce_mode() {

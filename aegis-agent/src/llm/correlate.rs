@@ -205,6 +205,7 @@ mod tests {
             inspection: None,
             decision: None,
             enforcement: None,
+            ruling: None,
         }
     }
 

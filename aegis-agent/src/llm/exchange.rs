@@ -50,11 +50,11 @@ use super::{
     usage::ResponseSummary,
 };
 use crate::{
-    enforce::verdict::{Checkpoint, Enforcement, Outcome},
     policy::{
         Inspector,
         decision::{Decision, Half},
         inspect::{CallInspection, Unseen},
+        ruling::{Checkpoint, Enforcement, Outcome, Ruling},
     },
     protocol::{
         encoding::BodyDecoder,
@@ -111,6 +111,9 @@ pub struct Observation {
     pub decision: Option<Decision>,
     /// The call was stopped while on the wire, and how (or, observed, would have been).
     pub enforcement: Option<Enforcement>,
+    /// The ruling of its last checkpoint (see `policy::ruling`): the record's decision is
+    /// built from it, so that it is the decision that was enforced. None: never judged.
+    pub ruling: Option<Ruling>,
 }
 
 /// Counters of what was skipped, for the agent's health report.
@@ -256,6 +259,8 @@ struct Exchange {
     /// Strongest rule action already raised in a checkpoint.
     raised: Option<Action>,
     enforcement: Option<Enforcement>,
+    /// The ruling of the last checkpoint judged.
+    ruling: Option<Ruling>,
 }
 
 impl Exchange {
@@ -503,6 +508,18 @@ impl ExchangeTracker {
     /// before sending the other end of a local call out alone (see `llm::correlate`).
     pub fn take_announced(&mut self, into: &mut Vec<u64>) {
         into.append(&mut self.announced);
+    }
+
+    /// The call of exchange `seq` was judged at a checkpoint: keep the ruling, which its
+    /// record's decision is built from.
+    pub fn record_ruling(&mut self, seq: u64, ruling: Ruling) {
+        let orphan = match &mut self.responding {
+            Responding::Orphan(x) => Some(x.as_mut()),
+            _ => None,
+        };
+        if let Some(x) = self.queue.iter_mut().chain(orphan).find(|x| x.seq == seq) {
+            x.ruling = Some(ruling);
+        }
     }
 
     /// The call of exchange `seq` was stopped (or observed): keep how, and count the bytes
@@ -757,6 +774,7 @@ impl ExchangeTracker {
             lost_before,
             raised: None,
             enforcement: None,
+            ruling: None,
             req: RequestState {
                 head,
                 captured: true,
@@ -991,6 +1009,7 @@ impl ExchangeTracker {
             lost_before: true,
             raised: None,
             enforcement: None,
+            ruling: None,
             req: RequestState {
                 head,
                 captured: false,
@@ -1158,7 +1177,7 @@ impl ExchangeTracker {
         }
         if let Some(inspector) = &self.inspector {
             let mut inspection = CallInspection::new(inspector.clone());
-            inspection.request(call.api, &req.body, truncated);
+            inspection.request(super::content::request_texts(call.api, &req.body), &req.body, truncated);
             x.inspection = Some(inspection);
         }
         // The response may have started before the request was complete.
@@ -1188,7 +1207,7 @@ impl ExchangeTracker {
     }
 
     fn observe(&self, x: Exchange) -> Option<Observation> {
-        let Exchange { mut req, mut resp, mut inspection, enforcement, .. } = x;
+        let Exchange { mut req, mut resp, mut inspection, enforcement, ruling, .. } = x;
         let call = req.call.take()?;
         let fingerprint = (req.captured && !req.unparsed).then(|| fingerprint(&req));
         let mut notes = std::mem::take(&mut req.notes);
@@ -1251,6 +1270,7 @@ impl ExchangeTracker {
             inspection,
             decision: None,
             enforcement,
+            ruling,
             call,
         })
     }

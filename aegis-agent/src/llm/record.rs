@@ -9,7 +9,7 @@ use super::{
     detect::ApiKind,
     exchange::{Observation, Side},
 };
-use crate::{capture::process::ProcessInfo, policy::decision::Decision};
+use crate::policy::decision::Decision;
 
 /// A process at one end of a call.
 #[derive(Clone, Debug, Serialize)]
@@ -31,17 +31,8 @@ pub struct TlsSource {
     pub hooks: Vec<&'static str>,
 }
 
-impl Endpoint {
-    pub fn new(process: ProcessInfo, tid: u32, tls: TlsSource) -> Self {
-        let ProcessInfo { pid, comm, exe, uid, cgroup } = process;
-        Self { pid, tid, comm, exe, uid, cgroup, tls }
-    }
-}
-
 #[derive(Clone, Debug, Serialize)]
 pub struct CallRecord {
-    #[serde(rename = "type")]
-    pub kind: &'static str,
     pub call_id: String,
     /// Wall-clock time of the request's first byte, RFC 3339 UTC.
     pub time: String,
@@ -79,7 +70,7 @@ pub struct CallRecord {
     /// The call was stopped on the wire (its connection destroyed), by whom, how fast, and
     /// what still passed after the verdict.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub enforcement: Option<crate::enforce::verdict::Enforcement>,
+    pub enforcement: Option<crate::policy::ruling::Enforcement>,
 }
 
 impl CallRecord {
@@ -91,7 +82,6 @@ impl CallRecord {
         let unix_ns = o.request_start_ns as i128 + wall_offset_ns;
         let path = o.target.as_deref().map(|t| t.split('?').next().unwrap_or_default().to_owned());
         Self {
-            kind: "llm_call",
             call_id: call_id(process.pid, o.request_start_ns, o.fingerprint.unwrap_or(0)),
             time: crate::clock::rfc3339(unix_ns),
             provider: o.call.provider,

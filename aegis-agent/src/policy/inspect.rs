@@ -34,7 +34,6 @@ use super::{
 };
 use crate::{
     control::Block,
-    llm::{content, detect::ApiKind},
     rules::{
         PackPolicy,
         engine::{Engine, Finding, ScanStats},
@@ -61,6 +60,30 @@ pub fn operator_record(block: &Block) -> MatchRecord {
 
 /// A part of a call whose content never reached the rules; each is a rule id of the
 /// `enforce.uninspectable` verdict: `uninspectable.<part>`.
+/// The findings of the allowlists of `policies` (pack name, policy) for a call by a process
+/// in `cgroup` to `provider`/`model`.
+pub fn policy_records(policies: &[PackPolicy], cgroup: &str, provider: &str, model: Option<&str>) -> Vec<MatchRecord> {
+    allowlist::violations(policies.iter().map(|(_, p)| p), cgroup, provider, model)
+        .into_iter()
+        .map(|p| {
+            let pack = policies.iter().find(|(_, q)| std::ptr::eq(q, p)).map(|(n, _)| n.clone()).unwrap_or_default();
+            MatchRecord {
+                rule: p.id.clone(),
+                category: Category::Policy,
+                action: p.action,
+                severity: p.severity,
+                half: Half::Request,
+                scope: Scope::Text,
+                rationale: p.rationale.clone(),
+                pack,
+                evidence: Kept::Text(format!("provider={provider} model={} tenant={cgroup}", model.unwrap_or("?"))),
+                decoded_from: None,
+                at_ms: None,
+            }
+        })
+        .collect()
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Unseen {
     /// The request's head could not be read past its start line, so its body was not
@@ -112,7 +135,6 @@ impl std::fmt::Debug for CallInspection {
 pub struct CallInspection {
     inspector: Arc<Inspector>,
     engine: Arc<Engine>,
-    policies: Arc<[PackPolicy]>,
     builder: DecisionBuilder,
     findings: Vec<Finding>,
     /// Last STREAM_WINDOW bytes of response text already scanned.
@@ -121,32 +143,25 @@ pub struct CallInspection {
 
 impl CallInspection {
     pub fn new(inspector: Arc<Inspector>) -> Self {
-        let (engine, policies) = inspector.in_force();
-        Self {
-            inspector,
-            engine,
-            policies,
-            builder: DecisionBuilder::default(),
-            findings: Vec::new(),
-            tail: String::new(),
-        }
+        let (engine, _) = inspector.in_force();
+        Self { inspector, engine, builder: DecisionBuilder::default(), findings: Vec::new(), tail: String::new() }
     }
 
-    /// Inspect a complete (decoded) request body. `truncated`: the body is shorter than
+    /// Inspect a complete (decoded) request body: `texts`, its texts by scope as the API's
+    /// structure gives them (`llm::content::request_texts`), or None when it is not its
+    /// API's JSON (then the body is scanned as text). `truncated`: the body is shorter than
     /// what was sent (cap, capture gap).
-    pub fn request(&mut self, api: ApiKind, body: &[u8], truncated: bool) {
+    pub fn request(&mut self, texts: Option<Vec<(Scope, String)>>, body: &[u8], truncated: bool) {
         if truncated {
             self.uninspectable(Unseen::RequestBody, "request_body_incomplete");
         }
-        match content::request_texts(api, body) {
+        match texts {
             Some(texts) => {
                 for (scope, text) in texts {
                     self.scan(text.as_bytes(), Half::Request, scope, None);
                 }
             }
             None => {
-                // Not JSON (cut short, or not what the API expects): every rule still
-                // sees the raw text, without the scopes.
                 self.builder.not_scanned("request_body_not_json_scanned_as_text");
                 self.scan(body, Half::Request, Scope::Text, None);
             }
@@ -175,25 +190,16 @@ impl CallInspection {
         self.tail = window;
     }
 
-    /// Check the call against the provider/model allowlists of its tenant (`cgroup`).
-    pub fn check_policies(&mut self, cgroup: &str, provider: &str, model: Option<&str>) {
-        for p in allowlist::violations(self.policies.iter().map(|(_, p)| p), cgroup, provider, model) {
-            let pack =
-                self.policies.iter().find(|(_, q)| std::ptr::eq(q, p)).map(|(n, _)| n.clone()).unwrap_or_default();
-            self.builder.add_record(MatchRecord {
-                rule: p.id.clone(),
-                category: Category::Policy,
-                action: p.action,
-                severity: p.severity,
-                half: Half::Request,
-                scope: Scope::Text,
-                rationale: p.rationale.clone(),
-                pack,
-                evidence: Kept::Text(format!("provider={provider} model={} tenant={cgroup}", model.unwrap_or("?"))),
-                decoded_from: None,
-                at_ms: None,
-            });
+    /// Add what `ruling` found (policy findings, the operator's block) to the decision,
+    /// and finish it (emergency mode as the ruling says).
+    pub fn finish_with(mut self, ruling: &super::ruling::Ruling) -> Decision {
+        for record in &ruling.policy {
+            self.builder.add_record(record.clone());
         }
+        if let Some(block) = &ruling.block {
+            self.builder.add_record(operator_record(block));
+        }
+        self.finish(ruling.emergency)
     }
 
     /// Part of the call was inspected less precisely than its API allows (see the module

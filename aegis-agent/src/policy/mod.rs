@@ -11,6 +11,7 @@ pub mod decision;
 pub mod inspect;
 pub mod redact;
 pub mod reload;
+pub mod ruling;
 
 use std::sync::{Arc, RwLock};
 

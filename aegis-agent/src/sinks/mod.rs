@@ -14,8 +14,9 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use serde::Serialize;
+pub mod record;
 
+use self::record::{AgentIdentity, Identity, Line, Record, RecordsLost, SCHEMA_VERSION};
 use crate::journal::{Journal, Ledger};
 
 /// How often a failing file is tried again.
@@ -32,6 +33,8 @@ pub struct JsonLines {
     pub write_errors: u64,
     /// The decision log, which takes every record too (kind: its `type`).
     ledger: Option<std::sync::Arc<dyn Ledger>>,
+    /// Who writes: stamped on every line.
+    identity: Identity,
 }
 
 /// The file side: the journal, what waits for it, and what was lost.
@@ -93,7 +96,13 @@ impl JsonLines {
             })
         };
         let stdout = stdout.then(|| BufWriter::new(std::io::stdout()));
-        Ok(Self { stdout, file, written: 0, write_errors: 0, ledger: None })
+        Ok(Self { stdout, file, written: 0, write_errors: 0, ledger: None, identity: Identity::new(None, None, None) })
+    }
+
+    /// Stamp every line with `identity` (see [`record`]).
+    pub fn with_identity(mut self, identity: Identity) -> Self {
+        self.identity = identity;
+        self
     }
 
     /// Also append every record to `ledger` (the decision log).
@@ -102,8 +111,9 @@ impl JsonLines {
         self
     }
 
-    pub fn write<T: Serialize>(&mut self, record: &T) {
-        let mut line = match serde_json::to_vec(record) {
+    pub fn write(&mut self, record: &Record) {
+        let line = Line { record, schema: SCHEMA_VERSION, agent: self.identity.current() };
+        let mut line = match serde_json::to_vec(&line) {
             Ok(l) => l,
             Err(e) => {
                 self.write_errors += 1;
@@ -113,11 +123,8 @@ impl JsonLines {
         };
         line.push(b'\n');
         if let Some(ledger) = &self.ledger {
-            match serde_json::to_value(record) {
-                Ok(body) => {
-                    let kind = body.get("type").and_then(|t| t.as_str()).unwrap_or("record").to_owned();
-                    ledger.append(&kind, &body);
-                }
+            match serde_json::from_slice::<serde_json::Value>(&line) {
+                Ok(body) => ledger.append(record.kind(), &body),
                 Err(e) => tracing::error!(error = %e, "cannot serialise a record for the decision log"),
             }
         }
@@ -138,8 +145,9 @@ impl JsonLines {
         {
             self.write_errors += 1;
         }
+        let agent = self.identity.current();
         if let Some(f) = &mut self.file {
-            f.flush(Instant::now());
+            f.flush(Instant::now(), agent);
         }
     }
 
@@ -173,7 +181,7 @@ impl FileSink {
         self.pending_records += 1;
     }
 
-    fn flush(&mut self, now: Instant) {
+    fn flush(&mut self, now: Instant, agent: &AgentIdentity) {
         if self.pending.is_empty() && self.lost_unreported == 0 {
             return;
         }
@@ -181,8 +189,9 @@ impl FileSink {
             return;
         }
         let mut batch = std::mem::take(&mut self.pending);
-        if self.lost_unreported > 0 {
-            batch.extend_from_slice(&self.lost_line());
+        let lost_line = (self.lost_unreported > 0).then(|| self.lost_line(agent));
+        if let Some(line) = &lost_line {
+            batch.extend_from_slice(line);
         }
         match self.journal.append(&batch) {
             Ok(()) => {
@@ -201,8 +210,8 @@ impl FileSink {
                 self.lost_since = None;
             }
             Err(e) => {
-                if self.lost_unreported > 0 {
-                    batch.truncate(batch.len() - self.lost_line().len());
+                if let Some(line) = &lost_line {
+                    batch.truncate(batch.len() - line.len());
                 }
                 self.pending = batch;
                 self.retry_at = now + RETRY_EVERY;
@@ -221,17 +230,17 @@ impl FileSink {
     }
 
     /// The `records_lost` record for what was dropped since the last one.
-    fn lost_line(&self) -> Vec<u8> {
+    fn lost_line(&self, agent: &AgentIdentity) -> Vec<u8> {
         let since = self.lost_since.unwrap_or_else(SystemTime::now);
         let reason = self.failing.as_ref().map_or("the file could not be written", |(_, e)| e.as_str());
-        let mut line = serde_json::to_vec(&serde_json::json!({
-            "type": "records_lost",
-            "time": crate::clock::now_rfc3339(),
-            "count": self.lost_unreported,
-            "since": crate::clock::rfc3339_at(since),
-            "reason": reason,
-        }))
-        .expect("a JSON object serialises");
+        let record = Record::RecordsLost(RecordsLost {
+            time: crate::clock::now_rfc3339(),
+            count: self.lost_unreported,
+            since: crate::clock::rfc3339_at(since),
+            reason: reason.to_owned(),
+        });
+        let mut line = serde_json::to_vec(&Line { record: &record, schema: SCHEMA_VERSION, agent })
+            .expect("a records_lost record serialises");
         line.push(b'\n');
         line
     }
@@ -279,12 +288,15 @@ mod tests {
         let filler = disk.0.join("filler");
         std::fs::write(&filler, vec![b'x'; 56 * 1024]).unwrap();
         let mut sink = JsonLines::open(false, &path, 16 * 1024).unwrap();
-        let record = |i: u64| serde_json::json!({"type": "llm_call", "n": i, "pad": "p".repeat(900)});
+        let agent = Identity::new(None, None, None).current().clone();
+        let record = |i: u64| {
+            Record::RecordsLost(RecordsLost { time: "t".into(), count: i, since: "s".into(), reason: "p".repeat(900) })
+        };
         let start = Instant::now();
         for i in 0..40 {
             sink.write(&record(i));
             if let Some(f) = &mut sink.file {
-                f.flush(start);
+                f.flush(start, &agent);
             }
         }
         let h = sink.file_health();
@@ -294,19 +306,24 @@ mod tests {
         // Space again: the next retry writes what was held, then says what was lost.
         std::fs::remove_file(&filler).unwrap();
         let f = sink.file.as_mut().unwrap();
-        f.flush(start + Duration::from_millis(10));
+        f.flush(start + Duration::from_millis(10), &agent);
         assert!(sink.file_health().failing, "no retry before a second has passed");
-        sink.file.as_mut().unwrap().flush(start + RETRY_EVERY + Duration::from_millis(10));
+        sink.file.as_mut().unwrap().flush(start + RETRY_EVERY + Duration::from_millis(10), &agent);
         assert_eq!(sink.file_health(), FileHealth { pending: 0, lost: h.lost, failing: false });
         let all = lines(&path);
-        let calls = all.iter().filter(|l| l["type"] == "llm_call").count() as u64;
-        let marker: Vec<_> = all.iter().filter(|l| l["type"] == "records_lost").collect();
+        let calls = all.iter().filter(|l| l["reason"].as_str().is_some_and(|r| r.starts_with("ppp"))).count() as u64;
+        let marker: Vec<_> =
+            all.iter().filter(|l| l["reason"].as_str().is_some_and(|r| !r.starts_with("ppp"))).collect();
         assert_eq!(marker.len(), 1, "{marker:?}");
         assert_eq!(marker[0]["count"].as_u64(), Some(h.lost));
         assert!(marker[0]["reason"].as_str().unwrap().contains("No space left"), "{}", marker[0]);
         assert_eq!(calls + h.lost, 40);
         // Records in order, none twice.
-        let ns: Vec<u64> = all.iter().filter_map(|l| l["n"].as_u64()).collect();
+        let ns: Vec<u64> = all
+            .iter()
+            .filter(|l| l["reason"].as_str().is_some_and(|r| r.starts_with("ppp")))
+            .filter_map(|l| l["count"].as_u64())
+            .collect();
         assert!(ns.windows(2).all(|w| w[0] < w[1]), "{ns:?}");
     }
 }

@@ -20,13 +20,13 @@ use std::{
 };
 
 use aegis_agent::{
+    clock::rfc3339,
     evidence::{
         key::HostKey,
         log::{CheckpointPolicy, DecisionLog, Entry},
         proof, verify,
     },
     journal::Journal,
-    llm::record::rfc3339,
 };
 use serde_json::json;
 

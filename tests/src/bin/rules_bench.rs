@@ -219,7 +219,7 @@ fn inspect_requests(inspector: &Arc<Inspector>, corpus: &Corpus, seconds: f64) -
     let bytes: usize = requests.iter().map(|(_, b)| b.len()).sum();
     let inspect = |api: ApiKind, body: &[u8]| {
         let mut call = CallInspection::new(Arc::clone(inspector));
-        call.request(api, body, false);
+        call.request(aegis_agent::llm::content::request_texts(api, body), body, false);
         call.finish(false)
     };
 
