@@ -15,6 +15,7 @@
 //! kernel offers them, and what each capability came to), [`failpoint`] (fault tests).
 
 pub mod capture;
+pub mod collector;
 pub mod commands;
 pub mod config;
 pub mod control;
