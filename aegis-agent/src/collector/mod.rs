@@ -193,7 +193,7 @@ mod tests {
         assert_eq!(c.agents[&v1.dsse_keyid()].client_identity, "web-1");
         assert_eq!(c.section.max_body_bytes, 64 << 20);
         for (agents, why) in [
-            (format!("[[agents]]\nname = \"a\"\nverifier = \"nope\"\nclient_identity = \"a\"\n"), "key show"),
+            ("[[agents]]\nname = \"a\"\nverifier = \"nope\"\nclient_identity = \"a\"\n".into(), "key show"),
             (format!("[[agents]]\nname = \"a\"\nverifier = \"{v1}\"\nclient_identity = \"not a name\"\n"), "DNS name"),
             (
                 format!(

@@ -191,7 +191,7 @@ async fn handle(
     let path = req.uri().path().to_owned();
     match (req.method(), path.strip_prefix(BUNDLE_PATH)) {
         (&Method::PUT, Some(digest)) => match hex::decode_hash(digest) {
-            Some(_) => put_bundle(state, client_cert, peer, &digest.to_owned(), req).await,
+            Some(_) => put_bundle(state, client_cert, peer, digest, req).await,
             None => bad_digest(peer, digest),
         },
         (&Method::GET, Some(digest)) => match hex::decode_hash(digest) {
@@ -407,18 +407,27 @@ async fn list_bundles(state: &Arc<State>, peer: SocketAddr, query: &str) -> Resp
     let mut q = Query { limit: DEFAULT_LIST_LIMIT, ..Query::default() };
     for (key, value) in url::form_urlencoded::parse(query.as_bytes()) {
         let value = value.into_owned();
-        let time = |v: &str| parse_rfc3339_ms(v).map(Some);
-        let parsed = match key.as_ref() {
-            "host" => Ok(q.host = Some(value)),
-            "incident" => Ok(q.incident = Some(value)),
-            "severity" => match Severity::parse(&value) {
-                Some(_) => Ok(q.severity = Some(value)),
-                None => Err(format!("severity {value:?} is not SEV-1, SEV-2 or SEV-3")),
-            },
-            "since" => time(&value).map(|t| q.since_ms = t),
-            "until" => time(&value).map(|t| q.until_ms = t),
+        let parsed: Result<(), String> = match key.as_ref() {
+            "host" => {
+                q.host = Some(value);
+                Ok(())
+            }
+            "incident" => {
+                q.incident = Some(value);
+                Ok(())
+            }
+            "severity" if Severity::parse(&value).is_some() => {
+                q.severity = Some(value);
+                Ok(())
+            }
+            "severity" => Err(format!("severity {value:?} is not SEV-1, SEV-2 or SEV-3")),
+            "since" => parse_rfc3339_ms(&value).map(|t| q.since_ms = Some(t)),
+            "until" => parse_rfc3339_ms(&value).map(|t| q.until_ms = Some(t)),
             "limit" => match value.parse::<u32>() {
-                Ok(n) if (1..=MAX_LIST_LIMIT).contains(&n) => Ok(q.limit = n),
+                Ok(n) if (1..=MAX_LIST_LIMIT).contains(&n) => {
+                    q.limit = n;
+                    Ok(())
+                }
                 _ => Err(format!("limit {value:?} is not a number from 1 to {MAX_LIST_LIMIT}")),
             },
             other => Err(format!("unknown parameter {other:?}")),
