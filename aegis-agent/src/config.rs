@@ -37,6 +37,8 @@ pub struct Config {
     pub capabilities: CapabilitiesConfig,
     /// The host key and the decision log (`[evidence]`).
     pub evidence: crate::evidence::EvidenceConfig,
+    /// Where evidence bundles are shipped (`[collector]`; empty url: nowhere).
+    pub collector: crate::evidence::spool::ShipperConfig,
 }
 
 /// `[capabilities]`: what this host cannot do without.

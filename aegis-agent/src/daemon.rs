@@ -164,6 +164,8 @@ pub fn run(config: &Config, ready_file: Option<&Path>) -> anyhow::Result<()> {
         )?),
         _ => None,
     };
+    // Evidence bundles in the spool go to [collector] url until the agent stops.
+    let _shipper = crate::evidence::spool::ShipperGuard::start(&config.collector);
     let outcome = caps.check_required(&config.capabilities.require).and_then(|()| {
         tracing::info!(
             targets = found.len(),

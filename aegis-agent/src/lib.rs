@@ -25,12 +25,16 @@
 //! - [`capture`]: the pipeline: load and attach the capture probes, read the ring buffer,
 //!   rebuild each connection's streams, and drive the stages above on worker threads.
 //! - [`evidence`]: the host signing key, the tamper-evident decision log (Merkle tree,
-//!   signed checkpoints) and signed evidence envelopes (DSSE, in-toto).
+//!   signed checkpoints) and signed evidence envelopes (DSSE, in-toto); the spool that
+//!   ships bundles to a collector.
+//! - [`collector`]: the server that receives bundles over mutual TLS, verifies them
+//!   against enrolled agent keys, stores them (object_store) and indexes them (SQLite).
 //! - [`daemon`], [`commands`]: the agent and the operator's commands.
 
 pub mod capture;
 pub mod cgroup;
 pub mod clock;
+pub mod collector;
 pub mod commands;
 pub mod config;
 pub mod control;

@@ -90,6 +90,17 @@ enum Command {
         #[command(subcommand)]
         command: aegis_agent::commands::evidence::EvidenceCommand,
     },
+    /// Receive the evidence bundles of enrolled agents over HTTPS with mutual TLS, check,
+    /// store and index them (see README "Collector").
+    Collector {
+        /// The collector's config (TOML): [collector] listen, store, index, ca, cert, key and
+        /// the enrolled [[agents]].
+        #[arg(long)]
+        config: PathBuf,
+        /// Write the address listened on into this file once serving (for scripts and tests).
+        #[arg(long)]
+        ready_file: Option<PathBuf>,
+    },
     /// Commands for the running agent, over its control socket. Exit status: 0 done, 1
     /// refused by the agent, 2 bad arguments, 3 the agent could not be asked.
     #[command(flatten)]
@@ -172,6 +183,9 @@ fn main() -> std::process::ExitCode {
         }
         Command::Evidence { command } => {
             return std::process::ExitCode::from(aegis_agent::commands::evidence::evidence(&command));
+        }
+        Command::Collector { config, ready_file } => {
+            aegis_agent::commands::collector::run(&config, ready_file.as_deref())
         }
         Command::Control(command) => {
             return std::process::ExitCode::from(aegis_agent::commands::control::run(&command));

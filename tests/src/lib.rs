@@ -19,6 +19,7 @@
 
 pub mod agent;
 pub mod clients;
+pub mod collector;
 pub mod contain;
 pub mod expect;
 pub mod mock;

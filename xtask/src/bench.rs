@@ -58,6 +58,20 @@ pub enum Bench {
         #[arg(long, default_value_t = 5)]
         seconds: u64,
     },
+    /// The collector: evidence bundles per second (1 KiB and 1 MiB) into `aegis-agent
+    /// collector` over mutual TLS, beside a trivial handler on the same TLS and the store
+    /// alone, from the same run.
+    Collector {
+        /// 1 KiB bundles uploaded.
+        #[arg(long, default_value_t = 3000)]
+        small: u32,
+        /// 1 MiB bundles uploaded.
+        #[arg(long, default_value_t = 100)]
+        large: u32,
+        /// Uploads in flight.
+        #[arg(long, default_value_t = 4)]
+        concurrency: u32,
+    },
     /// Containment: time from `aegis-agent block` to the first refused connect, from a
     /// content verdict to the call's connection destroyed (p50, p99), and connect()
     /// latency with and without the connect programs attached (ratio). Runs in a cgroup
@@ -78,6 +92,7 @@ pub fn run(which: Bench) -> anyhow::Result<()> {
         Bench::Rules { seconds, bodies, rulepack, keep } => rules(seconds, bodies, &rulepack, keep),
         Bench::Contain { rounds, connects } => crate::contain::bench(rounds, connects),
         Bench::Evidence { seconds } => evidence(seconds),
+        Bench::Collector { small, large, concurrency } => collector(small, large, concurrency),
     }
 }
 
@@ -528,6 +543,44 @@ fn evidence(seconds: u64) -> anyhow::Result<()> {
         sig3(f("verify_entries_per_sec")),
         sig3(f("prove_ms"))
     );
+    Ok(())
+}
+
+fn collector(small: u32, large: u32, concurrency: u32) -> anyhow::Result<()> {
+    build_agent(true)?;
+    run_cmd(cargo().args(["build", "--release", "--package", "aegis-tests", "--bin", "collector_bench"]))?;
+    let dir = std::env::temp_dir().join(format!("aegis-bench-collector-{}", std::process::id()));
+    let v = json_output(
+        Command::new(workspace_root().join("target/release/collector_bench")).arg("--dir").arg(&dir).args([
+            "--small",
+            &small.to_string(),
+            "--large",
+            &large.to_string(),
+            "--concurrency",
+            &concurrency.to_string(),
+        ]),
+        "collector_bench",
+    )?;
+    println!();
+    println!("collector benchmark: {concurrency} uploads in flight, 127.0.0.1, mutual TLS; CPU: {}", cpu_model());
+    println!(
+        "{:<8} {:>9} {:>14} {:>16} {:>14} {:>10} {:>12}",
+        "bundle", "bytes", "store alone/s", "TLS trivial/s", "collector/s", "MB/s", "vs trivial"
+    );
+    for row in v["rows"].as_array().into_iter().flatten() {
+        let f = |key: &str| row[key].as_f64().unwrap_or(f64::NAN);
+        let bytes = f("bundle_bytes");
+        println!(
+            "{:<8} {:>9} {:>14} {:>16} {:>14} {:>10} {:>12}",
+            row["size"].as_str().unwrap_or("?"),
+            bytes,
+            sig3(f("store_per_sec")),
+            sig3(f("trivial_per_sec")),
+            sig3(f("collector_per_sec")),
+            sig3(f("collector_per_sec") * bytes / 1e6),
+            sig3(f("collector_per_sec") / f("trivial_per_sec")) + "x"
+        );
+    }
     Ok(())
 }
 

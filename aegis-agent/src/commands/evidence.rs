@@ -31,6 +31,14 @@ pub struct ConfigArg {
 }
 
 impl ConfigArg {
+    /// `[collector]` of the agent's config.
+    fn collector(&self) -> anyhow::Result<crate::evidence::spool::ShipperConfig> {
+        Ok(match &self.config {
+            Some(path) => Config::load(path)?.collector,
+            None => Config::defaults().collector,
+        })
+    }
+
     fn evidence(&self) -> anyhow::Result<EvidenceConfig> {
         Ok(match &self.config {
             Some(path) => Config::load(path)?.evidence,
@@ -113,6 +121,59 @@ pub enum EvidenceCommand {
         /// Check the signature and the Statement only, not the subjects' files.
         #[arg(long)]
         signature_only: bool,
+    },
+    /// Put a signed bundle (a DSSE envelope file) into the spool; the shipper uploads it to
+    /// the collector of [collector] url. Exit 0 queued (or already queued), 2 refused (the
+    /// spool is full, or the file is not an envelope).
+    Ship {
+        /// The envelope.
+        bundle: PathBuf,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Print the spool's state (JSON): bundles and bytes queued, bounds, refusals.
+    Spool {
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Upload the spool to the collector in the foreground until SIGTERM/SIGINT (the daemon
+    /// runs the same shipper when [collector] url is set).
+    Shipper {
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// List the bundles a collector holds (oldest first). Exit 0 done, 2 error.
+    List {
+        #[command(flatten)]
+        collector: super::collector::CollectorArgs,
+        #[arg(long)]
+        host: Option<String>,
+        #[arg(long)]
+        incident: Option<String>,
+        /// SEV-1, SEV-2 or SEV-3.
+        #[arg(long)]
+        severity: Option<String>,
+        /// Bundles created at or after this time (RFC 3339).
+        #[arg(long)]
+        since: Option<String>,
+        /// Bundles created at or before this time (RFC 3339).
+        #[arg(long)]
+        until: Option<String>,
+        #[arg(long)]
+        limit: Option<u32>,
+        /// One JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Fetch a bundle from a collector by its digest; check that its bytes have that digest.
+    Fetch {
+        /// The bundle's SHA-256 (hex).
+        digest: String,
+        #[command(flatten)]
+        collector: super::collector::CollectorArgs,
+        /// Write it here [default: standard output].
+        #[arg(long, short)]
+        out: Option<PathBuf>,
     },
 }
 
@@ -237,9 +298,35 @@ fn check_proof(file: &Path, key: &str) -> anyhow::Result<u8> {
 
 /// Run `evidence ...`; the exit status.
 pub fn evidence(command: &EvidenceCommand) -> u8 {
-    let EvidenceCommand::Verify { bundle, key, subjects, signature_only } = command;
-    evidence_verify(bundle, key, subjects.as_deref(), *signature_only)
-        .unwrap_or_else(|e| usage_error("evidence verify", &e))
+    let (name, result) = match command {
+        EvidenceCommand::Verify { bundle, key, subjects, signature_only } => {
+            ("evidence verify", evidence_verify(bundle, key, subjects.as_deref(), *signature_only))
+        }
+        EvidenceCommand::Ship { bundle, config } => {
+            ("evidence ship", super::collector::ship(bundle, &config.collector()))
+        }
+        EvidenceCommand::Spool { config } => ("evidence spool", super::collector::spool_status(&config.collector())),
+        EvidenceCommand::Shipper { config } => ("evidence shipper", super::collector::shipper(&config.collector())),
+        EvidenceCommand::List { collector, host, incident, severity, since, until, limit, json } => {
+            let limit = limit.map(|l| l.to_string());
+            let query: Vec<(&str, &str)> = [
+                ("host", host.as_deref()),
+                ("incident", incident.as_deref()),
+                ("severity", severity.as_deref()),
+                ("since", since.as_deref()),
+                ("until", until.as_deref()),
+                ("limit", limit.as_deref()),
+            ]
+            .into_iter()
+            .filter_map(|(k, v)| Some((k, v?)))
+            .collect();
+            ("evidence list", super::collector::list(collector, &query, *json))
+        }
+        EvidenceCommand::Fetch { digest, collector, out } => {
+            ("evidence fetch", super::collector::fetch(collector, digest, out.as_deref()))
+        }
+    };
+    result.unwrap_or_else(|e| usage_error(name, &e))
 }
 
 fn evidence_verify(bundle: &Path, key: &str, subjects: Option<&Path>, signature_only: bool) -> anyhow::Result<u8> {

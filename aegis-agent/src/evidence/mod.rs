@@ -22,6 +22,9 @@
 //!   and names every entry, leaf record or checkpoint that does not hold.
 //! - [`dsse`]: DSSE envelopes around in-toto Statements v1, the format Sigstore, in-toto
 //!   and SLSA tools verify, for the evidence bundles of an incident.
+//! - [`bundle_meta`]: the predicate of an evidence bundle, what a collector indexes.
+//! - [`spool`]: the outbox of bundles on disk and the shipper that uploads it to the
+//!   collector ([`crate::collector`]), retrying until each is stored exactly once.
 //!
 //! # What it defends against, and what not
 //!
@@ -38,6 +41,7 @@
 //! This stage comes after `control` and uses the bottom modules (`journal`, `files`) and
 //! the time and directory helpers of earlier stages; nothing earlier imports it.
 
+pub mod bundle_meta;
 pub mod dsse;
 pub mod key;
 pub mod log;
@@ -45,6 +49,7 @@ pub mod merkle;
 pub mod note;
 pub mod proof;
 pub mod recorder;
+pub mod spool;
 pub mod verify;
 
 use std::path::PathBuf;
