@@ -37,6 +37,10 @@ pub struct Config {
     pub capabilities: CapabilitiesConfig,
     /// The host key and the decision log (`[evidence]`).
     pub evidence: crate::evidence::EvidenceConfig,
+    /// Incidents: where they are kept, and the rules that open them (`[incidents]`).
+    pub incidents: crate::evidence::incident::IncidentsConfig,
+    /// The recent history snapshots are cut from (`[lookback]`).
+    pub lookback: crate::sinks::lookback::LookbackConfig,
     /// Where evidence bundles are shipped (`[collector]`; empty url: nowhere).
     pub collector: crate::evidence::spool::ShipperConfig,
 }
@@ -200,6 +204,7 @@ impl Config {
             "capture.ring_buffer_bytes = {ring}: at most {MAX_RING_BUFFER_BYTES} (256 MiB); the kernel pins the \
              whole buffer in memory. If records report ring buffer drops, add capture.workers instead"
         );
+        self.lookback.validate()?;
         anyhow::ensure!(self.capture.max_connections > 0, "capture.max_connections must be > 0");
         anyhow::ensure!(self.capture.max_body_bytes > 0, "capture.max_body_bytes must be > 0");
         let c = &self.capture;

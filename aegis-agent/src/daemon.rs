@@ -140,8 +140,16 @@ pub fn run(config: &Config, ready_file: Option<&Path>) -> anyhow::Result<()> {
         server.view().mode(),
     );
 
+    let incidents = crate::evidence::incident::start_watcher(config, ledger.clone())
+        .context("cannot start the incident rules ([incidents])")?;
+    let (observer, incident_thread) = match incidents {
+        Some((w, t)) => (Some(w as Arc<dyn crate::sinks::RecordObserver>), Some(t)),
+        None => (None, None),
+    };
     let sink = JsonLines::open(config.output.stdout, &config.output.file, config.output.max_pending_bytes)?
+        .with_observer(observer)
         .with_identity(Identity::of_this_host(inspector.clone()))
+        .with_lookback(open_lookback(config))
         .with_ledger(ledger.clone());
     let pipeline = Pipeline::start(config, probes, discovery, source, sink, inspector.clone(), containment)?;
     let stop_reload = Arc::new(AtomicBool::new(false));
@@ -196,6 +204,10 @@ pub fn run(config: &Config, ready_file: Option<&Path>) -> anyhow::Result<()> {
         forward_denials(&e.enforcer, &pipeline, false);
     }
     let final_drops = pipeline.stop();
+    // The records are all written: the incident thread ends with its queue.
+    if let Some(t) = incident_thread {
+        let _ = t.join();
+    }
     *drops_handle.lock().unwrap_or_else(|e| e.into_inner()) = final_drops;
     report_counters(&counters, &final_drops);
     let nothing_blocked = server.view().blocks().is_empty();
@@ -227,6 +239,24 @@ pub fn run(config: &Config, ready_file: Option<&Path>) -> anyhow::Result<()> {
     }
     tracing::info!("stopped; all probes detached");
     outcome
+}
+
+/// The look-back, when `[lookback] enabled`. One that cannot be opened does not stop the
+/// agent: snapshots then have nothing to cut from, and the error says so.
+fn open_lookback(config: &Config) -> Option<crate::sinks::lookback::Lookback> {
+    if !config.lookback.enabled {
+        return None;
+    }
+    match crate::sinks::lookback::Lookback::open(&config.lookback) {
+        Ok(l) => {
+            tracing::info!(dir = %config.lookback.dir.display(), payloads = config.lookback.payloads, "look-back open");
+            Some(l)
+        }
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "the look-back cannot be opened: snapshots will have no history to cut from");
+            None
+        }
+    }
 }
 
 /// The decision log, when `[evidence] enabled`. One that cannot be opened (a damaged log, an

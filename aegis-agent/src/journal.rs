@@ -27,6 +27,12 @@ use anyhow::Context as _;
 pub trait Ledger: Send + Sync {
     /// Append an entry of `kind` (printable ASCII, no spaces) with `body`.
     fn append(&self, kind: &str, body: &serde_json::Value);
+
+    /// Sign a checkpoint covering everything appended so far; the log's size then. None:
+    /// no checkpoint could be signed (the error is logged).
+    fn checkpoint(&self) -> Option<u64> {
+        None
+    }
 }
 
 impl std::fmt::Debug for dyn Ledger {

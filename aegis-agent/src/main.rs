@@ -101,6 +101,17 @@ enum Command {
         #[arg(long)]
         ready_file: Option<PathBuf>,
     },
+    /// Freeze the recent history of a process, cgroup, executable or provider into a signed
+    /// evidence bundle (see README "Incidents"); prints its path and digest.
+    Snapshot(aegis_agent::commands::incident::SnapshotArgs),
+    /// Incidents: open, list, show, ack, note, resolve, report.
+    Incident {
+        #[command(subcommand)]
+        command: aegis_agent::commands::incident::IncidentCommand,
+    },
+    /// Re-decide the calls of a bundle with other rulepacks; exit 1 when a harmful call is
+    /// still allowed, 2 on a usage error.
+    Replay(aegis_agent::commands::incident::ReplayArgs),
     /// Commands for the running agent, over its control socket. Exit status: 0 done, 1
     /// refused by the agent, 2 bad arguments, 3 the agent could not be asked.
     #[command(flatten)]
@@ -186,6 +197,11 @@ fn main() -> std::process::ExitCode {
         }
         Command::Collector { config, ready_file } => {
             aegis_agent::commands::collector::run(&config, ready_file.as_deref())
+        }
+        Command::Snapshot(args) => aegis_agent::commands::incident::snapshot(&args),
+        Command::Incident { command } => aegis_agent::commands::incident::incident(&command),
+        Command::Replay(args) => {
+            return std::process::ExitCode::from(aegis_agent::commands::incident::replay_cmd(&args));
         }
         Command::Control(command) => {
             return std::process::ExitCode::from(aegis_agent::commands::control::run(&command));

@@ -51,18 +51,19 @@ pub fn test_control_toml(dir: &Path) -> String {
     )
 }
 
-/// An `[evidence]` table whose host key and decision log are in `dir`, so that a test
-/// agent never writes to /var/lib/aegis.
+/// `[evidence]`, `[lookback]` and `[incidents]` tables whose host key, decision log,
+/// look-back (payloads kept, for replay), incidents and bundles are in `dir`, so that a
+/// test agent never writes to /var/lib/aegis.
 pub fn test_evidence_toml(dir: &Path) -> String {
     let path = |name: &str| format!("{:?}", dir.join(name).display().to_string());
     format!(
-        "[evidence]
-key = {}
-dir = {}
-name = \"aegis-test\"
-",
+        "[evidence]\nkey = {}\ndir = {}\nname = \"aegis-test\"\n\n[lookback]\ndir = {}\npayloads = true\n\n\
+         [incidents]\ndir = {}\nbundles_dir = {}\n",
         path("host.key"),
-        path("decision-log")
+        path("decision-log"),
+        path("lookback"),
+        path("incidents"),
+        path("bundles")
     )
 }
 

@@ -148,6 +148,8 @@ pub struct ConnTable {
     max_body: usize,
     limits: Limits,
     inspector: Option<Arc<Inspector>>,
+    /// Keep decoded request bodies for the look-back.
+    keep_payloads: bool,
     ended: Option<EndedLookup>,
     pub stats: ConnStats,
     scratch: Vec<Observation>,
@@ -167,10 +169,17 @@ impl ConnTable {
             max_body,
             limits,
             inspector,
+            keep_payloads: false,
             ended: None,
             stats: ConnStats::default(),
             scratch: Vec::new(),
         }
+    }
+
+    /// Keep each call's decoded request body for the look-back (`[lookback] payloads`).
+    pub fn with_payloads(mut self, keep: bool) -> Self {
+        self.keep_payloads = keep;
+        self
     }
 
     /// Where to find the ends of connections whose `SSL_free` event was lost.
@@ -305,8 +314,9 @@ impl ConnTable {
             let late = start > 0 || ev.peer_pos > 0 || left < ROLE_ATTEMPTS;
             conn.role = match recognise(ev.direction, &ev.data) {
                 Recognised::Http1(side) => {
-                    let mut tracker =
-                        ExchangeTracker::new(side, self.max_body, self.inspector.clone()).with_head_limits(self.limits);
+                    let mut tracker = ExchangeTracker::new(side, self.max_body, self.inspector.clone())
+                        .with_head_limits(self.limits)
+                        .with_payloads(self.keep_payloads);
                     if late {
                         tracker.started_late();
                     }

@@ -169,7 +169,8 @@ impl Pipeline {
                         config.capture.max_body_bytes,
                         config.capture.head_limits(),
                         inspector.clone(),
-                    );
+                    )
+                    .with_payloads(config.lookback.enabled && config.lookback.payloads);
                     match &ended {
                         Some(lookup) => table.with_ended(lookup.clone()),
                         None => table,

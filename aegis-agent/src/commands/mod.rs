@@ -7,6 +7,7 @@
 pub mod collector;
 pub mod control;
 pub mod evidence;
+pub mod incident;
 pub mod kernel;
 pub mod rules;
 pub mod scan;

@@ -132,6 +132,11 @@ impl AuditLog {
         written
     }
 
+    /// Have the decision log sign a checkpoint now; its size, or None without one.
+    pub fn checkpoint(&self) -> Option<u64> {
+        self.ledger.as_ref().and_then(|l| l.checkpoint())
+    }
+
     /// Also append every line to `ledger` (the decision log).
     pub fn with_ledger(mut self, ledger: Option<std::sync::Arc<dyn crate::journal::Ledger>>) -> Self {
         self.ledger = ledger;

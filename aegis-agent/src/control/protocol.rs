@@ -46,6 +46,9 @@ pub enum Request {
     Enforce { on: bool },
     /// The agent's version and counts, the enforcement mode, and the kernel capabilities.
     Status,
+    /// Sign a checkpoint of the decision log now (a snapshot's entries must be covered by
+    /// one to be proven); changes nothing else.
+    Checkpoint,
 }
 
 /// The agent's answer.
@@ -94,6 +97,10 @@ pub enum Reply {
         report: ApplyReport,
     },
     Status(AgentStatus),
+    /// The decision log's size, all of it covered by a checkpoint signed now.
+    Checkpoint {
+        size: u64,
+    },
 }
 
 /// What the daemon did to enforce a change (returned by
@@ -383,7 +390,7 @@ mod tests {
         assert_eq!(
             err(r#"{"v":1,"op":"explode"}"#),
             "invalid request: unknown variant `explode`, expected one of `block`, `unblock`, `list`, `emergency`, \
-             `enforce`, `status`"
+             `enforce`, `status`, `checkpoint`"
         );
         assert_eq!(err(r#"{"v":1,"op":"unblock"}"#), "invalid request: missing field `id`");
         assert_eq!(

@@ -157,6 +157,7 @@ pub fn reply_text(reply: &Reply, now_ms: u64) -> String {
             s
         }
         Reply::Status(status) => status_text(status),
+        Reply::Checkpoint { size } => format!("decision log checkpoint signed: {size} entries\n"),
     }
 }
 

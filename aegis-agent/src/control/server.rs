@@ -931,6 +931,15 @@ impl Core {
             Request::Enforce { on } => {
                 self.enforce(actor, if on { EnforceMode::Enforce } else { EnforceMode::Observe })
             }
+            Request::Checkpoint => match self.audit.checkpoint() {
+                Some(size) => Response::Ok(Reply::Checkpoint { size }),
+                None => Response::Error {
+                    message:
+                        "this agent keeps no decision log ([evidence] enabled = false, or it could not be opened: \
+                              see the agent's log)"
+                            .into(),
+                },
+            },
             Request::Status => self.view.read(|s| {
                 Response::Ok(Reply::Status(AgentStatus {
                     agent_version: env!("CARGO_PKG_VERSION").into(),

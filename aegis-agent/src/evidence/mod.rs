@@ -41,14 +41,17 @@
 //! This stage comes after `control` and uses the bottom modules (`journal`, `files`) and
 //! the time and directory helpers of earlier stages; nothing earlier imports it.
 
+pub mod bundle;
 pub mod bundle_meta;
 pub mod dsse;
+pub mod incident;
 pub mod key;
 pub mod log;
 pub mod merkle;
 pub mod note;
 pub mod proof;
 pub mod recorder;
+pub mod replay;
 pub mod spool;
 pub mod verify;
 

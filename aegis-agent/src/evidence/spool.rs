@@ -317,7 +317,7 @@ impl Spool {
 }
 
 /// Write `dir/name` whole or not at all: a temporary file, fsync, rename, fsync of `dir`.
-fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> anyhow::Result<()> {
+pub(crate) fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> anyhow::Result<()> {
     static N: AtomicU64 = AtomicU64::new(0);
     let tmp = dir.join(format!(".tmp-{name}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)));
     let written = OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp).and_then(|mut f| {

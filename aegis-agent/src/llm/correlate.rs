@@ -206,6 +206,7 @@ mod tests {
             decision: None,
             enforcement: None,
             ruling: None,
+            payload: None,
         }
     }
 

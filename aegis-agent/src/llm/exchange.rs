@@ -114,6 +114,9 @@ pub struct Observation {
     /// The ruling of its last checkpoint (see `policy::ruling`): the record's decision is
     /// built from it, so that it is the decision that was enforced. None: never judged.
     pub ruling: Option<Ruling>,
+    /// The decoded request body, when payloads are kept for the look-back (never written
+    /// to a record).
+    pub payload: Option<Arc<str>>,
 }
 
 /// Counters of what was skipped, for the agent's health report.
@@ -201,6 +204,8 @@ struct RequestState {
     notes: Vec<String>,
     /// Set at request end: the call, or None (not a model API call).
     call: Option<ApiCall>,
+    /// The decoded request body kept for the look-back (when payloads are kept).
+    payload: Option<Arc<str>>,
 }
 
 struct ResponseState {
@@ -400,6 +405,8 @@ impl Turns {
 pub struct ExchangeTracker {
     side: Side,
     max_body: usize,
+    /// Keep decoded request bodies for the look-back (`[lookback] payloads`).
+    keep_payloads: bool,
     inspector: Option<Arc<Inspector>>,
     /// Decoder output of one body piece (reused).
     scratch: Vec<u8>,
@@ -455,6 +462,7 @@ impl ExchangeTracker {
             receiving: false,
             events: Vec::new(),
             stats: ExchangeStats::default(),
+            keep_payloads: false,
             next_seq: 0,
             checkpoints: Vec::new(),
             announced: Vec::new(),
@@ -472,6 +480,12 @@ impl ExchangeTracker {
     }
 
     /// Read heads with `limits` (`capture.max_head_bytes` and its companions).
+    /// Keep each call's decoded request body (up to the body cap) for the look-back.
+    pub fn with_payloads(mut self, keep: bool) -> Self {
+        self.keep_payloads = keep;
+        self
+    }
+
     pub fn with_head_limits(mut self, limits: Limits) -> Self {
         self.requests = Http1Parser::new(StreamKind::Requests, limits);
         self.responses = Http1Parser::new(StreamKind::Responses, limits);
@@ -790,6 +804,7 @@ impl ExchangeTracker {
                 complete: true,
                 notes,
                 call: None,
+                payload: None,
             },
             resp: ResponseState::new(),
             inspection: None,
@@ -1025,6 +1040,7 @@ impl ExchangeTracker {
                 complete: false,
                 notes: vec!["request_not_captured".into()],
                 call: None,
+                payload: None,
             },
             resp: ResponseState::new(),
             inspection: None,
@@ -1180,6 +1196,9 @@ impl ExchangeTracker {
             inspection.request(super::content::request_texts(call.api, &req.body), &req.body, truncated);
             x.inspection = Some(inspection);
         }
+        if self.keep_payloads {
+            x.req.payload = Some(Arc::from(String::from_utf8_lossy(&x.req.body)));
+        }
         // The response may have started before the request was complete.
         if x.resp.head.is_some() && x.resp.reader.is_none() && x.resp.decoder.is_some() {
             start_reader(x, &call, self.max_body);
@@ -1271,6 +1290,7 @@ impl ExchangeTracker {
             decision: None,
             enforcement,
             ruling,
+            payload: req.payload.take(),
             call,
         })
     }

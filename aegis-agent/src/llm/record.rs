@@ -71,6 +71,10 @@ pub struct CallRecord {
     /// what still passed after the verdict.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub enforcement: Option<crate::policy::ruling::Enforcement>,
+    /// The decoded request body, kept for the look-back only when `[lookback] payloads`
+    /// allows it; never written to a record.
+    #[serde(skip)]
+    pub payload: Option<std::sync::Arc<str>>,
 }
 
 impl CallRecord {
@@ -108,6 +112,7 @@ impl CallRecord {
             notes: o.notes,
             decision: o.decision,
             enforcement: o.enforcement,
+            payload: o.payload,
         }
     }
 }

@@ -14,10 +14,17 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
+pub mod lookback;
 pub mod record;
 
 use self::record::{AgentIdentity, Identity, Line, Record, RecordsLost, SCHEMA_VERSION};
 use crate::journal::{Journal, Ledger};
+
+/// Sees every record written (the incident rules, in `evidence::incident`). Called on the
+/// output thread: it must be quick, and hand any real work to a thread of its own.
+pub trait RecordObserver: Send + Sync {
+    fn observe(&self, record: &Record);
+}
 
 /// How often a failing file is tried again.
 const RETRY_EVERY: Duration = Duration::from_secs(1);
@@ -35,6 +42,9 @@ pub struct JsonLines {
     ledger: Option<std::sync::Arc<dyn Ledger>>,
     /// Who writes: stamped on every line.
     identity: Identity,
+    /// The look-back snapshots are cut from (see [`lookback`]).
+    lookback: Option<lookback::Lookback>,
+    observer: Option<std::sync::Arc<dyn RecordObserver>>,
 }
 
 /// The file side: the journal, what waits for it, and what was lost.
@@ -96,7 +106,33 @@ impl JsonLines {
             })
         };
         let stdout = stdout.then(|| BufWriter::new(std::io::stdout()));
-        Ok(Self { stdout, file, written: 0, write_errors: 0, ledger: None, identity: Identity::new(None, None, None) })
+        Ok(Self {
+            stdout,
+            file,
+            written: 0,
+            write_errors: 0,
+            ledger: None,
+            identity: Identity::new(None, None, None),
+            lookback: None,
+            observer: None,
+        })
+    }
+
+    /// Show every record to `observer` once it is written.
+    pub fn with_observer(mut self, observer: Option<std::sync::Arc<dyn RecordObserver>>) -> Self {
+        self.observer = observer;
+        self
+    }
+
+    /// Also keep every line in `lookback`.
+    pub fn with_lookback(mut self, lookback: Option<lookback::Lookback>) -> Self {
+        self.lookback = lookback;
+        self
+    }
+
+    /// What the look-back dropped to keep its bounds.
+    pub fn lookback_stats(&self) -> Option<lookback::LookbackStats> {
+        self.lookback.as_ref().map(|l| l.stats)
     }
 
     /// Stamp every line with `identity` (see [`record`]).
@@ -121,6 +157,13 @@ impl JsonLines {
                 return;
             }
         };
+        if let Some(lookback) = &mut self.lookback {
+            let payload = match record {
+                Record::LlmCall(call) => call.payload.as_deref(),
+                _ => None,
+            };
+            lookback.append(&line, payload);
+        }
         line.push(b'\n');
         if let Some(ledger) = &self.ledger {
             match serde_json::from_slice::<serde_json::Value>(&line) {
@@ -137,6 +180,9 @@ impl JsonLines {
             f.queue(&line);
         }
         self.written += 1;
+        if let Some(observer) = &self.observer {
+            observer.observe(record);
+        }
     }
 
     pub fn flush(&mut self) {
