@@ -397,7 +397,7 @@ mod tests {
             decode_response(b"{\"v\":2,\"status\":\"ok\",\"kind\":\"new_thing\"}").unwrap_err(),
             "the agent speaks control protocol version 2 and this client version 1: use the aegis-agent binary of the \
              agent's version (unknown variant `new_thing`, expected one of `blocked`, `unblocked`, `blocks`, \
-             `emergency`, `enforce`, `status`)"
+             `emergency`, `enforce`, `status`, `checkpoint`)"
         );
         assert_eq!(
             decode_response(b"nope").unwrap_err(),
