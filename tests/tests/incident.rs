@@ -118,6 +118,11 @@ fn an_injected_prompt_opens_an_incident_whose_bundle_reaches_the_collector_and_r
         v["bundles"].as_array().filter(|b| !b.is_empty()).cloned()
     });
     assert_eq!(listed.len(), 1, "{listed:#?}{}", collector.logs());
+    let opened = aegis_agent::evidence::bundle_meta::parse_rfc3339_ms(incident["opened_at"].as_str().unwrap()).unwrap();
+    eprintln!(
+        "incident opened to its bundle listed at the collector: at most {} ms",
+        aegis_agent::clock::now_unix_ms() as i64 - opened
+    );
     assert_eq!(listed[0]["severity"], "SEV-2");
     assert_eq!(listed[0]["digest"], digest.as_str(), "the bundle the agent wrote");
     let fetched = dir.join("fetched.dsse.json");
@@ -178,6 +183,29 @@ fn an_injected_prompt_opens_an_incident_whose_bundle_reaches_the_collector_and_r
     ]);
     assert!(out.status.success(), "{}", describe(&out));
 
+    // Containment for the incident: this agent runs without containment, so the disable is
+    // refused, and the refusal (the validation) is kept with the incident.
+    let out = agent(&[
+        "disable",
+        "model",
+        "incident-inject",
+        "--reason",
+        "it: contain",
+        "--incident",
+        &id,
+        "--config",
+        config,
+    ]);
+    assert_eq!(out.status.code(), Some(1), "refused without containment: {}", describe(&out));
+    let shown = json_of(&["incident", "show", &id, "--json", "--config", config]);
+    let contained = &shown["containment"][0];
+    assert_eq!(
+        (contained["action"].as_str(), contained["exit_code"].as_u64()),
+        (Some("disable"), Some(1)),
+        "{shown:#}"
+    );
+    assert!(contained["result"].as_str().is_some_and(|r| r.contains("containment is off")), "{shown:#}");
+
     // The review skeleton.
     let out = agent(&["incident", "ack", &id, "--owner", "alice", "--config", config]);
     assert!(out.status.success(), "{}", describe(&out));
@@ -196,6 +224,7 @@ fn an_injected_prompt_opens_an_incident_whose_bundle_reaches_the_collector_and_r
     }
     assert!(report.contains(&call_id), "the first signal names the call:\n{report}");
     assert!(report.contains("observe mode: recorded, not stopped"), "why it was not stopped:\n{report}");
+    assert!(report.contains("disable by uid:0"), "the containment tried, with its result:\n{report}");
     let out = agent(&["incident", "resolve", &id, "--note", "pack fixed", "--config", config]);
     assert!(out.status.success(), "{}", describe(&out));
     drop(collector);

@@ -72,6 +72,17 @@ pub enum Bench {
         #[arg(long, default_value_t = 4)]
         concurrency: u32,
     },
+    /// A forensic snapshot: the time to cut, sign and write the bundle of a window of calls
+    /// (10 minutes at 100 calls/s by default), and its size, beside reading the window's
+    /// look-back alone, in the same run.
+    Snapshot {
+        /// Calls per second in the window.
+        #[arg(long, default_value_t = 100)]
+        rate: u64,
+        /// Minutes of window.
+        #[arg(long, default_value_t = 10)]
+        minutes: u64,
+    },
     /// Containment: time from `aegis-agent block` to the first refused connect, from a
     /// content verdict to the call's connection destroyed (p50, p99), and connect()
     /// latency with and without the connect programs attached (ratio). Runs in a cgroup
@@ -93,6 +104,7 @@ pub fn run(which: Bench) -> anyhow::Result<()> {
         Bench::Contain { rounds, connects } => crate::contain::bench(rounds, connects),
         Bench::Evidence { seconds } => evidence(seconds),
         Bench::Collector { small, large, concurrency } => collector(small, large, concurrency),
+        Bench::Snapshot { rate, minutes } => snapshot(rate, minutes),
     }
 }
 
@@ -543,6 +555,56 @@ fn evidence(seconds: u64) -> anyhow::Result<()> {
         sig3(f("verify_entries_per_sec")),
         sig3(f("prove_ms"))
     );
+    Ok(())
+}
+
+fn snapshot(rate: u64, minutes: u64) -> anyhow::Result<()> {
+    run_cmd(cargo().args(["build", "--release", "--package", "aegis-tests", "--bin", "snapshot_bench"]))?;
+    let dir = std::env::temp_dir().join(format!("aegis-bench-snapshot-{}", std::process::id()));
+    let v = json_output(
+        Command::new(workspace_root().join("target/release/snapshot_bench")).arg("--dir").arg(&dir).args([
+            "--rate",
+            &rate.to_string(),
+            "--minutes",
+            &minutes.to_string(),
+        ]),
+        "snapshot_bench",
+    )?;
+    let f = |x: &serde_json::Value| x.as_f64().unwrap_or(f64::NAN);
+    let base = f(&v["baseline_read_seconds"]);
+    println!();
+    println!(
+        "snapshot benchmark: {} calls ({minutes} min at {rate}/s), look-back {:.0} MB in {} segments; CPU: {}",
+        v["calls"],
+        f(&v["lookback_bytes"]) / 1e6,
+        v["lookback_segments"],
+        cpu_model()
+    );
+    println!(
+        "{:<44} {:>10} {:>12} {:>12} {:>14} {:>8}",
+        "", "seconds", "vs baseline", "bundle MB", "calls in/out", "proofs"
+    );
+    println!(
+        "{:<44} {:>10} {:>12} {:>12} {:>14} {:>8}",
+        "read the window's look-back (baseline)",
+        sig3(base),
+        "1x",
+        "-",
+        "-",
+        "-"
+    );
+    for s in v["snapshots"].as_array().into_iter().flatten() {
+        let label = if s["payloads"] == true { "snapshot, with payloads" } else { "snapshot, records only" };
+        println!(
+            "{:<44} {:>10} {:>12} {:>12} {:>14} {:>8}",
+            label,
+            sig3(f(&s["seconds"])),
+            sig3(f(&s["seconds"]) / base) + "x",
+            sig3(f(&s["bundle_bytes"]) / 1e6),
+            format!("{}/{}", s["calls_in_bundle"], s["calls_left_out"]),
+            s["proofs"]
+        );
+    }
     Ok(())
 }
 

@@ -38,9 +38,14 @@ pub struct SocketArgs {
     /// /run/aegis/control.sock].
     #[arg(long, value_name = "PATH")]
     pub socket: Option<PathBuf>,
-    /// The agent's config file, to find its control socket.
+    /// The agent's config file, to find its control socket (and its incidents).
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
+    /// The incident this change is for (block, unblock, disable, emergency, enforce): the
+    /// change and what the agent answered (its validation: connections killed, kernel
+    /// rules in force, or why it was refused) go into the incident's journal.
+    #[arg(long, value_name = "ID")]
+    pub incident: Option<String>,
 }
 
 /// The control subcommands (flattened into the agent's command line).
@@ -380,13 +385,47 @@ fn socket_from_config(text: &str) -> Result<Option<PathBuf>, String> {
 
 /// Run `cmd`: print its output and return its exit status.
 pub fn run(cmd: &ControlCommand) -> u8 {
-    let outcome = match socket_path(cmd.socket_args()) {
+    let mut outcome = match socket_path(cmd.socket_args()) {
         Ok(socket) => cmd.execute(&socket),
         Err(e) => cmd.failure(EXIT_USAGE, &e),
     };
+    if let Some(id) = &cmd.socket_args().incident
+        && let Err(e) = record_for_incident(cmd, id, &outcome)
+    {
+        outcome.stderr += &format!("aegis-agent: the change is not in incident {id}'s journal: {e:#}\n");
+        outcome.code = outcome.code.max(EXIT_REFUSED);
+    }
     print!("{}", outcome.stdout);
     eprint!("{}", outcome.stderr);
     outcome.code
+}
+
+/// Keep `cmd` and its outcome in incident `id`'s journal.
+fn record_for_incident(cmd: &ControlCommand, id: &str, outcome: &Outcome) -> anyhow::Result<()> {
+    use crate::evidence::incident::{Store, What, operator};
+    anyhow::ensure!(
+        matches!(
+            cmd,
+            ControlCommand::Block(_)
+                | ControlCommand::Unblock { .. }
+                | ControlCommand::Disable(_)
+                | ControlCommand::Emergency { .. }
+                | ControlCommand::Enforce { .. }
+        ),
+        "--incident goes with block, unblock, disable, emergency and enforce"
+    );
+    let config = match &cmd.socket_args().config {
+        Some(p) => crate::config::Config::load(p)?,
+        None => crate::config::Config::defaults(),
+    };
+    let request = cmd.request().map(|r| serde_json::to_value(r).unwrap_or_default()).unwrap_or_default();
+    let result = format!("{}{}", outcome.stdout, outcome.stderr).trim().to_owned();
+    Store::open(&config.incidents.dir)?.record(
+        &operator(),
+        id,
+        What::Containment { action: cmd.name().to_owned(), request, exit_code: outcome.code, result },
+    )?;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -516,7 +555,10 @@ mod tests {
             Ok(Request::Emergency { on: false, cgroup: Some("/team-a".into()) })
         );
         let with_socket = parse(&["blocks", "--socket", "/tmp/s.sock", "--json"]).unwrap();
-        assert_eq!(with_socket.socket_args(), &SocketArgs { socket: Some("/tmp/s.sock".into()), config: None });
+        assert_eq!(
+            with_socket.socket_args(),
+            &SocketArgs { socket: Some("/tmp/s.sock".into()), config: None, incident: None }
+        );
     }
 
     #[test]
@@ -647,6 +689,7 @@ mod tests {
         let args = |socket: Option<&str>, config: Option<&Path>| SocketArgs {
             socket: socket.map(PathBuf::from),
             config: config.map(Path::to_owned),
+            incident: None,
         };
         assert_eq!(socket_path(&args(None, None)), Ok(PathBuf::from(DEFAULT_SOCKET)));
         assert_eq!(socket_path(&args(None, Some(&with))), Ok(PathBuf::from("/run/custom/agent.sock")));

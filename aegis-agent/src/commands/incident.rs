@@ -396,6 +396,16 @@ fn report(config: &Config, i: &incident::Incident) -> anyhow::Result<String> {
         );
     }
     md += "\n## Containment and its validation\n\n";
+    for c in &i.containment {
+        md += &format!(
+            "- {} {} by {} (exit {}): {}\n",
+            c["time"].as_str().unwrap_or("?"),
+            c["action"].as_str().unwrap_or("?"),
+            c["by"].as_str().unwrap_or("?"),
+            c["exit_code"],
+            c["result"].as_str().unwrap_or("").replace('\n', "; ")
+        );
+    }
     let containment = &evidence["containment"];
     for a in containment["actions"].as_array().into_iter().flatten() {
         md += &format!(
@@ -450,6 +460,9 @@ fn describe(w: &What) -> String {
         What::Note { text } => format!("note: {text}"),
         What::Bundle { path, digest, shipped } => format!("bundle {path} sha256:{digest} (shipped: {shipped})"),
         What::Resolve { text } => format!("resolved{}", text.as_ref().map(|t| format!(": {t}")).unwrap_or_default()),
+        What::Containment { action, exit_code, result, .. } => {
+            format!("{action} (exit {exit_code}): {}", result.replace('\n', "; "))
+        }
     }
 }
 

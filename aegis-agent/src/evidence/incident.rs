@@ -141,6 +141,15 @@ pub enum What {
         #[serde(default)]
         text: Option<String>,
     },
+    /// An operator's change for the incident (`--incident` on block, disable, ...): what
+    /// was asked and what the agent answered (its validation), with the exit code.
+    Containment {
+        action: String,
+        #[serde(default)]
+        request: Value,
+        exit_code: u8,
+        result: String,
+    },
 }
 
 /// An incident, as its events make it.
@@ -163,6 +172,8 @@ pub struct Incident {
     pub matched_calls: Vec<String>,
     pub notes: Vec<Value>,
     pub bundles: Vec<Value>,
+    /// Changes made for it, with their results.
+    pub containment: Vec<Value>,
     /// Every event, in order.
     pub events: Vec<Event>,
 }
@@ -252,7 +263,9 @@ impl Store {
     pub fn record(&self, by: &str, id: &str, what: What) -> anyhow::Result<Incident> {
         self.locked(|| {
             let incident = self.get(id)?;
-            if incident.status == "resolved" && !matches!(what, What::Note { .. } | What::Bundle { .. }) {
+            if incident.status == "resolved"
+                && !matches!(what, What::Note { .. } | What::Bundle { .. } | What::Containment { .. })
+            {
                 anyhow::bail!("incident {id} is resolved: only notes and bundles can be added");
             }
             self.append(&Event { time: crate::clock::now_rfc3339(), by: by.to_owned(), id: id.to_owned(), what })?;
@@ -292,6 +305,7 @@ pub fn fold(events: Vec<Event>) -> Vec<Incident> {
                 matched_calls: Vec::new(),
                 notes: Vec::new(),
                 bundles: Vec::new(),
+                containment: Vec::new(),
                 events: vec![event],
             });
             continue;
@@ -312,6 +326,10 @@ pub fn fold(events: Vec<Event>) -> Vec<Incident> {
             What::Bundle { path, digest, shipped } => {
                 i.bundles.push(json!({"time": event.time, "path": path, "digest": digest, "shipped": shipped}))
             }
+            What::Containment { action, request, exit_code, result } => i.containment.push(json!({
+                "time": event.time, "by": event.by, "action": action, "request": request,
+                "exit_code": exit_code, "result": result,
+            })),
             What::Resolve { text } => {
                 i.status = "resolved";
                 i.resolved_at = Some(event.time.clone());
