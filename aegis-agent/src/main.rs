@@ -124,7 +124,37 @@ enum RulesCommand {
     Test {
         /// Rulepack files; none: the embedded default pack.
         packs: Vec<PathBuf>,
+        /// Incident bundles kept as regression cases: replayed against the packs, each of
+        /// their harmful calls must not be allowed (see `aegis-agent replay`).
+        #[arg(long = "case", value_name = "BUNDLE")]
+        cases: Vec<PathBuf>,
+        /// The key the cases are signed with [default: this host's, from --config].
+        #[arg(long, value_name = "PUB")]
+        key: Option<String>,
+        #[arg(long)]
+        config: Option<PathBuf>,
     },
+}
+
+/// `rules test --case`: the key, then the replays.
+fn rules_cases(
+    packs: &[PathBuf],
+    cases: &[PathBuf],
+    key: Option<&str>,
+    config: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
+    use aegis_agent::evidence::key::{HostKey, VerifierKey};
+    let key = match key {
+        Some(k) => VerifierKey::from_arg(k)?,
+        None => {
+            let c = config
+                .map_or_else(|| Ok(aegis_agent::config::Config::defaults()), aegis_agent::config::Config::load)?;
+            HostKey::load(&c.evidence.key, &c.evidence.key_name()?)?.verifier()
+        }
+    };
+    let failures = aegis_agent::commands::rules::test_cases(packs, cases, &key)?;
+    anyhow::ensure!(failures.is_empty(), "{} harmful calls of the cases are not stopped", failures.len());
+    Ok(())
 }
 
 fn parse_api(s: &str) -> Result<aegis_agent::llm::detect::ApiKind, String> {
@@ -206,11 +236,14 @@ fn main() -> std::process::ExitCode {
         Command::Control(command) => {
             return std::process::ExitCode::from(aegis_agent::commands::control::run(&command));
         }
-        Command::Rules { command: RulesCommand::Test { packs } } => match aegis_agent::commands::rules::test(&packs) {
-            Ok(failures) if failures.is_empty() => Ok(()),
-            Ok(failures) => Err(anyhow::anyhow!("{} rule examples failed", failures.len())),
-            Err(e) => Err(e),
-        },
+        Command::Rules { command: RulesCommand::Test { packs, cases, key, config } } => {
+            match aegis_agent::commands::rules::test(&packs) {
+                Ok(failures) if !failures.is_empty() => Err(anyhow::anyhow!("{} rule examples failed", failures.len())),
+                Ok(_) if cases.is_empty() => Ok(()),
+                Ok(_) => rules_cases(&packs, &cases, key.as_deref(), config.as_deref()),
+                Err(e) => Err(e),
+            }
+        }
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

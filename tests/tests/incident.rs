@@ -167,6 +167,17 @@ fn an_injected_prompt_opens_an_incident_whose_bundle_reaches_the_collector_and_r
     assert_eq!(out.status.code(), Some(1), "the weak pack still allows it: {}", describe(&out));
     assert!(String::from_utf8_lossy(&out.stdout).contains("NOT FIXED"), "{}", describe(&out));
 
+    // Kept as a regression case: `rules test` replays it.
+    let out = agent(&["rules", "test", "--case", &local, "--config", config]);
+    assert!(out.status.success(), "the default pack stops the case: {}", describe(&out));
+    let out = agent(&["rules", "test", weak.to_str().unwrap(), "--case", &local, "--config", config]);
+    assert!(!out.status.success(), "the weak pack fails the case: {}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(&format!("harmful call {call_id} is allowed")),
+        "{}",
+        describe(&out)
+    );
+
     // A snapshot on demand, by the client's pid: within the second, proven.
     let snap =
         json_of(&["snapshot", "--pid", &pid.to_string(), "--since", "10m", "--payloads", "--json", "--config", config]);
