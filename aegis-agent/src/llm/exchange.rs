@@ -527,23 +527,24 @@ impl ExchangeTracker {
     /// The call of exchange `seq` was judged at a checkpoint: keep the ruling, which its
     /// record's decision is built from.
     pub fn record_ruling(&mut self, seq: u64, ruling: Ruling) {
+        if let Some(x) = self.exchange_mut(seq) {
+            x.ruling = Some(ruling);
+        }
+    }
+
+    /// Exchange `seq`, waiting in the queue or answered alone.
+    fn exchange_mut(&mut self, seq: u64) -> Option<&mut Exchange> {
         let orphan = match &mut self.responding {
             Responding::Orphan(x) => Some(x.as_mut()),
             _ => None,
         };
-        if let Some(x) = self.queue.iter_mut().chain(orphan).find(|x| x.seq == seq) {
-            x.ruling = Some(ruling);
-        }
+        self.queue.iter_mut().chain(orphan).find(|x| x.seq == seq)
     }
 
     /// The call of exchange `seq` was stopped (or observed): keep how, and count the bytes
     /// that still pass on this connection.
     pub fn record_enforcement(&mut self, seq: u64, enforcement: Enforcement) {
-        let orphan = match &mut self.responding {
-            Responding::Orphan(x) => Some(x.as_mut()),
-            _ => None,
-        };
-        if let Some(x) = self.queue.iter_mut().chain(orphan).find(|x| x.seq == seq) {
+        if let Some(x) = self.exchange_mut(seq) {
             x.enforcement = Some(enforcement);
             self.stopped = Some(seq);
         }
@@ -552,11 +553,7 @@ impl ExchangeTracker {
     /// Count `n` bytes passing after a stop against the stopped call.
     fn after_stop(&mut self, n: usize, half: Half) {
         let Some(seq) = self.stopped else { return };
-        let orphan = match &mut self.responding {
-            Responding::Orphan(x) => Some(x.as_mut()),
-            _ => None,
-        };
-        match self.queue.iter_mut().chain(orphan).find(|x| x.seq == seq).and_then(|x| x.enforcement.as_mut()) {
+        match self.exchange_mut(seq).and_then(|x| x.enforcement.as_mut()) {
             Some(e) if half == Half::Request => e.bytes_out_after_verdict += n as u64,
             Some(e) => e.bytes_in_after_verdict += n as u64,
             None => self.stopped = None,
