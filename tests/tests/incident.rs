@@ -143,6 +143,9 @@ fn an_injected_prompt_opens_an_incident_whose_bundle_reaches_the_collector_and_r
     assert!(ours["payload"].as_str().is_some_and(|p| p.contains("Ignore all previous")), "{ours:#}");
     assert!(ours["log"]["index"].is_u64(), "cited by its decision-log index: {ours:#}");
     assert_eq!(evidence["harmful"], json!([call_id]));
+    assert_eq!(evidence["incident"]["id"], id.as_str(), "the incident's facts: {:#}", evidence["incident"]);
+    assert_eq!(evidence["incident"]["severity"], "SEV-2");
+    assert!(evidence["incident"]["opened_at"].is_string() && evidence["incident"].get("owner").is_some());
     let proofs = evidence["log"]["proofs"].as_array().unwrap();
     assert!(!proofs.is_empty(), "inclusion proofs: {evidence:#}");
     assert!(evidence["rules_in_force"][0]["digest"].as_str().is_some_and(|d| d.starts_with("sha256:")));

@@ -94,10 +94,12 @@ pub fn snapshot(args: &SnapshotArgs) -> anyhow::Result<()> {
         None => now,
     };
     let mut incident = None;
+    let mut incident_record = Value::Null;
     let mut started = args.started.as_deref().map(|s| parse_time(s, now)).transpose()?;
     if let Some(id) = &args.incident {
         let found = Store::open(&config.incidents.dir)?.get(id)?;
         started = started.or_else(|| parse_rfc3339_ms(&found.opened_at).ok().map(|t| t.max(0) as u64));
+        incident_record = incident::summary(&found);
         incident = Some((found.id, found.severity));
     }
     // A checkpoint now, so that the bundle proves the latest entries too.
@@ -124,6 +126,7 @@ pub fn snapshot(args: &SnapshotArgs) -> anyhow::Result<()> {
         incident_start_ms: started,
         payloads: args.payloads,
         harmful: args.harmful.clone(),
+        incident_record,
     };
     let out = args.out.clone().unwrap_or_else(|| config.incidents.bundles_dir.clone());
     let started_at = std::time::Instant::now();

@@ -102,6 +102,8 @@ pub struct SnapshotRequest {
     pub payloads: bool,
     /// Calls (ids) the incident holds harmful: what a replay must see stopped.
     pub harmful: Vec<String>,
+    /// The incident as its journal has it (owner, times, status), when the bundle is for one.
+    pub incident_record: Value,
 }
 
 /// A bundle written.
@@ -273,6 +275,7 @@ pub fn build_evidence(config: &Config, req: &SnapshotRequest) -> anyhow::Result<
         },
         "affected": affected(&records),
         "rules_in_force": rules_in_force(&calls, &timeline),
+        "incident": req.incident_record,
         "calls": bundle_calls,
         "harmful": req.harmful,
         "payloads_included": payloads_included,

@@ -343,6 +343,15 @@ pub fn fold(events: Vec<Event>) -> Vec<Incident> {
     out
 }
 
+/// What a bundle says of its incident: id, severity, title, owner, status, times, scope.
+pub fn summary(i: &Incident) -> Value {
+    json!({
+        "id": i.id, "severity": i.severity, "title": i.title, "owner": i.owner, "status": i.status,
+        "opened_at": i.opened_at, "opened_by": i.opened_by, "acknowledged_at": i.acknowledged_at,
+        "resolved_at": i.resolved_at, "rule": i.rule, "scope": i.scope,
+    })
+}
+
 /// Who runs this command: `uid:N (name)`.
 pub fn operator() -> String {
     let uid = nix::unistd::getuid().as_raw();
@@ -473,6 +482,7 @@ fn handle_match(
         incident_start_ms: Some(t),
         payloads: config.lookback.payloads,
         harmful: vec![record["call_id"].as_str().unwrap_or_default().to_owned()],
+        incident_record: store.get(&id).map(|i| summary(&i)).unwrap_or_default(),
     };
     let (written, _) = super::bundle::snapshot(config, &req, &config.incidents.bundles_dir)?;
     let shipped = ship(config, &written.path)?;

@@ -110,6 +110,7 @@ fn main() {
             incident_start_ms: None,
             payloads,
             harmful: Vec::new(),
+            incident_record: serde_json::Value::Null,
         };
         let t = Instant::now();
         let (written, evidence) = snapshot(&config, &req, &config.incidents.bundles_dir).expect("snapshot");
