@@ -121,9 +121,17 @@ fuzz_target!(|data: &[u8]| {
     assert_eq!(whole.out[..n], split.out[..n], "{encoding}: outputs diverge");
     // Where the cap stops decoding depends on the cuts; below it, nothing may.
     if whole.over_cap == 0 && split.over_cap == 0 {
-        // In a chain, which stage notices corrupt data first depends on the cuts.
-        assert_eq!(whole.error.is_some(), split.error.is_some(), "{encoding}: an error in one run only");
-        if whole.error.is_none() {
+        // In a chain, which stage notices corrupt data first depends on the cuts. And
+        // brotli-decompressor refuses some prefixes of a stream it decodes whole (seen: a
+        // stream followed by other bytes, cut 258 to 433 bytes in; seed
+        // regression_brotli_refuses_a_prefix): the agent then reports the body undecodable
+        // and the rules' decision says it was not inspected, never a wrong read. Anything
+        // else must agree.
+        let brotli_refused_a_prefix = encoding.contains("br") && whole.error.is_none() && split.error.is_some();
+        if !brotli_refused_a_prefix {
+            assert_eq!(whole.error.is_some(), split.error.is_some(), "{encoding}: an error in one run only");
+        }
+        if whole.error.is_none() && split.error.is_none() {
             assert_eq!(whole.out, split.out, "{encoding}: pieces differ from whole");
             assert_eq!(whole.complete, split.complete, "{encoding}: completeness differs");
         }
