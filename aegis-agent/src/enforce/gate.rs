@@ -882,7 +882,10 @@ mod tests {
         fn start(name: &str, keywords: &[KernelKeyword]) -> Self {
             let cgroup = TestCgroup::new(name);
             let server = Server::start();
-            let (mut probes, events) = TlsProbes::load(4 << 20).expect("loading the capture object");
+            // Capture's ring is read only after the client ran, and every TLS process of the
+            // host (other tests' clients and servers too) writes into it meanwhile: room for
+            // all of it, so that the client's writes are never the ones dropped.
+            let (mut probes, events) = TlsProbes::load(64 << 20).expect("loading the capture object");
             let targets = Discovery::default().scan(&[], &[PathBuf::from("/usr/bin/node")], true);
             assert!(probes.attach(&targets) > 0, "no TLS library to probe");
             let mut config = GateConfig::new(&cgroup.0);
