@@ -68,7 +68,9 @@ pub fn build() -> anyhow::Result<Build> {
         let kinds = msg["target"]["kind"].as_array().cloned().unwrap_or_default();
         if kinds.iter().any(|k| k == "test") {
             build.tests.insert(name.to_owned(), PathBuf::from(exe));
-        } else if kinds.iter().any(|k| k == "bin") && name == "kernel_report" {
+        } else if kinds.iter().any(|k| k == "bin") && name == "kernel_report" && msg["profile"]["test"] != true {
+            // The binary itself, not its unit-test harness (`cargo test --no-run` builds both,
+            // in no fixed order).
             build.kernel_report = Some(PathBuf::from(exe));
         }
     }
