@@ -217,7 +217,8 @@ pub fn build_evidence(config: &Config, req: &SnapshotRequest) -> anyhow::Result<
     let mut kept = vec![false; records.len()];
     let mut omitted = Vec::new();
     for i in order {
-        let size = records[i].0.to_string().len() + records[i].1.as_ref().map_or(0, String::len);
+        let payload = if req.payloads { records[i].1.as_ref().map_or(0, String::len) } else { 0 };
+        let size = records[i].0.to_string().len() + payload;
         if size <= budget {
             budget -= size;
             kept[i] = true;
