@@ -1267,6 +1267,12 @@ impl ExchangeTracker {
         }
         notes.extend(truncated);
         notes.append(&mut unread);
+        if notes.iter().any(|n| n.starts_with("response_body_undecodable")) {
+            // How much decoded before the error depends on where the body was cut (a
+            // decoder hands on output in its own steps): what that part was read as is not
+            // reported, so that the record is the same however the body arrived.
+            notes.retain(|n| !n.contains("not_json_scanned_as_text"));
+        }
         let head = resp.head.as_ref();
         Some(Observation {
             side: self.side,
