@@ -665,12 +665,7 @@ impl ExchangeTracker {
         }
         // What remains never got a full response.
         while let Some(mut x) = self.queue.pop_front() {
-            if !x.req.ended {
-                x.req.ended = true;
-                x.req.complete = false;
-                x.req.notes.push("request_cut_short".into());
-                self.detect(&mut x, ts);
-            }
+            self.cut_request_short(&mut x, ts);
             if !x.resp.ended {
                 x.resp.notes.push(format!("no_complete_response:{reason}"));
                 x.resp.complete = false;
@@ -1130,15 +1125,21 @@ impl ExchangeTracker {
         sniff(x, self.max_body, self.inspector.as_ref());
     }
 
-    /// Report the oldest exchange as it is, to keep the queue bounded.
-    fn force_out_oldest(&mut self, ts: u64) {
-        let Some(mut x) = self.queue.pop_front() else { return };
+    /// A request that will get no more bytes: ended, cut short, and recognised from what
+    /// was read.
+    fn cut_request_short(&mut self, x: &mut Exchange, ts: u64) {
         if !x.req.ended {
             x.req.ended = true;
             x.req.complete = false;
             x.req.notes.push("request_cut_short".into());
-            self.detect(&mut x, ts);
+            self.detect(x, ts);
         }
+    }
+
+    /// Report the oldest exchange as it is, to keep the queue bounded.
+    fn force_out_oldest(&mut self, ts: u64) {
+        let Some(mut x) = self.queue.pop_front() else { return };
+        self.cut_request_short(&mut x, ts);
         if !x.resp.ended {
             x.lose_response("response_not_captured:too_many_waiting");
             self.stats.responses_not_captured += 1;
