@@ -49,6 +49,8 @@ const TEST_TIMEOUT: Duration = Duration::from_secs(15 * 60);
 const REPORT_TIMEOUT: Duration = Duration::from_secs(10 * 60);
 /// Boot and shutdown of a VM, on top of the runner's own timeouts.
 const BOOT_ALLOWANCE: Duration = Duration::from_secs(5 * 60);
+/// How many times a VM is booted when its runner never starts (see [`vm_column`]).
+const BOOT_ATTEMPTS: u32 = 2;
 
 /// `cargo xtask matrix` (and what `cargo xtask test` runs after the host's tests).
 #[derive(clap::Args)]
@@ -124,6 +126,8 @@ pub struct Column {
     /// Wall time of the whole VM run, and of its boot (until the runner started).
     wall: Option<Duration>,
     boot: Option<Duration>,
+    /// VM boots that ended before the runner started, and were tried again.
+    boot_retries: u32,
     /// (step, what went wrong).
     failures: Vec<(String, String)>,
 }
@@ -143,6 +147,7 @@ impl Column {
             expected: None,
             suite,
             wall: None,
+            boot_retries: 0,
             boot: None,
             failures: Vec::new(),
         }
@@ -395,10 +400,33 @@ fn vm_column(
         tests.len(),
         dir.display()
     );
-    let boot = match plan.write(&dir).and_then(|plan_file| vm::boot(&release, &dir, &plan_file, timeout, kernel.series))
-    {
-        Ok(boot) => boot,
-        Err(e) => {
+    let mut attempt = 1;
+    let boot = loop {
+        let boot =
+            match plan.write(&dir).and_then(|plan_file| vm::boot(&release, &dir, &plan_file, timeout, kernel.series)) {
+                Ok(boot) => boot,
+                Err(e) => {
+                    col.fail("boot", format!("{e:#}"));
+                    return col;
+                }
+            };
+        // A VM whose runner never started said nothing about the kernel: qemu without KVM
+        // now and then dies at boot (vng exits 255, "unexpected exit"). Boot it once more,
+        // and say so; a kernel that does not boot twice is a failure.
+        let started = guest::read_events(&dir).is_ok_and(|events| events.started.is_some());
+        if started || attempt == BOOT_ATTEMPTS {
+            break boot;
+        }
+        eprintln!(
+            "xtask: kernel {release}: the VM ended before its runner started ({}); its console's last lines:\n{}\n\
+             xtask: kernel {release}: booting it again (attempt {} of {BOOT_ATTEMPTS})",
+            boot.outcome(),
+            boot.console_tail,
+            attempt + 1
+        );
+        col.boot_retries += 1;
+        attempt += 1;
+        if let Err(e) = fresh_dir(kernel.series) {
             col.fail("boot", format!("{e:#}"));
             return col;
         }

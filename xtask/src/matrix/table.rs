@@ -26,10 +26,16 @@ pub fn render(columns: &[Column]) -> String {
     }
     row("suite".into(), &|_| String::new());
     row("  tests".into(), &suite_cell);
-    row("  VM wall time (boot)".into(), &|c| match (c.wall, c.boot) {
-        (Some(wall), Some(boot)) => format!("{} ({})", human(wall), human(boot)),
-        (Some(wall), None) => human(wall),
-        _ => "-".into(),
+    row("  VM wall time (boot)".into(), &|c| {
+        let time = match (c.wall, c.boot) {
+            (Some(wall), Some(boot)) => format!("{} ({})", human(wall), human(boot)),
+            (Some(wall), None) => human(wall),
+            _ => "-".into(),
+        };
+        match c.boot_retries {
+            0 => time,
+            n => format!("{time}, booted {} times", n + 1),
+        }
     });
     row("result".into(), &|c| if c.failures.is_empty() { "ok".into() } else { format!("{} FAILED", c.failures.len()) });
 

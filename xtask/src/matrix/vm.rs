@@ -213,6 +213,9 @@ pub fn boot(release: &str, rwdir: &Path, plan: &Path, timeout: Duration, label: 
         // qemu emulates the CPU (TCG). These machines may have a /dev/kvm, but qemu aborts
         // with it ("failed to set MSR 0x10a"): no usable KVM.
         .arg("--disable-kvm")
+        // The kernel's console too, not only the runner's output: when a VM dies at boot,
+        // its last lines say why (kept in console.log; the terminal gets the runner's).
+        .arg("--verbose")
         .args(["--cpus", VM_CPUS, "--memory", VM_MEMORY, "--name", &format!("aegis-matrix-{label}")])
         .arg("--rwdir")
         .arg(rwdir)
@@ -259,7 +262,9 @@ impl Console {
                 let line = String::from_utf8_lossy(&line);
                 // The guest's console ends lines with \r\n.
                 let line = line.trim_end_matches('\r');
-                println!("{}{line}", console.prefix);
+                if !is_kernel_log(line) {
+                    println!("{}{line}", console.prefix);
+                }
                 let _ = writeln!(console.file.lock().expect("console file"), "{line}");
                 let mut tail = console.tail.lock().expect("console tail");
                 if tail.len() == CONSOLE_TAIL_LINES {
@@ -276,6 +281,14 @@ impl Console {
     }
 }
 
+/// A line of the kernel's log on the console ("[    1.234567] ..."): kept in console.log
+/// and in the tail for failure messages, not relayed to the terminal.
+fn is_kernel_log(line: &str) -> bool {
+    line.strip_prefix('[').and_then(|rest| rest.split_once(']')).is_some_and(|(stamp, _)| {
+        !stamp.trim().is_empty() && stamp.trim().chars().all(|c| c.is_ascii_digit() || c == '.')
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -290,6 +303,14 @@ mod tests {
         assert_eq!(new.number("6.12.118+deb12-amd64"), Some(118));
         assert_eq!(new.number("6.12.118+deb12-cloud-amd64"), None);
         assert_eq!(new.number("6.18.44"), None);
+    }
+
+    #[test]
+    fn kernel_log_lines_stay_off_the_terminal() {
+        assert!(is_kernel_log("[    0.123456] Linux version 6.12.118"));
+        assert!(is_kernel_log("[12345.000001] reboot: Power down"));
+        assert!(!is_kernel_log("runner: kernel 6.1.0-57-amd64, 17 s after boot"));
+        assert!(!is_kernel_log("[] x"));
     }
 
     #[test]
