@@ -43,6 +43,8 @@ pub struct Config {
     pub lookback: crate::sinks::lookback::LookbackConfig,
     /// Where evidence bundles are shipped (`[collector]`; empty url: nowhere).
     pub collector: crate::evidence::spool::ShipperConfig,
+    /// Signed fleet policies (`[fleet]`; empty name: none).
+    pub fleet: crate::fleet::FleetConfig,
 }
 
 /// `[capabilities]`: what this host cannot do without.

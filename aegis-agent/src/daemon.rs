@@ -25,7 +25,7 @@ use crate::{
         targets::{self, TlsTarget},
     },
     config::{Config, FailMode},
-    control::{ContainmentOff, ControlHandler, ControlServer, EnforceMode},
+    control::{ContainmentOff, ControlHandler, ControlServer, EnforceMode, ServerHandle},
     enforce::{
         connect::{self, ConnectGuard},
         gate::{Gate, GateConfig, GateProbes},
@@ -174,6 +174,7 @@ pub fn run(config: &Config, ready_file: Option<&Path>) -> anyhow::Result<()> {
     };
     // Evidence bundles in the spool go to [collector] url until the agent stops.
     let _shipper = crate::evidence::spool::ShipperGuard::start(&config.collector);
+    let feed = start_fleet_feed(config, &server, "kernel")?;
     let outcome = caps.check_required(&config.capabilities.require).and_then(|()| {
         tracing::info!(
             targets = found.len(),
@@ -210,6 +211,7 @@ pub fn run(config: &Config, ready_file: Option<&Path>) -> anyhow::Result<()> {
     }
     *drops_handle.lock().unwrap_or_else(|e| e.into_inner()) = final_drops;
     report_counters(&counters, &final_drops);
+    drop(feed);
     let nothing_blocked = server.view().blocks().is_empty();
     server.shutdown();
     if let Some(e) = enforcement {
@@ -238,6 +240,71 @@ pub fn run(config: &Config, ready_file: Option<&Path>) -> anyhow::Result<()> {
         );
     }
     tracing::info!("stopped; all probes detached");
+    outcome
+}
+
+/// The fleet policy feed of `[fleet]`, when it names a fleet.
+fn start_fleet_feed(
+    config: &Config,
+    server: &ServerHandle,
+    enforcement: &'static str,
+) -> anyhow::Result<Option<crate::collector::feed::FeedGuard>> {
+    if !config.fleet.enabled() {
+        return Ok(None);
+    }
+    let key = crate::evidence::key::HostKey::load_or_create(&config.evidence.key, &config.evidence.key_name()?)
+        .context("the fleet's acknowledgements are signed with the host key ([evidence] key)")?
+        .0;
+    let client = if config.fleet.collector && config.collector.enabled() {
+        Some(config.collector.client().context("[fleet] collector = true takes the collector of [collector]")?)
+    } else {
+        None
+    };
+    crate::collector::feed::start(&config.fleet, server.fleet_applier(), key, client, enforcement)
+        .context("cannot start the fleet feed ([fleet])")
+}
+
+/// `aegis-agent run --no-kernel`: the control socket, the decision log and the fleet feed,
+/// and no eBPF program at all: no capture, no kernel blocks, no connection kills. Blocks and
+/// fleet policies are held (saved, audited, acknowledged as `no_kernel`) and enforced by
+/// nothing. For rehearsing a fleet's policy push at scale on one machine (many such agents
+/// beside one real one), and for hosts where only the fleet's view is wanted.
+pub fn run_without_kernel(config: &Config, ready_file: Option<&Path>) -> anyhow::Result<()> {
+    let _lock = lock_instance(config)?;
+    let recorder = open_decision_log(config);
+    let ledger = recorder.clone().map(|r| r as Arc<dyn Ledger>);
+    if let Some(ledger) = &ledger {
+        ledger.append("agent_start", &serde_json::json!({ "kernel": "none (--no-kernel)" }));
+    }
+    let server = ControlServer::start_with(
+        config.control.clone(),
+        config.enforce.mode,
+        Arc::new(crate::control::NoopHandler),
+        Capabilities::with_ledger(ledger.clone()),
+        ledger.clone(),
+    )
+    .context("cannot start the control socket")?;
+    let feed = start_fleet_feed(config, &server, "no_kernel")?;
+    tracing::warn!("agent ready WITHOUT kernel programs (--no-kernel): nothing is captured or enforced on this host");
+    if let Some(path) = ready_file {
+        std::fs::write(path, format!("{}\n", std::process::id()))
+            .with_context(|| format!("cannot write the ready file {}", path.display()))?;
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let outcome = runtime.block_on(async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+        anyhow::Ok(())
+    });
+    drop(feed);
+    server.shutdown();
+    if let Some(ledger) = &ledger {
+        ledger.append("agent_stop", &serde_json::json!({ "result": "ok" }));
+    }
     outcome
 }
 

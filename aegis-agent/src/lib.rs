@@ -27,6 +27,8 @@
 //! - [`evidence`]: the host signing key, the tamper-evident decision log (Merkle tree,
 //!   signed checkpoints) and signed evidence envelopes (DSSE, in-toto); the spool that
 //!   ships bundles to a collector.
+//! - [`fleet`]: signed fleet policies (TUF-style: signers and a threshold, versions that
+//!   only go up, expiry) and the agents' signed acknowledgements.
 //! - [`collector`]: the server that receives bundles over mutual TLS, verifies them
 //!   against enrolled agent keys, stores them (object_store) and indexes them (SQLite).
 //! - [`daemon`], [`commands`]: the agent and the operator's commands.
@@ -43,6 +45,7 @@ pub mod enforce;
 pub mod evidence;
 pub mod failpoint;
 pub mod files;
+pub mod fleet;
 pub mod journal;
 pub mod kernel;
 pub mod llm;

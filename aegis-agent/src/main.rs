@@ -27,6 +27,11 @@ enum Command {
         /// Create this file once every probe is attached (for scripts and tests).
         #[arg(long)]
         ready_file: Option<PathBuf>,
+        /// Load no eBPF program: only the control socket, the decision log and the fleet
+        /// feed run, and blocks are held, not enforced (rehearsing a fleet push at scale on
+        /// one machine). `status` and every acknowledgement say so.
+        #[arg(long)]
+        no_kernel: bool,
     },
     /// Print the embedded default configuration.
     DefaultConfig,
@@ -101,6 +106,13 @@ enum Command {
         #[arg(long)]
         ready_file: Option<PathBuf>,
     },
+    /// Fleet policy: sign, publish, watch, and the one-line emergency forms (see README
+    /// "Fleet"). Exit status: 0 done (every agent acknowledged), 1 published but not every
+    /// agent acknowledged by the deadline, 2 error.
+    Fleet {
+        #[command(subcommand)]
+        command: aegis_agent::commands::fleet::FleetCommand,
+    },
     /// Freeze the recent history of a process, cgroup, executable or provider into a signed
     /// evidence bundle (see README "Incidents"); prints its path and digest.
     Snapshot(aegis_agent::commands::incident::SnapshotArgs),
@@ -174,8 +186,9 @@ fn main() -> std::process::ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run { config, ready_file } => {
+        Command::Run { config, ready_file, no_kernel } => {
             match config.as_deref().map_or_else(|| Ok(Config::defaults()), Config::load) {
+                Ok(config) if no_kernel => aegis_agent::daemon::run_without_kernel(&config, ready_file.as_deref()),
                 Ok(config) => aegis_agent::daemon::run(&config, ready_file.as_deref()),
                 Err(e) => Err(e),
             }
@@ -227,6 +240,9 @@ fn main() -> std::process::ExitCode {
         }
         Command::Collector { config, ready_file } => {
             aegis_agent::commands::collector::run(&config, ready_file.as_deref())
+        }
+        Command::Fleet { command } => {
+            return std::process::ExitCode::from(aegis_agent::commands::fleet::run(command));
         }
         Command::Snapshot(args) => aegis_agent::commands::incident::snapshot(&args),
         Command::Incident { command } => aegis_agent::commands::incident::incident(&command),

@@ -22,6 +22,7 @@ pub mod clients;
 pub mod collector;
 pub mod contain;
 pub mod expect;
+pub mod fleet;
 pub mod mock;
 pub mod plans;
 

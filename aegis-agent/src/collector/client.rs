@@ -56,6 +56,11 @@ impl CollectorClient {
         Ok(Self { base, http })
     }
 
+    /// The collector's URL, as configured.
+    pub fn base_url(&self) -> String {
+        self.base.to_string()
+    }
+
     fn url(&self, path: &str) -> url::Url {
         let mut url = self.base.clone();
         let prefix = url.path().trim_end_matches('/').to_owned();
@@ -113,6 +118,96 @@ impl CollectorClient {
         serde_json::from_slice::<List>(&body)
             .map(|l| l.bundles)
             .map_err(|e| ClientError::Transient(format!("the collector's list is not JSON: {e}")))
+    }
+}
+
+/// What the collector said to a publication.
+#[derive(Clone, Debug, serde::Deserialize)]
+pub struct PublishAnswer {
+    /// "published", or "already_published" (the same bytes again).
+    pub status: String,
+    pub version: u64,
+    pub digest: String,
+    pub published_ms: u64,
+}
+
+impl CollectorClient {
+    /// The fleet policy newer than `after`, waiting up to `wait` for one to be published
+    /// (None: none came). With its publication time (Unix ms).
+    pub async fn policy(&self, after: u64, wait: Duration) -> Result<Option<(Bytes, u64)>, ClientError> {
+        let mut url = self.url("/v1/policy");
+        url.query_pairs_mut().append_pair("after", &after.to_string()).append_pair("wait", &wait.as_secs().to_string());
+        let response = self
+            .http
+            .get(url)
+            .timeout(wait + CONNECT_TIMEOUT + Duration::from_secs(5))
+            .send()
+            .await
+            .map_err(|e| ClientError::Transient(describe(&e)))?;
+        match response.status().as_u16() {
+            204 => Ok(None),
+            200 => {
+                let published = response
+                    .headers()
+                    .get("x-aegis-published-ms")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0);
+                let body = response.bytes().await.map_err(|e| ClientError::Transient(describe(&e)))?;
+                Ok(Some((body, published)))
+            }
+            _ => Err(error_of(response).await),
+        }
+    }
+
+    /// Publish a signed fleet policy.
+    pub async fn publish(&self, bytes: Bytes) -> Result<PublishAnswer, ClientError> {
+        let response = self
+            .http
+            .put(self.url("/v1/policy"))
+            .header("content-type", "application/json")
+            .body(bytes)
+            .send()
+            .await
+            .map_err(|e| ClientError::Transient(describe(&e)))?;
+        if !matches!(response.status().as_u16(), 200 | 201) {
+            return Err(error_of(response).await);
+        }
+        let body = response.bytes().await.map_err(|e| ClientError::Transient(describe(&e)))?;
+        serde_json::from_slice(&body)
+            .map_err(|e| ClientError::Transient(format!("the collector's answer is not JSON: {e}")))
+    }
+
+    /// Send a signed acknowledgement.
+    pub async fn ack(&self, bytes: Bytes) -> Result<(), ClientError> {
+        let response = self
+            .http
+            .post(self.url("/v1/policy/acks"))
+            .header("content-type", "application/json")
+            .body(bytes)
+            .send()
+            .await
+            .map_err(|e| ClientError::Transient(describe(&e)))?;
+        if response.status().as_u16() != 201 {
+            return Err(error_of(response).await);
+        }
+        Ok(())
+    }
+
+    /// The fleet's state as the collector sees it (`GET /v1/fleet/status`).
+    pub async fn fleet_status(&self) -> Result<serde_json::Value, ClientError> {
+        let response = self
+            .http
+            .get(self.url("/v1/fleet/status"))
+            .send()
+            .await
+            .map_err(|e| ClientError::Transient(describe(&e)))?;
+        if response.status().as_u16() != 200 {
+            return Err(error_of(response).await);
+        }
+        let body = response.bytes().await.map_err(|e| ClientError::Transient(describe(&e)))?;
+        serde_json::from_slice(&body)
+            .map_err(|e| ClientError::Transient(format!("the collector's answer is not JSON: {e}")))
     }
 }
 

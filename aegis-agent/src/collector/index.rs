@@ -107,10 +107,59 @@ impl Index {
             );
             CREATE INDEX IF NOT EXISTS bundles_host ON bundles (host, created_ms);
             CREATE INDEX IF NOT EXISTS bundles_incident ON bundles (incident, created_ms);
-            CREATE INDEX IF NOT EXISTS bundles_created ON bundles (created_ms);",
+            CREATE INDEX IF NOT EXISTS bundles_created ON bundles (created_ms);
+            CREATE TABLE IF NOT EXISTS policies (
+                version INTEGER PRIMARY KEY,
+                digest TEXT NOT NULL,
+                published_ms INTEGER NOT NULL,
+                body BLOB NOT NULL
+            );
+            CREATE TABLE IF NOT EXISTS acks (
+                agent TEXT PRIMARY KEY,
+                ack TEXT NOT NULL,
+                received_ms INTEGER NOT NULL
+            );",
         )
         .with_context(|| format!("the index {} cannot be set up (is it another program's file?)", path.display()))?;
         Ok(Self { db })
+    }
+
+    /// Keep a published policy (the feed serves the highest version).
+    pub fn put_policy(&self, version: u64, digest: &str, published_ms: u64, body: &[u8]) -> anyhow::Result<()> {
+        self.db.execute(
+            "INSERT INTO policies (version, digest, published_ms, body) VALUES (?1, ?2, ?3, ?4)",
+            rusqlite::params![version as i64, digest, published_ms as i64, body],
+        )?;
+        Ok(())
+    }
+
+    /// The latest policy: (version, digest, published_ms, body).
+    pub fn latest_policy(&self) -> anyhow::Result<Option<(u64, String, u64, Vec<u8>)>> {
+        Ok(self
+            .db
+            .query_row(
+                "SELECT version, digest, published_ms, body FROM policies ORDER BY version DESC LIMIT 1",
+                [],
+                |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?, r.get::<_, i64>(2)? as u64, r.get(3)?)),
+            )
+            .optional()?)
+    }
+
+    /// Keep an agent's latest acknowledgement (JSON).
+    pub fn put_ack(&self, agent: &str, ack: &str, received_ms: u64) -> anyhow::Result<()> {
+        self.db.execute(
+            "INSERT INTO acks (agent, ack, received_ms) VALUES (?1, ?2, ?3)
+             ON CONFLICT (agent) DO UPDATE SET ack = excluded.ack, received_ms = excluded.received_ms",
+            rusqlite::params![agent, ack, received_ms as i64],
+        )?;
+        Ok(())
+    }
+
+    /// Every agent's latest acknowledgement: (agent, ack JSON, received_ms).
+    pub fn acks(&self) -> anyhow::Result<Vec<(String, String, u64)>> {
+        let mut stmt = self.db.prepare("SELECT agent, ack, received_ms FROM acks ORDER BY agent")?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get::<_, i64>(2)? as u64)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 
     /// Claim `digest` for the bundle `meta` of `agent` (`size` bytes), in one transaction.

@@ -24,12 +24,23 @@
 //! 6. an evidence bundle's predicate naming that key (422);
 //! 7. a (key, sequence) not already held by another bundle (409 `replay`).
 //!
+//! With a `[fleet]` section it also serves the fleet's signed policy (see
+//! [`crate::fleet`] and README "Fleet"): `PUT /v1/policy` publishes a policy (it must verify
+//! against the `[fleet]` keys and be newer than the one served), `GET /v1/policy?after=N&wait=S`
+//! answers at once with a newer policy, or holds the request up to S seconds until one is
+//! published (a long poll: one request per agent in flight, woken on publish), `POST
+//! /v1/policy/acks` takes an agent's signed acknowledgement (signed by its enrolled key, sent
+//! over its own client certificate), and `GET /v1/fleet/status` lists each enrolled agent's
+//! version in force, time to apply and last contact.
+//!
 //! Everything from the network is hostile: bodies are capped, handshakes, heads and whole
 //! requests have timeouts, and connections are bounded (`max_connections`; more wait in the
 //! kernel's accept queue).
 
 pub mod client;
+pub mod feed;
 pub mod index;
+mod policy_routes;
 pub mod server;
 pub mod store;
 pub mod tls;
@@ -38,6 +49,7 @@ use std::{
     collections::HashMap,
     net::SocketAddr,
     path::{Path, PathBuf},
+    time::Duration,
 };
 
 use anyhow::Context as _;
@@ -56,6 +68,30 @@ pub struct CollectorFile {
     /// The enrolled agents.
     #[serde(default)]
     pub agents: Vec<AgentEntry>,
+    /// The fleet policy feed; absent: the collector serves no policy.
+    #[serde(default)]
+    pub fleet: Option<FleetSection>,
+}
+
+/// `[fleet]` of the collector: the keys a policy must be signed with to be published (the
+/// same as the agents' `[fleet]`), so that the feed never serves what agents would refuse.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FleetSection {
+    pub name: String,
+    pub keys: Vec<String>,
+    #[serde(default = "default_threshold")]
+    pub threshold: usize,
+    /// Longest an agent's `GET /v1/policy?wait=` is held open before a 204.
+    #[serde(default = "default_max_wait_secs")]
+    pub max_wait_secs: u64,
+}
+
+fn default_threshold() -> usize {
+    1
+}
+fn default_max_wait_secs() -> u64 {
+    30
 }
 
 /// `[collector]`.
@@ -119,6 +155,8 @@ pub struct CollectorConfig {
     pub section: CollectorSection,
     /// By DSSE key id.
     pub agents: HashMap<String, Agent>,
+    /// The fleet's keys, when the collector serves policies.
+    pub fleet: Option<(crate::fleet::policy::Trust, Duration)>,
 }
 
 impl CollectorConfig {
@@ -163,7 +201,16 @@ impl CollectorConfig {
         if agents.is_empty() {
             tracing::warn!("the collector config enrolls no agent ([[agents]]): every bundle will be refused");
         }
-        Ok(Self { section: file.collector, agents })
+        let fleet = file
+            .fleet
+            .map(|f| {
+                let trust = crate::fleet::policy::Trust::new(&f.name, &f.keys, f.threshold).context("[fleet]")?;
+                let wait =
+                    Duration::from_secs(f.max_wait_secs.clamp(1, s.request_timeout_secs.saturating_sub(1).max(1)));
+                anyhow::Ok((trust, wait))
+            })
+            .transpose()?;
+        Ok(Self { section: file.collector, agents, fleet })
     }
 }
 

@@ -34,15 +34,17 @@ const DEFAULT_LIST_LIMIT: u32 = 1000;
 const MAX_LIST_LIMIT: u32 = 10_000;
 const BUNDLE_PATH: &str = "/v1/bundles/sha256/";
 
-type Body = Full<Bytes>;
+pub(super) type Body = Full<Bytes>;
 
 /// What the request handlers share.
-struct State {
-    agents: std::collections::HashMap<String, Agent>,
+pub(super) struct State {
+    pub(super) agents: std::collections::HashMap<String, Agent>,
     store: Store,
     index: Arc<Mutex<Index>>,
     max_body_bytes: u64,
     request_timeout: Duration,
+    /// The fleet policy feed, with a `[fleet]` section.
+    pub(super) feed: Option<super::policy_routes::Feed>,
 }
 
 /// Serve on `listener` until `shutdown` completes; `on_ready` once the TLS files, the store
@@ -63,12 +65,17 @@ pub async fn serve(
         listen = %listener.local_addr()?, store = %store.location, index = %s.index.display(),
         agents = config.agents.len(), "collector listening"
     );
+    let feed = match config.fleet {
+        Some((trust, wait)) => Some(super::policy_routes::Feed::open(trust, wait, &index)?),
+        None => None,
+    };
     let state = Arc::new(State {
         max_body_bytes: s.max_body_bytes,
         request_timeout: Duration::from_secs(s.request_timeout_secs),
         agents: config.agents,
         store,
         index: Arc::new(Mutex::new(index)),
+        feed,
     });
     on_ready()?;
     tokio::pin!(shutdown);
@@ -150,7 +157,7 @@ async fn connection(
 }
 
 /// A JSON answer.
-fn answer(status: StatusCode, body: &serde_json::Value) -> Response<Body> {
+pub(super) fn answer(status: StatusCode, body: &serde_json::Value) -> Response<Body> {
     Response::builder()
         .status(status)
         .header(header::CONTENT_TYPE, "application/json")
@@ -159,12 +166,18 @@ fn answer(status: StatusCode, body: &serde_json::Value) -> Response<Body> {
 }
 
 /// A refusal: logged, and answered with what went wrong and what to do.
-fn refuse(peer: SocketAddr, status: StatusCode, error: &str, message: String, action: &str) -> Response<Body> {
+pub(super) fn refuse(
+    peer: SocketAddr,
+    status: StatusCode,
+    error: &str,
+    message: String,
+    action: &str,
+) -> Response<Body> {
     tracing::warn!(%peer, status = status.as_u16(), error, "refused: {message}");
     answer(status, &json!({"error": error, "message": message, "action": action}))
 }
 
-fn internal(peer: SocketAddr, e: &anyhow::Error) -> Response<Body> {
+pub(super) fn internal(peer: SocketAddr, e: &anyhow::Error) -> Response<Body> {
     tracing::error!(%peer, "{e:#}");
     answer(
         StatusCode::SERVICE_UNAVAILABLE,
@@ -201,12 +214,22 @@ async fn handle(
         (&Method::GET, None) if path == "/v1/bundles" => {
             list_bundles(state, peer, req.uri().query().unwrap_or("")).await
         }
+        (&Method::PUT, None) if path == "/v1/policy" => super::policy_routes::publish(state, peer, req).await,
+        (&Method::GET, None) if path == "/v1/policy" => {
+            let query = req.uri().query().unwrap_or("").to_owned();
+            super::policy_routes::serve_policy(state, client_cert, peer, &query).await
+        }
+        (&Method::POST, None) if path == "/v1/policy/acks" => {
+            super::policy_routes::take_ack(state, client_cert, peer, req).await
+        }
+        (&Method::GET, None) if path == "/v1/fleet/status" => super::policy_routes::fleet_status(state, peer).await,
         _ => refuse(
             peer,
             StatusCode::NOT_FOUND,
             "not_found",
             format!("no route {} {path}", req.method()),
-            "use PUT or GET /v1/bundles/sha256/<hex>, or GET /v1/bundles",
+            "use PUT or GET /v1/bundles/sha256/<hex>, GET /v1/bundles, PUT or GET /v1/policy, POST \
+             /v1/policy/acks, GET /v1/fleet/status",
         ),
     }
 }
@@ -222,7 +245,7 @@ fn bad_digest(peer: SocketAddr, digest: &str) -> Response<Body> {
 }
 
 /// Run `f` on the index off the async threads.
-async fn with_index<T: Send + 'static>(
+pub(super) async fn with_index<T: Send + 'static>(
     state: &Arc<State>,
     f: impl FnOnce(&mut Index) -> anyhow::Result<T> + Send + 'static,
 ) -> anyhow::Result<T> {

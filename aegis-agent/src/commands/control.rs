@@ -645,6 +645,7 @@ mod tests {
                 kernel: String::new(),
                 capabilities: vec![],
                 mode: None,
+                fleet: None,
             }),
             0,
         );
@@ -666,6 +667,7 @@ mod tests {
                 mode: None,
                 kernel: String::new(),
                 capabilities: vec![],
+                fleet: None,
             }),
             0,
         );

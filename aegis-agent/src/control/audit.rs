@@ -45,6 +45,8 @@ pub enum AuditAction {
     EnforceOff,
     /// The agent started and enforced the saved state (actor: the agent).
     Restore,
+    /// A fleet policy was put in force (actor: the agent, on the fleet's signed word).
+    FleetPolicy,
     /// A client that may not use the socket connected.
     Connect,
     /// A request that could not be read or parsed.

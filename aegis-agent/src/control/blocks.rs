@@ -139,6 +139,10 @@ pub struct Block {
     pub expires_at: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_unix_ms: Option<u64>,
+    /// Set by this version of the fleet's policy (None: by an operator on this host). The
+    /// fleet's next policy replaces the fleet's blocks and leaves the operator's alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fleet_version: Option<u64>,
 }
 
 /// What a block is matched against: the facts known about a call or a connection. Facts
@@ -676,6 +680,7 @@ impl Block {
             created_unix_ms: now_ms,
             expires_at: expires_unix_ms.map(rfc3339_ms),
             expires_unix_ms,
+            fleet_version: None,
         })
     }
 

@@ -146,6 +146,44 @@ pub struct AgentStatus {
     /// Absent from agents older than the enforcement modes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mode: Option<ModeState>,
+    /// The fleet policy in force; absent when the agent takes none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fleet: Option<FleetStatus>,
+}
+
+/// The fleet side of `status`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FleetStatus {
+    pub fleet: String,
+    /// The version in force (0: none yet) and its digest.
+    pub version: u64,
+    #[serde(default)]
+    pub digest: String,
+    /// When it was applied, and until when it is valid (RFC 3339).
+    #[serde(default)]
+    pub applied_at: String,
+    #[serde(default)]
+    pub expires: String,
+    /// Its expiry has passed: the feed is frozen (its blocks stay in force).
+    #[serde(default)]
+    pub stale: bool,
+    /// Where policies come from: the collector's URL, the drop directory.
+    #[serde(default)]
+    pub sources: Vec<String>,
+    /// Whether the collector's stream is up now, and the last error when it is not.
+    #[serde(default)]
+    pub connected: bool,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub last_error: String,
+    /// Policies refused, by reason (unsigned, unknown_key, bad_signature, below_threshold,
+    /// wrong_fleet, rollback, fork, expired, malformed), and the last refusal.
+    #[serde(default)]
+    pub refused: std::collections::BTreeMap<String, u64>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub last_refusal: String,
+    /// Acknowledgements the collector has not confirmed yet.
+    #[serde(default)]
+    pub acks_pending: u64,
 }
 
 impl Response {
@@ -312,6 +350,7 @@ mod tests {
                     "/usr/bin/node: no SSL_write symbol",
                 )],
                 mode: Some(mode),
+                fleet: None,
             })),
             Response::error("no"),
         ];

@@ -177,6 +177,32 @@ fn status_text(s: &AgentStatus) -> String {
         let _ = write!(out, "; enforcement mode {}", clean(&mode.to_string()));
     }
     out.push('\n');
+    if let Some(f) = &s.fleet {
+        let _ = write!(out, "fleet {}: ", clean(&f.fleet));
+        if f.version == 0 {
+            out.push_str("no policy yet");
+        } else {
+            let _ = write!(out, "policy version {} in force since {}", f.version, short_time(&f.applied_at));
+            if f.stale {
+                let _ =
+                    write!(out, ", EXPIRED at {} (the feed is frozen; its blocks stay in force)", clean(&f.expires));
+            }
+        }
+        let _ = write!(out, "; {}", if f.connected { "connected" } else { "not connected" });
+        if !f.last_error.is_empty() {
+            let _ = write!(out, " ({})", clean(&f.last_error));
+        }
+        let refused: u64 = f.refused.values().sum();
+        if refused > 0 {
+            let _ = write!(
+                out,
+                "; {refused} polic{} refused, last: {}",
+                if refused == 1 { "y" } else { "ies" },
+                clean(&f.last_refusal)
+            );
+        }
+        out.push('\n');
+    }
     if !s.kernel.is_empty() {
         let _ = writeln!(out, "kernel {}", clean(&s.kernel));
     }
@@ -350,6 +376,7 @@ mod tests {
                     "the kernel refused eBPF program gate_write_enter",
                 ),
             ],
+            fleet: None,
         };
         let expected = format!(
             "aegis-agent 0.1.0 (pid 7, control protocol 1) serving since 2023-11-14 22:13:20Z; 1 active block; \

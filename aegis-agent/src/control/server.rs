@@ -44,7 +44,10 @@ use super::{
     blocks::{Actor, Block, BlockSpec, ControlState, Emergency, Subject, create_private_dir, parse_cgroup},
     group_label,
     mode::{EnforceMode, ModeState},
-    protocol::{AgentStatus, ApplyReport, PROTOCOL_VERSION, Reply, Request, Response, decode_request, encode_response},
+    protocol::{
+        AgentStatus, ApplyReport, FleetStatus, PROTOCOL_VERSION, Reply, Request, Response, decode_request,
+        encode_response,
+    },
 };
 use crate::{
     clock::{now_unix_ms, rfc3339_ms},
@@ -157,6 +160,15 @@ pub enum Change {
     Mode {
         mode: EnforceMode,
     },
+    /// A fleet policy replaced the fleet's blocks (`removed` by `added`, in one step: the
+    /// new kernel rules are written before the old ones go) and maybe the host-wide
+    /// emergency switch (`emergency` is the whole state after it).
+    Fleet {
+        version: u64,
+        added: Vec<Block>,
+        removed: Vec<Block>,
+        emergency: Emergency,
+    },
 }
 
 impl Change {
@@ -170,6 +182,12 @@ impl Change {
             Change::Restored { blocks, emergency, mode } => {
                 json!({ "blocks": blocks.iter().map(|b| &b.id).collect::<Vec<_>>(), "emergency": emergency, "mode": mode })
             }
+            Change::Fleet { version, added, removed, emergency } => json!({
+                "fleet_version": version,
+                "added": added,
+                "removed": removed.iter().map(|b| &b.id).collect::<Vec<_>>(),
+                "emergency": emergency,
+            }),
         }
     }
 }
@@ -206,6 +224,9 @@ impl ControlHandler for ContainmentOff {
                 Ok(ApplyReport::default())
             }
             Change::Expired(_) => Ok(ApplyReport::default()),
+            Change::Fleet { added, emergency, .. } if added.is_empty() && emergency.is_off() => {
+                Ok(ApplyReport::default())
+            }
             _ => Err("containment is off in this agent's configuration (enforce.enabled = false): set \
                       enforce.enabled = true and restart it to block"
                 .into()),
@@ -275,11 +296,50 @@ pub struct ControlServer;
 /// or drop.
 #[derive(Debug)]
 pub struct ServerHandle {
+    core: FleetApplier,
     stop: watch::Sender<bool>,
     thread: Option<JoinHandle<()>>,
     view: ControlView,
     socket: PathBuf,
     socket_id: (u64, u64),
+}
+
+/// Puts fleet policies in force through the same steps as an operator's change (audited as
+/// pending, saved, published, enforced, undone on failure), and keeps the fleet's state for
+/// `status`. Cheap to clone.
+#[derive(Clone)]
+pub struct FleetApplier(Arc<Core>);
+
+impl std::fmt::Debug for FleetApplier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FleetApplier")
+    }
+}
+
+impl FleetApplier {
+    /// Replace the fleet's blocks with `specs` (validated, without expiry) and set the
+    /// host-wide emergency switch to `emergency` when it is `Some`. The operator's own
+    /// blocks stay; a fleet block whose target and scope an operator's block already covers
+    /// is not added twice (a note says so).
+    pub fn apply(
+        &self,
+        version: u64,
+        specs: &[BlockSpec],
+        emergency: Option<bool>,
+        signers: &[String],
+    ) -> Result<ApplyReport, String> {
+        self.0.apply_fleet(version, specs, emergency, signers)
+    }
+
+    /// Publish the fleet's state for `status`.
+    pub fn set_status(&self, status: FleetStatus) {
+        *self.0.fleet.write().unwrap_or_else(PoisonError::into_inner) = Some(status);
+    }
+
+    /// The blocks in force now.
+    pub fn view(&self) -> ControlView {
+        self.0.view.clone()
+    }
 }
 
 impl ControlServer {
@@ -333,6 +393,7 @@ impl ControlServer {
         };
         let (stop, stop_rx) = watch::channel(false);
         let view = core.view.clone();
+        let handle_core = core.clone();
         let thread = std::thread::Builder::new()
             .name("aegis-control".into())
             .spawn(move || {
@@ -342,7 +403,7 @@ impl ControlServer {
             .context("cannot start the control server thread")
             .map_err(remove_socket)?;
         tracing::info!(socket = %socket.display(), "control socket ready");
-        Ok(ServerHandle { stop, thread: Some(thread), view, socket, socket_id })
+        Ok(ServerHandle { core: FleetApplier(handle_core), stop, thread: Some(thread), view, socket, socket_id })
     }
 }
 
@@ -350,6 +411,11 @@ impl ServerHandle {
     /// The live state, for the data path.
     pub fn view(&self) -> ControlView {
         self.view.clone()
+    }
+
+    /// What puts fleet policies in force, for the fleet feed.
+    pub fn fleet_applier(&self) -> FleetApplier {
+        self.core.clone()
     }
 
     pub fn socket(&self) -> &Path {
@@ -735,6 +801,8 @@ struct Core {
     started_at: String,
     /// What each kernel capability came to, for `status`.
     capabilities: Capabilities,
+    /// The fleet policy in force, set by the fleet feed (None: no fleet).
+    fleet: RwLock<Option<FleetStatus>>,
 }
 
 impl Core {
@@ -787,6 +855,7 @@ impl Core {
             agent: Actor::agent(),
             started_at: rfc3339_ms(now_unix_ms()),
             capabilities,
+            fleet: RwLock::new(None),
         });
         for block in &expired {
             tracing::info!(id = %block.id, target = %block.spec.target, "block expired while the agent was not running");
@@ -951,6 +1020,7 @@ impl Core {
                     kernel: crate::kernel::kernel_release(),
                     capabilities: self.capabilities.list(),
                     mode: Some(s.mode.clone()),
+                    fleet: self.fleet.read().unwrap_or_else(PoisonError::into_inner).clone(),
                 }))
             }),
         }
@@ -997,6 +1067,72 @@ impl Core {
     fn apply(&self, change: &Change) -> Result<ApplyReport, String> {
         std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.handler.apply(change)))
             .unwrap_or_else(|_| Err("the enforcement handler panicked; see the agent's log".into()))
+    }
+
+    fn apply_fleet(
+        &self,
+        version: u64,
+        specs: &[BlockSpec],
+        emergency: Option<bool>,
+        signers: &[String],
+    ) -> Result<ApplyReport, String> {
+        let actor = Actor { comm: format!("fleet v{version}"), ..Actor::agent() };
+        let mut notes = Vec::new();
+        let result = self.commit(&actor, AuditAction::FleetPolicy, |state, now| {
+            let (removed, kept): (Vec<Block>, Vec<Block>) =
+                std::mem::take(&mut state.blocks).list().iter().cloned().partition(|b| b.fleet_version.is_some());
+            for b in kept {
+                state.blocks.add(b)?;
+            }
+            let mut added = Vec::new();
+            for spec in specs {
+                let spec = spec.clone().validated()?;
+                if let Some(same) = state.blocks.same_as(&spec) {
+                    notes.push(format!(
+                        "{} ({}) is blocked on this host already by {}",
+                        spec.target, spec.scope, same.id
+                    ));
+                    continue;
+                }
+                // The id of the block it replaces, when it is the same: ids stay stable
+                // across versions that keep a block.
+                let id = removed
+                    .iter()
+                    .find(|b| b.spec.target == spec.target && b.spec.scope == spec.scope)
+                    .map_or_else(|| state.blocks.new_id(), |b| b.id.clone());
+                let mut block = Block::new(id, spec, actor.clone(), now)?;
+                block.fleet_version = Some(version);
+                state.blocks.add(block.clone())?;
+                added.push(block);
+            }
+            if let Some(on) = emergency {
+                state.emergency.set(on, None);
+            }
+            let change = Change::Fleet { version, added, removed, emergency: state.emergency.clone() };
+            Ok((Some(change), ()))
+        });
+        match result {
+            Ok(((), mut report)) => {
+                report.notes.extend(notes);
+                tracing::warn!(version, %report, "fleet policy in force");
+                self.audit_ok(
+                    &actor,
+                    AuditAction::FleetPolicy,
+                    json!({ "version": version, "signers": signers }),
+                    &mut report,
+                );
+                Ok(report)
+            }
+            Err(message) => {
+                self.failed(
+                    &actor,
+                    AuditAction::FleetPolicy,
+                    json!({ "version": version, "signers": signers }),
+                    message.clone(),
+                );
+                Err(message)
+            }
+        }
     }
 
     fn block(&self, actor: &Actor, spec: BlockSpec) -> Response {

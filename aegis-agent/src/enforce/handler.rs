@@ -280,6 +280,32 @@ impl ControlHandler for Enforcer {
                 blocks.retain(|x| !ids.contains(x.id.as_str()));
                 self.release_unused(&blocks, gone);
             }
+            Change::Fleet { added, removed, .. } => {
+                for p in added.iter().filter_map(|x| match &x.spec.target {
+                    BlockTarget::Provider(p) => Some(p),
+                    _ => None,
+                }) {
+                    // As for an operator's block: fresh addresses before the rules are written.
+                    let r = self.providers.resolve_now(p).map_err(|e| e.to_string())?;
+                    if r.addresses.nets.is_empty() {
+                        return Err(format!(
+                            "provider {p} has no address yet (its host names did not resolve: {:?})",
+                            r.failed
+                        ));
+                    }
+                }
+                // One rule set for the kernel: the new rules and the old ones' removal are
+                // one update, so nothing the policy keeps is ever let through in between.
+                let gone: HashSet<&str> = removed.iter().map(|b| b.id.as_str()).collect();
+                blocks.retain(|x| !gone.contains(x.id.as_str()));
+                blocks.extend(added.iter().cloned());
+                let new_ids: HashSet<&str> =
+                    removed.iter().filter(|b| added.iter().any(|a| a.id == b.id)).map(|b| b.id.as_str()).collect();
+                fresh = added.iter().filter(|b| !new_ids.contains(b.id.as_str())).cloned().collect();
+                let lifted: Vec<Block> =
+                    removed.iter().filter(|b| !added.iter().any(|a| a.id == b.id)).cloned().collect();
+                self.release_unused(&blocks, &lifted);
+            }
             Change::Emergency { on, cgroup, .. } => {
                 let scope = cgroup.as_deref().unwrap_or("the whole host");
                 let note = if *on {

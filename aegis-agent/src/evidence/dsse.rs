@@ -183,6 +183,38 @@ pub fn verify(envelope: &Envelope, key: &VerifierKey) -> Result<Statement, DsseE
     Ok(statement)
 }
 
+/// An envelope of `payload` (of `payload_type`), signed by each of `keys`: DSSE's form for
+/// any signed document (fleet policies and their acknowledgements use it too).
+pub fn sign_payload(keys: &[&HostKey], payload_type: &str, payload: &[u8]) -> Envelope {
+    let message = pae(payload_type, payload);
+    Envelope {
+        payload: STANDARD.encode(payload),
+        payload_type: payload_type.into(),
+        signatures: keys
+            .iter()
+            .map(|k| EnvelopeSignature { keyid: k.verifier().dsse_keyid(), sig: STANDARD.encode(k.sign(&message)) })
+            .collect(),
+    }
+}
+
+/// The payload of `envelope` and the keys of `keys` whose signature of it verifies, each
+/// key once however often it signed (key ids are only hints: every signature is tried
+/// with every key). Errors only when the envelope cannot be read at all.
+pub fn verified_by<'k>(
+    envelope: &Envelope,
+    keys: &'k [VerifierKey],
+) -> Result<(Vec<u8>, Vec<&'k VerifierKey>), DsseError> {
+    let payload =
+        decode_base64(&envelope.payload).ok_or_else(|| DsseError::Malformed("the payload is not base64".into()))?;
+    if envelope.signatures.is_empty() {
+        return Err(DsseError::NoSignature);
+    }
+    let message = pae(&envelope.payload_type, &payload);
+    let sigs: Vec<Vec<u8>> = envelope.signatures.iter().filter_map(|s| decode_base64(&s.sig)).collect();
+    let signers = keys.iter().filter(|k| sigs.iter().any(|sig| k.verify(&message, sig))).collect();
+    Ok((payload, signers))
+}
+
 /// Read an envelope file (at most [`MAX_ENVELOPE_BYTES`]).
 pub fn read_envelope(path: &Path) -> anyhow::Result<Envelope> {
     let data = crate::files::read_capped(path, MAX_ENVELOPE_BYTES, "an evidence envelope is at most 16 MiB")
@@ -191,7 +223,7 @@ pub fn read_envelope(path: &Path) -> anyhow::Result<Envelope> {
 }
 
 /// DSSE allows standard and URL-safe base64, padded or not.
-fn decode_base64(s: &str) -> Option<Vec<u8>> {
+pub(crate) fn decode_base64(s: &str) -> Option<Vec<u8>> {
     [STANDARD, URL_SAFE, STANDARD_NO_PAD, URL_SAFE_NO_PAD].iter().find_map(|engine| engine.decode(s).ok())
 }
 

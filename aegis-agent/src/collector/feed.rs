@@ -1,0 +1,437 @@
+//! The agent's end of the fleet policy feed: a long poll to the collector (one request in
+//! flight, answered the moment a policy is published), a watched drop directory, the
+//! checks of [`crate::fleet::policy`], the change through the control server (the same
+//! steps as an operator's block: audited, saved, enforced), and a signed acknowledgement.
+//!
+//! When the collector cannot be reached the feed retries with exponential backoff and
+//! jitter (up to `[fleet] backoff_max_secs`); what is in force stays in force. Refused
+//! policies are counted by reason and logged, and the agent keeps what it has; it does not
+//! ask again for a version it refused, only for a newer one.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex, PoisonError},
+    thread::JoinHandle,
+    time::{Duration, Instant, SystemTime},
+};
+
+use anyhow::Context as _;
+use bytes::Bytes;
+use tokio::sync::watch;
+
+use super::client::CollectorClient;
+use crate::{
+    clock::{now_unix_ms, rfc3339_ms},
+    control::{FleetApplier, FleetStatus},
+    evidence::key::HostKey,
+    fleet::{
+        FleetConfig,
+        ack::{Ack, AckStatus},
+        policy::{self, Accepted, MAX_POLICY_BYTES, Trust},
+    },
+};
+
+/// Most files of the drop directory looked at per scan.
+const MAX_DROP_FILES: usize = 256;
+
+/// Where an offered policy came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Source {
+    Collector,
+    DropDir,
+}
+
+/// The feed's state, shared by its sources.
+struct Inner {
+    trust: Trust,
+    applier: FleetApplier,
+    key: HostKey,
+    state_file: PathBuf,
+    enforcement: &'static str,
+    accepted: Option<Accepted>,
+    /// The highest version refused: not asked for again.
+    refused_version: u64,
+    status: FleetStatus,
+    /// Acknowledgements not yet taken by the collector (the newest few).
+    pending_acks: Vec<Bytes>,
+    stale_reported: bool,
+}
+
+impl Inner {
+    fn publish_status(&mut self) {
+        let now = now_unix_ms();
+        if let Some(a) = &self.accepted {
+            self.status.version = a.version;
+            self.status.digest = a.digest.clone();
+            self.status.applied_at = a.accepted_at.clone();
+            self.status.expires = a.expires.clone();
+            self.status.stale = a.is_stale(now);
+            if self.status.stale && !self.stale_reported {
+                self.stale_reported = true;
+                tracing::error!(
+                    version = a.version, expires = %a.expires,
+                    "the fleet policy in force has expired and no newer one came: the feed is frozen (its blocks stay \
+                     in force); check the collector and the fleet's publisher"
+                );
+            }
+        }
+        self.status.acks_pending = self.pending_acks.len() as u64;
+        self.applier.set_status(self.status.clone());
+    }
+
+    /// Verify, apply and acknowledge one offered policy.
+    fn offer(&mut self, bytes: &[u8], source: Source) -> Ack {
+        let received = now_unix_ms();
+        let started = Instant::now();
+        let mut ack = Ack {
+            fleet: self.trust.fleet.clone(),
+            host: self.key.name().to_owned(),
+            offered_version: 0,
+            status: AckStatus::Refused,
+            version: self.accepted.as_ref().map_or(0, |a| a.version),
+            digest: self.accepted.as_ref().map(|a| a.digest.clone()).unwrap_or_default(),
+            received_unix_ms: received,
+            applied_unix_ms: None,
+            apply_ms: 0.0,
+            enforcement: self.enforcement.to_owned(),
+            failures: Vec::new(),
+            notes: Vec::new(),
+        };
+        // The version it claims, for the acknowledgement of a refusal (not trusted).
+        ack.offered_version = offered_version(bytes);
+        match policy::verify(bytes, &self.trust, self.accepted.as_ref(), received) {
+            Err(refusal) => {
+                *self.status.refused.entry(refusal.kind().to_owned()).or_default() += 1;
+                self.status.last_refusal = format!("{}: {refusal}", rfc3339_ms(received));
+                // Not asked for again; only the collector's word counts here (a file in the
+                // drop directory could claim any version).
+                if source == Source::Collector {
+                    self.refused_version = self.refused_version.max(ack.offered_version);
+                }
+                tracing::warn!(
+                    ?source,
+                    version = ack.offered_version,
+                    reason = refusal.kind(),
+                    "fleet policy refused: {refusal}; the policy in force stays"
+                );
+                ack.failures.push(refusal.to_string());
+            }
+            Ok(None) => {
+                ack.status = AckStatus::InForce;
+                ack.applied_unix_ms = self.accepted.as_ref().and_then(|a| parse_ms(&a.accepted_at));
+            }
+            Ok(Some(v)) => {
+                let held_emergency = self.accepted.as_ref().is_some_and(|a| a.emergency);
+                let emergency = match (v.doc.emergency, held_emergency) {
+                    (true, _) => Some(true),
+                    (false, true) => Some(false),
+                    (false, false) => None,
+                };
+                match self.applier.apply(v.doc.version, &v.doc.blocks, emergency, &v.signers) {
+                    Ok(report) => {
+                        let now = now_unix_ms();
+                        let accepted = Accepted::of(&v, now);
+                        if let Err(e) = accepted.save(&self.state_file) {
+                            // In force, but a restart would not know it: say so.
+                            tracing::error!("{e:#}");
+                            ack.notes.push(format!("{e:#}"));
+                        }
+                        self.accepted = Some(accepted);
+                        self.stale_reported = false;
+                        ack.status = AckStatus::Applied;
+                        ack.version = v.doc.version;
+                        ack.digest = v.digest.clone();
+                        ack.applied_unix_ms = Some(now);
+                        ack.notes.extend(report.notes);
+                        tracing::warn!(?source, version = v.doc.version, blocks = v.doc.blocks.len(), emergency = v.doc.emergency, note = %v.doc.note, "fleet policy in force");
+                    }
+                    Err(e) => {
+                        ack.status = AckStatus::Failed;
+                        if source == Source::Collector {
+                            self.refused_version = self.refused_version.max(v.doc.version);
+                        }
+                        tracing::error!(
+                            ?source,
+                            version = v.doc.version,
+                            "the fleet policy could not be enforced, the previous one stays: {e}"
+                        );
+                        ack.failures.push(e);
+                    }
+                }
+            }
+        }
+        ack.apply_ms = started.elapsed().as_secs_f64() * 1000.0;
+        ack
+    }
+
+    fn queue_ack(&mut self, ack: &Ack) {
+        match ack.sign(&self.key).map(|e| serde_json::to_vec(&e)) {
+            Ok(Ok(bytes)) => {
+                self.pending_acks.push(Bytes::from(bytes));
+                // Only the latest few matter: the collector keeps each agent's latest.
+                let excess = self.pending_acks.len().saturating_sub(8);
+                self.pending_acks.drain(..excess);
+            }
+            Ok(Err(e)) => tracing::error!("cannot encode a fleet acknowledgement: {e}"),
+            Err(e) => tracing::error!("cannot sign a fleet acknowledgement: {e:#}"),
+        }
+    }
+}
+
+fn offered_version(bytes: &[u8]) -> u64 {
+    let payload = serde_json::from_slice::<crate::evidence::dsse::Envelope>(bytes)
+        .ok()
+        .and_then(|e| crate::evidence::dsse::decode_base64(&e.payload));
+    payload
+        .and_then(|p| serde_json::from_slice::<serde_json::Value>(&p).ok())
+        .and_then(|v| v["version"].as_u64())
+        .unwrap_or(0)
+}
+
+fn parse_ms(rfc3339: &str) -> Option<u64> {
+    crate::evidence::bundle_meta::parse_rfc3339_ms(rfc3339).ok().map(|t| t as u64)
+}
+
+/// The running feed: stops on drop.
+pub struct FeedGuard {
+    stop: watch::Sender<bool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Drop for FeedGuard {
+    fn drop(&mut self) {
+        self.stop.send_replace(true);
+        if let Some(t) = self.thread.take()
+            && t.join().is_err()
+        {
+            tracing::error!("the fleet feed thread panicked");
+        }
+    }
+}
+
+/// Start the feed of `config` (None when the agent takes no fleet policy). `client`: the
+/// collector's, when `[fleet] collector` is on and `[collector] url` is set.
+pub fn start(
+    config: &FleetConfig,
+    applier: FleetApplier,
+    key: HostKey,
+    client: Option<CollectorClient>,
+    enforcement: &'static str,
+) -> anyhow::Result<Option<FeedGuard>> {
+    if !config.enabled() {
+        return Ok(None);
+    }
+    let trust = config.trust().context("[fleet]")?;
+    let accepted = Accepted::load(&config.state_file)?;
+    if let Some(a) = &accepted {
+        anyhow::ensure!(
+            a.fleet == trust.fleet,
+            "the fleet state file {} is of fleet {:?}, the config names {:?}: remove the file to join the new fleet",
+            config.state_file.display(),
+            a.fleet,
+            trust.fleet
+        );
+    }
+    let drop_dir = (!config.drop_dir.as_os_str().is_empty()).then(|| config.drop_dir.clone());
+    let mut sources = Vec::new();
+    if let Some(c) = &client {
+        sources.push(c.base_url());
+    }
+    if let Some(d) = &drop_dir {
+        sources.push(format!("dir:{}", d.display()));
+    }
+    if sources.is_empty() {
+        tracing::warn!("[fleet] has a name but no source: set [collector] url, or [fleet] drop_dir");
+    }
+    let mut inner = Inner {
+        status: FleetStatus { fleet: trust.fleet.clone(), sources, ..FleetStatus::default() },
+        trust,
+        applier,
+        key,
+        state_file: config.state_file.clone(),
+        enforcement,
+        accepted,
+        refused_version: 0,
+        pending_acks: Vec::new(),
+        stale_reported: false,
+    };
+    inner.publish_status();
+    tracing::info!(fleet = %inner.trust.fleet, version = inner.accepted.as_ref().map_or(0, |a| a.version), "fleet feed starting");
+    let inner = Arc::new(Mutex::new(inner));
+    let (stop, stop_rx) = watch::channel(false);
+    let wait = Duration::from_secs(config.wait_secs.max(1));
+    let backoff_max = Duration::from_secs(config.backoff_max_secs.max(1));
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .thread_name("aegis-fleet")
+        .build()
+        .context("cannot start the fleet feed's runtime")?;
+    let thread = std::thread::Builder::new()
+        .name("aegis-fleet".into())
+        .spawn(move || {
+            runtime.block_on(async move {
+                let collector =
+                    client.map(|c| tokio::spawn(collector_loop(c, inner.clone(), wait, backoff_max, stop_rx.clone())));
+                let dir = drop_dir.map(|d| tokio::spawn(drop_dir_loop(d, inner.clone(), stop_rx.clone())));
+                for task in [collector, dir].into_iter().flatten() {
+                    let _ = task.await;
+                }
+            });
+        })
+        .context("cannot start the fleet feed's thread")?;
+    Ok(Some(FeedGuard { stop, thread: Some(thread) }))
+}
+
+fn lock(inner: &Mutex<Inner>) -> std::sync::MutexGuard<'_, Inner> {
+    inner.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+async fn collector_loop(
+    client: CollectorClient,
+    inner: Arc<Mutex<Inner>>,
+    wait: Duration,
+    backoff_max: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut backoff = Duration::from_millis(250);
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        // Acknowledgements first: the collector learns what is in force before anything else.
+        let acks: Vec<Bytes> = lock(&inner).pending_acks.clone();
+        let mut sent = 0;
+        for ack in &acks {
+            match client.ack(ack.clone()).await {
+                Ok(()) => sent += 1,
+                Err(super::client::ClientError::Refused { message, .. }) => {
+                    tracing::error!("the collector refused this agent's acknowledgement: {message}");
+                    sent += 1;
+                }
+                Err(_) => break,
+            }
+        }
+        {
+            let mut i = lock(&inner);
+            let n = sent.min(i.pending_acks.len());
+            i.pending_acks.drain(..n);
+            i.publish_status();
+        }
+        let after = {
+            let i = lock(&inner);
+            i.accepted.as_ref().map_or(0, |a| a.version).max(i.refused_version)
+        };
+        let polled = tokio::select! {
+            r = client.policy(after, wait) => r,
+            _ = stop.changed() => return,
+        };
+        let error = match polled {
+            Ok(Some((bytes, _published))) => {
+                let mut i = lock(&inner);
+                let ack = i.offer(&bytes, Source::Collector);
+                i.queue_ack(&ack);
+                i.status.connected = true;
+                i.status.last_error.clear();
+                i.publish_status();
+                backoff = Duration::from_millis(250);
+                continue;
+            }
+            Ok(None) if acks.len() == sent => {
+                let mut i = lock(&inner);
+                i.status.connected = true;
+                i.status.last_error.clear();
+                i.publish_status();
+                backoff = Duration::from_millis(250);
+                continue;
+            }
+            Ok(None) => "acknowledgements could not be sent".to_owned(),
+            Err(e) => e.to_string(),
+        };
+        {
+            let mut i = lock(&inner);
+            if i.status.connected || i.status.last_error != error {
+                tracing::warn!("fleet feed: cannot reach the collector ({error}); retrying in up to {backoff:?}");
+            }
+            i.status.connected = false;
+            i.status.last_error = error;
+            i.publish_status();
+        }
+        let jittered = backoff.mul_f64(0.5 + jitter() * 0.5);
+        tokio::select! {
+            () = tokio::time::sleep(jittered) => {}
+            _ = stop.changed() => return,
+        }
+        backoff = (backoff * 2).min(backoff_max);
+    }
+}
+
+/// A number in [0, 1) that differs between agents and tries (no need for a good one).
+fn jitter() -> f64 {
+    let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().subsec_nanos();
+    f64::from((nanos ^ std::process::id().wrapping_mul(2_654_435_761)) % 1000) / 1000.0
+}
+
+async fn drop_dir_loop(dir: PathBuf, inner: Arc<Mutex<Inner>>, mut stop: watch::Receiver<bool>) {
+    let mut seen: HashMap<PathBuf, (SystemTime, u64)> = HashMap::new();
+    let mut warned = false;
+    loop {
+        match scan_drop_dir(&dir, &mut seen) {
+            Ok(files) => {
+                warned = false;
+                for bytes in files {
+                    let mut i = lock(&inner);
+                    let ack = i.offer(&bytes, Source::DropDir);
+                    i.queue_ack(&ack);
+                    i.publish_status();
+                }
+            }
+            Err(e) if !warned => {
+                warned = true;
+                tracing::warn!("fleet drop directory {}: {e:#}", dir.display());
+            }
+            Err(_) => {}
+        }
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+/// The new or changed `*.json` files of `dir`, oldest name first, each at most
+/// [`MAX_POLICY_BYTES`] (a larger one is skipped with a warning).
+fn scan_drop_dir(dir: &Path, seen: &mut HashMap<PathBuf, (SystemTime, u64)>) -> anyhow::Result<Vec<Vec<u8>>> {
+    let mut names: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| "cannot list it")?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .collect();
+    names.sort();
+    if names.len() > MAX_DROP_FILES {
+        tracing::warn!(
+            files = names.len(),
+            "fleet drop directory {}: only the last {MAX_DROP_FILES} files are read",
+            dir.display()
+        );
+        names.drain(..names.len() - MAX_DROP_FILES);
+    }
+    let mut out = Vec::new();
+    let mut present = BTreeMap::new();
+    for path in names {
+        let Ok(meta) = std::fs::metadata(&path) else { continue };
+        let stamp = (meta.modified().unwrap_or(SystemTime::UNIX_EPOCH), meta.len());
+        present.insert(path.clone(), ());
+        if seen.get(&path) == Some(&stamp) {
+            continue;
+        }
+        seen.insert(path.clone(), stamp);
+        match crate::files::read_capped(&path, MAX_POLICY_BYTES, "a fleet policy is at most 4 MiB") {
+            Ok(bytes) => out.push(bytes),
+            Err(e) => tracing::warn!("fleet drop directory: {}: {e}", path.display()),
+        }
+    }
+    seen.retain(|p, _| present.contains_key(p));
+    Ok(out)
+}
