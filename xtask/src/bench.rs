@@ -83,6 +83,17 @@ pub enum Bench {
         #[arg(long, default_value_t = 10)]
         minutes: u64,
     },
+    /// Fleet policy push: time from `aegis-agent fleet block` publishing to every agent of a
+    /// fleet (`run --no-kernel` agents on this machine, state on tmpfs) having it in force
+    /// (p50, p99, max), beside a fleet of one (same run), and one agent's apply on disk.
+    Fleet {
+        /// Agents in the fleet.
+        #[arg(long, default_value_t = 100)]
+        agents: u32,
+        /// Pushes measured (block and unblock in turn).
+        #[arg(long, default_value_t = 6)]
+        rounds: u32,
+    },
     /// Containment: time from `aegis-agent block` to the first refused connect, from a
     /// content verdict to the call's connection destroyed (p50, p99), and connect()
     /// latency with and without the connect programs attached (ratio). Runs in a cgroup
@@ -105,6 +116,7 @@ pub fn run(which: Bench) -> anyhow::Result<()> {
         Bench::Evidence { seconds } => evidence(seconds),
         Bench::Collector { small, large, concurrency } => collector(small, large, concurrency),
         Bench::Snapshot { rate, minutes } => snapshot(rate, minutes),
+        Bench::Fleet { agents, rounds } => fleet(agents, rounds),
     }
 }
 
@@ -641,6 +653,53 @@ fn collector(small: u32, large: u32, concurrency: u32) -> anyhow::Result<()> {
             sig3(f("collector_per_sec")),
             sig3(f("collector_per_sec") * bytes / 1e6),
             sig3(f("collector_per_sec") / f("trivial_per_sec")) + "x"
+        );
+    }
+    Ok(())
+}
+
+fn fleet(agents: u32, rounds: u32) -> anyhow::Result<()> {
+    build_agent(true)?;
+    run_cmd(cargo().args(["build", "--release", "--package", "aegis-tests", "--bin", "fleet_bench"]))?;
+    let tag = format!("aegis-bench-fleet-{}", std::process::id());
+    let shm = std::path::Path::new("/dev/shm");
+    let dir = if shm.is_dir() { shm.join(&tag) } else { std::env::temp_dir().join(&tag) };
+    let disk_dir = workspace_root().join("target").join(&tag);
+    let v = json_output(
+        Command::new(workspace_root().join("target/release/fleet_bench"))
+            .env("AEGIS_AGENT_BIN", workspace_root().join("target/release/aegis-agent"))
+            .arg("--dir")
+            .arg(&dir)
+            .arg("--disk-dir")
+            .arg(&disk_dir)
+            .args(["--agents", &agents.to_string(), "--rounds", &rounds.to_string()]),
+        "fleet_bench",
+    )?;
+    println!();
+    println!(
+        "fleet benchmark: {rounds} pushes (fleet block/unblock) to {agents} agents (run --no-kernel, state on {}), \
+         127.0.0.1, mutual TLS; CPU: {}",
+        dir.parent().map_or_else(String::new, |p| p.display().to_string()),
+        cpu_model()
+    );
+    println!("{:<28} {:>10} {:>10} {:>10} {:>10}", "", "p50 ms", "p99 ms", "max ms", "vs one");
+    let base = v["baseline_one_agent"]["in_force_ms"]["p50"].as_f64().unwrap_or(f64::NAN);
+    for (label, group, key) in [
+        ("one agent: in force", "baseline_one_agent", "in_force_ms"),
+        ("one agent on disk: in force", "one_agent_on_disk", "in_force_ms"),
+        ("one agent on disk: apply", "one_agent_on_disk", "apply_ms"),
+        ("fleet: delivery", "fleet", "delivery_ms"),
+        ("fleet: apply", "fleet", "apply_ms"),
+        ("fleet: in force", "fleet", "in_force_ms"),
+    ] {
+        let s = &v[group][key];
+        let f = |k: &str| s[k].as_f64().unwrap_or(f64::NAN);
+        println!(
+            "{label:<28} {:>10} {:>10} {:>10} {:>10}",
+            sig3(f("p50")),
+            sig3(f("p99")),
+            sig3(f("max")),
+            sig3(f("p99") / base) + "x"
         );
     }
     Ok(())

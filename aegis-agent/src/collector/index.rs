@@ -73,6 +73,15 @@ pub struct Index {
     db: Connection,
 }
 
+/// A fleet policy as the index keeps it.
+pub struct StoredPolicy {
+    pub version: u64,
+    pub digest: String,
+    pub published_ms: u64,
+    /// The envelope's bytes, as published.
+    pub body: Vec<u8>,
+}
+
 impl Index {
     /// Open (or create) the index at `path`.
     pub fn open(path: &Path) -> anyhow::Result<Self> {
@@ -133,14 +142,21 @@ impl Index {
         Ok(())
     }
 
-    /// The latest policy: (version, digest, published_ms, body).
-    pub fn latest_policy(&self) -> anyhow::Result<Option<(u64, String, u64, Vec<u8>)>> {
+    /// The latest policy published.
+    pub fn latest_policy(&self) -> anyhow::Result<Option<StoredPolicy>> {
         Ok(self
             .db
             .query_row(
                 "SELECT version, digest, published_ms, body FROM policies ORDER BY version DESC LIMIT 1",
                 [],
-                |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?, r.get::<_, i64>(2)? as u64, r.get(3)?)),
+                |r| {
+                    Ok(StoredPolicy {
+                        version: r.get::<_, i64>(0)? as u64,
+                        digest: r.get(1)?,
+                        published_ms: r.get::<_, i64>(2)? as u64,
+                        body: r.get(3)?,
+                    })
+                },
             )
             .optional()?)
     }

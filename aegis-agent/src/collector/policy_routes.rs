@@ -52,8 +52,13 @@ pub struct Feed {
 impl Feed {
     /// The feed, serving the latest policy the index holds.
     pub fn open(trust: Trust, max_wait: Duration, index: &Index) -> anyhow::Result<Self> {
-        let latest = index.latest_policy()?.map(|(version, digest, published_ms, body)| {
-            Arc::new(Published { version, digest, published_ms, body: Bytes::from(body) })
+        let latest = index.latest_policy()?.map(|p| {
+            Arc::new(Published {
+                version: p.version,
+                digest: p.digest,
+                published_ms: p.published_ms,
+                body: Bytes::from(p.body),
+            })
         });
         if let Some(p) = &latest {
             tracing::info!(version = p.version, digest = %p.digest, "serving the fleet policy");
