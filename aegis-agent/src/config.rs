@@ -43,6 +43,8 @@ pub struct Config {
     pub lookback: crate::sinks::lookback::LookbackConfig,
     /// Where evidence bundles are shipped (`[collector]`; empty url: nowhere).
     pub collector: crate::evidence::spool::ShipperConfig,
+    /// The Prometheus `/metrics` and `/healthz` listener, and model prices (`[metrics]`).
+    pub metrics: crate::metrics::MetricsConfig,
 }
 
 /// `[capabilities]`: what this host cannot do without.
@@ -205,6 +207,7 @@ impl Config {
              whole buffer in memory. If records report ring buffer drops, add capture.workers instead"
         );
         self.lookback.validate()?;
+        self.metrics.validate()?;
         anyhow::ensure!(self.capture.max_connections > 0, "capture.max_connections must be > 0");
         anyhow::ensure!(self.capture.max_body_bytes > 0, "capture.max_body_bytes must be > 0");
         let c = &self.capture;
@@ -374,6 +377,24 @@ mod tests {
         assert_eq!(Config::parse("[evidence]\nname = \"web-1\"\n").unwrap().evidence.key_name().unwrap(), "web-1");
         let err = format!("{:#}", Config::parse("[evidence]\nname = \"web 1\"\n").unwrap_err());
         assert!(err.starts_with("key name \"web 1\" cannot name a key in signatures"), "{err}");
+    }
+
+    #[test]
+    fn metrics_are_off_by_default_and_priced_from_the_defaults_and_the_file() {
+        let c = Config::defaults();
+        assert_eq!(c.metrics.listen_addr().unwrap(), None, "no port is opened unless asked");
+        let mini = c.metrics.pricing["openai/gpt-4o-mini"];
+        assert_eq!((mini.input_per_mtok, mini.output_per_mtok), (0.15, 0.60));
+        let c = Config::parse(
+            "[metrics]\nlisten = \"127.0.0.1:9464\"\n[metrics.pricing.\"acme/m1\"]\ninput_per_mtok = 1.0\n\
+             output_per_mtok = 2.0\n",
+        )
+        .unwrap();
+        assert_eq!(c.metrics.listen_addr().unwrap(), Some("127.0.0.1:9464".parse().unwrap()));
+        assert_eq!(c.metrics.pricing["acme/m1"].output_per_mtok, 2.0);
+        assert!(c.metrics.pricing.contains_key("openai/gpt-4o-mini"), "the file adds to the shipped prices");
+        let err = format!("{:#}", Config::parse("[metrics]\nlisten = \"9464\"\n").unwrap_err());
+        assert!(err.starts_with("metrics.listen = \"9464\": invalid socket address syntax"), "{err}");
     }
 
     #[test]

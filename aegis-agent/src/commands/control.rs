@@ -645,6 +645,7 @@ mod tests {
                 kernel: String::new(),
                 capabilities: vec![],
                 mode: None,
+                capture: None,
             }),
             0,
         );
@@ -666,6 +667,7 @@ mod tests {
                 mode: None,
                 kernel: String::new(),
                 capabilities: vec![],
+                capture: None,
             }),
             0,
         );

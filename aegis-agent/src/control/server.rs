@@ -44,7 +44,10 @@ use super::{
     blocks::{Actor, Block, BlockSpec, ControlState, Emergency, Subject, create_private_dir, parse_cgroup},
     group_label,
     mode::{EnforceMode, ModeState},
-    protocol::{AgentStatus, ApplyReport, PROTOCOL_VERSION, Reply, Request, Response, decode_request, encode_response},
+    protocol::{
+        AgentStatus, ApplyReport, CaptureHealth, PROTOCOL_VERSION, Reply, Request, Response, decode_request,
+        encode_response,
+    },
 };
 use crate::{
     clock::{now_unix_ms, rfc3339_ms},
@@ -280,6 +283,39 @@ pub struct ServerHandle {
     view: ControlView,
     socket: PathBuf,
     socket_id: (u64, u64),
+    capture_health: CaptureHealthSlot,
+}
+
+/// Where `status` asks how capture is doing: the daemon sets it once its pipeline runs
+/// (until then, and in agents without capture, `status` reports no capture health).
+#[derive(Clone, Default)]
+pub struct CaptureHealthSlot(Arc<RwLock<Option<HealthFn>>>);
+
+type HealthFn = Arc<dyn Fn() -> CaptureHealth + Send + Sync>;
+
+impl CaptureHealthSlot {
+    pub fn set(&self, health: impl Fn() -> CaptureHealth + Send + Sync + 'static) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(health));
+    }
+
+    pub fn clear(&self) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    pub fn get(&self) -> Option<CaptureHealth> {
+        let health = self.0.read().unwrap_or_else(|e| e.into_inner()).clone();
+        health.map(|h| h())
+    }
+}
+
+impl std::fmt::Debug for CaptureHealthSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.read().map(|h| h.is_some()).unwrap_or(false) {
+            "CaptureHealthSlot(set)"
+        } else {
+            "CaptureHealthSlot(unset)"
+        })
+    }
 }
 
 impl ControlServer {
@@ -333,6 +369,7 @@ impl ControlServer {
         };
         let (stop, stop_rx) = watch::channel(false);
         let view = core.view.clone();
+        let capture_health = core.capture_health.clone();
         let thread = std::thread::Builder::new()
             .name("aegis-control".into())
             .spawn(move || {
@@ -342,7 +379,7 @@ impl ControlServer {
             .context("cannot start the control server thread")
             .map_err(remove_socket)?;
         tracing::info!(socket = %socket.display(), "control socket ready");
-        Ok(ServerHandle { stop, thread: Some(thread), view, socket, socket_id })
+        Ok(ServerHandle { stop, thread: Some(thread), view, socket, socket_id, capture_health })
     }
 }
 
@@ -354,6 +391,11 @@ impl ServerHandle {
 
     pub fn socket(&self) -> &Path {
         &self.socket
+    }
+
+    /// Where `status` asks how capture is doing.
+    pub fn capture_health(&self) -> CaptureHealthSlot {
+        self.capture_health.clone()
     }
 
     /// Stop accepting, let the clients in progress finish (up to the read timeout plus
@@ -735,6 +777,8 @@ struct Core {
     started_at: String,
     /// What each kernel capability came to, for `status`.
     capabilities: Capabilities,
+    /// How capture is doing, for `status`.
+    capture_health: CaptureHealthSlot,
 }
 
 impl Core {
@@ -787,6 +831,7 @@ impl Core {
             agent: Actor::agent(),
             started_at: rfc3339_ms(now_unix_ms()),
             capabilities,
+            capture_health: CaptureHealthSlot::default(),
         });
         for block in &expired {
             tracing::info!(id = %block.id, target = %block.spec.target, "block expired while the agent was not running");
@@ -951,6 +996,7 @@ impl Core {
                     kernel: crate::kernel::kernel_release(),
                     capabilities: self.capabilities.list(),
                     mode: Some(s.mode.clone()),
+                    capture: self.capture_health.get(),
                 }))
             }),
         }
