@@ -356,11 +356,11 @@ impl Watch<'_> {
 
     /// Feed the watchdog while the pipeline turns; say why not otherwise (systemd then
     /// restarts the agent after `WatchdogSec=`).
-    fn beat(&self, stalled_before: &mut bool) {
+    fn beat(&self, watchdog: bool, stalled_before: &mut bool) {
         let Some(n) = self.notifier else { return };
         match self.sources.stalled() {
             None => {
-                if let Err(e) = n.watchdog() {
+                if watchdog && let Err(e) = n.watchdog() {
                     tracing::warn!(socket = n.name(), error = %e, "cannot feed systemd's watchdog");
                 }
                 *stalled_before = false;
@@ -413,7 +413,7 @@ fn serve(pipeline: &Pipeline, enforcement: Option<&Enforcement>, interval: u64, 
             tokio::select! {
                 _ = int.recv() => break,
                 _ = term.recv() => break,
-                _ = watchdog_tick.tick(), if watch.notifier.is_some() => watch.beat(&mut stalled),
+                _ = watchdog_tick.tick(), if watch.notifier.is_some() => watch.beat(watchdog.is_some(), &mut stalled),
                 _ = ticker.tick(), if interval > 0 => report(pipeline),
                 _ = enforce_tick.tick(), if enforcement.is_some() => {
                     let e = enforcement.expect("checked");

@@ -2,17 +2,19 @@
 //! port and containment off, a real python client makes TLS model calls to the TLS mock
 //! provider, and a real HTTP scrape of `/metrics` must show the calls, their tokens, their
 //! cost and their decisions moved by exactly what was sent; `/healthz` and `status --json`
-//! must say capture is healthy.
+//! must say capture is healthy. Under systemd the agent says when it is ready and feeds the
+//! watchdog.
 
 use std::{
     io::{Read as _, Write as _},
     net::{SocketAddr, TcpListener, TcpStream},
-    time::Duration,
+    os::unix::net::UnixDatagram,
+    time::{Duration, Instant},
 };
 
 use aegis_tests::{
-    Agent, MockProvider, Plan, Request, TempCert, ctl, expect::OUTPUT_TOKENS, expected_input_tokens, require_root,
-    run_python, serial,
+    Agent, MockProvider, Plan, Request, TempCert, TempDir, ctl, expect::OUTPUT_TOKENS, expected_input_tokens,
+    require_root, run_python, scaled, serial,
 };
 use serde_json::{Value, json};
 
@@ -156,4 +158,42 @@ fn metrics_count_exactly_the_calls_tokens_cost_and_decisions_made_and_health_say
     assert_eq!(code, 404, "{body}");
     agent.stop();
     assert!(TcpStream::connect(addr).is_err(), "the listener closes with the agent");
+}
+
+/// Under systemd (`Type=notify`, `WatchdogSec=`): READY=1 with capture's health once the
+/// probes are attached, WATCHDOG=1 at half the watchdog's period, STOPPING=1 at the end. The
+/// test is systemd: a real datagram socket named by `$NOTIFY_SOCKET`.
+#[test]
+fn systemd_is_told_when_the_agent_is_ready_and_its_watchdog_is_fed() {
+    let _serial = serial();
+    require_root();
+    let dir = TempDir::new("notify");
+    let path = dir.join("notify.sock");
+    let systemd = UnixDatagram::bind(&path).unwrap();
+    systemd.set_read_timeout(Some(scaled(Duration::from_secs(20)))).unwrap();
+    let receive = || {
+        let mut buf = [0u8; 4096];
+        let n = systemd.recv(&mut buf).expect("a notification from the agent");
+        String::from_utf8(buf[..n].to_vec()).unwrap()
+    };
+    let socket = path.display().to_string();
+    // A watchdog of 1 s: fed every 0.5 s.
+    let mut agent = Agent::start_with_env("", &[("NOTIFY_SOCKET", &socket), ("WATCHDOG_USEC", "1000000")]);
+    let ready = receive();
+    assert!(ready.starts_with("READY=1\nSTATUS=capture active, healthy: "), "{ready}{}", agent.logs());
+    let started = Instant::now();
+    let mut fed = 0;
+    while fed < 4 {
+        let m = receive();
+        assert!(m == "WATCHDOG=1" || m.starts_with("STATUS=capture active, healthy"), "{m}");
+        fed += usize::from(m == "WATCHDOG=1");
+    }
+    let took = started.elapsed();
+    assert!(took < scaled(Duration::from_secs(4)), "4 watchdog notifications took {took:?} (every 0.5 s expected)");
+    agent.stop();
+    let mut last = receive();
+    while !last.starts_with("STOPPING=1") {
+        last = receive();
+    }
+    assert_eq!(last, "STOPPING=1\nSTATUS=stopping: finishing open calls and detaching probes");
 }
