@@ -8,9 +8,10 @@
 //! the rulepacks and the enforcement mode in force) is read when scraped.
 //!
 //! Label values come from hostile inputs (a model name is whatever a process sent): each
-//! of `model`, `tenant` and `rule` keeps at most `max_label_values` distinct values, the
-//! rest are counted under `other` and in `aegis_metrics_label_overflow_total`, and every
-//! value is cut to [`MAX_LABEL_BYTES`].
+//! of `model`, `tenant` and `rule` keeps at most `max_label_values` distinct values, and the
+//! (provider, model, tenant) combinations at most `max_series`; the rest are counted under
+//! `other` and in `aegis_metrics_label_overflow_total`, and every value is cut to
+//! [`MAX_LABEL_BYTES`].
 
 pub mod health;
 pub mod server;
@@ -39,8 +40,9 @@ use crate::{
 pub const MAX_LABEL_BYTES: usize = 128;
 /// The label value that stands for every value past the cap.
 pub const OTHER: &str = "other";
-/// Bounds of `metrics.max_label_values`.
+/// Bounds of `metrics.max_label_values` and `metrics.max_series`.
 pub const MAX_LABEL_VALUES: usize = 10_000;
+pub const MAX_SERIES: usize = 100_000;
 
 /// `[metrics]`.
 #[derive(Clone, Debug, Deserialize)]
@@ -51,6 +53,9 @@ pub struct MetricsConfig {
     /// Distinct values kept per label (`model`, `tenant`, `rule`); the rest count as
     /// `other`.
     pub max_label_values: usize,
+    /// Distinct (provider, model, tenant) combinations kept; a call of a new combination
+    /// past it counts as (provider, `other`, `other`).
+    pub max_series: usize,
     /// Price per million tokens by `"provider/model"`, for `aegis_llm_cost_usd_total`.
     #[serde(default)]
     pub pricing: BTreeMap<String, Price>,
@@ -87,6 +92,11 @@ impl MetricsConfig {
             "metrics.max_label_values = {}: must be 1 to {MAX_LABEL_VALUES} (each distinct value is a time series \
              for every scrape to carry)",
             self.max_label_values
+        );
+        anyhow::ensure!(
+            (1..=MAX_SERIES).contains(&self.max_series),
+            "metrics.max_series = {}: must be 1 to {MAX_SERIES} (each combination is several time series)",
+            self.max_series
         );
         for (key, price) in &self.pricing {
             anyhow::ensure!(
@@ -180,14 +190,32 @@ fn latency_histogram() -> Histogram {
     Histogram::new([0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0])
 }
 
-/// Distinct values admitted per label, with an overflow counter.
+/// Distinct values admitted per label, and distinct call series, with an overflow counter.
 struct LabelCap {
     max: usize,
     seen: Mutex<HashMap<&'static str, HashSet<String>>>,
+    max_series: usize,
+    series: Mutex<HashSet<CallLabels>>,
     overflow: Family<LabelName, Counter>,
 }
 
 impl LabelCap {
+    /// `labels` when that combination was seen before or there is room; the provider with
+    /// [`OTHER`] model and tenant (counted as the `series` label) otherwise.
+    fn admit_series(&self, labels: CallLabels) -> CallLabels {
+        let mut series = self.series.lock().unwrap_or_else(|e| e.into_inner());
+        if series.contains(&labels) {
+            return labels;
+        }
+        if series.len() < self.max_series {
+            series.insert(labels.clone());
+            return labels;
+        }
+        drop(series);
+        self.overflow.get_or_create(&LabelName { label: "series".into() }).inc();
+        CallLabels { provider: labels.provider, model: OTHER.into(), tenant: OTHER.into() }
+    }
+
     /// `value` (cut to [`MAX_LABEL_BYTES`]) when it was seen before or there is room;
     /// [`OTHER`] (counted) otherwise.
     fn admit(&self, label: &'static str, value: &str) -> String {
@@ -267,6 +295,8 @@ impl Metrics {
         let cap = Arc::new(LabelCap {
             max: config.max_label_values,
             seen: Mutex::new(HashMap::new()),
+            max_series: config.max_series,
+            series: Mutex::new(HashSet::new()),
             overflow: Family::default(),
         });
         let m = Self {
@@ -435,7 +465,8 @@ impl Metrics {
         let raw_model = call.model.as_deref().or(call.response_model.as_deref()).unwrap_or("unknown");
         let model = self.cap.admit("model", raw_model);
         let tenant = self.cap.admit("tenant", &call.process.cgroup);
-        let labels = CallLabels { provider: provider.clone(), model: model.clone(), tenant: tenant.clone() };
+        let labels = self.cap.admit_series(CallLabels { provider: provider.clone(), model, tenant });
+        let (model, tenant) = (labels.model.clone(), labels.tenant.clone());
         self.calls.get_or_create(&labels).inc();
         for (direction, n) in [("input", call.input_tokens), ("output", call.output_tokens)] {
             if let Some(n) = n {

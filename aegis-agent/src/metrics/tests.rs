@@ -22,7 +22,7 @@ use crate::{
 fn config(max_label_values: usize) -> MetricsConfig {
     let mut pricing = BTreeMap::new();
     pricing.insert("openai/gpt-4o-mini".to_owned(), Price { input_per_mtok: 0.15, output_per_mtok: 0.60 });
-    MetricsConfig { listen: String::new(), max_label_values, pricing }
+    MetricsConfig { listen: String::new(), max_label_values, max_series: 1000, pricing }
 }
 
 fn call(model: &str, cgroup: &str, status: Option<u16>, tokens: (u64, u64)) -> CallRecord {
@@ -165,6 +165,23 @@ fn hostile_label_values_are_capped_cut_and_counted() {
     assert_eq!((calls("model-0"), calls("model-1"), calls("other")), (Some(1.0), Some(1.0), Some(3.0)), "{text}");
     assert_eq!(calls("model-2"), None);
     assert_eq!(sample(&text, r#"aegis_metrics_label_overflow_total{label="model"}"#), Some(3.0));
+    // Every model and tenant within the caps, but their combinations past max_series.
+    let mut crossed = config(10);
+    crossed.max_series = 3;
+    let crossed = Metrics::new(&crossed);
+    for (model, tenant) in [("a", "/1"), ("a", "/2"), ("b", "/1"), ("b", "/2"), ("a", "/1")] {
+        crossed.count(&Record::LlmCall(call(model, tenant, Some(200), (1, 1))));
+    }
+    let text = crossed.encode();
+    let calls = |model: &str, tenant: &str| {
+        sample(&text, &format!(r#"aegis_llm_calls_total{{provider="openai",model="{model}",tenant="{tenant}"}}"#))
+    };
+    assert_eq!(
+        (calls("a", "/1"), calls("a", "/2"), calls("b", "/1"), calls("b", "/2"), calls("other", "other")),
+        (Some(2.0), Some(1.0), Some(1.0), None, Some(1.0)),
+        "{text}"
+    );
+    assert_eq!(sample(&text, r#"aegis_metrics_label_overflow_total{label="series"}"#), Some(1.0));
     let text = cap.encode();
     let cut = "x".repeat(MAX_LABEL_BYTES);
     // Cut to the bound, and quotes and newlines escaped: one line per sample still.
@@ -217,6 +234,10 @@ fn pricing_keys_and_values_are_checked() {
     assert!(format!("{:#}", c.validate().unwrap_err()).contains("input_per_mtok = -1"));
     let mut c = config(0);
     assert!(format!("{:#}", c.validate().unwrap_err()).contains("max_label_values = 0"));
+    c.max_label_values = 5;
+    c.max_series = 0;
+    assert!(format!("{:#}", c.validate().unwrap_err()).contains("max_series = 0"));
+    c.max_series = 10;
     c.max_label_values = 5;
     c.listen = "localhost".into();
     assert!(format!("{:#}", c.validate().unwrap_err()).starts_with("metrics.listen = \"localhost\""));
