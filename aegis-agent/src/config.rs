@@ -45,6 +45,8 @@ pub struct Config {
     pub collector: crate::evidence::spool::ShipperConfig,
     /// The Prometheus `/metrics` and `/healthz` listener, and model prices (`[metrics]`).
     pub metrics: crate::metrics::MetricsConfig,
+    /// Call records as OpenTelemetry spans over OTLP/HTTP (`[otlp]`; empty endpoint: off).
+    pub otlp: crate::sinks::otlp::OtlpConfig,
 }
 
 /// `[capabilities]`: what this host cannot do without.
@@ -208,6 +210,7 @@ impl Config {
         );
         self.lookback.validate()?;
         self.metrics.validate()?;
+        self.otlp.validate()?;
         anyhow::ensure!(self.capture.max_connections > 0, "capture.max_connections must be > 0");
         anyhow::ensure!(self.capture.max_body_bytes > 0, "capture.max_body_bytes must be > 0");
         let c = &self.capture;

@@ -149,9 +149,17 @@ pub fn run(config: &Config, ready_file: Option<&Path>) -> anyhow::Result<()> {
         None => (None, None),
     };
     let metrics = config.metrics.listen_addr()?.map(|addr| (addr, Arc::new(Metrics::new(&config.metrics))));
+    let (otlp, spans) = match config.otlp.enabled() {
+        true => {
+            let (exporter, queue) = crate::sinks::otlp::Exporter::start(&config.otlp)?;
+            (Some(exporter), Some(queue as Arc<dyn crate::sinks::RecordObserver>))
+        }
+        false => (None, None),
+    };
     let sink = JsonLines::open(config.output.stdout, &config.output.file, config.output.max_pending_bytes)?
         .with_observer(observer)
         .with_observer(metrics.as_ref().map(|(_, m)| m.clone() as Arc<dyn crate::sinks::RecordObserver>))
+        .with_observer(spans)
         .with_identity(Identity::of_this_host(inspector.clone()))
         .with_lookback(open_lookback(config))
         .with_ledger(ledger.clone());
@@ -246,6 +254,10 @@ pub fn run(config: &Config, ready_file: Option<&Path>) -> anyhow::Result<()> {
         let _ = t.join();
     }
     *drops_handle.lock().unwrap_or_else(|e| e.into_inner()) = final_drops;
+    // The sinks are closed: the exporter sends what is queued and ends.
+    if let Some(e) = otlp {
+        e.finish();
+    }
     report_counters(&counters, &final_drops);
     let nothing_blocked = server.view().blocks().is_empty();
     server.shutdown();

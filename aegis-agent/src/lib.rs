@@ -22,7 +22,7 @@
 //! - [`enforce`]: rule on a call and stop it (`enforce::verdict`, the one decision path),
 //!   destination blocks and the content gate in the kernel.
 //! - [`sinks`]: the typed [`sinks::record::Record`] every line is, stamped with the schema
-//!   version and the agent's identity; stdout and the records file.
+//!   version and the agent's identity; stdout and the records file; OTLP spans.
 //! - [`capture`]: the pipeline: load and attach the capture probes, read the ring buffer,
 //!   rebuild each connection's streams, and drive the stages above on worker threads.
 //! - [`metrics`]: the Prometheus `/metrics` and `/healthz` listener, counted from the

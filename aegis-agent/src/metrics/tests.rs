@@ -29,6 +29,7 @@ fn call(model: &str, cgroup: &str, status: Option<u16>, tokens: (u64, u64)) -> C
     CallRecord {
         call_id: "0".into(),
         time: "2026-12-06T12:00:00.000Z".into(),
+        start_unix_ns: 1_796_558_400_000_000_000,
         provider: "openai",
         api: ApiKind::ChatCompletions,
         host: Some("api.openai.com".into()),

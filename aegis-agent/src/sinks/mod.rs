@@ -15,6 +15,7 @@ use std::{
 };
 
 pub mod lookback;
+pub mod otlp;
 pub mod record;
 
 use self::record::{AgentIdentity, Identity, Line, Record, RecordsLost, SCHEMA_VERSION};
