@@ -9,7 +9,7 @@ use serde::Deserialize;
 /// The default configuration shipped in `packaging/aegis.toml`.
 pub const DEFAULT_TOML: &str = include_str!("../../packaging/aegis.toml");
 
-/// Largest configuration file read, in bytes: the commented default is 7 KiB.
+/// Largest configuration file read, in bytes: the commented default is 14 KiB.
 pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
 /// Largest ring buffer `capture.ring_buffer_bytes` may ask for: the kernel pins it in
 /// memory, and the agent's own buffers grow with it (2 GiB cost 4.2 GB of RSS). 256 MiB
