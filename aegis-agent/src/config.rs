@@ -9,7 +9,7 @@ use serde::Deserialize;
 /// The default configuration shipped in `packaging/aegis.toml`.
 pub const DEFAULT_TOML: &str = include_str!("../../packaging/aegis.toml");
 
-/// Largest configuration file read, in bytes: the commented default is 7 KiB.
+/// Largest configuration file read, in bytes: the commented default is 14 KiB.
 pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
 /// Largest ring buffer `capture.ring_buffer_bytes` may ask for: the kernel pins it in
 /// memory, and the agent's own buffers grow with it (2 GiB cost 4.2 GB of RSS). 256 MiB
@@ -45,6 +45,10 @@ pub struct Config {
     pub collector: crate::evidence::spool::ShipperConfig,
     /// Signed fleet policies (`[fleet]`; empty name: none).
     pub fleet: crate::fleet::FleetConfig,
+    /// The Prometheus `/metrics` and `/healthz` listener, and model prices (`[metrics]`).
+    pub metrics: crate::metrics::MetricsConfig,
+    /// Call records as OpenTelemetry spans over OTLP/HTTP (`[otlp]`; empty endpoint: off).
+    pub otlp: crate::sinks::otlp::OtlpConfig,
 }
 
 /// `[capabilities]`: what this host cannot do without.
@@ -207,6 +211,8 @@ impl Config {
              whole buffer in memory. If records report ring buffer drops, add capture.workers instead"
         );
         self.lookback.validate()?;
+        self.metrics.validate()?;
+        self.otlp.validate()?;
         anyhow::ensure!(self.capture.max_connections > 0, "capture.max_connections must be > 0");
         anyhow::ensure!(self.capture.max_body_bytes > 0, "capture.max_body_bytes must be > 0");
         let c = &self.capture;
@@ -376,6 +382,24 @@ mod tests {
         assert_eq!(Config::parse("[evidence]\nname = \"web-1\"\n").unwrap().evidence.key_name().unwrap(), "web-1");
         let err = format!("{:#}", Config::parse("[evidence]\nname = \"web 1\"\n").unwrap_err());
         assert!(err.starts_with("key name \"web 1\" cannot name a key in signatures"), "{err}");
+    }
+
+    #[test]
+    fn metrics_are_off_by_default_and_priced_from_the_defaults_and_the_file() {
+        let c = Config::defaults();
+        assert_eq!(c.metrics.listen_addr().unwrap(), None, "no port is opened unless asked");
+        let mini = c.metrics.pricing["openai/gpt-4o-mini"];
+        assert_eq!((mini.input_per_mtok, mini.output_per_mtok), (0.15, 0.60));
+        let c = Config::parse(
+            "[metrics]\nlisten = \"127.0.0.1:9464\"\n[metrics.pricing.\"acme/m1\"]\ninput_per_mtok = 1.0\n\
+             output_per_mtok = 2.0\n",
+        )
+        .unwrap();
+        assert_eq!(c.metrics.listen_addr().unwrap(), Some("127.0.0.1:9464".parse().unwrap()));
+        assert_eq!(c.metrics.pricing["acme/m1"].output_per_mtok, 2.0);
+        assert!(c.metrics.pricing.contains_key("openai/gpt-4o-mini"), "the file adds to the shipped prices");
+        let err = format!("{:#}", Config::parse("[metrics]\nlisten = \"9464\"\n").unwrap_err());
+        assert!(err.starts_with("metrics.listen = \"9464\": invalid socket address syntax"), "{err}");
     }
 
     #[test]

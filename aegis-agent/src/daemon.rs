@@ -41,8 +41,10 @@ use crate::{
         cgroup2_root,
         features::Features,
     },
+    metrics::{Metrics, Sources, server::MetricsServer},
     policy::{Inspector, redact::Redactor, reload},
     rules,
+    sdnotify::Notifier,
     sinks::{
         JsonLines,
         record::{ConnectDenied, GateRefused, Identity, Record},
@@ -146,12 +148,48 @@ pub fn run(config: &Config, ready_file: Option<&Path>) -> anyhow::Result<()> {
         Some((w, t)) => (Some(w as Arc<dyn crate::sinks::RecordObserver>), Some(t)),
         None => (None, None),
     };
+    let metrics = config.metrics.listen_addr()?.map(|addr| (addr, Arc::new(Metrics::new(&config.metrics))));
+    let (otlp, spans) = match config.otlp.enabled() {
+        true => {
+            let (exporter, queue) = crate::sinks::otlp::Exporter::start(&config.otlp)?;
+            (Some(exporter), Some(queue as Arc<dyn crate::sinks::RecordObserver>))
+        }
+        false => (None, None),
+    };
     let sink = JsonLines::open(config.output.stdout, &config.output.file, config.output.max_pending_bytes)?
         .with_observer(observer)
+        .with_observer(metrics.as_ref().map(|(_, m)| m.clone() as Arc<dyn crate::sinks::RecordObserver>))
+        .with_observer(spans)
         .with_identity(Identity::of_this_host(inspector.clone()))
         .with_lookback(open_lookback(config))
         .with_ledger(ledger.clone());
     let pipeline = Pipeline::start(config, probes, discovery, source, sink, inspector.clone(), containment)?;
+    // Capture health for `status`, /healthz and the watchdog; the scrape-time metrics.
+    let sources = Sources {
+        counters: pipeline.counters.clone(),
+        drops: pipeline.drops.clone(),
+        caps: caps.clone(),
+        inspector: inspector.clone(),
+        mode: enforcement.as_ref().map(|_| server.view()),
+    };
+    let health_slot = server.capture_health();
+    health_slot.set({
+        let sources = sources.clone();
+        move || sources.health()
+    });
+    let metrics_server = metrics.and_then(|(addr, m)| {
+        m.attach(sources.clone());
+        MetricsServer::start(addr, m)
+            .map_err(|e| tracing::error!(error = %format!("{e:#}"), "metrics and health are not served"))
+            .ok()
+    });
+    let notifier = match Notifier::from_env() {
+        Ok(n) => n,
+        Err(e) => {
+            tracing::warn!(error = %e, "NOTIFY_SOCKET is set but unusable: systemd is not told when the agent is ready");
+            None
+        }
+    };
     let stop_reload = Arc::new(AtomicBool::new(false));
     let gate_reader = match &gate {
         Some(g) => Some(read_gate(
@@ -187,10 +225,17 @@ pub fn run(config: &Config, ready_file: Option<&Path>) -> anyhow::Result<()> {
             std::fs::write(path, format!("{}\n", std::process::id()))
                 .with_context(|| format!("cannot write the ready file {}", path.display()))?;
         }
-        serve(&pipeline, enforcement.as_ref(), config.output.stats_interval_secs)
+        let watch = Watch { notifier: notifier.as_ref(), sources: &sources, caps: &caps };
+        watch.ready();
+        serve(&pipeline, enforcement.as_ref(), config.output.stats_interval_secs, &watch)
     });
 
     tracing::info!("stopping: finishing open calls and detaching probes");
+    if let Some(n) = &notifier {
+        let _ = n.stopping("stopping: finishing open calls and detaching probes");
+    }
+    drop(metrics_server);
+    health_slot.clear();
     stop_reload.store(true, Ordering::SeqCst);
     if let Some(r) = reloader {
         let _ = r.join();
@@ -210,6 +255,10 @@ pub fn run(config: &Config, ready_file: Option<&Path>) -> anyhow::Result<()> {
         let _ = t.join();
     }
     *drops_handle.lock().unwrap_or_else(|e| e.into_inner()) = final_drops;
+    // The sinks are closed: the exporter sends what is queued and ends.
+    if let Some(e) = otlp {
+        e.finish();
+    }
     report_counters(&counters, &final_drops);
     drop(feed);
     let nothing_blocked = server.view().blocks().is_empty();
@@ -290,16 +339,38 @@ pub fn run_without_kernel(config: &Config, ready_file: Option<&Path>) -> anyhow:
         std::fs::write(path, format!("{}\n", std::process::id()))
             .with_context(|| format!("cannot write the ready file {}", path.display()))?;
     }
+    // Under systemd (Type=notify, WatchdogSec=): ready now, and alive while this loop runs.
+    let notifier = Notifier::from_env().unwrap_or_else(|e| {
+        tracing::warn!("NOTIFY_SOCKET is set but cannot be used: {e}");
+        None
+    });
+    if let Some(n) = &notifier {
+        let _ = n.ready("serving without kernel programs (--no-kernel)");
+    }
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let outcome = runtime.block_on(async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
-        tokio::select! {
-            _ = int.recv() => {}
-            _ = term.recv() => {}
+        let watchdog = crate::sdnotify::watchdog_interval();
+        let mut beat = tokio::time::interval(
+            watchdog.map_or(Duration::from_secs(3600), |w| (w / 2).max(Duration::from_millis(100))),
+        );
+        loop {
+            tokio::select! {
+                _ = int.recv() => break,
+                _ = term.recv() => break,
+                _ = beat.tick(), if watchdog.is_some() => {
+                    if let Some(n) = &notifier {
+                        let _ = n.watchdog();
+                    }
+                }
+            }
         }
         anyhow::Ok(())
     });
+    if let Some(n) = &notifier {
+        let _ = n.stopping("stopping");
+    }
     drop(feed);
     server.shutdown();
     if let Some(ledger) = &ledger {
@@ -367,8 +438,61 @@ fn agent_start(config: &Config, packs: &[crate::rules::engine::PackInfo]) -> ser
     })
 }
 
-/// Until SIGINT or SIGTERM: periodic reports, the containment heartbeat and refused connects.
-fn serve(pipeline: &Pipeline, enforcement: Option<&Enforcement>, interval: u64) -> anyhow::Result<()> {
+/// What systemd is told: READY=1 once the probes are attached, WATCHDOG=1 while the pipeline
+/// turns, and a STATUS= line of capture's health.
+struct Watch<'a> {
+    notifier: Option<&'a Notifier>,
+    sources: &'a Sources,
+    caps: &'a Capabilities,
+}
+
+impl Watch<'_> {
+    fn ready(&self) {
+        let Some(n) = self.notifier else { return };
+        match n.ready(&self.status_line()) {
+            Ok(()) => tracing::info!(socket = n.name(), "told systemd the agent is ready"),
+            Err(e) => tracing::warn!(socket = n.name(), error = %e, "cannot tell systemd the agent is ready"),
+        }
+    }
+
+    /// Feed the watchdog while the pipeline turns; say why not otherwise (systemd then
+    /// restarts the agent after `WatchdogSec=`).
+    fn beat(&self, watchdog: bool, stalled_before: &mut bool) {
+        let Some(n) = self.notifier else { return };
+        match self.sources.stalled() {
+            None => {
+                if watchdog && let Err(e) = n.watchdog() {
+                    tracing::warn!(socket = n.name(), error = %e, "cannot feed systemd's watchdog");
+                }
+                *stalled_before = false;
+            }
+            Some(why) if !*stalled_before => {
+                tracing::error!(reason = %why, "the capture pipeline is stuck: systemd's watchdog is no longer fed");
+                *stalled_before = true;
+            }
+            Some(_) => {}
+        }
+        let _ = n.status(&self.status_line());
+    }
+
+    /// "capture active, healthy: 12 records, 0 lost; destination_blocks=active ...".
+    fn status_line(&self) -> String {
+        let h = self.sources.health();
+        let verdict = if h.healthy { "healthy".to_owned() } else { format!("UNHEALTHY ({})", h.reasons.join("; ")) };
+        format!(
+            "capture {}, {verdict}: {} records, {} lost, {} kernel drops; {}",
+            h.state.name(),
+            h.records,
+            h.records_lost,
+            h.kernel_dropped_events,
+            summary(self.caps)
+        )
+    }
+}
+
+/// Until SIGINT or SIGTERM: periodic reports, the containment heartbeat, refused connects
+/// and systemd's watchdog.
+fn serve(pipeline: &Pipeline, enforcement: Option<&Enforcement>, interval: u64, watch: &Watch) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime.block_on(async {
         // Both streams are made once: a signal arriving between two turns of the loop is
@@ -379,10 +503,18 @@ fn serve(pipeline: &Pipeline, enforcement: Option<&Enforcement>, interval: u64) 
         ticker.tick().await;
         let mut enforce_tick = tokio::time::interval(Duration::from_millis(100));
         let mut beats = 0u32;
+        // Half the watchdog's period, as sd_watchdog_enabled(3) advises; the status line is
+        // refreshed with it (every 10 s without a watchdog).
+        let watchdog = crate::sdnotify::watchdog_interval();
+        let mut watchdog_tick = tokio::time::interval(
+            watchdog.map_or(Duration::from_secs(10), |w| (w / 2).max(Duration::from_millis(100))),
+        );
+        let mut stalled = false;
         loop {
             tokio::select! {
                 _ = int.recv() => break,
                 _ = term.recv() => break,
+                _ = watchdog_tick.tick(), if watch.notifier.is_some() => watch.beat(watchdog.is_some(), &mut stalled),
                 _ = ticker.tick(), if interval > 0 => report(pipeline),
                 _ = enforce_tick.tick(), if enforcement.is_some() => {
                     let e = enforcement.expect("checked");

@@ -7,7 +7,8 @@
 //! blocking), [`journal`] (append-only JSON lines files that stay whole through a full disk
 //! or a crash; the [`journal::Ledger`] trait the decision log is seen through),
 //! [`kernel`] (the eBPF objects, what the kernel offers them, what each capability came
-//! to), [`failpoint`] (fault tests).
+//! to), [`failpoint`] (fault tests), [`sdnotify`] (systemd's readiness and watchdog
+//! notifications).
 //!
 //! Then, in the order a call is handled:
 //! - [`protocol`]: HTTP/1.1 messages, chunked bodies, content decoding, Server-Sent Events.
@@ -21,9 +22,11 @@
 //! - [`enforce`]: rule on a call and stop it (`enforce::verdict`, the one decision path),
 //!   destination blocks and the content gate in the kernel.
 //! - [`sinks`]: the typed [`sinks::record::Record`] every line is, stamped with the schema
-//!   version and the agent's identity; stdout and the records file.
+//!   version and the agent's identity; stdout and the records file; OTLP spans.
 //! - [`capture`]: the pipeline: load and attach the capture probes, read the ring buffer,
 //!   rebuild each connection's streams, and drive the stages above on worker threads.
+//! - [`metrics`]: the Prometheus `/metrics` and `/healthz` listener, counted from the
+//!   records and read from capture's counters; capture health for `status` and the watchdog.
 //! - [`evidence`]: the host signing key, the tamper-evident decision log (Merkle tree,
 //!   signed checkpoints) and signed evidence envelopes (DSSE, in-toto); the spool that
 //!   ships bundles to a collector.
@@ -49,8 +52,10 @@ pub mod fleet;
 pub mod journal;
 pub mod kernel;
 pub mod llm;
+pub mod metrics;
 pub mod net;
 pub mod policy;
 pub mod protocol;
 pub mod rules;
+pub mod sdnotify;
 pub mod sinks;

@@ -60,7 +60,7 @@ const WORKER_QUEUE: usize = 256;
 /// Events the reader hands to a worker at once: fewer wake-ups than one send per event.
 const BATCH: usize = 64;
 const OUTPUT_QUEUE: usize = 4096;
-const TICK: Duration = Duration::from_millis(100);
+pub const TICK: Duration = Duration::from_millis(100);
 
 /// Counters shared between the pipeline threads and the reporter.
 #[derive(Default)]
@@ -82,6 +82,11 @@ pub struct Counters {
     pub alone_server: AtomicU64,
     pub correlation_overflowed: AtomicU64,
     pub worker_stats: Mutex<Vec<ConnStats>>,
+    /// When the ring buffer reader and the output thread last went round their loops
+    /// (monotonic ns; 0: not yet, or no reader because capture is unavailable). Each goes
+    /// round at least every [`TICK`] while it is not stuck: the health report reads them.
+    pub reader_beat_ns: AtomicU64,
+    pub output_beat_ns: AtomicU64,
 }
 
 /// How far the pipeline is through the kernel's events (monotonic ns, the kernel's clock).
@@ -329,6 +334,7 @@ fn read_loop(
     loop {
         // Whatever was stamped before now is in the ring, and is handed out below.
         let drained_from = monotonic_ns();
+        counters.reader_beat_ns.store(drained_from, Ordering::Relaxed);
         let stopping = stop.load(Ordering::SeqCst);
         let mut workers_gone = false;
         while let Some(item) = source.events.next() {
@@ -512,6 +518,7 @@ fn output_loop(rx: Receiver<Output>, mut sink: JsonLines, window: Duration, coun
         Output::Record(r) => sink.write(&r),
     };
     loop {
+        counters.output_beat_ns.store(monotonic_ns(), Ordering::Relaxed);
         // Before taking the queue: what the workers sent up to the watermark is in it.
         let watermark = progress.watermark();
         match rx.recv_timeout(TICK) {

@@ -646,6 +646,7 @@ mod tests {
                 capabilities: vec![],
                 mode: None,
                 fleet: None,
+                capture: None,
             }),
             0,
         );
@@ -668,6 +669,7 @@ mod tests {
                 kernel: String::new(),
                 capabilities: vec![],
                 fleet: None,
+                capture: None,
             }),
             0,
         );

@@ -66,10 +66,10 @@ pub use blocks::{
 };
 pub use client::{ClientError, call, request};
 pub use mode::{EnforceMode, ModeChoice, ModeState};
-pub use protocol::{AgentStatus, ApplyReport, FleetStatus, PROTOCOL_VERSION, Reply, Request, Response};
+pub use protocol::{AgentStatus, ApplyReport, CaptureHealth, FleetStatus, PROTOCOL_VERSION, Reply, Request, Response};
 pub use server::{
-    Change, ContainmentOff, ControlConfig, ControlHandler, ControlServer, ControlView, DEFAULT_AUDIT_LOG,
-    DEFAULT_SOCKET, DEFAULT_STATE_FILE, FleetApplier, NoopHandler, ServerHandle, resolve_group,
+    CaptureHealthSlot, Change, ContainmentOff, ControlConfig, ControlHandler, ControlServer, ControlView,
+    DEFAULT_AUDIT_LOG, DEFAULT_SOCKET, DEFAULT_STATE_FILE, FleetApplier, NoopHandler, ServerHandle, resolve_group,
 };
 
 /// `group aegis (gid 997)`, or `gid 4242` for a gid without a name.

@@ -149,6 +149,10 @@ pub struct AgentStatus {
     /// The fleet policy in force; absent when the agent takes none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fleet: Option<FleetStatus>,
+    /// How capture is doing, whether or not containment is loaded (absent from agents older
+    /// than the health report, and while the pipeline starts).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capture: Option<CaptureHealth>,
 }
 
 /// The fleet side of `status`.
@@ -184,6 +188,29 @@ pub struct FleetStatus {
     /// Acknowledgements the collector has not confirmed yet.
     #[serde(default)]
     pub acks_pending: u64,
+}
+
+/// How capture is doing: for `status`, the metrics endpoint's `/healthz` and systemd's
+/// watchdog.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CaptureHealth {
+    /// False when calls are not being seen or not being written (`reasons` says why and
+    /// what to do).
+    pub healthy: bool,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reasons: Vec<String>,
+    /// The capture capability's state (see `kernel::capability`).
+    pub state: crate::kernel::capability::State,
+    /// Probe hits delivered to user space (TLS reads and writes seen).
+    pub events: u64,
+    /// Call records written.
+    pub records: u64,
+    /// Records waiting in memory for `output.file`, and records it never got.
+    pub records_pending: u64,
+    pub records_lost: u64,
+    /// What the kernel could not deliver, every cause together (see README "What is lost").
+    pub kernel_dropped_events: u64,
+    pub kernel_dropped_bytes: u64,
 }
 
 impl Response {
@@ -351,6 +378,17 @@ mod tests {
                 )],
                 mode: Some(mode),
                 fleet: None,
+                capture: Some(CaptureHealth {
+                    healthy: false,
+                    reasons: vec!["output.file cannot be written".into()],
+                    state: crate::kernel::capability::State::Degraded,
+                    events: 12,
+                    records: 3,
+                    records_pending: 2,
+                    records_lost: 1,
+                    kernel_dropped_events: 4,
+                    kernel_dropped_bytes: 4096,
+                }),
             })),
             Response::error("no"),
         ];

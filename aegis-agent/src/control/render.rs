@@ -206,6 +206,23 @@ fn status_text(s: &AgentStatus) -> String {
     if !s.kernel.is_empty() {
         let _ = writeln!(out, "kernel {}", clean(&s.kernel));
     }
+    if let Some(h) = &s.capture {
+        let _ = writeln!(
+            out,
+            "capture {}: {} events, {} records ({} waiting for output.file, {} lost), kernel drops {} events / {} \
+             bytes",
+            if h.healthy { "healthy" } else { "UNHEALTHY" },
+            h.events,
+            h.records,
+            h.records_pending,
+            h.records_lost,
+            h.kernel_dropped_events,
+            h.kernel_dropped_bytes
+        );
+        for reason in &h.reasons {
+            let _ = writeln!(out, "  because: {}", clean(reason));
+        }
+    }
     for c in &s.capabilities {
         let _ = write!(out, "  {:<20} {:<12}", c.name.name(), c.state.name());
         let text: Vec<&str> = [c.detail.as_deref(), c.reason.as_deref()].into_iter().flatten().collect();
@@ -377,6 +394,7 @@ mod tests {
                 ),
             ],
             fleet: None,
+            capture: None,
         };
         let expected = format!(
             "aegis-agent 0.1.0 (pid 7, control protocol 1) serving since 2023-11-14 22:13:20Z; 1 active block; \
@@ -387,6 +405,26 @@ mod tests {
             Capability::ContentGate.impact()
         );
         assert_eq!(reply_text(&Reply::Status(status.clone()), NOW), expected);
+        status.capture = Some(crate::control::protocol::CaptureHealth {
+            healthy: false,
+            reasons: vec!["the ring buffer reader has not run for 31 s".into()],
+            state: crate::kernel::capability::State::Active,
+            events: 120,
+            records: 7,
+            records_pending: 0,
+            records_lost: 2,
+            kernel_dropped_events: 3,
+            kernel_dropped_bytes: 900,
+        });
+        let text = reply_text(&Reply::Status(status.clone()), NOW);
+        assert!(
+            text.contains(
+                "\ncapture UNHEALTHY: 120 events, 7 records (0 waiting for output.file, 2 lost), kernel drops 3 events \
+                 / 900 bytes\n  because: the ring buffer reader has not run for 31 s\n  capture              active"
+            ),
+            "{text}"
+        );
+        status.capture = None;
         status.mode = None;
         status.capabilities.clear();
         status.kernel.clear();

@@ -45,8 +45,8 @@ use super::{
     group_label,
     mode::{EnforceMode, ModeState},
     protocol::{
-        AgentStatus, ApplyReport, FleetStatus, PROTOCOL_VERSION, Reply, Request, Response, decode_request,
-        encode_response,
+        AgentStatus, ApplyReport, CaptureHealth, FleetStatus, PROTOCOL_VERSION, Reply, Request, Response,
+        decode_request, encode_response,
     },
 };
 use crate::{
@@ -302,6 +302,39 @@ pub struct ServerHandle {
     view: ControlView,
     socket: PathBuf,
     socket_id: (u64, u64),
+    capture_health: CaptureHealthSlot,
+}
+
+/// Where `status` asks how capture is doing: the daemon sets it once its pipeline runs
+/// (until then, and in agents without capture, `status` reports no capture health).
+#[derive(Clone, Default)]
+pub struct CaptureHealthSlot(Arc<RwLock<Option<HealthFn>>>);
+
+type HealthFn = Arc<dyn Fn() -> CaptureHealth + Send + Sync>;
+
+impl CaptureHealthSlot {
+    pub fn set(&self, health: impl Fn() -> CaptureHealth + Send + Sync + 'static) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(health));
+    }
+
+    pub fn clear(&self) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    pub fn get(&self) -> Option<CaptureHealth> {
+        let health = self.0.read().unwrap_or_else(|e| e.into_inner()).clone();
+        health.map(|h| h())
+    }
+}
+
+impl std::fmt::Debug for CaptureHealthSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.read().map(|h| h.is_some()).unwrap_or(false) {
+            "CaptureHealthSlot(set)"
+        } else {
+            "CaptureHealthSlot(unset)"
+        })
+    }
 }
 
 /// Puts fleet policies in force through the same steps as an operator's change (audited as
@@ -394,6 +427,7 @@ impl ControlServer {
         let (stop, stop_rx) = watch::channel(false);
         let view = core.view.clone();
         let handle_core = core.clone();
+        let capture_health = core.capture_health.clone();
         let thread = std::thread::Builder::new()
             .name("aegis-control".into())
             .spawn(move || {
@@ -403,7 +437,15 @@ impl ControlServer {
             .context("cannot start the control server thread")
             .map_err(remove_socket)?;
         tracing::info!(socket = %socket.display(), "control socket ready");
-        Ok(ServerHandle { core: FleetApplier(handle_core), stop, thread: Some(thread), view, socket, socket_id })
+        Ok(ServerHandle {
+            core: FleetApplier(handle_core),
+            stop,
+            thread: Some(thread),
+            view,
+            socket,
+            socket_id,
+            capture_health,
+        })
     }
 }
 
@@ -420,6 +462,11 @@ impl ServerHandle {
 
     pub fn socket(&self) -> &Path {
         &self.socket
+    }
+
+    /// Where `status` asks how capture is doing.
+    pub fn capture_health(&self) -> CaptureHealthSlot {
+        self.capture_health.clone()
     }
 
     /// Stop accepting, let the clients in progress finish (up to the read timeout plus
@@ -803,6 +850,8 @@ struct Core {
     capabilities: Capabilities,
     /// The fleet policy in force, set by the fleet feed (None: no fleet).
     fleet: RwLock<Option<FleetStatus>>,
+    /// How capture is doing, for `status`.
+    capture_health: CaptureHealthSlot,
 }
 
 impl Core {
@@ -856,6 +905,7 @@ impl Core {
             started_at: rfc3339_ms(now_unix_ms()),
             capabilities,
             fleet: RwLock::new(None),
+            capture_health: CaptureHealthSlot::default(),
         });
         for block in &expired {
             tracing::info!(id = %block.id, target = %block.spec.target, "block expired while the agent was not running");
@@ -1021,6 +1071,7 @@ impl Core {
                     capabilities: self.capabilities.list(),
                     mode: Some(s.mode.clone()),
                     fleet: self.fleet.read().unwrap_or_else(PoisonError::into_inner).clone(),
+                    capture: self.capture_health.get(),
                 }))
             }),
         }

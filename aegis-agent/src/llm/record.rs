@@ -36,6 +36,9 @@ pub struct CallRecord {
     pub call_id: String,
     /// Wall-clock time of the request's first byte, RFC 3339 UTC.
     pub time: String,
+    /// The same, in ns since the Unix epoch (for exporters that want numbers).
+    #[serde(skip)]
+    pub start_unix_ns: i128,
     pub provider: &'static str,
     pub api: ApiKind,
     pub host: Option<String>,
@@ -88,6 +91,7 @@ impl CallRecord {
         Self {
             call_id: call_id(process.pid, o.request_start_ns, o.fingerprint.unwrap_or(0)),
             time: crate::clock::rfc3339(unix_ns),
+            start_unix_ns: unix_ns,
             provider: o.call.provider,
             api: o.call.api,
             host: o.host,

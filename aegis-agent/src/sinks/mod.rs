@@ -15,6 +15,7 @@ use std::{
 };
 
 pub mod lookback;
+pub mod otlp;
 pub mod record;
 
 use self::record::{AgentIdentity, Identity, Line, Record, RecordsLost, SCHEMA_VERSION};
@@ -44,7 +45,7 @@ pub struct JsonLines {
     identity: Identity,
     /// The look-back snapshots are cut from (see [`lookback`]).
     lookback: Option<lookback::Lookback>,
-    observer: Option<std::sync::Arc<dyn RecordObserver>>,
+    observers: Vec<std::sync::Arc<dyn RecordObserver>>,
 }
 
 /// The file side: the journal, what waits for it, and what was lost.
@@ -114,13 +115,14 @@ impl JsonLines {
             ledger: None,
             identity: Identity::new(None, None, None),
             lookback: None,
-            observer: None,
+            observers: Vec::new(),
         })
     }
 
-    /// Show every record to `observer` once it is written.
+    /// Also show every record to `observer` once it is written (observers see records in
+    /// the order they were added).
     pub fn with_observer(mut self, observer: Option<std::sync::Arc<dyn RecordObserver>>) -> Self {
-        self.observer = observer;
+        self.observers.extend(observer);
         self
     }
 
@@ -180,7 +182,7 @@ impl JsonLines {
             f.queue(&line);
         }
         self.written += 1;
-        if let Some(observer) = &self.observer {
+        for observer in &self.observers {
             observer.observe(record);
         }
     }
