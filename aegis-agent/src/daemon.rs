@@ -212,7 +212,7 @@ pub fn run(config: &Config, ready_file: Option<&Path>) -> anyhow::Result<()> {
     };
     // Evidence bundles in the spool go to [collector] url until the agent stops.
     let _shipper = crate::evidence::spool::ShipperGuard::start(&config.collector);
-    let feed = start_fleet_feed(config, &server, "kernel")?;
+    let feed = start_fleet_feed(config, &server, "kernel", inspector.clone())?;
     let outcome = caps.check_required(&config.capabilities.require).and_then(|()| {
         tracing::info!(
             targets = found.len(),
@@ -297,6 +297,7 @@ fn start_fleet_feed(
     config: &Config,
     server: &ServerHandle,
     enforcement: &'static str,
+    inspector: Option<Arc<Inspector>>,
 ) -> anyhow::Result<Option<crate::collector::feed::FeedGuard>> {
     if !config.fleet.enabled() {
         return Ok(None);
@@ -309,7 +310,15 @@ fn start_fleet_feed(
     } else {
         None
     };
-    crate::collector::feed::start(&config.fleet, server.fleet_applier(), key, client, enforcement)
+    let packs: Option<crate::fleet::PackSwap> = inspector.map(|inspector| {
+        let paths = config.rules.packs.clone();
+        Arc::new(move |packs: &[crate::fleet::policy::FleetPack]| {
+            let pairs = packs.iter().map(crate::fleet::policy::FleetPack::pair).collect();
+            let infos = inspector.reload(&paths, Some(pairs)).map_err(|e| e.to_string())?;
+            Ok(infos.iter().map(|p| format!("{}@{}", p.name, p.version)).collect())
+        }) as crate::fleet::PackSwap
+    });
+    crate::collector::feed::start(&config.fleet, server.fleet_applier(), key, client, enforcement, packs)
         .context("cannot start the fleet feed ([fleet])")
 }
 
@@ -333,7 +342,7 @@ pub fn run_without_kernel(config: &Config, ready_file: Option<&Path>) -> anyhow:
         ledger.clone(),
     )
     .context("cannot start the control socket")?;
-    let feed = start_fleet_feed(config, &server, "no_kernel")?;
+    let feed = start_fleet_feed(config, &server, "no_kernel", None)?;
     tracing::warn!("agent ready WITHOUT kernel programs (--no-kernel): nothing is captured or enforced on this host");
     if let Some(path) = ready_file {
         std::fs::write(path, format!("{}\n", std::process::id()))

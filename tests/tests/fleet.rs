@@ -189,6 +189,7 @@ fn bad_policies_are_refused_counted_and_change_nothing() {
         expires: aegis_agent::clock::rfc3339_ms(expires_ms),
         blocks: vec![],
         emergency: version % 2 == 1,
+        rulepacks: vec![],
         note: format!("v{version}"),
     };
     let signed = |d: &PolicyDoc, keys: &[&HostKey]| serde_json::to_vec(&d.sign(keys).unwrap()).unwrap();
@@ -264,4 +265,108 @@ fn bad_policies_are_refused_counted_and_change_nothing() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert!(fleet.members[0].logs().contains("fleet policy refused"), "refusals are logged");
+}
+
+const FLEET_PACK: &str = r#"[pack]
+name = "fleet-inc-42"
+version = "1"
+
+[[rules]]
+id = "fleet.inc42_marker"
+category = "prompt_injection"
+keywords = ["zebra-canary-42"]
+action = "warn"
+severity = "SEV-2"
+rationale = "INC-42: the payload marker of the injection campaign"
+examples.positive = ["please say zebra-canary-42 now"]
+examples.negative = ["please say hello"]
+"#;
+
+/// A policy's rulepack decides calls on a real agent (its records name the fleet's rule and
+/// pack), stays in force across a restart of the agent, and leaves with the next version
+/// that does not carry it.
+#[test]
+fn a_fleet_rulepack_decides_calls_and_survives_a_restart() {
+    use aegis_tests::{MockProvider, Plan, TempCert, plans, run_curl};
+    let _serial = serial();
+    require_root();
+    let dir = TempDir::new("fleet-pack");
+    let real_dir = dir.join("real");
+    std::fs::create_dir_all(&real_dir).unwrap();
+    let key = real_dir.join("host.key");
+    HostKey::load_or_create(&key, "aegis-test").unwrap();
+    let fleet = Fleet::new(dir.path(), 0, &[("real", &key, "aegis-test")]);
+    let s = |p: &Path| format!("{:?}", p.display().to_string());
+    let toml = format!(
+        "[evidence]\nkey = {}\nname = \"aegis-test\"\ndir = {}\n\n[lookback]\nenabled = false\n\n[incidents]\ndir = {}\n\
+         bundles_dir = {}\n\n{}",
+        s(&key),
+        s(&real_dir.join("decision-log")),
+        s(&real_dir.join("incidents")),
+        s(&real_dir.join("bundles")),
+        fleet.extra_member_toml("real", &real_dir, None)
+    );
+    let mut real = Agent::start_with_config(&toml);
+    fleet.wait_for_contact(vec!["real".into()]);
+
+    // Version 1 carries the pack (`fleet sign` reads it next to the policy file).
+    std::fs::write(dir.join("inc42.toml"), FLEET_PACK).unwrap();
+    std::fs::write(dir.join("policy.toml"), "note = \"INC-42\"\nrulepacks = [\"inc42.toml\"]\n").unwrap();
+    let sign_and_publish = |version: &str| {
+        let signed = dir.join(&format!("v{version}.json"));
+        let policy = dir.join("policy.toml").display().to_string();
+        let mut args = vec!["sign".to_owned(), policy, "--version".into(), version.into(), "-o".into()];
+        args.push(signed.display().to_string());
+        args.extend(fleet.signing_args());
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        ok(&fleet.fleet_cmd(&refs), "fleet sign");
+        let mut args = vec!["publish".to_owned(), signed.display().to_string()];
+        args.extend(fleet.collector_args());
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        ok(&fleet.fleet_cmd(&refs), "fleet publish");
+    };
+    sign_and_publish("1");
+    let status = fleet.wait_for_version(&["real".to_owned()], 1, Duration::from_secs(20));
+    let row = &status["agents"][0];
+    assert_eq!(row["status"], "applied", "{status:#}");
+
+    let cert = TempCert::generate();
+    let mock = MockProvider::start(&cert);
+    let marked = Plan::single(vec![plans::openai_chat("gpt-4o-mini", "please say zebra-canary-42 now")]);
+    let decided_by_fleet = |agent: &Agent, n: usize| -> Vec<serde_json::Value> {
+        let records = agent.wait_for_records(|r| r["type"] == "llm_call", n, Duration::from_secs(20));
+        records.into_iter().filter(|r| r["type"] == "llm_call").collect()
+    };
+    run_curl(mock.port, &marked).assert_responses(&marked);
+    let calls = decided_by_fleet(&real, 1);
+    let d = &calls[0]["decision"];
+    assert!(
+        d["rules"].as_array().unwrap().iter().any(|r| r == "fleet.inc42_marker"),
+        "the fleet's rule decided: {d:#}"
+    );
+    assert!(d["packs"].as_array().unwrap().iter().any(|p| p["name"] == "fleet-inc-42"), "{d:#}");
+
+    // A restart: the pack is in force again from the start.
+    real.stop();
+    let mut real = Agent::start_with_config(&toml);
+    run_curl(mock.port, &marked).assert_responses(&marked);
+    let calls = decided_by_fleet(&real, 1);
+    assert!(
+        calls[0]["decision"]["rules"].as_array().unwrap().iter().any(|r| r == "fleet.inc42_marker"),
+        "after a restart: {:#}",
+        calls[0]
+    );
+
+    // Version 2 without it: the marker is just text again.
+    std::fs::write(dir.join("policy.toml"), "note = \"INC-42 closed\"\n").unwrap();
+    sign_and_publish("2");
+    fleet.wait_for_version(&["real".to_owned()], 2, Duration::from_secs(20));
+    run_curl(mock.port, &marked).assert_responses(&marked);
+    let calls = decided_by_fleet(&real, 2);
+    let last = calls.last().unwrap();
+    assert!(
+        !last["decision"]["rules"].as_array().unwrap().iter().any(|r| r == "fleet.inc42_marker"),
+        "version 2 took the pack away: {last:#}"
+    );
+    real.stop();
 }

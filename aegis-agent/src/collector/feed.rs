@@ -26,7 +26,7 @@ use crate::{
     control::{FleetApplier, FleetStatus},
     evidence::key::HostKey,
     fleet::{
-        FleetConfig,
+        FleetConfig, PackSwap,
         ack::{Ack, AckStatus},
         policy::{self, Accepted, MAX_POLICY_BYTES, Trust},
     },
@@ -49,6 +49,8 @@ struct Inner {
     key: HostKey,
     state_file: PathBuf,
     enforcement: &'static str,
+    /// Puts a policy's rulepacks in force (None: this agent runs no rules).
+    packs: Option<PackSwap>,
     accepted: Option<Accepted>,
     /// The highest version refused: not asked for again.
     refused_version: u64,
@@ -128,7 +130,26 @@ impl Inner {
                     (false, true) => Some(false),
                     (false, false) => None,
                 };
-                match self.applier.apply(v.doc.version, &v.doc.blocks, emergency, &v.signers) {
+                let held_packs = self.accepted.as_ref().map(|a| a.rulepacks.clone()).unwrap_or_default();
+                let applied = self.applier.apply(v.doc.version, &v.doc.blocks, emergency, &v.signers).and_then(|r| {
+                    if held_packs == v.doc.rulepacks {
+                        return Ok(r);
+                    }
+                    match &self.packs {
+                        Some(swap) => swap(&v.doc.rulepacks).map(|names| {
+                            let mut r = r;
+                            r.notes.push(format!("rulepacks in force: {}", names.join(", ")));
+                            r
+                        }),
+                        None if v.doc.rulepacks.is_empty() => Ok(r),
+                        None => {
+                            let mut r = r;
+                            r.notes.push("the policy's rulepacks are not used: this agent runs no rules".into());
+                            Ok(r)
+                        }
+                    }
+                });
+                match applied {
                     Ok(report) => {
                         let now = now_unix_ms();
                         let accepted = Accepted::of(&v, now);
@@ -218,6 +239,7 @@ pub fn start(
     key: HostKey,
     client: Option<CollectorClient>,
     enforcement: &'static str,
+    packs: Option<PackSwap>,
 ) -> anyhow::Result<Option<FeedGuard>> {
     if !config.enabled() {
         return Ok(None);
@@ -232,6 +254,14 @@ pub fn start(
             a.fleet,
             trust.fleet
         );
+    }
+    // The accepted policy's rulepacks are in memory only: in force again from the start.
+    if let (Some(a), Some(swap)) = (&accepted, &packs)
+        && !a.rulepacks.is_empty()
+    {
+        let names = swap(&a.rulepacks)
+            .map_err(|e| anyhow::anyhow!("the rulepacks of fleet policy version {} do not load: {e}", a.version))?;
+        tracing::info!(version = a.version, packs = ?names, "the fleet policy's rulepacks are in force again");
     }
     let drop_dir = (!config.drop_dir.as_os_str().is_empty()).then(|| config.drop_dir.clone());
     let mut sources = Vec::new();
@@ -251,6 +281,7 @@ pub fn start(
         key,
         state_file: config.state_file.clone(),
         enforcement,
+        packs,
         accepted,
         refused_version: 0,
         pending_acks: Vec::new(),

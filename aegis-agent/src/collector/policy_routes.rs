@@ -140,6 +140,7 @@ pub async fn publish(state: &Arc<State>, peer: SocketAddr, req: Request<Incoming
         expires: String::new(),
         accepted_at: String::new(),
         emergency: false,
+        rulepacks: Vec::new(),
     });
     let now = now_unix_ms();
     let verified = match policy::verify(&body, &feed.trust, held.as_ref(), now) {

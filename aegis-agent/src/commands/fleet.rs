@@ -26,7 +26,7 @@ use crate::{
     collector::client::CollectorClient,
     control::{BlockSpec, BlockTarget, Scope, parse_cgroup, parse_dest, parse_duration},
     evidence::{dsse::Envelope, key::HostKey},
-    fleet::policy::{DOC_TYPE, PolicyDoc},
+    fleet::policy::{DOC_TYPE, FleetPack, PolicyDoc},
 };
 
 /// Exit status: every agent acknowledged (or the command succeeded).
@@ -183,6 +183,9 @@ struct PolicyFile {
     emergency: bool,
     #[serde(default)]
     note: String,
+    /// Rulepack files (paths relative to the policy file), carried in the policy.
+    #[serde(default)]
+    rulepacks: Vec<PathBuf>,
 }
 
 fn load_signers(paths: &[PathBuf]) -> anyhow::Result<Vec<HostKey>> {
@@ -204,7 +207,7 @@ fn sign(doc: &PolicyDoc, paths: &[PathBuf]) -> anyhow::Result<Vec<u8>> {
     Ok(serde_json::to_vec(&doc.sign(&refs)?)?)
 }
 
-fn new_doc(signing: &SigningArgs, version: u64, file: PolicyFile) -> PolicyDoc {
+fn new_doc(signing: &SigningArgs, version: u64, file: PolicyFile, rulepacks: Vec<FleetPack>) -> PolicyDoc {
     let now = now_unix_ms();
     PolicyDoc {
         doc_type: DOC_TYPE.into(),
@@ -214,8 +217,23 @@ fn new_doc(signing: &SigningArgs, version: u64, file: PolicyFile) -> PolicyDoc {
         expires: rfc3339_ms(now + signing.expires.as_millis() as u64),
         blocks: file.blocks,
         emergency: file.emergency,
+        rulepacks,
         note: file.note,
     }
+}
+
+/// The rulepack files a policy file names, read (relative to the policy file's folder).
+fn read_packs(base: &std::path::Path, paths: &[PathBuf]) -> anyhow::Result<Vec<FleetPack>> {
+    paths
+        .iter()
+        .map(|p| {
+            let path = base.join(p);
+            let text = crate::files::read_capped_to_string(&path, 1 << 22, "a rulepack is at most 4 MiB")
+                .map_err(|e| anyhow::anyhow!("rulepack {}: {e}", path.display()))?;
+            let name = path.file_stem().and_then(|s| s.to_str()).unwrap_or("pack").to_owned();
+            Ok(FleetPack { name, text })
+        })
+        .collect()
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -263,7 +281,9 @@ fn execute(cmd: FleetCommand) -> anyhow::Result<u8> {
             } else {
                 toml::from_str(&text).context("the policy file (TOML)")?
             };
-            let bytes = sign(&new_doc(&signing, version, file), &signing.signing_keys)?;
+            let base = policy.parent().filter(|_| policy.as_os_str() != "-").unwrap_or(std::path::Path::new("."));
+            let packs = read_packs(base, &file.rulepacks)?;
+            let bytes = sign(&new_doc(&signing, version, file, packs), &signing.signing_keys)?;
             match out {
                 Some(path) => std::fs::write(&path, &bytes).with_context(|| format!("writing {}", path.display()))?,
                 None => println!("{}", String::from_utf8_lossy(&bytes)),
@@ -339,7 +359,7 @@ fn push_change(
     let rt = runtime()?;
     let current = rt.block_on(served(&client))?;
     let version = current.as_ref().map_or(1, |d| d.version + 1);
-    let mut doc = new_doc(&push.signing, version, PolicyFile::default());
+    let mut doc = new_doc(&push.signing, version, PolicyFile::default(), Vec::new());
     if let Some(c) = current {
         anyhow::ensure!(
             c.fleet == push.signing.fleet,
@@ -349,6 +369,7 @@ fn push_change(
         );
         doc.blocks = c.blocks;
         doc.emergency = c.emergency;
+        doc.rulepacks = c.rulepacks;
     }
     doc.note = note;
     change(&mut doc)?;

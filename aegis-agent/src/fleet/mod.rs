@@ -34,6 +34,10 @@ pub struct FleetConfig {
     pub backoff_max_secs: u64,
 }
 
+/// Puts a fleet policy's rulepacks in force beside the configured ones (given by the daemon,
+/// which holds the rules); the packs in force after, `name@version`.
+pub type PackSwap = std::sync::Arc<dyn Fn(&[policy::FleetPack]) -> Result<Vec<String>, String> + Send + Sync>;
+
 impl FleetConfig {
     pub fn enabled(&self) -> bool {
         !self.name.is_empty()

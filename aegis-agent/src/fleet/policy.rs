@@ -64,6 +64,10 @@ pub struct PolicyDoc {
     /// Emergency mode host-wide.
     #[serde(default)]
     pub emergency: bool,
+    /// Rulepacks (TOML, as `aegis-agent rules test` takes them) in force on every host
+    /// beside its configured packs. An empty list takes the previous version's away.
+    #[serde(default)]
+    pub rulepacks: Vec<FleetPack>,
     /// Why this version was published (who, which incident).
     #[serde(default)]
     pub note: String,
@@ -84,6 +88,12 @@ impl PolicyDoc {
         if self.blocks.len() > MAX_POLICY_BLOCKS {
             return Err(format!("{} blocks, more than the {MAX_POLICY_BLOCKS} a policy may carry", self.blocks.len()));
         }
+        if !self.rulepacks.is_empty() {
+            // Compiled here, so that a pack that would not compile is refused before
+            // anything changes (and never signed).
+            let packs: Vec<(String, String)> = self.rulepacks.iter().map(FleetPack::pair).collect();
+            crate::rules::load_with(&[], &packs).map_err(|e| format!("rulepacks: {e}"))?;
+        }
         for (i, b) in self.blocks.iter().enumerate() {
             if b.expires.is_some() {
                 return Err(format!(
@@ -101,6 +111,22 @@ impl PolicyDoc {
         self.check().map_err(|e| anyhow::anyhow!("the policy is not valid: {e}"))?;
         let payload = serde_json::to_vec(self).context("encoding the policy")?;
         Ok(dsse::sign_payload(keys, PAYLOAD_TYPE, &payload))
+    }
+}
+
+/// A rulepack a fleet policy carries.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FleetPack {
+    /// A short name (records name the pack by its own `name` and `version`).
+    pub name: String,
+    /// The pack's TOML.
+    pub text: String,
+}
+
+impl FleetPack {
+    pub fn pair(&self) -> (String, String) {
+        (self.name.clone(), self.text.clone())
     }
 }
 
@@ -199,6 +225,9 @@ pub struct Accepted {
     /// only when the fleet turned it on.
     #[serde(default)]
     pub emergency: bool,
+    /// The policy's rulepacks, put in force again when the agent restarts.
+    #[serde(default)]
+    pub rulepacks: Vec<FleetPack>,
 }
 
 impl Accepted {
@@ -211,6 +240,7 @@ impl Accepted {
             expires: v.doc.expires.clone(),
             accepted_at: rfc3339_ms(now_ms),
             emergency: v.doc.emergency,
+            rulepacks: v.doc.rulepacks.clone(),
         }
     }
 
@@ -338,6 +368,7 @@ mod tests {
                 reason: "INC-7: leaking to openai".into(),
             }],
             emergency: false,
+            rulepacks: vec![],
             note: String::new(),
         }
     }

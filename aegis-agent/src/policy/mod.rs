@@ -30,6 +30,10 @@ type InForce = (Arc<Engine>, Arc<[PackPolicy]>);
 /// The rules in force and the evidence key, shared by every worker.
 pub struct Inspector {
     current: RwLock<InForce>,
+    /// The packs a fleet policy put in force, `(name, TOML)`, kept across reloads of the
+    /// configured packs; and the lock that makes each reload one step.
+    fleet_packs: RwLock<Vec<(String, String)>>,
+    reloading: std::sync::Mutex<()>,
     pub redactor: redact::Redactor,
     /// What a call's decision says of content the rules could not see (`enforce.uninspectable`,
     /// see [`inspect::Unseen`]).
@@ -44,6 +48,8 @@ impl Inspector {
     pub fn with_policies(engine: Engine, policies: Vec<PackPolicy>, redactor: redact::Redactor) -> Self {
         Self {
             current: RwLock::new((Arc::new(engine), policies.into())),
+            fleet_packs: RwLock::new(Vec::new()),
+            reloading: std::sync::Mutex::new(()),
             redactor,
             uninspectable: UNINSPECTABLE_DEFAULT,
         }
@@ -69,5 +75,22 @@ impl Inspector {
     /// Put new rules in force for calls that start from now on.
     pub fn replace(&self, engine: Engine, policies: Vec<PackPolicy>) {
         *self.current.write().unwrap_or_else(|e| e.into_inner()) = (Arc::new(engine), policies.into());
+    }
+
+    /// Compile the configured packs `paths` with the fleet's packs (`fleet`, or those in
+    /// force when None) and put them in force, in one step; the packs in force after.
+    /// Nothing changes on an error.
+    pub fn reload(
+        &self,
+        paths: &[std::path::PathBuf],
+        fleet: Option<Vec<(String, String)>>,
+    ) -> Result<Vec<crate::rules::engine::PackInfo>, crate::rules::pack::PackError> {
+        let _one = self.reloading.lock().unwrap_or_else(|e| e.into_inner());
+        let fleet = fleet.unwrap_or_else(|| self.fleet_packs.read().unwrap_or_else(|e| e.into_inner()).clone());
+        let (engine, policies) = crate::rules::load_with(paths, &fleet)?;
+        let packs = engine.packs().to_vec();
+        self.replace(engine, policies);
+        *self.fleet_packs.write().unwrap_or_else(|e| e.into_inner()) = fleet;
+        Ok(packs)
     }
 }

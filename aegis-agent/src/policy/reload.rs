@@ -14,7 +14,6 @@ use std::{
 };
 
 use super::Inspector;
-use crate::rules;
 
 /// What identifies a file version cheaply: modification time and size.
 fn stamp(paths: &[PathBuf]) -> Vec<Option<(SystemTime, u64)>> {
@@ -47,19 +46,18 @@ pub fn watch(
             }
             last = now;
             let files: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
-            match rules::load(&paths) {
-                Ok((engine, policies)) => {
-                    for p in engine.packs() {
+            // With the fleet's packs in force, if any.
+            match inspector.reload(&paths, None) {
+                Ok(packs) => {
+                    for p in &packs {
                         tracing::info!(pack = %p.name, version = %p.version, digest = %p.digest, "rulepack reloaded");
                     }
                     if let Some(ledger) = &ledger {
-                        let packs = engine.packs();
                         ledger.append(
                             "rulepack_reload",
                             &serde_json::json!({ "result": "ok", "files": files, "packs": packs }),
                         );
                     }
-                    inspector.replace(engine, policies);
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "rulepack rejected; the rules in force stay");

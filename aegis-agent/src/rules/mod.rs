@@ -37,11 +37,19 @@ pub type PackPolicy = (String, ProviderPolicy);
 /// Load `paths` (the embedded default pack when empty): the compiled content rules, and
 /// the packs' provider/model allowlists.
 pub fn load(paths: &[PathBuf]) -> Result<(Engine, Vec<PackPolicy>), PackError> {
-    let packs: Vec<Rulepack> = if paths.is_empty() {
+    load_with(paths, &[])
+}
+
+/// [`load`], plus packs given as text (`(name, TOML)`: a fleet policy's), after the others.
+pub fn load_with(paths: &[PathBuf], extra: &[(String, String)]) -> Result<(Engine, Vec<PackPolicy>), PackError> {
+    let mut packs: Vec<Rulepack> = if paths.is_empty() {
         vec![pack::parse(DEFAULT_PACK, Path::new(DEFAULT_PACK_NAME))?]
     } else {
         paths.iter().map(|p| pack::load(p)).collect::<Result<_, _>>()?
     };
+    for (name, text) in extra {
+        packs.push(pack::parse(text, Path::new(&format!("fleet:{name}")))?);
+    }
     let policies = packs
         .iter()
         .flat_map(|p| p.policies.iter().map(|pol| (format!("{}@{}", p.name, p.version), pol.clone())))
