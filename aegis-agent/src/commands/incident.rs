@@ -42,8 +42,9 @@ pub struct SnapshotArgs {
     /// Calls by this process (either end).
     #[arg(long)]
     pub pid: Option<u32>,
-    /// Calls by processes in this cgroup v2 path and below.
-    #[arg(long)]
+    /// Calls by processes in this cgroup and below: its v2 path as in /proc/PID/cgroup, or
+    /// its directory under the cgroup v2 mount.
+    #[arg(long, value_parser = crate::control::parse_cgroup)]
     pub cgroup: Option<String>,
     /// Calls by this executable.
     #[arg(long)]
@@ -168,8 +169,8 @@ pub enum IncidentCommand {
         title: String,
         #[arg(long)]
         owner: Option<String>,
-        /// What it is about: a cgroup path.
-        #[arg(long)]
+        /// What it is about: a cgroup (its v2 path, or its directory under the cgroup v2 mount).
+        #[arg(long, value_parser = crate::control::parse_cgroup)]
         cgroup: Option<String>,
         #[arg(long)]
         config: Option<PathBuf>,

@@ -62,7 +62,7 @@ pub mod server;
 pub use audit::{AuditAction, AuditEntry, AuditLog, Outcome};
 pub use blocks::{
     Actor, Block, BlockSpec, BlockTable, BlockTarget, ControlState, Dest, Emergency, Expiry, Scope, Subject,
-    parse_cgroup, parse_dest, parse_duration, parse_route,
+    parse_cgroup, parse_cgroup_in, parse_dest, parse_duration, parse_route,
 };
 pub use client::{ClientError, call, request};
 pub use mode::{EnforceMode, ModeChoice, ModeState};
