@@ -2,15 +2,18 @@
 
 use std::path::PathBuf;
 
-use aegis_agent::config::Config;
-use clap::{Parser, Subcommand};
+use aegis_agent::{commands::exit, config::Config};
+use clap::{CommandFactory as _, FromArgMatches as _, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
 #[command(
     name = "aegis-agent",
     version,
-    about = "AegisPlane host agent: sees, judges and contains LLM API calls on this host"
+    about = "AegisPlane host agent: sees, judges and contains LLM API calls on this host",
+    after_help = "Exit status: one meaning per number across commands (each command's --help has its own): 0 done \
+                  or allowed, 1 no (warn, refused, invalid, failed), 2 block (scan only), 3 could not be done \
+                  (unreadable input, the agent or collector could not be asked), 64 usage error."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -53,7 +56,6 @@ enum Command {
         pin_dir: Option<PathBuf>,
     },
     /// Scan an API body or a text with the rules; print the decision as JSON.
-    /// Exit status: 0 allow, 1 warn, 2 block, 3 error.
     Scan {
         /// Rulepack file (repeatable); none: the embedded default pack.
         #[arg(long = "rulepack")]
@@ -110,10 +112,10 @@ enum Command {
         command: aegis_agent::commands::incident::IncidentCommand,
     },
     /// Re-decide the calls of a bundle with other rulepacks; exit 1 when a harmful call is
-    /// still allowed, 2 on a usage error.
+    /// still allowed.
     Replay(aegis_agent::commands::incident::ReplayArgs),
-    /// Commands for the running agent, over its control socket. Exit status: 0 done, 1
-    /// refused by the agent, 2 bad arguments, 3 the agent could not be asked.
+    /// Commands for the running agent, over its control socket (exit status: see
+    /// `commands::control`).
     #[command(flatten)]
     Control(aegis_agent::commands::control::ControlCommand),
 }
@@ -157,6 +159,35 @@ fn rules_cases(
     Ok(())
 }
 
+/// The command line's commands, each with its exit statuses at the end of its `--help`.
+fn command() -> clap::Command {
+    let mut cli = Cli::command();
+    let names: Vec<String> = cli.get_subcommands().map(|c| c.get_name().to_owned()).collect();
+    for name in names {
+        cli = cli.mut_subcommand(&name, |c| with_exit_help(c, exit::help(&name)));
+    }
+    cli
+}
+
+fn with_exit_help(mut c: clap::Command, text: &'static str) -> clap::Command {
+    let names: Vec<String> = c.get_subcommands().map(|s| s.get_name().to_owned()).collect();
+    for name in names {
+        c = c.mut_subcommand(&name, |s| with_exit_help(s, text));
+    }
+    c.after_help(text)
+}
+
+/// Parse the command line. `--help` and `--version` print and end with 0; a usage error
+/// prints clap's message and ends with [`exit::USAGE`], not clap's 2, which is a block
+/// decision of `scan`.
+fn parse(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<Cli, std::process::ExitCode> {
+    let matches = command().try_get_matches_from(args).and_then(|m| Cli::from_arg_matches(&m));
+    matches.map_err(|e| {
+        let _ = e.print();
+        std::process::ExitCode::from(if e.use_stderr() { exit::USAGE } else { exit::OK })
+    })
+}
+
 fn parse_api(s: &str) -> Result<aegis_agent::llm::detect::ApiKind, String> {
     serde_json::from_value(serde_json::Value::String(s.to_owned())).map_err(|_| {
         "expected one of chat_completions, completions, responses, embeddings, anthropic_messages, \
@@ -172,7 +203,10 @@ fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .with_env_filter(EnvFilter::try_from_env("AEGIS_LOG").unwrap_or_else(|_| EnvFilter::new("info")))
         .init();
-    let cli = Cli::parse();
+    let cli = match parse(std::env::args_os()) {
+        Ok(cli) => cli,
+        Err(code) => return code,
+    };
     let result = match cli.command {
         Command::Run { config, ready_file } => {
             match config.as_deref().map_or_else(|| Ok(Config::defaults()), Config::load) {
@@ -212,7 +246,7 @@ fn main() -> std::process::ExitCode {
                 Ok(code) => std::process::ExitCode::from(code),
                 Err(e) => {
                     eprintln!("aegis-agent scan: {e:#}");
-                    std::process::ExitCode::from(3)
+                    std::process::ExitCode::from(exit::ERROR)
                 }
             };
         }

@@ -1,9 +1,9 @@
 //! The operator commands that talk to the running agent over its control socket:
 //! `block`, `unblock`, `blocks`, `emergency`, `disable`, `enforce`, `status`.
 //!
-//! Exit status ([`EXIT_OK`] ...): 0 done; 1 the agent refused (its message on stderr); 2
-//! bad arguments (clap's own, an invalid value, an unreadable `--config`); 3 the agent
-//! could not be asked (no socket — is it running? —, permission denied, no answer).
+//! Exit status ([`EXIT_OK`] ...): 0 done; 1 the agent refused (its message on stderr); 3
+//! the agent could not be asked (no socket — is it running? —, permission denied, no
+//! answer); 64 bad arguments (clap's own, an invalid value, an unreadable `--config`).
 //!
 //! The socket: `--socket`, else the `[control] socket` of the file given with `--config`
 //! (the agent's own config), else [`DEFAULT_SOCKET`].
@@ -23,13 +23,13 @@ use crate::{
     },
 };
 
-pub const EXIT_OK: u8 = 0;
+pub const EXIT_OK: u8 = super::exit::OK;
 /// The agent answered with an error.
-pub const EXIT_REFUSED: u8 = 1;
-/// Bad arguments (clap exits with 2 too).
-pub const EXIT_USAGE: u8 = 2;
+pub const EXIT_REFUSED: u8 = super::exit::NO;
+/// Bad arguments (clap's usage errors exit with it too, see `main`).
+pub const EXIT_USAGE: u8 = super::exit::USAGE;
 /// The agent could not be asked.
-pub const EXIT_UNREACHABLE: u8 = 3;
+pub const EXIT_UNREACHABLE: u8 = super::exit::ERROR;
 
 /// Where the agent's control socket is.
 #[derive(Clone, Debug, Default, PartialEq, Eq, clap::Args)]
@@ -219,7 +219,7 @@ impl ControlCommand {
         }
     }
 
-    /// The request this command sends; an error is a usage error (exit 2). The spec of a
+    /// The request this command sends; an error is a usage error (exit 64). The spec of a
     /// block is validated here with the agent's own rules, so that typing mistakes are
     /// told apart from refusals.
     pub fn request(&self) -> Result<Request, String> {
@@ -608,7 +608,7 @@ mod tests {
         ] {
             let e = usage_error(args);
             assert_eq!(e.kind(), kind, "{args:?}: {e}");
-            assert_eq!(e.exit_code(), i32::from(EXIT_USAGE), "{args:?}");
+            assert!(e.use_stderr(), "{args:?}: a usage error, which main exits with EXIT_USAGE");
         }
         let e = usage_error(&["block", "--dest", "api.openai.com", "--reason", "r"]).to_string();
         assert!(e.contains("\"api.openai.com\" is not an IP address (host names are not accepted)"), "{e}");

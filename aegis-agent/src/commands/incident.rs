@@ -489,7 +489,8 @@ pub struct ReplayArgs {
     pub config: Option<PathBuf>,
 }
 
-/// `replay`: exit 0 when no harmful call is allowed, 1 when one is, 2 on a usage error.
+/// `replay`: exit 0 when no harmful call is allowed, 1 when one is, 3 when the bundle could
+/// not be replayed (unreadable, not signed by the key, a bad pack).
 pub fn replay_cmd(args: &ReplayArgs) -> u8 {
     let run = || -> anyhow::Result<replay::Replay> {
         let key = match &args.key {
@@ -510,11 +511,11 @@ pub fn replay_cmd(args: &ReplayArgs) -> u8 {
             } else {
                 print!("{}", replay::render(&r));
             }
-            u8::from(!r.still_allowed.is_empty())
+            if r.still_allowed.is_empty() { super::exit::OK } else { super::exit::NO }
         }
         Err(e) => {
-            eprintln!("aegis-agent: {e:#}");
-            2
+            eprintln!("aegis-agent replay: {e:#}");
+            super::exit::ERROR
         }
     }
 }
