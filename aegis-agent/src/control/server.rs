@@ -280,6 +280,7 @@ pub struct ServerHandle {
     view: ControlView,
     socket: PathBuf,
     socket_id: (u64, u64),
+    audit: Arc<AuditLog>,
 }
 
 impl ControlServer {
@@ -333,6 +334,7 @@ impl ControlServer {
         };
         let (stop, stop_rx) = watch::channel(false);
         let view = core.view.clone();
+        let audit = core.audit.clone();
         let thread = std::thread::Builder::new()
             .name("aegis-control".into())
             .spawn(move || {
@@ -342,7 +344,7 @@ impl ControlServer {
             .context("cannot start the control server thread")
             .map_err(remove_socket)?;
         tracing::info!(socket = %socket.display(), "control socket ready");
-        Ok(ServerHandle { stop, thread: Some(thread), view, socket, socket_id })
+        Ok(ServerHandle { stop, thread: Some(thread), view, socket, socket_id, audit })
     }
 }
 
@@ -354,6 +356,12 @@ impl ServerHandle {
 
     pub fn socket(&self) -> &Path {
         &self.socket
+    }
+
+    /// Reopen the audit log at its path (SIGHUP, after log rotation); see
+    /// [`AuditLog::reopen`].
+    pub fn reopen_audit_log(&self) -> anyhow::Result<()> {
+        self.audit.reopen()
     }
 
     /// Stop accepting, let the clients in progress finish (up to the read timeout plus
@@ -728,7 +736,8 @@ struct Core {
     view: ControlView,
     /// Serialises changes (held across save, enforcement and audit).
     ops: Mutex<()>,
-    audit: AuditLog,
+    /// Shared with the [`ServerHandle`], which reopens it on SIGHUP.
+    audit: Arc<AuditLog>,
     handler: Arc<dyn ControlHandler>,
     /// This process, the actor of expiry and restore.
     agent: Actor,
@@ -755,7 +764,7 @@ impl Core {
         capabilities: Capabilities,
         ledger: Option<Arc<dyn crate::journal::Ledger>>,
     ) -> anyhow::Result<Arc<Self>> {
-        let audit = AuditLog::open(&config.audit_log)?.with_ledger(ledger);
+        let audit = Arc::new(AuditLog::open(&config.audit_log)?.with_ledger(ledger));
         let mut state = ControlState::load(&config.state_file)?;
         let expired = state.blocks.expire(now_unix_ms());
         let (mode, replaced) = ModeState::at_start(configured, state.mode.operator.take());
