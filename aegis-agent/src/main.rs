@@ -33,6 +33,18 @@ enum Command {
     },
     /// Print the embedded default configuration.
     DefaultConfig,
+    /// Shell completions on standard output, e.g. `aegis-agent completions bash >
+    /// /etc/bash_completion.d/aegis-agent`, or `source <(aegis-agent completions bash)`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// The manual page (roff) on standard output (`aegis-agent man | man -l -`); with --dir,
+    /// one page per command written there (aegis-agent.1, aegis-agent-scan.1, ...).
+    Man {
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
     /// What this host's kernel would give the agent (capture, destination blocks, connection
     /// kills, content gate), checked without starting it: features probed, every eBPF program
     /// loaded and unloaded, with the verifier's instruction counts. Exit 1 when a capability
@@ -177,6 +189,49 @@ fn with_exit_help(mut c: clap::Command, text: &'static str) -> clap::Command {
     c.after_help(text)
 }
 
+/// `completions SHELL`: the script on stdout.
+fn completions(shell: clap_complete::Shell) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let mut out = Vec::new();
+    if shell == clap_complete::Shell::Bash {
+        // clap_complete's bash script never completes past a subcommand when the binary's
+        // name has a hyphen (clap-rs/clap#6421: its states are spelt two ways). Generated
+        // for a name without one, then bound to the real name.
+        clap_complete::generate(shell, &mut command(), "aegis_agent", &mut out);
+        let text = String::from_utf8(out)?;
+        let mut fixed = String::with_capacity(text.len());
+        for line in text.lines() {
+            match line.trim_start().starts_with("complete ").then(|| line.strip_suffix(" aegis_agent")).flatten() {
+                Some(head) => fixed.push_str(&format!("{head} aegis-agent\n")),
+                None => fixed.push_str(&format!("{line}\n")),
+            }
+        }
+        out = fixed.into_bytes();
+    } else {
+        clap_complete::generate(shell, &mut command(), "aegis-agent", &mut out);
+    }
+    std::io::stdout().write_all(&out)?;
+    Ok(())
+}
+
+/// `man`: the page of the whole command line on stdout, or every command's page in `dir`.
+fn man(dir: Option<&std::path::Path>) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    let cmd = command();
+    match dir {
+        None => {
+            let mut out = Vec::new();
+            clap_mangen::Man::new(cmd).render(&mut out)?;
+            std::io::Write::write_all(&mut std::io::stdout(), &out).context("cannot write the manual page")
+        }
+        Some(dir) => {
+            std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+            clap_mangen::generate_to(cmd, dir)
+                .with_context(|| format!("cannot write the manual pages into {}", dir.display()))
+        }
+    }
+}
+
 /// Parse the command line. `--help` and `--version` print and end with 0; a usage error
 /// prints clap's message and ends with [`exit::USAGE`], not clap's 2, which is a block
 /// decision of `scan`.
@@ -218,6 +273,8 @@ fn main() -> std::process::ExitCode {
             print!("{}", aegis_agent::config::DEFAULT_TOML);
             Ok(())
         }
+        Command::Completions { shell } => completions(shell),
+        Command::Man { dir } => man(dir.as_deref()),
         Command::Kernel { json, verifier_logs } => {
             match aegis_agent::commands::kernel::run(json, verifier_logs.as_deref()) {
                 Ok(true) => Ok(()),
