@@ -114,7 +114,8 @@ pub struct EnforceConfig {
     /// Load the containment programs and serve the control socket.
     pub enabled: bool,
     /// cgroup v2 directory the connect programs attach to: empty for the cgroup v2 root
-    /// (the whole host); a relative path is taken under the cgroup v2 mount.
+    /// (the whole host); a relative path is taken under the cgroup v2 mount; an absolute
+    /// one is a directory under the mount or a cgroup v2 path (see `cgroup::Mounts::v2_path`).
     pub cgroup: PathBuf,
     /// bpffs directory holding the pinned programs' links and maps.
     pub pin_dir: PathBuf,
@@ -156,13 +157,18 @@ impl EnforceConfig {
     pub fn cgroup_dir(&self) -> anyhow::Result<PathBuf> {
         let root = crate::kernel::cgroup2_root()
             .context("no cgroup v2 mount found: enforcement needs cgroup v2 (or set enforce.enabled = false)")?;
-        Ok(if self.cgroup.as_os_str().is_empty() {
-            root
-        } else if self.cgroup.is_absolute() && self.cgroup.starts_with(&root) {
-            self.cgroup.clone()
-        } else {
-            root.join(self.cgroup.strip_prefix("/").unwrap_or(&self.cgroup))
-        })
+        if self.cgroup.as_os_str().is_empty() {
+            return Ok(root);
+        }
+        let text = self.cgroup.to_str().context("enforce.cgroup is not UTF-8")?;
+        // Relative: taken under the mount. Absolute: a v2 path or a directory under the mount.
+        let given = if self.cgroup.is_absolute() { text.to_owned() } else { format!("/{text}") };
+        let mounts = crate::cgroup::Mounts {
+            v2: Some(root.to_string_lossy().into_owned()),
+            ..crate::cgroup::Mounts::of_this_host()
+        };
+        let v2 = mounts.v2_path(&given).map_err(|e| anyhow::anyhow!("enforce.cgroup: {e}"))?;
+        Ok(root.join(v2.trim_start_matches('/')))
     }
 }
 
@@ -315,6 +321,25 @@ mod tests {
         assert!(!c.output.stdout);
         assert_eq!(c.output.file, PathBuf::from("/tmp/x.jsonl"));
         assert_eq!(c.capture.max_connections, 16384);
+    }
+
+    /// On this host's cgroup v2 mount, wherever it is: every form names the same directory.
+    #[test]
+    fn the_containment_cgroup_takes_every_form() {
+        let Some(root) = crate::kernel::cgroup2_root() else { return };
+        let dir = |cgroup: &str| {
+            let c = Config::parse(&format!("[enforce]\ncgroup = {cgroup:?}\n")).unwrap();
+            c.enforce.cgroup_dir().map_err(|e| format!("{e:#}"))
+        };
+        assert_eq!(dir(""), Ok(root.clone()));
+        let want = Ok(root.join("team-a/job-1"));
+        assert_eq!(dir("team-a/job-1"), want);
+        assert_eq!(dir("/team-a/job-1"), want);
+        assert_eq!(dir(&format!("{}/team-a/job-1/", root.display())), want);
+        if let Some(v1) = crate::cgroup::Mounts::of_this_host().v1.first() {
+            let err = dir(&format!("{v1}/team-a")).unwrap_err();
+            assert!(err.starts_with("enforce.cgroup: cgroup ") && err.contains("cgroup v1 hierarchy"), "{err}");
+        }
     }
 
     #[test]

@@ -63,6 +63,10 @@ struct Enforcement {
 
 pub fn run(config: &Config, ready_file: Option<&Path>) -> anyhow::Result<()> {
     preflight()?;
+    // SIGHUP reopens the files (see `serve`); until its handler is in place, one (a log
+    // rotation while the agent starts) must not end the agent, which is its default.
+    // SAFETY: setting a signal's disposition to SIG_IGN runs no code in the handler.
+    unsafe { libc::signal(libc::SIGHUP, libc::SIG_IGN) };
     raise_memlock();
     // One agent per control socket, and one per pin directory.
     let _lock = lock_instance(config)?;
@@ -163,6 +167,7 @@ pub fn run(config: &Config, ready_file: Option<&Path>) -> anyhow::Result<()> {
         .with_identity(Identity::of_this_host(inspector.clone()))
         .with_lookback(open_lookback(config))
         .with_ledger(ledger.clone());
+    let reopen_output = sink.reopen_flag();
     let pipeline = Pipeline::start(config, probes, discovery, source, sink, inspector.clone(), containment)?;
     // Capture health for `status`, /healthz and the watchdog; the scrape-time metrics.
     let sources = Sources {
@@ -221,13 +226,27 @@ pub fn run(config: &Config, ready_file: Option<&Path>) -> anyhow::Result<()> {
             capabilities = %summary(&caps),
             "agent ready"
         );
-        if let Some(path) = ready_file {
-            std::fs::write(path, format!("{}\n", std::process::id()))
-                .with_context(|| format!("cannot write the ready file {}", path.display()))?;
-        }
+        // Written once serve's signal handlers are in place: whoever waits for it may
+        // send SIGHUP at once.
+        let ready = || match ready_file {
+            Some(path) => std::fs::write(path, format!("{}\n", std::process::id()))
+                .with_context(|| format!("cannot write the ready file {}", path.display())),
+            None => Ok(()),
+        };
+        // SIGHUP (logrotate's postrotate): the records file and the audit log are opened
+        // again at their paths.
+        let reopen = || {
+            tracing::info!("SIGHUP: reopening output.file and the audit log");
+            reopen_output.store(true, Ordering::SeqCst);
+            if let Err(e) = server.reopen_audit_log() {
+                tracing::error!(
+                    error = %format!("{e:#}"),
+                    "audit lines still go to the file opened before (renamed, if it was rotated)"
+                );
+            }
+        };
         let watch = Watch { notifier: notifier.as_ref(), sources: &sources, caps: &caps };
-        watch.ready();
-        serve(&pipeline, enforcement.as_ref(), config.output.stats_interval_secs, &watch)
+        serve(&pipeline, enforcement.as_ref(), config.output.stats_interval_secs, &watch, &reopen, ready)
     });
 
     tracing::info!("stopping: finishing open calls and detaching probes");
@@ -500,14 +519,25 @@ impl Watch<'_> {
 }
 
 /// Until SIGINT or SIGTERM: periodic reports, the containment heartbeat, refused connects
-/// and systemd's watchdog.
-fn serve(pipeline: &Pipeline, enforcement: Option<&Enforcement>, interval: u64, watch: &Watch) -> anyhow::Result<()> {
+/// and systemd's watchdog; `reopen` on SIGHUP. `ready` (then systemd's READY=1) once the
+/// signals are handled.
+fn serve(
+    pipeline: &Pipeline,
+    enforcement: Option<&Enforcement>,
+    interval: u64,
+    watch: &Watch,
+    reopen: &dyn Fn(),
+    ready: impl FnOnce() -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime.block_on(async {
         // Both streams are made once: a signal arriving between two turns of the loop is
         // kept for the next turn (a fresh `ctrl_c()` future per turn would miss it).
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+        ready()?;
+        watch.ready();
         let mut ticker = tokio::time::interval(Duration::from_secs(interval.max(1)));
         ticker.tick().await;
         let mut enforce_tick = tokio::time::interval(Duration::from_millis(100));
@@ -524,6 +554,7 @@ fn serve(pipeline: &Pipeline, enforcement: Option<&Enforcement>, interval: u64, 
                 _ = int.recv() => break,
                 _ = term.recv() => break,
                 _ = watchdog_tick.tick(), if watch.notifier.is_some() => watch.beat(watchdog.is_some(), &mut stalled),
+                _ = hup.recv() => reopen(),
                 _ = ticker.tick(), if interval > 0 => report(pipeline),
                 _ = enforce_tick.tick(), if enforcement.is_some() => {
                     let e = enforcement.expect("checked");

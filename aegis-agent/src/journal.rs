@@ -108,6 +108,16 @@ impl Journal {
         &self.path
     }
 
+    /// Open the path again, for log rotation: after the file was renamed away, appends go
+    /// to a new file at the path (created as [`Journal::open`] does); the renamed file is
+    /// closed, ending in the whole lines appended so far. The caller holds the only handle
+    /// (`&mut`), so no append is under way. On an error the old file is kept.
+    pub fn reopen(&mut self) -> anyhow::Result<Repairs> {
+        let (fresh, repairs) = Self::open(&self.path, self.sync)?;
+        *self = fresh;
+        Ok(repairs)
+    }
+
     /// Bytes in the file: whole lines only.
     pub fn len(&self) -> u64 {
         self.len
@@ -228,6 +238,38 @@ mod tests {
         std::fs::write(&path, b"garbage").unwrap();
         assert_eq!(Journal::open(&path, false).unwrap().1.partial_line_bytes, 7);
         assert_eq!(std::fs::read(&path).unwrap(), b"");
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    /// Rotation: the renamed file keeps the lines appended before, whole; the next append
+    /// goes to a new file at the path, created with mode 0600.
+    #[test]
+    fn reopen_after_a_rename_starts_a_new_file_at_the_path() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let d = dir();
+        let path = d.join("j.jsonl");
+        let (mut j, _) = Journal::open(&path, true).unwrap();
+        j.append(b"{\"a\":1}\n").unwrap();
+        let old = d.join("j.jsonl.1");
+        std::fs::rename(&path, &old).unwrap();
+        j.append(b"{\"b\":2}\n").unwrap(); // before the reopen: still the renamed file
+        j.reopen().unwrap();
+        j.append(b"{\"c\":3}\n").unwrap();
+        assert_eq!(std::fs::read_to_string(&old).unwrap(), "{\"a\":1}\n{\"b\":2}\n");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "{\"c\":3}\n");
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(j.len(), 8);
+        // Not renamed: the same file is opened again and appended to.
+        j.reopen().unwrap();
+        j.append(b"{\"d\":4}\n").unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "{\"c\":3}\n{\"d\":4}\n");
+        // A path that cannot be opened: the old file is kept, and the error says why.
+        std::fs::remove_file(&path).unwrap();
+        std::os::unix::fs::symlink(&old, &path).unwrap();
+        let err = format!("{:#}", j.reopen().unwrap_err());
+        assert!(err.contains("is a symbolic link"), "{err}");
+        j.append(b"{\"e\":5}\n").unwrap();
+        assert!(std::fs::read_to_string(&old).unwrap().ends_with("{\"b\":2}\n"), "nothing through the link");
         std::fs::remove_dir_all(&d).unwrap();
     }
 

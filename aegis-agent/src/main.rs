@@ -2,15 +2,18 @@
 
 use std::path::PathBuf;
 
-use aegis_agent::config::Config;
-use clap::{Parser, Subcommand};
+use aegis_agent::{commands::exit, config::Config};
+use clap::{CommandFactory as _, FromArgMatches as _, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
 #[command(
     name = "aegis-agent",
     version,
-    about = "AegisPlane host agent: sees, judges and contains LLM API calls on this host"
+    about = "AegisPlane host agent: sees, judges and contains LLM API calls on this host",
+    after_help = "Exit status: one meaning per number across commands (each command's --help has its own): 0 done \
+                  or allowed, 1 no (warn, refused, invalid, failed), 2 block (scan only), 3 could not be done \
+                  (unreadable input, the agent or collector could not be asked), 64 usage error."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -35,6 +38,18 @@ enum Command {
     },
     /// Print the embedded default configuration.
     DefaultConfig,
+    /// Shell completions on standard output, e.g. `aegis-agent completions bash >
+    /// /etc/bash_completion.d/aegis-agent`, or `source <(aegis-agent completions bash)`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// The manual page (roff) on standard output (`aegis-agent man | man -l -`); with --dir,
+    /// one page per command written there (aegis-agent.1, aegis-agent-scan.1, ...).
+    Man {
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
     /// What this host's kernel would give the agent (capture, destination blocks, connection
     /// kills, content gate), checked without starting it: features probed, every eBPF program
     /// loaded and unloaded, with the verifier's instruction counts. Exit 1 when a capability
@@ -58,7 +73,6 @@ enum Command {
         pin_dir: Option<PathBuf>,
     },
     /// Scan an API body or a text with the rules; print the decision as JSON.
-    /// Exit status: 0 allow, 1 warn, 2 block, 3 error.
     Scan {
         /// Rulepack file (repeatable); none: the embedded default pack.
         #[arg(long = "rulepack")]
@@ -107,8 +121,9 @@ enum Command {
         ready_file: Option<PathBuf>,
     },
     /// Fleet policy: sign, publish, watch, and the one-line emergency forms (see README
-    /// "Fleet"). Exit status: 0 done (every agent acknowledged), 1 published but not every
-    /// agent acknowledged by the deadline, 2 error.
+    /// "Fleet"). Exit status: 0 done (every agent acknowledged), 1 no (not every agent
+    /// acknowledged by the deadline, or the collector refused the policy), 3 could not be
+    /// done, 64 usage error.
     Fleet {
         #[command(subcommand)]
         command: aegis_agent::commands::fleet::FleetCommand,
@@ -122,10 +137,10 @@ enum Command {
         command: aegis_agent::commands::incident::IncidentCommand,
     },
     /// Re-decide the calls of a bundle with other rulepacks; exit 1 when a harmful call is
-    /// still allowed, 2 on a usage error.
+    /// still allowed.
     Replay(aegis_agent::commands::incident::ReplayArgs),
-    /// Commands for the running agent, over its control socket. Exit status: 0 done, 1
-    /// refused by the agent, 2 bad arguments, 3 the agent could not be asked.
+    /// Commands for the running agent, over its control socket (exit status: see
+    /// `commands::control`).
     #[command(flatten)]
     Control(aegis_agent::commands::control::ControlCommand),
 }
@@ -169,6 +184,78 @@ fn rules_cases(
     Ok(())
 }
 
+/// The command line's commands, each with its exit statuses at the end of its `--help`.
+fn command() -> clap::Command {
+    let mut cli = Cli::command();
+    let names: Vec<String> = cli.get_subcommands().map(|c| c.get_name().to_owned()).collect();
+    for name in names {
+        cli = cli.mut_subcommand(&name, |c| with_exit_help(c, exit::help(&name)));
+    }
+    cli
+}
+
+fn with_exit_help(mut c: clap::Command, text: &'static str) -> clap::Command {
+    let names: Vec<String> = c.get_subcommands().map(|s| s.get_name().to_owned()).collect();
+    for name in names {
+        c = c.mut_subcommand(&name, |s| with_exit_help(s, text));
+    }
+    c.after_help(text)
+}
+
+/// `completions SHELL`: the script on stdout.
+fn completions(shell: clap_complete::Shell) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let mut out = Vec::new();
+    if shell == clap_complete::Shell::Bash {
+        // clap_complete's bash script never completes past a subcommand when the binary's
+        // name has a hyphen (clap-rs/clap#6421: its states are spelt two ways). Generated
+        // for a name without one, then bound to the real name.
+        clap_complete::generate(shell, &mut command(), "aegis_agent", &mut out);
+        let text = String::from_utf8(out)?;
+        let mut fixed = String::with_capacity(text.len());
+        for line in text.lines() {
+            match line.trim_start().starts_with("complete ").then(|| line.strip_suffix(" aegis_agent")).flatten() {
+                Some(head) => fixed.push_str(&format!("{head} aegis-agent\n")),
+                None => fixed.push_str(&format!("{line}\n")),
+            }
+        }
+        out = fixed.into_bytes();
+    } else {
+        clap_complete::generate(shell, &mut command(), "aegis-agent", &mut out);
+    }
+    std::io::stdout().write_all(&out)?;
+    Ok(())
+}
+
+/// `man`: the page of the whole command line on stdout, or every command's page in `dir`.
+fn man(dir: Option<&std::path::Path>) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    let cmd = command();
+    match dir {
+        None => {
+            let mut out = Vec::new();
+            clap_mangen::Man::new(cmd).render(&mut out)?;
+            std::io::Write::write_all(&mut std::io::stdout(), &out).context("cannot write the manual page")
+        }
+        Some(dir) => {
+            std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+            clap_mangen::generate_to(cmd, dir)
+                .with_context(|| format!("cannot write the manual pages into {}", dir.display()))
+        }
+    }
+}
+
+/// Parse the command line. `--help` and `--version` print and end with 0; a usage error
+/// prints clap's message and ends with [`exit::USAGE`], not clap's 2, which is a block
+/// decision of `scan`.
+fn parse(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<Cli, std::process::ExitCode> {
+    let matches = command().try_get_matches_from(args).and_then(|m| Cli::from_arg_matches(&m));
+    matches.map_err(|e| {
+        let _ = e.print();
+        std::process::ExitCode::from(if e.use_stderr() { exit::USAGE } else { exit::OK })
+    })
+}
+
 fn parse_api(s: &str) -> Result<aegis_agent::llm::detect::ApiKind, String> {
     serde_json::from_value(serde_json::Value::String(s.to_owned())).map_err(|_| {
         "expected one of chat_completions, completions, responses, embeddings, anthropic_messages, \
@@ -184,7 +271,10 @@ fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .with_env_filter(EnvFilter::try_from_env("AEGIS_LOG").unwrap_or_else(|_| EnvFilter::new("info")))
         .init();
-    let cli = Cli::parse();
+    let cli = match parse(std::env::args_os()) {
+        Ok(cli) => cli,
+        Err(code) => return code,
+    };
     let result = match cli.command {
         Command::Run { config, ready_file, no_kernel } => {
             match config.as_deref().map_or_else(|| Ok(Config::defaults()), Config::load) {
@@ -197,6 +287,8 @@ fn main() -> std::process::ExitCode {
             print!("{}", aegis_agent::config::DEFAULT_TOML);
             Ok(())
         }
+        Command::Completions { shell } => completions(shell),
+        Command::Man { dir } => man(dir.as_deref()),
         Command::Kernel { json, verifier_logs } => {
             match aegis_agent::commands::kernel::run(json, verifier_logs.as_deref()) {
                 Ok(true) => Ok(()),
@@ -225,7 +317,7 @@ fn main() -> std::process::ExitCode {
                 Ok(code) => std::process::ExitCode::from(code),
                 Err(e) => {
                     eprintln!("aegis-agent scan: {e:#}");
-                    std::process::ExitCode::from(3)
+                    std::process::ExitCode::from(exit::ERROR)
                 }
             };
         }

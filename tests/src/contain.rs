@@ -546,10 +546,11 @@ pub fn is_block_id(s: &str) -> bool {
 }
 
 /// Runs `aegis-agent ARGS --socket SOCKET` (the agent binary under test) and returns
-/// (exit code, stdout, stderr). Exit codes: 0 ok, 1 refused, 3 daemon unreachable.
+/// (exit code, stdout, stderr). Exit codes: 0 ok, 1 refused, 3 daemon unreachable, 64
+/// usage error.
 ///
-/// `--socket` goes last; should the CLI take it only before a nested subcommand (clap
-/// exits 2 naming it), it is tried once more right after the first word.
+/// `--socket` goes last; should the CLI take it only before a nested subcommand (a usage
+/// error naming it), it is tried once more right after the first word.
 pub fn ctl(socket: &Path, args: &[&str]) -> (i32, String, String) {
     let run = |argv: Vec<String>| {
         let mut cmd = Command::new(agent_bin());
@@ -577,7 +578,7 @@ pub fn ctl(socket: &Path, args: &[&str]) -> (i32, String, String) {
     let mut last: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
     last.extend(["--socket".to_owned(), socket.clone()]);
     let result = run(last);
-    if result.0 == 2 && result.2.contains("--socket") && args.len() > 1 {
+    if result.0 == i32::from(aegis_agent::commands::exit::USAGE) && result.2.contains("--socket") && args.len() > 1 {
         let mut early: Vec<String> = vec![args[0].to_owned(), "--socket".to_owned(), socket];
         early.extend(args[1..].iter().map(|a| (*a).to_owned()));
         return run(early);

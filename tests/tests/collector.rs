@@ -118,7 +118,7 @@ fn a_bundle_is_shipped_listed_fetched_and_verifies() {
         "--severity",
         "SEV-9",
     ]);
-    assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
+    assert_eq!(out.status.code(), Some(3), "{}", describe(&out));
     assert!(String::from_utf8_lossy(&out.stderr).contains("is not SEV-1, SEV-2 or SEV-3"), "{}", describe(&out));
 
     // Fetched, it verifies as the agent signed it, with its subject beside it.
@@ -163,7 +163,7 @@ fn a_bundle_is_shipped_listed_fetched_and_verifies() {
         "--key",
         client.1.to_str().unwrap(),
     ]);
-    assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
+    assert_eq!(out.status.code(), Some(3), "{}", describe(&out));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no bundle 0000"), "{}", describe(&out));
     assert!(collector.logs().contains("stored"), "{}", collector.logs());
 }
@@ -346,7 +346,7 @@ fn forgeries_unknown_agents_replays_and_clients_without_a_certificate_are_refuse
         "--ca",
         pki.ca().to_str().unwrap(),
     ]);
-    assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
+    assert_eq!(out.status.code(), Some(3), "{}", describe(&out));
     assert!(String::from_utf8_lossy(&out.stderr).contains("client certificate"), "{}", describe(&out));
 }
 
@@ -390,7 +390,7 @@ fn a_full_spool_refuses_new_bundles_with_a_clear_error_and_counts_them() {
         let path = dir.join(&format!("extra-{seq}.dsse"));
         std::fs::write(&path, bundle(&web1, seq, 0, None)).unwrap();
         let out = agent(&["evidence", "ship", path.to_str().unwrap(), "--config", agent_config.to_str().unwrap()]);
-        assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
+        assert_eq!(out.status.code(), Some(3), "{}", describe(&out));
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains("is full (3 bundles") && err.contains("is refused, not queued"), "{err}");
         assert!(err.contains("spool_max_files"), "says what to do: {err}");

@@ -33,8 +33,9 @@ fn no_agent_is_exit_3_and_says_so() {
     assert!(String::from_utf8_lossy(&out.stderr).contains(&socket.display().to_string()), "{out:?}");
 }
 
+/// 64 (EX_USAGE), whether clap or the command found the mistake: 2 is `scan`'s block.
 #[test]
-fn usage_errors_are_exit_2() {
+fn usage_errors_are_exit_64() {
     for args in [
         &["block", "--provider", "openai"][..],
         &["block", "--provider", "openai", "--dest", "10.0.0.1", "--reason", "r"],
@@ -43,7 +44,7 @@ fn usage_errors_are_exit_2() {
         &["block", "--provider", "openai", "--exe", "python3", "--reason", "r", "--socket", "/nonexistent/s"],
     ] {
         let out = agent(args);
-        assert_eq!(out.status.code(), Some(2), "{args:?}: {out:?}");
+        assert_eq!(out.status.code(), Some(64), "{args:?}: {out:?}");
         assert!(out.stdout.is_empty(), "{args:?}: {out:?}");
     }
 }

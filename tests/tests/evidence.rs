@@ -148,12 +148,12 @@ fn log_verify_finds_tampering_in_a_log_written_through_the_library() {
         describe(&out)
     );
 
-    // Usage errors: exit 2, saying what to do.
+    // Could not check: exit 3, saying what to do.
     let out = agent(&["log", "verify", "--dir", tmp.join("nowhere").to_str().unwrap(), "--key", &vkey]);
-    assert_eq!(code(&out), 2, "{}", describe(&out));
+    assert_eq!(code(&out), 3, "{}", describe(&out));
     assert!(String::from_utf8_lossy(&out.stderr).contains("there is no decision log in"), "{}", describe(&out));
     let out = agent(&["log", "verify", "--dir", d, "--key", "not-a-key"]);
-    assert_eq!(code(&out), 2, "{}", describe(&out));
+    assert_eq!(code(&out), 3, "{}", describe(&out));
     assert!(String::from_utf8_lossy(&out.stderr).contains("is neither a public key nor a file"), "{}", describe(&out));
 }
 
@@ -202,7 +202,7 @@ fn an_inclusion_proof_checks_with_the_public_key_alone() {
 
     // Not yet covered by a checkpoint.
     let out = agent(&["log", "prove", "20", "--dir", dir.to_str().unwrap()]);
-    assert_eq!(code(&out), 2, "{}", describe(&out));
+    assert_eq!(code(&out), 3, "{}", describe(&out));
     assert!(String::from_utf8_lossy(&out.stderr).contains("entry 20 is not covered by the latest checkpoint"));
 }
 
@@ -286,13 +286,13 @@ fn the_key_file_is_standard_and_guarded() {
     use std::os::unix::fs::PermissionsExt as _;
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
     let out = agent(&["key", "show", "--key", key.to_str().unwrap(), "--name", NAME]);
-    assert_eq!(code(&out), 2, "{}", describe(&out));
+    assert_eq!(code(&out), 3, "{}", describe(&out));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("has mode 0644: others may read it. Run `chmod 600"), "{err}");
     let link = tmp.join("link.key");
     std::os::unix::fs::symlink(&key, &link).unwrap();
     let out = agent(&["key", "show", "--key", link.to_str().unwrap(), "--name", NAME]);
-    assert_eq!(code(&out), 2, "{}", describe(&out));
+    assert_eq!(code(&out), 3, "{}", describe(&out));
     assert!(String::from_utf8_lossy(&out.stderr).contains("is a symbolic link"), "{}", describe(&out));
 }
 

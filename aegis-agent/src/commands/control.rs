@@ -1,9 +1,9 @@
 //! The operator commands that talk to the running agent over its control socket:
 //! `block`, `unblock`, `blocks`, `emergency`, `disable`, `enforce`, `status`.
 //!
-//! Exit status ([`EXIT_OK`] ...): 0 done; 1 the agent refused (its message on stderr); 2
-//! bad arguments (clap's own, an invalid value, an unreadable `--config`); 3 the agent
-//! could not be asked (no socket — is it running? —, permission denied, no answer).
+//! Exit status ([`EXIT_OK`] ...): 0 done; 1 the agent refused (its message on stderr); 3
+//! the agent could not be asked (no socket — is it running? —, permission denied, no
+//! answer); 64 bad arguments (clap's own, an invalid value, an unreadable `--config`).
 //!
 //! The socket: `--socket`, else the `[control] socket` of the file given with `--config`
 //! (the agent's own config), else [`DEFAULT_SOCKET`].
@@ -23,13 +23,13 @@ use crate::{
     },
 };
 
-pub const EXIT_OK: u8 = 0;
+pub const EXIT_OK: u8 = super::exit::OK;
 /// The agent answered with an error.
-pub const EXIT_REFUSED: u8 = 1;
-/// Bad arguments (clap exits with 2 too).
-pub const EXIT_USAGE: u8 = 2;
+pub const EXIT_REFUSED: u8 = super::exit::NO;
+/// Bad arguments (clap's usage errors exit with it too, see `main`).
+pub const EXIT_USAGE: u8 = super::exit::USAGE;
 /// The agent could not be asked.
-pub const EXIT_UNREACHABLE: u8 = 3;
+pub const EXIT_UNREACHABLE: u8 = super::exit::ERROR;
 
 /// Where the agent's control socket is.
 #[derive(Clone, Debug, Default, PartialEq, Eq, clap::Args)]
@@ -75,7 +75,8 @@ pub enum ControlCommand {
     Emergency {
         #[arg(value_enum)]
         state: OnOff,
-        /// Only for this cgroup (v2 path, as in /proc/PID/cgroup) and those below it.
+        /// Only for this cgroup and those below it: its cgroup v2 path as in /proc/PID/cgroup
+        /// (/team-a), or its directory under the cgroup v2 mount (/sys/fs/cgroup/team-a).
         #[arg(long, value_name = "PATH", value_parser = parse_cgroup)]
         cgroup: Option<String>,
         #[command(flatten)]
@@ -130,7 +131,8 @@ pub struct BlockArgs {
     /// A destination network, with a port or not (10.0.0.0/8:443, [2001:db8::/32]:443).
     #[arg(long, value_name = "ADDR[/PREFIX][:PORT]", value_parser = parse_dest)]
     pub dest: Option<Dest>,
-    /// Only processes in this cgroup (v2 path, as in /proc/PID/cgroup) and below it.
+    /// Only processes in this cgroup and below it: its cgroup v2 path as in /proc/PID/cgroup
+    /// (/team-a), or its directory under the cgroup v2 mount (/sys/fs/cgroup/team-a).
     #[arg(long, value_name = "PATH", value_parser = parse_cgroup, conflicts_with = "exe")]
     pub cgroup: Option<String>,
     /// Only processes running this executable (absolute path; symlinks are resolved).
@@ -155,7 +157,8 @@ pub struct DisableArgs {
     /// What to disable.
     #[arg(value_enum)]
     pub kind: DisableKind,
-    /// The provider or model name, HOST/PATH-PREFIX for a route, the cgroup path for a tenant.
+    /// The provider or model name, HOST/PATH-PREFIX for a route, the cgroup for a tenant (its
+    /// v2 path, or its directory under the cgroup v2 mount).
     #[arg(value_name = "NAME")]
     pub what: String,
     /// Enable it again after this long (90s, 15m, 2h, 1d); default: never.
@@ -216,7 +219,7 @@ impl ControlCommand {
         }
     }
 
-    /// The request this command sends; an error is a usage error (exit 2). The spec of a
+    /// The request this command sends; an error is a usage error (exit 64). The spec of a
     /// block is validated here with the agent's own rules, so that typing mistakes are
     /// told apart from refusals.
     pub fn request(&self) -> Result<Request, String> {
@@ -554,6 +557,23 @@ mod tests {
             request(&["emergency", "off", "--cgroup", "/team-a"]),
             Ok(Request::Emergency { on: false, cgroup: Some("/team-a".into()) })
         );
+        // The cgroup's directory under this host's cgroup v2 mount is its v2 path.
+        if let Some(root) = crate::cgroup::Mounts::of_this_host().v2 {
+            let fs_path = format!("{root}/team-a/");
+            assert_eq!(
+                request(&["emergency", "on", "--cgroup", &fs_path]),
+                Ok(Request::Emergency { on: true, cgroup: Some("/team-a".into()) })
+            );
+            assert_eq!(
+                request(&["disable", "tenant", &fs_path, "--reason", "r"]),
+                Ok(spec(BlockTarget::Tenant("/team-a".into()), Scope::Host, None, None, "r"))
+            );
+            let Ok(Request::Block(s)) = request(&["block", "--provider", "x", "--cgroup", &fs_path, "--reason", "r"])
+            else {
+                panic!()
+            };
+            assert_eq!(s.scope, Scope::Cgroup("/team-a".into()));
+        }
         let with_socket = parse(&["blocks", "--socket", "/tmp/s.sock", "--json"]).unwrap();
         assert_eq!(
             with_socket.socket_args(),
@@ -588,7 +608,7 @@ mod tests {
         ] {
             let e = usage_error(args);
             assert_eq!(e.kind(), kind, "{args:?}: {e}");
-            assert_eq!(e.exit_code(), i32::from(EXIT_USAGE), "{args:?}");
+            assert!(e.use_stderr(), "{args:?}: a usage error, which main exits with EXIT_USAGE");
         }
         let e = usage_error(&["block", "--dest", "api.openai.com", "--reason", "r"]).to_string();
         assert!(e.contains("\"api.openai.com\" is not an IP address (host names are not accepted)"), "{e}");

@@ -2,8 +2,9 @@
 //! `evidence verify`. They run without the daemon, read the files as hostile input, and
 //! print what they found.
 //!
-//! Exit status: 0 valid (or done); 1 tampered or invalid, with the reasons on stdout;
-//! 2 a usage or I/O error (no such log, unreadable key, bad arguments).
+//! Exit status (see [`super::exit`]): 0 valid (or done); 1 tampered or invalid, with the
+//! reasons on stdout; 3 could not check (no such log, unreadable key, an invalid value);
+//! clap's usage errors exit 64.
 
 use std::path::{Path, PathBuf};
 
@@ -18,9 +19,10 @@ use crate::{
     },
 };
 
-pub const EXIT_VALID: u8 = 0;
-pub const EXIT_INVALID: u8 = 1;
-pub const EXIT_USAGE: u8 = 2;
+pub const EXIT_VALID: u8 = super::exit::OK;
+pub const EXIT_INVALID: u8 = super::exit::NO;
+/// Could not check (no such log, unreadable key, a value it refuses).
+pub const EXIT_ERROR: u8 = super::exit::ERROR;
 
 /// Where the `[evidence]` settings come from.
 #[derive(Clone, Debug, PartialEq, Eq, clap::Args)]
@@ -182,7 +184,7 @@ pub fn key(command: &KeyCommand) -> u8 {
     let KeyCommand::Show { key, name, config } = command;
     match key_show(key.as_deref(), name.as_deref(), config) {
         Ok(()) => EXIT_VALID,
-        Err(e) => usage_error("key show", &e),
+        Err(e) => check_error("key show", &e),
     }
 }
 
@@ -213,7 +215,7 @@ pub fn log(command: &LogCommand) -> u8 {
         LogCommand::Prove { index, dir, config } => ("log prove", log_prove(*index, dir.as_deref(), config)),
         LogCommand::CheckProof { file, key } => ("log check-proof", check_proof(file, key)),
     };
-    result.unwrap_or_else(|e| usage_error(name, &e))
+    result.unwrap_or_else(|e| check_error(name, &e))
 }
 
 fn log_dir(dir: Option<&Path>, config: &ConfigArg) -> anyhow::Result<PathBuf> {
@@ -326,7 +328,7 @@ pub fn evidence(command: &EvidenceCommand) -> u8 {
             ("evidence fetch", super::collector::fetch(collector, digest, out.as_deref()))
         }
     };
-    result.unwrap_or_else(|e| usage_error(name, &e))
+    result.unwrap_or_else(|e| check_error(name, &e))
 }
 
 fn evidence_verify(bundle: &Path, key: &str, subjects: Option<&Path>, signature_only: bool) -> anyhow::Result<u8> {
@@ -379,7 +381,7 @@ fn evidence_verify(bundle: &Path, key: &str, subjects: Option<&Path>, signature_
     Ok(if valid { EXIT_VALID } else { EXIT_INVALID })
 }
 
-fn usage_error(command: &str, e: &anyhow::Error) -> u8 {
+fn check_error(command: &str, e: &anyhow::Error) -> u8 {
     eprintln!("aegis-agent {command}: {e:#}");
-    EXIT_USAGE
+    EXIT_ERROR
 }

@@ -31,10 +31,11 @@ use crate::{
 
 /// Exit status: every agent acknowledged (or the command succeeded).
 pub const EXIT_OK: u8 = 0;
-/// Published, but not every enrolled agent acknowledged before the deadline.
+/// No: published, but not every enrolled agent acknowledged before the deadline; or the
+/// collector refused the policy (the message says why).
 pub const EXIT_PARTIAL: u8 = 1;
-/// Usage error, or the policy could not be signed or published.
-pub const EXIT_ERROR: u8 = 2;
+/// The command could not be done (a file, a key, the collector unreachable).
+pub const EXIT_ERROR: u8 = 3;
 
 #[derive(Clone, Debug, clap::Subcommand)]
 pub enum FleetCommand {
@@ -260,7 +261,10 @@ pub fn run(cmd: FleetCommand) -> u8 {
         Ok(code) => code,
         Err(e) => {
             eprintln!("aegis-agent fleet: {e:#}");
-            EXIT_ERROR
+            match e.downcast_ref::<crate::collector::client::ClientError>() {
+                Some(crate::collector::client::ClientError::Refused { .. }) => EXIT_PARTIAL,
+                _ => EXIT_ERROR,
+            }
         }
     }
 }

@@ -42,8 +42,9 @@ pub struct SnapshotArgs {
     /// Calls by this process (either end).
     #[arg(long)]
     pub pid: Option<u32>,
-    /// Calls by processes in this cgroup v2 path and below.
-    #[arg(long)]
+    /// Calls by processes in this cgroup and below: its v2 path as in /proc/PID/cgroup, or
+    /// its directory under the cgroup v2 mount.
+    #[arg(long, value_parser = crate::control::parse_cgroup)]
     pub cgroup: Option<String>,
     /// Calls by this executable.
     #[arg(long)]
@@ -168,8 +169,8 @@ pub enum IncidentCommand {
         title: String,
         #[arg(long)]
         owner: Option<String>,
-        /// What it is about: a cgroup path.
-        #[arg(long)]
+        /// What it is about: a cgroup (its v2 path, or its directory under the cgroup v2 mount).
+        #[arg(long, value_parser = crate::control::parse_cgroup)]
         cgroup: Option<String>,
         #[arg(long)]
         config: Option<PathBuf>,
@@ -488,7 +489,8 @@ pub struct ReplayArgs {
     pub config: Option<PathBuf>,
 }
 
-/// `replay`: exit 0 when no harmful call is allowed, 1 when one is, 2 on a usage error.
+/// `replay`: exit 0 when no harmful call is allowed, 1 when one is, 3 when the bundle could
+/// not be replayed (unreadable, not signed by the key, a bad pack).
 pub fn replay_cmd(args: &ReplayArgs) -> u8 {
     let run = || -> anyhow::Result<replay::Replay> {
         let key = match &args.key {
@@ -509,11 +511,11 @@ pub fn replay_cmd(args: &ReplayArgs) -> u8 {
             } else {
                 print!("{}", replay::render(&r));
             }
-            u8::from(!r.still_allowed.is_empty())
+            if r.still_allowed.is_empty() { super::exit::OK } else { super::exit::NO }
         }
         Err(e) => {
-            eprintln!("aegis-agent: {e:#}");
-            2
+            eprintln!("aegis-agent replay: {e:#}");
+            super::exit::ERROR
         }
     }
 }

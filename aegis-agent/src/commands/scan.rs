@@ -1,6 +1,6 @@
 //! `aegis-agent scan`: the daemon's engine on an API body or a plain text, from a file or
 //! standard input; prints the decision as one JSON object. Exit status: 0 allow, 1 warn,
-//! 2 block, 3 error (see [`exit_code`]).
+//! 2 block, 3 error, 64 usage error (see [`exit_code`] and [`super::exit`]).
 
 use std::{io::Read as _, path::PathBuf, sync::Arc};
 
@@ -147,9 +147,9 @@ fn ephemeral_key() -> anyhow::Result<[u8; 32]> {
 /// 0 allow, 1 warn, 2 block (3 is for errors, set by the caller).
 pub fn exit_code(action: Action) -> u8 {
     match action {
-        Action::Allow => 0,
-        Action::Warn => 1,
-        Action::Block => 2,
+        Action::Allow => super::exit::OK,
+        Action::Warn => super::exit::NO,
+        Action::Block => super::exit::BLOCK,
     }
 }
 

@@ -134,6 +134,20 @@ impl AuditLog {
         written
     }
 
+    /// Open the file again at its path (log rotation: on SIGHUP, after logrotate renamed
+    /// it). Under the writer's lock, so no line is split between the two files or lost: the
+    /// old file ends with the last line written before, the next line starts the new file.
+    /// On an error the old file is kept, so no line is lost either.
+    pub fn reopen(&self) -> anyhow::Result<()> {
+        let mut journal = self.journal.lock().unwrap_or_else(PoisonError::into_inner);
+        let repairs =
+            journal.reopen().with_context(|| format!("cannot reopen the audit log {}", self.path.display()))?;
+        if let Some(mode) = repairs.narrowed_mode {
+            tracing::warn!(file = %self.path.display(), mode = format!("{mode:o}"), "audit log mode tightened to 600");
+        }
+        Ok(())
+    }
+
     /// Have the decision log sign a checkpoint now; its size, or None without one.
     pub fn checkpoint(&self) -> Option<u64> {
         self.ledger.as_ref().and_then(|l| l.checkpoint())

@@ -322,10 +322,19 @@ pub fn parse_route(s: &str) -> Result<BlockTarget, String> {
     target.validated().map_err(|e| format!("invalid route {s:?}: {e}"))
 }
 
-/// Parse and normalise a cgroup v2 path as in `/proc/PID/cgroup` (`/system.slice/app.service`):
-/// absolute, no `.` or `..` or empty components, no trailing `/` (except the root itself).
+/// Parse and normalise a cgroup: its cgroup v2 path as in `/proc/PID/cgroup`
+/// (`/system.slice/app.service`), or its directory under this host's cgroup v2 mount
+/// (`/sys/fs/cgroup/system.slice/app.service`), which is turned into the v2 path (see
+/// [`crate::cgroup::Mounts::v2_path`]). The result is absolute, with no `.` or `..` or
+/// empty components and no trailing `/` (except the root itself).
 pub fn parse_cgroup(s: &str) -> Result<String, String> {
+    parse_cgroup_in(s, &crate::cgroup::Mounts::of_this_host())
+}
+
+/// [`parse_cgroup`] with the cgroup mounts given.
+pub fn parse_cgroup_in(s: &str, mounts: &crate::cgroup::Mounts) -> Result<String, String> {
     check_text("the cgroup path", s, MAX_NAME_BYTES)?;
+    let s = &mounts.v2_path(s)?;
     if !s.starts_with('/') {
         return Err(format!(
             "cgroup path {s:?} must be absolute, as in /proc/PID/cgroup (e.g. /system.slice/app.service)"
@@ -1069,6 +1078,25 @@ mod tests {
             parse_cgroup("/a\u{1b}[2J"),
             Err("the cgroup path contains control characters (it must be one line of text)".into())
         );
+        // The file system path of a cgroup, under the v2 mount wherever it is.
+        let mounts = |v2: &str| crate::cgroup::Mounts { v2: Some(v2.into()), v1: vec!["/sys/fs/cgroup/memory".into()] };
+        let hybrid = mounts("/sys/fs/cgroup/unified");
+        assert_eq!(parse_cgroup_in("/sys/fs/cgroup/unified/team-a/", &hybrid), Ok("/team-a".into()));
+        assert_eq!(parse_cgroup_in("/sys/fs/cgroup/unified", &hybrid), Ok("/".into()));
+        assert_eq!(parse_cgroup_in("/srv/cg/team-a", &mounts("/srv/cg")), Ok("/team-a".into()));
+        assert_eq!(parse_cgroup_in("/team-a", &hybrid), Ok("/team-a".into()));
+        assert_eq!(
+            parse_cgroup_in("/sys/fs/cgroup/unified/a//b", &hybrid),
+            Err("cgroup path \"/a//b\" has an empty, '.' or '..' component".into())
+        );
+        assert!(
+            parse_cgroup_in("/sys/fs/cgroup/memory/team-a", &hybrid)
+                .is_err_and(|e| e.contains("cgroup v1 hierarchy mounted at /sys/fs/cgroup/memory")),
+        );
+        // This host's own mount.
+        if let Some(root) = crate::cgroup::Mounts::of_this_host().v2 {
+            assert_eq!(parse_cgroup(&format!("{root}/team-a/job-1")), Ok("/team-a/job-1".into()));
+        }
     }
 
     #[test]

@@ -32,7 +32,9 @@
 //! - **Who**: root, the agent's own user, and members of one configured group. The
 //!   kernel enforces it first: the socket is mode 0660 owned by root and that group (0600
 //!   with no group), created under its final mode (bound under a temporary name, then
-//!   renamed) in a directory created 0750. The server checks again per connection with
+//!   renamed) in a directory created 0750. The group is given without CAP_CHOWN (which
+//!   the systemd unit does not grant): the agent runs with it (`Group=aegis`), so what it
+//!   creates is in it already. The server checks again per connection with
 //!   `SO_PEERCRED` (uid, gid, pid as of `connect`) and `SO_PEERGROUPS` (supplementary
 //!   groups as of `connect`; `/proc/PID/status` only on kernels without it, checking the
 //!   process there still has the peer's uid), so a socket made world-writable by mistake,
@@ -62,7 +64,7 @@ pub mod server;
 pub use audit::{AuditAction, AuditEntry, AuditLog, Outcome};
 pub use blocks::{
     Actor, Block, BlockSpec, BlockTable, BlockTarget, ControlState, Dest, Emergency, Expiry, Scope, Subject,
-    parse_cgroup, parse_dest, parse_duration, parse_route,
+    parse_cgroup, parse_cgroup_in, parse_dest, parse_duration, parse_route,
 };
 pub use client::{ClientError, call, request};
 pub use mode::{EnforceMode, ModeChoice, ModeState};

@@ -303,6 +303,7 @@ pub struct ServerHandle {
     socket: PathBuf,
     socket_id: (u64, u64),
     capture_health: CaptureHealthSlot,
+    audit: Arc<AuditLog>,
 }
 
 /// Where `status` asks how capture is doing: the daemon sets it once its pipeline runs
@@ -428,6 +429,7 @@ impl ControlServer {
         let view = core.view.clone();
         let handle_core = core.clone();
         let capture_health = core.capture_health.clone();
+        let audit = core.audit.clone();
         let thread = std::thread::Builder::new()
             .name("aegis-control".into())
             .spawn(move || {
@@ -445,6 +447,7 @@ impl ControlServer {
             socket,
             socket_id,
             capture_health,
+            audit,
         })
     }
 }
@@ -467,6 +470,12 @@ impl ServerHandle {
     /// Where `status` asks how capture is doing.
     pub fn capture_health(&self) -> CaptureHealthSlot {
         self.capture_health.clone()
+    }
+
+    /// Reopen the audit log at its path (SIGHUP, after log rotation); see
+    /// [`AuditLog::reopen`].
+    pub fn reopen_audit_log(&self) -> anyhow::Result<()> {
+        self.audit.reopen()
     }
 
     /// Stop accepting, let the clients in progress finish (up to the read timeout plus
@@ -500,7 +509,8 @@ impl Drop for ServerHandle {
 // The socket
 
 /// Create the socket with its final mode and owner before it appears under its name:
-/// bound under a temporary name in the same directory, chmod/chown'ed, then renamed.
+/// bound under a temporary name in the same directory, chmod'ed and given to the control
+/// group ([`give_to_group`]), then renamed.
 fn bind_socket(config: &ControlConfig) -> anyhow::Result<(std::os::unix::net::UnixListener, (u64, u64))> {
     let path = &config.socket;
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
@@ -516,8 +526,10 @@ fn bind_socket(config: &ControlConfig) -> anyhow::Result<(std::os::unix::net::Un
     if create_private_dir(dir)?
         && let Some(gid) = config.group
     {
-        nix::unistd::chown(dir, None, Some(nix::unistd::Gid::from_raw(gid)))
-            .with_context(|| format!("cannot give {} to gid {gid}", dir.display()))?;
+        give_to_group(dir, gid)?;
+    }
+    if let Some(gid) = config.group {
+        warn_if_unreachable(dir, gid);
     }
     remove_stale(path)?;
     remove_stale(&tmp)?;
@@ -525,8 +537,7 @@ fn bind_socket(config: &ControlConfig) -> anyhow::Result<(std::os::unix::net::Un
         .with_context(|| format!("cannot create the control socket {}", tmp.display()))?;
     let setup = || -> anyhow::Result<(u64, u64)> {
         if let Some(gid) = config.group {
-            nix::unistd::chown(&tmp, None, Some(nix::unistd::Gid::from_raw(gid)))
-                .with_context(|| format!("cannot give the control socket to gid {gid}"))?;
+            give_to_group(&tmp, gid)?;
         }
         let mode = if config.group.is_some() { 0o660 } else { 0o600 };
         std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))?;
@@ -541,6 +552,56 @@ fn bind_socket(config: &ControlConfig) -> anyhow::Result<(std::os::unix::net::Un
             Err(e)
         }
     }
+}
+
+/// Give `path` (created by the agent) to the control group `gid`, without CAP_CHOWN, which
+/// the systemd unit does not grant. Nothing to do when it has the group already: it was
+/// created by the agent running with `gid` as its group (the unit's `Group=aegis`). Else a
+/// `chown` of the group only, which the kernel allows a file's owner for a group the
+/// process is a member of (`SupplementaryGroups=`), or with CAP_CHOWN; otherwise the error
+/// says how to run the agent.
+fn give_to_group(path: &Path, gid: u32) -> anyhow::Result<()> {
+    let meta = std::fs::symlink_metadata(path).with_context(|| format!("cannot check {}", path.display()))?;
+    if meta.gid() == gid {
+        return Ok(());
+    }
+    let target = nix::unistd::Gid::from_raw(gid);
+    match nix::unistd::fchownat(
+        nix::fcntl::AT_FDCWD,
+        path,
+        None,
+        Some(target),
+        nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+    ) {
+        Ok(()) => Ok(()),
+        Err(nix::errno::Errno::EPERM) => anyhow::bail!(
+            "cannot give {} to {} ([control] group): without CAP_CHOWN (the systemd unit does not grant it) the agent \
+             can only give its files to a group it runs with. Run it with that group: the unit's Group= (Group=aegis \
+             with [control] group = the gid of aegis, `getent group aegis`) or SupplementaryGroups=",
+            path.display(),
+            group_label(gid)
+        ),
+        Err(e) => Err(e).with_context(|| format!("cannot give {} to {}", path.display(), group_label(gid))),
+    }
+}
+
+/// Say so when members of `gid` cannot enter `dir`, the socket's directory (e.g. one made by
+/// systemd's RuntimeDirectory= without the unit's Group=): the socket's mode alone does not
+/// let them in. The agent does not change a directory it did not create.
+fn warn_if_unreachable(dir: &Path, gid: u32) {
+    let Ok(meta) = std::fs::metadata(dir) else { return };
+    let mode = meta.mode();
+    if mode & 0o001 != 0 || (meta.gid() == gid && mode & 0o010 != 0) {
+        return;
+    }
+    tracing::warn!(
+        dir = %dir.display(),
+        mode = format!("{:o}", mode & 0o7777),
+        dir_gid = meta.gid(),
+        "members of {} cannot reach the control socket: its directory is not searchable by them; give the \
+         directory to the group (the systemd unit's RuntimeDirectory is root:aegis 0750 with Group=aegis)",
+        group_label(gid)
+    );
 }
 
 /// Remove a socket left by an agent that is gone; refuse to remove anything else.
@@ -841,7 +902,8 @@ struct Core {
     view: ControlView,
     /// Serialises changes (held across save, enforcement and audit).
     ops: Mutex<()>,
-    audit: AuditLog,
+    /// Shared with the [`ServerHandle`], which reopens it on SIGHUP.
+    audit: Arc<AuditLog>,
     handler: Arc<dyn ControlHandler>,
     /// This process, the actor of expiry and restore.
     agent: Actor,
@@ -872,7 +934,7 @@ impl Core {
         capabilities: Capabilities,
         ledger: Option<Arc<dyn crate::journal::Ledger>>,
     ) -> anyhow::Result<Arc<Self>> {
-        let audit = AuditLog::open(&config.audit_log)?.with_ledger(ledger);
+        let audit = Arc::new(AuditLog::open(&config.audit_log)?.with_ledger(ledger));
         let mut state = ControlState::load(&config.state_file)?;
         let expired = state.blocks.expire(now_unix_ms());
         let (mode, replaced) = ModeState::at_start(configured, state.mode.operator.take());
@@ -1892,6 +1954,99 @@ mod tests {
     }
 
     const HELPER_SOCKET: &str = "AEGIS_CONTROL_TEST_SOCKET";
+    const HELPER_BIND: &str = "AEGIS_CONTROL_TEST_BIND";
+    /// linux/capability.h (the libc crate does not have it).
+    const CAP_CHOWN: libc::c_ulong = 0;
+
+    /// Run by `a_control_group_works_without_cap_chown` as root without CAP_CHOWN: bind the
+    /// socket given in the environment for `[control] group = GID`; print what came of it.
+    #[test]
+    #[ignore = "helper, run by a_control_group_works_without_cap_chown without CAP_CHOWN"]
+    fn bind_without_chown_helper() {
+        let Ok(spec) = std::env::var(HELPER_BIND) else {
+            return;
+        };
+        let (gid, socket) = spec.split_once(' ').unwrap();
+        let config = ControlConfig { socket: socket.into(), group: Some(gid.parse().unwrap()), ..Default::default() };
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        let cap_eff = status.lines().find_map(|l| l.strip_prefix("CapEff:")).unwrap().trim().to_owned();
+        let chown = u64::from_str_radix(&cap_eff, 16).unwrap() & (1 << CAP_CHOWN) != 0;
+        match bind_socket(&config) {
+            Ok(_) => println!("HELPER-RESULT chown={chown} ok"),
+            Err(e) => println!("HELPER-RESULT chown={chown} err {e:#}"),
+        }
+    }
+
+    /// This test binary as root without CAP_CHOWN (dropped from the bounding set, so that
+    /// exec does not give it back), with group `gid` and supplementary `groups`, binding
+    /// `socket` for `[control] group = control_gid`.
+    fn bind_without_chown(gid: u32, groups: &[u32], control_gid: u32, socket: &Path) -> String {
+        let groups: Vec<libc::gid_t> = groups.to_vec();
+        let mut cmd = Command::new(std::env::current_exe().unwrap());
+        cmd.args([
+            "control::server::tests::bind_without_chown_helper",
+            "--exact",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(HELPER_BIND, format!("{control_gid} {}", socket.display()))
+        .stdin(Stdio::null());
+        // SAFETY: the closure runs between fork and exec and only makes async-signal-safe
+        // system calls on memory allocated before the fork.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::prctl(libc::PR_CAPBSET_DROP, CAP_CHOWN, 0, 0, 0) != 0
+                    || libc::setgroups(groups.len(), groups.as_ptr()) != 0
+                    || libc::setgid(gid) != 0
+                {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let out = cmd.output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        stdout
+            .lines()
+            .find_map(|l| l.split_once("HELPER-RESULT ").map(|(_, result)| result.to_owned()))
+            .unwrap_or_else(|| panic!("the helper printed no result ({}): {stdout}", out.status))
+    }
+
+    /// The systemd unit drops CAP_CHOWN and runs the agent with `Group=aegis`: the control
+    /// group still gets its socket (and the socket's new directory), with no chown at all;
+    /// a member of the group by a supplementary group gets it by a chown the kernel allows
+    /// without the capability; a group the agent is not in is an error saying what to do.
+    #[test]
+    fn a_control_group_works_without_cap_chown() {
+        if !is_root() {
+            return;
+        }
+        let dir = TempDir::new("nochown");
+        let socket = dir.path().join("run/control.sock");
+        assert_eq!(bind_without_chown(4242, &[], 4242, &socket), "chown=false ok");
+        let meta = std::fs::symlink_metadata(&socket).unwrap();
+        assert_eq!((meta.mode() & 0o777, meta.uid(), meta.gid()), (0o660, 0, 4242));
+        let parent = std::fs::metadata(socket.parent().unwrap()).unwrap();
+        assert_eq!((parent.mode() & 0o777, parent.gid()), (0o750, 4242));
+
+        let socket = dir.path().join("supplementary/control.sock");
+        assert_eq!(bind_without_chown(0, &[4343], 4343, &socket), "chown=false ok");
+        let meta = std::fs::symlink_metadata(&socket).unwrap();
+        assert_eq!((meta.mode() & 0o777, meta.gid()), (0o660, 4343));
+        assert_eq!(std::fs::metadata(socket.parent().unwrap()).unwrap().gid(), 4343);
+
+        let socket = dir.path().join("other/control.sock");
+        let refused = bind_without_chown(4242, &[], 4444, &socket);
+        assert!(
+            refused.starts_with(&format!(
+                "chown=false err cannot give {} to gid 4444 ([control] group): without CAP_CHOWN",
+                socket.parent().unwrap().display()
+            )) && refused.contains("the unit's Group="),
+            "{refused}"
+        );
+        assert!(!socket.exists());
+    }
 
     /// Run by `peer_credentials_are_checked` as another user: one status request.
     #[test]

@@ -7,6 +7,11 @@
 //! when it ends. Records that do not fit the queue are counted as lost, and once the file
 //! takes writes again a `records_lost` record says how many, when, and why, so the loss is
 //! in the file itself as well as in the counters.
+//!
+//! Rotation: [`JsonLines::reopen_flag`] asks for the file to be opened again at its path
+//! (the daemon sets it on SIGHUP, after logrotate renamed the file). The output thread, the
+//! file's only writer, reopens it at its next flush (within one tick), between two bursts:
+//! the renamed file ends with whole lines, and the next record starts the new one.
 
 use std::{
     io::{BufWriter, Write as _},
@@ -46,6 +51,8 @@ pub struct JsonLines {
     /// The look-back snapshots are cut from (see [`lookback`]).
     lookback: Option<lookback::Lookback>,
     observers: Vec<std::sync::Arc<dyn RecordObserver>>,
+    /// Set to have the file reopened at the next flush.
+    reopen: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// The file side: the journal, what waits for it, and what was lost.
@@ -116,7 +123,14 @@ impl JsonLines {
             identity: Identity::new(None, None, None),
             lookback: None,
             observers: Vec::new(),
+            reopen: std::sync::Arc::default(),
         })
+    }
+
+    /// Set it (from any thread) to have the file opened again at its path at the next
+    /// flush: for log rotation.
+    pub fn reopen_flag(&self) -> std::sync::Arc<std::sync::atomic::AtomicBool> {
+        self.reopen.clone()
     }
 
     /// Also show every record to `observer` once it is written (observers see records in
@@ -195,6 +209,9 @@ impl JsonLines {
         }
         let agent = self.identity.current();
         if let Some(f) = &mut self.file {
+            if self.reopen.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                f.reopen();
+            }
             f.flush(Instant::now(), agent);
         }
     }
@@ -218,6 +235,25 @@ impl JsonLines {
 }
 
 impl FileSink {
+    /// Open the file again at its path; on an error, records keep going to the file opened
+    /// before (nothing is lost), and the error says so.
+    fn reopen(&mut self) {
+        let path = self.journal.path().to_owned();
+        match self.journal.reopen() {
+            Ok(repairs) => {
+                if let Some(mode) = repairs.narrowed_mode {
+                    tracing::warn!(file = %path.display(), mode = format!("{mode:o}"), "output.file was readable by others; its mode is now 0600");
+                }
+                tracing::info!(file = %path.display(), "output.file reopened");
+            }
+            Err(e) => tracing::error!(
+                file = %path.display(),
+                error = %format!("{e:#}"),
+                "cannot reopen output.file: records still go to the file opened before (renamed, if it was rotated)"
+            ),
+        }
+    }
+
     fn queue(&mut self, line: &[u8]) {
         if self.pending.len() + line.len() > self.max_pending {
             self.lost += 1;
@@ -326,6 +362,34 @@ mod tests {
         let text = std::fs::read_to_string(path).unwrap();
         assert!(text.is_empty() || text.ends_with('\n'), "the file ends in a partial line");
         text.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad line {l:?}: {e}"))).collect()
+    }
+
+    /// Rotation: after a rename and the flag, the next flush writes to a new file at the
+    /// path; the renamed one ends with the records flushed before, whole.
+    #[test]
+    fn the_file_is_reopened_at_its_path_when_asked() {
+        let dir = std::env::temp_dir().join(format!("aegis-sink-reopen-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("calls.jsonl");
+        let mut sink = JsonLines::open(false, &path, 1 << 20).unwrap();
+        let record = |i: u64| {
+            Record::RecordsLost(RecordsLost { time: "t".into(), count: i, since: "s".into(), reason: "r".into() })
+        };
+        sink.write(&record(1));
+        sink.flush();
+        let rotated = dir.join("calls.jsonl.1");
+        std::fs::rename(&path, &rotated).unwrap();
+        sink.write(&record(2));
+        sink.flush(); // not asked yet: the renamed file
+        sink.reopen_flag().store(true, std::sync::atomic::Ordering::SeqCst);
+        sink.write(&record(3));
+        sink.flush();
+        sink.write(&record(4));
+        sink.close();
+        let counts = |p: &Path| lines(p).iter().map(|l| l["count"].as_u64().unwrap()).collect::<Vec<_>>();
+        assert_eq!(counts(&rotated), [1, 2]);
+        assert_eq!(counts(&path), [3, 4]);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
