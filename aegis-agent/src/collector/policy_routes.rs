@@ -9,7 +9,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use http_body_util::{BodyExt as _, Full, Limited};
+use http_body_util::Full;
 use hyper::{Request, Response, StatusCode, body::Incoming, header};
 use rustls::pki_types::CertificateDer;
 use serde_json::json;
@@ -94,16 +94,16 @@ fn agent_of<'a>(state: &'a State, cert: &CertificateDer<'static>) -> Option<&'a 
 
 /// The body, at most `max` bytes, or the refusal to answer.
 async fn read_body(peer: SocketAddr, req: Request<Incoming>, max: u64, what: &str) -> Result<Bytes, Response<Body>> {
-    match Limited::new(req.into_body(), max as usize).collect().await {
-        Ok(c) => Ok(c.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(refuse(
+    match super::server::read_capped(req.into_body(), max).await {
+        Ok(b) => Ok(b),
+        Err(None) => Err(refuse(
             peer,
             StatusCode::PAYLOAD_TOO_LARGE,
             "too_large",
             format!("{what} is over {max} bytes"),
             "send a smaller document",
         )),
-        Err(e) => Err(refuse(
+        Err(Some(e)) => Err(refuse(
             peer,
             StatusCode::BAD_REQUEST,
             "incomplete_body",

@@ -9,7 +9,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use http_body_util::{BodyExt as _, Full, Limited};
+use http_body_util::{BodyExt as _, Full};
 use hyper::{Method, Request, Response, StatusCode, body::Incoming, header};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use rustls::pki_types::CertificateDer;
@@ -244,6 +244,42 @@ fn bad_digest(peer: SocketAddr, digest: &str) -> Response<Body> {
     )
 }
 
+/// Most bytes of a refused body read and thrown away before the answer: a client still
+/// sending when the server answers and closes gets a broken pipe instead of the answer,
+/// so a body moderately over the limit is read to its end first.
+const DRAIN_MAX: u64 = 16 << 20;
+
+/// Read and discard `body`, up to [`DRAIN_MAX`] bytes or 10 s.
+pub(super) async fn drain(mut body: Incoming) {
+    let mut seen = 0u64;
+    let _ = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
+        while seen < DRAIN_MAX {
+            match body.frame().await {
+                Some(Ok(frame)) => seen += frame.data_ref().map_or(0, |d| d.len() as u64),
+                _ => break,
+            }
+        }
+    })
+    .await;
+}
+
+/// The body when it is at most `max` bytes; `Err(None)` when it is larger (what follows is
+/// drained, see [`drain`]), `Err(Some(e))` when it could not be read.
+pub(super) async fn read_capped(mut body: Incoming, max: u64) -> Result<Bytes, Option<hyper::Error>> {
+    let mut out = bytes::BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(Some)?;
+        if let Some(data) = frame.data_ref() {
+            if out.len() as u64 + data.len() as u64 > max {
+                drain(body).await;
+                return Err(None);
+            }
+            out.extend_from_slice(data);
+        }
+    }
+    Ok(out.freeze())
+}
+
 /// Run `f` on the index off the async threads.
 pub(super) async fn with_index<T: Send + 'static>(
     state: &Arc<State>,
@@ -276,12 +312,13 @@ async fn put_bundle(
         req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok())
         && len > max
     {
+        drain(req.into_body()).await;
         return too_large(len.to_string());
     }
-    let body = match Limited::new(req.into_body(), max as usize).collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => return too_large("more than".into()),
-        Err(e) => {
+    let body = match read_capped(req.into_body(), max).await {
+        Ok(body) => body,
+        Err(None) => return too_large("more than".into()),
+        Err(Some(e)) => {
             return refuse(
                 peer,
                 StatusCode::BAD_REQUEST,
