@@ -315,6 +315,26 @@ mod tests {
         assert!(c.output.stdout);
     }
 
+    /// The package's /etc/aegis/aegis.toml holds overrides only: as shipped it changes
+    /// nothing, and its commented examples, uncommented, are valid keys.
+    #[test]
+    fn the_shipped_host_file_is_overrides_only_and_its_examples_are_valid() {
+        const SHIPPED: &str = include_str!("../../packaging/etc-aegis.toml");
+        let c = Config::parse(SHIPPED).unwrap();
+        assert_eq!(c.enforce.mode, Config::defaults().enforce.mode);
+        assert_eq!(c.output.file, Config::defaults().output.file);
+        let examples: String = SHIPPED
+            .lines()
+            .skip_while(|l| !l.starts_with("# Common changes"))
+            .skip(1)
+            .filter_map(|l| l.strip_prefix("# "))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let c = Config::parse(&examples).unwrap_or_else(|e| panic!("{e:#}\n{examples}"));
+        assert_eq!(c.enforce.mode, crate::control::EnforceMode::Enforce);
+        assert_eq!(c.fleet.name, "prod");
+    }
+
     #[test]
     fn partial_file_overrides_only_its_keys() {
         let c = Config::parse("[output]\nstdout = false\nfile = \"/tmp/x.jsonl\"\n").unwrap();
@@ -364,7 +384,7 @@ mod tests {
         assert_eq!(Config::defaults().enforce.mode, EnforceMode::Observe, "a fresh install observes");
         assert!(Config::defaults().enforce.enabled, "and loads containment for the operator");
         let c = Config::parse("[enforce]\nmode = \"enforce\"\n").unwrap();
-        assert_eq!(c.enforce.mode, EnforceMode::Enforce);
+        assert_eq!(c.enforce.mode, crate::control::EnforceMode::Enforce);
         let c = Config::parse("[enforce]\nmode = \"observe\"\nenabled = false\n").unwrap();
         assert_eq!((c.enforce.mode, c.enforce.enabled), (EnforceMode::Observe, false));
     }

@@ -9,6 +9,7 @@
 
 mod bench;
 mod contain;
+mod deb;
 mod fuzz;
 mod matrix;
 
@@ -96,6 +97,16 @@ enum Task {
     /// Formatting check, and clippy with warnings denied over every crate: the user-space
     /// ones, and the eBPF crate for its BPF target.
     Lint,
+    /// The Debian package (release build) into `--out`: the assets of
+    /// `[package.metadata.deb]` in aegis-agent/Cargo.toml, completions and man pages.
+    Deb {
+        #[arg(long, default_value = "target/debian")]
+        out: PathBuf,
+        /// Instead: the package check `test` runs (debug build, clean root, install,
+        /// upgrade, remove, purge). Needs root.
+        #[arg(long)]
+        check: bool,
+    },
     /// Benchmarks; each prints its figures and ratios against a baseline from the same run.
     Bench {
         #[command(subcommand)]
@@ -143,7 +154,9 @@ fn main() -> anyhow::Result<()> {
             } else {
                 fuzz::smoke()
             };
-            let host = host.and(fuzz);
+            // The package: built, installed into a clean root, upgraded, removed, purged.
+            let package = if selected { Ok(()) } else { deb::check(&agent_bin(false)) };
+            let host = host.and(fuzz).and(package);
             if host_only {
                 return host;
             }
@@ -164,6 +177,18 @@ fn main() -> anyhow::Result<()> {
         Task::Lint => {
             setup()?;
             lint()
+        }
+        Task::Deb { check: true, .. } => {
+            setup()?;
+            build_agent(false)?;
+            deb::check(&agent_bin(false))
+        }
+        Task::Deb { out, .. } => {
+            setup()?;
+            build_agent(true)?;
+            let deb = deb::release(&workspace_root().join(out))?;
+            println!("{}", deb.display());
+            Ok(())
         }
         Task::Bench { which } => {
             setup()?;
