@@ -47,8 +47,10 @@ fn receiver() -> (String, mpsc::Receiver<Value>) {
                     }
                     let mut body = vec![0; len];
                     reader.read_exact(&mut body).unwrap();
-                    assert!(line.starts_with("POST /v1/traces "), "{line}");
-                    let _ = tx.send(serde_json::from_slice(&body).expect("an OTLP JSON body"));
+                    assert!(line.starts_with("POST /v1/traces ") || line.starts_with("POST /v1/metrics "), "{line}");
+                    let mut value: Value = serde_json::from_slice(&body).expect("an OTLP JSON body");
+                    value["_path"] = json!(line.split_whitespace().nth(1).unwrap_or_default());
+                    let _ = tx.send(value);
                     let _ = write!(
                         stream,
                         "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{{}}"
@@ -76,7 +78,7 @@ fn every_call_is_one_genai_span_at_the_otlp_receiver() {
     let cert = TempCert::generate();
     let (url, bodies) = receiver();
     let mut agent = Agent::start_with_config(&format!(
-        "[otlp]\nendpoint = \"{url}\"\nservice_name = \"aegis-it\"\nflush_ms = 200\n"
+        "[otlp]\nendpoint = \"{url}\"\nservice_name = \"aegis-it\"\nflush_ms = 200\nmetrics_interval_secs = 1\n"
     ));
     let mock = MockProvider::start(&cert);
     let chat = |model: &str, user: &str| {
@@ -94,10 +96,15 @@ fn every_call_is_one_genai_span_at_the_otlp_receiver() {
 
     // Spans of this client's calls, until both came (other TLS processes may call too).
     let mut spans: Vec<Value> = Vec::new();
+    let mut metric_bodies: Vec<Value> = Vec::new();
     let deadline = Instant::now() + scaled(Duration::from_secs(30));
     while spans.len() < 2 {
         let left = deadline.saturating_duration_since(Instant::now());
         let body = bodies.recv_timeout(left).unwrap_or_else(|_| panic!("no spans within 30 s{}", agent.logs()));
+        if body["_path"] == "/v1/metrics" {
+            metric_bodies.push(body);
+            continue;
+        }
         let rs = &body["resourceSpans"][0];
         let resource = attrs(&rs["resource"]);
         assert_eq!(resource["service.name"]["stringValue"], "aegis-it", "{body:#}");
@@ -109,11 +116,14 @@ fn every_call_is_one_genai_span_at_the_otlp_receiver() {
     }
     agent.stop();
     // Nothing more for these calls at shutdown: one span per call.
-    let late: usize = bodies
-        .try_iter()
+    let rest: Vec<Value> = bodies.try_iter().collect();
+    let late: usize = rest
+        .iter()
+        .filter(|b| b["_path"] == "/v1/traces")
         .flat_map(|b| b["resourceSpans"][0]["scopeSpans"][0]["spans"].as_array().cloned().unwrap_or_default())
         .filter(|s| of_client(s))
         .count();
+    metric_bodies.extend(rest.into_iter().filter(|b| b["_path"] == "/v1/metrics"));
     assert_eq!((spans.len(), late), (2, 0), "{spans:#?}");
 
     for (request, model) in requests.iter().zip(["otlp-model-a", "otlp-model-b"]) {
@@ -126,7 +136,9 @@ fn every_call_is_one_genai_span_at_the_otlp_receiver() {
         assert_eq!(span["kind"], 3, "CLIENT: {span:#}");
         assert_eq!(span["spanId"], record["call_id"], "{span:#}");
         assert_eq!(a["gen_ai.operation.name"]["stringValue"], "chat");
-        assert_eq!(a["gen_ai.provider.name"]["stringValue"], record["provider"]);
+        let provider = aegis_agent::sinks::otlp::provider_name(record["provider"].as_str().unwrap());
+        assert_eq!(a["gen_ai.provider.name"]["stringValue"], provider);
+        assert_eq!(a["aegis.provider"]["stringValue"], record["provider"], "the record's own name is kept too");
         assert_eq!(a["gen_ai.request.model"]["stringValue"], model);
         let input = expected_input_tokens(request.body.as_ref().unwrap());
         assert_eq!(a["gen_ai.usage.input_tokens"]["intValue"], input.to_string(), "{span:#}");
@@ -141,4 +153,31 @@ fn every_call_is_one_genai_span_at_the_otlp_receiver() {
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
         assert!(now - start < 300_000_000_000, "the span starts when the call did: {start} vs now {now}");
     }
+
+    // The metrics: the last export (cumulative, sent at shutdown at the latest) counts each
+    // model's call once, with its tokens.
+    let last = metric_bodies.last().unwrap_or_else(|| panic!("no metrics export{}", agent.logs()));
+    let metrics = &last["resourceMetrics"][0]["scopeMetrics"][0]["metrics"];
+    let usage = metrics.as_array().unwrap().iter().find(|m| m["name"] == "gen_ai.client.token.usage").unwrap();
+    for (request, model) in requests.iter().zip(["otlp-model-a", "otlp-model-b"]) {
+        let point = |kind: &str| {
+            usage["histogram"]["dataPoints"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|p| {
+                    let a = attrs(p);
+                    a["gen_ai.request.model"]["stringValue"] == model && a["gen_ai.token.type"]["stringValue"] == kind
+                })
+                .cloned()
+                .unwrap_or_else(|| panic!("no {kind} token point for {model}: {usage:#}"))
+        };
+        let input = expected_input_tokens(request.body.as_ref().unwrap());
+        let p = point("input");
+        assert_eq!((p["count"].as_str(), p["sum"].as_f64()), (Some("1"), Some(input as f64)), "{p:#}");
+        let p = point("output");
+        assert_eq!((p["count"].as_str(), p["sum"].as_f64()), (Some("1"), Some(OUTPUT_TOKENS as f64)), "{p:#}");
+    }
+    let duration = metrics.as_array().unwrap().iter().find(|m| m["name"] == "gen_ai.client.operation.duration");
+    assert!(duration.is_some(), "{last:#}");
 }

@@ -1,5 +1,8 @@
-//! Call records as OpenTelemetry spans, sent over OTLP/HTTP (JSON encoding) to an
-//! OpenTelemetry Collector or any OTLP receiver (`[otlp] endpoint`, off by default).
+//! Call records as OpenTelemetry spans, and the GenAI client metrics
+//! (`gen_ai.client.token.usage`, `gen_ai.client.operation.duration`: cumulative histograms
+//! every `metrics_interval_secs`), sent over OTLP/HTTP (JSON encoding) to an OpenTelemetry
+//! Collector or any OTLP receiver (`[otlp] endpoint`, off by default). Provider names map
+//! to the conventions' well-known values ([`provider_name`]) in the export only.
 //!
 //! Each model call becomes one `CLIENT` span named `{gen_ai.operation.name} {model}` under
 //! the OpenTelemetry GenAI semantic conventions (`gen_ai.*`), with the HTTP, server and
@@ -44,6 +47,11 @@ pub struct OtlpConfig {
     pub batch_spans: usize,
     pub flush_ms: u64,
     pub timeout_secs: u64,
+    /// Seconds between two exports of the GenAI metrics (token usage, operation duration:
+    /// cumulative histograms) to the receiver's metrics URL; 0: no metrics.
+    pub metrics_interval_secs: u64,
+    /// The OTLP/HTTP metrics URL; empty: the traces URL with `/v1/metrics` for `/v1/traces`.
+    pub metrics_endpoint: String,
 }
 
 impl OtlpConfig {
@@ -73,11 +81,185 @@ impl OtlpConfig {
             self.batch_spans,
             self.max_queue_spans
         );
+        if self.metrics_interval_secs > 0 {
+            self.metrics_url()?;
+        }
         anyhow::ensure!(
             self.flush_ms >= 10 && self.timeout_secs >= 1,
             "otlp.flush_ms must be at least 10 and otlp.timeout_secs at least 1"
         );
         Ok(())
+    }
+}
+
+impl OtlpConfig {
+    /// Where the metrics go.
+    pub fn metrics_url(&self) -> anyhow::Result<String> {
+        let explicit = self.metrics_endpoint.trim();
+        if !explicit.is_empty() {
+            let url =
+                url::Url::parse(explicit).map_err(|e| anyhow::anyhow!("otlp.metrics_endpoint = {explicit:?}: {e}"))?;
+            anyhow::ensure!(
+                matches!(url.scheme(), "http" | "https"),
+                "otlp.metrics_endpoint = {explicit:?}: must be an http:// or https:// URL"
+            );
+            return Ok(explicit.to_owned());
+        }
+        match self.endpoint.trim().strip_suffix("/v1/traces") {
+            Some(base) => Ok(format!("{base}/v1/metrics")),
+            None => anyhow::bail!(
+                "otlp.endpoint = {:?} does not end in /v1/traces, so the metrics URL cannot be derived: set \
+                 otlp.metrics_endpoint, or otlp.metrics_interval_secs = 0",
+                self.endpoint
+            ),
+        }
+    }
+}
+
+/// The convention's well-known `gen_ai.provider.name` of the agent's provider names; the
+/// others (openrouter, together, ollama, openai_compatible, ...) as they are. Records keep
+/// the agent's names; only the export maps them.
+pub fn provider_name(provider: &str) -> &str {
+    match provider {
+        "gemini" => "gcp.gemini",
+        "vertex_ai" => "gcp.vertex_ai",
+        "azure_openai" => "azure.ai.openai",
+        "mistral" => "mistral_ai",
+        "xai" => "x_ai",
+        other => other,
+    }
+}
+
+/// Bucket bounds the conventions advise: token counts, and durations in seconds.
+const TOKEN_BOUNDS: [f64; 13] =
+    [1.0, 4.0, 16.0, 64.0, 256.0, 1024.0, 4096.0, 16384.0, 65536.0, 262144.0, 1048576.0, 4194304.0, 16777216.0];
+const DURATION_BOUNDS: [f64; 14] =
+    [0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92];
+/// Distinct attribute sets kept per metric; past it, calls count under model "other".
+const MAX_SERIES: usize = 2000;
+
+/// One cumulative histogram.
+#[derive(Clone, Debug, Default)]
+struct Hist {
+    count: u64,
+    sum: f64,
+    min: f64,
+    max: f64,
+    buckets: Vec<u64>,
+}
+
+impl Hist {
+    fn add(&mut self, v: f64, bounds: &[f64]) {
+        if self.buckets.is_empty() {
+            self.buckets = vec![0; bounds.len() + 1];
+            (self.min, self.max) = (v, v);
+        }
+        self.buckets[bounds.iter().position(|b| v <= *b).unwrap_or(bounds.len())] += 1;
+        self.count += 1;
+        self.sum += v;
+        self.min = self.min.min(v);
+        self.max = self.max.max(v);
+    }
+}
+
+/// `gen_ai.client.token.usage` and `gen_ai.client.operation.duration` of the calls seen
+/// since start, by (provider, operation, model[, token type]).
+#[derive(Default)]
+struct GenAiMetrics {
+    start_ns: u128,
+    tokens: std::collections::BTreeMap<(String, String, String, &'static str), Hist>,
+    duration: std::collections::BTreeMap<(String, String, String), Hist>,
+}
+
+impl GenAiMetrics {
+    /// Count the call of `span` (its attributes carry what the metrics need).
+    fn add(&mut self, span: &Value) {
+        let attr = |key: &str| {
+            span["attributes"].as_array().into_iter().flatten().find(|a| a["key"] == key).map(|a| &a["value"])
+        };
+        let text = |key: &str| attr(key).and_then(|v| v["stringValue"].as_str()).unwrap_or("").to_owned();
+        let number = |key: &str| attr(key).and_then(|v| v["intValue"].as_str()).and_then(|n| n.parse::<f64>().ok());
+        let (provider, op) = (text("gen_ai.provider.name"), text("gen_ai.operation.name"));
+        let mut model = text("gen_ai.request.model");
+        if self.duration.len() >= MAX_SERIES
+            && !self.duration.contains_key(&(provider.clone(), op.clone(), model.clone()))
+        {
+            model = "other".into();
+        }
+        for (kind, key) in [("input", "gen_ai.usage.input_tokens"), ("output", "gen_ai.usage.output_tokens")] {
+            if let Some(n) = number(key) {
+                self.tokens
+                    .entry((provider.clone(), op.clone(), model.clone(), kind))
+                    .or_default()
+                    .add(n, &TOKEN_BOUNDS);
+            }
+        }
+        let ns = |key: &str| span[key].as_str().and_then(|t| t.parse::<u128>().ok());
+        if let (Some(start), Some(end)) = (ns("startTimeUnixNano"), ns("endTimeUnixNano"))
+            && end >= start
+        {
+            let secs = (end - start) as f64 / 1e9;
+            self.duration.entry((provider, op, model)).or_default().add(secs, &DURATION_BOUNDS);
+        }
+    }
+
+    /// The OTLP JSON body of every series, cumulative since start; None when empty.
+    fn body(&self, resource: &Value) -> Option<String> {
+        if self.tokens.is_empty() && self.duration.is_empty() {
+            return None;
+        }
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
+        let point = |attributes: Vec<Value>, h: &Hist, bounds: &[f64]| {
+            json!({
+                "attributes": attributes,
+                "startTimeUnixNano": self.start_ns.to_string(),
+                "timeUnixNano": now.to_string(),
+                "count": h.count.to_string(),
+                "sum": h.sum,
+                "min": h.min,
+                "max": h.max,
+                "bucketCounts": h.buckets.iter().map(u64::to_string).collect::<Vec<_>>(),
+                "explicitBounds": bounds,
+            })
+        };
+        let base = |p: &str, o: &str, m: &str| {
+            vec![
+                string("gen_ai.provider.name", p),
+                string("gen_ai.operation.name", o),
+                string("gen_ai.request.model", m),
+            ]
+        };
+        let tokens: Vec<Value> = self
+            .tokens
+            .iter()
+            .map(|((p, o, m, kind), h)| {
+                let mut a = base(p, o, m);
+                a.push(string("gen_ai.token.type", kind));
+                point(a, h, &TOKEN_BOUNDS)
+            })
+            .collect();
+        let durations: Vec<Value> =
+            self.duration.iter().map(|((p, o, m), h)| point(base(p, o, m), h, &DURATION_BOUNDS)).collect();
+        // AGGREGATION_TEMPORALITY_CUMULATIVE = 2.
+        let histogram = |name: &str, unit: &str, description: &str, points: Vec<Value>| {
+            json!({"name": name, "unit": unit, "description": description,
+                   "histogram": {"aggregationTemporality": 2, "dataPoints": points}})
+        };
+        Some(
+            json!({
+                "resourceMetrics": [{
+                    "resource": resource,
+                    "scopeMetrics": [{
+                        "scope": {"name": "aegis-agent", "version": env!("CARGO_PKG_VERSION")},
+                        "metrics": [
+                            histogram("gen_ai.client.token.usage", "{token}", "Tokens used by model calls", tokens),
+                            histogram("gen_ai.client.operation.duration", "s", "Duration of model calls", durations),
+                        ],
+                    }],
+                }],
+            })
+            .to_string(),
+        )
     }
 }
 
@@ -90,6 +272,9 @@ pub struct OtlpCounters {
     pub dropped_queue_full: AtomicU64,
     /// Spans dropped because the receiver did not take their batch twice.
     pub dropped_failed: AtomicU64,
+    /// Metric exports the receiver did not take (the next one is cumulative: it carries
+    /// the counts again).
+    pub metric_exports_failed: AtomicU64,
 }
 
 /// The record observer that queues spans; the exporter thread ends once every clone of it
@@ -137,6 +322,10 @@ impl Exporter {
             failing: None,
         };
         let (batch, flush) = (config.batch_spans, Duration::from_millis(config.flush_ms));
+        let metrics = match config.metrics_interval_secs {
+            0 => None,
+            secs => Some((config.metrics_url()?, Duration::from_secs(secs))),
+        };
         let thread = std::thread::Builder::new().name("aegis-otlp".into()).spawn(move || {
             let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
                 Ok(r) => r,
@@ -145,7 +334,7 @@ impl Exporter {
                     return;
                 }
             };
-            runtime.block_on(export_loop(rx, sender, batch, flush));
+            runtime.block_on(export_loop(rx, sender, batch, flush, metrics));
         })?;
         tracing::info!(endpoint = %config.endpoint, "call records are exported as OTLP spans");
         Ok((Self { thread: Some(thread), counters: counters.clone() }, Arc::new(SpanQueue { tx, counters })))
@@ -227,6 +416,19 @@ impl Sender {
         }
     }
 
+    /// One metrics export (not retried: the next one is cumulative and carries it all).
+    async fn send_metrics(&mut self, url: &str, body: String) {
+        let sent = self.http.post(url).header("content-type", "application/json").body(body).send().await;
+        let error = match sent {
+            Ok(r) if r.status().is_success() => return,
+            Ok(r) => format!("the receiver answered {}", r.status()),
+            Err(e) => e.to_string(),
+        };
+        if self.counters.metric_exports_failed.fetch_add(1, Ordering::Relaxed) == 0 {
+            tracing::warn!(url, %error, "the OTLP receiver does not take metrics (counted; the next export carries them again)");
+        }
+    }
+
     fn fail(&mut self, error: String, spans: u64) {
         self.counters.dropped_failed.fetch_add(spans, Ordering::Relaxed);
         if self.failing.is_none() {
@@ -239,10 +441,21 @@ impl Sender {
     }
 }
 
-async fn export_loop(rx: Receiver<Value>, mut sender: Sender, batch: usize, flush: Duration) {
+async fn export_loop(
+    rx: Receiver<Value>,
+    mut sender: Sender,
+    batch: usize,
+    flush: Duration,
+    metrics: Option<(String, Duration)>,
+) {
     let mut spans = Vec::with_capacity(batch);
     let mut oldest: Option<Instant> = None;
     let mut open = true;
+    let mut genai = GenAiMetrics {
+        start_ns: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos(),
+        ..GenAiMetrics::default()
+    };
+    let mut last_metrics = Instant::now();
     while open {
         // A blocking wait is fine here: this runtime runs nothing but the sends, and it is
         // the exporter's own thread.
@@ -261,8 +474,19 @@ async fn export_loop(rx: Receiver<Value>, mut sender: Sender, batch: usize, flus
         }
         let due = oldest.is_some_and(|t| t.elapsed() >= flush);
         if !spans.is_empty() && (spans.len() >= batch || due || !open) {
+            if metrics.is_some() {
+                spans.iter().for_each(|s| genai.add(s));
+            }
             sender.send(std::mem::replace(&mut spans, Vec::with_capacity(batch))).await;
             oldest = None;
+        }
+        if let Some((url, every)) = &metrics
+            && (last_metrics.elapsed() >= *every || !open)
+        {
+            last_metrics = Instant::now();
+            if let Some(body) = genai.body(&sender.resource) {
+                sender.send_metrics(url, body).await;
+            }
         }
     }
 }
@@ -341,8 +565,9 @@ pub fn span(call: &CallRecord) -> Value {
     let end = start + call.latency_ms.map_or(0, |ms| (ms * 1e6) as i128);
     let mut a = vec![
         string("gen_ai.operation.name", op),
-        string("gen_ai.provider.name", call.provider),
-        string("gen_ai.system", call.provider),
+        string("gen_ai.provider.name", provider_name(call.provider)),
+        string("gen_ai.system", provider_name(call.provider)),
+        string("aegis.provider", call.provider),
         string("aegis.call_id", &call.call_id),
         string("aegis.api", &format!("{:?}", call.api)),
         boolean("aegis.stream", call.stream),
@@ -577,7 +802,43 @@ mod tests {
             batch_spans: 2,
             flush_ms: 50,
             timeout_secs: 5,
+            metrics_interval_secs: 0,
+            metrics_endpoint: String::new(),
         }
+    }
+
+    #[test]
+    fn genai_metrics_are_cumulative_histograms_by_provider_operation_model_and_token_type() {
+        let mut m = GenAiMetrics::default();
+        let mut c = call("00000000000000a1", 200);
+        c.provider = "gemini";
+        m.add(&span(&c));
+        m.add(&span(&c));
+        let body: Value = serde_json::from_str(&m.body(&resource("t")).unwrap()).unwrap();
+        let metrics = &body["resourceMetrics"][0]["scopeMetrics"][0]["metrics"];
+        let tokens = &metrics[0];
+        assert_eq!(tokens["name"], "gen_ai.client.token.usage");
+        assert_eq!(tokens["histogram"]["aggregationTemporality"], 2);
+        let points = tokens["histogram"]["dataPoints"].as_array().unwrap();
+        assert_eq!(points.len(), 2, "input and output: {points:#?}");
+        for p in points {
+            assert_eq!(p["count"], "2", "{p:#}");
+            let attrs: Vec<&Value> = p["attributes"].as_array().unwrap().iter().collect();
+            assert!(
+                attrs.iter().any(|a| a["key"] == "gen_ai.provider.name" && a["value"]["stringValue"] == "gcp.gemini")
+            );
+            let buckets: u64 =
+                p["bucketCounts"].as_array().unwrap().iter().map(|b| b.as_str().unwrap().parse::<u64>().unwrap()).sum();
+            assert_eq!(buckets, 2);
+        }
+        assert_eq!(metrics[1]["name"], "gen_ai.client.operation.duration");
+        assert_eq!(provider_name("azure_openai"), "azure.ai.openai");
+        assert_eq!(provider_name("openai_compatible"), "openai_compatible");
+        let mut cfg = config("http://127.0.0.1:4318/v1/traces");
+        assert_eq!(cfg.metrics_url().unwrap(), "http://127.0.0.1:4318/v1/metrics");
+        cfg.endpoint = "http://127.0.0.1:4318/traces".into();
+        cfg.metrics_interval_secs = 60;
+        assert!(format!("{:#}", cfg.validate().unwrap_err()).contains("metrics_endpoint"));
     }
 
     #[test]
