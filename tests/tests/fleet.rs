@@ -370,3 +370,67 @@ fn a_fleet_rulepack_decides_calls_and_survives_a_restart() {
     );
     real.stop();
 }
+
+/// A policy served from a URL (`[fleet] url`, here `file://`: the same object_store code
+/// path as `https://` and `s3://`) is taken when it changes, and a forged one there is
+/// refused and counted like any.
+#[test]
+fn a_policy_polled_from_a_url_is_taken_when_it_changes() {
+    let _serial = serial();
+    require_root();
+    let dir = TempDir::new("fleet-url");
+    let mut fleet = Fleet::new(dir.path(), 1, &[]);
+    let served = dir.path().join("served-policy.json");
+    {
+        let m = &fleet.members[0];
+        let text = std::fs::read_to_string(&m.config).unwrap();
+        let text = text.replace(
+            "drop_dir = \"\"",
+            &format!("drop_dir = \"\"\nurl = \"file://{}\"\npoll_secs = 1", served.display()),
+        );
+        std::fs::write(&m.config, text).unwrap();
+    }
+    fleet.start_all();
+    let load = |p: &Path, name: &str| HostKey::load(p, name).unwrap();
+    let (a, b) = (load(&fleet.signing_keys[0], "fleet-a"), load(&fleet.signing_keys[1], "fleet-b"));
+    let now = aegis_agent::clock::now_unix_ms();
+    let doc = |version: u64| PolicyDoc {
+        doc_type: DOC_TYPE.into(),
+        fleet: FLEET.into(),
+        version,
+        issued_at: aegis_agent::clock::rfc3339_ms(now),
+        expires: aegis_agent::clock::rfc3339_ms(now + 3_600_000),
+        blocks: vec![],
+        emergency: version == 1,
+        rulepacks: vec![],
+        note: format!("v{version} from a URL"),
+    };
+    let wait_for = |what: &str, f: &dyn Fn(&serde_json::Value) -> bool| {
+        let deadline = std::time::Instant::now() + scaled(Duration::from_secs(15));
+        loop {
+            let s = fleet.members[0].status();
+            if f(&s) {
+                return s;
+            }
+            assert!(std::time::Instant::now() < deadline, "{what}: {s:#}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    std::fs::write(&served, serde_json::to_vec(&doc(1).sign(&[&a, &b]).unwrap()).unwrap()).unwrap();
+    let s = wait_for("version 1 from the URL", &|s| s["fleet"]["version"] == 1);
+    assert_eq!(s["emergency"]["host"], true, "{s:#}");
+    assert!(s["fleet"]["sources"].as_array().unwrap().iter().any(|u| u.as_str().unwrap().starts_with("file://")));
+    // A forged version 2 at the URL: refused, counted; version 1 stays.
+    let mut forged = doc(2).sign(&[&a, &b]).unwrap();
+    forged.payload = forged.payload.replace('A', "B");
+    std::fs::write(&served, serde_json::to_vec(&forged).unwrap()).unwrap();
+    wait_for("the forged version refused", &|s| {
+        s["fleet"]["refused"]["bad_signature"].as_u64().unwrap_or(0)
+            + s["fleet"]["refused"]["malformed"].as_u64().unwrap_or(0)
+            == 1
+    });
+    // The real version 2: taken (emergency mode off again, the fleet had turned it on).
+    std::fs::write(&served, serde_json::to_vec(&doc(2).sign(&[&a, &b]).unwrap()).unwrap()).unwrap();
+    let s = wait_for("version 2 from the URL", &|s| s["fleet"]["version"] == 2);
+    assert_eq!(s["emergency"]["host"], false, "{s:#}");
+}

@@ -40,6 +40,7 @@ const MAX_DROP_FILES: usize = 256;
 enum Source {
     Collector,
     DropDir,
+    Url,
 }
 
 /// The feed's state, shared by its sources.
@@ -271,6 +272,14 @@ pub fn start(
     if let Some(d) = &drop_dir {
         sources.push(format!("dir:{}", d.display()));
     }
+    let url = (!config.url.trim().is_empty()).then(|| config.url.trim().to_owned());
+    let url_store = match &url {
+        Some(u) => {
+            sources.push(u.clone());
+            Some(open_url(u)?)
+        }
+        None => None,
+    };
     if sources.is_empty() {
         tracing::warn!("[fleet] has a name but no source: set [collector] url, or [fleet] drop_dir");
     }
@@ -293,6 +302,7 @@ pub fn start(
     let (stop, stop_rx) = watch::channel(false);
     let wait = Duration::from_secs(config.wait_secs.max(1));
     let backoff_max = Duration::from_secs(config.backoff_max_secs.max(1));
+    let poll = Duration::from_secs(config.poll_secs.max(1));
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .thread_name("aegis-fleet")
@@ -305,7 +315,17 @@ pub fn start(
                 let collector =
                     client.map(|c| tokio::spawn(collector_loop(c, inner.clone(), wait, backoff_max, stop_rx.clone())));
                 let dir = drop_dir.map(|d| tokio::spawn(drop_dir_loop(d, inner.clone(), stop_rx.clone())));
-                for task in [collector, dir].into_iter().flatten() {
+                let polled = url_store.map(|(store, path)| {
+                    tokio::spawn(url_loop(
+                        store,
+                        path,
+                        url.clone().unwrap_or_default(),
+                        inner.clone(),
+                        poll,
+                        stop_rx.clone(),
+                    ))
+                });
+                for task in [collector, dir, polled].into_iter().flatten() {
                     let _ = task.await;
                 }
             });
@@ -425,6 +445,72 @@ async fn drop_dir_loop(dir: PathBuf, inner: Arc<Mutex<Inner>>, mut stop: watch::
         }
         tokio::select! {
             () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+/// The object store and path of a policy URL (`https://`, `s3://`, `file://`, ...).
+fn open_url(url: &str) -> anyhow::Result<(Box<dyn object_store::ObjectStore>, object_store::path::Path)> {
+    let parsed = url::Url::parse(url).map_err(|e| anyhow::anyhow!("[fleet] url = {url:?}: {e}"))?;
+    let options = std::env::vars().filter(|(k, _)| k.starts_with("AWS_")).map(|(k, v)| (k.to_ascii_lowercase(), v));
+    object_store::parse_url_opts(&parsed, options).map_err(|e| {
+        anyhow::anyhow!("[fleet] url = {url:?}: {e} (https://, s3:// with the AWS_* environment, or file:///)")
+    })
+}
+
+/// Poll `url` every `every`: when its ETag (or size and modification time) changed, read it
+/// (at most [`MAX_POLICY_BYTES`]) and offer it.
+async fn url_loop(
+    store: Box<dyn object_store::ObjectStore>,
+    path: object_store::path::Path,
+    url: String,
+    inner: Arc<Mutex<Inner>>,
+    every: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    use object_store::ObjectStoreExt as _;
+    let mut seen: Option<String> = None;
+    let mut failing = false;
+    loop {
+        let result: Result<Option<Vec<u8>>, String> = async {
+            let meta = store.head(&path).await.map_err(|e| e.to_string())?;
+            let stamp = format!("{:?}/{}/{}", meta.e_tag, meta.size, meta.last_modified);
+            if seen.as_deref() == Some(stamp.as_str()) {
+                return Ok(None);
+            }
+            if meta.size > MAX_POLICY_BYTES {
+                seen = Some(stamp);
+                return Err(format!("{} bytes, more than a policy's {MAX_POLICY_BYTES}: not read", meta.size));
+            }
+            let bytes = store.get(&path).await.map_err(|e| e.to_string())?.bytes().await.map_err(|e| e.to_string())?;
+            seen = Some(stamp);
+            Ok(Some(bytes.to_vec()))
+        }
+        .await;
+        match result {
+            Ok(Some(bytes)) => {
+                failing = false;
+                let mut i = lock(&inner);
+                let ack = i.offer(&bytes, Source::Url);
+                i.queue_ack(&ack);
+                i.publish_status();
+            }
+            Ok(None) => failing = false,
+            Err(e) => {
+                if !failing {
+                    tracing::warn!(
+                        "fleet policy URL {url}: {e}; the policy in force stays, trying again every {every:?}"
+                    );
+                }
+                failing = true;
+                let mut i = lock(&inner);
+                i.status.last_error = format!("{url}: {e}");
+                i.publish_status();
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(every) => {}
             _ = stop.changed() => return,
         }
     }

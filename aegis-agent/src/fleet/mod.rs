@@ -26,6 +26,12 @@ pub struct FleetConfig {
     /// A directory to watch for policy files (`*.json`) that config management copies in;
     /// empty: none.
     pub drop_dir: PathBuf,
+    /// A URL to poll for the policy (`https://host/policy.json`, `s3://bucket/policy.json`
+    /// with the `AWS_*` environment, `file:///path`): signed policies can be served by
+    /// anything. Empty: none.
+    pub url: String,
+    /// How often `url` is checked (its ETag or modification time first).
+    pub poll_secs: u64,
     /// The last policy accepted, kept across restarts (no rollback through a restart).
     pub state_file: PathBuf,
     /// How long one request to the collector waits for a new policy.
