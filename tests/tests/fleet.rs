@@ -189,6 +189,7 @@ fn bad_policies_are_refused_counted_and_change_nothing() {
         expires: aegis_agent::clock::rfc3339_ms(expires_ms),
         blocks: vec![],
         emergency: version % 2 == 1,
+        mode: None,
         rulepacks: vec![],
         note: format!("v{version}"),
     };
@@ -402,6 +403,7 @@ fn a_policy_polled_from_a_url_is_taken_when_it_changes() {
         expires: aegis_agent::clock::rfc3339_ms(now + 3_600_000),
         blocks: vec![],
         emergency: version == 1,
+        mode: None,
         rulepacks: vec![],
         note: format!("v{version} from a URL"),
     };
@@ -429,8 +431,14 @@ fn a_policy_polled_from_a_url_is_taken_when_it_changes() {
             + s["fleet"]["refused"]["malformed"].as_u64().unwrap_or(0)
             == 1
     });
-    // The real version 2: taken (emergency mode off again, the fleet had turned it on).
-    std::fs::write(&served, serde_json::to_vec(&doc(2).sign(&[&a, &b]).unwrap()).unwrap()).unwrap();
+    // The real version 2: taken (emergency mode off again, the fleet had turned it on), with
+    // a configuration override: enforcement on.
+    assert_eq!(fleet.members[0].status()["mode"]["mode"], "observe");
+    let mut v2 = doc(2);
+    v2.mode = Some(aegis_agent::control::EnforceMode::Enforce);
+    std::fs::write(&served, serde_json::to_vec(&v2.sign(&[&a, &b]).unwrap()).unwrap()).unwrap();
     let s = wait_for("version 2 from the URL", &|s| s["fleet"]["version"] == 2);
     assert_eq!(s["emergency"]["host"], false, "{s:#}");
+    assert_eq!(s["mode"]["mode"], "enforce", "the policy's mode is in force: {s:#}");
+    assert_eq!(s["mode"]["operator"]["set_by"]["comm"], "fleet v2", "and says who set it: {s:#}");
 }

@@ -132,24 +132,25 @@ impl Inner {
                     (false, false) => None,
                 };
                 let held_packs = self.accepted.as_ref().map(|a| a.rulepacks.clone()).unwrap_or_default();
-                let applied = self.applier.apply(v.doc.version, &v.doc.blocks, emergency, &v.signers).and_then(|r| {
-                    if held_packs == v.doc.rulepacks {
-                        return Ok(r);
-                    }
-                    match &self.packs {
-                        Some(swap) => swap(&v.doc.rulepacks).map(|names| {
-                            let mut r = r;
-                            r.notes.push(format!("rulepacks in force: {}", names.join(", ")));
-                            r
-                        }),
-                        None if v.doc.rulepacks.is_empty() => Ok(r),
-                        None => {
-                            let mut r = r;
-                            r.notes.push("the policy's rulepacks are not used: this agent runs no rules".into());
-                            Ok(r)
+                let applied =
+                    self.applier.apply(v.doc.version, &v.doc.blocks, emergency, v.doc.mode, &v.signers).and_then(|r| {
+                        if held_packs == v.doc.rulepacks {
+                            return Ok(r);
                         }
-                    }
-                });
+                        match &self.packs {
+                            Some(swap) => swap(&v.doc.rulepacks).map(|names| {
+                                let mut r = r;
+                                r.notes.push(format!("rulepacks in force: {}", names.join(", ")));
+                                r
+                            }),
+                            None if v.doc.rulepacks.is_empty() => Ok(r),
+                            None => {
+                                let mut r = r;
+                                r.notes.push("the policy's rulepacks are not used: this agent runs no rules".into());
+                                Ok(r)
+                            }
+                        }
+                    });
                 match applied {
                     Ok(report) => {
                         let now = now_unix_ms();

@@ -91,6 +91,17 @@ pub enum FleetCommand {
         #[command(flatten)]
         push: PushArgs,
     },
+    /// Set the enforcement mode on every host of the fleet: `on` makes rule verdicts of
+    /// block stop calls, `off` only records them (a configuration override the policy
+    /// carries until a later one changes it).
+    Enforce {
+        #[arg(value_parser = ["on", "off"])]
+        state: String,
+        #[arg(long)]
+        reason: String,
+        #[command(flatten)]
+        push: PushArgs,
+    },
     /// Turn emergency mode on or off on every host of the fleet.
     Emergency {
         #[arg(value_parser = ["on", "off"])]
@@ -187,6 +198,9 @@ struct PolicyFile {
     /// Rulepack files (paths relative to the policy file), carried in the policy.
     #[serde(default)]
     rulepacks: Vec<PathBuf>,
+    /// The enforcement mode to set on every host.
+    #[serde(default)]
+    mode: Option<crate::control::EnforceMode>,
 }
 
 fn load_signers(paths: &[PathBuf]) -> anyhow::Result<Vec<HostKey>> {
@@ -218,6 +232,7 @@ fn new_doc(signing: &SigningArgs, version: u64, file: PolicyFile, rulepacks: Vec
         expires: rfc3339_ms(now + signing.expires.as_millis() as u64),
         blocks: file.blocks,
         emergency: file.emergency,
+        mode: file.mode,
         rulepacks,
         note: file.note,
     }
@@ -342,6 +357,14 @@ fn execute(cmd: FleetCommand) -> anyhow::Result<u8> {
                 Ok(())
             })
         }
+        FleetCommand::Enforce { state, reason, push } => {
+            let mode =
+                if state == "on" { crate::control::EnforceMode::Enforce } else { crate::control::EnforceMode::Observe };
+            push_change(&push, format!("enforce {state}: {reason}"), |doc| {
+                doc.mode = Some(mode);
+                Ok(())
+            })
+        }
         FleetCommand::Emergency { state, reason, push } => {
             let on = state == "on";
             push_change(&push, format!("emergency {state}: {reason}"), |doc| {
@@ -374,6 +397,7 @@ fn push_change(
         doc.blocks = c.blocks;
         doc.emergency = c.emergency;
         doc.rulepacks = c.rulepacks;
+        doc.mode = c.mode;
     }
     doc.note = note;
     change(&mut doc)?;

@@ -168,6 +168,8 @@ pub enum Change {
         added: Vec<Block>,
         removed: Vec<Block>,
         emergency: Emergency,
+        /// The enforcement mode the policy switched to, when it changed.
+        mode: Option<EnforceMode>,
     },
 }
 
@@ -182,11 +184,12 @@ impl Change {
             Change::Restored { blocks, emergency, mode } => {
                 json!({ "blocks": blocks.iter().map(|b| &b.id).collect::<Vec<_>>(), "emergency": emergency, "mode": mode })
             }
-            Change::Fleet { version, added, removed, emergency } => json!({
+            Change::Fleet { version, added, removed, emergency, mode } => json!({
                 "fleet_version": version,
                 "added": added,
                 "removed": removed.iter().map(|b| &b.id).collect::<Vec<_>>(),
                 "emergency": emergency,
+                "mode": mode,
             }),
         }
     }
@@ -224,7 +227,7 @@ impl ControlHandler for ContainmentOff {
                 Ok(ApplyReport::default())
             }
             Change::Expired(_) => Ok(ApplyReport::default()),
-            Change::Fleet { added, emergency, .. } if added.is_empty() && emergency.is_off() => {
+            Change::Fleet { added, emergency, mode: None, .. } if added.is_empty() && emergency.is_off() => {
                 Ok(ApplyReport::default())
             }
             _ => Err("containment is off in this agent's configuration (enforce.enabled = false): set \
@@ -360,9 +363,10 @@ impl FleetApplier {
         version: u64,
         specs: &[BlockSpec],
         emergency: Option<bool>,
+        mode: Option<EnforceMode>,
         signers: &[String],
     ) -> Result<ApplyReport, String> {
-        self.0.apply_fleet(version, specs, emergency, signers)
+        self.0.apply_fleet(version, specs, emergency, mode, signers)
     }
 
     /// Publish the fleet's state for `status`.
@@ -1187,6 +1191,7 @@ impl Core {
         version: u64,
         specs: &[BlockSpec],
         emergency: Option<bool>,
+        mode: Option<EnforceMode>,
         signers: &[String],
     ) -> Result<ApplyReport, String> {
         let actor = Actor { comm: format!("fleet v{version}"), ..Actor::agent() };
@@ -1221,7 +1226,8 @@ impl Core {
             if let Some(on) = emergency {
                 state.emergency.set(on, None);
             }
-            let change = Change::Fleet { version, added, removed, emergency: state.emergency.clone() };
+            let mode = mode.filter(|m| state.mode.choose(*m, &actor, now));
+            let change = Change::Fleet { version, added, removed, emergency: state.emergency.clone(), mode };
             Ok((Some(change), ()))
         });
         match result {

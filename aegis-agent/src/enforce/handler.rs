@@ -280,7 +280,12 @@ impl ControlHandler for Enforcer {
                 blocks.retain(|x| !ids.contains(x.id.as_str()));
                 self.release_unused(&blocks, gone);
             }
-            Change::Fleet { added, removed, .. } => {
+            Change::Fleet { added, removed, mode, .. } => {
+                // A mode the policy switched to: the kernel side follows first (an error
+                // undoes the whole policy).
+                if let (Some(mode), Some(f)) = (mode, self.follower.get()) {
+                    f.follow(*mode)?;
+                }
                 for p in added.iter().filter_map(|x| match &x.spec.target {
                     BlockTarget::Provider(p) => Some(p),
                     _ => None,

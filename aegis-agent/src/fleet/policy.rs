@@ -64,6 +64,11 @@ pub struct PolicyDoc {
     /// Emergency mode host-wide.
     #[serde(default)]
     pub emergency: bool,
+    /// A configuration override: the enforcement mode (`observe` or `enforce`), as
+    /// `aegis-agent enforce on|off` sets it (kept until an operator or a later policy that
+    /// names one changes it); absent: the hosts' own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<crate::control::EnforceMode>,
     /// Rulepacks (TOML, as `aegis-agent rules test` takes them) in force on every host
     /// beside its configured packs. An empty list takes the previous version's away.
     #[serde(default)]
@@ -368,6 +373,7 @@ mod tests {
                 reason: "INC-7: leaking to openai".into(),
             }],
             emergency: false,
+            mode: None,
             rulepacks: vec![],
             note: String::new(),
         }
