@@ -217,24 +217,34 @@ impl Fleet {
 
     /// Wait until the collector has heard from each of `names`.
     pub fn wait_for_contact(&self, names: Vec<String>) {
-        let deadline = Instant::now() + scaled(Duration::from_secs(60));
+        self.wait_for_agents(&names, Duration::from_secs(60), "never reached the collector", |a| {
+            a["last_contact"].is_string()
+        });
+    }
+
+    /// Wait until `pred` holds for the collector's row of each agent in `names`; the
+    /// fleet's status then.
+    fn wait_for_agents(
+        &self,
+        names: &[String],
+        timeout: Duration,
+        what: &str,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = Instant::now() + scaled(timeout);
         loop {
             let status = self.status();
-            let silent: Vec<&String> = names
+            let waiting: Vec<&String> = names
                 .iter()
                 .filter(|n| {
-                    !status["agents"]
-                        .as_array()
-                        .into_iter()
-                        .flatten()
-                        .any(|a| a["agent"] == n.as_str() && a["last_contact"].is_string())
+                    !status["agents"].as_array().into_iter().flatten().any(|a| a["agent"] == n.as_str() && pred(a))
                 })
                 .collect();
-            if silent.is_empty() {
-                return;
+            if waiting.is_empty() {
+                return status;
             }
-            assert!(Instant::now() < deadline, "agents never reached the collector: {silent:?}\n{status:#}");
-            std::thread::sleep(Duration::from_millis(100));
+            assert!(Instant::now() < deadline, "agents {what}: {waiting:?}\n{status:#}");
+            std::thread::sleep(Duration::from_millis(50));
         }
     }
 
@@ -295,25 +305,9 @@ impl Fleet {
 
     /// Wait until every agent in `names` has `version` in force; the status then.
     pub fn wait_for_version(&self, names: &[String], version: u64, timeout: Duration) -> serde_json::Value {
-        let deadline = Instant::now() + scaled(timeout);
-        loop {
-            let status = self.status();
-            let behind: Vec<&String> = names
-                .iter()
-                .filter(|n| {
-                    !status["agents"]
-                        .as_array()
-                        .into_iter()
-                        .flatten()
-                        .any(|a| a["agent"] == n.as_str() && a["version"].as_u64() >= Some(version))
-                })
-                .collect();
-            if behind.is_empty() {
-                return status;
-            }
-            assert!(Instant::now() < deadline, "agents without version {version}: {behind:?}\n{status:#}");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        self.wait_for_agents(names, timeout, &format!("without version {version}"), |a| {
+            a["version"].as_u64() >= Some(version)
+        })
     }
 }
 

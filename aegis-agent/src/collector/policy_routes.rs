@@ -254,27 +254,10 @@ pub async fn take_ack(
             );
         }
     };
-    let Some(agent) = envelope.signatures.iter().find_map(|s| state.agents.get(&s.keyid)) else {
-        return refuse(
-            peer,
-            StatusCode::FORBIDDEN,
-            "unknown_agent",
-            "no enrolled agent has the acknowledgement's signing key".into(),
-            "enroll the agent in [[agents]]",
-        );
+    let agent = match super::server::signing_agent(state, &envelope, cert, peer, "acknowledgement") {
+        Ok(a) => a,
+        Err(refused) => return refused,
     };
-    if !super::tls::cert_names(cert, &agent.client_identity) {
-        return refuse(
-            peer,
-            StatusCode::FORBIDDEN,
-            "wrong_client",
-            format!(
-                "the acknowledgement is signed by agent {:?}, but sent over another host's certificate",
-                agent.name
-            ),
-            "acknowledgements are taken only from the host that signed them",
-        );
-    }
     let ack = match Ack::verify(&envelope, &agent.key) {
         Ok(a) => a,
         Err(e) => {

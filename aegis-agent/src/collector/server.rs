@@ -244,6 +244,45 @@ fn bad_digest(peer: SocketAddr, digest: &str) -> Response<Body> {
     )
 }
 
+/// The enrolled agent whose key signed `envelope` (a `what`: bundle, acknowledgement), when
+/// the client certificate names that agent's identity: a document is taken only from the
+/// host that signed it. Else the refusal to answer.
+pub(super) fn signing_agent<'a>(
+    state: &'a State,
+    envelope: &dsse::Envelope,
+    client_cert: &CertificateDer<'static>,
+    peer: SocketAddr,
+    what: &str,
+) -> Result<&'a Agent, Response<Body>> {
+    let Some(agent) = envelope.signatures.iter().find_map(|s| state.agents.get(&s.keyid)) else {
+        let keyids: Vec<&str> = envelope.signatures.iter().map(|s| s.keyid.as_str()).collect();
+        return Err(refuse(
+            peer,
+            StatusCode::FORBIDDEN,
+            "unknown_agent",
+            format!("no enrolled agent has the signing key id {}", keyids.join(", ")),
+            "enroll the agent: add its `aegis-agent key show` verifier line to [[agents]] in the collector config",
+        ));
+    };
+    if !super::tls::cert_names(client_cert, &agent.client_identity) {
+        return Err(refuse(
+            peer,
+            StatusCode::FORBIDDEN,
+            "wrong_client",
+            format!(
+                "the {what} is signed by agent {:?}, but the client certificate does not name its identity {:?}: \
+                 a {what} is accepted only from the host that signed it",
+                agent.name, agent.client_identity
+            ),
+            &format!(
+                "send each {what} from the agent that signed it, with its own client certificate; if that is so, \
+                 fix [[agents]] client_identity or the certificate's subjectAltName"
+            ),
+        ));
+    }
+    Ok(agent)
+}
+
 /// Most bytes of a refused body read and thrown away before the answer: a client still
 /// sending when the server answers and closes gets a broken pipe instead of the answer,
 /// so a body moderately over the limit is read to its end first.
@@ -350,30 +389,10 @@ async fn put_bundle(
             );
         }
     };
-    let Some(agent) = envelope.signatures.iter().find_map(|s| state.agents.get(&s.keyid)) else {
-        let keyids: Vec<&str> = envelope.signatures.iter().map(|s| s.keyid.as_str()).collect();
-        return refuse(
-            peer,
-            StatusCode::FORBIDDEN,
-            "unknown_agent",
-            format!("no enrolled agent has the signing key id {}", keyids.join(", ")),
-            "enroll the agent: add its `aegis-agent key show` verifier line to [[agents]] in the collector config",
-        );
+    let agent = match signing_agent(state, &envelope, client_cert, peer, "bundle") {
+        Ok(a) => a,
+        Err(refused) => return refused,
     };
-    if !super::tls::cert_names(client_cert, &agent.client_identity) {
-        return refuse(
-            peer,
-            StatusCode::FORBIDDEN,
-            "wrong_client",
-            format!(
-                "the bundle is signed by agent {:?}, but the client certificate does not name its identity {:?}: \
-                 a bundle is accepted only from the host that signed it",
-                agent.name, agent.client_identity
-            ),
-            "ship bundles from the agent that signed them, with its own client certificate; if that is so, \
-             fix [[agents]] client_identity or the certificate's subjectAltName",
-        );
-    }
     let statement = match dsse::verify(&envelope, &agent.key) {
         Ok(s) => s,
         Err(e) => {
