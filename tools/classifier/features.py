@@ -10,6 +10,7 @@ DIM_BITS = 18
 DIM = 1 << DIM_BITS
 WINDOW_CHARS = 4096
 CHAR_MIN, CHAR_MAX = 3, 5
+COUNT_CAP = 4.0
 FNV_OFFSET = 0x811C9DC5
 FNV_PRIME = 0x01000193
 
@@ -75,12 +76,13 @@ def features(window: str):
 
 
 def vector(window: str):
-    """Sparse feature vector {index: value}: counts over sqrt(number of occurrences)."""
-    feats = features(window)
-    if not feats:
-        return {}
-    scale = 1.0 / math.sqrt(len(feats))
+    """Sparse feature vector {index: value}: bucket counts capped at COUNT_CAP, over the
+    square root of their sum (so a text that repeats one n-gram cannot push its weight
+    without bound)."""
     v = {}
-    for idx, _ in feats:
-        v[idx] = v.get(idx, 0.0) + scale
-    return v
+    for idx, _ in features(window):
+        v[idx] = min(v.get(idx, 0.0) + 1.0, COUNT_CAP)
+    if not v:
+        return {}
+    scale = 1.0 / math.sqrt(sum(v.values()))
+    return {i: c * scale for i, c in v.items()}
