@@ -112,10 +112,11 @@ def stdlib_rows():
         if len(text) < 2000:
             continue
         held = zlib.crc32(f.stem.encode()) % 2 == 1
+        family = "stdlib_heldout" if held else f"stdlib/{f.stem}"
         for _ in range(2):
             n = rng.randint(200, min(3000, len(text)))
             at = rng.randint(0, len(text) - n)
-            rows.append(("stdlib_heldout" if held else f"stdlib/{f.stem}", 0, text[at : at + n]))
+            rows.append((family, 0, text[at : at + n]))
     return rows
 
 

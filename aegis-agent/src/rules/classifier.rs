@@ -38,6 +38,10 @@ pub const RULE_ID: &str = "model.injection_classifier";
 pub const MODEL_NAME: &str = "injection_classifier";
 /// Windows scored per text, at most.
 pub const MAX_WINDOWS: usize = 64;
+/// Texts shorter than this (characters, normalised) score 0: a lone word or two has too
+/// few n-grams for a linear model to mean anything ("instructions" alone scored high), and
+/// the rules see them anyway.
+pub const MIN_CHARS: usize = 20;
 
 const MAGIC: &[u8; 8] = b"AEGISLR1";
 /// A bucket's count is capped at this (as in `tools/classifier/features.py`).
@@ -248,6 +252,9 @@ impl Model {
     /// Score `text` (see the module doc).
     pub fn score(&self, text: &str) -> Score {
         let norm = normalize(text);
+        if norm.chars().nth(MIN_CHARS - 1).is_none() {
+            return Score { score: 0.0, window: 0, chars_not_scored: 0 };
+        }
         let mut chars = Vec::with_capacity(self.window_chars + 2);
         let mut buckets = Vec::with_capacity(self.window_chars * 4);
         let mut best = Score { score: 0.0, window: 0, chars_not_scored: 0 };
@@ -337,6 +344,8 @@ mod tests {
             "How do I make git ignore all .log files except error.log?",
             "What does the system role message do in the chat completions API?",
             "",
+            "instructions",
+            "response",
         ] {
             let s = c.model.score(benign);
             assert!(s.score < c.threshold, "{benign}: {s:?}");
@@ -353,8 +362,9 @@ mod tests {
         for line in text.lines().take(60) {
             let row: serde_json::Value = serde_json::from_str(line).unwrap();
             let t = row["text"].as_str().unwrap();
-            if t.chars().count() > 4096 {
-                continue; // the trainer scores the first window only
+            let len = normalize(t).chars().count();
+            if len > 4096 || len < MIN_CHARS {
+                continue; // the trainer scores the first window only, and short texts too
             }
             let want = row["score"].as_f64().unwrap() as f32;
             let got = c.model.score(t).score;
