@@ -295,7 +295,18 @@ impl CallInspection {
         if score.score < c.threshold {
             return;
         }
-        let features = c.model.explain(&text, score.window, TOP_FEATURES);
+        // The n-grams are prompt text: kept masked with a keyed hash, like any match's
+        // evidence (an analyst with the key can check them against the text).
+        let redactor = &self.inspector.redactor;
+        let features: Vec<(String, f32)> = c
+            .model
+            .explain(&text, score.window, TOP_FEATURES)
+            .into_iter()
+            .map(|(gram, weight)| {
+                let e = redactor.evidence(&gram);
+                (format!("{} #{}", e.masked, e.hash), weight)
+            })
+            .collect();
         let top: Vec<&str> = features.iter().map(|(g, _)| g.as_str()).collect();
         tracing::debug!(score = score.score, threshold = c.threshold, ?scope, "classifier match");
         self.builder.add_record(MatchRecord {
