@@ -66,6 +66,15 @@ pub struct RulesConfig {
     pub packs: Vec<PathBuf>,
     pub reload_secs: u64,
     pub evidence_key: PathBuf,
+    /// Run the learned classifier (`rules::classifier`) on the request's user and tool
+    /// messages after the rules.
+    pub classifier: bool,
+    /// Its threshold (a probability); unset: the model's own, set at most 1% false
+    /// positives on its benign texts.
+    #[serde(default)]
+    pub classifier_threshold: Option<f32>,
+    /// The verdict of a score at or above the threshold (warn: the product observes).
+    pub classifier_action: crate::rules::pack::Action,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -216,6 +225,13 @@ impl Config {
             "capture.ring_buffer_bytes = {ring}: at most {MAX_RING_BUFFER_BYTES} (256 MiB); the kernel pins the \
              whole buffer in memory. If records report ring buffer drops, add capture.workers instead"
         );
+        if let Some(t) = self.rules.classifier_threshold {
+            anyhow::ensure!(
+                (0.0..=1.0).contains(&t),
+                "rules.classifier_threshold = {t}: give a probability between 0 and 1 (or leave it unset for the \
+                 model's own)"
+            );
+        }
         self.lookback.validate()?;
         self.metrics.validate()?;
         self.otlp.validate()?;

@@ -91,8 +91,19 @@ pub fn run(config: &Config, ready_file: Option<&Path>) -> anyhow::Result<()> {
         if let Some(ledger) = &ledger {
             ledger.append("agent_start", &agent_start(config, engine.packs()));
         }
+        let classifier = if config.rules.classifier {
+            let c = rules::Classifier::embedded(config.rules.classifier_threshold, config.rules.classifier_action)
+                .map_err(anyhow::Error::msg)
+                .context("the embedded classifier model")?;
+            tracing::info!(model = %c.model.version, digest = %c.model.digest, threshold = c.threshold, action = ?c.action, "classifier in force");
+            Some(c)
+        } else {
+            None
+        };
         Some(Arc::new(
-            Inspector::with_policies(engine, policies, redactor).with_uninspectable(config.enforce.uninspectable),
+            Inspector::with_policies(engine, policies, redactor)
+                .with_uninspectable(config.enforce.uninspectable)
+                .with_classifier(classifier),
         ))
     } else {
         if let Some(ledger) = &ledger {

@@ -12,7 +12,7 @@
 //!
 //! Then, in the order a call is handled:
 //! - [`protocol`]: HTTP/1.1 messages, chunked bodies, content decoding, Server-Sent Events.
-//! - [`rules`]: rulepacks and the scanning engine.
+//! - [`rules`]: rulepacks and the scanning engine; the learned classifier (second stage).
 //! - [`control`]: the operator's state (blocks, emergency and enforcement modes) and the
 //!   control socket that changes it, with its audit log.
 //! - [`policy`]: a call's inspection and decision, and its ruling (`policy::ruling`: the

@@ -107,6 +107,13 @@ enum Task {
         #[arg(long)]
         check: bool,
     },
+    /// Evaluations against held-out data. `detection`: recall and false positives of the
+    /// rules, the learned classifier and both on the classifier's held-out split, then the
+    /// classifier's scoring throughput per core (optimised, scoring module alone).
+    Eval {
+        /// What to evaluate: `detection`.
+        what: String,
+    },
     /// Benchmarks; each prints its figures and ratios against a baseline from the same run.
     Bench {
         #[command(subcommand)]
@@ -190,6 +197,13 @@ fn main() -> anyhow::Result<()> {
             println!("{}", deb.display());
             Ok(())
         }
+        Task::Eval { what } => {
+            if what != "detection" {
+                bail!("cargo xtask eval {what}: unknown evaluation; the one there is: detection");
+            }
+            setup()?;
+            eval_detection()
+        }
         Task::Bench { which } => {
             setup()?;
             bench::run(which)
@@ -217,6 +231,39 @@ fn lint() -> anyhow::Result<()> {
         ])
         .env("CARGO_TARGET_DIR", workspace_root().join("target/bpf-lint"))
         .args(["--", "-D", "warnings"]))
+}
+
+/// `cargo xtask eval detection`: the ignored `rules::eval::detection` test (the test
+/// profile: the same build as the unit tests), then `tools/classifier/bench.rs` built with
+/// `rustc -O` around the scoring module alone (seconds to build, no release build of the
+/// agent) for the throughput.
+fn eval_detection() -> anyhow::Result<()> {
+    run(cargo().args([
+        "test",
+        "-p",
+        "aegis-agent",
+        "--lib",
+        "--",
+        "--ignored",
+        "--nocapture",
+        "--exact",
+        "rules::eval::detection",
+    ]))?;
+    let root = workspace_root();
+    let out = root.join("target/eval-classifier");
+    std::fs::create_dir_all(&out)?;
+    let mut rustc = Command::new("rustc");
+    rustc.arg(format!("+{TOOLCHAIN}")).env("PATH", path_with_tools());
+    for var in ["RUSTC", "RUSTUP_TOOLCHAIN"] {
+        rustc.env_remove(var);
+    }
+    run(rustc
+        .args(["--edition", "2024", "-O", "-o"])
+        .arg(out.join("bench"))
+        .arg(root.join("tools/classifier/bench.rs")))?;
+    run(Command::new(out.join("bench"))
+        .arg(root.join("packaging/models/injection_classifier.bin"))
+        .arg(root.join("tools/classifier/data/heldout.jsonl")))
 }
 
 pub fn workspace_root() -> PathBuf {

@@ -343,6 +343,7 @@ mod tests {
             evidence: Kept::Text("provider=openai".into()),
             decoded_from: None,
             at_ms: None,
+            model: None,
         };
         let ruling = |mode, in_scope| Ruling {
             mode,

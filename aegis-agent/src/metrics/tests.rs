@@ -73,6 +73,8 @@ fn decision(action: Action, rules: &[&str]) -> Decision {
         rules: rules.iter().map(|r| (*r).to_owned()).collect(),
         rationale: None,
         decided_by: None,
+        stage: None,
+        model: None,
         packs: vec![],
         matches: vec![],
         scan_complete: true,

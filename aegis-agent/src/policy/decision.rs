@@ -45,6 +45,33 @@ pub struct MatchRecord {
     /// Responses: ms from the response's first byte to the chunk the match completed in.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub at_ms: Option<f64>,
+    /// A match of the learned classifier (`rules::classifier`): its score and why.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model: Option<ModelScore>,
+}
+
+/// What the classifier said of the text it matched.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ModelScore {
+    /// Probability of prompt injection or jailbreak (of the text's highest window).
+    pub score: f32,
+    /// The threshold in force (`rules.classifier_threshold`).
+    pub threshold: f32,
+    /// The n-grams that raised the score most, with their share of the logit: an
+    /// explanation an analyst can check against the text.
+    pub features: Vec<(String, f32)>,
+}
+
+/// Which stage of inspection reached a decision.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Stage {
+    /// A rule of a rulepack.
+    Rules,
+    /// The learned classifier (`model` says which).
+    Model,
+    /// Anything else: provider allowlists, an operator's block, uninspectable content.
+    Policy,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -55,8 +82,14 @@ pub struct Decision {
     pub rules: Vec<String>,
     /// The rationale of the deciding (strongest) match.
     pub rationale: Option<String>,
-    /// The pack of the deciding match.
+    /// The pack of the deciding match (the model, when the classifier decided).
     pub decided_by: Option<PackInfo>,
+    /// The stage of the deciding match.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stage: Option<Stage>,
+    /// The classifier in force when the call was inspected (name, version, digest).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model: Option<PackInfo>,
     /// Every pack in force when the call was inspected.
     pub packs: Vec<PackInfo>,
     pub matches: Vec<MatchRecord>,
@@ -83,6 +116,8 @@ pub struct DecisionBuilder {
     not_scanned: Vec<String>,
     /// (rule, matched text) pairs already recorded: a stream rescans an overlap window.
     seen: std::collections::HashSet<(usize, String)>,
+    /// The classifier in force.
+    model: Option<PackInfo>,
 }
 
 impl DecisionBuilder {
@@ -120,7 +155,13 @@ impl DecisionBuilder {
             evidence,
             decoded_from: finding.decoded_from,
             at_ms,
+            model: None,
         });
+    }
+
+    /// The classifier in force for this call, for the decision's `model` and `decided_by`.
+    pub fn set_model(&mut self, model: Option<PackInfo>) {
+        self.model = model;
     }
 
     /// The strongest action among the matches so far, with its rule (first found wins a tie).
@@ -171,8 +212,16 @@ impl DecisionBuilder {
                 rules.push(m.rule.clone());
             }
         }
-        let decided_by =
-            top.and_then(|m| engine.packs().iter().find(|p| format!("{}@{}", p.name, p.version) == m.pack)).cloned();
+        let rule_pack = top.and_then(|m| engine.packs().iter().find(|p| format!("{}@{}", p.name, p.version) == m.pack));
+        let stage = top.map(|m| match (&m.model, rule_pack) {
+            (Some(_), _) => Stage::Model,
+            (None, Some(_)) => Stage::Rules,
+            (None, None) => Stage::Policy,
+        });
+        let decided_by = match stage {
+            Some(Stage::Model) => self.model.clone(),
+            _ => rule_pack.cloned(),
+        };
         let mut action = top.map_or(Action::Allow, |m| m.action);
         let escalated_by_emergency = emergency && action == Action::Warn;
         if escalated_by_emergency {
@@ -198,6 +247,8 @@ impl DecisionBuilder {
             }),
             rules,
             decided_by,
+            stage,
+            model: self.model,
             packs: engine.packs().to_vec(),
             scan_complete: self.not_scanned.is_empty(),
             not_scanned: self.not_scanned,

@@ -15,7 +15,7 @@ pub mod ruling;
 
 use std::sync::{Arc, RwLock};
 
-use crate::rules::{PackPolicy, engine::Engine, pack::Action};
+use crate::rules::{Classifier, PackPolicy, engine::Engine, pack::Action};
 
 /// `enforce.uninspectable` when not configured (the shipped configuration says the same):
 /// a call with content the rules could not see is decided `block`. Like any rule's block
@@ -38,6 +38,9 @@ pub struct Inspector {
     /// What a call's decision says of content the rules could not see (`enforce.uninspectable`,
     /// see [`inspect::Unseen`]).
     pub uninspectable: Action,
+    /// The learned second stage (`[rules] classifier`), when enabled: it scores the
+    /// request's user and tool messages (and plain texts) after the rules.
+    pub classifier: Option<Arc<Classifier>>,
 }
 
 impl Inspector {
@@ -52,7 +55,14 @@ impl Inspector {
             reloading: std::sync::Mutex::new(()),
             redactor,
             uninspectable: UNINSPECTABLE_DEFAULT,
+            classifier: None,
         }
+    }
+
+    /// Run the learned classifier on the texts it applies to (see `inspect`).
+    pub fn with_classifier(mut self, classifier: Option<Classifier>) -> Self {
+        self.classifier = classifier.map(Arc::new);
+        self
     }
 
     /// Decide `action` for content the rules could not see (`enforce.uninspectable`).

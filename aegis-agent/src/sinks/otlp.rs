@@ -706,6 +706,8 @@ mod tests {
                 rules: vec!["injection.ignore".into()],
                 rationale: None,
                 decided_by: None,
+                stage: None,
+                model: None,
                 packs: vec![],
                 matches: vec![],
                 scan_complete: true,
