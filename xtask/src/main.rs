@@ -26,7 +26,7 @@ use clap::{Parser, Subcommand};
 pub const TOOLCHAIN: &str = "nightly-2026-10-30";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Debian packages the tests and benchmarks use (binary, package).
-const PACKAGES: [(&str, &str); 8] = [
+const PACKAGES: [(&str, &str); 10] = [
     ("/usr/bin/curl", "curl"),
     ("/usr/bin/openssl", "openssl"),
     ("/usr/include/openssl/ssl.h", "libssl-dev"),
@@ -35,6 +35,9 @@ const PACKAGES: [(&str, &str); 8] = [
     ("/usr/bin/python3", "python3"),
     ("/usr/sbin/bpftool", "bpftool"),
     ("/usr/bin/setpriv", "util-linux"),
+    // The man page test renders with groff; the package check reads the binary's symbols.
+    ("/usr/bin/groff", "groff-base"),
+    ("/usr/bin/objdump", "binutils"),
 ];
 
 #[derive(Parser)]
