@@ -265,28 +265,16 @@ impl Accepted {
         }
     }
 
-    /// Saved atomically (a new file renamed over the old one, fsync'd).
+    /// Saved whole or not at all (the spool's atomic write: a temporary file of mode 0600,
+    /// fsync, rename, fsync of the directory).
     pub fn save(&self, path: &Path) -> anyhow::Result<()> {
         let bytes = serde_json::to_vec_pretty(self)?;
-        write_atomic(path, &bytes).with_context(|| format!("saving the fleet state to {}", path.display()))
+        let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let name = path.file_name().and_then(|n| n.to_str()).context("the fleet state file has no file name")?;
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        crate::evidence::spool::write_atomic(dir, name, &bytes)
+            .with_context(|| format!("saving the fleet state to {}", path.display()))
     }
-}
-
-/// Write `bytes` to `path` through a temporary file in the same directory, fsync'd.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write as _;
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
-    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).open(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent() {
-        std::fs::File::open(dir)?.sync_all()?;
-    }
-    Ok(())
 }
 
 /// Hex SHA-256.
