@@ -21,6 +21,8 @@ use crate::{
 pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(120);
 pub const CURL: &str = "/usr/bin/curl";
 pub const NODE: &str = "/usr/bin/node";
+/// GNU Wget 1.21, built on GnuTLS (`libgnutls.so.30`).
+pub const WGET: &str = "/usr/bin/wget";
 
 /// One HTTP request of a plan.
 #[derive(Clone, Debug)]
@@ -472,6 +474,32 @@ pub fn run_node(port: u16, plan: &Plan) -> ClientRun {
 /// between them), so they share one keep-alive connection.
 pub fn run_curl(port: u16, plan: &Plan) -> ClientRun {
     Client::Curl.run(port, plan)
+}
+
+/// Runs ONE `wget` (GnuTLS) for the single request of `plan`: wget sends the same body to
+/// every URL it is given, so each request is a process of its own. Asserts it exited 0 (wget
+/// exits 8 when the server answers with an error) and returns its pid and the body it got.
+pub fn run_wget(port: u16, plan: &Plan) -> (u32, String) {
+    let reqs: Vec<&Request> = plan.requests().collect();
+    assert_eq!(reqs.len(), 1, "run_wget takes a plan of one request");
+    let req = reqs[0];
+    let mut cmd = Command::new(WGET);
+    cmd.args(["-q", "--no-check-certificate", "--no-config", "-O", "-", "--method", &req.method]);
+    for (k, v) in &req.headers {
+        cmd.arg(format!("--header={k}: {v}"));
+    }
+    if req.body.is_some() {
+        cmd.arg("--header=Content-Type: application/json");
+        cmd.arg("--body-data").arg(String::from_utf8(req.body_bytes()).expect("UTF-8 body"));
+    }
+    cmd.arg(format!("https://127.0.0.1:{port}{}", req.path));
+    let (pid, stdout, _) = run_client("wget", cmd);
+    (pid, stdout)
+}
+
+/// The caller the agent should name for a [`run_wget`] process.
+pub fn wget_identity(pid: u32) -> Identity {
+    identity(pid, Path::new(WGET), TlsExpect::GnuTls, true)
 }
 
 fn curl_command(port: u16, plan: &Plan) -> Command {

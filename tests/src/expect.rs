@@ -195,6 +195,8 @@ pub enum TlsExpect {
     LibSsl,
     /// OpenSSL linked into this executable.
     Binary(PathBuf),
+    /// The system GnuTLS (`.../libgnutls.so.30[.x.y.z]`), hooks `gnutls_record_*`.
+    GnuTls,
 }
 
 /// A process the agent should name (caller or server).
@@ -225,17 +227,26 @@ impl Identity {
         }
         check(p["cgroup"].is_string(), format!("cgroup {} is not a string", p["cgroup"]));
         let lib = p["tls"]["library"].as_str().unwrap_or_default();
-        match &self.tls {
+        let (stack, write, read) = match &self.tls {
             TlsExpect::LibSsl => {
-                check(lib.ends_with("/libssl.so.3"), format!("tls.library {lib:?} is not libssl.so.3"))
+                check(lib.ends_with("/libssl.so.3"), format!("tls.library {lib:?} is not libssl.so.3"));
+                ("openssl", "SSL_write", "SSL_read")
             }
-            TlsExpect::Binary(exe) => check(lib == exe.to_string_lossy(), format!("tls.library {lib:?} != {exe:?}")),
-        }
+            TlsExpect::Binary(exe) => {
+                check(lib == exe.to_string_lossy(), format!("tls.library {lib:?} != {exe:?}"));
+                ("openssl", "SSL_write", "SSL_read")
+            }
+            TlsExpect::GnuTls => {
+                check(lib.contains("/libgnutls.so.30"), format!("tls.library {lib:?} is not libgnutls.so.30"));
+                ("gnutls", "gnutls_record_send", "gnutls_record_recv")
+            }
+        };
+        check(p["tls"]["stack"] == stack, format!("tls.stack {} != {stack:?}", p["tls"]["stack"]));
         let hooks: Vec<&str> =
             p["tls"]["hooks"].as_array().map(|h| h.iter().filter_map(Value::as_str).collect()).unwrap_or_default();
         check(
-            hooks.iter().any(|h| h.starts_with("SSL_write")) && hooks.iter().any(|h| h.starts_with("SSL_read")),
-            format!("tls.hooks {} lacks SSL_write*/SSL_read*", p["tls"]["hooks"]),
+            hooks.iter().any(|h| h.starts_with(write)) && hooks.iter().any(|h| h.starts_with(read)),
+            format!("tls.hooks {} lacks {write}*/{read}*", p["tls"]["hooks"]),
         );
     }
 }

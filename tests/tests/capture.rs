@@ -12,7 +12,7 @@ use std::{
 
 use aegis_tests::{
     Agent, MockProvider, Plan, Request, TempCert, assert_calls, assert_no_secrets,
-    clients::ClientRun,
+    clients::{ClientRun, run_wget, wget_identity},
     expected_calls,
     plans::{self, SECRETS},
     require_root, run_curl, run_node, run_python, serial,
@@ -97,6 +97,36 @@ fn stream_without_usage_reports_null_tokens() {
     for r in &records {
         assert!(r["input_tokens"].is_null() && r["output_tokens"].is_null(), "tokens must be null: {r}");
     }
+}
+
+/// wget speaks TLS through GnuTLS (`gnutls_record_send`/`recv`): its calls are reported like
+/// OpenSSL clients' ones, with `tls.stack = "gnutls"` and GnuTLS's functions as hooks. One
+/// process per request (wget sends one body to every URL): plain and streamed OpenAI chat,
+/// and an Anthropic message; and an ordinary GET that must not be reported.
+#[test]
+fn wget_gnutls_calls_are_reported_exactly() {
+    let _serial = serial();
+    let mut setup = Setup::start();
+    let plans = [
+        Plan::single(vec![plans::openai_chat("gpt-4o-mini", "Which TLS library does wget use?")]),
+        Plan::single(vec![plans::openai_chat_stream("gpt-4o", "Stream a haiku about GnuTLS.", true)]),
+        Plan::single(vec![plans::anthropic_messages("claude-3-5-haiku-latest", "Name a GNU tool.", false)]),
+        Plan::single(vec![plans::health()]),
+    ];
+    let runs: Vec<(u32, String)> = plans.iter().map(|p| run_wget(setup.mock.port, p)).collect();
+    for (i, (_, body)) in runs.iter().enumerate().take(3) {
+        assert!(body.contains("mock"), "wget got no mock answer to request {i}: {body:?}");
+    }
+    let pids: Vec<u64> = runs.iter().map(|(pid, _)| u64::from(*pid)).collect();
+    setup.agent.wait_until(|r| r["pid"].as_u64().is_some_and(|p| pids.contains(&p)), 3, RECORD_WAIT);
+    let records = setup.agent.stop();
+    let context = format!("{}\n--- mock stderr ---\n{}", setup.agent.logs(), setup.mock.stderr_tail());
+    for ((pid, _), plan) in runs.iter().zip(&plans) {
+        let mine: Vec<Value> = records.iter().filter(|r| r["pid"].as_u64() == Some(u64::from(*pid))).cloned().collect();
+        let expected = expected_calls(plan);
+        assert_calls(&mine, &expected, &setup.mock.host(), &wget_identity(*pid), &setup.mock.identity(), &context);
+    }
+    assert_no_secrets(&setup.agent.raw_output(), &SECRETS);
 }
 
 /// Error answers are still calls: reported with their status and no usage.

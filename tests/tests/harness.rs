@@ -98,12 +98,19 @@ fn ideal_record(e: &aegis_tests::ExpectedCall, n: usize, host: &str, client: &Id
         Tokens::Null | Tokens::NullOrZero => Value::Null,
     };
     let proc = |p: &Identity, tid: u32| {
-        let lib = match &p.tls {
-            TlsExpect::LibSsl => "/usr/lib/x86_64-linux-gnu/libssl.so.3".to_string(),
-            TlsExpect::Binary(b) => b.display().to_string(),
+        let (lib, stack, hooks) = match &p.tls {
+            TlsExpect::LibSsl => {
+                ("/usr/lib/x86_64-linux-gnu/libssl.so.3".to_string(), "openssl", ["SSL_write", "SSL_read"])
+            }
+            TlsExpect::Binary(b) => (b.display().to_string(), "openssl", ["SSL_write", "SSL_read"]),
+            TlsExpect::GnuTls => (
+                "/usr/lib/x86_64-linux-gnu/libgnutls.so.30".to_string(),
+                "gnutls",
+                ["gnutls_record_send", "gnutls_record_recv"],
+            ),
         };
         json!({"pid": p.pid, "tid": tid, "comm": p.comm, "exe": p.exe, "uid": nix::unistd::geteuid().as_raw(), "cgroup": "/test.slice",
-               "tls": {"library": lib, "hooks": ["SSL_write", "SSL_read"]}})
+               "tls": {"library": lib, "stack": stack, "hooks": hooks}})
     };
     let mut r = json!({
         "type": "llm_call", "call_id": format!("{n:016x}"), "time": "2026-11-26T17:00:00.123456Z",

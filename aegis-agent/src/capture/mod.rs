@@ -39,7 +39,7 @@ use self::{
     event::{ConnKey, TlsEvent},
     probes::{EventSource, Sources, TlsProbes},
     process::ProcessCache,
-    targets::Discovery,
+    targets::{Discovery, TlsStack},
 };
 use crate::{
     clock::{monotonic_ns, wall_offset_ns},
@@ -463,12 +463,17 @@ impl WorkerCtx {
     fn send(&self, found: &mut Vec<ConnObservation>) {
         for c in found.drain(..) {
             let info = self.processes.lookup(c.key.tgid, &c.comm, c.uid, c.cgroup_id);
-            let library = self
-                .sources
-                .read()
-                .unwrap_or_else(|e| e.into_inner())
-                .get(c.source as usize)
-                .map_or_else(|| format!("unknown-source-{}", c.source), |t| t.path.display().to_string());
+            let (library, stack) =
+                self.sources.read().unwrap_or_else(|e| e.into_inner()).get(c.source as usize).map_or_else(
+                    || (format!("unknown-source-{}", c.source), None),
+                    |t| (t.path.display().to_string(), Some(t.stack)),
+                );
+            // Events name OpenSSL's functions; say the ones the probes really sat on.
+            let hooks = match stack {
+                Some(stack) => c.hooks.iter().map(|h| stack.rename(h)).collect(),
+                None => c.hooks,
+            };
+            let tls = TlsSource { library, stack: stack.map(TlsStack::name), hooks };
             let mut obs = c.obs;
             // The caller is known now: decide, with the ruling the call was judged by at its
             // last checkpoint, or (never judged) one made now from the same facts.
@@ -488,7 +493,7 @@ impl WorkerCtx {
                 });
                 obs.decision = Some(inspection.finish_with(&ruling));
             }
-            let endpoint = info.endpoint(c.tid, TlsSource { library, hooks: c.hooks });
+            let endpoint = info.endpoint(c.tid, tls);
             // The output thread only ends after every worker; a send cannot fail before.
             let _ = self.out.send(Output::Call(obs, endpoint));
         }

@@ -1,4 +1,4 @@
-//! Loading capture's eBPF object (`kernel::objects::CAPTURE`) and attaching the OpenSSL
+//! Loading capture's eBPF object (`kernel::objects::CAPTURE`) and attaching the TLS
 //! probes to every [`TlsTarget`], together with the probes of other objects that go wherever
 //! capture's go ([`TlsCompanion`]: the content gate's SSL_write probes).
 //!
@@ -25,37 +25,28 @@ use aya::{
     },
 };
 
-use super::targets::TlsTarget;
+use super::targets::{TlsFn, TlsTarget};
 use crate::kernel::{
     capability::{Capabilities, Capability, CapabilityStatus, ProgramStatus},
     objects::{self, CAPTURE},
 };
 
-/// Which program goes on which symbol, when the target has it.
-pub type AttachPlan = [(&'static str, &'static str, Wants)];
+/// Which program goes on which library function (named per stack by [`TlsTarget::symbol`]),
+/// when the target has it.
+pub type AttachPlan = [(&'static str, TlsFn)];
 
 /// Capture's plan: entry probes remember arguments, return probes copy data.
-const ATTACH_PLAN: [(&str, &str, Wants); 9] = [
-    ("ssl_write_enter", "SSL_write", Wants::Always),
-    ("ssl_write_exit", "SSL_write", Wants::Always),
-    ("ssl_read_enter", "SSL_read", Wants::Always),
-    ("ssl_read_exit", "SSL_read", Wants::Always),
-    ("ssl_write_ex_enter", "SSL_write_ex", Wants::Ex),
-    ("ssl_write_ex_exit", "SSL_write_ex", Wants::Ex),
-    ("ssl_read_ex_enter", "SSL_read_ex", Wants::Ex),
-    ("ssl_read_ex_exit", "SSL_read_ex", Wants::Ex),
-    ("ssl_free_enter", "SSL_free", Wants::Free),
+const ATTACH_PLAN: [(&str, TlsFn); 9] = [
+    ("ssl_write_enter", TlsFn::Write),
+    ("ssl_write_exit", TlsFn::Write),
+    ("ssl_read_enter", TlsFn::Read),
+    ("ssl_read_exit", TlsFn::Read),
+    ("ssl_write_ex_enter", TlsFn::WriteEx),
+    ("ssl_write_ex_exit", TlsFn::WriteEx),
+    ("ssl_read_ex_enter", TlsFn::ReadEx),
+    ("ssl_read_ex_exit", TlsFn::ReadEx),
+    ("ssl_free_enter", TlsFn::Free),
 ];
-
-/// When a program of an [`AttachPlan`] applies to a target.
-#[derive(Clone, Copy)]
-pub enum Wants {
-    Always,
-    /// The target exports the `_ex` functions (OpenSSL 1.1.1+).
-    Ex,
-    /// The target exports `SSL_free`.
-    Free,
-}
 
 /// Every target probes were attached to, indexed by cookie. Grows as discovery finds
 /// more; shared with the workers that name the library in records.
@@ -136,8 +127,8 @@ impl TlsProbes {
             (0, []) => CapabilityStatus::degraded(
                 Capability::Capture,
                 "programs loaded, no TLS library probed",
-                "no OpenSSL library found to probe yet (looked for libssl.so.3 and libssl.so.1.1 in the system \
-                 library directories and in running processes; discovery looks again): install libssl3, or list \
+                "no TLS library found to probe yet (looked for libssl.so.3, libssl.so.1.1 and libgnutls.so.30 in \
+                 the system library directories and in running processes; discovery looks again): install libssl3, or list \
                  the library under capture.libraries",
             )
             .with_impact("no model call is seen until a TLS library is found"),
@@ -206,7 +197,13 @@ impl TlsProbes {
             let Some(ebpf) = self.capture.as_mut() else { continue };
             match attach_plan(ebpf, &ATTACH_PLAN, target, Some(cookie)) {
                 Ok(n) => {
-                    tracing::info!(path = %target.path.display(), kind = ?target.kind, probes = n, "TLS probes attached");
+                    tracing::info!(
+                        path = %target.path.display(),
+                        kind = ?target.kind,
+                        stack = target.stack.name(),
+                        probes = n,
+                        "TLS probes attached"
+                    );
                     attached += 1;
                 }
                 Err(e) => {
@@ -265,15 +262,10 @@ pub fn attach_plan(
     cookie: Option<u64>,
 ) -> anyhow::Result<usize> {
     let mut n = 0;
-    for &(prog_name, symbol, need) in plan {
-        let wanted = match need {
-            Wants::Always => true,
-            Wants::Ex => target.has_ex,
-            Wants::Free => target.has_free,
-        };
-        if !wanted {
+    for &(prog_name, function) in plan {
+        let Some(symbol) = target.symbol(function) else {
             continue;
-        }
+        };
         uprobe(ebpf, prog_name)?
             .attach(
                 [UProbeAttachPoint { location: symbol.into(), cookie }],

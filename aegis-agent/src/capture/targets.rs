@@ -1,10 +1,21 @@
-//! Where OpenSSL lives on this host: shared libraries (libssl.so.3, libssl.so.1.1) and
-//! executables that link it statically and export its API (node).
+//! Where the TLS libraries live on this host: shared libraries (OpenSSL's libssl.so.3 and
+//! libssl.so.1.1, GnuTLS's libgnutls.so.30) and executables that link OpenSSL (or BoringSSL,
+//! which has the same API) statically and export it (node).
 //!
-//! A target qualifies when its ELF dynamic symbol table defines all of
-//! [`REQUIRED_SYMBOLS`]; `SSL_write_ex`/`SSL_read_ex` are attached when also present
-//! (OpenSSL >= 1.1.1). Paths are canonicalised and deduplicated by (device, inode), so a
-//! library reached through several symlinks is probed once.
+//! A target qualifies when its ELF dynamic symbol table defines the read and write functions
+//! of one [`TlsStack`]; the others ([`TlsFn`]) are attached when also present. Paths are
+//! canonicalised and deduplicated by (device, inode), so a library reached through several
+//! symlinks is probed once.
+//!
+//! GnuTLS needs no program of its own: its record functions take the same arguments in the
+//! same registers as OpenSSL's and return the bytes moved the same way,
+//! ```c
+//! ssize_t gnutls_record_send(gnutls_session_t session, const void *data, size_t size); // like SSL_write
+//! ssize_t gnutls_record_recv(gnutls_session_t session, void *data, size_t size);       // like SSL_read
+//! void gnutls_deinit(gnutls_session_t session);                                        // like SSL_free
+//! ```
+//! so capture's OpenSSL programs go on them, the session pointer standing for the `SSL *`.
+//! (A return value is read as a C int: a record is at most 16 KiB, far below 2^31.)
 
 use std::{
     collections::HashSet,
@@ -15,22 +26,85 @@ use std::{
 use anyhow::Context as _;
 use object::{Object as _, ObjectSymbol as _};
 
-/// Symbols a target must define for capture to work at all.
-pub const REQUIRED_SYMBOLS: [&str; 2] = ["SSL_write", "SSL_read"];
-/// Symbols attached when present.
-pub const OPTIONAL_SYMBOLS: [&str; 3] = ["SSL_write_ex", "SSL_read_ex", "SSL_free"];
+/// The TLS implementations capture can read, told apart by the symbols a file exports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum TlsStack {
+    /// OpenSSL 1.1.1 and 3.x, and BoringSSL (the same `SSL_*` API).
+    OpenSsl,
+    /// GnuTLS 3 (wget, and other Debian programs).
+    GnuTls,
+}
 
-/// Directories searched for libssl when discovery is on.
+/// The library functions capture and the content gate put probes on, whatever the stack
+/// calls them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum TlsFn {
+    /// Write plaintext: `int f(conn, buf, int num)`, bytes written (> 0) returned.
+    Write,
+    /// Read plaintext: `int f(conn, buf, int num)`, bytes read (> 0) returned.
+    Read,
+    /// `int f(conn, buf, size_t num, size_t *written)`, 1 on success (OpenSSL 1.1.1+ only).
+    WriteEx,
+    /// `int f(conn, buf, size_t num, size_t *read)`, 1 on success (OpenSSL 1.1.1+ only).
+    ReadEx,
+    /// The connection object is freed: `void f(conn)`.
+    Free,
+}
+
+impl TlsFn {
+    const ALL: [TlsFn; 5] = [TlsFn::Write, TlsFn::Read, TlsFn::WriteEx, TlsFn::ReadEx, TlsFn::Free];
+}
+
+impl TlsStack {
+    const ALL: [TlsStack; 2] = [TlsStack::OpenSsl, TlsStack::GnuTls];
+
+    /// The symbol of `f` in this stack, if it has one.
+    pub fn symbol(self, f: TlsFn) -> Option<&'static str> {
+        match (self, f) {
+            (TlsStack::OpenSsl, TlsFn::Write) => Some("SSL_write"),
+            (TlsStack::OpenSsl, TlsFn::Read) => Some("SSL_read"),
+            (TlsStack::OpenSsl, TlsFn::WriteEx) => Some("SSL_write_ex"),
+            (TlsStack::OpenSsl, TlsFn::ReadEx) => Some("SSL_read_ex"),
+            (TlsStack::OpenSsl, TlsFn::Free) => Some("SSL_free"),
+            (TlsStack::GnuTls, TlsFn::Write) => Some("gnutls_record_send"),
+            (TlsStack::GnuTls, TlsFn::Read) => Some("gnutls_record_recv"),
+            (TlsStack::GnuTls, TlsFn::Free) => Some("gnutls_deinit"),
+            (TlsStack::GnuTls, TlsFn::WriteEx | TlsFn::ReadEx) => None,
+        }
+    }
+
+    /// Its name in records and logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            TlsStack::OpenSsl => "openssl",
+            TlsStack::GnuTls => "gnutls",
+        }
+    }
+
+    /// The symbol of `f` in this stack, given the OpenSSL name capture's events use
+    /// (`aegis_common::TlsHook::symbol`).
+    pub fn rename(self, openssl_symbol: &'static str) -> &'static str {
+        TlsFn::ALL
+            .into_iter()
+            .find(|f| TlsStack::OpenSsl.symbol(*f) == Some(openssl_symbol))
+            .and_then(|f| self.symbol(f))
+            .unwrap_or(openssl_symbol)
+    }
+}
+
+/// Directories searched for TLS libraries when discovery is on.
 const LIBRARY_DIRS: [&str; 6] =
     ["/usr/lib/x86_64-linux-gnu", "/lib/x86_64-linux-gnu", "/usr/lib64", "/lib64", "/usr/lib", "/usr/local/lib"];
-const LIBRARY_NAMES: [&str; 2] = ["libssl.so.3", "libssl.so.1.1"];
+const LIBRARY_NAMES: [&str; 3] = ["libssl.so.3", "libssl.so.1.1", "libgnutls.so.30"];
+/// File name prefixes of the TLS libraries looked for in processes' maps.
+const LIBRARY_PREFIXES: [&str; 2] = ["libssl.so", "libgnutls.so"];
 /// Largest file inspected (it is read whole to parse its ELF symbols): node is about
 /// 100 MiB, libssl a few.
 const MAX_TARGET_BYTES: u64 = 1 << 30;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum TargetKind {
-    /// A shared library (libssl).
+    /// A shared library (libssl, libgnutls).
     Library,
     /// An executable with OpenSSL linked in.
     Executable,
@@ -41,35 +115,55 @@ pub enum TargetKind {
 pub struct TlsTarget {
     pub path: PathBuf,
     pub kind: TargetKind,
-    /// Which of the optional symbols it defines.
-    pub has_ex: bool,
-    pub has_free: bool,
+    pub stack: TlsStack,
+    /// The functions of [`TlsFn`] it defines.
+    pub functions: Vec<TlsFn>,
 }
 
-/// Check `path` for the OpenSSL API. Ok(None): readable ELF without the symbols.
+impl TlsTarget {
+    /// The symbol to probe for `f`, when this target defines it.
+    pub fn symbol(&self, f: TlsFn) -> Option<&'static str> {
+        if self.functions.contains(&f) { self.stack.symbol(f) } else { None }
+    }
+
+    /// Whether it defines `f`.
+    pub fn has(&self, f: TlsFn) -> bool {
+        self.functions.contains(&f)
+    }
+}
+
+/// Check `path` for a TLS library's API. Ok(None): readable ELF without the symbols of any
+/// [`TlsStack`]. A file with both (a program linking OpenSSL and GnuTLS) is probed as OpenSSL.
 pub fn inspect(path: &Path, kind: TargetKind) -> anyhow::Result<Option<TlsTarget>> {
     let advice = "a TLS library or a program linking OpenSSL is smaller: leave it out of capture.libraries";
     let data = crate::files::read_capped(path, MAX_TARGET_BYTES, advice)
         .with_context(|| format!("cannot read {}", path.display()))?;
     let file = object::File::parse(&*data).with_context(|| format!("{} is not an ELF file", path.display()))?;
+    let wanted: HashSet<&str> =
+        TlsStack::ALL.iter().flat_map(|s| TlsFn::ALL.iter().filter_map(|f| s.symbol(*f))).collect();
     let mut found = HashSet::new();
     for sym in file.dynamic_symbols() {
         if sym.is_definition()
             && let Ok(name) = sym.name()
-            && (REQUIRED_SYMBOLS.contains(&name) || OPTIONAL_SYMBOLS.contains(&name))
+            && wanted.contains(name)
         {
             found.insert(name.to_owned());
         }
     }
-    if !REQUIRED_SYMBOLS.iter().all(|s| found.contains(*s)) {
-        return Ok(None);
+    for stack in TlsStack::ALL {
+        let defines = |f: TlsFn| stack.symbol(f).is_some_and(|s| found.contains(s));
+        if !(defines(TlsFn::Write) && defines(TlsFn::Read)) {
+            continue;
+        }
+        let mut functions: Vec<TlsFn> = TlsFn::ALL.into_iter().filter(|f| defines(*f)).collect();
+        // The `_ex` pair goes on together or not at all (one alone would see half the traffic
+        // of a program that uses both).
+        if !(functions.contains(&TlsFn::WriteEx) && functions.contains(&TlsFn::ReadEx)) {
+            functions.retain(|f| !matches!(f, TlsFn::WriteEx | TlsFn::ReadEx));
+        }
+        return Ok(Some(TlsTarget { path: path.to_owned(), kind, stack, functions }));
     }
-    Ok(Some(TlsTarget {
-        path: path.to_owned(),
-        kind,
-        has_ex: found.contains("SSL_write_ex") && found.contains("SSL_read_ex"),
-        has_free: found.contains("SSL_free"),
-    }))
+    Ok(None)
 }
 
 /// Finds targets, remembering what it already looked at so that a periodic rescan only
@@ -124,7 +218,7 @@ impl Discovery {
                 Ok(Some(t)) => targets.push(t),
                 Ok(None) if configured => tracing::warn!(
                     path = %real.display(),
-                    "configured TLS target does not export SSL_write/SSL_read; skipped"
+                    "configured TLS target exports neither SSL_write/SSL_read nor gnutls_record_send/recv; skipped"
                 ),
                 Ok(None) => {}
                 Err(e) if configured => {
@@ -136,7 +230,7 @@ impl Discovery {
         targets
     }
 
-    /// libssl files mapped by running processes, and the executables of running processes
+    /// TLS libraries mapped by running processes, and the executables of running processes
     /// (those that embed and export OpenSSL are kept by [`inspect`]). Each process is read
     /// twice at most.
     fn scan_processes(&mut self) -> Vec<(PathBuf, TargetKind)> {
@@ -158,7 +252,7 @@ impl Discovery {
             if let Ok(maps) = std::fs::read_to_string(format!("/proc/{pid}/maps")) {
                 for line in maps.lines() {
                     if let Some(path) = line.split_whitespace().nth(5)
-                        && path.rsplit('/').next().is_some_and(|f| f.starts_with("libssl.so"))
+                        && path.rsplit('/').next().is_some_and(|f| LIBRARY_PREFIXES.iter().any(|p| f.starts_with(p)))
                     {
                         out.insert((PathBuf::from(path), TargetKind::Library));
                     }
@@ -186,7 +280,21 @@ mod tests {
             .iter()
             .find(|t| t.kind == TargetKind::Library)
             .expect("libssl.so.3 is installed on this machine (libssl3)");
-        assert!(lib.has_ex && lib.has_free, "{lib:?}");
+        assert!(lib.has(TlsFn::WriteEx) && lib.has(TlsFn::ReadEx) && lib.has(TlsFn::Free), "{lib:?}");
+    }
+
+    #[test]
+    fn system_gnutls_qualifies_with_its_own_symbols() {
+        let lib = inspect(Path::new("/usr/lib/x86_64-linux-gnu/libgnutls.so.30"), TargetKind::Library)
+            .expect("libgnutls.so.30 is installed on this machine (libgnutls30, wget's TLS library)")
+            .expect("GnuTLS exports gnutls_record_send and gnutls_record_recv");
+        assert_eq!(lib.stack, TlsStack::GnuTls);
+        assert_eq!(lib.symbol(TlsFn::Write), Some("gnutls_record_send"));
+        assert_eq!(lib.symbol(TlsFn::Read), Some("gnutls_record_recv"));
+        assert_eq!(lib.symbol(TlsFn::Free), Some("gnutls_deinit"));
+        assert_eq!(lib.symbol(TlsFn::WriteEx), None);
+        assert_eq!(TlsStack::GnuTls.rename("SSL_read"), "gnutls_record_recv");
+        assert_eq!(TlsStack::OpenSsl.rename("SSL_read_ex"), "SSL_read_ex");
     }
 
     #[test]

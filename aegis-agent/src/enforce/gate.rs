@@ -95,8 +95,8 @@ use super::{connect::cgroup_identity, sockdiag};
 pub use crate::rules::engine::KernelKeyword;
 use crate::{
     capture::{
-        probes::{TlsCompanion, Wants, attach_plan},
-        targets::TlsTarget,
+        probes::{TlsCompanion, attach_plan},
+        targets::{TlsFn, TlsTarget},
     },
     kernel::{
         capability::ProgramStatus,
@@ -307,11 +307,11 @@ impl KeywordTables {
 }
 
 /// The gate's uprobes: which program goes on which TLS function.
-const GATE_PLAN: [(&str, &str, Wants); 4] = [
-    ("gate_write_enter", "SSL_write", Wants::Always),
-    ("gate_write_exit", "SSL_write", Wants::Always),
-    ("gate_write_ex_enter", "SSL_write_ex", Wants::Ex),
-    ("gate_write_exit", "SSL_write_ex", Wants::Ex),
+const GATE_PLAN: [(&str, TlsFn); 4] = [
+    ("gate_write_enter", TlsFn::Write),
+    ("gate_write_exit", TlsFn::Write),
+    ("gate_write_ex_enter", TlsFn::WriteEx),
+    ("gate_write_exit", TlsFn::WriteEx),
 ];
 
 /// The attached gate. Dropping it turns the gate off, detaches its programs and empties

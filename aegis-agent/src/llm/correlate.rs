@@ -218,7 +218,7 @@ mod tests {
             exe: None,
             uid: 0,
             cgroup: "/".into(),
-            tls: TlsSource { library: "l".into(), hooks: Vec::new() },
+            tls: TlsSource { library: "l".into(), stack: None, hooks: Vec::new() },
         }
     }
 

@@ -26,8 +26,13 @@ pub struct Endpoint {
 /// Which probe saw the bytes.
 #[derive(Clone, Debug, Serialize)]
 pub struct TlsSource {
-    /// The probed file: a libssl, or an executable with OpenSSL linked in.
+    /// The probed file: a libssl or libgnutls, or an executable with OpenSSL linked in.
     pub library: String,
+    /// The TLS implementation probed: `openssl` (also BoringSSL) or `gnutls`; absent when the
+    /// event's source is unknown.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stack: Option<&'static str>,
+    /// The library functions the connection's bytes were seen in.
     pub hooks: Vec<&'static str>,
 }
 

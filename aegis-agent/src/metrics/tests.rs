@@ -54,7 +54,7 @@ fn call(model: &str, cgroup: &str, status: Option<u16>, tokens: (u64, u64)) -> C
             exe: None,
             uid: 0,
             cgroup: cgroup.into(),
-            tls: TlsSource { library: "libssl.so.3".into(), hooks: vec![] },
+            tls: TlsSource { library: "libssl.so.3".into(), stack: None, hooks: vec![] },
         },
         side: Side::Client,
         server: None,

@@ -694,7 +694,7 @@ mod tests {
                 exe: Some("/usr/bin/python3.13".into()),
                 uid: 1000,
                 cgroup: "/team-a".into(),
-                tls: TlsSource { library: "libssl.so.3".into(), hooks: vec![] },
+                tls: TlsSource { library: "libssl.so.3".into(), stack: None, hooks: vec![] },
             },
             side: Side::Client,
             server: None,
