@@ -41,7 +41,7 @@ use tokio::{
 
 use super::{
     audit::{AuditAction, AuditLog, Outcome},
-    blocks::{Actor, Block, BlockSpec, ControlState, Emergency, Subject, create_private_dir, parse_cgroup},
+    blocks::{Actor, Block, BlockSpec, ControlState, Emergency, Scope, Subject, create_private_dir, parse_cgroup},
     group_label,
     mode::{EnforceMode, ModeState},
     protocol::{
@@ -465,6 +465,11 @@ impl ServerHandle {
     /// What puts fleet policies in force, for the fleet feed.
     pub fn fleet_applier(&self) -> FleetApplier {
         self.core.clone()
+    }
+
+    /// The drills in progress, for the records sink to mark by.
+    pub fn drills(&self) -> super::drills::DrillMarks {
+        self.core.0.drills.clone()
     }
 
     pub fn socket(&self) -> &Path {
@@ -918,6 +923,8 @@ struct Core {
     fleet: RwLock<Option<FleetStatus>>,
     /// How capture is doing, for `status`.
     capture_health: CaptureHealthSlot,
+    /// The drills in progress, shared with the records sink.
+    drills: super::drills::DrillMarks,
 }
 
 impl Core {
@@ -972,6 +979,7 @@ impl Core {
             capabilities,
             fleet: RwLock::new(None),
             capture_health: CaptureHealthSlot::default(),
+            drills: Default::default(),
         });
         for block in &expired {
             tracing::info!(id = %block.id, target = %block.spec.target, "block expired while the agent was not running");
@@ -1116,6 +1124,7 @@ impl Core {
             Request::Enforce { on } => {
                 self.enforce(actor, if on { EnforceMode::Enforce } else { EnforceMode::Observe })
             }
+            Request::Drill { on, id, cgroup } => self.drill(actor, on, &id, &cgroup),
             Request::Checkpoint => match self.audit.checkpoint() {
                 Some(size) => Response::Ok(Reply::Checkpoint { size }),
                 None => Response::Error {
@@ -1270,11 +1279,49 @@ impl Core {
         });
         match result {
             Ok((block, mut report)) => {
+                if let Scope::Cgroup(cgroup) = &block.spec.scope {
+                    self.drills.note_block(&block.id, cgroup);
+                }
                 tracing::info!(id = %block.id, target = %block.spec.target, scope = %block.spec.scope, %actor, %report, "block set");
                 self.audit_ok(actor, AuditAction::Block, json!({ "block": &block }), &mut report);
                 Response::Ok(Reply::Blocked { block, report })
             }
             Err(message) => self.failed(actor, AuditAction::Block, requested, message),
+        }
+    }
+
+    /// Start or end a drill: nothing is enforced, the mark only says whose calls are the
+    /// drill's (see `control::drills`).
+    fn drill(&self, actor: &Actor, on: bool, id: &str, cgroup: &str) -> Response {
+        let action = if on { AuditAction::DrillStart } else { AuditAction::DrillEnd };
+        let valid_id = id.starts_with("drill-")
+            && id.len() <= 64
+            && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-');
+        if !valid_id {
+            let message = "invalid drill id: expected `drill-` and letters, digits or '-' (at most 64 bytes)";
+            return self.failed(actor, action, json!({ "id_bytes": id.len() }), message.into());
+        }
+        let result = if on {
+            match parse_cgroup(cgroup) {
+                Ok(c) if c != "/" => self.drills.begin(id, &c).map(|()| c),
+                Ok(_) => Err("a drill's cgroup must be one made for it, not the root".into()),
+                Err(e) => Err(e),
+            }
+        } else {
+            Ok(String::new())
+        };
+        match result {
+            Ok(c) => {
+                let ended = !on && self.drills.end(id);
+                let mut report = ApplyReport::default();
+                if !on && !ended {
+                    report.notes.push(format!("no drill {id} was in progress"));
+                }
+                tracing::info!(drill = id, cgroup = %c, on, %actor, "drill");
+                self.audit_ok(actor, action, json!({ "id": id, "cgroup": c }), &mut report);
+                Response::Ok(Reply::Drills { drills: self.drills.list() })
+            }
+            Err(message) => self.failed(actor, action, json!({ "id": id, "cgroup": cgroup }), message),
         }
     }
 

@@ -62,6 +62,7 @@ fn call(model: &str, cgroup: &str, status: Option<u16>, tokens: (u64, u64)) -> C
         notes: vec![],
         decision: None,
         enforcement: None,
+        drill: None,
         payload: None,
     }
 }

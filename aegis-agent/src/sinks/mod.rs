@@ -23,7 +23,7 @@ pub mod lookback;
 pub mod otlp;
 pub mod record;
 
-use self::record::{AgentIdentity, Identity, Line, Record, RecordsLost, SCHEMA_VERSION};
+use self::record::{self as sinks_record, AgentIdentity, Identity, Line, Record, RecordsLost, SCHEMA_VERSION};
 use crate::journal::{Journal, Ledger};
 
 /// Sees every record written (the incident rules, in `evidence::incident`). Called on the
@@ -53,6 +53,8 @@ pub struct JsonLines {
     observers: Vec<std::sync::Arc<dyn RecordObserver>>,
     /// Set to have the file reopened at the next flush.
     reopen: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// The drills in progress: their records are marked (see `control::drills`).
+    drills: Option<crate::control::drills::DrillMarks>,
 }
 
 /// The file side: the journal, what waits for it, and what was lost.
@@ -124,6 +126,7 @@ impl JsonLines {
             lookback: None,
             observers: Vec::new(),
             reopen: std::sync::Arc::default(),
+            drills: None,
         })
     }
 
@@ -157,6 +160,30 @@ impl JsonLines {
         self
     }
 
+    /// Mark the records of the drills in `drills` as theirs.
+    pub fn with_drills(mut self, drills: Option<crate::control::drills::DrillMarks>) -> Self {
+        self.drills = drills;
+        self
+    }
+
+    /// `record` marked as a drill's, when it is one (a copy: drills are rare, records many).
+    fn drill_marked(&self, record: &Record) -> Option<Record> {
+        let drills = self.drills.as_ref().filter(|d| !d.is_empty())?;
+        match record {
+            Record::LlmCall(call) => {
+                let id = drills.of_cgroup(&call.process.cgroup)?;
+                let mut call = call.clone();
+                call.drill = Some(id);
+                Some(Record::LlmCall(call))
+            }
+            Record::ConnectDenied(d) => {
+                let id = drills.of_block(&d.block_id)?;
+                Some(Record::ConnectDenied(sinks_record::ConnectDenied { drill: Some(id), ..d.clone() }))
+            }
+            Record::GateRefused(_) | Record::RecordsLost(_) => None,
+        }
+    }
+
     /// Also append every record to `ledger` (the decision log).
     pub fn with_ledger(mut self, ledger: Option<std::sync::Arc<dyn Ledger>>) -> Self {
         self.ledger = ledger;
@@ -164,6 +191,8 @@ impl JsonLines {
     }
 
     pub fn write(&mut self, record: &Record) {
+        let marked = self.drill_marked(record);
+        let record = marked.as_ref().unwrap_or(record);
         let line = Line { record, schema: SCHEMA_VERSION, agent: self.identity.current() };
         let mut line = match serde_json::to_vec(&line) {
             Ok(l) => l,
