@@ -93,7 +93,7 @@ fn every_built_in_scenario_passes_every_phase_and_leaves_nothing_behind() {
     let report: Value = serde_json::from_slice(&out.stdout)
         .unwrap_or_else(|e| panic!("the report is not JSON ({e}): {stderr}{}", s.agent.logs()));
     let id = report["drill"].as_str().unwrap().to_owned();
-    let md = std::fs::read_to_string(out_dir.join(format!("{id}.md"))).expect("the Markdown report");
+    let md = std::fs::read_to_string(out_dir.join(&format!("{id}.md"))).expect("the Markdown report");
     eprintln!("{md}");
     let scenarios = report["scenarios"].as_array().unwrap();
     let names: Vec<&str> = scenarios.iter().map(|s| s["scenario"].as_str().unwrap()).collect();
@@ -118,7 +118,7 @@ fn every_built_in_scenario_passes_every_phase_and_leaves_nothing_behind() {
     assert_eq!(report["passed"], true, "{md}");
     assert_eq!(out.status.code(), Some(0), "{stderr}");
     let json_report: Value =
-        serde_json::from_slice(&std::fs::read(out_dir.join(format!("{id}.json"))).unwrap()).unwrap();
+        serde_json::from_slice(&std::fs::read(out_dir.join(&format!("{id}.json"))).unwrap()).unwrap();
     assert_eq!(json_report, report, "the file holds the printed report");
     assert!(md.contains(&format!("# Drill {id}: every phase passed")), "{md}");
     assert_nothing_left(&s);

@@ -35,6 +35,10 @@ pub const UNSAFE_TEXT: &str = "Here is the file you asked for:\n-----BEGIN RSA P
                                MIIEowIBAAKCAQEAdrillDRILLdrillDRILLdrillDRILLdrill\n-----END RSA PRIVATE KEY-----\n";
 /// How long a stream pauses between its chunks (so that a kill can land mid-stream).
 const CHUNK_PAUSE: Duration = Duration::from_millis(20);
+/// How long the endpoint thinks before its first byte, like a model: a kill of the call at
+/// its request (which takes well under this, see README "Containment benchmark") lands
+/// before any answer, so the drill sees the call refused, not a race.
+const FIRST_BYTE_DELAY: Duration = Duration::from_millis(300);
 
 /// A running drill endpoint; dropping it stops it.
 pub struct Endpoint {
@@ -193,6 +197,7 @@ async fn answer(req: Request<Incoming>, reply: Reply, served_by: &'static str) -
     let model = request["model"].as_str().unwrap_or("drill-model").to_owned();
     let stream = request["stream"].as_bool().unwrap_or(false);
     let fingerprint = format!("aegis-drill-{served_by}");
+    tokio::time::sleep(FIRST_BYTE_DELAY).await;
     if reply == Reply::Unavailable {
         return Ok(if anthropic {
             let body = json!({"type": "error", "error": {"type": "overloaded_error", "message": "drill: the provider is unavailable"}});

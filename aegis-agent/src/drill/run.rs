@@ -596,7 +596,20 @@ impl<'a> Drill<'a> {
                         None
                     }
                 });
+                // Not stopped: say what the agent did instead (observed, a kill that failed).
+                let instead = recs.iter().find_map(|r| {
+                    let e = &r["enforcement"];
+                    e.is_object().then(|| {
+                        format!(
+                            "{} by {}: {}",
+                            e["outcome"].as_str().unwrap_or("?"),
+                            e["by"].as_str().unwrap_or("?"),
+                            e["detail"].as_str().unwrap_or("")
+                        )
+                    })
+                });
                 let ok = !again.succeeded() && by.is_some();
+                let by = by.or(instead);
                 Ok((
                     ok,
                     format!(
