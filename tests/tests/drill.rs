@@ -11,8 +11,9 @@ use std::{
 };
 
 use aegis_tests::{
-    Agent, ContainConfig, PinDir, TempDir, TestCgroup, agent_bin, collector::free_port, require_root, serial,
-    workspace_dir,
+    Agent, ContainConfig, PinDir, TempDir, TestCgroup, agent_bin,
+    collector::{Enrolled, Pki, agent, collector_toml, describe, free_port, start_collector},
+    require_root, serial, workspace_dir,
 };
 use serde_json::Value;
 
@@ -41,6 +42,10 @@ struct Setup {
 }
 
 fn setup(name: &str) -> Setup {
+    setup_with(name, "")
+}
+
+fn setup_with(name: &str, extra_toml: &str) -> Setup {
     let cgroup = TestCgroup::new(name);
     let pins = PinDir::new(name);
     let default_pack = std::fs::read_to_string(workspace_dir().join("packaging/rules/default.toml")).unwrap();
@@ -48,7 +53,7 @@ fn setup(name: &str) -> Setup {
         .shipped_mode()
         .pack("default.toml", &default_pack)
         .pack("policies.toml", POLICY_PACK);
-    let toml = format!("{}\n[metrics]\nlisten = \"127.0.0.1:{}\"\n", config.toml(), free_port());
+    let toml = format!("{}\n[metrics]\nlisten = \"127.0.0.1:{}\"\n{extra_toml}", config.toml(), free_port());
     let agent = Agent::start_with_config(&toml);
     let deadline = Instant::now() + Duration::from_secs(20);
     while std::os::unix::net::UnixStream::connect(config.socket()).is_err() {
@@ -83,7 +88,31 @@ fn assert_nothing_left(s: &Setup) {
 fn every_built_in_scenario_passes_every_phase_and_leaves_nothing_behind() {
     let _serial = serial();
     require_root();
-    let s = setup("drill");
+    // A real collector over mutual TLS, which the drill's bundles must reach.
+    let dir = TempDir::new("drill-collector");
+    let pki = Pki::new(&dir.join("pki"), "ca");
+    let client = pki.issue("aegis-test", &["aegis-test"]);
+    let port = free_port();
+    let collector_conf = format!(
+        "[collector]\nurl = \"https://127.0.0.1:{port}\"\nca = {:?}\ncert = {:?}\nkey = {:?}\nspool_dir = {:?}\n\
+         backoff_max_secs = 1\n",
+        pki.ca().display().to_string(),
+        client.0.display().to_string(),
+        client.1.display().to_string(),
+        dir.join("spool").display().to_string(),
+    );
+    let s = setup_with("drill", &collector_conf);
+    let config = s.agent.config_path();
+    let shown = agent(&["key", "show", "--config", config.to_str().unwrap()]);
+    assert!(shown.status.success(), "{}", describe(&shown));
+    let verifier = String::from_utf8_lossy(&shown.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("verifier ").map(str::to_owned))
+        .expect("key show prints the verifier");
+    let cdir = dir.join("collector");
+    std::fs::create_dir_all(&cdir).unwrap();
+    let enrolled = [Enrolled { name: "aegis-test", verifier, client_identity: "aegis-test" }];
+    let _collector = start_collector(&collector_toml(&cdir, &pki, port, &enrolled, ""), &cdir);
     let out_dir = TempDir::new("drill-report");
     let out = drill_cmd(&s, &["--report", out_dir.path().to_str().unwrap(), "--json"])
         .stdin(Stdio::null())
@@ -107,6 +136,9 @@ fn every_built_in_scenario_passes_every_phase_and_leaves_nothing_behind() {
         }
         assert!(sc["incident"].as_str().is_some_and(|i| i.starts_with("INC-")), "{sc:#}");
         assert!(!sc["bundles"].as_array().unwrap().is_empty(), "{sc:#}");
+        let preserve = sc["phases"].as_array().unwrap().iter().find(|p| p["phase"] == "preserve").unwrap();
+        let shipped = preserve["checks"].as_array().unwrap().iter().find(|c| c["name"] == "reaches the collector");
+        assert_eq!(shipped.unwrap()["outcome"], "pass", "{preserve:#}");
         let control = &sc["controls"][0];
         assert!(control["applied"] == true && control["validated"] == true && control["lifted"] == true, "{sc:#}");
     }
@@ -141,6 +173,19 @@ fn every_built_in_scenario_passes_every_phase_and_leaves_nothing_behind() {
         assert_eq!(i["status"], "resolved", "{i:#}");
     }
     assert_eq!(incidents.as_array().unwrap().len(), 5, "{incidents:#}");
+    // At the collector: the drill's bundles, listed by incident.
+    let url = format!("https://127.0.0.1:{port}");
+    let ca = pki.ca();
+    for sc in scenarios {
+        let incident = sc["incident"].as_str().unwrap();
+        let out = agent(&[
+            "evidence", "list", "--json", "--collector", &url, "--incident", incident, "--ca", ca.to_str().unwrap(),
+            "--cert", client.0.to_str().unwrap(), "--key", client.1.to_str().unwrap(),
+        ]);
+        assert!(out.status.success(), "{}", describe(&out));
+        let listed: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert!(!listed["bundles"].as_array().unwrap().is_empty(), "{incident}: {listed:#}");
+    }
     let history = drill_cmd(&s, &["history"]).output().unwrap();
     let history = String::from_utf8_lossy(&history.stdout);
     assert!(history.contains(&id) && history.contains(" pass "), "{history}");
