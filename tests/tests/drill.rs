@@ -114,10 +114,8 @@ fn every_built_in_scenario_passes_every_phase_and_leaves_nothing_behind() {
     let enrolled = [Enrolled { name: "aegis-test", verifier, client_identity: "aegis-test" }];
     let _collector = start_collector(&collector_toml(&cdir, &pki, port, &enrolled, ""), &cdir);
     let out_dir = TempDir::new("drill-report");
-    let out = drill_cmd(&s, &["--report", out_dir.path().to_str().unwrap(), "--json"])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+    let out =
+        drill_cmd(&s, &["--report", out_dir.path().to_str().unwrap(), "--json"]).stdin(Stdio::null()).output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     let report: Value = serde_json::from_slice(&out.stdout)
         .unwrap_or_else(|e| panic!("the report is not JSON ({e}): {stderr}{}", s.agent.logs()));
@@ -179,8 +177,19 @@ fn every_built_in_scenario_passes_every_phase_and_leaves_nothing_behind() {
     for sc in scenarios {
         let incident = sc["incident"].as_str().unwrap();
         let out = agent(&[
-            "evidence", "list", "--json", "--collector", &url, "--incident", incident, "--ca", ca.to_str().unwrap(),
-            "--cert", client.0.to_str().unwrap(), "--key", client.1.to_str().unwrap(),
+            "evidence",
+            "list",
+            "--json",
+            "--collector",
+            &url,
+            "--incident",
+            incident,
+            "--ca",
+            ca.to_str().unwrap(),
+            "--cert",
+            client.0.to_str().unwrap(),
+            "--key",
+            client.1.to_str().unwrap(),
         ]);
         assert!(out.status.success(), "{}", describe(&out));
         let listed: Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -214,7 +223,11 @@ fn an_interrupted_drill_lifts_its_containment() {
         std::thread::sleep(Duration::from_millis(50));
     }
     let drill_cgroups = |dir: &Path| {
-        std::fs::read_dir(dir).unwrap().flatten().filter(|e| e.file_name().to_string_lossy().starts_with("aegis-drill-")).count()
+        std::fs::read_dir(dir)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("aegis-drill-"))
+            .count()
     };
     assert_eq!(drill_cgroups(s.cgroup.path()), 1, "the drill's cgroup exists while it runs");
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGINT).unwrap();

@@ -145,14 +145,19 @@ fn run_drill(args: &RunArgs) -> u8 {
         return exit::ERROR;
     }
     let id = drill::new_id();
-    eprintln!("aegis-agent drill: {id}: {} scenarios against the agent at {}", scenarios.len(), config.control.socket.display());
-    let report = match drill::run::run(&config, &id, &scenarios, std::time::Duration::from_millis(args.hold_contained_ms)) {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("aegis-agent drill: the drill could not run: {e:#}");
-            return exit::ERROR;
-        }
-    };
+    eprintln!(
+        "aegis-agent drill: {id}: {} scenarios against the agent at {}",
+        scenarios.len(),
+        config.control.socket.display()
+    );
+    let report =
+        match drill::run::run(&config, &id, &scenarios, std::time::Duration::from_millis(args.hold_contained_ms)) {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("aegis-agent drill: the drill could not run: {e:#}");
+                return exit::ERROR;
+            }
+        };
     if let Err(e) = report::append_history(&drill::history_path(&config), &report.history_entry()) {
         eprintln!("aegis-agent drill: the history was not updated: {e:#}");
     }

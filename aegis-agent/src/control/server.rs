@@ -1294,9 +1294,8 @@ impl Core {
     /// drill's (see `control::drills`).
     fn drill(&self, actor: &Actor, on: bool, id: &str, cgroup: &str) -> Response {
         let action = if on { AuditAction::DrillStart } else { AuditAction::DrillEnd };
-        let valid_id = id.starts_with("drill-")
-            && id.len() <= 64
-            && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-');
+        let valid_id =
+            id.starts_with("drill-") && id.len() <= 64 && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-');
         if !valid_id {
             let message = "invalid drill id: expected `drill-` and letters, digits or '-' (at most 64 bytes)";
             return self.failed(actor, action, json!({ "id_bytes": id.len() }), message.into());

@@ -90,18 +90,25 @@ impl CallOutcome {
     }
 }
 
+/// What a drill call asks.
+#[derive(Clone, Copy, Debug)]
+pub struct CallSpec<'a> {
+    pub api: Api,
+    pub model: &'a str,
+    pub prompt: &'a str,
+    pub stream: bool,
+}
+
 /// One synthetic call from inside `cgroup` to `addr` through curl, with `work` (the drill's
-/// private directory) holding the CA and the exchange's files.
+/// private directory) holding the CA and the exchange's files (named by `seq`).
 pub fn call(
     cgroup: &DrillCgroup,
     work: &Path,
     addr: std::net::SocketAddr,
-    api: Api,
-    model: &str,
-    prompt: &str,
-    stream: bool,
+    spec: CallSpec<'_>,
     seq: u32,
 ) -> anyhow::Result<CallOutcome> {
+    let CallSpec { api, model, prompt, stream } = spec;
     let body = match api {
         Api::Openai => serde_json::json!({"model": model, "stream": stream,
                                          "messages": [{"role": "user", "content": prompt}]}),
@@ -137,11 +144,7 @@ pub fn call(
     // SAFETY: write(2) is async-signal-safe; nothing is allocated between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
-            if libc::write(fd, b"0".as_ptr().cast(), 1) == 1 {
-                Ok(())
-            } else {
-                Err(std::io::Error::last_os_error())
-            }
+            if libc::write(fd, b"0".as_ptr().cast(), 1) == 1 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
         });
     }
     let started = Instant::now();
@@ -161,5 +164,12 @@ pub fn call(
     });
     let status = String::from_utf8_lossy(&out.stdout).trim().parse::<u16>().ok().filter(|&s| s != 0);
     let error: String = String::from_utf8_lossy(&out.stderr).trim().chars().take(200).collect();
-    Ok(CallOutcome { exit: out.status.code(), status, served_by, pid, took_ms: started.elapsed().as_millis() as u64, error })
+    Ok(CallOutcome {
+        exit: out.status.code(),
+        status,
+        served_by,
+        pid,
+        took_ms: started.elapsed().as_millis() as u64,
+        error,
+    })
 }

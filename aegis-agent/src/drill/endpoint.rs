@@ -182,11 +182,17 @@ async fn answer(req: Request<Incoming>, reply: Reply, served_by: &'static str) -
         (true, "/v1/chat/completions") => false,
         (true, "/v1/messages") => true,
         _ => {
-            let body = json!({"error": {"message": "the drill endpoint serves POST /v1/chat/completions and /v1/messages"}});
+            let body =
+                json!({"error": {"message": "the drill endpoint serves POST /v1/chat/completions and /v1/messages"}});
             return Ok(json_response(StatusCode::NOT_FOUND, served_by, &body));
         }
     };
-    let body = match tokio::time::timeout(Duration::from_secs(10), http_body_util::Limited::new(req.into_body(), MAX_BODY_BYTES).collect()).await {
+    let body = match tokio::time::timeout(
+        Duration::from_secs(10),
+        http_body_util::Limited::new(req.into_body(), MAX_BODY_BYTES).collect(),
+    )
+    .await
+    {
         Ok(Ok(b)) => b.to_bytes(),
         _ => {
             let body = json!({"error": {"message": format!("a request body of at most {MAX_BODY_BYTES} bytes, sent within 10 s")}});
@@ -228,12 +234,21 @@ async fn answer(req: Request<Incoming>, reply: Reply, served_by: &'static str) -
     let mut events = Vec::new();
     if anthropic {
         events.push(("message_start", json!({"type": "message_start", "message": {"id": "msg_drill", "type": "message", "role": "assistant", "model": model, "content": [], "usage": {"input_tokens": 12, "output_tokens": 0}}})));
-        events.push(("content_block_start", json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}})));
+        events.push((
+            "content_block_start",
+            json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+        ));
         for p in &pieces {
-            events.push(("content_block_delta", json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": p}})));
+            events.push((
+                "content_block_delta",
+                json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": p}}),
+            ));
         }
         events.push(("content_block_stop", json!({"type": "content_block_stop", "index": 0})));
-        events.push(("message_delta", json!({"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 9}})));
+        events.push((
+            "message_delta",
+            json!({"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 9}}),
+        ));
         events.push(("message_stop", json!({"type": "message_stop"})));
     } else {
         for p in &pieces {
@@ -247,7 +262,8 @@ async fn answer(req: Request<Incoming>, reply: Reply, served_by: &'static str) -
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     tokio::spawn(async move {
         for (name, data) in events {
-            let chunk = if name.is_empty() { format!("data: {data}\n\n") } else { format!("event: {name}\ndata: {data}\n\n") };
+            let chunk =
+                if name.is_empty() { format!("data: {data}\n\n") } else { format!("event: {name}\ndata: {data}\n\n") };
             if tx.send(Bytes::from(chunk)).await.is_err() {
                 return;
             }

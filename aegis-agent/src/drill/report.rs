@@ -246,7 +246,8 @@ impl DrillReport {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot make the report directory {}", dir.display()))?;
         let json = dir.join(format!("{}.json", self.drill));
         let md = dir.join(format!("{}.md", self.drill));
-        std::fs::write(&json, serde_json::to_vec_pretty(self)?).with_context(|| format!("writing {}", json.display()))?;
+        std::fs::write(&json, serde_json::to_vec_pretty(self)?)
+            .with_context(|| format!("writing {}", json.display()))?;
         std::fs::write(&md, self.markdown()).with_context(|| format!("writing {}", md.display()))?;
         Ok((json, md))
     }
@@ -269,7 +270,10 @@ impl DrillReport {
                 .scenarios
                 .iter()
                 .flat_map(|s| {
-                    s.phases.iter().filter(|p| p.outcome == Outcome::Fail).map(|p| format!("{}/{}", s.scenario, p.phase.name()))
+                    s.phases
+                        .iter()
+                        .filter(|p| p.outcome == Outcome::Fail)
+                        .map(|p| format!("{}/{}", s.scenario, p.phase.name()))
                 })
                 .collect(),
             took_ms: self.took_ms,
@@ -315,7 +319,9 @@ pub fn append_history(path: &Path, entry: &HistoryEntry) -> anyhow::Result<()> {
 pub fn read_history(path: &Path) -> anyhow::Result<(Vec<HistoryEntry>, usize)> {
     let text = match crate::files::read_capped_to_string(path, MAX_HISTORY_BYTES, "the drill history") {
         Ok(t) => t,
-        Err(crate::files::FileError::Open(e)) if e.kind() == std::io::ErrorKind::NotFound => return Ok((Vec::new(), 0)),
+        Err(crate::files::FileError::Open(e)) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Ok((Vec::new(), 0));
+        }
         Err(e) => anyhow::bail!("{}: {e}", path.display()),
     };
     let mut bad = 0;
@@ -329,7 +335,8 @@ pub fn read_history(path: &Path) -> anyhow::Result<(Vec<HistoryEntry>, usize)> {
 
 /// The history as a table with the trend of each drill against the one before.
 pub fn history_table(entries: &[HistoryEntry]) -> String {
-    let mut out = String::from("DRILL                          STARTED                   RESULT  TOOK      CONTAIN AT  TREND\n");
+    let mut out =
+        String::from("DRILL                          STARTED                   RESULT  TOOK      CONTAIN AT  TREND\n");
     let mut previous: Option<&HistoryEntry> = None;
     for e in entries {
         let contain = e.slowest_done_at_ms.get("contain").copied();

@@ -267,7 +267,17 @@ impl<'a> Drill<'a> {
             }
         };
         let records = Records::open(&config.output.file, id);
-        Ok(Self { config, id: id.to_owned(), endpoint, work, cgroup_path, cleanup, records, seq: 0, hold: Duration::ZERO })
+        Ok(Self {
+            config,
+            id: id.to_owned(),
+            endpoint,
+            work,
+            cgroup_path,
+            cleanup,
+            records,
+            seq: 0,
+            hold: Duration::ZERO,
+        })
     }
 
     fn call(&mut self, scenario: &Scenario, model: &str, prompt: &str) -> anyhow::Result<CallOutcome> {
@@ -275,7 +285,8 @@ impl<'a> Drill<'a> {
         self.seq += 1;
         let cgroup = self.cleanup.cgroup.as_ref().context("the drill cgroup is gone")?;
         let t = &scenario.trigger;
-        client::call(cgroup, &self.work, self.endpoint.primary, t.api, model, prompt, t.stream, self.seq)
+        let spec = client::CallSpec { api: t.api, model, prompt, stream: t.stream };
+        client::call(cgroup, &self.work, self.endpoint.primary, spec, self.seq)
     }
 
     /// Run one scenario through every phase; a phase that fails is reported and the next
@@ -571,17 +582,12 @@ impl<'a> Drill<'a> {
                 let recs = self.records.wait_pid(again.pid, |r| r.iter().any(|r| r["type"] == "connect_denied"))?;
                 let redirected = recs.iter().any(|r| r["type"] == "connect_denied" && r["action"] == "redirect");
                 let ok = again.succeeded() && again.served_by.as_deref() == Some("fallback");
-                Ok((
-                    ok && redirected,
-                    format!(
-                        "{}; the agent recorded the redirect: {redirected}",
-                        describe(again)
-                    ),
-                ))
+                Ok((ok && redirected, format!("{}; the agent recorded the redirect: {redirected}", describe(again))))
             }
             Validate::Refused => {
                 let recs = self.records.wait_pid(again.pid, |r| {
-                    r.iter().any(|r| r["type"] == "connect_denied" || r["enforcement"]["outcome"] == "connection_killed")
+                    r.iter()
+                        .any(|r| r["type"] == "connect_denied" || r["enforcement"]["outcome"] == "connection_killed")
                 })?;
                 let by = recs.iter().find_map(|r| {
                     if r["type"] == "connect_denied" {
@@ -612,11 +618,7 @@ impl<'a> Drill<'a> {
                 let by = by.or(instead);
                 Ok((
                     ok,
-                    format!(
-                        "{}; the agent: {}",
-                        describe(again),
-                        by.as_deref().unwrap_or("no record of stopping it")
-                    ),
+                    format!("{}; the agent: {}", describe(again), by.as_deref().unwrap_or("no record of stopping it")),
                 ))
             }
         }
@@ -712,7 +714,11 @@ impl<'a> Drill<'a> {
         store.record(
             &format!("drill {}", self.id),
             incident,
-            What::Bundle { path: written.path.display().to_string(), digest: written.digest, shipped: config.collector.enabled() },
+            What::Bundle {
+                path: written.path.display().to_string(),
+                digest: written.digest,
+                shipped: config.collector.enabled(),
+            },
         )?;
         Ok(checks)
     }
@@ -738,7 +744,8 @@ impl<'a> Drill<'a> {
             Validate::Refused => "stopped",
             Validate::Redirected => "connect_redirect",
         };
-        let delta = after.drill.get(outcome).copied().unwrap_or(0.0) - before.drill.get(outcome).copied().unwrap_or(0.0);
+        let delta =
+            after.drill.get(outcome).copied().unwrap_or(0.0) - before.drill.get(outcome).copied().unwrap_or(0.0);
         vec![
             check(
                 "metrics show the change",
@@ -765,7 +772,8 @@ struct Metrics {
 
 /// GET /metrics from the agent's listener (plain HTTP on the host).
 fn scrape(listen: &str, cgroup: &str) -> anyhow::Result<Metrics> {
-    let mut stream = std::net::TcpStream::connect(listen).with_context(|| format!("cannot reach /metrics at {listen}"))?;
+    let mut stream =
+        std::net::TcpStream::connect(listen).with_context(|| format!("cannot reach /metrics at {listen}"))?;
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
     write!(stream, "GET /metrics HTTP/1.0\r\nHost: {listen}\r\n\r\n")?;
     let mut text = String::new();
@@ -802,10 +810,7 @@ fn first_signal(r: &Value, category: &str) -> (String, bool) {
     let first_category =
         matches.iter().find(|m| m["rule"].as_str() == Some(first)).and_then(|m| m["category"].as_str()).unwrap_or("?");
     let ok = matches.iter().any(|m| m["category"].as_str() == Some(category));
-    (
-        format!("rule:{first} ({first_category}, {})", r["decision"]["action"].as_str().unwrap_or("?")),
-        ok,
-    )
+    (format!("rule:{first} ({first_category}, {})", r["decision"]["action"].as_str().unwrap_or("?")), ok)
 }
 
 fn describe(c: &CallOutcome) -> String {
