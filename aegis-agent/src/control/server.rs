@@ -1741,6 +1741,38 @@ mod tests {
     }
 
     #[test]
+    fn a_drill_marks_its_cgroup_and_blocks_until_it_ends() {
+        let dir = TempDir::new("drill");
+        let config = config(&dir);
+        let (server, _) = start(&config);
+        let drill = |on: bool, id: &str, cgroup: &str| {
+            call(&config.socket, &Request::Drill { on, id: id.into(), cgroup: cgroup.into() })
+        };
+        assert!(refused(drill(true, "nope", "/d")).starts_with("invalid drill id"));
+        assert_eq!(refused(drill(true, "drill-1", "/")), "a drill's cgroup must be one made for it, not the root");
+        match drill(true, "drill-1", "/aegis-drill-1").unwrap() {
+            Reply::Drills { drills } => assert_eq!(drills[0].cgroup, "/aegis-drill-1"),
+            other => panic!("{other:?}"),
+        }
+        let scoped =
+            BlockSpec { scope: Scope::Cgroup("/aegis-drill-1".into()), ..spec(BlockTarget::Model("m".into()), None) };
+        let Reply::Blocked { block, .. } = call(&config.socket, &Request::Block(scoped)).unwrap() else { panic!() };
+        let Reply::Blocked { block: other, .. } =
+            call(&config.socket, &Request::Block(spec(BlockTarget::Model("m".into()), None))).unwrap()
+        else {
+            panic!()
+        };
+        let marks = server.drills();
+        assert_eq!(marks.of_block(&block.id).as_deref(), Some("drill-1"));
+        assert_eq!(marks.of_block(&other.id), None, "a host-wide block is not the drill's");
+        assert_eq!(marks.of_cgroup("/aegis-drill-1/x").as_deref(), Some("drill-1"));
+        drill(false, "drill-1", "").unwrap();
+        assert_eq!(marks.of_cgroup("/aegis-drill-1"), None);
+        let audit = std::fs::read_to_string(&config.audit_log).unwrap();
+        assert!(audit.contains("\"drill_start\"") && audit.contains("\"drill_end\""), "{audit}");
+    }
+
+    #[test]
     fn handler_failure_changes_nothing() {
         let dir = TempDir::new("fail");
         let config = config(&dir);

@@ -393,6 +393,42 @@ mod tests {
         text.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad line {l:?}: {e}"))).collect()
     }
 
+    /// A drill's refusals are marked as the drill's (by its block), others are not; the
+    /// marks end with the drill.
+    #[test]
+    fn records_of_a_drill_are_marked_while_it_runs() {
+        let dir = std::env::temp_dir().join(format!("aegis-sink-drill-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("records.jsonl");
+        let drills = crate::control::drills::DrillMarks::default();
+        let mut sink = JsonLines::open(false, &path, 1 << 20).unwrap().with_drills(Some(drills.clone()));
+        let denied = |block: &str| {
+            Record::ConnectDenied(record::ConnectDenied {
+                time: "t".into(),
+                block_id: block.into(),
+                pid: 1,
+                tid: 1,
+                comm: "curl".into(),
+                cgroup_id: 7,
+                exe: None,
+                dest: "127.0.0.1:443".into(),
+                udp: false,
+                action: "redirect",
+                drill: None,
+            })
+        };
+        drills.begin("drill-1", "/aegis-drill-1").unwrap();
+        drills.note_block("blk-1", "/aegis-drill-1");
+        sink.write(&denied("blk-1"));
+        sink.write(&denied("blk-2"));
+        drills.end("drill-1");
+        sink.write(&denied("blk-1"));
+        sink.flush();
+        let got: Vec<serde_json::Value> = lines(&path).into_iter().map(|l| l["drill"].clone()).collect();
+        assert_eq!(got, [serde_json::json!("drill-1"), serde_json::Value::Null, serde_json::Value::Null]);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     /// Rotation: after a rename and the flag, the next flush writes to a new file at the
     /// path; the renamed one ends with the records flushed before, whole.
     #[test]
