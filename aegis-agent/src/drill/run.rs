@@ -432,7 +432,8 @@ impl<'a> Drill<'a> {
         // Contain: the scenario's control, scoped to the drill cgroup, validated by the
         // same call again.
         let t = Instant::now();
-        let mut control = ControlResult { control: format!("{:?}", s.contain.control), ..Default::default() };
+        let name = serde_json::to_value(s.contain.control).ok().and_then(|v| v.as_str().map(str::to_owned));
+        let mut control = ControlResult { control: name.unwrap_or_default(), ..Default::default() };
         let mut checks = Vec::new();
         match self.apply(s) {
             Ok((id, detail)) => {

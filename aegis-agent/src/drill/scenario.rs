@@ -106,7 +106,7 @@ pub struct Expect {
 }
 
 /// The control applied in the contain phase, always scoped to the drill's cgroup.
-#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Deserialize, serde::Serialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum Control {
     /// `emergency on --cgroup DRILL`.
