@@ -177,7 +177,8 @@ pub fn run(config: &Config, ready_file: Option<&Path>) -> anyhow::Result<()> {
         .with_observer(spans)
         .with_identity(Identity::of_this_host(inspector.clone()))
         .with_lookback(open_lookback(config))
-        .with_ledger(ledger.clone());
+        .with_ledger(ledger.clone())
+        .with_drills(Some(server.drills()));
     let reopen_output = sink.reopen_flag();
     let pipeline = Pipeline::start(config, probes, discovery, source, sink, inspector.clone(), containment)?;
     // Capture health for `status`, /healthz and the watchdog; the scrape-time metrics.
@@ -924,6 +925,7 @@ fn forward_denials(enforcer: &Enforcer, pipeline: &Pipeline, heartbeat: bool) {
             dest: dest.to_string(),
             udp: d.sendmsg,
             action,
+            drill: None,
         };
         let _ = pipeline.events.try_send(Output::Record(Record::ConnectDenied(record)));
     }

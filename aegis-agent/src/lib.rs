@@ -34,6 +34,8 @@
 //!   only go up, expiry) and the agents' signed acknowledgements.
 //! - [`collector`]: the server that receives bundles over mutual TLS, verifies them
 //!   against enrolled agent keys, stores them (object_store) and indexes them (SQLite).
+//! - [`drill`]: synthetic incidents run against the running agent, each phase of the
+//!   playbook's flow checked and timed.
 //! - [`daemon`], [`commands`]: the agent and the operator's commands.
 
 pub mod capture;
@@ -44,6 +46,7 @@ pub mod commands;
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod drill;
 pub mod enforce;
 pub mod evidence;
 pub mod failpoint;

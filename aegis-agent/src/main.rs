@@ -139,6 +139,11 @@ enum Command {
     /// Re-decide the calls of a bundle with other rulepacks; exit 1 when a harmful call is
     /// still allowed.
     Replay(aegis_agent::commands::incident::ReplayArgs),
+    /// Drill the incident response: synthetic incidents against the running agent (a local
+    /// TLS endpoint, a client in a cgroup made for the drill), each phase of the playbook's
+    /// 60-minute flow checked and timed; `drill scenarios`, `drill show NAME`, `drill
+    /// history` (see README "Drills").
+    Drill(aegis_agent::commands::drill::DrillArgs),
     /// Commands for the running agent, over its control socket (exit status: see
     /// `commands::control`).
     #[command(flatten)]
@@ -338,6 +343,9 @@ fn main() -> std::process::ExitCode {
         }
         Command::Snapshot(args) => aegis_agent::commands::incident::snapshot(&args),
         Command::Incident { command } => aegis_agent::commands::incident::incident(&command),
+        Command::Drill(args) => {
+            return std::process::ExitCode::from(aegis_agent::commands::drill::run(&args));
+        }
         Command::Replay(args) => {
             return std::process::ExitCode::from(aegis_agent::commands::incident::replay_cmd(&args));
         }

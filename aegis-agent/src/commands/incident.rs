@@ -240,6 +240,7 @@ pub fn incident(cmd: &IncidentCommand) -> anyhow::Result<()> {
                     rule: None,
                     scope: json!({"cgroup": cgroup}),
                     trigger: Value::Null,
+                    drill: None,
                 },
             )?;
             println!("{id}");

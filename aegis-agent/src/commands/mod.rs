@@ -7,6 +7,7 @@
 
 pub mod collector;
 pub mod control;
+pub mod drill;
 pub mod evidence;
 pub mod fleet;
 pub mod incident;
@@ -51,6 +52,10 @@ pub mod exit {
             "key" | "log" | "evidence" => {
                 "Exit status: 0 valid (or done), 1 tampered or invalid, 3 could not check (no such log, unreadable \
                  key, invalid value, the collector could not be asked), 64 usage error."
+            }
+            "drill" => {
+                "Exit status: 0 every phase of every scenario passed (or done), 1 a phase failed or something was \
+                 left behind, 3 the drill could not run (the agent could not be asked), 64 usage error."
             }
             "block" | "unblock" | "blocks" | "emergency" | "disable" | "enforce" | "status" => {
                 "Exit status: 0 done, 1 refused by the agent, 3 the agent could not be asked, 64 usage error."

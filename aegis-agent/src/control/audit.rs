@@ -47,6 +47,10 @@ pub enum AuditAction {
     Restore,
     /// A fleet policy was put in force (actor: the agent, on the fleet's signed word).
     FleetPolicy,
+    /// A drill started: its calls, blocks and incidents are marked as the drill's.
+    DrillStart,
+    /// A drill ended.
+    DrillEnd,
     /// A client that may not use the socket connected.
     Connect,
     /// A request that could not be read or parsed.

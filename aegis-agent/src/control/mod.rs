@@ -56,6 +56,7 @@
 pub mod audit;
 pub mod blocks;
 pub mod client;
+pub mod drills;
 pub mod mode;
 pub mod protocol;
 pub mod render;

@@ -49,6 +49,14 @@ pub enum Request {
     /// Sign a checkpoint of the decision log now (a snapshot's entries must be covered by
     /// one to be proven); changes nothing else.
     Checkpoint,
+    /// Start (`on`) or end drill `id`, whose calls come from `cgroup` (see
+    /// `control::drills`): what they cause is marked as the drill's.
+    Drill {
+        on: bool,
+        id: String,
+        #[serde(default)]
+        cgroup: String,
+    },
 }
 
 /// The agent's answer.
@@ -100,6 +108,10 @@ pub enum Reply {
     /// The decision log's size, all of it covered by a checkpoint signed now.
     Checkpoint {
         size: u64,
+    },
+    /// The drills in progress after the request.
+    Drills {
+        drills: Vec<super::drills::DrillMark>,
     },
 }
 
@@ -337,6 +349,7 @@ mod tests {
             Request::Enforce { on: true },
             Request::Enforce { on: false },
             Request::Status,
+            Request::Drill { on: true, id: "drill-1".into(), cgroup: "/aegis-drill-1".into() },
         ];
         for req in requests {
             let line = encode_request(&req);
@@ -467,14 +480,14 @@ mod tests {
         assert_eq!(
             err(r#"{"v":1,"op":"explode"}"#),
             "invalid request: unknown variant `explode`, expected one of `block`, `unblock`, `list`, `emergency`, \
-             `enforce`, `status`, `checkpoint`"
+             `enforce`, `status`, `checkpoint`, `drill`"
         );
         assert_eq!(err(r#"{"v":1,"op":"unblock"}"#), "invalid request: missing field `id`");
         assert_eq!(
             decode_response(b"{\"v\":2,\"status\":\"ok\",\"kind\":\"new_thing\"}").unwrap_err(),
             "the agent speaks control protocol version 2 and this client version 1: use the aegis-agent binary of the \
              agent's version (unknown variant `new_thing`, expected one of `blocked`, `unblocked`, `blocks`, \
-             `emergency`, `enforce`, `status`, `checkpoint`)"
+             `emergency`, `enforce`, `status`, `checkpoint`, `drills`)"
         );
         assert_eq!(
             decode_response(b"nope").unwrap_err(),

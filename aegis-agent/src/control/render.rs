@@ -158,6 +158,13 @@ pub fn reply_text(reply: &Reply, now_ms: u64) -> String {
         }
         Reply::Status(status) => status_text(status),
         Reply::Checkpoint { size } => format!("decision log checkpoint signed: {size} entries\n"),
+        Reply::Drills { drills } => {
+            let mut s = format!("{} drills in progress\n", drills.len());
+            for d in drills {
+                let _ = writeln!(s, "{} in cgroup {} ({} blocks)", clean(&d.id), clean(&d.cgroup), d.blocks.len());
+            }
+            s
+        }
     }
 }
 

@@ -41,7 +41,7 @@ use tokio::{
 
 use super::{
     audit::{AuditAction, AuditLog, Outcome},
-    blocks::{Actor, Block, BlockSpec, ControlState, Emergency, Subject, create_private_dir, parse_cgroup},
+    blocks::{Actor, Block, BlockSpec, ControlState, Emergency, Scope, Subject, create_private_dir, parse_cgroup},
     group_label,
     mode::{EnforceMode, ModeState},
     protocol::{
@@ -465,6 +465,11 @@ impl ServerHandle {
     /// What puts fleet policies in force, for the fleet feed.
     pub fn fleet_applier(&self) -> FleetApplier {
         self.core.clone()
+    }
+
+    /// The drills in progress, for the records sink to mark by.
+    pub fn drills(&self) -> super::drills::DrillMarks {
+        self.core.0.drills.clone()
     }
 
     pub fn socket(&self) -> &Path {
@@ -918,6 +923,8 @@ struct Core {
     fleet: RwLock<Option<FleetStatus>>,
     /// How capture is doing, for `status`.
     capture_health: CaptureHealthSlot,
+    /// The drills in progress, shared with the records sink.
+    drills: super::drills::DrillMarks,
 }
 
 impl Core {
@@ -972,6 +979,7 @@ impl Core {
             capabilities,
             fleet: RwLock::new(None),
             capture_health: CaptureHealthSlot::default(),
+            drills: Default::default(),
         });
         for block in &expired {
             tracing::info!(id = %block.id, target = %block.spec.target, "block expired while the agent was not running");
@@ -1116,6 +1124,7 @@ impl Core {
             Request::Enforce { on } => {
                 self.enforce(actor, if on { EnforceMode::Enforce } else { EnforceMode::Observe })
             }
+            Request::Drill { on, id, cgroup } => self.drill(actor, on, &id, &cgroup),
             Request::Checkpoint => match self.audit.checkpoint() {
                 Some(size) => Response::Ok(Reply::Checkpoint { size }),
                 None => Response::Error {
@@ -1270,11 +1279,48 @@ impl Core {
         });
         match result {
             Ok((block, mut report)) => {
+                if let Scope::Cgroup(cgroup) = &block.spec.scope {
+                    self.drills.note_block(&block.id, cgroup);
+                }
                 tracing::info!(id = %block.id, target = %block.spec.target, scope = %block.spec.scope, %actor, %report, "block set");
                 self.audit_ok(actor, AuditAction::Block, json!({ "block": &block }), &mut report);
                 Response::Ok(Reply::Blocked { block, report })
             }
             Err(message) => self.failed(actor, AuditAction::Block, requested, message),
+        }
+    }
+
+    /// Start or end a drill: nothing is enforced, the mark only says whose calls are the
+    /// drill's (see `control::drills`).
+    fn drill(&self, actor: &Actor, on: bool, id: &str, cgroup: &str) -> Response {
+        let action = if on { AuditAction::DrillStart } else { AuditAction::DrillEnd };
+        let valid_id =
+            id.starts_with("drill-") && id.len() <= 64 && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-');
+        if !valid_id {
+            let message = "invalid drill id: expected `drill-` and letters, digits or '-' (at most 64 bytes)";
+            return self.failed(actor, action, json!({ "id_bytes": id.len() }), message.into());
+        }
+        let result = if on {
+            match parse_cgroup(cgroup) {
+                Ok(c) if c != "/" => self.drills.begin(id, &c).map(|()| c),
+                Ok(_) => Err("a drill's cgroup must be one made for it, not the root".into()),
+                Err(e) => Err(e),
+            }
+        } else {
+            Ok(String::new())
+        };
+        match result {
+            Ok(c) => {
+                let ended = !on && self.drills.end(id);
+                let mut report = ApplyReport::default();
+                if !on && !ended {
+                    report.notes.push(format!("no drill {id} was in progress"));
+                }
+                tracing::info!(drill = id, cgroup = %c, on, %actor, "drill");
+                self.audit_ok(actor, action, json!({ "id": id, "cgroup": c }), &mut report);
+                Response::Ok(Reply::Drills { drills: self.drills.list() })
+            }
+            Err(message) => self.failed(actor, action, json!({ "id": id, "cgroup": cgroup }), message),
         }
     }
 
@@ -1692,6 +1738,38 @@ mod tests {
             "{message}"
         );
         assert_eq!(replaced.details["replaced"]["mode"], "observe");
+    }
+
+    #[test]
+    fn a_drill_marks_its_cgroup_and_blocks_until_it_ends() {
+        let dir = TempDir::new("drill");
+        let config = config(&dir);
+        let (server, _) = start(&config);
+        let drill = |on: bool, id: &str, cgroup: &str| {
+            call(&config.socket, &Request::Drill { on, id: id.into(), cgroup: cgroup.into() })
+        };
+        assert!(refused(drill(true, "nope", "/d")).starts_with("invalid drill id"));
+        assert_eq!(refused(drill(true, "drill-1", "/")), "a drill's cgroup must be one made for it, not the root");
+        match drill(true, "drill-1", "/aegis-drill-1").unwrap() {
+            Reply::Drills { drills } => assert_eq!(drills[0].cgroup, "/aegis-drill-1"),
+            other => panic!("{other:?}"),
+        }
+        let scoped =
+            BlockSpec { scope: Scope::Cgroup("/aegis-drill-1".into()), ..spec(BlockTarget::Model("m".into()), None) };
+        let Reply::Blocked { block, .. } = call(&config.socket, &Request::Block(scoped)).unwrap() else { panic!() };
+        let Reply::Blocked { block: other, .. } =
+            call(&config.socket, &Request::Block(spec(BlockTarget::Model("m".into()), None))).unwrap()
+        else {
+            panic!()
+        };
+        let marks = server.drills();
+        assert_eq!(marks.of_block(&block.id).as_deref(), Some("drill-1"));
+        assert_eq!(marks.of_block(&other.id), None, "a host-wide block is not the drill's");
+        assert_eq!(marks.of_cgroup("/aegis-drill-1/x").as_deref(), Some("drill-1"));
+        drill(false, "drill-1", "").unwrap();
+        assert_eq!(marks.of_cgroup("/aegis-drill-1"), None);
+        let audit = std::fs::read_to_string(&config.audit_log).unwrap();
+        assert!(audit.contains("\"drill_start\"") && audit.contains("\"drill_end\""), "{audit}");
     }
 
     #[test]

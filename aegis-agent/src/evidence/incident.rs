@@ -119,6 +119,9 @@ pub enum What {
         /// The record that opened it.
         #[serde(default)]
         trigger: Value,
+        /// The drill (`aegis-agent drill`) that caused it: a rehearsal, not a real incident.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        drill: Option<String>,
     },
     /// Another call matched the open incident's rule and scope.
     Matched {
@@ -168,6 +171,9 @@ pub struct Incident {
     pub rule: Option<String>,
     pub scope: Value,
     pub trigger: Value,
+    /// The drill that caused it (a rehearsal); absent for real incidents.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub drill: Option<String>,
     /// Calls that matched after it opened.
     pub matched_calls: Vec<String>,
     pub notes: Vec<Value>,
@@ -287,7 +293,7 @@ pub fn fold(events: Vec<Event>) -> Vec<Incident> {
     let mut by_id: BTreeMap<String, usize> = BTreeMap::new();
     let mut out: Vec<Incident> = Vec::new();
     for event in events {
-        if let What::Open { severity, title, owner, rule, scope, trigger } = &event.what {
+        if let What::Open { severity, title, owner, rule, scope, trigger, drill } = &event.what {
             by_id.insert(event.id.clone(), out.len());
             out.push(Incident {
                 id: event.id.clone(),
@@ -302,6 +308,7 @@ pub fn fold(events: Vec<Event>) -> Vec<Incident> {
                 rule: rule.clone(),
                 scope: scope.clone(),
                 trigger: trigger.clone(),
+                drill: drill.clone(),
                 matched_calls: Vec::new(),
                 notes: Vec::new(),
                 bundles: Vec::new(),
@@ -348,7 +355,7 @@ pub fn summary(i: &Incident) -> Value {
     json!({
         "id": i.id, "severity": i.severity, "title": i.title, "owner": i.owner, "status": i.status,
         "opened_at": i.opened_at, "opened_by": i.opened_by, "acknowledged_at": i.acknowledged_at,
-        "resolved_at": i.resolved_at, "rule": i.rule, "scope": i.scope,
+        "resolved_at": i.resolved_at, "rule": i.rule, "scope": i.scope, "drill": i.drill,
     })
 }
 
@@ -440,22 +447,29 @@ fn handle_match(
         "enforcement": record["enforcement"],
     });
     let scope = json!({"cgroup": cgroup, "pid": record["pid"], "exe": record["exe"], "provider": record["provider"]});
+    // A drill's call opens a drill's incident: marked, titled so, never taken for a real one.
+    let drill = record["drill"].as_str().map(str::to_owned);
+    let title = match &drill {
+        Some(d) => format!("[drill {d}] {}", rule.title),
+        None => rule.title.clone(),
+    };
     let id = store.open_incident(
         "agent",
         What::Open {
             severity: rule.severity,
-            title: rule.title.clone(),
+            title,
             owner: None,
             rule: Some(rule.id.clone()),
             scope: scope.clone(),
             trigger: trigger.clone(),
+            drill: drill.clone(),
         },
     )?;
-    tracing::warn!(incident = %id, severity = rule.severity.as_str(), rule = %rule.id, cgroup, "incident opened");
+    tracing::warn!(incident = %id, severity = rule.severity.as_str(), rule = %rule.id, cgroup, drill, "incident opened");
     if let Some(l) = ledger {
         l.append(
             "incident_open",
-            &json!({"id": id, "severity": rule.severity, "rule": rule.id, "scope": scope, "trigger": trigger}),
+            &json!({"id": id, "severity": rule.severity, "rule": rule.id, "scope": scope, "trigger": trigger, "drill": drill}),
         );
     }
     if rule.severity > Severity::Sev2 {
@@ -520,6 +534,7 @@ mod tests {
             rule: Some("prompt_injection".into()),
             scope: json!({"cgroup": "/app"}),
             trigger: json!({"call_id": "c1"}),
+            drill: None,
         };
         let id = store.open_incident("agent", open("injection got through")).unwrap();
         assert!(id.starts_with("INC-") && id.ends_with("-0001"), "{id}");

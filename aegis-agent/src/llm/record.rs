@@ -79,6 +79,10 @@ pub struct CallRecord {
     /// what still passed after the verdict.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub enforcement: Option<crate::policy::ruling::Enforcement>,
+    /// The drill (`aegis-agent drill`) this call is part of: synthetic traffic, never
+    /// counted as real (set by the records sink, see `control::drills`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub drill: Option<String>,
     /// The decoded request body, kept for the look-back only when `[lookback] payloads`
     /// allows it; never written to a record.
     #[serde(skip)]
@@ -121,6 +125,7 @@ impl CallRecord {
             notes: o.notes,
             decision: o.decision,
             enforcement: o.enforcement,
+            drill: None,
             payload: o.payload,
         }
     }

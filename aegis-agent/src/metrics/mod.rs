@@ -156,6 +156,11 @@ struct EnforcementLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DrillLabels {
+    outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CauseLabels {
     cause: String,
 }
@@ -271,6 +276,7 @@ pub struct Metrics {
     ttfb: Histograms<ModelLabels>,
     decisions: Family<DecisionLabels, Counter>,
     enforcements: Family<EnforcementLabels, Counter>,
+    drill_calls: Family<DrillLabels, Counter>,
     // Read when scraped (see `refresh`).
     events: Counter,
     records: Counter,
@@ -312,6 +318,7 @@ impl Metrics {
             ttfb: Family::new_with_constructor(latency_histogram),
             decisions: Family::default(),
             enforcements: Family::default(),
+            drill_calls: Family::default(),
             events: Counter::default(),
             records: Counter::default(),
             records_lost: Counter::default(),
@@ -376,6 +383,12 @@ impl Metrics {
             "What was done to stop calls and connections: by (rule, operator, emergency, content_gate, \
              destination_block) and outcome",
             m.enforcements.clone(),
+        );
+        r.register(
+            "aegis_drill_calls",
+            "Calls and refused connects of drills (`aegis-agent drill`) by outcome (allowed, flagged, stopped, \
+             connect_deny, connect_redirect); counted here only, never in the real traffic's families",
+            m.drill_calls.clone(),
         );
         r.register("aegis_capture_events", "TLS reads and writes the probes delivered (probe hits)", m.events.clone());
         r.register("aegis_capture_bad_events", "Ring buffer records that could not be decoded", m.bad_events.clone());
@@ -445,6 +458,18 @@ impl Metrics {
     /// Count one record.
     pub fn count(&self, record: &Record) {
         match record {
+            // A drill's records are synthetic traffic: counted apart, never as real calls.
+            Record::LlmCall(call) if call.drill.is_some() => {
+                let outcome = match (&call.enforcement, &call.decision) {
+                    (Some(e), _) if e.outcome.stopped() => "stopped",
+                    (_, Some(d)) if d.action != crate::rules::pack::Action::Allow => "flagged",
+                    _ => "allowed",
+                };
+                self.drill_calls.get_or_create(&DrillLabels { outcome: outcome.into() }).inc();
+            }
+            Record::ConnectDenied(d) if d.drill.is_some() => {
+                self.drill_calls.get_or_create(&DrillLabels { outcome: format!("connect_{}", d.action) }).inc();
+            }
             Record::LlmCall(call) => self.count_call(call),
             Record::GateRefused(_) => {
                 self.enforcement("content_gate", "refused_in_kernel");

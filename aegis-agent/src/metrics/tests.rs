@@ -62,6 +62,7 @@ fn call(model: &str, cgroup: &str, status: Option<u16>, tokens: (u64, u64)) -> C
         notes: vec![],
         decision: None,
         enforcement: None,
+        drill: None,
         payload: None,
     }
 }
@@ -286,4 +287,35 @@ fn the_listener_serves_metrics_and_health() {
     let taken = server::MetricsServer::start(server.addr(), m.clone()).err().expect("the port is taken");
     assert!(format!("{taken:#}").starts_with(&format!("cannot listen on metrics.listen = \"{}\"", server.addr())));
     drop(server);
+}
+
+#[test]
+fn a_drill_is_counted_apart_and_never_as_real_traffic() {
+    let m = Metrics::new(&config(100));
+    let mut stopped = call("gpt-4o-mini", "/aegis/aegis-drill-1", Some(200), (10, 5));
+    stopped.drill = Some("drill-1".into());
+    stopped.decision = Some(decision(Action::Block, &["injection.ignore"]));
+    stopped.enforcement = Some(Enforcement {
+        by: "emergency:injection.ignore".into(),
+        half: crate::policy::decision::Half::Request,
+        mode: crate::control::EnforceMode::Observe,
+        outcome: Outcome::ConnectionKilled,
+        detail: None,
+        connections_killed: 1,
+        verdict_to_kill_us: Some(200),
+        bytes_out_after_verdict: 0,
+        bytes_in_after_verdict: 0,
+    });
+    m.count(&Record::LlmCall(stopped));
+    let mut allowed = call("gpt-4o-mini", "/aegis/aegis-drill-1", Some(200), (10, 5));
+    allowed.drill = Some("drill-1".into());
+    m.count(&Record::LlmCall(allowed));
+    let text = m.encode();
+    assert_eq!(sample(&text, r#"aegis_drill_calls_total{outcome="stopped"}"#), Some(1.0), "{text}");
+    assert_eq!(sample(&text, r#"aegis_drill_calls_total{outcome="allowed"}"#), Some(1.0), "{text}");
+    for family in
+        ["aegis_llm_calls_total{", "aegis_llm_tokens_total{", "aegis_decisions_total{", "aegis_enforcements_total{"]
+    {
+        assert!(!text.lines().any(|l| l.starts_with(family)), "a drill call counted in {family}: {text}");
+    }
 }

@@ -114,6 +114,13 @@ pub struct Enforcement {
     pub bytes_in_after_verdict: u64,
 }
 
+impl Outcome {
+    /// Whether the call was stopped (its connection destroyed).
+    pub fn stopped(self) -> bool {
+        self == Self::ConnectionKilled
+    }
+}
+
 impl Checkpoint {
     /// The facts of the call at this checkpoint, made by a process in `cgroup` running
     /// `exe` (`client`: at the caller's end of the connection).

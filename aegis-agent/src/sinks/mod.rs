@@ -23,7 +23,7 @@ pub mod lookback;
 pub mod otlp;
 pub mod record;
 
-use self::record::{AgentIdentity, Identity, Line, Record, RecordsLost, SCHEMA_VERSION};
+use self::record::{self as sinks_record, AgentIdentity, Identity, Line, Record, RecordsLost, SCHEMA_VERSION};
 use crate::journal::{Journal, Ledger};
 
 /// Sees every record written (the incident rules, in `evidence::incident`). Called on the
@@ -53,6 +53,8 @@ pub struct JsonLines {
     observers: Vec<std::sync::Arc<dyn RecordObserver>>,
     /// Set to have the file reopened at the next flush.
     reopen: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// The drills in progress: their records are marked (see `control::drills`).
+    drills: Option<crate::control::drills::DrillMarks>,
 }
 
 /// The file side: the journal, what waits for it, and what was lost.
@@ -124,6 +126,7 @@ impl JsonLines {
             lookback: None,
             observers: Vec::new(),
             reopen: std::sync::Arc::default(),
+            drills: None,
         })
     }
 
@@ -157,6 +160,30 @@ impl JsonLines {
         self
     }
 
+    /// Mark the records of the drills in `drills` as theirs.
+    pub fn with_drills(mut self, drills: Option<crate::control::drills::DrillMarks>) -> Self {
+        self.drills = drills;
+        self
+    }
+
+    /// `record` marked as a drill's, when it is one (a copy: drills are rare, records many).
+    fn drill_marked(&self, record: &Record) -> Option<Record> {
+        let drills = self.drills.as_ref().filter(|d| !d.is_empty())?;
+        match record {
+            Record::LlmCall(call) => {
+                let id = drills.of_cgroup(&call.process.cgroup)?;
+                let mut call = call.clone();
+                call.drill = Some(id);
+                Some(Record::LlmCall(call))
+            }
+            Record::ConnectDenied(d) => {
+                let id = drills.of_block(&d.block_id)?;
+                Some(Record::ConnectDenied(sinks_record::ConnectDenied { drill: Some(id), ..d.clone() }))
+            }
+            Record::GateRefused(_) | Record::RecordsLost(_) => None,
+        }
+    }
+
     /// Also append every record to `ledger` (the decision log).
     pub fn with_ledger(mut self, ledger: Option<std::sync::Arc<dyn Ledger>>) -> Self {
         self.ledger = ledger;
@@ -164,6 +191,8 @@ impl JsonLines {
     }
 
     pub fn write(&mut self, record: &Record) {
+        let marked = self.drill_marked(record);
+        let record = marked.as_ref().unwrap_or(record);
         let line = Line { record, schema: SCHEMA_VERSION, agent: self.identity.current() };
         let mut line = match serde_json::to_vec(&line) {
             Ok(l) => l,
@@ -362,6 +391,42 @@ mod tests {
         let text = std::fs::read_to_string(path).unwrap();
         assert!(text.is_empty() || text.ends_with('\n'), "the file ends in a partial line");
         text.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad line {l:?}: {e}"))).collect()
+    }
+
+    /// A drill's refusals are marked as the drill's (by its block), others are not; the
+    /// marks end with the drill.
+    #[test]
+    fn records_of_a_drill_are_marked_while_it_runs() {
+        let dir = std::env::temp_dir().join(format!("aegis-sink-drill-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("records.jsonl");
+        let drills = crate::control::drills::DrillMarks::default();
+        let mut sink = JsonLines::open(false, &path, 1 << 20).unwrap().with_drills(Some(drills.clone()));
+        let denied = |block: &str| {
+            Record::ConnectDenied(record::ConnectDenied {
+                time: "t".into(),
+                block_id: block.into(),
+                pid: 1,
+                tid: 1,
+                comm: "curl".into(),
+                cgroup_id: 7,
+                exe: None,
+                dest: "127.0.0.1:443".into(),
+                udp: false,
+                action: "redirect",
+                drill: None,
+            })
+        };
+        drills.begin("drill-1", "/aegis-drill-1").unwrap();
+        drills.note_block("blk-1", "/aegis-drill-1");
+        sink.write(&denied("blk-1"));
+        sink.write(&denied("blk-2"));
+        drills.end("drill-1");
+        sink.write(&denied("blk-1"));
+        sink.flush();
+        let got: Vec<serde_json::Value> = lines(&path).into_iter().map(|l| l["drill"].clone()).collect();
+        assert_eq!(got, [serde_json::json!("drill-1"), serde_json::Value::Null, serde_json::Value::Null]);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// Rotation: after a rename and the flag, the next flush writes to a new file at the

@@ -716,6 +716,7 @@ mod tests {
                 escalated_by_emergency: false,
             }),
             enforcement: None,
+            drill: None,
             payload: None,
         }
     }

@@ -63,6 +63,9 @@ pub struct ConnectDenied {
     pub udp: bool,
     /// `deny`, or `redirect` (to the block's fallback).
     pub action: &'static str,
+    /// The drill whose block this is (see `control::drills`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub drill: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize)]

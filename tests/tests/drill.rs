@@ -1,0 +1,250 @@
+//! `aegis-agent drill` on the real kernel: every built-in scenario against a real agent
+//! (observe mode, as shipped; containment on a test cgroup; metrics on), with the report
+//! checked phase by phase, the records and incidents checked to be marked as the drill's,
+//! and nothing left behind (no drill cgroup, no block, no emergency mode, no client). A
+//! drill interrupted with SIGINT while its containment is in force lifts it too.
+
+use std::{
+    path::Path,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use aegis_tests::{
+    Agent, ContainConfig, PinDir, TempDir, TestCgroup, agent_bin,
+    collector::{Enrolled, Pki, agent, collector_toml, describe, free_port, start_collector},
+    require_root, serial, workspace_dir,
+};
+use serde_json::Value;
+
+/// The drift scenario needs an allowlist that does not approve its model.
+const POLICY_PACK: &str = r#"
+[pack]
+name = "drill-test-policies"
+version = "1"
+
+[[policies]]
+id = "policy.drill_test_models"
+tenant = "*"
+allow_providers = ["openai_compatible", "anthropic"]
+allow_models = ["gpt-4o*", "claude-*"]
+action = "block"
+severity = "SEV-3"
+rationale = "Only the vetted models."
+"#;
+
+struct Setup {
+    // Dropped in this order: agent, pins, cgroup.
+    agent: Agent,
+    config: ContainConfig,
+    _pins: PinDir,
+    cgroup: TestCgroup,
+}
+
+fn setup(name: &str) -> Setup {
+    setup_with(name, "")
+}
+
+fn setup_with(name: &str, extra_toml: &str) -> Setup {
+    let cgroup = TestCgroup::new(name);
+    let pins = PinDir::new(name);
+    let default_pack = std::fs::read_to_string(workspace_dir().join("packaging/rules/default.toml")).unwrap();
+    let config = ContainConfig::new(&cgroup, &pins)
+        .shipped_mode()
+        .pack("default.toml", &default_pack)
+        .pack("policies.toml", POLICY_PACK);
+    let toml = format!("{}\n[metrics]\nlisten = \"127.0.0.1:{}\"\n{extra_toml}", config.toml(), free_port());
+    let agent = Agent::start_with_config(&toml);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::os::unix::net::UnixStream::connect(config.socket()).is_err() {
+        assert!(Instant::now() < deadline, "the control socket does not answer{}", agent.logs());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Setup { agent, config, _pins: pins, cgroup }
+}
+
+fn drill_cmd(s: &Setup, args: &[&str]) -> Command {
+    let mut cmd = Command::new(agent_bin());
+    cmd.arg("drill").args(args).arg("--config").arg(s.agent.config_path());
+    cmd
+}
+
+/// Nothing of a drill is left: no drill cgroup, no block, no emergency mode.
+fn assert_nothing_left(s: &Setup) {
+    let cgroups: Vec<String> = std::fs::read_dir(s.cgroup.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("aegis-drill-"))
+        .collect();
+    assert!(cgroups.is_empty(), "drill cgroups left behind: {cgroups:?}");
+    let blocks = s.config.blocks_json();
+    assert_eq!(blocks["blocks"], Value::Array(vec![]), "blocks left behind: {blocks:#}");
+    assert_eq!(blocks["emergency"]["cgroups"], Value::Array(vec![]), "emergency left on: {blocks:#}");
+    assert_eq!(blocks["emergency"]["host"], false, "{blocks:#}");
+}
+
+#[test]
+fn every_built_in_scenario_passes_every_phase_and_leaves_nothing_behind() {
+    let _serial = serial();
+    require_root();
+    // A real collector over mutual TLS, which the drill's bundles must reach.
+    let dir = TempDir::new("drill-collector");
+    let pki = Pki::new(&dir.join("pki"), "ca");
+    let client = pki.issue("aegis-test", &["aegis-test"]);
+    let port = free_port();
+    let collector_conf = format!(
+        "[collector]\nurl = \"https://127.0.0.1:{port}\"\nca = {:?}\ncert = {:?}\nkey = {:?}\nspool_dir = {:?}\n\
+         backoff_max_secs = 1\n",
+        pki.ca().display().to_string(),
+        client.0.display().to_string(),
+        client.1.display().to_string(),
+        dir.join("spool").display().to_string(),
+    );
+    let s = setup_with("drill", &collector_conf);
+    let config = s.agent.config_path();
+    let shown = agent(&["key", "show", "--config", config.to_str().unwrap()]);
+    assert!(shown.status.success(), "{}", describe(&shown));
+    let verifier = String::from_utf8_lossy(&shown.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("verifier ").map(str::to_owned))
+        .expect("key show prints the verifier");
+    let cdir = dir.join("collector");
+    std::fs::create_dir_all(&cdir).unwrap();
+    let enrolled = [Enrolled { name: "aegis-test", verifier, client_identity: "aegis-test" }];
+    let _collector = start_collector(&collector_toml(&cdir, &pki, port, &enrolled, ""), &cdir);
+    let out_dir = TempDir::new("drill-report");
+    let out =
+        drill_cmd(&s, &["--report", out_dir.path().to_str().unwrap(), "--json"]).stdin(Stdio::null()).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let report: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("the report is not JSON ({e}): {stderr}{}", s.agent.logs()));
+    let id = report["drill"].as_str().unwrap().to_owned();
+    let md = std::fs::read_to_string(out_dir.join(&format!("{id}.md"))).expect("the Markdown report");
+    eprintln!("{md}");
+    let scenarios = report["scenarios"].as_array().unwrap();
+    let names: Vec<&str> = scenarios.iter().map(|s| s["scenario"].as_str().unwrap()).collect();
+    assert_eq!(names, ["prompt-injection", "secret-leak", "unsafe-output", "policy-drift", "provider-failover"]);
+    for sc in scenarios {
+        let phases: Vec<&str> = sc["phases"].as_array().unwrap().iter().map(|p| p["phase"].as_str().unwrap()).collect();
+        assert_eq!(phases, ["detect", "classify", "contain", "preserve", "stabilise", "recover"], "{sc:#}");
+        for p in sc["phases"].as_array().unwrap() {
+            assert_eq!(p["outcome"], "pass", "{} {}: {p:#}\n{md}{}", sc["scenario"], p["phase"], s.agent.logs());
+            assert!(p["done_at_ms"].as_u64().unwrap() <= p["deadline_ms"].as_u64().unwrap());
+        }
+        assert!(sc["incident"].as_str().is_some_and(|i| i.starts_with("INC-")), "{sc:#}");
+        assert!(!sc["bundles"].as_array().unwrap().is_empty(), "{sc:#}");
+        let preserve = sc["phases"].as_array().unwrap().iter().find(|p| p["phase"] == "preserve").unwrap();
+        let shipped = preserve["checks"].as_array().unwrap().iter().find(|c| c["name"] == "reaches the collector");
+        assert_eq!(shipped.unwrap()["outcome"], "pass", "{preserve:#}");
+        let control = &sc["controls"][0];
+        assert!(control["applied"] == true && control["validated"] == true && control["lifted"] == true, "{sc:#}");
+    }
+    let sev = |name: &str| scenarios.iter().find(|s| s["scenario"] == name).unwrap()["severity"].clone();
+    assert_eq!(sev("secret-leak"), "SEV-1");
+    assert_eq!(sev("prompt-injection"), "SEV-2");
+    assert_eq!(sev("policy-drift"), "SEV-3");
+    assert_eq!(report["left_behind"], Value::Array(vec![]), "{report:#}");
+    assert_eq!(report["passed"], true, "{md}");
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    let json_report: Value =
+        serde_json::from_slice(&std::fs::read(out_dir.join(&format!("{id}.json"))).unwrap()).unwrap();
+    assert_eq!(json_report, report, "the file holds the printed report");
+    assert!(md.contains(&format!("# Drill {id}: every phase passed")), "{md}");
+    assert_nothing_left(&s);
+
+    // Everything the drill caused is marked as the drill's.
+    let drill_records: Vec<Value> = s
+        .agent
+        .records()
+        .into_iter()
+        .filter(|r| r["cgroup"].as_str().is_some_and(|c| c.contains("aegis-drill-")) || !r["drill"].is_null())
+        .collect();
+    assert!(drill_records.len() >= 15, "three calls per scenario at least: {drill_records:#?}");
+    for r in &drill_records {
+        assert_eq!(r["drill"], id.as_str(), "a drill record not marked: {r:#}");
+    }
+    assert!(drill_records.iter().any(|r| r["type"] == "connect_denied" && r["action"] == "redirect"));
+    let incidents = run_json(&s, &["incident", "list", "--json"]);
+    for i in incidents.as_array().unwrap() {
+        assert!(i["title"].as_str().unwrap().starts_with(&format!("[drill {id}]")), "{i:#}");
+        assert_eq!(i["status"], "resolved", "{i:#}");
+    }
+    assert_eq!(incidents.as_array().unwrap().len(), 5, "{incidents:#}");
+    // At the collector: the drill's bundles, listed by incident.
+    let url = format!("https://127.0.0.1:{port}");
+    let ca = pki.ca();
+    for sc in scenarios {
+        let incident = sc["incident"].as_str().unwrap();
+        let out = agent(&[
+            "evidence",
+            "list",
+            "--json",
+            "--collector",
+            &url,
+            "--incident",
+            incident,
+            "--ca",
+            ca.to_str().unwrap(),
+            "--cert",
+            client.0.to_str().unwrap(),
+            "--key",
+            client.1.to_str().unwrap(),
+        ]);
+        assert!(out.status.success(), "{}", describe(&out));
+        let listed: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert!(!listed["bundles"].as_array().unwrap().is_empty(), "{incident}: {listed:#}");
+    }
+    let history = drill_cmd(&s, &["history"]).output().unwrap();
+    let history = String::from_utf8_lossy(&history.stdout);
+    assert!(history.contains(&id) && history.contains(" pass "), "{history}");
+}
+
+#[test]
+fn an_interrupted_drill_lifts_its_containment() {
+    let _serial = serial();
+    require_root();
+    let s = setup("drill-int");
+    let mut child = drill_cmd(&s, &["--scenario", "secret-leak", "--json", "--hold-contained-ms", "60000"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until its block is in force, then interrupt it.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let blocks = s.config.blocks_json();
+        if blocks["blocks"].as_array().is_some_and(|b| !b.is_empty()) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the drill never contained{}", s.agent.logs());
+        assert!(child.try_wait().unwrap().is_none(), "the drill ended before containing");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let drill_cgroups = |dir: &Path| {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("aegis-drill-"))
+            .count()
+    };
+    assert_eq!(drill_cgroups(s.cgroup.path()), 1, "the drill's cgroup exists while it runs");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGINT).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "an interrupted drill did not pass: {stderr}");
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {stderr}"));
+    assert!(report["stopped"].as_str().is_some_and(|s| s.contains("interrupted")), "{report:#}");
+    assert_eq!(report["left_behind"], Value::Array(vec![]), "{report:#}");
+    assert_nothing_left(&s);
+    // The agent no longer takes that cgroup's calls for a drill's: its mark ended.
+    let audit = s.config.audit_text();
+    assert!(audit.contains("\"drill_end\""), "{audit}");
+}
+
+fn run_json(s: &Setup, args: &[&str]) -> Value {
+    let out = Command::new(agent_bin()).args(args).arg("--config").arg(s.agent.config_path()).output().unwrap();
+    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
