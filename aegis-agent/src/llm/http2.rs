@@ -12,8 +12,8 @@
 //! the stream malformed (RFC 9113 §8.2.1): it is skipped and counted, never passed on.
 //!
 //! Streams are bounded ([`MAX_STREAMS`] open at once, more are counted and skipped). A
-//! RST_STREAM ends its stream's call as it stands (`no_complete_response:rst_stream`); a
-//! GOAWAY ends the streams above its last one. The connection is given up, counted and
+//! RST_STREAM ends its stream's call as it stands (noted `http2_rst_stream:<half>:code=N`);
+//! a GOAWAY ends the streams above its last one (`http2_goaway:last_stream=N`). The connection is given up, counted and
 //! never guessed at, when a direction cannot be decoded any more: a broken frame, an HPACK
 //! error (the header state of that direction is lost for good), or bytes capture missed
 //! (HPACK and framing cannot be resynchronised). Open calls are then reported as they
@@ -92,6 +92,8 @@ struct Stream {
     response_open: bool,
     request_done: bool,
     response_done: bool,
+    /// A HEAD request: its response has no body, whatever its fields say.
+    head_request: bool,
     /// Notes for the stream's call (a kill of its connection).
     notes: Vec<String>,
 }
@@ -185,7 +187,7 @@ impl Http2Exchanges {
     fn give_up(&mut self, why: String, ts: u64, out: &mut Vec<Observation>) {
         let ids: Vec<u32> = self.streams.keys().copied().collect();
         for id in ids {
-            self.end_stream(id, &why, ts, out);
+            self.end_stream_noted(id, why.clone(), ts, out);
         }
         self.given_up = Some(why);
     }
@@ -216,17 +218,16 @@ impl Http2Exchanges {
                 }
                 self.half_done(stream, request, ts, out);
             }
-            H2Event::Reset { stream, .. } => {
-                if self.streams.contains_key(&stream) {
-                    self.end_stream(stream, "rst_stream", ts, out);
-                }
+            H2Event::Reset { stream, code } => {
+                let half = if request { "request" } else { "response" };
+                self.end_stream_noted(stream, format!("http2_rst_stream:{half}:code={code}"), ts, out);
             }
             H2Event::GoAway { last_stream, .. } => {
                 // Streams the sender will not process; which ones depends on who sent it
                 // (its peer's streams), and only client streams are tracked.
                 let above: Vec<u32> = self.streams.range(last_stream.saturating_add(1)..).map(|(id, _)| *id).collect();
                 for id in above {
-                    self.end_stream(id, "goaway", ts, out);
+                    self.end_stream_noted(id, format!("http2_goaway:last_stream={last_stream}"), ts, out);
                 }
             }
         }
@@ -258,6 +259,7 @@ impl Http2Exchanges {
                     response_open: false,
                     request_done: false,
                     response_done: false,
+                    head_request: false,
                     notes: Vec::new(),
                 },
             );
@@ -278,12 +280,12 @@ impl Http2Exchanges {
         } else if request {
             request_head(&headers, &mut self.text)
         } else {
-            response_head(&headers, &mut self.text)
+            response_head(&headers, !s.head_request, &mut self.text)
         };
         if let Err(why) = written {
             self.h2.streams_malformed += 1;
             let half = if request { "request" } else { "response" };
-            self.end_stream(stream, &format!("http2_malformed_{half}:{why}"), ts, out);
+            self.end_stream_noted(stream, format!("http2_malformed_{half}:{why}"), ts, out);
             return;
         }
         let s = self.streams.get_mut(&stream).expect("present");
@@ -292,7 +294,10 @@ impl Http2Exchanges {
             let interim = !request && headers.get(b":status").is_some_and(|v| v.first() == Some(&b'1'));
             let chunked = self.text.ends_with(b"transfer-encoding: chunked\r\n\r\n");
             match request {
-                true => (s.request_head, s.request_open) = (true, chunked),
+                true => {
+                    (s.request_head, s.request_open) = (true, chunked);
+                    s.head_request = headers.get(b":method") == Some(b"HEAD");
+                }
                 false if !interim => (s.response_head, s.response_open) = (true, chunked),
                 false => {}
             }
@@ -325,6 +330,13 @@ impl Http2Exchanges {
         if s.request_done && s.response_done {
             self.end_stream(stream, "closed", ts, out);
         }
+    }
+
+    /// The stream was cut short by `note` (which its call's record carries).
+    fn end_stream_noted(&mut self, stream: u32, note: String, ts: u64, out: &mut Vec<Observation>) {
+        let Some(s) = self.streams.get_mut(&stream) else { return };
+        s.notes.push(note.clone());
+        self.end_stream(stream, &note, ts, out);
     }
 
     /// The stream is over: its call is reported as it stands.
@@ -418,7 +430,8 @@ fn request_head(headers: &HeaderList, text: &mut Vec<u8>) -> Result<(), &'static
     Ok(())
 }
 
-fn response_head(headers: &HeaderList, text: &mut Vec<u8>) -> Result<(), &'static str> {
+/// `body`: the response may have a body (not one to HEAD).
+fn response_head(headers: &HeaderList, body: bool, text: &mut Vec<u8>) -> Result<(), &'static str> {
     let status = pseudo(headers, b":status")?;
     if status.len() != 3 || !status.iter().all(u8::is_ascii_digit) {
         return Err("pseudo_header_value");
@@ -428,7 +441,7 @@ fn response_head(headers: &HeaderList, text: &mut Vec<u8>) -> Result<(), &'stati
     text.extend_from_slice(b" \r\n");
     fields(headers, text)?;
     // Interim heads, 204 and 304 have no body to frame.
-    if !matches!(status[0], b'1') && status != b"204" && status != b"304" {
+    if body && !matches!(status[0], b'1') && status != b"204" && status != b"304" {
         text.extend_from_slice(b"transfer-encoding: chunked\r\n");
     }
     text.extend_from_slice(b"\r\n");
@@ -513,5 +526,292 @@ impl CallTracker for Http2Exchanges {
             s.add(&stream.tracker.stats());
         }
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write as _;
+
+    use super::*;
+    use crate::{control::mode::EnforceMode, policy::decision::Half, protocol::http2::PREFACE};
+
+    /// One connection's two directions, written by real HPACK encoders.
+    struct Wire {
+        client: loona_hpack::Encoder<'static>,
+        server: loona_hpack::Encoder<'static>,
+    }
+
+    fn frame(frame_type: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+        let len = payload.len();
+        let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, frame_type, flags];
+        f.extend_from_slice(&stream.to_be_bytes());
+        f.extend_from_slice(payload);
+        f
+    }
+
+    impl Wire {
+        fn new() -> Self {
+            Self { client: loona_hpack::Encoder::new(), server: loona_hpack::Encoder::new() }
+        }
+
+        fn headers(&mut self, client: bool, stream: u32, fields: &[(&str, &str)], end: bool) -> Vec<u8> {
+            let enc = if client { &mut self.client } else { &mut self.server };
+            let block = enc.encode(fields.iter().map(|(n, v)| (n.as_bytes(), v.as_bytes())));
+            frame(0x1, 0x4 | u8::from(end), stream, &block)
+        }
+
+        fn request(&mut self, stream: u32, path: &str, body: &str) -> (Vec<u8>, Vec<u8>) {
+            let fields = [
+                (":method", "POST"),
+                (":scheme", "https"),
+                (":path", path),
+                (":authority", "api.openai.com"),
+                ("content-type", "application/json"),
+                ("authorization", "Bearer sk-secret"),
+            ];
+            (self.headers(true, stream, &fields, false), frame(0x0, 0x1, stream, body.as_bytes()))
+        }
+    }
+
+    fn chat(model: &str, stream: bool) -> String {
+        format!(r#"{{"model":"{model}","stream":{stream},"messages":[{{"role":"user","content":"hi"}}]}}"#)
+    }
+
+    fn answer(model: &str, input: u64, output: u64) -> String {
+        format!(
+            r#"{{"id":"c1","object":"chat.completion","model":"{model}","choices":[{{"index":0,"message":{{"role":"assistant","content":"yo"}},"finish_reason":"stop"}}],"usage":{{"prompt_tokens":{input},"completion_tokens":{output},"total_tokens":{}}}}}"#,
+            input + output
+        )
+    }
+
+    fn sse(model: &str) -> Vec<String> {
+        vec![
+            format!(
+                "data: {{\"id\":\"c2\",\"object\":\"chat.completion.chunk\",\"model\":\"{model}\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"a\"}}}}]}}\n\n"
+            ),
+            format!(
+                "data: {{\"id\":\"c2\",\"object\":\"chat.completion.chunk\",\"model\":\"{model}\",\"choices\":[{{\"index\":0,\"delta\":{{}},\"finish_reason\":\"stop\"}}],\"usage\":{{\"prompt_tokens\":3,\"completion_tokens\":4,\"total_tokens\":7}}}}\n\n"
+            ),
+            "data: [DONE]\n\n".to_owned(),
+        ]
+    }
+
+    fn client() -> Http2Exchanges {
+        Http2Exchanges::new(Side::Client, 1 << 20, Limits::default(), None)
+    }
+
+    fn requests(c: &mut Http2Exchanges, bytes: &[u8], out: &mut Vec<Observation>) {
+        // Byte by byte: frames and HPACK blocks cut everywhere.
+        for b in bytes.chunks(7) {
+            c.request_data(b, 1, out);
+        }
+    }
+
+    fn responses(c: &mut Http2Exchanges, bytes: &[u8], out: &mut Vec<Observation>) {
+        for b in bytes.chunks(5) {
+            c.response_data(b, 2, out);
+        }
+    }
+
+    fn settings() -> Vec<u8> {
+        frame(0x4, 0, 0, &[0, 3, 0, 0, 0, 100])
+    }
+
+    /// Two streams interleaved on one connection, one answered with JSON in gzip, one
+    /// streamed with SSE; the streamed one ends first. Each is one call with its own model,
+    /// tokens, status and stream id; nothing secret in what comes out.
+    #[test]
+    fn interleaved_streams_are_separate_calls() {
+        let mut w = Wire::new();
+        let mut c = client();
+        let mut out = Vec::new();
+        let (h1, d1) = w.request(1, "/v1/chat/completions", &chat("gpt-a", false));
+        let (h3, d3) = w.request(3, "/v1/chat/completions", &chat("gpt-b", true));
+        requests(&mut c, &[PREFACE, &settings(), &h1, &h3, &d3, &d1].concat(), &mut out);
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        gz.write_all(answer("gpt-a", 11, 22).as_bytes()).unwrap();
+        let gz = gz.finish().unwrap();
+        let mut resp = settings();
+        resp.extend(w.headers(
+            false,
+            1,
+            &[(":status", "200"), ("content-type", "application/json"), ("content-encoding", "gzip")],
+            false,
+        ));
+        resp.extend(w.headers(false, 3, &[(":status", "200"), ("content-type", "text/event-stream")], false));
+        let (a, b) = gz.split_at(gz.len() / 2);
+        resp.extend(frame(0x0, 0, 1, a));
+        for event in sse("gpt-b") {
+            resp.extend(frame(0x0, 0, 3, event.as_bytes()));
+        }
+        resp.extend(frame(0x0, 0x1, 3, b""));
+        resp.extend(frame(0x0, 0x1, 1, b));
+        responses(&mut c, &resp, &mut out);
+        let got: Vec<_> = out
+            .iter()
+            .map(|o| {
+                (
+                    o.http2_stream,
+                    o.call.model.clone(),
+                    o.status,
+                    o.summary.input_tokens,
+                    o.summary.output_tokens,
+                    o.complete,
+                    o.call.stream,
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (Some(3), Some("gpt-b".into()), Some(200), Some(3), Some(4), true, true),
+                (Some(1), Some("gpt-a".into()), Some(200), Some(11), Some(22), true, false),
+            ],
+            "{out:#?}"
+        );
+        assert_eq!(out[0].host.as_deref(), Some("api.openai.com"));
+        assert_eq!(out[0].target.as_deref(), Some("/v1/chat/completions"));
+        assert!(!format!("{out:?}").contains("sk-secret"));
+        assert!(c.streams.is_empty(), "closed streams are forgotten");
+        assert_eq!((c.h2.streams, c.h2.given_up()), (2, 0));
+    }
+
+    /// RST_STREAM ends its call as it stands; the other stream goes on.
+    #[test]
+    fn a_reset_stream_ends_its_call_only() {
+        let mut w = Wire::new();
+        let mut c = client();
+        let mut out = Vec::new();
+        let (h1, d1) = w.request(1, "/v1/chat/completions", &chat("gpt-a", false));
+        let (h3, d3) = w.request(3, "/v1/chat/completions", &chat("gpt-b", false));
+        requests(&mut c, &[PREFACE, &h1, &d1, &h3, &d3].concat(), &mut out);
+        let mut resp = w.headers(false, 1, &[(":status", "200"), ("content-type", "application/json")], false);
+        resp.extend(frame(0x3, 0, 1, &[0, 0, 0, 8]));
+        let body = answer("gpt-b", 1, 2);
+        resp.extend(w.headers(false, 3, &[(":status", "200"), ("content-type", "application/json")], false));
+        resp.extend(frame(0x0, 0x1, 3, body.as_bytes()));
+        responses(&mut c, &resp, &mut out);
+        assert_eq!(out.len(), 2, "{out:#?}");
+        assert_eq!((out[0].http2_stream, out[0].complete), (Some(1), false));
+        assert!(out[0].notes.iter().any(|n| n == "http2_rst_stream:response:code=8"), "{:?}", out[0].notes);
+        assert_eq!((out[1].http2_stream, out[1].complete, out[1].summary.output_tokens), (Some(3), true, Some(2)));
+    }
+
+    /// An HPACK error loses the direction's header state: the connection is given up, its
+    /// open calls reported with why, and nothing after is parsed.
+    #[test]
+    fn an_hpack_error_gives_the_connection_up() {
+        let mut w = Wire::new();
+        let mut c = client();
+        let mut out = Vec::new();
+        let (h1, d1) = w.request(1, "/v1/chat/completions", &chat("gpt-a", false));
+        requests(&mut c, &[PREFACE, &h1, &d1].concat(), &mut out);
+        responses(&mut c, &frame(0x1, 0x4, 1, &[0x80 | 90]), &mut out);
+        assert_eq!(out.len(), 1);
+        assert!(out[0].notes.iter().any(|n| n == "http2_hpack_error:response"), "{:?}", out[0].notes);
+        assert_eq!(c.h2.given_up_hpack, 1);
+        let (h3, d3) = w.request(3, "/v1/chat/completions", &chat("gpt-b", false));
+        requests(&mut c, &[h3, d3].concat(), &mut out);
+        c.finish(3, "closed", None, &mut out);
+        assert_eq!(out.len(), 1, "nothing is parsed after the error");
+    }
+
+    /// A gap in captured bytes cannot be resynchronised: given up and counted.
+    #[test]
+    fn a_capture_gap_gives_the_connection_up() {
+        let mut w = Wire::new();
+        let mut c = client();
+        let mut out = Vec::new();
+        let (h1, _) = w.request(1, "/v1/chat/completions", &chat("gpt-a", false));
+        requests(&mut c, &[PREFACE, &h1].concat(), &mut out);
+        c.request_gap(100, 2, &mut out);
+        assert_eq!(out.len(), 1);
+        assert!(!out[0].complete);
+        assert!(out[0].notes.iter().any(|n| n.contains("http2_capture_gap:request:100")), "{:?}", out[0].notes);
+        assert_eq!(c.h2.given_up_gap, 1);
+    }
+
+    /// Streams over the bound are counted and skipped; a field that would smuggle a line
+    /// into the HTTP/1.1 form makes its stream malformed.
+    #[test]
+    fn streams_are_bounded_and_malformed_ones_skipped() {
+        let mut w = Wire::new();
+        let mut c = client();
+        let mut out = Vec::new();
+        let mut bytes = PREFACE.to_vec();
+        for i in 0..(MAX_STREAMS as u32 + 10) {
+            let (h, _) = w.request(2 * i + 1, "/v1/chat/completions", &chat("m", false));
+            bytes.extend(h);
+        }
+        requests(&mut c, &bytes, &mut out);
+        assert_eq!((c.streams.len(), c.h2.streams_over_limit), (MAX_STREAMS, 10));
+        let mut c = client();
+        let bad = w.headers(
+            true,
+            1,
+            &[(":method", "POST"), (":path", "/v1/chat/completions"), ("x-a", "1\r\ncontent-length: 0")],
+            false,
+        );
+        let upper =
+            w.headers(true, 3, &[(":method", "POST"), (":path", "/v1/chat/completions"), ("X-Upper", "1")], false);
+        let no_path = w.headers(true, 5, &[(":method", "POST")], false);
+        requests(&mut c, &[PREFACE, &bad, &upper, &no_path].concat(), &mut out);
+        assert_eq!((c.h2.streams_malformed, c.streams.len()), (3, 0));
+    }
+
+    /// Killing a call kills its connection: its record and the other open streams' say so.
+    #[test]
+    fn a_kill_of_one_stream_is_said_on_every_stream_of_the_connection() {
+        let mut w = Wire::new();
+        let mut c = client();
+        let mut out = Vec::new();
+        let (h1, d1) = w.request(1, "/v1/chat/completions", &chat("gpt-a", false));
+        let (h3, d3) = w.request(3, "/v1/chat/completions", &chat("gpt-b", false));
+        requests(&mut c, &[PREFACE, &h1, &d1, &h3, &d3].concat(), &mut out);
+        let enforcement = Enforcement {
+            by: "operator:b1".into(),
+            half: Half::Request,
+            mode: EnforceMode::Enforce,
+            outcome: Outcome::ConnectionKilled,
+            detail: None,
+            connections_killed: 1,
+            verdict_to_kill_us: Some(5),
+            bytes_out_after_verdict: 0,
+            bytes_in_after_verdict: 0,
+        };
+        c.record_enforcement(3 << 32, enforcement);
+        c.finish(3, "closed", None, &mut out);
+        assert_eq!(out.len(), 2);
+        let one = out.iter().find(|o| o.http2_stream == Some(1)).unwrap();
+        let three = out.iter().find(|o| o.http2_stream == Some(3)).unwrap();
+        assert!(three.enforcement.is_some());
+        assert!(three.notes.iter().any(|n| n == "http2_connection_killed:other_streams=1"), "{:?}", three.notes);
+        assert!(one.notes.iter().any(|n| n == "http2_connection_killed_for_stream:3"), "{:?}", one.notes);
+    }
+
+    /// Trailers, an interim 100 head, a HEAD request and padding on the response side.
+    #[test]
+    fn trailers_interim_heads_and_head_requests() {
+        let mut w = Wire::new();
+        let mut c = client();
+        let mut out = Vec::new();
+        let (h1, d1) = w.request(1, "/v1/chat/completions", &chat("gpt-a", false));
+        let head = w.headers(true, 3, &[(":method", "HEAD"), (":path", "/v1/models"), (":authority", "a")], true);
+        requests(&mut c, &[PREFACE, &h1, &d1, &head].concat(), &mut out);
+        let mut resp = w.headers(false, 3, &[(":status", "200"), ("content-length", "99")], true);
+        resp.extend(w.headers(false, 1, &[(":status", "100")], false));
+        resp.extend(w.headers(false, 1, &[(":status", "200"), ("content-type", "application/json")], false));
+        let body = answer("gpt-a", 5, 6);
+        let mut padded = vec![4];
+        padded.extend_from_slice(body.as_bytes());
+        padded.extend_from_slice(&[0; 4]);
+        resp.extend(frame(0x0, 0x8, 1, &padded));
+        resp.extend(w.headers(false, 1, &[("grpc-status", "0")], true));
+        responses(&mut c, &resp, &mut out);
+        assert_eq!(out.len(), 1, "the HEAD is no model call: {out:#?}");
+        assert_eq!((out[0].complete, out[0].summary.output_tokens), (true, Some(6)), "{:?}", out[0].notes);
+        let stats = c.stats();
+        assert_eq!((stats.parse_errors, stats.skipped_bytes), (0, 0), "{stats:?}");
     }
 }
