@@ -86,7 +86,8 @@ fn curl_http2_streams_are_reported_exactly() {
     let mut want: Vec<String> = calls.iter().map(|c| format!("2 {}", c.status())).collect();
     want.push("2 200".into());
     let mut got: Vec<String> = stdout.lines().map(str::to_owned).collect();
-    (want.sort(), got.sort());
+    want.sort();
+    got.sort();
     assert_eq!(got, want, "curl's answers");
     assert_h2_calls(&mut agent, &mock, pid, &calls);
 }

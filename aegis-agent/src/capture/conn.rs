@@ -457,7 +457,7 @@ impl ConnTable {
         if !known || turn < conn.last_turn {
             return None;
         }
-        let Some(tracker) = conn.role.calls() else { return None };
+        let tracker = conn.role.calls()?;
         for (direction, end, dir) in
             [(Direction::Egress, sent, &conn.egress), (Direction::Ingress, received, &conn.ingress)]
         {
@@ -761,6 +761,57 @@ mod tests {
             );
             assert_eq!((s.turn_mismatches, s.pairing_given_up), (0, 0), "{context}: {s:?}");
         }
+    }
+
+    fn h2_frame(frame_type: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+        let len = payload.len();
+        let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, frame_type, flags];
+        f.extend_from_slice(&stream.to_be_bytes());
+        f.extend_from_slice(payload);
+        f
+    }
+
+    /// The serving end of an HTTP/2 connection that writes its SETTINGS before reading the
+    /// client preface: recognised from either, the call reported with its stream; the same
+    /// connection first seen past its start is given up and counted, never guessed at.
+    #[test]
+    fn http2_is_recognised_at_either_end_and_never_picked_up_late() {
+        let mut enc = loona_hpack::Encoder::new();
+        let fields = [(":method", "POST"), (":path", "/v1/chat/completions"), (":authority", "h")];
+        let block = enc.encode(fields.iter().map(|(n, v)| (n.as_bytes(), v.as_bytes())));
+        let body = br#"{"model":"m2","messages":[{"role":"user","content":"hi"}]}"#;
+        let mut request = crate::protocol::http2::PREFACE.to_vec();
+        request.extend(h2_frame(0x4, 0, 0, &[]));
+        request.extend(h2_frame(0x1, 0x4, 1, &block));
+        request.extend(h2_frame(0x0, 0x1, 1, body));
+        let settings = h2_frame(0x4, 0, 0, &[0, 3, 0, 0, 0, 100]);
+        let mut senc = loona_hpack::Encoder::new();
+        let mut response = senc.encode([(&b":status"[..], &b"200"[..])]);
+        response = h2_frame(0x1, 0x4, 1, &response);
+        response.extend(h2_frame(0x0, 0x1, 1, br#"{"object":"chat.completion","model":"m2","choices":[]}"#));
+
+        let mut table = ConnTable::new(16, 1 << 20, Limits::default(), None);
+        let mut out = Vec::new();
+        let s = settings.len() as u64;
+        table.on_event(at(Direction::Egress, 0, 0, 0, &settings), &mut out);
+        table.on_event(at(Direction::Ingress, 0, s, 1, &request), &mut out);
+        table.on_event(at(Direction::Egress, s, request.len() as u64, 2, &response), &mut out);
+        assert_eq!(out.len(), 1, "{out:#?}");
+        let o = &out[0].obs;
+        assert_eq!(
+            (o.side, o.http2_stream, o.call.model.as_deref(), o.status),
+            (Side::Server, Some(1), Some("m2"), Some(200))
+        );
+        assert_eq!((table.stats.http2, table.stats.not_http1), (1, 0));
+
+        // Seen from its middle: the preface's call is past position 0.
+        let mut table = ConnTable::new(16, 1 << 20, Limits::default(), None);
+        let mut out = Vec::new();
+        table.on_event(at(Direction::Ingress, 10, 0, 1, &request), &mut out);
+        table.on_event(at(Direction::Egress, s, request.len() as u64 + 10, 2, &response), &mut out);
+        table.finish_all(1 << 40, &mut out);
+        assert!(out.is_empty());
+        assert_eq!((table.stats.http2, table.stats.h2.given_up_gap), (1, 1));
     }
 
     #[test]

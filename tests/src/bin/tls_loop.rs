@@ -95,6 +95,9 @@ fn self_signed() -> Result<(X509, PKey<Private>), openssl::error::ErrorStack> {
     Ok((cert.build(), key))
 }
 
+/// An HTTP/2 frame: type, flags, stream, payload.
+type Frame = (u8, u8, u32, Vec<u8>);
+
 /// A TLS stream with a read buffer, reading and writing Content-Length framed messages.
 struct Conn {
     tls: SslStream<TcpStream>,
@@ -149,7 +152,7 @@ impl Conn {
 
     /// Reads one HTTP/2 frame: (type, flags, stream, payload). None on a clean EOF between
     /// frames.
-    fn read_frame(&mut self) -> io::Result<Option<(u8, u8, u32, Vec<u8>)>> {
+    fn read_frame(&mut self) -> io::Result<Option<Frame>> {
         while self.buf.len() < 9 {
             if !self.fill()? {
                 return if self.buf.is_empty() { Ok(None) } else { Err(io::ErrorKind::UnexpectedEof.into()) };
