@@ -7,6 +7,7 @@
 //!
 //! - [`TempDir`], [`TempCert`]: scratch space and a self-signed certificate.
 //! - [`MockProvider`]: the mock provider process.
+//! - [`http2`]: the HTTP/2 mock provider and the `curl --http2` and node `http2` clients.
 //! - [`Agent`]: the agent process, its config, its records.
 //! - [`clients`]: requests, plans, and the curl/python/node runners.
 //! - [`expect`]: what the agent should report for a request, and the checks.
@@ -23,6 +24,7 @@ pub mod collector;
 pub mod contain;
 pub mod expect;
 pub mod fleet;
+pub mod http2;
 pub mod mock;
 pub mod plans;
 

@@ -18,7 +18,8 @@ use crate::{agent_bin, build_agent, cargo, install_debian, output, run as run_cm
 pub enum Bench {
     /// Requests/s of a local TLS client/server loop (system libssl): with no probes, with
     /// no-op uprobes on the same functions (bpftrace: the floor of any uprobe-based
-    /// capture), and with the agent; plus the agent's drop counters.
+    /// capture), and with the agent; plus the agent's drop counters. Rows: model calls and
+    /// ordinary requests over HTTP/1.1, and model calls over HTTP/2 (`tls_loop --http2`).
     Capture {
         /// Seconds per measurement.
         #[arg(long, default_value_t = 10)]
@@ -132,9 +133,10 @@ fn capture(seconds: u64, connections: u32, rounds: u32) -> anyhow::Result<()> {
     let dir = std::env::temp_dir().join(format!("aegis-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
 
-    let measure = |path: &str| -> anyhow::Result<f64> {
+    let measure = |path: &str, http2: bool| -> anyhow::Result<f64> {
         let out = Command::new(&tls_loop)
             .args(["--duration", &seconds.to_string(), "--connections", &connections.to_string(), "--path", path])
+            .args(http2.then_some("--http2"))
             .output()
             .context("running tls_loop")?;
         if !out.status.success() {
@@ -146,31 +148,35 @@ fn capture(seconds: u64, connections: u32, rounds: u32) -> anyhow::Result<()> {
 
     let mut rows: Vec<(&str, &str, Vec<f64>)> = Vec::new();
     let mut drops_report = String::new();
-    for path in ["/v1/chat/completions", "/health"] {
+    for (label, path, http2) in [
+        ("/v1/chat/completions", "/v1/chat/completions", false),
+        ("/health", "/health", false),
+        ("h2 /v1/chat/completions", "/v1/chat/completions", true),
+    ] {
         let mut base = Vec::new();
         let mut floor = Vec::new();
         let mut agent = Vec::new();
         for round in 0..rounds {
-            eprintln!("bench capture: {path} round {}/{rounds}", round + 1);
-            base.push(measure(path)?);
+            eprintln!("bench capture: {label} round {}/{rounds}", round + 1);
+            base.push(measure(path, http2)?);
             {
                 let _bt = Bpftrace::start()?;
-                floor.push(measure(path)?);
+                floor.push(measure(path, http2)?);
             }
             {
                 let a = AgentProc::start(&dir)?;
-                agent.push(measure(path)?);
+                agent.push(measure(path, http2)?);
                 drops_report = a.stop()?;
             }
         }
-        rows.push((path, "no probes", base));
-        rows.push((path, "no-op uprobes (bpftrace)", floor));
-        rows.push((path, "aegis-agent", agent));
+        rows.push((label, "no probes", base));
+        rows.push((label, "no-op uprobes (bpftrace)", floor));
+        rows.push((label, "aegis-agent", agent));
     }
     println!();
     println!("capture benchmark: {connections} connections, {seconds} s per run, median of {rounds} rounds");
     println!(
-        "{:<22} {:<28} {:>12} {:>12} {:>14}",
+        "{:<24} {:<28} {:>12} {:>12} {:>14}",
         "request path", "configuration", "req/s", "vs none", "vs no-op probe"
     );
     for chunk in rows.chunks(3) {
@@ -178,7 +184,7 @@ fn capture(seconds: u64, connections: u32, rounds: u32) -> anyhow::Result<()> {
         let floor = median(&chunk[1].2);
         for (path, name, v) in chunk {
             let m = median(v);
-            println!("{:<22} {:<28} {:>12.0} {:>12.3} {:>14.3}", path, name, m, m / base, m / floor);
+            println!("{:<24} {:<28} {:>12.0} {:>12.3} {:>14.3}", path, name, m, m / base, m / floor);
         }
     }
     println!("\nagent drop counters of the last run: {drops_report}");

@@ -21,7 +21,10 @@ use aegis_common::{CHUNK_DATA_MAX, CHUNKS_PER_CALL_MAX, Direction, TlsHook};
 use super::event::{ConnKey, TlsEvent};
 use crate::{
     enforce::verdict::{Checkpoint, Enforcement},
-    llm::exchange::{ExchangeStats, ExchangeTracker, Observation, Side},
+    llm::{
+        exchange::{CallTracker, ExchangeStats, ExchangeTracker, Observation, Side},
+        http2::{Http2Exchanges, Http2Stats},
+    },
     policy::Inspector,
     protocol::http1::Limits,
 };
@@ -67,10 +70,12 @@ pub struct ConnStats {
     pub connections: u64,
     pub evicted: u64,
     pub idle_expired: u64,
-    /// Connections whose bytes were not HTTP/1.x (counted once each).
+    /// Connections whose bytes were neither HTTP/1.x nor HTTP/2 (counted once each).
     pub not_http1: u64,
-    /// Of those, HTTP/2 (recognised by its preface; not parsed yet).
+    /// HTTP/2 connections (recognised by the client preface or a first SETTINGS frame),
+    /// parsed; `h2` counts their streams and those given up.
     pub http2: u64,
+    pub h2: Http2Stats,
     /// Bytes missing from streams (kernel drops, read failures, over-cap calls).
     pub gap_bytes: u64,
     /// Times a connection's stream position went back: the kernel's bounded table of
@@ -92,7 +97,18 @@ enum Role {
     Unknown(u8),
     /// Boxed: a tracker is large, and most table entries hold one anyway.
     Http1(Box<ExchangeTracker>),
+    Http2(Box<Http2Exchanges>),
     Ignored,
+}
+
+impl Role {
+    fn calls(&mut self) -> Option<&mut dyn CallTracker> {
+        match self {
+            Role::Http1(t) => Some(t.as_mut()),
+            Role::Http2(t) => Some(t.as_mut()),
+            Role::Unknown(_) | Role::Ignored => None,
+        }
+    }
 }
 
 impl Conn {
@@ -190,7 +206,7 @@ impl ConnTable {
 
     /// The call of exchange `seq` on connection `key` was judged (see `policy::ruling`).
     pub fn record_ruling(&mut self, key: ConnKey, seq: u64, ruling: crate::policy::ruling::Ruling) {
-        if let Some(Conn { role: Role::Http1(tracker), .. }) = self.conns.get_mut(&key) {
+        if let Some(tracker) = self.conns.get_mut(&key).and_then(|c| c.role.calls()) {
             tracker.record_ruling(seq, ruling);
         }
     }
@@ -198,7 +214,7 @@ impl ConnTable {
     /// The call of exchange `seq` on connection `key` was stopped (or observed: see
     /// `enforce::verdict`).
     pub fn record_enforcement(&mut self, key: ConnKey, seq: u64, enforcement: Enforcement) {
-        if let Some(Conn { role: Role::Http1(tracker), .. }) = self.conns.get_mut(&key) {
+        if let Some(tracker) = self.conns.get_mut(&key).and_then(|c| c.role.calls()) {
             tracker.record_enforcement(seq, enforcement);
         }
     }
@@ -312,7 +328,7 @@ impl ConnTable {
             // Bytes of the connection came before (lost, or not understood): whole calls
             // may have gone with them.
             let late = start > 0 || ev.peer_pos > 0 || left < ROLE_ATTEMPTS;
-            conn.role = match recognise(ev.direction, &ev.data) {
+            conn.role = match recognise(ev.direction, &ev.data, start == 0) {
                 Recognised::Http1(side) => {
                     let mut tracker = ExchangeTracker::new(side, self.max_body, self.inspector.clone())
                         .with_head_limits(self.limits)
@@ -322,10 +338,17 @@ impl ConnTable {
                     }
                     Role::Http1(Box::new(tracker))
                 }
-                Recognised::Http2 => {
-                    self.stats.not_http1 += 1;
+                Recognised::Http2(_) if late => {
+                    // HPACK state and framing cannot be picked up in the middle.
                     self.stats.http2 += 1;
+                    self.stats.h2.given_up_gap += 1;
                     Role::Ignored
+                }
+                Recognised::Http2(side) => {
+                    self.stats.http2 += 1;
+                    let calls = Http2Exchanges::new(side, self.max_body, self.limits, self.inspector.clone())
+                        .with_payloads(self.keep_payloads);
+                    Role::Http2(Box::new(calls))
                 }
                 Recognised::Unknown if left > 1 => Role::Unknown(left - 1),
                 Recognised::Unknown => {
@@ -336,7 +359,7 @@ impl ConnTable {
             // Bytes before the first recognised message are not a gap of the message.
             gap_before = 0;
         }
-        let Role::Http1(tracker) = &mut conn.role else { return };
+        let Some(tracker) = conn.role.calls() else { return };
         if reset {
             tracker.forget_turns();
         }
@@ -434,7 +457,7 @@ impl ConnTable {
         if !known || turn < conn.last_turn {
             return None;
         }
-        let Role::Http1(tracker) = &mut conn.role else { return None };
+        let tracker = conn.role.calls()?;
         for (direction, end, dir) in
             [(Direction::Egress, sent, &conn.egress), (Direction::Ingress, received, &conn.ingress)]
         {
@@ -461,9 +484,12 @@ impl ConnTable {
         last_turn: Option<u64>,
         out: &mut Vec<ConnObservation>,
     ) {
-        if let Role::Http1(tracker) = &mut conn.role {
+        if let Some(tracker) = conn.role.calls() {
             tracker.finish(ts, reason, last_turn, &mut self.scratch);
             self.stats.exchange.add(&tracker.stats());
+        }
+        if let Role::Http2(calls) = &conn.role {
+            self.stats.h2.add(&calls.h2);
         }
         for o in self.scratch.drain(..) {
             out.push(describe(key, &conn, o));
@@ -493,15 +519,26 @@ fn describe(key: ConnKey, conn: &Conn, obs: Observation) -> ConnObservation {
 
 enum Recognised {
     Http1(Side),
-    Http2,
+    Http2(Side),
     Unknown,
 }
 
-/// Which end of an HTTP/1.x connection sent or received `data` (the start of a library
-/// call): a request line going out means the client end, and so on.
-fn recognise(direction: Direction, data: &[u8]) -> Recognised {
+/// Which end of an HTTP/1.x or HTTP/2 connection sent or received `data` (the start of a
+/// library call; `at_start`: of its direction's stream): a request line going out means the
+/// client end, and so on. HTTP/2 is known by the client preface, or by the SETTINGS frame
+/// a server may send before reading it.
+fn recognise(direction: Direction, data: &[u8], at_start: bool) -> Recognised {
     if data.starts_with(b"PRI * HTTP/2.0") {
-        return Recognised::Http2;
+        return match direction {
+            Direction::Egress => Recognised::Http2(Side::Client),
+            Direction::Ingress => Recognised::Http2(Side::Server),
+        };
+    }
+    if at_start && is_settings(data) {
+        return match direction {
+            Direction::Egress => Recognised::Http2(Side::Server),
+            Direction::Ingress => Recognised::Http2(Side::Client),
+        };
     }
     let request = looks_like_request_line(data);
     let response = data.starts_with(b"HTTP/1.");
@@ -510,6 +547,12 @@ fn recognise(direction: Direction, data: &[u8]) -> Recognised {
         (Direction::Ingress, true, _) | (Direction::Egress, _, true) => Recognised::Http1(Side::Server),
         _ => Recognised::Unknown,
     }
+}
+
+/// A SETTINGS frame header (not an ACK) on stream 0, its length a multiple of 6.
+fn is_settings(data: &[u8]) -> bool {
+    let len = data.get(..3).map(|l| usize::from(l[0]) << 16 | usize::from(l[1]) << 8 | usize::from(l[2]));
+    len.is_some_and(|len| len % 6 == 0 && len <= 6 * 16) && data.get(3..9) == Some(&[4, 0, 0, 0, 0, 0])
 }
 
 /// "METHOD SP" with an upper-case token method, as every registered method is.
@@ -720,16 +763,73 @@ mod tests {
         }
     }
 
+    fn h2_frame(frame_type: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+        let len = payload.len();
+        let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, frame_type, flags];
+        f.extend_from_slice(&stream.to_be_bytes());
+        f.extend_from_slice(payload);
+        f
+    }
+
+    /// The serving end of an HTTP/2 connection that writes its SETTINGS before reading the
+    /// client preface: recognised from either, the call reported with its stream; the same
+    /// connection first seen past its start is given up and counted, never guessed at.
+    #[test]
+    fn http2_is_recognised_at_either_end_and_never_picked_up_late() {
+        let mut enc = loona_hpack::Encoder::new();
+        let fields = [(":method", "POST"), (":path", "/v1/chat/completions"), (":authority", "h")];
+        let block = enc.encode(fields.iter().map(|(n, v)| (n.as_bytes(), v.as_bytes())));
+        let body = br#"{"model":"m2","messages":[{"role":"user","content":"hi"}]}"#;
+        let mut request = crate::protocol::http2::PREFACE.to_vec();
+        request.extend(h2_frame(0x4, 0, 0, &[]));
+        request.extend(h2_frame(0x1, 0x4, 1, &block));
+        request.extend(h2_frame(0x0, 0x1, 1, body));
+        let settings = h2_frame(0x4, 0, 0, &[0, 3, 0, 0, 0, 100]);
+        let mut senc = loona_hpack::Encoder::new();
+        let mut response = senc.encode([(&b":status"[..], &b"200"[..])]);
+        response = h2_frame(0x1, 0x4, 1, &response);
+        response.extend(h2_frame(0x0, 0x1, 1, br#"{"object":"chat.completion","model":"m2","choices":[]}"#));
+
+        let mut table = ConnTable::new(16, 1 << 20, Limits::default(), None);
+        let mut out = Vec::new();
+        let s = settings.len() as u64;
+        table.on_event(at(Direction::Egress, 0, 0, 0, &settings), &mut out);
+        table.on_event(at(Direction::Ingress, 0, s, 1, &request), &mut out);
+        table.on_event(at(Direction::Egress, s, request.len() as u64, 2, &response), &mut out);
+        assert_eq!(out.len(), 1, "{out:#?}");
+        let o = &out[0].obs;
+        assert_eq!(
+            (o.side, o.http2_stream, o.call.model.as_deref(), o.status),
+            (Side::Server, Some(1), Some("m2"), Some(200))
+        );
+        assert_eq!((table.stats.http2, table.stats.not_http1), (1, 0));
+
+        // Seen from its middle: the preface's call is past position 0.
+        let mut table = ConnTable::new(16, 1 << 20, Limits::default(), None);
+        let mut out = Vec::new();
+        table.on_event(at(Direction::Ingress, 10, 0, 1, &request), &mut out);
+        table.on_event(at(Direction::Egress, s, request.len() as u64 + 10, 2, &response), &mut out);
+        table.finish_all(1 << 40, &mut out);
+        assert!(out.is_empty());
+        assert_eq!((table.stats.http2, table.stats.h2.given_up_gap), (1, 1));
+    }
+
     #[test]
     fn roles_are_recognised_from_either_direction() {
         let req = b"POST /v1/chat/completions HTTP/1.1\r\n";
         let resp = b"HTTP/1.1 200 OK\r\n";
-        assert!(matches!(recognise(Direction::Egress, req), Recognised::Http1(Side::Client)));
-        assert!(matches!(recognise(Direction::Ingress, resp), Recognised::Http1(Side::Client)));
-        assert!(matches!(recognise(Direction::Ingress, req), Recognised::Http1(Side::Server)));
-        assert!(matches!(recognise(Direction::Egress, resp), Recognised::Http1(Side::Server)));
-        assert!(matches!(recognise(Direction::Egress, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"), Recognised::Http2));
-        assert!(matches!(recognise(Direction::Egress, b"\x16\x03\x01binary"), Recognised::Unknown));
-        assert!(matches!(recognise(Direction::Egress, b"post /x HTTP/1.1"), Recognised::Unknown));
+        assert!(matches!(recognise(Direction::Egress, req, true), Recognised::Http1(Side::Client)));
+        assert!(matches!(recognise(Direction::Ingress, resp, true), Recognised::Http1(Side::Client)));
+        assert!(matches!(recognise(Direction::Ingress, req, true), Recognised::Http1(Side::Server)));
+        assert!(matches!(recognise(Direction::Egress, resp, true), Recognised::Http1(Side::Server)));
+        let preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+        assert!(matches!(recognise(Direction::Egress, preface, true), Recognised::Http2(Side::Client)));
+        assert!(matches!(recognise(Direction::Ingress, preface, true), Recognised::Http2(Side::Server)));
+        let settings = b"\x00\x00\x0c\x04\x00\x00\x00\x00\x00\x00\x03\x00\x00\x00\x64\x00\x04\x00\x01\x00\x00";
+        assert!(matches!(recognise(Direction::Egress, settings, true), Recognised::Http2(Side::Server)));
+        assert!(matches!(recognise(Direction::Ingress, settings, true), Recognised::Http2(Side::Client)));
+        assert!(matches!(recognise(Direction::Ingress, settings, false), Recognised::Unknown));
+        assert!(matches!(recognise(Direction::Egress, b"\x16\x03\x01binary", true), Recognised::Unknown));
+        assert!(matches!(recognise(Direction::Egress, b"post /x HTTP/1.1", true), Recognised::Unknown));
     }
 }

@@ -207,6 +207,7 @@ mod tests {
             enforcement: None,
             ruling: None,
             payload: None,
+            http2_stream: None,
         }
     }
 

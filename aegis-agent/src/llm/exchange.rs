@@ -117,6 +117,8 @@ pub struct Observation {
     /// The decoded request body, when payloads are kept for the look-back (never written
     /// to a record).
     pub payload: Option<Arc<str>>,
+    /// The HTTP/2 stream that carried the call; None on HTTP/1.x.
+    pub http2_stream: Option<u32>,
 }
 
 /// Counters of what was skipped, for the agent's health report.
@@ -401,6 +403,68 @@ impl Turns {
     }
 }
 
+/// What capture feeds with the two byte streams of one connection, and what it takes back:
+/// calls, checkpoints and announced fingerprints. [`ExchangeTracker`] for HTTP/1.x;
+/// `llm::http2::Http2Exchanges` for HTTP/2.
+pub trait CallTracker: Send {
+    fn side(&self) -> Side;
+    /// See [`ExchangeTracker::call_turn`].
+    fn call_turn(&mut self, turn: u64);
+    fn forget_turns(&mut self);
+    fn request_data(&mut self, data: &[u8], ts: u64, out: &mut Vec<Observation>);
+    fn response_data(&mut self, data: &[u8], ts: u64, out: &mut Vec<Observation>);
+    fn request_gap(&mut self, n: u64, ts: u64, out: &mut Vec<Observation>);
+    fn response_gap(&mut self, n: u64, ts: u64, out: &mut Vec<Observation>);
+    fn take_checkpoints(&mut self, into: &mut Vec<Checkpoint>);
+    fn take_announced(&mut self, into: &mut Vec<u64>);
+    fn record_ruling(&mut self, seq: u64, ruling: Ruling);
+    fn record_enforcement(&mut self, seq: u64, enforcement: Enforcement);
+    fn finish(&mut self, ts: u64, reason: &str, last_turn: Option<u64>, out: &mut Vec<Observation>);
+    fn stats(&self) -> ExchangeStats;
+}
+
+impl CallTracker for ExchangeTracker {
+    fn side(&self) -> Side {
+        ExchangeTracker::side(self)
+    }
+    fn call_turn(&mut self, turn: u64) {
+        ExchangeTracker::call_turn(self, turn)
+    }
+    fn forget_turns(&mut self) {
+        ExchangeTracker::forget_turns(self)
+    }
+    fn request_data(&mut self, data: &[u8], ts: u64, out: &mut Vec<Observation>) {
+        ExchangeTracker::request_data(self, data, ts, out)
+    }
+    fn response_data(&mut self, data: &[u8], ts: u64, out: &mut Vec<Observation>) {
+        ExchangeTracker::response_data(self, data, ts, out)
+    }
+    fn request_gap(&mut self, n: u64, ts: u64, out: &mut Vec<Observation>) {
+        ExchangeTracker::request_gap(self, n, ts, out)
+    }
+    fn response_gap(&mut self, n: u64, ts: u64, out: &mut Vec<Observation>) {
+        ExchangeTracker::response_gap(self, n, ts, out)
+    }
+    fn take_checkpoints(&mut self, into: &mut Vec<Checkpoint>) {
+        ExchangeTracker::take_checkpoints(self, into)
+    }
+    fn take_announced(&mut self, into: &mut Vec<u64>) {
+        ExchangeTracker::take_announced(self, into)
+    }
+    fn record_ruling(&mut self, seq: u64, ruling: Ruling) {
+        ExchangeTracker::record_ruling(self, seq, ruling)
+    }
+    fn record_enforcement(&mut self, seq: u64, enforcement: Enforcement) {
+        ExchangeTracker::record_enforcement(self, seq, enforcement)
+    }
+    fn finish(&mut self, ts: u64, reason: &str, last_turn: Option<u64>, out: &mut Vec<Observation>) {
+        ExchangeTracker::finish(self, ts, reason, last_turn, out)
+    }
+    fn stats(&self) -> ExchangeStats {
+        ExchangeTracker::stats(self)
+    }
+}
+
 /// Pairs requests and responses of one connection and summarises model API calls.
 pub struct ExchangeTracker {
     side: Side,
@@ -483,6 +547,13 @@ impl ExchangeTracker {
     /// Keep each call's decoded request body (up to the body cap) for the look-back.
     pub fn with_payloads(mut self, keep: bool) -> Self {
         self.keep_payloads = keep;
+        self
+    }
+
+    /// Number exchanges from `seq` on (an HTTP/2 connection keeps one tracker per stream,
+    /// and its exchanges' numbers apart by stream).
+    pub fn with_first_seq(mut self, seq: u64) -> Self {
+        self.next_seq = seq;
         self
     }
 
@@ -1296,6 +1367,7 @@ impl ExchangeTracker {
             ruling,
             payload: req.payload.take(),
             call,
+            http2_stream: None,
         })
     }
 }

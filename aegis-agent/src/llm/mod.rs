@@ -6,6 +6,7 @@ pub mod content;
 pub mod correlate;
 pub mod detect;
 pub mod exchange;
+pub mod http2;
 pub mod record;
 pub mod response;
 pub mod usage;

@@ -50,6 +50,11 @@ pub struct CallRecord {
     /// Null when the request was not captured (see `notes`).
     pub method: Option<String>,
     pub path: Option<String>,
+    /// `"1.1"` or `"2"`: the HTTP version the call was carried by.
+    pub http_version: &'static str,
+    /// The HTTP/2 stream that carried the call (absent on HTTP/1.x).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stream_id: Option<u32>,
     pub model: Option<String>,
     pub response_model: Option<String>,
     pub stream: bool,
@@ -106,6 +111,8 @@ impl CallRecord {
             host: o.host,
             method: o.method,
             path,
+            http_version: if o.http2_stream.is_some() { "2" } else { "1.1" },
+            stream_id: o.http2_stream,
             model: o.call.model,
             response_model: o.summary.model,
             stream: o.call.stream,

@@ -35,6 +35,8 @@ fn call(model: &str, cgroup: &str, status: Option<u16>, tokens: (u64, u64)) -> C
         host: Some("api.openai.com".into()),
         method: Some("POST".into()),
         path: Some("/v1/chat/completions".into()),
+        http_version: "1.1",
+        stream_id: None,
         model: Some(model.into()),
         response_model: None,
         stream: false,

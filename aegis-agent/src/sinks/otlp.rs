@@ -675,6 +675,8 @@ mod tests {
             host: Some("api.openai.com:443".into()),
             method: Some("POST".into()),
             path: Some("/v1/chat/completions".into()),
+            http_version: "1.1",
+            stream_id: None,
             model: Some("gpt-4o-mini".into()),
             response_model: Some("gpt-4o-mini-2024-07-18".into()),
             stream: true,

@@ -6,7 +6,12 @@
 //! request answered by a ~1 KB JSON completion with usage; `--path /health` makes it
 //! ordinary (non-LLM) traffic instead. Content-Length framing; full messages are read.
 //!
-//! Usage: tls_loop [--duration SECS | --requests N] [--connections C] [--path PATH]
+//! `--http2` speaks HTTP/2 instead (client preface, SETTINGS, one stream per request,
+//! HEADERS and DATA written together, HPACK literals without indexing, WINDOW_UPDATEs for
+//! what was received), still one request at a time per connection: the same bytes of
+//! content, framed the other way.
+//!
+//! Usage: tls_loop [--duration SECS | --requests N] [--connections C] [--path PATH] [--http2]
 //! Prints one JSON line: {"requests":N,"seconds":S,"rps":R}
 
 use std::{
@@ -37,10 +42,11 @@ struct Args {
     requests: Option<u64>,
     connections: usize,
     path: String,
+    http2: bool,
 }
 
 fn parse_args() -> Args {
-    let mut args = Args { duration: None, requests: None, connections: 1, path: LLM_PATH.into() };
+    let mut args = Args { duration: None, requests: None, connections: 1, path: LLM_PATH.into(), http2: false };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         let mut value = || it.next().unwrap_or_else(|| usage(&format!("{a} needs a value")));
@@ -49,6 +55,7 @@ fn parse_args() -> Args {
             "--requests" => args.requests = Some(value().parse().unwrap_or_else(|_| usage("bad --requests"))),
             "--connections" => args.connections = value().parse().unwrap_or_else(|_| usage("bad --connections")),
             "--path" => args.path = value(),
+            "--http2" => args.http2 = true,
             "-h" | "--help" => usage(""),
             other => usage(&format!("unknown argument {other}")),
         }
@@ -66,7 +73,7 @@ fn usage(err: &str) -> ! {
     if !err.is_empty() {
         eprintln!("tls_loop: {err}");
     }
-    eprintln!("usage: tls_loop [--duration SECS | --requests N] [--connections C] [--path PATH]");
+    eprintln!("usage: tls_loop [--duration SECS | --requests N] [--connections C] [--path PATH] [--http2]");
     std::process::exit(2);
 }
 
@@ -87,6 +94,9 @@ fn self_signed() -> Result<(X509, PKey<Private>), openssl::error::ErrorStack> {
     cert.sign(&key, MessageDigest::sha256())?;
     Ok((cert.build(), key))
 }
+
+/// An HTTP/2 frame: type, flags, stream, payload.
+type Frame = (u8, u8, u32, Vec<u8>);
 
 /// A TLS stream with a read buffer, reading and writing Content-Length framed messages.
 struct Conn {
@@ -140,6 +150,42 @@ impl Conn {
         }
     }
 
+    /// Reads one HTTP/2 frame: (type, flags, stream, payload). None on a clean EOF between
+    /// frames.
+    fn read_frame(&mut self) -> io::Result<Option<Frame>> {
+        while self.buf.len() < 9 {
+            if !self.fill()? {
+                return if self.buf.is_empty() { Ok(None) } else { Err(io::ErrorKind::UnexpectedEof.into()) };
+            }
+        }
+        let len = usize::from(self.buf[0]) << 16 | usize::from(self.buf[1]) << 8 | usize::from(self.buf[2]);
+        while self.buf.len() < 9 + len {
+            if !self.fill()? {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+        }
+        let (ty, flags) = (self.buf[3], self.buf[4]);
+        let stream = u32::from_be_bytes([self.buf[5], self.buf[6], self.buf[7], self.buf[8]]) & 0x7fff_ffff;
+        let payload = self.buf[9..9 + len].to_vec();
+        self.buf.drain(..9 + len);
+        Ok(Some((ty, flags, stream, payload)))
+    }
+
+    /// Reads exactly `n` bytes (the client preface).
+    fn read_exact_buffered(&mut self, n: usize) -> io::Result<Vec<u8>> {
+        while self.buf.len() < n {
+            if !self.fill()? {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+        }
+        Ok(self.buf.drain(..n).collect())
+    }
+
+    fn write_all(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.tls.write_all(bytes)?;
+        self.tls.flush()
+    }
+
     /// Writes head and body in one TLS write.
     fn send(&mut self, head: &str, body: &[u8]) -> io::Result<()> {
         let mut msg = Vec::with_capacity(head.len() + body.len());
@@ -182,10 +228,124 @@ fn llm_response_body() -> String {
     )
 }
 
-fn serve(acceptor: Arc<SslAcceptor>, tcp: TcpStream) -> io::Result<()> {
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+const H2_DATA: u8 = 0x0;
+const H2_HEADERS: u8 = 0x1;
+const H2_SETTINGS: u8 = 0x4;
+const H2_WINDOW_UPDATE: u8 = 0x8;
+const H2_END_STREAM: u8 = 0x1;
+const H2_END_HEADERS: u8 = 0x4;
+
+fn h2_frame(out: &mut Vec<u8>, ty: u8, flags: u8, stream: u32, payload: &[u8]) {
+    let len = payload.len();
+    out.extend_from_slice(&[(len >> 16) as u8, (len >> 8) as u8, len as u8, ty, flags]);
+    out.extend_from_slice(&stream.to_be_bytes());
+    out.extend_from_slice(payload);
+}
+
+/// An HPACK literal field without indexing, new name (RFC 7541 §6.2.2); short strings only.
+fn hpack_literal(out: &mut Vec<u8>, name: &str, value: &str) {
+    assert!(name.len() < 127 && value.len() < 127, "short literals only");
+    out.push(0);
+    out.push(name.len() as u8);
+    out.extend_from_slice(name.as_bytes());
+    out.push(value.len() as u8);
+    out.extend_from_slice(value.as_bytes());
+}
+
+/// Credit the peer with `n` received bytes on the connection.
+fn h2_window_update(out: &mut Vec<u8>, n: usize) {
+    if n > 0 {
+        h2_frame(out, H2_WINDOW_UPDATE, 0, 0, &(n as u32).to_be_bytes());
+    }
+}
+
+fn serve_h2(mut conn: Conn) -> io::Result<()> {
+    if conn.read_exact_buffered(H2_PREFACE.len())? != H2_PREFACE {
+        return Err(io::Error::other("no HTTP/2 client preface"));
+    }
+    let llm = llm_response_body();
+    let mut out = Vec::new();
+    h2_frame(&mut out, H2_SETTINGS, 0, 0, &[]);
+    let mut received = 0;
+    while let Some((ty, flags, stream, payload)) = conn.read_frame()? {
+        let ended = flags & H2_END_STREAM != 0;
+        match ty {
+            H2_SETTINGS if flags & 1 == 0 => h2_frame(&mut out, H2_SETTINGS, 1, 0, &[]),
+            H2_DATA => received += payload.len(),
+            _ => {}
+        }
+        if !(ended && matches!(ty, H2_HEADERS | H2_DATA)) {
+            continue;
+        }
+        // A request without a body is the ordinary one.
+        let body = if ty == H2_HEADERS { r#"{"status":"ok"}"# } else { llm.as_str() };
+        h2_window_update(&mut out, std::mem::take(&mut received));
+        let mut block = vec![0x88]; // :status 200 (static table)
+        hpack_literal(&mut block, "content-type", "application/json");
+        hpack_literal(&mut block, "content-length", &body.len().to_string());
+        h2_frame(&mut out, H2_HEADERS, H2_END_HEADERS, stream, &block);
+        h2_frame(&mut out, H2_DATA, H2_END_STREAM, stream, body.as_bytes());
+        conn.write_all(&out)?;
+        out.clear();
+    }
+    Ok(())
+}
+
+/// One HTTP/2 client connection, one stream at a time.
+fn client_h2(mut conn: Conn, port: u16, path: &str, next: &dyn Fn() -> bool) -> io::Result<u64> {
+    let body = if path == "/health" { String::new() } else { llm_request_body() };
+    let mut out = H2_PREFACE.to_vec();
+    h2_frame(&mut out, H2_SETTINGS, 0, 0, &[]);
+    let (mut count, mut stream, mut received) = (0, 1u32, 0);
+    while next() {
+        h2_window_update(&mut out, std::mem::take(&mut received));
+        let mut block = Vec::new();
+        hpack_literal(&mut block, ":method", if body.is_empty() { "GET" } else { "POST" });
+        hpack_literal(&mut block, ":scheme", "https");
+        hpack_literal(&mut block, ":path", path);
+        hpack_literal(&mut block, ":authority", &format!("127.0.0.1:{port}"));
+        hpack_literal(&mut block, "user-agent", "tls_loop/1");
+        hpack_literal(&mut block, "authorization", "Bearer sk-tls-loop-benchmark");
+        hpack_literal(&mut block, "accept", "application/json");
+        if body.is_empty() {
+            h2_frame(&mut out, H2_HEADERS, H2_END_HEADERS | H2_END_STREAM, stream, &block);
+        } else {
+            hpack_literal(&mut block, "content-type", "application/json");
+            hpack_literal(&mut block, "content-length", &body.len().to_string());
+            h2_frame(&mut out, H2_HEADERS, H2_END_HEADERS, stream, &block);
+            h2_frame(&mut out, H2_DATA, H2_END_STREAM, stream, body.as_bytes());
+        }
+        conn.write_all(&out)?;
+        out.clear();
+        loop {
+            let (ty, flags, id, payload) = conn.read_frame()?.ok_or_else(|| io::Error::other("server closed"))?;
+            match ty {
+                H2_SETTINGS if flags & 1 == 0 => h2_frame(&mut out, H2_SETTINGS, 1, 0, &[]),
+                H2_HEADERS if id == stream && payload.first() != Some(&0x88) => {
+                    return Err(io::Error::other("unexpected response status"));
+                }
+                H2_DATA => received += payload.len(),
+                _ => {}
+            }
+            if id == stream && flags & H2_END_STREAM != 0 {
+                break;
+            }
+        }
+        count += 1;
+        stream += 2;
+    }
+    let _ = conn.tls.shutdown();
+    Ok(count)
+}
+
+fn serve(acceptor: Arc<SslAcceptor>, tcp: TcpStream, http2: bool) -> io::Result<()> {
     tcp.set_nodelay(true)?;
     let tls = acceptor.accept(tcp).map_err(io::Error::other)?;
     let mut conn = Conn { tls, buf: Vec::new() };
+    if http2 {
+        return serve_h2(conn);
+    }
     let llm = llm_response_body();
     while let Some((head, _body)) = conn.read_message()? {
         let path = head.split_whitespace().nth(1).unwrap_or("/");
@@ -198,13 +358,16 @@ fn serve(acceptor: Arc<SslAcceptor>, tcp: TcpStream) -> io::Result<()> {
 }
 
 /// One client connection: sends requests until `done()` says stop; returns how many.
-fn client(port: u16, path: &str, next: &dyn Fn() -> bool) -> io::Result<u64> {
+fn client(port: u16, path: &str, http2: bool, next: &dyn Fn() -> bool) -> io::Result<u64> {
     let tcp = TcpStream::connect(("127.0.0.1", port))?;
     tcp.set_nodelay(true)?;
     let mut connector = SslConnector::builder(SslMethod::tls_client()).map_err(io::Error::other)?;
     connector.set_verify(SslVerifyMode::NONE);
     let tls = connector.build().connect("localhost", tcp).map_err(io::Error::other)?;
     let mut conn = Conn { tls, buf: Vec::new() };
+    if http2 {
+        return client_h2(conn, port, path, next);
+    }
     let body = if path == "/health" { String::new() } else { llm_request_body() };
     let method = if body.is_empty() { "GET" } else { "POST" };
     let head = format!(
@@ -236,11 +399,12 @@ fn main() {
 
     let listener = TcpListener::bind("127.0.0.1:0").expect("binding 127.0.0.1");
     let port = listener.local_addr().expect("local address").port();
+    let http2 = args.http2;
     std::thread::spawn(move || {
         for tcp in listener.incoming().flatten() {
             let acceptor = Arc::clone(&acceptor);
             std::thread::spawn(move || {
-                if let Err(e) = serve(acceptor, tcp) {
+                if let Err(e) = serve(acceptor, tcp, http2) {
                     eprintln!("tls_loop server: {e}");
                 }
             });
@@ -258,7 +422,7 @@ fn main() {
                     Some(n) => issued.fetch_add(1, Ordering::Relaxed) < n,
                     None => deadline.is_some_and(|d| Instant::now() < d),
                 };
-                client(port, &path, &next)
+                client(port, &path, http2, &next)
             })
         })
         .collect();
@@ -299,11 +463,14 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         std::thread::spawn(move || {
-            let tcp = listener.incoming().next().unwrap().unwrap();
-            serve(acceptor, tcp).unwrap();
+            for (tcp, http2) in listener.incoming().zip([false, true]) {
+                serve(Arc::clone(&acceptor), tcp.unwrap(), http2).unwrap();
+            }
         });
-        let left = AtomicU64::new(0);
-        let n = client(port, LLM_PATH, &|| left.fetch_add(1, Ordering::Relaxed) < 25).unwrap();
-        assert_eq!(n, 25);
+        for http2 in [false, true] {
+            let left = AtomicU64::new(0);
+            let n = client(port, LLM_PATH, http2, &|| left.fetch_add(1, Ordering::Relaxed) < 25).unwrap();
+            assert_eq!(n, 25, "http2: {http2}");
+        }
     }
 }
