@@ -329,6 +329,10 @@ mod tests {
         let c = Config::defaults();
         assert_eq!(c.capture.ring_buffer_bytes, 16 * 1024 * 1024);
         assert!(c.output.stdout);
+        // The learned second stage is on, warns, at the threshold its trainer set on the
+        // benign texts.
+        assert!(c.rules.classifier && c.rules.classifier_threshold.is_none());
+        assert_eq!(c.rules.classifier_action, crate::rules::pack::Action::Warn);
     }
 
     /// The package's /etc/aegis/aegis.toml holds overrides only: as shipped it changes

@@ -11,6 +11,8 @@ DIM = 1 << DIM_BITS
 WINDOW_CHARS = 4096
 CHAR_MIN, CHAR_MAX = 3, 5
 COUNT_CAP = 4.0
+# Texts with fewer normalised characters score 0 (aegis-agent: MIN_CHARS).
+MIN_CHARS = 20
 FNV_OFFSET = 0x811C9DC5
 FNV_PRIME = 0x01000193
 

@@ -1,18 +1,25 @@
 """Train the prompt injection / jailbreak classifier and export it for the agent.
 
-    python3 -m venv /tmp/clsvenv && /tmp/clsvenv/bin/pip install numpy scikit-learn pyyaml
-    /tmp/clsvenv/bin/python tools/classifier/train.py
+    cargo xtask train-detector        # makes a venv with the pinned packages, then runs this
 
-Writes packaging/models/injection_classifier.bin (embedded by the agent),
-tools/classifier/data/heldout.jsonl (the evaluation split, read by `cargo xtask eval
-detection`) and tools/classifier/data/metrics.json. Deterministic: same inputs, same bytes.
+or by hand: python3 -m venv V && V/bin/pip install numpy scipy scikit-learn pyyaml &&
+V/bin/python tools/classifier/train.py [CACHE_DIR]
 
-Split by source and family, never by row (templates of one family share most of their
-text): whole families are held out, see HELDOUT_*.
+Writes packaging/models/injection_classifier.bin (embedded by the agent) and, for `cargo
+xtask eval detection`, tools/classifier/data/heldout.jsonl (the held-out split),
+heldout_families.jsonl (whole families left out, scored by a second model trained without
+them, not shipped) and metrics.json. Deterministic: same inputs, same bytes.
+
+The split is by template, never by row (rows of one template share most of their text):
+in each family a quarter of its templates (groups), chosen by hash, is held out. The
+threshold is set on out-of-fold scores of the training split's benign texts (at most 1%
+above it), never on held-out rows.
 """
 
+import hashlib
 import json
 import pathlib
+import random
 import re
 import struct
 import sys
@@ -31,12 +38,19 @@ from fetch import fetch  # noqa: E402
 
 ROOT = HERE.parent.parent
 MODEL = ROOT / "packaging/models/injection_classifier.bin"
-VERSION = "1.0.0"
+VERSION = "2.0.0"
 FORMAT = b"AEGISLR1"
+# At most this share of the benign training texts (out-of-fold) at or above the threshold.
+# (A margin, 0.5%, was tried: held-out false positives 1.7% instead of 1.9%, recall 88%
+# instead of 93%; not kept.)
 MAX_FPR = 0.01
-C = 16.0
+# Regularisation candidates, chosen by out-of-fold recall at MAX_FPR on the training split.
+CS = (4.0, 16.0, 64.0)
+# Share of each family's groups in the test split.
+TEST_SHARE = 0.25
 
-# Held out whole: attack families/sources, benign families.
+# The harder figure: these families are left out of training entirely (a second model,
+# reported next to the main one, not shipped).
 HELDOUT_FAMILIES = {
     "pyrit/Arth_Singh",
     "pyrit/multi_parameter",
@@ -45,6 +59,8 @@ HELDOUT_FAMILIES = {
     "bastion/exfiltration",
     "own_split",
     "own_many_shot",
+    "own_translation",
+    "own_fiction",
     "bastion/benign_ignore",
     "bastion/benign_encoded",
     "bastion/benign_roleplay",
@@ -53,7 +69,8 @@ HELDOUT_FAMILIES = {
     "bastion/benign_override",
     "bastion/benign_devkeys",
     "bastion/benign_memory",
-    "own_benign_docs",
+    "own_benign_jailbreak_topic",
+    "own_benign_dev",
     "stdlib_heldout",
 }
 
@@ -73,6 +90,7 @@ def fill(template: str, task: str) -> str:
 
 
 def load_rows(src: pathlib.Path):
+    """Every row as (family, group, label, text); a group is one template or one written text."""
     rows = []
     tasks = own_data.TASKS
     tdir = src / "pyrit/datasets/jailbreak/templates"
@@ -80,16 +98,17 @@ def load_rows(src: pathlib.Path):
     for folder in ["pliny", "Arth_Singh", "multi_parameter"]:
         for f in sorted((tdir / folder).rglob("*.yaml")):
             doc = yaml.safe_load(f.read_text(encoding="utf-8"))
+            group = f"pyrit/{f.relative_to(tdir)}"
             for _ in range(2):
-                rows.append((f"pyrit/{folder}", 1, fill(doc["value"], tasks[k % len(tasks)])))
+                rows.append((f"pyrit/{folder}", group, 1, fill(doc["value"], tasks[k % len(tasks)])))
                 k += 1
     for f in sorted((src / "pyrit/datasets/seed_datasets/local/0din").glob("*.prompt")):
         doc = yaml.safe_load(f.read_text(encoding="utf-8"))
         for seed in doc.get("seeds", []):
-            rows.append(("pyrit/0din", 1, seed["value"]))
+            rows.append(("pyrit/0din", f"pyrit/0din/{f.stem}", 1, seed["value"]))
     for line in (src / "bastioncorpus/corpus/injections.jsonl").read_text(encoding="utf-8").splitlines():
         r = json.loads(line)
-        rows.append((f"bastion/{r['category']}", int(r["label"] == "malicious"), r["text"]))
+        rows.append((f"bastion/{r['category']}", f"bastion/{r['id']}", int(r["label"] == "malicious"), r["text"]))
     rows += own_data.rows()
     rows += stdlib_rows()
     return rows
@@ -99,8 +118,7 @@ def stdlib_rows():
     """Benign technical text: slices of CPython 3.11's standard library sources (code,
     comments, docstrings; PSF licence), as tool results and pasted code look. Without them
     the model took any long technical text for an attack. Modules whose name's CRC32 is
-    odd are held out."""
-    import random
+    odd form the family left out in the families-out figure."""
     import sysconfig
     import zlib
 
@@ -112,12 +130,47 @@ def stdlib_rows():
         if len(text) < 2000:
             continue
         held = zlib.crc32(f.stem.encode()) % 2 == 1
-        family = "stdlib_heldout" if held else f"stdlib/{f.stem}"
+        family = "stdlib_heldout" if held else "stdlib"
         for _ in range(2):
             n = rng.randint(200, min(3000, len(text)))
             at = rng.randint(0, len(text) - n)
-            rows.append((family, 0, text[at : at + n]))
+            rows.append((family, f"stdlib/{f.stem}", 0, text[at : at + n]))
     return rows
+
+
+def _h(s: str) -> str:
+    return hashlib.sha256(s.encode()).hexdigest()
+
+
+def split(rows):
+    """Stratified by family, grouped by template: in each family, the TEST_SHARE of its
+    groups whose SHA-256 is lowest go to the test split (families of one group stay in
+    training). No group is on both sides."""
+    groups = {}
+    for fam, group, _, _ in rows:
+        groups.setdefault(fam, set()).add(group)
+    test_groups = set()
+    for fam, gs in groups.items():
+        ordered = sorted(gs, key=_h)
+        test_groups.update(ordered[: int(len(ordered) * TEST_SHARE + 0.5)] if len(ordered) > 1 else [])
+    train = [r for r in rows if r[1] not in test_groups]
+    test = [r for r in rows if r[1] in test_groups]
+    return train, test
+
+
+def compose(side, rng, tag, buried=40):
+    """Rows made of one side's rows only: long benign texts (several benign requests and
+    tool results joined, as a conversation's text) and attacks buried among benign requests."""
+    benign = [r[3] for r in side if r[2] == 0 and r[0].startswith("own_benign") and r[0] != "own_benign_short"]
+    attacks = [r[3] for r in side if r[2] == 1 and r[0] in ("own_override", "own_devmode", "own_persona", "own_extract", "own_indirect")]
+    out = []
+    for i in range(60):
+        out.append(("own_benign_long", f"{tag}/long/{i}", 0, "\n\n".join(rng.sample(benign, rng.randint(3, 10)))))
+    for i in range(buried):
+        parts = rng.sample(benign, rng.randint(1, 3)) + [rng.choice(attacks)]
+        rng.shuffle(parts)
+        out.append(("own_buried", f"{tag}/buried/{i}", 1, "\n\n".join(parts)))
+    return out
 
 
 def matrix(texts):
@@ -130,8 +183,8 @@ def matrix(texts):
     return csr_matrix((np.array(data, dtype=np.float64), np.array(ind), np.array(ptr)), shape=(len(texts), F.DIM))
 
 
-def fit(X, y):
-    m = LogisticRegression(C=C, class_weight="balanced", solver="liblinear", max_iter=1000)
+def fit(X, y, c):
+    m = LogisticRegression(C=c, class_weight="balanced", solver="liblinear", max_iter=1000, random_state=0)
     m.fit(X, y)
     return m
 
@@ -140,53 +193,106 @@ def score(m, X):
     return 1.0 / (1.0 + np.exp(-(X @ m.coef_[0].astype(np.float32) + np.float32(m.intercept_[0]))))
 
 
+def short(texts):
+    """Texts the agent does not score (under MIN_CHARS normalised characters): they score 0."""
+    return np.array([len(F.normalize(t)) < F.MIN_CHARS for t in texts])
+
+
+def train_model(rows):
+    """Fit on `rows`; the threshold and C from out-of-fold scores (folds by group): the
+    lowest threshold with at most MAX_FPR of the benign rows at or above it."""
+    X = matrix([r[3] for r in rows])
+    y = np.array([r[2] for r in rows])
+    groups = np.array([r[1] for r in rows])
+    tiny = short([r[3] for r in rows])
+    best = None
+    for c in CS:
+        oof = np.zeros(len(rows))
+        for tr, te in GroupKFold(n_splits=5).split(X, y, groups):
+            oof[te] = score(fit(X[tr], y[tr], c), X[te])
+        oof[tiny] = 0.0
+        benign = np.sort(oof[y == 0])[::-1]
+        allowed = int(np.floor(MAX_FPR * len(benign)))
+        threshold = max(float(np.nextafter(np.float32(benign[allowed]), np.float32(1))), 0.5)
+        recall = float((oof[y == 1] >= threshold).mean())
+        fpr = float((oof[y == 0] >= threshold).mean())
+        print(f"C={c}: out-of-fold recall {recall:.3f}, false positives {fpr:.4f}, threshold {threshold:.3f}", file=sys.stderr)
+        if best is None or recall > best[1]:
+            best = (c, recall, fpr, threshold)
+    c, recall, fpr, threshold = best
+    return fit(X, y, c), dict(c=c, oof_recall=recall, oof_fpr=fpr, threshold=threshold)
+
+
+def evaluate(model, threshold, rows):
+    texts = [r[3] for r in rows]
+    s = score(model, matrix(texts))
+    s[short(texts)] = 0.0
+    y = np.array([r[2] for r in rows])
+    return s, float((s[y == 1] >= threshold).mean()), float((s[y == 0] >= threshold).mean())
+
+
+def write_rows(path, rows, scores):
+    with open(path, "w", encoding="utf-8") as f:
+        for (fam, group, label, text), s in zip(rows, scores):
+            f.write(json.dumps({"family": fam, "group": group, "label": label, "text": text, "score": round(float(s), 6)}, ensure_ascii=False) + "\n")
+
+
 def main():
-    src = fetch(pathlib.Path("/tmp/aegis-classifier-cache"))
+    cache = pathlib.Path(sys.argv[1]) if len(sys.argv) > 1 else pathlib.Path("/tmp/aegis-classifier-cache")
+    src = fetch(cache)
     rows = load_rows(src)
-    train = [r for r in rows if r[0] not in HELDOUT_FAMILIES]
-    held = [r for r in rows if r[0] in HELDOUT_FAMILIES]
-    Xt = matrix([r[2] for r in train])
-    yt = np.array([r[1] for r in train])
-    groups = np.array([r[0] for r in train])
-    # Threshold: out-of-fold scores (folds by family), at most MAX_FPR of the benign above it.
-    oof = np.zeros(len(train))
-    for tr, te in GroupKFold(n_splits=5).split(Xt, yt, groups):
-        oof[te] = score(fit(Xt[tr], yt[tr]), Xt[te])
-    benign = np.sort(oof[yt == 0])[::-1]
-    allowed = int(np.floor(MAX_FPR * len(benign)))
-    threshold = float(np.nextafter(np.float32(benign[allowed]), np.float32(1)))
-    threshold = max(threshold, 0.5)
-    model = fit(Xt, yt)
+    train, test = split(rows)
+    # More buried attacks in training than in the test: the model must learn to find an
+    # attack among benign text (the test keeps the same 40 as the other families' size).
+    train += compose(train, random.Random(13), "train", buried=160)
+    test += compose(test, random.Random(14), "test")
+    data = HERE / "data"
+    data.mkdir(exist_ok=True)
+
+    model, fitted = train_model(train)
+    threshold = fitted["threshold"]
     w = model.coef_[0].astype("<f4")
     bias = float(np.float32(model.intercept_[0]))
     MODEL.parent.mkdir(parents=True, exist_ok=True)
     v = VERSION.encode()
     header = FORMAT + struct.pack("<IIIIffI", F.DIM_BITS, F.CHAR_MIN, F.CHAR_MAX, F.WINDOW_CHARS, bias, threshold, len(v)) + v
     MODEL.write_bytes(header + w.tobytes())
+    sh, recall, fpr = evaluate(model, threshold, test)
+    write_rows(data / "heldout.jsonl", test, sh)
 
-    Xh = matrix([r[2] for r in held])
-    yh = np.array([r[1] for r in held])
-    sh = score(model, Xh)
+    # The harder figure: whole families never seen in training (a second model, not shipped).
+    lofo_train = [r for r in train if r[0] not in HELDOUT_FAMILIES]
+    lofo_test = [r for r in rows if r[0] in HELDOUT_FAMILIES]
+    lofo_model, lofo_fit = train_model(lofo_train)
+    sl, lrecall, lfpr = evaluate(lofo_model, lofo_fit["threshold"], lofo_test)
+    write_rows(data / "heldout_families.jsonl", lofo_test, sl)
+
+    yt = np.array([r[2] for r in train])
+    yh = np.array([r[2] for r in test])
     metrics = {
         "version": VERSION,
         "threshold": threshold,
+        "C": fitted["c"],
         "train_rows": len(train),
         "train_attacks": int(yt.sum()),
         "train_benign": int((yt == 0).sum()),
-        "oof_recall": float((oof[yt == 1] >= threshold).mean()),
-        "oof_fpr": float((oof[yt == 0] >= threshold).mean()),
-        "heldout_rows": len(held),
+        "oof_recall": fitted["oof_recall"],
+        "oof_fpr": fitted["oof_fpr"],
+        "heldout_rows": len(test),
         "heldout_attacks": int(yh.sum()),
         "heldout_benign": int((yh == 0).sum()),
-        "heldout_recall_python": float((sh[yh == 1] >= threshold).mean()),
-        "heldout_fpr_python": float((sh[yh == 0] >= threshold).mean()),
-        "heldout_families": sorted(HELDOUT_FAMILIES),
+        "heldout_recall_python": recall,
+        "heldout_fpr_python": fpr,
+        "families_out": {
+            "families": sorted(HELDOUT_FAMILIES),
+            "threshold": lofo_fit["threshold"],
+            "train_rows": len(lofo_train),
+            "test_rows": len(lofo_test),
+            "test_attacks": int(sum(r[2] for r in lofo_test)),
+            "recall_python": lrecall,
+            "fpr_python": lfpr,
+        },
     }
-    data = HERE / "data"
-    data.mkdir(exist_ok=True)
-    with open(data / "heldout.jsonl", "w", encoding="utf-8") as f:
-        for (fam, label, text), s in zip(held, sh):
-            f.write(json.dumps({"family": fam, "label": label, "text": text, "score": round(float(s), 6)}, ensure_ascii=False) + "\n")
     (data / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     print(json.dumps(metrics, indent=2))
     print(f"{MODEL}: {MODEL.stat().st_size} bytes")

@@ -12,6 +12,7 @@ mod contain;
 mod deb;
 mod fuzz;
 mod matrix;
+mod prcurve;
 
 use std::{
     ffi::OsString,
@@ -117,6 +118,15 @@ enum Task {
         /// What to evaluate: `detection`.
         what: String,
     },
+    /// Train the injection classifier: fetch the pinned corpora with pip (into
+    /// `--cache`), build the dataset and its fixed split, train, and write
+    /// `packaging/models/injection_classifier.bin` and `tools/classifier/data/`. Needs
+    /// python3 (a virtual environment with numpy, scipy, scikit-learn and PyYAML is made in
+    /// the cache) and the PyPI registry.
+    TrainDetector {
+        #[arg(long, default_value = "target/classifier-cache")]
+        cache: PathBuf,
+    },
     /// Benchmarks; each prints its figures and ratios against a baseline from the same run.
     Bench {
         #[command(subcommand)]
@@ -207,6 +217,7 @@ fn main() -> anyhow::Result<()> {
             setup()?;
             eval_detection()
         }
+        Task::TrainDetector { cache } => train_detector(&workspace_root().join(cache)),
         Task::Bench { which } => {
             setup()?;
             bench::run(which)
@@ -236,23 +247,50 @@ fn lint() -> anyhow::Result<()> {
         .args(["--", "-D", "warnings"]))
 }
 
+/// The trainer's Python packages, pinned (`cargo xtask train-detector`).
+const TRAINER_PACKAGES: &[&str] = &["numpy==2.4.6", "scipy==1.17.1", "scikit-learn==1.9.1", "PyYAML==6.0.4"];
+
+/// `cargo xtask train-detector`: a virtual environment in `cache` with the trainer's
+/// packages, then `tools/classifier/train.py` (which downloads the pinned corpora with pip
+/// into `cache` and checks their hashes).
+fn train_detector(cache: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(cache)?;
+    let venv = cache.join("venv");
+    let python = venv.join("bin/python");
+    if !python.exists() {
+        run(Command::new("python3").arg("-m").arg("venv").arg(&venv))
+            .context("python3 -m venv failed: install python3 and python3-venv")?;
+    }
+    run(Command::new(&python).args(["-m", "pip", "install", "--quiet"]).args(TRAINER_PACKAGES)).context(
+        "pip could not install the trainer's packages: is the PyPI registry reachable (or PIP_INDEX_URL set)?",
+    )?;
+    run(Command::new(&python).arg(workspace_root().join("tools/classifier/train.py")).arg(cache))
+        .context("training failed; if pip download failed above, the PyPI registry is not reachable")
+}
+
 /// `cargo xtask eval detection`: the ignored `rules::eval::detection` test (the test
-/// profile: the same build as the unit tests), then `tools/classifier/bench.rs` built with
-/// `rustc -O` around the scoring module alone (seconds to build, no release build of the
-/// agent) for the throughput.
+/// profile: the same build as the unit tests) writes `report.md` and the curve's points into
+/// `target/eval-detection`, xtask draws `pr.png` there, then `tools/classifier/bench.rs`
+/// built with `rustc -O` around the scoring module alone (seconds to build, no release
+/// build of the agent) measures the throughput, appended to the report.
 fn eval_detection() -> anyhow::Result<()> {
-    run(cargo().args([
-        "test",
-        "-p",
-        "aegis-agent",
-        "--lib",
-        "--",
-        "--ignored",
-        "--nocapture",
-        "--exact",
-        "rules::eval::detection",
-    ]))?;
     let root = workspace_root();
+    let report_dir = root.join("target/eval-detection");
+    std::fs::create_dir_all(&report_dir)?;
+    run(cargo()
+        .args([
+            "test",
+            "-p",
+            "aegis-agent",
+            "--lib",
+            "--",
+            "--ignored",
+            "--nocapture",
+            "--exact",
+            "rules::eval::detection",
+        ])
+        .env("AEGIS_EVAL_OUT", &report_dir))?;
+    let [model, both] = prcurve::draw(&report_dir)?;
     let out = root.join("target/eval-classifier");
     std::fs::create_dir_all(&out)?;
     let mut rustc = Command::new("rustc");
@@ -264,9 +302,27 @@ fn eval_detection() -> anyhow::Result<()> {
         .args(["--edition", "2024", "-O", "-o"])
         .arg(out.join("bench"))
         .arg(root.join("tools/classifier/bench.rs")))?;
-    run(Command::new(out.join("bench"))
+    let bench = Command::new(out.join("bench"))
         .arg(root.join("packaging/models/injection_classifier.bin"))
-        .arg(root.join("tools/classifier/data/heldout.jsonl")))
+        .arg(root.join("tools/classifier/data/heldout.jsonl"))
+        .output()?;
+    anyhow::ensure!(bench.status.success(), "the classifier bench failed: {}", String::from_utf8_lossy(&bench.stderr));
+    let throughput = String::from_utf8_lossy(&bench.stdout);
+    let mut report = std::fs::read_to_string(report_dir.join("report.md"))?;
+    report.push_str(&format!(
+        "Held-out split, every threshold of the model: blue, the model alone; red, rules + model (a text \
+         the rules flag counts at every threshold); green dot, the rules alone; the big dots are the \
+         operating point (model alone: recall {:.1}%, precision {:.1}%; rules + model: recall {:.1}%, \
+         precision {:.1}%). x: recall, y: precision, grid lines every 0.1.\n\n## Throughput per core\n\n\
+         Scoring alone, optimised (`rustc -O`), one thread:\n\n```\n{throughput}```\n",
+        100.0 * model.0,
+        100.0 * model.1,
+        100.0 * both.0,
+        100.0 * both.1,
+    ));
+    std::fs::write(report_dir.join("report.md"), &report)?;
+    println!("\n{}\nreport: {}", throughput.trim_end(), report_dir.join("report.md").display());
+    Ok(())
 }
 
 pub fn workspace_root() -> PathBuf {
