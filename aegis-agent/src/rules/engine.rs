@@ -1680,7 +1680,7 @@ mod tests {
         assert_eq!(s.candidates, 1);
         assert_eq!(
             out.iter().map(|f| (e.rule(f.rule).id.as_str(), f.matched.as_str())).collect::<Vec<_>>(),
-            [("p", "123456")]
+            [("p", "id-123456")]
         );
         // A rule whose regex matches near a run too short for its minimum stays out.
         out.clear();

@@ -394,8 +394,10 @@ struct Segments<'a> {
     next_rejected: usize,
 }
 
-/// Rejected candidates remembered per text (see [`Segments::rejected`]).
+/// Rejected candidates remembered per text (see [`Segments::rejected`]), each if at most
+/// [`REJECTED_MAX_LEN`] bytes long (ids are short; a long run is not copied).
 const REJECTED_KEPT: usize = 8;
+const REJECTED_MAX_LEN: usize = 256;
 
 impl<'a> Segments<'a> {
     fn new(limits: &'a NormalizeLimits) -> Self {
@@ -463,6 +465,9 @@ impl<'a> Segments<'a> {
     }
 
     fn remember_rejected(&mut self, segment: &[u8]) {
+        if segment.len() > REJECTED_MAX_LEN {
+            return;
+        }
         if self.rejected.len() < REJECTED_KEPT {
             self.rejected.push(segment.to_vec());
         } else {
