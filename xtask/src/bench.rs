@@ -414,7 +414,11 @@ fn print_rules_report(aegis: &Value, hs_clean: &Value, hs_dirty: &Value, ds: &Va
         f(&eng_clean["bytes"]) / 1e6,
         f(&eng_dirty["bytes"]) / 1e6,
     );
-    println!("one thread each, >= {seconds} s per measurement, MB = 10^6 bytes; CPU: {}", cpu_model());
+    println!(
+        "one thread each, >= {seconds} s of its CPU time per measurement (MB/s over the thread's CPU time: the machine \
+         may be shared), MB = 10^6 bytes; CPU: {}",
+        cpu_model()
+    );
     println!();
     println!("{:<40} {:>10} {:>13} {:>18}   findings", "scanner", "MB/s", "vs hyperscan", "vs detect-secrets");
     let row = |name: &str, mbps: f64, hs: f64, findings: String| {

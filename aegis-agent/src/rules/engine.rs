@@ -9,15 +9,21 @@
 //!    segment are scanned alike (steps 3 to 5).
 //! 3. Prefilter: which rules may match, and where.
 //!    - Keywords are reduced to *anchors*: a keyword containing a shorter one is found
-//!      through it and then verified, so the anchor set is substring-free and a leftmost
-//!      search restarted one byte after each hit finds every occurrence, overlapping ones
-//!      included. Anchors of 4 bytes and more are searched with Teddy (SIMD, the
+//!      through it and then verified, and a keyword of more than 4 bytes that contains none
+//!      is found through its rarest 4 bytes (by a table of byte frequencies in text), so the
+//!      anchor set is substring-free and a leftmost search restarted one byte after each
+//!      hit finds every occurrence, overlapping ones included. Anchors of 4 bytes are
+//!      searched with Teddy (SIMD, the
 //!      `aho-corasick` crate's packed searcher), one pass per group of at most
 //!      [`ANCHORS_PER_GROUP`]; up to 4 anchors of 3 bytes and every 2-byte anchor with
 //!      `memmem`, 1-byte anchors with `memchr`. Anchors with non-ASCII bytes (CJK keywords)
 //!      are searched only when the text is not ASCII.
 //!    - `prefilter = { digits = N }`: one pass finds the digit runs (a 64-byte block at a
-//!      time: SIMD compares packed into a bitmask, then only the digits are visited).
+//!      time: SIMD compares packed into a bitmask, then only the digits are visited). Then
+//!      the digit rules' regexes, compiled together as one multi-pattern regex, run once
+//!      over the windows of all runs and say which rules can match there at all; only
+//!      those are candidates. JSON numbers (timestamps, token counts) match none, so most
+//!      texts run no digit rule's own regex.
 //!    - A regex without either gets the literals every match starts (or ends) with as
 //!      implicit keywords when each is at least 3 bytes; else it runs on every text
 //!      ([`Engine::unfiltered_rules`]).
@@ -46,11 +52,15 @@
 //! under 0.2: the design keeps DFAs off most bytes. The prefilter costs one pass per anchor
 //! group (the number of distinct anchors matters, not the number of rules sharing them);
 //! regexes run on candidate windows only. A frequent keyword makes its rules' regexes run
-//! often, a digit rule runs at every long enough number (JSON has many): keep keywords
-//! selective and digit minimums high. Measured single-threaded on the 2-core reference VM
-//! with the default pack: English prose in 8 KiB texts 0.7 GB/s as a user message
-//! (normalisation included; 1.0 GB/s without it), 1.35 GB/s as an output; generated LLM API
-//! JSON bodies scanned whole as plain text with every rule, 0.27-0.3 GB/s.
+//! often; digit rules cost one combined regex pass over the windows of the long enough
+//! numbers (JSON has many): keep keywords selective and digit minimums high. Measured
+//! single-threaded on the 2-core reference VM with the default pack: English prose in 8 KiB
+//! texts 0.7 GB/s as a user message (normalisation included; 1.0 GB/s without it), 1.35
+//! GB/s as an output; generated LLM API JSON bodies scanned whole as plain text with every
+//! rule (`cargo xtask bench rules`), 0.36-0.41 GB/s per core of CPU time. Where the rest
+//! goes (perf, that bench): the Teddy passes over the anchors about a quarter, the
+//! encoded-segment scan of normalisation an eighth, the digit pass and the keyword
+//! windows' regexes the rest.
 
 use std::{
     cell::RefCell,
@@ -61,7 +71,7 @@ use std::{
 use aho_corasick::{AhoCorasick, Input, MatchKind, Span, packed};
 use memchr::memmem;
 use regex::Regex;
-use regex_automata::{Anchored, meta};
+use regex_automata::{Anchored, PatternID, PatternSet, meta};
 use regex_syntax::hir::{
     Class, ClassUnicode, ClassUnicodeRange, Hir, HirKind,
     literal::{ExtractKind, Extractor},
@@ -492,6 +502,12 @@ struct Filter {
     /// (rule, minimum digit run).
     digits: Vec<(usize, usize)>,
     min_digits: usize,
+    /// The regexes of `digits`, in order, as one multi-pattern regex (None when one of
+    /// them has no regex or they do not compile together): one pass over the windows of
+    /// the digit runs says which of them can match there at all. JSON is full of numbers
+    /// (timestamps, counts) that no rule matches; this pass keeps the per-rule regexes
+    /// off them.
+    digit_set: Option<meta::Regex>,
     keywords: Vec<Keyword>,
     anchors: Vec<Anchor>,
     /// Anchors of 3 bytes and more, by group: pattern id → anchor index.
@@ -513,6 +529,7 @@ impl Filter {
             always: Vec::new(),
             digits: Vec::new(),
             min_digits: usize::MAX,
+            digit_set: None,
             keywords: Vec::new(),
             anchors: Vec::new(),
             groups: Vec::new(),
@@ -548,6 +565,8 @@ impl Filter {
             }
         }
 
+        f.digit_set = digit_set(f.digits.iter().map(|&(r, _)| rules[r].1.matcher.regex.as_deref()));
+
         // Anchors: shortest keywords first; a keyword containing an anchor is found
         // through it (the longest such), otherwise it is an anchor itself. The set is
         // substring-free, so at most one anchor starts at any position and a leftmost
@@ -568,6 +587,14 @@ impl Filter {
                     let needle = &anchor_bytes[a];
                     let offsets = (0..=bytes.len() - needle.len()).filter(|&o| bytes[o..].starts_with(needle));
                     f.anchors[a].keywords.extend(offsets.map(|o| (k, o)));
+                }
+                // A longer keyword is found through its rarest 4 bytes: all such anchors
+                // have the same length, so they stay prefix-free, and rare bytes keep
+                // Teddy's fingerprints selective.
+                None if bytes.len() > ANCHOR_LEN => {
+                    let o = rarest_window(bytes);
+                    anchor_bytes.push(bytes[o..o + ANCHOR_LEN].to_vec());
+                    f.anchors.push(Anchor { keywords: vec![(k, o)] });
                 }
                 None => {
                     anchor_bytes.push(bytes.clone());
@@ -649,6 +676,65 @@ impl Filter {
     }
 }
 
+/// Keywords longer than this are searched through their rarest substring of this length.
+const ANCHOR_LEN: usize = 4;
+
+/// How often `b` occurs in text, roughly (per mille of English prose, JSON and code; the
+/// letters from English letter frequencies). Only the order matters.
+fn byte_frequency(b: u8) -> u32 {
+    match b {
+        b' ' => 160,
+        b'e' => 100,
+        b't' => 75,
+        b'a' => 68,
+        b'o' => 63,
+        b'i' | b'n' => 57,
+        b's' => 53,
+        b'r' | b'h' => 50,
+        b'l' | b'd' => 33,
+        b'c' => 23,
+        b'u' => 23,
+        b'm' => 20,
+        b'"' | b'w' | b'f' => 19,
+        b'g' | b'y' | b'p' => 16,
+        b',' | b'.' | b'b' => 12,
+        b'0'..=b'9' | b':' | b'\n' => 10,
+        b'v' => 8,
+        b'k' => 6,
+        b'_' | b'-' | b'/' | b'{' | b'}' | b'(' | b')' | b'=' | b'\'' => 4,
+        b'x' | b'j' | b'q' | b'z' => 1,
+        0x80.. => 1,
+        _ => 2,
+    }
+}
+
+/// Start of the [`ANCHOR_LEN`] bytes of `keyword` (longer than that) least likely to
+/// occur in text: the lowest sum of byte frequencies, the first on ties.
+fn rarest_window(keyword: &[u8]) -> usize {
+    keyword
+        .windows(ANCHOR_LEN)
+        .enumerate()
+        .min_by_key(|&(o, w)| (w.iter().map(|&b| byte_frequency(b)).sum::<u32>(), o))
+        .map_or(0, |(o, _)| o)
+}
+
+/// The regexes of the digit-prefiltered rules as one regex with a pattern each, to ask
+/// which of them match somewhere in a window (one pass instead of one per rule). None
+/// when there are fewer than two, one is missing or they do not compile together within
+/// the limits: each rule's regex then runs on its windows as before.
+fn digit_set<'a>(patterns: impl Iterator<Item = Option<&'a str>>) -> Option<meta::Regex> {
+    let hirs: Vec<Hir> = patterns.map(|p| search_hir(p?).ok()).collect::<Option<_>>()?;
+    if hirs.len() < 2 {
+        return None;
+    }
+    let config = meta::Config::new()
+        .nfa_size_limit(Some(REGEX_SIZE_LIMIT))
+        .hybrid_cache_capacity(REGEX_DFA_SIZE_LIMIT)
+        .match_kind(regex_automata::MatchKind::All)
+        .utf8_empty(true);
+    meta::Builder::new().configure(config).build_many_from_hir(&hirs).ok()
+}
+
 /// Anchors (3 bytes and more) in Teddy searchers of at most [`ANCHORS_PER_GROUP`]
 /// patterns, spread evenly (fewer patterns per searcher, fewer false candidates), sorted
 /// so that anchors sharing leading bytes share buckets.
@@ -684,8 +770,10 @@ fn teddy_groups(mut anchors: Vec<usize>, bytes: &[Vec<u8>]) -> Vec<(Group, Vec<u
 /// A run of digits: (start, end, number of digits).
 type DigitRun = (usize, usize, usize);
 
-/// Bit `i` set when `block[i]` (at most 64 bytes) is an ASCII digit. Written so that it
-/// compiles to SIMD compares; each 8 flags are then packed with one multiplication.
+/// Bit `i` set when `block[i]` (at most 64 bytes) is an ASCII digit. On x86-64, SSE2
+/// (always there) compares 16 bytes per instruction and `pmovmskb` packs the flags;
+/// elsewhere it is written so that it compiles to SIMD compares, each 8 flags then packed
+/// with one multiplication.
 fn digit_mask(block: &[u8]) -> u64 {
     let mut padded = [b' '; 64];
     let block: &[u8; 64] = match block.try_into() {
@@ -695,18 +783,36 @@ fn digit_mask(block: &[u8]) -> u64 {
             &padded
         }
     };
-    let mut flags = [0u8; 64];
-    for (flag, &b) in flags.iter_mut().zip(block) {
-        *flag = u8::from(b.wrapping_sub(b'0') < 10);
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::*;
+        let mut mask = 0u64;
+        for (k, sixteen) in block.as_chunks::<16>().0.iter().enumerate() {
+            // SAFETY: SSE2 is part of x86-64; the load reads the 16 bytes of `sixteen`.
+            let bits = unsafe {
+                let v = _mm_loadu_si128(sixteen.as_ptr().cast());
+                let d = _mm_sub_epi8(v, _mm_set1_epi8(b'0' as i8));
+                _mm_movemask_epi8(_mm_cmpeq_epi8(_mm_min_epu8(d, _mm_set1_epi8(9)), d)) as u16
+            };
+            mask |= u64::from(bits) << (16 * k);
+        }
+        mask
     }
-    // Bytes of 0/1, times this constant, gather bit k of the result's top byte from byte
-    // k (the partial products land on distinct bits: no carries).
-    const GATHER: u64 = 0x0102_0408_1020_4080;
-    let (eights, _) = flags.as_chunks::<8>();
-    eights
-        .iter()
-        .enumerate()
-        .fold(0u64, |mask, (j, eight)| mask | ((u64::from_le_bytes(*eight).wrapping_mul(GATHER) >> 56) << (8 * j)))
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let mut flags = [0u8; 64];
+        for (flag, &b) in flags.iter_mut().zip(block) {
+            *flag = u8::from(b.wrapping_sub(b'0') < 10);
+        }
+        // Bytes of 0/1, times this constant, gather bit k of the result's top byte from
+        // byte k (the partial products land on distinct bits: no carries).
+        const GATHER: u64 = 0x0102_0408_1020_4080;
+        let (eights, _) = flags.as_chunks::<8>();
+        eights
+            .iter()
+            .enumerate()
+            .fold(0u64, |mask, (j, eight)| mask | ((u64::from_le_bytes(*eight).wrapping_mul(GATHER) >> 56) << (8 * j)))
+    }
 }
 
 /// Push the maximal runs of ASCII digits in `text` that have at least `min` digits,
@@ -842,8 +948,34 @@ impl Ctx<'_> {
         }
         if !f.digits.is_empty() {
             digit_runs(bytes, f.min_digits, &mut scratch.runs);
-            for &(r, n) in &f.digits {
-                if scratch.runs.iter().any(|run| run.2 >= n) {
+            // Which digit rules can match near a run at all: one pass of their combined
+            // regex over the merged windows. A rule that matches nowhere in them matches
+            // nowhere in its own windows (a subset of them), so it is no candidate.
+            let matched = match &f.digit_set {
+                Some(re) if !scratch.runs.is_empty() => {
+                    let windows = &mut scratch.windows;
+                    windows.clear();
+                    windows.extend(
+                        scratch
+                            .runs
+                            .iter()
+                            .map(|&(s, e, _)| s.saturating_sub(DIGIT_WINDOW)..e.saturating_add(DIGIT_WINDOW)),
+                    );
+                    merge_windows(text, windows);
+                    let mut found = PatternSet::new(re.pattern_len());
+                    for w in windows.iter() {
+                        re.which_overlapping_matches(&regex_automata::Input::new(text).range(w.clone()), &mut found);
+                        if found.is_full() {
+                            break;
+                        }
+                    }
+                    Some(found)
+                }
+                _ => None,
+            };
+            for (i, &(r, n)) in f.digits.iter().enumerate() {
+                let near = matched.as_ref().is_none_or(|m| m.contains(PatternID::new_unchecked(i)));
+                if near && scratch.runs.iter().any(|run| run.2 >= n) {
                     set(cands, r);
                 }
             }
@@ -1527,6 +1659,58 @@ mod tests {
         let mut out = Vec::new();
         let s = e.scan(b"alpha and gamma", Direction::Request, Scope::User, &mut out);
         assert_eq!((s.bytes, s.candidates, s.unnormalized_bytes, s.undecoded_segments), (15, 1, 0, 0));
+    }
+
+    #[test]
+    fn digit_rules_run_only_where_their_combined_regex_matches() {
+        let e = engine(
+            &[
+                rule("p", "prefilter = { digits = 6 }\nregex = 'id-([0-9]{6})'"),
+                rule("q", "prefilter = { digits = 6 }\nregex = 'no-[0-9]{6}'"),
+                rule("r", "prefilter = { digits = 9 }\nregex = '[0-9]{9}x'"),
+            ]
+            .concat(),
+        );
+        let mut out = Vec::new();
+        // A number no rule matches (a JSON timestamp): no regex runs at all.
+        let s = e.scan(br#"{"created":1730012345,"n":123456}"#, Direction::Request, Scope::User, &mut out);
+        assert_eq!((s.candidates, out.len()), (0, 0));
+        // Only the rule that matches near a run is a candidate, and finds it.
+        let s = e.scan(b"see ID-123456 and 654321", Direction::Request, Scope::User, &mut out);
+        assert_eq!(s.candidates, 1);
+        assert_eq!(
+            out.iter().map(|f| (e.rule(f.rule).id.as_str(), f.matched.as_str())).collect::<Vec<_>>(),
+            [("p", "id-123456")]
+        );
+        // A rule whose regex matches near a run too short for its minimum stays out.
+        out.clear();
+        e.scan(b"id-123456 and 12345678x", Direction::Request, Scope::User, &mut out);
+        assert_eq!(out.iter().map(|f| e.rule(f.rule).id.as_str()).collect::<Vec<_>>(), ["p"]);
+    }
+
+    #[test]
+    fn long_keywords_are_found_through_their_rarest_bytes() {
+        assert_eq!(rarest_window(b"to follow"), 3); // "foll" (ties with "llow": the first)
+        assert_eq!(rarest_window(b"api_key"), 1); // "pi_k"
+        assert_eq!(rarest_window(b"abcd"), 0);
+        // "follower" gets the anchor "foll"; the longer keywords containing it are found
+        // through it, at their offsets, overlapping occurrences included.
+        let e = engine(
+            &[
+                rule("a", "keywords = [\"to follow\", \"follow up\"]"),
+                rule("b", "keywords = [\"follower\"]\nregex = 'followers?'"),
+            ]
+            .concat(),
+        );
+        assert_eq!(
+            hits(&e, "TO FOLLOW up, to follow, followers"),
+            [
+                ("a".into(), "follow up".into()),
+                ("a".into(), "to follow".into()),
+                ("a".into(), "to follow".into()),
+                ("b".into(), "followers".into()),
+            ]
+        );
     }
 
     #[test]
