@@ -503,7 +503,12 @@ mod tests {
                 call.response_text(std::str::from_utf8(chunk).unwrap(), n as f64);
             }
             let d = call.finish(false);
-            assert_eq!(d.matches.iter().filter(|m| m.rule == "secret.jwt").count(), 1, "chunks of {cut}: {:?}", d.matches);
+            assert_eq!(
+                d.matches.iter().filter(|m| m.rule == "secret.jwt").count(),
+                1,
+                "chunks of {cut}: {:?}",
+                d.matches
+            );
         }
     }
 

@@ -50,8 +50,8 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::pack::{
-    Action, AllowAll, Category, Direction, EvidenceMode, Examples, Lines, Matcher, PackBudget, PackError, Rule, Rulepack,
-    Severity, Validator, check_rule, check_rule_limits, compile_regex, digest, toml_error,
+    Action, AllowAll, Category, Direction, EvidenceMode, Examples, Lines, Matcher, PackBudget, PackError, Rule,
+    Rulepack, Severity, Validator, check_rule, check_rule_limits, compile_regex, digest, toml_error,
 };
 
 /// True when `text` looks like a gitleaks config (top-level `[[rules]]` with `regex`,
@@ -509,7 +509,8 @@ stopwords = ["fake"]
         let found: Vec<bool> = texts.iter().map(|t| !ids(&or, t).is_empty()).collect();
         assert_eq!(found, [false, false, false, true], "OR (default): either one allows");
 
-        let lower = engine(parse(&config(r#"condition = "and""#, r#"regexTarget = "match""#), Path::new("m.toml")).unwrap());
+        let lower =
+            engine(parse(&config(r#"condition = "and""#, r#"regexTarget = "match""#), Path::new("m.toml")).unwrap());
         let found: Vec<bool> = texts.iter().map(|t| !ids(&lower, t).is_empty()).collect();
         assert_eq!(found, [false, true, true, true], "AND on the whole match, condition in any case");
     }

@@ -337,7 +337,9 @@ pub struct AllowAll {
 impl Matcher {
     /// Every allowlist regex: `allow_regexes`, `allow_match_regexes`, and those of `allow_all`.
     pub fn allow_regex_count(&self) -> usize {
-        self.allow_regexes.len() + self.allow_match_regexes.len() + self.allow_all.iter().map(|a| a.regexes.len()).sum::<usize>()
+        self.allow_regexes.len()
+            + self.allow_match_regexes.len()
+            + self.allow_all.iter().map(|a| a.regexes.len()).sum::<usize>()
     }
 }
 
