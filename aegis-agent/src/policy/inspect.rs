@@ -219,8 +219,9 @@ impl CallInspection {
     /// normalised spans are the window's, so each match is recorded once, whole: a match
     /// that ends before the new text was recorded with an earlier chunk (and would now be
     /// seen with less context before it), and one that ends where the text ends waits for
-    /// the next chunk or the end of the stream, which may extend it. In other text a
-    /// match is recorded when found (deduplicated by its text), possibly before it is whole.
+    /// the next chunk or the end of the stream, which may extend it (so its verdict comes
+    /// one chunk later, or with the decision). In other text a match is recorded when found
+    /// (deduplicated by its text), possibly before it is whole.
     pub fn response_text(&mut self, text: &str, at_ms: f64) {
         if text.is_empty() {
             return;
