@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use aegis_tests::{Agent, MockProvider, Plan, Request, TempCert, require_root, run_python, serial};
+use aegis_tests::{Agent, MockProvider, Plan, Request, TempCert, require_root, run_curl, run_python, serial};
 use serde_json::{Value, json};
 
 const RECORD_WAIT: Duration = Duration::from_secs(30);
@@ -101,6 +101,76 @@ fn injected_prompt_with_a_key_is_blocked_and_clean_calls_allowed() {
     let decided = d["response_decided_at_ms"].as_f64().expect("a response decision time");
     let stream_ms = leak["latency_ms"].as_f64().unwrap() - leak["ttfb_ms"].as_f64().unwrap();
     assert!(decided < stream_ms / 2.0, "decided at {decided} ms of a {stream_ms} ms stream: not incremental");
+}
+
+/// Fake credentials of the newer secret families (random, never valid anywhere).
+const GITLAB_PAT: &str = "glpat-Rk2Vq9Zt4Lm7Xw1Pb8Nc";
+const HF_TOKEN: &str = "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";
+const DB_PASSWORD: &str = "Zq8xT2mV9pL4kR7w";
+const GROQ_KEY: &str = "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";
+
+/// New secret families sent by curl: each found by its own rule, the call blocked, the
+/// evidence redacted; a Groq key in a streamed answer is found in the output; an address
+/// at a documentation-reserved domain is recorded as such and allowed.
+#[test]
+fn new_secret_families_are_found_and_redacted_in_the_record() {
+    let _guard = serial();
+    require_root();
+    let cert = TempCert::generate();
+    let mut agent = Agent::start();
+    let mock = MockProvider::start(&cert);
+    let mut stream_req = chat("leaky-groq", "Which key does the staging config use?");
+    if let Some(body) = &mut stream_req.body {
+        body["stream"] = json!(true);
+    }
+    let plan = Plan::single(vec![
+        chat(
+            "keys-model",
+            &format!(
+                "Why does CI fail? token {GITLAB_PAT}, HF_TOKEN={HF_TOKEN}, \
+                 DATABASE_URL=postgres://app:{DB_PASSWORD}@db.internal:5432/orders"
+            ),
+        ),
+        chat("docs-model", "Reply to alice@example.com with the summary."),
+        stream_req.header("x-mock-reply", &format!("Staging uses GROQ_API_KEY={GROQ_KEY} today.")),
+    ]);
+    let run = run_curl(mock.port, &plan);
+    run.assert_responses(&plan);
+    let pid = u64::from(run.pid());
+    agent.wait_for_records(|r| r["pid"].as_u64() == Some(pid), 3, RECORD_WAIT);
+    let records = agent.stop();
+    let raw = agent.raw_output();
+
+    let rules_of = |d: &Value| -> Vec<String> {
+        d["matches"].as_array().unwrap().iter().map(|m| m["rule"].as_str().unwrap().to_owned()).collect()
+    };
+    let keys = &record_for(&records, "keys-model")["decision"];
+    assert_eq!(keys["action"], "block", "{keys:#}");
+    let found = rules_of(keys);
+    for rule in ["secret.gitlab_token", "secret.huggingface_token", "secret.database_uri"] {
+        assert!(found.iter().any(|r| r == rule), "no {rule}: {keys:#}");
+    }
+    for m in keys["matches"].as_array().unwrap() {
+        let e = &m["evidence"]["redacted"];
+        assert!(e["hash"].as_str().is_some_and(|h| h.starts_with("hmac-sha256:")), "not redacted: {m:#}");
+    }
+
+    let docs = &record_for(&records, "docs-model")["decision"];
+    assert_eq!(docs["action"], "allow", "{docs:#}");
+    assert_eq!(rules_of(docs), ["pii.email_documentation"], "{docs:#}");
+    let why = docs["matches"][0]["rationale"].as_str().unwrap();
+    assert!(why.contains("documentation-reserved"), "{why}");
+
+    let leak = &record_for(&records, "leaky-groq")["decision"];
+    let groq: Vec<&Value> =
+        leak["matches"].as_array().unwrap().iter().filter(|m| m["rule"] == "secret.groq_api_key").collect();
+    assert_eq!(groq.len(), 1, "{leak:#}");
+    assert_eq!((groq[0]["half"].as_str(), groq[0]["scope"].as_str()), (Some("response"), Some("output")));
+    assert_eq!(leak["action"], "block", "{leak:#}");
+
+    for secret in [GITLAB_PAT, HF_TOKEN, DB_PASSWORD, GROQ_KEY] {
+        assert!(!raw.contains(secret) && !raw.contains(&secret.to_lowercase()), "{secret} leaked into the records");
+    }
 }
 
 const PACK_V1: &str = r#"[pack]

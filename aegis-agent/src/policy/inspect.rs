@@ -122,11 +122,26 @@ impl Unseen {
     }
 }
 
-/// Text of earlier response chunks rescanned with each new chunk, so a match split
-/// across chunks (SSE deltas of a few characters) is still found. Longer matches that
-/// straddle chunks are missed: rules should match bounded markers (e.g. a key's prefix or
-/// a PEM header), not long spans.
-const STREAM_WINDOW: usize = 1024;
+/// A stream's carried overlap at most. Each chunk rescans the carried text with the new
+/// one, so a match split across chunks (SSE deltas of a few characters) is still found; the
+/// overlap is the longest match any response rule can make ([`Engine::longest_match`]), so
+/// no match can straddle it. A rule whose matches are unbounded or longer than this is
+/// counted in `not_scanned` (`stream_rules_beyond_overlap:N`): its long matches are found
+/// only when a chunk holds them whole. The default pack has none.
+const MAX_STREAM_OVERLAP: usize = 16 * 1024;
+
+/// The carried overlap for `engine`'s response rules, and how many of them can match
+/// more than [`MAX_STREAM_OVERLAP`] bytes.
+fn stream_overlap(engine: &Engine) -> (usize, usize) {
+    let (mut longest, mut beyond) = (0, 0);
+    for (i, _) in engine.rules().enumerate().filter(|(_, r)| r.direction != Direction::Request) {
+        match engine.longest_match(i) {
+            Some(n) if n <= MAX_STREAM_OVERLAP => longest = longest.max(n),
+            _ => beyond += 1,
+        }
+    }
+    (longest, beyond)
+}
 
 impl std::fmt::Debug for CallInspection {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -139,8 +154,14 @@ pub struct CallInspection {
     engine: Arc<Engine>,
     builder: DecisionBuilder,
     findings: Vec<Finding>,
-    /// Last STREAM_WINDOW bytes of response text already scanned.
+    /// The last `overlap` bytes of response text already scanned.
     tail: String,
+    overlap: usize,
+    /// Response rules whose matches can be longer than the overlap (noted once per call).
+    beyond_overlap: usize,
+    /// Findings that ended where the stream's text so far ends: the next chunk may extend
+    /// them (a key cut in two), so they are recorded when text follows, or at the end.
+    pending: Vec<(Finding, f64)>,
 }
 
 impl CallInspection {
@@ -148,7 +169,17 @@ impl CallInspection {
         let (engine, _) = inspector.in_force();
         let mut builder = DecisionBuilder::default();
         builder.set_model(inspector.classifier.as_ref().map(|c| c.info()));
-        Self { inspector, engine, builder, findings: Vec::new(), tail: String::new() }
+        let (overlap, beyond_overlap) = stream_overlap(&engine);
+        Self {
+            inspector,
+            engine,
+            builder,
+            findings: Vec::new(),
+            tail: String::new(),
+            overlap,
+            beyond_overlap,
+            pending: Vec::new(),
+        }
     }
 
     /// Inspect a complete (decoded) request body: `texts`, its texts by scope as the API's
@@ -183,14 +214,36 @@ impl CallInspection {
     }
 
     /// Inspect newly generated response text, `at_ms` after the response's first byte.
+    ///
+    /// The text is scanned after the carried overlap of earlier chunks. In ASCII text the
+    /// normalised spans are the window's, so each match is recorded once, whole: a match
+    /// that ends before the new text was recorded with an earlier chunk (and would now be
+    /// seen with less context before it), and one that ends where the text ends waits for
+    /// the next chunk or the end of the stream, which may extend it (so its verdict comes
+    /// one chunk later, or with the decision). In other text a match is recorded when found
+    /// (deduplicated by its text), possibly before it is whole.
     pub fn response_text(&mut self, text: &str, at_ms: f64) {
         if text.is_empty() {
             return;
         }
+        if self.beyond_overlap > 0 {
+            self.builder.not_scanned(format!("stream_rules_beyond_overlap:{}", self.beyond_overlap));
+        }
         let mut window = std::mem::take(&mut self.tail);
+        let carried = window.len();
         window.push_str(text);
-        self.scan(window.as_bytes(), Half::Response, Scope::Output, Some(at_ms));
-        let keep_from = window.ceil_char_boundary(window.len().saturating_sub(STREAM_WINDOW));
+        let stats = self.engine.scan(window.as_bytes(), Direction::Response, Scope::Output, &mut self.findings);
+        self.account(stats);
+        let exact = window.is_ascii();
+        self.pending.clear();
+        for f in self.findings.drain(..) {
+            if exact && f.span.end == window.len() {
+                self.pending.push((f, at_ms));
+            } else if !exact || f.span.end >= carried {
+                self.builder.add(&self.engine, &self.inspector.redactor, f, Half::Response, Scope::Output, Some(at_ms));
+            }
+        }
+        let keep_from = window.floor_char_boundary(window.len().saturating_sub(self.overlap));
         window.drain(..keep_from);
         self.tail = window;
     }
@@ -260,7 +313,10 @@ impl CallInspection {
     }
 
     /// The decision; `emergency`: emergency mode is on for the caller (warn becomes block).
-    pub fn finish(self, emergency: bool) -> Decision {
+    pub fn finish(mut self, emergency: bool) -> Decision {
+        for (f, at_ms) in self.pending.drain(..) {
+            self.builder.add(&self.engine, &self.inspector.redactor, f, Half::Response, Scope::Output, Some(at_ms));
+        }
         self.builder.finish(&self.engine, emergency)
     }
 
@@ -402,6 +458,67 @@ mod tests {
         call.request(Some(vec![(Scope::User, ATTACK.into())]), b"", false);
         let d = call.finish(false);
         assert!(d.model.is_none() && !d.rules.iter().any(|r| r == classifier::RULE_ID));
+    }
+
+    /// A key cut in two at every offset, then in three, is recorded exactly once, whole,
+    /// with the chunk that completes it; and a key longer than the old fixed 1 KiB
+    /// window (a JWT with a large payload) is found across chunks too.
+    #[test]
+    fn a_secret_split_across_stream_chunks_at_every_offset_is_found_once() {
+        let key = "glpat-Xq7Rz2Lm9Tk4Wp8Vb3Nc";
+        let text = format!("Sure. The deploy token is {key} and it expires tomorrow.");
+        let inspector = inspector(false);
+        let splits: Vec<Vec<usize>> = (1..text.len())
+            .map(|i| vec![i])
+            .chain((1..text.len() - 1).map(|i| vec![i, i + 1]))
+            .chain([vec![26, 30, 40]])
+            .collect();
+        for cuts in splits {
+            let mut call = CallInspection::new(inspector.clone());
+            let mut from = 0;
+            for (n, &cut) in cuts.iter().chain([text.len()].iter()).enumerate() {
+                call.response_text(&text[from..cut], n as f64);
+                from = cut;
+            }
+            let d = call.finish(false);
+            let found: Vec<_> = d.matches.iter().filter(|m| m.rule == "secret.gitlab_token").collect();
+            assert_eq!(found.len(), 1, "cuts {cuts:?}: {:?}", d.matches);
+            let Kept::Redacted(e) = &found[0].evidence else { panic!("redacted evidence") };
+            assert_eq!(e.hash, inspector.redactor.evidence(&key.to_lowercase()).hash, "cuts {cuts:?}: the whole key");
+            assert!(d.not_scanned.is_empty(), "{:?}", d.not_scanned);
+        }
+
+        use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
+        let claims = format!(r#"{{"sub":"u-1842","scope":"{}"}}"#, "read:all ".repeat(200));
+        let jwt = format!(
+            "{}.{}.{}",
+            URL_SAFE_NO_PAD.encode(r#"{"alg":"HS256","typ":"JWT"}"#),
+            URL_SAFE_NO_PAD.encode(claims),
+            URL_SAFE_NO_PAD.encode([0x5a; 32])
+        );
+        assert!(jwt.len() > 2048);
+        let text = format!("token: {jwt} done");
+        for cut in [10, 500, 1500, jwt.len()] {
+            let mut call = CallInspection::new(inspector.clone());
+            for (n, chunk) in text.as_bytes().chunks(cut).enumerate() {
+                call.response_text(std::str::from_utf8(chunk).unwrap(), n as f64);
+            }
+            let d = call.finish(false);
+            assert_eq!(
+                d.matches.iter().filter(|m| m.rule == "secret.jwt").count(),
+                1,
+                "chunks of {cut}: {:?}",
+                d.matches
+            );
+        }
+    }
+
+    #[test]
+    fn the_default_pack_fits_the_stream_overlap() {
+        let engine = load_engine(&[]).unwrap();
+        let (overlap, beyond) = stream_overlap(&engine);
+        assert_eq!(beyond, 0, "a response rule with unbounded matches");
+        assert!(overlap > 1024 && overlap <= MAX_STREAM_OVERLAP, "{overlap}");
     }
 
     #[test]

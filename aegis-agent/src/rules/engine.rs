@@ -167,6 +167,8 @@ struct Compiled {
     allow_match: Vec<Regex>,
     /// Normalised.
     stopwords: Vec<String>,
+    /// Allowlists whose parts must all hit: (regexes, on the whole match, normalised stopwords).
+    allow_all: Vec<(Vec<Regex>, bool, Vec<String>)>,
     trigger: Trigger,
     /// Longest match of the regex, in bytes, when bounded.
     reach: Option<usize>,
@@ -205,7 +207,7 @@ impl Engine {
                 };
                 let m = &rule.matcher;
                 keywords += m.keywords.len();
-                regexes += m.regex.iter().count() + m.allow_regexes.len() + m.allow_match_regexes.len();
+                regexes += m.regex.iter().count() + m.allow_regex_count();
                 if keywords > MAX_KEYWORDS_LOADED || regexes > MAX_REGEXES_LOADED {
                     return Err(error(format!(
                         "more than {MAX_KEYWORDS_LOADED} keywords or {MAX_REGEXES_LOADED} regexes over all loaded \
@@ -321,6 +323,19 @@ impl Engine {
         out
     }
 
+    /// The longest match rule `index` can make, in bytes of normalised text: its regex's
+    /// longest match, or its longest keyword for a keyword-only rule; None when unbounded
+    /// (a `+`, `*` or `{n,}` in the regex). A stream carries this much text from chunk to
+    /// chunk (`policy::inspect`).
+    pub fn longest_match(&self, index: usize) -> Option<usize> {
+        let c = &self.compiled[index];
+        match (&c.regex, &c.trigger) {
+            (Some(_), _) => c.reach,
+            (None, Trigger::Keywords(k)) => k.iter().map(String::len).max(),
+            (None, _) => None,
+        }
+    }
+
     /// The keywords that decide when rule `index` is evaluated: its own, or those
     /// extracted from its regex; empty for digit-prefiltered and unfiltered rules.
     pub fn trigger_keywords(&self, index: usize) -> &[String] {
@@ -366,6 +381,14 @@ fn compile_rule(rule: &Rule) -> Result<Compiled, String> {
         allow: compile_all(&m.allow_regexes)?,
         allow_match: compile_all(&m.allow_match_regexes)?,
         stopwords: m.stopwords.iter().map(|s| normalize_literal(s)).filter(|s| !s.is_empty()).collect(),
+        allow_all: m
+            .allow_all
+            .iter()
+            .map(|a| {
+                let stopwords = a.stopwords.iter().map(|s| normalize_literal(s)).filter(|s| !s.is_empty()).collect();
+                Ok((compile_all(&a.regexes)?, a.on_match, stopwords))
+            })
+            .collect::<Result<_, String>>()?,
         trigger,
         reach,
     })
@@ -1109,6 +1132,11 @@ impl Ctx<'_> {
         if c.stopwords.iter().any(|w| value.contains(w.as_str()))
             || c.allow.iter().any(|a| a.is_match(value))
             || c.allow_match.iter().any(|a| a.is_match(&text[whole.clone()]))
+            || c.allow_all.iter().any(|(regexes, on_match, stopwords)| {
+                let target = if *on_match { &text[whole.clone()] } else { value };
+                (regexes.is_empty() || regexes.iter().any(|a| a.is_match(target)))
+                    && (stopwords.is_empty() || stopwords.iter().any(|w| value.contains(w.as_str())))
+            })
         {
             return true;
         }
@@ -1172,6 +1200,13 @@ fn validate(v: &Validator, s: &str) -> bool {
         Validator::Iban => validators::iban(s),
         Validator::Jwt => validators::jwt(s),
         Validator::EsDni => validators::es_dni(s),
+        Validator::LiveCard => validators::live_card(s),
+        Validator::TestCard => validators::test_card(s),
+        Validator::FrNir => validators::fr_nir(s),
+        Validator::DeSteuerId => validators::de_steuer_id(s),
+        Validator::ItCodiceFiscale => validators::it_codice_fiscale(s),
+        Validator::Aadhaar => validators::aadhaar(s),
+        Validator::BrCpf => validators::br_cpf(s),
         Validator::Entropy { min } => validators::shannon_entropy(s) >= *min,
     }
 }

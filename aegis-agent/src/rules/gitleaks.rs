@@ -15,6 +15,7 @@
 //! | `[allowlist]`, `[[allowlists]]` (with `targetRules`) | every (listed) rule's allowlists |
 //! | allowlist `regexes` with `regexTarget` `"secret"` (default) / `"match"` / `"line"` | `allow_regexes` / `allow_match_regexes` / `allow_match_regexes` (no line in traffic: the match stands for it) |
 //! | allowlist `stopwords` | `stopwords` |
+//! | allowlist `condition = "AND"` with both `regexes` and `stopwords` | one `allow_all` entry: a secret is allowed only when a regex matches *and* it contains a stopword (with the default `"OR"`, or only one of the two, either one suffices, as in gitleaks) |
 //!
 //! Every rule becomes category `secret`, direction `both` (a secret in a prompt leaks to
 //! the provider; one in an output leaks to the user), every scope, action `warn`, severity
@@ -23,8 +24,8 @@
 //! What does not apply to network traffic is left out: `path` (a rule with a `path` is
 //! skipped, since it can only match in files of that path; the count is logged),
 //! allowlist `paths` and `commits` (an allowlist with `condition = "AND"` that has any is
-//! dropped, since it could never be satisfied; otherwise its regexes and stopwords apply,
-//! either one sufficing), `tags`, `[extend]` (the gitleaks built-in config cannot be
+//! dropped, since it could never be satisfied; otherwise its regexes and stopwords apply),
+//! `tags`, `[extend]` (the gitleaks built-in config cannot be
 //! fetched offline and other files are not followed: load them as packs of their own; it is
 //! logged). Other unknown keys are ignored, for configs of newer gitleaks versions.
 //!
@@ -49,8 +50,8 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::pack::{
-    Action, Category, Direction, EvidenceMode, Examples, Lines, Matcher, PackBudget, PackError, Rule, Rulepack,
-    Severity, Validator, check_rule, check_rule_limits, compile_regex, digest, toml_error,
+    Action, AllowAll, Category, Direction, EvidenceMode, Examples, Lines, Matcher, PackBudget, PackError, Rule,
+    Rulepack, Severity, Validator, check_rule, check_rule_limits, compile_regex, digest, toml_error,
 };
 
 /// True when `text` looks like a gitleaks config (top-level `[[rules]]` with `regex`,
@@ -126,17 +127,22 @@ impl Allowlist {
         if and && (!self.paths.is_empty() || !self.commits.is_empty()) {
             return Ok(()); // needs a path or commit to match: never in traffic
         }
-        let target = match self.regex_target.as_deref().unwrap_or("secret") {
-            "secret" | "" => &mut m.allow_regexes,
-            "match" | "line" => &mut m.allow_match_regexes,
+        let on_match = match self.regex_target.as_deref().unwrap_or("secret") {
+            "secret" | "" => false,
+            "match" | "line" => true,
             other => {
                 return Err(format!("allowlist regexTarget {other:?} (expected secret, match or line)"));
             }
         };
-        for r in &self.regexes {
-            target.push(go_regex_to_rust(r));
+        let regexes: Vec<String> = self.regexes.iter().map(|r| go_regex_to_rust(r)).collect();
+        let stopwords: Vec<String> = self.stopwords.iter().filter(|s| !s.is_empty()).cloned().collect();
+        if and && !regexes.is_empty() && !stopwords.is_empty() {
+            m.allow_all.push(AllowAll { regexes, on_match, stopwords });
+            return Ok(());
         }
-        m.stopwords.extend(self.stopwords.iter().filter(|s| !s.is_empty()).cloned());
+        let target = if on_match { &mut m.allow_match_regexes } else { &mut m.allow_regexes };
+        target.extend(regexes);
+        m.stopwords.extend(stopwords);
         Ok(())
     }
 }
@@ -463,6 +469,50 @@ stopwords = ["cccc"]
         let e = engine(pack);
         assert_eq!(ids(&e, "x tok_aaaaaaaa y"), vec!["tok"]);
         assert!(ids(&e, "x tok_bbbbcccc y").is_empty());
+    }
+
+    /// `condition = "AND"`: the allowlist applies only when a regex matches and a stopword
+    /// is in the secret; the default (OR) and an AND with one part need either one.
+    #[test]
+    fn and_allowlists_need_every_part_or_allowlists_any() {
+        let config = |condition: &str, target: &str| {
+            format!(
+                r#"
+[[rules]]
+id = "tok"
+regex = '''(tok_[a-z0-9]{{12}})'''
+keywords = ["tok_"]
+[[rules.allowlists]]
+{condition}
+{target}
+regexes = ['''^tok_test''']
+stopwords = ["dummy"]
+[[allowlists]]
+condition = "AND"
+stopwords = ["fake"]
+"#
+            )
+        };
+        let texts = ["x tok_testdummy001 y", "x tok_test8q2z7wx4 y", "x tok_9dummy9q2z7x y", "x tok_8q2z7wx4k1m3 y"];
+
+        let and = parse(&config(r#"condition = "AND""#, ""), Path::new("and.toml")).unwrap();
+        let m = &and.rules[0].matcher;
+        assert_eq!(m.allow_all.len(), 1);
+        assert!(m.allow_regexes.is_empty());
+        assert_eq!(m.stopwords, vec!["fake"], "an AND allowlist with one part is an OR one");
+        let e = engine(and);
+        let found: Vec<bool> = texts.iter().map(|t| !ids(&e, t).is_empty()).collect();
+        assert_eq!(found, [false, true, true, true], "AND: allowed only with both the regex and the stopword");
+        assert!(ids(&e, "x tok_fake8q2z7wx4 y").is_empty());
+
+        let or = engine(parse(&config("", ""), Path::new("or.toml")).unwrap());
+        let found: Vec<bool> = texts.iter().map(|t| !ids(&or, t).is_empty()).collect();
+        assert_eq!(found, [false, false, false, true], "OR (default): either one allows");
+
+        let lower =
+            engine(parse(&config(r#"condition = "and""#, r#"regexTarget = "match""#), Path::new("m.toml")).unwrap());
+        let found: Vec<bool> = texts.iter().map(|t| !ids(&lower, t).is_empty()).collect();
+        assert_eq!(found, [false, true, true, true], "AND on the whole match, condition in any case");
     }
 
     #[test]

@@ -33,6 +33,8 @@
 //! secret_group = 0                  # capture group holding the secret; 0 = whole match
 //! prefilter = { digits = 12 }       # instead of keywords, for numbers (see below)
 //! validators = ["luhn", "iban", "jwt", "es_dni", { entropy = { min = 3.5 } }]
+//!                                   # also: live_card, test_card, fr_nir, de_steuer_id,
+//!                                   # it_codice_fiscale, aadhaar, br_cpf (validators.rs)
 //! allow_regexes = ['''^sk-x+$''']   # a secret one of these matches is not a finding
 //! allow_match_regexes = []          # same, tried on the whole regex match
 //! stopwords = ["example"]           # a secret containing one of these is not a finding
@@ -254,6 +256,21 @@ pub enum Validator {
     Jwt,
     /// Spanish national id (DNI, or NIE with an X/Y/Z prefix): the mod-23 control letter.
     EsDni,
+    /// A payment card number that may be live: Luhn-valid and not one of the payment
+    /// networks' published test numbers.
+    LiveCard,
+    /// One of the payment networks' published test card numbers.
+    TestCard,
+    /// French NIR (INSEE number): its mod-97 key.
+    FrNir,
+    /// German tax id (Steuer-ID): digit pattern and ISO 7064 MOD 11,10 check digit.
+    DeSteuerId,
+    /// Italian codice fiscale: its check letter.
+    ItCodiceFiscale,
+    /// Indian Aadhaar number: its Verhoeff check digit.
+    Aadhaar,
+    /// Brazilian CPF: its two mod-11 check digits.
+    BrCpf,
     /// Shannon entropy of the match (or secret group) at least `min` bits per char.
     Entropy {
         min: f64,
@@ -302,6 +319,28 @@ pub struct Matcher {
     pub allow_match_regexes: Vec<String>,
     /// A match containing one of these (case-insensitive) is not a finding.
     pub stopwords: Vec<String>,
+    /// Allowlists whose parts must all hit (gitleaks `condition = "AND"`; from gitleaks
+    /// configs only).
+    pub allow_all: Vec<AllowAll>,
+}
+
+/// An allowlist that applies only when each of its parts hits: one of `regexes` matches
+/// the secret (or, with `on_match`, the whole match) *and* the secret contains one of
+/// `stopwords`. A part left empty always hits.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct AllowAll {
+    pub regexes: Vec<String>,
+    pub on_match: bool,
+    pub stopwords: Vec<String>,
+}
+
+impl Matcher {
+    /// Every allowlist regex: `allow_regexes`, `allow_match_regexes`, and those of `allow_all`.
+    pub fn allow_regex_count(&self) -> usize {
+        self.allow_regexes.len()
+            + self.allow_match_regexes.len()
+            + self.allow_all.iter().map(|a| a.regexes.len()).sum::<usize>()
+    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -562,7 +601,11 @@ pub(crate) fn check_rule(rule: &Rule) -> Result<(), (Field, String)> {
             compile_regex(pattern).map_err(|e| (field, format!("allowlist: {e}")))?;
         }
     }
-    if m.stopwords.iter().any(|s| s.is_empty()) {
+    for pattern in m.allow_all.iter().flat_map(|a| &a.regexes) {
+        compile_regex(pattern).map_err(|e| (Field::AllowRegexes, format!("allowlist: {e}")))?;
+    }
+    let stopwords = m.stopwords.iter().chain(m.allow_all.iter().flat_map(|a| &a.stopwords));
+    if stopwords.into_iter().any(|s| s.is_empty()) {
         return Err((Field::Stopwords, "empty stopword".into()));
     }
     if let Some(bad) = rule.scope.iter().find(|s| !s.occurs_in(rule.direction)) {
@@ -599,7 +642,12 @@ pub(crate) fn check_rule_limits(m: &Matcher) -> Result<(), (Field, String)> {
             ),
         ));
     }
-    let regexes = m.regex.iter().chain(&m.allow_regexes).chain(&m.allow_match_regexes);
+    let regexes = m
+        .regex
+        .iter()
+        .chain(&m.allow_regexes)
+        .chain(&m.allow_match_regexes)
+        .chain(m.allow_all.iter().flat_map(|a| &a.regexes));
     if let Some(r) = regexes.clone().find(|r| r.len() > MAX_REGEX_BYTES) {
         let field = if m.regex.as_ref() == Some(r) { Field::Regex } else { Field::AllowRegexes };
         return Err((
@@ -655,8 +703,8 @@ impl PackBudget {
         let Some(m) = matcher else { return Ok(()) };
         self.keywords += m.keywords.len();
         self.keyword_bytes += m.keywords.iter().map(String::len).sum::<usize>();
-        self.regexes += m.regex.iter().count() + m.allow_regexes.len() + m.allow_match_regexes.len();
-        self.stopwords += m.stopwords.len();
+        self.regexes += m.regex.iter().count() + m.allow_regex_count();
+        self.stopwords += m.stopwords.len() + m.allow_all.iter().map(|a| a.stopwords.len()).sum::<usize>();
         let over = |what: &str, limit: usize, field: Field| {
             Err((field, format!("more than {limit} {what} in one pack: split it into several packs")))
         };
@@ -700,6 +748,7 @@ fn check_kernel_rule(rule: &Rule) -> Result<(), (Field, String)> {
         (!m.allow_regexes.is_empty(), "allow_regexes"),
         (!m.allow_match_regexes.is_empty(), "allow_match_regexes"),
         (!m.stopwords.is_empty(), "stopwords"),
+        (!m.allow_all.is_empty(), "allowlists"),
         (!rule.scope.is_empty(), "scope` (the rule's or [defaults]'"),
     ];
     if let Some((_, key)) = extra.iter().find(|(set, _)| *set) {
@@ -936,6 +985,7 @@ fn parse_native(text: &str, source: &Path) -> Result<Rulepack, PackError> {
                 allow_regexes: r.allow_regexes.as_ref().map(|v| v.get_ref().clone()).unwrap_or_default(),
                 allow_match_regexes: r.allow_match_regexes.as_ref().map(|v| v.get_ref().clone()).unwrap_or_default(),
                 stopwords: r.stopwords.as_ref().map(|v| v.get_ref().clone()).unwrap_or_default(),
+                allow_all: Vec::new(),
             },
             action: r.action.or(d.action).unwrap_or(Action::Warn),
             severity: r.severity.or(d.severity).unwrap_or(Severity::Sev3),

@@ -131,9 +131,197 @@ pub fn es_dni(s: &str) -> bool {
     LETTERS[(n % 23) as usize] == letter
 }
 
+/// The ASCII digits of `s` as values 0..=9 (separators dropped).
+fn digits(s: &str) -> Vec<u32> {
+    s.bytes().filter(u8::is_ascii_digit).map(|b| u32::from(b - b'0')).collect()
+}
+
+/// Card numbers the payment networks publish for testing (Stripe, Adyen, Braintree and
+/// PayPal documentation): Luhn-valid, never issued to a cardholder.
+const TEST_CARDS: &[&str] = &[
+    "4111111111111111",
+    "4242424242424242",
+    "4012888888881881",
+    "4000056655665556",
+    "4222222222222",
+    "5555555555554444",
+    "5105105105105100",
+    "5200828282828210",
+    "5500000000000004",
+    "2223003122003222",
+    "378282246310005",
+    "371449635398431",
+    "378734493671000",
+    "6011111111111117",
+    "6011000990139424",
+    "30569309025904",
+    "38520000023237",
+    "3056930009020004",
+    "36227206271667",
+    "3566002020360505",
+    "3530111333300000",
+    "6200000000000005",
+];
+
+/// One of the payment networks' published test card numbers ([`TEST_CARDS`]); separators
+/// are ignored.
+pub fn test_card(s: &str) -> bool {
+    let d: String = s.chars().filter(char::is_ascii_digit).collect();
+    TEST_CARDS.contains(&d.as_str())
+}
+
+/// A card number that may be real: Luhn-valid and not a published test number.
+pub fn live_card(s: &str) -> bool {
+    luhn(s) && !test_card(s)
+}
+
+/// French social security number (NIR, "numéro INSEE"): 13 characters (the department
+/// may be Corsica's `2A`/`2B`) and a 2-digit key, 97 - (number mod 97); the Corsican
+/// departments count as 19 (2A) and 18 (2B). Spaces are ignored.
+pub fn fr_nir(s: &str) -> bool {
+    let mut c: Vec<u8> = s.bytes().filter(|&b| b != b' ').map(|b| b.to_ascii_uppercase()).collect();
+    if c.len() != 15 {
+        return false;
+    }
+    match &c[5..7] {
+        b"2A" => c[5..7].copy_from_slice(b"19"),
+        b"2B" => c[5..7].copy_from_slice(b"18"),
+        _ => {}
+    }
+    if !c.iter().all(u8::is_ascii_digit) {
+        return false;
+    }
+    let n = c[..13].iter().fold(0u64, |n, b| n * 10 + u64::from(b - b'0'));
+    let key = u64::from(c[13] - b'0') * 10 + u64::from(c[14] - b'0');
+    97 - n % 97 == key
+}
+
+/// German tax id (Steuerliche Identifikationsnummer): 11 digits, no leading zero; in the
+/// first ten, exactly one digit occurs twice or three times (three times never in a row)
+/// and the others at most once; the last is the ISO 7064 MOD 11,10 check digit.
+pub fn de_steuer_id(s: &str) -> bool {
+    let d = digits(s);
+    if d.len() != 11 || d[0] == 0 {
+        return false;
+    }
+    let mut counts = [0u8; 10];
+    for &x in &d[..10] {
+        counts[x as usize] += 1;
+    }
+    let repeated: Vec<u8> = counts.iter().copied().filter(|&n| n > 1).collect();
+    if repeated.len() != 1 || repeated[0] > 3 || counts.iter().any(|&n| n > 3) {
+        return false;
+    }
+    if repeated[0] == 3 && d[..10].windows(3).any(|w| w[0] == w[1] && w[1] == w[2]) {
+        return false;
+    }
+    let mut product = 10;
+    for &x in &d[..10] {
+        let mut sum = (x + product) % 10;
+        if sum == 0 {
+            sum = 10;
+        }
+        product = (sum * 2) % 11;
+    }
+    let check = (11 - product) % 10;
+    check == d[10]
+}
+
+/// Italian tax code (codice fiscale) of a person: 16 characters whose last is the check
+/// letter of the first 15 (odd and even positions weighted by the Ministry's tables).
+/// Case is not significant.
+pub fn it_codice_fiscale(s: &str) -> bool {
+    #[rustfmt::skip]
+    const ODD: [u32; 26] = [1, 0, 5, 7, 9, 13, 15, 17, 19, 21, 2, 4, 18, 20, 11, 3, 6, 8, 12, 14, 16, 10, 22, 25, 24, 23];
+    let c: Vec<u8> = s.bytes().map(|b| b.to_ascii_uppercase()).collect();
+    if c.len() != 16 || !c.iter().all(u8::is_ascii_alphanumeric) || !c[15].is_ascii_uppercase() {
+        return false;
+    }
+    let mut sum = 0;
+    for (i, &b) in c[..15].iter().enumerate() {
+        // Digits count as the letter of the same index (0 = A).
+        let v = if b.is_ascii_digit() { u32::from(b - b'0') } else { u32::from(b - b'A') };
+        sum += if i % 2 == 0 { ODD[v as usize] } else { v };
+    }
+    u32::from(c[15] - b'A') == sum % 26
+}
+
+/// Indian Aadhaar number: 12 digits, the first 2-9, the last a Verhoeff check digit.
+pub fn aadhaar(s: &str) -> bool {
+    #[rustfmt::skip]
+    const D: [[u8; 10]; 10] = [
+        [0, 1, 2, 3, 4, 5, 6, 7, 8, 9], [1, 2, 3, 4, 0, 6, 7, 8, 9, 5], [2, 3, 4, 0, 1, 7, 8, 9, 5, 6],
+        [3, 4, 0, 1, 2, 8, 9, 5, 6, 7], [4, 0, 1, 2, 3, 9, 5, 6, 7, 8], [5, 9, 8, 7, 6, 0, 4, 3, 2, 1],
+        [6, 5, 9, 8, 7, 1, 0, 4, 3, 2], [7, 6, 5, 9, 8, 2, 1, 0, 4, 3], [8, 7, 6, 5, 9, 3, 2, 1, 0, 4],
+        [9, 8, 7, 6, 5, 4, 3, 2, 1, 0],
+    ];
+    #[rustfmt::skip]
+    const P: [[u8; 10]; 8] = [
+        [0, 1, 2, 3, 4, 5, 6, 7, 8, 9], [1, 5, 7, 6, 2, 8, 3, 0, 9, 4], [5, 8, 0, 3, 7, 9, 6, 1, 4, 2],
+        [8, 9, 1, 6, 0, 4, 3, 5, 2, 7], [9, 4, 5, 3, 1, 2, 6, 8, 7, 0], [4, 2, 8, 6, 5, 7, 3, 9, 0, 1],
+        [2, 7, 9, 3, 8, 0, 6, 4, 1, 5], [7, 0, 4, 6, 9, 1, 3, 2, 5, 8],
+    ];
+    let d = digits(s);
+    if d.len() != 12 || d[0] < 2 {
+        return false;
+    }
+    let c = d.iter().rev().enumerate().fold(0u8, |c, (i, &x)| D[c as usize][P[i % 8][x as usize] as usize]);
+    c == 0
+}
+
+/// Brazilian individual taxpayer number (CPF): 11 digits, not all the same, whose last two
+/// are mod-11 check digits of the ones before.
+pub fn br_cpf(s: &str) -> bool {
+    let d = digits(s);
+    if d.len() != 11 || d.iter().all(|&x| x == d[0]) {
+        return false;
+    }
+    let check = |n: usize| {
+        let sum: u32 = d[..n].iter().enumerate().map(|(i, &x)| x * (n as u32 + 1 - i as u32)).sum();
+        let r = sum * 10 % 11;
+        if r == 10 { 0 } else { r }
+    };
+    check(9) == d[9] && check(10) == d[10]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn national_ids_with_check_digits() {
+        // France: 2 55 08 14 168 025 key 38; in Corsica (2A) the key counts 19 for 2A.
+        assert!(fr_nir("255081416802538"));
+        assert!(fr_nir("2 55 08 14 168 025 38"));
+        assert!(!fr_nir("255081416802539"));
+        assert!(fr_nir("18004 2A 123456 68"), "Corsica 2A");
+        assert!(!fr_nir("18004 2A 123456 38"));
+        assert!(!fr_nir("25508141680253"));
+        // Germany: the Federal Central Tax Office's published sample ids.
+        assert!(de_steuer_id("86095742719"));
+        assert!(de_steuer_id("47 036 892 816"));
+        assert!(!de_steuer_id("86095742718"), "check digit");
+        assert!(!de_steuer_id("12345678903"), "no digit repeated");
+        assert!(!de_steuer_id("06095742719"), "leading zero");
+        // Italy: the Agenzia delle Entrate's sample, and a changed check letter.
+        assert!(it_codice_fiscale("RSSMRA85T10A562S"));
+        assert!(it_codice_fiscale("rssmra85t10a562s"));
+        assert!(!it_codice_fiscale("RSSMRA85T10A562T"));
+        assert!(!it_codice_fiscale("RSSMRA85T10A562"));
+        // India: Verhoeff.
+        assert!(aadhaar("2341 2341 2346"));
+        assert!(!aadhaar("2341 2341 2345"));
+        assert!(!aadhaar("1341 2341 2341"), "starts with 0 or 1");
+        // Brazil.
+        assert!(br_cpf("529.982.247-25"));
+        assert!(br_cpf("52998224725"));
+        assert!(!br_cpf("529.982.247-24"));
+        assert!(!br_cpf("111.111.111-11"), "all digits the same");
+        // Test card numbers are Luhn-valid, but not live.
+        assert!(test_card("4111 1111 1111 1111") && luhn("4111 1111 1111 1111"));
+        assert!(!live_card("4242-4242-4242-4242"));
+        assert!(live_card("4539 1488 0343 6467") && !test_card("4539 1488 0343 6467"));
+    }
 
     #[test]
     fn spanish_dni_and_nie() {
