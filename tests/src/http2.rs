@@ -3,20 +3,16 @@
 //! (`tests/clients/node_h2_client.mjs`), each sending every request of a plan as concurrent
 //! streams on one connection.
 
-use std::{
-    fs::File,
-    io::{BufRead, BufReader},
-    process::{Child, Command, Output, Stdio},
-    sync::mpsc,
-    time::Duration,
-};
+use std::process::{Child, Command, Output, Stdio};
 
 use serde_json::{Value, json};
 
 use crate::{
     TempCert, TempDir,
     clients::{CURL, NODE},
-    file_tail, scaled, tests_dir,
+    file_tail,
+    mock::spawn_listening,
+    tests_dir,
 };
 
 /// Completion tokens the mock reports for every answer.
@@ -33,34 +29,9 @@ impl MockH2Provider {
     /// Starts the mock with `cert` and waits (up to 20 s, [`scaled`]) for its `LISTENING`.
     pub fn start(cert: &TempCert) -> Self {
         let dir = TempDir::new("mock-h2");
-        let stderr = File::create(dir.join("stderr.log")).expect("creating mock stderr log");
-        let mut child = Command::new(NODE)
-            .arg(tests_dir().join("mock_h2_provider.mjs"))
-            .arg("--cert")
-            .arg(&cert.cert)
-            .arg("--key")
-            .arg(&cert.key)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(stderr)
-            .spawn()
-            .expect("spawning node mock_h2_provider.mjs");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            let _ = BufReader::new(stdout).read_line(&mut line);
-            let _ = tx.send(line);
-        });
-        let line = rx.recv_timeout(scaled(Duration::from_secs(20))).unwrap_or_default();
-        let Some(port) = line.trim().strip_prefix("LISTENING ").and_then(|p| p.parse().ok()) else {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "HTTP/2 mock did not start (first line {line:?}); stderr:\n{}",
-                file_tail(&dir.join("stderr.log"), 4000)
-            );
-        };
+        let mut cmd = Command::new(NODE);
+        cmd.arg(tests_dir().join("mock_h2_provider.mjs")).arg("--cert").arg(&cert.cert).arg("--key").arg(&cert.key);
+        let (child, port) = spawn_listening(cmd, "HTTP/2 mock", &dir);
         Self { child, port, dir }
     }
 

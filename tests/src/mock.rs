@@ -40,41 +40,20 @@ impl MockProvider {
 
     fn start_inner(cert: &TempCert, name: Option<&str>) -> Self {
         let dir = TempDir::new("mock");
-        let stderr = File::create(dir.join("stderr.log")).expect("creating mock stderr log");
         let mut cmd = Command::new(python_exe());
         cmd.arg(tests_dir().join("mock_provider.py"))
             .arg("--cert")
             .arg(&cert.cert)
             .arg("--key")
             .arg(&cert.key)
-            .args(["--port", "0"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(stderr);
+            .args(["--port", "0"]);
         if std::env::var_os("AEGIS_TEST_VERBOSE").is_some() {
             cmd.arg("--verbose");
         }
         if let Some(name) = name {
             cmd.arg("--name").arg(name);
         }
-        let mut child = cmd.spawn().expect("spawning mock_provider.py");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            let _ = BufReader::new(stdout).read_line(&mut line);
-            let _ = tx.send(line);
-        });
-        let line = rx.recv_timeout(scaled(Duration::from_secs(20))).unwrap_or_default();
-        let port = line.trim().strip_prefix("LISTENING ").and_then(|p| p.parse().ok());
-        let Some(port) = port else {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "mock provider did not start (first line {line:?}); stderr:\n{}",
-                file_tail(&dir.join("stderr.log"), 4000)
-            );
-        };
+        let (child, port) = spawn_listening(cmd, "mock provider", &dir);
         Self { child, port, dir }
     }
 
@@ -133,4 +112,27 @@ impl Drop for MockProvider {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Spawns a mock server (`cmd`, its stderr to `dir/stderr.log`) and waits (up to 20 s,
+/// [`scaled`]) for its first line, `LISTENING <port>`; on anything else it is killed and the
+/// test fails with the line and the end of its stderr. `what` names it in that message.
+pub(crate) fn spawn_listening(mut cmd: Command, what: &str, dir: &TempDir) -> (Child, u16) {
+    let stderr = File::create(dir.join("stderr.log")).expect("creating mock stderr log");
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(stderr);
+    let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawning the {what}: {e}"));
+    let stdout = child.stdout.take().expect("piped stdout");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    let line = rx.recv_timeout(scaled(Duration::from_secs(20))).unwrap_or_default();
+    let Some(port) = line.trim().strip_prefix("LISTENING ").and_then(|p| p.parse().ok()) else {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("{what} did not start (first line {line:?}); stderr:\n{}", file_tail(&dir.join("stderr.log"), 4000));
+    };
+    (child, port)
 }

@@ -134,13 +134,20 @@ fn a_model_block_stops_an_http2_stream_and_says_the_connection_went() {
         H2Call::chat("it-h2-allowed", "An allowed call on the same connection.").header("x-mock-delay-ms", "1500"),
         H2Call::chat(&model, "What is the capital of France?").header("x-mock-delay-ms", "1500"),
     ];
-    let mut cmd = http2::curl_command(mock.port, &calls);
+    // node's client, which does not retry: after the kill, curl sometimes (likely) sent the allowed
+    // call again on a new connection, where it was answered (2 runs in 6).
+    let mut cmd = http2::node_command(mock.port, &calls);
     cg.enter(&mut cmd);
-    let child = cmd.spawn().expect("spawning curl");
+    let child = cmd.spawn().expect("spawning the node http2 client");
     let pid = u64::from(child.id());
-    let out = child.wait_with_output().expect("waiting for curl");
-    let answered = String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.ends_with(" 200")).count();
-    assert_eq!(answered, 1, "only /health answered (before the kill): {}{}", http2::describe(&out), context());
+    let out = child.wait_with_output().expect("waiting for the node http2 client");
+    let lines: Vec<Value> =
+        String::from_utf8_lossy(&out.stdout).lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    // Both model calls are held back by the mock (1.5 s): neither may be answered. /health
+    // (the last request) may or may not be answered before the kill.
+    let answered_calls =
+        lines.iter().filter(|l| l["i"].as_u64().is_some_and(|i| i < calls.len() as u64) && l["status"] == 200).count();
+    assert_eq!(answered_calls, 0, "no model call answered: {}{}", http2::describe(&out), context());
     let records = agent.wait_for_records(|r| r["type"] == "llm_call" && r["pid"].as_u64() == Some(pid), 2, RECORD_WAIT);
     let find =
         |m: &str| records.iter().find(|r| r["model"] == m).unwrap_or_else(|| panic!("no record of {m}{}", context()));
@@ -153,7 +160,14 @@ fn a_model_block_stops_an_http2_stream_and_says_the_connection_went() {
     assert_eq!(stopped["http_version"], "2", "{what}");
     assert_eq!(stopped["decision"]["action"], "block", "{what}");
     let notes: Vec<&str> = stopped["notes"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
-    assert!(notes.contains(&"http2_connection_killed:other_streams=1"), "{what}");
+    // The allowed call's stream, and /health's when its answer had not come yet.
+    assert!(
+        notes.iter().any(|n| matches!(
+            *n,
+            "http2_connection_killed:other_streams=1" | "http2_connection_killed:other_streams=2"
+        )),
+        "{what}"
+    );
     let other = find("it-h2-allowed");
     let what = format!("{other:#}{}", context());
     assert!(other["enforcement"].is_null(), "{what}");
