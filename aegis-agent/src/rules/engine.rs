@@ -77,7 +77,10 @@ use regex_syntax::hir::{
     literal::{ExtractKind, Extractor},
 };
 
+#[cfg(target_arch = "x86_64")]
+use super::bytemask::sse2_in_range;
 use super::{
+    bytemask::{self, ByteClass},
     normalize::{Encoding, NormalizeLimits, normalize},
     pack::{
         Direction, KERNEL_KEYWORDS_MAX, MAX_KEYWORDS_LOADED, MAX_REGEXES_LOADED, PackError, Prefilter,
@@ -793,49 +796,23 @@ fn teddy_groups(mut anchors: Vec<usize>, bytes: &[Vec<u8>]) -> Vec<(Group, Vec<u
 /// A run of digits: (start, end, number of digits).
 type DigitRun = (usize, usize, usize);
 
-/// Bit `i` set when `block[i]` (at most 64 bytes) is an ASCII digit. On x86-64, SSE2
-/// (always there) compares 16 bytes per instruction and `pmovmskb` packs the flags;
-/// elsewhere it is written so that it compiles to SIMD compares, each 8 flags then packed
-/// with one multiplication.
-fn digit_mask(block: &[u8]) -> u64 {
-    let mut padded = [b' '; 64];
-    let block: &[u8; 64] = match block.try_into() {
-        Ok(full) => full,
-        Err(_) => {
-            padded[..block.len()].copy_from_slice(block);
-            &padded
-        }
-    };
+/// ASCII digits.
+struct Digit;
+
+impl ByteClass for Digit {
     #[cfg(target_arch = "x86_64")]
-    {
-        use std::arch::x86_64::*;
-        let mut mask = 0u64;
-        for (k, sixteen) in block.as_chunks::<16>().0.iter().enumerate() {
-            // SAFETY: SSE2 is part of x86-64; the load reads the 16 bytes of `sixteen`.
-            let bits = unsafe {
-                let v = _mm_loadu_si128(sixteen.as_ptr().cast());
-                let d = _mm_sub_epi8(v, _mm_set1_epi8(b'0' as i8));
-                _mm_movemask_epi8(_mm_cmpeq_epi8(_mm_min_epu8(d, _mm_set1_epi8(9)), d)) as u16
-            };
-            mask |= u64::from(bits) << (16 * k);
-        }
-        mask
+    fn sse2(v: std::arch::x86_64::__m128i) -> std::arch::x86_64::__m128i {
+        sse2_in_range(v, b'0', 10)
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        let mut flags = [0u8; 64];
-        for (flag, &b) in flags.iter_mut().zip(block) {
-            *flag = u8::from(b.wrapping_sub(b'0') < 10);
-        }
-        // Bytes of 0/1, times this constant, gather bit k of the result's top byte from
-        // byte k (the partial products land on distinct bits: no carries).
-        const GATHER: u64 = 0x0102_0408_1020_4080;
-        let (eights, _) = flags.as_chunks::<8>();
-        eights
-            .iter()
-            .enumerate()
-            .fold(0u64, |mask, (j, eight)| mask | ((u64::from_le_bytes(*eight).wrapping_mul(GATHER) >> 56) << (8 * j)))
+
+    fn scalar(b: u8) -> bool {
+        b.wrapping_sub(b'0') < 10
     }
+}
+
+/// Bit `i` set when `block[i]` (at most 64 bytes) is an ASCII digit.
+fn digit_mask(block: &[u8]) -> u64 {
+    bytemask::mask::<Digit>(block)
 }
 
 /// Push the maximal runs of ASCII digits in `text` that have at least `min` digits,

@@ -9,6 +9,7 @@
 //! - [`engine`]: every rule of every pack compiled together; keyword prefilter, then only
 //!   the candidate rules' regexes and validators.
 
+mod bytemask;
 pub mod classifier;
 pub mod engine;
 #[cfg(test)]

@@ -68,6 +68,10 @@ use base64::{
 };
 use unicode_normalization::UnicodeNormalization;
 
+#[cfg(target_arch = "x86_64")]
+use super::bytemask::sse2_in_range;
+use super::bytemask::{self, ByteClass};
+
 /// Bounds on the work one text may cost.
 #[derive(Clone, Copy, Debug)]
 pub struct NormalizeLimits {
@@ -303,59 +307,32 @@ fn homoglyph(c: char) -> Option<char> {
     })
 }
 
-/// Whether `b` is in the standard or the URL-safe base64 alphabet. Without branches or a
-/// table, so that [`base64_mask`] vectorises.
-fn is_base64(b: u8) -> bool {
-    let letter = (b | 0x20).wrapping_sub(b'a') < 26;
-    letter | (b.wrapping_sub(b'0') < 10) | (b == b'+') | (b == b'/') | (b == b'-') | (b == b'_')
+/// The standard and the URL-safe base64 alphabets.
+struct Base64;
+
+impl ByteClass for Base64 {
+    #[cfg(target_arch = "x86_64")]
+    fn sse2(v: std::arch::x86_64::__m128i) -> std::arch::x86_64::__m128i {
+        use std::arch::x86_64::{_mm_cmpeq_epi8, _mm_or_si128, _mm_set1_epi8};
+        // SAFETY: SSE2 is part of x86-64; register operations only.
+        unsafe {
+            let letter = sse2_in_range(_mm_or_si128(v, _mm_set1_epi8(0x20)), b'a', 26);
+            let digit = sse2_in_range(v, b'0', 10);
+            let eq = |c: u8| _mm_cmpeq_epi8(v, _mm_set1_epi8(c as i8));
+            let other = _mm_or_si128(_mm_or_si128(eq(b'+'), eq(b'/')), _mm_or_si128(eq(b'-'), eq(b'_')));
+            _mm_or_si128(_mm_or_si128(letter, digit), other)
+        }
+    }
+
+    fn scalar(b: u8) -> bool {
+        let letter = (b | 0x20).wrapping_sub(b'a') < 26;
+        letter | (b.wrapping_sub(b'0') < 10) | (b == b'+') | (b == b'/') | (b == b'-') | (b == b'_')
+    }
 }
 
-/// Bit k: whether `chunk[k]` is base64 (`chunk` has at most 64 bytes). On x86-64, SSE2
-/// (always there) classifies 16 bytes per instruction and `pmovmskb` packs the flags;
-/// elsewhere the flags are computed a vector at a time, then each 8 of them (0 or 1 per
-/// byte) are gathered into the top byte of a product, bit k from byte k.
+/// Bit k: whether `chunk[k]` is base64 (`chunk` has at most 64 bytes).
 fn base64_mask(chunk: &[u8]) -> u64 {
-    let mut padded = [b' '; 64];
-    let block: &[u8; 64] = match chunk.try_into() {
-        Ok(full) => full,
-        Err(_) => {
-            padded[..chunk.len()].copy_from_slice(chunk);
-            &padded
-        }
-    };
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::arch::x86_64::*;
-        let mut mask = 0u64;
-        for (k, sixteen) in block.as_chunks::<16>().0.iter().enumerate() {
-            // SAFETY: SSE2 is part of x86-64; the load reads the 16 bytes of `sixteen`.
-            let bits = unsafe {
-                let v = _mm_loadu_si128(sixteen.as_ptr().cast());
-                let in_range = |x: __m128i, lo: u8, width: u8| {
-                    let d = _mm_sub_epi8(x, _mm_set1_epi8(lo as i8));
-                    _mm_cmpeq_epi8(_mm_min_epu8(d, _mm_set1_epi8((width - 1) as i8)), d)
-                };
-                let letter = in_range(_mm_or_si128(v, _mm_set1_epi8(0x20)), b'a', 26);
-                let digit = in_range(v, b'0', 10);
-                let eq = |c: u8| _mm_cmpeq_epi8(v, _mm_set1_epi8(c as i8));
-                let other = _mm_or_si128(_mm_or_si128(eq(b'+'), eq(b'/')), _mm_or_si128(eq(b'-'), eq(b'_')));
-                _mm_movemask_epi8(_mm_or_si128(_mm_or_si128(letter, digit), other)) as u16
-            };
-            mask |= u64::from(bits) << (16 * k);
-        }
-        mask
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        let mut flags = [0u8; 64];
-        for (flag, &b) in flags.iter_mut().zip(block) {
-            *flag = u8::from(is_base64(b));
-        }
-        flags.as_chunks::<8>().0.iter().enumerate().fold(0, |mask, (k, &eight)| {
-            let bits = u64::from_le_bytes(eight).wrapping_mul(0x0102_0408_1020_4080) >> 56;
-            mask | (bits << (8 * k))
-        })
-    }
+    bytemask::mask::<Base64>(chunk)
 }
 
 /// Bit k: whether the `window` (1..=64) bytes ending at byte k of a chunk are all base64,
@@ -428,8 +405,8 @@ impl<'a> Segments<'a> {
                 if p < done {
                     continue;
                 }
-                let start = p + 1 - run[done..=p].iter().rev().take_while(|&&b| is_base64(b)).count();
-                let end = run[p..].iter().position(|&b| !is_base64(b)).map_or(run.len(), |k| p + k);
+                let start = p + 1 - run[done..=p].iter().rev().take_while(|&&b| Base64::scalar(b)).count();
+                let end = run[p..].iter().position(|&b| !Base64::scalar(b)).map_or(run.len(), |k| p + k);
                 let padded = end + run[end..].iter().take(2).take_while(|&&b| b == b'=').count();
                 if end - start >= min {
                     self.base64_or_hex(&run[start..padded], at + start);
@@ -614,7 +591,7 @@ mod tests {
             for at in 0..64 {
                 let mut block = [b'.'; 64];
                 block[at] = b;
-                let expect = if is_base64(b) { 1u64 << at } else { 0 };
+                let expect = if Base64::scalar(b) { 1u64 << at } else { 0 };
                 assert_eq!(base64_mask(&block), expect, "byte {b:#x} at {at}");
                 assert_eq!(base64_mask(&block[..=at]), expect, "byte {b:#x} ending a block of {}", at + 1);
             }
