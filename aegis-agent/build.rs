@@ -6,7 +6,7 @@ use anyhow::{Context as _, anyhow};
 const TOOLCHAIN: &str = "nightly-2026-10-30";
 
 /// The eBPF binaries the agent embeds (`include_bytes_aligned!` in kernel/objects.rs).
-const EBPF_OBJECTS: [&str; 3] = ["aegis-capture", "aegis-gate", "aegis-enforce"];
+const EBPF_OBJECTS: [&str; 4] = ["aegis-capture", "aegis-gate", "aegis-enforce", "aegis-watch"];
 
 fn main() -> anyhow::Result<()> {
     // The fuzz targets (fuzz/, `cargo xtask fuzz`) link the agent's parsers and never load

@@ -49,6 +49,8 @@ pub struct Config {
     pub metrics: crate::metrics::MetricsConfig,
     /// Call records as OpenTelemetry spans over OTLP/HTTP (`[otlp]`; empty endpoint: off).
     pub otlp: crate::sinks::otlp::OtlpConfig,
+    /// Processes that talk to model endpoints unseen (`[blind_spots]`).
+    pub blind_spots: crate::capture::blindspot::service::Settings,
 }
 
 /// `[capabilities]`: what this host cannot do without.
@@ -94,6 +96,13 @@ pub struct CaptureConfig {
     pub max_oversized_head_bytes: usize,
     pub correlation_window_ms: u64,
     pub idle_timeout_secs: u64,
+    /// Every process (`all`), or only those that connect to a model endpoint
+    /// (`model_processes`, see `capture::scope`).
+    #[serde(default)]
+    pub scope: crate::capture::scope::CaptureScope,
+    /// Executables probed for every process whatever `scope` says.
+    #[serde(default)]
+    pub always_probe: Vec<PathBuf>,
 }
 
 impl CaptureConfig {

@@ -550,3 +550,55 @@ pub mod enforce {
         unsafe impl aya::Pod for RuleSet {}
     }
 }
+
+/// The connect watch (`aegis-watch`): TCP connects to the ports model endpoints listen on,
+/// seen host-wide from the `inet_sock_set_state` raw tracepoint, so the agent can name the
+/// processes that talk to a model endpoint in a way capture does not see (blind spots).
+pub mod watch {
+    /// `CONFIG` slots, written by the agent before it attaches the program.
+    /// 1 once the offsets below are written; the program does nothing before.
+    pub const CFG_READY: u32 = 0;
+    /// 1: every destination port is watched (a provider listed no port).
+    pub const CFG_ALL_PORTS: u32 = 1;
+    /// Offsets in `struct sock` (its `struct sock_common` head), from the kernel's BTF.
+    pub const CFG_OFF_FAMILY: u32 = 2;
+    pub const CFG_OFF_DPORT: u32 = 3;
+    pub const CFG_OFF_DADDR: u32 = 4;
+    pub const CFG_OFF_V6_DADDR: u32 = 5;
+    pub const CONFIG_SLOTS: u32 = 8;
+
+    /// Watched destination ports, host byte order; value unused.
+    pub const PORTS_MAX: u32 = 64;
+
+    /// `COUNTERS` slots (per CPU).
+    /// Connects (TCP SYN_SENT) seen at all.
+    pub const CNT_CONNECTS: u32 = 0;
+    /// Of those, to a watched port: an event was sent.
+    pub const CNT_SENT: u32 = 1;
+    /// Events lost: the ring buffer was full.
+    pub const CNT_LOST: u32 = 2;
+    /// A socket's fields could not be read.
+    pub const CNT_UNREADABLE: u32 = 3;
+    pub const COUNTER_SLOTS: u32 = 4;
+
+    /// `TCP_SYN_SENT` (include/net/tcp_states.h): the state a connect() puts a socket in,
+    /// in the connecting process's context.
+    pub const TCP_SYN_SENT: u64 = 2;
+
+    /// A TCP connect to a watched port.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug)]
+    pub struct ConnectSeen {
+        pub timestamp_ns: u64,
+        pub pid_tgid: u64,
+        pub cgroup_id: u64,
+        /// 4 or 6.
+        pub family: u32,
+        /// Host byte order.
+        pub port: u16,
+        pub _pad: u16,
+        /// Network byte order; IPv4 in the first 4 bytes.
+        pub addr: [u8; 16],
+        pub comm: [u8; 16],
+    }
+}

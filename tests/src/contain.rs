@@ -327,6 +327,8 @@ pub struct ContainConfig {
     pub providers: Vec<Provider>,
     /// Rulepacks (`[rules] packs`); empty: the embedded default pack.
     pub packs: Vec<PathBuf>,
+    /// More TOML, appended as it is (tables the fields above do not cover).
+    pub extra: String,
     dir: TempDir,
     /// Where the state file and the audit log go instead of `dir` (fault tests).
     state_dir: Option<PathBuf>,
@@ -345,6 +347,7 @@ impl ContainConfig {
             gate_ports: None,
             providers: Vec::new(),
             packs: Vec::new(),
+            extra: String::new(),
             dir: TempDir::new("control"),
             state_dir: None,
             audit_dir: None,
@@ -459,6 +462,8 @@ impl ContainConfig {
         }
         let packs: Vec<String> = self.packs.iter().map(|p| s(p)).collect();
         t += &format!("[rules]\npacks = {}\nevidence_key = {}\n", list(&packs), s(&self.dir.join("evidence.key")));
+        t += "\n";
+        t += &self.extra;
         t
     }
 

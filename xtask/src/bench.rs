@@ -164,7 +164,7 @@ fn capture(seconds: u64, connections: u32, rounds: u32) -> anyhow::Result<()> {
                 floor.push(measure(path, http2)?);
             }
             {
-                let a = AgentProc::start(&dir)?;
+                let a = AgentProc::start(&dir, "")?;
                 agent.push(measure(path, http2)?);
                 drops_report = a.stop()?;
             }
@@ -188,6 +188,34 @@ fn capture(seconds: u64, connections: u32, rounds: u32) -> anyhow::Result<()> {
         }
     }
     println!("\nagent drop counters of the last run: {drops_report}");
+
+    // A TLS workload that is not AI traffic (tls_loop's own server on an ephemeral port, no
+    // provider's), beside the agent probing every process (the default) and beside the agent
+    // with `capture.scope = "model_processes"`, which probes only processes that connect to
+    // a model endpoint.
+    let mut non_ai: Vec<(&str, Vec<f64>)> =
+        vec![("no agent", vec![]), ("agent, scope all", vec![]), ("agent, scope model_processes", vec![])];
+    for round in 0..rounds {
+        eprintln!("bench capture: non-AI round {}/{rounds}", round + 1);
+        non_ai[0].1.push(measure("/v1/chat/completions", false)?);
+        {
+            let a = AgentProc::start(&dir, "")?;
+            non_ai[1].1.push(measure("/v1/chat/completions", false)?);
+            a.stop()?;
+        }
+        {
+            let a = AgentProc::start(&dir, "[capture]\nscope = \"model_processes\"\n")?;
+            non_ai[2].1.push(measure("/v1/chat/completions", false)?);
+            a.stop()?;
+        }
+    }
+    println!("\nnon-AI TLS workload (calls to a port no provider uses), median of {rounds} rounds");
+    println!("{:<32} {:>12} {:>12}", "configuration", "req/s", "vs none");
+    let none = median(&non_ai[0].1);
+    for (name, v) in &non_ai {
+        let m = median(v);
+        println!("{:<32} {:>12.0} {:>12.3}", name, m, m / none);
+    }
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
@@ -242,7 +270,8 @@ struct AgentProc {
 }
 
 impl AgentProc {
-    fn start(dir: &Path) -> anyhow::Result<Self> {
+    /// The agent, capture only, with `extra` TOML appended to its config.
+    fn start(dir: &Path, extra: &str) -> anyhow::Result<Self> {
         let config = dir.join("agent.toml");
         let ready = dir.join("ready");
         let log = dir.join("agent.log");
@@ -251,7 +280,7 @@ impl AgentProc {
             &config,
             // Capture only: containment would attach to the host's root cgroup.
             format!(
-                "[enforce]\nenabled = false\n[output]\nstdout = false\nfile = \"{}\"\nstats_interval_secs = 0\n",
+                "[enforce]\nenabled = false\n[output]\nstdout = false\nfile = \"{}\"\nstats_interval_secs = 0\n{extra}",
                 dir.join("calls.jsonl").display()
             ),
         )?;

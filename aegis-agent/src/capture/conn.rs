@@ -167,6 +167,7 @@ pub struct ConnTable {
     /// Keep decoded request bodies for the look-back.
     keep_payloads: bool,
     ended: Option<EndedLookup>,
+    blind_spots: Option<super::blindspot::service::Handle>,
     pub stats: ConnStats,
     scratch: Vec<Observation>,
 }
@@ -187,6 +188,7 @@ impl ConnTable {
             inspector,
             keep_payloads: false,
             ended: None,
+            blind_spots: None,
             stats: ConnStats::default(),
             scratch: Vec::new(),
         }
@@ -201,6 +203,12 @@ impl ConnTable {
     /// Where to find the ends of connections whose `SSL_free` event was lost.
     pub fn with_ended(mut self, lookup: EndedLookup) -> Self {
         self.ended = Some(lookup);
+        self
+    }
+
+    /// Tell the blind-spot tracker about every connection this table starts following.
+    pub fn with_blind_spots(mut self, handle: Option<super::blindspot::service::Handle>) -> Self {
+        self.blind_spots = handle;
         self
     }
 
@@ -252,6 +260,9 @@ impl ConnTable {
                 self.evict_oldest(ev.timestamp_ns, out);
             }
             self.stats.connections += 1;
+            if let Some(b) = &self.blind_spots {
+                b.plaintext_seen(ev.key.tgid, ev.timestamp_ns);
+            }
             self.conns.insert(
                 ev.key,
                 Conn {

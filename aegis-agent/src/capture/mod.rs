@@ -13,10 +13,12 @@
 //! [`Progress`] says how far, on the kernel's clock, every worker has got: the output
 //! thread waits for it before sending one end of a local call out alone.
 
+pub mod blindspot;
 pub mod conn;
 pub mod event;
 pub mod probes;
 pub mod process;
+pub mod scope;
 pub mod targets;
 
 use std::{
@@ -89,6 +91,24 @@ pub struct Counters {
     pub output_beat_ns: AtomicU64,
 }
 
+/// What capture brings to the pipeline.
+pub struct CaptureParts {
+    /// Attached already.
+    pub probes: TlsProbes,
+    /// Has done its first scan; keeps looking when `capture.rediscover_secs` is set.
+    pub discovery: Discovery,
+    /// None when capture is unavailable (its companions still follow targets).
+    pub source: Option<EventSource>,
+    /// Told about every connection capture starts following (the blind-spot report).
+    pub blind_spots: Option<blindspot::service::Handle>,
+    /// Processes to probe now (scoped capture: they connected to a model endpoint).
+    /// With when they first connected (monotonic ns).
+    pub attach_requests: Option<Receiver<(u32, u64)>>,
+}
+
+/// How often scoped capture detaches the probes of exited processes.
+const REAP_EVERY: Duration = Duration::from_secs(5);
+
 /// How far the pipeline is through the kernel's events (monotonic ns, the kernel's clock).
 pub struct Progress {
     /// Every event stamped before this was read from the ring and handed to its worker.
@@ -141,13 +161,12 @@ impl Pipeline {
     /// `source` is None when capture is unavailable (its companions still follow targets).
     pub fn start(
         config: &Config,
-        probes: TlsProbes,
-        discovery: Discovery,
-        mut source: Option<EventSource>,
+        parts: CaptureParts,
         sink: JsonLines,
         inspector: Option<Arc<Inspector>>,
         containment: Containment,
     ) -> anyhow::Result<Self> {
+        let CaptureParts { probes, discovery, mut source, blind_spots, attach_requests } = parts;
         let stop = Arc::new(AtomicBool::new(false));
         let stop_discovery = Arc::new(AtomicBool::new(false));
         let counters = Arc::new(Counters::default());
@@ -175,7 +194,8 @@ impl Pipeline {
                         config.capture.head_limits(),
                         inspector.clone(),
                     )
-                    .with_payloads(config.lookback.enabled && config.lookback.payloads);
+                    .with_payloads(config.lookback.enabled && config.lookback.payloads)
+                    .with_blind_spots(blind_spots.clone());
                     match &ended {
                         Some(lookup) => table.with_ended(lookup.clone()),
                         None => table,
@@ -217,7 +237,7 @@ impl Pipeline {
         let capture = config.capture.clone();
         let discovery_stop = stop_discovery.clone();
         let discovery = spawn("aegis-discovery", move || {
-            rediscover(probes, discovery, every, &discovery_stop, |d| {
+            rediscover(probes, discovery, every, &discovery_stop, attach_requests, |d| {
                 d.scan(&capture.libraries, &capture.executables, capture.discover)
             })
         })?;
@@ -269,18 +289,38 @@ fn ended_lookup(map: aya::maps::HashMap<aya::maps::MapData, StreamKey, StreamPos
     })
 }
 
-/// Attach to what discovery finds, every `every` (never when zero), until `stop`.
-/// Returns the probes so that the caller decides when they are detached.
+/// Attach to what discovery finds, every `every` (never when zero), until `stop`; with
+/// scoped capture, also to each process `attach` names (as soon as it does), and detach
+/// what exited processes had. Returns the probes so that the caller decides when they are
+/// detached.
 fn rediscover(
     mut probes: TlsProbes,
     mut discovery: Discovery,
     every: Duration,
     stop: &AtomicBool,
+    attach: Option<Receiver<(u32, u64)>>,
     scan: impl Fn(&mut Discovery) -> Vec<targets::TlsTarget>,
 ) -> TlsProbes {
     let mut last = Instant::now();
+    let mut reaped = Instant::now();
     while !stop.load(Ordering::SeqCst) {
-        std::thread::sleep(TICK);
+        match &attach {
+            Some(rx) => match rx.recv_timeout(TICK) {
+                Ok((pid, since)) => {
+                    probes.attach_process(pid, since);
+                    while let Ok((pid, since)) = rx.try_recv() {
+                        probes.attach_process(pid, since);
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => std::thread::sleep(TICK),
+            },
+            None => std::thread::sleep(TICK),
+        }
+        if reaped.elapsed() >= REAP_EVERY {
+            reaped = Instant::now();
+            probes.reap();
+        }
         if every.is_zero() || last.elapsed() < every {
             continue;
         }

@@ -21,11 +21,14 @@ use aya::{
     maps::{HashMap, MapData, PerCpuArray, RingBuf},
     programs::{
         UProbe,
-        uprobe::{UProbeAttachPoint, UProbeScope},
+        uprobe::{UProbeAttachPoint, UProbeLinkId, UProbeScope},
     },
 };
 
-use super::targets::{TlsFn, TlsTarget};
+use super::{
+    scope::{self, ProcessProbes, Scoped},
+    targets::{TlsFn, TlsTarget},
+};
 use crate::kernel::{
     capability::{Capabilities, Capability, CapabilityStatus, ProgramStatus},
     objects::{self, CAPTURE},
@@ -73,6 +76,9 @@ pub struct TlsProbes {
     failed: Vec<(TlsTarget, String)>,
     /// Where capture's state is kept for `status` (refreshed at every attachment round).
     report: Option<Capabilities>,
+    /// `capture.scope = "model_processes"`: targets are probed per process (see
+    /// `capture::scope`); None: for every process.
+    scoped: Option<Scoped>,
 }
 
 /// What the kernel sends: plaintext events and the drop counters.
@@ -111,6 +117,80 @@ impl TlsProbes {
             attached: 0,
             failed: Vec::new(),
             report: None,
+            scoped: None,
+        }
+    }
+
+    /// Probe targets per process from now on (`capture.scope = "model_processes"`), except
+    /// the executables of `always`, which keep host-wide probes.
+    pub fn scope_to_processes(&mut self, always: &[std::path::PathBuf]) {
+        self.scoped = Some(Scoped::new(always));
+    }
+
+    /// Whether targets are probed per process.
+    pub fn is_scoped(&self) -> bool {
+        self.scoped.is_some()
+    }
+
+    /// Give process `pid` capture's probes on every known target it maps (scoped capture
+    /// only; a process probed already is left alone), `since_ns` (monotonic) being its first
+    /// connect to a model endpoint. Returns the targets probed.
+    pub fn attach_process(&mut self, pid: u32, since_ns: u64) -> usize {
+        let (Some(scoped), Some(ebpf)) = (self.scoped.as_mut(), self.capture.as_mut()) else { return 0 };
+        let Some(start_time) = scope::start_time(pid) else { return 0 };
+        if scoped.processes.get(&pid).is_some_and(|p| p.start_time == start_time) {
+            return 0;
+        }
+        let Some(filter) = std::num::NonZeroU32::new(pid) else { return 0 };
+        let mapped = scope::mapped(pid);
+        let targets = self.sources.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let mut probes = ProcessProbes { start_time, links: Vec::new(), targets: Vec::new() };
+        for (i, target) in targets.iter().enumerate() {
+            if scoped.host_wide(&target.path) || !mapped.contains(&target.path) {
+                continue;
+            }
+            match attach_points(ebpf, &ATTACH_PLAN, target, Some(i as u64), UProbeScope::OneProcess(filter)) {
+                Ok(links) => {
+                    probes.links.extend(links);
+                    probes.targets.push(i);
+                }
+                Err(e) => {
+                    scoped.failures += 1;
+                    tracing::warn!(pid, path = %target.path.display(), error = %format!("{e:#}"), "cannot probe a process's TLS library");
+                }
+            }
+        }
+        let n = probes.targets.len();
+        if n > 0 {
+            scoped.attached_processes += 1;
+            let after_us = crate::clock::monotonic_ns().saturating_sub(since_ns) / 1000;
+            tracing::debug!(
+                pid,
+                targets = n,
+                after_us,
+                "capture probes attached to a process that talks to a model endpoint, after_us after its connect"
+            );
+        }
+        // An old entry for a reused pid: its links are dead with its process; drop them.
+        if let Some(old) = scoped.processes.insert(pid, probes) {
+            detach(ebpf, old.links);
+        }
+        n
+    }
+
+    /// Detach the probes of processes that have exited (scoped capture).
+    pub fn reap(&mut self) {
+        let (Some(scoped), Some(ebpf)) = (self.scoped.as_mut(), self.capture.as_mut()) else { return };
+        let gone: Vec<u32> = scoped
+            .processes
+            .iter()
+            .filter(|(pid, p)| scope::start_time(**pid) != Some(p.start_time))
+            .map(|(pid, _)| *pid)
+            .collect();
+        for pid in gone {
+            if let Some(p) = scoped.processes.remove(&pid) {
+                detach(ebpf, p.links);
+            }
         }
     }
 
@@ -132,7 +212,14 @@ impl TlsProbes {
                  the library under capture.libraries",
             )
             .with_impact("no model call is seen until a TLS library is found"),
-            (n, []) => CapabilityStatus::active(Capability::Capture, format!("probes on {n} TLS target(s)")),
+            (n, []) => CapabilityStatus::active(Capability::Capture, match &self.scoped {
+                None => format!("probes on {n} TLS target(s)"),
+                Some(s) => format!(
+                    "probes on {n} TLS target(s), per process for processes that connect to a model endpoint \
+                     (capture.scope = model_processes; {} host-wide)",
+                    s.always.len()
+                ),
+            }),
             (n, failed) => {
                 let why: Vec<String> =
                     failed.iter().map(|(t, e)| format!("{}: {e}", t.path.display())).take(4).collect();
@@ -195,6 +282,17 @@ impl TlsProbes {
                 attach_companion(companion.as_mut(), target);
             }
             let Some(ebpf) = self.capture.as_mut() else { continue };
+            if let Some(scoped) = &self.scoped
+                && !scoped.host_wide(&target.path)
+            {
+                tracing::info!(
+                    path = %target.path.display(),
+                    stack = target.stack.name(),
+                    "TLS target found: probed in each process that connects to a model endpoint (capture.scope)"
+                );
+                attached += 1;
+                continue;
+            }
             match attach_plan(ebpf, &ATTACH_PLAN, target, Some(cookie)) {
                 Ok(n) => {
                     tracing::info!(
@@ -254,26 +352,49 @@ fn uprobe<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut UProbe> 
 }
 
 /// Attach the uprobes of `plan` (loaded programs of `ebpf`) to `target`, with `cookie` as
-/// their attach cookie; the number attached.
+/// their attach cookie, for every process; the number attached.
 pub fn attach_plan(
     ebpf: &mut Ebpf,
     plan: &AttachPlan,
     target: &TlsTarget,
     cookie: Option<u64>,
 ) -> anyhow::Result<usize> {
-    let mut n = 0;
+    Ok(attach_points(ebpf, plan, target, cookie, UProbeScope::AllProcesses)?.len())
+}
+
+/// [`attach_plan`] for `scope`, returning the links; on an error, what was attached is
+/// detached again.
+fn attach_points(
+    ebpf: &mut Ebpf,
+    plan: &AttachPlan,
+    target: &TlsTarget,
+    cookie: Option<u64>,
+    scope: UProbeScope,
+) -> anyhow::Result<Vec<(&'static str, UProbeLinkId)>> {
+    let mut links = Vec::new();
     for &(prog_name, function) in plan {
         let Some(symbol) = target.symbol(function) else {
             continue;
         };
-        uprobe(ebpf, prog_name)?
-            .attach(
-                [UProbeAttachPoint { location: symbol.into(), cookie }],
-                Path::new(&target.path),
-                UProbeScope::AllProcesses,
-            )
-            .with_context(|| format!("attaching {prog_name} to {symbol}"))?;
-        n += 1;
+        let attached = uprobe(ebpf, prog_name).and_then(|p| {
+            p.attach([UProbeAttachPoint { location: symbol.into(), cookie }], Path::new(&target.path), scope)
+                .with_context(|| format!("attaching {prog_name} to {symbol}"))
+        });
+        match attached {
+            Ok(link) => links.push((prog_name, link)),
+            Err(e) => {
+                detach(ebpf, links);
+                return Err(e);
+            }
+        }
     }
-    Ok(n)
+    Ok(links)
+}
+
+fn detach(ebpf: &mut Ebpf, links: Vec<(&'static str, UProbeLinkId)>) {
+    for (prog_name, link) in links {
+        if let Ok(p) = uprobe(ebpf, prog_name) {
+            let _ = p.detach(link);
+        }
+    }
 }

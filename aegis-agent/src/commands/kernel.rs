@@ -14,7 +14,7 @@ use crate::{
     kernel::{
         capability::{Capability, CapabilityStatus, ProgramStatus},
         features::Features,
-        objects::{self, CAPTURE, ENFORCE, GATE, LoadError, Object},
+        objects::{self, CAPTURE, ENFORCE, GATE, LoadError, Object, WATCH},
     },
 };
 
@@ -44,6 +44,7 @@ pub fn assess(mut on_load: impl FnMut(&Object, &str, &Result<(), LoadError>)) ->
                 Capability::Capture => load_object(cap, &CAPTURE, &mut on_load),
                 Capability::DestinationBlocks => load_object(cap, &ENFORCE, &mut on_load),
                 Capability::ContentGate => load_object(cap, &GATE, &mut on_load),
+                Capability::BlindSpots => load_object(cap, &WATCH, &mut on_load),
                 Capability::ConnectionKills => match sockdiag::probe_destroy() {
                     Ok(()) => CapabilityStatus::active(cap, "sock_diag SOCK_DESTROY"),
                     Err(reason) => CapabilityStatus::unavailable(cap, reason),

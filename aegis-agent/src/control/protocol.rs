@@ -223,6 +223,10 @@ pub struct CaptureHealth {
     /// What the kernel could not deliver, every cause together (see README "What is lost").
     pub kernel_dropped_events: u64,
     pub kernel_dropped_bytes: u64,
+    /// Connects to model endpoints, and those whose plaintext capture never saw (the
+    /// blind-spot report); absent when it does not run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blind_spots: Option<Box<crate::capture::blindspot::service::Counts>>,
 }
 
 impl Response {
@@ -401,6 +405,15 @@ mod tests {
                     records_lost: 1,
                     kernel_dropped_events: 4,
                     kernel_dropped_bytes: 4096,
+                    blind_spots: Some(Box::new(crate::capture::blindspot::service::Counts {
+                        connects: 5,
+                        explained: 3,
+                        blind: 2,
+                        reports: 1,
+                        overflow: 0,
+                        events_lost: 0,
+                        endpoints: 14,
+                    })),
                 }),
             })),
             Response::error("no"),

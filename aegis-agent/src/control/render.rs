@@ -229,6 +229,14 @@ fn status_text(s: &AgentStatus) -> String {
         for reason in &h.reasons {
             let _ = writeln!(out, "  because: {}", clean(reason));
         }
+        if let Some(b) = &h.blind_spots {
+            let _ = writeln!(
+                out,
+                "blind spots: {} connects to {} model endpoints, {} seen by capture, {} unseen ({} reported as \
+                 blind_spot records), {} not followed, {} lost in the kernel",
+                b.connects, b.endpoints, b.explained, b.blind, b.reports, b.overflow, b.events_lost
+            );
+        }
     }
     for c in &s.capabilities {
         let _ = write!(out, "  {:<20} {:<12}", c.name.name(), c.state.name());
@@ -422,6 +430,7 @@ mod tests {
             records_lost: 2,
             kernel_dropped_events: 3,
             kernel_dropped_bytes: 900,
+            blind_spots: None,
         });
         let text = reply_text(&Reply::Status(status.clone()), NOW);
         assert!(

@@ -456,6 +456,27 @@ impl ProviderBook {
         Ok(self.refresh(&name, Instant::now()))
     }
 
+    /// Resolve `provider`'s hosts once, quietly, without making it active: what resolves is
+    /// kept, a failure changes nothing and is not logged (blocks report their own). For the
+    /// blind-spot report, which needs every provider's addresses, blocked or not.
+    pub fn resolve_quietly(&self, provider: &str) -> Result<ProviderAddresses, ProviderError> {
+        let name = self.canonical(provider)?;
+        let hosts: Vec<String> =
+            lock(&self.inner.state).get(&name).map(|t| t.hosts.keys().cloned().collect()).unwrap_or_default();
+        let results = self.lookup_all(&hosts);
+        let now = Instant::now();
+        if let Some(tracked) = lock(&self.inner.state).get_mut(&name) {
+            for (host, result) in results {
+                if let (Some(h), Ok(ips)) = (tracked.hosts.get_mut(&host), result) {
+                    for ip in ips {
+                        h.addrs.insert(ip.to_canonical(), now);
+                    }
+                }
+            }
+        }
+        Ok(self.addresses_of(&name))
+    }
+
     /// Stop refreshing `provider` (its last block is gone); what it resolved is kept.
     pub fn release(&self, provider: &str) -> Result<(), ProviderError> {
         let name = self.canonical(provider)?;

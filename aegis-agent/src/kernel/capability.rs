@@ -27,11 +27,19 @@ pub enum Capability {
     ConnectionKills,
     /// Refusing a flagged TLS write before it leaves (gate uprobes, sockops, sk_msg).
     ContentGate,
+    /// Naming the processes that connect to model endpoints while capture sees nothing of
+    /// their traffic (the connect watch: a raw tracepoint on `inet_sock_set_state`).
+    BlindSpots,
 }
 
 impl Capability {
-    pub const ALL: [Capability; 4] =
-        [Capability::Capture, Capability::DestinationBlocks, Capability::ConnectionKills, Capability::ContentGate];
+    pub const ALL: [Capability; 5] = [
+        Capability::Capture,
+        Capability::DestinationBlocks,
+        Capability::ConnectionKills,
+        Capability::ContentGate,
+        Capability::BlindSpots,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -39,6 +47,7 @@ impl Capability {
             Self::DestinationBlocks => "destination_blocks",
             Self::ConnectionKills => "connection_kills",
             Self::ContentGate => "content_gate",
+            Self::BlindSpots => "blind_spots",
         }
     }
 
@@ -85,6 +94,13 @@ impl Capability {
                 Need::Helper(SockOps, f::SOCK_HASH_UPDATE),
                 Need::Helper(SockOps, f::GET_SOCKET_COOKIE),
             ],
+            Self::BlindSpots => vec![
+                Need::Btf,
+                Need::Prog(RawTracepoint),
+                Need::Map(MapType::RingBuf),
+                Need::Helper(RawTracepoint, f::PROBE_READ_KERNEL),
+                Need::Helper(RawTracepoint, f::RINGBUF_OUTPUT),
+            ],
         }
     }
 
@@ -106,6 +122,11 @@ impl Capability {
             Self::ContentGate => {
                 "kernel = true rules are enforced by user-space kills, after the request has left, \
                  instead of before the send"
+            }
+            Self::BlindSpots => {
+                "a process that talks to a model endpoint through a TLS stack capture does not hook \
+                 (rustls, NSS, Go, a static or stripped copy) is not reported: its calls are unseen \
+                 and nothing says so"
             }
         }
     }
@@ -315,7 +336,7 @@ mod tests {
         assert!(err.contains("capabilities.require"), "{err}");
         let err = caps.check_required(&[Capability::DestinationBlocks]).unwrap_err().to_string();
         assert!(err.contains("destination_blocks is off (not started)"), "{err}");
-        assert_eq!(caps.list().len(), 4);
+        assert_eq!(caps.list().len(), 5);
         assert_eq!(caps.list()[0].state, State::Active);
         for c in Capability::ALL {
             assert_eq!(Capability::parse(c.name()), Some(c));

@@ -33,6 +33,7 @@ pub enum ProgType {
     CgroupSockAddr,
     SockOps,
     SkMsg,
+    RawTracepoint,
 }
 
 impl ProgType {
@@ -41,6 +42,7 @@ impl ProgType {
             Self::Kprobe => 2,
             Self::SockOps => 13,
             Self::SkMsg => 16,
+            Self::RawTracepoint => 17,
             Self::CgroupSockAddr => 18,
         }
     }
@@ -48,7 +50,7 @@ impl ProgType {
     /// `expected_attach_type` a program of this type is loaded with for the probe.
     fn attach(self) -> u32 {
         match self {
-            Self::Kprobe => 0,
+            Self::Kprobe | Self::RawTracepoint => 0,
             Self::SockOps => 3,         // BPF_CGROUP_SOCK_OPS
             Self::SkMsg => 7,           // BPF_SK_MSG_VERDICT
             Self::CgroupSockAddr => 10, // BPF_CGROUP_INET4_CONNECT
@@ -61,6 +63,7 @@ impl ProgType {
             Self::CgroupSockAddr => "cgroup/connect4",
             Self::SockOps => "sockops",
             Self::SkMsg => "sk_msg",
+            Self::RawTracepoint => "raw_tracepoint",
         }
     }
 }

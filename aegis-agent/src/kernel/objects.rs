@@ -5,7 +5,8 @@
 //! - `aegis-gate`: the content gate's SSL_write probes, sockops and sk_msg programs
 //!   (`aegis-ebpf/src/gate.rs`);
 //! - `aegis-enforce`: the cgroup connect/sendmsg programs of destination blocks
-//!   (`aegis-ebpf/src/connect.rs`).
+//!   (`aegis-ebpf/src/connect.rs`);
+//! - `aegis-watch`: the connect watch of the blind-spot report (`aegis-ebpf/src/watch.rs`).
 
 use aya::{
     Ebpf,
@@ -48,7 +49,13 @@ pub static ENFORCE: Object = Object {
     programs: &["block_connect4", "block_sendmsg4", "block_connect6", "block_sendmsg6"],
 };
 
-pub static ALL: [&Object; 3] = [&CAPTURE, &GATE, &ENFORCE];
+pub static WATCH: Object = Object {
+    name: "watch",
+    bytes: aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/aegis-watch")),
+    programs: &["watch_connect"],
+};
+
+pub static ALL: [&Object; 4] = [&CAPTURE, &GATE, &ENFORCE, &WATCH];
 
 /// A program the kernel would not load.
 #[derive(Debug)]
@@ -81,6 +88,7 @@ pub fn load_program(ebpf: &mut Ebpf, name: &str) -> Result<(), LoadError> {
         Program::SockOps(p) => p.load(),
         Program::SkMsg(p) => p.load(),
         Program::CgroupSockAddr(p) => p.load(),
+        Program::RawTracePoint(p) => p.load(),
         other => return Err(fail(format!("unexpected program type {:?}", other.prog_type()), String::new())),
     };
     result.map_err(|e| match e {

@@ -35,6 +35,8 @@ pub struct Sources {
     pub inspector: Option<Arc<Inspector>>,
     /// The enforcement mode in force; None when containment is not loaded.
     pub mode: Option<ControlView>,
+    /// The blind-spot report's counts; None when it does not run.
+    pub blind_spots: Option<Arc<Mutex<crate::capture::blindspot::service::Counts>>>,
 }
 
 impl Sources {
@@ -80,6 +82,7 @@ impl Sources {
             records_lost: load(&c.records_lost),
             kernel_dropped_events: drops.iter().map(|d| d.events).sum(),
             kernel_dropped_bytes: drops.iter().map(|d| d.bytes).sum(),
+            blind_spots: self.blind_spots.as_ref().map(|b| Box::new(*b.lock().unwrap_or_else(|e| e.into_inner()))),
         }
     }
 
@@ -125,6 +128,7 @@ mod tests {
             caps: Capabilities::default(),
             inspector: None,
             mode: None,
+            blind_spots: None,
         }
     }
 

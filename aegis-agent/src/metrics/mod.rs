@@ -477,7 +477,7 @@ impl Metrics {
             Record::ConnectDenied(d) => {
                 self.enforcement("destination_block", &format!("connect_{}", d.action));
             }
-            Record::RecordsLost(_) => {}
+            Record::RecordsLost(_) | Record::BlindSpot(_) => {}
         }
     }
 

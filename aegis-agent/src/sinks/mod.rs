@@ -180,7 +180,7 @@ impl JsonLines {
                 let id = drills.of_block(&d.block_id)?;
                 Some(Record::ConnectDenied(sinks_record::ConnectDenied { drill: Some(id), ..d.clone() }))
             }
-            Record::GateRefused(_) | Record::RecordsLost(_) => None,
+            Record::GateRefused(_) | Record::RecordsLost(_) | Record::BlindSpot(_) => None,
         }
     }
 

@@ -33,6 +33,9 @@ pub enum Record {
     GateRefused(GateRefused),
     /// Records that could not be written (the file failed and the queue was full).
     RecordsLost(RecordsLost),
+    /// A process that connected to a model endpoint while capture saw none of its plaintext
+    /// (see `capture::blindspot`).
+    BlindSpot(crate::capture::blindspot::BlindSpot),
 }
 
 impl Record {
@@ -43,6 +46,7 @@ impl Record {
             Record::ConnectDenied(_) => "connect_denied",
             Record::GateRefused(_) => "gate_refused",
             Record::RecordsLost(_) => "records_lost",
+            Record::BlindSpot(_) => "blind_spot",
         }
     }
 }

@@ -1,10 +1,13 @@
 //! `aegis-agent run`: capture, rules, containment and the control socket, together.
 //!
 //! Start-up asks the kernel what it offers ([`Features`]), then brings up each kernel
-//! capability on its own: capture, destination blocks, connection kills, the content gate.
+//! capability on its own: capture, destination blocks, connection kills, the content gate,
+//! the blind-spot watch.
 //! One that cannot load is reported once, with its reason and what it means for the
 //! operator, and the rest runs; `capabilities.require` names those the host cannot do
 //! without. The control socket always runs, so `aegis-agent status` says what this host has.
+
+mod blind_spots;
 
 use std::{
     path::Path,
@@ -20,7 +23,7 @@ use anyhow::Context as _;
 
 use crate::{
     capture::{
-        Output, Pipeline,
+        CaptureParts, Output, Pipeline,
         probes::{EventSource, TlsProbes},
         targets::{self, TlsTarget},
     },
@@ -111,7 +114,17 @@ pub fn run(config: &Config, ready_file: Option<&Path>) -> anyhow::Result<()> {
         }
         None
     };
-    let (mut probes, source) = start_capture(config, &features, &caps, &found);
+    let watch = blind_spots::load(config, &features, &caps);
+    let scoped = blind_spots::scoped_capture(config, watch.is_some());
+    let (mut probes, source) = start_capture(config, &features, &caps, &found, scoped);
+    let capture_active = source.is_some();
+    let (attach_tx, attach_requests) = match scoped && capture_active {
+        true => {
+            let (tx, rx) = std::sync::mpsc::sync_channel(1024);
+            (Some(tx), Some(rx))
+        }
+        false => (None, None),
+    };
 
     let providers = Arc::new(
         ProviderBook::new(&config.providers, config.enforce.resolve.clone())
@@ -180,7 +193,16 @@ pub fn run(config: &Config, ready_file: Option<&Path>) -> anyhow::Result<()> {
         .with_ledger(ledger.clone())
         .with_drills(Some(server.drills()));
     let reopen_output = sink.reopen_flag();
-    let pipeline = Pipeline::start(config, probes, discovery, source, sink, inspector.clone(), containment)?;
+    let sources_of_probes = probes.sources.clone();
+    let blind_spots = watch.as_ref().map(|(h, _)| h.clone());
+    let parts = CaptureParts { probes, discovery, source, blind_spots, attach_requests };
+    let pipeline = Pipeline::start(config, parts, sink, inspector.clone(), containment)?;
+    let blind = blind_spots::start(
+        blind_spots::Wiring { config, providers: &providers, sources: sources_of_probes, capture_active },
+        watch,
+        pipeline.events.clone(),
+        attach_tx,
+    );
     // Capture health for `status`, /healthz and the watchdog; the scrape-time metrics.
     let sources = Sources {
         counters: pipeline.counters.clone(),
@@ -188,6 +210,7 @@ pub fn run(config: &Config, ready_file: Option<&Path>) -> anyhow::Result<()> {
         caps: caps.clone(),
         inspector: inspector.clone(),
         mode: enforcement.as_ref().map(|_| server.view()),
+        blind_spots: blind.as_ref().map(|b| b.counts()),
     };
     let health_slot = server.capture_health();
     health_slot.set({
@@ -279,6 +302,10 @@ pub fn run(config: &Config, ready_file: Option<&Path>) -> anyhow::Result<()> {
     let drops_handle = pipeline.drops.clone();
     if let Some(e) = &enforcement {
         forward_denials(&e.enforcer, &pipeline, false);
+    }
+    // Its last reports go out before the records are closed.
+    if let Some(b) = blind {
+        b.stop();
     }
     let final_drops = pipeline.stop();
     // The records are all written: the incident thread ends with its queue.
@@ -592,6 +619,7 @@ fn start_capture(
     features: &Features,
     caps: &Capabilities,
     found: &[TlsTarget],
+    scoped: bool,
 ) -> (TlsProbes, Option<EventSource>) {
     let unavailable = |reason: String| {
         caps.set(CapabilityStatus::unavailable(Capability::Capture, reason));
@@ -613,6 +641,9 @@ fn start_capture(
     }
     match TlsProbes::load(config.capture.ring_buffer_bytes) {
         Ok((mut probes, source)) => {
+            if scoped {
+                probes.scope_to_processes(&config.capture.always_probe);
+            }
             probes.attach(found);
             probes.report_to(caps.clone());
             (probes, Some(source))

@@ -1,0 +1,206 @@
+//! The blind-spot report on the real kernel: a process that talks to a model endpoint
+//! through a TLS stack capture does not hook (rustls, compiled into a small Rust program of
+//! this crate) is reported with its process, destination and likely reason; an OpenSSL
+//! client (curl) to the same endpoint, whose plaintext capture sees, is not; and the same
+//! rustls client talking to a port no provider lists is not either.
+//!
+//! The mock provider is made a model endpoint by the config (`[providers.mock]` on
+//! 127.0.0.1 and its port). Traffic stays on loopback.
+
+use std::{
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use aegis_tests::{
+    ContainConfig, MockProvider, PinDir, Plan, TempCert, TestCgroup, contain::Provider, plans, require_root, run_curl,
+    scaled, serial,
+};
+use serde_json::Value;
+
+const GRACE_MS: u64 = 1500;
+
+/// Runs the rustls client once against 127.0.0.1:`port`, to completion; it stays a moment
+/// after its call, as a service would (the agent looks at a process when its connect
+/// arrives; one that is gone by then is reported without its executable).
+fn run_rustls_client(port: u16) {
+    let body = r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"unseen by capture"}]}"#;
+    let child = Command::new(env!("CARGO_BIN_EXE_rustls_client"))
+        .arg(port.to_string())
+        .arg("/v1/chat/completions")
+        .arg(body)
+        .arg("2000")
+        .output()
+        .expect("running rustls_client");
+    let stdout = String::from_utf8_lossy(&child.stdout);
+    assert!(
+        child.status.success() && stdout.contains("200"),
+        "rustls_client failed ({}): {stdout}\n{}",
+        child.status,
+        String::from_utf8_lossy(&child.stderr)
+    );
+}
+
+fn blind_spots(records: &[Value]) -> Vec<&Value> {
+    records.iter().filter(|r| r["type"] == "blind_spot").collect()
+}
+
+#[test]
+fn a_rustls_client_is_reported_and_an_openssl_client_is_not() {
+    let _serial = serial();
+    require_root();
+    let cert = TempCert::generate();
+    let cg = TestCgroup::new("blind-spots");
+    let pins = PinDir::new("blind-spots");
+    let mock = MockProvider::start(&cert);
+    // A second TLS server that no provider lists: talking to it is nobody's business.
+    let other = MockProvider::start_named(&cert, "not-a-provider");
+    let mut cfg = ContainConfig::new(&cg, &pins).shipped_mode();
+    cfg.providers.push(Provider { name: "mock".into(), hosts: vec!["127.0.0.1".into()], ports: vec![mock.port] });
+    cfg.extra = format!("[blind_spots]\ngrace_ms = {GRACE_MS}\nrepeat_secs = 300\nresolve_secs = 1\n");
+    let mut agent = cfg.start_agent();
+    let status: Value = serde_json::from_str(&cfg.ctl_ok(&["status", "--json"])).expect("status JSON");
+    let cap = status["capabilities"].as_array().and_then(|c| c.iter().find(|c| c["name"] == "blind_spots")).cloned();
+    assert_eq!(cap.as_ref().map(|c| c["state"].clone()), Some("active".into()), "{status:#}");
+    // The endpoints thread resolves at start; give it a turn before the first connect.
+    std::thread::sleep(Duration::from_millis(500));
+
+    let curl = run_curl(mock.port, &Plan::single(vec![plans::openai_chat("gpt-4o-mini", "seen by capture")]));
+    run_rustls_client(mock.port);
+    run_rustls_client(mock.port);
+    run_rustls_client(other.port);
+
+    let dest = format!("127.0.0.1:{}", mock.port);
+    let deadline = Instant::now() + scaled(Duration::from_secs(20));
+    let mut records = agent.records();
+    while blind_spots(&records).len() < 2 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+        records = agent.records();
+    }
+    // Past the grace of every connect: whatever else would be reported is reported by now.
+    std::thread::sleep(Duration::from_millis(GRACE_MS + 1000));
+    let text = cfg.ctl_ok(&["status"]);
+    let status: Value = serde_json::from_str(&cfg.ctl_ok(&["status", "--json"])).expect("status JSON");
+    let records = agent.stop();
+    let spots = blind_spots(&records);
+    let context = format!("blind spots: {spots:#?}\n{}", agent.logs());
+
+    // Two rustls processes, each reported once, with the reason and the destination.
+    assert_eq!(spots.len(), 2, "{context}");
+    for s in &spots {
+        assert_eq!(s["dest"], dest.as_str(), "{context}");
+        assert_eq!(s["provider"], "mock", "{context}");
+        assert_eq!(s["stack"], "rustls", "{context}");
+        assert_eq!(s["connects"], 1, "{context}");
+        assert_eq!(s["grace_ms"], GRACE_MS, "{context}");
+        assert!(s["reason"].as_str().is_some_and(|r| r.contains("rustls")), "{context}");
+        assert!(s["exe"].as_str().is_some_and(|e| e.ends_with("/rustls_client")), "{context}");
+        assert!(s["comm"].as_str().is_some_and(|c| c.starts_with("rustls_client")), "{context}");
+    }
+    assert_ne!(spots[0]["pid"], spots[1]["pid"], "{context}");
+    // curl's call is captured and recorded, so its connect is explained.
+    let curl_pid = u64::from(curl.pid());
+    assert!(spots.iter().all(|s| s["pid"].as_u64() != Some(curl_pid)), "{context}");
+    assert!(
+        records.iter().any(|r| r["type"] == "llm_call" && r["pid"].as_u64() == Some(curl_pid)),
+        "curl's call is recorded: {context}"
+    );
+    // No report names the port no provider lists.
+    let other_dest = format!("127.0.0.1:{}", other.port);
+    assert!(records.iter().all(|r| r["dest"] != other_dest.as_str()), "{context}");
+
+    let counts = &status["capture"]["blind_spots"];
+    assert_eq!(counts["connects"], 3, "curl and two rustls connects to the endpoint: {status:#}");
+    assert_eq!(counts["explained"], 1, "{status:#}");
+    assert_eq!(counts["blind"], 2, "{status:#}");
+    assert_eq!(counts["reports"], 2, "{status:#}");
+    assert_eq!(counts["events_lost"], 0, "{status:#}");
+    assert!(text.contains("blind spots: 3 connects"), "{text}");
+}
+
+/// A python process that makes one call, waits, and makes another on a new connection; it
+/// prints its pid first.
+const TWO_CALLS_PY: &str = r#"
+import http.client, json, os, ssl, sys, time
+print(os.getpid(), flush=True)
+ctx = ssl._create_unverified_context()
+body = json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "scoped capture"}]})
+for i in range(2):
+    c = http.client.HTTPSConnection("127.0.0.1", int(sys.argv[1]), context=ctx)
+    c.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+    r = c.getresponse()
+    r.read()
+    print(r.status, flush=True)
+    c.close()
+    time.sleep(1.0)
+"#;
+
+/// `capture.scope = "model_processes"`: a process that never connects to a model endpoint
+/// gets no probe at all (tls_loop's model-shaped calls to its own server are not seen), and a
+/// process that does is probed from its first connect: its later calls are recorded, and its
+/// first one is either recorded or reported as a blind spot naming the scope, never silent.
+#[test]
+fn scoped_capture_probes_only_processes_that_talk_to_model_endpoints() {
+    let _serial = serial();
+    require_root();
+    let cert = TempCert::generate();
+    let cg = TestCgroup::new("scoped-capture");
+    let pins = PinDir::new("scoped-capture");
+    let mock = MockProvider::start(&cert);
+    let mut cfg = ContainConfig::new(&cg, &pins).shipped_mode();
+    cfg.providers.push(Provider { name: "mock".into(), hosts: vec!["127.0.0.1".into()], ports: vec![mock.port] });
+    cfg.extra =
+        format!("[capture]\nscope = \"model_processes\"\n\n[blind_spots]\ngrace_ms = {GRACE_MS}\nresolve_secs = 1\n");
+    let mut agent = cfg.start_agent();
+    let status: Value = serde_json::from_str(&cfg.ctl_ok(&["status", "--json"])).expect("status JSON");
+    let capture = status["capabilities"].as_array().and_then(|c| c.iter().find(|c| c["name"] == "capture")).cloned();
+    assert!(
+        capture.as_ref().and_then(|c| c["detail"].as_str()).is_some_and(|d| d.contains("per process")),
+        "{status:#}"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+
+    // Not a model endpoint: tls_loop's own server on an ephemeral port.
+    let child = Command::new(env!("CARGO_BIN_EXE_tls_loop"))
+        .args(["--requests", "20", "--connections", "1", "--path", "/v1/chat/completions"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("running tls_loop");
+    let loop_pid = u64::from(child.id());
+    let tls_loop = child.wait_with_output().expect("tls_loop's output");
+    assert!(tls_loop.status.success(), "tls_loop: {}", String::from_utf8_lossy(&tls_loop.stderr));
+    let py = Command::new("python3").arg("-c").arg(TWO_CALLS_PY).arg(mock.port.to_string()).output().expect("python3");
+    let out = String::from_utf8_lossy(&py.stdout).into_owned();
+    assert!(py.status.success(), "python: {out}{}", String::from_utf8_lossy(&py.stderr));
+    let pid: u64 = out.lines().next().and_then(|l| l.trim().parse().ok()).expect("the pid line");
+    assert_eq!(out.lines().filter(|l| l.trim() == "200").count(), 2, "{out}");
+
+    let deadline = Instant::now() + scaled(Duration::from_secs(20));
+    let mine = |records: &[Value]| -> usize {
+        records.iter().filter(|r| r["pid"].as_u64() == Some(pid) && r["type"] != "blind_spot").count()
+    };
+    while mine(&agent.records()) < 1 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_millis(GRACE_MS + 1000));
+    let records = agent.stop();
+    let context = format!("records: {records:#?}\n{}", agent.logs());
+    let calls = records.iter().filter(|r| r["type"] == "llm_call" && r["pid"].as_u64() == Some(pid)).count();
+    let blind: Vec<&Value> =
+        records.iter().filter(|r| r["type"] == "blind_spot" && r["pid"].as_u64() == Some(pid)).collect();
+    // The second call came after the probes: recorded. The first: recorded or reported.
+    assert!(calls >= 1, "{context}");
+    assert_eq!(
+        calls + blind.iter().map(|b| b["connects"].as_u64().unwrap_or(0) as usize).sum::<usize>(),
+        2,
+        "{context}"
+    );
+    for b in &blind {
+        assert!(b["reason"].as_str().is_some_and(|r| r.contains("capture.scope")), "{context}");
+    }
+    // tls_loop never connected to a model endpoint: none of its calls was seen.
+    let loop_records = records.iter().filter(|r| r["pid"].as_u64() == Some(loop_pid)).count();
+    assert_eq!(loop_records, 0, "{context}");
+    eprintln!("scoped capture: first call {}", if calls == 2 { "recorded" } else { "reported as a blind spot" });
+}
