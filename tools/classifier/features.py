@@ -10,7 +10,14 @@ DIM_BITS = 18
 DIM = 1 << DIM_BITS
 WINDOW_CHARS = 4096
 CHAR_MIN, CHAR_MAX = 3, 5
-COUNT_CAP = 4.0
+# Feature value choices the trainer picks from by cross-validation on the training split
+# (written into the model file): (count cap, norm floor). (4, 0) is the first model's:
+# counts capped at 4, over the square root of their sum. (1, 256): presence only, over the
+# square root of max(number of distinct buckets, 256), so a text with few distinct n-grams
+# (a word repeated, a short line) does not have them weighted up to a whole prompt's norm,
+# and a repeated n-gram counts once. 256 is about the n-grams of an 80-character prompt,
+# chosen before training, not tuned.
+FEATURE_CHOICES = ((4, 0), (1, 256))
 # Texts with fewer normalised characters score 0 (aegis-agent: MIN_CHARS).
 MIN_CHARS = 20
 FNV_OFFSET = 0x811C9DC5
@@ -77,14 +84,20 @@ def features(window: str):
     return out
 
 
-def vector(window: str):
-    """Sparse feature vector {index: value}: bucket counts capped at COUNT_CAP, over the
-    square root of their sum (so a text that repeats one n-gram cannot push its weight
-    without bound)."""
+def counts(window: str):
+    """{index: count} of the window's feature occurrences."""
     v = {}
     for idx, _ in features(window):
-        v[idx] = min(v.get(idx, 0.0) + 1.0, COUNT_CAP)
+        v[idx] = v.get(idx, 0) + 1
+    return v
+
+
+def vector(window: str, cap: int, floor: int):
+    """Sparse feature vector {index: value}: bucket counts capped at `cap`, over the square
+    root of max(their sum, floor) (so a text that repeats one n-gram cannot push its weight
+    without bound, nor one with few distinct n-grams weight each of them up)."""
+    v = {i: float(min(c, cap)) for i, c in counts(window).items()}
     if not v:
         return {}
-    scale = 1.0 / math.sqrt(sum(v.values()))
+    scale = 1.0 / math.sqrt(max(sum(v.values()), floor))
     return {i: c * scale for i, c in v.items()}

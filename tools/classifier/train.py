@@ -38,8 +38,8 @@ from fetch import fetch  # noqa: E402
 
 ROOT = HERE.parent.parent
 MODEL = ROOT / "packaging/models/injection_classifier.bin"
-VERSION = "2.0.0"
-FORMAT = b"AEGISLR1"
+VERSION = "3.0.0"
+FORMAT = b"AEGISLR2"
 # At most this share of the benign training texts (out-of-fold) at or above the threshold.
 # (A margin, 0.5%, was tried: held-out false positives 1.7% instead of 1.9%, recall 88%
 # instead of 93%; not kept.)
@@ -110,7 +110,9 @@ def load_rows(src: pathlib.Path):
         r = json.loads(line)
         rows.append((f"bastion/{r['category']}", f"bastion/{r['id']}", int(r["label"] == "malicious"), r["text"]))
     rows += own_data.rows()
+    rows += own_data.hard_negatives()
     rows += stdlib_rows()
+    rows += document_rows()
     return rows
 
 
@@ -135,6 +137,93 @@ def stdlib_rows():
             n = rng.randint(200, min(3000, len(text)))
             at = rng.randint(0, len(text) - n)
             rows.append((family, f"stdlib/{f.stem}", 0, text[at : at + n]))
+    return rows
+
+
+def _slices(text, rng, lo, hi, most):
+    """Consecutive slices of `text`, each lo..hi characters, at most `most`, from a random start."""
+    out = []
+    at = rng.randint(0, max(0, len(text) - hi)) if len(text) > hi * most else 0
+    while at < len(text) and len(out) < most:
+        n = rng.randint(lo, hi)
+        piece = text[at : at + n]
+        if len(piece) >= lo // 2:
+            out.append(piece)
+        at += n
+    return out
+
+
+def document_rows():
+    """Long benign documents, as tool results carry them (a model trained on prompt-sized
+    texts only took any long text for an attack: its score grew with the length). Slices
+    of up to a whole window (WINDOW_CHARS), several per document, one group per document:
+    - licence texts shipped in the trainer's pinned wheels (numpy, scipy, scikit-learn,
+      PyYAML dist-info) and CPython's LICENSE.txt: legal prose. The GNU GPL and LGPL texts
+      bundled there are cut out: the GPL is the agent's regression test (a licence the
+      model never saw), so it is kept out of training;
+    - CPython's pydoc topics (the language reference, prose with code);
+    - Rust sources of the crates pinned in Cargo.lock (from cargo's registry cache,
+      filled by any build of the workspace), docs and code; not this repository's own
+      sources (the regression test scores one)."""
+    import sysconfig
+
+    rng = random.Random(17)
+    rows = []
+    site = pathlib.Path(sysconfig.get_paths()["purelib"])
+    stdlib = pathlib.Path(sysconfig.get_paths()["stdlib"])
+    lic_files = [stdlib / "LICENSE.txt"]
+    for pkg in ("numpy", "scipy", "scikit_learn", "pyyaml", "PyYAML"):
+        for d in sorted(site.glob(f"{pkg}-*.dist-info")):
+            lic_files += sorted(f for f in d.rglob("*") if f.is_file() and re.search(r"licen[cs]e|copying", f.name, re.I))
+    gpl = re.compile(r"^\s*GNU (LESSER |LIBRARY )?GENERAL PUBLIC LICENSE\s*$", re.M)
+    for f in lic_files:
+        if not f.exists():
+            continue
+        text = f.read_text(encoding="utf-8", errors="replace")
+        m = gpl.search(text)
+        if m:
+            text = text[: m.start()]
+        if len(text) < 400:
+            continue
+        group = "licence/" + str(f.relative_to(site if site in f.parents else stdlib))
+        for piece in _slices(text, rng, 1500, 4500, 6):
+            rows.append(("doc_licence", group, 0, piece))
+    sys.path.insert(0, str(stdlib))
+    from pydoc_data import topics
+
+    for name in sorted(topics.topics):
+        text = topics.topics[name]
+        if len(text) < 1500:
+            continue
+        for piece in _slices(text, rng, 1500, 4500, 3):
+            rows.append(("doc_pydoc", f"pydoc/{name}", 0, piece))
+    rows += rust_rows(rng)
+    return rows
+
+
+def rust_rows(rng):
+    """Slices of the Rust sources of the crates pinned in Cargo.lock (see document_rows)."""
+    import os
+
+    lock = (ROOT / "Cargo.lock").read_text(encoding="utf-8")
+    pinned = sorted(set(re.findall(r'name = "([^"]+)"\nversion = "([^"]+)"\nsource = "registry', lock)))
+    home = pathlib.Path(os.environ.get("CARGO_HOME", pathlib.Path.home() / ".cargo"))
+    regs = sorted((home / "registry/src").glob("*"))
+    rows, missing = [], 0
+    for name, version in pinned:
+        crate = next((r / f"{name}-{version}" for r in regs if (r / f"{name}-{version}").is_dir()), None)
+        if crate is None:
+            missing += 1
+            continue
+        files = sorted(f for f in (crate / "src").rglob("*.rs") if f.stat().st_size > 3000) if (crate / "src").is_dir() else []
+        if not files:
+            continue
+        for f in rng.sample(files, min(2, len(files))):
+            text = f.read_text(encoding="utf-8", errors="replace")
+            for piece in _slices(text, rng, 1000, 4500, 2):
+                rows.append(("code_rust", f"rust/{name}", 0, piece))
+    if missing:
+        print(f"rust sources: {missing} of {len(pinned)} pinned crates not in cargo's registry cache (run `cargo fetch`)", file=sys.stderr)
     return rows
 
 
@@ -170,17 +259,40 @@ def compose(side, rng, tag, buried=40):
         parts = rng.sample(benign, rng.randint(1, 3)) + [rng.choice(attacks)]
         rng.shuffle(parts)
         out.append(("own_buried", f"{tag}/buried/{i}", 1, "\n\n".join(parts)))
+    # Long legal documents: 5 to 20 of this side's written legal paragraphs (their own
+    # generator, so the rows above stay as they were).
+    legal = [r[3] for r in side if r[0] == "own_hn_legal"]
+    lrng = random.Random(rng.random())
+    for i in range(20 if legal else 0):
+        out.append(("own_hn_legal_long", f"{tag}/legal/{i}", 0, "\n\n".join(lrng.sample(legal, min(len(legal), lrng.randint(5, 20))))))
     return out
 
 
-def matrix(texts):
+def count_matrix(texts):
+    """Raw bucket counts of each text's first window (what `matrix` turns into features)."""
     data, ind, ptr = [], [], [0]
     for t in texts:
-        v = F.vector(F.windows(F.normalize(t))[0])
+        v = F.counts(F.windows(F.normalize(t))[0])
         ind.extend(v.keys())
         data.extend(v.values())
         ptr.append(len(ind))
     return csr_matrix((np.array(data, dtype=np.float64), np.array(ind), np.array(ptr)), shape=(len(texts), F.DIM))
+
+
+def features_of(counts, choice):
+    """The features.vector values of a count matrix, for choice (cap, floor)."""
+    cap, floor = choice
+    X = counts.copy()
+    X.data = np.minimum(X.data, cap)
+    norm = np.sqrt(np.maximum(np.asarray(X.sum(axis=1)).ravel(), floor))
+    norm[norm == 0] = 1.0
+    X = X.multiply(1.0 / norm[:, None]).tocsr()
+    X.sort_indices()
+    return X
+
+
+def matrix(texts, choice):
+    return features_of(count_matrix(texts), choice)
 
 
 def fit(X, y, c):
@@ -198,15 +310,17 @@ def short(texts):
     return np.array([len(F.normalize(t)) < F.MIN_CHARS for t in texts])
 
 
-def train_model(rows):
-    """Fit on `rows`; the threshold and C from out-of-fold scores (folds by group): the
-    lowest threshold with at most MAX_FPR of the benign rows at or above it."""
-    X = matrix([r[3] for r in rows])
+def train_model(rows, choices=F.FEATURE_CHOICES):
+    """Fit on `rows`; the feature choice (count cap, norm floor), C and the threshold from
+    out-of-fold scores (folds by group): the lowest threshold with at most MAX_FPR of the
+    benign rows at or above it; the choice and C with the highest recall there."""
+    counts = count_matrix([r[3] for r in rows])
     y = np.array([r[2] for r in rows])
     groups = np.array([r[1] for r in rows])
     tiny = short([r[3] for r in rows])
     best = None
-    for c in CS:
+    for choice, c in [(ch, c) for ch in choices for c in CS]:
+        X = features_of(counts, choice)
         oof = np.zeros(len(rows))
         for tr, te in GroupKFold(n_splits=5).split(X, y, groups):
             oof[te] = score(fit(X[tr], y[tr], c), X[te])
@@ -216,16 +330,18 @@ def train_model(rows):
         threshold = max(float(np.nextafter(np.float32(benign[allowed]), np.float32(1))), 0.5)
         recall = float((oof[y == 1] >= threshold).mean())
         fpr = float((oof[y == 0] >= threshold).mean())
-        print(f"C={c}: out-of-fold recall {recall:.3f}, false positives {fpr:.4f}, threshold {threshold:.3f}", file=sys.stderr)
+        print(f"features {choice}, C={c}: out-of-fold recall {recall:.3f}, false positives {fpr:.4f}, threshold {threshold:.3f}", file=sys.stderr)
         if best is None or recall > best[1]:
-            best = (c, recall, fpr, threshold)
-    c, recall, fpr, threshold = best
-    return fit(X, y, c), dict(c=c, oof_recall=recall, oof_fpr=fpr, threshold=threshold)
+            best = (c, recall, fpr, threshold, choice)
+    c, recall, fpr, threshold, choice = best
+    model = fit(features_of(counts, choice), y, c)
+    model.choice = choice
+    return model, dict(c=c, oof_recall=recall, oof_fpr=fpr, threshold=threshold, features=list(choice))
 
 
 def evaluate(model, threshold, rows):
     texts = [r[3] for r in rows]
-    s = score(model, matrix(texts))
+    s = score(model, matrix(texts, model.choice))
     s[short(texts)] = 0.0
     y = np.array([r[2] for r in rows])
     return s, float((s[y == 1] >= threshold).mean()), float((s[y == 0] >= threshold).mean())
@@ -255,7 +371,8 @@ def main():
     bias = float(np.float32(model.intercept_[0]))
     MODEL.parent.mkdir(parents=True, exist_ok=True)
     v = VERSION.encode()
-    header = FORMAT + struct.pack("<IIIIffI", F.DIM_BITS, F.CHAR_MIN, F.CHAR_MAX, F.WINDOW_CHARS, bias, threshold, len(v)) + v
+    cap, floor = model.choice
+    header = FORMAT + struct.pack("<IIIIIIffI", F.DIM_BITS, F.CHAR_MIN, F.CHAR_MAX, F.WINDOW_CHARS, cap, floor, bias, threshold, len(v)) + v
     MODEL.write_bytes(header + w.tobytes())
     sh, recall, fpr = evaluate(model, threshold, test)
     write_rows(data / "heldout.jsonl", test, sh)
@@ -263,7 +380,8 @@ def main():
     # The harder figure: whole families never seen in training (a second model, not shipped).
     lofo_train = [r for r in train if r[0] not in HELDOUT_FAMILIES]
     lofo_test = [r for r in rows if r[0] in HELDOUT_FAMILIES]
-    lofo_model, lofo_fit = train_model(lofo_train)
+    # The same feature choice as the shipped model (C and threshold chosen again).
+    lofo_model, lofo_fit = train_model(lofo_train, choices=[model.choice])
     sl, lrecall, lfpr = evaluate(lofo_model, lofo_fit["threshold"], lofo_test)
     write_rows(data / "heldout_families.jsonl", lofo_test, sl)
 
@@ -273,6 +391,7 @@ def main():
         "version": VERSION,
         "threshold": threshold,
         "C": fitted["c"],
+        "features": fitted["features"],
         "train_rows": len(train),
         "train_attacks": int(yt.sum()),
         "train_benign": int((yt == 0).sum()),
