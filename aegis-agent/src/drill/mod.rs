@@ -14,6 +14,7 @@
 //! - [`run`]: the phases, and the guard that lifts every control the drill set, its mark
 //!   and its cgroup on every path: an error, a failed phase, SIGINT or SIGTERM.
 //! - [`report`]: the report (JSON and Markdown) and the history of drills.
+//! - [`aggregate`]: many hosts' reports as one (which hosts failed which step, p50/p99).
 //!
 //! # Safety
 //!
@@ -28,6 +29,7 @@
 //! (until the agent restarts); `aegis-agent blocks` shows them, and `emergency off
 //! --cgroup` and `rmdir` lift them.
 
+pub mod aggregate;
 pub mod client;
 pub mod endpoint;
 pub mod report;

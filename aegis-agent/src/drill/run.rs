@@ -107,7 +107,7 @@ impl Cleanup {
     pub fn finish(&mut self) -> Vec<String> {
         let mut left = self.lift_controls();
         if self.marked {
-            let req = Request::Drill { on: false, id: self.drill.clone(), cgroup: String::new() };
+            let req = Request::Drill { on: false, id: self.drill.clone(), cgroup: String::new(), policy: None };
             match control_call(&self.socket, &req) {
                 Ok(_) => self.marked = false,
                 Err(e) => left.push(format!("the agent's drill mark: {e}")),
@@ -205,6 +205,32 @@ fn ms(since: Instant) -> u64 {
     since.elapsed().as_millis() as u64
 }
 
+/// Remove the private directories (`$TMPDIR/aegis-drill-*`, this user's) of drills no
+/// longer in progress: a drill killed with SIGKILL leaves its own (the agent lifts the rest).
+fn remove_stale_work_dirs(mine: &Path, in_progress: &[crate::control::drills::DrillMark]) {
+    use std::os::unix::fs::MetadataExt as _;
+    let Some(parent) = mine.parent() else { return };
+    let Ok(entries) = std::fs::read_dir(parent) else { return };
+    // This user: the owner of the directory just made.
+    let Ok(uid) = std::fs::metadata(mine).map(|m| m.uid()) else { return };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(id) = name.strip_prefix("aegis-") else { continue };
+        if !id.starts_with("drill-") || e.path() == mine || in_progress.iter().any(|d| d.id == id) {
+            continue;
+        }
+        // Not followed: a directory of this user's, as the drill makes them.
+        let Ok(meta) = std::fs::symlink_metadata(e.path()) else { continue };
+        if !meta.is_dir() || meta.uid() != uid {
+            continue;
+        }
+        match std::fs::remove_dir_all(e.path()) {
+            Ok(()) => tracing::info!(dir = %e.path().display(), "removed the directory of a drill that did not end"),
+            Err(err) => tracing::warn!(dir = %e.path().display(), error = %err, "a stale drill directory stays"),
+        }
+    }
+}
+
 /// A drill in progress: the agent's config, the endpoint, the cgroup and the guard.
 pub struct Drill<'a> {
     pub config: &'a Config,
@@ -253,9 +279,13 @@ impl<'a> Drill<'a> {
             let cgroup = DrillCgroup::create(&root, &parent, id)?;
             let path = cgroup.path.clone();
             cleanup.cgroup = Some(cgroup);
-            control_call(&socket, &Request::Drill { on: true, id: id.to_owned(), cgroup: path.clone() })
-                .context("the agent refused to mark the drill's cgroup")?;
+            let reply =
+                control_call(&socket, &Request::Drill { on: true, id: id.to_owned(), cgroup: path.clone(), policy: None })
+                    .context("the agent refused to mark the drill's cgroup")?;
             cleanup.marked = true;
+            if let ControlReply::Drills { drills } = reply {
+                remove_stale_work_dirs(&work, &drills);
+            }
             anyhow::Ok(path)
         })();
         let cgroup_path = match made {
@@ -306,6 +336,14 @@ impl<'a> Drill<'a> {
             phases: Vec::new(),
             passed: false,
         };
+        // The scenario's own allowlist for the drill cgroup (or none: the last one's lifted).
+        let policy = s.drill_policy();
+        let req =
+            Request::Drill { on: true, id: self.id.clone(), cgroup: self.cgroup_path.clone(), policy: policy.clone() };
+        control_call(&self.config.control.socket, &req).with_context(|| match &policy {
+            Some(p) => format!("the agent refused the drill's allowlist {}", p.id),
+            None => "the agent refused to renew the drill's mark".into(),
+        })?;
         let metrics_before = self.drill_metrics();
         let t0 = Instant::now();
 
@@ -347,8 +385,8 @@ impl<'a> Drill<'a> {
                             "expected a signal of category {}, the agent's first was {signal}{}",
                             s.expect.category,
                             if s.expect.category == "policy" {
-                                " (drift is seen only when a [[policies]] entry of a pack in force covers the drill \
-                                 cgroup and does not approve the model)"
+                                " (drift is seen when the scenario's [policy] or a [[policies]] entry of a pack in \
+                                 force covers the drill cgroup and does not approve the model)"
                             } else {
                                 ""
                             }
@@ -435,6 +473,7 @@ impl<'a> Drill<'a> {
         let name = serde_json::to_value(s.contain.control).ok().and_then(|v| v.as_str().map(str::to_owned));
         let mut control = ControlResult { control: name.unwrap_or_default(), ..Default::default() };
         let mut checks = Vec::new();
+        let mut contained_pid = None;
         match self.apply(s) {
             Ok((id, detail)) => {
                 control.applied = true;
@@ -442,6 +481,7 @@ impl<'a> Drill<'a> {
                 control.detail = detail.clone();
                 checks.push(check("applied", true, detail));
                 let again = self.call(s, &s.trigger.model, &s.trigger.prompt)?;
+                contained_pid = Some(again.pid);
                 let (ok, detail) = self.validate(s, &again)?;
                 control.validated = ok;
                 checks.push(check(
@@ -471,7 +511,7 @@ impl<'a> Drill<'a> {
 
         // Stabilise: the metrics show the containment, and no drill call as real traffic.
         let t = Instant::now();
-        let checks = self.stabilise(s, metrics_before);
+        let checks = self.stabilise(s, metrics_before, contained_pid);
         report.phases.push(PhaseResult::new(Phase::Stabilise, ms(t0), ms(t), checks));
 
         // Recover: controls lifted, the provider back, a call goes through.
@@ -730,12 +770,9 @@ impl<'a> Drill<'a> {
         (!listen.is_empty()).then(|| scrape(listen, &self.cgroup_path))
     }
 
-    fn stabilise(&self, s: &Scenario, before: Option<anyhow::Result<Metrics>>) -> Vec<Check> {
+    fn stabilise(&self, s: &Scenario, before: Option<anyhow::Result<Metrics>>, contained: Option<u32>) -> Vec<Check> {
         let (Some(before), Some(after)) = (before, self.drill_metrics()) else {
-            return vec![skipped(
-                "metrics show the change",
-                "no [metrics] listen on this host: enable it to have the drill check the live metrics",
-            )];
+            return vec![self.records_show_the_change(s, contained)];
         };
         let (before, after) = match (before, after) {
             (Ok(b), Ok(a)) => (b, a),
@@ -759,6 +796,34 @@ impl<'a> Drill<'a> {
                 format!("aegis_llm_calls_total of the drill cgroup: {}", after.real_calls_of_drill),
             ),
         ]
+    }
+}
+
+impl Drill<'_> {
+    /// Without a metrics listener: the agent's records (what its metrics count) show the
+    /// contained call stopped or redirected, marked as the drill's (so not counted as real).
+    fn records_show_the_change(&self, s: &Scenario, contained: Option<u32>) -> Check {
+        const NAME: &str = "records show the change";
+        let Some(pid) = contained else {
+            return check(NAME, false, "no call was sent under containment");
+        };
+        let recs: Vec<&Value> = self.records.seen.iter().filter(|r| r["pid"].as_u64() == Some(u64::from(pid))).collect();
+        let changed = recs.iter().any(|r| match s.contain.validate {
+            Validate::Refused => r["type"] == "connect_denied" || r["enforcement"]["outcome"] == "connection_killed",
+            Validate::Redirected => r["type"] == "connect_denied" && r["action"] == "redirect",
+        });
+        let marked = !recs.is_empty() && recs.iter().all(|r| r["drill"].as_str() == Some(self.id.as_str()));
+        check(
+            NAME,
+            changed && marked,
+            format!(
+                "no [metrics] listen on this host, so the agent's records were read instead: {} records of the \
+                 contained call, {}, {}",
+                recs.len(),
+                if changed { "stopped or redirected" } else { "not stopped or redirected" },
+                if marked { "all marked as the drill's (not counted as real traffic)" } else { "not all marked as the drill's" }
+            ),
+        )
     }
 }
 
