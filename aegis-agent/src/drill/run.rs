@@ -216,12 +216,12 @@ fn remove_stale_work_dirs(mine: &Path, in_progress: &[crate::control::drills::Dr
     for e in entries.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
         let Some(id) = name.strip_prefix("aegis-") else { continue };
-        if !id.starts_with("drill-") || e.path() == mine || in_progress.iter().any(|d| d.id == id) {
+        if !is_drill_id(id) || e.path() == mine || in_progress.iter().any(|d| d.id == id) {
             continue;
         }
-        // Not followed: a directory of this user's, as the drill makes them.
+        // Not followed: a directory of this user's, holding only what a drill writes there.
         let Ok(meta) = std::fs::symlink_metadata(e.path()) else { continue };
-        if !meta.is_dir() || meta.uid() != uid {
+        if !meta.is_dir() || meta.uid() != uid || !holds_only_drill_files(&e.path()) {
             continue;
         }
         match std::fs::remove_dir_all(e.path()) {
@@ -229,6 +229,35 @@ fn remove_stale_work_dirs(mine: &Path, in_progress: &[crate::control::drills::Dr
             Err(err) => tracing::warn!(dir = %e.path().display(), error = %err, "a stale drill directory stays"),
         }
     }
+}
+
+/// Whether `id` is one [`super::new_id`] makes: `drill-`, 14 digits, `-`, 4 hex digits.
+fn is_drill_id(id: &str) -> bool {
+    let Some(rest) = id.strip_prefix("drill-") else { return false };
+    let Some((stamp, suffix)) = rest.split_once('-') else { return false };
+    stamp.len() == 14
+        && stamp.bytes().all(|b| b.is_ascii_digit())
+        && suffix.len() == 4
+        && suffix.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// Whether `dir` holds only regular files a drill writes there (`endpoint.pem`,
+/// `request-N.json`, `head-N.txt`), and few of them.
+fn holds_only_drill_files(dir: &Path) -> bool {
+    let Ok(entries) = std::fs::read_dir(dir) else { return false };
+    let mut n = 0;
+    for e in entries {
+        let Ok(e) = e else { return false };
+        n += 1;
+        let name = e.file_name().to_string_lossy().into_owned();
+        let ours = name == "endpoint.pem"
+            || name.strip_prefix("request-").and_then(|r| r.strip_suffix(".json")).is_some_and(|d| d.parse::<u32>().is_ok())
+            || name.strip_prefix("head-").and_then(|r| r.strip_suffix(".txt")).is_some_and(|d| d.parse::<u32>().is_ok());
+        if !ours || n > 10_000 || !e.file_type().is_ok_and(|t| t.is_file()) {
+            return false;
+        }
+    }
+    true
 }
 
 /// A drill in progress: the agent's config, the endpoint, the cgroup and the guard.
@@ -935,4 +964,43 @@ pub fn run(config: &Config, id: &str, scenarios: &[Scenario], hold: Duration) ->
         passed,
         stopped,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_killed_drills_own_directory_is_removed() {
+        assert!(is_drill_id(&crate::drill::new_id()));
+        assert!(!is_drill_id("drill-collector-AOu33n") && !is_drill_id("drill-2026120617593-abfa"));
+        let tmp = std::env::temp_dir().join(format!("aegis-drill-unit-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        let mine = tmp.join("aegis-drill-20261206175934-aaaa");
+        let stale = tmp.join("aegis-drill-20261206175934-bbbb");
+        let running = tmp.join("aegis-drill-20261206175934-cccc");
+        let foreign = tmp.join("aegis-drill-20261206175934-dddd");
+        let other = tmp.join("aegis-drill-collector-x");
+        for d in [&mine, &stale, &running, &foreign, &other] {
+            std::fs::create_dir_all(d).unwrap();
+            std::fs::write(d.join("endpoint.pem"), "x").unwrap();
+        }
+        std::fs::write(stale.join("request-1.json"), "{}").unwrap();
+        std::fs::write(stale.join("head-1.txt"), "").unwrap();
+        std::fs::write(foreign.join("notes.txt"), "mine").unwrap();
+        let in_progress = [crate::control::drills::DrillMark {
+            id: "drill-20261206175934-cccc".into(),
+            cgroup: "/x".into(),
+            blocks: vec![],
+            pid: 0,
+            pid_start: 0,
+            policy: None,
+        }];
+        remove_stale_work_dirs(&mine, &in_progress);
+        assert!(!stale.exists(), "a killed drill's directory is removed");
+        for d in [&mine, &running, &foreign, &other] {
+            assert!(d.exists(), "{} is kept", d.display());
+        }
+        std::fs::remove_dir_all(&tmp).unwrap();
+    }
 }
