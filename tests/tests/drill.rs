@@ -302,11 +302,15 @@ fn on_the_shipped_defaults_every_phase_of_every_scenario_passes() {
     let _serial = serial();
     require_root();
     let s = setup_shipped("drill-def");
-    let out = drill_cmd(&s, &["--json"]).stdin(Stdio::null()).output().unwrap();
+    let out_dir = TempDir::new("drill-def-report");
+    let out =
+        drill_cmd(&s, &["--report", out_dir.path().to_str().unwrap(), "--json"]).stdin(Stdio::null()).output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     let report: Value = serde_json::from_slice(&out.stdout)
         .unwrap_or_else(|e| panic!("the report is not JSON ({e}): {stderr}{}", s.agent.logs()));
     let id = report["drill"].as_str().unwrap().to_owned();
+    // The README's sample report is this one.
+    eprintln!("{}", std::fs::read_to_string(out_dir.join(&format!("{id}.md"))).expect("the Markdown report"));
     let scenarios = report["scenarios"].as_array().unwrap();
     assert_eq!(scenarios.len(), 5, "{report:#}");
     for sc in scenarios {
@@ -328,9 +332,9 @@ fn on_the_shipped_defaults_every_phase_of_every_scenario_passes() {
     assert_nothing_left_of(&s, &id);
     // The drill's allowlist never ruled a call outside its cgroup.
     for r in s.agent.records() {
-        let by_drill_policy = r["decision"]["rules"].as_array().is_some_and(|rules| {
-            rules.iter().any(|x| x.as_str().is_some_and(|x| x.starts_with("drill.policy.")))
-        });
+        let by_drill_policy = r["decision"]["rules"]
+            .as_array()
+            .is_some_and(|rules| rules.iter().any(|x| x.as_str().is_some_and(|x| x.starts_with("drill.policy."))));
         if by_drill_policy {
             assert_eq!(r["drill"], id.as_str(), "a record outside the drill ruled by its allowlist: {r:#}");
         }

@@ -126,7 +126,9 @@ fn aggregate(files: &[PathBuf], json: bool) -> u8 {
     for f in files {
         let parsed = crate::files::read_capped_to_string(f, MAX_REPORT_BYTES, "a drill report is a JSON file")
             .map_err(|e| anyhow::anyhow!("{e}"))
-            .and_then(|t| serde_json::from_str::<report::DrillReport>(&t).map_err(|e| anyhow::anyhow!("not a drill report: {e}")));
+            .and_then(|t| {
+                serde_json::from_str::<report::DrillReport>(&t).map_err(|e| anyhow::anyhow!("not a drill report: {e}"))
+            });
         match parsed {
             Ok(r) => reports.push(r),
             Err(e) => {

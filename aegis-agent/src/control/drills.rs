@@ -74,7 +74,8 @@ impl DrillPolicy {
             return Err("invalid drill policy id: letters, digits, '.', '-' or '_' (at most 128 bytes)".into());
         }
         for list in [&self.allow_providers, &self.allow_models] {
-            if list.len() > MAX_POLICY_ENTRIES || list.iter().any(|e| e.is_empty() || e.len() > MAX_POLICY_ENTRY_BYTES) {
+            if list.len() > MAX_POLICY_ENTRIES || list.iter().any(|e| e.is_empty() || e.len() > MAX_POLICY_ENTRY_BYTES)
+            {
                 return Err(format!(
                     "a drill policy lists at most {MAX_POLICY_ENTRIES} providers and {MAX_POLICY_ENTRIES} models, each \
                      1 to {MAX_POLICY_ENTRY_BYTES} bytes"
@@ -122,7 +123,14 @@ impl DrillMarks {
         if marks.len() >= MAX_DRILLS {
             return Err(format!("{MAX_DRILLS} drills are in progress already: end one first"));
         }
-        marks.push(DrillMark { id: id.to_owned(), cgroup: cgroup.to_owned(), blocks: Vec::new(), pid, pid_start, policy });
+        marks.push(DrillMark {
+            id: id.to_owned(),
+            cgroup: cgroup.to_owned(),
+            blocks: Vec::new(),
+            pid,
+            pid_start,
+            policy,
+        });
         Ok(())
     }
 
@@ -210,7 +218,8 @@ mod tests {
     fn a_drill_whose_command_is_gone_is_stale_and_its_policy_covers_its_cgroup_only() {
         let marks = DrillMarks::default();
         let me = std::process::id();
-        let policy = DrillPolicy { id: "drill.policy.x".into(), allow_providers: vec![], allow_models: vec!["gpt-4o*".into()] };
+        let policy =
+            DrillPolicy { id: "drill.policy.x".into(), allow_providers: vec![], allow_models: vec!["gpt-4o*".into()] };
         marks.begin("drill-1", "/a/aegis-drill-1", me, Some(policy.clone())).unwrap();
         marks.note_block("blk-1", "/a/aegis-drill-1");
         assert!(marks.stale().is_empty(), "this process runs");

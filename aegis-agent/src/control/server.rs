@@ -1459,7 +1459,9 @@ impl Core {
         for c in emergencies {
             match self.emergency(&agent, false, Some(c.clone())) {
                 Response::Ok(_) => lifted.push(format!("emergency mode for {c}")),
-                Response::Error { message } => tracing::error!(cgroup = %c, %message, "a stale drill's emergency stays"),
+                Response::Error { message } => {
+                    tracing::error!(cgroup = %c, %message, "a stale drill's emergency stays")
+                }
             }
         }
         match crate::kernel::cgroup2_root() {

@@ -124,7 +124,8 @@ impl Summary {
         if !self.failed.is_empty() {
             md += &format!("Failed: {}.\n\n", self.failed.join(", "));
         }
-        md += "| scenario | phase | hosts | passed | p50 | p99 | max | failed on |\n|---|---|---|---|---|---|---|---|\n";
+        md +=
+            "| scenario | phase | hosts | passed | p50 | p99 | max | failed on |\n|---|---|---|---|---|---|---|---|\n";
         for p in &self.phases {
             let failed: Vec<String> = p
                 .failed
@@ -155,7 +156,12 @@ mod tests {
     fn report(host: &str, detect_ms: u64, contain_fails: bool) -> DrillReport {
         let phase = |phase, at, fail: bool| {
             let outcome = if fail { Outcome::Fail } else { Outcome::Pass };
-            PhaseResult::new(phase, at, 1, vec![Check { name: "next call refused".into(), outcome, detail: "HTTP 200".into() }])
+            PhaseResult::new(
+                phase,
+                at,
+                1,
+                vec![Check { name: "next call refused".into(), outcome, detail: "HTTP 200".into() }],
+            )
         };
         DrillReport {
             drill: format!("drill-{host}"),
@@ -173,7 +179,10 @@ mod tests {
                 incident: None,
                 bundles: vec![],
                 controls: vec![],
-                phases: vec![phase(Phase::Detect, detect_ms, false), phase(Phase::Contain, detect_ms + 500, contain_fails)],
+                phases: vec![
+                    phase(Phase::Detect, detect_ms, false),
+                    phase(Phase::Contain, detect_ms + 500, contain_fails),
+                ],
                 passed: !contain_fails,
             }],
             left_behind: vec![],
@@ -200,7 +209,12 @@ mod tests {
         assert_eq!(contain.failed[0].checks, ["next call refused: HTTP 200"]);
         let md = s.markdown();
         assert!(md.starts_with("# Drill across 100 hosts: 99 passed, 1 failed"), "{md}");
-        assert!(md.contains("| secret-leak | contain | 100 | 99 | 1.00 s | 1.49 s | 1.50 s | h042 (next call refused: HTTP 200) |"), "{md}");
+        assert!(
+            md.contains(
+                "| secret-leak | contain | 100 | 99 | 1.00 s | 1.49 s | 1.50 s | h042 (next call refused: HTTP 200) |"
+            ),
+            "{md}"
+        );
         assert_eq!(percentile(&[], 50), 0);
         assert_eq!(percentile(&[7], 99), 7);
         assert_eq!(aggregate(&[]).phases, vec![]);

@@ -15,7 +15,6 @@ use std::{
 use anyhow::Context as _;
 
 use super::scenario::Api;
-
 /// Prefix of every drill cgroup's directory name (`aegis-drill-<id>`).
 pub use crate::control::drills::CGROUP_PREFIX;
 /// Longest a drill call may take.

@@ -251,8 +251,14 @@ fn holds_only_drill_files(dir: &Path) -> bool {
         n += 1;
         let name = e.file_name().to_string_lossy().into_owned();
         let ours = name == "endpoint.pem"
-            || name.strip_prefix("request-").and_then(|r| r.strip_suffix(".json")).is_some_and(|d| d.parse::<u32>().is_ok())
-            || name.strip_prefix("head-").and_then(|r| r.strip_suffix(".txt")).is_some_and(|d| d.parse::<u32>().is_ok());
+            || name
+                .strip_prefix("request-")
+                .and_then(|r| r.strip_suffix(".json"))
+                .is_some_and(|d| d.parse::<u32>().is_ok())
+            || name
+                .strip_prefix("head-")
+                .and_then(|r| r.strip_suffix(".txt"))
+                .is_some_and(|d| d.parse::<u32>().is_ok());
         if !ours || n > 10_000 || !e.file_type().is_ok_and(|t| t.is_file()) {
             return false;
         }
@@ -308,9 +314,11 @@ impl<'a> Drill<'a> {
             let cgroup = DrillCgroup::create(&root, &parent, id)?;
             let path = cgroup.path.clone();
             cleanup.cgroup = Some(cgroup);
-            let reply =
-                control_call(&socket, &Request::Drill { on: true, id: id.to_owned(), cgroup: path.clone(), policy: None })
-                    .context("the agent refused to mark the drill's cgroup")?;
+            let reply = control_call(
+                &socket,
+                &Request::Drill { on: true, id: id.to_owned(), cgroup: path.clone(), policy: None },
+            )
+            .context("the agent refused to mark the drill's cgroup")?;
             cleanup.marked = true;
             if let ControlReply::Drills { drills } = reply {
                 remove_stale_work_dirs(&work, &drills);
@@ -836,7 +844,8 @@ impl Drill<'_> {
         let Some(pid) = contained else {
             return check(NAME, false, "no call was sent under containment");
         };
-        let recs: Vec<&Value> = self.records.seen.iter().filter(|r| r["pid"].as_u64() == Some(u64::from(pid))).collect();
+        let recs: Vec<&Value> =
+            self.records.seen.iter().filter(|r| r["pid"].as_u64() == Some(u64::from(pid))).collect();
         let changed = recs.iter().any(|r| match s.contain.validate {
             Validate::Refused => r["type"] == "connect_denied" || r["enforcement"]["outcome"] == "connection_killed",
             Validate::Redirected => r["type"] == "connect_denied" && r["action"] == "redirect",
@@ -850,7 +859,11 @@ impl Drill<'_> {
                  contained call, {}, {}",
                 recs.len(),
                 if changed { "stopped or redirected" } else { "not stopped or redirected" },
-                if marked { "all marked as the drill's (not counted as real traffic)" } else { "not all marked as the drill's" }
+                if marked {
+                    "all marked as the drill's (not counted as real traffic)"
+                } else {
+                    "not all marked as the drill's"
+                }
             ),
         )
     }

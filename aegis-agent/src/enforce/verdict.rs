@@ -160,7 +160,11 @@ fn drill_policy_records(
         id: p.id.clone(),
         tenant: drill_cgroup.to_owned(),
         // Empty: every provider (this call's).
-        allow_providers: if p.allow_providers.is_empty() { vec![provider.to_owned()] } else { p.allow_providers.clone() },
+        allow_providers: if p.allow_providers.is_empty() {
+            vec![provider.to_owned()]
+        } else {
+            p.allow_providers.clone()
+        },
         allow_models: p.allow_models.clone(),
         action: Action::Block,
         severity: Severity::Sev3,
@@ -418,7 +422,8 @@ mod tests {
         };
         let drill = "/t/aegis-drill-1";
         assert!(c.rule(&facts(drill, "drill-unapproved-model", true), false).policy.is_empty(), "no drill");
-        let policy = DrillPolicy { id: "drill.policy.x".into(), allow_providers: vec![], allow_models: vec!["gpt-4o*".into()] };
+        let policy =
+            DrillPolicy { id: "drill.policy.x".into(), allow_providers: vec![], allow_models: vec!["gpt-4o*".into()] };
         drills.begin("drill-1", drill, 0, Some(policy)).unwrap();
         let ruled = c.rule(&facts(drill, "drill-unapproved-model", true), false);
         let rules: Vec<(&str, &str)> = ruled.policy.iter().map(|m| (m.rule.as_str(), m.pack.as_str())).collect();
