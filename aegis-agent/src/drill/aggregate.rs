@@ -45,6 +45,10 @@ pub struct Summary {
     pub phases: Vec<PhaseSummary>,
 }
 
+/// One scenario's phase across the hosts while they are read: when each host was done with
+/// it, how many passed it, the hosts that failed it.
+type Cell = (Vec<u64>, usize, Vec<HostFailure>);
+
 /// The `p`th percentile of sorted `v` by nearest rank (0 for none).
 fn percentile(sorted: &[u64], p: u64) -> u64 {
     if sorted.is_empty() {
@@ -58,7 +62,7 @@ fn percentile(sorted: &[u64], p: u64) -> u64 {
 pub fn aggregate(reports: &[DrillReport]) -> Summary {
     // (scenario order of first appearance, phase order) -> per-host results.
     let mut order: Vec<String> = Vec::new();
-    let mut cells: BTreeMap<(usize, usize), (Vec<u64>, usize, Vec<HostFailure>)> = BTreeMap::new();
+    let mut cells: BTreeMap<(usize, usize), Cell> = BTreeMap::new();
     for r in reports {
         for s in &r.scenarios {
             let si = order.iter().position(|n| n == &s.scenario).unwrap_or_else(|| {
