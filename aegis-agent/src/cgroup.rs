@@ -92,6 +92,32 @@ fn below<'a>(dir: &str, path: &'a str) -> Option<&'a str> {
     (rest.is_empty() || rest.starts_with('/')).then_some(rest)
 }
 
+/// Remove the cgroup directory `dir` (under the cgroup v2 mount), killing the processes
+/// still in it first (for a cgroup made for processes of one's own, such as a drill's);
+/// whether it existed.
+pub fn remove_dir_killing(dir: &std::path::Path) -> std::io::Result<bool> {
+    for _ in 0..50 {
+        let procs = match std::fs::read_to_string(dir.join("cgroup.procs")) {
+            Ok(p) => p,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+            Err(_) => String::new(),
+        };
+        let pids: Vec<i32> = procs.lines().filter_map(|l| l.trim().parse().ok()).collect();
+        if pids.is_empty() {
+            break;
+        }
+        for pid in pids {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    match std::fs::remove_dir(dir) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(std::io::Error::new(e.kind(), format!("cannot remove the cgroup {}: {e}", dir.display()))),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

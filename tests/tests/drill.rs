@@ -2,7 +2,9 @@
 //! (observe mode, as shipped; containment on a test cgroup; metrics on), with the report
 //! checked phase by phase, the records and incidents checked to be marked as the drill's,
 //! and nothing left behind (no drill cgroup, no block, no emergency mode, no client). A
-//! drill interrupted with SIGINT while its containment is in force lifts it too.
+//! drill interrupted with SIGINT while its containment is in force lifts it too; one killed
+//! with SIGKILL is cleaned up by the agent. And the done-when: against the agent as
+//! shipped (its embedded defaults), every phase of every built-in scenario passes.
 
 use std::{
     path::Path,
@@ -61,6 +63,54 @@ fn setup_with(name: &str, extra_toml: &str) -> Setup {
         std::thread::sleep(Duration::from_millis(50));
     }
     Setup { agent, config, _pins: pins, cgroup }
+}
+
+/// The agent as shipped (`cargo xtask run`, the package's default config): its embedded
+/// defaults (observe mode, the embedded pack without any `[[policies]]`, the content gate
+/// on, no metrics listener, no collector), with only what a test on a shared host must move
+/// set here: containment scoped to a test cgroup, and its files in temporary directories.
+fn setup_shipped(name: &str) -> Setup {
+    let cgroup = TestCgroup::new(name);
+    let pins = PinDir::new(name);
+    let config = ContainConfig::new(&cgroup, &pins).shipped_mode().gate(&[]);
+    assert!(config.packs.is_empty(), "the embedded default pack");
+    let toml = config.toml();
+    assert!(!toml.contains("[metrics]") && !toml.contains("[collector]") && !toml.contains("mode ="), "{toml}");
+    let agent = Agent::start_with_config(&toml);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::os::unix::net::UnixStream::connect(config.socket()).is_err() {
+        assert!(Instant::now() < deadline, "the control socket does not answer{}", agent.logs());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Setup { agent, config, _pins: pins, cgroup }
+}
+
+/// The private directory (`$TMPDIR/aegis-<drill id>`) of drill `id`.
+fn work_dir(id: &str) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("aegis-{id}"))
+}
+
+/// Nothing of drill `id` is left on the host or in the agent: [`assert_nothing_left`], no
+/// process in the test cgroup, no private directory, no drill in progress.
+fn assert_nothing_left_of(s: &Setup, id: &str) {
+    assert_nothing_left(s);
+    let procs = std::fs::read_to_string(s.cgroup.path().join("cgroup.procs")).unwrap();
+    assert!(procs.trim().is_empty(), "processes left in the test cgroup: {procs}");
+    assert!(!work_dir(id).exists(), "the drill's directory {} is left", work_dir(id).display());
+    let drills = drills_in_progress(s);
+    assert_eq!(drills, Value::Array(vec![]), "drills still marked in the agent: {drills:#}");
+}
+
+/// The drills the agent has in progress (the answer to ending a drill that is not one).
+fn drills_in_progress(s: &Setup) -> Value {
+    use std::io::{BufRead as _, Write as _};
+    let mut sock = std::os::unix::net::UnixStream::connect(s.config.socket()).unwrap();
+    sock.write_all(b"{\"v\":1,\"op\":\"drill\",\"on\":false,\"id\":\"drill-probe\"}\n").unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(sock).read_line(&mut line).unwrap();
+    let reply: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+    assert_eq!(reply["status"], "ok", "{reply:#}");
+    reply["drills"].clone()
 }
 
 fn drill_cmd(s: &Setup, args: &[&str]) -> Command {
@@ -165,12 +215,20 @@ fn every_built_in_scenario_passes_every_phase_and_leaves_nothing_behind() {
         assert_eq!(r["drill"], id.as_str(), "a drill record not marked: {r:#}");
     }
     assert!(drill_records.iter().any(|r| r["type"] == "connect_denied" && r["action"] == "redirect"));
+    // The drill's incidents (the agent sees every process of this shared host: another
+    // test's calls may open incidents of their own, outside the drill cgroup).
     let incidents = run_json(&s, &["incident", "list", "--json"]);
-    for i in incidents.as_array().unwrap() {
+    let incidents: Vec<&Value> = incidents
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|i| i["scope"]["cgroup"].as_str().is_some_and(|c| c.contains("/aegis-drill-")))
+        .collect();
+    for i in &incidents {
         assert!(i["title"].as_str().unwrap().starts_with(&format!("[drill {id}]")), "{i:#}");
         assert_eq!(i["status"], "resolved", "{i:#}");
     }
-    assert_eq!(incidents.as_array().unwrap().len(), 5, "{incidents:#}");
+    assert_eq!(incidents.len(), 5, "{incidents:#?}");
     // At the collector: the drill's bundles, listed by incident.
     let url = format!("https://127.0.0.1:{port}");
     let ca = pki.ca();
@@ -241,6 +299,137 @@ fn an_interrupted_drill_lifts_its_containment() {
     // The agent no longer takes that cgroup's calls for a drill's: its mark ended.
     let audit = s.config.audit_text();
     assert!(audit.contains("\"drill_end\""), "{audit}");
+}
+
+/// The done-when: against the agent as shipped, one command runs every built-in
+/// scenario and every phase of each passes (none skipped), with nothing left behind. The
+/// drift scenario is seen through the drill's own allowlist (the shipped pack has no
+/// `[[policies]]`), which rules the drill cgroup only and is gone once the drill ends.
+#[test]
+fn on_the_shipped_defaults_every_phase_of_every_scenario_passes() {
+    let _serial = serial();
+    require_root();
+    let s = setup_shipped("drill-def");
+    let out_dir = TempDir::new("drill-def-report");
+    let out =
+        drill_cmd(&s, &["--report", out_dir.path().to_str().unwrap(), "--json"]).stdin(Stdio::null()).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let report: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("the report is not JSON ({e}): {stderr}{}", s.agent.logs()));
+    let id = report["drill"].as_str().unwrap().to_owned();
+    // The README's sample report is this one.
+    eprintln!("{}", std::fs::read_to_string(out_dir.join(&format!("{id}.md"))).expect("the Markdown report"));
+    let scenarios = report["scenarios"].as_array().unwrap();
+    assert_eq!(scenarios.len(), 5, "{report:#}");
+    for sc in scenarios {
+        for p in sc["phases"].as_array().unwrap() {
+            assert_eq!(p["outcome"], "pass", "{} {}: {p:#}\n{stderr}{}", sc["scenario"], p["phase"], s.agent.logs());
+        }
+        let control = &sc["controls"][0];
+        assert!(control["applied"] == true && control["validated"] == true && control["lifted"] == true, "{sc:#}");
+    }
+    let drift = scenarios.iter().find(|s| s["scenario"] == "policy-drift").unwrap();
+    assert_eq!(drift["signal"], "rule:drill.policy.policy-drift (policy, block)", "{drift:#}");
+    assert_eq!(drift["severity"], "SEV-3", "{drift:#}");
+    // Without a metrics listener, the stabilise phase reads the agent's records.
+    let stabilise = &drift["phases"].as_array().unwrap()[4];
+    assert_eq!(stabilise["checks"][0]["name"], "records show the change", "{stabilise:#}");
+    assert_eq!(report["left_behind"], Value::Array(vec![]), "{report:#}");
+    assert_eq!(report["passed"], true, "{report:#}");
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert_nothing_left_of(&s, &id);
+    // The drill's allowlist never ruled a call outside its cgroup.
+    for r in s.agent.records() {
+        let by_drill_policy = r["decision"]["rules"]
+            .as_array()
+            .is_some_and(|rules| rules.iter().any(|x| x.as_str().is_some_and(|x| x.starts_with("drill.policy."))));
+        if by_drill_policy {
+            assert_eq!(r["drill"], id.as_str(), "a record outside the drill ruled by its allowlist: {r:#}");
+        }
+    }
+    let audit = std::fs::read_to_string(s.config.audit_log()).unwrap();
+    assert!(audit.contains("drill.policy.policy-drift"), "the drill's allowlist is audited: {audit}");
+
+    // Several hosts' reports as one (here the same report twice, and a file that is not one).
+    let json = out_dir.join(&format!("{id}.json"));
+    let out = Command::new(agent_bin()).args(["drill", "aggregate", "--json"]).arg(&json).arg(&json).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["hosts"], 2, "{summary:#}");
+    assert_eq!(summary["phases"].as_array().unwrap().len(), 5 * 6, "{summary:#}");
+    for p in summary["phases"].as_array().unwrap() {
+        assert_eq!((p["hosts"].as_u64(), p["passed"].as_u64()), (Some(2), Some(2)), "{p:#}");
+        assert!(p["p50_ms"].as_u64().unwrap() <= p["p99_ms"].as_u64().unwrap(), "{p:#}");
+    }
+    let bad = out_dir.join("not-a-report.json");
+    std::fs::write(&bad, "{\"drill\": 1}").unwrap();
+    let out = Command::new(agent_bin()).args(["drill", "aggregate"]).arg(&json).arg(&bad).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("not-a-report.json") && stderr.contains("left out"), "{stderr}");
+    let md = String::from_utf8_lossy(&out.stdout);
+    assert!(md.starts_with("# Drill across 1 hosts: 1 passed, 0 failed"), "{md}");
+}
+
+/// A drill killed with SIGKILL (no guard runs) while its emergency mode is in force: the
+/// agent sees its command is gone and lifts emergency mode for the drill cgroup, the
+/// drill's mark and the cgroup itself (killing the client in it); the next drill removes
+/// the killed one's private directory.
+#[test]
+fn a_drill_killed_with_sigkill_is_cleaned_up_by_the_agent() {
+    let _serial = serial();
+    require_root();
+    let s = setup_shipped("drill-kill");
+    let mut child = drill_cmd(&s, &["--scenario", "prompt-injection", "--json", "--hold-contained-ms", "60000"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let blocks = s.config.blocks_json();
+        if blocks["emergency"]["cgroups"].as_array().is_some_and(|c| !c.is_empty()) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the drill never contained{}", s.agent.logs());
+        assert!(child.try_wait().unwrap().is_none(), "the drill ended before containing");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let name = std::fs::read_dir(s.cgroup.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .find(|n| n.starts_with("aegis-drill-"))
+        .expect("the drill's cgroup exists while it runs");
+    let id = format!("drill-{}", name.trim_start_matches("aegis-drill-"));
+    assert!(work_dir(&id).exists(), "the drill's directory exists while it runs");
+    assert_eq!(drills_in_progress(&s).as_array().unwrap().len(), 1);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // The agent notices within its expiry tick (1 s).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let blocks = s.config.blocks_json();
+        let lifted = blocks["emergency"]["cgroups"] == Value::Array(vec![])
+            && !s.cgroup.path().join(&name).exists()
+            && drills_in_progress(&s) == Value::Array(vec![]);
+        if lifted {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the agent did not lift the killed drill: {blocks:#}{}", s.agent.logs());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_nothing_left(&s);
+    let audit = std::fs::read_to_string(s.config.audit_log()).unwrap();
+    assert!(audit.contains("ended without ending the drill") && audit.contains("\"stale\":true"), "{audit}");
+    // The next drill passes, and removes the killed drill's directory.
+    let out = drill_cmd(&s, &["--scenario", "provider-failover", "--json"]).stdin(Stdio::null()).output().unwrap();
+    let report: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}{}", String::from_utf8_lossy(&out.stderr), s.agent.logs()));
+    assert_eq!(report["passed"], true, "{report:#}");
+    assert_nothing_left_of(&s, &id);
+    assert_nothing_left_of(&s, report["drill"].as_str().unwrap());
 }
 
 fn run_json(s: &Setup, args: &[&str]) -> Value {

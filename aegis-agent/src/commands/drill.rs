@@ -46,6 +46,14 @@ pub enum DrillCommand {
     Scenarios,
     /// A built-in scenario's file, to copy and edit (`> my-drill.toml`).
     Show { name: String },
+    /// Several hosts' reports (`--report DIR`'s JSON files) as one: which hosts failed which
+    /// step, and the p50 and p99 of each phase.
+    Aggregate {
+        #[arg(required = true, value_name = "REPORT.json")]
+        reports: Vec<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Past drills, oldest first, with the trend of the time to containment.
     History {
         #[arg(long)]
@@ -104,8 +112,41 @@ pub fn run(args: &DrillArgs) -> u8 {
                 }
             }
         }
+        Some(DrillCommand::Aggregate { reports, json }) => aggregate(reports, *json),
         None => run_drill(&args.run),
     }
+}
+
+/// Largest report read.
+const MAX_REPORT_BYTES: u64 = 16 << 20;
+
+fn aggregate(files: &[PathBuf], json: bool) -> u8 {
+    let mut reports = Vec::new();
+    let mut unreadable = 0;
+    for f in files {
+        let parsed = crate::files::read_capped_to_string(f, MAX_REPORT_BYTES, "a drill report is a JSON file")
+            .map_err(|e| anyhow::anyhow!("{e}"))
+            .and_then(|t| {
+                serde_json::from_str::<report::DrillReport>(&t).map_err(|e| anyhow::anyhow!("not a drill report: {e}"))
+            });
+        match parsed {
+            Ok(r) => reports.push(r),
+            Err(e) => {
+                unreadable += 1;
+                eprintln!("aegis-agent drill aggregate: {}: {e:#} (left out)", f.display());
+            }
+        }
+    }
+    let summary = drill::aggregate::aggregate(&reports);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&summary).unwrap_or_default());
+    } else {
+        print!("{}", summary.markdown());
+    }
+    if unreadable > 0 {
+        eprintln!("aegis-agent drill aggregate: {unreadable} of {} reports could not be read", files.len());
+    }
+    if unreadable == 0 && summary.failed.is_empty() && !reports.is_empty() { exit::OK } else { exit::NO }
 }
 
 fn run_drill(args: &RunArgs) -> u8 {

@@ -56,6 +56,9 @@ pub enum Request {
         id: String,
         #[serde(default)]
         cgroup: String,
+        /// The drill's own allowlist for its cgroup (a drill in progress: replaces it).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        policy: Option<super::drills::DrillPolicy>,
     },
 }
 
@@ -353,7 +356,7 @@ mod tests {
             Request::Enforce { on: true },
             Request::Enforce { on: false },
             Request::Status,
-            Request::Drill { on: true, id: "drill-1".into(), cgroup: "/aegis-drill-1".into() },
+            Request::Drill { on: true, id: "drill-1".into(), cgroup: "/aegis-drill-1".into(), policy: None },
         ];
         for req in requests {
             let line = encode_request(&req);

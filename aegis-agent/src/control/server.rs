@@ -663,7 +663,11 @@ async fn serve(listener: UnixListener, core: Arc<Core>, mut stop: watch::Receive
             _ = stop.changed() => break,
             _ = ticker.tick() => {
                 let c = core.clone();
-                if tokio::task::spawn_blocking(move || c.expire_due(now_unix_ms())).await.is_err() {
+                let reap = move || {
+                    c.expire_due(now_unix_ms());
+                    c.reap_drills();
+                };
+                if tokio::task::spawn_blocking(reap).await.is_err() {
                     tracing::error!("the block expiry check panicked");
                 }
             }
@@ -1018,6 +1022,7 @@ impl Core {
                 core.audit(&core.agent, AuditAction::Restore, details, Outcome::Failed, Some(e));
             }
         }
+        core.lift_drills_at_start();
         Ok(core)
     }
 
@@ -1124,7 +1129,7 @@ impl Core {
             Request::Enforce { on } => {
                 self.enforce(actor, if on { EnforceMode::Enforce } else { EnforceMode::Observe })
             }
-            Request::Drill { on, id, cgroup } => self.drill(actor, on, &id, &cgroup),
+            Request::Drill { on, id, cgroup, policy } => self.drill(actor, on, &id, &cgroup, policy),
             Request::Checkpoint => match self.audit.checkpoint() {
                 Some(size) => Response::Ok(Reply::Checkpoint { size }),
                 None => Response::Error {
@@ -1292,7 +1297,14 @@ impl Core {
 
     /// Start or end a drill: nothing is enforced, the mark only says whose calls are the
     /// drill's (see `control::drills`).
-    fn drill(&self, actor: &Actor, on: bool, id: &str, cgroup: &str) -> Response {
+    fn drill(
+        &self,
+        actor: &Actor,
+        on: bool,
+        id: &str,
+        cgroup: &str,
+        policy: Option<super::drills::DrillPolicy>,
+    ) -> Response {
         let action = if on { AuditAction::DrillStart } else { AuditAction::DrillEnd };
         let valid_id =
             id.starts_with("drill-") && id.len() <= 64 && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-');
@@ -1300,9 +1312,12 @@ impl Core {
             let message = "invalid drill id: expected `drill-` and letters, digits or '-' (at most 64 bytes)";
             return self.failed(actor, action, json!({ "id_bytes": id.len() }), message.into());
         }
+        if let Some(Err(message)) = policy.as_ref().map(super::drills::DrillPolicy::validate) {
+            return self.failed(actor, action, json!({ "id": id }), message);
+        }
         let result = if on {
             match parse_cgroup(cgroup) {
-                Ok(c) if c != "/" => self.drills.begin(id, &c).map(|()| c),
+                Ok(c) if c != "/" => self.drills.begin(id, &c, actor.pid, policy.clone()).map(|()| c),
                 Ok(_) => Err("a drill's cgroup must be one made for it, not the root".into()),
                 Err(e) => Err(e),
             }
@@ -1317,7 +1332,7 @@ impl Core {
                     report.notes.push(format!("no drill {id} was in progress"));
                 }
                 tracing::info!(drill = id, cgroup = %c, on, %actor, "drill");
-                self.audit_ok(actor, action, json!({ "id": id, "cgroup": c }), &mut report);
+                self.audit_ok(actor, action, json!({ "id": id, "cgroup": c, "policy": policy }), &mut report);
                 Response::Ok(Reply::Drills { drills: self.drills.list() })
             }
             Err(message) => self.failed(actor, action, json!({ "id": id, "cgroup": cgroup }), message),
@@ -1394,6 +1409,111 @@ impl Core {
                 Response::Ok(Reply::Enforce { mode: state, changed, report })
             }
             Err(message) => self.failed(actor, action, json!({ "mode": mode }), message),
+        }
+    }
+
+    /// Lift what drills whose command is gone left behind (see `control::drills`).
+    fn reap_drills(&self) {
+        if self.drills.is_empty() {
+            return;
+        }
+        for mark in self.drills.stale() {
+            let why = format!("drill {}: its command (pid {}) ended without ending the drill", mark.id, mark.pid);
+            tracing::warn!(drill = %mark.id, pid = mark.pid, cgroup = %mark.cgroup, "{why}: lifting what it left");
+            let mut lifted = self.lift_drill_leftovers(&mark.cgroup, &mark.blocks);
+            self.drills.end(&mark.id);
+            lifted.push("its mark".into());
+            let message = format!("{why}; the agent lifted: {}", lifted.join(", "));
+            let details = json!({ "id": mark.id, "cgroup": mark.cgroup, "stale": true, "lifted": lifted });
+            self.audit(&self.agent, AuditAction::DrillEnd, details, Outcome::Ok, Some(message));
+        }
+    }
+
+    /// Lift the blocks `ids` and every block scoped to (or cutting off) drill cgroup
+    /// `cgroup`, emergency mode for it, and remove the cgroup (ending the drill clients still
+    /// in it: nothing else is put there); what was lifted.
+    fn lift_drill_leftovers(&self, cgroup: &str, ids: &[String]) -> Vec<String> {
+        use super::blocks::BlockTarget;
+        let mut lifted = Vec::new();
+        let agent = self.agent.clone();
+        let mut blocks: Vec<String> = self
+            .view
+            .blocks()
+            .into_iter()
+            .filter(|b| {
+                matches!(&b.spec.scope, Scope::Cgroup(c) if crate::cgroup::covers(cgroup, c))
+                    || matches!(&b.spec.target, BlockTarget::Tenant(c) if crate::cgroup::covers(cgroup, c))
+                    || ids.contains(&b.id)
+            })
+            .map(|b| b.id)
+            .collect();
+        blocks.dedup();
+        for id in blocks {
+            match self.unblock(&agent, &id) {
+                Response::Ok(_) => lifted.push(format!("block {id}")),
+                Response::Error { message } => tracing::error!(block = %id, %message, "a stale drill's block stays"),
+            }
+        }
+        let emergencies: Vec<String> =
+            self.view.emergency().cgroups.into_iter().filter(|c| crate::cgroup::covers(cgroup, c)).collect();
+        for c in emergencies {
+            match self.emergency(&agent, false, Some(c.clone())) {
+                Response::Ok(_) => lifted.push(format!("emergency mode for {c}")),
+                Response::Error { message } => {
+                    tracing::error!(cgroup = %c, %message, "a stale drill's emergency stays")
+                }
+            }
+        }
+        match crate::kernel::cgroup2_root() {
+            Some(root) => {
+                let dir = root.join(cgroup.trim_start_matches('/'));
+                match crate::cgroup::remove_dir_killing(&dir) {
+                    Ok(true) => lifted.push(format!("its cgroup {}", dir.display())),
+                    Ok(false) => {}
+                    Err(e) => tracing::error!(error = %e, "a stale drill's cgroup stays"),
+                }
+            }
+            None => tracing::error!(%cgroup, "no cgroup v2 mount: a stale drill's cgroup is not removed"),
+        }
+        lifted
+    }
+
+    /// At start: what drills left in the saved state (no drill is in progress for a
+    /// starting agent: marks are not saved), lifted.
+    fn lift_drills_at_start(&self) {
+        use super::blocks::BlockTarget;
+        let state = self.view.snapshot();
+        let mut cgroups: Vec<String> = state.emergency.cgroups.iter().cloned().collect();
+        for b in state.blocks.list() {
+            if let Scope::Cgroup(c) = &b.spec.scope {
+                cgroups.push(c.clone());
+            }
+            if let BlockTarget::Tenant(c) = &b.spec.target {
+                cgroups.push(c.clone());
+            }
+        }
+        // The drill cgroup itself: `.../aegis-drill-<id>`.
+        let mut drills: Vec<String> = cgroups
+            .iter()
+            .filter(|c| super::drills::is_drill_cgroup(c))
+            .filter_map(|c| {
+                let mut parts: Vec<&str> = c.split('/').collect();
+                let at = parts.iter().position(|p| p.starts_with(super::drills::CGROUP_PREFIX))?;
+                parts.truncate(at + 1);
+                Some(parts.join("/"))
+            })
+            .collect();
+        drills.sort();
+        drills.dedup();
+        for cgroup in drills {
+            let lifted = self.lift_drill_leftovers(&cgroup, &[]);
+            let message = format!(
+                "a drill in {cgroup} did not end before the agent stopped; the agent lifted: {}",
+                lifted.join(", ")
+            );
+            tracing::warn!(%cgroup, "{message}");
+            let details = json!({ "cgroup": cgroup, "stale": true, "lifted": lifted });
+            self.audit(&self.agent, AuditAction::DrillEnd, details, Outcome::Ok, Some(message));
         }
     }
 
@@ -1746,7 +1866,7 @@ mod tests {
         let config = config(&dir);
         let (server, _) = start(&config);
         let drill = |on: bool, id: &str, cgroup: &str| {
-            call(&config.socket, &Request::Drill { on, id: id.into(), cgroup: cgroup.into() })
+            call(&config.socket, &Request::Drill { on, id: id.into(), cgroup: cgroup.into(), policy: None })
         };
         assert!(refused(drill(true, "nope", "/d")).starts_with("invalid drill id"));
         assert_eq!(refused(drill(true, "drill-1", "/")), "a drill's cgroup must be one made for it, not the root");
@@ -1828,6 +1948,38 @@ mod tests {
         let entries = read_entries(&config.audit_log).unwrap();
         let restore = entries.iter().rev().find(|e| e.action == AuditAction::Restore).unwrap();
         assert_eq!(restore.details["ids"], serde_json::json!([block.id]));
+    }
+
+    #[test]
+    fn what_a_drill_left_in_the_saved_state_is_lifted_at_start() {
+        let dir = TempDir::new("drill-left");
+        let config = config(&dir);
+        // A drill killed with SIGKILL, then the agent restarted: its emergency mode, its
+        // blocks (scoped to it, or cutting it off) are in the state; an operator's are too.
+        let mut saved = ControlState::default();
+        saved.emergency.set(true, Some("/x/aegis-drill-20261206-ab12"));
+        saved.emergency.set(true, Some("/team-a"));
+        let agent = Actor::agent();
+        let scoped = BlockSpec {
+            scope: Scope::Cgroup("/x/aegis-drill-20261206-ab12".into()),
+            ..spec(BlockTarget::Model("m".into()), None)
+        };
+        saved.blocks.add(Block::new("blk-00000001".into(), scoped, agent.clone(), 1000).unwrap()).unwrap();
+        let tenant = spec(BlockTarget::Tenant("/x/aegis-drill-20261206-ab12".into()), None);
+        saved.blocks.add(Block::new("blk-00000002".into(), tenant, agent.clone(), 1000).unwrap()).unwrap();
+        let operator = spec(BlockTarget::Model("kept".into()), None);
+        saved.blocks.add(Block::new("blk-00000003".into(), operator, agent, 1000).unwrap()).unwrap();
+        saved.save(&config.state_file).unwrap();
+
+        let (server, _) = start(&config);
+        let (blocks, emergency) = list(server.socket());
+        let ids: Vec<&str> = blocks.iter().map(|b| b.id.as_str()).collect();
+        assert_eq!(ids, ["blk-00000003"], "the operator's block stays");
+        assert_eq!(emergency.cgroups.iter().collect::<Vec<_>>(), ["/team-a"]);
+        let entries = read_entries(&config.audit_log).unwrap();
+        let end = entries.iter().find(|e| e.action == AuditAction::DrillEnd).expect("audited");
+        assert_eq!(end.details["stale"], true);
+        assert_eq!(end.details["cgroup"], "/x/aegis-drill-20261206-ab12");
     }
 
     #[test]

@@ -146,9 +146,10 @@ pub fn run(config: &Config, ready_file: Option<&Path>) -> anyhow::Result<()> {
             hosts: Some(e.enforcer.clone() as Arc<dyn HostBook>),
             scope: Some(e.scope.clone()),
             inspector: inspector.clone(),
+            drills: Some(server.drills()),
         },
         // Containment off: calls are still ruled (the tenants' policies), never stopped.
-        None => Containment { inspector: inspector.clone(), ..Containment::default() },
+        None => Containment { inspector: inspector.clone(), drills: Some(server.drills()), ..Containment::default() },
     };
     let refresher = enforcement.as_ref().map(|e| {
         let enforcer = Arc::downgrade(&e.enforcer);

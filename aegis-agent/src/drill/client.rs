@@ -15,9 +15,8 @@ use std::{
 use anyhow::Context as _;
 
 use super::scenario::Api;
-
 /// Prefix of every drill cgroup's directory name (`aegis-drill-<id>`).
-pub const CGROUP_PREFIX: &str = "aegis-drill-";
+pub use crate::control::drills::CGROUP_PREFIX;
 /// Longest a drill call may take.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -47,22 +46,9 @@ impl DrillCgroup {
     /// Remove it; processes still in it are killed first (they can only be drill clients:
     /// nothing else is put there).
     pub fn remove(&self) -> anyhow::Result<()> {
-        for _ in 0..50 {
-            let procs = fs::read_to_string(self.dir.join("cgroup.procs")).unwrap_or_default();
-            let pids: Vec<i32> = procs.lines().filter_map(|l| l.trim().parse().ok()).collect();
-            if pids.is_empty() {
-                break;
-            }
-            for pid in pids {
-                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        match fs::remove_dir(&self.dir) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(e).with_context(|| format!("cannot remove the drill cgroup {}", self.dir.display())),
-        }
+        crate::cgroup::remove_dir_killing(&self.dir)
+            .map(|_| ())
+            .with_context(|| format!("cannot remove the drill cgroup {}", self.dir.display()))
     }
 }
 

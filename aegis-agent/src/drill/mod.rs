@@ -14,6 +14,7 @@
 //! - [`run`]: the phases, and the guard that lifts every control the drill set, its mark
 //!   and its cgroup on every path: an error, a failed phase, SIGINT or SIGTERM.
 //! - [`report`]: the report (JSON and Markdown) and the history of drills.
+//! - [`aggregate`]: many hosts' reports as one (which hosts failed which step, p50/p99).
 //!
 //! # Safety
 //!
@@ -22,12 +23,12 @@
 //! can start a drill), so records carry `drill`, incidents carry `drill` and a `[drill ...]`
 //! title, and metrics count them in `aegis_drill_calls_total` instead of the real
 //! families. Every control is scoped to the drill's cgroup (emergency mode for it, blocks
-//! with its scope, a tenant block of it); its blocks expire by themselves after 15 minutes,
-//! so even a drill killed with SIGKILL does not leave a block for long. What SIGKILL does
-//! leave: an emptied `aegis-drill-*` cgroup, emergency mode for it, and the agent's mark
-//! (until the agent restarts); `aegis-agent blocks` shows them, and `emergency off
-//! --cgroup` and `rmdir` lift them.
+//! with its scope, a tenant block of it); its blocks expire by themselves after 15 minutes.
+//! A drill killed with SIGKILL runs no guard: the agent lifts what it left once its
+//! command's process is gone (`control::drills`), and the next drill removes its private
+//! directory.
 
+pub mod aggregate;
 pub mod client;
 pub mod endpoint;
 pub mod report;

@@ -107,7 +107,7 @@ impl Cleanup {
     pub fn finish(&mut self) -> Vec<String> {
         let mut left = self.lift_controls();
         if self.marked {
-            let req = Request::Drill { on: false, id: self.drill.clone(), cgroup: String::new() };
+            let req = Request::Drill { on: false, id: self.drill.clone(), cgroup: String::new(), policy: None };
             match control_call(&self.socket, &req) {
                 Ok(_) => self.marked = false,
                 Err(e) => left.push(format!("the agent's drill mark: {e}")),
@@ -205,6 +205,67 @@ fn ms(since: Instant) -> u64 {
     since.elapsed().as_millis() as u64
 }
 
+/// Remove the private directories (`$TMPDIR/aegis-drill-*`, this user's) of drills no
+/// longer in progress: a drill killed with SIGKILL leaves its own (the agent lifts the rest).
+fn remove_stale_work_dirs(mine: &Path, in_progress: &[crate::control::drills::DrillMark]) {
+    use std::os::unix::fs::MetadataExt as _;
+    let Some(parent) = mine.parent() else { return };
+    let Ok(entries) = std::fs::read_dir(parent) else { return };
+    // This user: the owner of the directory just made.
+    let Ok(uid) = std::fs::metadata(mine).map(|m| m.uid()) else { return };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(id) = name.strip_prefix("aegis-") else { continue };
+        if !is_drill_id(id) || e.path() == mine || in_progress.iter().any(|d| d.id == id) {
+            continue;
+        }
+        // Not followed: a directory of this user's, holding only what a drill writes there.
+        let Ok(meta) = std::fs::symlink_metadata(e.path()) else { continue };
+        if !meta.is_dir() || meta.uid() != uid || !holds_only_drill_files(&e.path()) {
+            continue;
+        }
+        match std::fs::remove_dir_all(e.path()) {
+            Ok(()) => tracing::info!(dir = %e.path().display(), "removed the directory of a drill that did not end"),
+            Err(err) => tracing::warn!(dir = %e.path().display(), error = %err, "a stale drill directory stays"),
+        }
+    }
+}
+
+/// Whether `id` is one [`super::new_id`] makes: `drill-`, 14 digits, `-`, 4 hex digits.
+fn is_drill_id(id: &str) -> bool {
+    let Some(rest) = id.strip_prefix("drill-") else { return false };
+    let Some((stamp, suffix)) = rest.split_once('-') else { return false };
+    stamp.len() == 14
+        && stamp.bytes().all(|b| b.is_ascii_digit())
+        && suffix.len() == 4
+        && suffix.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// Whether `dir` holds only regular files a drill writes there (`endpoint.pem`,
+/// `request-N.json`, `head-N.txt`), and few of them.
+fn holds_only_drill_files(dir: &Path) -> bool {
+    let Ok(entries) = std::fs::read_dir(dir) else { return false };
+    let mut n = 0;
+    for e in entries {
+        let Ok(e) = e else { return false };
+        n += 1;
+        let name = e.file_name().to_string_lossy().into_owned();
+        let ours = name == "endpoint.pem"
+            || name
+                .strip_prefix("request-")
+                .and_then(|r| r.strip_suffix(".json"))
+                .is_some_and(|d| d.parse::<u32>().is_ok())
+            || name
+                .strip_prefix("head-")
+                .and_then(|r| r.strip_suffix(".txt"))
+                .is_some_and(|d| d.parse::<u32>().is_ok());
+        if !ours || n > 10_000 || !e.file_type().is_ok_and(|t| t.is_file()) {
+            return false;
+        }
+    }
+    true
+}
+
 /// A drill in progress: the agent's config, the endpoint, the cgroup and the guard.
 pub struct Drill<'a> {
     pub config: &'a Config,
@@ -253,9 +314,15 @@ impl<'a> Drill<'a> {
             let cgroup = DrillCgroup::create(&root, &parent, id)?;
             let path = cgroup.path.clone();
             cleanup.cgroup = Some(cgroup);
-            control_call(&socket, &Request::Drill { on: true, id: id.to_owned(), cgroup: path.clone() })
-                .context("the agent refused to mark the drill's cgroup")?;
+            let reply = control_call(
+                &socket,
+                &Request::Drill { on: true, id: id.to_owned(), cgroup: path.clone(), policy: None },
+            )
+            .context("the agent refused to mark the drill's cgroup")?;
             cleanup.marked = true;
+            if let ControlReply::Drills { drills } = reply {
+                remove_stale_work_dirs(&work, &drills);
+            }
             anyhow::Ok(path)
         })();
         let cgroup_path = match made {
@@ -306,6 +373,14 @@ impl<'a> Drill<'a> {
             phases: Vec::new(),
             passed: false,
         };
+        // The scenario's own allowlist for the drill cgroup (or none: the last one's lifted).
+        let policy = s.drill_policy();
+        let req =
+            Request::Drill { on: true, id: self.id.clone(), cgroup: self.cgroup_path.clone(), policy: policy.clone() };
+        control_call(&self.config.control.socket, &req).with_context(|| match &policy {
+            Some(p) => format!("the agent refused the drill's allowlist {}", p.id),
+            None => "the agent refused to renew the drill's mark".into(),
+        })?;
         let metrics_before = self.drill_metrics();
         let t0 = Instant::now();
 
@@ -347,8 +422,8 @@ impl<'a> Drill<'a> {
                             "expected a signal of category {}, the agent's first was {signal}{}",
                             s.expect.category,
                             if s.expect.category == "policy" {
-                                " (drift is seen only when a [[policies]] entry of a pack in force covers the drill \
-                                 cgroup and does not approve the model)"
+                                " (drift is seen when the scenario's [policy] or a [[policies]] entry of a pack in \
+                                 force covers the drill cgroup and does not approve the model)"
                             } else {
                                 ""
                             }
@@ -435,6 +510,7 @@ impl<'a> Drill<'a> {
         let name = serde_json::to_value(s.contain.control).ok().and_then(|v| v.as_str().map(str::to_owned));
         let mut control = ControlResult { control: name.unwrap_or_default(), ..Default::default() };
         let mut checks = Vec::new();
+        let mut contained_pid = None;
         match self.apply(s) {
             Ok((id, detail)) => {
                 control.applied = true;
@@ -442,6 +518,7 @@ impl<'a> Drill<'a> {
                 control.detail = detail.clone();
                 checks.push(check("applied", true, detail));
                 let again = self.call(s, &s.trigger.model, &s.trigger.prompt)?;
+                contained_pid = Some(again.pid);
                 let (ok, detail) = self.validate(s, &again)?;
                 control.validated = ok;
                 checks.push(check(
@@ -471,7 +548,7 @@ impl<'a> Drill<'a> {
 
         // Stabilise: the metrics show the containment, and no drill call as real traffic.
         let t = Instant::now();
-        let checks = self.stabilise(s, metrics_before);
+        let checks = self.stabilise(s, metrics_before, contained_pid);
         report.phases.push(PhaseResult::new(Phase::Stabilise, ms(t0), ms(t), checks));
 
         // Recover: controls lifted, the provider back, a call goes through.
@@ -730,12 +807,9 @@ impl<'a> Drill<'a> {
         (!listen.is_empty()).then(|| scrape(listen, &self.cgroup_path))
     }
 
-    fn stabilise(&self, s: &Scenario, before: Option<anyhow::Result<Metrics>>) -> Vec<Check> {
+    fn stabilise(&self, s: &Scenario, before: Option<anyhow::Result<Metrics>>, contained: Option<u32>) -> Vec<Check> {
         let (Some(before), Some(after)) = (before, self.drill_metrics()) else {
-            return vec![skipped(
-                "metrics show the change",
-                "no [metrics] listen on this host: enable it to have the drill check the live metrics",
-            )];
+            return vec![self.records_show_the_change(s, contained)];
         };
         let (before, after) = match (before, after) {
             (Ok(b), Ok(a)) => (b, a),
@@ -759,6 +833,39 @@ impl<'a> Drill<'a> {
                 format!("aegis_llm_calls_total of the drill cgroup: {}", after.real_calls_of_drill),
             ),
         ]
+    }
+}
+
+impl Drill<'_> {
+    /// Without a metrics listener: the agent's records (what its metrics count) show the
+    /// contained call stopped or redirected, marked as the drill's (so not counted as real).
+    fn records_show_the_change(&self, s: &Scenario, contained: Option<u32>) -> Check {
+        const NAME: &str = "records show the change";
+        let Some(pid) = contained else {
+            return check(NAME, false, "no call was sent under containment");
+        };
+        let recs: Vec<&Value> =
+            self.records.seen.iter().filter(|r| r["pid"].as_u64() == Some(u64::from(pid))).collect();
+        let changed = recs.iter().any(|r| match s.contain.validate {
+            Validate::Refused => r["type"] == "connect_denied" || r["enforcement"]["outcome"] == "connection_killed",
+            Validate::Redirected => r["type"] == "connect_denied" && r["action"] == "redirect",
+        });
+        let marked = !recs.is_empty() && recs.iter().all(|r| r["drill"].as_str() == Some(self.id.as_str()));
+        check(
+            NAME,
+            changed && marked,
+            format!(
+                "no [metrics] listen on this host, so the agent's records were read instead: {} records of the \
+                 contained call, {}, {}",
+                recs.len(),
+                if changed { "stopped or redirected" } else { "not stopped or redirected" },
+                if marked {
+                    "all marked as the drill's (not counted as real traffic)"
+                } else {
+                    "not all marked as the drill's"
+                }
+            ),
+        )
     }
 }
 
@@ -870,4 +977,43 @@ pub fn run(config: &Config, id: &str, scenarios: &[Scenario], hold: Duration) ->
         passed,
         stopped,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_killed_drills_own_directory_is_removed() {
+        assert!(is_drill_id(&crate::drill::new_id()));
+        assert!(!is_drill_id("drill-collector-AOu33n") && !is_drill_id("drill-2026120617593-abfa"));
+        let tmp = std::env::temp_dir().join(format!("aegis-drill-unit-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        let mine = tmp.join("aegis-drill-20261206175934-aaaa");
+        let stale = tmp.join("aegis-drill-20261206175934-bbbb");
+        let running = tmp.join("aegis-drill-20261206175934-cccc");
+        let foreign = tmp.join("aegis-drill-20261206175934-dddd");
+        let other = tmp.join("aegis-drill-collector-x");
+        for d in [&mine, &stale, &running, &foreign, &other] {
+            std::fs::create_dir_all(d).unwrap();
+            std::fs::write(d.join("endpoint.pem"), "x").unwrap();
+        }
+        std::fs::write(stale.join("request-1.json"), "{}").unwrap();
+        std::fs::write(stale.join("head-1.txt"), "").unwrap();
+        std::fs::write(foreign.join("notes.txt"), "mine").unwrap();
+        let in_progress = [crate::control::drills::DrillMark {
+            id: "drill-20261206175934-cccc".into(),
+            cgroup: "/x".into(),
+            blocks: vec![],
+            pid: 0,
+            pid_start: 0,
+            policy: None,
+        }];
+        remove_stale_work_dirs(&mine, &in_progress);
+        assert!(!stale.exists(), "a killed drill's directory is removed");
+        for d in [&mine, &running, &foreign, &other] {
+            assert!(d.exists(), "{} is kept", d.display());
+        }
+        std::fs::remove_dir_all(&tmp).unwrap();
+    }
 }

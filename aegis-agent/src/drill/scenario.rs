@@ -9,6 +9,8 @@
 //! [contain]   control (emergency | disable_model | disable_route | disable_tenant | fallback),
 //!             validate (refused | redirected)
 //! [recover]   prompt, model (default: the trigger's)
+//! [policy]    allow_models, allow_providers (optional: the drill's own allowlist, applied by
+//!             the agent to the drill cgroup only while the scenario runs)
 //! ```
 
 use serde::Deserialize;
@@ -37,6 +39,22 @@ pub struct Scenario {
     pub expect: Expect,
     pub contain: Contain,
     pub recover: Recover,
+    #[serde(default)]
+    pub policy: Option<Policy>,
+}
+
+/// The drill's own provider/model allowlist (`control::drills::DrillPolicy`): the agent
+/// rules the drill cgroup's calls against it while the scenario runs, and no other
+/// process's; so drift is seen on a host whose packs have no `[[policies]]`.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Policy {
+    /// Model globs (`gpt-4o*`); empty: every model.
+    #[serde(default)]
+    pub allow_models: Vec<String>,
+    /// Provider names as in call records; empty: every provider.
+    #[serde(default)]
+    pub allow_providers: Vec<String>,
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -164,6 +182,18 @@ impl Scenario {
             s.scenario.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'),
             "scenario {origin}: scenario.name may hold letters, digits, '-' and '_' only"
         );
+        if let Some(p) = &s.policy {
+            anyhow::ensure!(
+                !(p.allow_models.is_empty() && p.allow_providers.is_empty()),
+                "scenario {origin}: [policy] must list allow_models or allow_providers"
+            );
+            let policy = crate::control::drills::DrillPolicy {
+                id: format!("drill.policy.{}", s.scenario.name),
+                allow_providers: p.allow_providers.clone(),
+                allow_models: p.allow_models.clone(),
+            };
+            policy.validate().map_err(|e| anyhow::anyhow!("scenario {origin}: [policy]: {e}"))?;
+        }
         let shape_ok = match s.contain.control {
             Control::Fallback => s.contain.validate == Validate::Redirected,
             _ => s.contain.validate == Validate::Refused,
@@ -196,6 +226,15 @@ impl Scenario {
         BUILT_IN.iter().find(|(n, _)| *n == name).map(|(_, t)| *t)
     }
 
+    /// The allowlist the agent applies to the drill cgroup while this scenario runs.
+    pub fn drill_policy(&self) -> Option<crate::control::drills::DrillPolicy> {
+        self.policy.as_ref().map(|p| crate::control::drills::DrillPolicy {
+            id: format!("drill.policy.{}", self.scenario.name),
+            allow_providers: p.allow_providers.clone(),
+            allow_models: p.allow_models.clone(),
+        })
+    }
+
     /// The model of the recovery call.
     pub fn recover_model(&self) -> &str {
         self.recover.model.as_deref().unwrap_or(&self.trigger.model)
@@ -226,6 +265,12 @@ mod tests {
         assert!(e.unwrap_err().to_string().starts_with("scenario f.toml: "));
         let e = Scenario::parse(&good.replace("[recover]", "[recover]\nextra = 1"), "f.toml");
         assert!(e.unwrap_err().to_string().contains("extra"));
+        let e = Scenario::parse(&format!("{good}\n[policy]\n"), "f.toml");
+        assert!(e.unwrap_err().to_string().contains("must list allow_models"));
+        let drift = Scenario::built_in("policy-drift").unwrap();
+        let p = drift.drill_policy().expect("the drift scenario brings its allowlist");
+        assert_eq!(p.id, "drill.policy.policy-drift");
+        assert!(!p.allow_models.iter().any(|m| m == &drift.trigger.model));
         let e = Scenario::parse(&good.replace("name = \"provider-failover\"", "name = \"a b\""), "f.toml");
         assert!(e.unwrap_err().to_string().contains("letters, digits"));
     }

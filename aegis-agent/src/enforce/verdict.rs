@@ -141,6 +141,37 @@ pub struct Containment {
     pub scope: Option<String>,
     /// The rules in force, for the tenants' provider and model allowlists.
     pub inspector: Option<Arc<Inspector>>,
+    /// The drills in progress, for the allowlist a drill applies to its own cgroup.
+    pub drills: Option<crate::control::drills::DrillMarks>,
+}
+
+/// The findings of a drill's own allowlist `p` (applied to its cgroup `drill_cgroup`) for
+/// a call of `cgroup` to `provider`/`model`: those of a `[[policies]]` entry (category
+/// policy, action block, SEV-3) of the pack `drill`.
+fn drill_policy_records(
+    p: &crate::control::drills::DrillPolicy,
+    drill_cgroup: &str,
+    cgroup: &str,
+    provider: &str,
+    model: Option<&str>,
+) -> Vec<crate::policy::decision::MatchRecord> {
+    use crate::rules::pack::{ProviderPolicy, Severity};
+    let policy = ProviderPolicy {
+        id: p.id.clone(),
+        tenant: drill_cgroup.to_owned(),
+        // Empty: every provider (this call's).
+        allow_providers: if p.allow_providers.is_empty() {
+            vec![provider.to_owned()]
+        } else {
+            p.allow_providers.clone()
+        },
+        allow_models: p.allow_models.clone(),
+        action: Action::Block,
+        severity: Severity::Sev3,
+        rationale: "the drill's allowlist (aegis-agent drill, for its cgroup only while it runs)".into(),
+        line: 0,
+    };
+    policy_records(&[("drill".to_owned(), policy)], cgroup, provider, model)
 }
 
 impl Containment {
@@ -193,10 +224,16 @@ impl Containment {
             }
             None => (false, None),
         };
-        let policy = match (&self.inspector, facts.client) {
+        let mut policy = match (&self.inspector, facts.client) {
             (Some(inspector), true) => policy_records(&inspector.in_force().1, facts.cgroup, &provider, facts.model),
             _ => Vec::new(),
         };
+        if facts.client
+            && let Some(drills) = self.drills.as_ref().filter(|d| !d.is_empty())
+            && let Some((cgroup, p)) = drills.policy_of(facts.cgroup)
+        {
+            policy.extend(drill_policy_records(&p, &cgroup, facts.cgroup, &provider, facts.model));
+        }
         Ruling { mode: self.mode(), in_scope, emergency, block, provider, policy }
     }
 
@@ -366,6 +403,37 @@ mod tests {
         assert_eq!(verdict(&ruling(Enforce, false), Some(&block)), None, "outside the scope");
         let clean = Ruling { policy: Vec::new(), ..ruling(Enforce, true) };
         assert_eq!(verdict(&clean, Some(&warn)), None);
+    }
+
+    /// A drill's allowlist rules its own cgroup's calls only, and only while it runs.
+    #[test]
+    fn a_drills_policy_rules_its_cgroup_only() {
+        use crate::control::drills::{DrillMarks, DrillPolicy};
+        let drills = DrillMarks::default();
+        let c = Containment { drills: Some(drills.clone()), ..containment(view(Observe, None, None)) };
+        let facts = |cgroup, model, client| crate::policy::ruling::CallFacts {
+            client,
+            provider: "openai_compatible",
+            model: Some(model),
+            host: Some("127.0.0.1:4443"),
+            path: Some("/v1/chat/completions"),
+            cgroup,
+            exe: None,
+        };
+        let drill = "/t/aegis-drill-1";
+        assert!(c.rule(&facts(drill, "drill-unapproved-model", true), false).policy.is_empty(), "no drill");
+        let policy =
+            DrillPolicy { id: "drill.policy.x".into(), allow_providers: vec![], allow_models: vec!["gpt-4o*".into()] };
+        drills.begin("drill-1", drill, 0, Some(policy)).unwrap();
+        let ruled = c.rule(&facts(drill, "drill-unapproved-model", true), false);
+        let rules: Vec<(&str, &str)> = ruled.policy.iter().map(|m| (m.rule.as_str(), m.pack.as_str())).collect();
+        assert_eq!(rules, [("drill.policy.x", "drill")]);
+        assert_eq!(ruled.policy[0].action, Action::Block);
+        assert!(c.rule(&facts("/t/aegis-drill-1/client", "gpt-4o-mini", true), false).policy.is_empty(), "approved");
+        assert!(c.rule(&facts("/t/app", "drill-unapproved-model", true), false).policy.is_empty(), "real traffic");
+        assert!(c.rule(&facts(drill, "drill-unapproved-model", false), false).policy.is_empty(), "server end");
+        drills.end("drill-1");
+        assert!(c.rule(&facts(drill, "drill-unapproved-model", true), false).policy.is_empty(), "ended");
     }
 
     #[test]

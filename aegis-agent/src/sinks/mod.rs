@@ -417,7 +417,7 @@ mod tests {
                 drill: None,
             })
         };
-        drills.begin("drill-1", "/aegis-drill-1").unwrap();
+        drills.begin("drill-1", "/aegis-drill-1", 0, None).unwrap();
         drills.note_block("blk-1", "/aegis-drill-1");
         sink.write(&denied("blk-1"));
         sink.write(&denied("blk-2"));
