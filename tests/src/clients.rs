@@ -497,6 +497,34 @@ pub fn run_wget(port: u16, plan: &Plan) -> (u32, String) {
     (pid, stdout)
 }
 
+/// The Go test client (`clients/go_client.go`, built by the build script), plain or built
+/// with `-ldflags=-s -w` (no ELF symbols, no DWARF). Panics saying why when `go` could not
+/// build it.
+pub fn go_client(stripped: bool) -> PathBuf {
+    let built = if stripped { env!("GO_CLIENT_STRIPPED") } else { env!("GO_CLIENT") };
+    if let Some(why) = built.strip_prefix('!') {
+        panic!("the Go test client was not built when the tests were: {why}");
+    }
+    PathBuf::from(built)
+}
+
+/// Runs the Go test client ([`go_client`]) over `plan`: Go's net/http over Go's crypto/tls,
+/// HTTP/1.1, one connection per list of the plan. Asserts it exited 0.
+pub fn run_go(port: u16, plan: &Plan, stripped: bool) -> ClientRun {
+    let exe = go_client(stripped);
+    let (_dir, plan_path) = write_plan(plan);
+    let mut cmd = Command::new(&exe);
+    cmd.arg("--port").arg(port.to_string()).arg("--plan").arg(&plan_path);
+    let (pid, stdout, stderr) = run_client("go", cmd);
+    ClientRun {
+        client: "go",
+        // Goroutines run on several threads: calls come from any of them.
+        identity: identity(pid, &exe, TlsExpect::Go(exe.clone()), false),
+        responses: parse_responses("go", &stdout),
+        stderr,
+    }
+}
+
 /// The caller the agent should name for a [`run_wget`] process.
 pub fn wget_identity(pid: u32) -> Identity {
     identity(pid, Path::new(WGET), TlsExpect::GnuTls, true)

@@ -15,6 +15,7 @@
 
 pub mod conn;
 pub mod event;
+pub mod gosym;
 pub mod probes;
 pub mod process;
 pub mod targets;
