@@ -7,7 +7,8 @@
 use std::{path::PathBuf, process::Command};
 
 fn main() {
-    let src = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets it")).join("clients/go_client.go");
+    let src =
+        PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets it")).join("clients/go_client.go");
     let out = PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets it"));
     println!("cargo:rerun-if-changed={}", src.display());
     println!("cargo:rerun-if-env-changed=PATH");
@@ -16,7 +17,9 @@ fn main() {
         .and_then(|paths| std::env::split_paths(&paths).map(|d| d.join("go")).find(|p| p.is_file()))
         .unwrap_or_else(|| PathBuf::from("/usr/bin/go"));
     println!("cargo:rerun-if-changed={}", go.display());
-    for (var, name, ldflags) in [("GO_CLIENT", "aegis-go-client", None), ("GO_CLIENT_STRIPPED", "aegis-go-client-stripped", Some("-s -w"))] {
+    for (var, name, ldflags) in
+        [("GO_CLIENT", "aegis-go-client", None), ("GO_CLIENT_STRIPPED", "aegis-go-client-stripped", Some("-s -w"))]
+    {
         let bin = out.join(name);
         let mut cmd = Command::new(&go);
         cmd.arg("build").arg("-trimpath").arg("-o").arg(&bin);

@@ -30,8 +30,12 @@
 
 use aegis_common::{Direction, DropCause, PendingCall, TlsHook};
 use aya_ebpf::{
-    EbpfContext as _, bindings::pt_regs, helpers::bpf_get_current_pid_tgid, macros::map, macros::uprobe,
-    maps::LruHashMap, programs::ProbeContext,
+    EbpfContext as _,
+    bindings::pt_regs,
+    helpers::bpf_get_current_pid_tgid,
+    macros::{map, uprobe},
+    maps::LruHashMap,
+    programs::ProbeContext,
 };
 
 use crate::openssl::{copy_call, count_drop, end_conn};

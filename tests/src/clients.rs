@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 use crate::{
     TempDir, comm_of,
     expect::{Identity, TlsExpect},
-    file_tail, python_exe, tests_dir, wait_with_timeout,
+    file_tail, python_exe, tests_dir, time_scale, wait_with_timeout,
 };
 
 /// How long one client run may take.
@@ -508,13 +508,35 @@ pub fn go_client(stripped: bool) -> PathBuf {
     PathBuf::from(built)
 }
 
+/// The agent's `[capture]` table naming both Go test clients as executables to probe from
+/// the start (the correlation window scaled as the default one is where everything runs
+/// slower).
+pub fn go_capture_toml() -> String {
+    let window = aegis_agent::config::Config::defaults().capture.correlation_window_ms * u64::from(time_scale());
+    format!(
+        "[capture]\nexecutables = [{:?}, {:?}]\ncorrelation_window_ms = {window}\n",
+        go_client(false).display().to_string(),
+        go_client(true).display().to_string()
+    )
+}
+
+/// The Go test client's command over `plan` (keep the directory until it has run): HTTP/1.1,
+/// or with `http2` ALPN h2 and concurrent streams after each connection's first request.
+pub fn go_command(port: u16, plan: &Plan, stripped: bool, http2: bool) -> (TempDir, Command) {
+    let (dir, plan_path) = write_plan(plan);
+    let mut cmd = Command::new(go_client(stripped));
+    cmd.arg("--port").arg(port.to_string()).arg("--plan").arg(&plan_path);
+    if http2 {
+        cmd.arg("--http2");
+    }
+    (dir, cmd)
+}
+
 /// Runs the Go test client ([`go_client`]) over `plan`: Go's net/http over Go's crypto/tls,
 /// HTTP/1.1, one connection per list of the plan. Asserts it exited 0.
 pub fn run_go(port: u16, plan: &Plan, stripped: bool) -> ClientRun {
     let exe = go_client(stripped);
-    let (_dir, plan_path) = write_plan(plan);
-    let mut cmd = Command::new(&exe);
-    cmd.arg("--port").arg(port.to_string()).arg("--plan").arg(&plan_path);
+    let (_dir, cmd) = go_command(port, plan, stripped, false);
     let (pid, stdout, stderr) = run_client("go", cmd);
     ClientRun {
         client: "go",

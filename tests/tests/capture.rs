@@ -12,10 +12,10 @@ use std::{
 
 use aegis_tests::{
     Agent, MockProvider, Plan, Request, TempCert, assert_calls, assert_no_secrets,
-    clients::{ClientRun, go_client, run_go, run_wget, wget_identity},
+    clients::{ClientRun, go_capture_toml, run_go, run_wget, wget_identity},
     expected_calls,
     plans::{self, SECRETS},
-    require_root, run_curl, run_node, run_python, serial, time_scale,
+    require_root, run_curl, run_node, run_python, serial,
 };
 use serde_json::Value;
 
@@ -132,17 +132,6 @@ fn wget_gnutls_calls_are_reported_exactly() {
         assert_calls(&mine, &expected, &setup.mock.host(), &wget_identity(*pid), &setup.mock.identity(), &context);
     }
     assert_no_secrets(&setup.agent.raw_output(), &SECRETS);
-}
-
-/// The agent's `[capture]` table naming both Go test clients as executables to probe (the
-/// correlation window scaled as the default one is where everything runs slower).
-fn go_capture_toml() -> String {
-    let window = aegis_agent::config::Config::defaults().capture.correlation_window_ms * u64::from(time_scale());
-    format!(
-        "[capture]\nexecutables = [{:?}, {:?}]\ncorrelation_window_ms = {window}\n",
-        go_client(false).display().to_string(),
-        go_client(true).display().to_string()
-    )
 }
 
 /// A Go client (net/http over Go's own crypto/tls, HTTP/1.1, no C library at all): its calls

@@ -145,7 +145,11 @@ impl<'a> Pclntab<'a> {
             return Err(GoError::NoTable);
         }
         if !matches!(magic, MAGIC_118 | MAGIC_120) || table[6] != 1 || table[7] != 8 {
-            return Err(if matches!(magic, MAGIC_116 | 0xffff_fffb) { GoError::Unsupported(magic) } else { GoError::NoTable });
+            return Err(if matches!(magic, MAGIC_116 | 0xffff_fffb) {
+                GoError::Unsupported(magic)
+            } else {
+                GoError::NoTable
+            });
         }
         let word = |i: usize| read_u64(table, 8 + 8 * i).ok_or(GoError::Malformed("short header"));
         let nfunc = usize::try_from(word(0)?).map_err(|_| GoError::Malformed("function count"))?;
@@ -156,7 +160,8 @@ impl<'a> Pclntab<'a> {
         if text_start == 0 {
             text_start = text.ok_or(GoError::Malformed("no text start"))?;
         }
-        let functab_len = nfunc.checked_add(1).and_then(|n| n.checked_mul(8)).ok_or(GoError::Malformed("function count"))?;
+        let functab_len =
+            nfunc.checked_add(1).and_then(|n| n.checked_mul(8)).ok_or(GoError::Malformed("function count"))?;
         if funcnames >= table.len() || pcln.checked_add(functab_len).is_none_or(|end| end > table.len()) {
             return Err(GoError::Malformed("tables past the end"));
         }
@@ -197,7 +202,12 @@ fn text_address(file: &object::File) -> Option<u64> {
 /// The function `name` at virtual addresses `start..end`: its entry and RET instructions as
 /// file offsets, found by decoding it from its entry to its end (Go pads between functions
 /// with INT3, which decodes).
-fn function(file: &object::File, data: &[u8], name: &'static str, (start, end): (u64, u64)) -> Result<GoFunction, GoError> {
+fn function(
+    file: &object::File,
+    data: &[u8],
+    name: &'static str,
+    (start, end): (u64, u64),
+) -> Result<GoFunction, GoError> {
     let entry = file_offset(file, start).ok_or(GoError::NotInFile(name))?;
     let len = (end - start).min(MAX_FUNCTION_BYTES);
     let code = usize::try_from(entry)

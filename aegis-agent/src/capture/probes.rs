@@ -1,6 +1,7 @@
 //! Loading capture's eBPF object (`kernel::objects::CAPTURE`) and attaching the TLS
-//! probes to every [`TlsTarget`] (by symbol, or for Go by file offset), together with the probes of other objects that go wherever
-//! capture's go ([`TlsCompanion`]: the content gate's SSL_write probes).
+//! probes to every [`TlsTarget`] (by symbol, or for Go by file offset), together with the
+//! probes of other objects that go wherever capture's go ([`TlsCompanion`]: the content
+//! gate's SSL_write probes, which have nothing to put on Go's functions).
 //!
 //! Each target gets its index in [`Sources`] as the attach cookie, so an event names the
 //! file whose probe produced it. Uprobes on a file cover every process that maps it,
@@ -282,7 +283,7 @@ fn uprobe<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut UProbe> 
 
 /// Attach capture's Go programs to the Go executable `target` at the offsets of `go`: on
 /// the body of `Write` and `Read` (past the stack check, which a call may pass twice), on
-/// every RET of `Read`, and on `Close`'s entry. One point per attachment: the kernels before
+/// every RET of `Read`, and on `Close`'s body. One point per attachment: the kernels before
 /// 6.6 have no multi-uprobe link.
 fn attach_go(ebpf: &mut Ebpf, go: &GoTls, target: &TlsTarget, cookie: u64) -> anyhow::Result<usize> {
     let mut points: Vec<(&str, u64)> = vec![("go_tls_write_enter", go.write.body), ("go_tls_read_enter", go.read.body)];

@@ -68,8 +68,7 @@ fn load_object(
     let mut programs = Vec::new();
     let mut refused = Vec::new();
     let mut refused_optional = Vec::new();
-    for (name, optional) in
-        object.programs.iter().map(|n| (n, false)).chain(object.optional.iter().map(|n| (n, true)))
+    for (name, optional) in object.programs.iter().map(|n| (n, false)).chain(object.optional.iter().map(|n| (n, true)))
     {
         let outcome = objects::load_program(&mut ebpf, name);
         on_load(object, name, &outcome);

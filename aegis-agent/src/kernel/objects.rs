@@ -38,12 +38,7 @@ pub static CAPTURE: Object = Object {
         "ssl_read_ex_exit",
         "ssl_free_enter",
     ],
-    optional: &[
-        "go_tls_write_enter",
-        "go_tls_read_enter",
-        "go_tls_read_return",
-        "go_tls_close_enter",
-    ],
+    optional: &["go_tls_write_enter", "go_tls_read_enter", "go_tls_read_return", "go_tls_close_enter"],
 };
 
 pub static GATE: Object = Object {
