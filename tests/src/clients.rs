@@ -508,16 +508,15 @@ pub fn go_client(stripped: bool) -> PathBuf {
     PathBuf::from(built)
 }
 
-/// The agent's `[capture]` table naming both Go test clients as executables to probe from
-/// the start (the correlation window scaled as the default one is where everything runs
-/// slower).
+/// The agent's `[capture]` table adding both Go test clients to the default executables to
+/// probe from the start (node's stay: the HTTP/2 mock is node), with the correlation window
+/// scaled as the default one is where everything runs slower.
 pub fn go_capture_toml() -> String {
-    let window = aegis_agent::config::Config::defaults().capture.correlation_window_ms * u64::from(time_scale());
-    format!(
-        "[capture]\nexecutables = [{:?}, {:?}]\ncorrelation_window_ms = {window}\n",
-        go_client(false).display().to_string(),
-        go_client(true).display().to_string()
-    )
+    let defaults = aegis_agent::config::Config::defaults().capture;
+    let window = defaults.correlation_window_ms * u64::from(time_scale());
+    let mut executables: Vec<String> = defaults.executables.iter().map(|p| p.display().to_string()).collect();
+    executables.extend([false, true].map(|stripped| go_client(stripped).display().to_string()));
+    format!("[capture]\nexecutables = {executables:?}\ncorrelation_window_ms = {window}\n")
 }
 
 /// The Go test client's command over `plan` (keep the directory until it has run): HTTP/1.1,
