@@ -35,7 +35,7 @@ use aya_ebpf::{
 
 /// Plaintext events for the agent. The size is set by the agent at load time.
 #[map]
-static TLS_EVENTS: RingBuf = RingBuf::with_byte_size(16 * 1024 * 1024, 0);
+pub(crate) static TLS_EVENTS: RingBuf = RingBuf::with_byte_size(16 * 1024 * 1024, 0);
 
 /// Arguments of the library call in flight, per thread (key: pid_tgid).
 #[map]
@@ -43,7 +43,7 @@ static TLS_PENDING: HashMap<u64, PendingCall> = HashMap::with_max_entries(16384,
 
 /// Scratch area where one event is assembled (too large for the 512-byte BPF stack).
 #[map]
-static TLS_SCRATCH: PerCpuArray<ChunkScratch> = PerCpuArray::with_max_entries(1, 0);
+pub(crate) static TLS_SCRATCH: PerCpuArray<ChunkScratch> = PerCpuArray::with_max_entries(1, 0);
 
 /// Bytes each connection has moved so far, per direction: every event carries its call's
 /// place in the stream, so the agent sees how much it missed even when whole events were
@@ -64,7 +64,7 @@ static TLS_ENDED: LruHashMap<StreamKey, StreamPos> = LruHashMap::with_max_entrie
 static TLS_DROPS: PerCpuArray<DropCounter> = PerCpuArray::with_max_entries(DROP_CAUSES as u32, 0);
 
 #[inline(always)]
-fn count_drop(cause: DropCause, bytes: u64) {
+pub(crate) fn count_drop(cause: DropCause, bytes: u64) {
     if let Some(c) = TLS_DROPS.get_ptr_mut(cause as u32) {
         // Per-CPU slot: no other writer while this program runs on this CPU.
         unsafe {
@@ -152,6 +152,19 @@ fn emit(ctx: &RetProbeContext, hook: TlsHook, direction: Direction, ex: bool) ->
         }
         ret as u64
     };
+    copy_call(ctx.as_ptr(), &pending, total, hook, direction)
+}
+
+/// Send the `total` bytes a call moved at `pending.buf` as events (header first, in the
+/// scratch area), and advance the connection's stream. Shared with Go's probes (`go_tls.rs`).
+#[inline(always)]
+pub(crate) fn copy_call(
+    ctx_ptr: *mut c_void,
+    pending: &PendingCall,
+    total: u64,
+    hook: TlsHook,
+    direction: Direction,
+) -> u32 {
     if total == 0 {
         return 0;
     }
@@ -159,7 +172,7 @@ fn emit(ctx: &RetProbeContext, hook: TlsHook, direction: Direction, ex: bool) ->
         return 0;
     };
     let scratch = unsafe { &mut *scratch };
-    fill_header(&mut scratch.header, ctx.as_ptr(), pending.conn, hook, direction);
+    fill_header(&mut scratch.header, ctx_ptr, pending.conn, hook, direction);
     let call_len = if total > u32::MAX as u64 { u32::MAX } else { total as u32 };
     scratch.header.call_len = call_len;
     let place = advance(scratch.header.pid_tgid, pending.conn, direction, total);
@@ -292,11 +305,18 @@ pub fn ssl_free_enter(ctx: ProbeContext) -> u32 {
     let Some(conn) = ctx.arg::<u64>(0) else {
         return 0;
     };
+    end_conn(ctx.as_ptr(), conn)
+}
+
+/// The connection object `conn` of the current process ends: an event with where its
+/// streams ended, and its stream positions forgotten. Shared with Go's `(*Conn).Close`.
+#[inline(always)]
+pub(crate) fn end_conn(ctx_ptr: *mut c_void, conn: u64) -> u32 {
     let Some(scratch) = TLS_SCRATCH.get_ptr_mut(0) else {
         return 0;
     };
     let scratch = unsafe { &mut *scratch };
-    fill_header(&mut scratch.header, ctx.as_ptr(), conn, TlsHook::SslFree, Direction::Egress);
+    fill_header(&mut scratch.header, ctx_ptr, conn, TlsHook::SslFree, Direction::Egress);
     scratch.header.call_len = 0;
     scratch.header.offset = 0;
     scratch.header.data_len = 0;

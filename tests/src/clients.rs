@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 use crate::{
     TempDir, comm_of,
     expect::{Identity, TlsExpect},
-    file_tail, python_exe, tests_dir, wait_with_timeout,
+    file_tail, python_exe, tests_dir, time_scale, wait_with_timeout,
 };
 
 /// How long one client run may take.
@@ -495,6 +495,55 @@ pub fn run_wget(port: u16, plan: &Plan) -> (u32, String) {
     cmd.arg(format!("https://127.0.0.1:{port}{}", req.path));
     let (pid, stdout, _) = run_client("wget", cmd);
     (pid, stdout)
+}
+
+/// The Go test client (`clients/go_client.go`, built by the build script), plain or built
+/// with `-ldflags=-s -w` (no ELF symbols, no DWARF). Panics saying why when `go` could not
+/// build it.
+pub fn go_client(stripped: bool) -> PathBuf {
+    let built = if stripped { env!("GO_CLIENT_STRIPPED") } else { env!("GO_CLIENT") };
+    if let Some(why) = built.strip_prefix('!') {
+        panic!("the Go test client was not built when the tests were: {why}");
+    }
+    PathBuf::from(built)
+}
+
+/// The agent's `[capture]` table adding both Go test clients to the default executables to
+/// probe from the start (node's stay: the HTTP/2 mock is node), with the correlation window
+/// scaled as the default one is where everything runs slower.
+pub fn go_capture_toml() -> String {
+    let defaults = aegis_agent::config::Config::defaults().capture;
+    let window = defaults.correlation_window_ms * u64::from(time_scale());
+    let mut executables: Vec<String> = defaults.executables.iter().map(|p| p.display().to_string()).collect();
+    executables.extend([false, true].map(|stripped| go_client(stripped).display().to_string()));
+    format!("[capture]\nexecutables = {executables:?}\ncorrelation_window_ms = {window}\n")
+}
+
+/// The Go test client's command over `plan` (keep the directory until it has run): HTTP/1.1,
+/// or with `http2` ALPN h2 and concurrent streams after each connection's first request.
+pub fn go_command(port: u16, plan: &Plan, stripped: bool, http2: bool) -> (TempDir, Command) {
+    let (dir, plan_path) = write_plan(plan);
+    let mut cmd = Command::new(go_client(stripped));
+    cmd.arg("--port").arg(port.to_string()).arg("--plan").arg(&plan_path);
+    if http2 {
+        cmd.arg("--http2");
+    }
+    (dir, cmd)
+}
+
+/// Runs the Go test client ([`go_client`]) over `plan`: Go's net/http over Go's crypto/tls,
+/// HTTP/1.1, one connection per list of the plan. Asserts it exited 0.
+pub fn run_go(port: u16, plan: &Plan, stripped: bool) -> ClientRun {
+    let exe = go_client(stripped);
+    let (_dir, cmd) = go_command(port, plan, stripped, false);
+    let (pid, stdout, stderr) = run_client("go", cmd);
+    ClientRun {
+        client: "go",
+        // Goroutines run on several threads: calls come from any of them.
+        identity: identity(pid, &exe, TlsExpect::Go(exe.clone()), false),
+        responses: parse_responses("go", &stdout),
+        stderr,
+    }
 }
 
 /// The caller the agent should name for a [`run_wget`] process.

@@ -197,6 +197,8 @@ pub enum TlsExpect {
     Binary(PathBuf),
     /// The system GnuTLS (`.../libgnutls.so.30[.x.y.z]`), hooks `gnutls_record_*`.
     GnuTls,
+    /// Go's crypto/tls in this Go executable, hooks `crypto/tls.(*Conn).Write`/`Read`.
+    Go(PathBuf),
 }
 
 /// A process the agent should name (caller or server).
@@ -239,6 +241,10 @@ impl Identity {
             TlsExpect::GnuTls => {
                 check(lib.contains("/libgnutls.so.30"), format!("tls.library {lib:?} is not libgnutls.so.30"));
                 ("gnutls", "gnutls_record_send", "gnutls_record_recv")
+            }
+            TlsExpect::Go(exe) => {
+                check(lib == exe.to_string_lossy(), format!("tls.library {lib:?} != {exe:?}"));
+                ("go-crypto/tls", "crypto/tls.(*Conn).Write", "crypto/tls.(*Conn).Read")
             }
         };
         check(p["tls"]["stack"] == stack, format!("tls.stack {} != {stack:?}", p["tls"]["stack"]));

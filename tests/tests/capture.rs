@@ -12,7 +12,7 @@ use std::{
 
 use aegis_tests::{
     Agent, MockProvider, Plan, Request, TempCert, assert_calls, assert_no_secrets,
-    clients::{ClientRun, run_wget, wget_identity},
+    clients::{ClientRun, go_capture_toml, run_go, run_wget, wget_identity},
     expected_calls,
     plans::{self, SECRETS},
     require_root, run_curl, run_node, run_python, serial,
@@ -32,9 +32,14 @@ struct Setup {
 
 impl Setup {
     fn start() -> Self {
+        Self::start_with("")
+    }
+
+    /// [`Setup::start`] with `extra_toml` added to the agent's config.
+    fn start_with(extra_toml: &str) -> Self {
         require_root();
         let cert = TempCert::generate();
-        let agent = Agent::start();
+        let agent = Agent::start_with_config(extra_toml);
         let mock = MockProvider::start(&cert);
         Self { agent, mock, _cert: cert }
     }
@@ -127,6 +132,39 @@ fn wget_gnutls_calls_are_reported_exactly() {
         assert_calls(&mine, &expected, &setup.mock.host(), &wget_identity(*pid), &setup.mock.identity(), &context);
     }
     assert_no_secrets(&setup.agent.raw_output(), &SECRETS);
+}
+
+/// A Go client (net/http over Go's own crypto/tls, HTTP/1.1, no C library at all): its calls
+/// are reported like OpenSSL clients' ones, with `tls.stack = "go-crypto/tls"` and the Go
+/// functions as hooks. Reads and writes are seen at the RET instructions of
+/// `(*Conn).Read`/`Write`, keyed by goroutine; the goroutines move between threads.
+#[test]
+fn go_calls_are_reported_exactly() {
+    let _serial = serial();
+    let plan = Plan::single(plans::common_requests());
+    Setup::start_with(&go_capture_toml()).run_and_check(|port, plan| run_go(port, plan, false), &plan);
+}
+
+/// The same client built with `-ldflags=-s -w` (no ELF symbol table, no DWARF): its
+/// crypto/tls is found through Go's own symbol table. Two connections at once, from two
+/// goroutines.
+#[test]
+fn stripped_go_calls_are_reported_exactly() {
+    let _serial = serial();
+    let plan = Plan {
+        connections: vec![
+            vec![
+                plans::openai_chat("gpt-4o-mini", "Is a stripped Go binary still seen?"),
+                plans::health(),
+                plans::anthropic_messages("claude-3-5-haiku-latest", "Name a Go proverb.", true),
+            ],
+            vec![
+                plans::openai_chat_stream("gpt-4o", "Stream a haiku about goroutines.", true),
+                plans::openai_chat("gpt-4.1-nano", "Reply with a compressed body.").gzip(),
+            ],
+        ],
+    };
+    Setup::start_with(&go_capture_toml()).run_and_check(|port, plan| run_go(port, plan, true), &plan);
 }
 
 /// Error answers are still calls: reported with their status and no usage.

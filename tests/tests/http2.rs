@@ -8,10 +8,14 @@
 //! Needs root and a built agent: `cargo build -p aegis-agent && cargo test -p aegis-tests
 //! --test http2`. Tests hold `serial()`.
 
-use std::{collections::BTreeSet, process::Command, time::Duration};
+use std::{
+    collections::BTreeSet,
+    process::{Command, Stdio},
+    time::Duration,
+};
 
 use aegis_tests::{
-    Agent, ContainConfig, PinDir, TempCert, TestCgroup, file_tail,
+    Agent, ContainConfig, PinDir, Plan, Request, TempCert, TestCgroup, clients, file_tail,
     http2::{self, H2Call, MockH2Provider},
     require_root, serial,
 };
@@ -104,6 +108,37 @@ fn node_http2_streams_are_reported_exactly() {
     let lines: Vec<Value> = stdout.lines().map(|l| serde_json::from_str(l).expect("JSON line")).collect();
     let streams: BTreeSet<u64> = lines.iter().filter_map(|l| l["stream"].as_u64()).collect();
     assert_eq!(streams.len(), calls.len() + 1, "one stream per request on one session: {lines:#?}");
+    assert_h2_calls(&mut agent, &mock, pid, &calls);
+}
+
+/// A Go client (Go's bundled HTTP/2 over Go's crypto/tls, ALPN h2): a `GET /health` opens
+/// the connection, then the calls go at once as concurrent streams on it, each written by
+/// its own goroutine and read by the connection's reader goroutine.
+#[test]
+fn go_http2_streams_are_reported_exactly() {
+    let _serial = serial();
+    require_root();
+    let cert = TempCert::generate();
+    let mut agent = Agent::start_with_config(&clients::go_capture_toml());
+    let mock = MockH2Provider::start(&cert);
+    let calls = calls();
+    let mut requests = vec![Request::get("/health")];
+    requests.extend(
+        calls.iter().map(|c| {
+            c.headers.iter().fold(Request::post("/v1/chat/completions", c.body()), |r, (n, v)| r.header(n, v))
+        }),
+    );
+    let (_dir, mut cmd) = clients::go_command(mock.port, &Plan::single(requests), false, true);
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let (pid, stdout) = run_ok(cmd, "go http2 client");
+    let lines: Vec<Value> = stdout.lines().map(|l| serde_json::from_str(l).expect("JSON line")).collect();
+    assert_eq!(lines.len(), calls.len() + 1, "{lines:#?}");
+    for l in &lines {
+        assert_eq!(l["proto"], "HTTP/2.0", "every answer over HTTP/2: {lines:#?}");
+        let i = l["i"].as_u64().expect("i") as usize;
+        let want = if i == 0 { 200 } else { calls[i - 1].status() };
+        assert_eq!(l["status"].as_u64(), Some(want), "{lines:#?}");
+    }
     assert_h2_calls(&mut agent, &mock, pid, &calls);
 }
 

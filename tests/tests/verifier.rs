@@ -15,7 +15,7 @@ fn every_program_loads_well_within_the_verifier_budget() {
     let report: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("kernel_report output: {e}"));
     assert!(out.status.success(), "kernel_report failed: over budget {}", report["over_budget"]);
     let programs = report["programs"].as_array().expect("programs");
-    assert_eq!(programs.len(), 19, "{table}");
+    assert_eq!(programs.len(), 23, "{table}");
     let budget = report["programs"][0]["limit"].as_u64().unwrap() / 4;
     for p in programs {
         assert_eq!(p["loaded"], true, "{p}");

@@ -27,7 +27,7 @@ use clap::{Parser, Subcommand};
 pub const TOOLCHAIN: &str = "nightly-2026-10-30";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Debian packages the tests and benchmarks use (binary, package).
-const PACKAGES: [(&str, &str); 10] = [
+const PACKAGES: [(&str, &str); 11] = [
     ("/usr/bin/curl", "curl"),
     ("/usr/bin/openssl", "openssl"),
     ("/usr/include/openssl/ssl.h", "libssl-dev"),
@@ -39,6 +39,8 @@ const PACKAGES: [(&str, &str); 10] = [
     // The man page test renders with groff; the package check reads the binary's symbols.
     ("/usr/bin/groff", "groff-base"),
     ("/usr/bin/objdump", "binutils"),
+    // The Go test client (tests/clients/go_client.go), built by the tests crate's build script.
+    ("/usr/bin/go", "golang-go"),
 ];
 
 #[derive(Parser)]

@@ -16,6 +16,7 @@
 pub mod blindspot;
 pub mod conn;
 pub mod event;
+pub mod gosym;
 pub mod probes;
 pub mod process;
 pub mod scope;

@@ -1,6 +1,7 @@
 //! Loading capture's eBPF object (`kernel::objects::CAPTURE`) and attaching the TLS
-//! probes to every [`TlsTarget`], together with the probes of other objects that go wherever
-//! capture's go ([`TlsCompanion`]: the content gate's SSL_write probes).
+//! probes to every [`TlsTarget`] (by symbol, or for Go by file offset), together with the
+//! probes of other objects that go wherever capture's go ([`TlsCompanion`]: the content
+//! gate's SSL_write probes, which have nothing to put on Go's functions).
 //!
 //! Each target gets its index in [`Sources`] as the attach cookie, so an event names the
 //! file whose probe produced it. Uprobes on a file cover every process that maps it,
@@ -21,11 +22,12 @@ use aya::{
     maps::{HashMap, MapData, PerCpuArray, RingBuf},
     programs::{
         UProbe,
-        uprobe::{UProbeAttachPoint, UProbeLinkId, UProbeScope},
+        uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeLinkId, UProbeScope},
     },
 };
 
 use super::{
+    gosym::GoTls,
     scope::{self, ProcessProbes, Scoped},
     targets::{TlsFn, TlsTarget},
 };
@@ -79,6 +81,8 @@ pub struct TlsProbes {
     /// `capture.scope = "model_processes"`: targets are probed per process (see
     /// `capture::scope`); None: for every process.
     scoped: Option<Scoped>,
+    /// Why the kernel refused Go's programs, when it did (Go targets are then skipped).
+    go_refused: Option<String>,
 }
 
 /// What the kernel sends: plaintext events and the drop counters.
@@ -100,11 +104,17 @@ impl TlsProbes {
         for name in CAPTURE.programs {
             objects::load_program(&mut ebpf, name)?;
         }
+        // Go's programs on their own: a refusal leaves capture up without Go's crypto/tls.
+        let go_refused = CAPTURE.optional.iter().find_map(|name| objects::load_program(&mut ebpf, name).err());
+        if let Some(e) = &go_refused {
+            tracing::warn!(error = %e, "Go crypto/tls capture unavailable on this kernel; the rest of capture runs");
+        }
         let events = RingBuf::try_from(ebpf.take_map("TLS_EVENTS").context("map TLS_EVENTS missing")?)?;
         let drops = PerCpuArray::try_from(ebpf.take_map("TLS_DROPS").context("map TLS_DROPS missing")?)?;
         let ended = HashMap::try_from(ebpf.take_map("TLS_ENDED").context("map TLS_ENDED missing")?)?;
         let mut probes = Self::without_capture();
         probes.capture = Some(ebpf);
+        probes.go_refused = go_refused.map(|e| e.to_string());
         Ok((probes, EventSource { events, drops, ended: Some(ended) }))
     }
 
@@ -118,6 +128,7 @@ impl TlsProbes {
             failed: Vec::new(),
             report: None,
             scoped: None,
+            go_refused: None,
         }
     }
 
@@ -146,7 +157,7 @@ impl TlsProbes {
         let targets = self.sources.read().unwrap_or_else(|e| e.into_inner()).clone();
         let mut probes = ProcessProbes { start_time, links: Vec::new(), targets: Vec::new() };
         for (i, target) in targets.iter().enumerate() {
-            if scoped.host_wide(&target.path) || !mapped.contains(&target.path) {
+            if target.go.is_some() || scoped.host_wide(&target.path) || !mapped.contains(&target.path) {
                 continue;
             }
             match attach_points(ebpf, &ATTACH_PLAN, target, Some(i as u64), UProbeScope::OneProcess(filter)) {
@@ -204,12 +215,19 @@ impl TlsProbes {
     /// target could not be probed or none was found yet.
     pub fn status(&self) -> CapabilityStatus {
         let status = match (self.attached, self.failed.as_slice()) {
+            (n, []) if self.go_refused.is_some() => CapabilityStatus::degraded(
+                Capability::Capture,
+                format!("probes on {n} TLS target(s)"),
+                format!("the kernel refused Go's crypto/tls programs: {}", self.go_refused.as_deref().unwrap_or("")),
+            )
+            .with_impact("calls made by Go programs are not seen"),
             (0, []) => CapabilityStatus::degraded(
                 Capability::Capture,
                 "programs loaded, no TLS library probed",
                 "no TLS library found to probe yet (looked for libssl.so.3, libssl.so.1.1 and libgnutls.so.30 in \
-                 the system library directories and in running processes; discovery looks again): install libssl3, or list \
-                 the library under capture.libraries",
+                 the system library directories, and OpenSSL or Go's crypto/tls in the executables of running \
+                 processes; discovery looks again): install libssl3, or list the library under capture.libraries \
+                 (a program under capture.executables)",
             )
             .with_impact("no model call is seen until a TLS library is found"),
             (n, []) => CapabilityStatus::active(Capability::Capture, match &self.scoped {
@@ -250,6 +268,7 @@ impl TlsProbes {
         CAPTURE
             .programs
             .iter()
+            .chain(CAPTURE.optional)
             .map(|name| ProgramStatus {
                 object: CAPTURE.name.into(),
                 program: (*name).into(),
@@ -282,7 +301,9 @@ impl TlsProbes {
                 attach_companion(companion.as_mut(), target);
             }
             let Some(ebpf) = self.capture.as_mut() else { continue };
+            // Go executables keep host-wide probes: scoped capture covers the C libraries.
             if let Some(scoped) = &self.scoped
+                && target.go.is_none()
                 && !scoped.host_wide(&target.path)
             {
                 tracing::info!(
@@ -293,7 +314,14 @@ impl TlsProbes {
                 attached += 1;
                 continue;
             }
-            match attach_plan(ebpf, &ATTACH_PLAN, target, Some(cookie)) {
+            let result = match &target.go {
+                Some(_) if self.go_refused.is_some() => {
+                    Err(anyhow::anyhow!("the kernel refused Go's crypto/tls programs (see the capture status)"))
+                }
+                Some(go) => attach_go(ebpf, go, target, cookie),
+                None => attach_plan(ebpf, &ATTACH_PLAN, target, Some(cookie)),
+            };
+            match result {
                 Ok(n) => {
                     tracing::info!(
                         path = %target.path.display(),
@@ -349,6 +377,26 @@ fn uprobe<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut UProbe> 
         .with_context(|| format!("eBPF program {name} missing from the object"))?
         .try_into()
         .with_context(|| format!("eBPF program {name} is not a uprobe"))
+}
+
+/// Attach capture's Go programs to the Go executable `target` at the offsets of `go`: on
+/// the body of `Write` and `Read` (past the stack check, which a call may pass twice), on
+/// every RET of `Read`, and on `Close`'s body. One point per attachment: the kernels before
+/// 6.6 have no multi-uprobe link.
+fn attach_go(ebpf: &mut Ebpf, go: &GoTls, target: &TlsTarget, cookie: u64) -> anyhow::Result<usize> {
+    let mut points: Vec<(&str, u64)> = vec![("go_tls_write_enter", go.write.body), ("go_tls_read_enter", go.read.body)];
+    points.extend(go.read.returns.iter().map(|r| ("go_tls_read_return", *r)));
+    points.extend(go.close.iter().map(|c| ("go_tls_close_enter", *c)));
+    for &(prog_name, offset) in &points {
+        uprobe(ebpf, prog_name)?
+            .attach(
+                [UProbeAttachPoint { location: UProbeAttachLocation::AbsoluteOffset(offset), cookie: Some(cookie) }],
+                Path::new(&target.path),
+                UProbeScope::AllProcesses,
+            )
+            .with_context(|| format!("attaching {prog_name} at file offset {offset:#x}"))?;
+    }
+    Ok(points.len())
 }
 
 /// Attach the uprobes of `plan` (loaded programs of `ebpf`) to `target`, with `cookie` as

@@ -1,6 +1,8 @@
 //! Where the TLS libraries live on this host: shared libraries (OpenSSL's libssl.so.3 and
-//! libssl.so.1.1, GnuTLS's libgnutls.so.30) and executables that link OpenSSL (or BoringSSL,
-//! which has the same API) statically and export it (node).
+//! libssl.so.1.1, GnuTLS's libgnutls.so.30), executables that link OpenSSL (or BoringSSL,
+//! which has the same API) statically and export it (node), and Go executables, whose
+//! crypto/tls is found through Go's own symbol table ([`gosym`](super::gosym)), so stripped
+//! ones too.
 //!
 //! A target qualifies when its ELF dynamic symbol table defines the read and write functions
 //! of one [`TlsStack`]; the others ([`TlsFn`]) are attached when also present. Paths are
@@ -16,6 +18,9 @@
 //! ```
 //! so capture's OpenSSL programs go on them, the session pointer standing for the `SSL *`.
 //! (A return value is read as a C int: a record is at most 16 KiB, far below 2^31.)
+//!
+//! Go's crypto/tls has programs of its own (Go's register ABI, probes on the RET
+//! instructions: `aegis-ebpf/src/go_tls.rs`), attached at file offsets, not symbols.
 
 use std::{
     collections::HashSet,
@@ -26,6 +31,8 @@ use std::{
 use anyhow::Context as _;
 use object::{Object as _, ObjectSymbol as _};
 
+use super::gosym::{self, GoTls};
+
 /// The TLS implementations capture can read, told apart by the symbols a file exports.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum TlsStack {
@@ -33,6 +40,8 @@ pub enum TlsStack {
     OpenSsl,
     /// GnuTLS 3 (wget, and other Debian programs).
     GnuTls,
+    /// Go's crypto/tls (Go 1.18 and later), linked into every Go program that speaks TLS.
+    GoTls,
 }
 
 /// The library functions capture and the content gate put probes on, whatever the stack
@@ -56,9 +65,11 @@ impl TlsFn {
 }
 
 impl TlsStack {
-    const ALL: [TlsStack; 2] = [TlsStack::OpenSsl, TlsStack::GnuTls];
+    /// The stacks found by their exported symbols (Go's is found by its symbol table).
+    const EXPORTED: [TlsStack; 2] = [TlsStack::OpenSsl, TlsStack::GnuTls];
 
-    /// The symbol of `f` in this stack, if it has one.
+    /// The exported symbol of `f` in this stack, where the C-ABI programs (capture's OpenSSL
+    /// ones, the content gate's) go; Go's functions have none.
     pub fn symbol(self, f: TlsFn) -> Option<&'static str> {
         match (self, f) {
             (TlsStack::OpenSsl, TlsFn::Write) => Some("SSL_write"),
@@ -70,6 +81,18 @@ impl TlsStack {
             (TlsStack::GnuTls, TlsFn::Read) => Some("gnutls_record_recv"),
             (TlsStack::GnuTls, TlsFn::Free) => Some("gnutls_deinit"),
             (TlsStack::GnuTls, TlsFn::WriteEx | TlsFn::ReadEx) => None,
+            (TlsStack::GoTls, _) => None,
+        }
+    }
+
+    /// The name of `f` in this stack, for records and logs.
+    pub fn function_name(self, f: TlsFn) -> Option<&'static str> {
+        match (self, f) {
+            (TlsStack::GoTls, TlsFn::Write) => Some(gosym::WRITE),
+            (TlsStack::GoTls, TlsFn::Read) => Some(gosym::READ),
+            (TlsStack::GoTls, TlsFn::Free) => Some(gosym::CLOSE),
+            (TlsStack::GoTls, TlsFn::WriteEx | TlsFn::ReadEx) => None,
+            (stack, f) => stack.symbol(f),
         }
     }
 
@@ -78,6 +101,7 @@ impl TlsStack {
         match self {
             TlsStack::OpenSsl => "openssl",
             TlsStack::GnuTls => "gnutls",
+            TlsStack::GoTls => "go-crypto/tls",
         }
     }
 
@@ -87,7 +111,7 @@ impl TlsStack {
         TlsFn::ALL
             .into_iter()
             .find(|f| TlsStack::OpenSsl.symbol(*f) == Some(openssl_symbol))
-            .and_then(|f| self.symbol(f))
+            .and_then(|f| self.function_name(f))
             .unwrap_or(openssl_symbol)
     }
 }
@@ -106,7 +130,7 @@ const MAX_TARGET_BYTES: u64 = 1 << 30;
 pub enum TargetKind {
     /// A shared library (libssl, libgnutls).
     Library,
-    /// An executable with OpenSSL linked in.
+    /// An executable with OpenSSL or Go's crypto/tls linked in.
     Executable,
 }
 
@@ -118,6 +142,8 @@ pub struct TlsTarget {
     pub stack: TlsStack,
     /// The functions of [`TlsFn`] it defines.
     pub functions: Vec<TlsFn>,
+    /// Go's crypto/tls: where its probes go (stack [`TlsStack::GoTls`] only).
+    pub go: Option<GoTls>,
 }
 
 impl TlsTarget {
@@ -134,13 +160,14 @@ impl TlsTarget {
 
 /// Check `path` for a TLS library's API. Ok(None): readable ELF without the symbols of any
 /// [`TlsStack`]. A file with both (a program linking OpenSSL and GnuTLS) is probed as OpenSSL.
+/// A Go executable is probed when its crypto/tls can be found (Err with why when not).
 pub fn inspect(path: &Path, kind: TargetKind) -> anyhow::Result<Option<TlsTarget>> {
     let advice = "a TLS library or a program linking OpenSSL is smaller: leave it out of capture.libraries";
     let data = crate::files::read_capped(path, MAX_TARGET_BYTES, advice)
         .with_context(|| format!("cannot read {}", path.display()))?;
     let file = object::File::parse(&*data).with_context(|| format!("{} is not an ELF file", path.display()))?;
     let wanted: HashSet<&str> =
-        TlsStack::ALL.iter().flat_map(|s| TlsFn::ALL.iter().filter_map(|f| s.symbol(*f))).collect();
+        TlsStack::EXPORTED.iter().flat_map(|s| TlsFn::ALL.iter().filter_map(|f| s.symbol(*f))).collect();
     let mut found = HashSet::new();
     for sym in file.dynamic_symbols() {
         if sym.is_definition()
@@ -150,7 +177,7 @@ pub fn inspect(path: &Path, kind: TargetKind) -> anyhow::Result<Option<TlsTarget
             found.insert(name.to_owned());
         }
     }
-    for stack in TlsStack::ALL {
+    for stack in TlsStack::EXPORTED {
         let defines = |f: TlsFn| stack.symbol(f).is_some_and(|s| found.contains(s));
         if !(defines(TlsFn::Write) && defines(TlsFn::Read)) {
             continue;
@@ -161,7 +188,18 @@ pub fn inspect(path: &Path, kind: TargetKind) -> anyhow::Result<Option<TlsTarget
         if !(functions.contains(&TlsFn::WriteEx) && functions.contains(&TlsFn::ReadEx)) {
             functions.retain(|f| !matches!(f, TlsFn::WriteEx | TlsFn::ReadEx));
         }
-        return Ok(Some(TlsTarget { path: path.to_owned(), kind, stack, functions }));
+        return Ok(Some(TlsTarget { path: path.to_owned(), kind, stack, functions, go: None }));
+    }
+    if kind == TargetKind::Executable && gosym::is_go(&file, &data) {
+        let go = gosym::find(&file, &data)
+            .with_context(|| format!("{} is a Go program whose crypto/tls cannot be probed", path.display()))?;
+        return Ok(go.map(|go| {
+            let mut functions = vec![TlsFn::Write, TlsFn::Read];
+            if go.close.is_some() {
+                functions.push(TlsFn::Free);
+            }
+            TlsTarget { path: path.to_owned(), kind, stack: TlsStack::GoTls, functions, go: Some(go) }
+        }));
     }
     Ok(None)
 }
@@ -218,11 +256,17 @@ impl Discovery {
                 Ok(Some(t)) => targets.push(t),
                 Ok(None) if configured => tracing::warn!(
                     path = %real.display(),
-                    "configured TLS target exports neither SSL_write/SSL_read nor gnutls_record_send/recv; skipped"
+                    "configured TLS target exports neither SSL_write/SSL_read nor gnutls_record_send/recv, and is \
+                     not a Go program with crypto/tls; skipped"
                 ),
                 Ok(None) => {}
                 Err(e) if configured => {
                     tracing::warn!(path = %real.display(), error = %format!("{e:#}"), "configured TLS target skipped")
+                }
+                // A Go program whose crypto/tls is there but cannot be probed: said at warn
+                // level, its calls are not seen.
+                Err(e) if kind == TargetKind::Executable && e.chain().any(|c| c.is::<gosym::GoError>()) => {
+                    tracing::warn!(path = %real.display(), error = %format!("{e:#}"), "Go TLS not probed")
                 }
                 Err(e) => tracing::debug!(path = %real.display(), error = %e, "not inspectable"),
             }
@@ -231,7 +275,8 @@ impl Discovery {
     }
 
     /// TLS libraries mapped by running processes, and the executables of running processes
-    /// (those that embed and export OpenSSL are kept by [`inspect`]). Each process is read
+    /// (those that embed and export OpenSSL, and Go programs with crypto/tls, are kept by
+    /// [`inspect`]). Each process is read
     /// twice at most.
     fn scan_processes(&mut self) -> Vec<(PathBuf, TargetKind)> {
         let mut out = HashSet::new();

@@ -68,11 +68,13 @@ fn load_object(
     };
     let mut programs = Vec::new();
     let mut refused = Vec::new();
-    for name in object.programs {
+    let mut refused_optional = Vec::new();
+    for (name, optional) in object.programs.iter().map(|n| (n, false)).chain(object.optional.iter().map(|n| (n, true)))
+    {
         let outcome = objects::load_program(&mut ebpf, name);
         on_load(object, name, &outcome);
         if let Err(e) = outcome {
-            refused.push(e.to_string());
+            if optional { refused_optional.push(e.to_string()) } else { refused.push(e.to_string()) }
         }
         programs.push(ProgramStatus {
             object: object.name.into(),
@@ -80,10 +82,13 @@ fn load_object(
             verified_insns: objects::verified_insns(&ebpf, name),
         });
     }
-    let status = if refused.is_empty() {
-        CapabilityStatus::active(cap, format!("{} programs load", object.programs.len()))
-    } else {
+    let loaded = object.programs.len() + object.optional.len() - refused_optional.len();
+    let status = if !refused.is_empty() {
         CapabilityStatus::unavailable(cap, refused.join("; "))
+    } else if !refused_optional.is_empty() {
+        CapabilityStatus::degraded(cap, format!("{loaded} programs load"), refused_optional.join("; "))
+    } else {
+        CapabilityStatus::active(cap, format!("{loaded} programs load"))
     };
     status.with_programs(programs)
 }

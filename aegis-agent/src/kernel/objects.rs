@@ -1,7 +1,8 @@
 //! The agent's eBPF objects, one per capability, so that each loads and fails on its own: a
 //! program the verifier refuses takes its own object's capability down and nothing else.
 //!
-//! - `aegis-capture`: the OpenSSL probes that copy plaintext (`aegis-ebpf/src/openssl.rs`);
+//! - `aegis-capture`: the TLS probes that copy plaintext (`aegis-ebpf/src/openssl.rs`, and
+//!   Go's crypto/tls in `go_tls.rs`, optional: see [`Object::optional`]);
 //! - `aegis-gate`: the content gate's SSL_write probes, sockops and sk_msg programs
 //!   (`aegis-ebpf/src/gate.rs`);
 //! - `aegis-enforce`: the cgroup connect/sendmsg programs of destination blocks
@@ -19,6 +20,9 @@ pub struct Object {
     pub name: &'static str,
     pub bytes: &'static [u8],
     pub programs: &'static [&'static str],
+    /// Programs the capability does without: one the kernel refuses degrades it (what
+    /// they see is not seen) instead of taking it down.
+    pub optional: &'static [&'static str],
 }
 
 pub static CAPTURE: Object = Object {
@@ -35,24 +39,28 @@ pub static CAPTURE: Object = Object {
         "ssl_read_ex_exit",
         "ssl_free_enter",
     ],
+    optional: &["go_tls_write_enter", "go_tls_read_enter", "go_tls_read_return", "go_tls_close_enter"],
 };
 
 pub static GATE: Object = Object {
     name: "gate",
     bytes: aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/aegis-gate")),
     programs: &["gate_write_enter", "gate_write_ex_enter", "gate_write_exit", "gate_sockops", "gate_msg"],
+    optional: &[],
 };
 
 pub static ENFORCE: Object = Object {
     name: "enforce",
     bytes: aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/aegis-enforce")),
     programs: &["block_connect4", "block_sendmsg4", "block_connect6", "block_sendmsg6"],
+    optional: &[],
 };
 
 pub static WATCH: Object = Object {
     name: "watch",
     bytes: aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/aegis-watch")),
     programs: &["watch_connect"],
+    optional: &[],
 };
 
 pub static ALL: [&Object; 4] = [&CAPTURE, &GATE, &ENFORCE, &WATCH];
@@ -144,10 +152,10 @@ mod tests {
     fn every_object_names_programs_it_has() {
         for object in ALL {
             let ebpf = aya::EbpfLoader::new().load(object.bytes).expect("creating the maps (needs root)");
-            for name in object.programs {
+            for name in object.programs.iter().chain(object.optional) {
                 assert!(ebpf.program(name).is_some(), "{} lacks {name}", object.name);
             }
-            assert_eq!(ebpf.programs().count(), object.programs.len(), "{}", object.name);
+            assert_eq!(ebpf.programs().count(), object.programs.len() + object.optional.len(), "{}", object.name);
         }
     }
 }
