@@ -175,10 +175,14 @@ pub fn classify(
         );
     }
     if facts.go {
-        return (
-            "go",
-            "a Go program: its crypto/tls is compiled into the executable and capture does not hook it".into(),
-        );
+        let reason = if exe.is_some_and(probed) {
+            "a Go program whose crypto/tls probes saw nothing of this connection (TLS through another Go \
+             library, or a call that did not reach crypto/tls.(*Conn).Write)"
+        } else {
+            "a Go program whose crypto/tls is not probed: Go older than 1.18, another architecture, code that did \
+             not decode, or started after discovery's last scan (list it under capture.executables)"
+        };
+        return ("go", reason.into());
     }
     if facts.rustls {
         return (
