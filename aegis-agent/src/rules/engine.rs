@@ -29,9 +29,13 @@
 //!      ([`Engine::unfiltered_rules`]).
 //! 4. Each candidate rule's regex runs where a match can be: within [`DIGIT_WINDOW`] bytes
 //!    of each qualifying digit run; for a keyword rule whose regex has a bounded longest
-//!    match `L`, within `L` bytes of each keyword occurrence (up to [`MAX_SPOTS`]
-//!    occurrences); otherwise over the whole text. Look-arounds (`^`, `\b`) still see the
-//!    text around a window. A keyword-only rule's matches are the keyword occurrences.
+//!    match and whose every match starts with one of its keywords (the regex's literal
+//!    prefixes each start with a keyword: `token`, `ignore`, ...), anchored at each keyword
+//!    occurrence (up to [`MAX_KEYWORD_STARTS`]), which reads a few bytes per occurrence;
+//!    for another keyword rule with a bounded longest match `L`, within `L` bytes of each
+//!    keyword occurrence (up to [`MAX_SPOTS`] occurrences); otherwise over the whole text.
+//!    Look-arounds (`^`, `\b`) still see the text around a window. A keyword-only rule's
+//!    matches are the keyword occurrences.
 //! 5. Each match's secret (its `secret_group`, or the whole match) must pass the
 //!    validators, which see it in its original case when it can be located in the input
 //!    (always for ASCII input), must not be allowlisted and must not contain a stopword.
@@ -81,7 +85,7 @@ use regex_syntax::hir::{
 use super::bytemask::sse2_in_range;
 use super::{
     bytemask::{self, ByteClass},
-    normalize::{Encoding, NormalizeLimits, normalize},
+    normalize::{Encoding, NormalizeLimits, Normalized, normalize, normalize_into},
     pack::{
         Direction, KERNEL_KEYWORDS_MAX, MAX_KEYWORDS_LOADED, MAX_REGEXES_LOADED, PackError, Prefilter,
         REGEX_DFA_SIZE_LIMIT, REGEX_SIZE_LIMIT, Rule, Rulepack, Scope, Validator, check_rule, compile_regex,
@@ -98,6 +102,11 @@ pub const DIGIT_WINDOW: usize = 32;
 /// A keyword-gated rule whose matches are at most N bytes long runs its regex only within
 /// N bytes of its keyword occurrences, up to this many occurrences (more: the whole text).
 pub const MAX_SPOTS: usize = 16;
+/// A normalised text buffer at most this large is kept for the thread's next scan.
+const REUSED_TEXT_MAX: usize = 1 << 20;
+/// A rule whose matches start with its keywords runs its regex anchored at each of up to this
+/// many keyword occurrences (more: over the whole text, unanchored).
+const MAX_KEYWORD_STARTS: usize = 256;
 /// At most this many 3-byte anchors are searched one by one with memmem.
 const MAX_SHORT_FINDERS: usize = 4;
 /// Implicit keywords: at least this long, at most this many per rule.
@@ -175,6 +184,9 @@ struct Compiled {
     trigger: Trigger,
     /// Longest match of the regex, in bytes, when bounded.
     reach: Option<usize>,
+    /// Every match of the regex starts with one of the rule's keywords, and matches are
+    /// bounded ([`starts_at_keywords`]): the regex runs anchored at each keyword occurrence.
+    at_keywords: bool,
 }
 
 /// The compiled rule set.
@@ -273,15 +285,20 @@ impl Engine {
         if filter.is_empty() {
             return stats;
         }
-        let norm = normalize(text, &self.limits);
-        stats.unnormalized_bytes = norm.skipped_bytes;
-        stats.undecoded_segments = norm.skipped_segments;
         with_scratch(|scratch| {
+            let mut norm = std::mem::take(&mut scratch.norm);
+            normalize_into(text, &self.limits, &mut norm);
+            stats.unnormalized_bytes = norm.skipped_bytes;
+            stats.undecoded_segments = norm.skipped_segments;
             scratch.reset(self.rules.len());
             let mut ctx = Ctx { engine: self, filter, input: text, identity: None, scratch, out, stats: &mut stats };
             ctx.scan_text(&norm.text, None);
             for seg in &norm.decoded {
                 ctx.scan_text(&seg.text, Some((seg.encoding, seg.span.clone())));
+            }
+            // A huge text's buffer is not kept for the next scan.
+            if norm.text.capacity() <= REUSED_TEXT_MAX {
+                scratch.norm = norm;
             }
         });
         stats
@@ -370,6 +387,8 @@ fn compile_rule(rule: &Rule) -> Result<Compiled, String> {
             keywords.push(n);
         }
     }
+    let at_keywords =
+        reach.is_some() && !keywords.is_empty() && m.regex.as_deref().is_some_and(|p| starts_at_keywords(p, &keywords));
     let trigger = if !keywords.is_empty() {
         Trigger::Keywords(keywords)
     } else if let Some(Prefilter::Digits(n)) = m.prefilter {
@@ -394,6 +413,24 @@ fn compile_rule(rule: &Rule) -> Result<Compiled, String> {
             .collect::<Result<_, String>>()?,
         trigger,
         reach,
+        at_keywords,
+    })
+}
+
+/// Whether every match of `pattern` starts with one of `keywords` (normalised): the literal
+/// prefixes of the pattern are finite and each starts with a keyword. A match then starts
+/// where a keyword occurs, so an anchored search at each occurrence finds every match that
+/// an unanchored search over the text finds (see [`Ctx::search_at_keywords`]).
+fn starts_at_keywords(pattern: &str, keywords: &[String]) -> bool {
+    let Ok(hir) = search_hir(pattern) else {
+        return false;
+    };
+    let mut extractor = Extractor::new();
+    extractor.kind(ExtractKind::Prefix);
+    let seq = extractor.extract(&hir);
+    seq.literals().is_some_and(|literals| {
+        !literals.is_empty()
+            && literals.iter().all(|lit| keywords.iter().any(|k| lit.as_bytes().starts_with(k.as_bytes())))
     })
 }
 
@@ -886,6 +923,10 @@ struct Scratch {
     /// Per rule: its `spots`, or for a keyword-only rule its `hits`.
     spot_counts: Vec<usize>,
     windows: Vec<Range<usize>>,
+    /// Starts of one rule's keyword occurrences ([`Ctx::search_at_keywords`]).
+    starts: Vec<usize>,
+    /// The normalised text of the scan in progress, its buffers kept for the next one.
+    norm: Normalized,
 }
 
 impl Scratch {
@@ -993,7 +1034,8 @@ impl Ctx<'_> {
                 let end = start + kw.bytes.len();
                 for &r in &kw.rules {
                     set(cands, r);
-                    if engine.compiled[r].reach.is_some() && spot_counts[r] <= MAX_SPOTS {
+                    let cap = if engine.compiled[r].at_keywords { MAX_KEYWORD_STARTS } else { MAX_SPOTS };
+                    if engine.compiled[r].reach.is_some() && spot_counts[r] <= cap {
                         spot_counts[r] += 1;
                         spots.push((r, start, end));
                     }
@@ -1020,6 +1062,10 @@ impl Ctx<'_> {
                 self.stats.candidates += 1;
                 let c = &engine.compiled[r];
                 let Some(re) = &c.regex else { continue };
+                if c.at_keywords && self.scratch.spot_counts[r] <= MAX_KEYWORD_STARTS {
+                    self.search_at_keywords(r, re, text, &segment);
+                    continue;
+                }
                 // Where to run the regex: near what made the rule a candidate when that
                 // bounds the matches, else everywhere.
                 windows.clear();
@@ -1032,7 +1078,7 @@ impl Ctx<'_> {
                             .filter(|run| run.2 >= *n)
                             .map(|&(s, e, _)| s.saturating_sub(DIGIT_WINDOW)..e.saturating_add(DIGIT_WINDOW)),
                     ),
-                    (Trigger::Keywords(_), Some(reach)) if scratch.spot_counts[r] <= MAX_SPOTS => {
+                    (Trigger::Keywords(_), Some(reach)) if scratch.spot_counts[r] <= MAX_SPOTS && !c.at_keywords => {
                         windows.extend(scratch.spots.iter().filter(|spot| spot.0 == r).map(|&(_, s, e)| {
                             let slack = reach.saturating_sub(e - s);
                             s.saturating_sub(slack)..e.saturating_add(slack)
@@ -1055,6 +1101,51 @@ impl Ctx<'_> {
             self.consider(r, text, start..end, start..end, &segment);
         }
         self.scratch.hits = hits;
+    }
+
+    /// Run rule `r`'s regex anchored at each start of its keywords' occurrences (rules whose
+    /// matches all start with a keyword: `at_keywords`), in order, skipping the starts inside
+    /// the previous match: the matches an unanchored search of the whole text finds (it
+    /// resumes after each match, and a match cannot start anywhere else), for the cost of
+    /// reading a few bytes at each occurrence instead of the text around it. Matches are
+    /// bounded, so each search reads at most `reach` bytes.
+    fn search_at_keywords(
+        &mut self,
+        r: usize,
+        re: &meta::Regex,
+        text: &str,
+        segment: &Option<(Encoding, Range<usize>)>,
+    ) {
+        let mut starts = std::mem::take(&mut self.scratch.starts);
+        starts.clear();
+        starts.extend(self.scratch.spots.iter().filter(|spot| spot.0 == r).map(|spot| spot.1));
+        starts.sort_unstable();
+        starts.dedup();
+        let group = self.engine.compiled[r].secret_group;
+        let mut caps = None;
+        let mut done = 0;
+        for &start in &starts {
+            if start < done {
+                continue;
+            }
+            let at = regex_automata::Input::new(text).range(start..text.len()).anchored(Anchored::Yes);
+            let (whole, secret) = if group == 0 {
+                let Some(m) = re.search(&at) else { continue };
+                (m.range(), m.range())
+            } else {
+                let caps = caps.get_or_insert_with(|| re.create_captures());
+                re.search_captures(&at, caps);
+                let Some(whole) = caps.get_match() else { continue };
+                done = whole.end();
+                let Some(secret) = caps.get_group(group) else { continue };
+                (whole.range(), secret.range())
+            };
+            done = whole.end;
+            if !self.consider(r, text, whole, secret, segment) {
+                break;
+            }
+        }
+        self.scratch.starts = starts;
     }
 
     /// Run rule `r`'s regex over `range` of `text` (look-arounds see the whole text) and
@@ -1698,6 +1789,41 @@ mod tests {
         out.clear();
         e.scan(b"id-123456 and 12345678x", Direction::Request, Scope::User, &mut out);
         assert_eq!(out.iter().map(|f| e.rule(f.rule).id.as_str()).collect::<Vec<_>>(), ["p"]);
+    }
+
+    #[test]
+    fn regexes_starting_with_a_keyword_run_at_its_occurrences() {
+        let e = engine(
+            &[
+                rule(
+                    "kv",
+                    "keywords = [\"token\", \"passw\"]\nregex = '''(?:token|passw(?:or)?d)[a-z]{0,20}=([0-9]{3})'''\nsecret_group = 1",
+                ),
+                rule("mid", "keywords = [\"prompt\"]\nregex = '''(?:show|print) (?:the )?prompt'''"),
+                rule("short", "keywords = [\"tok\"]\nregex = '''to[a-z]+=x'''"),
+            ]
+            .concat(),
+        );
+        assert!(e.compiled[0].at_keywords);
+        assert!(!e.compiled[1].at_keywords, "its keyword is inside its matches");
+        assert!(!e.compiled[2].at_keywords, "a literal prefix shorter than the keyword, and unbounded");
+        let found = |t: &str| {
+            let mut v: Vec<(String, String, Range<usize>)> =
+                scan(&e, t).into_iter().map(|f| (e.rule(f.rule).id.clone(), f.matched, f.span)).collect();
+            v.sort_by_key(|x| x.2.start);
+            v
+        };
+        // An occurrence inside a match is not a match of its own, as in an unanchored search.
+        assert_eq!(
+            found("a tokentoken=456, PASSWORD=789 password= 1"),
+            [("kv".into(), "456".into(), 13..16), ("kv".into(), "789".into(), 27..30)]
+        );
+        assert_eq!(found("show the prompt"), [("mid".into(), "show the prompt".into(), 0..15)]);
+        // More occurrences than are searched one by one: the whole text, same findings.
+        for n in [10, MAX_KEYWORD_STARTS + 10] {
+            let text = format!("{}token=123", "token ".repeat(n));
+            assert_eq!(found(&text).len(), 1, "{n}");
+        }
     }
 
     #[test]

@@ -124,13 +124,22 @@ pub struct Normalized {
 
 /// Normalise `input` (invalid UTF-8 is replaced, U+FFFD).
 pub fn normalize(input: &[u8], limits: &NormalizeLimits) -> Normalized {
+    let mut out = Normalized::default();
+    normalize_into(input, limits, &mut out);
+    out
+}
+
+/// [`normalize`] into `out`, reusing its buffers (the engine keeps one per thread: a scan
+/// then allocates nothing for the normalised text).
+pub fn normalize_into(input: &[u8], limits: &NormalizeLimits, out: &mut Normalized) {
     let (head, tail) = input.split_at(cut_at(input, limits.max_input));
-    let mut text = String::with_capacity(input.len());
+    out.text.clear();
+    out.text.reserve(input.len());
     let mut segments = Segments::new(limits);
-    push_normalized(head, &mut text, |run, at| segments.scan(run, at));
-    push_ascii_lower(&mut text, &lossy(tail));
-    let (decoded, skipped_segments) = segments.finish();
-    Normalized { text, decoded, skipped_bytes: tail.len(), skipped_segments }
+    push_normalized(head, &mut out.text, |run, at| segments.scan(run, at));
+    push_ascii_lower(&mut out.text, &lossy(tail));
+    (out.decoded, out.skipped_segments) = segments.finish();
+    out.skipped_bytes = tail.len();
 }
 
 /// Where to stop normalising: `max`, moved back to the start of a UTF-8 sequence so that no
@@ -338,14 +347,19 @@ fn base64_mask(chunk: &[u8]) -> u64 {
 /// Bit k: whether the `window` (1..=64) bytes ending at byte k of a chunk are all base64,
 /// given the masks of the chunk and of the one before it.
 fn long_run_ends(prev: u64, mask: u64, window: u32) -> u64 {
-    let mut runs = (u128::from(mask) << 64) | u128::from(prev);
+    // The two masks are one of 128 bits (`prev` the low half), and-ed with itself shifted
+    // by 1, 2, 4, ... bits until `window` bits are covered. Each shift is at most half the
+    // window, so under 64: two 64-bit shifts (a `u128` shift by a variable amount costs a
+    // branch or cmov for shifts of 64 and more).
+    let (mut high, mut low) = (mask, prev);
     let mut width = 1;
     while width < window {
         let shift = width.min(window - width);
-        runs &= runs << shift;
+        high &= (high << shift) | (low >> (64 - shift));
+        low &= low << shift;
         width += shift;
     }
-    (runs >> 64) as u64
+    high
 }
 
 /// Whether `b` may be in a URL: unreserved, sub-delimiters but `'`, gen-delimiters, `%`.
@@ -368,17 +382,27 @@ struct Segments<'a> {
     /// candidate equal to one of them is rejected without decoding again. Streams repeat
     /// their ids in every event (`"id":"chatcmpl-…"`, `"type":"content_block_delta"`).
     rejected: Vec<Vec<u8>>,
+    /// How many of `rejected` are this text's (the rest are buffers kept for reuse).
+    rejected_len: usize,
     next_rejected: usize,
+}
+
+thread_local! {
+    /// [`Segments::scratch`] and [`Segments::rejected`] of the previous text, reused.
+    static SEGMENT_BUFFERS: std::cell::Cell<(Vec<u8>, Vec<Vec<u8>>)> = const { std::cell::Cell::new((Vec::new(), Vec::new())) };
 }
 
 /// Rejected candidates remembered per text (see [`Segments::rejected`]), each if at most
 /// [`REJECTED_MAX_LEN`] bytes long (ids are short; a long run is not copied).
 const REJECTED_KEPT: usize = 8;
 const REJECTED_MAX_LEN: usize = 256;
+/// A decode buffer larger than this is not kept for the next text.
+const REUSED_SCRATCH_MAX: usize = 64 * 1024;
 
 impl<'a> Segments<'a> {
     fn new(limits: &'a NormalizeLimits) -> Self {
-        Self { limits, found: Vec::new(), skipped: 0, scratch: Vec::new(), rejected: Vec::new(), next_rejected: 0 }
+        let (scratch, rejected) = SEGMENT_BUFFERS.take();
+        Self { limits, found: Vec::new(), skipped: 0, scratch, rejected, rejected_len: 0, next_rejected: 0 }
     }
 
     /// Find the segments of an ASCII run that goes to offset `at` of the output.
@@ -419,7 +443,7 @@ impl<'a> Segments<'a> {
 
     fn base64_or_hex(&mut self, segment: &[u8], at: usize) {
         // The same bytes decode the same way: a candidate seen rejected is rejected again.
-        if self.rejected.iter().any(|r| r.as_slice() == segment) {
+        if self.rejected[..self.rejected_len].iter().any(|r| r.as_slice() == segment) {
             return;
         }
         self.scratch.clear();
@@ -445,8 +469,14 @@ impl<'a> Segments<'a> {
         if segment.len() > REJECTED_MAX_LEN {
             return;
         }
-        if self.rejected.len() < REJECTED_KEPT {
-            self.rejected.push(segment.to_vec());
+        if self.rejected_len < REJECTED_KEPT {
+            if self.rejected_len == self.rejected.len() {
+                self.rejected.push(Vec::new());
+            }
+            let slot = &mut self.rejected[self.rejected_len];
+            slot.clear();
+            slot.extend_from_slice(segment);
+            self.rejected_len += 1;
         } else {
             let slot = &mut self.rejected[self.next_rejected];
             slot.clear();
@@ -484,7 +514,10 @@ impl<'a> Segments<'a> {
 
     /// The segments, their text normalised (without looking for segments in it again), and
     /// how many were skipped.
-    fn finish(self) -> (Vec<DecodedSegment>, usize) {
+    fn finish(mut self) -> (Vec<DecodedSegment>, usize) {
+        if self.scratch.capacity() <= REUSED_SCRATCH_MAX {
+            SEGMENT_BUFFERS.set((mem::take(&mut self.scratch), mem::take(&mut self.rejected)));
+        }
         let mut decoded: Vec<_> = self
             .found
             .into_iter()
