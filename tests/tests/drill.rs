@@ -113,6 +113,17 @@ fn drills_in_progress(s: &Setup) -> Value {
     reply["drills"].clone()
 }
 
+/// Waits (60 s at most) until `contained` holds for `blocks --json`, while the drill `child`
+/// still runs.
+fn wait_contained(s: &Setup, child: &mut std::process::Child, contained: impl Fn(&Value) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !contained(&s.config.blocks_json()) {
+        assert!(Instant::now() < deadline, "the drill never contained{}", s.agent.logs());
+        assert!(child.try_wait().unwrap().is_none(), "the drill ended before containing");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn drill_cmd(s: &Setup, args: &[&str]) -> Command {
     let mut cmd = Command::new(agent_bin());
     cmd.arg("drill").args(args).arg("--config").arg(s.agent.config_path());
@@ -270,16 +281,7 @@ fn an_interrupted_drill_lifts_its_containment() {
         .spawn()
         .unwrap();
     // Wait until its block is in force, then interrupt it.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let blocks = s.config.blocks_json();
-        if blocks["blocks"].as_array().is_some_and(|b| !b.is_empty()) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the drill never contained{}", s.agent.logs());
-        assert!(child.try_wait().unwrap().is_none(), "the drill ended before containing");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_contained(&s, &mut child, |blocks| blocks["blocks"].as_array().is_some_and(|b| !b.is_empty()));
     let drill_cgroups = |dir: &Path| {
         std::fs::read_dir(dir)
             .unwrap()
@@ -386,16 +388,7 @@ fn a_drill_killed_with_sigkill_is_cleaned_up_by_the_agent() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let blocks = s.config.blocks_json();
-        if blocks["emergency"]["cgroups"].as_array().is_some_and(|c| !c.is_empty()) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the drill never contained{}", s.agent.logs());
-        assert!(child.try_wait().unwrap().is_none(), "the drill ended before containing");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_contained(&s, &mut child, |blocks| blocks["emergency"]["cgroups"].as_array().is_some_and(|c| !c.is_empty()));
     let name = std::fs::read_dir(s.cgroup.path())
         .unwrap()
         .flatten()

@@ -230,14 +230,17 @@ impl TlsProbes {
                  (a program under capture.executables)",
             )
             .with_impact("no model call is seen until a TLS library is found"),
-            (n, []) => CapabilityStatus::active(Capability::Capture, match &self.scoped {
-                None => format!("probes on {n} TLS target(s)"),
-                Some(s) => format!(
-                    "probes on {n} TLS target(s), per process for processes that connect to a model endpoint \
+            (n, []) => CapabilityStatus::active(
+                Capability::Capture,
+                match &self.scoped {
+                    None => format!("probes on {n} TLS target(s)"),
+                    Some(s) => format!(
+                        "probes on {n} TLS target(s), per process for processes that connect to a model endpoint \
                      (capture.scope = model_processes; {} host-wide)",
-                    s.always.len()
-                ),
-            }),
+                        s.always.len()
+                    ),
+                },
+            ),
             (n, failed) => {
                 let why: Vec<String> =
                     failed.iter().map(|(t, e)| format!("{}: {e}", t.path.display())).take(4).collect();
