@@ -84,13 +84,11 @@ pub fn exe_facts(file: &mut File) -> ExeFacts {
     facts_of(&data)
 }
 
-/// The markers looked for, stored with every byte XORed with [`MASK`] so that the agent's
-/// own executable does not contain them (it would find itself): rustls's crate path, kept
-/// in every build that can panic (`rustls-0.23.x/src/...`), and Go's build-info magic,
-/// kept in stripped Go binaries.
+/// rustls's crate path, kept in every build that can panic (`rustls-0.23.x/src/...`),
+/// stored with every byte XORed with [`MASK`] so that the agent's own executable does not
+/// contain it (it would find itself). Go is told by `capture::gosym::is_go`.
 const MASK: u8 = 0x5a;
 const RUSTLS_MASKED: [u8; 9] = masked(*b"rustls-0.");
-const GO_BUILDINFO_MASKED: [u8; 14] = masked(*b"\xff Go buildinf:");
 
 const fn masked<const N: usize>(mut bytes: [u8; N]) -> [u8; N] {
     let mut i = 0;
@@ -109,16 +107,13 @@ fn contains_masked(data: &[u8], masked_needle: &[u8]) -> bool {
 pub fn facts_of(data: &[u8]) -> ExeFacts {
     let mut facts = ExeFacts { readable: true, rustls: contains_masked(data, &RUSTLS_MASKED), ..ExeFacts::default() };
     if let Ok(elf) = object::File::parse(data) {
-        facts.go =
-            [".gopclntab", ".go.buildinfo", ".note.go.buildid"].iter().any(|name| elf.section_by_name(name).is_some());
+        facts.go = crate::capture::gosym::is_go(&elf, data);
         facts.stripped = elf.symbol_table().is_none();
         facts.static_openssl = elf
             .symbols()
             .chain(elf.dynamic_symbols())
             .any(|s| s.is_definition() && s.name_bytes().is_ok_and(|n| n == b"SSL_write"));
     }
-    // A stripped Go binary may have lost its section names; its build info stays.
-    facts.go |= contains_masked(data, &GO_BUILDINFO_MASKED);
     facts
 }
 
