@@ -39,11 +39,6 @@ impl Snapshot {
         let gone = maps.is_err() && exe.is_none();
         Self { exe, exe_file, mapped: maps.map(|m| mapped_files(&m)).unwrap_or_default(), gone }
     }
-
-    /// A snapshot of nothing (for tests, and when examination is off).
-    pub fn empty() -> Self {
-        Self::default()
-    }
 }
 
 /// The distinct file paths of a `/proc/PID/maps` text.

@@ -344,23 +344,6 @@ impl Tracker {
         reports
     }
 
-    /// [`Tracker::take_due`], each diagnosed by `diagnose`, then [`Tracker::report`]: for
-    /// callers that hold no lock.
-    pub fn expire(
-        &mut self,
-        now_ns: u64,
-        time: &str,
-        mut diagnose: impl FnMut(&mut diagnose::Snapshot) -> Diagnosis,
-    ) -> Vec<BlindSpot> {
-        let mut due = self.take_due(now_ns);
-        for d in &mut due {
-            if let Some(s) = d.snapshot.as_mut() {
-                d.diagnosis = Some(diagnose(s));
-            }
-        }
-        self.report(now_ns, time, due)
-    }
-
     /// Unexplained connects held now.
     pub fn pending(&self) -> usize {
         self.procs.values().map(|p| p.pending.len()).sum()
@@ -370,6 +353,25 @@ impl Tracker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    impl Tracker {
+        /// [`Tracker::take_due`], each diagnosed by `diagnose`, then [`Tracker::report`], as
+        /// the service does across its two threads.
+        fn expire(
+            &mut self,
+            now_ns: u64,
+            time: &str,
+            mut diagnose: impl FnMut(&mut diagnose::Snapshot) -> Diagnosis,
+        ) -> Vec<BlindSpot> {
+            let mut due = self.take_due(now_ns);
+            for d in &mut due {
+                if let Some(s) = d.snapshot.as_mut() {
+                    d.diagnosis = Some(diagnose(s));
+                }
+            }
+            self.report(now_ns, time, due)
+        }
+    }
 
     const MS: u64 = 1_000_000;
 
@@ -393,7 +395,7 @@ mod tests {
     }
 
     fn rustls(_: u32) -> diagnose::Snapshot {
-        diagnose::Snapshot::empty()
+        diagnose::Snapshot::default()
     }
 
     fn said_rustls(_: &mut diagnose::Snapshot) -> Diagnosis {
