@@ -51,6 +51,10 @@ pub struct Config {
     pub otlp: crate::sinks::otlp::OtlpConfig,
     /// Processes that talk to model endpoints unseen (`[blind_spots]`).
     pub blind_spots: crate::capture::blindspot::service::Settings,
+    /// The file it was read from (None: the embedded defaults): what the agent's own
+    /// children (fleet drills) are given.
+    #[serde(skip)]
+    pub source: Option<std::path::PathBuf>,
 }
 
 /// `[capabilities]`: what this host cannot do without.
@@ -209,7 +213,9 @@ impl Config {
     /// Read `path`, layered over the embedded defaults.
     pub fn load(path: &Path) -> anyhow::Result<Self> {
         let text = read_file(path)?;
-        Self::parse(&text).with_context(|| format!("invalid config file {}", path.display()))
+        let mut config = Self::parse(&text).with_context(|| format!("invalid config file {}", path.display()))?;
+        config.source = Some(std::fs::canonicalize(path).unwrap_or_else(|_| path.to_owned()));
+        Ok(config)
     }
 
     /// Parse TOML text, layered over the embedded defaults.

@@ -191,6 +191,7 @@ fn bad_policies_are_refused_counted_and_change_nothing() {
         emergency: version % 2 == 1,
         mode: None,
         rulepacks: vec![],
+        drill: None,
         note: format!("v{version}"),
     };
     let signed = |d: &PolicyDoc, keys: &[&HostKey]| serde_json::to_vec(&d.sign(keys).unwrap()).unwrap();
@@ -405,6 +406,7 @@ fn a_policy_polled_from_a_url_is_taken_when_it_changes() {
         emergency: version == 1,
         mode: None,
         rulepacks: vec![],
+        drill: None,
         note: format!("v{version} from a URL"),
     };
     let wait_for = |what: &str, f: &dyn Fn(&serde_json::Value) -> bool| {

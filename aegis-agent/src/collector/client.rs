@@ -194,20 +194,42 @@ impl CollectorClient {
         Ok(())
     }
 
-    /// The fleet's state as the collector sees it (`GET /v1/fleet/status`).
-    pub async fn fleet_status(&self) -> Result<serde_json::Value, ClientError> {
+    /// Send a signed fleet drill result.
+    pub async fn drill_result(&self, bytes: Bytes) -> Result<(), ClientError> {
         let response = self
             .http
-            .get(self.url("/v1/fleet/status"))
+            .post(self.url("/v1/fleet/drills"))
+            .header("content-type", "application/json")
+            .body(bytes)
             .send()
             .await
             .map_err(|e| ClientError::Transient(describe(&e)))?;
+        if response.status().as_u16() != 201 {
+            return Err(error_of(response).await);
+        }
+        Ok(())
+    }
+
+    /// The enrolled agents' results of fleet drill `id` (`GET /v1/fleet/drills?id=`).
+    pub async fn drill_results(&self, id: &str) -> Result<serde_json::Value, ClientError> {
+        let mut url = self.url("/v1/fleet/drills");
+        url.query_pairs_mut().append_pair("id", id);
+        self.get_json(url).await
+    }
+
+    async fn get_json(&self, url: url::Url) -> Result<serde_json::Value, ClientError> {
+        let response = self.http.get(url).send().await.map_err(|e| ClientError::Transient(describe(&e)))?;
         if response.status().as_u16() != 200 {
             return Err(error_of(response).await);
         }
         let body = response.bytes().await.map_err(|e| ClientError::Transient(describe(&e)))?;
         serde_json::from_slice(&body)
             .map_err(|e| ClientError::Transient(format!("the collector's answer is not JSON: {e}")))
+    }
+
+    /// The fleet's state as the collector sees it (`GET /v1/fleet/status`).
+    pub async fn fleet_status(&self) -> Result<serde_json::Value, ClientError> {
+        self.get_json(self.url("/v1/fleet/status")).await
     }
 }
 

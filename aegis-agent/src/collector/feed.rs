@@ -24,10 +24,12 @@ use super::client::CollectorClient;
 use crate::{
     clock::{now_unix_ms, rfc3339_ms},
     control::{FleetApplier, FleetStatus},
+    drill::fleet::Launcher,
     evidence::key::HostKey,
     fleet::{
         FleetConfig, PackSwap,
         ack::{Ack, AckStatus},
+        drill::{DrillRequest, DrillResult, DrillStatus},
         policy::{self, Accepted, MAX_POLICY_BYTES, Trust},
     },
 };
@@ -59,6 +61,14 @@ struct Inner {
     /// Acknowledgements not yet taken by the collector (the newest few).
     pending_acks: Vec<Bytes>,
     stale_reported: bool,
+    /// Runs the drills policies carry (None: none is run or answered).
+    launcher: Option<Launcher>,
+    /// The drill request of the policy just put in force (request, version, received ms).
+    drill_due: Option<(DrillRequest, u64, u64)>,
+    /// Signed drill results not yet taken by the collector (the newest few).
+    pending_results: Vec<Bytes>,
+    /// Wakes the collector loop from its long poll to send a result.
+    wake: Arc<tokio::sync::Notify>,
 }
 
 impl Inner {
@@ -167,6 +177,10 @@ impl Inner {
                         ack.digest = v.digest.clone();
                         ack.applied_unix_ms = Some(now);
                         ack.notes.extend(report.notes);
+                        if let Some(d) = &v.doc.drill {
+                            ack.notes.push(format!("drill {} requested", d.id));
+                            self.drill_due = Some((d.clone(), v.doc.version, received));
+                        }
                         tracing::warn!(?source, version = v.doc.version, blocks = v.doc.blocks.len(), emergency = v.doc.emergency, note = %v.doc.note, "fleet policy in force");
                     }
                     Err(e) => {
@@ -199,6 +213,55 @@ impl Inner {
             Ok(Err(e)) => tracing::error!("cannot encode a fleet acknowledgement: {e}"),
             Err(e) => tracing::error!("cannot sign a fleet acknowledgement: {e:#}"),
         }
+    }
+}
+
+impl Inner {
+    fn queue_result(&mut self, result: &DrillResult) {
+        match result.sign(&self.key).map(|e| serde_json::to_vec(&e)) {
+            Ok(Ok(bytes)) => {
+                self.pending_results.push(Bytes::from(bytes));
+                let excess = self.pending_results.len().saturating_sub(8);
+                if excess > 0 {
+                    tracing::warn!(dropped = excess, "fleet drill results the collector never took are dropped");
+                }
+                self.pending_results.drain(..excess);
+            }
+            Ok(Err(e)) => tracing::error!("cannot encode a fleet drill result: {e}"),
+            Err(e) => tracing::error!("cannot sign a fleet drill result: {e:#}"),
+        }
+    }
+}
+
+/// Start the drill of the policy just put in force, if it carries one: on its own thread
+/// (a drill takes minutes), its signed result queued for the collector when it ends.
+fn start_due_drill(inner: &Arc<Mutex<Inner>>) {
+    let (launcher, (request, _, _), seed) = {
+        let mut i = lock(inner);
+        let (Some(due), Some(launcher)) = (i.drill_due.take(), i.launcher.clone()) else { return };
+        let seed = DrillResult {
+            fleet: i.trust.fleet.clone(),
+            host: i.key.name().to_owned(),
+            drill: due.0.id.clone(),
+            policy_version: due.1,
+            status: DrillStatus::NotRun,
+            reason: String::new(),
+            received_unix_ms: due.2,
+            finished_unix_ms: 0,
+            report: None,
+        };
+        (launcher, due, seed)
+    };
+    let inner = inner.clone();
+    let spawned = std::thread::Builder::new().name("aegis-fleet-drill".into()).spawn(move || {
+        let result = launcher.run(&request, seed);
+        tracing::warn!(drill = result.drill, status = ?result.status, reason = %result.reason, "fleet drill ended on this host");
+        let mut i = lock(&inner);
+        i.queue_result(&result);
+        i.wake.notify_one();
+    });
+    if let Err(e) = spawned {
+        tracing::error!("cannot start the fleet drill's thread: {e}; the drill is not run");
     }
 }
 
@@ -242,6 +305,7 @@ pub fn start(
     client: Option<CollectorClient>,
     enforcement: &'static str,
     packs: Option<PackSwap>,
+    launcher: Option<Launcher>,
 ) -> anyhow::Result<Option<FeedGuard>> {
     if !config.enabled() {
         return Ok(None);
@@ -296,6 +360,10 @@ pub fn start(
         refused_version: 0,
         pending_acks: Vec::new(),
         stale_reported: false,
+        launcher,
+        drill_due: None,
+        pending_results: Vec::new(),
+        wake: Arc::new(tokio::sync::Notify::new()),
     };
     inner.publish_status();
     tracing::info!(fleet = %inner.trust.fleet, version = inner.accepted.as_ref().map_or(0, |a| a.version), "fleet feed starting");
@@ -370,34 +438,56 @@ async fn collector_loop(
             i.pending_acks.drain(..n);
             i.publish_status();
         }
+        let results: Vec<Bytes> = lock(&inner).pending_results.clone();
+        let mut delivered = 0;
+        for result in &results {
+            match client.drill_result(result.clone()).await {
+                Ok(()) => delivered += 1,
+                Err(super::client::ClientError::Refused { message, .. }) => {
+                    tracing::error!("the collector refused this agent's drill result: {message}");
+                    delivered += 1;
+                }
+                Err(_) => break,
+            }
+        }
+        if delivered > 0 {
+            let mut i = lock(&inner);
+            let n = delivered.min(i.pending_results.len());
+            i.pending_results.drain(..n);
+        }
+        let wake = lock(&inner).wake.clone();
         let after = {
             let i = lock(&inner);
             i.accepted.as_ref().map_or(0, |a| a.version).max(i.refused_version)
         };
         let polled = tokio::select! {
             r = client.policy(after, wait) => r,
+            () = wake.notified() => continue,
             _ = stop.changed() => return,
         };
         let error = match polled {
             Ok(Some((bytes, _published))) => {
+                {
+                    let mut i = lock(&inner);
+                    let ack = i.offer(&bytes, Source::Collector);
+                    i.queue_ack(&ack);
+                    i.status.connected = true;
+                    i.status.last_error.clear();
+                    i.publish_status();
+                }
+                start_due_drill(&inner);
+                backoff = Duration::from_millis(250);
+                continue;
+            }
+            Ok(None) if acks.len() == sent && results.len() == delivered => {
                 let mut i = lock(&inner);
-                let ack = i.offer(&bytes, Source::Collector);
-                i.queue_ack(&ack);
                 i.status.connected = true;
                 i.status.last_error.clear();
                 i.publish_status();
                 backoff = Duration::from_millis(250);
                 continue;
             }
-            Ok(None) if acks.len() == sent => {
-                let mut i = lock(&inner);
-                i.status.connected = true;
-                i.status.last_error.clear();
-                i.publish_status();
-                backoff = Duration::from_millis(250);
-                continue;
-            }
-            Ok(None) => "acknowledgements could not be sent".to_owned(),
+            Ok(None) => "acknowledgements or drill results could not be sent".to_owned(),
             Err(e) => e.to_string(),
         };
         {
@@ -432,10 +522,13 @@ async fn drop_dir_loop(dir: PathBuf, inner: Arc<Mutex<Inner>>, mut stop: watch::
             Ok(files) => {
                 warned = false;
                 for bytes in files {
-                    let mut i = lock(&inner);
-                    let ack = i.offer(&bytes, Source::DropDir);
-                    i.queue_ack(&ack);
-                    i.publish_status();
+                    {
+                        let mut i = lock(&inner);
+                        let ack = i.offer(&bytes, Source::DropDir);
+                        i.queue_ack(&ack);
+                        i.publish_status();
+                    }
+                    start_due_drill(&inner);
                 }
             }
             Err(e) if !warned => {
@@ -492,10 +585,13 @@ async fn url_loop(
         match result {
             Ok(Some(bytes)) => {
                 failing = false;
-                let mut i = lock(&inner);
-                let ack = i.offer(&bytes, Source::Url);
-                i.queue_ack(&ack);
-                i.publish_status();
+                {
+                    let mut i = lock(&inner);
+                    let ack = i.offer(&bytes, Source::Url);
+                    i.queue_ack(&ack);
+                    i.publish_status();
+                }
+                start_due_drill(&inner);
             }
             Ok(None) => failing = false,
             Err(e) => {

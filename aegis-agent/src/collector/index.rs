@@ -127,6 +127,13 @@ impl Index {
                 agent TEXT PRIMARY KEY,
                 ack TEXT NOT NULL,
                 received_ms INTEGER NOT NULL
+            );
+            CREATE TABLE IF NOT EXISTS drill_results (
+                drill TEXT NOT NULL,
+                agent TEXT NOT NULL,
+                result TEXT NOT NULL,
+                received_ms INTEGER NOT NULL,
+                PRIMARY KEY (drill, agent)
             );",
         )
         .with_context(|| format!("the index {} cannot be set up (is it another program's file?)", path.display()))?;
@@ -175,6 +182,24 @@ impl Index {
     pub fn acks(&self) -> anyhow::Result<Vec<(String, String, u64)>> {
         let mut stmt = self.db.prepare("SELECT agent, ack, received_ms FROM acks ORDER BY agent")?;
         let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get::<_, i64>(2)? as u64)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Keep an agent's result of fleet drill `drill` (JSON; a repeat replaces it).
+    pub fn put_drill_result(&self, drill: &str, agent: &str, result: &str, received_ms: u64) -> anyhow::Result<()> {
+        self.db.execute(
+            "INSERT INTO drill_results (drill, agent, result, received_ms) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (drill, agent) DO UPDATE SET result = excluded.result, received_ms = excluded.received_ms",
+            rusqlite::params![drill, agent, result, received_ms as i64],
+        )?;
+        Ok(())
+    }
+
+    /// Every agent's result of fleet drill `drill`: (agent, result JSON, received_ms).
+    pub fn drill_results(&self, drill: &str) -> anyhow::Result<Vec<(String, String, u64)>> {
+        let mut stmt =
+            self.db.prepare("SELECT agent, result, received_ms FROM drill_results WHERE drill = ?1 ORDER BY agent")?;
+        let rows = stmt.query_map([drill], |r| Ok((r.get(0)?, r.get(1)?, r.get::<_, i64>(2)? as u64)))?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 

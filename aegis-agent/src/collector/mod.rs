@@ -31,13 +31,17 @@
 //! published (a long poll: one request per agent in flight, woken on publish), `POST
 //! /v1/policy/acks` takes an agent's signed acknowledgement (signed by its enrolled key, sent
 //! over its own client certificate), and `GET /v1/fleet/status` lists each enrolled agent's
-//! version in force, time to apply and last contact.
+//! version in force, time to apply and last contact. Fleet drills (`aegis-agent drill
+//! --fleet`): `POST /v1/fleet/drills` takes an agent's signed drill result (the same checks as
+//! an acknowledgement), `GET /v1/fleet/drills?id=ID` lists each enrolled agent's result of
+//! drill ID and the agents without one.
 //!
 //! Everything from the network is hostile: bodies are capped, handshakes, heads and whole
 //! requests have timeouts, and connections are bounded (`max_connections`; more wait in the
 //! kernel's accept queue).
 
 pub mod client;
+mod drill_routes;
 pub mod feed;
 pub mod index;
 mod policy_routes;

@@ -72,12 +72,12 @@ impl Feed {
         })
     }
 
-    fn touch(&self, agent: &str) {
+    pub(super) fn touch(&self, agent: &str) {
         self.contacts.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(agent.to_owned(), now_unix_ms());
     }
 }
 
-fn no_feed(peer: SocketAddr) -> Response<Body> {
+pub(super) fn no_feed(peer: SocketAddr) -> Response<Body> {
     refuse(
         peer,
         StatusCode::NOT_FOUND,
@@ -93,7 +93,12 @@ fn agent_of<'a>(state: &'a State, cert: &CertificateDer<'static>) -> Option<&'a 
 }
 
 /// The body, at most `max` bytes, or the refusal to answer.
-async fn read_body(peer: SocketAddr, req: Request<Incoming>, max: u64, what: &str) -> Result<Bytes, Response<Body>> {
+pub(super) async fn read_body(
+    peer: SocketAddr,
+    req: Request<Incoming>,
+    max: u64,
+    what: &str,
+) -> Result<Bytes, Response<Body>> {
     match super::server::read_capped(req.into_body(), max).await {
         Ok(b) => Ok(b),
         Err(None) => Err(refuse(

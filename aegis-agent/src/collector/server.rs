@@ -223,13 +223,20 @@ async fn handle(
             super::policy_routes::take_ack(state, client_cert, peer, req).await
         }
         (&Method::GET, None) if path == "/v1/fleet/status" => super::policy_routes::fleet_status(state, peer).await,
+        (&Method::POST, None) if path == "/v1/fleet/drills" => {
+            super::drill_routes::take_result(state, client_cert, peer, req).await
+        }
+        (&Method::GET, None) if path == "/v1/fleet/drills" => {
+            let query = req.uri().query().unwrap_or("").to_owned();
+            super::drill_routes::results(state, peer, &query).await
+        }
         _ => refuse(
             peer,
             StatusCode::NOT_FOUND,
             "not_found",
             format!("no route {} {path}", req.method()),
             "use PUT or GET /v1/bundles/sha256/<hex>, GET /v1/bundles, PUT or GET /v1/policy, POST \
-             /v1/policy/acks, GET /v1/fleet/status",
+             /v1/policy/acks, GET /v1/fleet/status, POST or GET /v1/fleet/drills",
         ),
     }
 }

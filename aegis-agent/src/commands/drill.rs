@@ -38,6 +38,8 @@ pub struct RunArgs {
     /// Hold each containment this long before going on (tests, demos).
     #[arg(long, hide = true, value_name = "MS", default_value_t = 0)]
     pub hold_contained_ms: u64,
+    #[command(flatten)]
+    pub fleet: super::fleet_drill::FleetDrillArgs,
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -150,6 +152,9 @@ fn aggregate(files: &[PathBuf], json: bool) -> u8 {
 }
 
 fn run_drill(args: &RunArgs) -> u8 {
+    if args.fleet.fleet.is_some() {
+        return super::fleet_drill::run(args);
+    }
     let mut scenarios = Vec::new();
     let names: Vec<&str> = if args.scenarios.is_empty() && args.files.is_empty() {
         drill::scenario::BUILT_IN.iter().map(|(n, _)| *n).collect()

@@ -235,6 +235,7 @@ fn new_doc(signing: &SigningArgs, version: u64, file: PolicyFile, rulepacks: Vec
         mode: file.mode,
         rulepacks,
         note: file.note,
+        drill: None,
     }
 }
 
@@ -252,11 +253,11 @@ fn read_packs(base: &std::path::Path, paths: &[PathBuf]) -> anyhow::Result<Vec<F
         .collect()
 }
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+pub(super) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_current_thread().enable_all().build()?)
 }
 
-fn client(args: &CollectorArgs) -> anyhow::Result<CollectorClient> {
+pub(super) fn client(args: &CollectorArgs) -> anyhow::Result<CollectorClient> {
     let identity = args.cert.as_deref().zip(args.key.as_deref());
     CollectorClient::new(&args.collector, &args.ca, identity)
 }
@@ -375,6 +376,32 @@ fn execute(cmd: FleetCommand) -> anyhow::Result<u8> {
     }
 }
 
+/// The served policy, changed by `change`, as the next version: signed and published.
+/// Fields of the served version carried over: blocks, emergency, rulepacks, mode (not its
+/// note or drill).
+pub(super) fn publish_next(
+    client: &CollectorClient,
+    rt: &tokio::runtime::Runtime,
+    signing: &SigningArgs,
+    note: String,
+    change: impl FnOnce(&mut PolicyDoc) -> anyhow::Result<()>,
+) -> anyhow::Result<crate::collector::client::PublishAnswer> {
+    let current = rt.block_on(served(client))?;
+    let version = current.as_ref().map_or(1, |d| d.version + 1);
+    let mut doc = new_doc(signing, version, PolicyFile::default(), Vec::new());
+    if let Some(c) = current {
+        anyhow::ensure!(c.fleet == signing.fleet, "the collector serves fleet {:?}, not {:?}", c.fleet, signing.fleet);
+        doc.blocks = c.blocks;
+        doc.emergency = c.emergency;
+        doc.rulepacks = c.rulepacks;
+        doc.mode = c.mode;
+    }
+    doc.note = note;
+    change(&mut doc)?;
+    let bytes = sign(&doc, &signing.signing_keys)?;
+    Ok(rt.block_on(client.publish(Bytes::from(bytes)))?)
+}
+
 /// The served policy, changed by `change`, as the next version: signed, published, and
 /// waited for.
 fn push_change(
@@ -384,26 +411,8 @@ fn push_change(
 ) -> anyhow::Result<u8> {
     let client = client(&push.collector)?;
     let rt = runtime()?;
-    let current = rt.block_on(served(&client))?;
-    let version = current.as_ref().map_or(1, |d| d.version + 1);
-    let mut doc = new_doc(&push.signing, version, PolicyFile::default(), Vec::new());
-    if let Some(c) = current {
-        anyhow::ensure!(
-            c.fleet == push.signing.fleet,
-            "the collector serves fleet {:?}, not {:?}",
-            c.fleet,
-            push.signing.fleet
-        );
-        doc.blocks = c.blocks;
-        doc.emergency = c.emergency;
-        doc.rulepacks = c.rulepacks;
-        doc.mode = c.mode;
-    }
-    doc.note = note;
-    change(&mut doc)?;
-    let bytes = sign(&doc, &push.signing.signing_keys)?;
     let start = Instant::now();
-    let answer = rt.block_on(client.publish(Bytes::from(bytes)))?;
+    let answer = publish_next(&client, &rt, &push.signing, note, change)?;
     eprintln!(
         "published version {} ({}); waiting up to {:?} for every agent",
         answer.version, answer.digest, push.deadline

@@ -10,6 +10,7 @@ pub mod control;
 pub mod drill;
 pub mod evidence;
 pub mod fleet;
+pub mod fleet_drill;
 pub mod incident;
 pub mod kernel;
 pub mod rules;

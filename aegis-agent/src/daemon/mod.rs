@@ -377,8 +377,18 @@ fn start_fleet_feed(
             Ok(infos.iter().map(|p| format!("{}@{}", p.name, p.version)).collect())
         }) as crate::fleet::PackSwap
     });
-    crate::collector::feed::start(&config.fleet, server.fleet_applier(), key, client, enforcement, packs)
-        .context("cannot start the fleet feed ([fleet])")
+    let launcher =
+        crate::drill::fleet::Launcher::new(config.source.clone(), config.fleet.drills, enforcement == "kernel");
+    crate::collector::feed::start(
+        &config.fleet,
+        server.fleet_applier(),
+        key,
+        client,
+        enforcement,
+        packs,
+        Some(launcher),
+    )
+    .context("cannot start the fleet feed ([fleet])")
 }
 
 /// `aegis-agent run --no-kernel`: the control socket, the decision log and the fleet feed,

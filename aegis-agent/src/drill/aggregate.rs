@@ -1,8 +1,8 @@
 //! Many hosts' drill reports as one ([`aggregate`]): per scenario and phase, how many hosts
 //! ran it, which failed it (and on which check), and the p50 and p99 of the time it was
 //! done at. `aegis-agent drill aggregate REPORT.json...` reads the reports `drill --report`
-//! wrote on each host; it is the aggregation half of fleet drills (`--fleet`, not built: the
-//! reports are gathered by whatever runs the drill on each host).
+//! wrote on each host, and `drill --fleet` ([`crate::commands::fleet_drill`]) aggregates the
+//! reports the fleet's agents sent back.
 
 use std::collections::BTreeMap;
 

@@ -15,6 +15,7 @@
 //!   and its cgroup on every path: an error, a failed phase, SIGINT or SIGTERM.
 //! - [`report`]: the report (JSON and Markdown) and the history of drills.
 //! - [`aggregate`]: many hosts' reports as one (which hosts failed which step, p50/p99).
+//! - [`fleet`]: the drill a fleet policy carries, run on this host as a child of the agent.
 //!
 //! # Safety
 //!
@@ -31,6 +32,7 @@
 pub mod aggregate;
 pub mod client;
 pub mod endpoint;
+pub mod fleet;
 pub mod report;
 pub mod run;
 pub mod scenario;

@@ -5,6 +5,7 @@
 //! See README "Fleet".
 
 pub mod ack;
+pub mod drill;
 pub mod policy;
 
 use std::path::PathBuf;
@@ -38,6 +39,9 @@ pub struct FleetConfig {
     pub wait_secs: u64,
     /// Longest wait between two tries to reach the collector (backoff with jitter).
     pub backoff_max_secs: u64,
+    /// Run the drills fleet policies carry (`aegis-agent drill --fleet`); off: answer each
+    /// with `not_run`.
+    pub drills: bool,
 }
 
 /// Puts a fleet policy's rulepacks in force beside the configured ones (given by the daemon,

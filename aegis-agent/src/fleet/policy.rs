@@ -76,6 +76,10 @@ pub struct PolicyDoc {
     /// Why this version was published (who, which incident).
     #[serde(default)]
     pub note: String,
+    /// A drill for every host: each agent that puts this version in force runs it once and
+    /// sends its result ([`crate::fleet::drill`]). Not carried over to the next version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drill: Option<super::drill::DrillRequest>,
 }
 
 impl PolicyDoc {
@@ -98,6 +102,9 @@ impl PolicyDoc {
             // anything changes (and never signed).
             let packs: Vec<(String, String)> = self.rulepacks.iter().map(FleetPack::pair).collect();
             crate::rules::load_with(&[], &packs).map_err(|e| format!("rulepacks: {e}"))?;
+        }
+        if let Some(d) = &self.drill {
+            d.check().map_err(|e| format!("drill: {e}"))?;
         }
         for (i, b) in self.blocks.iter().enumerate() {
             if b.expires.is_some() {
@@ -363,6 +370,7 @@ mod tests {
             emergency: false,
             mode: None,
             rulepacks: vec![],
+            drill: None,
             note: String::new(),
         }
     }
