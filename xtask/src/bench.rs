@@ -30,6 +30,13 @@ pub enum Bench {
         /// Rounds; the median of each configuration is reported.
         #[arg(long, default_value_t = 3)]
         rounds: u32,
+        /// Only the non-AI row (a TLS workload that is not AI traffic beside the agent).
+        #[arg(long)]
+        non_ai_only: bool,
+        /// Seconds the agent runs after it is ready before a non-AI measurement starts (its
+        /// start-up work: discovery, the first name resolution).
+        #[arg(long, default_value_t = 3)]
+        settle: u64,
     },
     /// MB/s per core of the rules engine with the default rulepack over generated LLM API
     /// traffic (requests, responses, SSE streams; clean, and with 1 % planted findings),
@@ -111,7 +118,9 @@ pub enum Bench {
 
 pub fn run(which: Bench) -> anyhow::Result<()> {
     match which {
-        Bench::Capture { seconds, connections, rounds } => capture(seconds, connections, rounds),
+        Bench::Capture { seconds, connections, rounds, non_ai_only, settle } => {
+            capture(seconds, connections, rounds, non_ai_only, settle)
+        }
         Bench::Rules { seconds, bodies, rulepack, keep } => rules(seconds, bodies, &rulepack, keep),
         Bench::Contain { rounds, connects } => crate::contain::bench(rounds, connects),
         Bench::Evidence { seconds } => evidence(seconds),
@@ -123,7 +132,7 @@ pub fn run(which: Bench) -> anyhow::Result<()> {
 
 const LIBSSL: &str = "/usr/lib/x86_64-linux-gnu/libssl.so.3";
 
-fn capture(seconds: u64, connections: u32, rounds: u32) -> anyhow::Result<()> {
+fn capture(seconds: u64, connections: u32, rounds: u32, non_ai_only: bool, settle: u64) -> anyhow::Result<()> {
     if !Path::new("/usr/bin/bpftrace").exists() {
         install_debian(&["bpftrace"])?;
     }
@@ -148,11 +157,12 @@ fn capture(seconds: u64, connections: u32, rounds: u32) -> anyhow::Result<()> {
 
     let mut rows: Vec<(&str, &str, Vec<f64>)> = Vec::new();
     let mut drops_report = String::new();
-    for (label, path, http2) in [
+    let paths = [
         ("/v1/chat/completions", "/v1/chat/completions", false),
         ("/health", "/health", false),
         ("h2 /v1/chat/completions", "/v1/chat/completions", true),
-    ] {
+    ];
+    for &(label, path, http2) in if non_ai_only { &paths[..0] } else { &paths[..] } {
         let mut base = Vec::new();
         let mut floor = Vec::new();
         let mut agent = Vec::new();
@@ -173,6 +183,15 @@ fn capture(seconds: u64, connections: u32, rounds: u32) -> anyhow::Result<()> {
         rows.push((label, "no-op uprobes (bpftrace)", floor));
         rows.push((label, "aegis-agent", agent));
     }
+    if !non_ai_only {
+        print_capture_rows(&rows, connections, seconds, rounds, &drops_report);
+    }
+    non_ai(&dir, rounds, settle, &measure)?;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+fn print_capture_rows(rows: &[(&str, &str, Vec<f64>)], connections: u32, seconds: u64, rounds: u32, drops: &str) {
     println!();
     println!("capture benchmark: {connections} connections, {seconds} s per run, median of {rounds} rounds");
     println!(
@@ -187,36 +206,64 @@ fn capture(seconds: u64, connections: u32, rounds: u32) -> anyhow::Result<()> {
             println!("{:<24} {:<28} {:>12.0} {:>12.3} {:>14.3}", path, name, m, m / base, m / floor);
         }
     }
-    println!("\nagent drop counters of the last run: {drops_report}");
+    println!("\nagent drop counters of the last run: {drops}");
+}
 
-    // A TLS workload that is not AI traffic (tls_loop's own server on an ephemeral port, no
-    // provider's), beside the agent probing every process (the default) and beside the agent
-    // with `capture.scope = "model_processes"`, which probes only processes that connect to
-    // a model endpoint.
-    let mut non_ai: Vec<(&str, Vec<f64>)> =
-        vec![("no agent", vec![]), ("agent, scope all", vec![]), ("agent, scope model_processes", vec![])];
+/// A TLS workload that is not AI traffic (tls_loop's own server on an ephemeral port, no
+/// provider's), beside no agent, the agent probing every process (the default) and the agent
+/// with `capture.scope = "model_processes"`, which probes only processes that connect to a
+/// model endpoint. The three run in a rotated order each round (drift of the machine spreads
+/// over all three); the agent's own CPU time during each measurement is read from /proc (on
+/// 2 shared cores it comes out of the workload's).
+fn non_ai(
+    dir: &Path,
+    rounds: u32,
+    settle: u64,
+    measure: &dyn Fn(&str, bool) -> anyhow::Result<f64>,
+) -> anyhow::Result<()> {
+    let configs: [(&str, Option<&str>); 3] = [
+        ("no agent", None),
+        ("agent, scope all", Some("")),
+        ("agent, scope model_processes", Some("[capture]\nscope = \"model_processes\"\n")),
+    ];
+    let mut rps: Vec<Vec<f64>> = vec![vec![]; 3];
+    let mut cpu: Vec<Vec<f64>> = vec![vec![]; 3];
     for round in 0..rounds {
         eprintln!("bench capture: non-AI round {}/{rounds}", round + 1);
-        non_ai[0].1.push(measure("/v1/chat/completions", false)?);
-        {
-            let a = AgentProc::start(&dir, "")?;
-            non_ai[1].1.push(measure("/v1/chat/completions", false)?);
-            a.stop()?;
-        }
-        {
-            let a = AgentProc::start(&dir, "[capture]\nscope = \"model_processes\"\n")?;
-            non_ai[2].1.push(measure("/v1/chat/completions", false)?);
-            a.stop()?;
+        for k in 0..3 {
+            let i = (k + round as usize) % 3;
+            let agent = match configs[i].1 {
+                Some(extra) => {
+                    let a = AgentProc::start(dir, extra)?;
+                    std::thread::sleep(Duration::from_secs(settle));
+                    Some(a)
+                }
+                None => None,
+            };
+            let before = agent.as_ref().map(AgentProc::cpu_secs).transpose()?;
+            let t0 = Instant::now();
+            rps[i].push(measure("/v1/chat/completions", false)?);
+            let wall = t0.elapsed().as_secs_f64();
+            if let (Some(a), Some(b)) = (&agent, before) {
+                cpu[i].push((a.cpu_secs()? - b) / wall * 100.0);
+            }
+            if let Some(a) = agent {
+                a.stop()?;
+            }
         }
     }
-    println!("\nnon-AI TLS workload (calls to a port no provider uses), median of {rounds} rounds");
-    println!("{:<32} {:>12} {:>12}", "configuration", "req/s", "vs none");
-    let none = median(&non_ai[0].1);
-    for (name, v) in &non_ai {
-        let m = median(v);
-        println!("{:<32} {:>12.0} {:>12.3}", name, m, m / none);
+    println!(
+        "\nnon-AI TLS workload (calls to a port no provider uses), median of {rounds} rounds, order rotated each \
+         round, agent settled {settle} s"
+    );
+    println!("{:<32} {:>12} {:>12} {:>22}", "configuration", "req/s", "vs none", "agent CPU, % of a core");
+    let none = median(&rps[0]);
+    for (i, (name, _)) in configs.iter().enumerate() {
+        let m = median(&rps[i]);
+        let c = if cpu[i].is_empty() { "-".to_owned() } else { format!("{:.2}", median(&cpu[i])) };
+        let all: Vec<String> = rps[i].iter().map(|v| format!("{:.3}", v / none)).collect();
+        println!("{:<32} {:>12.0} {:>12.3} {:>22}   rounds vs none: {}", name, m, m / none, c, all.join(" "));
     }
-    let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
 
@@ -307,6 +354,18 @@ impl AgentProc {
             std::thread::sleep(Duration::from_millis(100));
         }
         Ok(me)
+    }
+
+    /// CPU seconds the agent's threads have used (utime + stime of /proc/PID/stat).
+    fn cpu_secs(&self) -> anyhow::Result<f64> {
+        let pid = self.child.as_ref().context("the agent has stopped")?.id();
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+        // The fields after the command name (which may hold spaces): state is the first.
+        let rest = stat.rsplit_once(')').context("a /proc stat line")?.1;
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let ticks: f64 = f[11].parse::<f64>()? + f[12].parse::<f64>()?;
+        // USER_HZ: 100 on Linux x86_64, whatever the kernel's own HZ (`getconf CLK_TCK`).
+        Ok(ticks / 100.0)
     }
 
     /// SIGINT, wait, and return the final "capture stats" line.
