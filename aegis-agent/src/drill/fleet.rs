@@ -119,7 +119,8 @@ impl Launcher {
             cmd.arg("--config").arg(c);
         }
         for name in &request.scenarios {
-            cmd.arg("--scenario").arg(name);
+            // One argument: a name is never taken for an option.
+            cmd.arg(format!("--scenario={name}"));
         }
         for (i, f) in request.files.iter().enumerate() {
             let path = dir.join(format!("scenario-{i}.toml"));

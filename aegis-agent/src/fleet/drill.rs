@@ -59,8 +59,23 @@ pub struct ScenarioFile {
 }
 
 impl DrillRequest {
-    /// Checks that need no agent: the id, the scenarios parse, the bounds.
+    /// Checks that need no agent: [`Self::check_shape`], and every scenario is one this
+    /// build knows or parses (the publisher's check, before signing).
     pub fn check(&self) -> Result<(), String> {
+        self.check_shape()?;
+        for name in &self.scenarios {
+            crate::drill::scenario::Scenario::built_in(name).map_err(|e| format!("{e:#}"))?;
+        }
+        for f in &self.files {
+            crate::drill::scenario::Scenario::parse(&f.text, &f.name).map_err(|e| format!("{e:#}"))?;
+        }
+        Ok(())
+    }
+
+    /// The id, the time and the bounds: what an agent checks of a policy's drill. A scenario
+    /// an agent of another version does not know fails that host's drill (its result says
+    /// so); it never makes the agent refuse the policy and its blocks.
+    pub fn check_shape(&self) -> Result<(), String> {
         let id_ok = self.id.starts_with("fleet-drill-")
             && self.id.len() <= 64
             && self.id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-');
@@ -71,14 +86,10 @@ impl DrillRequest {
         if self.scenarios.len() + self.files.len() > MAX_SCENARIOS {
             return Err(format!("more than {MAX_SCENARIOS} scenarios in one drill"));
         }
-        for name in &self.scenarios {
-            crate::drill::scenario::Scenario::built_in(name).map_err(|e| format!("{e:#}"))?;
-        }
         for f in &self.files {
             if f.text.len() > MAX_SCENARIO_BYTES {
                 return Err(format!("scenario file {:?} is over {MAX_SCENARIO_BYTES} bytes", f.name));
             }
-            crate::drill::scenario::Scenario::parse(&f.text, &f.name).map_err(|e| format!("{e:#}"))?;
         }
         Ok(())
     }
@@ -163,6 +174,7 @@ mod tests {
         let mut bad = request();
         bad.scenarios.push("no-such-scenario".into());
         assert!(bad.check().unwrap_err().contains("no-such-scenario"), "{:?}", bad.check());
+        bad.check_shape().expect("an agent takes the policy; its drill fails on the host");
         let mut bad = request();
         bad.id = "fleet-drill-../../etc".into();
         assert!(bad.check().is_err());

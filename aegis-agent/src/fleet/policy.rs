@@ -104,7 +104,7 @@ impl PolicyDoc {
             crate::rules::load_with(&[], &packs).map_err(|e| format!("rulepacks: {e}"))?;
         }
         if let Some(d) = &self.drill {
-            d.check().map_err(|e| format!("drill: {e}"))?;
+            d.check_shape().map_err(|e| format!("drill: {e}"))?;
         }
         for (i, b) in self.blocks.iter().enumerate() {
             if b.expires.is_some() {
@@ -121,6 +121,9 @@ impl PolicyDoc {
     /// The envelope of this policy signed by `keys`.
     pub fn sign(&self, keys: &[&HostKey]) -> anyhow::Result<Envelope> {
         self.check().map_err(|e| anyhow::anyhow!("the policy is not valid: {e}"))?;
+        if let Some(d) = &self.drill {
+            d.check().map_err(|e| anyhow::anyhow!("the policy's drill is not valid: {e}"))?;
+        }
         let payload = serde_json::to_vec(self).context("encoding the policy")?;
         Ok(dsse::sign_payload(keys, PAYLOAD_TYPE, &payload))
     }
