@@ -202,18 +202,22 @@ def document_rows():
 
 
 def rust_rows(rng):
-    """Slices of the Rust sources of the crates pinned in Cargo.lock (see document_rows)."""
+    """Slices of the Rust sources of the crates listed in rust_crates.txt (see
+    document_rows): Cargo.lock's registry crates when model 3.0.0 was trained, pinned there
+    (read from Cargo.lock itself, the data changed with every dependency change: model 3.0.0
+    was not reproducible once iced-x86 was added). A crate missing from cargo's registry
+    cache is an error, not a silent skip: the model's bytes would change."""
     import os
 
-    lock = (ROOT / "Cargo.lock").read_text(encoding="utf-8")
-    pinned = sorted(set(re.findall(r'name = "([^"]+)"\nversion = "([^"]+)"\nsource = "registry', lock)))
+    listed = (HERE / "rust_crates.txt").read_text(encoding="utf-8").splitlines()
+    pinned = [tuple(line.split()) for line in listed if line.strip() and not line.startswith("#")]
     home = pathlib.Path(os.environ.get("CARGO_HOME", pathlib.Path.home() / ".cargo"))
     regs = sorted((home / "registry/src").glob("*"))
-    rows, missing = [], 0
+    rows, missing = [], []
     for name, version in pinned:
         crate = next((r / f"{name}-{version}" for r in regs if (r / f"{name}-{version}").is_dir()), None)
         if crate is None:
-            missing += 1
+            missing.append(f"{name} {version}")
             continue
         files = sorted(f for f in (crate / "src").rglob("*.rs") if f.stat().st_size > 3000) if (crate / "src").is_dir() else []
         if not files:
@@ -223,7 +227,11 @@ def rust_rows(rng):
             for piece in _slices(text, rng, 1000, 4500, 2):
                 rows.append(("code_rust", f"rust/{name}", 0, piece))
     if missing:
-        print(f"rust sources: {missing} of {len(pinned)} pinned crates not in cargo's registry cache (run `cargo fetch`)", file=sys.stderr)
+        raise SystemExit(
+            f"rust sources: {len(missing)} of {len(pinned)} crates of tools/classifier/rust_crates.txt are not in "
+            f"cargo's registry cache ({home / 'registry/src'}): {', '.join(missing[:5])}...; run `cargo fetch` "
+            "(or build the workspace) at the commit of the model, which pins them all"
+        )
     return rows
 
 
