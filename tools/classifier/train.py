@@ -38,14 +38,19 @@ from fetch import fetch  # noqa: E402
 
 ROOT = HERE.parent.parent
 MODEL = ROOT / "packaging/models/injection_classifier.bin"
-VERSION = "3.0.0"
+VERSION = "4.0.0"
 FORMAT = b"AEGISLR2"
-# At most this share of the benign training texts (out-of-fold) at or above the threshold.
+# At most this share of the benign training texts (out-of-fold) at or above the threshold,
+# and at most this share of the prompt-like ones among them (model 4.0.0: the target is on
+# prompt-like texts; with the documents and code slices counted in, most of the 1% fell on
+# prompt-like texts: 1.9% of them out-of-fold on 3.0.0's data, 1.8% on 4.0.0's).
 # (A margin, 0.5%, was tried: held-out false positives 1.7% instead of 1.9%, recall 88%
 # instead of 93%; not kept.)
 MAX_FPR = 0.01
 # Regularisation candidates, chosen by out-of-fold recall at MAX_FPR on the training split.
-CS = (4.0, 16.0, 64.0)
+CS = (4.0, 16.0, 64.0, 256.0, 1024.0, 4096.0)
+# Benign families that are documents or code, not prompt-like texts.
+DOCUMENT_FAMILIES = {"code_rust", "doc_licence", "doc_pydoc", "own_hn_legal", "own_hn_legal_long", "stdlib", "stdlib_heldout"}
 # Share of each family's groups in the test split.
 TEST_SHARE = 0.25
 
@@ -111,6 +116,7 @@ def load_rows(src: pathlib.Path):
         rows.append((f"bastion/{r['category']}", f"bastion/{r['id']}", int(r["label"] == "malicious"), r["text"]))
     rows += own_data.rows()
     rows += own_data.hard_negatives()
+    rows += own_data.hard_negatives_3() + own_data.attacks_3()
     rows += stdlib_rows()
     rows += document_rows()
     return rows
@@ -162,7 +168,7 @@ def document_rows():
       bundled there are cut out: the GPL is the agent's regression test (a licence the
       model never saw), so it is kept out of training;
     - CPython's pydoc topics (the language reference, prose with code);
-    - Rust sources of the crates pinned in Cargo.lock (from cargo's registry cache,
+    - Rust sources of the crates listed in rust_crates.txt (from cargo's registry cache,
       filled by any build of the workspace), docs and code; not this repository's own
       sources (the regression test scores one)."""
     import sysconfig
@@ -202,18 +208,22 @@ def document_rows():
 
 
 def rust_rows(rng):
-    """Slices of the Rust sources of the crates pinned in Cargo.lock (see document_rows)."""
+    """Slices of the Rust sources of the crates listed in rust_crates.txt (see
+    document_rows): Cargo.lock's registry crates when model 3.0.0 was trained, pinned there
+    (read from Cargo.lock itself, the data changed with every dependency change: model 3.0.0
+    was not reproducible once iced-x86 was added). A crate missing from cargo's registry
+    cache is an error, not a silent skip: the model's bytes would change."""
     import os
 
-    lock = (ROOT / "Cargo.lock").read_text(encoding="utf-8")
-    pinned = sorted(set(re.findall(r'name = "([^"]+)"\nversion = "([^"]+)"\nsource = "registry', lock)))
+    listed = (HERE / "rust_crates.txt").read_text(encoding="utf-8").splitlines()
+    pinned = [tuple(line.split()) for line in listed if line.strip() and not line.startswith("#")]
     home = pathlib.Path(os.environ.get("CARGO_HOME", pathlib.Path.home() / ".cargo"))
     regs = sorted((home / "registry/src").glob("*"))
-    rows, missing = [], 0
+    rows, missing = [], []
     for name, version in pinned:
         crate = next((r / f"{name}-{version}" for r in regs if (r / f"{name}-{version}").is_dir()), None)
         if crate is None:
-            missing += 1
+            missing.append(f"{name} {version}")
             continue
         files = sorted(f for f in (crate / "src").rglob("*.rs") if f.stat().st_size > 3000) if (crate / "src").is_dir() else []
         if not files:
@@ -223,7 +233,11 @@ def rust_rows(rng):
             for piece in _slices(text, rng, 1000, 4500, 2):
                 rows.append(("code_rust", f"rust/{name}", 0, piece))
     if missing:
-        print(f"rust sources: {missing} of {len(pinned)} pinned crates not in cargo's registry cache (run `cargo fetch`)", file=sys.stderr)
+        raise SystemExit(
+            f"rust sources: {len(missing)} of {len(pinned)} crates of tools/classifier/rust_crates.txt are not in "
+            f"cargo's registry cache ({home / 'registry/src'}): {', '.join(missing[:5])}...; run `cargo fetch` "
+            "(or build the workspace) at the commit of the model, which pins them all"
+        )
     return rows
 
 
@@ -313,11 +327,13 @@ def short(texts):
 def train_model(rows, choices=F.FEATURE_CHOICES):
     """Fit on `rows`; the feature choice (count cap, norm floor), C and the threshold from
     out-of-fold scores (folds by group): the lowest threshold with at most MAX_FPR of the
-    benign rows at or above it; the choice and C with the highest recall there."""
+    benign rows, and at most MAX_FPR of the prompt-like benign rows, at or above it; the
+    choice and C with the highest recall there."""
     counts = count_matrix([r[3] for r in rows])
     y = np.array([r[2] for r in rows])
     groups = np.array([r[1] for r in rows])
     tiny = short([r[3] for r in rows])
+    prompt_like = np.array([r[2] == 0 and r[0] not in DOCUMENT_FAMILIES for r in rows])
     best = None
     for choice, c in [(ch, c) for ch in choices for c in CS]:
         X = features_of(counts, choice)
@@ -325,18 +341,22 @@ def train_model(rows, choices=F.FEATURE_CHOICES):
         for tr, te in GroupKFold(n_splits=5).split(X, y, groups):
             oof[te] = score(fit(X[tr], y[tr], c), X[te])
         oof[tiny] = 0.0
-        benign = np.sort(oof[y == 0])[::-1]
-        allowed = int(np.floor(MAX_FPR * len(benign)))
-        threshold = max(float(np.nextafter(np.float32(benign[allowed]), np.float32(1))), 0.5)
+        threshold = 0.5
+        for mask in (y == 0, prompt_like):
+            benign = np.sort(oof[mask])[::-1]
+            allowed = int(np.floor(MAX_FPR * len(benign)))
+            threshold = max(threshold, float(np.nextafter(np.float32(benign[allowed]), np.float32(1))))
         recall = float((oof[y == 1] >= threshold).mean())
         fpr = float((oof[y == 0] >= threshold).mean())
-        print(f"features {choice}, C={c}: out-of-fold recall {recall:.3f}, false positives {fpr:.4f}, threshold {threshold:.3f}", file=sys.stderr)
+        pl_fpr = float((oof[prompt_like] >= threshold).mean())
+        print(f"features {choice}, C={c}: out-of-fold recall {recall:.3f}, false positives {fpr:.4f} "
+              f"(prompt-like {pl_fpr:.4f}), threshold {threshold:.3f}", file=sys.stderr)
         if best is None or recall > best[1]:
-            best = (c, recall, fpr, threshold, choice)
-    c, recall, fpr, threshold, choice = best
+            best = (c, recall, fpr, threshold, choice, pl_fpr)
+    c, recall, fpr, threshold, choice, pl_fpr = best
     model = fit(features_of(counts, choice), y, c)
     model.choice = choice
-    return model, dict(c=c, oof_recall=recall, oof_fpr=fpr, threshold=threshold, features=list(choice))
+    return model, dict(c=c, oof_recall=recall, oof_fpr=fpr, oof_fpr_prompt_like=pl_fpr, threshold=threshold, features=list(choice))
 
 
 def evaluate(model, threshold, rows):
@@ -397,6 +417,7 @@ def main():
         "train_benign": int((yt == 0).sum()),
         "oof_recall": fitted["oof_recall"],
         "oof_fpr": fitted["oof_fpr"],
+        "oof_fpr_prompt_like": fitted["oof_fpr_prompt_like"],
         "heldout_rows": len(test),
         "heldout_attacks": int(yh.sum()),
         "heldout_benign": int((yh == 0).sum()),

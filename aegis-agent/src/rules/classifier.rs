@@ -366,7 +366,7 @@ mod tests {
     #[test]
     fn the_embedded_model_loads_with_its_version_digest_and_threshold() {
         let c = embedded();
-        assert_eq!(c.model.version, "3.0.0");
+        assert_eq!(c.model.version, "4.0.0");
         assert!(c.model.digest.starts_with("sha256:") && c.model.digest.len() == 71, "{}", c.model.digest);
         assert!((0.5..1.0).contains(&c.threshold), "{}", c.threshold);
         assert_eq!(c.info().name, MODEL_NAME);
