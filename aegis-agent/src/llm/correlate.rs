@@ -34,20 +34,31 @@ const MAX_PENDING: usize = 4096;
 /// Longest wall-clock wait for the other half, whatever the workers' progress.
 pub const MAX_WAIT: Duration = Duration::from_secs(10);
 
-struct Pending {
-    obs: Observation,
-    endpoint: Endpoint,
+/// A waiting observation: what `expire` and the join look at, small and in arrival order;
+/// the observation itself is boxed (None once it has gone out).
+struct Slot {
     fingerprint: u64,
+    side: Side,
+    request_start_ns: u64,
     /// Kernel time (monotonic ns) past which the other half cannot come any more.
     due_ns: u64,
     arrived: Instant,
+    body: Option<Box<(Observation, Endpoint)>>,
 }
 
 pub struct Correlator {
     window_ns: u64,
     wall_offset_ns: i128,
-    /// In arrival order.
-    pending: VecDeque<Pending>,
+    /// In arrival order; slots whose observation went out stay until they reach the front
+    /// (or a compaction), so taking one from the middle moves nothing.
+    pending: VecDeque<Slot>,
+    /// Sequence number of `pending[0]`.
+    head_seq: u64,
+    /// Slots still holding an observation.
+    live: usize,
+    /// The sequence numbers of the waiting observations of each fingerprint, oldest first:
+    /// a join looks at these only, not at everything that waits.
+    by_fingerprint: HashMap<u64, Vec<u64>>,
     /// Calls announced by one end and not observed yet: how many, and when the last came.
     announced: HashMap<(u64, Side), (u32, Instant)>,
     /// Calls whose both ends were joined.
@@ -65,6 +76,9 @@ impl Correlator {
             window_ns: window.as_nanos() as u64,
             wall_offset_ns,
             pending: VecDeque::new(),
+            head_seq: 0,
+            live: 0,
+            by_fingerprint: HashMap::new(),
             announced: HashMap::new(),
             joined: 0,
             overflowed: 0,
@@ -102,33 +116,96 @@ impl Correlator {
             return;
         };
         // Both ends may be one process (client and server threads of one program). Of
-        // several candidates (identical requests), the one closest in time is this call's.
-        let other = self
-            .pending
-            .iter()
-            .enumerate()
-            .filter(|(_, p)| p.fingerprint == fingerprint && p.obs.side != obs.side)
-            .min_by_key(|(_, p)| p.obs.request_start_ns.abs_diff(obs.request_start_ns))
-            .map(|(i, _)| i);
-        if let Some(i) = other {
-            let p = self.pending.remove(i).expect("index from position");
+        // several candidates (identical requests), the one closest in time is this call's
+        // (the oldest of equally close ones).
+        let other = self.by_fingerprint.get(&fingerprint).and_then(|seqs| {
+            seqs.iter()
+                .copied()
+                .filter_map(|seq| {
+                    let slot = &self.pending[(seq - self.head_seq) as usize];
+                    (slot.side != obs.side).then(|| (seq, slot.request_start_ns.abs_diff(obs.request_start_ns)))
+                })
+                .min_by_key(|(_, diff)| *diff)
+                .map(|(seq, _)| seq)
+        });
+        if let Some(seq) = other {
+            let (p_obs, p_endpoint) = *self.take(seq).expect("a waiting observation");
             self.joined += 1;
             let (client, server) = match obs.side {
-                Side::Client => ((obs, endpoint), p.endpoint),
-                Side::Server => ((p.obs, p.endpoint), endpoint),
+                Side::Client => ((obs, endpoint), p_endpoint),
+                Side::Server => ((p_obs, p_endpoint), endpoint),
             };
             out.push(CallRecord::new(client, Some(server), self.wall_offset_ns));
             return;
         }
-        if self.pending.len() >= MAX_PENDING {
+        if self.live >= MAX_PENDING {
             self.overflowed += 1;
-            if let Some(p) = self.pending.pop_front() {
-                self.alone(p, out);
+            self.trim_front();
+            if let Some(seq) = self.pending.front().map(|_| self.head_seq) {
+                self.send_alone(seq, out);
             }
         }
         let ended = obs.response_end_ns.or(obs.response_first_ns).unwrap_or(obs.request_start_ns);
-        let due_ns = ended.saturating_add(self.window_ns);
-        self.pending.push_back(Pending { obs, endpoint, fingerprint, due_ns, arrived: now });
+        let seq = self.head_seq + self.pending.len() as u64;
+        self.pending.push_back(Slot {
+            fingerprint,
+            side: obs.side,
+            request_start_ns: obs.request_start_ns,
+            due_ns: ended.saturating_add(self.window_ns),
+            arrived: now,
+            body: Some(Box::new((obs, endpoint))),
+        });
+        self.live += 1;
+        self.by_fingerprint.entry(fingerprint).or_default().push(seq);
+    }
+
+    /// Take the observation of slot `seq` out, then drop the empty slots at the front.
+    fn take(&mut self, seq: u64) -> Option<Box<(Observation, Endpoint)>> {
+        let body = self.take_in_place(seq);
+        self.trim_front();
+        body
+    }
+
+    /// Take the observation of slot `seq` out; its slot stays, empty (sequence numbers of
+    /// the others do not change).
+    fn take_in_place(&mut self, seq: u64) -> Option<Box<(Observation, Endpoint)>> {
+        let slot = self.pending.get_mut(seq.checked_sub(self.head_seq)? as usize)?;
+        let body = slot.body.take()?;
+        let fingerprint = slot.fingerprint;
+        self.live -= 1;
+        if let Some(seqs) = self.by_fingerprint.get_mut(&fingerprint) {
+            seqs.retain(|s| *s != seq);
+            if seqs.is_empty() {
+                self.by_fingerprint.remove(&fingerprint);
+            }
+        }
+        Some(body)
+    }
+
+    /// Drop the empty slots at the front; compact when empty slots are most of the queue
+    /// (an old observation holding the front while many after it were joined).
+    fn trim_front(&mut self) {
+        while self.pending.front().is_some_and(|s| s.body.is_none()) {
+            self.pending.pop_front();
+            self.head_seq += 1;
+        }
+        if self.pending.len() > 64 && self.pending.len() > 2 * self.live {
+            let base = self.head_seq;
+            let mut renumber: HashMap<u64, u64> = HashMap::with_capacity(self.live);
+            let mut kept = VecDeque::with_capacity(self.live);
+            for (i, slot) in std::mem::take(&mut self.pending).into_iter().enumerate() {
+                if slot.body.is_some() {
+                    renumber.insert(base + i as u64, base + kept.len() as u64);
+                    kept.push_back(slot);
+                }
+            }
+            self.pending = kept;
+            for seqs in self.by_fingerprint.values_mut() {
+                for s in seqs.iter_mut() {
+                    *s = renumber[s];
+                }
+            }
+        }
     }
 
     /// Send out the observations whose other half cannot come any more: every worker has
@@ -136,20 +213,27 @@ impl Correlator {
     /// waited [`MAX_WAIT`].
     pub fn expire(&mut self, watermark_ns: u64, now: Instant, out: &mut Vec<CallRecord>) {
         self.forget_announcements(now, MAX_WAIT);
-        let mut kept = VecDeque::with_capacity(self.pending.len());
-        for p in std::mem::take(&mut self.pending) {
-            let other = match p.obs.side {
+        let mut due = Vec::new();
+        for (i, p) in self.pending.iter().enumerate() {
+            if p.body.is_none() {
+                continue;
+            }
+            let other = match p.side {
                 Side::Client => Side::Server,
                 Side::Server => Side::Client,
             };
             let coming = self.announced.contains_key(&(p.fingerprint, other));
             if (p.due_ns <= watermark_ns && !coming) || now.duration_since(p.arrived) >= MAX_WAIT {
-                self.alone(p, out);
-            } else {
-                kept.push_back(p);
+                due.push(self.head_seq + i as u64);
             }
         }
-        self.pending = kept;
+        // In arrival order, the slots left in place until all are out (no renumbering).
+        for seq in due {
+            if let Some(body) = self.take_in_place(seq) {
+                self.alone(*body, out);
+            }
+        }
+        self.trim_front();
     }
 
     /// Forget announcements older than `age` (their observations did not come).
@@ -158,21 +242,32 @@ impl Correlator {
     }
 
     pub fn drain(&mut self, out: &mut Vec<CallRecord>) {
-        while let Some(p) = self.pending.pop_front() {
-            self.alone(p, out);
+        while let Some(slot) = self.pending.pop_front() {
+            self.head_seq += 1;
+            if let Some(body) = slot.body {
+                self.live -= 1;
+                self.alone(*body, out);
+            }
         }
+        self.by_fingerprint.clear();
     }
 
     pub fn is_empty(&self) -> bool {
-        self.pending.is_empty()
+        self.live == 0
     }
 
-    fn alone(&mut self, p: Pending, out: &mut Vec<CallRecord>) {
-        match p.obs.side {
+    fn send_alone(&mut self, seq: u64, out: &mut Vec<CallRecord>) {
+        if let Some(body) = self.take(seq) {
+            self.alone(*body, out);
+        }
+    }
+
+    fn alone(&mut self, (obs, endpoint): (Observation, Endpoint), out: &mut Vec<CallRecord>) {
+        match obs.side {
             Side::Client => self.alone_client += 1,
             Side::Server => self.alone_server += 1,
         }
-        out.push(CallRecord::new((p.obs, p.endpoint), None, self.wall_offset_ns));
+        out.push(CallRecord::new((obs, endpoint), None, self.wall_offset_ns));
     }
 }
 
@@ -287,6 +382,49 @@ mod tests {
         assert_eq!(out.len(), 1);
         c.expire(u64::MAX, now + MAX_WAIT, &mut out);
         assert_eq!((out.len(), c.alone_server), (2, 1));
+    }
+
+    #[test]
+    fn joins_behind_an_old_half_keep_the_queue_small_and_the_order() {
+        let mut c = Correlator::new(Duration::from_millis(250), 0);
+        let (now, mut out) = (Instant::now(), Vec::new());
+        // An old half holds the front while thousands of calls are joined behind it.
+        c.push(obs(Side::Server, Some(1), 0, MS), endpoint(2), now, &mut out);
+        for k in 2..3000u64 {
+            c.push(obs(Side::Server, Some(k), k * MS, k * MS + 1), endpoint(2), now, &mut out);
+            c.push(obs(Side::Client, Some(k), k * MS, k * MS + 2), endpoint(1), now, &mut out);
+            assert!(c.pending.len() <= 2 * c.live + 64, "empty slots are compacted away");
+        }
+        assert_eq!((out.len(), c.joined, c.live), (2998, 2998, 1));
+        // Three halves waiting, two due: they go out in arrival order; the third joins later.
+        c.push(obs(Side::Client, Some(7000), 5000 * MS, 5001 * MS), endpoint(1), now, &mut out);
+        c.push(obs(Side::Client, Some(7001), 9000 * MS, 9001 * MS), endpoint(1), now, &mut out);
+        out.clear();
+        c.expire(6000 * MS, now, &mut out);
+        assert_eq!((out.len(), c.live), (2, 1));
+        assert!(out[0].server.is_none() && out[1].server.is_none());
+        c.push(obs(Side::Server, Some(7001), 9000 * MS, 9001 * MS), endpoint(3), now, &mut out);
+        assert_eq!((out.len(), c.joined, c.live), (3, 2999, 0));
+        assert!(c.is_empty() && c.by_fingerprint.is_empty());
+    }
+
+    #[test]
+    fn a_full_queue_sends_out_its_oldest_and_counts_them() {
+        let mut c = Correlator::new(Duration::from_millis(250), 0);
+        let (now, mut out) = (Instant::now(), Vec::new());
+        for k in 0..(MAX_PENDING as u64 + 5) {
+            c.push(obs(Side::Server, Some(k), k * MS, k * MS + 1), endpoint(k as u32), now, &mut out);
+        }
+        assert_eq!((c.overflowed, c.live, c.alone_server), (5, MAX_PENDING, 5));
+        let pids: Vec<u32> = out.iter().map(|r| r.process.pid).collect();
+        assert_eq!(pids, [0, 1, 2, 3, 4], "the oldest go first");
+        // The last one still joins.
+        let last = MAX_PENDING as u64 + 4;
+        c.push(obs(Side::Client, Some(last), last * MS, last * MS + 2), endpoint(9), now, &mut out);
+        assert_eq!((c.joined, c.live), (1, MAX_PENDING - 1));
+        c.drain(&mut out);
+        assert!(c.is_empty());
+        assert_eq!(out.len(), 5 + 1 + MAX_PENDING - 1);
     }
 
     #[test]
