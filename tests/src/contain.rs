@@ -105,6 +105,17 @@ impl TestCgroup {
         &self.dir
     }
 
+    /// The names of the cgroups directly under this one that start with `prefix`.
+    pub fn children(&self, prefix: &str) -> Vec<String> {
+        fs::read_dir(&self.dir)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.path().is_dir())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(prefix))
+            .collect()
+    }
+
     /// The cgroup as `/proc/PID/cgroup` names it (`/aegis-test-ct-x-123`): what
     /// `--cgroup` of the operator commands and the records' `cgroup` use.
     pub fn rel(&self) -> &str {

@@ -132,12 +132,7 @@ fn drill_cmd(s: &Setup, args: &[&str]) -> Command {
 
 /// Nothing of a drill is left: no drill cgroup, no block, no emergency mode.
 fn assert_nothing_left(s: &Setup) {
-    let cgroups: Vec<String> = std::fs::read_dir(s.cgroup.path())
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with("aegis-drill-"))
-        .collect();
+    let cgroups = s.cgroup.children("aegis-drill-");
     assert!(cgroups.is_empty(), "drill cgroups left behind: {cgroups:?}");
     let blocks = s.config.blocks_json();
     assert_eq!(blocks["blocks"], Value::Array(vec![]), "blocks left behind: {blocks:#}");

@@ -76,12 +76,7 @@ fn a_fleet_drill_runs_on_every_agent_and_the_results_come_back_signed_and_aggreg
     assert_eq!(host["host"], "real", "{host:#}");
     // The real agent ran it as its own drill: in its history, nothing left behind.
     assert_eq!(host["left_behind"], Value::Array(vec![]), "{host:#}");
-    let cgroups: Vec<String> = std::fs::read_dir(cg.path())
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with("aegis-drill-"))
-        .collect();
+    let cgroups = cg.children("aegis-drill-");
     assert!(cgroups.is_empty(), "drill cgroups left behind: {cgroups:?}");
     assert!(!std::env::temp_dir().join(format!("aegis-{id}")).exists(), "the fleet drill's directory is left");
     let blocks = cfg.blocks_json();

@@ -14,7 +14,6 @@ use super::{
 };
 use crate::{
     clock::{now_unix_ms, rfc3339_ms},
-    evidence::dsse::Envelope,
     fleet::drill::{DrillResult, MAX_RESULT_BYTES},
 };
 
@@ -30,34 +29,11 @@ pub async fn take_result(
         Ok(b) => b,
         Err(r) => return r,
     };
-    let envelope: Envelope = match serde_json::from_slice(&body) {
-        Ok(e) => e,
-        Err(e) => {
-            return refuse(
-                peer,
-                StatusCode::BAD_REQUEST,
-                "not_an_envelope",
-                format!("not a DSSE envelope: {e}"),
-                "send the drill result as the agent signed it",
-            );
-        }
-    };
-    let agent = match super::server::signing_agent(state, &envelope, cert, peer, "drill result") {
-        Ok(a) => a,
-        Err(refused) => return refused,
-    };
-    let result = match DrillResult::verify(&envelope, &agent.key) {
-        Ok(r) => r,
-        Err(e) => {
-            return refuse(
-                peer,
-                StatusCode::FORBIDDEN,
-                "bad_signature",
-                format!("agent {:?}: {e}", agent.name),
-                "check the agent host",
-            );
-        }
-    };
+    let (agent, result) =
+        match super::server::agent_document(state, cert, peer, &body, "drill result", DrillResult::verify) {
+            Ok(a) => a,
+            Err(refused) => return refused,
+        };
     if !valid_id(&result.drill) {
         return refuse(
             peer,

@@ -202,21 +202,6 @@ impl Inner {
         ack
     }
 
-    fn queue_ack(&mut self, ack: &Ack) {
-        match ack.sign(&self.key).map(|e| serde_json::to_vec(&e)) {
-            Ok(Ok(bytes)) => {
-                self.pending_acks.push(Bytes::from(bytes));
-                // Only the latest few matter: the collector keeps each agent's latest.
-                let excess = self.pending_acks.len().saturating_sub(8);
-                self.pending_acks.drain(..excess);
-            }
-            Ok(Err(e)) => tracing::error!("cannot encode a fleet acknowledgement: {e}"),
-            Err(e) => tracing::error!("cannot sign a fleet acknowledgement: {e:#}"),
-        }
-    }
-}
-
-impl Inner {
     fn queue_result(&mut self, result: &DrillResult) {
         match result.sign(&self.key).map(|e| serde_json::to_vec(&e)) {
             Ok(Ok(bytes)) => {
@@ -229,6 +214,19 @@ impl Inner {
             }
             Ok(Err(e)) => tracing::error!("cannot encode a fleet drill result: {e}"),
             Err(e) => tracing::error!("cannot sign a fleet drill result: {e:#}"),
+        }
+    }
+
+    fn queue_ack(&mut self, ack: &Ack) {
+        match ack.sign(&self.key).map(|e| serde_json::to_vec(&e)) {
+            Ok(Ok(bytes)) => {
+                self.pending_acks.push(Bytes::from(bytes));
+                // Only the latest few matter: the collector keeps each agent's latest.
+                let excess = self.pending_acks.len().saturating_sub(8);
+                self.pending_acks.drain(..excess);
+            }
+            Ok(Err(e)) => tracing::error!("cannot encode a fleet acknowledgement: {e}"),
+            Err(e) => tracing::error!("cannot sign a fleet acknowledgement: {e:#}"),
         }
     }
 }
@@ -421,17 +419,7 @@ async fn collector_loop(
         }
         // Acknowledgements first: the collector learns what is in force before anything else.
         let acks: Vec<Bytes> = lock(&inner).pending_acks.clone();
-        let mut sent = 0;
-        for ack in &acks {
-            match client.ack(ack.clone()).await {
-                Ok(()) => sent += 1,
-                Err(super::client::ClientError::Refused { message, .. }) => {
-                    tracing::error!("the collector refused this agent's acknowledgement: {message}");
-                    sent += 1;
-                }
-                Err(_) => break,
-            }
-        }
+        let sent = send_all(&acks, "acknowledgement", |b| client.ack(b)).await;
         {
             let mut i = lock(&inner);
             let n = sent.min(i.pending_acks.len());
@@ -439,17 +427,7 @@ async fn collector_loop(
             i.publish_status();
         }
         let results: Vec<Bytes> = lock(&inner).pending_results.clone();
-        let mut delivered = 0;
-        for result in &results {
-            match client.drill_result(result.clone()).await {
-                Ok(()) => delivered += 1,
-                Err(super::client::ClientError::Refused { message, .. }) => {
-                    tracing::error!("the collector refused this agent's drill result: {message}");
-                    delivered += 1;
-                }
-                Err(_) => break,
-            }
-        }
+        let delivered = send_all(&results, "drill result", |b| client.drill_result(b)).await;
         if delivered > 0 {
             let mut i = lock(&inner);
             let n = delivered.min(i.pending_results.len());
@@ -506,6 +484,27 @@ async fn collector_loop(
         }
         backoff = (backoff * 2).min(backoff_max);
     }
+}
+
+/// Send each of `queue` (`what`s) in order until one cannot be sent now; how many went. A
+/// refused one counts as gone: sending it again would get the same answer (logged).
+async fn send_all<F, Fut>(queue: &[Bytes], what: &str, send: F) -> usize
+where
+    F: Fn(Bytes) -> Fut,
+    Fut: std::future::Future<Output = Result<(), super::client::ClientError>>,
+{
+    let mut sent = 0;
+    for item in queue {
+        match send(item.clone()).await {
+            Ok(()) => sent += 1,
+            Err(super::client::ClientError::Refused { message, .. }) => {
+                tracing::error!("the collector refused this agent's {what}: {message}");
+                sent += 1;
+            }
+            Err(_) => break,
+        }
+    }
+    sent
 }
 
 /// A number in [0, 1) that differs between agents and tries (no need for a good one).

@@ -22,7 +22,6 @@ use super::{
 };
 use crate::{
     clock::{now_unix_ms, rfc3339_ms},
-    evidence::dsse::Envelope,
     fleet::{
         ack::{Ack, MAX_ACK_BYTES},
         policy::{self, Accepted, MAX_POLICY_BYTES, Refusal, Trust},
@@ -247,33 +246,9 @@ pub async fn take_ack(
         Ok(b) => b,
         Err(r) => return r,
     };
-    let envelope: Envelope = match serde_json::from_slice(&body) {
-        Ok(e) => e,
-        Err(e) => {
-            return refuse(
-                peer,
-                StatusCode::BAD_REQUEST,
-                "not_an_envelope",
-                format!("not a DSSE envelope: {e}"),
-                "send the acknowledgement as the agent signed it",
-            );
-        }
-    };
-    let agent = match super::server::signing_agent(state, &envelope, cert, peer, "acknowledgement") {
+    let (agent, ack) = match super::server::agent_document(state, cert, peer, &body, "acknowledgement", Ack::verify) {
         Ok(a) => a,
         Err(refused) => return refused,
-    };
-    let ack = match Ack::verify(&envelope, &agent.key) {
-        Ok(a) => a,
-        Err(e) => {
-            return refuse(
-                peer,
-                StatusCode::FORBIDDEN,
-                "bad_signature",
-                format!("agent {:?}: {e}", agent.name),
-                "check the agent host",
-            );
-        }
     };
     feed.touch(&agent.name);
     let now = now_unix_ms();

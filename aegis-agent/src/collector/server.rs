@@ -290,6 +290,39 @@ pub(super) fn signing_agent<'a>(
     Ok(agent)
 }
 
+/// The signed document (`what`: acknowledgement, drill result) in `body`: a DSSE envelope
+/// signed by an enrolled agent ([`signing_agent`]: over that agent's own client certificate)
+/// whose signature and content `verify` accepts. The agent and the document, or the refusal.
+pub(super) fn agent_document<'a, T>(
+    state: &'a State,
+    client_cert: &CertificateDer<'static>,
+    peer: SocketAddr,
+    body: &[u8],
+    what: &str,
+    verify: impl FnOnce(&dsse::Envelope, &crate::evidence::key::VerifierKey) -> Result<T, String>,
+) -> Result<(&'a Agent, T), Response<Body>> {
+    let envelope: dsse::Envelope = serde_json::from_slice(body).map_err(|e| {
+        refuse(
+            peer,
+            StatusCode::BAD_REQUEST,
+            "not_an_envelope",
+            format!("not a DSSE envelope: {e}"),
+            &format!("send the {what} as the agent signed it"),
+        )
+    })?;
+    let agent = signing_agent(state, &envelope, client_cert, peer, what)?;
+    let document = verify(&envelope, &agent.key).map_err(|e| {
+        refuse(
+            peer,
+            StatusCode::FORBIDDEN,
+            "bad_signature",
+            format!("agent {:?}: {e}", agent.name),
+            "check the agent host",
+        )
+    })?;
+    Ok((agent, document))
+}
+
 /// Most bytes of a refused body read and thrown away before the answer: a client still
 /// sending when the server answers and closes gets a broken pipe instead of the answer,
 /// so a body moderately over the limit is read to its end first.

@@ -215,6 +215,24 @@ pub fn verified_by<'k>(
     Ok((payload, signers))
 }
 
+/// The JSON document (`what`, for errors) of type `payload_type` in `envelope`, when `key`
+/// signed it: how acknowledgements and drill results are read.
+pub fn verify_json<T: serde::de::DeserializeOwned>(
+    envelope: &Envelope,
+    key: &VerifierKey,
+    payload_type: &str,
+    what: &str,
+) -> Result<T, String> {
+    if envelope.payload_type != payload_type {
+        return Err(format!("payload type {:?}, not {payload_type:?}", envelope.payload_type));
+    }
+    let (payload, signers) = verified_by(envelope, std::slice::from_ref(key)).map_err(|e| e.to_string())?;
+    if signers.is_empty() {
+        return Err("the signature does not verify with the agent's enrolled key".into());
+    }
+    serde_json::from_slice(&payload).map_err(|e| format!("not {what}: {e}"))
+}
+
 /// Read an envelope file (at most [`MAX_ENVELOPE_BYTES`]).
 pub fn read_envelope(path: &Path) -> anyhow::Result<Envelope> {
     let data = crate::files::read_capped(path, MAX_ENVELOPE_BYTES, "an evidence envelope is at most 16 MiB")

@@ -62,14 +62,7 @@ impl Ack {
 
     /// The acknowledgement in `envelope`, when `key` signed it.
     pub fn verify(envelope: &Envelope, key: &VerifierKey) -> Result<Self, String> {
-        if envelope.payload_type != PAYLOAD_TYPE {
-            return Err(format!("payload type {:?}, not {PAYLOAD_TYPE:?}", envelope.payload_type));
-        }
-        let (payload, signers) = dsse::verified_by(envelope, std::slice::from_ref(key)).map_err(|e| e.to_string())?;
-        if signers.is_empty() {
-            return Err("the signature does not verify with the agent's enrolled key".into());
-        }
-        serde_json::from_slice(&payload).map_err(|e| format!("not an acknowledgement: {e}"))
+        dsse::verify_json(envelope, key, PAYLOAD_TYPE, "an acknowledgement")
     }
 }
 
