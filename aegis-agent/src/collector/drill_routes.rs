@@ -14,7 +14,7 @@ use super::{
 };
 use crate::{
     clock::{now_unix_ms, rfc3339_ms},
-    fleet::drill::{DrillResult, MAX_RESULT_BYTES},
+    fleet::drill::{DrillResult, MAX_RESULT_BYTES, valid_id},
 };
 
 /// `POST /v1/fleet/drills`.
@@ -52,10 +52,6 @@ pub async fn take_result(
     }
     tracing::info!(%peer, agent = agent.name, drill = result.drill, status = ?result.status, "fleet drill result");
     answer(StatusCode::CREATED, &json!({"status": "recorded"}))
-}
-
-fn valid_id(id: &str) -> bool {
-    id.starts_with("fleet-drill-") && id.len() <= 64 && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
 }
 
 /// `GET /v1/fleet/drills?id=ID`: `{"drill", "results": [{"agent", "received_at", "result"}],

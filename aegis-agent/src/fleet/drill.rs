@@ -76,10 +76,7 @@ impl DrillRequest {
     /// an agent of another version does not know fails that host's drill (its result says
     /// so); it never makes the agent refuse the policy and its blocks.
     pub fn check_shape(&self) -> Result<(), String> {
-        let id_ok = self.id.starts_with("fleet-drill-")
-            && self.id.len() <= 64
-            && self.id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-');
-        if !id_ok {
+        if !valid_id(&self.id) {
             return Err(format!("drill id {:?}: fleet-drill- and up to 64 letters, digits and dashes", self.id));
         }
         crate::evidence::bundle_meta::parse_rfc3339_ms(&self.not_after).map_err(|e| format!("drill not_after: {e}"))?;
@@ -98,6 +95,12 @@ impl DrillRequest {
     pub fn new_id() -> String {
         format!("fleet-{}", crate::drill::new_id())
     }
+}
+
+/// Whether `id` is a fleet drill's: `fleet-drill-` and up to 64 letters, digits and dashes
+/// in all (it names files and cgroups on the hosts).
+pub fn valid_id(id: &str) -> bool {
+    id.starts_with("fleet-drill-") && id.len() <= 64 && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
 }
 
 /// What became of a drill request on one host.
