@@ -5,6 +5,9 @@
 //! `libssl.so.3` the agent hooks. By default each request is a realistic ~1 KB OpenAI chat
 //! request answered by a ~1 KB JSON completion with usage; `--path /health` makes it
 //! ordinary (non-LLM) traffic instead. Content-Length framing; full messages are read.
+//! Each request's body is its own: the user message ends with the request's number (ten
+//! digits, so every body has the same length), as no two prompts of real traffic are the
+//! same bytes.
 //!
 //! `--http2` speaks HTTP/2 instead (client preface, SETTINGS, one stream per request,
 //! HEADERS and DATA written together, HPACK literals without indexing, WINDOW_UPDATEs for
@@ -196,7 +199,26 @@ impl Conn {
     }
 }
 
-/// ~1 KB OpenAI chat completion request body.
+/// Where the request number goes in [`llm_request_body`].
+const NUMBER_MARK: &str = "#0000000000";
+
+/// Every request of the process gets the next number.
+static REQUEST_NUMBER: AtomicU64 = AtomicU64::new(0);
+
+/// Where the mark of `body` (from [`llm_request_body`]) is, if it has one.
+fn mark_of(body: &[u8]) -> Option<usize> {
+    body.windows(NUMBER_MARK.len()).position(|w| w == NUMBER_MARK.as_bytes())
+}
+
+/// Write the next request number over the mark of `body`, at `mark` ([`mark_of`]).
+fn number(body: &mut [u8], mark: Option<usize>) {
+    if let Some(at) = mark {
+        let n = REQUEST_NUMBER.fetch_add(1, Ordering::Relaxed) % 10_000_000_000;
+        body[at + 1..at + NUMBER_MARK.len()].copy_from_slice(format!("{n:010}").as_bytes());
+    }
+}
+
+/// ~1 KB OpenAI chat completion request body, its number at [`NUMBER_MARK`].
 fn llm_request_body() -> String {
     let system = "You are a careful assistant for an infrastructure team. Answer precisely, cite the \
                   configuration keys involved, and keep answers under two hundred words.";
@@ -207,7 +229,7 @@ fn llm_request_body() -> String {
                 We already checked that the system clocks are in sync and that the cache presents \
                 the new leaf certificate; the old intermediate expires at the end of next month, so \
                 we would like a plan that covers both the immediate failures and the later expiry, \
-                plus the monitoring we should add so that the next rotation does not surprise us.";
+                plus the monitoring we should add so that the next rotation does not surprise us. #0000000000";
     format!(
         r#"{{"model":"gpt-4o-mini","temperature":0.2,"max_tokens":400,"user":"tls-loop-bench","messages":[{{"role":"system","content":"{system}"}},{{"role":"user","content":"{user}"}}]}}"#
     )
@@ -294,12 +316,14 @@ fn serve_h2(mut conn: Conn) -> io::Result<()> {
 
 /// One HTTP/2 client connection, one stream at a time.
 fn client_h2(mut conn: Conn, port: u16, path: &str, next: &dyn Fn() -> bool) -> io::Result<u64> {
-    let body = if path == "/health" { String::new() } else { llm_request_body() };
+    let mut body = if path == "/health" { Vec::new() } else { llm_request_body().into_bytes() };
+    let mark = mark_of(&body);
     let mut out = H2_PREFACE.to_vec();
     h2_frame(&mut out, H2_SETTINGS, 0, 0, &[]);
     let (mut count, mut stream, mut received) = (0, 1u32, 0);
     while next() {
         h2_window_update(&mut out, std::mem::take(&mut received));
+        number(&mut body, mark);
         let mut block = Vec::new();
         hpack_literal(&mut block, ":method", if body.is_empty() { "GET" } else { "POST" });
         hpack_literal(&mut block, ":scheme", "https");
@@ -314,7 +338,7 @@ fn client_h2(mut conn: Conn, port: u16, path: &str, next: &dyn Fn() -> bool) -> 
             hpack_literal(&mut block, "content-type", "application/json");
             hpack_literal(&mut block, "content-length", &body.len().to_string());
             h2_frame(&mut out, H2_HEADERS, H2_END_HEADERS, stream, &block);
-            h2_frame(&mut out, H2_DATA, H2_END_STREAM, stream, body.as_bytes());
+            h2_frame(&mut out, H2_DATA, H2_END_STREAM, stream, &body);
         }
         conn.write_all(&out)?;
         out.clear();
@@ -368,7 +392,8 @@ fn client(port: u16, path: &str, http2: bool, next: &dyn Fn() -> bool) -> io::Re
     if http2 {
         return client_h2(conn, port, path, next);
     }
-    let body = if path == "/health" { String::new() } else { llm_request_body() };
+    let mut body = if path == "/health" { Vec::new() } else { llm_request_body().into_bytes() };
+    let mark = mark_of(&body);
     let method = if body.is_empty() { "GET" } else { "POST" };
     let head = format!(
         "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUser-Agent: tls_loop/1\r\n\
@@ -378,7 +403,8 @@ fn client(port: u16, path: &str, http2: bool, next: &dyn Fn() -> bool) -> io::Re
     );
     let mut count = 0;
     while next() {
-        conn.send(&head, body.as_bytes())?;
+        number(&mut body, mark);
+        conn.send(&head, &body)?;
         let (resp_head, _) = conn.read_message()?.ok_or_else(|| io::Error::other("server closed"))?;
         if !resp_head.starts_with("HTTP/1.1 200") {
             return Err(io::Error::other(format!("unexpected response: {resp_head}")));
@@ -443,6 +469,20 @@ fn main() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_request_body_has_its_own_number_and_the_same_length() {
+        let mut a = llm_request_body().into_bytes();
+        let mut b = a.clone();
+        let mark = mark_of(&a);
+        assert!(mark.is_some());
+        number(&mut a, mark);
+        number(&mut b, mark);
+        assert_ne!(a, b);
+        assert_eq!(a.len(), b.len());
+        let v: serde_json::Value = serde_json::from_slice(&b).expect("valid JSON");
+        assert!(!v["messages"][1]["content"].as_str().unwrap().ends_with(NUMBER_MARK));
+    }
 
     #[test]
     fn bodies_are_about_1kb_of_valid_json() {
