@@ -64,6 +64,14 @@ const WORKER_QUEUE: usize = 256;
 const BATCH: usize = 64;
 const OUTPUT_QUEUE: usize = 4096;
 pub const TICK: Duration = Duration::from_millis(100);
+/// After a drain that found events (fewer than a batch), the reader sleeps this long before
+/// the next, instead of waiting in `poll` to be woken by the next event. Under traffic,
+/// waking for each event cost more than the events: on the capture bench's /health calls,
+/// 56% of the agent's CPU was the kernel switching its threads in and out. With this pause
+/// the agent used 17-21 us of CPU per call instead of 52-57 (model calls 81-119 instead
+/// of 109-129), and the loop beside it ran 1.3-1.5x faster. An event waits at most this
+/// much longer to be read.
+const COALESCE: Duration = Duration::from_micros(250);
 
 /// Counters shared between the pipeline threads and the reporter.
 #[derive(Default)]
@@ -378,7 +386,9 @@ fn read_loop(
         counters.reader_beat_ns.store(drained_from, Ordering::Relaxed);
         let stopping = stop.load(Ordering::SeqCst);
         let mut workers_gone = false;
+        let mut drained = 0usize;
         while let Some(item) = source.events.next() {
+            drained += 1;
             match TlsEvent::decode(&item) {
                 Ok(ev) => {
                     counters.events.fetch_add(1, Ordering::Relaxed);
@@ -410,6 +420,12 @@ fn read_loop(
         }
         if stopping || workers_gone {
             return source; // dropping `workers` ends the worker loops
+        }
+        // Under traffic, let events gather for a moment before the next drain instead of
+        // waking for each one (see [`COALESCE`]).
+        if drained > 0 && drained < BATCH {
+            std::thread::sleep(COALESCE);
+            continue;
         }
         let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
         // SAFETY: one valid pollfd for the duration of the call.
