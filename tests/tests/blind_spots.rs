@@ -13,8 +13,8 @@ use std::{
 };
 
 use aegis_tests::{
-    ContainConfig, MockProvider, PinDir, Plan, TempCert, TestCgroup, contain::Provider, plans, require_root, run_curl,
-    scaled, serial,
+    Agent, ContainConfig, MockProvider, PinDir, Plan, TempCert, TestCgroup, contain::Provider, plans, require_root,
+    run_curl, scaled, serial,
 };
 use serde_json::Value;
 
@@ -135,6 +135,57 @@ for i in range(2):
     time.sleep(1.0)
 "#;
 
+/// A python process that sleeps (its start-up), makes one call on its first connection,
+/// then forks a child that sleeps and makes one call on its own connection. Prints
+/// "exec PID" and "fork PID" with the statuses.
+const LATER_CALLS_PY: &str = r#"
+import http.client, json, os, ssl, sys, time
+def call(tag):
+    time.sleep(0.5)
+    ctx = ssl._create_unverified_context()
+    body = json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": tag}]})
+    c = http.client.HTTPSConnection("127.0.0.1", int(sys.argv[1]), context=ctx)
+    c.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+    r = c.getresponse()
+    r.read()
+    c.close()
+    print(tag, os.getpid(), r.status, flush=True)
+print("exec", os.getpid(), flush=True)
+call("exec")
+child = os.fork()
+if child == 0:
+    print("fork", os.getpid(), flush=True)
+    call("fork")
+    os._exit(0)
+_, status = os.waitpid(child, 0)
+sys.exit(status)
+"#;
+
+/// An agent with `capture.scope = "model_processes"` and the mock provider as a model
+/// endpoint. Debug from the probes: the log says how long after its connect, exec or fork
+/// each process got them (printed by [`print_probe_delays`]).
+fn start_scoped(cg: &TestCgroup, pins: &PinDir, mock: &MockProvider) -> (ContainConfig, Agent) {
+    let mut cfg = ContainConfig::new(cg, pins).shipped_mode();
+    cfg.providers.push(Provider { name: "mock".into(), hosts: vec!["127.0.0.1".into()], ports: vec![mock.port] });
+    cfg.extra =
+        format!("[capture]\nscope = \"model_processes\"\n\n[blind_spots]\ngrace_ms = {GRACE_MS}\nresolve_secs = 1\n");
+    let agent = cfg.start_agent_with_env(&[("AEGIS_LOG", "info,aegis_agent::capture::probes=debug")]);
+    let status: Value = serde_json::from_str(&cfg.ctl_ok(&["status", "--json"])).expect("status JSON");
+    let capture = status["capabilities"].as_array().and_then(|c| c.iter().find(|c| c["name"] == "capture")).cloned();
+    assert!(
+        capture.as_ref().and_then(|c| c["detail"].as_str()).is_some_and(|d| d.contains("per process")),
+        "{status:#}"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    (cfg, agent)
+}
+
+fn print_probe_delays(logs: &str) {
+    for l in logs.lines().filter(|l| l.contains("capture probes attached")) {
+        eprintln!("scoped capture: {}", l.split_once("after its connect, exec or fork").map_or(l, |(_, r)| r));
+    }
+}
+
 /// `capture.scope = "model_processes"`: a process that never connects to a model endpoint
 /// gets no probe at all (tls_loop's model-shaped calls to its own server are not seen), and a
 /// process that does is probed from its first connect: its later calls are recorded, and its
@@ -147,18 +198,7 @@ fn scoped_capture_probes_only_processes_that_talk_to_model_endpoints() {
     let cg = TestCgroup::new("scoped-capture");
     let pins = PinDir::new("scoped-capture");
     let mock = MockProvider::start(&cert);
-    let mut cfg = ContainConfig::new(&cg, &pins).shipped_mode();
-    cfg.providers.push(Provider { name: "mock".into(), hosts: vec!["127.0.0.1".into()], ports: vec![mock.port] });
-    cfg.extra =
-        format!("[capture]\nscope = \"model_processes\"\n\n[blind_spots]\ngrace_ms = {GRACE_MS}\nresolve_secs = 1\n");
-    let mut agent = cfg.start_agent();
-    let status: Value = serde_json::from_str(&cfg.ctl_ok(&["status", "--json"])).expect("status JSON");
-    let capture = status["capabilities"].as_array().and_then(|c| c.iter().find(|c| c["name"] == "capture")).cloned();
-    assert!(
-        capture.as_ref().and_then(|c| c["detail"].as_str()).is_some_and(|d| d.contains("per process")),
-        "{status:#}"
-    );
-    std::thread::sleep(Duration::from_millis(500));
+    let (_cfg, mut agent) = start_scoped(&cg, &pins, &mock);
 
     // Not a model endpoint: tls_loop's own server on an ephemeral port.
     let child = Command::new(env!("CARGO_BIN_EXE_tls_loop"))
@@ -202,5 +242,70 @@ fn scoped_capture_probes_only_processes_that_talk_to_model_endpoints() {
     // tls_loop never connected to a model endpoint: none of its calls was seen.
     let loop_records = records.iter().filter(|r| r["pid"].as_u64() == Some(loop_pid)).count();
     assert_eq!(loop_records, 0, "{context}");
+    print_probe_delays(&agent.logs());
     eprintln!("scoped capture: first call {}", if calls == 2 { "recorded" } else { "reported as a blind spot" });
+}
+
+/// Scoped capture probes a process from its start when it can be known to need it: a later
+/// process of a program (executable and cgroup) that connected to a model endpoint, from its
+/// exec, and a child of a probed process, from its fork. Their first calls, on their first
+/// connections half a second after their start, are recorded whole; probes attached at the
+/// connect would lose that race on loopback.
+#[test]
+fn scoped_capture_probes_known_programs_and_children_from_their_start() {
+    let _serial = serial();
+    require_root();
+    let cert = TempCert::generate();
+    let cg = TestCgroup::new("scoped-start");
+    let pins = PinDir::new("scoped-start");
+    let mock = MockProvider::start(&cert);
+    let (cfg, mut agent) = start_scoped(&cg, &pins, &mock);
+
+    // python3 in this cgroup becomes a known program (its own calls race their probes).
+    let first =
+        Command::new("python3").arg("-c").arg(TWO_CALLS_PY).arg(mock.port.to_string()).output().expect("python3");
+    assert!(first.status.success(), "python: {}", String::from_utf8_lossy(&first.stderr));
+    let later =
+        Command::new("python3").arg("-c").arg(LATER_CALLS_PY).arg(mock.port.to_string()).output().expect("python3");
+    let out = String::from_utf8_lossy(&later.stdout).into_owned();
+    assert!(later.status.success(), "python: {out}{}", String::from_utf8_lossy(&later.stderr));
+    let pid_of = |tag: &str| -> u64 {
+        out.lines()
+            .find_map(|l| l.strip_prefix(tag).and_then(|p| p.trim().parse().ok()))
+            .unwrap_or_else(|| panic!("no {tag} line in {out}"))
+    };
+    let (exec_pid, fork_pid) = (pid_of("exec "), pid_of("fork "));
+    assert_eq!(out.lines().filter(|l| l.trim().ends_with("200")).count(), 2, "{out}");
+    let calls = |records: &[Value], p: u64| -> Vec<Value> {
+        records.iter().filter(|r| r["type"] == "llm_call" && r["pid"].as_u64() == Some(p)).cloned().collect()
+    };
+    let deadline = Instant::now() + scaled(Duration::from_secs(20));
+    while (calls(&agent.records(), exec_pid).is_empty() || calls(&agent.records(), fork_pid).is_empty())
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_millis(GRACE_MS + 1000));
+    let status: Value = serde_json::from_str(&cfg.ctl_ok(&["status", "--json"])).expect("status JSON");
+    let text = cfg.ctl_ok(&["status"]);
+    let records = agent.stop();
+    let context = format!("records: {records:#?}\n{status:#}\n{}", agent.logs());
+    // `status` counts the processes probed, and why.
+    let scoped = &status["capture"]["scoped"];
+    // (At least: another python3 started in this cgroup meanwhile would be probed too.)
+    for count in ["at_connect", "at_exec", "at_fork", "programs"] {
+        assert!(scoped[count].as_u64() >= Some(1), "{count}: {context}");
+    }
+    assert_eq!(scoped["process_events"], true, "{context}");
+    assert_eq!(scoped["events_lost"], 0, "{context}");
+    assert!(text.contains("scoped capture: processes probed at their connect"), "{text}");
+    for (what, pid) in [("the exec'd process", exec_pid), ("the forked child", fork_pid)] {
+        let seen = calls(&records, pid);
+        assert_eq!(seen.len(), 1, "{what}'s first call: {context}");
+        assert_eq!(seen[0]["status"], 200, "{what}'s call whole: {context}");
+        assert_eq!(seen[0]["output_tokens"], 10, "{what}'s response read: {context}");
+        let blind = records.iter().filter(|r| r["type"] == "blind_spot" && r["pid"].as_u64() == Some(pid)).count();
+        assert_eq!(blind, 0, "{what} is not a blind spot: {context}");
+    }
+    print_probe_delays(&agent.logs());
 }

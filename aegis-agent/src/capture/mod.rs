@@ -19,6 +19,7 @@ pub mod event;
 pub mod gosym;
 pub mod probes;
 pub mod process;
+pub mod procwatch;
 pub mod scope;
 pub mod targets;
 
@@ -42,6 +43,7 @@ use self::{
     event::{ConnKey, TlsEvent},
     probes::{EventSource, Sources, TlsProbes},
     process::ProcessCache,
+    scope::ProbeRequest,
     targets::{Discovery, TlsStack},
 };
 use crate::{
@@ -110,9 +112,11 @@ pub struct CaptureParts {
     pub source: Option<EventSource>,
     /// Told about every connection capture starts following (the blind-spot report).
     pub blind_spots: Option<blindspot::service::Handle>,
-    /// Processes to probe now (scoped capture: they connected to a model endpoint).
-    /// With when they first connected (monotonic ns).
-    pub attach_requests: Option<Receiver<(u32, u64)>>,
+    /// Processes to probe now (scoped capture: they connected to a model endpoint, or
+    /// started as a known model client).
+    pub attach_requests: Option<Receiver<ProbeRequest>>,
+    /// Where the process watch sends the processes to probe at their start (scoped capture).
+    pub proc_watch: Option<SyncSender<ProbeRequest>>,
 }
 
 /// How often scoped capture detaches the probes of exited processes.
@@ -153,6 +157,8 @@ impl Progress {
 pub struct Pipeline {
     stop: Arc<AtomicBool>,
     stop_discovery: Arc<AtomicBool>,
+    /// Scoped capture's process watch (ends with discovery).
+    proc_watch: Option<JoinHandle<()>>,
     discovery: Option<JoinHandle<TlsProbes>>,
     reader: Option<JoinHandle<EventSource>>,
     workers: Vec<JoinHandle<()>>,
@@ -175,7 +181,7 @@ impl Pipeline {
         inspector: Option<Arc<Inspector>>,
         containment: Containment,
     ) -> anyhow::Result<Self> {
-        let CaptureParts { probes, discovery, mut source, blind_spots, attach_requests } = parts;
+        let CaptureParts { probes, discovery, mut source, blind_spots, attach_requests, proc_watch } = parts;
         let stop = Arc::new(AtomicBool::new(false));
         let stop_discovery = Arc::new(AtomicBool::new(false));
         let counters = Arc::new(Counters::default());
@@ -242,6 +248,13 @@ impl Pipeline {
             None => None,
         };
 
+        let proc_watch = match (proc_watch, probes.known()) {
+            (Some(tx), Some(known)) => {
+                let stop = stop_discovery.clone();
+                Some(spawn("aegis-procwatch", move || procwatch::run(known, tx, &stop))?)
+            }
+            _ => None,
+        };
         let every = Duration::from_secs(config.capture.rediscover_secs);
         let capture = config.capture.clone();
         let discovery_stop = stop_discovery.clone();
@@ -254,6 +267,7 @@ impl Pipeline {
         Ok(Self {
             stop,
             stop_discovery,
+            proc_watch,
             discovery: Some(discovery),
             reader,
             workers,
@@ -267,6 +281,9 @@ impl Pipeline {
     /// Detach, drain, finish what is open, flush. Returns the final drop counters.
     pub fn stop(mut self) -> [DropCounter; DROP_CAUSES] {
         self.stop_discovery.store(true, Ordering::SeqCst);
+        if let Some(w) = self.proc_watch.take() {
+            let _ = w.join();
+        }
         if let Some(d) = self.discovery.take() {
             drop(d.join().expect("discovery thread panicked")); // detaches every probe
         }
@@ -307,7 +324,7 @@ fn rediscover(
     mut discovery: Discovery,
     every: Duration,
     stop: &AtomicBool,
-    attach: Option<Receiver<(u32, u64)>>,
+    attach: Option<Receiver<ProbeRequest>>,
     scan: impl Fn(&mut Discovery) -> Vec<targets::TlsTarget>,
 ) -> TlsProbes {
     let mut last = Instant::now();
@@ -315,10 +332,10 @@ fn rediscover(
     while !stop.load(Ordering::SeqCst) {
         match &attach {
             Some(rx) => match rx.recv_timeout(TICK) {
-                Ok((pid, since)) => {
-                    probes.attach_process(pid, since);
-                    while let Ok((pid, since)) = rx.try_recv() {
-                        probes.attach_process(pid, since);
+                Ok(request) => {
+                    probes.attach_process(request);
+                    while let Ok(request) = rx.try_recv() {
+                        probes.attach_process(request);
                     }
                 }
                 Err(RecvTimeoutError::Timeout) => {}

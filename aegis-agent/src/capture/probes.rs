@@ -12,7 +12,7 @@
 
 use std::{
     path::Path,
-    sync::{Arc, RwLock},
+    sync::{Arc, Mutex, RwLock},
 };
 
 use aegis_common::{DROP_CAUSES, DropCounter, StreamKey, StreamPos};
@@ -28,7 +28,7 @@ use aya::{
 
 use super::{
     gosym::GoTls,
-    scope::{self, ProcessProbes, Scoped},
+    scope::{self, Known, ProbeRequest, ProcessProbes, Scoped},
     targets::{TlsFn, TlsTarget},
 };
 use crate::kernel::{
@@ -143,11 +143,18 @@ impl TlsProbes {
         self.scoped.is_some()
     }
 
-    /// Give process `pid` capture's probes on every known target it maps (scoped capture
-    /// only; a process probed already is left alone), `since_ns` (monotonic) being its first
-    /// connect to a model endpoint. Returns the targets probed.
-    pub fn attach_process(&mut self, pid: u32, since_ns: u64) -> usize {
+    /// Whether targets are probed per process; what the process watch reads when they are.
+    pub fn known(&self) -> Option<Arc<Mutex<Known>>> {
+        self.scoped.as_ref().map(|s| s.known.clone())
+    }
+
+    /// Give process `request.pid` capture's probes on every known target it maps or
+    /// `request` names (scoped capture only; a process probed already is left alone),
+    /// `request.since_ns` (monotonic) being its connect, exec or fork. Returns the targets
+    /// probed.
+    pub fn attach_process(&mut self, request: ProbeRequest) -> usize {
         let (Some(scoped), Some(ebpf)) = (self.scoped.as_mut(), self.capture.as_mut()) else { return 0 };
+        let ProbeRequest { pid, since_ns, cause, targets: named } = request;
         let Some(start_time) = scope::start_time(pid) else { return 0 };
         if scoped.processes.get(&pid).is_some_and(|p| p.start_time == start_time) {
             return 0;
@@ -156,17 +163,23 @@ impl TlsProbes {
         let mapped = scope::mapped(pid);
         let targets = self.sources.read().unwrap_or_else(|e| e.into_inner()).clone();
         let mut probes = ProcessProbes { start_time, links: Vec::new(), targets: Vec::new() };
+        let mut paths = Vec::new();
         for (i, target) in targets.iter().enumerate() {
-            if target.go.is_some() || scoped.host_wide(&target.path) || !mapped.contains(&target.path) {
+            if target.go.is_some()
+                || scoped.host_wide(&target.path)
+                || !(mapped.contains(&target.path) || named.contains(&target.path))
+            {
                 continue;
             }
             match attach_points(ebpf, &ATTACH_PLAN, target, Some(i as u64), UProbeScope::OneProcess(filter)) {
                 Ok(links) => {
                     probes.links.extend(links);
                     probes.targets.push(i);
+                    paths.push(target.path.clone());
                 }
                 Err(e) => {
                     scoped.failures += 1;
+                    scoped.known.lock().unwrap_or_else(|e| e.into_inner()).counts.attach_failures += 1;
                     tracing::warn!(pid, path = %target.path.display(), error = %format!("{e:#}"), "cannot probe a process's TLS library");
                 }
             }
@@ -178,9 +191,11 @@ impl TlsProbes {
             tracing::debug!(
                 pid,
                 targets = n,
+                ?cause,
                 after_us,
-                "capture probes attached to a process that talks to a model endpoint, after_us after its connect"
+                "capture probes attached to a process that talks to a model endpoint, after_us after its connect, exec or fork"
             );
+            scoped.known.lock().unwrap_or_else(|e| e.into_inner()).probed(pid, paths, cause);
         }
         // An old entry for a reused pid: its links are dead with its process; drop them.
         if let Some(old) = scoped.processes.insert(pid, probes) {
@@ -198,7 +213,9 @@ impl TlsProbes {
             .filter(|(pid, p)| scope::start_time(**pid) != Some(p.start_time))
             .map(|(pid, _)| *pid)
             .collect();
+        let mut known = scoped.known.lock().unwrap_or_else(|e| e.into_inner());
         for pid in gone {
+            known.gone(pid);
             if let Some(p) = scoped.processes.remove(&pid) {
                 detach(ebpf, p.links);
             }

@@ -167,7 +167,7 @@ pub struct AgentStatus {
     /// How capture is doing, whether or not containment is loaded (absent from agents older
     /// than the health report, and while the pipeline starts).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub capture: Option<CaptureHealth>,
+    pub capture: Option<Box<CaptureHealth>>,
 }
 
 /// The fleet side of `status`.
@@ -230,6 +230,9 @@ pub struct CaptureHealth {
     /// blind-spot report); absent when it does not run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub blind_spots: Option<Box<crate::capture::blindspot::service::Counts>>,
+    /// `capture.scope = "model_processes"`: the processes probed and why; absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scoped: Option<Box<crate::capture::scope::ScopedCounts>>,
 }
 
 impl Response {
@@ -398,7 +401,7 @@ mod tests {
                 )],
                 mode: Some(mode),
                 fleet: None,
-                capture: Some(CaptureHealth {
+                capture: Some(Box::new(CaptureHealth {
                     healthy: false,
                     reasons: vec!["output.file cannot be written".into()],
                     state: crate::kernel::capability::State::Degraded,
@@ -417,7 +420,15 @@ mod tests {
                         events_lost: 0,
                         endpoints: 14,
                     })),
-                }),
+                    scoped: Some(Box::new(crate::capture::scope::ScopedCounts {
+                        at_connect: 2,
+                        at_exec: 1,
+                        at_fork: 1,
+                        programs: 1,
+                        process_events: true,
+                        ..Default::default()
+                    })),
+                })),
             })),
             Response::error("no"),
         ];

@@ -237,6 +237,23 @@ fn status_text(s: &AgentStatus) -> String {
                 b.connects, b.endpoints, b.explained, b.blind, b.reports, b.overflow, b.events_lost
             );
         }
+        if let Some(c) = &h.scoped {
+            let _ = writeln!(
+                out,
+                "scoped capture: processes probed at their connect {}, at their start {} (exec of one of {} known \
+                 programs) and {} (fork of a probed process), {} attach failures, {}",
+                c.at_connect,
+                c.at_exec,
+                c.programs,
+                c.at_fork,
+                c.attach_failures,
+                if c.process_events {
+                    format!("{} process events lost", c.events_lost)
+                } else {
+                    "process events not read (probed at the connect only)".to_owned()
+                }
+            );
+        }
     }
     for c in &s.capabilities {
         let _ = write!(out, "  {:<20} {:<12}", c.name.name(), c.state.name());
@@ -420,7 +437,7 @@ mod tests {
             Capability::ContentGate.impact()
         );
         assert_eq!(reply_text(&Reply::Status(status.clone()), NOW), expected);
-        status.capture = Some(crate::control::protocol::CaptureHealth {
+        status.capture = Some(Box::new(crate::control::protocol::CaptureHealth {
             healthy: false,
             reasons: vec!["the ring buffer reader has not run for 31 s".into()],
             state: crate::kernel::capability::State::Active,
@@ -431,12 +448,22 @@ mod tests {
             kernel_dropped_events: 3,
             kernel_dropped_bytes: 900,
             blind_spots: None,
-        });
+            scoped: Some(Box::new(crate::capture::scope::ScopedCounts {
+                at_connect: 3,
+                at_exec: 2,
+                at_fork: 1,
+                programs: 1,
+                process_events: true,
+                ..Default::default()
+            })),
+        }));
         let text = reply_text(&Reply::Status(status.clone()), NOW);
         assert!(
             text.contains(
                 "\ncapture UNHEALTHY: 120 events, 7 records (0 waiting for output.file, 2 lost), kernel drops 3 events \
-                 / 900 bytes\n  because: the ring buffer reader has not run for 31 s\n  capture              active"
+                 / 900 bytes\n  because: the ring buffer reader has not run for 31 s\nscoped capture: processes probed at \
+                 their connect 3, at their start 2 (exec of one of 1 known programs) and 1 (fork of a probed process), \
+                 0 attach failures, 0 process events lost\n  capture              active"
             ),
             "{text}"
         );

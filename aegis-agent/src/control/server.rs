@@ -1151,7 +1151,7 @@ impl Core {
                     capabilities: self.capabilities.list(),
                     mode: Some(s.mode.clone()),
                     fleet: self.fleet.read().unwrap_or_else(PoisonError::into_inner).clone(),
-                    capture: self.capture_health.get(),
+                    capture: self.capture_health.get().map(Box::new),
                 }))
             }),
         }

@@ -93,7 +93,7 @@ pub fn start(
     wiring: Wiring<'_>,
     loaded: Option<(Handle, ConnectWatch)>,
     events: SyncSender<Output>,
-    attach: Option<SyncSender<(u32, u64)>>,
+    attach: Option<SyncSender<crate::capture::scope::ProbeRequest>>,
 ) -> Option<Service> {
     let Wiring { config, providers, sources, capture_active } = wiring;
     let (handle, watch) = loaded?;

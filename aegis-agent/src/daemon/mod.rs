@@ -196,7 +196,9 @@ pub fn run(config: &Config, ready_file: Option<&Path>) -> anyhow::Result<()> {
     let reopen_output = sink.reopen_flag();
     let sources_of_probes = probes.sources.clone();
     let blind_spots = watch.as_ref().map(|(h, _)| h.clone());
-    let parts = CaptureParts { probes, discovery, source, blind_spots, attach_requests };
+    let proc_watch = attach_tx.clone();
+    let scoped_state = probes.known();
+    let parts = CaptureParts { probes, discovery, source, blind_spots, attach_requests, proc_watch };
     let pipeline = Pipeline::start(config, parts, sink, inspector.clone(), containment)?;
     let blind = blind_spots::start(
         blind_spots::Wiring { config, providers: &providers, sources: sources_of_probes, capture_active },
@@ -212,6 +214,7 @@ pub fn run(config: &Config, ready_file: Option<&Path>) -> anyhow::Result<()> {
         inspector: inspector.clone(),
         mode: enforcement.as_ref().map(|_| server.view()),
         blind_spots: blind.as_ref().map(|b| b.counts()),
+        scoped: scoped_state,
     };
     let health_slot = server.capture_health();
     health_slot.set({

@@ -37,6 +37,8 @@ pub struct Sources {
     pub mode: Option<ControlView>,
     /// The blind-spot report's counts; None when it does not run.
     pub blind_spots: Option<Arc<Mutex<crate::capture::blindspot::service::Counts>>>,
+    /// Scoped capture's state; None when capture probes every process.
+    pub scoped: Option<Arc<Mutex<crate::capture::scope::Known>>>,
 }
 
 impl Sources {
@@ -83,6 +85,7 @@ impl Sources {
             kernel_dropped_events: drops.iter().map(|d| d.events).sum(),
             kernel_dropped_bytes: drops.iter().map(|d| d.bytes).sum(),
             blind_spots: self.blind_spots.as_ref().map(|b| Box::new(*b.lock().unwrap_or_else(|e| e.into_inner()))),
+            scoped: self.scoped.as_ref().map(|k| Box::new(k.lock().unwrap_or_else(|e| e.into_inner()).counts())),
         }
     }
 
@@ -129,6 +132,7 @@ mod tests {
             inspector: None,
             mode: None,
             blind_spots: None,
+            scoped: None,
         }
     }
 

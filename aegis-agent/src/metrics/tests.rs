@@ -213,6 +213,7 @@ fn scrape_time_values_follow_the_daemon() {
         inspector: None,
         mode: None,
         blind_spots: None,
+        scoped: None,
     });
     counters.events.store(42, Ordering::Relaxed);
     counters.reader_beat_ns.store(crate::clock::monotonic_ns(), Ordering::Relaxed);
@@ -279,7 +280,7 @@ fn the_listener_serves_metrics_and_health() {
     let caps = Capabilities::default();
     caps.set(CapabilityStatus::active(Capability::Capture, "probes on 1 TLS target"));
     let drops = Arc::new(Mutex::new([aegis_common::DropCounter::default(); aegis_common::DROP_CAUSES]));
-    m.attach(Sources { counters, drops, caps, inspector: None, mode: None, blind_spots: None });
+    m.attach(Sources { counters, drops, caps, inspector: None, mode: None, blind_spots: None, scoped: None });
     m.count(&Record::LlmCall(call("gpt-4o-mini", "/a", Some(200), (3, 4))));
     let (status, body) = get(server.addr(), "/healthz");
     assert_eq!(status, "HTTP/1.1 200 OK");

@@ -126,7 +126,8 @@ pub fn diagnose(
     let (stack, mut reason) = classify(&snapshot.mapped, exe.as_deref(), facts, snapshot.gone, probed, capture_active);
     if scoped && matches!(stack, "openssl" | "gnutls" | "unknown") {
         reason = format!(
-            "capture.scope = model_processes: probes go into a process at its first connect to a model endpoint, \
+            "capture.scope = model_processes: probes go into a process at its first connect to a model endpoint \
+             (at its start only for a program seen talking to one before, or the child of a probed process), \
              and this connection's calls came before they were in place (or: {reason})"
         );
     }

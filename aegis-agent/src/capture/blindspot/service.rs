@@ -114,7 +114,7 @@ pub struct Parts {
     pub report: Box<dyn Fn(BlindSpot) + Send>,
     /// Scoped capture (`capture.scope = "model_processes"`): each process that connects to
     /// a model endpoint is sent here to get capture's probes.
-    pub attach: Option<SyncSender<(u32, u64)>>,
+    pub attach: Option<SyncSender<crate::capture::scope::ProbeRequest>>,
 }
 
 impl Service {
@@ -196,19 +196,23 @@ impl Service {
                         let mut t = lock(&tracker);
                         for c in connects {
                             let (tgid, at) = (c.tgid, c.timestamp_ns);
-                            if t.on_connect(c, diagnose::Snapshot::take)
-                                && let Some(tx) = &attach
+                            // Scoped capture: the process goes to be probed before anything
+                            // else is done with its connect (the snapshot reads its files),
+                            // since its first call races its probes.
+                            if let Some(tx) = &attach
                                 && !sent.contains(&tgid)
+                                && t.is_model_endpoint(&c)
                             {
                                 if sent.len() >= MAX_SENT {
                                     sent.clear();
                                 }
                                 sent.insert(tgid);
                                 // A full queue: this process is probed at its next connect.
-                                if tx.try_send((tgid, at)).is_err() {
+                                if tx.try_send(crate::capture::scope::ProbeRequest::connect(tgid, at)).is_err() {
                                     sent.remove(&tgid);
                                 }
                             }
+                            t.on_connect(c, diagnose::Snapshot::take);
                         }
                         t.take_due(now)
                     };
