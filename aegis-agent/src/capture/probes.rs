@@ -178,7 +178,6 @@ impl TlsProbes {
                     paths.push(target.path.clone());
                 }
                 Err(e) => {
-                    scoped.failures += 1;
                     scoped.known.lock().unwrap_or_else(|e| e.into_inner()).counts.attach_failures += 1;
                     tracing::warn!(pid, path = %target.path.display(), error = %format!("{e:#}"), "cannot probe a process's TLS library");
                 }
@@ -186,7 +185,6 @@ impl TlsProbes {
         }
         let n = probes.targets.len();
         if n > 0 {
-            scoped.attached_processes += 1;
             let after_us = crate::clock::monotonic_ns().saturating_sub(since_ns) / 1000;
             tracing::debug!(
                 pid,

@@ -54,10 +54,8 @@ pub struct Scoped {
     /// Canonical paths probed host-wide anyway.
     pub always: Vec<PathBuf>,
     pub processes: HashMap<u32, ProcessProbes>,
-    /// Processes given probes, and attach failures, since start.
-    pub attached_processes: u64,
-    pub failures: u64,
-    /// What the process watch reads to probe processes at their start.
+    /// The probed processes, the known programs and the counts for `status` (shared with
+    /// the process watch, which probes processes at their start).
     pub known: Arc<Mutex<Known>>,
 }
 

@@ -206,14 +206,14 @@ impl Tracker {
         self.stats
     }
 
-    /// A connect from the watch; `snapshot` is called for a process's first unexplained
-    /// connect (it looks at /proc while the process still runs). Returns whether the
-    /// destination is a known model endpoint.
     /// Whether `connect` goes to a model endpoint (what [`Tracker::on_connect`] follows).
     pub fn is_model_endpoint(&self, connect: &Connect) -> bool {
         self.endpoints.provider_of(connect.dest).is_some()
     }
 
+    /// A connect from the watch; `snapshot` is called for a process's first unexplained
+    /// connect (it looks at /proc while the process still runs). Returns whether the
+    /// destination is a known model endpoint.
     pub fn on_connect(&mut self, connect: Connect, snapshot: impl FnOnce(u32) -> diagnose::Snapshot) -> bool {
         let Some(provider) = self.endpoints.provider_of(connect.dest).map(str::to_owned) else {
             self.stats.other += 1;
