@@ -9,7 +9,7 @@
 //! trap). Executables listed in `capture.always_probe` keep host-wide probes. The probes of
 //! a process are detached once it has exited.
 //!
-//! The first call of a process races its probes: they are attached some 20-40 ms after its
+//! The first call of a process races its probes: they are attached some 28-50 ms after its
 //! first connect (most of it the kernel's RCU grace period when a uprobe is registered),
 //! usually before the TLS handshake ends on a remote provider, not on loopback. So a process
 //! is probed from its start when it can be known to need it: a later process of a program
