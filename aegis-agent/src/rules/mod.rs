@@ -18,6 +18,7 @@ pub mod gitleaks;
 pub mod normalize;
 pub mod pack;
 pub mod validators;
+mod window_filter;
 
 use std::path::{Path, PathBuf};
 
