@@ -136,7 +136,7 @@ pub fn normalize_into(input: &[u8], limits: &NormalizeLimits, out: &mut Normaliz
     out.text.clear();
     out.text.reserve(input.len());
     let mut segments = Segments::new(limits);
-    push_normalized(head, &mut out.text, |run, at| segments.scan(run, at));
+    push_normalized(head, &mut out.text, Some(&mut segments));
     push_ascii_lower(&mut out.text, &lossy(tail));
     (out.decoded, out.skipped_segments) = segments.finish();
     out.skipped_bytes = tail.len();
@@ -152,15 +152,26 @@ fn cut_at(input: &[u8], max: usize) -> usize {
     (max.saturating_sub(3)..=max).rev().find(|&i| !is_continuation(input[i])).unwrap_or(max)
 }
 
-/// Append the normalised form of `bytes` to `out`. `on_ascii` sees every ASCII run before it
-/// is lower-cased, with the offset in `out` where it goes.
-fn push_normalized(bytes: &[u8], out: &mut String, mut on_ascii: impl FnMut(&[u8], usize)) {
+/// Append the normalised form of `bytes` to `out`. `segments` (when given) are looked for in
+/// every ASCII run before it is lower-cased, at the offset in `out` where it goes.
+fn push_normalized(bytes: &[u8], out: &mut String, mut segments: Option<&mut Segments>) {
     // Most traffic: ASCII is valid UTF-8, and checking it is cheaper than validating.
     let at = out.len();
-    if push_lower_if_ascii(out, bytes) {
-        on_ascii(bytes, at);
+    if let Some(segments) = segments.as_deref_mut() {
+        // One pass over the bytes: the ASCII check, the lower-cased copy and the bitmap of
+        // base64 bytes the segment scan walks.
+        if push_lower_if_ascii_classified(out, bytes, &mut segments.bitmap) {
+            segments.scan_bitmap(bytes, at);
+            return;
+        }
+    } else if push_lower_if_ascii(out, bytes) {
         return;
     }
+    let mut on_ascii = |run: &[u8], at: usize| {
+        if let Some(segments) = segments.as_deref_mut() {
+            segments.scan(run, at);
+        }
+    };
     let text = lossy(bytes);
     if text.is_ascii() {
         on_ascii(text.as_bytes(), out.len());
@@ -224,6 +235,72 @@ fn push_lower_if_ascii(out: &mut String, bytes: &[u8]) -> bool {
     // string stays valid UTF-8.
     unsafe { out.as_mut_vec() }.extend(lower);
     true
+}
+
+/// [`push_lower_if_ascii`], and `bitmap` set to the bytes' [`base64_mask`]s, 64 bytes a word.
+fn push_lower_if_ascii_classified(out: &mut String, bytes: &[u8], bitmap: &mut Vec<u64>) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512bw") {
+        // SAFETY: the CPU has the features the function is compiled for.
+        return unsafe { lower_classify_avx512(out, bytes, bitmap) };
+    }
+    if !push_lower_if_ascii(out, bytes) {
+        return false;
+    }
+    base64_bitmap(bytes, bitmap);
+    true
+}
+
+/// [`push_lower_if_ascii_classified`] with AVX-512BW: each 64 bytes are loaded once, checked,
+/// lower-cased, stored and classified (about a dozen instructions).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+fn lower_classify_avx512(out: &mut String, bytes: &[u8], bitmap: &mut Vec<u64>) -> bool {
+    use std::arch::x86_64::{
+        __m512i, _mm512_cmpeq_epi8_mask, _mm512_cmplt_epu8_mask, _mm512_mask_add_epi8, _mm512_mask_storeu_epi8,
+        _mm512_maskz_loadu_epi8, _mm512_movepi8_mask, _mm512_set1_epi8, _mm512_sub_epi8,
+    };
+    let below = |x: __m512i, lo: u8, width: u8| {
+        _mm512_cmplt_epu8_mask(_mm512_sub_epi8(x, _mm512_set1_epi8(lo as i8)), _mm512_set1_epi8(width as i8))
+    };
+    let eq = |x: __m512i, c: u8| _mm512_cmpeq_epi8_mask(x, _mm512_set1_epi8(c as i8));
+    // SAFETY: lower-cased ASCII is ASCII, and the length is set only once every byte has been
+    // checked to be ASCII: the string stays valid UTF-8.
+    let v = unsafe { out.as_mut_vec() };
+    let start = v.len();
+    v.reserve(bytes.len());
+    bitmap.clear();
+    bitmap.reserve(bytes.len().div_ceil(64));
+    for (k, chunk) in bytes.chunks(64).enumerate() {
+        let m = u64::MAX >> (64 - chunk.len());
+        // SAFETY: the masked load reads chunk's bytes only.
+        let x = unsafe { _mm512_maskz_loadu_epi8(m, chunk.as_ptr().cast()) };
+        if _mm512_movepi8_mask(x) != 0 {
+            return false;
+        }
+        let upper = below(x, b'A', 26);
+        // SAFETY: the masked store writes chunk.len() bytes at start + 64k, inside the
+        // capacity reserved above.
+        unsafe {
+            _mm512_mask_storeu_epi8(
+                v.as_mut_ptr().add(start + 64 * k).cast(),
+                m,
+                _mm512_mask_add_epi8(x, upper, x, _mm512_set1_epi8(0x20)),
+            )
+        };
+        let base64 =
+            upper | below(x, b'a', 26) | below(x, b'0', 10) | eq(x, b'+') | eq(x, b'/') | eq(x, b'-') | eq(x, b'_');
+        bitmap.push(base64 & m);
+    }
+    // SAFETY: the bytes up to here were written above.
+    unsafe { v.set_len(start + bytes.len()) };
+    true
+}
+
+/// `bitmap` set to the [`base64_mask`]s of `bytes`, 64 bytes a word.
+fn base64_bitmap(bytes: &[u8], bitmap: &mut Vec<u64>) {
+    bitmap.clear();
+    bitmap.extend(bytes.chunks(64).map(base64_mask));
 }
 
 /// Lower-case a non-ASCII character and fold look-alikes. A capital is looked up before it
@@ -362,6 +439,40 @@ fn long_run_ends(prev: u64, mask: u64, window: u32) -> u64 {
     high
 }
 
+/// Where the run of base64 bytes through byte `p` (one of them) starts, but not before `done`:
+/// after the last 0 bit of `bitmap` below `p`.
+fn run_start(bitmap: &[u64], p: usize, done: usize) -> usize {
+    let mut i = p / 64;
+    let mut zeros = !bitmap[i] & ((1u64 << (p % 64)) - 1);
+    loop {
+        if zeros != 0 {
+            return (i * 64 + 64 - zeros.leading_zeros() as usize).max(done);
+        }
+        if i * 64 <= done {
+            return done;
+        }
+        i -= 1;
+        zeros = !bitmap[i];
+    }
+}
+
+/// Where the run of base64 bytes through byte `p` ends (exclusive): the first 0 bit of
+/// `bitmap` after `p`, at most `len` (the bits past the text are 0).
+fn run_end(bitmap: &[u64], p: usize, len: usize) -> usize {
+    let mut i = p / 64;
+    let mut zeros = !bitmap[i] & (u64::MAX << (p % 64));
+    loop {
+        if zeros != 0 {
+            return (i * 64 + zeros.trailing_zeros() as usize).min(len);
+        }
+        i += 1;
+        if i == bitmap.len() {
+            return len;
+        }
+        zeros = !bitmap[i];
+    }
+}
+
 /// Whether `b` may be in a URL: unreserved, sub-delimiters but `'`, gen-delimiters, `%`.
 /// Quotes, whitespace, `\` and `<>` end a percent run.
 fn is_url(b: u8) -> bool {
@@ -378,6 +489,8 @@ struct Segments<'a> {
     skipped: usize,
     /// Decode buffer, reused across the (mostly rejected) candidates.
     scratch: Vec<u8>,
+    /// The base64 bitmap of the run being scanned ([`base64_mask`]s, a word per 64 bytes).
+    bitmap: Vec<u64>,
     /// The last [`REJECTED_KEPT`] base64/hex candidates that did not decode to text: a
     /// candidate equal to one of them is rejected without decoding again. Streams repeat
     /// their ids in every event (`"id":"chatcmpl-…"`, `"type":"content_block_delta"`).
@@ -387,9 +500,13 @@ struct Segments<'a> {
     next_rejected: usize,
 }
 
+/// [`Segments::scratch`], [`Segments::rejected`] and [`Segments::bitmap`].
+type SegmentBuffers = (Vec<u8>, Vec<Vec<u8>>, Vec<u64>);
+
 thread_local! {
-    /// [`Segments::scratch`] and [`Segments::rejected`] of the previous text, reused.
-    static SEGMENT_BUFFERS: std::cell::Cell<(Vec<u8>, Vec<Vec<u8>>)> = const { std::cell::Cell::new((Vec::new(), Vec::new())) };
+    /// The [`SegmentBuffers`] of the previous text, reused.
+    static SEGMENT_BUFFERS: std::cell::Cell<SegmentBuffers> =
+        const { std::cell::Cell::new((Vec::new(), Vec::new(), Vec::new())) };
 }
 
 /// Rejected candidates remembered per text (see [`Segments::rejected`]), each if at most
@@ -398,29 +515,39 @@ const REJECTED_KEPT: usize = 8;
 const REJECTED_MAX_LEN: usize = 256;
 /// A decode buffer larger than this is not kept for the next text.
 const REUSED_SCRATCH_MAX: usize = 64 * 1024;
+/// A bitmap larger than this (the bitmap of 16 MiB of text) is not kept for the next text.
+const REUSED_BITMAP_MAX: usize = 256 * 1024 / 8;
 
 impl<'a> Segments<'a> {
     fn new(limits: &'a NormalizeLimits) -> Self {
-        let (scratch, rejected) = SEGMENT_BUFFERS.take();
-        Self { limits, found: Vec::new(), skipped: 0, scratch, rejected, rejected_len: 0, next_rejected: 0 }
+        let (scratch, rejected, bitmap) = SEGMENT_BUFFERS.take();
+        Self { limits, found: Vec::new(), skipped: 0, scratch, bitmap, rejected, rejected_len: 0, next_rejected: 0 }
     }
 
     /// Find the segments of an ASCII run that goes to offset `at` of the output.
     fn scan(&mut self, run: &[u8], at: usize) {
+        let mut bitmap = mem::take(&mut self.bitmap);
+        base64_bitmap(run, &mut bitmap);
+        self.bitmap = bitmap;
+        self.scan_bitmap(run, at);
+    }
+
+    /// [`Segments::scan`], `self.bitmap` being the run's base64 bitmap.
+    fn scan_bitmap(&mut self, run: &[u8], at: usize) {
         let min = self.limits.min_segment_len.max(1);
         // The run is read 64 bytes at a time as a bitmap of base64 bytes, and a chunk in which
         // no run of `min` (at most 64) of them ends is passed over: for prose and JSON that is
-        // almost every chunk. Bytes are read one by one only around such a run, once: `done`
-        // moves past each run examined.
+        // almost every chunk. A run's bounds are found in the bitmap too; only its padding is
+        // read byte by byte. `done` moves past each run examined.
         let window = min.min(64) as u32;
+        let bitmap = mem::take(&mut self.bitmap);
         let (mut prev, mut done) = (0, 0);
-        for (n, chunk) in run.chunks(64).enumerate() {
+        for (n, &mask) in bitmap.iter().enumerate() {
             let base = n * 64;
-            if done >= base + chunk.len() {
+            if done >= base + 64 {
                 prev = 0; // bytes before `done` start no run
                 continue;
             }
-            let mask = base64_mask(chunk);
             let mut ends = long_run_ends(prev, mask, window);
             prev = mask;
             while ends != 0 {
@@ -429,8 +556,8 @@ impl<'a> Segments<'a> {
                 if p < done {
                     continue;
                 }
-                let start = p + 1 - run[done..=p].iter().rev().take_while(|&&b| Base64::scalar(b)).count();
-                let end = run[p..].iter().position(|&b| !Base64::scalar(b)).map_or(run.len(), |k| p + k);
+                let start = run_start(&bitmap, p, done);
+                let end = run_end(&bitmap, p, run.len());
                 let padded = end + run[end..].iter().take(2).take_while(|&&b| b == b'=').count();
                 if end - start >= min {
                     self.base64_or_hex(&run[start..padded], at + start);
@@ -438,6 +565,7 @@ impl<'a> Segments<'a> {
                 done = padded.max(end + 1);
             }
         }
+        self.bitmap = bitmap;
         self.scan_percent(run, at);
     }
 
@@ -515,15 +643,19 @@ impl<'a> Segments<'a> {
     /// The segments, their text normalised (without looking for segments in it again), and
     /// how many were skipped.
     fn finish(mut self) -> (Vec<DecodedSegment>, usize) {
-        if self.scratch.capacity() <= REUSED_SCRATCH_MAX {
-            SEGMENT_BUFFERS.set((mem::take(&mut self.scratch), mem::take(&mut self.rejected)));
+        if self.scratch.capacity() <= REUSED_SCRATCH_MAX && self.bitmap.capacity() <= REUSED_BITMAP_MAX {
+            SEGMENT_BUFFERS.set((
+                mem::take(&mut self.scratch),
+                mem::take(&mut self.rejected),
+                mem::take(&mut self.bitmap),
+            ));
         }
         let mut decoded: Vec<_> = self
             .found
             .into_iter()
             .map(|(encoding, span, bytes)| {
                 let mut text = String::with_capacity(bytes.len());
-                push_normalized(&bytes, &mut text, |_, _| {});
+                push_normalized(&bytes, &mut text, None);
                 DecodedSegment { encoding, span, text }
             })
             .collect();
@@ -631,6 +763,55 @@ mod tests {
         }
         assert_eq!(base64_mask(b""), 0);
         assert_eq!(base64_mask(&[b'A'; 64]), u64::MAX);
+    }
+
+    /// The one-pass copy (AVX-512BW where the CPU has it, as CI's machines do) gives what the
+    /// plain copy and [`base64_bitmap`] give, over lengths around the 64-byte chunk and with a
+    /// non-ASCII byte anywhere (then nothing is appended).
+    #[test]
+    fn classified_copy_matches_the_plain_one() {
+        let mut rng = XorShift(7);
+        const BYTES: &[u8] = b"aZ09+/-_=. \"{}%Qz";
+        for len in 0..200 {
+            for non_ascii in [None, Some(rng.below(len.max(1)))] {
+                let mut bytes: Vec<u8> = (0..len).map(|_| BYTES[rng.below(BYTES.len())]).collect();
+                if let Some(at) = non_ascii.filter(|_| len > 0) {
+                    bytes[at] = 0x80 | rng.next_u64() as u8;
+                }
+                let (mut plain, mut fast) = ("prefix".to_string(), "prefix".to_string());
+                let (mut plain_map, mut fast_map) = (Vec::new(), vec![7]);
+                let ok = push_lower_if_ascii(&mut plain, &bytes);
+                if ok {
+                    base64_bitmap(&bytes, &mut plain_map);
+                }
+                assert_eq!(push_lower_if_ascii_classified(&mut fast, &bytes, &mut fast_map), ok, "{bytes:?}");
+                assert_eq!(fast, plain);
+                if ok {
+                    assert_eq!(fast_map, plain_map, "{bytes:?}");
+                }
+            }
+        }
+    }
+
+    /// A run's bounds read from the bitmap are those a byte-by-byte scan finds.
+    #[test]
+    fn run_bounds_match_a_byte_scan() {
+        let mut rng = XorShift(11);
+        for len in [1, 2, 63, 64, 65, 127, 128, 129, 300] {
+            for _ in 0..20 {
+                // Long runs of base64 bytes, cut now and then.
+                let bytes: Vec<u8> = (0..len).map(|_| if rng.below(40) == 0 { b' ' } else { b'k' }).collect();
+                let mut bitmap = Vec::new();
+                base64_bitmap(&bytes, &mut bitmap);
+                for p in (0..len).filter(|&p| bytes[p] == b'k') {
+                    let done = rng.below(p + 1);
+                    let start = p + 1 - bytes[done..=p].iter().rev().take_while(|&&b| b == b'k').count();
+                    let end = bytes[p..].iter().position(|&b| b != b'k').map_or(len, |k| p + k);
+                    assert_eq!(run_start(&bitmap, p, done), start, "start, {len} bytes, p {p}, done {done}");
+                    assert_eq!(run_end(&bitmap, p, len), end, "end, {len} bytes, p {p}");
+                }
+            }
+        }
     }
 
     #[test]
