@@ -10,14 +10,17 @@
 //! 3. Prefilter: which rules may match, and where.
 //!    - Keywords are reduced to *anchors*: a keyword containing a shorter one is found
 //!      through it and then verified, and a keyword of more than 4 bytes that contains none
-//!      is found through its rarest 4 bytes (by a table of byte frequencies in text), so the
-//!      anchor set is substring-free and a leftmost search restarted one byte after each
-//!      hit finds every occurrence, overlapping ones included. Anchors of 4 bytes are
-//!      searched with Teddy (SIMD, the
-//!      `aho-corasick` crate's packed searcher), one pass per group of at most
-//!      [`ANCHORS_PER_GROUP`]; up to 4 anchors of 3 bytes and every 2-byte anchor with
-//!      `memmem`, 1-byte anchors with `memchr`. Anchors with non-ASCII bytes (CJK keywords)
-//!      are searched only when the text is not ASCII.
+//!      is found through its rarest 4 bytes (not a piece of a word common in API traffic,
+//!      such as `mode` of `model`, when it can; then by a table of byte frequencies in text;
+//!      a keyword whose host is such a piece gets a window of its own too), so the anchor
+//!      set is substring-free and a leftmost search restarted one byte after each hit finds
+//!      every occurrence, overlapping ones included. Where the CPU has AVX-512 VBMI, every
+//!      anchor of 3 and 4 bytes is found in one pass ([`super::window_filter`]); elsewhere
+//!      anchors of 4 bytes are searched with Teddy (SIMD, the `aho-corasick` crate's packed
+//!      searcher), one pass per group of at most [`ANCHORS_PER_GROUP`], and up to 4 anchors
+//!      of 3 bytes with `memmem`. Every 2-byte anchor is searched with `memmem`, 1-byte
+//!      anchors with `memchr`. Teddy groups and finders of anchors with non-ASCII bytes (CJK
+//!      keywords) are searched only when the text is not ASCII.
 //!    - `prefilter = { digits = N }`: one pass finds the digit runs (a 64-byte block at a
 //!      time: SIMD compares packed into a bitmask, then only the digits are visited). Then
 //!      the digit rules' regexes, compiled together as one multi-pattern regex, run once
@@ -70,6 +73,7 @@ use std::{
     cell::RefCell,
     collections::{HashMap, HashSet},
     ops::Range,
+    sync::LazyLock,
 };
 
 use aho_corasick::{AhoCorasick, Input, MatchKind, Span, packed};
@@ -656,8 +660,15 @@ impl Filter {
             let host = (0..anchor_bytes.len())
                 .filter(|&a| memmem::find(bytes, &anchor_bytes[a]).is_some())
                 .max_by_key(|&a| anchor_bytes[a].len());
+            // A host that is a piece of a word common in API traffic ("mode" of "model") makes
+            // a check at each of its many occurrences: a keyword with a window of its own that
+            // is not, and holds no anchor (the set stays substring-free), gets that instead.
+            let own = (bytes.len() > ANCHOR_LEN).then(|| rarest_window(bytes)).filter(|&o| {
+                let w = &bytes[o..o + ANCHOR_LEN];
+                !is_common(w) && anchor_bytes.iter().all(|a| memmem::find(w, a).is_none())
+            });
             match host {
-                Some(a) => {
+                Some(a) if !(own.is_some() && is_common(&anchor_bytes[a])) => {
                     let needle = &anchor_bytes[a];
                     let offsets = (0..=bytes.len() - needle.len()).filter(|&o| bytes[o..].starts_with(needle));
                     f.anchors[a].keywords.extend(offsets.map(|o| (k, o)));
@@ -665,12 +676,12 @@ impl Filter {
                 // A longer keyword is found through its rarest 4 bytes: all such anchors
                 // have the same length, so they stay prefix-free, and rare bytes keep
                 // Teddy's fingerprints selective.
-                None if bytes.len() > ANCHOR_LEN => {
-                    let o = rarest_window(bytes);
+                _ if bytes.len() > ANCHOR_LEN => {
+                    let o = own.unwrap_or_else(|| rarest_window(bytes));
                     anchor_bytes.push(bytes[o..o + ANCHOR_LEN].to_vec());
                     f.anchors.push(Anchor { keywords: vec![(k, o)] });
                 }
-                None => {
+                _ => {
                     anchor_bytes.push(bytes.clone());
                     f.anchors.push(Anchor { keywords: vec![(k, 0)] });
                 }
@@ -791,13 +802,136 @@ fn byte_frequency(b: u8) -> u32 {
 }
 
 /// Start of the [`ANCHOR_LEN`] bytes of `keyword` (longer than that) least likely to
-/// occur in text: the lowest sum of byte frequencies, the first on ties.
+/// occur in text: not a piece of a common word ([`is_common`]) if it can, then the lowest sum
+/// of byte frequencies, the first on ties.
 fn rarest_window(keyword: &[u8]) -> usize {
     keyword
         .windows(ANCHOR_LEN)
         .enumerate()
-        .min_by_key(|&(o, w)| (w.iter().map(|&b| byte_frequency(b)).sum::<u32>(), o))
+        .min_by_key(|&(o, w)| (is_common(w), w.iter().map(|&b| byte_frequency(b)).sum::<u32>(), o))
         .map_or(0, |(o, _)| o)
+}
+
+/// Words that fill LLM API traffic: the JSON keys and values of the OpenAI, Anthropic, Gemini
+/// and Ollama APIs, words of system prompts and tool schemas, and common English words that
+/// hold a piece of a default keyword (`public` holds `ubli` of `oubli`). An anchor that is a
+/// piece of one of them, or of one with the space before or after it, occurs all the time
+/// in clean traffic, and each occurrence costs a check.
+const COMMON_WORDS: &[&str] = &[
+    "model",
+    "models",
+    "messages",
+    "message",
+    "content",
+    "role",
+    "system",
+    "user",
+    "assistant",
+    "tokens",
+    "prompt_tokens",
+    "completion_tokens",
+    "max_tokens",
+    "total_tokens",
+    "input_tokens",
+    "output_tokens",
+    "prompt",
+    "choices",
+    "delta",
+    "index",
+    "finish_reason",
+    "stop_reason",
+    "usage",
+    "created",
+    "object",
+    "chat",
+    "completion",
+    "stream",
+    "temperature",
+    "top_p",
+    "tool",
+    "tools",
+    "tool_calls",
+    "tool_use",
+    "tool_result",
+    "function",
+    "arguments",
+    "parameters",
+    "properties",
+    "description",
+    "required",
+    "type",
+    "text",
+    "string",
+    "number",
+    "integer",
+    "boolean",
+    "array",
+    "response",
+    "request",
+    "embedding",
+    "embeddings",
+    "input",
+    "output",
+    "candidates",
+    "parts",
+    "safety",
+    "metadata",
+    "system_fingerprint",
+    "logprobs",
+    "score",
+    "result",
+    "error",
+    "status",
+    "content_block_delta",
+    "content_block_start",
+    "message_start",
+    "message_delta",
+    "text_delta",
+    "generation",
+    "public",
+    "publish",
+    "policy",
+    "policies",
+    "polite",
+    "political",
+    "company",
+    "expand",
+    "mission",
+    "permission",
+    "missing",
+    "mistake",
+    "credit",
+    "predict",
+    "redirect",
+    "restrict",
+    "strict",
+    "metric",
+    "electric",
+    "following",
+    "follows",
+    "information",
+    "important",
+    "provide",
+    "please",
+    "question",
+    "answer",
+    "example",
+    "explain",
+    "document",
+    "summary",
+    "summarize",
+    "customer",
+    "support",
+    "service",
+    "available",
+    "account",
+    "order",
+];
+
+/// Whether `window` is a piece of a [`COMMON_WORDS`] word, with a space before or after it.
+fn is_common(window: &[u8]) -> bool {
+    static SPACED: LazyLock<String> = LazyLock::new(|| COMMON_WORDS.iter().map(|w| format!(" {w} \n")).collect());
+    memmem::find(SPACED.as_bytes(), window).is_some()
 }
 
 /// The regexes of the digit-prefiltered rules as one regex with a pattern each, to ask
@@ -1847,11 +1981,14 @@ mod tests {
 
     #[test]
     fn long_keywords_are_found_through_their_rarest_bytes() {
-        assert_eq!(rarest_window(b"to follow"), 3); // "foll" (ties with "llow": the first)
+        // "foll" and "llow" have the rarest bytes, but are pieces of "following", common in
+        // prompts: "o fo" instead.
+        assert_eq!(rarest_window(b"to follow"), 1);
         assert_eq!(rarest_window(b"api_key"), 1); // "pi_k"
         assert_eq!(rarest_window(b"abcd"), 0);
-        // "follower" gets the anchor "foll"; the longer keywords containing it are found
-        // through it, at their offsets, overlapping occurrences included.
+        assert_eq!(rarest_window(b"dan mode"), 2); // "n mo": not "mode" (of "model") nor " mod"
+        // Keywords sharing pieces ("follow") are each found through their anchor, overlapping
+        // occurrences included.
         let e = engine(
             &[
                 rule("a", "keywords = [\"to follow\", \"follow up\"]"),
