@@ -1008,26 +1008,53 @@ fn digit_mask(block: &[u8]) -> u64 {
 /// Push the maximal runs of ASCII digits in `text` that have at least `min` digits,
 /// consecutive digits being separated by at most two of `space - . / ( ) +`.
 fn digit_runs(text: &[u8], min: usize, out: &mut Vec<DigitRun>) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512bw") {
+        // SAFETY: the CPU has the features the function is compiled for.
+        return unsafe { digit_runs_avx512(text, min, out) };
+    }
+    digit_runs_by(text, min, out, digit_mask);
+}
+
+/// [`digit_runs`] with a block's digits classified in one AVX-512BW compare.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+fn digit_runs_avx512(text: &[u8], min: usize, out: &mut Vec<DigitRun>) {
+    use std::arch::x86_64::{_mm512_cmplt_epu8_mask, _mm512_maskz_loadu_epi8, _mm512_set1_epi8, _mm512_sub_epi8};
+    digit_runs_by(text, min, out, |block| {
+        let m = u64::MAX >> (64 - block.len());
+        // SAFETY: the masked load reads the block's bytes only.
+        let x = unsafe { _mm512_maskz_loadu_epi8(m, block.as_ptr().cast()) };
+        _mm512_cmplt_epu8_mask(_mm512_sub_epi8(x, _mm512_set1_epi8(b'0' as i8)), _mm512_set1_epi8(10)) & m
+    });
+}
+
+/// [`digit_runs`] given the digit mask of a block of 1 to 64 bytes.
+#[inline(always)]
+fn digit_runs_by(text: &[u8], min: usize, out: &mut Vec<DigitRun>, mask: impl Fn(&[u8]) -> u64) {
     const BLOCK: usize = 64;
     let is_separator = |b: &u8| matches!(b, b' ' | b'-' | b'.' | b'/' | b'(' | b')' | b'+');
     // The current run: first digit, one past its last digit, digits.
     let (mut start, mut end, mut count) = (0usize, 0usize, 0usize);
     for (c, block) in text.chunks(BLOCK).enumerate() {
-        // Jump from digit to digit; most blocks of most text have none.
-        let mut digits = digit_mask(block);
+        // Jump from a stretch of consecutive digits to the next; most blocks of most text
+        // have none.
+        let mut digits = mask(block);
         while digits != 0 {
-            let i = c * BLOCK + digits.trailing_zeros() as usize;
-            digits &= digits - 1;
+            let first = digits.trailing_zeros() as usize;
+            let len = (!(digits >> first)).trailing_zeros() as usize;
+            digits = if first + len == BLOCK { 0 } else { digits & (u64::MAX << (first + len)) };
+            let i = c * BLOCK + first;
             if count > 0 && (i == end || (i - end <= 2 && text[end..i].iter().all(is_separator))) {
-                count += 1;
+                count += len;
             } else {
                 if count >= min {
                     out.push((start, end, count));
                 }
                 start = i;
-                count = 1;
+                count = len;
             }
-            end = i + 1;
+            end = i + len;
         }
     }
     if count >= min {
@@ -1780,6 +1807,41 @@ mod tests {
         assert_eq!(runs("12ab34"), vec![(0, 2, 2), (4, 6, 2)]);
         assert_eq!(runs(&format!("1{}2", " ".repeat(40))).len(), 2);
         assert_eq!(runs(&format!("{}12345", "x".repeat(31))), vec![(31, 36, 5)], "runs across chunk boundaries");
+        // Against a byte-by-byte scan (and the SSE2 masks against AVX-512 where both run),
+        // digits and separators at random around the 64-byte blocks.
+        let mut state = 99u64;
+        for len in 0..300 {
+            let text: Vec<u8> = (0..len)
+                .map(|_| {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    b"0123456789999 -.x("[(state % 18) as usize]
+                })
+                .collect();
+            let mut naive = Vec::new();
+            let (mut start, mut end, mut count) = (0, 0, 0);
+            for i in (0..len).filter(|&i| text[i].is_ascii_digit()) {
+                let joined = i - end <= 2 && text[end..i].iter().all(|b| b" -.(".contains(b));
+                if count > 0 && joined {
+                    count += 1;
+                } else {
+                    if count >= 3 {
+                        naive.push((start, end, count));
+                    }
+                    (start, count) = (i, 1);
+                }
+                end = i + 1;
+            }
+            if count >= 3 {
+                naive.push((start, end, count));
+            }
+            let (mut fast, mut plain) = (Vec::new(), Vec::new());
+            super::digit_runs(&text, 3, &mut fast);
+            digit_runs_by(&text, 3, &mut plain, digit_mask);
+            assert_eq!(fast, naive, "{}", String::from_utf8_lossy(&text));
+            assert_eq!(plain, naive);
+        }
         let mut v = Vec::new();
         super::digit_runs(b"1 22 333 4444", 3, &mut v);
         assert_eq!(v, vec![(0, 13, 10)]);
