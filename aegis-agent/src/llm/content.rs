@@ -5,22 +5,20 @@
 //! Only the fields that carry text are taken, so a rule scoped to user messages never
 //! sees the system prompt, and JSON syntax, ids and numbers never reach the matcher.
 
-use serde_json::Value;
-
-use super::detect::ApiKind;
+use super::{detect::ApiKind, json::Json};
 use crate::rules::pack::Scope;
 
 /// Texts of a request body, by scope. None when the body is not JSON (truncated,
 /// undecodable): the caller then scans the raw body as one [`Scope::Text`].
 pub fn request_texts(api: ApiKind, body: &[u8]) -> Option<Vec<(Scope, String)>> {
-    let v: Value = serde_json::from_slice(body).ok()?;
+    let v = Json::parse(body).ok()?;
     let mut out = Vec::new();
     match api {
         // Nothing says which fields carry the text: the caller scans it all as text.
         ApiKind::Unknown => return None,
         ApiKind::ChatCompletions | ApiKind::OllamaChat => {
             for m in items(&v, "messages") {
-                let scope = role_scope(m.get("role").and_then(Value::as_str));
+                let scope = role_scope(m.get("role").and_then(Json::as_str));
                 push_content(&mut out, scope, m.get("content"));
                 // Tool calls the assistant made (their arguments are model output fed back).
                 for call in items(m, "tool_calls") {
@@ -36,11 +34,11 @@ pub fn request_texts(api: ApiKind, body: &[u8]) -> Option<Vec<(Scope, String)>> 
         ApiKind::Responses => {
             push_str(&mut out, Scope::System, v.get("instructions"));
             match v.get("input") {
-                Some(Value::Array(input)) => {
+                Some(Json::Array(input)) => {
                     for item in input {
-                        if let Some(role) = item.get("role").and_then(Value::as_str) {
+                        if let Some(role) = item.get("role").and_then(Json::as_str) {
                             push_content(&mut out, role_scope(Some(role)), item.get("content"));
-                        } else if item.get("type").and_then(Value::as_str) == Some("function_call_output") {
+                        } else if item.get("type").and_then(Json::as_str) == Some("function_call_output") {
                             push_content(&mut out, Scope::Tool, item.get("output"));
                         }
                     }
@@ -51,11 +49,11 @@ pub fn request_texts(api: ApiKind, body: &[u8]) -> Option<Vec<(Scope, String)>> 
         ApiKind::AnthropicMessages => {
             push_content(&mut out, Scope::System, v.get("system"));
             for m in items(&v, "messages") {
-                let scope = role_scope(m.get("role").and_then(Value::as_str));
+                let scope = role_scope(m.get("role").and_then(Json::as_str));
                 match m.get("content") {
-                    Some(Value::Array(blocks)) => {
+                    Some(Json::Array(blocks)) => {
                         for b in blocks {
-                            match b.get("type").and_then(Value::as_str) {
+                            match b.get("type").and_then(Json::as_str) {
                                 Some("tool_result") => push_content(&mut out, Scope::Tool, b.get("content")),
                                 Some("tool_use") => push_json(&mut out, Scope::Assistant, b.get("input")),
                                 _ => push_str(&mut out, scope, b.get("text")),
@@ -71,7 +69,7 @@ pub fn request_texts(api: ApiKind, body: &[u8]) -> Option<Vec<(Scope, String)>> 
                 push_str(&mut out, Scope::System, p.get("text"));
             }
             for c in items(&v, "contents") {
-                let scope = match c.get("role").and_then(Value::as_str) {
+                let scope = match c.get("role").and_then(Json::as_str) {
                     Some("model") => Scope::Assistant,
                     _ => Scope::User,
                 };
@@ -94,39 +92,39 @@ fn role_scope(role: Option<&str>) -> Scope {
     }
 }
 
-fn items<'a>(v: &'a Value, key: &str) -> &'a [Value] {
-    v.get(key).and_then(Value::as_array).map_or(&[], Vec::as_slice)
+fn items<'v, 'a>(v: &'v Json<'a>, key: &str) -> &'v [Json<'a>] {
+    v.get(key).and_then(Json::as_array).unwrap_or(&[])
 }
 
-fn items_at<'a>(v: &'a Value, pointer: &str) -> &'a [Value] {
-    v.pointer(pointer).and_then(Value::as_array).map_or(&[], Vec::as_slice)
+fn items_at<'v, 'a>(v: &'v Json<'a>, pointer: &str) -> &'v [Json<'a>] {
+    v.pointer(pointer).and_then(Json::as_array).unwrap_or(&[])
 }
 
-fn push_str(out: &mut Vec<(Scope, String)>, scope: Scope, v: Option<&Value>) {
-    if let Some(s) = v.and_then(Value::as_str).filter(|s| !s.is_empty()) {
+fn push_str(out: &mut Vec<(Scope, String)>, scope: Scope, v: Option<&Json>) {
+    if let Some(s) = v.and_then(Json::as_str).filter(|s| !s.is_empty()) {
         out.push((scope, s.to_owned()));
     }
 }
 
-/// Structured tool input/output: scanned as its JSON text.
-fn push_json(out: &mut Vec<(Scope, String)>, scope: Scope, v: Option<&Value>) {
+/// Structured tool input/output: scanned as its JSON text (as `serde_json::Value` prints it).
+fn push_json(out: &mut Vec<(Scope, String)>, scope: Scope, v: Option<&Json>) {
     match v {
-        Some(Value::String(s)) => push_str(out, scope, Some(&Value::String(s.clone()))),
-        Some(v @ (Value::Object(_) | Value::Array(_))) => out.push((scope, v.to_string())),
+        Some(Json::String(_)) => push_str(out, scope, v),
+        Some(v @ (Json::Object(_) | Json::Array(_))) => out.push((scope, v.to_value().to_string())),
         _ => {}
     }
 }
 
 /// A message content: a string, or an array of parts with text (OpenAI `text` /
 /// `input_text` / `output_text`, Anthropic text blocks), or of strings (prompt lists).
-fn push_content(out: &mut Vec<(Scope, String)>, scope: Scope, v: Option<&Value>) {
+fn push_content(out: &mut Vec<(Scope, String)>, scope: Scope, v: Option<&Json>) {
     match v {
-        Some(Value::String(_)) => push_str(out, scope, v),
-        Some(Value::Array(parts)) => {
+        Some(Json::String(_)) => push_str(out, scope, v),
+        Some(Json::Array(parts)) => {
             for p in parts {
                 match p {
-                    Value::String(_) => push_str(out, scope, Some(p)),
-                    Value::Object(_) => push_str(out, scope, p.get("text")),
+                    Json::String(_) => push_str(out, scope, Some(p)),
+                    Json::Object(_) => push_str(out, scope, p.get("text")),
                     _ => {}
                 }
             }
@@ -194,6 +192,19 @@ mod tests {
             [s(Scope::User, "a"), s(Scope::User, "b")]
         );
         assert_eq!(texts(ApiKind::Embeddings, r#"{"model":"m","input":"e"}"#), [s(Scope::User, "e")]);
+    }
+
+    /// Structured tool input is scanned as the JSON text `serde_json::Value` prints: keys
+    /// sorted, a repeated key's last value, escapes decoded and re-encoded.
+    #[test]
+    fn tool_input_is_scanned_as_value_prints_it() {
+        let input = r#"{"z":1,"a":{"y":"q\"uote","b":[1.5,null]},"z":2}"#;
+        let body = format!(
+            r#"{{"messages":[{{"role":"assistant","content":[{{"type":"tool_use","id":"t","name":"f","input":{input}}}]}}]}}"#
+        );
+        let printed = serde_json::from_str::<serde_json::Value>(input).unwrap().to_string();
+        assert_eq!(printed, r#"{"a":{"b":[1.5,null],"y":"q\"uote"},"z":2}"#);
+        assert_eq!(texts(ApiKind::AnthropicMessages, &body), [s(Scope::Assistant, &printed)]);
     }
 
     #[test]

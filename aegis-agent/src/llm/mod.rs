@@ -7,6 +7,7 @@ pub mod correlate;
 pub mod detect;
 pub mod exchange;
 pub mod http2;
+pub mod json;
 pub mod record;
 pub mod response;
 pub mod usage;
