@@ -584,7 +584,7 @@ struct Filter {
     digit_set: Option<meta::Regex>,
     keywords: Vec<Keyword>,
     anchors: Vec<Anchor>,
-    /// ASCII anchors of 3 and 4 bytes, in one pass (where the CPU runs it fast).
+    /// Anchors of 3 and 4 bytes, in one pass (where the CPU runs it fast).
     window: Option<WindowFilter>,
     /// Anchors of 3 bytes and more (those not in `window`), by group: pattern id → anchor
     /// index.

@@ -29,9 +29,10 @@
 //! (elsewhere: an ASCII check, then the copy, then the bitmap with SSE2 compares and
 //! `pmovmskb`). The segment scan walks that bitmap and skips every 64 bytes in which no run
 //! of `min_segment_len` of them ends (for prose, nearly all); a run's bounds are read from
-//! the bitmap too, and only such runs are tried as hex or base64. The last few candidates that did not decode to text are remembered, and a
-//! candidate equal to one of them is not decoded again: a stream repeats its ids
-//! (`chatcmpl-…`, `content_block_delta`) in every event. Percent runs are looked for only around the `%` bytes that memchr finds. English
+//! the bitmap too, and only such runs are tried as hex or base64. The last few candidates
+//! that did not decode to text are remembered, and a candidate equal to one of them is not
+//! decoded again: a stream repeats its ids (`chatcmpl-…`, `content_block_delta`) in every
+//! event. Percent runs are looked for only around the `%` bytes that memchr finds. English
 //! chat JSON measured 1 to 2 GB/s on one core of a small VM; text that is not pure ASCII takes
 //! the slower path, where NFKC runs only on the non-ASCII stretches.
 //!

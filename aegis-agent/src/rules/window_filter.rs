@@ -1,5 +1,7 @@
-//! One pass over a text for every ASCII anchor of 3 and 4 bytes: the engine's keyword
-//! prefilter where AVX-512 VBMI is there (x86-64 since Ice Lake and Zen 4).
+//! One pass over a text for every anchor of 3 and 4 bytes: the engine's keyword prefilter
+//! where AVX-512 VBMI is there (x86-64 since Ice Lake and Zen 4). The tables are indexed by
+//! a byte's low 7 bits, so a byte past ASCII (CJK keywords) can only add candidates, which
+//! the exact check removes.
 //!
 //! Teddy (`aho-corasick`'s packed searcher) keeps its false candidates rare only with about 16
 //! patterns per searcher, and the default pack has about 140 anchors: 9 passes over every text,
@@ -42,7 +44,7 @@ struct Tables {
     three: [[u8; 128]; HASHES3],
 }
 
-/// The filter over a set of ASCII anchors of 3 and 4 bytes.
+/// The filter over a set of anchors of 3 and 4 bytes.
 pub struct WindowFilter {
     tables: Box<Tables>,
     /// The anchors by their window (little-endian, the 4th byte 0 for 3 bytes): an open
@@ -71,7 +73,7 @@ impl WindowFilter {
         }
     }
 
-    /// A filter for `anchors`: (bytes, id), each 3 or 4 bytes of ASCII, no two equal.
+    /// A filter for `anchors`: (bytes, id), each of 3 or 4 bytes, no two equal.
     pub fn new(anchors: &[(&[u8], usize)]) -> Self {
         let mut tables =
             Box::new(Tables { hash: [[[0; 128]; 4]; HASHES], four: [[0; 128]; HASHES], three: [[0; 128]; HASHES3] });
