@@ -528,9 +528,7 @@ impl<'a> Segments<'a> {
 
     /// Find the segments of an ASCII run that goes to offset `at` of the output.
     fn scan(&mut self, run: &[u8], at: usize) {
-        let mut bitmap = mem::take(&mut self.bitmap);
-        base64_bitmap(run, &mut bitmap);
-        self.bitmap = bitmap;
+        base64_bitmap(run, &mut self.bitmap);
         self.scan_bitmap(run, at);
     }
 

@@ -25,9 +25,10 @@
 //!   has no false positives and, by construction, no false negatives: an anchor's own window
 //!   sets its bucket bit in all four tables.
 //!
-//! Bytes past the last full block of 64 positions, and every byte where VBMI is missing, go
-//! through the same tables one position at a time (the engine uses Teddy instead where VBMI
-//! is missing: a scalar pass of this filter is slower than Teddy's passes).
+//! The last positions of a text (fewer than 67 bytes left) go through the same vector code on
+//! a zero-padded copy. Without VBMI the same tables are read one position at a time; the
+//! engine uses Teddy there instead (a scalar pass of this filter is slower than Teddy's
+//! passes), so that path serves the tests as the reference.
 
 /// Hash functions for 4-byte windows; the first [`HASHES3`] serve 3-byte windows too.
 const HASHES: usize = 4;
@@ -127,25 +128,25 @@ impl WindowFilter {
     /// Call `on(anchor, position)` for every occurrence of every anchor in `text`, in the
     /// order of positions.
     pub fn each(&self, text: &[u8], mut on: impl FnMut(usize, usize)) {
-        let mut at = 0;
         #[cfg(target_arch = "x86_64")]
         if self.simd {
             // SAFETY: `simd` says the CPU has the features `scan_avx512` is compiled for.
-            at = unsafe {
+            unsafe {
                 if self.threes == 0 {
                     self.scan_avx512::<false>(text, &mut on)
                 } else {
                     self.scan_avx512::<true>(text, &mut on)
                 }
-            };
+            }
+            return;
         }
-        self.scan_scalar(text, at, &mut on);
+        self.scan_scalar(text, &mut on);
     }
 
-    /// The positions from `at` on, one at a time.
-    fn scan_scalar(&self, text: &[u8], at: usize, on: &mut impl FnMut(usize, usize)) {
+    /// Every position, one at a time.
+    fn scan_scalar(&self, text: &[u8], on: &mut impl FnMut(usize, usize)) {
         let t = &*self.tables;
-        for i in at..text.len().saturating_sub(2) {
+        for i in 0..text.len().saturating_sub(2) {
             let mut b = [0u8; 4];
             let n = (text.len() - i).min(4);
             b[..n].copy_from_slice(&text[i..i + n]);
@@ -194,10 +195,10 @@ impl WindowFilter {
         }
     }
 
-    /// Every position, 64 at a time; returns `text.len()` (where the scalar pass starts).
+    /// Every position, 64 at a time.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
-    fn scan_avx512<const THREE: bool>(&self, text: &[u8], on: &mut impl FnMut(usize, usize)) -> usize {
+    fn scan_avx512<const THREE: bool>(&self, text: &[u8], on: &mut impl FnMut(usize, usize)) {
         use std::arch::x86_64::{
             __m512i, _mm512_and_si512, _mm512_load_si512, _mm512_loadu_si512, _mm512_permutex2var_epi8,
             _mm512_set1_epi8, _mm512_test_epi8_mask, _mm512_xor_si512,
@@ -246,12 +247,7 @@ impl WindowFilter {
         let mut i = 0;
         while i + 64 + 3 <= text.len() {
             // text[i..i + 67] is inside `text` (the loop's condition).
-            let mut hits = block(text[i..].as_ptr());
-            while hits != 0 {
-                let k = hits.trailing_zeros() as usize;
-                hits &= hits - 1;
-                self.verify(text, i + k, on);
-            }
+            self.verify_each(text, i, block(text[i..].as_ptr()), on);
             i += 64;
         }
         // The last positions (at most 64: fewer than 67 bytes are left) through a copy padded
@@ -261,14 +257,18 @@ impl WindowFilter {
         if rest >= 3 {
             let mut padded = [0u8; 128];
             padded[..rest].copy_from_slice(&text[i..]);
-            let mut hits = block(padded.as_ptr()) & (u64::MAX >> (64 - (rest - 2)));
-            while hits != 0 {
-                let k = hits.trailing_zeros() as usize;
-                hits &= hits - 1;
-                self.verify(text, i + k, on);
-            }
+            self.verify_each(text, i, block(padded.as_ptr()) & (u64::MAX >> (64 - (rest - 2))), on);
         }
-        text.len()
+    }
+
+    /// [`WindowFilter::verify`] each candidate of a block: bit k of `hits` is position `at + k`.
+    #[inline]
+    fn verify_each(&self, text: &[u8], at: usize, mut hits: u64, on: &mut impl FnMut(usize, usize)) {
+        while hits != 0 {
+            let k = hits.trailing_zeros() as usize;
+            hits &= hits - 1;
+            self.verify(text, at + k, on);
+        }
     }
 }
 
