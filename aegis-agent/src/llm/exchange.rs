@@ -1257,7 +1257,11 @@ impl ExchangeTracker {
             req.body = Vec::new();
             return;
         };
-        if truncated {
+        // How much of a corrupt body decoded before the error depends on where it was cut (a
+        // decoder hands on output in its own steps): its undecodable note says the body was
+        // not read whole, and no length is given, so that the record is the same however the
+        // body arrived (as for a response).
+        if truncated && !req.notes.iter().any(|n| n.starts_with("request_body_undecodable")) {
             req.notes.push(format!("request_body_truncated_at:{}", req.body.len()));
         }
         if let Some(inspector) = &self.inspector {
