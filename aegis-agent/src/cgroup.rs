@@ -62,11 +62,6 @@ impl Mounts {
     /// made the agent look for `/sys/fs/cgroup/unified/sys/fs/cgroup/unified/...`.
     /// The result is not otherwise checked (see `control::parse_cgroup`).
     pub fn v2_path(&self, s: &str) -> Result<String, String> {
-        if let Some(root) = &self.v2
-            && let Some(rest) = below(root, s)
-        {
-            return Ok(if rest.is_empty() { "/".to_owned() } else { rest.to_owned() });
-        }
         let v2_hint = match &self.v2 {
             Some(root) => format!(
                 "give the cgroup's path under the cgroup v2 mount {root}, or its cgroup v2 path as in \
@@ -74,6 +69,19 @@ impl Mounts {
             ),
             None => "no cgroup v2 file system is mounted on this host: the agent works with cgroup v2 only".to_owned(),
         };
+        if let Some(root) = &self.v2
+            && let Some(rest) = below(root, s)
+        {
+            // A v2 path that reads as a path under /sys/fs/cgroup would be taken as a file
+            // system path when given again (`/sys/fs/cgroup/unified/sys/fs/cgroup/memory` on
+            // a hybrid host): it is refused, so that a validated cgroup validates the same.
+            if below(CGROUP_FS_DIR, rest).is_some() {
+                return Err(format!(
+                    "cgroup {s:?} names the cgroup v2 path {rest:?}, which reads as a file system path: {v2_hint}"
+                ));
+            }
+            return Ok(if rest.is_empty() { "/".to_owned() } else { rest.to_owned() });
+        }
         if let Some(v1) = self.v1.iter().find(|m| below(m, s).is_some()) {
             return Err(format!("cgroup {s:?} is in the cgroup v1 hierarchy mounted at {v1}: {v2_hint}"));
         }
@@ -202,6 +210,12 @@ mod tests {
                 .into())
         );
         assert!(hybrid.v2_path("/sys/fs/cgroup").unwrap_err().contains("not in the cgroup v2 hierarchy"));
+        // Fuzz finding: what is accepted validates the same when given again.
+        let err = hybrid.v2_path("/sys/fs/cgroup/unified/sys/fs/cgroup/memoryvice").unwrap_err();
+        assert!(err.contains("reads as a file system path"), "{err}");
+        let unified = Mounts::parse(UNIFIED);
+        assert!(unified.v2_path("/sys/fs/cgroup/sys/fs/cgroup/x").is_err());
+        assert_eq!(unified.v2_path("/sys/fs/cgroup/sys/fs/x"), Ok("/sys/fs/x".into()));
         assert_eq!(
             Mounts::default().v2_path("/sys/fs/cgroup/team-a"),
             Err("cgroup \"/sys/fs/cgroup/team-a\" is under /sys/fs/cgroup but not in the cgroup v2 hierarchy: no \
