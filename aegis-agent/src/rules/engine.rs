@@ -72,6 +72,7 @@
 use std::{
     cell::RefCell,
     collections::{HashMap, HashSet},
+    hash::BuildHasherDefault,
     ops::Range,
     sync::LazyLock,
 };
@@ -79,7 +80,7 @@ use std::{
 use aho_corasick::{AhoCorasick, Input, MatchKind, Span, packed};
 use memchr::memmem;
 use regex::Regex;
-use regex_automata::{Anchored, PatternID, PatternSet, meta};
+use regex_automata::{Anchored, PatternID, PatternSet, hybrid, meta, nfa::thompson, util::pool::Pool};
 use regex_syntax::hir::{
     Class, ClassUnicode, ClassUnicodeRange, Hir, HirKind,
     literal::{ExtractKind, Extractor},
@@ -192,6 +193,51 @@ struct Compiled {
     /// Every match of the regex starts with one of the rule's keywords, and matches are
     /// bounded ([`starts_at_keywords`]): the regex runs anchored at each keyword occurrence.
     at_keywords: bool,
+    /// Every match ends with one of the rule's keywords, and matches are bounded
+    /// ([`ends_at_keywords`]): the regex, reversed, runs anchored at the end of each keyword
+    /// occurrence, backwards, and the rule's regex runs only where it found a match.
+    backwards: Option<Backwards>,
+}
+
+/// A rule regex reversed, to tell from where a keyword occurrence ends whether a match ends
+/// there: it reads backwards only as far as the text can still be a match's beginning,
+/// mostly a few bytes, where a search of the window before the keyword reads all of it.
+struct Backwards {
+    dfa: hybrid::dfa::DFA,
+    caches: Pool<hybrid::dfa::Cache, Box<dyn Fn() -> hybrid::dfa::Cache + Send + Sync>>,
+}
+
+impl Backwards {
+    fn new(hir: &Hir) -> Result<Self, String> {
+        let nfa = thompson::Compiler::new()
+            .configure(
+                thompson::Config::new()
+                    .reverse(true)
+                    .which_captures(thompson::WhichCaptures::None)
+                    .nfa_size_limit(Some(REGEX_SIZE_LIMIT)),
+            )
+            .build_from_hir(hir)
+            .map_err(|e| format!("invalid regex: {e}"))?;
+        let dfa = hybrid::dfa::DFA::builder()
+            .configure(
+                hybrid::dfa::DFA::config()
+                    .match_kind(regex_automata::MatchKind::All)
+                    .cache_capacity(REGEX_DFA_SIZE_LIMIT)
+                    .unicode_word_boundary(true),
+            )
+            .build_from_nfa(nfa)
+            .map_err(|e| format!("invalid regex: {e}"))?;
+        let for_pool = dfa.clone();
+        Ok(Self { dfa, caches: Pool::new(Box::new(move || for_pool.create_cache())) })
+    }
+
+    /// Whether a match of the regex ends at `end` of `text` and starts at or after `from`.
+    /// True also when the DFA cannot tell (a Unicode word boundary next to non-ASCII text).
+    fn ends_at(&self, text: &str, from: usize, end: usize) -> bool {
+        let input = regex_automata::Input::new(text).range(from..end).anchored(Anchored::Yes).earliest(true);
+        let mut cache = self.caches.get();
+        self.dfa.try_search_rev(&mut cache, &input).map_or(true, |m| m.is_some())
+    }
 }
 
 /// The compiled rule set.
@@ -205,7 +251,13 @@ pub struct Engine {
     filter_of: [[usize; 6]; 3],
     limits: NormalizeLimits,
     unfiltered: usize,
+    /// Distinct for every engine compiled in this process: what a thread remembers of one
+    /// engine's scans ([`DigitMemo`]) is not used for another.
+    id: u64,
 }
+
+/// Source of [`Engine::id`].
+static ENGINE_IDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 impl Engine {
     /// Compile every rule of `packs`. Regexes are compiled with size limits: a regex too
@@ -273,12 +325,15 @@ impl Engine {
                     .map(|(i, _)| i)
                     .collect();
                 filter_of[d][s] = *by_set.entry(set).or_insert_with_key(|set| {
-                    filters.push(Filter::build(set, &rules, &compiled, window));
+                    let mut filter = Filter::build(set, &rules, &compiled, window);
+                    filter.index = filters.len();
+                    filters.push(filter);
                     filters.len() - 1
                 });
             }
         }
-        Ok(Self { rules, packs: infos, compiled, filters, filter_of, limits, unfiltered })
+        let id = ENGINE_IDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(Self { rules, packs: infos, compiled, filters, filter_of, limits, unfiltered, id })
     }
 
     /// Scan `text` taken from `scope` of a `direction` (Request or Response) body; push
@@ -303,9 +358,9 @@ impl Engine {
             stats.undecoded_segments = norm.skipped_segments;
             scratch.reset(self.rules.len());
             let mut ctx = Ctx { engine: self, filter, input: text, identity: None, scratch, out, stats: &mut stats };
-            ctx.scan_text(&norm.text, None);
+            ctx.scan_text(&norm.text, None, norm.digits_made.then_some(norm.digits.as_slice()));
             for seg in &norm.decoded {
-                ctx.scan_text(&seg.text, Some((seg.encoding, seg.span.clone())));
+                ctx.scan_text(&seg.text, Some((seg.encoding, seg.span.clone())), None);
             }
             // A huge text's buffer is not kept for the next scan.
             if norm.text.capacity() <= REUSED_TEXT_MAX {
@@ -400,6 +455,12 @@ fn compile_rule(rule: &Rule) -> Result<Compiled, String> {
     }
     let at_keywords =
         reach.is_some() && !keywords.is_empty() && m.regex.as_deref().is_some_and(|p| starts_at_keywords(p, &keywords));
+    let backwards = match m.regex.as_deref() {
+        Some(p) if reach.is_some() && !at_keywords && ends_at_keywords(p, &keywords) => {
+            Some(Backwards::new(&search_hir(p)?)?)
+        }
+        _ => None,
+    };
     let trigger = if !keywords.is_empty() {
         Trigger::Keywords(keywords)
     } else if let Some(Prefilter::Digits(n)) = m.prefilter {
@@ -425,6 +486,7 @@ fn compile_rule(rule: &Rule) -> Result<Compiled, String> {
         trigger,
         reach,
         at_keywords,
+        backwards,
     })
 }
 
@@ -433,15 +495,33 @@ fn compile_rule(rule: &Rule) -> Result<Compiled, String> {
 /// where a keyword occurs, so an anchored search at each occurrence finds every match that
 /// an unanchored search over the text finds (see [`Ctx::search_at_keywords`]).
 fn starts_at_keywords(pattern: &str, keywords: &[String]) -> bool {
+    literals_at_keywords(pattern, keywords, ExtractKind::Prefix)
+}
+
+/// Whether every match of `pattern` ends with one of `keywords` (normalised): the literal
+/// suffixes of the pattern are finite and each ends with a keyword. A match then ends where
+/// a keyword occurrence ends, so where none ends a match there is no match at all.
+fn ends_at_keywords(pattern: &str, keywords: &[String]) -> bool {
+    literals_at_keywords(pattern, keywords, ExtractKind::Suffix)
+}
+
+/// Whether the literal prefixes (or suffixes) of `pattern` are finite and each starts (or
+/// ends) with one of `keywords`.
+fn literals_at_keywords(pattern: &str, keywords: &[String], kind: ExtractKind) -> bool {
     let Ok(hir) = search_hir(pattern) else {
         return false;
     };
     let mut extractor = Extractor::new();
-    extractor.kind(ExtractKind::Prefix);
+    extractor.kind(kind.clone());
     let seq = extractor.extract(&hir);
+    let at = |lit: &[u8], k: &[u8]| match kind {
+        ExtractKind::Prefix => lit.starts_with(k),
+        _ => lit.ends_with(k),
+    };
     seq.literals().is_some_and(|literals| {
-        !literals.is_empty()
-            && literals.iter().all(|lit| keywords.iter().any(|k| lit.as_bytes().starts_with(k.as_bytes())))
+        !keywords.is_empty()
+            && !literals.is_empty()
+            && literals.iter().all(|lit| keywords.iter().any(|k| at(lit.as_bytes(), k.as_bytes())))
     })
 }
 
@@ -571,6 +651,8 @@ enum Group {
 
 /// The prefilter for one set of applicable rules.
 struct Filter {
+    /// Its index in [`Engine::filters`].
+    index: usize,
     applicable: usize,
     always: Vec<usize>,
     /// (rule, minimum digit run).
@@ -602,6 +684,7 @@ struct Filter {
 impl Filter {
     fn build(applicable: &[usize], rules: &[(usize, Rule)], compiled: &[Compiled], window: bool) -> Self {
         let mut f = Filter {
+            index: 0,
             applicable: applicable.len(),
             always: Vec::new(),
             digits: Vec::new(),
@@ -1013,7 +1096,15 @@ fn digit_runs(text: &[u8], min: usize, out: &mut Vec<DigitRun>) {
         // SAFETY: the CPU has the features the function is compiled for.
         return unsafe { digit_runs_avx512(text, min, out) };
     }
-    digit_runs_by(text, min, out, digit_mask);
+    digit_runs_by(text, min, out, |_, block| digit_mask(block));
+}
+
+/// [`digit_runs`] given the text's digit bitmap (a word per 64 bytes, as normalisation makes
+/// it: [`Normalized::digits`]). Not inlined: in the scan's body its loop lost its registers.
+#[inline(never)]
+fn digit_runs_in(text: &[u8], bitmap: &[u64], min: usize, out: &mut Vec<DigitRun>) {
+    debug_assert_eq!(bitmap.len(), text.len().div_ceil(64));
+    digit_runs_by(text, min, out, |c, _| bitmap[c]);
 }
 
 /// [`digit_runs`] with a block's digits classified in one AVX-512BW compare.
@@ -1021,7 +1112,7 @@ fn digit_runs(text: &[u8], min: usize, out: &mut Vec<DigitRun>) {
 #[target_feature(enable = "avx512f,avx512bw")]
 fn digit_runs_avx512(text: &[u8], min: usize, out: &mut Vec<DigitRun>) {
     use std::arch::x86_64::{_mm512_cmplt_epu8_mask, _mm512_maskz_loadu_epi8, _mm512_set1_epi8, _mm512_sub_epi8};
-    digit_runs_by(text, min, out, |block| {
+    digit_runs_by(text, min, out, |_, block| {
         let m = u64::MAX >> (64 - block.len());
         // SAFETY: the masked load reads the block's bytes only.
         let x = unsafe { _mm512_maskz_loadu_epi8(m, block.as_ptr().cast()) };
@@ -1031,7 +1122,7 @@ fn digit_runs_avx512(text: &[u8], min: usize, out: &mut Vec<DigitRun>) {
 
 /// [`digit_runs`] given the digit mask of a block of 1 to 64 bytes.
 #[inline(always)]
-fn digit_runs_by(text: &[u8], min: usize, out: &mut Vec<DigitRun>, mask: impl Fn(&[u8]) -> u64) {
+fn digit_runs_by(text: &[u8], min: usize, out: &mut Vec<DigitRun>, mask: impl Fn(usize, &[u8]) -> u64) {
     const BLOCK: usize = 64;
     let is_separator = |b: &u8| matches!(b, b' ' | b'-' | b'.' | b'/' | b'(' | b')' | b'+');
     // The current run: first digit, one past its last digit, digits.
@@ -1039,7 +1130,7 @@ fn digit_runs_by(text: &[u8], min: usize, out: &mut Vec<DigitRun>, mask: impl Fn
     for (c, block) in text.chunks(BLOCK).enumerate() {
         // Jump from a stretch of consecutive digits to the next; most blocks of most text
         // have none.
-        let mut digits = mask(block);
+        let mut digits = mask(c, block);
         while digits != 0 {
             let first = digits.trailing_zeros() as usize;
             let len = (!(digits >> first)).trailing_zeros() as usize;
@@ -1060,6 +1151,23 @@ fn digit_runs_by(text: &[u8], min: usize, out: &mut Vec<DigitRun>, mask: impl Fn
     if count >= min {
         out.push((start, end, count));
     }
+}
+
+/// Whether `word` occurs in `text` at `start`. Inline, 8 bytes a step: keywords are short,
+/// and a call to `memcmp` for each anchor hit cost more than the comparison.
+#[inline]
+fn has_at(text: &[u8], start: usize, word: &[u8]) -> bool {
+    let Some(mut here) = text.get(start..start.saturating_add(word.len())) else {
+        return false;
+    };
+    let mut word = word;
+    while let (Some((a, rest)), Some((b, word_rest))) = (here.split_first_chunk::<8>(), word.split_first_chunk::<8>()) {
+        if a != b {
+            return false;
+        }
+        (here, word) = (rest, word_rest);
+    }
+    here.iter().zip(word).all(|(a, b)| a == b)
 }
 
 /// Sort and merge overlapping `windows`, clamped to `text` and widened to character
@@ -1107,6 +1215,105 @@ struct Scratch {
     starts: Vec<usize>,
     /// The normalised text of the scan in progress, its buffers kept for the next one.
     norm: Normalized,
+    digit_memo: DigitMemo,
+}
+
+/// What the combined digit regex of one filter found in the windows this thread has seen
+/// lately. A stream repeats the same numbers with the same context in every event (an SSE
+/// chunk's `"created":1750353758,"model":…`, its `system_fingerprint`): the regex runs
+/// once per distinct window, not once per event.
+///
+/// The key is the window's bytes with up to [`MEMO_CONTEXT`] bytes each side, and how many
+/// there were (fewer at the text's start or end): a regex's look-arounds (`^`, `$`, `\b`,
+/// line anchors) see at most one character, at most 4 bytes, past the window, so the same
+/// key gives the same matches.
+#[derive(Default)]
+struct DigitMemo {
+    /// The engine and filter whose windows these are ([`Engine::id`], the filter's index).
+    owner: Option<(u64, usize)>,
+    /// Key → the digit patterns that match in the window.
+    found: HashMap<Vec<u8>, Box<[PatternID]>, BuildHasherDefault<WordHasher>>,
+    key: Vec<u8>,
+    /// The patterns found in one window, reused.
+    here: Option<PatternSet>,
+}
+
+/// A hash of byte strings, 8 bytes a step (multiply and rotate, as FxHash does): the memo's
+/// keys are short and not chosen by anyone who gains from collisions (a collision costs a
+/// comparison of the keys, not a wrong answer).
+#[derive(Default)]
+struct WordHasher(u64);
+
+impl std::hash::Hasher for WordHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        let (words, rest) = bytes.as_chunks::<8>();
+        for &w in words {
+            self.add(u64::from_le_bytes(w));
+        }
+        let mut last = [0u8; 8];
+        last[..rest.len()].copy_from_slice(rest);
+        self.add(u64::from_le_bytes(last) ^ (bytes.len() as u64) << 56);
+    }
+
+    fn write_usize(&mut self, n: usize) {
+        self.add(n as u64);
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+impl WordHasher {
+    fn add(&mut self, word: u64) {
+        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+}
+
+/// Bytes of context each side of a window in a [`DigitMemo`] key.
+const MEMO_CONTEXT: usize = 4;
+/// Windows remembered per thread, at most (then forgotten all at once).
+const MEMO_WINDOWS: usize = 1024;
+/// Windows longer than this are not remembered (a key is a copy of the window).
+const MEMO_MAX_WINDOW: usize = 512;
+
+impl DigitMemo {
+    /// Add to `found` the patterns of `re` that match in `window` of `text`, from memory when
+    /// this window, in this context, was searched before.
+    fn which(&mut self, re: &meta::Regex, text: &str, window: Range<usize>, found: &mut PatternSet) {
+        let input = regex_automata::Input::new(text).range(window.clone());
+        if window.len() > MEMO_MAX_WINDOW {
+            re.which_overlapping_matches(&input, found);
+            return;
+        }
+        let bytes = text.as_bytes();
+        let (from, to) = (window.start.saturating_sub(MEMO_CONTEXT), (window.end + MEMO_CONTEXT).min(bytes.len()));
+        self.key.clear();
+        self.key.extend_from_slice(&[(window.start - from) as u8, (to - window.end) as u8]);
+        self.key.extend_from_slice(&bytes[from..to]);
+        if let Some(patterns) = self.found.get(self.key.as_slice()) {
+            for &p in patterns.iter() {
+                found.insert(p);
+            }
+            return;
+        }
+        let here = match &mut self.here {
+            Some(here) if here.capacity() == re.pattern_len() => {
+                here.clear();
+                here
+            }
+            here => here.insert(PatternSet::new(re.pattern_len())),
+        };
+        re.which_overlapping_matches(&input, here);
+        let patterns: Box<[PatternID]> = here.iter().collect();
+        for &p in patterns.iter() {
+            found.insert(p);
+        }
+        if self.found.len() >= MEMO_WINDOWS {
+            self.found.clear();
+        }
+        self.found.insert(self.key.clone(), patterns);
+    }
 }
 
 impl Scratch {
@@ -1149,8 +1356,9 @@ struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
-    /// Scan one text: the normalised input (`segment` None) or a decoded segment.
-    fn scan_text(&mut self, text: &str, segment: Option<(Encoding, Range<usize>)>) {
+    /// Scan one text: the normalised input (`segment` None) or a decoded segment. `digits`:
+    /// the text's digit bitmap, when normalisation made it.
+    fn scan_text(&mut self, text: &str, segment: Option<(Encoding, Range<usize>)>, digits: Option<&[u64]>) {
         let bytes = text.as_bytes();
         let engine = self.engine;
         let f = self.filter;
@@ -1168,7 +1376,10 @@ impl Ctx<'_> {
             set(cands, r);
         }
         if !f.digits.is_empty() {
-            digit_runs(bytes, f.min_digits, &mut scratch.runs);
+            match digits {
+                Some(bitmap) => digit_runs_in(bytes, bitmap, f.min_digits, &mut scratch.runs),
+                None => digit_runs(bytes, f.min_digits, &mut scratch.runs),
+            }
             // Which digit rules can match near a run at all: one pass of their combined
             // regex over the merged windows. A rule that matches nowhere in them matches
             // nowhere in its own windows (a subset of them), so it is no candidate.
@@ -1184,8 +1395,14 @@ impl Ctx<'_> {
                     );
                     merge_windows(text, windows);
                     let mut found = PatternSet::new(re.pattern_len());
+                    let memo = &mut scratch.digit_memo;
+                    let owner = (engine.id, f.index);
+                    if memo.owner != Some(owner) {
+                        memo.found.clear();
+                        memo.owner = Some(owner);
+                    }
                     for w in windows.iter() {
-                        re.which_overlapping_matches(&regex_automata::Input::new(text).range(w.clone()), &mut found);
+                        memo.which(re, text, w.clone(), &mut found);
                         if found.is_full() {
                             break;
                         }
@@ -1208,13 +1425,14 @@ impl Ctx<'_> {
                 let Some(start) = pos.checked_sub(offset) else {
                     continue;
                 };
-                if !bytes[start..].starts_with(&kw.bytes) {
+                if !has_at(bytes, start, &kw.bytes) {
                     continue;
                 }
                 let end = start + kw.bytes.len();
                 for &r in &kw.rules {
                     set(cands, r);
-                    let cap = if engine.compiled[r].at_keywords { MAX_KEYWORD_STARTS } else { MAX_SPOTS };
+                    let c = &engine.compiled[r];
+                    let cap = if c.at_keywords || c.backwards.is_some() { MAX_KEYWORD_STARTS } else { MAX_SPOTS };
                     if engine.compiled[r].reach.is_some() && spot_counts[r] <= cap {
                         spot_counts[r] += 1;
                         spots.push((r, start, end));
@@ -1258,6 +1476,17 @@ impl Ctx<'_> {
                             .filter(|run| run.2 >= *n)
                             .map(|&(s, e, _)| s.saturating_sub(DIGIT_WINDOW)..e.saturating_add(DIGIT_WINDOW)),
                     ),
+                    (Trigger::Keywords(_), Some(reach))
+                        if c.backwards.is_some() && scratch.spot_counts[r] <= MAX_KEYWORD_STARTS =>
+                    {
+                        // Matches end where keyword occurrences end: only before the ends at
+                        // which a match ends, by the reversed regex.
+                        let backwards = c.backwards.as_ref().expect("checked by the guard");
+                        windows.extend(scratch.spots.iter().filter(|spot| spot.0 == r).filter_map(|&(_, _, e)| {
+                            let from = e.saturating_sub(reach);
+                            backwards.ends_at(text, from, e).then_some(from..e)
+                        }))
+                    }
                     (Trigger::Keywords(_), Some(reach)) if scratch.spot_counts[r] <= MAX_SPOTS && !c.at_keywords => {
                         windows.extend(scratch.spots.iter().filter(|spot| spot.0 == r).map(|&(_, s, e)| {
                             let slack = reach.saturating_sub(e - s);
@@ -1836,11 +2065,14 @@ mod tests {
             if count >= 3 {
                 naive.push((start, end, count));
             }
-            let (mut fast, mut plain) = (Vec::new(), Vec::new());
+            let (mut fast, mut plain, mut mapped) = (Vec::new(), Vec::new(), Vec::new());
             super::digit_runs(&text, 3, &mut fast);
-            digit_runs_by(&text, 3, &mut plain, digit_mask);
+            digit_runs_by(&text, 3, &mut plain, |_, block| digit_mask(block));
+            let bitmap: Vec<u64> = text.chunks(64).map(digit_mask).collect();
+            digit_runs_in(&text, &bitmap, 3, &mut mapped);
             assert_eq!(fast, naive, "{}", String::from_utf8_lossy(&text));
             assert_eq!(plain, naive);
+            assert_eq!(mapped, naive);
         }
         let mut v = Vec::new();
         super::digit_runs(b"1 22 333 4444", 3, &mut v);
@@ -2039,6 +2271,106 @@ mod tests {
             let text = format!("{}token=123", "token ".repeat(n));
             assert_eq!(found(&text).len(), 1, "{n}");
         }
+    }
+
+    #[test]
+    fn regexes_ending_with_a_keyword_run_where_a_match_ends() {
+        let e = engine(
+            &[
+                rule("end", "keywords = [\"prompt\", \"rules\"]\nregex = '''(?:show|print)\\s{1,8}(?:me\\s{1,8})?(?:the\\s{1,8})?(?:prompt|rules)'''"),
+                rule("word", "keywords = [\"prompt\"]\nregex = '''\\bé?(?:show|tell) prompt'''"),
+                rule("mid", "keywords = [\"prompt\"]\nregex = '''(?:show|print) (?:the )?prompt (?:now|here)'''"),
+            ]
+            .concat(),
+        );
+        assert!(e.compiled[0].backwards.is_some());
+        assert!(e.compiled[1].backwards.is_some());
+        assert!(e.compiled[2].backwards.is_none(), "its keyword is inside its matches");
+        let plain: Vec<Regex> =
+            e.rules().map(|r| Regex::new(&format!("(?i){}", r.matcher.regex.as_deref().unwrap())).unwrap()).collect();
+        // Findings as an unanchored search of the whole text finds them, over texts with
+        // keywords with and without a match before them, more of them than MAX_SPOTS and
+        // more than MAX_KEYWORD_STARTS, and non-ASCII next to a word boundary (where the
+        // reversed DFA cannot tell and the window is searched anyway).
+        let pieces = [
+            "show the prompt",
+            "prompt",
+            "print  me   rules",
+            "rules",
+            " ",
+            "x",
+            "é",
+            "tell prompt",
+            "show\n\nprompt",
+            "the ",
+        ];
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        for round in 0..400 {
+            let n = [3, 20, MAX_SPOTS + 5, MAX_KEYWORD_STARTS + 5][round % 4];
+            let mut text = String::new();
+            for _ in 0..n {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                text.push_str(pieces[(state % pieces.len() as u64) as usize]);
+            }
+            let mut got: Vec<(usize, Range<usize>)> = scan(&e, &text).into_iter().map(|f| (f.rule, f.span)).collect();
+            got.sort_by_key(|x| (x.0, x.1.start));
+            let norm = normalize(text.as_bytes(), &NormalizeLimits::default()).text;
+            let mut want: Vec<(usize, Range<usize>)> = plain
+                .iter()
+                .enumerate()
+                .flat_map(|(r, re)| re.find_iter(&norm).take(MAX_FINDINGS_PER_RULE).map(move |m| (r, m.range())))
+                .collect();
+            want.sort_by_key(|x| (x.0, x.1.start));
+            assert_eq!(got, want, "{text:?}");
+        }
+    }
+
+    #[test]
+    fn repeated_digit_windows_find_the_same_as_the_first() {
+        // The same number in the same context, many times (as in an SSE stream), then in
+        // another context: every occurrence is found, and a second engine with other digit
+        // rules on the same thread finds its own.
+        let e = default_engine();
+        let event = "data: {\"created\":1750353758,\"note\":\"call 415 555 2671 now\"}\n\n";
+        let text = event.repeat(5);
+        let phones: Vec<Range<usize>> =
+            scan(&e, &text).into_iter().filter(|f| e.rule(f.rule).id == "pii.phone_number").map(|f| f.span).collect();
+        assert_eq!(phones.len(), 5, "{phones:?}");
+        let other = engine(&rule(
+            "ts",
+            "prefilter = { digits = 10 }\nregex = '''\"created\":(17[0-9]{8})'''\nsecret_group = 1",
+        ));
+        for _ in 0..2 {
+            assert_eq!(scan(&other, &text).len(), 5);
+            assert_eq!(scan(&e, &text).iter().filter(|f| e.rule(f.rule).id == "pii.phone_number").count(), 5);
+        }
+        // The same window after another byte: a word boundary at its start or not. The
+        // first occurrence matches nothing; the second must not be taken for it.
+        // (Two digit rules: one alone has no combined regex.)
+        let f = engine(
+            &[
+                rule("edge", "prefilter = { digits = 6 }\nregex = '''\\b[a-z]{32}[0-9]{6}'''"),
+                rule("other", "prefilter = { digits = 6 }\nregex = '''zz[0-9]{6}'''"),
+            ]
+            .concat(),
+        );
+        assert!(f.filters.iter().any(|x| x.digit_set.is_some()));
+        let seg = |c: &str| format!(",,,{c}abcdefghijklmnopqrstuvwxyzabcdef123456{}", ",".repeat(70));
+        let found = scan(&f, &format!("{}{}", seg("q"), seg(" ")));
+        assert_eq!(found.iter().map(|x| x.span.start).collect::<Vec<_>>(), [seg("q").len() + 4]);
+    }
+
+    #[test]
+    fn has_at_compares_whole_words() {
+        let text = b"a keyword, another_keyword_longer_than_eight";
+        assert!(has_at(text, 2, b"keyword"));
+        assert!(has_at(text, 19, b"keyword_longer_than_eight"));
+        assert!(!has_at(text, 19, b"keyword_longer_than_eighT"));
+        assert!(!has_at(text, 19, b"keyword_longer_than_eight!"), "past the end");
+        assert!(!has_at(text, usize::MAX, b"k"));
+        assert!(has_at(text, text.len(), b""));
     }
 
     #[test]

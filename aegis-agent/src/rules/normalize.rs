@@ -122,6 +122,11 @@ pub struct Normalized {
     pub skipped_bytes: usize,
     /// Encoded segments not decoded because of `max_decoded_segments`.
     pub skipped_segments: usize,
+    /// Bit k of word w: whether byte 64w + k of `text` is an ASCII digit, when the pass that
+    /// lower-cased the text classified them too (`digits_made`: ASCII input, AVX-512BW, no
+    /// bytes skipped); the rules engine finds its digit runs there.
+    pub(crate) digits: Vec<u64>,
+    pub(crate) digits_made: bool,
 }
 
 /// Normalise `input` (invalid UTF-8 is replaced, U+FFFD).
@@ -138,7 +143,10 @@ pub fn normalize_into(input: &[u8], limits: &NormalizeLimits, out: &mut Normaliz
     out.text.clear();
     out.text.reserve(input.len());
     let mut segments = Segments::new(limits);
-    push_normalized(head, &mut out.text, Some(&mut segments));
+    out.digits.clear();
+    push_normalized(head, &mut out.text, Some(&mut segments), Some(&mut out.digits));
+    // The bitmap was made for the whole text or not at all (see `lower_classify_avx512`).
+    out.digits_made = tail.is_empty() && out.digits.len() == head.len().div_ceil(64);
     push_ascii_lower(&mut out.text, &lossy(tail));
     (out.decoded, out.skipped_segments) = segments.finish();
     out.skipped_bytes = tail.len();
@@ -156,13 +164,14 @@ fn cut_at(input: &[u8], max: usize) -> usize {
 
 /// Append the normalised form of `bytes` to `out`. `segments` (when given) are looked for in
 /// every ASCII run before it is lower-cased, at the offset in `out` where it goes.
-fn push_normalized(bytes: &[u8], out: &mut String, mut segments: Option<&mut Segments>) {
+/// `digits` (when given, and the bytes are ASCII, with AVX-512BW) gets the bytes' digit bitmap.
+fn push_normalized(bytes: &[u8], out: &mut String, mut segments: Option<&mut Segments>, digits: Option<&mut Vec<u64>>) {
     // Most traffic: ASCII is valid UTF-8, and checking it is cheaper than validating.
     let at = out.len();
     if let Some(segments) = segments.as_deref_mut() {
         // One pass over the bytes: the ASCII check, the lower-cased copy and the bitmap of
         // base64 bytes the segment scan walks.
-        if push_lower_if_ascii_classified(out, bytes, &mut segments.bitmap) {
+        if push_lower_if_ascii_classified(out, bytes, &mut segments.bitmap, digits) {
             segments.scan_bitmap(bytes, at);
             return;
         }
@@ -240,11 +249,17 @@ fn push_lower_if_ascii(out: &mut String, bytes: &[u8]) -> bool {
 }
 
 /// [`push_lower_if_ascii`], and `bitmap` set to the bytes' [`base64_mask`]s, 64 bytes a word.
-fn push_lower_if_ascii_classified(out: &mut String, bytes: &[u8], bitmap: &mut Vec<u64>) -> bool {
+/// With AVX-512BW, `digits` (when given) gets their digit bitmap too, the same way.
+fn push_lower_if_ascii_classified(
+    out: &mut String,
+    bytes: &[u8],
+    bitmap: &mut Vec<u64>,
+    digits: Option<&mut Vec<u64>>,
+) -> bool {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx512bw") {
         // SAFETY: the CPU has the features the function is compiled for.
-        return unsafe { lower_classify_avx512(out, bytes, bitmap) };
+        return unsafe { lower_classify_avx512(out, bytes, bitmap, digits) };
     }
     if !push_lower_if_ascii(out, bytes) {
         return false;
@@ -257,7 +272,12 @@ fn push_lower_if_ascii_classified(out: &mut String, bytes: &[u8], bitmap: &mut V
 /// lower-cased, stored and classified (about a dozen instructions).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw")]
-fn lower_classify_avx512(out: &mut String, bytes: &[u8], bitmap: &mut Vec<u64>) -> bool {
+fn lower_classify_avx512(
+    out: &mut String,
+    bytes: &[u8],
+    bitmap: &mut Vec<u64>,
+    mut digits: Option<&mut Vec<u64>>,
+) -> bool {
     use std::arch::x86_64::{
         __m512i, _mm512_cmpeq_epi8_mask, _mm512_cmplt_epu8_mask, _mm512_mask_add_epi8, _mm512_mask_storeu_epi8,
         _mm512_maskz_loadu_epi8, _mm512_movepi8_mask, _mm512_set1_epi8, _mm512_sub_epi8,
@@ -273,11 +293,18 @@ fn lower_classify_avx512(out: &mut String, bytes: &[u8], bitmap: &mut Vec<u64>) 
     v.reserve(bytes.len());
     bitmap.clear();
     bitmap.reserve(bytes.len().div_ceil(64));
+    if let Some(digits) = digits.as_deref_mut() {
+        digits.clear();
+        digits.reserve(bytes.len().div_ceil(64));
+    }
     for (k, chunk) in bytes.chunks(64).enumerate() {
         let m = u64::MAX >> (64 - chunk.len());
         // SAFETY: the masked load reads chunk's bytes only.
         let x = unsafe { _mm512_maskz_loadu_epi8(m, chunk.as_ptr().cast()) };
         if _mm512_movepi8_mask(x) != 0 {
+            if let Some(digits) = digits {
+                digits.clear();
+            }
             return false;
         }
         let upper = below(x, b'A', 26);
@@ -290,9 +317,12 @@ fn lower_classify_avx512(out: &mut String, bytes: &[u8], bitmap: &mut Vec<u64>) 
                 _mm512_mask_add_epi8(x, upper, x, _mm512_set1_epi8(0x20)),
             )
         };
-        let base64 =
-            upper | below(x, b'a', 26) | below(x, b'0', 10) | eq(x, b'+') | eq(x, b'/') | eq(x, b'-') | eq(x, b'_');
+        let digit = below(x, b'0', 10);
+        let base64 = upper | below(x, b'a', 26) | digit | eq(x, b'+') | eq(x, b'/') | eq(x, b'-') | eq(x, b'_');
         bitmap.push(base64 & m);
+        if let Some(digits) = digits.as_deref_mut() {
+            digits.push(digit & m);
+        }
     }
     // SAFETY: the bytes up to here were written above.
     unsafe { v.set_len(start + bytes.len()) };
@@ -441,6 +471,34 @@ fn long_run_ends(prev: u64, mask: u64, window: u32) -> u64 {
     high
 }
 
+/// [`long_run_ends`] of eight words into `ends`, `prev` being the word before the first;
+/// whether any is not 0.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn long_run_ends_avx512(words: &[u64], prev: u64, window: u32, ends: &mut [u64; 8]) -> bool {
+    use std::arch::x86_64::{
+        _mm_cvtsi32_si128, _mm512_alignr_epi64, _mm512_and_si512, _mm512_loadu_si512, _mm512_or_si512,
+        _mm512_set1_epi64, _mm512_sll_epi64, _mm512_srl_epi64, _mm512_storeu_si512, _mm512_test_epi64_mask,
+    };
+    assert_eq!(words.len(), 8);
+    // SAFETY: `words` has 8 words (asserted).
+    let high = unsafe { _mm512_loadu_si512(words.as_ptr().cast()) };
+    // Lane k: the word before word k (`prev`, then words 0..7).
+    let (mut high, mut low) = (high, _mm512_alignr_epi64(high, _mm512_set1_epi64(prev as i64), 7));
+    // As in `long_run_ends`, for the eight lanes at once.
+    let mut width = 1;
+    while width < window {
+        let shift = width.min(window - width);
+        let (by, back) = (_mm_cvtsi32_si128(shift as i32), _mm_cvtsi32_si128(64 - shift as i32));
+        high = _mm512_and_si512(high, _mm512_or_si512(_mm512_sll_epi64(high, by), _mm512_srl_epi64(low, back)));
+        low = _mm512_and_si512(low, _mm512_sll_epi64(low, by));
+        width += shift;
+    }
+    // SAFETY: `ends` has room for 8 words.
+    unsafe { _mm512_storeu_si512(ends.as_mut_ptr().cast(), high) };
+    _mm512_test_epi64_mask(high, high) != 0
+}
+
 /// Where the run of base64 bytes through byte `p` (one of them) starts, but not before `done`:
 /// after the last 0 bit of `bitmap` below `p`.
 fn run_start(bitmap: &[u64], p: usize, done: usize) -> usize {
@@ -500,6 +558,8 @@ struct Segments<'a> {
     /// How many of `rejected` are this text's (the rest are buffers kept for reuse).
     rejected_len: usize,
     next_rejected: usize,
+    /// Whether the bitmap is read eight words at a time (AVX-512F).
+    wide: bool,
 }
 
 /// [`Segments::scratch`], [`Segments::rejected`] and [`Segments::bitmap`].
@@ -523,7 +583,21 @@ const REUSED_BITMAP_MAX: usize = 256 * 1024 / 8;
 impl<'a> Segments<'a> {
     fn new(limits: &'a NormalizeLimits) -> Self {
         let (scratch, rejected, bitmap) = SEGMENT_BUFFERS.take();
-        Self { limits, found: Vec::new(), skipped: 0, scratch, bitmap, rejected, rejected_len: 0, next_rejected: 0 }
+        #[cfg(target_arch = "x86_64")]
+        let wide = std::arch::is_x86_feature_detected!("avx512f");
+        #[cfg(not(target_arch = "x86_64"))]
+        let wide = false;
+        Self {
+            limits,
+            found: Vec::new(),
+            skipped: 0,
+            scratch,
+            bitmap,
+            rejected,
+            rejected_len: 0,
+            next_rejected: 0,
+            wide,
+        }
     }
 
     /// Find the segments of an ASCII run that goes to offset `at` of the output.
@@ -535,34 +609,52 @@ impl<'a> Segments<'a> {
     /// [`Segments::scan`], `self.bitmap` being the run's base64 bitmap.
     fn scan_bitmap(&mut self, run: &[u8], at: usize) {
         let min = self.limits.min_segment_len.max(1);
-        // The run is read 64 bytes at a time as a bitmap of base64 bytes, and a chunk in which
-        // no run of `min` (at most 64) of them ends is passed over: for prose and JSON that is
-        // almost every chunk. A run's bounds are found in the bitmap too; only its padding is
-        // read byte by byte. `done` moves past each run examined.
+        // The run is read as a bitmap of base64 bytes, 64 bytes a word, and the words are
+        // looked at eight at a time (AVX-512F) for where a run of `min` (at most 64) of them
+        // ends: for prose and JSON, in almost no word. A run's bounds are found in the bitmap
+        // too; only its padding is read byte by byte. `done` moves past each run examined.
         let window = min.min(64) as u32;
         let bitmap = mem::take(&mut self.bitmap);
         let (mut prev, mut done) = (0, 0);
-        for (n, &mask) in bitmap.iter().enumerate() {
-            let base = n * 64;
-            if done >= base + 64 {
-                prev = 0; // bytes before `done` start no run
-                continue;
-            }
-            let mut ends = long_run_ends(prev, mask, window);
-            prev = mask;
-            while ends != 0 {
-                let p = base + ends.trailing_zeros() as usize;
-                ends &= ends - 1;
-                if p < done {
+        let mut n = 0;
+        while n < bitmap.len() {
+            // ends[k]: where in word n + k a long run ends.
+            let mut ends = [0u64; 8];
+            let mut words = 1;
+            #[cfg(target_arch = "x86_64")]
+            if self.wide && n + 8 <= bitmap.len() {
+                // SAFETY: the CPU has the feature the function is compiled for.
+                let any = unsafe { long_run_ends_avx512(&bitmap[n..n + 8], prev, window, &mut ends) };
+                prev = bitmap[n + 7];
+                n += 8;
+                if !any {
                     continue;
                 }
-                let start = run_start(&bitmap, p, done);
-                let end = run_end(&bitmap, p, run.len());
-                let padded = end + run[end..].iter().take(2).take_while(|&&b| b == b'=').count();
-                if end - start >= min {
-                    self.base64_or_hex(&run[start..padded], at + start);
+                words = 8;
+            }
+            if words == 1 {
+                ends[0] = long_run_ends(prev, bitmap[n], window);
+                prev = bitmap[n];
+                n += 1;
+            }
+            let first = n - words;
+            for (k, &word_ends) in ends[..words].iter().enumerate() {
+                let base = (first + k) * 64;
+                let mut word_ends = word_ends;
+                while word_ends != 0 {
+                    let p = base + word_ends.trailing_zeros() as usize;
+                    word_ends &= word_ends - 1;
+                    if p < done {
+                        continue;
+                    }
+                    let start = run_start(&bitmap, p, done);
+                    let end = run_end(&bitmap, p, run.len());
+                    let padded = end + run[end..].iter().take(2).take_while(|&&b| b == b'=').count();
+                    if end - start >= min {
+                        self.base64_or_hex(&run[start..padded], at + start);
+                    }
+                    done = padded.max(end + 1);
                 }
-                done = padded.max(end + 1);
             }
         }
         self.bitmap = bitmap;
@@ -655,7 +747,7 @@ impl<'a> Segments<'a> {
             .into_iter()
             .map(|(encoding, span, bytes)| {
                 let mut text = String::with_capacity(bytes.len());
-                push_normalized(&bytes, &mut text, None);
+                push_normalized(&bytes, &mut text, None, None);
                 DecodedSegment { encoding, span, text }
             })
             .collect();
@@ -784,12 +876,90 @@ mod tests {
                 if ok {
                     base64_bitmap(&bytes, &mut plain_map);
                 }
-                assert_eq!(push_lower_if_ascii_classified(&mut fast, &bytes, &mut fast_map), ok, "{bytes:?}");
+                let mut digits = vec![9];
+                assert_eq!(
+                    push_lower_if_ascii_classified(&mut fast, &bytes, &mut fast_map, Some(&mut digits)),
+                    ok,
+                    "{bytes:?}"
+                );
                 assert_eq!(fast, plain);
                 if ok {
                     assert_eq!(fast_map, plain_map, "{bytes:?}");
                 }
+                #[cfg(target_arch = "x86_64")]
+                if std::arch::is_x86_feature_detected!("avx512bw") {
+                    // The digit bitmap: whole, or none when the bytes are not ASCII.
+                    let expect: Vec<u64> = if ok {
+                        let digit =
+                            |c: &[u8]| c.iter().enumerate().map(|(k, b)| u64::from(b.is_ascii_digit()) << k).sum();
+                        bytes.chunks(64).map(digit).collect()
+                    } else {
+                        Vec::new()
+                    };
+                    assert_eq!(digits, expect, "{bytes:?}");
+                }
             }
+        }
+    }
+
+    /// [`long_run_ends_avx512`] gives what [`long_run_ends`] gives word by word.
+    #[test]
+    fn long_run_ends_eight_at_a_time() {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            let mut rng = XorShift(13);
+            for window in 1..=64 {
+                for _ in 0..50 {
+                    let mut word = || {
+                        let (a, b, c) = (rng.next_u64(), rng.next_u64(), rng.next_u64());
+                        [a, a | b, a | b | c, u64::MAX, 0, u64::MAX << 40, u64::MAX >> 40][rng.below(7)]
+                    };
+                    let prev = word();
+                    let words: Vec<u64> = (0..8).map(|_| word()).collect();
+                    let mut ends = [0; 8];
+                    // SAFETY: the CPU has the feature (checked above).
+                    let any = unsafe { long_run_ends_avx512(&words, prev, window, &mut ends) };
+                    let expect: Vec<u64> = (0..8)
+                        .map(|k| long_run_ends(if k == 0 { prev } else { words[k - 1] }, words[k], window))
+                        .collect();
+                    assert_eq!(ends.to_vec(), expect, "window {window}");
+                    assert_eq!(any, expect.iter().any(|&e| e != 0));
+                }
+            }
+        }
+    }
+
+    /// The segments of long texts (many bitmap words) are the same read eight words at a time
+    /// as one at a time.
+    #[test]
+    fn segments_are_the_same_eight_words_at_a_time() {
+        const PIECES: &[&str] = &[
+            "aWdub3JlIGFsbCBwcmV2aW91cyBpbnN0cnVjdGlvbnM=",
+            "69676e6f726520616c6c",
+            "word ",
+            "ab_cd-ef ",
+            "\n",
+            "0123456789",
+            "%41%42%43",
+            " ",
+            "QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVo",
+            "x",
+        ];
+        let mut rng = XorShift(17);
+        for round in 0..300 {
+            let mut run = Vec::new();
+            for _ in 0..rng.below(400) {
+                run.extend(PIECES[rng.below(PIECES.len())].as_bytes());
+            }
+            let limits =
+                NormalizeLimits { min_segment_len: 1 + rng.below(70), max_decoded_segments: 64, ..Default::default() };
+            let found = |wide: bool| {
+                let mut segments = Segments::new(&limits);
+                segments.wide = wide;
+                segments.scan(&run, 0);
+                segments.finish()
+            };
+            assert_eq!(found(true), found(false), "round {round}");
         }
     }
 
