@@ -21,12 +21,16 @@
 //!      of 3 bytes with `memmem`. Every 2-byte anchor is searched with `memmem`, 1-byte
 //!      anchors with `memchr`. Teddy groups and finders of anchors with non-ASCII bytes (CJK
 //!      keywords) are searched only when the text is not ASCII.
-//!    - `prefilter = { digits = N }`: one pass finds the digit runs (a 64-byte block at a
-//!      time: SIMD compares packed into a bitmask, then only the digits are visited). Then
-//!      the digit rules' regexes, compiled together as one multi-pattern regex, run once
-//!      over the windows of all runs and say which rules can match there at all; only
+//!    - `prefilter = { digits = N }`: the digit runs are found from a bitmap of the text's
+//!      digits (made by normalisation's pass where it can, else 64 bytes at a time here);
+//!      a 64-byte block whose neighbourhood has too few digits for any run is passed over.
+//!      Then the digit rules' regexes, compiled together as one multi-pattern regex, run
+//!      once over the windows of all runs and say which rules can match there at all; only
 //!      those are candidates. JSON numbers (timestamps, token counts) match none, so most
-//!      texts run no digit rule's own regex.
+//!      texts run no digit rule's own regex. What that regex found in a window is
+//!      remembered per thread, keyed by the window's bytes and their context
+//!      ([`MEMO_CONTEXT`]): a stream repeats its numbers, with the same context, in every
+//!      event.
 //!    - A regex without either gets the literals every match starts (or ends) with as
 //!      implicit keywords when each is at least 3 bytes; else it runs on every text
 //!      ([`Engine::unfiltered_rules`]).
@@ -35,7 +39,10 @@
 //!    match and whose every match starts with one of its keywords (the regex's literal
 //!    prefixes each start with a keyword: `token`, `ignore`, ...), anchored at each keyword
 //!    occurrence (up to [`MAX_KEYWORD_STARTS`]), which reads a few bytes per occurrence;
-//!    for another keyword rule with a bounded longest match `L`, within `L` bytes of each
+//!    for one whose every match ends with one of its keywords (`... system prompt`), its
+//!    regex reversed runs backwards from the end of each occurrence (as many), and the
+//!    regex runs over the `L` bytes before each end where a match ends, `L` its longest
+//!    match; for another keyword rule with a bounded longest match `L`, within `L` bytes of each
 //!    keyword occurrence (up to [`MAX_SPOTS`] occurrences); otherwise over the whole text.
 //!    Look-arounds (`^`, `\b`) still see the text around a window. A keyword-only rule's
 //!    matches are the keyword occurrences.
@@ -196,23 +203,27 @@ struct Compiled {
     /// Every match ends with one of the rule's keywords, and matches are bounded
     /// ([`ends_at_keywords`]): the regex, reversed, runs anchored at the end of each keyword
     /// occurrence, backwards, and the rule's regex runs only where it found a match.
-    backwards: Option<Backwards>,
+    backwards: Option<AnchoredDfa>,
+    /// A sequence with a keyword in it ([`Around`]): the rule's regex runs only around the
+    /// occurrences where what comes before and after can be part of a match.
+    around: Option<Around>,
 }
 
-/// A rule regex reversed, to tell from where a keyword occurrence ends whether a match ends
-/// there: it reads backwards only as far as the text can still be a match's beginning,
-/// mostly a few bytes, where a search of the window before the keyword reads all of it.
-struct Backwards {
+/// A regex run anchored at one end of a range, to tell cheaply whether a match starts (or,
+/// reversed, ends) there: it reads only as far as the text can still be part of a match,
+/// mostly a few bytes, where an unanchored search of a window reads all of it.
+struct AnchoredDfa {
     dfa: hybrid::dfa::DFA,
     caches: Pool<hybrid::dfa::Cache, Box<dyn Fn() -> hybrid::dfa::Cache + Send + Sync>>,
+    reverse: bool,
 }
 
-impl Backwards {
-    fn new(hir: &Hir) -> Result<Self, String> {
+impl AnchoredDfa {
+    fn new(hir: &Hir, reverse: bool) -> Result<Self, String> {
         let nfa = thompson::Compiler::new()
             .configure(
                 thompson::Config::new()
-                    .reverse(true)
+                    .reverse(reverse)
                     .which_captures(thompson::WhichCaptures::None)
                     .nfa_size_limit(Some(REGEX_SIZE_LIMIT)),
             )
@@ -228,15 +239,80 @@ impl Backwards {
             .build_from_nfa(nfa)
             .map_err(|e| format!("invalid regex: {e}"))?;
         let for_pool = dfa.clone();
-        Ok(Self { dfa, caches: Pool::new(Box::new(move || for_pool.create_cache())) })
+        Ok(Self { dfa, caches: Pool::new(Box::new(move || for_pool.create_cache())), reverse })
     }
 
-    /// Whether a match of the regex ends at `end` of `text` and starts at or after `from`.
-    /// True also when the DFA cannot tell (a Unicode word boundary next to non-ASCII text).
-    fn ends_at(&self, text: &str, from: usize, end: usize) -> bool {
-        let input = regex_automata::Input::new(text).range(from..end).anchored(Anchored::Yes).earliest(true);
+    /// Whether a match of the regex inside `range` of `text` starts at its start (ends at its
+    /// end, reversed). Look-arounds see the whole text. True also when the DFA cannot tell
+    /// (a Unicode word boundary next to non-ASCII text).
+    fn matches(&self, text: &str, range: Range<usize>) -> bool {
+        let input = regex_automata::Input::new(text).range(range).anchored(Anchored::Yes).earliest(true);
         let mut cache = self.caches.get();
-        self.dfa.try_search_rev(&mut cache, &input).map_or(true, |m| m.is_some())
+        let found = if self.reverse {
+            self.dfa.try_search_rev(&mut cache, &input)
+        } else {
+            self.dfa.try_search_fwd(&mut cache, &input)
+        };
+        found.map_or(true, |m| m.is_some())
+    }
+}
+
+/// A rule regex that is a sequence `A L B` with a literal `L` that contains one of the rule's
+/// keywords (the email rules: `…@…`): every match has `L` where the keyword's first place in
+/// it is at one of the keyword's occurrences, with a match of `A` ending right before it and
+/// one of `B` starting right after. Both are checked at each occurrence before the rule's
+/// regex runs around it.
+struct Around {
+    literal: Vec<u8>,
+    /// Where the keyword first is in `literal`.
+    offset: usize,
+    /// `A` reversed, and its longest match.
+    before: AnchoredDfa,
+    before_reach: usize,
+    /// `B`, and its longest match.
+    after: AnchoredDfa,
+    after_reach: usize,
+}
+
+impl Around {
+    /// For `hir`, when it is such a sequence with one of `keywords` and bounded matches.
+    fn new(hir: &Hir, keywords: &[String]) -> Result<Option<Self>, String> {
+        let HirKind::Concat(subs) = hir.kind() else {
+            return Ok(None);
+        };
+        let Some((i, literal, offset)) = subs.iter().enumerate().find_map(|(i, sub)| match sub.kind() {
+            HirKind::Literal(lit) => keywords
+                .iter()
+                .find_map(|k| memmem::find(&lit.0, k.as_bytes()))
+                .map(|offset| (i, lit.0.to_vec(), offset)),
+            _ => None,
+        }) else {
+            return Ok(None);
+        };
+        let (before, after) = (Hir::concat(subs[..i].to_vec()), Hir::concat(subs[i + 1..].to_vec()));
+        let (Some(before_reach), Some(after_reach)) =
+            (before.properties().maximum_len(), after.properties().maximum_len())
+        else {
+            return Ok(None);
+        };
+        Ok(Some(Self {
+            literal,
+            offset,
+            before: AnchoredDfa::new(&before, true)?,
+            before_reach,
+            after: AnchoredDfa::new(&after, false)?,
+            after_reach,
+        }))
+    }
+
+    /// Where a match through the keyword occurrence at `at` of `text` can be, if one can.
+    fn window(&self, text: &str, at: usize) -> Option<Range<usize>> {
+        let start = at.checked_sub(self.offset)?;
+        let end = start + self.literal.len();
+        (has_at(text.as_bytes(), start, &self.literal)
+            && self.before.matches(text, 0..start)
+            && self.after.matches(text, end..text.len()))
+        .then(|| start.saturating_sub(self.before_reach)..end.saturating_add(self.after_reach))
     }
 }
 
@@ -457,8 +533,12 @@ fn compile_rule(rule: &Rule) -> Result<Compiled, String> {
         reach.is_some() && !keywords.is_empty() && m.regex.as_deref().is_some_and(|p| starts_at_keywords(p, &keywords));
     let backwards = match m.regex.as_deref() {
         Some(p) if reach.is_some() && !at_keywords && ends_at_keywords(p, &keywords) => {
-            Some(Backwards::new(&search_hir(p)?)?)
+            Some(AnchoredDfa::new(&search_hir(p)?, true)?)
         }
+        _ => None,
+    };
+    let around = match m.regex.as_deref() {
+        Some(p) if reach.is_some() && !at_keywords && backwards.is_none() => Around::new(&search_hir(p)?, &keywords)?,
         _ => None,
     };
     let trigger = if !keywords.is_empty() {
@@ -487,6 +567,7 @@ fn compile_rule(rule: &Rule) -> Result<Compiled, String> {
         reach,
         at_keywords,
         backwards,
+        around,
     })
 }
 
@@ -1120,7 +1201,7 @@ fn digit_runs_avx512(text: &[u8], min: usize, out: &mut Vec<DigitRun>) {
     });
 }
 
-/// [`digit_runs`] given the digit mask of a block of 1 to 64 bytes.
+/// [`digit_runs`] given the digit mask of block `c` of 1 to 64 bytes.
 #[inline(always)]
 fn digit_runs_by(text: &[u8], min: usize, out: &mut Vec<DigitRun>, mask: impl Fn(usize, &[u8]) -> u64) {
     const BLOCK: usize = 64;
@@ -1432,7 +1513,8 @@ impl Ctx<'_> {
                 for &r in &kw.rules {
                     set(cands, r);
                     let c = &engine.compiled[r];
-                    let cap = if c.at_keywords || c.backwards.is_some() { MAX_KEYWORD_STARTS } else { MAX_SPOTS };
+                    let one_by_one = c.at_keywords || c.backwards.is_some() || c.around.is_some();
+                    let cap = if one_by_one { MAX_KEYWORD_STARTS } else { MAX_SPOTS };
                     if engine.compiled[r].reach.is_some() && spot_counts[r] <= cap {
                         spot_counts[r] += 1;
                         spots.push((r, start, end));
@@ -1484,8 +1566,22 @@ impl Ctx<'_> {
                         let backwards = c.backwards.as_ref().expect("checked by the guard");
                         windows.extend(scratch.spots.iter().filter(|spot| spot.0 == r).filter_map(|&(_, _, e)| {
                             let from = e.saturating_sub(reach);
-                            backwards.ends_at(text, from, e).then_some(from..e)
+                            backwards.matches(text, from..e).then_some(from..e)
                         }))
+                    }
+                    (Trigger::Keywords(_), Some(_))
+                        if c.around.is_some() && scratch.spot_counts[r] <= MAX_KEYWORD_STARTS =>
+                    {
+                        // Only around the occurrences where what comes before and after can be
+                        // part of a match.
+                        let around = c.around.as_ref().expect("checked by the guard");
+                        windows.extend(
+                            scratch
+                                .spots
+                                .iter()
+                                .filter(|spot| spot.0 == r)
+                                .filter_map(|&(_, s, _)| around.window(text, s)),
+                        )
                     }
                     (Trigger::Keywords(_), Some(reach)) if scratch.spot_counts[r] <= MAX_SPOTS && !c.at_keywords => {
                         windows.extend(scratch.spots.iter().filter(|spot| spot.0 == r).map(|&(_, s, e)| {
@@ -2038,41 +2134,69 @@ mod tests {
         assert_eq!(runs(&format!("{}12345", "x".repeat(31))), vec![(31, 36, 5)], "runs across chunk boundaries");
         // Against a byte-by-byte scan (and the SSE2 masks against AVX-512 where both run),
         // digits and separators at random around the 64-byte blocks.
-        let mut state = 99u64;
-        for len in 0..300 {
-            let text: Vec<u8> = (0..len)
-                .map(|_| {
-                    state ^= state << 13;
-                    state ^= state >> 7;
-                    state ^= state << 17;
-                    b"0123456789999 -.x("[(state % 18) as usize]
-                })
-                .collect();
+        // Dense and sparse digits, and minimums around the 21 digits a run over a whole
+        // 64-byte block has at least.
+        let naive = |text: &[u8], min: usize| {
             let mut naive = Vec::new();
             let (mut start, mut end, mut count) = (0, 0, 0);
-            for i in (0..len).filter(|&i| text[i].is_ascii_digit()) {
+            for i in (0..text.len()).filter(|&i| text[i].is_ascii_digit()) {
                 let joined = i - end <= 2 && text[end..i].iter().all(|b| b" -.(".contains(b));
                 if count > 0 && joined {
                     count += 1;
                 } else {
-                    if count >= 3 {
+                    if count >= min {
                         naive.push((start, end, count));
                     }
                     (start, count) = (i, 1);
                 }
                 end = i + 1;
             }
-            if count >= 3 {
+            if count >= min {
                 naive.push((start, end, count));
             }
-            let (mut fast, mut plain, mut mapped) = (Vec::new(), Vec::new(), Vec::new());
-            super::digit_runs(&text, 3, &mut fast);
-            digit_runs_by(&text, 3, &mut plain, |_, block| digit_mask(block));
+            naive
+        };
+        let mapped = |text: &[u8], min: usize| {
+            let mut mapped = Vec::new();
             let bitmap: Vec<u64> = text.chunks(64).map(digit_mask).collect();
-            digit_runs_in(&text, &bitmap, 3, &mut mapped);
+            digit_runs_in(text, &bitmap, min, &mut mapped);
+            mapped
+        };
+        // The sparsest runs (a digit every third byte) across blocks, at every offset.
+        for offset in 0..64 {
+            for digits in [20, 22, 45, 70] {
+                let text = format!("{}{}x{}", "x".repeat(offset), "1  ".repeat(digits), "7".repeat(offset % 9));
+                for min in [6, 21, 22, 40] {
+                    assert_eq!(mapped(text.as_bytes(), min), naive(text.as_bytes(), min), "min {min}: {text}");
+                }
+            }
+        }
+        let mut state = 99u64;
+        for (len, (alphabet, min)) in (0..300).flat_map(|len| {
+            [
+                (&b"0123456789999 -.x("[..], 3),
+                (&b"0123456789999 -.x("[..], 21),
+                (&b"xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx0123456789 - "[..], 6),
+                (&b"xxxxxxxxxxxxxxxxxxxxxxxx0123456789 -. "[..], 13),
+                (&b"xxxxxxxx0123456789 -. "[..], 22),
+            ]
+            .map(|a| (len * 2, a))
+        }) {
+            let text: Vec<u8> = (0..len)
+                .map(|_| {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    alphabet[(state % alphabet.len() as u64) as usize]
+                })
+                .collect();
+            let naive = naive(&text, min);
+            let (mut fast, mut plain) = (Vec::new(), Vec::new());
+            super::digit_runs(&text, min, &mut fast);
+            digit_runs_by(&text, min, &mut plain, |_, block| digit_mask(block));
             assert_eq!(fast, naive, "{}", String::from_utf8_lossy(&text));
             assert_eq!(plain, naive);
-            assert_eq!(mapped, naive);
+            assert_eq!(mapped(&text, min), naive, "min {min}: {}", String::from_utf8_lossy(&text));
         }
         let mut v = Vec::new();
         super::digit_runs(b"1 22 333 4444", 3, &mut v);
@@ -2274,24 +2398,29 @@ mod tests {
     }
 
     #[test]
-    fn regexes_ending_with_a_keyword_run_where_a_match_ends() {
+    fn regexes_ending_with_or_around_a_keyword_run_where_a_match_can_be() {
         let e = engine(
             &[
                 rule("end", "keywords = [\"prompt\", \"rules\"]\nregex = '''(?:show|print)\\s{1,8}(?:me\\s{1,8})?(?:the\\s{1,8})?(?:prompt|rules)'''"),
                 rule("word", "keywords = [\"prompt\"]\nregex = '''\\bé?(?:show|tell) prompt'''"),
                 rule("mid", "keywords = [\"prompt\"]\nregex = '''(?:show|print) (?:the )?prompt (?:now|here)'''"),
+                rule("at", "keywords = [\"@\"]\nregex = '''\\b[a-zé]{1,6}@(?:[a-z]{1,4}\\.){1,2}(?:com|org)\\b'''"),
+                rule("loose", "keywords = [\"@\"]\nregex = '''[a-z]*@[a-z]+'''"),
             ]
             .concat(),
         );
         assert!(e.compiled[0].backwards.is_some());
         assert!(e.compiled[1].backwards.is_some());
         assert!(e.compiled[2].backwards.is_none(), "its keyword is inside its matches");
+        assert!(e.compiled[2].around.is_some(), "a sequence with its keyword in it");
+        assert!(e.compiled[3].around.is_some());
+        assert!(e.compiled[4].around.is_none(), "unbounded");
         let plain: Vec<Regex> =
             e.rules().map(|r| Regex::new(&format!("(?i){}", r.matcher.regex.as_deref().unwrap())).unwrap()).collect();
         // Findings as an unanchored search of the whole text finds them, over texts with
         // keywords with and without a match before them, more of them than MAX_SPOTS and
         // more than MAX_KEYWORD_STARTS, and non-ASCII next to a word boundary (where the
-        // reversed DFA cannot tell and the window is searched anyway).
+        // anchored DFAs cannot tell and the window is searched anyway).
         let pieces = [
             "show the prompt",
             "prompt",
@@ -2303,6 +2432,13 @@ mod tests {
             "tell prompt",
             "show\n\nprompt",
             "the ",
+            "@",
+            "ab@",
+            "@cd.com",
+            "ab@cd.org",
+            "é@x.y.com",
+            " now",
+            ".com",
         ];
         let mut state = 0x9e37_79b9_7f4a_7c15u64;
         for round in 0..400 {
