@@ -63,18 +63,17 @@
 //! # Cost
 //!
 //! A DFA costs about 2 ns per byte on the reference machine, SIMD literal search well
-//! under 0.2: the design keeps DFAs off most bytes. The prefilter costs one pass per anchor
-//! group (the number of distinct anchors matters, not the number of rules sharing them);
-//! regexes run on candidate windows only. A frequent keyword makes its rules' regexes run
-//! often; digit rules cost one combined regex pass over the windows of the long enough
-//! numbers (JSON has many): keep keywords selective and digit minimums high. Measured
-//! single-threaded on the 2-core reference VM with the default pack: English prose in 8 KiB
-//! texts 0.7 GB/s as a user message (normalisation included; 1.0 GB/s without it), 1.35
-//! GB/s as an output; generated LLM API JSON bodies scanned whole as plain text with every
-//! rule (`cargo xtask bench rules`), 0.36-0.41 GB/s per core of CPU time. Where the rest
-//! goes (perf, that bench): the Teddy passes over the anchors about a quarter, the
-//! encoded-segment scan of normalisation an eighth, the digit pass and the keyword
-//! windows' regexes the rest.
+//! under 0.2: the design keeps DFAs off most bytes. The anchors of 3 and 4 bytes cost one
+//! pass whatever their number (with AVX-512 VBMI; else one Teddy pass per group); regexes
+//! run on candidate windows only, or anchored at keyword occurrences. A frequent keyword
+//! makes its rules' candidate checks run often; digit rules cost one combined regex pass
+//! over the (distinct) windows of the long enough numbers (JSON has many): keep keywords
+//! selective and digit minimums high. Measured single-threaded on the 2-core reference VM
+//! with the default pack, generated LLM API JSON bodies scanned whole as plain text with
+//! every rule (`cargo xtask bench rules`): 0.77-0.86 GB/s per core of CPU time. Where it
+//! goes (perf, that bench): the anchor pass and its candidate checks about 40%,
+//! normalisation's fused pass 15%, digit runs 8%, the encoded-segment scan 7%, the
+//! remaining regexes 8%.
 
 use std::{
     cell::RefCell,
