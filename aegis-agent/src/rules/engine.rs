@@ -22,15 +22,14 @@
 //!      anchors with `memchr`. Teddy groups and finders of anchors with non-ASCII bytes (CJK
 //!      keywords) are searched only when the text is not ASCII.
 //!    - `prefilter = { digits = N }`: the digit runs are found from a bitmap of the text's
-//!      digits (made by normalisation's pass where it can, else 64 bytes at a time here);
-//!      a 64-byte block whose neighbourhood has too few digits for any run is passed over.
-//!      Then the digit rules' regexes, compiled together as one multi-pattern regex, run
-//!      once over the windows of all runs and say which rules can match there at all; only
-//!      those are candidates. JSON numbers (timestamps, token counts) match none, so most
-//!      texts run no digit rule's own regex. What that regex found in a window is
-//!      remembered per thread, keyed by the window's bytes and their context
-//!      ([`MEMO_CONTEXT`]): a stream repeats its numbers, with the same context, in every
-//!      event.
+//!      digits (made by normalisation's pass where it can, else 64 bytes at a time here),
+//!      a stretch of consecutive digits per step. Then the digit rules' regexes, compiled
+//!      together as one multi-pattern regex, run once over the windows of all runs and say
+//!      which rules can match there at all; only those are candidates. JSON numbers
+//!      (timestamps, token counts) match none, so most texts run no digit rule's own
+//!      regex. What that regex found in a window is remembered per thread, keyed by the
+//!      window's bytes and their context ([`MEMO_CONTEXT`]): a stream repeats its numbers,
+//!      with the same context, in every event.
 //!    - A regex without either gets the literals every match starts (or ends) with as
 //!      implicit keywords when each is at least 3 bytes; else it runs on every text
 //!      ([`Engine::unfiltered_rules`]).
