@@ -514,8 +514,10 @@ fn normalize_literal(s: &str) -> String {
 fn compile_rule(rule: &Rule) -> Result<Compiled, String> {
     check_rule(rule).map_err(|(_, m)| m)?;
     let m = &rule.matcher;
-    let regex = m.regex.as_deref().map(compile_search_regex).transpose()?;
-    let reach = m.regex.as_deref().and_then(|p| search_hir(p).ok()).and_then(|h| h.properties().maximum_len());
+    // The regex as the engine runs it, parsed once for everything below.
+    let hir = m.regex.as_deref().map(search_hir).transpose()?;
+    let regex = hir.as_ref().map(compile_search_regex).transpose()?;
+    let reach = hir.as_ref().and_then(|h| h.properties().maximum_len());
     let compile_all = |list: &[String]| list.iter().map(|p| compile_regex(p)).collect::<Result<Vec<_>, _>>();
     let mut keywords = Vec::with_capacity(m.keywords.len());
     for k in &m.keywords {
@@ -527,16 +529,15 @@ fn compile_rule(rule: &Rule) -> Result<Compiled, String> {
             keywords.push(n);
         }
     }
-    let at_keywords =
-        reach.is_some() && !keywords.is_empty() && m.regex.as_deref().is_some_and(|p| starts_at_keywords(p, &keywords));
-    let backwards = match m.regex.as_deref() {
-        Some(p) if reach.is_some() && !at_keywords && ends_at_keywords(p, &keywords) => {
-            Some(AnchoredDfa::new(&search_hir(p)?, true)?)
+    let at_keywords = reach.is_some() && hir.as_ref().is_some_and(|h| starts_at_keywords(h, &keywords));
+    let backwards = match &hir {
+        Some(h) if reach.is_some() && !at_keywords && ends_at_keywords(h, &keywords) => {
+            Some(AnchoredDfa::new(h, true)?)
         }
         _ => None,
     };
-    let around = match m.regex.as_deref() {
-        Some(p) if reach.is_some() && !at_keywords && backwards.is_none() => Around::new(&search_hir(p)?, &keywords)?,
+    let around = match &hir {
+        Some(h) if reach.is_some() && !at_keywords && backwards.is_none() => Around::new(h, &keywords)?,
         _ => None,
     };
     let trigger = if !keywords.is_empty() {
@@ -544,7 +545,7 @@ fn compile_rule(rule: &Rule) -> Result<Compiled, String> {
     } else if let Some(Prefilter::Digits(n)) = m.prefilter {
         Trigger::Digits(n)
     } else {
-        m.regex.as_deref().and_then(implicit_keywords).map_or(Trigger::Always, Trigger::Keywords)
+        hir.as_ref().and_then(implicit_keywords).map_or(Trigger::Always, Trigger::Keywords)
     };
     Ok(Compiled {
         regex,
@@ -573,26 +574,23 @@ fn compile_rule(rule: &Rule) -> Result<Compiled, String> {
 /// prefixes of the pattern are finite and each starts with a keyword. A match then starts
 /// where a keyword occurs, so an anchored search at each occurrence finds every match that
 /// an unanchored search over the text finds (see [`Ctx::search_at_keywords`]).
-fn starts_at_keywords(pattern: &str, keywords: &[String]) -> bool {
+fn starts_at_keywords(pattern: &Hir, keywords: &[String]) -> bool {
     literals_at_keywords(pattern, keywords, ExtractKind::Prefix)
 }
 
 /// Whether every match of `pattern` ends with one of `keywords` (normalised): the literal
 /// suffixes of the pattern are finite and each ends with a keyword. A match then ends where
 /// a keyword occurrence ends, so where none ends a match there is no match at all.
-fn ends_at_keywords(pattern: &str, keywords: &[String]) -> bool {
+fn ends_at_keywords(pattern: &Hir, keywords: &[String]) -> bool {
     literals_at_keywords(pattern, keywords, ExtractKind::Suffix)
 }
 
 /// Whether the literal prefixes (or suffixes) of `pattern` are finite and each starts (or
 /// ends) with one of `keywords`.
-fn literals_at_keywords(pattern: &str, keywords: &[String], kind: ExtractKind) -> bool {
-    let Ok(hir) = search_hir(pattern) else {
-        return false;
-    };
+fn literals_at_keywords(pattern: &Hir, keywords: &[String], kind: ExtractKind) -> bool {
     let mut extractor = Extractor::new();
     extractor.kind(kind.clone());
-    let seq = extractor.extract(&hir);
+    let seq = extractor.extract(pattern);
     let at = |lit: &[u8], k: &[u8]| match kind {
         ExtractKind::Prefix => lit.starts_with(k),
         _ => lit.ends_with(k),
@@ -604,20 +602,16 @@ fn literals_at_keywords(pattern: &str, keywords: &[String], kind: ExtractKind) -
     })
 }
 
-/// A rule regex for searching. [`super::pack::compile_regex`] has validated it with the
-/// same limits; here it is parsed case-insensitively, made lower-case ([`lowercase_hir`])
-/// and built with `regex-automata` directly, to search bounded ranges of a text
-/// (look-arounds still see the text around the range).
-fn compile_search_regex(pattern: &str) -> Result<meta::Regex, String> {
+/// A rule regex for searching, as [`search_hir`] parsed it. [`super::pack::compile_regex`]
+/// has validated it with the same limits; here it is built with `regex-automata` directly,
+/// to search bounded ranges of a text (look-arounds still see the text around the range).
+fn compile_search_regex(pattern: &Hir) -> Result<meta::Regex, String> {
     let config = meta::Config::new()
         .nfa_size_limit(Some(REGEX_SIZE_LIMIT))
         .hybrid_cache_capacity(REGEX_DFA_SIZE_LIMIT)
         .match_kind(regex_automata::MatchKind::LeftmostFirst)
         .utf8_empty(true);
-    meta::Builder::new()
-        .configure(config)
-        .build_from_hir(&search_hir(pattern)?)
-        .map_err(|e| format!("invalid regex: {e}"))
+    meta::Builder::new().configure(config).build_from_hir(pattern).map_err(|e| format!("invalid regex: {e}"))
 }
 
 /// `pattern` as the engine runs it: case-insensitive, then [`lowercase_hir`].
@@ -670,13 +664,12 @@ fn lowercase_hir(hir: Hir) -> Hir {
 
 /// Literals that every match of `pattern` starts with (or, failing that, ends with), as
 /// normalised keywords, when each is at least [`MIN_IMPLICIT_LEN`] bytes.
-fn implicit_keywords(pattern: &str) -> Option<Vec<String>> {
-    let hir = search_hir(pattern).ok()?;
+fn implicit_keywords(pattern: &Hir) -> Option<Vec<String>> {
     let mut best: Option<Vec<String>> = None;
     for kind in [ExtractKind::Prefix, ExtractKind::Suffix] {
         let mut extractor = Extractor::new();
         extractor.kind(kind);
-        let seq = extractor.extract(&hir);
+        let seq = extractor.extract(pattern);
         let Some(literals) = seq.literals() else {
             continue;
         };
