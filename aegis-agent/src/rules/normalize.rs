@@ -269,7 +269,11 @@ fn push_lower_if_ascii_classified(
 }
 
 /// [`push_lower_if_ascii_classified`] with AVX-512BW: each 64 bytes are loaded once, checked,
-/// lower-cased, stored and classified (about a dozen instructions).
+/// lower-cased, stored and classified, about a dozen instructions.
+///
+/// The classes come from two `vpshufb` lookups, one by each nibble, whose AND has a bit set
+/// for each class the byte is in: 0 `A-O`, 1 `P-Z`, 2 `a-o`, 3 `p-z`, 4 digits, 5 `+ - /`,
+/// 6 `_`. Every class is a base64 (or base64url) byte.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw")]
 fn lower_classify_avx512(
@@ -279,53 +283,94 @@ fn lower_classify_avx512(
     mut digits: Option<&mut Vec<u64>>,
 ) -> bool {
     use std::arch::x86_64::{
-        __m512i, _mm512_cmpeq_epi8_mask, _mm512_cmplt_epu8_mask, _mm512_mask_add_epi8, _mm512_mask_storeu_epi8,
-        _mm512_maskz_loadu_epi8, _mm512_movepi8_mask, _mm512_set1_epi8, _mm512_sub_epi8,
+        _MM_HINT_T0, _mm_prefetch, _mm512_and_si512, _mm512_broadcast_i32x4, _mm512_loadu_si512, _mm512_mask_add_epi8,
+        _mm512_mask_storeu_epi8, _mm512_maskz_loadu_epi8, _mm512_movepi8_mask, _mm512_set1_epi8, _mm512_shuffle_epi8,
+        _mm512_srli_epi16, _mm512_test_epi8_mask,
     };
-    let below = |x: __m512i, lo: u8, width: u8| {
-        _mm512_cmplt_epu8_mask(_mm512_sub_epi8(x, _mm512_set1_epi8(lo as i8)), _mm512_set1_epi8(width as i8))
+    // By low nibble: which classes a byte with it can be in (`A-O` and `a-o` are x1-xF,
+    // `P-Z` and `p-z` x0-xA, digits x0-x9, `+ - /` xB xD xF, `_` xF); by high nibble: which
+    // classes its row holds (2x `+ - /`, 3x digits, 4x `A-O`, 5x `P-Z _`, 6x `a-o`, 7x `p-z`).
+    const LOW: [u8; 16] = {
+        let mut t = [0u8; 16];
+        let mut lo = 0;
+        while lo < 16 {
+            t[lo] =
+                if lo >= 1 { 0b0101 } else { 0 } | if lo <= 10 { 0b1010 } else { 0 } | if lo <= 9 { 1 << 4 } else { 0 };
+            if lo == 11 || lo == 13 || lo == 15 {
+                t[lo] |= 1 << 5;
+            }
+            if lo == 15 {
+                t[lo] |= 1 << 6;
+            }
+            lo += 1;
+        }
+        t
     };
-    let eq = |x: __m512i, c: u8| _mm512_cmpeq_epi8_mask(x, _mm512_set1_epi8(c as i8));
+    const HIGH: [u8; 16] = [0, 0, 1 << 5, 1 << 4, 1, 0b10 | 1 << 6, 0b100, 0b1000, 0, 0, 0, 0, 0, 0, 0, 0];
+    // SAFETY: a 16-byte array is a valid `__m128i`.
+    let (low, high) = unsafe {
+        (
+            _mm512_broadcast_i32x4(std::mem::transmute::<[u8; 16], std::arch::x86_64::__m128i>(LOW)),
+            _mm512_broadcast_i32x4(std::mem::transmute::<[u8; 16], std::arch::x86_64::__m128i>(HIGH)),
+        )
+    };
+    let nibble = _mm512_set1_epi8(0x0f);
     // SAFETY: lower-cased ASCII is ASCII, and the length is set only once every byte has been
     // checked to be ASCII: the string stays valid UTF-8.
     let v = unsafe { out.as_mut_vec() };
     let start = v.len();
+    let words = bytes.len().div_ceil(64);
     v.reserve(bytes.len());
     bitmap.clear();
-    bitmap.reserve(bytes.len().div_ceil(64));
+    bitmap.reserve(words);
     if let Some(digits) = digits.as_deref_mut() {
         digits.clear();
-        digits.reserve(bytes.len().div_ceil(64));
+        digits.reserve(words);
     }
     for (k, chunk) in bytes.chunks(64).enumerate() {
         let m = u64::MAX >> (64 - chunk.len());
-        // SAFETY: the masked load reads chunk's bytes only.
-        let x = unsafe { _mm512_maskz_loadu_epi8(m, chunk.as_ptr().cast()) };
-        if _mm512_movepi8_mask(x) != 0 {
-            if let Some(digits) = digits {
-                digits.clear();
+        // The text is read here first: ask for the bytes 16 lines ahead (a prefetch of an
+        // address past the end does nothing).
+        _mm_prefetch::<_MM_HINT_T0>(chunk.as_ptr().wrapping_add(1024).cast());
+        // SAFETY: the load reads chunk's bytes only (a whole load when there are 64).
+        let x = unsafe {
+            if chunk.len() == 64 {
+                _mm512_loadu_si512(chunk.as_ptr().cast())
+            } else {
+                _mm512_maskz_loadu_epi8(m, chunk.as_ptr().cast())
             }
+        };
+        if _mm512_movepi8_mask(x) != 0 {
             return false;
         }
-        let upper = below(x, b'A', 26);
+        let class = _mm512_and_si512(
+            _mm512_shuffle_epi8(low, _mm512_and_si512(x, nibble)),
+            _mm512_shuffle_epi8(high, _mm512_and_si512(_mm512_srli_epi16::<4>(x), nibble)),
+        );
+        let upper = _mm512_test_epi8_mask(class, _mm512_set1_epi8(0b11));
         // SAFETY: the masked store writes chunk.len() bytes at start + 64k, inside the
-        // capacity reserved above.
+        // capacity reserved above; the words go to index k < words, inside the capacities
+        // reserved above (the lengths are set at the end).
         unsafe {
             _mm512_mask_storeu_epi8(
                 v.as_mut_ptr().add(start + 64 * k).cast(),
                 m,
                 _mm512_mask_add_epi8(x, upper, x, _mm512_set1_epi8(0x20)),
-            )
-        };
-        let digit = below(x, b'0', 10);
-        let base64 = upper | below(x, b'a', 26) | digit | eq(x, b'+') | eq(x, b'/') | eq(x, b'-') | eq(x, b'_');
-        bitmap.push(base64 & m);
-        if let Some(digits) = digits.as_deref_mut() {
-            digits.push(digit & m);
+            );
+            bitmap.as_mut_ptr().add(k).write(_mm512_test_epi8_mask(class, class) & m);
+            if let Some(digits) = digits.as_deref_mut() {
+                digits.as_mut_ptr().add(k).write(_mm512_test_epi8_mask(class, _mm512_set1_epi8(1 << 4)) & m);
+            }
         }
     }
-    // SAFETY: the bytes up to here were written above.
-    unsafe { v.set_len(start + bytes.len()) };
+    // SAFETY: the bytes and words up to here were written above.
+    unsafe {
+        v.set_len(start + bytes.len());
+        bitmap.set_len(words);
+        if let Some(digits) = digits {
+            digits.set_len(words);
+        }
+    }
     true
 }
 
@@ -863,7 +908,7 @@ mod tests {
     #[test]
     fn classified_copy_matches_the_plain_one() {
         let mut rng = XorShift(7);
-        const BYTES: &[u8] = b"aZ09+/-_=. \"{}%Qz";
+        const BYTES: &[u8] = b"aAoOpPzZ09+/-_=. \"{}%@[`:";
         for len in 0..200 {
             for non_ascii in [None, Some(rng.below(len.max(1)))] {
                 let mut bytes: Vec<u8> = (0..len).map(|_| BYTES[rng.below(BYTES.len())]).collect();

@@ -1,7 +1,5 @@
 //! One pass over a text for every anchor of 3 and 4 bytes: the engine's keyword prefilter
-//! where AVX-512 VBMI is there (x86-64 since Ice Lake and Zen 4). The tables are indexed by
-//! a byte's low 7 bits, so a byte past ASCII (CJK keywords) can only add candidates, which
-//! the exact check removes.
+//! where AVX-512 VBMI and GFNI are there (x86-64 since Ice Lake and Zen 4).
 //!
 //! Teddy (`aho-corasick`'s packed searcher) keeps its false candidates rare only with about 16
 //! patterns per searcher, and the default pack has about 140 anchors: 9 passes over every text,
@@ -11,38 +9,50 @@
 //! # How
 //!
 //! A Bloom-like test on the text's 4-byte (and 3-byte) windows, 64 positions at a time:
-//! - Four hash functions, each a tabulation hash of the window's bytes to 7 bits:
-//!   `h_j = T_j0[b0] ^ T_j1[b1] ^ T_j2[b2] ^ T_j3[b3]`, every table 128 random 7-bit values
-//!   indexed by a byte's low 7 bits. `vpermi2b` looks up 64 bytes in a 128-byte table in one
-//!   instruction, so a hash of 64 windows is 4 lookups and 3 XORs.
-//! - Each anchor is put in one of 8 buckets; bucket table `B_j[h]` has bit `b` set when an
-//!   anchor of bucket `b` hashes to `h` under `h_j`. A position is a candidate when some bucket
-//!   bit survives the AND of `B_0[h_0] .. B_3[h_3]`: with about 18 anchors per bucket, a
-//!   window that is no anchor passes with odds of about 8 x (18/128)^4, 0.3%.
-//! - 3-byte anchors: the same on the first three bytes (the hashes' partial XORs), with two
-//!   tables of their own.
+//! - Four hash functions of a window to 7 bits, each linear over GF(2): hash `j` is
+//!   `M_j0·b0 ^ M_j1·b1 ^ M_j2·b2 ^ M_j3·b3`, with `M_jk` a random 8x8 bit matrix applied to
+//!   the window's byte `k`. `vgf2p8affineqb` applies one matrix to 64 bytes in one
+//!   instruction, so a hash of 64 windows is 4 of them and 2 XORs. (Before: tabulation
+//!   hashes, a `vpermi2b` table lookup per byte and hash, which were the pass's bottleneck;
+//!   the pass went from 20% to 14% of the rules bench's profile. A linear hash is weaker
+//!   than random tables, which could only cost false candidates: on the bench's clean
+//!   corpus there are fewer, 53,000 per pass against 66,000.)
+//! - Each anchor is put in one of 8 buckets; bucket table `B_j[h]` (128 entries, one
+//!   `vpermi2b`) has bit `b` set when an anchor of bucket `b` hashes to `h` under hash `j`. A
+//!   position is a candidate when some bucket bit survives the AND of `B_0[h_0] .. B_3[h_3]`:
+//!   with about 18 anchors per bucket, a window that is no anchor passes with odds of about
+//!   8 x (18/128)^4, 0.3%.
+//! - 3-byte anchors: the same on the first three bytes (the hashes' partial XORs), with four
+//!   tables of their own (two before: the 3-byte part then made as many false candidates
+//!   as the 4-byte one; 44,000 per pass now).
+//! - The 48,000 real anchor occurrences per pass of that corpus cost more than the false
+//!   candidates: most are keywords (`instructions`, `token`, `secret`), and some the anchor
+//!   of a phrase (`truc` is in `structure`).
 //! - Each candidate is checked exactly (its window looked up among the anchors), so the filter
 //!   has no false positives and, by construction, no false negatives: an anchor's own window
 //!   sets its bucket bit in all four tables.
 //!
 //! The last positions of a text (fewer than 67 bytes left) go through the same vector code on
-//! a zero-padded copy. Without VBMI the same tables are read one position at a time; the
-//! engine uses Teddy there instead (a scalar pass of this filter is slower than Teddy's
-//! passes), so that path serves the tests as the reference.
+//! a zero-padded copy. Without VBMI and GFNI the same hashes are read from tables one position
+//! at a time; the engine uses Teddy there instead (a scalar pass of this filter is slower than
+//! Teddy's passes), so that path serves the tests as the reference.
 
 /// Hash functions for 4-byte windows; the first [`HASHES3`] serve 3-byte windows too.
 const HASHES: usize = 4;
-const HASHES3: usize = 2;
+const HASHES3: usize = 4;
 const BUCKETS: usize = 8;
 
 #[repr(C, align(64))]
 struct Tables {
-    /// `hash[j][k][b]`: the 7-bit value byte `b` (low 7 bits) at offset `k` adds to hash `j`.
-    hash: [[[u8; 128]; 4]; HASHES],
     /// `four[j][h]`: the buckets of the 4-byte anchors with hash `j` equal to `h`.
     four: [[u8; 128]; HASHES],
     /// The same for the 3-byte anchors, over the first three bytes.
     three: [[u8; 128]; HASHES3],
+    /// `matrix[j][k]`: the 8x8 bit matrix that maps the byte at offset `k` of a window to its
+    /// part of hash `j` (in `vgf2p8affineqb`'s layout: byte `7 - i` holds output bit `i`'s row).
+    matrix: [[u64; 4]; HASHES],
+    /// `hash[j][k][b]`: the same map as a table, for the scalar path.
+    hash: [[[u8; 256]; 4]; HASHES],
 }
 
 /// The filter over a set of anchors of 3 and 4 bytes.
@@ -67,6 +77,7 @@ impl WindowFilter {
             std::arch::is_x86_feature_detected!("avx512f")
                 && std::arch::is_x86_feature_detected!("avx512bw")
                 && std::arch::is_x86_feature_detected!("avx512vbmi")
+                && std::arch::is_x86_feature_detected!("gfni")
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
@@ -76,15 +87,24 @@ impl WindowFilter {
 
     /// A filter for `anchors`: (bytes, id), each of 3 or 4 bytes, no two equal.
     pub fn new(anchors: &[(&[u8], usize)]) -> Self {
-        let mut tables =
-            Box::new(Tables { hash: [[[0; 128]; 4]; HASHES], four: [[0; 128]; HASHES], three: [[0; 128]; HASHES3] });
+        let mut tables = Box::new(Tables {
+            four: [[0; 128]; HASHES],
+            three: [[0; 128]; HASHES3],
+            matrix: [[0; 4]; HASHES],
+            hash: [[[0; 256]; 4]; HASHES],
+        });
         // Fixed seed: the same pack gives the same filter on every host.
         let mut state = 0x9e37_79b9_7f4a_7c15u64;
-        for v in tables.hash.as_flattened_mut().as_flattened_mut() {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            *v = (state >> 57) as u8;
+        for j in 0..HASHES {
+            for k in 0..4 {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                tables.matrix[j][k] = state;
+                for (b, v) in tables.hash[j][k].iter_mut().enumerate() {
+                    *v = affine(state, b as u8);
+                }
+            }
         }
         let (mut four, mut three) = (Vec::new(), Vec::new());
         let mut slots = vec![(0, 0, 0); (anchors.len() * 4).next_power_of_two().max(256)];
@@ -197,11 +217,12 @@ impl WindowFilter {
 
     /// Every position, 64 at a time.
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,gfni")]
     fn scan_avx512<const THREE: bool>(&self, text: &[u8], on: &mut impl FnMut(usize, usize)) {
         use std::arch::x86_64::{
-            __m512i, _mm512_and_si512, _mm512_load_si512, _mm512_loadu_si512, _mm512_permutex2var_epi8,
-            _mm512_set1_epi8, _mm512_test_epi8_mask, _mm512_xor_si512,
+            __m512i, _mm512_and_si512, _mm512_gf2p8affine_epi64_epi8, _mm512_load_si512, _mm512_loadu_si512,
+            _mm512_permutex2var_epi8, _mm512_set1_epi8, _mm512_set1_epi64, _mm512_ternarylogic_epi64,
+            _mm512_test_epi8_mask, _mm512_xor_si512,
         };
         let t = &*self.tables;
         // `table[idx]` for 64 indices (low 7 bits of each byte).
@@ -220,6 +241,10 @@ impl WindowFilter {
             }};
         }
         let ones = _mm512_set1_epi8(-1);
+        // Hash `j`'s part of the bytes in `x`, each taken at offset `k` of a window.
+        let part = |x: __m512i, j: usize, k: usize| {
+            _mm512_gf2p8affine_epi64_epi8::<0>(x, _mm512_set1_epi64(t.matrix[j][k] as i64))
+        };
         // The candidates among the 64 positions from `p`, which has 67 readable bytes.
         let block = |p: *const u8| -> u64 {
             // SAFETY: the four loads read p[0..67], readable (the caller's promise).
@@ -233,12 +258,12 @@ impl WindowFilter {
             };
             let (mut four, mut three) = (ones, ones);
             for j in 0..HASHES {
-                let h = &t.hash[j];
-                let x = _mm512_xor_si512(_mm512_xor_si512(look!(&h[0], b[0]), look!(&h[1], b[1])), look!(&h[2], b[2]));
+                // 0x96: a ^ b ^ c.
+                let x = _mm512_ternarylogic_epi64::<0x96>(part(b[0], j, 0), part(b[1], j, 1), part(b[2], j, 2));
                 if THREE && j < HASHES3 {
                     three = _mm512_and_si512(three, look!(&t.three[j], x));
                 }
-                let x = _mm512_xor_si512(x, look!(&h[3], b[3]));
+                let x = _mm512_xor_si512(x, part(b[3], j, 3));
                 four = _mm512_and_si512(four, look!(&t.four[j], x));
             }
             let hits = _mm512_test_epi8_mask(four, four);
@@ -281,14 +306,20 @@ fn slot(key: u32, len: usize) -> usize {
 /// Hash `j` of a 4-byte window.
 #[inline(always)]
 fn hash(t: &Tables, j: usize, b: &[u8; 4]) -> u8 {
-    hash3(t, j, b) ^ t.hash[j][3][usize::from(b[3] & 0x7f)]
+    (hash3(t, j, b) ^ t.hash[j][3][usize::from(b[3])]) & 0x7f
 }
 
 /// Hash `j` of a window's first 3 bytes.
 #[inline(always)]
 fn hash3(t: &Tables, j: usize, b: &[u8; 4]) -> u8 {
     let h = &t.hash[j];
-    h[0][usize::from(b[0] & 0x7f)] ^ h[1][usize::from(b[1] & 0x7f)] ^ h[2][usize::from(b[2] & 0x7f)]
+    (h[0][usize::from(b[0])] ^ h[1][usize::from(b[1])] ^ h[2][usize::from(b[2])]) & 0x7f
+}
+
+/// `vgf2p8affineqb`'s map of one byte with no constant: output bit `i` is the parity of `x`
+/// AND byte `7 - i` of `matrix`.
+fn affine(matrix: u64, x: u8) -> u8 {
+    (0..8).fold(0, |out, i| out | ((((matrix >> (8 * (7 - i))) as u8 & x).count_ones() as u8 & 1) << i))
 }
 
 #[cfg(test)]
