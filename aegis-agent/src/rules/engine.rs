@@ -745,12 +745,18 @@ struct Filter {
     groups: Vec<(Group, Vec<usize>)>,
     /// Groups of anchors with non-ASCII bytes (searched only in non-ASCII text).
     wide_groups: Vec<(Group, Vec<usize>)>,
-    /// 1-byte anchors and their anchor index.
-    bytes: Vec<(u8, usize)>,
-    /// 2-byte anchors, and 3-byte ones when few: one memmem pass each.
+    /// Anchors found through one of their bytes: those of 1 byte, and those of 2 ASCII bytes
+    /// of which one is rare in text ([`RARE_BYTE`]), found through that one. A memchr pass
+    /// looks for three bytes at once, a memmem pass for one pair.
+    bytes: Vec<ByteAnchor>,
+    /// The distinct bytes `bytes` are found through, searched three at a time.
+    needles: Vec<u8>,
+    /// The other 2-byte anchors, and 3-byte ones when few: one memmem pass each.
     finders: Vec<(memmem::Finder<'static>, usize)>,
     /// The same with non-ASCII bytes.
     wide_finders: Vec<(memmem::Finder<'static>, usize)>,
+    /// Each anchor's bytes.
+    anchor_bytes: Vec<Vec<u8>>,
 }
 
 impl Filter {
@@ -768,8 +774,10 @@ impl Filter {
             groups: Vec::new(),
             wide_groups: Vec::new(),
             bytes: Vec::new(),
+            needles: Vec::new(),
             finders: Vec::new(),
             wide_finders: Vec::new(),
+            anchor_bytes: Vec::new(),
         };
         let mut keyword_index: HashMap<Vec<u8>, usize> = HashMap::new();
         for &r in applicable {
@@ -848,7 +856,11 @@ impl Filter {
         let mut windowed = Vec::new();
         for (a, bytes) in anchor_bytes.iter().enumerate() {
             match (bytes.len(), bytes.is_ascii()) {
-                (1, _) => f.bytes.push((bytes[0], a)),
+                (1, _) => f.bytes.push(ByteAnchor { byte: bytes[0], offset: 0, anchor: a }),
+                (2, true) if bytes.iter().any(|&b| byte_frequency(b) <= RARE_BYTE) => {
+                    let offset = usize::from(byte_frequency(bytes[1]) < byte_frequency(bytes[0]));
+                    f.bytes.push(ByteAnchor { byte: bytes[offset], offset, anchor: a })
+                }
                 (3 | 4, _) if window => windowed.push((bytes.as_slice(), a)),
                 (2 | 3, true) => short.push(a),
                 (2 | 3, false) => wide_short.push(a),
@@ -868,11 +880,15 @@ impl Filter {
                 groups.extend(teddy_groups(three, &anchor_bytes));
             }
         }
+        f.needles = f.bytes.iter().map(|b| b.byte).collect();
+        f.needles.sort_unstable();
+        f.needles.dedup();
         if !windowed.is_empty() {
             f.window = Some(WindowFilter::new(&windowed));
         }
         f.groups.extend(teddy_groups(long, &anchor_bytes));
         f.wide_groups.extend(teddy_groups(wide, &anchor_bytes));
+        f.anchor_bytes = anchor_bytes;
         f
     }
 
@@ -904,13 +920,20 @@ impl Filter {
                 at = start + 1;
             }
         }
-        for chunk in self.bytes.chunks(3) {
-            let anchor_of = |b: u8| chunk.iter().find(|(x, _)| *x == b).map_or(0, |(_, a)| *a);
-            let mut each = |i: usize| on(anchor_of(text[i]), i);
+        for chunk in self.needles.chunks(3) {
+            let mut each = |i: usize| {
+                for b in self.bytes.iter().filter(|b| b.byte == text[i]) {
+                    if let Some(start) = i.checked_sub(b.offset)
+                        && has_at(text, start, &self.anchor_bytes[b.anchor])
+                    {
+                        on(b.anchor, start)
+                    }
+                }
+            };
             match *chunk {
-                [(a, _)] => memchr::memchr_iter(a, text).for_each(&mut each),
-                [(a, _), (b, _)] => memchr::memchr2_iter(a, b, text).for_each(&mut each),
-                [(a, _), (b, _), (c, _)] => memchr::memchr3_iter(a, b, c, text).for_each(&mut each),
+                [a] => memchr::memchr_iter(a, text).for_each(&mut each),
+                [a, b] => memchr::memchr2_iter(a, b, text).for_each(&mut each),
+                [a, b, c] => memchr::memchr3_iter(a, b, c, text).for_each(&mut each),
                 _ => {}
             }
         }
@@ -926,6 +949,19 @@ impl Filter {
 
 /// Keywords longer than this are searched through their rarest substring of this length.
 const ANCHOR_LEN: usize = 4;
+
+/// A byte at most this frequent ([`byte_frequency`]) is rare enough to search alone.
+const RARE_BYTE: u32 = 1;
+
+/// An anchor found through one of its bytes ([`Filter::bytes`]).
+struct ByteAnchor {
+    /// The byte searched.
+    byte: u8,
+    /// Where it is in the anchor.
+    offset: usize,
+    /// The anchor's index.
+    anchor: usize,
+}
 
 /// How often `b` occurs in text, roughly (per mille of English prose, JSON and code; the
 /// letters from English letter frequencies). Only the order matters.
@@ -951,6 +987,8 @@ fn byte_frequency(b: u8) -> u32 {
         b'k' => 6,
         b'_' | b'-' | b'/' | b'{' | b'}' | b'(' | b')' | b'=' | b'\'' => 4,
         b'x' | b'j' | b'q' | b'z' => 1,
+        // Almost never in prose or API traffic.
+        b'~' | b'|' | b'^' => 0,
         0x80.. => 1,
         _ => 2,
     }
@@ -1172,11 +1210,22 @@ fn digit_runs(text: &[u8], min: usize, out: &mut Vec<DigitRun>) {
 }
 
 /// [`digit_runs`] given the text's digit bitmap (a word per 64 bytes, as normalisation makes
-/// it: [`Normalized::digits`]). Not inlined: in the scan's body its loop lost its registers.
+/// it: [`Normalized::digits`]). Most words are zero: the loop over them is kept tight, the
+/// words with digits are handled out of line (inlined, the loop lost its registers).
 #[inline(never)]
 fn digit_runs_in(text: &[u8], bitmap: &[u64], min: usize, out: &mut Vec<DigitRun>) {
     debug_assert_eq!(bitmap.len(), text.len().div_ceil(64));
-    digit_runs_by(text, min, out, |c, _| bitmap[c]);
+    #[inline(never)]
+    fn word(runs: &mut Runs, text: &[u8], c: usize, digits: u64, out: &mut Vec<DigitRun>) {
+        runs.add(text, c, digits, out);
+    }
+    let mut runs = Runs::new(min);
+    for (c, &digits) in bitmap.iter().enumerate() {
+        if digits != 0 {
+            word(&mut runs, text, c, digits, out);
+        }
+    }
+    runs.finish(out);
 }
 
 /// [`digit_runs`] with a block's digits classified in one AVX-512BW compare.
@@ -1195,33 +1244,61 @@ fn digit_runs_avx512(text: &[u8], min: usize, out: &mut Vec<DigitRun>) {
 /// [`digit_runs`] given the digit mask of block `c` of 1 to 64 bytes.
 #[inline(always)]
 fn digit_runs_by(text: &[u8], min: usize, out: &mut Vec<DigitRun>, mask: impl Fn(usize, &[u8]) -> u64) {
-    const BLOCK: usize = 64;
-    let is_separator = |b: &u8| matches!(b, b' ' | b'-' | b'.' | b'/' | b'(' | b')' | b'+');
-    // The current run: first digit, one past its last digit, digits.
-    let (mut start, mut end, mut count) = (0usize, 0usize, 0usize);
-    for (c, block) in text.chunks(BLOCK).enumerate() {
-        // Jump from a stretch of consecutive digits to the next; most blocks of most text
-        // have none.
-        let mut digits = mask(c, block);
+    let mut runs = Runs::new(min);
+    for (c, block) in text.chunks(RUN_BLOCK).enumerate() {
+        // Most blocks of most text have no digits.
+        let digits = mask(c, block);
+        if digits != 0 {
+            runs.add(text, c, digits, out);
+        }
+    }
+    runs.finish(out);
+}
+
+const RUN_BLOCK: usize = 64;
+
+/// The digit run being built, block after block.
+struct Runs {
+    min: usize,
+    /// First digit, one past its last digit, digits.
+    start: usize,
+    end: usize,
+    count: usize,
+}
+
+impl Runs {
+    fn new(min: usize) -> Self {
+        Runs { min, start: 0, end: 0, count: 0 }
+    }
+
+    /// Add the digits of block `c` (bit `i`: `text[64c + i]` is a digit), pushing the runs
+    /// they end.
+    #[inline(always)]
+    fn add(&mut self, text: &[u8], c: usize, mut digits: u64, out: &mut Vec<DigitRun>) {
+        let is_separator = |b: &u8| matches!(b, b' ' | b'-' | b'.' | b'/' | b'(' | b')' | b'+');
+        // Jump from a stretch of consecutive digits to the next.
         while digits != 0 {
             let first = digits.trailing_zeros() as usize;
             let len = (!(digits >> first)).trailing_zeros() as usize;
-            digits = if first + len == BLOCK { 0 } else { digits & (u64::MAX << (first + len)) };
-            let i = c * BLOCK + first;
-            if count > 0 && (i == end || (i - end <= 2 && text[end..i].iter().all(is_separator))) {
-                count += len;
+            digits = if first + len == RUN_BLOCK { 0 } else { digits & (u64::MAX << (first + len)) };
+            let i = c * RUN_BLOCK + first;
+            if self.count > 0 && (i == self.end || (i - self.end <= 2 && text[self.end..i].iter().all(is_separator))) {
+                self.count += len;
             } else {
-                if count >= min {
-                    out.push((start, end, count));
+                if self.count >= self.min {
+                    out.push((self.start, self.end, self.count));
                 }
-                start = i;
-                count = len;
+                self.start = i;
+                self.count = len;
             }
-            end = i + len;
+            self.end = i + len;
         }
     }
-    if count >= min {
-        out.push((start, end, count));
+
+    fn finish(self, out: &mut Vec<DigitRun>) {
+        if self.count >= self.min {
+            out.push((self.start, self.end, self.count));
+        }
     }
 }
 
@@ -1344,8 +1421,12 @@ impl WordHasher {
 
 /// Bytes of context each side of a window in a [`DigitMemo`] key.
 const MEMO_CONTEXT: usize = 4;
-/// Windows remembered per thread, at most (then forgotten all at once).
-const MEMO_WINDOWS: usize = 1024;
+/// Windows remembered per thread, at most (then forgotten all at once). Keys are at most
+/// [`MEMO_MAX_WINDOW`] bytes and their context: at most about 2.3 MB per thread, a few
+/// hundred KB for JSON's short numbers. (1,024 before: the bench's clean corpus has 3,811
+/// distinct windows, and the regex ran again on most of them; 4,096 took the combined digit
+/// pass out of its profile, about +9%.)
+const MEMO_WINDOWS: usize = 4096;
 /// Windows longer than this are not remembered (a key is a copy of the window).
 const MEMO_MAX_WINDOW: usize = 512;
 
@@ -2385,6 +2466,54 @@ mod tests {
         for n in [10, MAX_KEYWORD_STARTS + 10] {
             let text = format!("{}token=123", "token ".repeat(n));
             assert_eq!(found(&text).len(), 1, "{n}");
+        }
+    }
+
+    /// Anchors of one byte and of two with a rare one are found through that byte (three
+    /// bytes a memchr pass); two common bytes stay a memmem pass. Every occurrence is found,
+    /// where the rare byte is first or second, at the text's ends and next to itself.
+    #[test]
+    fn anchors_found_through_one_rare_byte() {
+        let keywords = ["q~", "|x", "<|", "@", "zq", "ab", "^^"];
+        let e = engine(
+            &keywords
+                .iter()
+                .enumerate()
+                .map(|(i, k)| rule(&format!("k{i}"), &format!("keywords = [{k:?}]")))
+                .collect::<String>(),
+        );
+        let f = &e.filters[0];
+        let through_bytes: Vec<&[u8]> = f.bytes.iter().map(|b| f.anchor_bytes[b.anchor].as_slice()).collect();
+        assert_eq!(through_bytes.len(), 6, "all but `ab`: {through_bytes:?}");
+        assert!(f.bytes.iter().any(|b| b.offset == 1), "`q~` through its second byte");
+        assert_eq!(f.needles.len(), 5, "`|` searched once for `|x` and `<|`");
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        for len in [0, 1, 2, 3, 17, 64, 65, 200] {
+            for _ in 0..40 {
+                let text: String = (0..len)
+                    .map(|_| {
+                        state ^= state << 13;
+                        state ^= state >> 7;
+                        state ^= state << 17;
+                        b"q~|x<@zab^"[(state % 10) as usize] as char
+                    })
+                    .collect();
+                let mut got: Vec<(usize, usize)> =
+                    scan(&e, &text).into_iter().map(|f| (f.rule, f.span.start)).collect();
+                got.sort();
+                // Every occurrence, overlapping ones (`^^^`) too, up to the findings' cap.
+                let mut want: Vec<(usize, usize)> = keywords
+                    .iter()
+                    .enumerate()
+                    .flat_map(|(r, k)| {
+                        let k = k.as_bytes();
+                        let at = text.as_bytes().windows(k.len()).enumerate().filter(move |(_, w)| *w == k);
+                        at.map(move |(i, _)| (r, i)).take(MAX_FINDINGS_PER_RULE)
+                    })
+                    .collect();
+                want.sort();
+                assert_eq!(got, want, "{text:?}");
+            }
         }
     }
 
