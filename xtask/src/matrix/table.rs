@@ -32,9 +32,10 @@ pub fn render(columns: &[Column]) -> String {
             (Some(wall), None) => human(wall),
             _ => "-".into(),
         };
-        match c.boot_retries {
-            0 => time,
-            n => format!("{time}, booted {} times", n + 1),
+        match (c.boot_retries, c.int3_retries) {
+            (0, 0) => time,
+            (n, 0) => format!("{time}, booted {} times", n + 1),
+            (_, n) => format!("{time}, run {} times (stray int3)", n + 1 + c.boot_retries),
         }
     });
     row("result".into(), &|c| if c.failures.is_empty() { "ok".into() } else { format!("{} FAILED", c.failures.len()) });
