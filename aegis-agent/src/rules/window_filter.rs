@@ -33,8 +33,8 @@
 //!   sets its bucket bit in all four tables.
 //!
 //! The last positions of a text (fewer than 67 bytes left) go through the same vector code on
-//! a zero-padded copy. Without VBMI and GFNI the same hashes are read from tables one position
-//! at a time; the engine uses Teddy there instead (a scalar pass of this filter is slower than
+//! a zero-padded copy. Without VBMI and GFNI the same hashes are computed one position at a
+//! time; the engine uses Teddy there instead (a scalar pass of this filter is slower than
 //! Teddy's passes), so that path serves the tests as the reference.
 
 /// Hash functions for 4-byte windows; the first [`HASHES3`] serve 3-byte windows too.
@@ -51,8 +51,6 @@ struct Tables {
     /// `matrix[j][k]`: the 8x8 bit matrix that maps the byte at offset `k` of a window to its
     /// part of hash `j` (in `vgf2p8affineqb`'s layout: byte `7 - i` holds output bit `i`'s row).
     matrix: [[u64; 4]; HASHES],
-    /// `hash[j][k][b]`: the same map as a table, for the scalar path.
-    hash: [[[u8; 256]; 4]; HASHES],
 }
 
 /// The filter over a set of anchors of 3 and 4 bytes.
@@ -87,24 +85,15 @@ impl WindowFilter {
 
     /// A filter for `anchors`: (bytes, id), each of 3 or 4 bytes, no two equal.
     pub fn new(anchors: &[(&[u8], usize)]) -> Self {
-        let mut tables = Box::new(Tables {
-            four: [[0; 128]; HASHES],
-            three: [[0; 128]; HASHES3],
-            matrix: [[0; 4]; HASHES],
-            hash: [[[0; 256]; 4]; HASHES],
-        });
+        let mut tables =
+            Box::new(Tables { four: [[0; 128]; HASHES], three: [[0; 128]; HASHES3], matrix: [[0; 4]; HASHES] });
         // Fixed seed: the same pack gives the same filter on every host.
         let mut state = 0x9e37_79b9_7f4a_7c15u64;
-        for j in 0..HASHES {
-            for k in 0..4 {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                tables.matrix[j][k] = state;
-                for (b, v) in tables.hash[j][k].iter_mut().enumerate() {
-                    *v = affine(state, b as u8);
-                }
-            }
+        for m in tables.matrix.as_flattened_mut() {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            *m = state;
         }
         let (mut four, mut three) = (Vec::new(), Vec::new());
         let mut slots = vec![(0, 0, 0); (anchors.len() * 4).next_power_of_two().max(256)];
@@ -306,14 +295,14 @@ fn slot(key: u32, len: usize) -> usize {
 /// Hash `j` of a 4-byte window.
 #[inline(always)]
 fn hash(t: &Tables, j: usize, b: &[u8; 4]) -> u8 {
-    (hash3(t, j, b) ^ t.hash[j][3][usize::from(b[3])]) & 0x7f
+    hash3(t, j, b) ^ (affine(t.matrix[j][3], b[3]) & 0x7f)
 }
 
 /// Hash `j` of a window's first 3 bytes.
 #[inline(always)]
 fn hash3(t: &Tables, j: usize, b: &[u8; 4]) -> u8 {
-    let h = &t.hash[j];
-    (h[0][usize::from(b[0])] ^ h[1][usize::from(b[1])] ^ h[2][usize::from(b[2])]) & 0x7f
+    let m = &t.matrix[j];
+    (affine(m[0], b[0]) ^ affine(m[1], b[1]) ^ affine(m[2], b[2])) & 0x7f
 }
 
 /// `vgf2p8affineqb`'s map of one byte with no constant: output bit `i` is the parity of `x`
