@@ -497,6 +497,105 @@ pub fn run_wget(port: u16, plan: &Plan) -> (u32, String) {
     (pid, stdout)
 }
 
+/// How the C test client (`clients/tls_client.c`) was built (by the build script).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CClient {
+    /// Against BoringSSL (Debian's android-libboringssl, a shared library).
+    BoringSsl,
+    /// With OpenSSL's static libraries: `SSL_*` only in the executable's `.symtab`.
+    StaticOpenSsl,
+    /// The same, stripped: no symbol names the functions.
+    StaticStripped,
+    /// A shared object with OpenSSL compiled in that exports only its entry point, loaded
+    /// by python through ctypes (as an extension module carrying a TLS copy is).
+    PythonModule,
+}
+
+/// Loads the module of [`CClient::PythonModule`] and runs its client with the arguments
+/// that follow.
+const MODULE_LOADER_PY: &str = "import ctypes, sys
+lib = ctypes.CDLL(sys.argv[1])
+args = [b'tls_client'] + [a.encode() for a in sys.argv[2:]]
+sys.exit(lib.tls_client_main(len(args), (ctypes.c_char_p * len(args))(*args)))
+";
+
+/// BoringSSL's libssl as Debian installs it (android-libboringssl).
+pub const BORINGSSL_LIB: &str = "/usr/lib/x86_64-linux-gnu/android/libssl.so.0";
+
+impl CClient {
+    /// The executable (the shared object for [`CClient::PythonModule`]). Panics saying why
+    /// when it could not be built.
+    pub fn path(self) -> PathBuf {
+        let built = match self {
+            CClient::BoringSsl => env!("TLS_CLIENT_BORINGSSL"),
+            CClient::StaticOpenSsl => env!("TLS_CLIENT_STATIC"),
+            CClient::StaticStripped => env!("TLS_CLIENT_STATIC_STRIPPED"),
+            CClient::PythonModule => env!("TLS_CLIENT_MODULE"),
+        };
+        if let Some(why) = built.strip_prefix('!') {
+            panic!("the C test client ({self:?}) was not built when the tests were: {why}");
+        }
+        PathBuf::from(built)
+    }
+
+    /// Who the agent should name for its process `pid`.
+    pub fn identity(self, pid: u32) -> Identity {
+        let path = self.path();
+        match self {
+            CClient::BoringSsl => identity(pid, &path, TlsExpect::BoringSsl(BORINGSSL_LIB.into()), true),
+            CClient::StaticOpenSsl | CClient::StaticStripped => {
+                identity(pid, &path, TlsExpect::Binary(path.clone()), true)
+            }
+            CClient::PythonModule => identity(pid, python_exe(), TlsExpect::Binary(path), true),
+        }
+    }
+
+    /// Its command line, its arguments to follow.
+    fn command(self) -> Command {
+        match self {
+            CClient::PythonModule => {
+                let mut cmd = Command::new(python_exe());
+                cmd.arg("-c").arg(MODULE_LOADER_PY).arg(self.path());
+                cmd
+            }
+            _ => Command::new(self.path()),
+        }
+    }
+}
+
+/// `req` as HTTP/1.1 bytes for 127.0.0.1:`port`, the connection closed after it.
+pub fn http1_request(req: &Request, port: u16) -> Vec<u8> {
+    let body = req.body_bytes();
+    let mut head = format!("{} {} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n", req.method, req.path);
+    for (k, v) in &req.headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    if req.gzip {
+        head.push_str("Accept-Encoding: gzip\r\n");
+    }
+    if req.body.is_some() {
+        head.push_str(&format!("Content-Type: application/json\r\nContent-Length: {}\r\n", body.len()));
+    }
+    head.push_str("\r\n");
+    let mut bytes = head.into_bytes();
+    bytes.extend_from_slice(&body);
+    bytes
+}
+
+/// Runs the C test client `client` over a plan of one request, staying `linger_ms` after
+/// it; asserts it exited 0 and returns (pid, the raw response).
+pub fn run_c_client(client: CClient, port: u16, plan: &Plan, linger_ms: u32) -> (u32, String) {
+    let reqs: Vec<&Request> = plan.requests().collect();
+    assert_eq!(reqs.len(), 1, "run_c_client takes a plan of one request");
+    let dir = TempDir::new("c-client");
+    let path = dir.join("request");
+    fs::write(&path, http1_request(reqs[0], port)).expect("writing the request");
+    let mut cmd = client.command();
+    cmd.arg(port.to_string()).arg(&path).arg(linger_ms.to_string());
+    let (pid, stdout, _) = run_client("tls_client", cmd);
+    (pid, stdout)
+}
+
 /// The Go test client (`clients/go_client.go`, built by the build script), plain or built
 /// with `-ldflags=-s -w` (no ELF symbols, no DWARF). Panics saying why when `go` could not
 /// build it.

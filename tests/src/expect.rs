@@ -193,12 +193,14 @@ pub fn expected_calls(plan: &Plan) -> Vec<ExpectedCall> {
 pub enum TlsExpect {
     /// The system OpenSSL (`.../libssl.so.3`).
     LibSsl,
-    /// OpenSSL linked into this executable.
+    /// OpenSSL linked into this executable (or shared object).
     Binary(PathBuf),
     /// The system GnuTLS (`.../libgnutls.so.30[.x.y.z]`), hooks `gnutls_record_*`.
     GnuTls,
     /// Go's crypto/tls in this Go executable, hooks `crypto/tls.(*Conn).Write`/`Read`.
     Go(PathBuf),
+    /// BoringSSL in this shared library, hooks `SSL_write`/`SSL_read`.
+    BoringSsl(PathBuf),
 }
 
 /// A process the agent should name (caller or server).
@@ -245,6 +247,10 @@ impl Identity {
             TlsExpect::Go(exe) => {
                 check(lib == exe.to_string_lossy(), format!("tls.library {lib:?} != {exe:?}"));
                 ("go-crypto/tls", "crypto/tls.(*Conn).Write", "crypto/tls.(*Conn).Read")
+            }
+            TlsExpect::BoringSsl(so) => {
+                check(lib == so.to_string_lossy(), format!("tls.library {lib:?} != {so:?}"));
+                ("boringssl", "SSL_write", "SSL_read")
             }
         };
         check(p["tls"]["stack"] == stack, format!("tls.stack {} != {stack:?}", p["tls"]["stack"]));

@@ -1,6 +1,7 @@
 //! The blind-spot report on the real kernel: a process that talks to a model endpoint
 //! through a TLS stack capture does not hook (rustls, compiled into a small Rust program of
-//! this crate) is reported with its process, destination and likely reason; an OpenSSL
+//! this crate; OpenSSL linked into a stripped C program) is reported with its process,
+//! destination and likely reason; an OpenSSL
 //! client (curl) to the same endpoint, whose plaintext capture sees, is not; and the same
 //! rustls client talking to a port no provider lists is not either.
 //!
@@ -13,8 +14,10 @@ use std::{
 };
 
 use aegis_tests::{
-    Agent, ContainConfig, MockProvider, PinDir, Plan, TempCert, TestCgroup, contain::Provider, plans, require_root,
-    run_curl, scaled, serial,
+    Agent, ContainConfig, MockProvider, PinDir, Plan, TempCert, TestCgroup,
+    clients::{CClient, run_c_client},
+    contain::Provider,
+    plans, require_root, run_curl, scaled, serial,
 };
 use serde_json::Value;
 
@@ -69,11 +72,14 @@ fn a_rustls_client_is_reported_and_an_openssl_client_is_not() {
     run_rustls_client(mock.port);
     run_rustls_client(mock.port);
     run_rustls_client(other.port);
+    let chat = Plan::single(vec![plans::openai_chat("gpt-4o-mini", "unseen: a stripped static copy")]);
+    let (stripped_pid, response) = run_c_client(CClient::StaticStripped, mock.port, &chat, 2000);
+    assert!(response.starts_with("HTTP/1.1 200"), "the stripped C client got no answer: {response:?}");
 
     let dest = format!("127.0.0.1:{}", mock.port);
     let deadline = Instant::now() + scaled(Duration::from_secs(20));
     let mut records = agent.records();
-    while blind_spots(&records).len() < 2 && Instant::now() < deadline {
+    while blind_spots(&records).len() < 3 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(200));
         records = agent.records();
     }
@@ -85,8 +91,24 @@ fn a_rustls_client_is_reported_and_an_openssl_client_is_not() {
     let spots = blind_spots(&records);
     let context = format!("blind spots: {spots:#?}\n{}", agent.logs());
 
-    // Two rustls processes, each reported once, with the reason and the destination.
-    assert_eq!(spots.len(), 2, "{context}");
+    // Two rustls processes and the stripped C client, each reported once, with the reason
+    // and the destination.
+    assert_eq!(spots.len(), 3, "{context}");
+    let (stripped, spots): (Vec<&Value>, Vec<&Value>) =
+        spots.into_iter().partition(|s| s["pid"].as_u64() == Some(u64::from(stripped_pid)));
+    assert_eq!(stripped.len(), 1, "{context}");
+    let s = stripped[0];
+    assert_eq!(
+        (&s["dest"], &s["provider"], &s["stack"]),
+        (&dest.as_str().into(), &"mock".into(), &"static".into()),
+        "{context}"
+    );
+    assert_eq!(s["exe"], CClient::StaticStripped.path().display().to_string(), "{context}");
+    assert!(s["reason"].as_str().is_some_and(|r| r.contains("stripped")), "{context}");
+    assert!(
+        records.iter().all(|r| r["type"] != "llm_call" || r["pid"].as_u64() != Some(u64::from(stripped_pid))),
+        "the stripped client's call is not seen: {context}"
+    );
     for s in &spots {
         assert_eq!(s["dest"], dest.as_str(), "{context}");
         assert_eq!(s["provider"], "mock", "{context}");
@@ -110,12 +132,12 @@ fn a_rustls_client_is_reported_and_an_openssl_client_is_not() {
     assert!(records.iter().all(|r| r["dest"] != other_dest.as_str()), "{context}");
 
     let counts = &status["capture"]["blind_spots"];
-    assert_eq!(counts["connects"], 3, "curl and two rustls connects to the endpoint: {status:#}");
+    assert_eq!(counts["connects"], 4, "curl, two rustls and a C connect to the endpoint: {status:#}");
     assert_eq!(counts["explained"], 1, "{status:#}");
-    assert_eq!(counts["blind"], 2, "{status:#}");
-    assert_eq!(counts["reports"], 2, "{status:#}");
+    assert_eq!(counts["blind"], 3, "{status:#}");
+    assert_eq!(counts["reports"], 3, "{status:#}");
     assert_eq!(counts["events_lost"], 0, "{status:#}");
-    assert!(text.contains("blind spots: 3 connects"), "{text}");
+    assert!(text.contains("blind spots: 4 connects"), "{text}");
 }
 
 /// A python process that makes one call, waits, and makes another on a new connection; it

@@ -12,7 +12,7 @@ use std::{
 
 use aegis_tests::{
     Agent, MockProvider, Plan, Request, TempCert, assert_calls, assert_no_secrets,
-    clients::{ClientRun, go_capture_toml, run_go, run_wget, wget_identity},
+    clients::{CClient, ClientRun, go_capture_toml, run_c_client, run_go, run_wget, wget_identity},
     expected_calls,
     plans::{self, SECRETS},
     require_root, run_curl, run_node, run_python, serial,
@@ -130,6 +130,70 @@ fn wget_gnutls_calls_are_reported_exactly() {
         let mine: Vec<Value> = records.iter().filter(|r| r["pid"].as_u64() == Some(u64::from(*pid))).cloned().collect();
         let expected = expected_calls(plan);
         assert_calls(&mine, &expected, &setup.mock.host(), &wget_identity(*pid), &setup.mock.identity(), &context);
+    }
+    assert_no_secrets(&setup.agent.raw_output(), &SECRETS);
+}
+
+/// A C client over BoringSSL (Debian's android-libboringssl: `SSL_*` exported by a shared
+/// library in a directory discovery does not search, found in the process's maps), the
+/// same client with OpenSSL linked in statically (`SSL_*` only in the executable's static
+/// symbol table, exported by nothing), and the same as a shared object loaded by python
+/// (OpenSSL compiled in, only its entry point exported: a Python extension module carrying
+/// a TLS copy): each is found by discovery's rescan while a first process runs, then its
+/// calls are reported exactly, with `tls.stack` "boringssl" and the library, or "openssl"
+/// and the file that carries it. One process per request (the client sends one request
+/// and reads to the close): plain and streamed OpenAI chat, an Anthropic message, and an
+/// ordinary GET that must not be reported.
+#[test]
+fn boringssl_and_static_openssl_calls_are_reported_exactly() {
+    let _serial = serial();
+    let mut setup = Setup::start_with("[capture]\nrediscover_secs = 1\n");
+    // A first process of each, staying 5 s after a call that is not a model call, until
+    // the rescan has probed what it runs.
+    let clients = [CClient::BoringSsl, CClient::StaticOpenSsl, CClient::PythonModule];
+    let lingering: Vec<_> = clients
+        .map(|client| {
+            let port = setup.mock.port;
+            std::thread::spawn(move || run_c_client(client, port, &Plan::single(vec![plans::health()]), 5000))
+        })
+        .into();
+    let wanted = [
+        aegis_tests::clients::BORINGSSL_LIB.to_owned(),
+        CClient::StaticOpenSsl.path().display().to_string(),
+        CClient::PythonModule.path().display().to_string(),
+    ];
+    let deadline = std::time::Instant::now() + aegis_tests::scaled(Duration::from_secs(15));
+    let probed = |logs: &str| wanted.iter().all(|p| logs.contains(&format!("TLS probes attached path={p} ")));
+    while !probed(&setup.agent.logs()) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(probed(&setup.agent.logs()), "not probed within 15 s: {wanted:?}\n{}", setup.agent.logs());
+    for t in lingering {
+        t.join().expect("lingering client");
+    }
+    let plans = [
+        Plan::single(vec![plans::openai_chat("gpt-4o-mini", "Which TLS library does this client use?")]),
+        Plan::single(vec![plans::openai_chat_stream("gpt-4o", "Stream a haiku about BoringSSL.", true)]),
+        Plan::single(vec![plans::anthropic_messages("claude-3-5-haiku-latest", "Name a static linker.", false)]),
+        Plan::single(vec![plans::health()]),
+    ];
+    let mut runs = Vec::new();
+    for client in clients {
+        for (i, plan) in plans.iter().enumerate() {
+            // Staying 300 ms, as a caller that exits at once may be gone before /proc is read.
+            let (pid, response) = run_c_client(client, setup.mock.port, plan, 300);
+            assert!(response.starts_with("HTTP/1.1 200"), "{client:?} got no answer to request {i}: {response:?}");
+            runs.push((client, pid, plan));
+        }
+    }
+    let pids: Vec<u64> = runs.iter().map(|(_, pid, _)| u64::from(*pid)).collect();
+    setup.agent.wait_until(|r| r["pid"].as_u64().is_some_and(|p| pids.contains(&p)), 9, RECORD_WAIT);
+    let records = setup.agent.stop();
+    let context = format!("{}\n--- mock stderr ---\n{}", setup.agent.logs(), setup.mock.stderr_tail());
+    for (client, pid, plan) in &runs {
+        let mine: Vec<Value> = records.iter().filter(|r| r["pid"].as_u64() == Some(u64::from(*pid))).cloned().collect();
+        let expected = expected_calls(plan);
+        assert_calls(&mine, &expected, &setup.mock.host(), &client.identity(*pid), &setup.mock.identity(), &context);
     }
     assert_no_secrets(&setup.agent.raw_output(), &SECRETS);
 }

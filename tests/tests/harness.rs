@@ -103,6 +103,7 @@ fn ideal_record(e: &aegis_tests::ExpectedCall, n: usize, host: &str, client: &Id
                 ("/usr/lib/x86_64-linux-gnu/libssl.so.3".to_string(), "openssl", ["SSL_write", "SSL_read"])
             }
             TlsExpect::Binary(b) => (b.display().to_string(), "openssl", ["SSL_write", "SSL_read"]),
+            TlsExpect::BoringSsl(b) => (b.display().to_string(), "boringssl", ["SSL_write", "SSL_read"]),
             TlsExpect::Go(b) => {
                 (b.display().to_string(), "go-crypto/tls", ["crypto/tls.(*Conn).Write", "crypto/tls.(*Conn).Read"])
             }

@@ -27,7 +27,7 @@ use clap::{Parser, Subcommand};
 pub const TOOLCHAIN: &str = "nightly-2026-10-30";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Debian packages the tests and benchmarks use (binary, package).
-const PACKAGES: [(&str, &str); 11] = [
+const PACKAGES: [(&str, &str); 13] = [
     ("/usr/bin/curl", "curl"),
     ("/usr/bin/openssl", "openssl"),
     ("/usr/include/openssl/ssl.h", "libssl-dev"),
@@ -41,6 +41,10 @@ const PACKAGES: [(&str, &str); 11] = [
     ("/usr/bin/objdump", "binutils"),
     // The Go test client (tests/clients/go_client.go), built by the tests crate's build script.
     ("/usr/bin/go", "golang-go"),
+    // BoringSSL (Debian's build for Android's tools) and its headers: the C test client
+    // (tests/clients/tls_client.c) is built against it.
+    ("/usr/lib/x86_64-linux-gnu/android/libssl.so.0", "android-libboringssl"),
+    ("/usr/include/android/openssl/ssl.h", "android-libboringssl-dev"),
 ];
 
 #[derive(Parser)]

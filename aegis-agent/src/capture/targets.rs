@@ -1,13 +1,18 @@
 //! Where the TLS libraries live on this host: shared libraries (OpenSSL's libssl.so.3 and
-//! libssl.so.1.1, GnuTLS's libgnutls.so.30), executables that link OpenSSL (or BoringSSL,
-//! which has the same API) statically and export it (node), and Go executables, whose
-//! crypto/tls is found through Go's own symbol table ([`gosym`](super::gosym)), so stripped
-//! ones too.
+//! libssl.so.1.1, GnuTLS's libgnutls.so.30, BoringSSL's builds such as Debian's
+//! `android/libssl.so.0`, and any other shared object a process maps that defines them, a
+//! Python extension module with a copy compiled in, say), executables that link OpenSSL or
+//! BoringSSL statically (node), and Go executables, whose crypto/tls is found through Go's
+//! own symbol table ([`gosym`](super::gosym)), so stripped ones too.
 //!
 //! A target qualifies when its ELF dynamic symbol table defines the read and write functions
-//! of one [`TlsStack`]; the others ([`TlsFn`]) are attached when also present. Paths are
-//! canonicalised and deduplicated by (device, inode), so a library reached through several
-//! symlinks is probed once.
+//! of one [`TlsStack`], or, for a copy compiled in without exporting them, when its static
+//! symbol table (`.symtab`, which `strip` removes) defines each of them once; the others
+//! ([`TlsFn`]) are attached when also present. BoringSSL is told from OpenSSL by functions
+//! only it defines ([`BORINGSSL_MARKERS`]). Shared objects are read only as far as their
+//! headers and symbol tables (a process may map a library of a gigabyte); executables are
+//! read whole, as Go's table needs. Paths are canonicalised and deduplicated by (device,
+//! inode), so a library reached through several symlinks is probed once.
 //!
 //! GnuTLS needs no program of its own: its record functions take the same arguments in the
 //! same registers as OpenSSL's and return the bytes moved the same way,
@@ -29,15 +34,18 @@ use std::{
 };
 
 use anyhow::Context as _;
-use object::{Object as _, ObjectSymbol as _};
+use object::{Object as _, ObjectSymbol as _, ReadRef, SymbolKind};
 
 use super::gosym::{self, GoTls};
 
 /// The TLS implementations capture can read, told apart by the symbols a file exports.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum TlsStack {
-    /// OpenSSL 1.1.1 and 3.x, and BoringSSL (the same `SSL_*` API).
+    /// OpenSSL 1.1.1 and 3.x.
     OpenSsl,
+    /// BoringSSL (Google's fork: gRPC's core, Envoy, Chromium, Android's libssl): OpenSSL's
+    /// `SSL_*` API, the same programs.
+    BoringSsl,
     /// GnuTLS 3 (wget, and other Debian programs).
     GnuTls,
     /// Go's crypto/tls (Go 1.18 and later), linked into every Go program that speaks TLS.
@@ -65,18 +73,19 @@ impl TlsFn {
 }
 
 impl TlsStack {
-    /// The stacks found by their exported symbols (Go's is found by its symbol table).
-    const EXPORTED: [TlsStack; 2] = [TlsStack::OpenSsl, TlsStack::GnuTls];
+    /// The stacks found by their ELF symbols (BoringSSL as OpenSSL, then told apart; Go's is
+    /// found by its own symbol table).
+    const BY_SYMBOL: [TlsStack; 2] = [TlsStack::OpenSsl, TlsStack::GnuTls];
 
     /// The exported symbol of `f` in this stack, where the C-ABI programs (capture's OpenSSL
     /// ones, the content gate's) go; Go's functions have none.
     pub fn symbol(self, f: TlsFn) -> Option<&'static str> {
         match (self, f) {
-            (TlsStack::OpenSsl, TlsFn::Write) => Some("SSL_write"),
-            (TlsStack::OpenSsl, TlsFn::Read) => Some("SSL_read"),
-            (TlsStack::OpenSsl, TlsFn::WriteEx) => Some("SSL_write_ex"),
-            (TlsStack::OpenSsl, TlsFn::ReadEx) => Some("SSL_read_ex"),
-            (TlsStack::OpenSsl, TlsFn::Free) => Some("SSL_free"),
+            (TlsStack::OpenSsl | TlsStack::BoringSsl, TlsFn::Write) => Some("SSL_write"),
+            (TlsStack::OpenSsl | TlsStack::BoringSsl, TlsFn::Read) => Some("SSL_read"),
+            (TlsStack::OpenSsl | TlsStack::BoringSsl, TlsFn::WriteEx) => Some("SSL_write_ex"),
+            (TlsStack::OpenSsl | TlsStack::BoringSsl, TlsFn::ReadEx) => Some("SSL_read_ex"),
+            (TlsStack::OpenSsl | TlsStack::BoringSsl, TlsFn::Free) => Some("SSL_free"),
             (TlsStack::GnuTls, TlsFn::Write) => Some("gnutls_record_send"),
             (TlsStack::GnuTls, TlsFn::Read) => Some("gnutls_record_recv"),
             (TlsStack::GnuTls, TlsFn::Free) => Some("gnutls_deinit"),
@@ -100,6 +109,7 @@ impl TlsStack {
     pub fn name(self) -> &'static str {
         match self {
             TlsStack::OpenSsl => "openssl",
+            TlsStack::BoringSsl => "boringssl",
             TlsStack::GnuTls => "gnutls",
             TlsStack::GoTls => "go-crypto/tls",
         }
@@ -116,12 +126,19 @@ impl TlsStack {
     }
 }
 
+/// Whether a mapped file's name is a shared object's (`libssl.so.3`, `_ssl.cpython-311-x86_64-linux-gnu.so`).
+fn is_shared_object_name(name: &str) -> bool {
+    name.ends_with(".so") || name.contains(".so.")
+}
+
 /// Directories searched for TLS libraries when discovery is on.
 const LIBRARY_DIRS: [&str; 6] =
     ["/usr/lib/x86_64-linux-gnu", "/lib/x86_64-linux-gnu", "/usr/lib64", "/lib64", "/usr/lib", "/usr/local/lib"];
 const LIBRARY_NAMES: [&str; 3] = ["libssl.so.3", "libssl.so.1.1", "libgnutls.so.30"];
-/// File name prefixes of the TLS libraries looked for in processes' maps.
-const LIBRARY_PREFIXES: [&str; 2] = ["libssl.so", "libgnutls.so"];
+/// Functions BoringSSL defines and OpenSSL does not (its libssl's, and its libcrypto's for a
+/// copy linked in whole).
+pub const BORINGSSL_MARKERS: [&str; 3] =
+    ["SSL_CTX_set_grease_enabled", "SSL_set_private_key_method", "BORINGSSL_self_test"];
 /// Largest file inspected (it is read whole to parse its ELF symbols): node is about
 /// 100 MiB, libssl a few.
 const MAX_TARGET_BYTES: u64 = 1 << 30;
@@ -162,35 +179,27 @@ impl TlsTarget {
 /// [`TlsStack`]. A file with both (a program linking OpenSSL and GnuTLS) is probed as OpenSSL.
 /// A Go executable is probed when its crypto/tls can be found (Err with why when not).
 pub fn inspect(path: &Path, kind: TargetKind) -> anyhow::Result<Option<TlsTarget>> {
+    if kind == TargetKind::Library {
+        // Headers and symbol tables only, read as the parser asks for them.
+        let (file, _) = crate::files::open_regular(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let cache = object::ReadCache::new(file);
+        let elf = object::File::parse(&cache).with_context(|| format!("{} is not an ELF file", path.display()))?;
+        return Ok(by_symbols(&elf).map(|(stack, functions)| TlsTarget {
+            path: path.to_owned(),
+            kind,
+            stack,
+            functions,
+            go: None,
+        }));
+    }
     let advice = "a TLS library or a program linking OpenSSL is smaller: leave it out of capture.libraries";
     let data = crate::files::read_capped(path, MAX_TARGET_BYTES, advice)
         .with_context(|| format!("cannot read {}", path.display()))?;
     let file = object::File::parse(&*data).with_context(|| format!("{} is not an ELF file", path.display()))?;
-    let wanted: HashSet<&str> =
-        TlsStack::EXPORTED.iter().flat_map(|s| TlsFn::ALL.iter().filter_map(|f| s.symbol(*f))).collect();
-    let mut found = HashSet::new();
-    for sym in file.dynamic_symbols() {
-        if sym.is_definition()
-            && let Ok(name) = sym.name()
-            && wanted.contains(name)
-        {
-            found.insert(name.to_owned());
-        }
-    }
-    for stack in TlsStack::EXPORTED {
-        let defines = |f: TlsFn| stack.symbol(f).is_some_and(|s| found.contains(s));
-        if !(defines(TlsFn::Write) && defines(TlsFn::Read)) {
-            continue;
-        }
-        let mut functions: Vec<TlsFn> = TlsFn::ALL.into_iter().filter(|f| defines(*f)).collect();
-        // The `_ex` pair goes on together or not at all (one alone would see half the traffic
-        // of a program that uses both).
-        if !(functions.contains(&TlsFn::WriteEx) && functions.contains(&TlsFn::ReadEx)) {
-            functions.retain(|f| !matches!(f, TlsFn::WriteEx | TlsFn::ReadEx));
-        }
+    if let Some((stack, functions)) = by_symbols(&file) {
         return Ok(Some(TlsTarget { path: path.to_owned(), kind, stack, functions, go: None }));
     }
-    if kind == TargetKind::Executable && gosym::is_go(&file, &data) {
+    if gosym::is_go(&file, &data) {
         let go = gosym::find(&file, &data)
             .with_context(|| format!("{} is a Go program whose crypto/tls cannot be probed", path.display()))?;
         return Ok(go.map(|go| {
@@ -202,6 +211,66 @@ pub fn inspect(path: &Path, kind: TargetKind) -> anyhow::Result<Option<TlsTarget
         }));
     }
     Ok(None)
+}
+
+/// The C stack whose functions `file` defines, and which of them: exported (the dynamic
+/// symbol table), or else compiled in and kept in the static symbol table. A static symbol
+/// counts only when it is a function defined once there and its name is not in the dynamic
+/// table at all (the probes are attached by name, and the dynamic table is searched first).
+fn by_symbols<'d, R: ReadRef<'d>>(file: &object::File<'d, R>) -> Option<(TlsStack, Vec<TlsFn>)> {
+    let wanted: HashSet<&str> = TlsStack::BY_SYMBOL
+        .iter()
+        .flat_map(|s| TlsFn::ALL.iter().filter_map(|f| s.symbol(*f)))
+        .chain(BORINGSSL_MARKERS)
+        .collect();
+    let mut dynamic_names = HashSet::new();
+    let mut exported = HashSet::new();
+    for sym in file.dynamic_symbols() {
+        if let Ok(name) = sym.name()
+            && let Some(&name) = wanted.get(name)
+        {
+            dynamic_names.insert(name);
+            if sym.is_definition() {
+                exported.insert(name);
+            }
+        }
+    }
+    if let Some(found) = qualify(&exported) {
+        return Some(found);
+    }
+    let mut defined: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    for sym in file.symbols() {
+        if sym.is_definition()
+            && sym.kind() == SymbolKind::Text
+            && let Ok(name) = sym.name()
+            && let Some(&name) = wanted.get(name)
+            && !dynamic_names.contains(name)
+        {
+            *defined.entry(name).or_default() += 1;
+        }
+    }
+    let compiled_in: HashSet<&str> = defined.into_iter().filter(|(_, n)| *n == 1).map(|(name, _)| name).collect();
+    qualify(&compiled_in)
+}
+
+/// The first stack of [`TlsStack::BY_SYMBOL`] whose read and write functions are in
+/// `defined`, told BoringSSL by its markers, with the functions of it that are.
+fn qualify(defined: &HashSet<&str>) -> Option<(TlsStack, Vec<TlsFn>)> {
+    for stack in TlsStack::BY_SYMBOL {
+        let defines = |f: TlsFn| stack.symbol(f).is_some_and(|s| defined.contains(s));
+        if !(defines(TlsFn::Write) && defines(TlsFn::Read)) {
+            continue;
+        }
+        let mut functions: Vec<TlsFn> = TlsFn::ALL.into_iter().filter(|f| defines(*f)).collect();
+        // The `_ex` pair goes on together or not at all (one alone would see half the traffic
+        // of a program that uses both).
+        if !(functions.contains(&TlsFn::WriteEx) && functions.contains(&TlsFn::ReadEx)) {
+            functions.retain(|f| !matches!(f, TlsFn::WriteEx | TlsFn::ReadEx));
+        }
+        let boring = stack == TlsStack::OpenSsl && BORINGSSL_MARKERS.iter().any(|m| defined.contains(m));
+        return Some((if boring { TlsStack::BoringSsl } else { stack }, functions));
+    }
+    None
 }
 
 /// Finds targets, remembering what it already looked at so that a periodic rescan only
@@ -274,7 +343,8 @@ impl Discovery {
         targets
     }
 
-    /// TLS libraries mapped by running processes, and the executables of running processes
+    /// Shared objects mapped by running processes (any of them may carry a TLS stack: a
+    /// Python extension module with BoringSSL compiled in, say), and the executables of running processes
     /// (those that embed and export OpenSSL, and Go programs with crypto/tls, are kept by
     /// [`inspect`]). Each process is read
     /// twice at most.
@@ -297,7 +367,8 @@ impl Discovery {
             if let Ok(maps) = std::fs::read_to_string(format!("/proc/{pid}/maps")) {
                 for line in maps.lines() {
                     if let Some(path) = line.split_whitespace().nth(5)
-                        && path.rsplit('/').next().is_some_and(|f| LIBRARY_PREFIXES.iter().any(|p| f.starts_with(p)))
+                        && path.starts_with('/')
+                        && path.rsplit('/').next().is_some_and(is_shared_object_name)
                     {
                         out.insert((PathBuf::from(path), TargetKind::Library));
                     }
@@ -340,6 +411,28 @@ mod tests {
         assert_eq!(lib.symbol(TlsFn::WriteEx), None);
         assert_eq!(TlsStack::GnuTls.rename("SSL_read"), "gnutls_record_recv");
         assert_eq!(TlsStack::OpenSsl.rename("SSL_read_ex"), "SSL_read_ex");
+    }
+
+    /// BoringSSL (Debian's build for Android's tools: `cargo xtask setup` installs it) is
+    /// told from OpenSSL by its own functions; a library that only imports `SSL_*` (libcurl)
+    /// is no target. (A copy known by its static symbol table only: `tests/tests/capture.rs`.)
+    #[test]
+    fn boringssl_is_told_from_openssl_and_importers_are_not_targets() {
+        let boring = inspect(Path::new("/usr/lib/x86_64-linux-gnu/android/libssl.so.0"), TargetKind::Library)
+            .expect("android-libboringssl is installed on this machine (cargo xtask setup)")
+            .expect("BoringSSL's libssl exports SSL_write and SSL_read");
+        assert_eq!((boring.stack, boring.stack.name()), (TlsStack::BoringSsl, "boringssl"));
+        assert_eq!(boring.symbol(TlsFn::Write), Some("SSL_write"));
+        assert_eq!(boring.symbol(TlsFn::Free), Some("SSL_free"));
+        let openssl = inspect(Path::new("/usr/lib/x86_64-linux-gnu/libssl.so.3"), TargetKind::Library)
+            .unwrap()
+            .expect("libssl.so.3 is a target");
+        assert_eq!(openssl.stack, TlsStack::OpenSsl);
+        let curl = inspect(Path::new("/usr/lib/x86_64-linux-gnu/libcurl.so.4"), TargetKind::Library)
+            .expect("libcurl4 is installed on this machine (curl's library)");
+        assert!(curl.is_none(), "{curl:?}");
+        assert!(is_shared_object_name("_ssl.cpython-311-x86_64-linux-gnu.so") && is_shared_object_name("libssl.so.3"));
+        assert!(!is_shared_object_name("locale-archive") && !is_shared_object_name("python3.11"));
     }
 
     #[test]
