@@ -41,16 +41,24 @@ use crate::kernel::{
 pub type AttachPlan = [(&'static str, TlsFn)];
 
 /// Capture's plan: entry probes remember arguments, return probes copy data.
+///
+/// The order matters when probes go into a process that is already talking (a scoped
+/// attach at its connect, an agent started under traffic): attaching takes time (tens of
+/// milliseconds per probe on a slow kernel), and a call may run while only some are in.
+/// So the end of a connection is probed first (a connection whose bytes are seen has its
+/// end seen, and a later connection whose `SSL *` reuses the address is not taken for the
+/// same one), reads before writes (a request seen has its response seen), and each return
+/// before its entry (an entry never remembers arguments no return will take).
 const ATTACH_PLAN: [(&str, TlsFn); 9] = [
-    ("ssl_write_enter", TlsFn::Write),
-    ("ssl_write_exit", TlsFn::Write),
-    ("ssl_read_enter", TlsFn::Read),
-    ("ssl_read_exit", TlsFn::Read),
-    ("ssl_write_ex_enter", TlsFn::WriteEx),
-    ("ssl_write_ex_exit", TlsFn::WriteEx),
-    ("ssl_read_ex_enter", TlsFn::ReadEx),
-    ("ssl_read_ex_exit", TlsFn::ReadEx),
     ("ssl_free_enter", TlsFn::Free),
+    ("ssl_read_exit", TlsFn::Read),
+    ("ssl_read_enter", TlsFn::Read),
+    ("ssl_read_ex_exit", TlsFn::ReadEx),
+    ("ssl_read_ex_enter", TlsFn::ReadEx),
+    ("ssl_write_exit", TlsFn::Write),
+    ("ssl_write_enter", TlsFn::Write),
+    ("ssl_write_ex_exit", TlsFn::WriteEx),
+    ("ssl_write_ex_enter", TlsFn::WriteEx),
 ];
 
 /// Every target probes were attached to, indexed by cookie. Grows as discovery finds
@@ -400,11 +408,12 @@ fn uprobe<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut UProbe> 
 /// Attach capture's Go programs to the Go executable `target` at the offsets of `go`: on
 /// the body of `Write` and `Read` (past the stack check, which a call may pass twice), on
 /// every RET of `Read`, and on `Close`'s body. One point per attachment: the kernels before
-/// 6.6 have no multi-uprobe link.
+/// 6.6 have no multi-uprobe link. In the order of [`ATTACH_PLAN`]: `Close`, `Read`'s
+/// returns, `Read`, `Write`.
 fn attach_go(ebpf: &mut Ebpf, go: &GoTls, target: &TlsTarget, cookie: u64) -> anyhow::Result<usize> {
-    let mut points: Vec<(&str, u64)> = vec![("go_tls_write_enter", go.write.body), ("go_tls_read_enter", go.read.body)];
+    let mut points: Vec<(&str, u64)> = go.close.iter().map(|c| ("go_tls_close_enter", *c)).collect();
     points.extend(go.read.returns.iter().map(|r| ("go_tls_read_return", *r)));
-    points.extend(go.close.iter().map(|c| ("go_tls_close_enter", *c)));
+    points.extend([("go_tls_read_enter", go.read.body), ("go_tls_write_enter", go.write.body)]);
     for &(prog_name, offset) in &points {
         uprobe(ebpf, prog_name)?
             .attach(
@@ -461,6 +470,29 @@ fn detach(ebpf: &mut Ebpf, links: Vec<(&'static str, UProbeLinkId)>) {
     for (prog_name, link) in links {
         if let Ok(p) = uprobe(ebpf, prog_name) {
             let _ = p.detach(link);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The order [`ATTACH_PLAN`] promises for probes that go into a process already
+    /// talking: the end first, reads before writes, each return before its entry.
+    #[test]
+    fn the_plan_attaches_ends_then_reads_then_writes_returns_first() {
+        let position = |name: &str| ATTACH_PLAN.iter().position(|(p, _)| *p == name).expect(name);
+        assert_eq!(ATTACH_PLAN[0].1, TlsFn::Free);
+        let last_read = [TlsFn::Read, TlsFn::ReadEx]
+            .map(|f| ATTACH_PLAN.iter().rposition(|(_, g)| *g == f).unwrap())
+            .into_iter()
+            .max()
+            .unwrap();
+        let first_write = ATTACH_PLAN.iter().position(|(_, f)| matches!(f, TlsFn::Write | TlsFn::WriteEx)).unwrap();
+        assert!(last_read < first_write, "{ATTACH_PLAN:?}");
+        for f in ["ssl_read", "ssl_read_ex", "ssl_write", "ssl_write_ex"] {
+            assert!(position(&format!("{f}_exit")) < position(&format!("{f}_enter")), "{f}: {ATTACH_PLAN:?}");
         }
     }
 }
