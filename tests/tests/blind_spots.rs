@@ -140,6 +140,67 @@ fn a_rustls_client_is_reported_and_an_openssl_client_is_not() {
     assert!(text.contains("blind spots: 4 connects"), "{text}");
 }
 
+/// A python process with a UDP socket connected to 127.0.0.1:PORT (as a QUIC client's is),
+/// sending one datagram and staying 3 s; prints its pid.
+const UDP_FLOW_PY: &str = r#"
+import os, socket, sys, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.connect(("127.0.0.1", int(sys.argv[1])))
+s.send(b"\xc0QUIC initial (not really)")
+print(os.getpid(), flush=True)
+time.sleep(3)
+"#;
+
+/// QUIC: a UDP flow to a model endpoint (a connected socket to the mock's address and port)
+/// is reported as a blind spot with the stack `quic` and its process, and `status` counts it;
+/// a UDP flow to a port no provider lists is not.
+#[test]
+fn a_udp_flow_to_a_model_endpoint_is_reported_as_quic() {
+    let _serial = serial();
+    require_root();
+    let cert = TempCert::generate();
+    let cg = TestCgroup::new("blind-spots-udp");
+    let pins = PinDir::new("blind-spots-udp");
+    let mock = MockProvider::start(&cert);
+    let other = MockProvider::start_named(&cert, "not-a-provider");
+    let mut cfg = ContainConfig::new(&cg, &pins).shipped_mode();
+    cfg.providers.push(Provider { name: "mock".into(), hosts: vec!["127.0.0.1".into()], ports: vec![mock.port] });
+    cfg.extra = format!("[blind_spots]\ngrace_ms = {GRACE_MS}\nrepeat_secs = 300\nresolve_secs = 1\n");
+    let mut agent = cfg.start_agent();
+    std::thread::sleep(Duration::from_millis(500));
+    let run = |port: u16| {
+        let out =
+            Command::new("python3").arg("-c").arg(UDP_FLOW_PY).arg(port.to_string()).output().expect("running python3");
+        assert!(out.status.success(), "the UDP client failed: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim().parse::<u64>().expect("the UDP client prints its pid")
+    };
+    let pid = run(mock.port);
+    run(other.port);
+    let deadline = Instant::now() + scaled(Duration::from_secs(20));
+    let mut records = agent.records();
+    while blind_spots(&records).is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+        records = agent.records();
+    }
+    std::thread::sleep(Duration::from_millis(GRACE_MS + 1000));
+    let text = cfg.ctl_ok(&["status"]);
+    let status: Value = serde_json::from_str(&cfg.ctl_ok(&["status", "--json"])).expect("status JSON");
+    let records = agent.stop();
+    let spots = blind_spots(&records);
+    let context = format!("blind spots: {spots:#?}\n{text}\n{}", agent.logs());
+    assert_eq!(spots.len(), 1, "{context}");
+    let s = spots[0];
+    assert_eq!(s["pid"].as_u64(), Some(pid), "{context}");
+    assert_eq!(s["dest"], format!("127.0.0.1:{}", mock.port), "{context}");
+    assert_eq!((&s["provider"], &s["stack"]), (&"mock".into(), &"quic".into()), "{context}");
+    assert!(s["reason"].as_str().is_some_and(|r| r.contains("QUIC")), "{context}");
+    assert!(s["comm"].as_str().is_some_and(|c| c.starts_with("python")), "{context}");
+    let counts = &status["capture"]["blind_spots"];
+    assert_eq!(counts["udp_flows"], 1, "{status:#}");
+    assert_eq!(counts["blind"], 1, "{status:#}");
+    assert!(text.contains("1 UDP (QUIC) flows"), "{text}");
+}
+
 /// A python process that makes one call, waits, and makes another on a new connection; it
 /// prints its pid first.
 const TWO_CALLS_PY: &str = r#"

@@ -419,6 +419,8 @@ mod tests {
                         overflow: 0,
                         events_lost: 0,
                         endpoints: 14,
+                        udp_flows: 1,
+                        udp_unowned: 0,
                     })),
                     scoped: Some(Box::new(crate::capture::scope::ScopedCounts {
                         at_connect: 2,

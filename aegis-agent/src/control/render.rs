@@ -233,8 +233,17 @@ fn status_text(s: &AgentStatus) -> String {
             let _ = writeln!(
                 out,
                 "blind spots: {} connects to {} model endpoints, {} seen by capture, {} unseen ({} reported as \
-                 blind_spot records), {} not followed, {} lost in the kernel",
-                b.connects, b.endpoints, b.explained, b.blind, b.reports, b.overflow, b.events_lost
+                 blind_spot records), {} not followed, {} lost in the kernel; {} UDP (QUIC) flows ({} of them \
+                 not named: gone first)",
+                b.connects,
+                b.endpoints,
+                b.explained,
+                b.blind,
+                b.reports,
+                b.overflow,
+                b.events_lost,
+                b.udp_flows,
+                b.udp_unowned
             );
         }
         if let Some(c) = &h.scoped {

@@ -5,7 +5,8 @@
 //! - connects: every TCP connect on the host to a port a provider listens on, from the
 //!   connect watch ([`watch`], a raw tracepoint), kept when the destination is a known model
 //!   endpoint ([`Endpoints`]: the providers' configured addresses and what their names
-//!   resolve to);
+//!   resolve to); and every connected UDP socket to such an endpoint ([`udp`]: QUIC, which
+//!   capture never reads, so plaintext never explains it);
 //! - plaintext: every connection capture starts following (a new `(tgid, SSL *)`), from
 //!   capture's connection tables ([`Tracker::plaintext_seen`]).
 //!
@@ -23,6 +24,7 @@
 
 pub mod diagnose;
 pub mod service;
+pub mod udp;
 pub mod watch;
 
 use std::{
@@ -89,13 +91,15 @@ pub struct Connect {
     pub cgroup_id: u64,
     pub dest: SocketAddr,
     pub comm: String,
+    /// A UDP flow (QUIC), found by [`udp`], not a TCP connect.
+    pub udp: bool,
 }
 
 /// What the examination of a process found ([`diagnose`]).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Diagnosis {
     /// The TLS stack the process most likely uses: `rustls`, `nss`, `go`, `openssl`,
-    /// `gnutls`, `static` or `unknown`.
+    /// `gnutls`, `static` or `unknown`; `quic` for a UDP flow.
     pub stack: &'static str,
     /// Why capture likely sees nothing of it, and what to do.
     pub reason: String,
@@ -164,6 +168,18 @@ struct Process {
     diagnosis: Option<Diagnosis>,
 }
 
+/// What a UDP flow to a model endpoint is said to be, whatever the process's TLS stack.
+fn quic(process: Diagnosis) -> Diagnosis {
+    Diagnosis {
+        stack: "quic",
+        reason: "a UDP flow to a model endpoint: QUIC (HTTP/3), whose TLS runs inside the QUIC library (quiche, \
+                 ngtcp2, msquic, aioquic, quic-go) where capture does not hook; turn HTTP/3 off in the client, or \
+                 block UDP to the endpoint so that it falls back to TCP"
+            .into(),
+        exe: process.exe,
+    }
+}
+
 /// The matching of connects and plaintext.
 pub struct Tracker {
     endpoints: Endpoints,
@@ -220,7 +236,8 @@ impl Tracker {
             return false;
         };
         self.stats.connects += 1;
-        if let Some(recent) = self.recent.get_mut(&connect.tgid)
+        if !connect.udp
+            && let Some(recent) = self.recent.get_mut(&connect.tgid)
             && let Some(i) =
                 recent.iter().position(|&t| t >= connect.timestamp_ns && t - connect.timestamp_ns <= self.grace_ns)
         {
@@ -246,10 +263,13 @@ impl Tracker {
     }
 
     /// Capture started following a connection of `tgid` at `timestamp_ns` (its first event).
+    /// It explains a TCP connect, never a UDP flow.
     pub fn plaintext_seen(&mut self, tgid: u32, timestamp_ns: u64) {
         if let Some(proc) = self.procs.get_mut(&tgid)
             && let Some(i) = proc.pending.iter().position(|p| {
-                p.connect.timestamp_ns <= timestamp_ns && timestamp_ns - p.connect.timestamp_ns <= self.grace_ns
+                !p.connect.udp
+                    && p.connect.timestamp_ns <= timestamp_ns
+                    && timestamp_ns - p.connect.timestamp_ns <= self.grace_ns
             })
         {
             proc.pending.remove(i);
@@ -308,6 +328,7 @@ impl Tracker {
                 }
                 None => self.diagnosed.get(&d.tgid).cloned().unwrap_or_default(),
             };
+            let diagnosis = if d.connect.udp { quic(diagnosis) } else { diagnosis };
             let key = (d.tgid, d.connect.dest);
             let dest = d.connect.dest.to_string();
             if let Some(r) = reports.iter_mut().find(|r| r.pid == d.tgid && r.dest == dest) {
@@ -396,6 +417,7 @@ mod tests {
             cgroup_id: 1,
             dest: dest.parse().unwrap(),
             comm: "client".into(),
+            udp: false,
         }
     }
 
@@ -405,6 +427,27 @@ mod tests {
 
     fn said_rustls(_: &mut diagnose::Snapshot) -> Diagnosis {
         Diagnosis { stack: "rustls", reason: "rustls is not hooked".into(), exe: None }
+    }
+
+    /// A UDP flow (QUIC) is never explained by plaintext, even the process's own TCP
+    /// connection's right after it, and is reported with the stack `quic` whatever the
+    /// process's TLS stack.
+    #[test]
+    fn a_udp_flow_is_never_explained_and_is_reported_as_quic() {
+        let mut t = Tracker::new(endpoints(), 1000 * MS, 60_000 * MS);
+        let udp = Connect { udp: true, ..connect(10, 100, "203.0.113.5:443") };
+        t.plaintext_seen(10, 90 * MS);
+        t.on_connect(udp.clone(), rustls);
+        t.plaintext_seen(10, 150 * MS);
+        let reports = t.expire(5000 * MS, "t", said_rustls);
+        assert_eq!(reports.len(), 1, "{reports:?}");
+        assert_eq!(reports[0].stack, "quic");
+        assert!(reports[0].reason.contains("QUIC"), "{}", reports[0].reason);
+        assert_eq!(t.stats(), Stats { connects: 1, blind: 1, reports: 1, ..Stats::default() });
+        // The same process's TCP connect is still explained by its plaintext.
+        t.on_connect(connect(10, 6000, "203.0.113.5:443"), rustls);
+        t.plaintext_seen(10, 6001 * MS);
+        assert_eq!(t.stats().explained, 1);
     }
 
     #[test]

@@ -1,8 +1,9 @@
 //! The blind-spot service: two threads around a shared [`Tracker`].
 //!
 //! - `aegis-blindspot` reads the connect watch as its events come (at least every
-//!   [`TICK`]), feeds the tracker (which looks at each new process at once), hands what
-//!   stayed unexplained to `aegis-diagnose`, and keeps the counts `status` shows;
+//!   [`TICK`]) and the UDP socket tables every [`udp::POLL`], feeds the tracker (which looks
+//!   at each new process at once), hands what stayed unexplained to `aegis-diagnose`, and
+//!   keeps the counts `status` shows;
 //! - `aegis-diagnose` diagnoses and reports it, outside the tracker's lock (capture's
 //!   workers tell the tracker about new connections and must never wait for an executable
 //!   being read), and without holding the watch up;
@@ -23,7 +24,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use super::{BlindSpot, Endpoints, Stats, Tracker, diagnose, watch::ConnectWatch};
+use super::{BlindSpot, Endpoints, Stats, Tracker, diagnose, udp, watch::ConnectWatch};
 
 /// Processes remembered as sent to scoped capture (forgotten all at once past this).
 const MAX_SENT: usize = 65_536;
@@ -68,6 +69,13 @@ pub struct Counts {
     pub events_lost: u64,
     /// Known model endpoints (providers with an address).
     pub endpoints: u64,
+    /// Connected UDP sockets (QUIC) to a model endpoint found, of `connects` when their
+    /// process was named.
+    #[serde(default)]
+    pub udp_flows: u64,
+    /// Of those, gone or held by no process visible here before they were named.
+    #[serde(default)]
+    pub udp_unowned: u64,
 }
 
 /// What capture's connection tables tell the tracker. Cheap to clone.
@@ -181,6 +189,8 @@ impl Service {
                 let mut endpoint_count = 0u64;
                 // Processes sent to be probed (scoped capture), so each is sent once.
                 let mut sent: HashSet<u32> = HashSet::new();
+                let mut udp = udp::UdpPoller::default();
+                let mut polled = std::time::Instant::now();
                 loop {
                     let stopping = stop.load(Ordering::Relaxed);
                     if let Some(e) = lock(&fresh).take() {
@@ -190,8 +200,13 @@ impl Service {
                         }
                         lock(&tracker).set_endpoints(e);
                     }
-                    let connects = watch.events();
+                    let mut connects = watch.events();
                     let now = crate::clock::monotonic_ns();
+                    if polled.elapsed() >= udp::POLL {
+                        polled = std::time::Instant::now();
+                        let endpoints = lock(&tracker).endpoints().clone();
+                        connects.extend(udp.poll(&endpoints, now));
+                    }
                     let due = {
                         let mut t = lock(&tracker);
                         for c in connects {
@@ -200,6 +215,7 @@ impl Service {
                             // else is done with its connect (the snapshot reads its files),
                             // since its first call races its probes.
                             if let Some(tx) = &attach
+                                && !c.udp
                                 && !sent.contains(&tgid)
                                 && t.is_model_endpoint(&c)
                             {
@@ -220,7 +236,7 @@ impl Service {
                         let _ = to_diagnose.send((now, due));
                     }
                     let stats = lock(&tracker).stats();
-                    *lock(&counts) = counts_of(stats, watch.counts(), endpoint_count);
+                    *lock(&counts) = counts_of(stats, watch.counts(), endpoint_count, udp.counts);
                     if stopping {
                         break;
                     }
@@ -258,7 +274,7 @@ impl Drop for Service {
     }
 }
 
-fn counts_of(stats: Stats, kernel: super::watch::KernelCounts, endpoints: u64) -> Counts {
+fn counts_of(stats: Stats, kernel: super::watch::KernelCounts, endpoints: u64, udp: udp::UdpCounts) -> Counts {
     Counts {
         connects: stats.connects,
         explained: stats.explained,
@@ -267,5 +283,7 @@ fn counts_of(stats: Stats, kernel: super::watch::KernelCounts, endpoints: u64) -
         overflow: stats.overflow,
         events_lost: kernel.lost,
         endpoints,
+        udp_flows: udp.flows,
+        udp_unowned: udp.unowned,
     }
 }

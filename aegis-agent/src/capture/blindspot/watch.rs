@@ -122,6 +122,7 @@ impl ConnectWatch {
                 cgroup_id: e.cgroup_id,
                 dest: SocketAddr::new(ip, e.port),
                 comm: String::from_utf8_lossy(&e.comm[..end]).into_owned(),
+                udp: false,
             });
         }
         out
