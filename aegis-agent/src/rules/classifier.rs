@@ -22,10 +22,11 @@
 //!
 //! # Cost
 //!
-//! One pass over each window, about 3 hashes of up to 5 characters per character, then a
-//! sort of the window's buckets to count them; no allocation per n-gram; at most
-//! [`MAX_WINDOWS`] windows per text (the rest is counted in [`Score::chars_not_scored`]), so
-//! any input costs a bounded time: about 60 µs per KiB optimised (README).
+//! One pass over each window, about 3 hashes of up to 5 characters per character, each
+//! bucket marked in a per-thread bit set, then one pass over the distinct buckets' weights;
+//! no allocation per n-gram; at most [`MAX_WINDOWS`] windows per text (the rest is counted
+//! in [`Score::chars_not_scored`]), so any input costs a bounded time: about 15 µs per KiB
+//! optimised on the development VM (README).
 //!
 //! # File format (little endian)
 //!
@@ -59,7 +60,8 @@ struct Tables {
     seen: Vec<u64>,
     /// Other models: one count per weight, all zero between windows.
     counts: Vec<u8>,
-    /// The buckets a window touched, in first-seen order.
+    /// The buckets a window touched, in first-seen order (presence models: the first ones
+    /// of a buffer kept at its largest size).
     buckets: Vec<u32>,
 }
 
@@ -334,7 +336,6 @@ impl Model {
     }
 
     fn units_logit<U: Unit>(&self, units: &[U], s: &mut Tables) -> f64 {
-        s.buckets.clear();
         let (sum, norm) = if self.count_cap == 1 { self.presence_sum(units, s) } else { self.count_sum(units, s) };
         f64::from(self.bias) + if norm == 0.0 { 0.0 } else { sum / norm.max(self.norm_floor).sqrt() }
     }
@@ -343,21 +344,43 @@ impl Model {
     /// occurrence of a bucket adds its weight.
     fn presence_sum<U: Unit>(&self, units: &[U], s: &mut Tables) -> (f64, f64) {
         let (seen, buckets) = (&mut s.seen, &mut s.buckets);
+        // Room for every feature: at most one character n-gram per unit and length, and two
+        // word features (the word, the pair it ends) per unit. The buffer only grows.
+        let bound = units.len() * (self.char_max + 1 - self.char_min + 2) + 1;
+        if buckets.len() < bound {
+            buckets.resize(bound, 0);
+        }
+        // Every feature is written at the end of the list, which grows only when its bucket
+        // is new: no branch on whether it is (half of them are, unpredictably).
+        let mut n = 0;
         self.features(units, |b, _| {
             let (word, bit) = ((b >> 6) as usize, 1u64 << (b & 63));
-            if seen[word] & bit == 0 {
-                seen[word] |= bit;
-                buckets.push(b);
-            }
+            let w = seen[word];
+            buckets[n] = b;
+            n += usize::from(w & bit == 0);
+            seen[word] = w | bit;
         });
+        let distinct = &buckets[..n];
         // The weights apart, in a loop of independent loads (the table is larger than the
-        // cache, and its misses overlap here), summed in first-seen order.
+        // cache, and its misses overlap here), summed in first-seen order into four sums
+        // (one sum made each add wait for the one before).
         let weights = &self.weights[..];
-        let sum = buckets.iter().map(|&b| f64::from(weights[b as usize])).sum();
-        for &b in buckets.iter() {
+        let mut sums = [0f64; 4];
+        let quads = distinct.chunks_exact(4);
+        let rest = quads.remainder();
+        for q in quads {
+            for (sum, &b) in sums.iter_mut().zip(q) {
+                *sum += f64::from(weights[b as usize]);
+            }
+        }
+        let mut sum = (sums[0] + sums[1]) + (sums[2] + sums[3]);
+        for &b in rest {
+            sum += f64::from(weights[b as usize]);
+        }
+        for &b in distinct {
             seen[(b >> 6) as usize] = 0;
         }
-        (sum, buckets.len() as f64)
+        (sum, n as f64)
     }
 
     /// (Σ weight × count, Σ count) over the buckets of `units`, counts capped.
@@ -365,6 +388,7 @@ impl Model {
         // count_cap is at most 64 (checked when the model is read).
         let cap = self.count_cap as u8;
         let (counts, buckets) = (&mut s.counts, &mut s.buckets);
+        buckets.clear();
         self.features(units, |b, _| {
             let c = &mut counts[b as usize];
             if *c == 0 {
