@@ -366,8 +366,7 @@ impl Model {
         // (one sum made each add wait for the one before).
         let weights = &self.weights[..];
         let mut sums = [0f64; 4];
-        let quads = distinct.chunks_exact(4);
-        let rest = quads.remainder();
+        let (quads, rest) = distinct.as_chunks::<4>();
         for q in quads {
             for (sum, &b) in sums.iter_mut().zip(q) {
                 *sum += f64::from(weights[b as usize]);
