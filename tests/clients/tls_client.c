@@ -7,7 +7,8 @@
  * Connects to 127.0.0.1:PORT (SNI "localhost", certificate not checked: the mock's is
  * self-signed), writes the bytes of REQUEST_FILE (raw HTTP/1.1 requests) with SSL_write,
  * then copies what SSL_read returns to standard output until the server closes; then stays
- * LINGER_MS milliseconds, as a service would. */
+ * LINGER_MS milliseconds, as a service would. With TLS_CLIENT_DELAY_MS in the environment,
+ * it waits that long before connecting (a service's start-up). */
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <openssl/err.h>
@@ -29,6 +30,8 @@ int main(int argc, char **argv) {
         fprintf(stderr, "usage: tls_client PORT REQUEST_FILE [LINGER_MS]\n");
         return 2;
     }
+    const char *delay = getenv("TLS_CLIENT_DELAY_MS");
+    if (delay) usleep((useconds_t)atoi(delay) * 1000);
     FILE *f = fopen(argv[2], "rb");
     if (!f) return fail("cannot open the request file");
     static char request[1 << 20];

@@ -585,6 +585,11 @@ pub fn http1_request(req: &Request, port: u16) -> Vec<u8> {
 /// Runs the C test client `client` over a plan of one request, staying `linger_ms` after
 /// it; asserts it exited 0 and returns (pid, the raw response).
 pub fn run_c_client(client: CClient, port: u16, plan: &Plan, linger_ms: u32) -> (u32, String) {
+    run_c_client_after(client, port, plan, 0, linger_ms)
+}
+
+/// [`run_c_client`], the client waiting `delay_ms` after its start before it connects.
+pub fn run_c_client_after(client: CClient, port: u16, plan: &Plan, delay_ms: u32, linger_ms: u32) -> (u32, String) {
     let reqs: Vec<&Request> = plan.requests().collect();
     assert_eq!(reqs.len(), 1, "run_c_client takes a plan of one request");
     let dir = TempDir::new("c-client");
@@ -592,6 +597,9 @@ pub fn run_c_client(client: CClient, port: u16, plan: &Plan, linger_ms: u32) -> 
     fs::write(&path, http1_request(reqs[0], port)).expect("writing the request");
     let mut cmd = client.command();
     cmd.arg(port.to_string()).arg(&path).arg(linger_ms.to_string());
+    if delay_ms > 0 {
+        cmd.env("TLS_CLIENT_DELAY_MS", delay_ms.to_string());
+    }
     let (pid, stdout, _) = run_client("tls_client", cmd);
     (pid, stdout)
 }

@@ -12,7 +12,7 @@ use std::{
 
 use aegis_tests::{
     Agent, MockProvider, Plan, Request, TempCert, assert_calls, assert_no_secrets,
-    clients::{CClient, ClientRun, go_capture_toml, run_c_client, run_go, run_wget, wget_identity},
+    clients::{CClient, ClientRun, go_capture_toml, run_c_client, run_c_client_after, run_go, run_wget, wget_identity},
     expected_calls,
     plans::{self, SECRETS},
     require_root, run_curl, run_node, run_python, serial,
@@ -196,6 +196,26 @@ fn boringssl_and_static_openssl_calls_are_reported_exactly() {
         assert_calls(&mine, &expected, &setup.mock.host(), &client.identity(*pid), &setup.mock.identity(), &context);
     }
     assert_no_secrets(&setup.agent.raw_output(), &SECRETS);
+}
+
+/// A program carrying its own TLS, started after the agent, is probed from its start: with
+/// discovery's periodic scan out of the way (`rediscover_secs` of an hour), the kernel's
+/// process events hand its executable to discovery at its exec. The C client with OpenSSL
+/// linked in connects 300 ms after its start (a service's start-up), and its call must be
+/// recorded exactly.
+#[test]
+fn a_program_started_after_the_agent_is_probed_from_its_exec() {
+    let _serial = serial();
+    let mut setup = Setup::start_with("[capture]\nrediscover_secs = 3600\n");
+    let plan = Plan::single(vec![plans::openai_chat("gpt-4o-mini", "Am I probed from my start?")]);
+    let (pid, response) = run_c_client_after(CClient::StaticOpenSsl, setup.mock.port, &plan, 300, 300);
+    assert!(response.starts_with("HTTP/1.1 200"), "no answer: {response:?}");
+    setup.agent.wait_until(|r| r["pid"].as_u64() == Some(u64::from(pid)), 1, RECORD_WAIT);
+    let records = setup.agent.stop();
+    let context = format!("{}\n--- mock stderr ---\n{}", setup.agent.logs(), setup.mock.stderr_tail());
+    let mine: Vec<Value> = records.iter().filter(|r| r["pid"].as_u64() == Some(u64::from(pid))).cloned().collect();
+    let identity = CClient::StaticOpenSsl.identity(pid);
+    assert_calls(&mine, &expected_calls(&plan), &setup.mock.host(), &identity, &setup.mock.identity(), &context);
 }
 
 /// A Go client (net/http over Go's own crypto/tls, HTTP/1.1, no C library at all): its calls

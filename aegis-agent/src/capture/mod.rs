@@ -26,7 +26,7 @@ pub mod targets;
 use std::{
     hash::{BuildHasher as _, RandomState},
     os::fd::AsRawFd as _,
-    path::Path,
+    path::{Path, PathBuf},
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -157,7 +157,8 @@ impl Progress {
 pub struct Pipeline {
     stop: Arc<AtomicBool>,
     stop_discovery: Arc<AtomicBool>,
-    /// Scoped capture's process watch (ends with discovery).
+    /// The process watch: scoped capture's, or host-wide discovery's at exec (ends with
+    /// discovery).
     proc_watch: Option<JoinHandle<()>>,
     discovery: Option<JoinHandle<TlsProbes>>,
     reader: Option<JoinHandle<EventSource>>,
@@ -240,6 +241,7 @@ impl Pipeline {
         let reader_processes = processes.clone();
         // Without capture (the kernel refused it) the workers stay idle; the output thread
         // still carries the other records.
+        let capturing = source.is_some();
         let reader = match source {
             Some(source) => Some(spawn("aegis-reader", move || {
                 let queues = Queues { senders, progress };
@@ -248,10 +250,20 @@ impl Pipeline {
             None => None,
         };
 
+        // Scoped capture probes processes from their start; host-wide capture hands
+        // discovery each new process's executable (a program carrying its own TLS is probed
+        // at its start, not at the next scan).
+        let mut new_executables = None;
         let proc_watch = match (proc_watch, probes.known()) {
             (Some(tx), Some(known)) => {
                 let stop = stop_discovery.clone();
                 Some(spawn("aegis-procwatch", move || procwatch::run(known, tx, &stop))?)
+            }
+            (_, None) if config.capture.discover && capturing => {
+                let (tx, rx) = sync_channel(EXEC_QUEUE);
+                new_executables = Some(rx);
+                let stop = stop_discovery.clone();
+                Some(spawn("aegis-procwatch", move || procwatch::run_discovery(tx, &stop))?)
             }
             _ => None,
         };
@@ -259,7 +271,8 @@ impl Pipeline {
         let capture = config.capture.clone();
         let discovery_stop = stop_discovery.clone();
         let discovery = spawn("aegis-discovery", move || {
-            rediscover(probes, discovery, every, &discovery_stop, attach_requests, |d| {
+            let requests = Requests { attach: attach_requests, executables: new_executables };
+            rediscover(probes, discovery, every, &discovery_stop, requests, |d| {
                 d.scan(&capture.libraries, &capture.executables, capture.discover)
             })
         })?;
@@ -315,23 +328,35 @@ fn ended_lookup(map: aya::maps::HashMap<aya::maps::MapData, StreamKey, StreamPos
     })
 }
 
+/// New processes' executables queued for discovery, at most.
+const EXEC_QUEUE: usize = 1024;
+
+/// What discovery is asked to act on at once, besides its periodic scans.
+struct Requests {
+    /// Scoped capture: processes to probe.
+    attach: Option<Receiver<ProbeRequest>>,
+    /// Host-wide capture: the executables of processes just started.
+    executables: Option<Receiver<PathBuf>>,
+}
+
 /// Attach to what discovery finds, every `every` (never when zero), until `stop`; with
-/// scoped capture, also to each process `attach` names (as soon as it does), and detach
-/// what exited processes had. Returns the probes so that the caller decides when they are
-/// detached.
+/// scoped capture, also to each process `requests.attach` names (as soon as it does), and
+/// detach what exited processes had; with host-wide capture, also to each new process's
+/// executable that carries a TLS stack. Returns the probes so that the caller decides when
+/// they are detached.
 fn rediscover(
     mut probes: TlsProbes,
     mut discovery: Discovery,
     every: Duration,
     stop: &AtomicBool,
-    attach: Option<Receiver<ProbeRequest>>,
+    requests: Requests,
     scan: impl Fn(&mut Discovery) -> Vec<targets::TlsTarget>,
 ) -> TlsProbes {
     let mut last = Instant::now();
     let mut reaped = Instant::now();
     while !stop.load(Ordering::SeqCst) {
-        match &attach {
-            Some(rx) => match rx.recv_timeout(TICK) {
+        match (&requests.attach, &requests.executables) {
+            (Some(rx), _) => match rx.recv_timeout(TICK) {
                 Ok(request) => {
                     probes.attach_process(request);
                     while let Ok(request) = rx.try_recv() {
@@ -341,7 +366,20 @@ fn rediscover(
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => std::thread::sleep(TICK),
             },
-            None => std::thread::sleep(TICK),
+            (None, Some(rx)) => match rx.recv_timeout(TICK) {
+                Ok(exe) => {
+                    let found: Vec<_> = std::iter::once(exe)
+                        .chain(rx.try_iter())
+                        .filter_map(|exe| discovery.executable(&exe))
+                        .collect();
+                    if !found.is_empty() {
+                        probes.attach(&found);
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => std::thread::sleep(TICK),
+            },
+            (None, None) => std::thread::sleep(TICK),
         }
         if reaped.elapsed() >= REAP_EVERY {
             reaped = Instant::now();

@@ -3,11 +3,16 @@
 //! process forks, gets capture's probes at once, before its first connect, so that its first
 //! call is seen (the connect watch alone attaches after the connect, racing that call).
 //!
+//! With host-wide capture ([`run_discovery`]), the executable of every process started is
+//! handed to discovery at once, so that a program that carries its own TLS (Go's crypto/tls,
+//! OpenSSL linked in) is probed within moments of its start, not at discovery's next scan.
+//!
 //! The connector needs CAP_NET_ADMIN and the host's network namespace; without it scoped
 //! capture still probes processes at their first connect (said once in the log). Messages
 //! the kernel could not queue (the socket's buffer full) are counted, not silent.
 
 use std::{
+    collections::HashSet,
     io,
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
     sync::{
@@ -187,6 +192,68 @@ pub fn run(known: Arc<Mutex<Known>>, tx: SyncSender<ProbeRequest>, stop: &Atomic
                 queue_full,
                 "process events lost (the kernel's queue for the watch overflowed, or the probing queue was full): \
                  the processes started then are probed from their first connect instead"
+            );
+        }
+    }
+}
+
+/// Executables remembered as handed to discovery (forgotten all at once past this; a
+/// repeat costs discovery one `stat`).
+const MAX_HANDED: usize = 4096;
+
+/// Hand `tx` the executable of every process started, until `stop` (see the module).
+/// Executables already handed are not handed again; what the queue has no room for is left
+/// to discovery's next scan (counted in the log). Without the connector it says so and
+/// returns: programs started later are probed at discovery's next scan.
+pub fn run_discovery(tx: SyncSender<std::path::PathBuf>, stop: &AtomicBool) {
+    let mut watch = match ProcWatch::open(Duration::from_millis(200)) {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::warn!(
+                error = %e,
+                "cannot read the kernel's process events (netlink process connector; needs CAP_NET_ADMIN in the \
+                 host's network namespace): a program carrying its own TLS (Go, OpenSSL linked in) started from now \
+                 on is probed at discovery's next scan (capture.rediscover_secs), and calls before it are not seen"
+            );
+            return;
+        }
+    };
+    let mut handed: HashSet<std::path::PathBuf> = HashSet::new();
+    let (mut queue_full, mut logged) = (0u64, (0u64, 0u64));
+    let mut last_log = std::time::Instant::now();
+    while !stop.load(Ordering::Relaxed) {
+        let events = match watch.read_events() {
+            Ok(events) => events,
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the kernel's process events failed; programs started from now on are probed at discovery's next scan");
+                return;
+            }
+        };
+        for event in events {
+            let ProcEvent::Exec { pid } = event else { continue };
+            let Ok(exe) = std::fs::read_link(format!("/proc/{pid}/exe")) else { continue };
+            if handed.contains(&exe) {
+                continue;
+            }
+            if handed.len() >= MAX_HANDED {
+                handed.clear();
+            }
+            match tx.try_send(exe.clone()) {
+                Ok(()) => {
+                    handed.insert(exe);
+                }
+                Err(std::sync::mpsc::TrySendError::Full(_)) => queue_full += 1,
+                Err(std::sync::mpsc::TrySendError::Disconnected(_)) => return,
+            }
+        }
+        if (watch.overruns, queue_full) != logged && last_log.elapsed() >= Duration::from_secs(60) {
+            logged = (watch.overruns, queue_full);
+            last_log = std::time::Instant::now();
+            tracing::warn!(
+                kernel_overruns = watch.overruns,
+                queue_full,
+                "process events lost (the kernel's queue for the watch overflowed, or discovery's queue was full): \
+                 the programs started then are looked at by discovery's next scan instead"
             );
         }
     }

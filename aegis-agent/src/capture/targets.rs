@@ -321,26 +321,22 @@ impl Discovery {
                 continue;
             }
             let real = std::fs::canonicalize(&path).unwrap_or(path);
-            match inspect(&real, kind) {
-                Ok(Some(t)) => targets.push(t),
-                Ok(None) if configured => tracing::warn!(
-                    path = %real.display(),
-                    "configured TLS target exports neither SSL_write/SSL_read nor gnutls_record_send/recv, and is \
-                     not a Go program with crypto/tls; skipped"
-                ),
-                Ok(None) => {}
-                Err(e) if configured => {
-                    tracing::warn!(path = %real.display(), error = %format!("{e:#}"), "configured TLS target skipped")
-                }
-                // A Go program whose crypto/tls is there but cannot be probed: said at warn
-                // level, its calls are not seen.
-                Err(e) if kind == TargetKind::Executable && e.chain().any(|c| c.is::<gosym::GoError>()) => {
-                    tracing::warn!(path = %real.display(), error = %format!("{e:#}"), "Go TLS not probed")
-                }
-                Err(e) => tracing::debug!(path = %real.display(), error = %e, "not inspectable"),
+            if let Some(t) = inspected(&real, kind, configured) {
+                targets.push(t);
             }
         }
         targets
+    }
+
+    /// The executable of a process just started, looked at once (by device and inode) like
+    /// those the scans find: a target when it carries a TLS stack of its own.
+    pub fn executable(&mut self, path: &Path) -> Option<TlsTarget> {
+        let meta = std::fs::metadata(path).ok()?;
+        if !self.inspected.insert((meta.dev(), meta.ino())) {
+            return None;
+        }
+        let real = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_owned());
+        inspected(&real, TargetKind::Executable, false)
     }
 
     /// Shared objects mapped by running processes (any of them may carry a TLS stack: a
@@ -382,6 +378,37 @@ impl Discovery {
         self.settled.retain(|p| alive.contains(p));
         self.fresh.retain(|p| alive.contains(p));
         out.into_iter().collect()
+    }
+}
+
+/// [`inspect`], with what it could not do logged: at warn for a configured path or a Go
+/// program whose crypto/tls cannot be probed, at debug otherwise.
+fn inspected(real: &Path, kind: TargetKind, configured: bool) -> Option<TlsTarget> {
+    match inspect(real, kind) {
+        Ok(Some(t)) => Some(t),
+        Ok(None) if configured => {
+            tracing::warn!(
+                path = %real.display(),
+                "configured TLS target exports neither SSL_write/SSL_read nor gnutls_record_send/recv, and is \
+                 not a Go program with crypto/tls; skipped"
+            );
+            None
+        }
+        Ok(None) => None,
+        Err(e) if configured => {
+            tracing::warn!(path = %real.display(), error = %format!("{e:#}"), "configured TLS target skipped");
+            None
+        }
+        // A Go program whose crypto/tls is there but cannot be probed: said at warn
+        // level, its calls are not seen.
+        Err(e) if kind == TargetKind::Executable && e.chain().any(|c| c.is::<gosym::GoError>()) => {
+            tracing::warn!(path = %real.display(), error = %format!("{e:#}"), "Go TLS not probed");
+            None
+        }
+        Err(e) => {
+            tracing::debug!(path = %real.display(), error = %e, "not inspectable");
+            None
+        }
     }
 }
 
