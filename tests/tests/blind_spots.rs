@@ -48,25 +48,59 @@ fn blind_spots(records: &[Value]) -> Vec<&Value> {
     records.iter().filter(|r| r["type"] == "blind_spot").collect()
 }
 
+/// The pieces of a report test: the mock provider made a model endpoint by the config, a
+/// second TLS server that no provider lists (talking to it is nobody's business), and an
+/// agent with the blind-spot report on (grace [`GRACE_MS`]).
+struct Watched {
+    cfg: ContainConfig,
+    agent: Agent,
+    mock: MockProvider,
+    other: MockProvider,
+    _cert: TempCert,
+    _cg: TestCgroup,
+    _pins: PinDir,
+}
+
+impl Watched {
+    fn start(name: &str) -> Self {
+        require_root();
+        let cert = TempCert::generate();
+        let (cg, pins) = (TestCgroup::new(name), PinDir::new(name));
+        let mock = MockProvider::start(&cert);
+        let other = MockProvider::start_named(&cert, "not-a-provider");
+        let mut cfg = ContainConfig::new(&cg, &pins).shipped_mode();
+        cfg.providers.push(Provider { name: "mock".into(), hosts: vec!["127.0.0.1".into()], ports: vec![mock.port] });
+        cfg.extra = format!("[blind_spots]\ngrace_ms = {GRACE_MS}\nrepeat_secs = 300\nresolve_secs = 1\n");
+        let agent = cfg.start_agent();
+        let status: Value = serde_json::from_str(&cfg.ctl_ok(&["status", "--json"])).expect("status JSON");
+        let cap =
+            status["capabilities"].as_array().and_then(|c| c.iter().find(|c| c["name"] == "blind_spots")).cloned();
+        assert_eq!(cap.as_ref().map(|c| c["state"].clone()), Some("active".into()), "{status:#}");
+        // The endpoints thread resolves at start; give it a turn before the first connect.
+        std::thread::sleep(Duration::from_millis(500));
+        Self { cfg, agent, mock, other, _cert: cert, _cg: cg, _pins: pins }
+    }
+
+    /// Waits (20 s at most) for `n` blind spots, then past the grace of every connect (what
+    /// else would be reported is by then); stops the agent. Returns its records, `status`
+    /// and `status --json`.
+    fn finish(&mut self, n: usize) -> (Vec<Value>, String, Value) {
+        let deadline = Instant::now() + scaled(Duration::from_secs(20));
+        while blind_spots(&self.agent.records()).len() < n && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        std::thread::sleep(Duration::from_millis(GRACE_MS + 1000));
+        let text = self.cfg.ctl_ok(&["status"]);
+        let status: Value = serde_json::from_str(&self.cfg.ctl_ok(&["status", "--json"])).expect("status JSON");
+        (self.agent.stop(), text, status)
+    }
+}
+
 #[test]
 fn a_rustls_client_is_reported_and_an_openssl_client_is_not() {
     let _serial = serial();
-    require_root();
-    let cert = TempCert::generate();
-    let cg = TestCgroup::new("blind-spots");
-    let pins = PinDir::new("blind-spots");
-    let mock = MockProvider::start(&cert);
-    // A second TLS server that no provider lists: talking to it is nobody's business.
-    let other = MockProvider::start_named(&cert, "not-a-provider");
-    let mut cfg = ContainConfig::new(&cg, &pins).shipped_mode();
-    cfg.providers.push(Provider { name: "mock".into(), hosts: vec!["127.0.0.1".into()], ports: vec![mock.port] });
-    cfg.extra = format!("[blind_spots]\ngrace_ms = {GRACE_MS}\nrepeat_secs = 300\nresolve_secs = 1\n");
-    let mut agent = cfg.start_agent();
-    let status: Value = serde_json::from_str(&cfg.ctl_ok(&["status", "--json"])).expect("status JSON");
-    let cap = status["capabilities"].as_array().and_then(|c| c.iter().find(|c| c["name"] == "blind_spots")).cloned();
-    assert_eq!(cap.as_ref().map(|c| c["state"].clone()), Some("active".into()), "{status:#}");
-    // The endpoints thread resolves at start; give it a turn before the first connect.
-    std::thread::sleep(Duration::from_millis(500));
+    let mut w = Watched::start("blind-spots");
+    let (mock, other) = (&w.mock, &w.other);
 
     let curl = run_curl(mock.port, &Plan::single(vec![plans::openai_chat("gpt-4o-mini", "seen by capture")]));
     run_rustls_client(mock.port);
@@ -76,20 +110,10 @@ fn a_rustls_client_is_reported_and_an_openssl_client_is_not() {
     let (stripped_pid, response) = run_c_client(CClient::StaticStripped, mock.port, &chat, 2000);
     assert!(response.starts_with("HTTP/1.1 200"), "the stripped C client got no answer: {response:?}");
 
-    let dest = format!("127.0.0.1:{}", mock.port);
-    let deadline = Instant::now() + scaled(Duration::from_secs(20));
-    let mut records = agent.records();
-    while blind_spots(&records).len() < 3 && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(200));
-        records = agent.records();
-    }
-    // Past the grace of every connect: whatever else would be reported is reported by now.
-    std::thread::sleep(Duration::from_millis(GRACE_MS + 1000));
-    let text = cfg.ctl_ok(&["status"]);
-    let status: Value = serde_json::from_str(&cfg.ctl_ok(&["status", "--json"])).expect("status JSON");
-    let records = agent.stop();
+    let (dest, other_dest) = (format!("127.0.0.1:{}", mock.port), format!("127.0.0.1:{}", other.port));
+    let (records, text, status) = w.finish(3);
     let spots = blind_spots(&records);
-    let context = format!("blind spots: {spots:#?}\n{}", agent.logs());
+    let context = format!("blind spots: {spots:#?}\n{}", w.agent.logs());
 
     // Two rustls processes and the stripped C client, each reported once, with the reason
     // and the destination.
@@ -128,7 +152,6 @@ fn a_rustls_client_is_reported_and_an_openssl_client_is_not() {
         "curl's call is recorded: {context}"
     );
     // No report names the port no provider lists.
-    let other_dest = format!("127.0.0.1:{}", other.port);
     assert!(records.iter().all(|r| r["dest"] != other_dest.as_str()), "{context}");
 
     let counts = &status["capture"]["blind_spots"];
@@ -157,41 +180,23 @@ time.sleep(3)
 #[test]
 fn a_udp_flow_to_a_model_endpoint_is_reported_as_quic() {
     let _serial = serial();
-    require_root();
-    let cert = TempCert::generate();
-    let cg = TestCgroup::new("blind-spots-udp");
-    let pins = PinDir::new("blind-spots-udp");
-    let mock = MockProvider::start(&cert);
-    let other = MockProvider::start_named(&cert, "not-a-provider");
-    let mut cfg = ContainConfig::new(&cg, &pins).shipped_mode();
-    cfg.providers.push(Provider { name: "mock".into(), hosts: vec!["127.0.0.1".into()], ports: vec![mock.port] });
-    cfg.extra = format!("[blind_spots]\ngrace_ms = {GRACE_MS}\nrepeat_secs = 300\nresolve_secs = 1\n");
-    let mut agent = cfg.start_agent();
-    std::thread::sleep(Duration::from_millis(500));
+    let mut w = Watched::start("blind-spots-udp");
     let run = |port: u16| {
         let out =
             Command::new("python3").arg("-c").arg(UDP_FLOW_PY).arg(port.to_string()).output().expect("running python3");
         assert!(out.status.success(), "the UDP client failed: {}", String::from_utf8_lossy(&out.stderr));
         String::from_utf8_lossy(&out.stdout).trim().parse::<u64>().expect("the UDP client prints its pid")
     };
-    let pid = run(mock.port);
-    run(other.port);
-    let deadline = Instant::now() + scaled(Duration::from_secs(20));
-    let mut records = agent.records();
-    while blind_spots(&records).is_empty() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(200));
-        records = agent.records();
-    }
-    std::thread::sleep(Duration::from_millis(GRACE_MS + 1000));
-    let text = cfg.ctl_ok(&["status"]);
-    let status: Value = serde_json::from_str(&cfg.ctl_ok(&["status", "--json"])).expect("status JSON");
-    let records = agent.stop();
+    let pid = run(w.mock.port);
+    run(w.other.port);
+    let dest = format!("127.0.0.1:{}", w.mock.port);
+    let (records, text, status) = w.finish(1);
     let spots = blind_spots(&records);
-    let context = format!("blind spots: {spots:#?}\n{text}\n{}", agent.logs());
+    let context = format!("blind spots: {spots:#?}\n{text}\n{}", w.agent.logs());
     assert_eq!(spots.len(), 1, "{context}");
     let s = spots[0];
     assert_eq!(s["pid"].as_u64(), Some(pid), "{context}");
-    assert_eq!(s["dest"], format!("127.0.0.1:{}", mock.port), "{context}");
+    assert_eq!(s["dest"], dest, "{context}");
     assert_eq!((&s["provider"], &s["stack"]), (&"mock".into(), &"quic".into()), "{context}");
     assert!(s["reason"].as_str().is_some_and(|r| r.contains("QUIC")), "{context}");
     assert!(s["comm"].as_str().is_some_and(|c| c.starts_with("python")), "{context}");

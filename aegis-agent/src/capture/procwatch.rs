@@ -139,61 +139,25 @@ impl ProcWatch {
 /// the connector (no CAP_NET_ADMIN, another network namespace) it says so and returns:
 /// processes are then probed at their first connect only.
 pub fn run(known: Arc<Mutex<Known>>, tx: SyncSender<ProbeRequest>, stop: &AtomicBool) {
-    let mut watch = match ProcWatch::open(Duration::from_millis(200)) {
-        Ok(w) => w,
-        Err(e) => {
-            tracing::warn!(
-                error = %e,
-                "cannot read the kernel's process events (netlink process connector; needs CAP_NET_ADMIN in the \
-                 host's network namespace): with capture.scope = model_processes, a process is probed from its \
-                 first connect to a model endpoint only, and its first call may come before its probes"
-            );
-            return;
+    let lock = || known.lock().unwrap_or_else(|e| e.into_inner());
+    lock().counts.process_events = true;
+    let instead = "processes are probed at their first connect to a model endpoint only (capture.scope = \
+                   model_processes), and a first call may come before its probes";
+    let handle = |event| {
+        let since_ns = crate::clock::monotonic_ns();
+        let found = match event {
+            ProcEvent::Exec { pid } => std::fs::read_link(format!("/proc/{pid}/exe"))
+                .ok()
+                .and_then(|exe| lock().on_exec(pid, &exe, scope::cgroup_of).map(|t| (pid, ProbeCause::Exec, t))),
+            ProcEvent::Fork { parent, child } => lock().on_fork(parent).map(|t| (child, ProbeCause::Fork, t)),
+        };
+        match found {
+            Some((pid, cause, targets)) => handed(tx.try_send(ProbeRequest { pid, since_ns, cause, targets })),
+            None => Handed::Done,
         }
     };
-    known.lock().unwrap_or_else(|e| e.into_inner()).counts.process_events = true;
-    let (mut queue_full, mut logged) = (0u64, (0u64, 0u64));
-    let mut last_log = std::time::Instant::now();
-    while !stop.load(Ordering::Relaxed) {
-        let events = match watch.read_events() {
-            Ok(events) => events,
-            Err(e) => {
-                tracing::warn!(error = %e, "reading the kernel's process events failed; processes are probed from their first connect only from now on");
-                known.lock().unwrap_or_else(|e| e.into_inner()).counts.process_events = false;
-                return;
-            }
-        };
-        for event in events {
-            let since_ns = crate::clock::monotonic_ns();
-            let found = match event {
-                ProcEvent::Exec { pid } => std::fs::read_link(format!("/proc/{pid}/exe")).ok().and_then(|exe| {
-                    let known = known.lock().unwrap_or_else(|e| e.into_inner());
-                    known.on_exec(pid, &exe, scope::cgroup_of).map(|t| (pid, ProbeCause::Exec, t))
-                }),
-                ProcEvent::Fork { parent, child } => {
-                    let known = known.lock().unwrap_or_else(|e| e.into_inner());
-                    known.on_fork(parent).map(|t| (child, ProbeCause::Fork, t))
-                }
-            };
-            if let Some((pid, cause, targets)) = found
-                && tx.try_send(ProbeRequest { pid, since_ns, cause, targets }).is_err()
-            {
-                queue_full += 1;
-            }
-        }
-        if (watch.overruns, queue_full) != logged {
-            known.lock().unwrap_or_else(|e| e.into_inner()).counts.events_lost = watch.overruns + queue_full;
-        }
-        if (watch.overruns, queue_full) != logged && last_log.elapsed() >= Duration::from_secs(60) {
-            logged = (watch.overruns, queue_full);
-            last_log = std::time::Instant::now();
-            tracing::warn!(
-                kernel_overruns = watch.overruns,
-                queue_full,
-                "process events lost (the kernel's queue for the watch overflowed, or the probing queue was full): \
-                 the processes started then are probed from their first connect instead"
-            );
-        }
+    if !follow(stop, instead, handle, |lost| lock().counts.events_lost = lost) {
+        lock().counts.process_events = false;
     }
 }
 
@@ -206,57 +170,99 @@ const MAX_HANDED: usize = 4096;
 /// to discovery's next scan (counted in the log). Without the connector it says so and
 /// returns: programs started later are probed at discovery's next scan.
 pub fn run_discovery(tx: SyncSender<std::path::PathBuf>, stop: &AtomicBool) {
+    let instead = "programs carrying their own TLS (Go, OpenSSL linked in) are probed at discovery's next scan \
+                   (capture.rediscover_secs), and calls before it are not seen";
+    let mut sent: HashSet<std::path::PathBuf> = HashSet::new();
+    let handle = |event| {
+        let ProcEvent::Exec { pid } = event else { return Handed::Done };
+        let Ok(exe) = std::fs::read_link(format!("/proc/{pid}/exe")) else { return Handed::Done };
+        if sent.contains(&exe) {
+            return Handed::Done;
+        }
+        if sent.len() >= MAX_HANDED {
+            sent.clear();
+        }
+        let result = handed(tx.try_send(exe.clone()));
+        if matches!(result, Handed::Done) {
+            sent.insert(exe);
+        }
+        result
+    };
+    follow(stop, instead, handle, |_| {});
+}
+
+/// What [`follow`]'s handler did with an event.
+enum Handed {
+    Done,
+    /// Its queue had no room.
+    QueueFull,
+    /// Its receiver is gone: nobody listens any more.
+    Closed,
+}
+
+fn handed<T>(sent: Result<(), std::sync::mpsc::TrySendError<T>>) -> Handed {
+    match sent {
+        Ok(()) => Handed::Done,
+        Err(std::sync::mpsc::TrySendError::Full(_)) => Handed::QueueFull,
+        Err(std::sync::mpsc::TrySendError::Disconnected(_)) => Handed::Closed,
+    }
+}
+
+/// Follow the kernel's process events until `stop` (or the handler's receiver is gone),
+/// each handed to `handle`. Events lost (the kernel's queue for the watch overflowed, or the
+/// handler's queue was full) are given to `lost` as a running total whenever it grows, and
+/// logged at most once a minute with `instead`, what becomes of those processes. Returns
+/// false when the events cannot be read, from the start or later (said with `instead`).
+fn follow(
+    stop: &AtomicBool,
+    instead: &str,
+    mut handle: impl FnMut(ProcEvent) -> Handed,
+    mut lost: impl FnMut(u64),
+) -> bool {
     let mut watch = match ProcWatch::open(Duration::from_millis(200)) {
         Ok(w) => w,
         Err(e) => {
             tracing::warn!(
                 error = %e,
                 "cannot read the kernel's process events (netlink process connector; needs CAP_NET_ADMIN in the \
-                 host's network namespace): a program carrying its own TLS (Go, OpenSSL linked in) started from now \
-                 on is probed at discovery's next scan (capture.rediscover_secs), and calls before it are not seen"
+                 host's network namespace): {instead}"
             );
-            return;
+            return false;
         }
     };
-    let mut handed: HashSet<std::path::PathBuf> = HashSet::new();
     let (mut queue_full, mut logged) = (0u64, (0u64, 0u64));
     let mut last_log = std::time::Instant::now();
     while !stop.load(Ordering::Relaxed) {
         let events = match watch.read_events() {
             Ok(events) => events,
             Err(e) => {
-                tracing::warn!(error = %e, "reading the kernel's process events failed; programs started from now on are probed at discovery's next scan");
-                return;
+                tracing::warn!(error = %e, "reading the kernel's process events failed; from now on {instead}");
+                return false;
             }
         };
         for event in events {
-            let ProcEvent::Exec { pid } = event else { continue };
-            let Ok(exe) = std::fs::read_link(format!("/proc/{pid}/exe")) else { continue };
-            if handed.contains(&exe) {
-                continue;
-            }
-            if handed.len() >= MAX_HANDED {
-                handed.clear();
-            }
-            match tx.try_send(exe.clone()) {
-                Ok(()) => {
-                    handed.insert(exe);
-                }
-                Err(std::sync::mpsc::TrySendError::Full(_)) => queue_full += 1,
-                Err(std::sync::mpsc::TrySendError::Disconnected(_)) => return,
+            match handle(event) {
+                Handed::Done => {}
+                Handed::QueueFull => queue_full += 1,
+                Handed::Closed => return true,
             }
         }
-        if (watch.overruns, queue_full) != logged && last_log.elapsed() >= Duration::from_secs(60) {
-            logged = (watch.overruns, queue_full);
-            last_log = std::time::Instant::now();
-            tracing::warn!(
-                kernel_overruns = watch.overruns,
-                queue_full,
-                "process events lost (the kernel's queue for the watch overflowed, or discovery's queue was full): \
-                 the programs started then are looked at by discovery's next scan instead"
-            );
+        let now = (watch.overruns, queue_full);
+        if now != logged {
+            lost(now.0 + now.1);
+            if last_log.elapsed() >= Duration::from_secs(60) {
+                logged = now;
+                last_log = std::time::Instant::now();
+                tracing::warn!(
+                    kernel_overruns = now.0,
+                    queue_full = now.1,
+                    "process events lost (the kernel's queue for the watch overflowed, or the queue behind it was \
+                     full): for the processes started then, {instead}"
+                );
+            }
         }
     }
+    true
 }
 
 fn u32_at(b: &[u8], at: usize) -> Option<u32> {

@@ -106,6 +106,12 @@ impl UdpPoller {
     /// The connected UDP sockets to a model endpoint that appeared since the last poll, as
     /// connects stamped `now_ns`.
     pub fn poll(&mut self, endpoints: &Endpoints, now_ns: u64) -> Vec<Connect> {
+        // No endpoint with an address (none configured, or none resolved yet): nothing to
+        // look for.
+        if endpoints.0.iter().all(|e| e.nets.is_empty()) {
+            self.seen.clear();
+            return Vec::new();
+        }
         let mut sockets = Vec::new();
         for table in ["/proc/net/udp", "/proc/net/udp6"] {
             // A table that cannot be read (no IPv6) has nothing to say.
