@@ -207,9 +207,7 @@ fn owners(inodes: &HashSet<u64>) -> HashMap<u64, Owner> {
 /// The cgroup v2 id of `pid` (the inode of its cgroup's directory), 0 when unknown.
 fn cgroup_id(pid: u32) -> u64 {
     use std::os::unix::fs::MetadataExt as _;
-    std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
-        .ok()
-        .and_then(|c| c.lines().find_map(|l| l.strip_prefix("0::").map(str::to_owned)))
+    crate::capture::scope::cgroup_of(pid)
         .and_then(|path| std::fs::metadata(format!("/sys/fs/cgroup{path}")).ok())
         .map_or(0, |m| m.ino())
 }
