@@ -7,6 +7,10 @@
 //!
 //! The mock provider is made a model endpoint by the config (`[providers.mock]` on
 //! 127.0.0.1 and its port). Traffic stays on loopback.
+//!
+//! A ClientHello's server name (SNI) names a model endpoint too: a provider known only by a
+//! wildcard host (`[providers.sni]`, `*.aegis-sni.invalid`, which resolves nowhere) is
+//! followed at whatever address the client connects to.
 
 use std::{
     process::Command,
@@ -26,15 +30,25 @@ const GRACE_MS: u64 = 1500;
 /// Runs the rustls client once against 127.0.0.1:`port`, to completion; it stays a moment
 /// after its call, as a service would (the agent looks at a process when its connect
 /// arrives; one that is gone by then is reported without its executable).
-fn run_rustls_client(port: u16) {
+fn run_rustls_client(port: u16) -> u32 {
+    run_rustls_client_named(port, "localhost")
+}
+
+/// [`run_rustls_client`] with its ClientHello naming `server_name`; returns its pid.
+fn run_rustls_client_named(port: u16, server_name: &str) -> u32 {
     let body = r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"unseen by capture"}]}"#;
     let child = Command::new(env!("CARGO_BIN_EXE_rustls_client"))
         .arg(port.to_string())
         .arg("/v1/chat/completions")
         .arg(body)
         .arg("2000")
-        .output()
+        .arg(server_name)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .expect("running rustls_client");
+    let pid = child.id();
+    let child = child.wait_with_output().expect("waiting for rustls_client");
     let stdout = String::from_utf8_lossy(&child.stdout);
     assert!(
         child.status.success() && stdout.contains("200"),
@@ -42,6 +56,7 @@ fn run_rustls_client(port: u16) {
         child.status,
         String::from_utf8_lossy(&child.stderr)
     );
+    pid
 }
 
 fn blind_spots(records: &[Value]) -> Vec<&Value> {
@@ -63,6 +78,11 @@ struct Watched {
 
 impl Watched {
     fn start(name: &str) -> Self {
+        Self::start_with(name, Vec::new())
+    }
+
+    /// [`Watched::start`] with more providers in the config.
+    fn start_with(name: &str, providers: Vec<Provider>) -> Self {
         require_root();
         let cert = TempCert::generate();
         let (cg, pins) = (TestCgroup::new(name), PinDir::new(name));
@@ -70,6 +90,7 @@ impl Watched {
         let other = MockProvider::start_named(&cert, "not-a-provider");
         let mut cfg = ContainConfig::new(&cg, &pins).shipped_mode();
         cfg.providers.push(Provider { name: "mock".into(), hosts: vec!["127.0.0.1".into()], ports: vec![mock.port] });
+        cfg.providers.extend(providers);
         cfg.extra = format!("[blind_spots]\ngrace_ms = {GRACE_MS}\nrepeat_secs = 300\nresolve_secs = 1\n");
         let agent = cfg.start_agent();
         let status: Value = serde_json::from_str(&cfg.ctl_ok(&["status", "--json"])).expect("status JSON");
@@ -161,6 +182,87 @@ fn a_rustls_client_is_reported_and_an_openssl_client_is_not() {
     assert_eq!(counts["reports"], 3, "{status:#}");
     assert_eq!(counts["events_lost"], 0, "{status:#}");
     assert!(text.contains("blind spots: 4 connects"), "{text}");
+}
+
+/// A python client (OpenSSL, probed) that connects to 127.0.0.1:PORT with its ClientHello
+/// naming HOST, makes one call (to the end of the answer: the mock closes), prints its pid
+/// and status, and keeps its socket a moment (as a service's pool does: the agent names the
+/// process holding the socket; a process gone first is counted as not named).
+const SNI_CALL_PY: &str = r#"
+import json, os, socket, ssl, sys, time
+host, port = sys.argv[1], int(sys.argv[2])
+ctx = ssl._create_unverified_context()
+s = ctx.wrap_socket(socket.create_connection(("127.0.0.1", port)), server_hostname=host)
+body = json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "named by SNI"}]})
+s.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n{body}".encode())
+response = b""
+while True:
+    chunk = s.recv(65536)
+    if not chunk:
+        break
+    response += chunk
+print(os.getpid(), response.split(b" ")[1].decode(), flush=True)
+time.sleep(1.0)
+s.close()
+"#;
+
+/// SNI: a connection whose ClientHello names a provider is followed at an address the agent
+/// does not know for it. A rustls client naming `api.aegis-sni.invalid` (a provider known only
+/// by the wildcard `*.aegis-sni.invalid`) while connecting to a port no provider lists is
+/// reported with the name, the provider and its process; python (OpenSSL) naming the same
+/// host there is captured, so not reported; the same rustls client naming `localhost` is nobody's business;
+/// and one naming the provider while connecting to the mock's known endpoint is followed
+/// once, by the connect watch (not twice).
+#[test]
+fn a_client_hello_naming_a_provider_is_followed_at_any_address() {
+    let _serial = serial();
+    let sni = Provider { name: "sni".into(), hosts: vec!["*.aegis-sni.invalid".into()], ports: vec![443] };
+    let mut w = Watched::start_with("blind-spots-sni", vec![sni]);
+    let host = "api.aegis-sni.invalid";
+    let (mock_port, other_port) = (w.mock.port, w.other.port);
+    let named_pid = run_rustls_client_named(other_port, host);
+    run_rustls_client_named(other_port, "localhost");
+    let at_endpoint_pid = run_rustls_client_named(mock_port, host);
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(SNI_CALL_PY)
+        .arg(host)
+        .arg(other_port.to_string())
+        .output()
+        .expect("running python3");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "the python client failed: {stdout}{}", String::from_utf8_lossy(&out.stderr));
+    let (python_pid, status_line) = stdout.trim().split_once(' ').expect("pid and status");
+    assert_eq!(status_line, "200", "{stdout}");
+    let python_pid: u64 = python_pid.parse().expect("a pid");
+
+    let (records, text, status) = w.finish(2);
+    let spots = blind_spots(&records);
+    let context = format!("blind spots: {spots:#?}\n{text}\n{}", w.agent.logs());
+    assert_eq!(spots.len(), 2, "{context}");
+    let by_pid = |pid: u32| spots.iter().find(|s| s["pid"].as_u64() == Some(u64::from(pid))).copied();
+    let s = by_pid(named_pid).unwrap_or_else(|| panic!("the rustls client naming {host} is reported: {context}"));
+    assert_eq!(
+        (&s["dest"], &s["provider"], &s["sni"], &s["stack"]),
+        (&format!("127.0.0.1:{other_port}").into(), &"sni".into(), &host.into(), &"rustls".into()),
+        "{context}"
+    );
+    let s =
+        by_pid(at_endpoint_pid).unwrap_or_else(|| panic!("the client at the known endpoint is reported: {context}"));
+    assert_eq!((&s["provider"], s.get("sni")), (&"mock".into(), None), "{context}");
+    assert!(
+        records.iter().any(|r| r["type"] == "llm_call" && r["pid"].as_u64() == Some(python_pid)),
+        "python's call is recorded: {context}"
+    );
+
+    let counts = &status["capture"]["blind_spots"];
+    assert_eq!(counts["connects"], 3, "python and rustls named by SNI, rustls at the endpoint: {status:#}");
+    assert_eq!((&counts["explained"], &counts["blind"]), (&1.into(), &2.into()), "{status:#}");
+    let sni = &counts["sni"];
+    assert_eq!(sni["named"], 3, "{status:#}");
+    assert_eq!(sni["unknown_address"], 2, "{status:#}");
+    assert_eq!((&sni["unowned"], &sni["dropped"]), (&0.into(), &0.into()), "{status:#}");
+    assert!(text.contains("SNI watch: "), "{text}");
 }
 
 /// A python process with a UDP socket connected to 127.0.0.1:PORT (as a QUIC client's is),

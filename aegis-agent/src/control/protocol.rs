@@ -421,6 +421,7 @@ mod tests {
                         endpoints: 14,
                         udp_flows: 1,
                         udp_unowned: 0,
+                        sni: None,
                     })),
                     scoped: Some(Box::new(crate::capture::scope::ScopedCounts {
                         at_connect: 2,

@@ -245,6 +245,19 @@ fn status_text(s: &AgentStatus) -> String {
                 b.udp_flows,
                 b.udp_unowned
             );
+            match &b.sni {
+                Some(s) => {
+                    let _ = writeln!(
+                        out,
+                        "  SNI watch: {} ClientHellos, {} naming a provider, {} of them to an address not known as \
+                         its endpoint ({} not named: gone first), {} unreadable, {} dropped by the kernel",
+                        s.hellos, s.named, s.unknown_address, s.unowned, s.unreadable, s.dropped
+                    );
+                }
+                None => {
+                    let _ = writeln!(out, "  SNI watch: off (blind_spots.sni, or it could not start: see the log)");
+                }
+            }
         }
         if let Some(c) = &h.scoped {
             let _ = writeln!(

@@ -109,6 +109,8 @@ pub fn start(
                 .collect(),
         )
     };
+    let book = providers.clone();
+    let provider_for_host = move |host: &str| book.provider_for_host(host);
     let probed = move |path: &Path| {
         let real = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_owned());
         sources
@@ -124,6 +126,7 @@ pub fn start(
     let parts = Parts {
         watch,
         endpoints: Box::new(endpoints),
+        provider_for_host: Box::new(provider_for_host),
         probed: Box::new(probed),
         capture_active,
         report: Box::new(report),

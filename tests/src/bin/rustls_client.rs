@@ -1,6 +1,7 @@
-//! `rustls_client PORT PATH BODY [LINGER_MS]`: one HTTPS POST to 127.0.0.1:PORT through
-//! rustls (compiled in, nothing exported for a uprobe), prints the status line, and stays
-//! LINGER_MS more (a service lives on; a process gone before the agent looks at it is
+//! `rustls_client PORT PATH BODY [LINGER_MS [SERVER_NAME]]`: one HTTPS POST to
+//! 127.0.0.1:PORT through rustls (compiled in, nothing exported for a uprobe), its
+//! ClientHello naming SERVER_NAME (`localhost` unless given), prints the status line, and
+//! stays LINGER_MS more (a service lives on; a process gone before the agent looks at it is
 //! reported without its executable). The
 //! blind-spot tests use it as a TLS client the agent's capture cannot see. Like the other
 //! test clients (`curl -k`), it does not check the mock's self-signed certificate; the
@@ -60,11 +61,12 @@ impl ServerCertVerifier for AnyCert {
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let (port, path, body, linger) = match &args[..] {
-        [_, port, path, body] => (port, path, body, 0),
-        [_, port, path, body, linger] => (port, path, body, linger.parse::<u64>().expect("LINGER_MS")),
+    let (port, path, body, linger, server_name) = match &args[..] {
+        [_, port, path, body] => (port, path, body, "0", "localhost"),
+        [_, port, path, body, linger] => (port, path, body, linger.as_str(), "localhost"),
+        [_, port, path, body, linger, name] => (port, path, body, linger.as_str(), name.as_str()),
         _ => {
-            eprintln!("usage: rustls_client PORT PATH BODY [LINGER_MS]");
+            eprintln!("usage: rustls_client PORT PATH BODY [LINGER_MS [SERVER_NAME]]");
             std::process::exit(2);
         }
     };
@@ -76,12 +78,13 @@ fn main() {
         .dangerous()
         .with_custom_certificate_verifier(verifier)
         .with_no_client_auth();
-    let name = ServerName::try_from("localhost").expect("a server name");
+    let linger = linger.parse::<u64>().expect("LINGER_MS");
+    let name = ServerName::try_from(server_name.to_owned()).expect("a server name");
     let conn = rustls::ClientConnection::new(Arc::new(config), name).expect("a TLS client");
     let sock = TcpStream::connect(("127.0.0.1", port.parse::<u16>().expect("a port"))).expect("connecting");
     let mut tls = rustls::StreamOwned::new(conn, sock);
     let request = format!(
-        "POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
+        "POST {path} HTTP/1.1\r\nHost: {server_name}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
          Connection: close\r\n\r\n{body}",
         body.len()
     );

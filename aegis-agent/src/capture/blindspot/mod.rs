@@ -5,8 +5,10 @@
 //! - connects: every TCP connect on the host to a port a provider listens on, from the
 //!   connect watch ([`watch`], a raw tracepoint), kept when the destination is a known model
 //!   endpoint ([`Endpoints`]: the providers' configured addresses and what their names
-//!   resolve to); and every connected UDP socket to such an endpoint ([`udp`]: QUIC, which
-//!   capture never reads, so plaintext never explains it);
+//!   resolve to); every connected UDP socket to such an endpoint ([`udp`]: QUIC, which
+//!   capture never reads, so plaintext never explains it); and every TLS ClientHello whose
+//!   server name belongs to a provider, sent to an address not known as its endpoint
+//!   ([`sni`]);
 //! - plaintext: every connection capture starts following (a new `(tgid, SSL *)`), from
 //!   capture's connection tables ([`Tracker::plaintext_seen`]).
 //!
@@ -24,6 +26,8 @@
 
 pub mod diagnose;
 pub mod service;
+pub mod sni;
+pub mod sockets;
 pub mod udp;
 pub mod watch;
 
@@ -93,6 +97,15 @@ pub struct Connect {
     pub comm: String,
     /// A UDP flow (QUIC), found by [`udp`], not a TCP connect.
     pub udp: bool,
+    /// Found by the server name of its ClientHello ([`sni`]), which names its provider.
+    pub sni: Option<SniName>,
+}
+
+/// A ClientHello's server name and the provider it belongs to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SniName {
+    pub host: String,
+    pub provider: String,
 }
 
 /// What the examination of a process found ([`diagnose`]).
@@ -126,6 +139,10 @@ pub struct BlindSpot {
     pub reason: String,
     /// How long capture was given to see the connection's plaintext.
     pub grace_ms: u64,
+    /// The server name of the connection's ClientHello, when that is what named the
+    /// destination a model endpoint (its address is not one the agent knows).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sni: Option<String>,
 }
 
 /// Counts for `status` and the periodic stats.
@@ -224,14 +241,23 @@ impl Tracker {
 
     /// Whether `connect` goes to a model endpoint (what [`Tracker::on_connect`] follows).
     pub fn is_model_endpoint(&self, connect: &Connect) -> bool {
-        self.endpoints.provider_of(connect.dest).is_some()
+        self.provider_of(connect).is_some()
+    }
+
+    /// The provider `connect` goes to: the one its server name names, else the one its
+    /// destination belongs to.
+    fn provider_of(&self, connect: &Connect) -> Option<String> {
+        match &connect.sni {
+            Some(s) => Some(s.provider.clone()),
+            None => self.endpoints.provider_of(connect.dest).map(str::to_owned),
+        }
     }
 
     /// A connect from the watch; `snapshot` is called for a process's first unexplained
     /// connect (it looks at /proc while the process still runs). Returns whether the
     /// destination is a known model endpoint.
     pub fn on_connect(&mut self, connect: Connect, snapshot: impl FnOnce(u32) -> diagnose::Snapshot) -> bool {
-        let Some(provider) = self.endpoints.provider_of(connect.dest).map(str::to_owned) else {
+        let Some(provider) = self.provider_of(&connect) else {
             self.stats.other += 1;
             return false;
         };
@@ -356,6 +382,7 @@ impl Tracker {
                 stack: diagnosis.stack,
                 reason: diagnosis.reason,
                 grace_ms: self.grace_ns / 1_000_000,
+                sni: d.connect.sni.map(|s| s.host),
             });
         }
         // Pairs quiet for a whole repeat period are forgotten, and so are the diagnoses of
@@ -418,6 +445,7 @@ mod tests {
             dest: dest.parse().unwrap(),
             comm: "client".into(),
             udp: false,
+            sni: None,
         }
     }
 
@@ -448,6 +476,37 @@ mod tests {
         t.on_connect(connect(10, 6000, "203.0.113.5:443"), rustls);
         t.plaintext_seen(10, 6001 * MS);
         assert_eq!(t.stats().explained, 1);
+    }
+
+    /// A connect named by its ClientHello's server name goes to that name's provider, though
+    /// its address is no known endpoint: explained by plaintext as any other, or reported
+    /// with the name.
+    #[test]
+    fn a_connect_named_by_its_server_name_is_followed_at_any_address() {
+        let mut t = Tracker::new(endpoints(), 1000 * MS, 60_000 * MS);
+        let named = |tgid, at| Connect {
+            sni: Some(SniName { host: "gw.llm.example".into(), provider: "azure".into() }),
+            ..connect(tgid, at, "198.51.100.7:8443")
+        };
+        assert!(!t.is_model_endpoint(&connect(10, 100, "198.51.100.7:8443")));
+        assert!(t.is_model_endpoint(&named(10, 100)));
+        t.on_connect(named(10, 100), rustls);
+        t.plaintext_seen(10, 150 * MS);
+        t.on_connect(named(11, 100), rustls);
+        let reports = t.expire(5000 * MS, "t", said_rustls);
+        assert_eq!(reports.len(), 1, "{reports:?}");
+        let r = &reports[0];
+        assert_eq!(
+            (r.pid, r.dest.as_str(), r.provider.as_str(), r.sni.as_deref()),
+            (11, "198.51.100.7:8443", "azure", Some("gw.llm.example"))
+        );
+        assert_eq!(t.stats(), Stats { connects: 2, explained: 1, blind: 1, reports: 1, ..Stats::default() });
+        let json = serde_json::to_value(r).unwrap();
+        assert_eq!(json["sni"], "gw.llm.example");
+        // A connect named by its address says no name.
+        t.on_connect(connect(12, 6000, "203.0.113.5:443"), rustls);
+        let reports = t.expire(9000 * MS, "t", said_rustls);
+        assert!(serde_json::to_value(&reports[0]).unwrap().get("sni").is_none());
     }
 
     #[test]

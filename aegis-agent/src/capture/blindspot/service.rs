@@ -1,7 +1,8 @@
 //! The blind-spot service: two threads around a shared [`Tracker`].
 //!
-//! - `aegis-blindspot` reads the connect watch as its events come (at least every
-//!   [`TICK`]) and the UDP socket tables every [`udp::POLL`], feeds the tracker (which looks
+//! - `aegis-blindspot` reads the connect watch and the SNI watch ([`sni`]) as their events
+//!   come (at least every [`TICK`]) and the UDP socket tables every [`udp::POLL`], feeds the
+//!   tracker (which looks
 //!   at each new process at once), hands what stayed unexplained to `aegis-diagnose`, and
 //!   keeps the counts `status` shows;
 //! - `aegis-diagnose` diagnoses and reports it, outside the tracker's lock (capture's
@@ -24,7 +25,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use super::{BlindSpot, Endpoints, Stats, Tracker, diagnose, udp, watch::ConnectWatch};
+use super::{BlindSpot, Endpoints, Stats, Tracker, diagnose, sni, udp, watch::ConnectWatch};
 
 /// Processes remembered as sent to scoped capture (forgotten all at once past this).
 const MAX_SENT: usize = 65_536;
@@ -45,11 +46,14 @@ pub struct Settings {
     pub repeat_secs: u64,
     /// How often the providers' host names are resolved to know their addresses.
     pub resolve_secs: u64,
+    /// Also follow TLS connections whose ClientHello names a provider, at any address (a
+    /// packet socket that reads only outgoing ClientHellos).
+    pub sni: bool,
 }
 
 impl Default for Settings {
     fn default() -> Self {
-        Self { enabled: true, grace_ms: 10_000, repeat_secs: 300, resolve_secs: 300 }
+        Self { enabled: true, grace_ms: 10_000, repeat_secs: 300, resolve_secs: 300, sni: true }
     }
 }
 
@@ -76,6 +80,10 @@ pub struct Counts {
     /// Of those, gone or held by no process visible here before they were named.
     #[serde(default)]
     pub udp_unowned: u64,
+    /// The SNI watch: None when it is off (`sni = false`) or could not start (said in the
+    /// log).
+    #[serde(default)]
+    pub sni: Option<sni::SniCounts>,
 }
 
 /// What capture's connection tables tell the tracker. Cheap to clone.
@@ -110,11 +118,16 @@ pub struct Service {
     threads: Vec<JoinHandle<()>>,
 }
 
+/// The provider a host name belongs to, if any.
+pub type ProviderForHost = dyn Fn(&str) -> Option<String> + Send;
+
 /// Where the service's parts come from.
 pub struct Parts {
     pub watch: ConnectWatch,
     /// Every known model endpoint, now (may resolve host names: slow).
     pub endpoints: Box<dyn Fn() -> Endpoints + Send>,
+    /// The provider a host name belongs to (names only: no lookup).
+    pub provider_for_host: Box<ProviderForHost>,
     /// Whether capture's probes are on a file.
     pub probed: Box<dyn Fn(&Path) -> bool + Send>,
     pub capture_active: bool,
@@ -128,7 +141,20 @@ pub struct Parts {
 impl Service {
     /// Start the threads around `handle`'s tracker.
     pub fn start(settings: &Settings, parts: Parts, handle: Handle) -> std::io::Result<Self> {
-        let Parts { mut watch, endpoints, probed, capture_active, report, attach } = parts;
+        let Parts { mut watch, endpoints, provider_for_host, probed, capture_active, report, attach } = parts;
+        let mut hellos = match settings.sni.then(sni::SniWatch::open) {
+            None => None,
+            Some(Ok(w)) => Some(w),
+            Some(Err(e)) => {
+                tracing::warn!(
+                    error = %e,
+                    "the SNI watch cannot start: connections are followed by their address only, so one to a \
+                     provider address the agent does not know is not reported (blind_spots.sni = false turns \
+                     the watch off)"
+                );
+                None
+            }
+        };
         let scoped = attach.is_some();
         let tracker = handle.tracker.clone();
         let stop = Arc::new(AtomicBool::new(false));
@@ -187,6 +213,8 @@ impl Service {
             let (stop, tracker, counts) = (stop.clone(), tracker.clone(), counts.clone());
             threads.push(std::thread::Builder::new().name("aegis-blindspot".into()).spawn(move || {
                 let mut endpoint_count = 0u64;
+                // The tracker's endpoints, for the UDP poller and the SNI watch.
+                let mut known = Endpoints::default();
                 // Processes sent to be probed (scoped capture), so each is sent once.
                 let mut sent: HashSet<u32> = HashSet::new();
                 let mut udp = udp::UdpPoller::default();
@@ -198,14 +226,18 @@ impl Service {
                         if let Err(err) = watch.set_ports(e.ports().as_deref()) {
                             tracing::warn!(error = %format!("{err:#}"), "cannot update the ports the connect watch sees");
                         }
+                        known = e.clone();
                         lock(&tracker).set_endpoints(e);
                     }
                     let mut connects = watch.events();
                     let now = crate::clock::monotonic_ns();
                     if polled.elapsed() >= udp::POLL {
                         polled = std::time::Instant::now();
-                        let endpoints = lock(&tracker).endpoints().clone();
-                        connects.extend(udp.poll(&endpoints, now));
+                        connects.extend(udp.poll(&known, now));
+                    }
+                    if let Some(h) = hellos.as_mut() {
+                        let found = h.poll(&known, &*provider_for_host);
+                        connects.extend(h.connects(found));
                     }
                     let due = {
                         let mut t = lock(&tracker);
@@ -236,11 +268,12 @@ impl Service {
                         let _ = to_diagnose.send((now, due));
                     }
                     let stats = lock(&tracker).stats();
-                    *lock(&counts) = counts_of(stats, watch.counts(), endpoint_count, udp.counts);
+                    let sni = hellos.as_ref().map(|h| h.counts);
+                    *lock(&counts) = counts_of(stats, watch.counts(), endpoint_count, udp.counts, sni);
                     if stopping {
                         break;
                     }
-                    watch.wait(TICK);
+                    watch.wait(TICK, hellos.as_ref().map(sni::SniWatch::fd));
                 }
             })?);
         }
@@ -274,7 +307,13 @@ impl Drop for Service {
     }
 }
 
-fn counts_of(stats: Stats, kernel: super::watch::KernelCounts, endpoints: u64, udp: udp::UdpCounts) -> Counts {
+fn counts_of(
+    stats: Stats,
+    kernel: super::watch::KernelCounts,
+    endpoints: u64,
+    udp: udp::UdpCounts,
+    sni: Option<sni::SniCounts>,
+) -> Counts {
     Counts {
         connects: stats.connects,
         explained: stats.explained,
@@ -285,5 +324,6 @@ fn counts_of(stats: Stats, kernel: super::watch::KernelCounts, endpoints: u64, u
         endpoints,
         udp_flows: udp.flows,
         udp_unowned: udp.unowned,
+        sni,
     }
 }

@@ -123,6 +123,7 @@ impl ConnectWatch {
                 dest: SocketAddr::new(ip, e.port),
                 comm: String::from_utf8_lossy(&e.comm[..end]).into_owned(),
                 udp: false,
+                sni: None,
             });
         }
         out
@@ -140,13 +141,17 @@ impl ConnectWatch {
         }
     }
 
-    /// Wait until the kernel reports a connect, or `timeout` passes (poll on the ring): a
-    /// process is looked at within moments of its connect, before a short-lived one exits.
-    pub fn wait(&self, timeout: std::time::Duration) {
+    /// Wait until the kernel reports a connect, `also` has something to read, or `timeout`
+    /// passes (poll on the ring): a process is looked at within moments of its connect,
+    /// before a short-lived one exits.
+    pub fn wait(&self, timeout: std::time::Duration, also: Option<std::os::fd::BorrowedFd<'_>>) {
         use std::os::fd::AsRawFd as _;
-        let mut pfd = libc::pollfd { fd: self.events.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-        // SAFETY: one valid pollfd for the duration of the call.
-        unsafe { libc::poll(&mut pfd, 1, timeout.as_millis() as i32) };
+        let mut pfds = [
+            libc::pollfd { fd: self.events.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+            libc::pollfd { fd: also.map_or(-1, |f| f.as_raw_fd()), events: libc::POLLIN, revents: 0 },
+        ];
+        // SAFETY: two valid pollfds for the duration of the call (a negative fd is ignored).
+        unsafe { libc::poll(pfds.as_mut_ptr(), 2, timeout.as_millis() as i32) };
     }
 
     /// Instructions the verifier processed for the program.
