@@ -257,7 +257,9 @@ impl DecisionLog {
     }
 
     /// Append an entry of `kind` (1 to 64 printable ASCII characters) with `body`; its index.
-    pub fn append(&mut self, kind: &str, body: &serde_json::Value) -> anyhow::Result<u64> {
+    /// The body is written as it serialises: a [`serde_json::value::RawValue`] goes in byte
+    /// for byte (a record's line, already JSON, is not parsed and written again).
+    pub fn append<B: serde::Serialize + ?Sized>(&mut self, kind: &str, body: &B) -> anyhow::Result<u64> {
         anyhow::ensure!(
             !kind.is_empty() && kind.len() <= MAX_KIND_BYTES && kind.bytes().all(|b| b.is_ascii_graphic()),
             "entry kind {kind:?}: use 1 to {MAX_KIND_BYTES} printable ASCII characters without spaces"

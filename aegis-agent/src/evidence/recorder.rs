@@ -159,6 +159,17 @@ impl Ledger for Recorder {
     }
 
     fn append(&self, kind: &str, body: &serde_json::Value) {
+        self.append_body(kind, body);
+    }
+
+    fn append_raw(&self, kind: &str, body: &serde_json::value::RawValue) {
+        self.append_body(kind, body);
+    }
+}
+
+impl Recorder {
+    /// An entry of `kind` with `body` as it serialises; a failure is counted as lost.
+    fn append_body<B: serde::Serialize + ?Sized>(&self, kind: &str, body: &B) {
         let mut inner = self.inner();
         if inner.lost_unreported > 0 {
             let (since, reason) = inner.failing.clone().unwrap_or_else(|| (SystemTime::now(), String::new()));

@@ -220,6 +220,9 @@ impl Correlator {
     pub fn expire(&mut self, watermark_ns: u64, now: Instant, out: &mut Vec<CallRecord>) {
         self.forget_announcements(now, MAX_WAIT);
         let mut due = Vec::new();
+        // Halves that arrived at or before this waited MAX_WAIT (one subtraction per burst,
+        // not one per waiting half: that was a tenth of the output thread's time).
+        let waited_out = now.checked_sub(MAX_WAIT);
         for (i, p) in self.pending.iter().enumerate() {
             if p.body.is_none() {
                 continue;
@@ -230,7 +233,7 @@ impl Correlator {
             };
             // The announcement is looked up for due halves only (a lookup per waiting half
             // and per burst of output was 8% of the agent's CPU on model calls).
-            if now.duration_since(p.arrived) >= MAX_WAIT
+            if waited_out.is_some_and(|at| p.arrived <= at)
                 || (p.due_ns <= watermark_ns && !self.announced.contains_key(&(p.fingerprint, other)))
             {
                 due.push(self.head_seq + i as u64);

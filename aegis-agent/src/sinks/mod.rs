@@ -209,13 +209,15 @@ impl JsonLines {
             };
             lookback.append(&line, payload);
         }
-        line.push(b'\n');
         if let Some(ledger) = &self.ledger {
-            match serde_json::from_slice::<serde_json::Value>(&line) {
-                Ok(body) => ledger.append(record.kind(), &body),
+            // The line is the entry's body as it is: checked as JSON, not parsed into a tree
+            // and written again.
+            match serde_json::from_slice::<&serde_json::value::RawValue>(&line) {
+                Ok(body) => ledger.append_raw(record.kind(), body),
                 Err(e) => tracing::error!(error = %e, "cannot serialise a record for the decision log"),
             }
         }
+        line.push(b'\n');
         if let Some(out) = &mut self.stdout
             && out.write_all(&line).is_err()
         {
