@@ -78,11 +78,11 @@ struct Watched {
 
 impl Watched {
     fn start(name: &str) -> Self {
-        Self::start_with(name, Vec::new())
+        Self::start_with(name, Vec::new(), false)
     }
 
-    /// [`Watched::start`] with more providers in the config.
-    fn start_with(name: &str, providers: Vec<Provider>) -> Self {
+    /// [`Watched::start`] with more providers in the config, and the SNI watch on or off.
+    fn start_with(name: &str, providers: Vec<Provider>, sni: bool) -> Self {
         require_root();
         let cert = TempCert::generate();
         let (cg, pins) = (TestCgroup::new(name), PinDir::new(name));
@@ -91,7 +91,7 @@ impl Watched {
         let mut cfg = ContainConfig::new(&cg, &pins).shipped_mode();
         cfg.providers.push(Provider { name: "mock".into(), hosts: vec!["127.0.0.1".into()], ports: vec![mock.port] });
         cfg.providers.extend(providers);
-        cfg.extra = format!("[blind_spots]\ngrace_ms = {GRACE_MS}\nrepeat_secs = 300\nresolve_secs = 1\n");
+        cfg.extra = format!("[blind_spots]\ngrace_ms = {GRACE_MS}\nrepeat_secs = 300\nresolve_secs = 1\nsni = {sni}\n");
         let agent = cfg.start_agent();
         let status: Value = serde_json::from_str(&cfg.ctl_ok(&["status", "--json"])).expect("status JSON");
         let cap =
@@ -182,6 +182,9 @@ fn a_rustls_client_is_reported_and_an_openssl_client_is_not() {
     assert_eq!(counts["reports"], 3, "{status:#}");
     assert_eq!(counts["events_lost"], 0, "{status:#}");
     assert!(text.contains("blind spots: 4 connects"), "{text}");
+    // The SNI watch is off unless asked for (every packet of the host would pay for it).
+    assert!(text.contains("SNI watch: off"), "{text}");
+    assert!(status["capture"]["blind_spots"]["sni"].is_null(), "{status:#}");
 }
 
 /// A python client (OpenSSL, probed) that connects to 127.0.0.1:PORT with its ClientHello
@@ -217,7 +220,7 @@ s.close()
 fn a_client_hello_naming_a_provider_is_followed_at_any_address() {
     let _serial = serial();
     let sni = Provider { name: "sni".into(), hosts: vec!["*.aegis-sni.invalid".into()], ports: vec![443] };
-    let mut w = Watched::start_with("blind-spots-sni", vec![sni]);
+    let mut w = Watched::start_with("blind-spots-sni", vec![sni], true);
     let host = "api.aegis-sni.invalid";
     let (mock_port, other_port) = (w.mock.port, w.other.port);
     let named_pid = run_rustls_client_named(other_port, host);

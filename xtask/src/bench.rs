@@ -221,17 +221,24 @@ fn non_ai(
     settle: u64,
     measure: &dyn Fn(&str, bool) -> anyhow::Result<f64>,
 ) -> anyhow::Result<()> {
-    let configs: [(&str, Option<&str>); 3] = [
+    // The last: the same without the SNI watch, whose packet socket every packet of the host
+    // passes (a clone of each outgoing one, then its filter).
+    let configs: [(&str, Option<&str>); 4] = [
         ("no agent", None),
         ("agent, scope all", Some("")),
         ("agent, scope model_processes", Some("[capture]\nscope = \"model_processes\"\n")),
+        (
+            "agent, model_processes, no SNI",
+            Some("[capture]\nscope = \"model_processes\"\n[blind_spots]\nsni = false\n"),
+        ),
     ];
-    let mut rps: Vec<Vec<f64>> = vec![vec![]; 3];
-    let mut cpu: Vec<Vec<f64>> = vec![vec![]; 3];
+    let n = configs.len();
+    let mut rps: Vec<Vec<f64>> = vec![vec![]; n];
+    let mut cpu: Vec<Vec<f64>> = vec![vec![]; n];
     for round in 0..rounds {
         eprintln!("bench capture: non-AI round {}/{rounds}", round + 1);
-        for k in 0..3 {
-            let i = (k + round as usize) % 3;
+        for k in 0..n {
+            let i = (k + round as usize) % n;
             let agent = match configs[i].1 {
                 Some(extra) => {
                     let a = AgentProc::start(dir, extra)?;

@@ -68,6 +68,9 @@ pub struct SniCounts {
     pub unreadable: u64,
     /// Hellos the kernel dropped: the agent did not read them in time.
     pub dropped: u64,
+    /// Lines of the TCP socket tables that could not be read (skipped while naming).
+    #[serde(default)]
+    pub table_lines_skipped: u64,
 }
 
 /// Why a ClientHello's name could not be read.
@@ -461,8 +464,7 @@ impl SniWatch {
         if hellos.is_empty() {
             return Vec::new();
         }
-        let mut malformed = 0;
-        let table = sockets::read_tables(&["/proc/net/tcp", "/proc/net/tcp6"], &mut malformed);
+        let table = sockets::read_tables(&["/proc/net/tcp", "/proc/net/tcp6"], &mut self.counts.table_lines_skipped);
         self.name(hellos, &table, sockets::owners)
     }
 
