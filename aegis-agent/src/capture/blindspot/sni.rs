@@ -71,6 +71,9 @@ pub struct SniCounts {
     /// Lines of the TCP socket tables that could not be read (skipped while naming).
     #[serde(default)]
     pub table_lines_skipped: u64,
+    /// Errors the packet socket reported on a read (each ends that poll's reading).
+    #[serde(default)]
+    pub read_errors: u64,
 }
 
 /// Why a ClientHello's name could not be read.
@@ -387,6 +390,12 @@ impl SniWatch {
         // SAFETY: `msg` points to live buffers for the call.
         let n = unsafe { libc::recvmsg(self.fd.as_raw_fd(), &raw mut msg, libc::MSG_TRUNC) };
         if n < 0 {
+            let e = io::Error::last_os_error();
+            if !matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) {
+                // Reading it clears it; the next poll goes on.
+                self.counts.read_errors += 1;
+                tracing::debug!(error = %e, "the SNI watch's packet socket reported an error");
+            }
             return None;
         }
         let mut stamp = None;
@@ -474,7 +483,9 @@ impl SniWatch {
         table: &[Socket],
         owners: impl FnOnce(&HashSet<u64>) -> std::collections::HashMap<u64, Owner>,
     ) -> Vec<Connect> {
-        let inode_of = |h: &Hello| table.iter().find(|s| s.local == h.src && s.remote == h.dst).map(|s| s.inode);
+        let by_addrs: std::collections::HashMap<(SocketAddr, SocketAddr), u64> =
+            table.iter().map(|s| ((s.local, s.remote), s.inode)).collect();
+        let inode_of = |h: &Hello| by_addrs.get(&(h.src, h.dst)).copied();
         let inodes: HashSet<u64> = hellos.iter().filter_map(inode_of).collect();
         let named = owners(&inodes);
         let mut out = Vec::new();
