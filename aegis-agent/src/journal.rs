@@ -30,12 +30,7 @@ pub trait Ledger: Send + Sync {
 
     /// [`Ledger::append`] with a body that is JSON text already (a record's line), written as
     /// it is.
-    fn append_raw(&self, kind: &str, body: &serde_json::value::RawValue) {
-        match serde_json::from_str::<serde_json::Value>(body.get()) {
-            Ok(v) => self.append(kind, &v),
-            Err(e) => tracing::error!(error = %e, kind, "an entry for the decision log is not JSON: not appended"),
-        }
-    }
+    fn append_raw(&self, kind: &str, body: &serde_json::value::RawValue);
 
     /// Sign a checkpoint covering everything appended so far; the log's size then. None:
     /// no checkpoint could be signed (the error is logged).

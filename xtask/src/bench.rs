@@ -221,16 +221,13 @@ fn non_ai(
     settle: u64,
     measure: &dyn Fn(&str, bool) -> anyhow::Result<f64>,
 ) -> anyhow::Result<()> {
-    // The last: the same without the SNI watch, whose packet socket every packet of the host
-    // passes (a clone of each outgoing one, then its filter).
+    // The last: the same with the SNI watch on (off by default), whose packet socket every
+    // packet of the host passes (a clone of each outgoing one, then its filter).
     let configs: [(&str, Option<&str>); 4] = [
         ("no agent", None),
         ("agent, scope all", Some("")),
         ("agent, scope model_processes", Some("[capture]\nscope = \"model_processes\"\n")),
-        (
-            "agent, model_processes, no SNI",
-            Some("[capture]\nscope = \"model_processes\"\n[blind_spots]\nsni = false\n"),
-        ),
+        ("agent, model_processes, SNI on", Some("[capture]\nscope = \"model_processes\"\n[blind_spots]\nsni = true\n")),
     ];
     let n = configs.len();
     let mut rps: Vec<Vec<f64>> = vec![vec![]; n];

@@ -246,10 +246,10 @@ impl Tracker {
 
     /// The provider `connect` goes to: the one its server name names, else the one its
     /// destination belongs to.
-    fn provider_of(&self, connect: &Connect) -> Option<String> {
+    fn provider_of<'a>(&'a self, connect: &'a Connect) -> Option<&'a str> {
         match &connect.sni {
-            Some(s) => Some(s.provider.clone()),
-            None => self.endpoints.provider_of(connect.dest).map(str::to_owned),
+            Some(s) => Some(&s.provider),
+            None => self.endpoints.provider_of(connect.dest),
         }
     }
 
@@ -257,7 +257,7 @@ impl Tracker {
     /// connect (it looks at /proc while the process still runs). Returns whether the
     /// destination is a known model endpoint.
     pub fn on_connect(&mut self, connect: Connect, snapshot: impl FnOnce(u32) -> diagnose::Snapshot) -> bool {
-        let Some(provider) = self.provider_of(&connect) else {
+        let Some(provider) = self.provider_of(&connect).map(str::to_owned) else {
             self.stats.other += 1;
             return false;
         };
