@@ -259,7 +259,7 @@ fn a_ring_too_small_for_the_traffic_loses_no_call_silently_and_mixes_none() {
         }
     }
     // Every view of a call is a record, or counted: whole exchanges lost (both halves), and
-    // responses alone that showed no model API (none here: every call is one).
+    // responses whose request was lost, skipped alone.
     let views = mine.iter().filter(|r| is(r, client)).count() + mine.iter().filter(|r| is(r, server)).count();
     let lost_whole = stat(&logs, "call accounting", "exchanges_not_captured");
     let skipped = stat(&logs, "call accounting", "responses_without_request_skipped");
@@ -283,10 +283,13 @@ fn a_ring_too_small_for_the_traffic_loses_no_call_silently_and_mixes_none() {
         2 * total as u64,
         "views in records + views lost whole + responses alone that did not show their API{logs}"
     );
-    // Each call (by its model name) is in a record from at least one end, or lost whole.
+    // Each call (by its model name) is in a record from at least one end, or lost whole, or
+    // its views were responses alone, skipped and counted (a call whose requests were lost
+    // at both ends: its two responses are skipped, and it is in no record and not lost
+    // whole; seen once in 240 calls, with 12 skipped).
     let named: BTreeSet<&str> =
         mine.iter().flat_map(|r| [r["model"].as_str(), r["response_model"].as_str()]).flatten().collect();
-    assert!(named.len() as u64 + lost_whole >= total as u64, "{} calls named{logs}", named.len());
+    assert!(named.len() as u64 + lost_whole + skipped >= total as u64, "{} calls named{logs}", named.len());
     // The records and the stats say what was lost.
     assert!(stat(&logs, "capture stats", "dropped_ring_full_events") > 0, "{logs}");
     assert!(stat(&logs, "capture stats", "gap_bytes") > 0, "{logs}");
