@@ -60,11 +60,19 @@ use crate::{
     sinks::{JsonLines, record::Record},
 };
 
-/// Batches queued per worker (each at most [`BATCH`] events).
-const WORKER_QUEUE: usize = 256;
+/// Batches queued per worker (each at most [`BATCH`] events). Under load the busiest
+/// worker's queue is full and the others' are not, so the two ends of a call, often read by
+/// different workers, reach the correlator up to a full queue apart: its halves waiting for
+/// their other end must hold that many events' worth (asserted below). At 256 batches, one
+/// worker behind by its full queue (`cargo xtask bench capture`, 4 connections on 2
+/// workers) kept 4 096 halves waiting, and the correlator sent 23 629 of 130 000 calls out
+/// unjoined, as two records each (counted in `correlation_overflowed`).
+const WORKER_QUEUE: usize = 64;
 /// Events the reader hands to a worker at once: fewer wake-ups than one send per event.
 const BATCH: usize = 64;
 const OUTPUT_QUEUE: usize = 4096;
+// A call's end has at least two events (its request and its response).
+const _: () = assert!(WORKER_QUEUE * BATCH / 2 <= crate::llm::correlate::MAX_PENDING);
 pub const TICK: Duration = Duration::from_millis(100);
 /// After a drain that found events (fewer than a batch), the reader sleeps this long before
 /// the next, instead of waiting in `poll` to be woken by the next event. Under traffic,

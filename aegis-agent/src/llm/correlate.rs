@@ -30,7 +30,7 @@ use super::{
 };
 
 /// Observations waiting at most; past this the oldest goes out alone (counted).
-const MAX_PENDING: usize = 4096;
+pub const MAX_PENDING: usize = 4096;
 /// Longest wall-clock wait for the other half, whatever the workers' progress.
 pub const MAX_WAIT: Duration = Duration::from_secs(10);
 /// How often announcements past [`MAX_WAIT`] are looked for (they may live this much
