@@ -39,10 +39,20 @@ impl<'a> Json<'a> {
         }
     }
 
-    /// The value at a JSON pointer made of object keys only (`/a/b`; no array index, no
-    /// `~` escapes: the pointers the inspection path asks for).
+    /// The value at a JSON pointer of object keys and array indexes (`/a/0/b`), read as
+    /// `Value::pointer` reads it, without `~` escapes (the pointers the agent asks for).
     pub fn pointer(&self, pointer: &str) -> Option<&Json<'a>> {
-        pointer.split('/').skip(1).try_fold(self, |v, key| v.get(key))
+        pointer.split('/').skip(1).try_fold(self, |v, key| match v {
+            Json::Array(items) => items.get(array_index(key)?),
+            _ => v.get(key),
+        })
+    }
+
+    pub fn as_u64(&self) -> Option<u64> {
+        match self {
+            Json::Number(n) => n.as_u64(),
+            _ => None,
+        }
     }
 
     pub fn as_str(&self) -> Option<&str> {
@@ -151,6 +161,15 @@ impl<'de: 'a, 'a> Visitor<'de> for JsonVisitor<'a> {
     }
 }
 
+/// A pointer's token as an array index, as RFC 6901 (and `Value::pointer`) reads it:
+/// digits, no leading zero but in "0" itself, no sign.
+fn array_index(token: &str) -> Option<usize> {
+    if token.is_empty() || !token.bytes().all(|b| b.is_ascii_digit()) || (token.len() > 1 && token.starts_with('0')) {
+        return None;
+    }
+    token.parse().ok()
+}
+
 /// An object key, borrowed when it has no escape (serde's `Cow<str>` always copies).
 struct Key<'a>(Cow<'a, str>);
 
@@ -222,5 +241,35 @@ mod tests {
         assert_eq!(json.pointer("/o/x/q"), None);
         assert_eq!(json.get("missing"), None);
         assert_eq!(Json::parse(b"[1]").unwrap().get("a"), None);
+    }
+
+    /// Pointers read what `Value::pointer` reads: keys, array indexes (no sign, no leading
+    /// zero, in range), an index on an object as a key, a key on an array as nothing.
+    #[test]
+    fn pointers_read_as_value_pointers_do() {
+        let body =
+            br#"{"choices":[{"finish_reason":"stop","d":{"0":"key zero"}},{"x":[10,20]}],"0":"top","":{"":"e"}}"#;
+        let (json, value) = (Json::parse(body).unwrap(), serde_json::from_slice::<Value>(body).unwrap());
+        for pointer in [
+            "",
+            "/choices",
+            "/choices/0/finish_reason",
+            "/choices/1/x/1",
+            "/choices/2",
+            "/choices/00",
+            "/choices/01",
+            "/choices/+1",
+            "/choices/-1",
+            "/choices/x",
+            "/choices/0/d/0",
+            "/0",
+            "/",
+            "//",
+            "/choices/1/x/18446744073709551616",
+        ] {
+            assert_eq!(json.pointer(pointer).map(Json::to_value).as_ref(), value.pointer(pointer), "{pointer:?}");
+        }
+        assert_eq!(json.pointer("/choices/1/x/0").and_then(Json::as_u64), Some(10));
+        assert_eq!(json.pointer("/choices/0/finish_reason").and_then(Json::as_u64), None);
     }
 }

@@ -15,9 +15,7 @@
 //! text ([`UsageCollector::raw_documents`]), so that nothing of a response that does not
 //! have its API's shape (plain text, JSON cut short) escapes the rules.
 
-use serde_json::Value;
-
-use super::detect::ApiKind;
+use super::{detect::ApiKind, json::Json};
 use crate::protocol::sse::SseEvent;
 
 /// Longest string kept from a response (model, id, finish reason, error), in characters.
@@ -83,7 +81,7 @@ impl UsageCollector {
     pub fn on_body(&mut self, body: &[u8]) {
         match self.parse(body) {
             // Gemini `:streamGenerateContent` without `alt=sse`: an array of responses.
-            Some(Value::Array(items)) => items.iter().for_each(|item| self.absorb(item)),
+            Some(Json::Array(items)) => items.iter().for_each(|item| self.absorb(item)),
             Some(value) => self.absorb(&value),
             None => {}
         }
@@ -117,12 +115,15 @@ impl UsageCollector {
     }
 
     /// None for a blank document (keep-alives, empty bodies) and, counted, for invalid JSON,
-    /// whose text is then kept whole for the rules.
-    fn parse(&mut self, bytes: &[u8]) -> Option<Value> {
+    /// whose text is then kept whole for the rules. Parsed as a [`Json`] (strings borrowed
+    /// from `bytes`, objects as lists): a `serde_json::Value` of each response body was most
+    /// of this collector's time (allocations and tree inserts), under `cargo xtask bench
+    /// capture`'s profile.
+    fn parse<'a>(&mut self, bytes: &'a [u8]) -> Option<Json<'a>> {
         if bytes.trim_ascii().is_empty() {
             return None;
         }
-        let parsed = serde_json::from_slice(bytes).ok();
+        let parsed = Json::parse(bytes).ok();
         if parsed.is_none() {
             self.summary.unparsed += 1;
             self.raw_documents += 1;
@@ -131,7 +132,7 @@ impl UsageCollector {
         parsed
     }
 
-    fn absorb(&mut self, v: &Value) {
+    fn absorb(&mut self, v: &Json) {
         self.error(v);
         match self.api {
             ApiKind::ChatCompletions | ApiKind::Completions | ApiKind::Embeddings => self.openai(v),
@@ -140,12 +141,12 @@ impl UsageCollector {
             ApiKind::GeminiGenerateContent => self.gemini(v),
             ApiKind::OllamaChat | ApiKind::OllamaGenerate => self.ollama(v),
             // Read as a whole for the rules: nothing says which fields are the output.
-            ApiKind::Unknown => self.keep(&v.to_string()),
+            ApiKind::Unknown => self.keep(&v.to_value().to_string()),
         }
     }
 
     /// Chat completion (or chunk), text completion, or embeddings list.
-    fn openai(&mut self, v: &Value) {
+    fn openai(&mut self, v: &Json) {
         let s = &mut self.summary;
         set_str(&mut s.model, v.get("model"));
         set_str(&mut s.response_id, v.get("id"));
@@ -167,7 +168,7 @@ impl UsageCollector {
     }
 
     /// Responses API: the response object, or a stream event that carries one or a delta.
-    fn responses(&mut self, v: &Value) {
+    fn responses(&mut self, v: &Json) {
         match (v.get("response"), str_at(v, "/type")) {
             // response.created / in_progress / completed / failed / incomplete: the deltas
             // already carried the text.
@@ -182,7 +183,7 @@ impl UsageCollector {
         }
     }
 
-    fn response_object(&mut self, r: &Value, with_text: bool) {
+    fn response_object(&mut self, r: &Json, with_text: bool) {
         let s = &mut self.summary;
         set_str(&mut s.model, r.get("model"));
         set_str(&mut s.response_id, r.get("id"));
@@ -203,7 +204,7 @@ impl UsageCollector {
     }
 
     /// Anthropic message, or one of its stream events.
-    fn anthropic(&mut self, v: &Value) {
+    fn anthropic(&mut self, v: &Json) {
         match str_at(v, "/type") {
             Some("message") => self.anthropic_message(v, true),
             Some("message_start") => {
@@ -225,7 +226,7 @@ impl UsageCollector {
         }
     }
 
-    fn anthropic_message(&mut self, m: &Value, with_text: bool) {
+    fn anthropic_message(&mut self, m: &Json, with_text: bool) {
         let s = &mut self.summary;
         set_str(&mut s.model, m.get("model"));
         set_str(&mut s.response_id, m.get("id"));
@@ -244,7 +245,7 @@ impl UsageCollector {
     }
 
     /// Gemini GenerateContentResponse; a stream sends one per chunk with that chunk's text.
-    fn gemini(&mut self, v: &Value) {
+    fn gemini(&mut self, v: &Json) {
         let s = &mut self.summary;
         set_str(&mut s.model, v.get("modelVersion"));
         set_str(&mut s.response_id, v.get("responseId"));
@@ -258,7 +259,7 @@ impl UsageCollector {
         }
         for candidate in items(v, "/candidates") {
             for part in items(candidate, "/content/parts") {
-                if part.get("thought") != Some(&Value::Bool(true)) {
+                if !matches!(part.get("thought"), Some(Json::Bool(true))) {
                     self.text(part.get("text"));
                 } else {
                     self.other_output(part.get("text"));
@@ -270,7 +271,7 @@ impl UsageCollector {
 
     /// Ollama native response, or one line of its stream (the last, `done: true`, has the
     /// counts).
-    fn ollama(&mut self, v: &Value) {
+    fn ollama(&mut self, v: &Json) {
         let s = &mut self.summary;
         set_str(&mut s.model, v.get("model"));
         set_str(&mut s.finish_reason, v.get("done_reason"));
@@ -286,7 +287,7 @@ impl UsageCollector {
 
     /// A usage object, in either naming: `prompt_tokens`/`completion_tokens` (Chat
     /// Completions, embeddings) or `input_tokens`/`output_tokens` (Responses, Anthropic).
-    fn usage(&mut self, usage: Option<&Value>) {
+    fn usage(&mut self, usage: Option<&Json>) {
         let Some(u) = usage else { return };
         let s = &mut self.summary;
         set_count(&mut s.input_tokens, u.get("prompt_tokens").or_else(|| u.get("input_tokens")));
@@ -299,10 +300,10 @@ impl UsageCollector {
     /// Error objects: `{"error": {"type"|"status"|"code", "message"}}` (OpenAI, Anthropic,
     /// Gemini, OpenRouter), `{"error": "..."}` (Ollama), and the Responses stream's
     /// `{"type": "error", "code", "message"}`.
-    fn error(&mut self, v: &Value) {
+    fn error(&mut self, v: &Json) {
         let described = match v.get("error") {
-            Some(Value::String(message)) if !message.is_empty() => Some(clip(message)),
-            Some(error @ Value::Object(_)) => describe_error(error, &["type", "status", "code"]),
+            Some(Json::String(message)) if !message.is_empty() => Some(clip(message)),
+            Some(error @ Json::Object(_)) => describe_error(error, &["type", "status", "code"]),
             _ if str_at(v, "/type") == Some("error") => describe_error(v, &["code"]),
             _ => None,
         };
@@ -312,25 +313,25 @@ impl UsageCollector {
     }
 
     /// Generated text: counted in the summary and kept for the rules.
-    fn text(&mut self, text: Option<&Value>) {
-        if let Some(text) = text.and_then(Value::as_str) {
+    fn text(&mut self, text: Option<&Json>) {
+        if let Some(text) = text.and_then(Json::as_str) {
             self.summary.output_text_bytes += text.len() as u64;
             self.keep(text);
         }
     }
 
     /// Other output of the model (tool-call arguments, refusals, reasoning): for the rules.
-    fn other_output(&mut self, text: Option<&Value>) {
-        if let Some(text) = text.and_then(Value::as_str).filter(|t| !t.is_empty()) {
+    fn other_output(&mut self, text: Option<&Json>) {
+        if let Some(text) = text.and_then(Json::as_str).filter(|t| !t.is_empty()) {
             self.keep(text);
         }
     }
 
     /// Structured output (tool-call arguments as an object): its JSON text, for the rules.
-    fn other_output_json(&mut self, value: Option<&Value>) {
+    fn other_output_json(&mut self, value: Option<&Json>) {
         match value {
-            Some(Value::String(_)) => self.other_output(value),
-            Some(v @ (Value::Object(_) | Value::Array(_))) => self.keep(&v.to_string()),
+            Some(Json::String(_)) => self.other_output(value),
+            Some(v @ (Json::Object(_) | Json::Array(_))) => self.keep(&v.to_value().to_string()),
             _ => {}
         }
     }
@@ -348,10 +349,10 @@ impl UsageCollector {
 }
 
 /// "kind: message", from the first kind key present; None when neither is there.
-fn describe_error(error: &Value, kind_keys: &[&str]) -> Option<String> {
+fn describe_error(error: &Json, kind_keys: &[&str]) -> Option<String> {
     let kind = kind_keys.iter().find_map(|key| match error.get(key)? {
-        Value::String(kind) if !kind.is_empty() => Some(kind.clone()),
-        Value::Number(code) => Some(code.to_string()),
+        Json::String(kind) if !kind.is_empty() => Some(kind.to_string()),
+        Json::Number(code) => Some(code.to_string()),
         _ => None,
     });
     let message = str_at(error, "/message").filter(|m| !m.is_empty());
@@ -364,25 +365,25 @@ fn describe_error(error: &Value, kind_keys: &[&str]) -> Option<String> {
     Some(clip(&text))
 }
 
-fn str_at<'a>(v: &'a Value, pointer: &str) -> Option<&'a str> {
-    v.pointer(pointer).and_then(Value::as_str)
+fn str_at<'a>(v: &'a Json, pointer: &str) -> Option<&'a str> {
+    v.pointer(pointer).and_then(Json::as_str)
 }
 
 /// The items of the array at `pointer`; none when absent or not an array.
-fn items<'a>(v: &'a Value, pointer: &str) -> std::slice::Iter<'a, Value> {
-    v.pointer(pointer).and_then(Value::as_array).map_or(&[][..], Vec::as_slice).iter()
+fn items<'a, 'j>(v: &'a Json<'j>, pointer: &str) -> std::slice::Iter<'a, Json<'j>> {
+    v.pointer(pointer).and_then(Json::as_array).unwrap_or_default().iter()
 }
 
 /// Overwrite with a non-empty string; absent, null and empty values keep what is there
 /// (Azure's first chunk names no model, finish reasons are null until the end).
-fn set_str(slot: &mut Option<String>, value: Option<&Value>) {
-    if let Some(text) = value.and_then(Value::as_str).filter(|t| !t.is_empty()) {
+fn set_str(slot: &mut Option<String>, value: Option<&Json>) {
+    if let Some(text) = value.and_then(Json::as_str).filter(|t| !t.is_empty()) {
         *slot = Some(clip(text));
     }
 }
 
-fn set_count(slot: &mut Option<u64>, value: Option<&Value>) {
-    if let Some(count) = value.and_then(Value::as_u64) {
+fn set_count(slot: &mut Option<u64>, value: Option<&Json>) {
+    if let Some(count) = value.and_then(Json::as_u64) {
         *slot = Some(count);
     }
 }
