@@ -29,8 +29,11 @@ pub trait Ledger: Send + Sync {
     fn append(&self, kind: &str, body: &serde_json::Value);
 
     /// [`Ledger::append`] with a body that is JSON text already (a record's line), written as
-    /// it is.
+    /// it is, at the next [`Ledger::flush`] (the record sink's, once per burst of records).
     fn append_raw(&self, kind: &str, body: &serde_json::value::RawValue);
+
+    /// Write what [`Ledger::append_raw`] holds.
+    fn flush(&self) {}
 
     /// Sign a checkpoint covering everything appended so far; the log's size then. None:
     /// no checkpoint could be signed (the error is logged).

@@ -118,4 +118,47 @@ pub(crate) mod testutil {
             let _ = std::fs::remove_dir_all(&self.0);
         }
     }
+
+    /// A tmpfs of `size` (as `mount -o size=`) on a fresh directory, for full-disk tests:
+    /// unmounted on drop. Needs root (CI is root).
+    pub struct SmallDisk {
+        dir: TempDir,
+        mnt: PathBuf,
+    }
+
+    impl SmallDisk {
+        pub fn new(tag: &str, size: &str) -> Self {
+            assert!(nix::unistd::geteuid().is_root(), "{tag}: this test mounts a tmpfs: run it as root (CI does)");
+            let dir = TempDir::new(tag);
+            let mnt = dir.path().join("disk");
+            std::fs::create_dir(&mnt).unwrap();
+            let mounted = std::process::Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+                .arg(&mnt)
+                .status()
+                .unwrap();
+            assert!(mounted.success(), "mounting a tmpfs on {}", mnt.display());
+            Self { dir, mnt }
+        }
+
+        pub fn path(&self) -> &Path {
+            &self.mnt
+        }
+
+        /// Fill the disk with a file `filler` but for about `leave` bytes.
+        pub fn fill_but(&self, leave: u64) -> PathBuf {
+            let st = nix::sys::statvfs::statvfs(&self.mnt).unwrap();
+            let free = st.blocks_available() * st.fragment_size();
+            let filler = self.mnt.join("filler");
+            std::fs::write(&filler, vec![b'x'; free.saturating_sub(leave) as usize]).unwrap();
+            filler
+        }
+    }
+
+    impl Drop for SmallDisk {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.mnt).status();
+            let _ = &self.dir;
+        }
+    }
 }

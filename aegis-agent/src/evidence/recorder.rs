@@ -60,6 +60,8 @@ struct Inner {
     failing: Option<(SystemTime, String)>,
     /// Entries lost since the last `entries_lost` entry.
     lost_unreported: u64,
+    /// Entries appended buffered and not written yet (counted appended once written).
+    buffered: u64,
 }
 
 impl Recorder {
@@ -89,7 +91,7 @@ impl Recorder {
             "decision log open"
         );
         Ok(Arc::new(Self {
-            log: Mutex::new(Inner { log, failing: None, lost_unreported: 0 }),
+            log: Mutex::new(Inner { log, failing: None, lost_unreported: 0, buffered: 0 }),
             appended: AtomicU64::new(0),
             lost: AtomicU64::new(0),
             checkpoints: AtomicU64::new(0),
@@ -104,6 +106,7 @@ impl Recorder {
     /// Sign a checkpoint when one is due (`force`: whenever entries are uncovered).
     pub fn checkpoint(&self, force: bool) {
         let mut inner = self.inner();
+        self.flush_buffered(&mut inner);
         let result = if force { inner.log.checkpoint().map(Some) } else { inner.log.checkpoint_if_due() };
         match result {
             Ok(Some(cp)) => {
@@ -159,18 +162,26 @@ impl Ledger for Recorder {
     }
 
     fn append(&self, kind: &str, body: &serde_json::Value) {
-        self.append_body(kind, body);
+        self.append_body(kind, body, false);
     }
 
     fn append_raw(&self, kind: &str, body: &serde_json::value::RawValue) {
-        self.append_body(kind, body);
+        self.append_body(kind, body, true);
+    }
+
+    fn flush(&self) {
+        self.flush_buffered(&mut self.inner());
     }
 }
 
 impl Recorder {
-    /// An entry of `kind` with `body` as it serialises; a failure is counted as lost.
-    fn append_body<B: serde::Serialize + ?Sized>(&self, kind: &str, body: &B) {
+    /// An entry of `kind` with `body` as it serialises, written now or (`buffered`) at the
+    /// next flush; a failure is counted as lost.
+    fn append_body<B: serde::Serialize + ?Sized>(&self, kind: &str, body: &B, buffered: bool) {
         let mut inner = self.inner();
+        if inner.lost_unreported > 0 {
+            self.flush_buffered(&mut inner);
+        }
         if inner.lost_unreported > 0 {
             let (since, reason) = inner.failing.clone().unwrap_or_else(|| (SystemTime::now(), String::new()));
             let note = serde_json::json!({
@@ -185,26 +196,44 @@ impl Recorder {
                 inner.failing = None;
             }
         }
-        match inner.log.append(kind, body) {
-            Ok(_) => {
-                self.appended.fetch_add(1, Ordering::Relaxed);
+        match inner.log.append_buffered(kind, body) {
+            Ok(_) => inner.buffered += 1,
+            Err(e) => self.count_lost(&mut inner, 1, kind, e),
+        }
+        if !buffered || inner.log.wants_flush() {
+            self.flush_buffered(&mut inner);
+        }
+    }
+
+    /// Write the buffered entries; counted appended, or all of them lost.
+    fn flush_buffered(&self, inner: &mut Inner) {
+        if !inner.log.unwritten() {
+            return;
+        }
+        let n = std::mem::take(&mut inner.buffered);
+        match inner.log.flush() {
+            Ok(()) => {
+                self.appended.fetch_add(n, Ordering::Relaxed);
             }
-            Err(e) => {
-                self.lost.fetch_add(1, Ordering::Relaxed);
-                inner.lost_unreported += 1;
-                let error = format!("{e:#}");
-                if inner.failing.is_none() {
-                    tracing::error!(
-                        kind,
-                        error,
-                        "cannot append to the decision log: entries are counted as lost until it takes writes \
-                         again (free space on its filesystem, or see the error)"
-                    );
-                    inner.failing = Some((SystemTime::now(), error));
-                } else if let Some((_, last)) = &mut inner.failing {
-                    *last = error;
-                }
-            }
+            Err(e) => self.count_lost(inner, n, "buffered", e),
+        }
+    }
+
+    fn count_lost(&self, inner: &mut Inner, n: u64, kind: &str, e: anyhow::Error) {
+        self.lost.fetch_add(n, Ordering::Relaxed);
+        inner.lost_unreported += n;
+        let error = format!("{e:#}");
+        if inner.failing.is_none() {
+            tracing::error!(
+                kind,
+                entries = n,
+                error,
+                "cannot append to the decision log: entries are counted as lost until it takes writes again (free \
+                 space on its filesystem, or see the error)"
+            );
+            inner.failing = Some((SystemTime::now(), error));
+        } else if let Some((_, last)) = &mut inner.failing {
+            *last = error;
         }
     }
 }
@@ -241,5 +270,42 @@ mod tests {
         let report = verify::verify_log(&dir.path().join("log"), &key).unwrap();
         assert!(report.is_valid(), "{report:?}");
         assert_eq!((report.lines, report.latest_checkpoint_size), (3, Some(3)));
+    }
+
+    /// Records are buffered until the sink's flush; a flush that fails on a full disk
+    /// counts every buffered entry lost, and once there is space the log says so itself
+    /// (`entries_lost` with the count) and verifies.
+    #[test]
+    fn buffered_entries_lost_on_a_full_disk_are_counted_and_recorded() {
+        let disk = crate::control::testutil::SmallDisk::new("recorder-full", "256k");
+        let recorder = Recorder::open(&config(disk.path())).unwrap();
+        let raw = |n: u32| {
+            serde_json::value::RawValue::from_string(format!(r#"{{"n":{n},"pad":"{}"}}"#, "x".repeat(4000))).unwrap()
+        };
+        recorder.append_raw("llm_call", &raw(0));
+        assert_eq!(recorder.stats().appended, 0, "buffered, not written yet");
+        Ledger::flush(&*recorder);
+        assert_eq!(recorder.stats().appended, 1);
+        let filler = disk.fill_but(8192);
+        for n in 1..6 {
+            recorder.append_raw("llm_call", &raw(n));
+        }
+        Ledger::flush(&*recorder);
+        let stats = recorder.stats();
+        assert_eq!((stats.entries, stats.appended, stats.lost), (1, 1, 5), "{stats:?}");
+        std::fs::remove_file(filler).unwrap();
+        recorder.append_raw("llm_call", &raw(6));
+        recorder.checkpoint(true);
+        let stats = recorder.stats();
+        assert_eq!((stats.entries, stats.appended, stats.lost), (3, 2, 5), "{stats:?}");
+        drop(recorder);
+        let text = std::fs::read_to_string(disk.path().join("log/log.jsonl")).unwrap();
+        let kinds: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        assert_eq!(kinds[1]["kind"], "entries_lost");
+        assert_eq!(kinds[1]["body"]["count"], 5);
+        assert_eq!(kinds[2]["body"]["n"], 6);
+        let key = HostKey::load(&disk.path().join("host.key"), "test-host").unwrap().verifier();
+        let report = verify::verify_log(&disk.path().join("log"), &key).unwrap();
+        assert!(report.is_valid(), "{report:?}");
     }
 }

@@ -8,7 +8,10 @@
 //! tenth of `max_bytes` (at least 64 KiB) or after a minute, and the oldest segments are
 //! deleted once all of them together pass `max_bytes` or once they are older than
 //! `max_age_secs`. What is deleted is counted (segments, bytes) and logged, never silent.
-//! Segments are written through [`Journal`]s, so a crash leaves whole lines.
+//! Segments are written through [`Journal`]s, so a crash leaves whole lines. Lines are
+//! written by [`Lookback::flush`] (the output thread's, once per burst of records, as the
+//! output file is), not one write each: a write per line was a tenth of the output thread's
+//! time under `cargo xtask bench capture`. At most [`MAX_PENDING_BYTES`] wait in memory.
 //!
 //! In memory the store keeps only each segment's name, first and last time and size, so
 //! that a snapshot reads the segments of its window and no other.
@@ -26,6 +29,8 @@ use crate::journal::Journal;
 
 /// A segment is closed after this long even when small, so that age bounds are kept.
 const SEGMENT_SPAN: Duration = Duration::from_secs(60);
+/// Lines waiting for [`Lookback::flush`] are written when they pass this many bytes.
+pub const MAX_PENDING_BYTES: usize = 256 << 10;
 
 /// `[lookback]`.
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
@@ -86,6 +91,9 @@ pub struct Lookback {
     segment_bytes: u64,
     segments: VecDeque<Segment>,
     current: Option<(Journal, usize)>,
+    /// Lines for the current segment not written yet, and how many.
+    pending: Vec<u8>,
+    pending_lines: u64,
     pub stats: LookbackStats,
     failing: bool,
 }
@@ -102,6 +110,8 @@ impl Lookback {
             segment_bytes: (config.max_bytes / 10).max(64 << 10),
             segments,
             current: None,
+            pending: Vec::new(),
+            pending_lines: 0,
             stats: LookbackStats::default(),
             failing: false,
         };
@@ -109,32 +119,10 @@ impl Lookback {
         Ok(me)
     }
 
-    /// Append one record line (JSON, no newline) with its payload.
+    /// Append one record line (JSON, no newline) with its payload; it is written at the next
+    /// [`Self::flush`] (or now, past [`MAX_PENDING_BYTES`]).
     pub fn append(&mut self, line: &[u8], payload: Option<&str>) {
         let now = crate::clock::now_unix_ms();
-        let mut out = Vec::with_capacity(line.len() + 32 + payload.map_or(4, str::len));
-        out.extend_from_slice(b"{\"line\":");
-        out.extend_from_slice(line);
-        out.extend_from_slice(b",\"payload\":");
-        match payload {
-            Some(p) => out.extend_from_slice(&serde_json::to_vec(p).unwrap_or_else(|_| b"null".to_vec())),
-            None => out.extend_from_slice(b"null"),
-        }
-        out.extend_from_slice(b"}\n");
-        if let Err(e) = self.write(&out, now) {
-            self.stats.lines_lost += 1;
-            if !self.failing {
-                self.failing = true;
-                tracing::error!(dir = %self.dir.display(), error = %format!("{e:#}"), "cannot write the look-back; lines are counted as lost until it can");
-            }
-            return;
-        }
-        if std::mem::take(&mut self.failing) {
-            tracing::warn!(dir = %self.dir.display(), lost = self.stats.lines_lost, "the look-back takes writes again");
-        }
-    }
-
-    fn write(&mut self, out: &[u8], now: u64) -> anyhow::Result<()> {
         let roll = match (&self.current, self.segments.back()) {
             (Some(_), Some(last)) => {
                 last.bytes >= self.segment_bytes || now.saturating_sub(last.first_ms) >= SEGMENT_SPAN.as_millis() as u64
@@ -142,20 +130,74 @@ impl Lookback {
             _ => true,
         };
         if roll {
+            self.flush();
             self.current = None;
             self.prune(now);
             let path = self.dir.join(format!("seg-{now:013}.jsonl"));
-            let (journal, _) = Journal::open(&path, false)?;
-            self.segments.push_back(Segment { path, first_ms: now, last_ms: now, bytes: journal.len() });
-            self.current = Some((journal, 0));
+            match Journal::open(&path, false) {
+                Ok((journal, _)) => {
+                    self.segments.push_back(Segment { path, first_ms: now, last_ms: now, bytes: journal.len() });
+                    self.current = Some((journal, 0));
+                }
+                Err(e) => {
+                    self.lost(1, &format!("cannot open {}: {e:#}", path.display()));
+                    return;
+                }
+            }
         }
-        let (journal, lines) = self.current.as_mut().expect("a current segment");
-        journal.append(out).context("appending to the look-back")?;
-        *lines += 1;
+        let start = self.pending.len();
+        self.pending.extend_from_slice(b"{\"line\":");
+        self.pending.extend_from_slice(line);
+        self.pending.extend_from_slice(b",\"payload\":");
+        match payload.map(serde_json::to_vec) {
+            Some(Ok(p)) => self.pending.extend_from_slice(&p),
+            _ => self.pending.extend_from_slice(b"null"),
+        }
+        self.pending.extend_from_slice(b"}\n");
+        self.pending_lines += 1;
+        // Counted in the segment now, so that it rolls at its size; taken back if the
+        // write fails.
         let last = self.segments.back_mut().expect("the current segment is listed");
-        last.bytes += out.len() as u64;
+        last.bytes += (self.pending.len() - start) as u64;
         last.last_ms = now;
-        Ok(())
+        if self.pending.len() >= MAX_PENDING_BYTES {
+            self.flush();
+        }
+    }
+
+    /// Write the lines appended since the last flush to the current segment; a failure
+    /// counts them lost (and says so once, until writes work again).
+    pub fn flush(&mut self) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let (lines, bytes) = (std::mem::take(&mut self.pending_lines), self.pending.len());
+        let result = match self.current.as_mut() {
+            Some((journal, written)) => journal.append(&self.pending).map(|()| *written += lines as usize),
+            None => Err(std::io::Error::other("no segment is open")),
+        };
+        self.pending.clear();
+        match result {
+            Ok(()) => {
+                if std::mem::take(&mut self.failing) {
+                    tracing::warn!(dir = %self.dir.display(), lost = self.stats.lines_lost, "the look-back takes writes again");
+                }
+            }
+            Err(e) => {
+                if let Some(last) = self.segments.back_mut() {
+                    last.bytes = last.bytes.saturating_sub(bytes as u64);
+                }
+                self.lost(lines, &format!("appending to the look-back: {e}"));
+            }
+        }
+    }
+
+    fn lost(&mut self, lines: u64, error: &str) {
+        self.stats.lines_lost += lines;
+        if !self.failing {
+            self.failing = true;
+            tracing::error!(dir = %self.dir.display(), error, "cannot write the look-back; lines are counted as lost until it can");
+        }
     }
 
     /// Delete the oldest segments past the size or age bound (never the current one).
@@ -184,6 +226,12 @@ impl Lookback {
 
     pub fn segments(&self) -> impl Iterator<Item = &Segment> {
         self.segments.iter()
+    }
+}
+
+impl Drop for Lookback {
+    fn drop(&mut self) {
+        self.flush();
     }
 }
 
@@ -278,6 +326,7 @@ mod tests {
             let line = serde_json::to_vec(&serde_json::json!({"type": "llm_call", "n": i, "pad": pad})).unwrap();
             lb.append(&line, (i % 2 == 0).then_some("{\"prompt\":\"hi\"}"));
         }
+        lb.flush();
         let total: u64 = lb.segments().map(|s| s.bytes).sum();
         assert!(lb.stats.segments_deleted > 0, "3 MB through a 1 MiB look-back deletes segments: {:?}", lb.stats);
         assert!(total <= (1 << 20) + lb.segment_bytes, "{total}");
@@ -291,5 +340,54 @@ mod tests {
         assert!(seen.windows(2).all(|w| w[1].0 == w[0].0 + 1), "in order, none missing in what is kept");
         assert!(seen.iter().any(|(n, p)| n % 2 == 0 && *p), "payloads kept");
         assert!(seen.len() > 500 && seen.len() < 3000, "about 1 MiB of the 3 MB kept: {}", seen.len());
+    }
+
+    /// Lines wait for a flush (or a drop) and are then all written; past the pending bound
+    /// they are written at once; a segment that cannot be opened counts each line lost.
+    #[test]
+    fn lines_are_written_at_flush_and_losses_are_counted() {
+        let dir = crate::control::testutil::TempDir::new("lookback-flush");
+        let config = LookbackConfig {
+            enabled: true,
+            dir: dir.path().join("lb"),
+            max_bytes: 64 << 20,
+            max_age_secs: 3600,
+            payloads: false,
+        };
+        let count = |dir: &Path| {
+            let mut n = 0;
+            read_window(dir, 0, u64::MAX, |_| n += 1).unwrap();
+            n
+        };
+        let mut lb = Lookback::open(&config).unwrap();
+        lb.append(br#"{"n":0}"#, None);
+        lb.append(br#"{"n":1}"#, Some("payload"));
+        assert_eq!(count(&config.dir), 0, "not written before the flush");
+        lb.flush();
+        assert_eq!(count(&config.dir), 2);
+        let big = format!(r#"{{"pad":"{}"}}"#, "x".repeat(1000));
+        for _ in 0..(MAX_PENDING_BYTES / 1000 + 1) {
+            lb.append(big.as_bytes(), None);
+        }
+        assert!(count(&config.dir) > 2, "written once the pending bound is passed");
+        lb.append(br#"{"n":"last"}"#, None);
+        drop(lb);
+        let lines = count(&config.dir);
+        assert_eq!(lines, 2 + MAX_PENDING_BYTES / 1000 + 1 + 1, "all written at the drop");
+        assert_eq!(Lookback::open(&config).unwrap().stats.lines_lost, 0);
+
+        // The directory replaced by a file: the next segment cannot be opened.
+        let mut lb = Lookback::open(&config).unwrap();
+        lb.append(br#"{"n":"in the last segment"}"#, None);
+        lb.flush();
+        std::fs::remove_dir_all(&config.dir).unwrap();
+        std::fs::write(&config.dir, b"not a directory").unwrap();
+        for _ in 0..(lb.segment_bytes as usize / 1000 + 10) {
+            lb.append(big.as_bytes(), None);
+        }
+        lb.flush();
+        let lost = lb.stats.lines_lost;
+        assert!(lost >= 9, "every line after the roll is counted lost: {lost}");
+        assert!(lb.segments().last().is_some_and(|s| s.bytes <= lb.segment_bytes + 2000));
     }
 }

@@ -233,6 +233,12 @@ impl JsonLines {
     }
 
     pub fn flush(&mut self) {
+        if let Some(lookback) = &mut self.lookback {
+            lookback.flush();
+        }
+        if let Some(ledger) = &self.ledger {
+            ledger.flush();
+        }
         if let Some(out) = &mut self.stdout
             && out.flush().is_err()
         {
