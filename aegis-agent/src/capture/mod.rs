@@ -15,6 +15,7 @@
 
 pub mod blindspot;
 pub mod conn;
+pub mod dispatch;
 pub mod event;
 pub mod gosym;
 pub mod probes;
@@ -24,7 +25,6 @@ pub mod scope;
 pub mod targets;
 
 use std::{
-    hash::{BuildHasher as _, RandomState},
     os::fd::AsRawFd as _,
     path::{Path, PathBuf},
     sync::{
@@ -71,6 +71,8 @@ const WORKER_QUEUE: usize = 64;
 /// Events the reader hands to a worker at once: fewer wake-ups than one send per event.
 const BATCH: usize = 64;
 const OUTPUT_QUEUE: usize = 4096;
+/// How often the reader forgets the worker assignments of exited processes.
+const FORGET_EXITED_EVERY: Duration = Duration::from_secs(10);
 // A call's end has at least two events (its request and its response).
 const _: () = assert!(WORKER_QUEUE * BATCH / 2 <= crate::llm::correlate::MAX_PENDING);
 pub const TICK: Duration = Duration::from_millis(100);
@@ -430,7 +432,8 @@ fn read_loop(
     drops: &Mutex<[DropCounter; DROP_CAUSES]>,
 ) -> EventSource {
     let Queues { senders: workers, progress } = queues;
-    let hasher = RandomState::new();
+    let mut dispatch = dispatch::Dispatch::new(workers.len());
+    let mut last_forget = Instant::now();
     let fd = source.events.as_raw_fd();
     let mut last_drops = Instant::now();
     let mut batches: Vec<Vec<TlsEvent>> = (0..workers.len()).map(|_| Vec::with_capacity(BATCH)).collect();
@@ -460,7 +463,7 @@ fn read_loop(
                     if ev.offset == 0 {
                         processes.lookup(ev.key.tgid, &ev.comm, ev.uid, ev.cgroup_id);
                     }
-                    let w = (hasher.hash_one(ev.key) % workers.len() as u64) as usize;
+                    let w = dispatch.worker(&ev);
                     batches[w].push(ev);
                     if batches[w].len() >= BATCH && !send(w, &mut batches) {
                         workers_gone = true;
@@ -477,6 +480,10 @@ fn read_loop(
             workers_gone |= !send(w, &mut batches);
         }
         progress.read.store(drained_from, Ordering::Release);
+        if last_forget.elapsed() >= FORGET_EXITED_EVERY {
+            dispatch.forget_exited(dispatch::process_alive);
+            last_forget = Instant::now();
+        }
         if last_drops.elapsed() >= Duration::from_secs(1) || stopping {
             *drops.lock().unwrap_or_else(|e| e.into_inner()) = source.drops();
             last_drops = Instant::now();
