@@ -310,16 +310,15 @@ pub struct ReadStats {
 mod tests {
     use super::*;
 
+    /// A look-back in `dir`/lb of `max_bytes`, kept an hour.
+    fn config(dir: &Path, max_bytes: u64, payloads: bool) -> LookbackConfig {
+        LookbackConfig { enabled: true, dir: dir.join("lb"), max_bytes, max_age_secs: 3600, payloads }
+    }
+
     #[test]
     fn lines_are_kept_read_back_and_bounded() {
         let dir = crate::control::testutil::TempDir::new("lookback");
-        let config = LookbackConfig {
-            enabled: true,
-            dir: dir.path().join("lb"),
-            max_bytes: 1 << 20,
-            max_age_secs: 3600,
-            payloads: true,
-        };
+        let config = config(dir.path(), 1 << 20, true);
         let mut lb = Lookback::open(&config).unwrap();
         let pad = "x".repeat(1000);
         for i in 0..3000 {
@@ -347,13 +346,7 @@ mod tests {
     #[test]
     fn lines_are_written_at_flush_and_losses_are_counted() {
         let dir = crate::control::testutil::TempDir::new("lookback-flush");
-        let config = LookbackConfig {
-            enabled: true,
-            dir: dir.path().join("lb"),
-            max_bytes: 64 << 20,
-            max_age_secs: 3600,
-            payloads: false,
-        };
+        let config = config(dir.path(), 64 << 20, false);
         let count = |dir: &Path| {
             let mut n = 0;
             read_window(dir, 0, u64::MAX, |_| n += 1).unwrap();
