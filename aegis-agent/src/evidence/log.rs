@@ -34,7 +34,8 @@
 //! burst of calls) holds the lines until [`DecisionLog::flush`], at most
 //! [`MAX_UNWRITTEN_BYTES`], and writes them at once: a write per entry was a fifth of the
 //! output thread's time under `cargo xtask bench capture`. A failed write takes them all
-//! back (the tree is as before them) and the caller counts them lost. A checkpoint flushes the log and the leaf file to
+//! back (the tree is as before them) and the caller counts them lost. A checkpoint flushes
+//! the log and the leaf file to
 //! disk before it signs, so a signed root never covers entries a crash could lose, then
 //! appends the checkpoint with an fsync.
 //!
@@ -331,8 +332,8 @@ impl DecisionLog {
     }
 
     /// Entries appended with [`Self::append_buffered`] and not written yet.
-    pub fn unwritten(&self) -> bool {
-        !self.unwritten.is_empty()
+    pub fn unwritten(&self) -> u64 {
+        self.before_unwritten.as_ref().map_or(0, |(before, _, _)| self.frontier.size() - before.size())
     }
 
     /// Write the buffered entries, all of them or none: on an error the log, its tree and
@@ -369,7 +370,6 @@ impl DecisionLog {
             return Ok(cp.clone());
         }
         self.flush()?;
-        let size = self.frontier.size();
         self.flush_leaves()?;
         self.log.sync().with_context(|| format!("cannot flush {}", self.log.path().display()))?;
         self.leaves.sync_data().with_context(|| format!("cannot flush {}", self.dir.join(LEAVES_FILE).display()))?;
@@ -853,10 +853,10 @@ pub(crate) mod tests {
         for i in 1..4 {
             assert_eq!(log.append_buffered("decision", &json!({"n": i})).unwrap(), i);
         }
-        assert!(log.unwritten() && !log.wants_flush());
+        assert!(log.unwritten() == 3 && !log.wants_flush());
         assert_eq!(lines(&d).len(), 1, "buffered entries are not in the file before the flush");
         log.flush().unwrap();
-        assert!(!log.unwritten());
+        assert_eq!(log.unwritten(), 0);
         assert_eq!(lines(&d).len(), 4);
         let root = log.frontier.root();
 

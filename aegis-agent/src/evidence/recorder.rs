@@ -60,8 +60,6 @@ struct Inner {
     failing: Option<(SystemTime, String)>,
     /// Entries lost since the last `entries_lost` entry.
     lost_unreported: u64,
-    /// Entries appended buffered and not written yet (counted appended once written).
-    buffered: u64,
 }
 
 impl Recorder {
@@ -91,7 +89,7 @@ impl Recorder {
             "decision log open"
         );
         Ok(Arc::new(Self {
-            log: Mutex::new(Inner { log, failing: None, lost_unreported: 0, buffered: 0 }),
+            log: Mutex::new(Inner { log, failing: None, lost_unreported: 0 }),
             appended: AtomicU64::new(0),
             lost: AtomicU64::new(0),
             checkpoints: AtomicU64::new(0),
@@ -196,9 +194,9 @@ impl Recorder {
                 inner.failing = None;
             }
         }
-        match inner.log.append_buffered(kind, body) {
-            Ok(_) => inner.buffered += 1,
-            Err(e) => self.count_lost(&mut inner, 1, kind, e),
+        // Counted appended once written (`flush_buffered`).
+        if let Err(e) = inner.log.append_buffered(kind, body) {
+            self.count_lost(&mut inner, 1, kind, e);
         }
         if !buffered || inner.log.wants_flush() {
             self.flush_buffered(&mut inner);
@@ -207,10 +205,10 @@ impl Recorder {
 
     /// Write the buffered entries; counted appended, or all of them lost.
     fn flush_buffered(&self, inner: &mut Inner) {
-        if !inner.log.unwritten() {
+        let n = inner.log.unwritten();
+        if n == 0 {
             return;
         }
-        let n = std::mem::take(&mut inner.buffered);
         match inner.log.flush() {
             Ok(()) => {
                 self.appended.fetch_add(n, Ordering::Relaxed);

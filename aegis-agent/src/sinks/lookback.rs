@@ -90,7 +90,7 @@ pub struct Lookback {
     max_age_ms: u64,
     segment_bytes: u64,
     segments: VecDeque<Segment>,
-    current: Option<(Journal, usize)>,
+    current: Option<Journal>,
     /// Lines for the current segment not written yet, and how many.
     pending: Vec<u8>,
     pending_lines: u64,
@@ -137,7 +137,7 @@ impl Lookback {
             match Journal::open(&path, false) {
                 Ok((journal, _)) => {
                     self.segments.push_back(Segment { path, first_ms: now, last_ms: now, bytes: journal.len() });
-                    self.current = Some((journal, 0));
+                    self.current = Some(journal);
                 }
                 Err(e) => {
                     self.lost(1, &format!("cannot open {}: {e:#}", path.display()));
@@ -173,7 +173,7 @@ impl Lookback {
         }
         let (lines, bytes) = (std::mem::take(&mut self.pending_lines), self.pending.len());
         let result = match self.current.as_mut() {
-            Some((journal, written)) => journal.append(&self.pending).map(|()| *written += lines as usize),
+            Some(journal) => journal.append(&self.pending),
             None => Err(std::io::Error::other("no segment is open")),
         };
         self.pending.clear();
