@@ -286,10 +286,23 @@ fn a_ring_too_small_for_the_traffic_loses_no_call_silently_and_mixes_none() {
     // Each call (by its model name) is in a record from at least one end, or lost whole, or
     // its views were responses alone, skipped and counted (a call whose requests were lost
     // at both ends: its two responses are skipped, and it is in no record and not lost
-    // whole; seen once in 240 calls, with 12 skipped).
+    // whole; seen once in 240 calls, with 12 skipped), or it is in a record that names no
+    // model: its request was lost and its response's body cut by a gap (seen once: 207
+    // named + 30 lost whole + 1 skipped of 240). Such a record stands for one call at most
+    // and says it is incomplete.
+    let names = |r: &Value| [r["model"].as_str(), r["response_model"].as_str()].into_iter().flatten().count() > 0;
     let named: BTreeSet<&str> =
         mine.iter().flat_map(|r| [r["model"].as_str(), r["response_model"].as_str()]).flatten().collect();
-    assert!(named.len() as u64 + lost_whole + skipped >= total as u64, "{} calls named{logs}", named.len());
+    let unnamed: Vec<&&Value> = mine.iter().filter(|r| !names(r)).collect();
+    for r in &unnamed {
+        assert_ne!(r["complete"], true, "a record that names no model says it is incomplete: {r}");
+    }
+    assert!(
+        (named.len() + unnamed.len()) as u64 + lost_whole + skipped >= total as u64,
+        "{} calls named, {} records naming none{logs}",
+        named.len(),
+        unnamed.len()
+    );
     // The records and the stats say what was lost.
     assert!(stat(&logs, "capture stats", "dropped_ring_full_events") > 0, "{logs}");
     assert!(stat(&logs, "capture stats", "gap_bytes") > 0, "{logs}");
