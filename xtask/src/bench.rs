@@ -156,7 +156,8 @@ fn capture(seconds: u64, connections: u32, rounds: u32, non_ai_only: bool, settl
     };
 
     let mut rows: Vec<(&str, &str, Vec<f64>)> = Vec::new();
-    let mut drops_report = String::new();
+    // Per agent run: its row, round and what it lost (see `losses`).
+    let mut losses_report: Vec<(String, u32, String)> = Vec::new();
     let paths = [
         ("/v1/chat/completions", "/v1/chat/completions", false),
         ("/health", "/health", false),
@@ -176,7 +177,7 @@ fn capture(seconds: u64, connections: u32, rounds: u32, non_ai_only: bool, settl
             {
                 let a = AgentProc::start(&dir, "")?;
                 agent.push(measure(path, http2)?);
-                drops_report = a.stop()?;
+                losses_report.push((label.to_owned(), round + 1, losses(&a.stop()?)));
             }
         }
         rows.push((label, "no probes", base));
@@ -184,14 +185,20 @@ fn capture(seconds: u64, connections: u32, rounds: u32, non_ai_only: bool, settl
         rows.push((label, "aegis-agent", agent));
     }
     if !non_ai_only {
-        print_capture_rows(&rows, connections, seconds, rounds, &drops_report);
+        print_capture_rows(&rows, connections, seconds, rounds, &losses_report);
     }
     non_ai(&dir, rounds, settle, &measure)?;
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
 
-fn print_capture_rows(rows: &[(&str, &str, Vec<f64>)], connections: u32, seconds: u64, rounds: u32, drops: &str) {
+fn print_capture_rows(
+    rows: &[(&str, &str, Vec<f64>)],
+    connections: u32,
+    seconds: u64,
+    rounds: u32,
+    losses: &[(String, u32, String)],
+) {
     println!();
     println!("capture benchmark: {connections} connections, {seconds} s per run, median of {rounds} rounds");
     println!(
@@ -206,7 +213,25 @@ fn print_capture_rows(rows: &[(&str, &str, Vec<f64>)], connections: u32, seconds
             println!("{:<24} {:<28} {:>12.0} {:>12.3} {:>14.3}", path, name, m, m / base, m / floor);
         }
     }
-    println!("\nagent drop counters of the last run: {drops}");
+    println!("\nwhat the agent lost or could not join, run by run (counters that were not zero):");
+    for (path, round, lost) in losses {
+        println!("  {path:<24} round {round}: {lost}");
+    }
+}
+
+/// The counters of an agent's final "capture stats" line that say something was lost or
+/// left unjoined, where they are not zero ("none" when all are).
+fn losses(stats: &str) -> String {
+    const LOSS: [&str; 5] = ["dropped_", "correlation_overflowed", "unjoined_", "bad_records", "records_lost"];
+    if !stats.contains("capture stats") {
+        return format!("no stats line ({stats})");
+    }
+    let nonzero: Vec<&str> = stats
+        .split_whitespace()
+        .filter(|kv| LOSS.iter().any(|p| kv.starts_with(p)))
+        .filter(|kv| kv.split_once('=').is_some_and(|(_, v)| v != "0"))
+        .collect();
+    if nonzero.is_empty() { "none".to_owned() } else { nonzero.join(" ") }
 }
 
 /// A TLS workload that is not AI traffic (tls_loop's own server on an ephemeral port, no
@@ -815,4 +840,18 @@ fn cpu_model() -> String {
                 .find_map(|l| l.strip_prefix("model name").map(|r| r.trim_start_matches([' ', '\t', ':']).to_owned()))
         })
         .unwrap_or_else(|| "unknown".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::losses;
+
+    #[test]
+    fn losses_name_the_counters_that_are_not_zero() {
+        let line = "INFO capture stats events=10 records=5 unjoined_client_halves=0 correlation_overflowed=3 \
+                    bad_records=0 records_lost=0 dropped_ring_full_events=7 dropped_ring_full_bytes=900";
+        assert_eq!(losses(line), "correlation_overflowed=3 dropped_ring_full_events=7 dropped_ring_full_bytes=900");
+        assert_eq!(losses("INFO capture stats events=10 records=5 dropped_ring_full_events=0"), "none");
+        assert_eq!(losses("(no stats line)"), "no stats line ((no stats line))");
+    }
 }

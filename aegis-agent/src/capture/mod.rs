@@ -53,7 +53,7 @@ use crate::{
     llm::{
         correlate::Correlator,
         exchange::{Observation, Side},
-        record::{Endpoint, TlsSource},
+        record::{CallRecord, Endpoint, TlsSource},
     },
     policy::{Inspector, decision::Half, ruling::CallFacts},
     rules::pack::Action,
@@ -70,7 +70,9 @@ use crate::{
 const WORKER_QUEUE: usize = 64;
 /// Events the reader hands to a worker at once: fewer wake-ups than one send per event.
 const BATCH: usize = 64;
-const OUTPUT_QUEUE: usize = 4096;
+/// Messages queued for the output thread: workers send one per batch of events (each
+/// holding at most that batch's calls and announcements), the daemon one per other record.
+const OUTPUT_QUEUE: usize = 256;
 /// How often the reader forgets the worker assignments of exited processes.
 const FORGET_EXITED_EVERY: Duration = Duration::from_secs(10);
 // A call's end has at least two events (its request and its response).
@@ -97,6 +99,9 @@ pub struct Counters {
     /// Records waiting in memory for `output.file`, and records it never got.
     pub records_pending: AtomicU64,
     pub records_lost: AtomicU64,
+    /// Records that never reached the output thread (its queue was full), counted in
+    /// `records_lost` too.
+    pub records_unqueued: AtomicU64,
     /// Calls that enforce mode would have stopped, left alone in observe mode.
     pub observed_calls: AtomicU64,
     /// Ends of calls sent out without their other end (see `llm::correlate`), by side, and
@@ -519,6 +524,7 @@ struct WorkerCtx {
 impl WorkerCtx {
     fn run(mut self, rx: Receiver<Vec<TlsEvent>>) {
         let mut found = Vec::new();
+        let mut outbox = Vec::new();
         let mut last_sweep = Instant::now();
         loop {
             let mut handled = None;
@@ -532,10 +538,8 @@ impl WorkerCtx {
                         if !self.table.checkpoints.is_empty() {
                             self.checkpoints();
                         }
-                        for (fingerprint, side) in self.table.announced.drain(..) {
-                            // The output thread only ends after every worker.
-                            let _ = self.out.send(Output::Expect(fingerprint, side));
-                        }
+                        let announced = self.table.announced.drain(..);
+                        outbox.extend(announced.map(|(fingerprint, side)| Output::Expect(fingerprint, side)));
                     }
                     if last_sweep.elapsed() >= Duration::from_secs(1) {
                         let cutoff = now_ns.saturating_sub(self.idle.as_nanos() as u64);
@@ -546,7 +550,7 @@ impl WorkerCtx {
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => break,
             }
-            self.send(&mut found);
+            self.send(&mut found, &mut outbox);
             if let Some(ts) = handled {
                 // After the batch's observations went out: see `Progress::watermark`.
                 self.progress.handled[self.index].store(ts, Ordering::Release);
@@ -558,7 +562,7 @@ impl WorkerCtx {
         }
         debug_assert!(self.stop.load(Ordering::SeqCst));
         self.table.finish_all(monotonic_ns(), &mut found);
-        self.send(&mut found);
+        self.send(&mut found, &mut outbox);
         if let Ok(mut s) = self.counters.worker_stats.lock() {
             s[self.index] = self.table.stats;
         }
@@ -587,7 +591,9 @@ impl WorkerCtx {
         }
     }
 
-    fn send(&self, found: &mut Vec<ConnObservation>) {
+    /// Send what the batch found, after `outbox` (its announcements), in one message: one
+    /// wake-up of the output thread per batch, not two per end of a call.
+    fn send(&self, found: &mut Vec<ConnObservation>, outbox: &mut Vec<Output>) {
         for c in found.drain(..) {
             let info = self.processes.lookup(c.key.tgid, &c.comm, c.uid, c.cgroup_id);
             let (library, stack) =
@@ -621,8 +627,11 @@ impl WorkerCtx {
                 obs.decision = Some(inspection.finish_with(&ruling));
             }
             let endpoint = info.endpoint(c.tid, tls);
+            outbox.push(Output::Call(obs, endpoint));
+        }
+        if !outbox.is_empty() {
             // The output thread only ends after every worker; a send cannot fail before.
-            let _ = self.out.send(Output::Call(obs, endpoint));
+            let _ = self.out.send(Output::Batch(std::mem::take(outbox)));
         }
     }
 }
@@ -639,16 +648,25 @@ pub enum Output {
     Expect(u64, crate::llm::exchange::Side),
     /// Any other record (a refused connect, a gate refusal), written as it is.
     Record(Record),
+    /// What a worker's batch of events produced, in order.
+    Batch(Vec<Output>),
 }
 
 fn output_loop(rx: Receiver<Output>, mut sink: JsonLines, window: Duration, counters: &Counters, progress: &Progress) {
     let mut correlator = Correlator::new(window, wall_offset_ns());
     let mut records = Vec::new();
-    let take = |item: Output, correlator: &mut Correlator, records: &mut Vec<_>, sink: &mut JsonLines| match item {
-        Output::Call(obs, endpoint) => correlator.push(obs, endpoint, Instant::now(), records),
-        Output::Expect(fingerprint, side) => correlator.expect(fingerprint, side, Instant::now()),
-        Output::Record(r) => sink.write(&r),
-    };
+    fn take(item: Output, correlator: &mut Correlator, records: &mut Vec<CallRecord>, sink: &mut JsonLines) {
+        match item {
+            Output::Call(obs, endpoint) => correlator.push(obs, endpoint, Instant::now(), records),
+            Output::Expect(fingerprint, side) => correlator.expect(fingerprint, side, Instant::now()),
+            Output::Record(r) => sink.write(&r),
+            Output::Batch(items) => {
+                for item in items {
+                    take(item, correlator, records, sink);
+                }
+            }
+        }
+    }
     loop {
         counters.output_beat_ns.store(monotonic_ns(), Ordering::Relaxed);
         // Before taking the queue: what the workers sent up to the watermark is in it.
@@ -676,7 +694,7 @@ fn output_loop(rx: Receiver<Output>, mut sink: JsonLines, window: Duration, coun
         counters.correlation_overflowed.store(correlator.overflowed, Ordering::Relaxed);
         let health = sink.file_health();
         counters.records_pending.store(health.pending, Ordering::Relaxed);
-        counters.records_lost.store(health.lost, Ordering::Relaxed);
+        counters.records_lost.store(health.lost + counters.records_unqueued.load(Ordering::Relaxed), Ordering::Relaxed);
     }
     correlator.drain(&mut records);
     counters.alone_client.store(correlator.alone_client, Ordering::Relaxed);
@@ -691,5 +709,6 @@ fn output_loop(rx: Receiver<Output>, mut sink: JsonLines, window: Duration, coun
         tracing::error!(records = health.pending, "output.file could not be written: these records are lost at exit");
     }
     counters.records_pending.store(0, Ordering::Relaxed);
-    counters.records_lost.store(health.lost + health.pending, Ordering::Relaxed);
+    let unqueued = counters.records_unqueued.load(Ordering::Relaxed);
+    counters.records_lost.store(health.lost + health.pending + unqueued, Ordering::Relaxed);
 }

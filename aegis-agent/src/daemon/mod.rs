@@ -972,7 +972,12 @@ fn forward_denials(enforcer: &Enforcer, pipeline: &Pipeline, heartbeat: bool) {
             action,
             drill: None,
         };
-        let _ = pipeline.events.try_send(Output::Record(Record::ConnectDenied(record)));
+        // Not waited for (this thread keeps containment's heartbeat): a full queue loses the
+        // record, counted in records_lost (the refusal itself is in the log above).
+        if pipeline.events.try_send(Output::Record(Record::ConnectDenied(record))).is_err() {
+            pipeline.counters.records_unqueued.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(pid = d.pid, %dest, "the connect_denied record is lost: the output queue is full (counted in records_lost)");
+        }
     }
 }
 

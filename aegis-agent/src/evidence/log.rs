@@ -304,20 +304,28 @@ impl DecisionLog {
             prev: self.last_leaf.map(|h| hex::encode(&h)),
             body,
         };
-        let mut line = serde_json::to_vec(&entry).context("the entry cannot be written as JSON")?;
-        anyhow::ensure!(
-            line.len() <= MAX_ENTRY_BYTES,
-            "an entry of {} bytes is over the limit of {MAX_ENTRY_BYTES}: keep bodies to decisions and references \
-             (hashes, ids), not payloads",
-            line.len()
-        );
-        let leaf = leaf_hash(&line);
-        line.push(b'\n');
-        if self.unwritten.is_empty() {
+        // Serialised straight after the entries already held (no buffer of its own to grow
+        // and copy), and cut away again if it cannot be kept.
+        let start = self.unwritten.len();
+        let offset = self.log.len() + start as u64;
+        let written = serde_json::to_writer(&mut self.unwritten, &entry);
+        let len = self.unwritten.len() - start;
+        if let Err(e) = written {
+            self.unwritten.truncate(start);
+            return Err(anyhow::Error::new(e).context("the entry cannot be written as JSON"));
+        }
+        if len > MAX_ENTRY_BYTES {
+            self.unwritten.truncate(start);
+            anyhow::bail!(
+                "an entry of {len} bytes is over the limit of {MAX_ENTRY_BYTES}: keep bodies to decisions and \
+                 references (hashes, ids), not payloads"
+            );
+        }
+        let leaf = leaf_hash(&self.unwritten[start..]);
+        self.unwritten.push(b'\n');
+        if start == 0 {
             self.before_unwritten = Some((self.frontier.clone(), self.last_leaf, self.pending.len()));
         }
-        let offset = self.log.len() + self.unwritten.len() as u64;
-        self.unwritten.extend_from_slice(&line);
         self.pending.extend_from_slice(&leaf);
         self.pending.extend_from_slice(&offset.to_be_bytes());
         self.frontier.push(leaf);

@@ -343,7 +343,7 @@ impl CallInspection {
         if self.builder.has_rule(classifier::RULE_ID) {
             return;
         }
-        let text = String::from_utf8_lossy(text);
+        let text = crate::rules::normalize::lossy(text);
         let score = c.model.score(&text);
         if score.chars_not_scored > 0 {
             self.builder.not_scanned(format!("classifier_chars_not_scored:{}", score.chars_not_scored));

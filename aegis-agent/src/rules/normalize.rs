@@ -225,7 +225,7 @@ fn nfkc_visible(text: &str) -> String {
 
 /// `String::from_utf8_lossy`, but fast on valid input: that function walks the input byte by
 /// byte, `str::from_utf8` checks ASCII a word at a time.
-fn lossy(bytes: &[u8]) -> Cow<'_, str> {
+pub fn lossy(bytes: &[u8]) -> Cow<'_, str> {
     std::str::from_utf8(bytes).map_or_else(|_| String::from_utf8_lossy(bytes), Cow::Borrowed)
 }
 

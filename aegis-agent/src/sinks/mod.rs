@@ -55,6 +55,8 @@ pub struct JsonLines {
     reopen: std::sync::Arc<std::sync::atomic::AtomicBool>,
     /// The drills in progress: their records are marked (see `control::drills`).
     drills: Option<crate::control::drills::DrillMarks>,
+    /// The buffer each record is serialised into.
+    scratch: Vec<u8>,
 }
 
 /// The file side: the journal, what waits for it, and what was lost.
@@ -127,6 +129,7 @@ impl JsonLines {
             observers: Vec::new(),
             reopen: std::sync::Arc::default(),
             drills: None,
+            scratch: Vec::new(),
         })
     }
 
@@ -193,15 +196,18 @@ impl JsonLines {
     pub fn write(&mut self, record: &Record) {
         let marked = self.drill_marked(record);
         let record = marked.as_ref().unwrap_or(record);
-        let line = Line { record, schema: SCHEMA_VERSION, agent: self.identity.current() };
-        let mut line = match serde_json::to_vec(&line) {
-            Ok(l) => l,
-            Err(e) => {
-                self.write_errors += 1;
-                tracing::error!(error = %e, "cannot serialise a record");
-                return;
-            }
-        };
+        // Into the buffer of the last record (every consumer below copies the line): no
+        // allocation and regrowth per record.
+        let mut line = std::mem::take(&mut self.scratch);
+        line.clear();
+        let serialised =
+            serde_json::to_writer(&mut line, &Line { record, schema: SCHEMA_VERSION, agent: self.identity.current() });
+        if let Err(e) = serialised {
+            self.scratch = line;
+            self.write_errors += 1;
+            tracing::error!(error = %e, "cannot serialise a record");
+            return;
+        }
         if let Some(lookback) = &mut self.lookback {
             let payload = match record {
                 Record::LlmCall(call) => call.payload.as_deref(),
@@ -227,6 +233,10 @@ impl JsonLines {
             f.queue(&line);
         }
         self.written += 1;
+        // Not kept past a megabyte: one huge record does not hold its buffer for good.
+        if line.capacity() <= 1 << 20 {
+            self.scratch = line;
+        }
         for observer in &self.observers {
             observer.observe(record);
         }
