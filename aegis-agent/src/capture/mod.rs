@@ -84,10 +84,10 @@ pub const TICK: Duration = Duration::from_millis(100);
 /// 56% of the agent's CPU was the kernel switching its threads in and out. With this pause
 /// the agent used 17-21 us of CPU per call instead of 52-57 (model calls 81-119 instead
 /// of 109-129), and the loop beside it ran 1.3-1.5x faster. An event waits at most this
-/// much longer to be read. At 1 ms instead of 250 us the reader drains at most a
-/// quarter as often under load, in larger batches: the agent used 54-59 us of CPU per model call instead of 65-69 in
-/// runs alternated with the 250 us build (the reader 3 us instead of 5), and a content
-/// verdict can come up to 0.75 ms later.
+/// much longer to be read. At 1 ms instead of 250 us the reader drains at most a quarter
+/// as often under load, in larger batches: the agent used 54-59 us of CPU per model call
+/// instead of 65-69 in runs alternated with the 250 us build (the reader 3 us instead of
+/// 5), and a content verdict can come up to 0.75 ms later.
 const COALESCE: Duration = Duration::from_micros(1000);
 
 /// Counters shared between the pipeline threads and the reporter.
