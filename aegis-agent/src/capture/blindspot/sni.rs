@@ -312,6 +312,74 @@ pub struct SniWatch {
     fd: OwnedFd,
     buf: Vec<u8>,
     pub counts: SniCounts,
+    naming: Naming,
+}
+
+/// How long a hello whose socket no process was found holding is looked up again (at each
+/// pass of the watch's loop, at least every 100 ms) before it counts as not named: the
+/// kernel hands `/proc/net/tcp` out in pieces, and a socket can be missed while others open
+/// and close (seen once in the test suite: a python client holding its socket for a second
+/// after its call was not named).
+const NAMING_FOR: std::time::Duration = std::time::Duration::from_millis(500);
+/// Hellos waiting to be named again, at most (past it, they count as not named at once).
+const MAX_UNNAMED: usize = 1024;
+
+/// The naming of hellos by the processes holding their sockets, with the hellos not named
+/// yet and since when.
+#[derive(Default)]
+struct Naming {
+    unnamed: Vec<(Hello, std::time::Instant)>,
+}
+
+impl Naming {
+    /// `hellos`, and those not named before, as connects of the processes holding their
+    /// sockets in `table` (`owners` finds them). A hello not named is kept for another try
+    /// until [`NAMING_FOR`] after its first, then counted in `unowned`.
+    fn name(
+        &mut self,
+        counts: &mut SniCounts,
+        hellos: Vec<Hello>,
+        table: &[Socket],
+        owners: impl FnOnce(&HashSet<u64>) -> std::collections::HashMap<u64, Owner>,
+        now: std::time::Instant,
+    ) -> Vec<Connect> {
+        let mut all = std::mem::take(&mut self.unnamed);
+        all.extend(hellos.into_iter().map(|h| (h, now)));
+        let by_addrs: std::collections::HashMap<(SocketAddr, SocketAddr), u64> =
+            table.iter().map(|s| ((s.local, s.remote), s.inode)).collect();
+        let inode_of = |h: &Hello| by_addrs.get(&(h.src, h.dst)).copied();
+        let inodes: HashSet<u64> = all.iter().filter_map(|(h, _)| inode_of(h)).collect();
+        let named = owners(&inodes);
+        let mut out = Vec::new();
+        for (h, since) in all {
+            let Some(owner) = inode_of(&h).and_then(|i| named.get(&i)) else {
+                if now.duration_since(since) < NAMING_FOR && self.unnamed.len() < MAX_UNNAMED {
+                    self.unnamed.push((h, since));
+                    continue;
+                }
+                tracing::debug!(
+                    src = %h.src,
+                    dst = %h.dst,
+                    sni = %h.sni.host,
+                    "a ClientHello naming a provider, from a socket no process here holds (gone first, or in \
+                     another network namespace): counted as not named"
+                );
+                counts.unowned += 1;
+                continue;
+            };
+            out.push(Connect {
+                timestamp_ns: h.timestamp_ns,
+                tgid: owner.pid,
+                tid: owner.pid,
+                cgroup_id: owner.cgroup_id,
+                dest: h.dst,
+                comm: owner.comm.clone(),
+                udp: false,
+                sni: Some(h.sni),
+            });
+        }
+        out
+    }
 }
 
 fn check(ret: libc::c_int, what: &str) -> io::Result<libc::c_int> {
@@ -368,7 +436,8 @@ impl SniWatch {
             size_of::<libc::c_int>(),
             "cannot size the packet socket's buffer",
         );
-        let mut watch = Self { fd, buf: vec![0; SNAP_BYTES as usize], counts: SniCounts::default() };
+        let mut watch =
+            Self { fd, buf: vec![0; SNAP_BYTES as usize], counts: SniCounts::default(), naming: Naming::default() };
         // Packets that arrived between the socket's creation and its filter are dropped
         // unread: they may be anything.
         while watch.recv().is_some() {}
@@ -468,51 +537,14 @@ impl SniWatch {
         out
     }
 
-    /// [`SniWatch::poll`]'s hellos as connects of the processes holding their sockets.
+    /// [`SniWatch::poll`]'s hellos as connects of the processes holding their sockets (and
+    /// those of earlier polls not named yet, see [`NAMING_FOR`]).
     pub fn connects(&mut self, hellos: Vec<Hello>) -> Vec<Connect> {
-        if hellos.is_empty() {
+        if hellos.is_empty() && self.naming.unnamed.is_empty() {
             return Vec::new();
         }
         let table = sockets::read_tables(&["/proc/net/tcp", "/proc/net/tcp6"], &mut self.counts.table_lines_skipped);
-        self.name(hellos, &table, sockets::owners)
-    }
-
-    fn name(
-        &mut self,
-        hellos: Vec<Hello>,
-        table: &[Socket],
-        owners: impl FnOnce(&HashSet<u64>) -> std::collections::HashMap<u64, Owner>,
-    ) -> Vec<Connect> {
-        let by_addrs: std::collections::HashMap<(SocketAddr, SocketAddr), u64> =
-            table.iter().map(|s| ((s.local, s.remote), s.inode)).collect();
-        let inode_of = |h: &Hello| by_addrs.get(&(h.src, h.dst)).copied();
-        let inodes: HashSet<u64> = hellos.iter().filter_map(inode_of).collect();
-        let named = owners(&inodes);
-        let mut out = Vec::new();
-        for h in hellos {
-            let Some(owner) = inode_of(&h).and_then(|i| named.get(&i)) else {
-                tracing::debug!(
-                    src = %h.src,
-                    dst = %h.dst,
-                    sni = %h.sni.host,
-                    "a ClientHello naming a provider, from a socket no process here holds (gone first, or in \
-                     another network namespace): counted as not named"
-                );
-                self.counts.unowned += 1;
-                continue;
-            };
-            out.push(Connect {
-                timestamp_ns: h.timestamp_ns,
-                tgid: owner.pid,
-                tid: owner.pid,
-                cgroup_id: owner.cgroup_id,
-                dest: h.dst,
-                comm: owner.comm.clone(),
-                udp: false,
-                sni: Some(h.sni),
-            });
-        }
-        out
+        self.naming.name(&mut self.counts, hellos, &table, sockets::owners, std::time::Instant::now())
     }
 
     /// The socket, to wait on.
@@ -525,6 +557,45 @@ impl SniWatch {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A hello whose socket a read of the table missed is named at a later read, with its
+    /// own time; one never found counts as not named once [`NAMING_FOR`] has passed, not
+    /// before; and no more than [`MAX_UNNAMED`] wait.
+    #[test]
+    fn a_hello_whose_socket_is_not_found_is_looked_up_again_before_it_counts_as_not_named() {
+        use std::time::{Duration, Instant};
+        let dst: SocketAddr = "127.0.0.1:8443".parse().unwrap();
+        let src = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
+        let hello = |port: u16| Hello {
+            timestamp_ns: u64::from(port),
+            src: src(port),
+            dst,
+            sni: SniName { host: "api.example.invalid".into(), provider: "p".into() },
+        };
+        let socket = |port: u16, inode: u64| Socket { inode, local: src(port), remote: dst, state: 1 };
+        let owners = |inodes: &HashSet<u64>| {
+            inodes.iter().map(|&i| (i, Owner { pid: i as u32, comm: "client".into(), cgroup_id: 0 })).collect()
+        };
+        let (mut naming, mut counts, t0) = (Naming::default(), SniCounts::default(), Instant::now());
+
+        assert!(naming.name(&mut counts, vec![hello(40000)], &[], owners, t0).is_empty());
+        assert_eq!((counts.unowned, naming.unnamed.len()), (0, 1));
+        let later = t0 + Duration::from_millis(100);
+        let named = naming.name(&mut counts, vec![], &[socket(40000, 77)], owners, later);
+        assert_eq!(named.len(), 1);
+        assert_eq!((named[0].tgid, named[0].timestamp_ns, named[0].dest), (77, 40000, dst));
+        assert_eq!((counts.unowned, naming.unnamed.len()), (0, 0));
+
+        naming.name(&mut counts, vec![hello(40001)], &[], owners, t0);
+        naming.name(&mut counts, vec![], &[], owners, t0 + NAMING_FOR - Duration::from_millis(1));
+        assert_eq!((counts.unowned, naming.unnamed.len()), (0, 1));
+        naming.name(&mut counts, vec![], &[], owners, t0 + NAMING_FOR);
+        assert_eq!((counts.unowned, naming.unnamed.len()), (1, 0));
+
+        let many: Vec<Hello> = (0..MAX_UNNAMED as u16 + 10).map(|i| hello(20000 + i)).collect();
+        naming.name(&mut counts, many, &[], owners, t0);
+        assert_eq!((counts.unowned, naming.unnamed.len()), (11, MAX_UNNAMED));
+    }
 
     /// A ClientHello as OpenSSL writes one, built by hand: `extensions` in order.
     fn hello(extensions: &[(u16, Vec<u8>)]) -> Vec<u8> {
